@@ -1,0 +1,1 @@
+"""cryptfs: an encrypted, chunked, tamper-evident FUSE filesystem."""

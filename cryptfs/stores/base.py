@@ -1,0 +1,36 @@
+"""The object store contract: a flat namespace of immutable objects.
+
+Names are ``/``-separated ASCII strings such as ``data/ab/ab12...``. An object, once put, is never
+changed in place by cryptfs; a new version of anything is a new name. Implementations must be
+safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class ObjectStore(Protocol):
+    """What every store (local directory, S3 bucket, memory) provides."""
+
+    url: str
+
+    def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name``. When this returns the object is durable in the store
+        (local: written, fsynced and renamed into place; S3: the PUT was acknowledged)."""
+
+    def get(self, name: str) -> bytes:
+        """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent."""
+
+    def delete(self, name: str) -> None:
+        """Remove the object. Deleting an absent object is not an error."""
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        """Yield ``(name, size)`` for every object whose name starts with ``prefix``."""
+
+    def exists(self, name: str) -> bool:
+        """True if the object exists."""
+
+    def close(self) -> None:
+        """Release connections and file handles."""

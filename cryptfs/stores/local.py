@@ -1,0 +1,111 @@
+"""A store in a local directory (``file:///path``): one file per object."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptfs.errors import ObjectNotFound, StoreError
+
+
+class LocalStore:
+    """Objects are files below ``root``; ``a/b/c`` is ``root/a/b/c``.
+
+    ``put`` writes a temporary file in the target directory, fsyncs it, renames it into place
+    and fsyncs the directory, so an object is either absent or complete, also after a crash.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
+        self.root = Path(root)
+        self.url = "file://" + str(self.root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} does not exist",
+                             hint="run 'cryptfs init' first or check the URL")
+        self._dirs_made: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> Path:
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise StoreError(f"invalid object name {name!r}")
+        return self.root / name
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        parent = path.parent
+        if parent not in self._dirs_made:
+            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with self._lock:
+                self._dirs_made.add(parent)
+        tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if e.errno == errno.ENOSPC:
+                raise StoreError(f"store {self.root} is full (no space left on device)") from None
+            raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
+
+    def get(self, name: str) -> bytes:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectNotFound(f"object {name} not found in {self.url}") from None
+        except OSError as e:
+            raise StoreError(f"cannot read object {name} from {self.root}: {e.strerror}") from None
+
+    def delete(self, name: str) -> None:
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(f"cannot delete object {name} from {self.root}: {e.strerror}") from None
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        base = str(self.root)
+        found = []
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            rel = "" if rel == "." else rel + "/"
+            if prefix and not (rel.startswith(prefix) or prefix.startswith(rel)):
+                _dirs[:] = []
+                continue
+            for f in files:
+                if f.startswith(".tmp."):
+                    continue
+                name = rel + f
+                if name.startswith(prefix):
+                    try:
+                        found.append((name, os.stat(os.path.join(dirpath, f)).st_size))
+                    except FileNotFoundError:
+                        continue
+        yield from sorted(found)
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).exists()
+
+    def close(self) -> None:
+        pass

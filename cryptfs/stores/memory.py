@@ -1,0 +1,44 @@
+"""An in-memory store for unit tests of the layers above the stores."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from cryptfs.errors import ObjectNotFound
+
+
+class MemoryStore:
+    """Objects in a dict. Not persistent; for tests only."""
+
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self.objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, name: str, data: bytes) -> None:
+        with self._lock:
+            self.objects[name] = bytes(data)
+
+    def get(self, name: str) -> bytes:
+        with self._lock:
+            try:
+                return self.objects[name]
+            except KeyError:
+                raise ObjectNotFound(f"object {name} not found in {self.url}") from None
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            self.objects.pop(name, None)
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        with self._lock:
+            items = sorted((n, len(d)) for n, d in self.objects.items() if n.startswith(prefix))
+        yield from items
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self.objects
+
+    def close(self) -> None:
+        pass
