@@ -17,8 +17,12 @@ class ObjectStore(Protocol):
     url: str
 
     def put(self, name: str, data: bytes) -> None:
-        """Store ``data`` under ``name``. When this returns the object is durable in the store
-        (local: written, fsynced and renamed into place; S3: the PUT was acknowledged)."""
+        """Store ``data`` under ``name``, atomically: readers see all of it or nothing. When
+        this returns the object survives a crash of this process; after :meth:`sync` it is
+        durable (S3: already when the PUT is acknowledged)."""
+
+    def sync(self) -> None:
+        """Make every object put so far durable (local: syncfs; S3: nothing to do)."""
 
     def get(self, name: str) -> bytes:
         """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
@@ -10,12 +11,15 @@ from pathlib import Path
 
 from cryptfs.errors import ObjectNotFound, StoreError
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
 
 class LocalStore:
     """Objects are files below ``root``; ``a/b/c`` is ``root/a/b/c``.
 
-    ``put`` writes a temporary file in the target directory, fsyncs it, renames it into place
-    and fsyncs the directory, so an object is either absent or complete, also after a crash.
+    ``put`` writes a temporary file in the target directory and renames it into place, so an
+    object is either absent or complete, also after a crash of the process; :meth:`sync`
+    (syncfs of the store's filesystem) makes every object put so far survive power loss.
     """
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
@@ -49,15 +53,9 @@ class LocalStore:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, path)
-            dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
         except OSError as e:
             try:
                 os.unlink(tmp)
@@ -106,6 +104,16 @@ class LocalStore:
 
     def exists(self, name: str) -> bool:
         return self._path(name).exists()
+
+    def sync(self) -> None:
+        """Make every object put so far durable (syncfs on the store's filesystem)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise StoreError(f"cannot sync the store {self.root}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass

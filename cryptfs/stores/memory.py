@@ -40,5 +40,8 @@ class MemoryStore:
         with self._lock:
             return name in self.objects
 
+    def sync(self) -> None:
+        pass
+
     def close(self) -> None:
         pass

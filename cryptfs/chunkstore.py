@@ -1,0 +1,355 @@
+"""The chunk store: sealing, deduplication, staging, background upload and caching.
+
+Contract of :meth:`ChunkStore.put`: when it returns, the sealed object survives a crash of this
+process (it is in the local store, or in the staging directory for a remote store) and
+:meth:`get` can read it. For a remote store a pool of workers uploads staged objects in the
+background, retrying with backoff until the store accepts them; :meth:`wait_uploaded` and
+:meth:`drain` wait for that. Staged files left by a crash are resumed by :meth:`resume`.
+
+Each name is guarded while it is written or deleted, and names handed out by ``put`` stay
+*pinned* until the caller has recorded (or dropped) its reference, so garbage collection never
+deletes an object that an uncommitted chunk map points to.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from cryptfs import crypto
+from cryptfs.codec import ChunkRef, Codec
+from cryptfs.errors import IntegrityError, ObjectNotFound, StoreError
+from cryptfs.stores import ObjectStore
+
+log = logging.getLogger("cryptfs.chunkstore")
+
+
+class ChunkStore:
+    """Moves sealed chunks between the filesystem layer and an object store.
+
+    ``lookup(name)`` returns the recorded ref of an existing object (dedup); ``on_stored(ref)``
+    is called once an object is in the store (the vault appends the ledger entry then).
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        codec: Codec,
+        *,
+        remote: bool,
+        staging: Path,
+        cache: Path | None,
+        cache_bytes: int,
+        lookup: Callable[[str], ChunkRef | None],
+        on_stored: Callable[[ChunkRef], None],
+        workers: int = 8,
+        mem_chunks: int = 32,
+        staging_limit: int = 1 << 30,
+    ) -> None:
+        self.store = store
+        self.codec = codec
+        self.remote = remote
+        self.staging = staging
+        self.cache = cache
+        self.cache_bytes = cache_bytes
+        self.lookup = lookup
+        self.on_stored = on_stored
+        self.staging_limit = staging_limit
+        self._cv = threading.Condition()
+        self._busy: set[str] = set()
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._uploads: dict[str, Future[None]] = {}
+        self._staged_bytes = 0
+        self._mem: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._mem_max = mem_chunks
+        self._mem_lock = threading.Lock()
+        self._closing = False
+        self._abort = False
+        self.errors = 0
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
+        self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        self._prefetching: set[str] = set()
+        staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- naming guards ------------------------------------------------------------------------
+    def _acquire(self, name: str) -> None:
+        with self._cv:
+            while name in self._busy:
+                self._cv.wait()
+            self._busy.add(name)
+
+    def _release(self, name: str) -> None:
+        with self._cv:
+            self._busy.discard(name)
+            self._cv.notify_all()
+
+    def pin(self, names: Iterable[str]) -> None:
+        with self._cv:
+            for n in names:
+                self._pins[n] += 1
+
+    def unpin(self, names: Iterable[str]) -> None:
+        with self._cv:
+            for n in names:
+                self._pins[n] -= 1
+                if self._pins[n] <= 0:
+                    del self._pins[n]
+
+    def try_claim_for_delete(self, name: str) -> bool:
+        """For garbage collection: claim ``name`` unless it is pinned or being written."""
+        with self._cv:
+            if name in self._busy or self._pins.get(name) or name in self._uploads:
+                return False
+            self._busy.add(name)
+            return True
+
+    # -- writing ------------------------------------------------------------------------------
+    def put(self, plain: bytes | bytearray | memoryview) -> ChunkRef:
+        """Seal and store one chunk (deduplicated); returns its pinned ref."""
+        name = self.codec.chunk_name(plain)
+        self._acquire(name)
+        try:
+            ref = self.lookup(name)
+            if ref is None:
+                blob = self.codec.seal_chunk(name, plain)
+                ref = ChunkRef(name, len(blob), crypto.sha256(blob))
+                if self.remote:
+                    self._stage(ref, blob)
+                else:
+                    self.store.put(name, blob)
+                    self.on_stored(ref)
+            with self._cv:
+                self._pins[name] += 1
+            return ref
+        finally:
+            self._release(name)
+
+    def _staged_path(self, name: str) -> Path:
+        return self.staging / name.replace("/", "_")
+
+    def _stage(self, ref: ChunkRef, blob: bytes) -> None:
+        with self._cv:
+            while self._staged_bytes > self.staging_limit and not self._closing:
+                self._cv.wait(1.0)  # backpressure: wait for uploads to make room
+            self._staged_bytes += ref.size
+        path = self._staged_path(ref.name)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, blob)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        self._enqueue(ref)
+
+    def _enqueue(self, ref: ChunkRef) -> None:
+        with self._cv:
+            if ref.name in self._uploads:
+                return
+            self._uploads[ref.name] = self._pool.submit(self._upload, ref)
+
+    def _upload(self, ref: ChunkRef) -> None:
+        path = self._staged_path(ref.name)
+        delay = 0.2
+        warned = False
+        try:
+            while True:
+                try:
+                    blob = path.read_bytes()
+                    self.store.put(ref.name, blob)
+                    break
+                except StoreError as e:
+                    if self._abort:
+                        raise
+                    if not warned:
+                        log.warning("upload of %s failed, retrying: %s", ref.name, e)
+                        warned = True
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 15.0)
+            self.on_stored(ref)
+            self._to_cache(path, ref)
+        except Exception:
+            self.errors += 1
+            raise
+        finally:
+            with self._cv:
+                self._uploads.pop(ref.name, None)
+                self._staged_bytes -= ref.size
+                self._cv.notify_all()
+
+    def resume(self, staged: list[ChunkRef]) -> int:
+        """After a restart: re-queue the staged objects the metadata knows; delete stray files
+        (sealed but never committed, or already uploaded). Returns the number re-queued."""
+        known = {r.name.replace("/", "_"): r for r in staged}
+        n = 0
+        for f in self.staging.iterdir():
+            ref = known.get(f.name)
+            if ref is None:
+                f.unlink()
+                continue
+            with self._cv:
+                self._staged_bytes += ref.size
+            self._enqueue(ref)
+            n += 1
+        return n
+
+    def pending(self) -> tuple[int, int]:
+        """(objects, bytes) waiting for upload."""
+        with self._cv:
+            return len(self._uploads), self._staged_bytes
+
+    def wait_uploaded(
+        self, names: Iterable[str] | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Block until the named (default: all) staged objects are in the store."""
+        wanted = None if names is None else set(names)
+        while True:
+            with self._cv:
+                if not any(wanted is None or n in wanted for n in self._uploads):
+                    return
+                if progress:
+                    progress(len(self._uploads), self._staged_bytes)
+                self._cv.wait(timeout=0.5)
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, ref: ChunkRef) -> bytes:
+        """Plaintext of a chunk, verified against ``ref``; raises IntegrityError or
+        StoreError naming the object."""
+        with self._mem_lock:
+            plain = self._mem.get(ref.name)
+            if plain is not None:
+                self._mem.move_to_end(ref.name)
+                return plain
+        blob = self._fetch(ref)
+        plain = self.codec.open_chunk(ref, blob)
+        with self._mem_lock:
+            self._mem[ref.name] = plain
+            while len(self._mem) > self._mem_max:
+                self._mem.popitem(last=False)
+        return plain
+
+    def prefetch(self, refs: list[ChunkRef]) -> None:
+        """Start fetching chunks that a sequential reader will want next."""
+        for ref in refs:
+            with self._mem_lock:
+                if ref.name in self._mem or ref.name in self._prefetching:
+                    continue
+                self._prefetching.add(ref.name)
+            self._fetch_pool.submit(self._prefetch_one, ref)
+
+    def _prefetch_one(self, ref: ChunkRef) -> None:
+        try:
+            self.get(ref)
+        except Exception:  # noqa: BLE001 - a failed prefetch is retried by the real read
+            pass
+        finally:
+            with self._mem_lock:
+                self._prefetching.discard(ref.name)
+
+    def _fetch(self, ref: ChunkRef) -> bytes:
+        if self.remote:
+            for path in (self._staged_path(ref.name), self._cache_path(ref.name)):
+                if path is None:
+                    continue
+                try:
+                    blob = path.read_bytes()
+                except FileNotFoundError:
+                    continue
+                if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
+                    return blob
+                if path != self._staged_path(ref.name):
+                    path.unlink(missing_ok=True)  # a bad cache entry: fetch again
+        try:
+            blob = self.store.get(ref.name)
+        except ObjectNotFound:
+            raise IntegrityError(f"object {ref.name} is missing from the store") from None
+        if self.remote and len(blob) == ref.size:
+            self._write_cache(ref.name, blob)
+        return blob
+
+    # -- local cache of sealed objects (remote stores only) --------------------------------------
+    def _cache_path(self, name: str) -> Path | None:
+        return self.cache / name.replace("/", "_") if self.cache is not None else None
+
+    def _to_cache(self, staged: Path, ref: ChunkRef) -> None:
+        dest = self._cache_path(ref.name)
+        if dest is None or self.cache_bytes <= 0:
+            staged.unlink(missing_ok=True)
+            return
+        os.replace(staged, dest)
+        self._trim_cache()
+
+    def _write_cache(self, name: str, blob: bytes) -> None:
+        dest = self._cache_path(name)
+        if dest is None or self.cache_bytes <= 0:
+            return
+        tmp = dest.with_name(dest.name + f".{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, blob)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot write the chunk cache: %s", e.strerror)
+            return
+        self._trim_cache()
+
+    _cache_checked = 0.0
+
+    def _trim_cache(self) -> None:
+        now = time.monotonic()
+        if now - self._cache_checked < 2.0 or self.cache is None:
+            return
+        self._cache_checked = now
+        entries = []
+        total = 0
+        for f in self.cache.iterdir():
+            try:
+                st = f.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_atime, st.st_size, f))
+            total += st.st_size
+        entries.sort()
+        for _atime, size, f in entries:
+            if total <= self.cache_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+
+    # -- deleting -----------------------------------------------------------------------------
+    def delete_claimed(self, name: str) -> None:
+        """Delete an object claimed with :meth:`try_claim_for_delete`, then release it."""
+        try:
+            self.store.delete(name)
+            with self._mem_lock:
+                self._mem.pop(name, None)
+            p = self._cache_path(name)
+            if p is not None:
+                p.unlink(missing_ok=True)
+        finally:
+            self._release(name)
+
+    def close(self, drain: bool = True) -> None:
+        """Stop the workers. With ``drain`` wait for every upload first; without, abandon them
+        (staged files stay and are resumed at the next mount)."""
+        if drain:
+            self.wait_uploaded()
+        self._closing = True
+        self._abort = not drain
+        with self._cv:
+            self._cv.notify_all()
+        self._pool.shutdown(wait=drain)
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,115 @@
+"""How plaintext becomes stored objects and back: names, padding, sealing, verification.
+
+Chunk objects (``data/<2 hex>/<64 hex>``): the name is the keyed BLAKE2b-256 of the plaintext
+under the naming sub-key, so identical chunks get one object without revealing a plain hash.
+The stored bytes are ``0x01 || AES-256-GCM(chunk key, pad(u32 length || plaintext))`` with
+associated data binding the format, vault id and object name, so an object moved to another
+name fails to open. Padding follows Padmé, so object sizes leak only a few bits of file sizes.
+
+Metadata snapshots and checkpoints are sealed the same way under their own sub-keys.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+import zlib
+from dataclasses import dataclass
+
+from cryptfs import crypto
+from cryptfs.errors import IntegrityError
+
+OBJ_VERSION = 1
+DATA_PREFIX = "data/"
+
+
+def padme(length: int) -> int:
+    """Padmé padded length: at most ~12 % overhead, leaks O(log log L) bits of L."""
+    if length < 256:
+        return 256
+    e = length.bit_length() - 1
+    s = e.bit_length()
+    mask = (1 << (e - s)) - 1
+    return (length + mask) & ~mask
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """What the metadata records for a stored object: its name, stored size and SHA-256."""
+
+    name: str
+    size: int
+    sha256: bytes
+
+
+class Codec:
+    """Seals and opens objects for one vault (one master key)."""
+
+    def __init__(self, master: bytes, vault_id: bytes) -> None:
+        self.vault_id = vault_id
+        self._chunk_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK)
+        self._name_key = crypto.subkey(master, vault_id, crypto.PURPOSE_NAME)
+        self._meta_key = crypto.subkey(master, vault_id, crypto.PURPOSE_META)
+        self.ledger_key = crypto.subkey(master, vault_id, crypto.PURPOSE_LEDGER)
+
+    def _aad(self, kind: bytes, name: str) -> bytes:
+        return b"cryptfs/" + kind + b"/v1\0" + self.vault_id + name.encode()
+
+    # -- chunks -----------------------------------------------------------------------------
+    def chunk_name(self, plain: bytes | bytearray | memoryview) -> str:
+        h = crypto.keyed_hash(self._name_key, plain).hex()
+        return f"{DATA_PREFIX}{h[:2]}/{h}"
+
+    def seal_chunk(self, name: str, plain: bytes | bytearray | memoryview) -> bytes:
+        n = len(plain)
+        padded = bytearray(padme(n + 4))
+        struct.pack_into(">I", padded, 0, n)
+        padded[4 : 4 + n] = plain
+        return bytes([OBJ_VERSION]) + crypto.seal(
+            self._chunk_key, padded, self._aad(b"chunk", name)
+        )
+
+    def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:
+        """Check the stored bytes against the recorded size and hash, then authenticate and
+        decrypt. Raises IntegrityError naming the object on any mismatch."""
+        if len(blob) != ref.size:
+            raise IntegrityError(f"object {ref.name} has {len(blob)} bytes, expected {ref.size}")
+        if not hmac.compare_digest(crypto.sha256(blob), ref.sha256):
+            raise IntegrityError(f"object {ref.name} does not match its recorded hash")
+        return self.open_chunk_unchecked(ref.name, blob)
+
+    def open_chunk_unchecked(self, name: str, blob: bytes) -> bytes:
+        if not blob or blob[0] != OBJ_VERSION:
+            raise IntegrityError(f"object {name} has an unknown format version")
+        try:
+            padded = crypto.open_sealed(
+                self._chunk_key, memoryview(blob)[1:], self._aad(b"chunk", name)
+            )
+        except IntegrityError:
+            raise IntegrityError(f"object {name} fails authentication") from None
+        (n,) = struct.unpack_from(">I", padded, 0)
+        if n > len(padded) - 4:
+            raise IntegrityError(f"object {name} has a bad length field")
+        return padded[4 : 4 + n]
+
+    # -- metadata snapshots and checkpoints ---------------------------------------------------
+    def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:
+        body = zlib.compress(plain, 1) if compress else plain
+        flag = b"\x01" if compress else b"\x00"
+        return bytes([OBJ_VERSION]) + crypto.seal(
+            self._meta_key, flag + body, self._aad(kind, name)
+        )
+
+    def open_blob(self, kind: bytes, name: str, blob: bytes) -> bytes:
+        if not blob or blob[0] != OBJ_VERSION:
+            raise IntegrityError(f"object {name} has an unknown format version")
+        try:
+            body = crypto.open_sealed(self._meta_key, memoryview(blob)[1:], self._aad(kind, name))
+        except IntegrityError:
+            raise IntegrityError(f"object {name} fails authentication") from None
+        if body[:1] == b"\x01":
+            try:
+                return zlib.decompress(body[1:])
+            except zlib.error:
+                raise IntegrityError(f"object {name} is corrupt after decryption") from None
+        return body[1:]

@@ -1,0 +1,100 @@
+"""Cryptographic primitives, each used for one purpose.
+
+- scrypt (pycryptodome) turns a passphrase into a key-encryption key; parameters are stored and
+  a minimum cost is enforced when a vault is opened.
+- HKDF-SHA256 derives one sub-key per purpose from the 32-byte master key (salt: vault id).
+- AES-256-GCM seals everything that is stored: 12-byte random nonce, 16-byte tag, associated
+  data that binds the format version, vault id and object name.
+- Keyed BLAKE2b-256 names chunks by content (dedup) without revealing a plain hash.
+- HMAC-SHA256 authenticates the config and ledger heads; secrets are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from Crypto.Cipher import AES
+from Crypto.Hash import SHA256
+from Crypto.Protocol.KDF import HKDF, scrypt
+
+from cryptfs.errors import IntegrityError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
+
+SCRYPT_MIN_N = 2**14
+SCRYPT_DEFAULT_N = 2**17
+SCRYPT_R = 8
+SCRYPT_P = 1
+
+# Sub-key purposes (HKDF info strings); see docs/FORMAT.md.
+PURPOSE_CHUNK = b"cryptfs chunk encryption v1"
+PURPOSE_NAME = b"cryptfs chunk naming v1"
+PURPOSE_META = b"cryptfs metadata encryption v1"
+PURPOSE_LEDGER = b"cryptfs ledger mac v1"
+PURPOSE_CONFIG = b"cryptfs config mac v1"
+PURPOSE_CACHE = b"cryptfs cache encryption v1"
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def derive_kek(
+    passphrase: bytes, salt: bytes, n: int, r: int = SCRYPT_R, p: int = SCRYPT_P
+) -> bytes:
+    """Key-encryption key from a passphrase. Refuses parameters below the enforced minimum."""
+    if n < SCRYPT_MIN_N or r < SCRYPT_R or p < 1 or len(salt) < 16:
+        raise IntegrityError(
+            "key derivation parameters are below the enforced minimum",
+            hint="the config may have been tampered with",
+        )
+    return scrypt(passphrase, salt, KEY_SIZE, N=n, r=r, p=p)  # type: ignore[return-value]
+
+
+def subkey(master: bytes, vault_id: bytes, purpose: bytes) -> bytes:
+    """HKDF-SHA256(master, salt=vault_id, info=purpose) -> 32 bytes."""
+    return HKDF(master, KEY_SIZE, vault_id, SHA256, context=purpose)  # type: ignore[return-value]
+
+
+def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+    """AES-256-GCM: nonce || ciphertext || tag."""
+    nonce = os.urandom(NONCE_SIZE)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
+    cipher.update(aad)
+    ct, tag = cipher.encrypt_and_digest(plaintext)
+    return nonce + ct + tag
+
+
+def open_sealed(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
+    """Inverse of :func:`seal`; raises IntegrityError if authentication fails."""
+    if len(blob) < SEAL_OVERHEAD:
+        raise IntegrityError("sealed data is too short")
+    view = memoryview(blob)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=bytes(view[:NONCE_SIZE]))
+    cipher.update(aad)
+    try:
+        return cipher.decrypt_and_verify(view[NONCE_SIZE:-TAG_SIZE], view[-TAG_SIZE:])
+    except ValueError:
+        raise IntegrityError("authentication failed") from None
+
+
+def keyed_hash(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """Keyed BLAKE2b-256 (releases the GIL for large inputs)."""
+    return hashlib.blake2b(data, digest_size=32, key=key).digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def verify_mac(key: bytes, data: bytes, tag: bytes) -> bool:
+    return hmac.compare_digest(mac(key, data), tag)
+
+
+def sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()

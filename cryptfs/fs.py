@@ -1,0 +1,834 @@
+"""Filesystem operations: POSIX semantics over the metadata store and the chunk store.
+
+Inode-based and independent of FUSE: every method takes inode numbers and raw names (bytes),
+returns :class:`~cryptfs.metadata.Inode` records or data, and raises ``OSError(errno)``.
+
+Durability contract:
+- every metadata operation (mkdir, rename, chmod, ...) is one committed SQLite transaction when
+  it returns: it survives a crash of the process;
+- ``write`` buffers in memory; ``flush`` (every close) seals the file's dirty chunks, stages
+  them and commits the chunk map: the data survives a crash of the process and will reach the
+  store;
+- ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
+  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault`).
+
+Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
+own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the
+reverse. Store reads happen outside ``self.lock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptfs.chunkstore import ChunkStore
+from cryptfs.codec import ChunkRef
+from cryptfs.errors import CryptfsError, IntegrityError
+from cryptfs.metadata import ROOT_INO, Inode, MetaStore
+
+log = logging.getLogger("cryptfs.fs")
+
+NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
+INODE_CACHE_MAX = 200_000
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+@dataclass
+class OpenFile:
+    """State shared by all handles of one inode while it is open."""
+
+    ino: int
+    size: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    pending: dict[int, ChunkRef | None] = field(default_factory=dict)
+    handles: int = 0
+    changed: bool = False
+    last_read_end: int = -1
+    reported: bool = False
+
+    def dirty_bytes(self) -> int:
+        return sum(len(b) for b in self.dirty.values())
+
+
+@dataclass
+class Handle:
+    file: OpenFile | None
+    flags: int
+    listing: list[tuple[bytes, int, int]] | None = None
+
+
+class FileSystem:
+    """The filesystem. ``on_sync`` makes everything durable in the store (fsync)."""
+
+    def __init__(
+        self,
+        meta: MetaStore,
+        chunks: ChunkStore,
+        chunk_size: int,
+        on_sync: Callable[[], None],
+        readonly: bool = False,
+        statfs_source: Callable[[], os.statvfs_result | None] | None = None,
+    ) -> None:
+        self.meta = meta
+        self.chunks = chunks
+        self.cs = chunk_size
+        self.on_sync = on_sync
+        self.readonly = readonly
+        self.statfs_source = statfs_source
+        self.lock = threading.RLock()
+        self.inodes: dict[int, Inode] = {}
+        self.dentries: dict[tuple[int, bytes], int] = {}
+        self.files: dict[int, OpenFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.read_errors = 0
+
+    # -- helpers --------------------------------------------------------------------------
+    def _node(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            node = self.meta.get_inode(ino)
+            if node is None:
+                raise _err(errno.ENOENT)
+            if len(self.inodes) >= INODE_CACHE_MAX:
+                self.inodes.clear()
+                self.dentries.clear()
+            self.inodes[ino] = node
+        return node
+
+    def _save(self, node: Inode) -> None:
+        self.meta.update_inode(node)
+
+    def _lookup_ino(self, parent: int, name: bytes) -> int | None:
+        key = (parent, name)
+        ino = self.dentries.get(key)
+        if ino is None:
+            ino = self.meta.lookup(parent, name)
+            if ino is not None:
+                self.dentries[key] = ino
+        return ino
+
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise _err(errno.EINVAL)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    def _dir(self, ino: int) -> Inode:
+        node = self._node(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise _err(errno.ENOTDIR)
+        return node
+
+    def _view(self, node: Inode) -> Inode:
+        f = self.files.get(node.ino)
+        if f is not None and f.size != node.size:
+            return dataclasses.replace(node, size=f.size)
+        return node
+
+    # -- lookups --------------------------------------------------------------------------
+    def getattr(self, ino: int) -> Inode:
+        with self.lock:
+            return self._view(self._node(ino))
+
+    def lookup(self, parent: int, name: bytes) -> Inode:
+        with self.lock:
+            if len(name) > NAME_MAX:
+                raise _err(errno.ENAMETOOLONG)
+            self._dir(parent)
+            if name == b".":
+                return self._view(self._node(parent))
+            ino = self._lookup_ino(parent, name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            return self._view(self._node(ino))
+
+    def readlink(self, ino: int) -> bytes:
+        with self.lock:
+            node = self._node(ino)
+            if not stat.S_ISLNK(node.mode) or node.target is None:
+                raise _err(errno.EINVAL)
+            return node.target
+
+    # -- creating -------------------------------------------------------------------------
+    def _new(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        *,
+        rdev: int = 0,
+        target: bytes | None = None,
+        size: int = 0,
+    ) -> Inode:
+        self._writable()
+        self._check_name(name)
+        pnode = self._dir(parent)
+        if self._lookup_ino(parent, name) is not None:
+            raise _err(errno.EEXIST)
+        if pnode.nlink <= 0:
+            raise _err(errno.ENOENT)
+        if pnode.mode & stat.S_ISGID:
+            gid = pnode.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        isdir = stat.S_ISDIR(mode)
+        node = Inode(0, mode, uid, gid, size, 2 if isdir else 1, now, now, now, rdev, target)
+        with self.meta.transaction():
+            node.ino = self.meta.insert_inode(node)
+            self.meta.add_dentry(parent, name, node.ino)
+            pnode.mtime_ns = pnode.ctime_ns = now
+            if isdir:
+                pnode.nlink += 1
+            self._save(pnode)
+        self.inodes[node.ino] = node
+        self.dentries[(parent, name)] = node.ino
+        return node
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+        with self.lock:
+            fmt = stat.S_IFMT(mode) or stat.S_IFREG
+            if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+                raise _err(errno.EINVAL)
+            return self._new(parent, name, fmt | stat.S_IMODE(mode), uid, gid, rdev=rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        with self.lock:
+            return self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
+        with self.lock:
+            if len(target) > 4095:
+                raise _err(errno.ENAMETOOLONG)
+            return self._new(
+                parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target, size=len(target)
+            )
+
+    def create(
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Inode, int]:
+        with self.lock:
+            ino = self._lookup_ino(parent, name)
+            if ino is not None:
+                if flags & os.O_EXCL:
+                    raise _err(errno.EEXIST)
+                node = self._node(ino)
+            else:
+                node = self._new(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+            return self._view(node), self._open_locked(node, flags)
+
+    def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        with self.lock:
+            self._writable()
+            self._check_name(name)
+            node = self._node(ino)
+            if stat.S_ISDIR(node.mode):
+                raise _err(errno.EPERM)
+            pnode = self._dir(parent)
+            if self._lookup_ino(parent, name) is not None:
+                raise _err(errno.EEXIST)
+            now = time.time_ns()
+            with self.meta.transaction():
+                self.meta.add_dentry(parent, name, ino)
+                node.nlink += 1
+                node.ctime_ns = now
+                self._save(node)
+                pnode.mtime_ns = pnode.ctime_ns = now
+                self._save(pnode)
+            self.dentries[(parent, name)] = ino
+            return self._view(node)
+
+    # -- removing -------------------------------------------------------------------------
+    def _drop_link(self, node: Inode, now: int) -> None:
+        """One directory entry of ``node`` is gone (in the caller's transaction)."""
+        node.nlink -= 1
+        node.ctime_ns = now
+        if node.nlink <= 0 and node.ino not in self.files:
+            self.meta.delete_inode(node.ino)
+            self.inodes.pop(node.ino, None)
+        else:
+            self._save(node)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        with self.lock:
+            self._writable()
+            pnode = self._dir(parent)
+            ino = self._lookup_ino(parent, name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            node = self._node(ino)
+            if stat.S_ISDIR(node.mode):
+                raise _err(errno.EISDIR)
+            now = time.time_ns()
+            with self.meta.transaction():
+                self.meta.remove_dentry(parent, name)
+                pnode.mtime_ns = pnode.ctime_ns = now
+                self._save(pnode)
+                self._drop_link(node, now)
+            self.dentries.pop((parent, name), None)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        with self.lock:
+            self._writable()
+            if name == b".":
+                raise _err(errno.EINVAL)
+            pnode = self._dir(parent)
+            ino = self._lookup_ino(parent, name)
+            if ino is None:
+                raise _err(errno.ENOENT)
+            node = self._dir(ino)
+            if self.meta.has_children(ino):
+                raise _err(errno.ENOTEMPTY)
+            now = time.time_ns()
+            with self.meta.transaction():
+                self.meta.remove_dentry(parent, name)
+                pnode.nlink -= 1
+                pnode.mtime_ns = pnode.ctime_ns = now
+                self._save(pnode)
+                node.nlink = 0
+                self.meta.delete_inode(ino)
+            self.inodes.pop(ino, None)
+            self.dentries.pop((parent, name), None)
+
+    def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory ``anc`` is ``ino`` or one of its ancestors."""
+        seen = set()
+        while ino not in seen:
+            if ino == anc:
+                return True
+            if ino == ROOT_INO:
+                return False
+            seen.add(ino)
+            row = self.meta.conn.exec_driver_sql(
+                "SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (ino,)
+            ).first()
+            if row is None:
+                return False
+            ino = row[0]
+        return False
+
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
+        with self.lock:
+            self._writable()
+            self._check_name(n2)
+            if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
+                RENAME_NOREPLACE | RENAME_EXCHANGE
+            ):
+                raise _err(errno.EINVAL)
+            pn1, pn2 = self._dir(p1), self._dir(p2)
+            src = self._lookup_ino(p1, n1)
+            if src is None:
+                raise _err(errno.ENOENT)
+            snode = self._node(src)
+            dst = self._lookup_ino(p2, n2)
+            dnode = self._node(dst) if dst is not None else None
+            sdir = stat.S_ISDIR(snode.mode)
+            if flags & RENAME_EXCHANGE:
+                if dnode is None:
+                    raise _err(errno.ENOENT)
+                return self._exchange(pn1, n1, snode, pn2, n2, dnode)
+            if dnode is not None and flags & RENAME_NOREPLACE:
+                raise _err(errno.EEXIST)
+            if sdir and p1 != p2 and self._is_ancestor(src, p2):
+                raise _err(errno.EINVAL)
+            if dnode is not None:
+                if dnode.ino == snode.ino:
+                    return None
+                ddir = stat.S_ISDIR(dnode.mode)
+                if sdir and not ddir:
+                    raise _err(errno.ENOTDIR)
+                if ddir and not sdir:
+                    raise _err(errno.EISDIR)
+                if ddir and self.meta.has_children(dnode.ino):
+                    raise _err(errno.ENOTEMPTY)
+            now = time.time_ns()
+            with self.meta.transaction():
+                if dnode is not None:
+                    self.meta.remove_dentry(p2, n2)
+                    if stat.S_ISDIR(dnode.mode):
+                        pn2.nlink -= 1
+                        self.meta.delete_inode(dnode.ino)
+                        self.inodes.pop(dnode.ino, None)
+                    else:
+                        self._drop_link(dnode, now)
+                self.meta.remove_dentry(p1, n1)
+                self.meta.add_dentry(p2, n2, src)
+                if sdir and p1 != p2:
+                    pn1.nlink -= 1
+                    pn2.nlink += 1
+                snode.ctime_ns = now
+                self._save(snode)
+                for pn in {p1: pn1, p2: pn2}.values():
+                    pn.mtime_ns = pn.ctime_ns = now
+                    self._save(pn)
+            self.dentries.pop((p1, n1), None)
+            self.dentries[(p2, n2)] = src
+            return None
+
+    def _exchange(self, pn1: Inode, n1: bytes, a: Inode, pn2: Inode, n2: bytes, b: Inode) -> None:
+        adir, bdir = stat.S_ISDIR(a.mode), stat.S_ISDIR(b.mode)
+        if pn1.ino != pn2.ino and (
+            (adir and self._is_ancestor(a.ino, pn2.ino))
+            or (bdir and self._is_ancestor(b.ino, pn1.ino))
+        ):
+            raise _err(errno.EINVAL)
+        now = time.time_ns()
+        with self.meta.transaction():
+            self.meta.remove_dentry(pn1.ino, n1)
+            self.meta.remove_dentry(pn2.ino, n2)
+            self.meta.add_dentry(pn1.ino, n1, b.ino)
+            self.meta.add_dentry(pn2.ino, n2, a.ino)
+            if pn1.ino != pn2.ino and adir != bdir:
+                delta = 1 if adir else -1
+                pn1.nlink -= delta
+                pn2.nlink += delta
+            for n in (a, b):
+                n.ctime_ns = now
+                self._save(n)
+            for pn in {pn1.ino: pn1, pn2.ino: pn2}.values():
+                pn.mtime_ns = pn.ctime_ns = now
+                self._save(pn)
+        self.dentries[(pn1.ino, n1)] = b.ino
+        self.dentries[(pn2.ino, n2)] = a.ino
+
+    # -- attributes -----------------------------------------------------------------------
+    def chmod(self, ino: int, mode: int) -> Inode:
+        with self.lock:
+            self._writable()
+            node = self._node(ino)
+            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
+            node.ctime_ns = time.time_ns()
+            with self.meta.transaction():
+                self._save(node)
+            return self._view(node)
+
+    def chown(self, ino: int, uid: int, gid: int) -> Inode:
+        with self.lock:
+            self._writable()
+            node = self._node(ino)
+            if uid != -1 and uid != 0xFFFFFFFF:
+                node.uid = uid
+            if gid != -1 and gid != 0xFFFFFFFF:
+                node.gid = gid
+            if not stat.S_ISDIR(node.mode):
+                # like the kernel for unprivileged chown: drop set-user-ID/set-group-ID bits
+                node.mode &= ~stat.S_ISUID
+                if node.mode & stat.S_IXGRP:
+                    node.mode &= ~stat.S_ISGID
+            node.ctime_ns = time.time_ns()
+            with self.meta.transaction():
+                self._save(node)
+            return self._view(node)
+
+    def utimens(self, ino: int, atime_ns: int | None, mtime_ns: int | None) -> Inode:
+        """Set times; ``None`` leaves a time unchanged (UTIME_OMIT is resolved by the caller)."""
+        with self.lock:
+            self._writable()
+            node = self._node(ino)
+            if atime_ns is not None:
+                node.atime_ns = atime_ns
+            if mtime_ns is not None:
+                node.mtime_ns = mtime_ns
+            node.ctime_ns = time.time_ns()
+            with self.meta.transaction():
+                self._save(node)
+            return self._view(node)
+
+    # -- xattrs ---------------------------------------------------------------------------
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        with self.lock:
+            self._writable()
+            if name.startswith(b"system."):
+                raise _err(errno.EOPNOTSUPP)
+            if len(name) > 255 or not name:
+                raise _err(errno.ERANGE)
+            if len(value) > XATTR_SIZE_MAX:
+                raise _err(errno.E2BIG)
+            node = self._node(ino)
+            old = self.meta.get_xattr(ino, name)
+            if flags & XATTR_CREATE and old is not None:
+                raise _err(errno.EEXIST)
+            if flags & XATTR_REPLACE and old is None:
+                raise _err(errno.ENODATA)
+            with self.meta.transaction():
+                self.meta.set_xattr(ino, name, value)
+                node.ctime_ns = time.time_ns()
+                self._save(node)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.lock:
+            self._node(ino)
+            v = self.meta.get_xattr(ino, name)
+            if v is None:
+                raise _err(errno.ENODATA)
+            return v
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.lock:
+            self._node(ino)
+            return self.meta.list_xattrs(ino)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        with self.lock:
+            self._writable()
+            node = self._node(ino)
+            with self.meta.transaction():
+                if not self.meta.remove_xattr(ino, name):
+                    raise _err(errno.ENODATA)
+                node.ctime_ns = time.time_ns()
+                self._save(node)
+
+    # -- directories ----------------------------------------------------------------------
+    def opendir(self, ino: int) -> int:
+        with self.lock:
+            self._dir(ino)
+            return self._add_handle(Handle(None, 0))
+
+    def readdir(self, ino: int, fh: int, offset: int) -> list[tuple[bytes, int, int, int]]:
+        """Entries from ``offset`` on as ``(name, ino, mode, next_offset)``. The listing is
+        taken when a stream starts at offset 0 and kept for that handle."""
+        with self.lock:
+            h = self.handles.get(fh)
+            if h is None or h.listing is None or offset == 0:
+                node = self._dir(ino)
+                parent = ROOT_INO
+                if ino != ROOT_INO:
+                    row = self.meta.conn.exec_driver_sql(
+                        "SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (ino,)
+                    ).first()
+                    parent = row[0] if row else ROOT_INO
+                listing = [
+                    (b".", ino, node.mode),
+                    (b"..", parent, stat.S_IFDIR),
+                ] + self.meta.list_dir(ino)
+                if h is not None:
+                    h.listing = listing
+            else:
+                listing = h.listing
+            return [(n, i, m, k + 1) for k, (n, i, m) in enumerate(listing) if k >= offset]
+
+    def releasedir(self, fh: int) -> None:
+        with self.lock:
+            self.handles.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------------------
+    def _add_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _open_locked(self, node: Inode, flags: int) -> int:
+        if stat.S_ISDIR(node.mode):
+            raise _err(errno.EISDIR)
+        if self.readonly and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise _err(errno.EROFS)
+        f = self.files.get(node.ino)
+        if f is None:
+            f = self.files[node.ino] = OpenFile(node.ino, node.size)
+        f.handles += 1
+        return self._add_handle(Handle(f, flags))
+
+    def open(self, ino: int, flags: int) -> int:
+        with self.lock:
+            return self._open_locked(self._node(ino), flags)
+
+    def _file(self, fh: int) -> OpenFile:
+        h = self.handles.get(fh)
+        if h is None or h.file is None:
+            raise _err(errno.EBADF)
+        return h.file
+
+    def _ref(self, f: OpenFile, idx: int) -> ChunkRef | None:
+        """The committed or sealed chunk ``idx`` of an open file (caller holds f.lock)."""
+        if idx in f.pending:
+            return f.pending[idx]
+        with self.lock:
+            return self.meta.get_block(f.ino, idx)
+
+    def _plain(self, f: OpenFile, idx: int) -> bytes:
+        ref = self._ref(f, idx)
+        if ref is None:
+            return b""
+        return self._get_chunk(f.ino, ref)
+
+    def _get_chunk(self, ino: int, ref: ChunkRef) -> bytes:
+        try:
+            return self.chunks.get(ref)
+        except CryptfsError as e:
+            self.read_errors += 1
+            with self.lock:
+                paths = self.meta.paths_of(ino) or [f"<inode {ino}>"]
+            kind = "integrity" if isinstance(e, IntegrityError) else "store"
+            log.error("read of %s failed (%s error): %s", ", ".join(paths), kind, e)
+            raise _err(errno.EIO) from None
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        f = self._file(fh)
+        cs = self.cs
+        parts: list[bytes | ChunkRef | None] = []
+        with f.lock:
+            end = min(offset + size, f.size)
+            if offset >= end:
+                return b""
+            first, last = offset // cs, (end - 1) // cs
+            for idx in range(first, last + 1):
+                buf = f.dirty.get(idx)
+                parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
+            sequential = offset == f.last_read_end
+            f.last_read_end = end
+            ahead = []
+            if sequential:
+                for idx in range(last + 1, last + 5):
+                    if idx * cs >= f.size:
+                        break
+                    if idx not in f.dirty:
+                        r = self._ref(f, idx)
+                        if r is not None:
+                            ahead.append(r)
+            refs = [p for p in parts if isinstance(p, ChunkRef)]
+            self.chunks.pin(r.name for r in refs)
+        try:
+            if ahead:
+                self.chunks.prefetch(ahead)
+            out = bytearray()
+            for k, p in enumerate(parts):
+                idx = first + k
+                plain = self._get_chunk(f.ino, p) if isinstance(p, ChunkRef) else (p or b"")
+                lo = max(offset, idx * cs) - idx * cs
+                hi = min(end, (idx + 1) * cs) - idx * cs
+                piece = plain[lo:hi]
+                out += piece
+                if len(piece) < hi - lo:
+                    out += bytes(hi - lo - len(piece))
+            return bytes(out)
+        finally:
+            self.chunks.unpin(r.name for r in refs)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        f = self._file(fh)
+        cs = self.cs
+        with f.lock:
+            pos = offset
+            view = memoryview(data)
+            idx = offset // cs
+            while view:
+                idx, within = divmod(pos, cs)
+                n = min(cs - within, len(view))
+                buf = f.dirty.get(idx)
+                if buf is None:
+                    if within == 0 and (n == cs or pos + n >= f.size):
+                        buf = bytearray()
+                    else:
+                        buf = bytearray(self._plain(f, idx))
+                        if (idx + 1) * cs > f.size:  # data past EOF is not file content
+                            del buf[max(0, f.size - idx * cs) :]
+                    f.dirty[idx] = buf
+                if len(buf) < within:
+                    buf.extend(bytes(within - len(buf)))
+                buf[within : within + n] = view[:n]
+                pos += n
+                view = view[n:]
+            f.size = max(f.size, pos)
+            f.changed = True
+            # seal complete chunks behind the write position; everything if over the limit
+            full = [i for i, b in f.dirty.items() if len(b) == cs and i != idx]
+            if full:
+                self._seal(f, full)
+            if f.dirty_bytes() > DIRTY_LIMIT:
+                self._seal(f, list(f.dirty))
+        return len(data)
+
+    def _seal(self, f: OpenFile, idxs: list[int]) -> None:
+        """Seal and stage dirty chunks (caller holds f.lock); the refs stay pending."""
+        for idx in sorted(idxs):
+            buf = f.dirty.pop(idx)
+            if buf.count(0) == len(buf):
+                ref = None  # all zeros: a hole
+            else:
+                try:
+                    ref = self.chunks.put(buf)
+                except CryptfsError as e:
+                    f.dirty[idx] = buf
+                    log.error("cannot store data of inode %d: %s", f.ino, e)
+                    raise _err(errno.ENOSPC if "space" in str(e) else errno.EIO) from None
+            old = f.pending.get(idx)
+            f.pending[idx] = ref
+            if old is not None:
+                self.chunks.unpin([old.name])
+
+    def _commit(self, f: OpenFile) -> None:
+        """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock)."""
+        if f.dirty:
+            self._seal(f, list(f.dirty))
+        if not f.pending and not f.changed:
+            return
+        now = time.time_ns()
+        with self.lock:
+            node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+            if node is None:  # removed meanwhile
+                self._discard(f)
+                return
+            with self.meta.transaction():
+                for idx, ref in f.pending.items():
+                    if idx * self.cs < f.size:
+                        self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
+                node.size = f.size
+                if f.changed:
+                    node.mtime_ns = node.ctime_ns = now
+                self._save(node)
+            self.inodes[f.ino] = node
+        self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
+        f.pending.clear()
+        f.changed = False
+
+    def _discard(self, f: OpenFile) -> None:
+        self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
+        f.pending.clear()
+        f.dirty.clear()
+
+    def truncate(self, ino: int, size: int, fh: int | None = None) -> Inode:
+        self._writable()
+        if size < 0:
+            raise _err(errno.EINVAL)
+        with self.lock:
+            node = self._node(ino)
+            if stat.S_ISDIR(node.mode):
+                raise _err(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise _err(errno.EINVAL)
+            temp = ino not in self.files
+            fh_t = self._open_locked(node, os.O_RDWR) if temp else None
+            f = self.files[ino]
+        try:
+            with f.lock:
+                cs = self.cs
+                if size < f.size:
+                    keep = (size + cs - 1) // cs  # chunks 0..keep-1 hold data
+                    for idx in [i for i in f.dirty if i >= keep]:
+                        del f.dirty[idx]
+                    for idx in [i for i in f.pending if i >= keep]:
+                        ref = f.pending.pop(idx)
+                        if ref is not None:
+                            self.chunks.unpin([ref.name])
+                    with self.lock, self.meta.transaction():
+                        self.meta.remove_blocks_from(ino, keep)
+                    if size % cs:
+                        idx = size // cs
+                        buf = f.dirty.get(idx)
+                        if buf is None:
+                            buf = bytearray(self._plain(f, idx))
+                        del buf[size % cs :]
+                        f.dirty[idx] = buf
+                f.size = size
+                f.changed = True
+                self._commit(f)
+        finally:
+            if fh_t is not None:
+                self.release(fh_t)
+        with self.lock:
+            return self._view(self._node(ino))
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        if mode != 0:
+            raise _err(errno.EOPNOTSUPP)
+        if offset < 0 or length <= 0:
+            raise _err(errno.EINVAL)
+        f = self._file(fh)
+        with f.lock:
+            if offset + length > f.size:
+                f.size = offset + length
+                f.changed = True
+                self._commit(f)
+
+    def flush(self, fh: int) -> None:
+        """Make the file's data survive a crash of this process (see module docstring)."""
+        h = self.handles.get(fh)
+        if h is None or h.file is None:
+            return
+        with h.file.lock:
+            self._commit(h.file)
+
+    def fsync(self, fh: int | None) -> None:
+        """Flush, then make everything durable in the store."""
+        if fh is not None:
+            self.flush(fh)
+        self.on_sync()
+
+    def release(self, fh: int) -> None:
+        with self.lock:
+            h = self.handles.get(fh)
+        if h is None or h.file is None:
+            return
+        f = h.file
+        with f.lock:
+            try:
+                self._commit(f)
+            finally:
+                with self.lock:
+                    self.handles.pop(fh, None)
+                    f.handles -= 1
+                    if f.handles <= 0:
+                        del self.files[f.ino]
+                        node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+                        if node is not None and node.nlink <= 0:
+                            with self.meta.transaction():
+                                self.meta.delete_inode(f.ino)
+                            self.inodes.pop(f.ino, None)
+
+    def commit_all(self) -> None:
+        """Flush every open file (before a snapshot at unmount)."""
+        with self.lock:
+            files = list(self.files.values())
+        for f in files:
+            with f.lock:
+                self._commit(f)
+
+    # -- filesystem -----------------------------------------------------------------------
+    def statfs(self) -> dict[str, int]:
+        st = self.statfs_source() if self.statfs_source else None
+        bsize = 4096
+        if st is not None:
+            blocks = st.f_blocks * st.f_frsize // bsize
+            bfree = st.f_bavail * st.f_frsize // bsize
+        else:
+            blocks = bfree = 1 << 40  # a remote bucket has no fixed size
+        with self.lock:
+            used = self.meta.count_inodes()
+        return {
+            "f_bsize": bsize,
+            "f_frsize": bsize,
+            "f_blocks": blocks,
+            "f_bfree": bfree,
+            "f_bavail": bfree,
+            "f_files": used + (1 << 32),
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": NAME_MAX,
+        }

@@ -1,0 +1,346 @@
+"""The FUSE adapter: maps mfusepy's path-based callbacks onto :class:`cryptfs.fs.FileSystem`.
+
+Paths are resolved to inodes through the filesystem's dentry cache; calls that carry a file
+handle use it instead of the path (``nullpath_ok``), so files stay usable after unlink.
+Unexpected exceptions become EIO with one log line, never a crashed mount.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy  # noqa: E402  (the library choice above must come first)
+
+from cryptfs.errors import CryptfsError  # noqa: E402
+from cryptfs.fs import FileSystem  # noqa: E402
+from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
+
+log = logging.getLogger("cryptfs.fuse")
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+NOW = -1
+OMIT = -2
+
+
+def _enc(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError:
+            raise
+        except CryptfsError as e:
+            log.error("%s failed: %s", fn.__name__, e.line())
+            raise mfusepy.FuseOSError(errno.EIO) from None
+        except Exception:
+            log.exception("internal error in %s", fn.__name__)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    return wrapper
+
+
+def stat_dict(node: Inode) -> dict[str, int]:
+    return {
+        "st_ino": node.ino,
+        "st_mode": node.mode,
+        "st_nlink": node.nlink,
+        "st_uid": node.uid,
+        "st_gid": node.gid,
+        "st_size": node.size,
+        "st_atime": node.atime_ns,
+        "st_mtime": node.mtime_ns,
+        "st_ctime": node.ctime_ns,
+        "st_rdev": node.rdev,
+        "st_blksize": 4096,
+        "st_blocks": (node.size + 511) // 512,
+    }
+
+
+class CryptfsOperations(mfusepy.Operations):
+    """mfusepy operations for one mounted vault."""
+
+    use_ns = True
+    flag_nopath = True
+    flag_nullpath_ok = True
+
+    def __init__(
+        self,
+        fs: FileSystem,
+        on_init: Callable[[], None] | None = None,
+        on_destroy: Callable[[], None] | None = None,
+        attr_timeout: float = 1.0,
+    ) -> None:
+        self.fs = fs
+        self.on_init = on_init
+        self.on_destroy = on_destroy
+        self.attr_timeout = attr_timeout
+        self.dir_inos: dict[int, int] = {}
+
+    # -- path resolution --------------------------------------------------------------------
+    def _ino(self, path: str | None, fh: int | None = None) -> int:
+        if fh is not None:
+            h = self.fs.handles.get(fh)
+            if h is not None:
+                return h.file.ino if h.file is not None else self.dir_inos.get(fh, ROOT_INO)
+        if path is None:
+            raise mfusepy.FuseOSError(errno.EBADF)
+        ino = ROOT_INO
+        for part in path.split("/"):
+            if part:
+                ino = self.fs.lookup(ino, _enc(part)).ino
+        return ino
+
+    def _parent(self, path: str) -> tuple[int, bytes]:
+        head, _, name = path.rpartition("/")
+        return self._ino(head or "/"), _enc(name)
+
+    @staticmethod
+    def _ctx() -> tuple[int, int]:
+        uid, gid, _pid = mfusepy.fuse_get_context()
+        return uid, gid
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.entry_timeout = self.attr_timeout
+            config.attr_timeout = self.attr_timeout
+            config.negative_timeout = 0.0
+            config.use_ino = 1
+            config.hard_remove = 1
+            config.nullpath_ok = 1
+            config.kernel_cache = 1
+        if self.on_init:
+            self.on_init()
+
+    def destroy(self, path: str) -> None:
+        if self.on_destroy:
+            self.on_destroy()
+
+    # -- attributes -------------------------------------------------------------------------
+    @_guard
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        return stat_dict(self.fs.getattr(self._ino(path, fh)))
+
+    @_guard
+    def access(self, path: str, amode: int) -> int:
+        self._ino(path)
+        return 0
+
+    @_guard
+    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
+        self.fs.chmod(self._ino(path, fh), mode)
+        return 0
+
+    @_guard
+    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
+        self.fs.chown(self._ino(path, fh), uid, gid)
+        return 0
+
+    @_guard
+    def utimens(
+        self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None
+    ) -> int:
+        now = time.time_ns()
+        if times is None:
+            a = m = now
+        else:
+            a, m = (now if t == NOW else None if t == OMIT else t for t in times)
+        self.fs.utimens(self._ino(path, fh), a, m)
+        return 0
+
+    @_guard
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
+        self.fs.truncate(self._ino(path, fh), length, fh)
+        return 0
+
+    # -- names ------------------------------------------------------------------------------
+    @_guard
+    def readlink(self, path: str) -> str:
+        return self.fs.readlink(self._ino(path)).decode("utf-8", "surrogateescape")
+
+    @_guard
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        parent, name = self._parent(path)
+        self.fs.mknod(parent, name, mode, dev, *self._ctx())
+        return 0
+
+    @_guard
+    def mkdir(self, path: str, mode: int) -> int:
+        parent, name = self._parent(path)
+        self.fs.mkdir(parent, name, mode, *self._ctx())
+        return 0
+
+    @_guard
+    def unlink(self, path: str) -> int:
+        self.fs.unlink(*self._parent(path))
+        return 0
+
+    @_guard
+    def rmdir(self, path: str) -> int:
+        self.fs.rmdir(*self._parent(path))
+        return 0
+
+    @_guard
+    def symlink(self, target: str, source: str) -> int:
+        parent, name = self._parent(target)
+        self.fs.symlink(parent, name, _enc(source), *self._ctx())
+        return 0
+
+    @_guard
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        p1, n1 = self._parent(old)
+        p2, n2 = self._parent(new)
+        self.fs.rename(p1, n1, p2, n2, flags)
+        return 0
+
+    @_guard
+    def link(self, target: str, source: str) -> int:
+        parent, name = self._parent(target)
+        self.fs.link(self._ino(source), parent, name)
+        return 0
+
+    # -- files ------------------------------------------------------------------------------
+    @_guard
+    def create(self, path: str, mode: int, flags: int) -> int:
+        parent, name = self._parent(path)
+        uid, gid = self._ctx()
+        _node, fh = self.fs.create(parent, name, mode, flags, uid, gid)
+        return fh
+
+    @_guard
+    def open(self, path: str, flags: int) -> int:
+        return self.fs.open(self._ino(path), flags)
+
+    @_guard
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return self.fs.read(fh, offset, size)
+
+    @_guard
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.fs.write(fh, offset, data)
+
+    @_guard
+    def flush(self, path: str | None, fh: int) -> int:
+        self.fs.flush(fh)
+        return 0
+
+    @_guard
+    def release(self, path: str | None, fh: int) -> int:
+        self.fs.release(fh)
+        return 0
+
+    @_guard
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        self.fs.fsync(fh)
+        return 0
+
+    @_guard
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+        self.fs.fallocate(fh, mode, offset, size)
+        return 0
+
+    # -- directories ------------------------------------------------------------------------
+    @_guard
+    def opendir(self, path: str) -> int:
+        ino = self._ino(path)
+        fh = self.fs.opendir(ino)
+        self.dir_inos[fh] = ino
+        return fh
+
+    @_guard
+    def readdir_with_offset(
+        self, path: str | None, offset: int, fh: int
+    ) -> Iterator[tuple[str, dict[str, int], int]]:
+        ino = self.dir_inos.get(fh)
+        if ino is None:
+            ino = self._ino(path)
+        for name, child, mode, nxt in self.fs.readdir(ino, fh, offset):
+            yield (
+                name.decode("utf-8", "surrogateescape"),
+                {"st_ino": child, "st_mode": stat.S_IFMT(mode)},
+                nxt,
+            )
+
+    @_guard
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self.fs.releasedir(fh)
+        self.dir_inos.pop(fh, None)
+        return 0
+
+    @_guard
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
+        self.fs.fsync(None)
+        return 0
+
+    @_guard
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.fs.statfs()
+
+    # -- xattrs -----------------------------------------------------------------------------
+    @_guard
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
+        self.fs.setxattr(self._ino(path), _enc(name), bytes(value), options)
+        return 0
+
+    @_guard
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.fs.getxattr(self._ino(path), _enc(name))
+
+    @_guard
+    def listxattr(self, path: str) -> list[str]:
+        return [n.decode("utf-8", "surrogateescape") for n in self.fs.listxattr(self._ino(path))]
+
+    @_guard
+    def removexattr(self, path: str, name: str) -> int:
+        self.fs.removexattr(self._ino(path), _enc(name))
+        return 0
+
+
+class CryptfsFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with file handles passed to chmod/chown/utimens (for open files that
+    were unlinked) and UTIME_NOW / UTIME_OMIT preserved."""
+
+    def _path(self, path: bytes | None) -> str | None:
+        return None if path is None else path.decode(self.encoding, self.errors)
+
+    @staticmethod
+    def _fh(fip: Any) -> int | None:
+        return fip.contents.fh if fip else None
+
+    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
+        return self.operations.chmod(self._path(path), mode, self._fh(fip))
+
+    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
+        if ctypes.c_uint32(uid + 1).value == 0:
+            uid = -1
+        if ctypes.c_uint32(gid + 1).value == 0:
+            gid = -1
+        return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        def conv(ts: Any) -> int:
+            if ts.tv_nsec == UTIME_NOW:
+                return NOW
+            if ts.tv_nsec == UTIME_OMIT:
+                return OMIT
+            return ts.tv_sec * 10**9 + ts.tv_nsec
+
+        times = (conv(buf.contents.actime), conv(buf.contents.modtime)) if buf else None
+        return self.operations.utimens(self._path(path), times, self._fh(fip))
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(self._path(old), self._path(new), flags)

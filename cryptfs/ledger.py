@@ -1,0 +1,232 @@
+"""The ledger: a hash chain over every object stored in or deleted from the store.
+
+Entry ``seq`` (1, 2, ...) hashes a canonical encoding of its fields and the previous entry's
+hash (32 zero bytes before the first entry); see docs/FORMAT.md for the byte layout and a test
+vector. The head (sequence and hash) is authenticated with HMAC-SHA256 under the ledger sub-key,
+so only the key holder can produce a head that checkpoints and the local head file accept.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, insert, select
+
+from cryptfs import crypto
+from cryptfs.metadata import MetaStore, ledger
+
+GENESIS = b"\0" * 32
+ENTRY_TAG = b"cryptfs-ledger-v1\0"
+HEAD_TAG = b"cryptfs-head-v1\0"
+OPS = ("put", "del", "accept")
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    time_ns: int
+    op: str
+    name: str
+    size: int
+    sha256: bytes
+    prev: bytes
+    hash: bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "time_ns": self.time_ns,
+            "op": self.op,
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256.hex(),
+            "prev": self.prev.hex(),
+            "hash": self.hash.hex(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Entry:
+        return cls(
+            int(d["seq"]),
+            int(d["time_ns"]),
+            str(d["op"]),
+            str(d["name"]),  # type: ignore[arg-type]
+            int(d["size"]),
+            bytes.fromhex(str(d["sha256"])),  # type: ignore[arg-type]
+            bytes.fromhex(str(d["prev"])),
+            bytes.fromhex(str(d["hash"])),
+        )
+
+
+def _lp(b: bytes) -> bytes:
+    return struct.pack(">H", len(b)) + b
+
+
+def encode_entry(
+    seq: int, time_ns: int, op: str, name: str, size: int, sha256: bytes, prev: bytes
+) -> bytes:
+    """The canonical bytes an entry's hash covers."""
+    return (
+        ENTRY_TAG
+        + struct.pack(">QQ", seq, time_ns)
+        + _lp(op.encode())
+        + _lp(name.encode())
+        + struct.pack(">Q", size)
+        + sha256
+        + prev
+    )
+
+
+def entry_hash(
+    seq: int, time_ns: int, op: str, name: str, size: int, sha256: bytes, prev: bytes
+) -> bytes:
+    return crypto.sha256(encode_entry(seq, time_ns, op, name, size, sha256, prev))
+
+
+def head_mac(key: bytes, seq: int, head: bytes) -> bytes:
+    return crypto.mac(key, HEAD_TAG + struct.pack(">Q", seq) + head)
+
+
+def check_head_mac(key: bytes, seq: int, head: bytes, tag: bytes) -> bool:
+    return hmac.compare_digest(head_mac(key, seq, head), tag)
+
+
+class Ledger:
+    """Append and read entries in the vault database. Callers serialise (filesystem lock)."""
+
+    def __init__(self, meta: MetaStore, key: bytes) -> None:
+        self.meta = meta
+        self.key = key
+        self._head: Entry | None = None
+        self._loaded = False
+
+    def head(self) -> Entry | None:
+        if not self._loaded:
+            row = self.meta.conn.execute(
+                select(ledger).order_by(ledger.c.seq.desc()).limit(1)
+            ).first()
+            self._head = self._row(row) if row else None
+            self._loaded = True
+        return self._head
+
+    def invalidate(self) -> None:
+        self._loaded = False
+
+    @staticmethod
+    def _row(row: object) -> Entry:
+        r = row._mapping  # type: ignore[attr-defined]
+        return Entry(
+            r["seq"],
+            r["time_ns"],
+            r["op"],
+            r["name"],
+            r["size"],
+            bytes(r["sha256"]),
+            bytes(r["prev"]),
+            bytes(r["hash"]),
+        )
+
+    def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
+        """Add an entry in the current transaction (or its own)."""
+        assert op in OPS
+        head = self.head()
+        seq = head.seq + 1 if head else 1
+        prev = head.hash if head else GENESIS
+        now = time.time_ns()
+        h = entry_hash(seq, now, op, name, size, sha256, prev)
+        e = Entry(seq, now, op, name, size, sha256, prev, h)
+        with self.meta.transaction():
+            self.meta.conn.execute(
+                insert(ledger).values(
+                    seq=seq,
+                    time_ns=now,
+                    op=op,
+                    name=name,
+                    size=size,
+                    sha256=sha256,
+                    prev=prev,
+                    hash=h,
+                )
+            )
+        self._head = e
+        return e
+
+    def add_entries(self, entries: list[Entry]) -> None:
+        """Insert entries taken from a checkpoint (restore); they must continue the chain."""
+        with self.meta.transaction():
+            for e in entries:
+                self.meta.conn.execute(
+                    insert(ledger).values(
+                        **{
+                            k: getattr(e, k)
+                            for k in (
+                                "seq",
+                                "time_ns",
+                                "op",
+                                "name",
+                                "size",
+                                "sha256",
+                                "prev",
+                                "hash",
+                            )
+                        }
+                    )
+                )
+        self.invalidate()
+
+    def entry(self, seq: int) -> Entry | None:
+        row = self.meta.conn.execute(select(ledger).where(ledger.c.seq == seq)).first()
+        return self._row(row) if row else None
+
+    def entries(self, after: int = 0) -> Iterator[Entry]:
+        """Entries with seq > after, in order (fetched in pages)."""
+        while True:
+            rows = self.meta.conn.execute(
+                select(ledger).where(ledger.c.seq > after).order_by(ledger.c.seq).limit(5000)
+            ).all()
+            if not rows:
+                return
+            for r in rows:
+                e = self._row(r)
+                after = e.seq
+                yield e
+
+    def newest(self, n: int) -> list[Entry]:
+        rows = self.meta.conn.execute(select(ledger).order_by(ledger.c.seq.desc()).limit(n)).all()
+        return [self._row(r) for r in rows]
+
+    def count(self) -> int:
+        return int(self.meta.conn.execute(select(func.count()).select_from(ledger)).scalar() or 0)
+
+    def verify_chain(self) -> tuple[int, list[str]]:
+        """Recompute the chain. Returns (entries checked, problems); each problem names the
+        sequence number where the chain breaks."""
+        problems: list[str] = []
+        prev = GENESIS
+        expect = 1
+        n = 0
+        for e in self.entries():
+            n += 1
+            if e.seq != expect:
+                problems.append(
+                    f"ledger: entries {expect}..{e.seq - 1} are missing (chain broken "
+                    f"at sequence {expect})"
+                )
+            if e.prev != prev:
+                problems.append(f"ledger: chain broken at sequence {e.seq} (previous hash differs)")
+            elif entry_hash(e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev) != e.hash:
+                problems.append(f"ledger: chain broken at sequence {e.seq} (entry was modified)")
+            if e.op not in OPS:
+                problems.append(f"ledger: unknown operation {e.op!r} at sequence {e.seq}")
+            prev = e.hash
+            expect = e.seq + 1
+        return n, problems
+
+    def truncate_after(self, seq: int) -> None:
+        with self.meta.transaction():
+            self.meta.conn.execute(delete(ledger).where(ledger.c.seq > seq))
+        self.invalidate()

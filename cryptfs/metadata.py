@@ -1,0 +1,422 @@
+"""Filesystem metadata in SQLite through SQLAlchemy Core.
+
+One database file per vault holds inodes, directory entries, chunk maps, object records with
+reference counts, extended attributes and the ledger. One connection, used by one thread at a
+time (callers hold the filesystem lock): WAL journal, ``synchronous=NORMAL`` (a commit survives
+a crash of the process; ``sync()`` makes it survive power loss), one transaction per operation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import DatabaseError as SADatabaseError
+from sqlalchemy.pool import StaticPool
+
+from cryptfs.codec import ChunkRef
+from cryptfs.errors import ConfigError
+
+SCHEMA_VERSION = 1
+ROOT_INO = 1
+
+md = MetaData()
+inodes = Table(
+    "inodes",
+    md,
+    Column("ino", Integer, primary_key=True),
+    Column("mode", Integer, nullable=False),
+    Column("uid", Integer, nullable=False),
+    Column("gid", Integer, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("nlink", Integer, nullable=False),
+    Column("atime_ns", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("ctime_ns", BigInteger, nullable=False),
+    Column("rdev", Integer, nullable=False, default=0),
+    Column("target", LargeBinary),
+)
+dentries = Table(
+    "dentries",
+    md,
+    Column("parent", Integer, nullable=False),
+    Column("name", LargeBinary, nullable=False),
+    Column("ino", Integer, nullable=False),
+    PrimaryKeyConstraint("parent", "name"),
+)
+blocks = Table(
+    "blocks",
+    md,
+    Column("ino", Integer, nullable=False),
+    Column("idx", BigInteger, nullable=False),
+    Column("obj", Text, nullable=False),
+    PrimaryKeyConstraint("ino", "idx"),
+)
+objects = Table(
+    "objects",
+    md,
+    Column("name", Text, primary_key=True),
+    Column("size", Integer, nullable=False),
+    Column("sha256", LargeBinary, nullable=False),
+    Column("refcount", Integer, nullable=False),
+    # 'staged': sealed on local disk, upload pending; 'stored': in the store.
+    Column("state", Text, nullable=False),
+)
+xattrs = Table(
+    "xattrs",
+    md,
+    Column("ino", Integer, nullable=False),
+    Column("name", LargeBinary, nullable=False),
+    Column("value", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("ino", "name"),
+)
+ledger = Table(
+    "ledger",
+    md,
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("time_ns", BigInteger, nullable=False),
+    Column("op", Text, nullable=False),
+    Column("name", Text, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", LargeBinary, nullable=False),
+    Column("prev", LargeBinary, nullable=False),
+    Column("hash", LargeBinary, nullable=False),
+)
+state = Table(
+    "state",
+    md,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+
+@dataclass
+class Inode:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    nlink: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    target: bytes | None = None
+
+
+INODE_FIELDS = [f.name for f in fields(Inode)]
+
+_sel_inode = select(inodes).where(inodes.c.ino == bindparam("i"))
+_sel_dentry = select(dentries.c.ino).where(
+    dentries.c.parent == bindparam("p"), dentries.c.name == bindparam("n")
+)
+_sel_block = (
+    select(blocks.c.obj, objects.c.size, objects.c.sha256)
+    .join(objects, objects.c.name == blocks.c.obj)
+    .where(blocks.c.ino == bindparam("i"), blocks.c.idx == bindparam("x"))
+)
+_sel_object = select(objects).where(objects.c.name == bindparam("n"))
+_incref = (
+    update(objects).where(objects.c.name == bindparam("n")).values(refcount=objects.c.refcount + 1)
+)
+_decref = (
+    update(objects).where(objects.c.name == bindparam("n")).values(refcount=objects.c.refcount - 1)
+)
+
+
+def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+class MetaStore:
+    """Typed access to the vault database. Not thread-safe: callers serialise."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.engine = create_engine(
+            f"sqlite:///{self.path}",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+        )
+        event.listen(self.engine, "connect", _on_connect)
+        try:
+            self.conn = self.engine.connect()
+            md.create_all(self.conn)
+            self.conn.commit()
+            quick = self.conn.exec_driver_sql("PRAGMA quick_check").scalar()
+        except SADatabaseError as e:
+            raise ConfigError(
+                f"metadata database {self.path} is corrupt or unreadable "
+                f"({getattr(e.orig, 'args', [''])[0]})",
+                hint="move it away to rebuild it from the store",
+            ) from None
+        if quick != "ok":
+            raise ConfigError(
+                f"metadata database {self.path} is corrupt ({quick})",
+                hint="move it away to rebuild it from the store",
+            )
+        self.conn.commit()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Commit on success, roll back on error. Nests: inner blocks join the outer one."""
+        if self.conn.in_transaction():
+            yield
+            return
+        with self.conn.begin():
+            yield
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.commit()
+            self.conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.conn.close()
+        self.engine.dispose()
+
+    def sync(self) -> None:
+        """Make every committed transaction durable against power loss."""
+        self.conn.commit()
+        self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
+        self.conn.commit()
+
+    def raw_connection(self) -> sqlite3.Connection:
+        return self.conn.connection.driver_connection  # type: ignore[return-value]
+
+    # -- key/value state ----------------------------------------------------------------------
+    def get_state(self, key: str) -> str | None:
+        return self.conn.execute(select(state.c.value).where(state.c.key == key)).scalar()
+
+    def set_state(self, key: str, value: str) -> None:
+        with self.transaction():
+            self.conn.execute(delete(state).where(state.c.key == key))
+            self.conn.execute(insert(state).values(key=key, value=value))
+
+    # -- inodes -------------------------------------------------------------------------------
+    def get_inode(self, ino: int) -> Inode | None:
+        row = self.conn.execute(_sel_inode, {"i": ino}).first()
+        return Inode(*row) if row else None
+
+    def insert_inode(self, node: Inode) -> int:
+        values = {f: getattr(node, f) for f in INODE_FIELDS if f != "ino"}
+        if node.ino:
+            values["ino"] = node.ino
+        res = self.conn.execute(insert(inodes).values(**values))
+        return int(res.inserted_primary_key[0])
+
+    def update_inode(self, node: Inode) -> None:
+        values = {f: getattr(node, f) for f in INODE_FIELDS if f != "ino"}
+        self.conn.execute(update(inodes).where(inodes.c.ino == node.ino).values(**values))
+
+    def delete_inode(self, ino: int) -> list[str]:
+        """Remove an inode with its xattrs and chunk map; return the objects it referenced."""
+        objs = self.remove_blocks_from(ino, 0)
+        self.conn.execute(delete(xattrs).where(xattrs.c.ino == ino))
+        self.conn.execute(delete(inodes).where(inodes.c.ino == ino))
+        return objs
+
+    def orphan_inodes(self) -> list[int]:
+        return list(self.conn.execute(select(inodes.c.ino).where(inodes.c.nlink <= 0)).scalars())
+
+    def count_inodes(self) -> int:
+        return int(self.conn.execute(select(func.count()).select_from(inodes)).scalar() or 0)
+
+    # -- directory entries --------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        return self.conn.execute(_sel_dentry, {"p": parent, "n": name}).scalar()
+
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        self.conn.execute(insert(dentries).values(parent=parent, name=name, ino=ino))
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        self.conn.execute(
+            delete(dentries).where(dentries.c.parent == parent, dentries.c.name == name)
+        )
+
+    def list_dir(
+        self, parent: int, after: bytes | None = None, limit: int | None = None
+    ) -> list[tuple[bytes, int, int]]:
+        """``(name, ino, mode)`` sorted by name, starting after ``after``."""
+        q = (
+            select(dentries.c.name, dentries.c.ino, inodes.c.mode)
+            .join(inodes, inodes.c.ino == dentries.c.ino)
+            .where(dentries.c.parent == parent)
+        )
+        if after is not None:
+            q = q.where(dentries.c.name > after)
+        q = q.order_by(dentries.c.name)
+        if limit:
+            q = q.limit(limit)
+        return [(bytes(n), i, m) for n, i, m in self.conn.execute(q)]
+
+    def has_children(self, parent: int) -> bool:
+        q = select(dentries.c.ino).where(dentries.c.parent == parent).limit(1)
+        return self.conn.execute(q).first() is not None
+
+    # -- chunk maps and objects ---------------------------------------------------------------
+    def get_block(self, ino: int, idx: int) -> ChunkRef | None:
+        row = self.conn.execute(_sel_block, {"i": ino, "x": idx}).first()
+        return ChunkRef(row[0], row[1], bytes(row[2])) if row else None
+
+    def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
+        """Point chunk ``idx`` of ``ino`` at ``ref`` (None: a hole). Adjusts reference counts;
+        returns the name of the object that was referenced before, if any."""
+        old = self.conn.execute(
+            select(blocks.c.obj).where(blocks.c.ino == ino, blocks.c.idx == idx)
+        ).scalar()
+        if old is not None and ref is not None and old == ref.name:
+            return None
+        if old is not None:
+            self.conn.execute(_decref, {"n": old})
+            self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx == idx))
+        if ref is not None:
+            self.reference(ref, staged)
+            self.conn.execute(insert(blocks).values(ino=ino, idx=idx, obj=ref.name))
+        return old
+
+    def reference(self, ref: ChunkRef, staged: bool) -> None:
+        if self.conn.execute(_incref, {"n": ref.name}).rowcount == 0:
+            self.conn.execute(
+                insert(objects).values(
+                    name=ref.name,
+                    size=ref.size,
+                    sha256=ref.sha256,
+                    refcount=1,
+                    state="staged" if staged else "stored",
+                )
+            )
+
+    def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
+        """Drop chunks ``first_idx..`` of ``ino``; return the object names released."""
+        names = list(
+            self.conn.execute(
+                select(blocks.c.obj).where(blocks.c.ino == ino, blocks.c.idx >= first_idx)
+            ).scalars()
+        )
+        for n in names:
+            self.conn.execute(_decref, {"n": n})
+        if names:
+            self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx >= first_idx))
+        return names
+
+    def block_indexes(self, ino: int) -> list[int]:
+        return list(
+            self.conn.execute(
+                select(blocks.c.idx).where(blocks.c.ino == ino).order_by(blocks.c.idx)
+            ).scalars()
+        )
+
+    def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
+        row = self.conn.execute(_sel_object, {"n": name}).first()
+        if not row:
+            return None
+        return ChunkRef(row.name, row.size, bytes(row.sha256)), row.refcount, row.state
+
+    def mark_stored(self, name: str) -> None:
+        self.conn.execute(update(objects).where(objects.c.name == name).values(state="stored"))
+
+    def objects_in_state(self, st: str) -> list[ChunkRef]:
+        q = select(objects.c.name, objects.c.size, objects.c.sha256).where(objects.c.state == st)
+        return [ChunkRef(n, s, bytes(h)) for n, s, h in self.conn.execute(q)]
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        q = select(objects.c.name, objects.c.size, objects.c.sha256).where(
+            objects.c.refcount <= 0, objects.c.state == "stored"
+        )
+        return [ChunkRef(n, s, bytes(h)) for n, s, h in self.conn.execute(q)]
+
+    def drop_object_if_unreferenced(self, name: str) -> bool:
+        res = self.conn.execute(
+            delete(objects).where(objects.c.name == name, objects.c.refcount <= 0)
+        )
+        return res.rowcount > 0
+
+    def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
+        q = select(objects)
+        return [
+            (ChunkRef(r.name, r.size, bytes(r.sha256)), r.refcount, r.state)
+            for r in self.conn.execute(q)
+        ]
+
+    def object_users(self, name: str) -> list[int]:
+        """Inodes whose chunk map references the object."""
+        return list(
+            self.conn.execute(select(blocks.c.ino).where(blocks.c.obj == name).distinct()).scalars()
+        )
+
+    def paths_of(self, ino: int, limit: int = 3) -> list[str]:
+        """Up to ``limit`` paths of an inode (for error messages)."""
+        out = []
+        for parent, name in self.conn.execute(
+            select(dentries.c.parent, dentries.c.name).where(dentries.c.ino == ino).limit(limit)
+        ):
+            parts = [bytes(name)]
+            seen = {ino}
+            while parent != ROOT_INO and parent not in seen:
+                seen.add(parent)
+                row = self.conn.execute(
+                    select(dentries.c.parent, dentries.c.name)
+                    .where(dentries.c.ino == parent)
+                    .limit(1)
+                ).first()
+                if row is None:
+                    parts.append(b"?")
+                    break
+                parent, pname = row
+                parts.append(bytes(pname))
+            out.append(
+                "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+            )
+        return out
+
+    # -- xattrs -------------------------------------------------------------------------------
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        v = self.conn.execute(
+            select(xattrs.c.value).where(xattrs.c.ino == ino, xattrs.c.name == name)
+        ).scalar()
+        return bytes(v) if v is not None else None
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.conn.execute(delete(xattrs).where(xattrs.c.ino == ino, xattrs.c.name == name))
+        self.conn.execute(insert(xattrs).values(ino=ino, name=name, value=value))
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return [
+            bytes(n)
+            for n in self.conn.execute(
+                select(xattrs.c.name).where(xattrs.c.ino == ino).order_by(xattrs.c.name)
+            ).scalars()
+        ]
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        return (
+            self.conn.execute(
+                delete(xattrs).where(xattrs.c.ino == ino, xattrs.c.name == name)
+            ).rowcount
+            > 0
+        )

@@ -1,0 +1,347 @@
+"""Mounting and unmounting: mountpoint checks, the background daemon and its readiness pipe.
+
+``mount_vault`` checks everything it can in the calling process (mountpoint, passphrase), then
+forks a daemon that opens the vault and serves FUSE; the caller returns when the daemon reports
+that the mount is live, or prints the daemon's one-line error. No secret crosses an exec or a
+command line: the child inherits the unlocked key by fork.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptfs.errors import CryptfsError, MountError, UsageError
+from cryptfs.paths import VaultPaths
+
+log = logging.getLogger("cryptfs.mount")
+
+KNOWN_OPTIONS = {
+    "allow_other",
+    "ro",
+    "rw",
+    "nonempty",
+    "cache_size",
+    "passfile",
+    "nofail",
+    "default_permissions",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "_netdev",
+    "defaults",
+    "exec",
+    "noexec",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "atime",
+    "noatime",
+    "relatime",
+    "x-systemd.automount",
+    "name",
+}
+
+
+@dataclass
+class MountOptions:
+    allow_other: bool = False
+    readonly: bool = False
+    nonempty: bool = False
+    cache_bytes: int = 1 << 30
+    passfile: str | None = None
+    name: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> MountOptions:
+        o = cls()
+        for spec in specs:
+            for item in spec.split(","):
+                if not item:
+                    continue
+                key, _, value = item.partition("=")
+                if key not in KNOWN_OPTIONS and not key.startswith("x-"):
+                    raise UsageError(f"unknown mount option '{key}'")
+                if key == "allow_other":
+                    o.allow_other = True
+                elif key == "ro":
+                    o.readonly = True
+                elif key == "rw":
+                    o.readonly = False
+                elif key == "nonempty":
+                    o.nonempty = True
+                elif key == "cache_size":
+                    o.cache_bytes = parse_size(value)
+                elif key == "passfile":
+                    o.passfile = value
+                elif key == "name":
+                    o.name = value
+        return o
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError:
+        raise UsageError(f"invalid size '{text}'") from None
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mounts") as f:
+            return any(line.split()[1].encode().decode("unicode_escape") == real for line in f)
+    except OSError:
+        return os.path.ismount(real)
+
+
+def check_mountpoint(path: str, nonempty: bool) -> str:
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise MountError(
+            f"mountpoint {path} does not exist", hint=f"create it: mkdir {path}"
+        ) from None
+    except OSError as e:
+        if e.errno == 107:  # ENOTCONN: a dead FUSE mount
+            raise MountError(
+                f"{path} is a stale mount of a process that died",
+                hint=f"run 'fusermount3 -u {path}' first",
+            ) from None
+        raise MountError(f"cannot use mountpoint {path}: {e.strerror}") from None
+    import stat as _stat
+
+    if not _stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {path} is not a directory")
+    if is_mountpoint(real):
+        raise MountError(f"{path} is already a mountpoint", hint="unmount it first")
+    if not nonempty and os.listdir(real):
+        raise MountError(f"mountpoint {path} is not empty", hint="use -o nonempty to mount anyway")
+    return real
+
+
+def _setup_daemon_logging(paths: VaultPaths, foreground: bool, verbose: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if foreground:
+        h: logging.Handler = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("cryptfs: %(levelname)s %(message)s"))
+    else:
+        paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        logfile = paths.data_dir / "daemon.log"
+        fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.close(fd)
+        h = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+    logging.getLogger("mfusepy").setLevel(logging.WARNING)
+
+
+def serve(
+    paths: VaultPaths, master: bytes, mountpoint: str, opts: MountOptions, ready_fd: int | None
+) -> int:
+    """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
+    from cryptfs.fuse_ops import CryptfsFUSE, CryptfsOperations
+    from cryptfs.vault import Vault
+
+    def report(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode() + b"\n")
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        vault = Vault.open(
+            paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes
+        )
+    except CryptfsError as e:
+        report("ERR " + e.line())
+        log.error("%s", e.line())
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - one line to the user, the traceback to the log
+        log.exception("cannot open the vault")
+        report(f"ERR cannot open the vault: {e}")
+        return 1
+    for w in vault.warnings:
+        log.warning("%s", w)
+    assert vault.fs is not None
+    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
+    kwargs: dict[str, object] = {
+        "foreground": True,
+        "fsname": f"cryptfs:{paths.name}",
+        "subtype": "cryptfs",
+        "default_permissions": True,
+    }
+    if opts.allow_other:
+        kwargs["allow_other"] = True
+    if opts.readonly:
+        kwargs["ro"] = True
+    status = 0
+    log.info("mounting vault '%s' at %s", paths.name, mountpoint)
+    try:
+        CryptfsFUSE(ops, mountpoint, **kwargs)
+    except BaseException as e:  # noqa: BLE001 - reported, then the vault is closed below
+        report(f"ERR cannot mount {mountpoint}: {e}")
+        log.error("FUSE stopped: %s", e)
+        status = 7
+    finally:
+        log.info("unmounted; storing pending data")
+        try:
+            vault.close(progress=_status_writer(paths))
+            log.info("vault '%s' closed cleanly", paths.name)
+        except CryptfsError as e:
+            log.error(
+                "closing the vault failed: %s (staged data is kept and resumes at the next mount)",
+                e.line(),
+            )
+            status = e.exit_code
+        (paths.data_dir / "status.json").unlink(missing_ok=True)
+    return status
+
+
+def _status_writer(paths: VaultPaths):  # type: ignore[no-untyped-def]
+    def progress(objects: int, nbytes: int) -> None:
+        tmp = paths.data_dir / "status.json.tmp"
+        tmp.write_text(f'{{"pending_objects": {objects}, "pending_bytes": {nbytes}}}\n')
+        os.replace(tmp, paths.data_dir / "status.json")
+
+    return progress
+
+
+def mount_vault(
+    paths: VaultPaths,
+    master: bytes,
+    mountpoint: str,
+    opts: MountOptions,
+    foreground: bool,
+    verbose: bool,
+) -> int:
+    real = check_mountpoint(mountpoint, opts.nonempty)
+    if foreground:
+        _setup_daemon_logging(paths, True, verbose)
+        return serve(paths, master, real, opts, None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.chdir("/")
+        code = 1
+        try:
+            _setup_daemon_logging(paths, False, verbose)
+            code = serve(paths, master, real, opts, w)
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while True:
+        chunk = os.read(r, 4096)
+        if not chunk:
+            break
+        msg += chunk
+    os.close(r)
+    text = msg.decode(errors="replace").strip()
+    if text == "OK":
+        return 0
+    os.waitpid(pid, 0)
+    if text.startswith("ERR "):
+        raise MountError(text[4:])
+    raise MountError(
+        f"the mount daemon exited without mounting {mountpoint}",
+        hint=f"see {paths.data_dir / 'daemon.log'}",
+    )
+
+
+def mounted_vault(mountpoint: str) -> str | None:
+    """The vault name of a cryptfs mount at ``mountpoint`` (from /proc/self/mounts)."""
+    real = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            dev, mp, fstype = line.split()[:3]
+            if mp.encode().decode("unicode_escape") == real and dev.startswith("cryptfs:"):
+                return dev.split(":", 1)[1]
+    return None
+
+
+def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
+    """Unmount, then wait until the daemon has stored everything and released the vault."""
+    found = mounted_vault(mountpoint)
+    if found is None:
+        raise MountError(f"{mountpoint} is not a cryptfs mount")
+    paths = VaultPaths(name or found)
+    cmd = ["fusermount3", "-u", mountpoint]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        err = (res.stderr.strip().splitlines() or ["failed"])[-1]
+        if "busy" in err.lower():
+            raise MountError(f"{mountpoint} is busy", hint="close the files and shells using it")
+        raise MountError(f"cannot unmount {mountpoint}: {err}")
+    wait_released(paths, show_progress)
+
+
+def wait_released(paths: VaultPaths, show_progress: bool) -> None:
+    if not paths.lock.exists():
+        return
+    fd = os.open(paths.lock, os.O_RDONLY)
+    last = ""
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if show_progress:
+                try:
+                    status = (paths.data_dir / "status.json").read_text()
+                    import json
+
+                    st = json.loads(status)
+                    line = (
+                        f"\rcryptfs: storing pending data: {st['pending_objects']} objects, "
+                        f"{st['pending_bytes'] / 1e6:.1f} MB left "
+                    )
+                except (OSError, ValueError, KeyError):
+                    line = ""
+                if line and line != last:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+                    last = line
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
+        if last:
+            sys.stderr.write("\rcryptfs: all data stored" + " " * 40 + "\n")
+
+
+def kill_daemon(paths: VaultPaths) -> None:
+    try:
+        pid = int(paths.lock.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
+__all__ = ["MountOptions", "mount_vault", "unmount", "check_mountpoint", "Path"]

@@ -1,0 +1,652 @@
+"""A vault: its store, keys, metadata, ledger anchors and filesystem, opened together.
+
+Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
+``meta/<random>`` (sealed SQLite snapshots of the metadata), ``checkpoints/<seq>`` (sealed,
+MAC'd ledger heads naming their snapshot).
+
+Checkpoint contract: when :meth:`Vault.sync` returns, every chunk committed before the call is
+in the store, a metadata snapshot that references exactly what the local metadata referenced at
+that moment is in the store, and a checkpoint naming it (with the authenticated ledger head) is
+in the store and recorded in the local head file. A vault can then be opened on a new machine
+from the store alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptfs import crypto
+from cryptfs.chunkstore import ChunkStore
+from cryptfs.codec import ChunkRef, Codec
+from cryptfs.errors import (
+    ConfigError,
+    CryptfsError,
+    IntegrityError,
+    LockedError,
+    ObjectNotFound,
+    StoreError,
+)
+from cryptfs.fs import FileSystem
+from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
+from cryptfs.metadata import ROOT_INO, Inode, MetaStore
+from cryptfs.paths import VaultPaths, write_private
+from cryptfs.stores import ObjectStore, open_store
+from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+
+log = logging.getLogger("cryptfs.vault")
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+CHECKPOINT_PREFIX = "checkpoints/"
+META_PREFIX = "meta/"
+KEEP_CHECKPOINTS = 3
+CHECKPOINT_INTERVAL = 60.0
+ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
+
+
+def _accept_hint(name: str) -> str:
+    return ACCEPT_HINT.format(name="" if name == "default" else f" --name {name}")
+
+
+# -- local config file ------------------------------------------------------------------------
+def save_local_config(paths: VaultPaths, store_url: str, cfg: VaultConfig) -> None:
+    body = {"name": paths.name, "store": store_url, "vault": cfg.to_dict()}
+    write_private(paths.config_file, json.dumps(body, indent=1).encode() + b"\n")
+
+
+def load_local_config(paths: VaultPaths) -> tuple[str, VaultConfig]:
+    f = paths.config_file
+    try:
+        raw = f.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no vault named '{paths.name}'",
+            hint="create it with 'cryptfs init' or see 'cryptfs list'",
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {f}: {e.strerror}") from None
+    try:
+        body = json.loads(raw.decode())
+        url = body["store"]
+        if not isinstance(url, str):
+            raise ValueError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ConfigError(
+            f"config file {f} is corrupt",
+            hint="move it away and run 'cryptfs init STORE_URL' to attach the "
+            "vault from its store again",
+        ) from None
+    return url, VaultConfig.from_dict(body.get("vault"), str(f))
+
+
+# -- local head file ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Head:
+    seq: int
+    hash: bytes
+    mac: bytes
+    checkpoint: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "hash": self.hash.hex(),
+            "mac": self.mac.hex(),
+            "checkpoint": self.checkpoint,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Head:
+        return cls(
+            int(d["seq"]),
+            bytes.fromhex(d["hash"]),
+            bytes.fromhex(d["mac"]),
+            str(d.get("checkpoint", "")),
+        )
+
+
+def read_head(paths: VaultPaths) -> Head | None:
+    try:
+        return Head.from_json(json.loads(paths.head.read_text()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"the local head file {paths.head} is corrupt") from None
+
+
+# -- checkpoints in the store -------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    name: str
+    seq: int
+    hash: bytes
+    mac: bytes
+    time_ns: int
+    meta: ChunkRef
+    tail: list[Entry]
+
+
+def checkpoint_name(seq: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{seq:016d}"
+
+
+def read_checkpoints(
+    store: ObjectStore, codec: Codec, newest_only: bool = True
+) -> tuple[list[Checkpoint], list[str]]:
+    """Authentic checkpoints, newest first, and problems with the others (one line each)."""
+    good: list[Checkpoint] = []
+    bad: list[str] = []
+    names = sorted((n for n, _ in store.list(CHECKPOINT_PREFIX)), reverse=True)
+    for name in names:
+        try:
+            body = json.loads(codec.open_blob(b"checkpoint", name, store.get(name)))
+            ck = Checkpoint(
+                name,
+                int(body["seq"]),
+                bytes.fromhex(body["hash"]),
+                bytes.fromhex(body["mac"]),
+                int(body["time_ns"]),
+                ChunkRef(
+                    body["meta"]["name"],
+                    int(body["meta"]["size"]),
+                    bytes.fromhex(body["meta"]["sha256"]),
+                ),
+                [Entry.from_json(e) for e in body["tail"]],
+            )
+        except ObjectNotFound:
+            continue
+        except (IntegrityError, ValueError, KeyError, TypeError) as e:
+            bad.append(f"checkpoint {name}: rejected, it fails authentication ({e})")
+            continue
+        if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) or name != checkpoint_name(
+            ck.seq
+        ):
+            bad.append(f"checkpoint {name}: rejected, its head MAC or name is wrong")
+            continue
+        good.append(ck)
+        if newest_only:
+            break
+    return good, bad
+
+
+# -- the vault ----------------------------------------------------------------------------------
+class Vault:
+    """An open vault. Create with :func:`create_vault` / :meth:`Vault.open`."""
+
+    def __init__(
+        self,
+        paths: VaultPaths,
+        store: ObjectStore,
+        cfg: VaultConfig,
+        master: bytes,
+        *,
+        readonly: bool = False,
+        cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.paths = paths
+        self.store = store
+        self.cfg = cfg
+        self.codec = Codec(master, cfg.vault_id)
+        self.readonly = readonly
+        self.cache_bytes = cache_bytes
+        self.meta: MetaStore | None = None
+        self.ledger: Ledger | None = None
+        self.fs: FileSystem | None = None
+        self.chunks: ChunkStore | None = None
+        self._lock_fd: int | None = None
+        self._ckpt_lock = threading.Lock()
+        self._ckpt_requested = 0
+        self._ckpt_done = 0
+        self._last_ckpt_seq = 0
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        self.warnings: list[str] = []
+
+    # -- opening ----------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        paths: VaultPaths,
+        passphrase: bytes | None = None,
+        *,
+        master: bytes | None = None,
+        readonly: bool = False,
+        check: bool = True,
+        cache_bytes: int = 1 << 30,
+    ) -> Vault:
+        """Unlock and open a vault. With ``check``, refuse (IntegrityError) a read-write open
+        whose anchors disagree (rollback, truncated ledger)."""
+        url, cfg = load_local_config(paths)
+        if master is None:
+            if passphrase is None:
+                raise ConfigError("no passphrase given")
+            master = cfg.unlock(passphrase)
+        store = open_store(url)
+        v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes)
+        try:
+            v._refresh_config(master)
+            v._take_lock()
+            v._open_db()
+            if check:
+                problems = v.anchor_problems()
+                if problems and not readonly:
+                    raise IntegrityError(
+                        problems[0] + " - refusing to mount read-write",
+                        hint=_accept_hint(paths.name),
+                    )
+                v.warnings.extend(problems)
+            v._start()
+        except BaseException:
+            v.close(checkpoint=False)
+            raise
+        return v
+
+    def _refresh_config(self, master: bytes) -> None:
+        try:
+            raw = self.store.get(CONFIG_OBJECT)
+        except ObjectNotFound:
+            raise StoreError(
+                f"the store {self.store.url} holds no cryptfs vault (no config object)",
+                hint="check the URL, or the store was wiped",
+            ) from None
+        stored = VaultConfig.from_bytes(raw, f"{self.store.url}/{CONFIG_OBJECT}")
+        if stored.vault_id != self.cfg.vault_id:
+            raise ConfigError(f"the store {self.store.url} holds a different vault")
+        if stored.to_dict() != self.cfg.to_dict():
+            key = crypto.subkey(master, stored.vault_id, crypto.PURPOSE_CONFIG)
+            if crypto.verify_mac(key, stored._signed_bytes(), bytes.fromhex(stored.mac or "00")):
+                self.cfg = stored
+                save_local_config(self.paths, self.store.url, stored)
+
+    def _take_lock(self) -> None:
+        self.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise LockedError(
+                f"vault '{self.paths.name}' is in use by another cryptfs process"
+                f"{' (pid ' + holder + ')' if holder else ''}",
+                hint="unmount it first with 'cryptfs umount'",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _open_db(self) -> None:
+        if not self.paths.db.exists():
+            self._restore_from_store()
+        self.meta = MetaStore(self.paths.db)
+        self.ledger = Ledger(self.meta, self.codec.ledger_key)
+
+    def _restore_from_store(self) -> None:
+        """Rebuild the local database from the newest authentic checkpoint in the store."""
+        cks, bad = read_checkpoints(self.store, self.codec)
+        self.warnings.extend(bad)
+        if not cks:
+            raise IntegrityError(
+                f"the store {self.store.url} has no valid checkpoint to restore the metadata from"
+            )
+        ck = cks[0]
+        try:
+            blob = self.store.get(ck.meta.name)
+        except ObjectNotFound:
+            raise IntegrityError(
+                f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
+            ) from None
+        if len(blob) != ck.meta.size or crypto.sha256(blob) != ck.meta.sha256:
+            raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
+        image = self.codec.open_blob(b"meta", ck.meta.name, blob)
+        tmp = self.paths.db.with_name("metadata.db.restore")
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, image)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o600)
+        meta = MetaStore(tmp)
+        led = Ledger(meta, self.codec.ledger_key)
+        head = led.head()
+        tail = [e for e in ck.tail if head is None or e.seq > head.seq]
+        led.add_entries(tail)
+        last = led.head()
+        if last is None or last.seq != ck.seq or last.hash != ck.hash:
+            meta.close()
+            raise IntegrityError(
+                f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
+            )
+        with meta.transaction():
+            for e in tail:
+                if e.op != "put":
+                    continue
+                found = meta.get_object(e.name)
+                if found is not None:
+                    meta.mark_stored(e.name)
+                elif not e.name.startswith("data/"):
+                    meta.reference(ChunkRef(e.name, e.size, e.sha256), staged=False)
+            for name, _size in self.store.list(CHECKPOINT_PREFIX):  # written after the snapshot
+                if meta.get_object(name) is None:
+                    ck_blob = self.store.get(name)
+                    meta.reference(ChunkRef(name, len(ck_blob), crypto.sha256(ck_blob)), False)
+        meta.sync()
+        meta.close()
+        for suffix in ("-wal", "-shm"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+        os.rename(tmp, self.paths.db)
+        write_private(
+            self.paths.head, json.dumps(Head(ck.seq, ck.hash, ck.mac, ck.name).to_json()).encode()
+        )
+        log.info("restored metadata from %s", ck.name)
+
+    def anchor_problems(self) -> list[str]:
+        """Compare the local ledger, the local head file and the newest store checkpoint."""
+        assert self.ledger is not None
+        problems: list[str] = []
+        led = self.ledger
+        local = led.head()
+        head = read_head(self.paths)
+        cks, bad = read_checkpoints(self.store, self.codec)
+        problems.extend(bad)
+        n, chain = led.verify_chain()
+        problems.extend(chain)
+        if head is not None:
+            if not check_head_mac(self.codec.ledger_key, head.seq, head.hash, head.mac):
+                problems.append(f"the local head file {self.paths.head} fails authentication")
+            elif local is None or local.seq < head.seq:
+                problems.append(
+                    f"the local ledger ends at sequence {local.seq if local else 0} "
+                    f"but this machine saw sequence {head.seq}: ledger entries were "
+                    "deleted"
+                )
+            else:
+                e = led.entry(head.seq)
+                if e is None or e.hash != head.hash:
+                    problems.append(
+                        f"the local ledger differs from the head this machine saw "
+                        f"at sequence {head.seq}"
+                    )
+        ck = cks[0] if cks else None
+        if ck is None:
+            if head is not None:
+                problems.append(
+                    f"the store has no checkpoint, but this machine saw sequence "
+                    f"{head.seq}: the store was rolled back or wiped"
+                )
+        else:
+            if head is not None and ck.seq < head.seq:
+                problems.append(
+                    f"the store was rolled back: its newest checkpoint is sequence "
+                    f"{ck.seq}, this machine saw sequence {head.seq}"
+                )
+            if local is None or local.seq < ck.seq:
+                problems.append(
+                    f"the local ledger (sequence {local.seq if local else 0}) is "
+                    f"behind the store's checkpoint (sequence {ck.seq})"
+                )
+            else:
+                e = led.entry(ck.seq)
+                if e is None or e.hash != ck.hash:
+                    problems.append(
+                        f"the local ledger and the store's checkpoint {ck.name} "
+                        f"disagree at sequence {ck.seq}"
+                    )
+        return problems
+
+    def _start(self) -> None:
+        assert self.meta is not None and self.ledger is not None
+        remote = not self.store.url.startswith("file://")
+        self.chunks = ChunkStore(
+            self.store,
+            self.codec,
+            remote=remote,
+            staging=self.paths.staging,
+            cache=self.paths.cache_dir / "chunks" if remote else None,
+            cache_bytes=self.cache_bytes,
+            lookup=self._lookup_object,
+            on_stored=self._on_stored,
+        )
+        statfs = None
+        if not remote:
+            root = self.store.url[len("file://") :]
+
+            def statfs() -> os.statvfs_result | None:
+                return os.statvfs(root)
+
+        self.fs = FileSystem(
+            self.meta,
+            self.chunks,
+            self.cfg.chunk_size,
+            self.sync,
+            readonly=self.readonly,
+            statfs_source=statfs,
+        )
+        if self.readonly:
+            return
+        with self.fs.lock:
+            for ino in self.meta.orphan_inodes():  # unlinked while open, then a crash
+                with self.meta.transaction():
+                    self.meta.delete_inode(ino)
+            staged = self.meta.objects_in_state("staged")
+        resumed = self.chunks.resume(staged)
+        if resumed:
+            log.info("resuming %d staged uploads", resumed)
+        self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
+        self._timer.start()
+
+    def _lookup_object(self, name: str) -> ChunkRef | None:
+        assert self.fs is not None and self.meta is not None
+        with self.fs.lock:
+            found = self.meta.get_object(name)
+        return found[0] if found else None
+
+    def _on_stored(self, ref: ChunkRef) -> None:
+        assert self.fs is not None and self.meta is not None and self.ledger is not None
+        with self.fs.lock, self.meta.transaction():
+            self.ledger.append("put", ref.name, ref.size, ref.sha256)
+            self.meta.mark_stored(ref.name)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _periodic(self) -> None:
+        while not self._stop.wait(CHECKPOINT_INTERVAL):
+            assert self.ledger is not None and self.fs is not None
+            with self.fs.lock:
+                head = self.ledger.head()
+            if head is not None and head.seq > self._last_ckpt_seq + 1:
+                try:
+                    self.sync()
+                except CryptfsError as e:
+                    log.warning("periodic checkpoint failed: %s", e)
+
+    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Make everything committed so far durable in the store (group commit: concurrent
+        callers share one checkpoint that started after they called)."""
+        if self.readonly:
+            return
+        with self._ckpt_lock:
+            pass
+        self._ckpt_requested += 1
+        ticket = self._ckpt_requested
+        with self._ckpt_lock:
+            if self._ckpt_done >= ticket:
+                return
+            target = self._ckpt_requested
+            self._checkpoint(progress)
+            self._ckpt_done = target
+
+    def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
+        assert self.fs and self.meta and self.ledger and self.chunks
+        fs, meta, led = self.fs, self.meta, self.ledger
+        with fs.lock:
+            meta.conn.commit()
+            image = meta.raw_connection().serialize()
+            staged = {r.name for r in meta.objects_in_state("staged")}
+            snap_seq = led.head().seq if led.head() else 0
+            garbage = meta.unreferenced_objects()
+        self.chunks.wait_uploaded(staged, progress)
+        self.store_sync()
+        name = META_PREFIX + crypto.random_bytes(16).hex()
+        blob = self.codec.seal_blob(b"meta", name, image, compress=True)
+        self.store.put(name, blob)
+        with fs.lock:
+            e = led.append("put", name, len(blob), crypto.sha256(blob))
+            meta.reference(ChunkRef(name, len(blob), crypto.sha256(blob)), staged=False)
+            meta.conn.commit()
+            tail = [x.to_json() for x in led.entries(snap_seq)]
+        ck_name = checkpoint_name(e.seq)
+        body = {
+            "seq": e.seq,
+            "hash": e.hash.hex(),
+            "mac": head_mac(self.codec.ledger_key, e.seq, e.hash).hex(),
+            "time_ns": time.time_ns(),
+            "meta": {"name": name, "size": len(blob), "sha256": crypto.sha256(blob).hex()},
+            "tail": tail,
+        }
+        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
+        self.store.put(ck_name, ck_blob)
+        meta.sync()
+        write_private(
+            self.paths.head,
+            json.dumps(
+                Head(
+                    e.seq, e.hash, head_mac(self.codec.ledger_key, e.seq, e.hash), ck_name
+                ).to_json()
+            ).encode(),
+        )
+        with fs.lock:
+            led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
+            meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
+            meta.conn.commit()
+        self._last_ckpt_seq = led.head().seq if led.head() else 0
+        self._collect(name, garbage)
+
+    def store_sync(self) -> None:
+        sync = getattr(self.store, "sync", None)
+        if sync is not None:
+            sync()
+
+    def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
+        """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
+        beyond the newest few, and chunk objects that were unreferenced at snapshot time."""
+        assert self.fs and self.meta and self.ledger and self.chunks
+        fs, meta = self.fs, self.meta
+        with fs.lock:
+            rows = meta.all_objects()
+        old: list[ChunkRef] = []
+        cks = sorted(
+            (r for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),
+            key=lambda r: r.name,
+            reverse=True,
+        )
+        old.extend(cks[KEEP_CHECKPOINTS:])
+        old.extend(
+            r for r, _, _ in rows if r.name.startswith(META_PREFIX) and r.name != current_meta
+        )
+        for ref in old:
+            with fs.lock, meta.transaction():
+                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+            self.store.delete(ref.name)
+            with fs.lock:
+                self.ledger.append("del", ref.name, ref.size, ref.sha256)
+        for ref in garbage:
+            with fs.lock:
+                if not self.chunks.try_claim_for_delete(ref.name):
+                    continue
+                if not meta.drop_object_if_unreferenced(ref.name):
+                    self.chunks._release(ref.name)
+                    continue
+                meta.conn.commit()
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                with fs.lock, meta.transaction():
+                    meta.reference(ref, staged=False)
+                    meta.conn.exec_driver_sql(
+                        "UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,)
+                    )
+                continue
+            with fs.lock:
+                self.ledger.append("del", ref.name, ref.size, ref.sha256)
+
+    # -- closing ----------------------------------------------------------------------------
+    def close(
+        self, checkpoint: bool = True, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Flush open files, wait for uploads, write a final checkpoint, release the vault."""
+        self._stop.set()
+        try:
+            if self.fs is not None and checkpoint and not self.readonly:
+                self.fs.commit_all()
+                self.sync(progress)
+        finally:
+            if self.chunks is not None:
+                self.chunks.close(drain=checkpoint and not self.readonly)
+            if self.meta is not None:
+                self.meta.close()
+            with contextlib.suppress(Exception):
+                self.store.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+
+def create_vault(
+    paths: VaultPaths, store_url: str, passphrase: bytes, chunk_size: int, uid: int, gid: int
+) -> tuple[VaultConfig, bool]:
+    """Create a vault in the store, or attach an existing one (the passphrase must open it).
+    Returns (config, created)."""
+    if paths.config_file.exists():
+        raise ConfigError(
+            f"a vault named '{paths.name}' already exists", hint="choose another --name"
+        )
+    store = open_store(store_url, create=True)
+    try:
+        try:
+            existing = store.get(CONFIG_OBJECT)
+        except ObjectNotFound:
+            existing = None
+        if existing is not None:
+            cfg = VaultConfig.from_bytes(existing, f"{store.url}/{CONFIG_OBJECT}")
+            cfg.unlock(passphrase)
+            save_local_config(paths, store.url, cfg)
+            return cfg, False
+        if any(True for _ in store.list("")):
+            raise ConfigError(
+                f"the store {store.url} is not empty and holds no cryptfs vault",
+                hint="use an empty directory or bucket prefix",
+            )
+        cfg, master = VaultConfig.create(
+            passphrase, chunk_size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
+        # the first checkpoint: an empty root directory
+        if paths.db.exists():
+            raise ConfigError(
+                f"stale local state for '{paths.name}' in {paths.data_dir}",
+                hint="move it away first",
+            )
+        paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        meta = MetaStore(paths.db)
+        os.chmod(paths.db, 0o600)
+        now = time.time_ns()
+        with meta.transaction():
+            meta.insert_inode(Inode(ROOT_INO, 0o40755, uid, gid, 0, 2, now, now, now))
+        meta.close()
+        store.put(CONFIG_OBJECT, cfg.to_bytes())
+        save_local_config(paths, store.url, cfg)
+        v = Vault.open(paths, master=master, check=False)
+        v.close()
+        return cfg, True
+    finally:
+        store.close()

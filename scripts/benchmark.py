@@ -1,0 +1,1158 @@
+#!/usr/bin/env python3
+"""Benchmark cryptfs against a raw directory, a Python passthrough FUSE mount and gocryptfs.
+
+Usage: scripts/bench [--quick] [--runs N] [--targets raw,passthrough,gocryptfs,cryptfs-local,
+       cryptfs-s3,boto3] [--no-append]
+
+Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below);
+figures are medians over the runs. The table is printed and, unless --no-append (the default in
+--quick mode), appended to BENCHMARKS.md. Everything mounted or started is unmounted and stopped
+again, also on errors and Ctrl-C. Needs root for dropping the page cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+PASSTHROUGH = REPO / "scripts" / "passthrough.py"
+MIB = 1024 * 1024
+PASSPHRASE = "benchmark passphrase, not a secret"
+ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
+EXTRA_TARGETS = ("passthrough-fusepy",)
+FS_BASELINES = ("passthrough", "gocryptfs")
+CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
+
+HEADER = """# Benchmarks
+
+Produced by `scripts/bench` (see `scripts/benchmark.py`); each section is one run of it. Targets:
+a raw directory on the local disk, a trivial Python passthrough FUSE filesystem with the same
+binding and mount options as cryptfs (`scripts/passthrough.py`), gocryptfs, cryptfs on a local
+directory store, cryptfs on a local moto S3 server, and boto3 alone against that same server.
+Workloads: a sequential write of one big file in 1 MiB writes followed by fsync and close; a
+sequential read of it with a cold cache (unmount, drop the page cache, delete cryptfs's local
+cache, remount); random 4 KiB reads in it for a fixed time, each dropped from the page cache
+right after (POSIX_FADV_DONTNEED) so that every read reaches the filesystem; creating many 4 KiB
+files in 20 directories followed by sync; `stat` of all of them, cold; extracting a tarball of
+the running Python's standard library (without `__pycache__`, `site-packages` and the
+`config-*` build directory) followed by sync; reading every file of it back, cold. boto3 uploads
+and downloads the same total bytes in objects of the cryptfs chunk size with 8 threads; its
+figures stand in the sequential write and read rows. Figures are medians over the runs; the
+ratio columns divide cryptfs by a baseline so that a ratio above 1 means cryptfs is faster
+(for times the baseline's time is divided by cryptfs's). Peak RSS is the FUSE daemon's VmHWM
+after the big write.
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """A step of a target failed; the message is the one-line reason."""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    line = lines[-1] if lines else ""
+    return line[:limit]
+
+
+def run_cmd(argv, *, env=None, timeout=120, what=None, input_text=None) -> str:
+    """Run a command; raise BenchError with its last stderr line when it fails."""
+    what = what or " ".join(str(a) for a in argv[:3])
+    try:
+        proc = subprocess.run(
+            [str(a) for a in argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal must not reach mount daemons
+        )
+    except FileNotFoundError as e:
+        raise BenchError(f"{what}: {e.strerror}: {e.filename}") from None
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{what}: timed out after {timeout} s") from None
+    if proc.returncode != 0:
+        reason = one_line(proc.stderr) or one_line(proc.stdout) or f"exit {proc.returncode}"
+        raise BenchError(f"{what}: {reason}")
+    return proc.stdout
+
+
+def fuse_mounted(path: Path) -> bool:
+    want = str(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mnt = parts[1].replace("\\040", " ")
+            if mnt == want and parts[2].startswith("fuse"):
+                return True
+    return False
+
+
+def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def find_daemon(mnt: Path, must_contain: str | None = None) -> int | None:
+    """The pid of a live process whose argv holds the mountpoint (and must_contain, if given)."""
+    me = {os.getpid(), os.getppid()}
+    want = {str(mnt), os.path.realpath(mnt)}
+    for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
+        if int(entry) in me:
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if "umount" in argv or not any(a.rstrip("/") in want for a in argv):
+            continue
+        if must_contain and not any(must_contain in a for a in argv):
+            continue
+        if pid_alive(int(entry)):
+            return int(entry)
+    return None
+
+
+def vm_hwm_mib(pid: int | None) -> float | None:
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+_warned_drop = False
+
+
+def drop_caches() -> None:
+    global _warned_drop
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        if not _warned_drop:
+            log(f"cannot drop the page cache ({e.strerror}); cold figures are not cold")
+            _warned_drop = True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_info(tmp: Path) -> dict:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    try:
+        fs = subprocess.run(
+            ["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp)], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        fs = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "ram_gib": mem / 2**30,
+        "kernel": platform.release(),
+        "fs": fs or "?",
+    }
+
+
+def git_head() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+
+
+def chunk_size() -> tuple[int, str]:
+    try:
+        from cryptfs.chunking import DEFAULT_CHUNK_SIZE
+
+        return int(DEFAULT_CHUNK_SIZE), "cryptfs.chunking.DEFAULT_CHUNK_SIZE"
+    except Exception:
+        return MIB, "default 1 MiB (cryptfs.chunking not importable)"
+
+
+class Watchdog:
+    """Calls abort() if a workload runs longer than its deadline (a hung FUSE mount)."""
+
+    def __init__(self, seconds: float, abort, what: str) -> None:
+        self.seconds, self.abort, self.what = seconds, abort, what
+        self.fired = False
+        self.timer = threading.Timer(seconds, self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        log(f"{self.what}: no progress after {self.seconds:.0f} s, aborting the mount")
+        with contextlib.suppress(Exception):
+            self.abort()
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        if self.fired and exc[0] is not None:
+            raise BenchError(f"{self.what}: timed out after {self.seconds:.0f} s") from exc[1]
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# targets
+
+
+class Target:
+    """A place to run the workloads; subclasses mount and unmount it."""
+
+    name = "?"
+    fuse = True
+
+    def __init__(self, base: Path, bench: Bench) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
+        self.bench = bench
+        self.mnt = self.dir / "mnt"
+        self.mounted = False
+        self.logfile = self.dir / "daemon.log"
+
+    @property
+    def workdir(self) -> Path:
+        return self.mnt
+
+    def setup(self) -> None:
+        self.mnt.mkdir()
+
+    def mount(self) -> None:
+        raise NotImplementedError
+
+    def _umount(self) -> None:
+        run_cmd(["umount", self.mnt], timeout=120, what=f"umount {self.name}")
+
+    def daemon_pid(self) -> int | None:
+        return find_daemon(self.mnt)
+
+    def umount(self) -> None:
+        if not self.mounted:
+            return
+        pid = self.daemon_pid()
+        self.mounted = False
+        self._umount()
+        if pid and not wait_until(lambda: not pid_alive(pid), 120):
+            raise BenchError(f"{self.name}: daemon {pid} still running after unmount")
+
+    def clear_cache(self) -> None:
+        pass
+
+    def cold_mount(self) -> None:
+        """Unmount, drop the page cache (and the target's own cache), mount again."""
+        self.umount()
+        drop_caches()
+        self.clear_cache()
+        self.mount()
+
+    def abort(self) -> None:
+        """Make a hung mount fail fast: kill its daemon, detach the mount."""
+        pid = self.daemon_pid()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+    def cleanup(self) -> None:
+        """Best effort: leave nothing mounted or running."""
+        if self.fuse and fuse_mounted(self.mnt):
+            try:
+                self.mounted = True
+                self.umount()
+            except Exception as e:
+                log(f"{self.name}: clean unmount failed ({e}); forcing")
+                self.abort()
+        self.mounted = False
+        pid = self.daemon_pid() if self.fuse else None
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            if not wait_until(lambda: not pid_alive(pid), 10):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def teardown(self) -> None:
+        self.cleanup()
+        if self.fuse and fuse_mounted(self.mnt):
+            log(f"{self.name}: {self.mnt} is still mounted; leaving {self.dir}")
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _wait_mounted(self, proc: subprocess.Popen | None, timeout: float = 60) -> None:
+        def ready():
+            return fuse_mounted(self.mnt) or (proc is not None and proc.poll() is not None)
+
+        wait_until(ready, timeout)
+        if not fuse_mounted(self.mnt):
+            reason = (
+                one_line(self.logfile.read_text(errors="replace")) if self.logfile.exists() else ""
+            )
+            raise BenchError(f"{self.name}: mount did not appear ({reason or 'no message'})")
+        self.mounted = True
+
+
+class RawTarget(Target):
+    name = "raw"
+    fuse = False
+
+    @property
+    def workdir(self) -> Path:
+        return self.dir / "data"
+
+    def setup(self) -> None:
+        self.workdir.mkdir()
+
+    def mount(self) -> None:
+        self.mounted = True
+
+    def umount(self) -> None:
+        self.mounted = False
+
+    def abort(self) -> None:
+        pass
+
+
+class PassthroughTarget(Target):
+    name = "passthrough"
+    python = str(VENV_BIN / "python")
+    binding = "mfusepy"
+
+    def __init__(self, base: Path, bench: Bench) -> None:
+        super().__init__(base, bench)
+        self.src = self.dir / "src"
+        self.proc: subprocess.Popen | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.src.mkdir()
+        if not Path(self.python).exists():
+            raise BenchError(f"{self.name}: {self.python} not found")
+
+    def mount(self) -> None:
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [self.python, str(PASSTHROUGH), "--binding", self.binding, self.src, self.mnt],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+            )
+        self._wait_mounted(self.proc)
+
+    def daemon_pid(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        return None
+
+    def umount(self) -> None:
+        super().umount()
+        if self.proc is not None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class FusepyPassthroughTarget(PassthroughTarget):
+    name = "passthrough-fusepy"
+    python = "/tmp/fusepy-venv/bin/python"
+    binding = "fusepy"
+
+
+class GocryptfsTarget(Target):
+    name = "gocryptfs"
+
+    def setup(self) -> None:
+        super().setup()
+        self.cipher = self.dir / "cipher"
+        self.cipher.mkdir()
+        self.passfile = self.dir / "passfile"
+        self.passfile.write_text(PASSPHRASE + "\n")
+        run_cmd(
+            ["gocryptfs", "-init", "-q", "-passfile", self.passfile, "-scryptn", "10", self.cipher],
+            what="gocryptfs -init",
+        )
+
+    def mount(self) -> None:
+        run_cmd(
+            ["gocryptfs", "-q", "-passfile", self.passfile, self.cipher, self.mnt],
+            what="gocryptfs mount",
+            timeout=60,
+        )
+        self._wait_mounted(None, 10)
+
+    def daemon_pid(self) -> int | None:
+        return find_daemon(self.mnt, "gocryptfs")
+
+
+class CryptfsTarget(Target):
+    name = "cryptfs-local"
+
+    def setup(self) -> None:
+        super().setup()
+        self.cli = Path(self.bench.args.cryptfs)
+        if not self.cli.exists():
+            raise BenchError(f"{self.name}: {self.cli} not found")
+        self.xdg = {k: self.dir / k.lower() for k in ("config", "data", "cache")}
+        for d in self.xdg.values():
+            d.mkdir()
+        self.env = dict(os.environ)
+        self.env.update(
+            CRYPTFS_PASSPHRASE=PASSPHRASE,
+            XDG_CONFIG_HOME=str(self.xdg["config"]),
+            XDG_DATA_HOME=str(self.xdg["data"]),
+            XDG_CACHE_HOME=str(self.xdg["cache"]),
+        )
+        self.env.pop("FUSE_LIBRARY_NAME", None)
+        self.init_store()
+
+    def store_url(self) -> str:
+        store = self.dir / "store"
+        store.mkdir()
+        return f"file://{store}"
+
+    def init_store(self) -> None:
+        url = self.store_url()
+        run_cmd(
+            [self.cli, "init", url, "--name", "bench"],
+            env=self.env,
+            what=f"cryptfs init {url.split('?')[0]}",
+            timeout=300,
+        )
+
+    def mount(self) -> None:
+        with open(self.logfile, "a") as logf:
+            logf.write(f"--- mount {time.ctime()}\n")
+        try:
+            out = run_cmd(
+                [self.cli, "mount", "--name", "bench", self.mnt],
+                env=self.env,
+                what="cryptfs mount",
+                timeout=300,
+            )
+        except BenchError:
+            self.mounted = fuse_mounted(self.mnt)
+            raise
+        with open(self.logfile, "a") as logf:
+            logf.write(out)
+        if not fuse_mounted(self.mnt):
+            raise BenchError("cryptfs mount: returned, but no FUSE mount at the mountpoint")
+        self.mounted = True
+
+    def _umount(self) -> None:
+        run_cmd([self.cli, "umount", self.mnt], env=self.env, what="cryptfs umount", timeout=900)
+        if fuse_mounted(self.mnt):
+            raise BenchError("cryptfs umount: returned, but the mountpoint is still mounted")
+
+    def daemon_pid(self) -> int | None:
+        return find_daemon(self.mnt, "cryptfs")
+
+    def clear_cache(self) -> None:
+        shutil.rmtree(self.xdg["cache"] / "cryptfs", ignore_errors=True)
+
+
+class CryptfsS3Target(CryptfsTarget):
+    name = "cryptfs-s3"
+
+    def store_url(self) -> str:
+        s3 = self.bench.s3()
+        bucket = "bench-vault"
+        s3.client().create_bucket(Bucket=bucket)
+        self.env.update(s3.env())
+        return f"s3://{bucket}/vault?endpoint={s3.endpoint}"
+
+
+# ----------------------------------------------------------------------------------------------
+# moto server and the boto3 baseline
+
+
+class MotoServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.logfile = workdir / "moto.log"
+        self.proc: subprocess.Popen | None = None
+        self._client = None
+
+    def env(self) -> dict:
+        return {
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def start(self) -> None:
+        exe = VENV_BIN / "moto_server"
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+            )
+
+        def up():
+            if self.proc.poll() is not None:
+                return True
+            try:
+                with urllib.request.urlopen(self.endpoint + "/", timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_until(up, 30, 0.2)
+        if self.proc.poll() is not None:
+            raise BenchError(f"moto_server exited: {one_line(self.logfile.read_text())}")
+
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            e = self.env()
+            self._client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                aws_access_key_id=e["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=e["AWS_SECRET_ACCESS_KEY"],
+                region_name=e["AWS_DEFAULT_REGION"],
+                config=Config(max_pool_connections=16, retries={"max_attempts": 3}),
+            )
+        return self._client
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def unique_block(size: int, seed: int) -> bytearray:
+    """Incompressible data; callers stamp a counter into it so no two blocks are equal."""
+    return bytearray(random.Random(seed).randbytes(size))
+
+
+def boto3_round(s3: MotoServer, total: int, obj_size: int, threads: int, run: int) -> dict:
+    client = s3.client()
+    bucket = "bench-boto3"
+    with contextlib.suppress(Exception):
+        client.create_bucket(Bucket=bucket)
+    n = max(1, total // obj_size)
+    template = bytes(unique_block(obj_size, 1000 + run))
+
+    def body(i: int) -> bytes:
+        return struct.pack("<QQ", run, i) + template[16:]
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=bucket, Key=f"r{run}/{i:08d}", Body=body(i))
+
+    def get(i: int) -> int:
+        resp = client.get_object(Bucket=bucket, Key=f"r{run}/{i:08d}")
+        return len(resp["Body"].read())
+
+    with ThreadPoolExecutor(threads) as pool:
+        t0 = time.perf_counter()
+        list(pool.map(put, range(n)))
+        t_up = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        got = sum(pool.map(get, range(n)))
+        t_down = time.perf_counter() - t0
+    if got != n * obj_size:
+        raise BenchError(f"boto3: downloaded {got} bytes, expected {n * obj_size}")
+    keys = [{"Key": f"r{run}/{i:08d}"} for i in range(n)]
+    for i in range(0, len(keys), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
+    return {"seq_write": n * obj_size / 1e6 / t_up, "seq_read": n * obj_size / 1e6 / t_down}
+
+
+# ----------------------------------------------------------------------------------------------
+# workloads
+
+
+def write_big(path: Path, size: int, run: int) -> float:
+    block = unique_block(MIB, run)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(size // MIB):
+            struct.pack_into("<QQ", block, 0, run, i)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size / 1e6 / (time.perf_counter() - t0)
+
+
+def read_all(path: Path, buf: bytearray) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                return total
+            total += n
+
+
+def read_big(path: Path, size: int) -> float:
+    buf = bytearray(MIB)
+    t0 = time.perf_counter()
+    got = read_all(path, buf)
+    dt_ = time.perf_counter() - t0
+    if got != size:
+        raise BenchError(f"read {got} bytes back, expected {size}")
+    return size / 1e6 / dt_
+
+
+def random_reads(path: Path, size: int, seconds: float, seed: int) -> float:
+    """Random 4 KiB reads; each one is dropped from the page cache again right after, so every
+    read reaches the filesystem (for FUSE targets: the daemon) rather than the kernel's cache."""
+    rng = random.Random(seed)
+    blocks = size // 4096
+    ops = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        now = t0
+        while now < end:
+            for _ in range(16):
+                off = rng.randrange(blocks) * 4096
+                if len(os.pread(fd, 4096, off)) != 4096:
+                    raise BenchError("short random read")
+                os.posix_fadvise(fd, off, 4096, os.POSIX_FADV_DONTNEED)
+            ops += 16
+            now = time.perf_counter()
+    finally:
+        os.close(fd)
+    return ops / (now - t0)
+
+
+def small_paths(root: Path, n: int, ndirs: int) -> list[Path]:
+    return [root / f"d{i % ndirs:02d}" / f"f{i:05d}" for i in range(n)]
+
+
+def create_small(root: Path, n: int, ndirs: int, run: int) -> float:
+    block = unique_block(4096, 2000 + run)
+    paths = small_paths(root, n, ndirs)
+    t0 = time.perf_counter()
+    root.mkdir()
+    for d in range(ndirs):
+        (root / f"d{d:02d}").mkdir()
+    for i, p in enumerate(paths):
+        struct.pack_into("<QQ", block, 0, run, i)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, block)
+        finally:
+            os.close(fd)
+    os.sync()
+    return n / (time.perf_counter() - t0)
+
+
+def stat_small(root: Path, n: int, ndirs: int) -> float:
+    paths = small_paths(root, n, ndirs)
+    t0 = time.perf_counter()
+    for p in paths:
+        if os.stat(p).st_size != 4096:
+            raise BenchError(f"{p}: wrong size")
+    return n / (time.perf_counter() - t0)
+
+
+def extract_tar(tarball: Path, dest: Path, timeout: float) -> float:
+    t0 = time.perf_counter()
+    dest.mkdir()
+    run_cmd(["tar", "-xf", tarball, "-C", dest], timeout=timeout, what="tar -x")
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def read_tree(root: Path, expect_files: int, expect_bytes: int) -> float:
+    buf = bytearray(MIB)
+    files = total = 0
+    t0 = time.perf_counter()
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            total += read_all(Path(p), buf)
+            files += 1
+    elapsed = time.perf_counter() - t0
+    if files != expect_files or total != expect_bytes:
+        raise BenchError(
+            f"tree read back {files} files/{total} B, expected {expect_files}/{expect_bytes} B"
+        )
+    return elapsed
+
+
+def make_stdlib_tar(dest: Path, max_files: int | None) -> tuple[Path, int, int]:
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"__pycache__", "site-packages", "dist-packages"}
+    members = []
+    for dirpath, dirs, names in os.walk(stdlib):
+        dirs[:] = sorted(d for d in dirs if d not in skip and not d.startswith("config-"))
+        for name in sorted(names):
+            members.append(Path(dirpath) / name)
+    members = [m for m in members if m.is_file() and not m.is_symlink()]
+    if max_files:
+        members = members[:max_files]
+    tarball = dest / "stdlib.tar"
+    nbytes = 0
+    with tarfile.open(tarball, "w") as tar:
+        for m in members:
+            tar.add(m, arcname=str(Path("stdlib") / m.relative_to(stdlib)), recursive=False)
+            nbytes += m.stat().st_size
+    return tarball, len(members), nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# the bench
+
+
+@dataclass
+class Sizes:
+    big: int
+    small_files: int
+    small_dirs: int
+    random_s: float
+    runs: int
+    tar_max_files: int | None
+    deadline: float
+
+
+@dataclass
+class Results:
+    values: dict = field(default_factory=dict)  # (target, workload) -> [floats]
+    failures: dict = field(default_factory=dict)  # target -> reason
+    notes: list = field(default_factory=list)
+
+    def add(self, target: str, workload: str, value: float | None) -> None:
+        if value is not None:
+            self.values.setdefault((target, workload), []).append(value)
+            log(f"{target}: {workload} = {value:.3g}")
+
+    def median(self, target: str, workload: str) -> float | None:
+        vals = self.values.get((target, workload))
+        return statistics.median(vals) if vals else None
+
+
+class Bench:
+    def __init__(self, args, base: Path) -> None:
+        self.args = args
+        self.base = base
+        self._s3: MotoServer | None = None
+
+    def s3(self) -> MotoServer:
+        if self._s3 is None:
+            self._s3 = MotoServer(self.base)
+            self._s3.start()
+        return self._s3
+
+    def stop(self) -> None:
+        if self._s3 is not None:
+            self._s3.stop()
+
+
+TARGET_CLASSES = {
+    "raw": RawTarget,
+    "passthrough": PassthroughTarget,
+    "passthrough-fusepy": FusepyPassthroughTarget,
+    "gocryptfs": GocryptfsTarget,
+    "cryptfs-local": CryptfsTarget,
+    "cryptfs-s3": CryptfsS3Target,
+}
+
+
+def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: Results) -> None:
+    """All workloads once on target t (mounted fresh, unmounted at the end)."""
+    name = t.name
+
+    def step(what: str, fn, *a):
+        with Watchdog(sz.deadline, t.abort, f"{name}: {what}"):
+            return fn(*a)
+
+    step("mount", t.mount)
+    root = t.workdir / f"run{run}"
+    step("mkdir", root.mkdir)
+    big = root / "big"
+
+    log(f"{name}: sequential write of {sz.big // MIB} MiB")
+    res.add(name, "seq_write", step("sequential write", write_big, big, sz.big, run))
+    if t.fuse:
+        res.add(name, "rss", vm_hwm_mib(t.daemon_pid()))
+    t0 = time.perf_counter()
+    step("unmount after write", t.umount)
+    if t.fuse:
+        res.add(name, "umount", time.perf_counter() - t0)
+
+    step("cold mount", t.cold_mount)
+    log(f"{name}: sequential read, cold")
+    res.add(name, "seq_read", step("sequential read", read_big, big, sz.big))
+
+    step("cold mount", t.cold_mount)
+    log(f"{name}: random 4 KiB reads for {sz.random_s:g} s, uncached")
+    res.add(name, "rand_read", step("random reads", random_reads, big, sz.big, sz.random_s, run))
+
+    small = root / "small"
+    log(f"{name}: create {sz.small_files} small files + sync")
+    res.add(
+        name,
+        "small_create",
+        step("small files", create_small, small, sz.small_files, sz.small_dirs, run),
+    )
+    step("cold mount", t.cold_mount)
+    log(f"{name}: stat {sz.small_files} files, cold")
+    res.add(name, "small_stat", step("stat", stat_small, small, sz.small_files, sz.small_dirs))
+
+    tarball, tar_files, tar_bytes = tar
+    log(f"{name}: extract tar ({tar_files} files) + sync")
+    res.add(
+        name, "tar_extract", step("tar extract", extract_tar, tarball, root / "tar", sz.deadline)
+    )
+    step("cold mount", t.cold_mount)
+    log(f"{name}: read tree back, cold")
+    res.add(name, "tar_read", step("tar read", read_tree, root / "tar", tar_files, tar_bytes))
+
+    t0 = time.perf_counter()
+    try:
+        step("cleanup", shutil.rmtree, root)
+    except (OSError, BenchError) as e:
+        log(f"{name}: could not delete run {run} files: {e}")
+    log(f"{name}: run {run + 1} done (deleting files took {time.perf_counter() - t0:.1f} s)")
+    step("unmount", t.umount)
+
+
+WORKLOADS = [
+    # key, label template, unit, higher is better, ratio shown
+    ("seq_write", "sequential write {big} + fsync", "MB/s", True, True),
+    ("seq_read", "sequential read {big}, cold", "MB/s", True, True),
+    ("rand_read", "random 4 KiB reads for {rs:g} s, uncached", "ops/s", True, True),
+    ("small_create", "create {nf} × 4 KiB files in {nd} dirs + sync", "files/s", True, True),
+    ("small_stat", "stat {nf} files, cold", "stat/s", True, True),
+    ("tar_extract", "extract stdlib tar ({tf} files, {tb}) + sync", "s", False, True),
+    ("tar_read", "read every stdlib file back, cold", "s", False, True),
+    ("rss", "daemon peak RSS after the write", "MiB", False, False),
+    ("umount", "unmount after the write", "s", False, False),
+]
+
+
+def fmt_size(n: int) -> str:
+    if n >= 2**30 and n % 2**30 == 0:
+        return f"{n // 2**30} GiB"
+    if n >= MIB:
+        return f"{n / MIB:.0f} MiB"
+    return f"{n / 1024:.0f} KiB"
+
+
+def fmt_value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if unit == "s":
+        return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.1f}"
+
+
+def ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
+    a, b = res.median(target, key), res.median(base, key)
+    if a is None or b is None or a == 0 or b == 0:
+        return "n/a"
+    return f"{(a / b) if higher else (b / a):.2f}"
+
+
+def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, int, int]) -> str:
+    fields = {
+        "big": fmt_size(sz.big),
+        "rs": sz.random_s,
+        "nf": sz.small_files,
+        "nd": sz.small_dirs,
+        "tf": tar[1],
+        "tb": f"{tar[2] / 1e6:.0f} MB",
+    }
+    ratio_cols = [
+        (c, b)
+        for c in CRYPTFS_TARGETS
+        for b in (*FS_BASELINES, "boto3")
+        if c in targets and b in targets and (b != "boto3" or c == "cryptfs-s3")
+    ]
+    short = {
+        "passthrough": "pt",
+        "gocryptfs": "gocfs",
+        "boto3": "boto3",
+        "cryptfs-local": "local",
+        "cryptfs-s3": "s3",
+    }
+    head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
+    rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]
+    for key, label, unit, higher, show_ratio in WORKLOADS:
+        vals = [res.median(t, key) for t in targets]
+        if all(v is None for v in vals):
+            continue
+        row = [label.format(**fields), unit]
+        for t, v in zip(targets, vals, strict=True):
+            if v is None and (t == "boto3" or (t == "raw" and key in ("rss", "umount"))):
+                row.append("–")
+            else:
+                row.append(fmt_value(v, unit))
+        for c, b in ratio_cols:
+            if not show_ratio or (b == "boto3" and key not in ("seq_write", "seq_read")):
+                row.append("–")
+            else:
+                row.append(ratio(res, c, b, key, higher))
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark cryptfs against baselines.")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 MiB files, 200 small files, 2 s random reads, 1 run",
+    )
+    ap.add_argument("--runs", type=int, help="runs per target; figures are medians (default 3)")
+    ap.add_argument(
+        "--targets",
+        default=",".join(ALL_TARGETS),
+        help=f"comma-separated, from {','.join(ALL_TARGETS + EXTRA_TARGETS)}",
+    )
+    ap.add_argument("--big-mib", type=int, help="size of the big file in MiB")
+    ap.add_argument("--small-files", type=int, help="number of 4 KiB files")
+    ap.add_argument("--random-seconds", type=float, help="duration of the random-read workload")
+    ap.add_argument("--tmpdir", help="where the temporary directories go (default: $TMPDIR)")
+    ap.add_argument(
+        "--output", default=str(REPO / "BENCHMARKS.md"), help="file the table is appended to"
+    )
+    ap.add_argument(
+        "--append",
+        dest="append",
+        action="store_true",
+        default=None,
+        help="append to --output (default unless --quick)",
+    )
+    ap.add_argument("--no-append", dest="append", action="store_false")
+    ap.add_argument(
+        "--cryptfs", default=str(VENV_BIN / "cryptfs"), help="the cryptfs command to benchmark"
+    )
+    ap.add_argument(
+        "--fusepy-python",
+        default=FusepyPassthroughTarget.python,
+        help="interpreter with fusepy, for the passthrough-fusepy target",
+    )
+    args = ap.parse_args(argv)
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in ALL_TARGETS + EXTRA_TARGETS]
+    if unknown:
+        ap.error(f"unknown targets: {', '.join(unknown)}")
+    FusepyPassthroughTarget.python = args.fusepy_python
+    q = args.quick
+    sz = Sizes(
+        big=(args.big_mib or (64 if q else 1024)) * MIB,
+        small_files=args.small_files or (200 if q else 2000),
+        small_dirs=20,
+        random_s=args.random_seconds or (2.0 if q else 10.0),
+        runs=args.runs or (1 if q else 3),
+        tar_max_files=300 if q else None,
+        deadline=300 if q else 900,
+    )
+    append = (not q) if args.append is None else args.append
+    if os.geteuid() != 0:
+        log("not root: the page cache cannot be dropped, so cold figures are warm")
+
+    started = time.monotonic()
+    when = dt.datetime.now(dt.timezone.utc)
+    base = Path(tempfile.mkdtemp(prefix="cryptfs-bench-", dir=args.tmpdir))
+    bench = Bench(args, base)
+    res = Results()
+    active: list[Target] = []
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    interrupted = False
+    chunk, chunk_src = chunk_size()
+    try:
+        log(f"temp dir {base}")
+        tar = make_stdlib_tar(base, sz.tar_max_files)
+        log(f"stdlib tarball: {tar[1]} files, {tar[2] / 1e6:.1f} MB")
+
+        for name in targets:
+            if name == "boto3":
+                continue
+            t = TARGET_CLASSES[name](base, bench)
+            active.append(t)
+            try:
+                log(f"{name}: setting up in {t.dir}")
+                t.setup()
+            except Exception as e:
+                reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+                res.failures[name] = reason
+                log(f"{name}: n/a: {reason}")
+                active.remove(t)
+                t.teardown()
+
+        for run in range(sz.runs):
+            log(f"=== run {run + 1} of {sz.runs}")
+            for t in active:
+                if t.name in res.failures:
+                    continue
+                try:
+                    run_suite(t, sz, run, tar, res)
+                except Exception as e:
+                    reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+                    res.failures[t.name] = reason
+                    log(f"{t.name}: failed: {reason}")
+                    t.cleanup()
+            if "boto3" in targets and "boto3" not in res.failures:
+                try:
+                    log(f"boto3: {fmt_size(sz.big)} in {fmt_size(chunk)} objects, 8 threads")
+                    figures = boto3_round(bench.s3(), sz.big, chunk, 8, run)
+                    for k, v in figures.items():
+                        res.add("boto3", k, v)
+                except Exception as e:
+                    reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+                    res.failures["boto3"] = reason
+                    log(f"boto3: failed: {reason}")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; cleaning up")
+    finally:
+        for t in active:
+            try:
+                t.teardown()
+            except Exception as e:
+                log(f"{t.name}: teardown: {e}")
+        bench.stop()
+        signal.signal(signal.SIGTERM, old_term)
+        if not any(fuse_mounted(t.mnt) for t in active):
+            shutil.rmtree(base, ignore_errors=True)
+
+    elapsed = time.monotonic() - started
+    if interrupted:
+        return 130
+    info = machine_info(Path(args.tmpdir or tempfile.gettempdir()))
+    table = render_table(res, targets, sz, tar)
+    mode = "quick" if q else "default"
+    title = (
+        f"## {when:%Y-%m-%d %H:%M} UTC — {info['cpu']}, {info['cores']} cores, "
+        f"{info['ram_gib']:.1f} GiB RAM, Linux {info['kernel']}, temp dir on {info['fs']}"
+    )
+    desc = (
+        f"Mode {mode}, {sz.runs} run{'s' if sz.runs != 1 else ''} (medians), commit "
+        f"{git_head() or '?'}, Python {platform.python_version()}, cryptfs chunk size "
+        f"{fmt_size(chunk)} ({chunk_src}); elapsed {elapsed / 60:.1f} min."
+    )
+    notes = [f"- {t}: n/a: {r}" for t, r in res.failures.items()]
+    text = "\n\n".join(p for p in (title, desc, table, "\n".join(notes)) if p) + "\n"
+    print()
+    print(text)
+    if append:
+        out = Path(args.output)
+        new = not out.exists() or out.stat().st_size == 0
+        with open(out, "a") as f:
+            if new:
+                f.write(HEADER)
+            f.write("\n" + text)
+        log(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
