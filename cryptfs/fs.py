@@ -44,6 +44,9 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
 INODE_CACHE_MAX = 200_000
+# libfuse's high-level API renames a file that is unlinked while open to such a name and
+# unlinks it at release; these entries are invisible and do not count as links.
+HIDDEN = b".fuse_hidden"
 
 
 def _err(code: int) -> OSError:
@@ -165,6 +168,15 @@ class FileSystem:
                 raise _err(errno.ENOENT)
             return self._view(self._node(ino))
 
+    def nlink(self, ino: int) -> int:
+        with self.lock:
+            node = self.inodes.get(ino) or self.meta.get_inode(ino)
+            return node.nlink if node else 0
+
+    def paths_of(self, ino: int) -> list[str]:
+        with self.lock:
+            return self.meta.paths_of(ino, limit=64)
+
     def readlink(self, ino: int) -> bytes:
         with self.lock:
             node = self._node(ino)
@@ -234,13 +246,13 @@ class FileSystem:
     ) -> tuple[Inode, int]:
         with self.lock:
             ino = self._lookup_ino(parent, name)
-            if ino is not None:
-                if flags & os.O_EXCL:
-                    raise _err(errno.EEXIST)
-                node = self._node(ino)
-            else:
+            if ino is None:
                 node = self._new(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-            return self._view(node), self._open_locked(node, flags)
+                return self._view(node), self._open_locked(node, flags)
+            if flags & os.O_EXCL:
+                raise _err(errno.EEXIST)
+        fh = self.open(ino, flags)  # outside self.lock: O_TRUNC takes the file lock first
+        return self.getattr(ino), fh
 
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         with self.lock:
@@ -287,8 +299,11 @@ class FileSystem:
             now = time.time_ns()
             with self.meta.transaction():
                 self.meta.remove_dentry(parent, name)
-                pnode.mtime_ns = pnode.ctime_ns = now
-                self._save(pnode)
+                if name.startswith(HIDDEN):  # already counted as unlinked
+                    node.nlink += 1
+                else:
+                    pnode.mtime_ns = pnode.ctime_ns = now
+                    self._save(pnode)
                 self._drop_link(node, now)
             self.dentries.pop((parent, name), None)
 
@@ -302,10 +317,11 @@ class FileSystem:
             if ino is None:
                 raise _err(errno.ENOENT)
             node = self._dir(ino)
-            if self.meta.has_children(ino):
+            if self.meta.has_children(ino, HIDDEN):
                 raise _err(errno.ENOTEMPTY)
             now = time.time_ns()
             with self.meta.transaction():
+                self._drop_hidden(ino)
                 self.meta.remove_dentry(parent, name)
                 pnode.nlink -= 1
                 pnode.mtime_ns = pnode.ctime_ns = now
@@ -314,6 +330,30 @@ class FileSystem:
                 self.meta.delete_inode(ino)
             self.inodes.pop(ino, None)
             self.dentries.pop((parent, name), None)
+
+    def _drop_hidden(self, dir_ino: int) -> None:
+        """Remove the hidden entries of a directory that is going away (in a transaction)."""
+        for _p, name, ino in self.meta.hidden_dentries(HIDDEN):
+            if _p != dir_ino:
+                continue
+            self.meta.remove_dentry(dir_ino, name)
+            self.dentries.pop((dir_ino, name), None)
+            node = self._node(ino)
+            node.nlink += 1
+            self._drop_link(node, time.time_ns())
+
+    def recover(self) -> int:
+        """After a crash: drop hidden entries and inodes that no name refers to."""
+        with self.lock, self.meta.transaction():
+            hidden = self.meta.hidden_dentries(HIDDEN)
+            for parent, name, _ino in hidden:
+                self.meta.remove_dentry(parent, name)
+            orphans = self.meta.orphan_inodes()
+            for ino in orphans:
+                self.meta.delete_inode(ino)
+            self.inodes.clear()
+            self.dentries.clear()
+        return len(hidden) + len(orphans)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:
         """True if directory ``anc`` is ``ino`` or one of its ancestors."""
@@ -364,7 +404,7 @@ class FileSystem:
                     raise _err(errno.ENOTDIR)
                 if ddir and not sdir:
                     raise _err(errno.EISDIR)
-                if ddir and self.meta.has_children(dnode.ino):
+                if ddir and self.meta.has_children(dnode.ino, HIDDEN):
                     raise _err(errno.ENOTEMPTY)
             now = time.time_ns()
             with self.meta.transaction():
@@ -372,6 +412,7 @@ class FileSystem:
                     self.meta.remove_dentry(p2, n2)
                     if stat.S_ISDIR(dnode.mode):
                         pn2.nlink -= 1
+                        self._drop_hidden(dnode.ino)
                         self.meta.delete_inode(dnode.ino)
                         self.inodes.pop(dnode.ino, None)
                     else:
@@ -381,6 +422,8 @@ class FileSystem:
                 if sdir and p1 != p2:
                     pn1.nlink -= 1
                     pn2.nlink += 1
+                if n2.startswith(HIDDEN) and not n1.startswith(HIDDEN):
+                    snode.nlink -= 1  # libfuse hiding a file unlinked while open
                 snode.ctime_ns = now
                 self._save(snode)
                 for pn in {p1: pn1, p2: pn2}.values():
@@ -525,7 +568,7 @@ class FileSystem:
                 listing = [
                     (b".", ino, node.mode),
                     (b"..", parent, stat.S_IFDIR),
-                ] + self.meta.list_dir(ino)
+                ] + [e for e in self.meta.list_dir(ino) if not e[0].startswith(HIDDEN)]
                 if h is not None:
                     h.listing = listing
             else:
@@ -555,8 +598,16 @@ class FileSystem:
         return self._add_handle(Handle(f, flags))
 
     def open(self, ino: int, flags: int) -> int:
+        """Open a file; O_TRUNC truncates it (libfuse 3 passes it through: atomic_o_trunc)."""
         with self.lock:
-            return self._open_locked(self._node(ino), flags)
+            fh = self._open_locked(self._node(ino), flags)
+        if flags & os.O_TRUNC:
+            try:
+                self.truncate(ino, 0, fh)
+            except OSError:
+                self.release(fh)
+                raise
+        return fh
 
     def _file(self, fh: int) -> OpenFile:
         h = self.handles.get(fh)

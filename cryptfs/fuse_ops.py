@@ -26,6 +26,10 @@ from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
 
 log = logging.getLogger("cryptfs.fuse")
 
+_invalidate_path = mfusepy._libfuse.fuse_invalidate_path
+_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_invalidate_path.restype = ctypes.c_int
+
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 NOW = -1
@@ -89,6 +93,21 @@ class CryptfsOperations(mfusepy.Operations):
         self.on_destroy = on_destroy
         self.attr_timeout = attr_timeout
         self.dir_inos: dict[int, int] = {}
+        self._fuse: Any = None
+
+    def _invalidate(self, ino: int, keep: str | None = None) -> None:
+        """libfuse's high-level API gives every name of a hard-linked file its own kernel
+        inode; after a change through one name, drop the kernel's cached attributes and pages
+        of the others."""
+        if self._fuse is None:
+            return
+        for p in self.fs.paths_of(ino):
+            if p != keep:
+                _invalidate_path(self._fuse, _enc(p))
+
+    def _after_change(self, ino: int, path: str | None) -> None:
+        if self.fs.nlink(ino) > 1:
+            self._invalidate(ino, path)
 
     # -- path resolution --------------------------------------------------------------------
     def _ino(self, path: str | None, fh: int | None = None) -> int:
@@ -120,9 +139,11 @@ class CryptfsOperations(mfusepy.Operations):
             config.attr_timeout = self.attr_timeout
             config.negative_timeout = 0.0
             config.use_ino = 1
-            config.hard_remove = 1
             config.nullpath_ok = 1
-            config.kernel_cache = 1
+        try:
+            self._fuse = mfusepy._libfuse.fuse_get_context().contents.fuse
+        except (AttributeError, ValueError):
+            self._fuse = None
         if self.on_init:
             self.on_init()
 
@@ -142,12 +163,16 @@ class CryptfsOperations(mfusepy.Operations):
 
     @_guard
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
-        self.fs.chmod(self._ino(path, fh), mode)
+        ino = self._ino(path, fh)
+        self.fs.chmod(ino, mode)
+        self._after_change(ino, path)
         return 0
 
     @_guard
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
-        self.fs.chown(self._ino(path, fh), uid, gid)
+        ino = self._ino(path, fh)
+        self.fs.chown(ino, uid, gid)
+        self._after_change(ino, path)
         return 0
 
     @_guard
@@ -159,12 +184,16 @@ class CryptfsOperations(mfusepy.Operations):
             a = m = now
         else:
             a, m = (now if t == NOW else None if t == OMIT else t for t in times)
-        self.fs.utimens(self._ino(path, fh), a, m)
+        ino = self._ino(path, fh)
+        self.fs.utimens(ino, a, m)
+        self._after_change(ino, path)
         return 0
 
     @_guard
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        self.fs.truncate(self._ino(path, fh), length, fh)
+        ino = self._ino(path, fh)
+        self.fs.truncate(ino, length, fh)
+        self._after_change(ino, path)
         return 0
 
     # -- names ------------------------------------------------------------------------------
@@ -186,7 +215,9 @@ class CryptfsOperations(mfusepy.Operations):
 
     @_guard
     def unlink(self, path: str) -> int:
+        ino = self._ino(path)
         self.fs.unlink(*self._parent(path))
+        self._invalidate(ino)
         return 0
 
     @_guard
@@ -204,13 +235,21 @@ class CryptfsOperations(mfusepy.Operations):
     def rename(self, old: str, new: str, flags: int = 0) -> int:
         p1, n1 = self._parent(old)
         p2, n2 = self._parent(new)
+        try:
+            replaced: int | None = self._ino(new)
+        except OSError:
+            replaced = None
         self.fs.rename(p1, n1, p2, n2, flags)
+        if replaced is not None:
+            self._invalidate(replaced)
         return 0
 
     @_guard
     def link(self, target: str, source: str) -> int:
         parent, name = self._parent(target)
-        self.fs.link(self._ino(source), parent, name)
+        ino = self._ino(source)
+        self.fs.link(ino, parent, name)
+        self._invalidate(ino, target)
         return 0
 
     # -- files ------------------------------------------------------------------------------
@@ -240,7 +279,9 @@ class CryptfsOperations(mfusepy.Operations):
 
     @_guard
     def release(self, path: str | None, fh: int) -> int:
+        ino = self._ino(None, fh)
         self.fs.release(fh)
+        self._after_change(ino, None)
         return 0
 
     @_guard
@@ -330,6 +371,9 @@ class CryptfsFUSE(mfusepy.FUSE):
         if ctypes.c_uint32(gid + 1).value == 0:
             gid = -1
         return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        return self.operations.truncate(self._path(path), length, self._fh(fip))
 
     def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         def conv(ts: Any) -> int:

@@ -274,9 +274,19 @@ class MetaStore:
             q = q.limit(limit)
         return [(bytes(n), i, m) for n, i, m in self.conn.execute(q)]
 
-    def has_children(self, parent: int) -> bool:
-        q = select(dentries.c.ino).where(dentries.c.parent == parent).limit(1)
-        return self.conn.execute(q).first() is not None
+    def has_children(self, parent: int, ignore_prefix: bytes | None = None) -> bool:
+        q = select(dentries.c.name).where(dentries.c.parent == parent)
+        for (name,) in self.conn.execute(q):
+            if ignore_prefix is None or not bytes(name).startswith(ignore_prefix):
+                return True
+        return False
+
+    def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]:
+        """``(parent, name, ino)`` of entries whose name starts with ``prefix``."""
+        q = select(dentries.c.parent, dentries.c.name, dentries.c.ino).where(
+            dentries.c.name >= prefix, dentries.c.name < prefix + b"\xff"
+        )
+        return [(p, bytes(n), i) for p, n, i in self.conn.execute(q)]
 
     # -- chunk maps and objects ---------------------------------------------------------------
     def get_block(self, ino: int, idx: int) -> ChunkRef | None:

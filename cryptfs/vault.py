@@ -434,10 +434,8 @@ class Vault:
         )
         if self.readonly:
             return
+        self.fs.recover()  # files unlinked while open, then a crash
         with self.fs.lock:
-            for ino in self.meta.orphan_inodes():  # unlinked while open, then a crash
-                with self.meta.transaction():
-                    self.meta.delete_inode(ino)
             staged = self.meta.objects_in_state("staged")
         resumed = self.chunks.resume(staged)
         if resumed:

@@ -136,10 +136,24 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def holds_dev_fuse(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+    return False
+
+
 def find_daemon(mnt: Path, must_contain: str | None = None) -> int | None:
-    """The pid of a live process whose argv holds the mountpoint (and must_contain, if given)."""
+    """The pid of a live process whose argv holds the mountpoint (and must_contain, if given),
+    preferring one that has /dev/fuse open."""
     me = {os.getpid(), os.getppid()}
     want = {str(mnt), os.path.realpath(mnt)}
+    found = []
     for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
         if int(entry) in me:
             continue
@@ -153,8 +167,11 @@ def find_daemon(mnt: Path, must_contain: str | None = None) -> int | None:
         if must_contain and not any(must_contain in a for a in argv):
             continue
         if pid_alive(int(entry)):
-            return int(entry)
-    return None
+            found.append(int(entry))
+    for pid in found:
+        if holds_dev_fuse(pid):
+            return pid
+    return found[0] if found else None
 
 
 def vm_hwm_mib(pid: int | None) -> float | None:
@@ -206,8 +223,8 @@ def machine_info(tmp: Path) -> dict:
     try:
         fs = subprocess.run(
             ["findmnt", "-n", "-o", "FSTYPE", "-T", str(tmp)], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
+        ).stdout.split()[0]
+    except (OSError, IndexError):
         fs = "?"
     return {
         "cpu": cpu,
@@ -231,12 +248,15 @@ def git_head() -> str:
 
 
 def chunk_size() -> tuple[int, str]:
-    try:
-        from cryptfs.chunking import DEFAULT_CHUNK_SIZE
+    """cryptfs's default chunk size, from wherever the package defines it."""
+    import importlib
 
-        return int(DEFAULT_CHUNK_SIZE), "cryptfs.chunking.DEFAULT_CHUNK_SIZE"
-    except Exception:
-        return MIB, "default 1 MiB (cryptfs.chunking not importable)"
+    for mod in ("cryptfs.chunking", "cryptfs.vault"):
+        try:
+            return int(importlib.import_module(mod).DEFAULT_CHUNK_SIZE), mod
+        except Exception:
+            continue
+    return MIB, "cryptfs not importable, assumed"
 
 
 class Watchdog:
@@ -1014,6 +1034,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-mib", type=int, help="size of the big file in MiB")
     ap.add_argument("--small-files", type=int, help="number of 4 KiB files")
     ap.add_argument("--random-seconds", type=float, help="duration of the random-read workload")
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        help="start no further run once this many minutes would be exceeded "
+        "(default 17, 0 = no limit; none in --quick mode)",
+    )
     ap.add_argument("--tmpdir", help="where the temporary directories go (default: $TMPDIR)")
     ap.add_argument(
         "--output", default=str(REPO / "BENCHMARKS.md"), help="file the table is appended to"
@@ -1052,6 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline=300 if q else 900,
     )
     append = (not q) if args.append is None else args.append
+    budget = (args.budget_min if args.budget_min is not None else (0 if q else 17)) * 60
     if os.geteuid() != 0:
         log("not root: the page cache cannot be dropped, so cold figures are warm")
 
@@ -1067,6 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
 
     old_term = signal.signal(signal.SIGTERM, on_term)
     interrupted = False
+    round_times: list[float] = []
     chunk, chunk_src = chunk_size()
     try:
         log(f"temp dir {base}")
@@ -1089,6 +1117,16 @@ def main(argv: list[str] | None = None) -> int:
                 t.teardown()
 
         for run in range(sz.runs):
+            if budget and round_times:
+                spent = time.monotonic() - started
+                if spent + max(round_times) > budget:
+                    res.notes.append(
+                        f"stopped after {run} of {sz.runs} runs to stay within the "
+                        f"{budget / 60:g}-minute budget (--budget-min)"
+                    )
+                    log(res.notes[-1])
+                    break
+            round_start = time.monotonic()
             log(f"=== run {run + 1} of {sz.runs}")
             for t in active:
                 if t.name in res.failures:
@@ -1110,6 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
                     reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
                     res.failures["boto3"] = reason
                     log(f"boto3: failed: {reason}")
+            round_times.append(time.monotonic() - round_start)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted; cleaning up")
@@ -1125,6 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
 
     elapsed = time.monotonic() - started
+    runs_done = len(round_times)
     if interrupted:
         return 130
     info = machine_info(Path(args.tmpdir or tempfile.gettempdir()))
@@ -1135,11 +1175,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['ram_gib']:.1f} GiB RAM, Linux {info['kernel']}, temp dir on {info['fs']}"
     )
     desc = (
-        f"Mode {mode}, {sz.runs} run{'s' if sz.runs != 1 else ''} (medians), commit "
+        f"Mode {mode}, {runs_done} run{'s' if runs_done != 1 else ''} (medians), commit "
         f"{git_head() or '?'}, Python {platform.python_version()}, cryptfs chunk size "
         f"{fmt_size(chunk)} ({chunk_src}); elapsed {elapsed / 60:.1f} min."
     )
     notes = [f"- {t}: n/a: {r}" for t, r in res.failures.items()]
+    notes += [f"- {n}" for n in res.notes]
     text = "\n\n".join(p for p in (title, desc, table, "\n".join(notes)) if p) + "\n"
     print()
     print(text)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import http.client
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +51,7 @@ class MotoServer:
             self.proc = subprocess.Popen(
                 [str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                preexec_fn=_die_with_parent)
             atexit.register(self.stop)
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self._answers():
@@ -111,3 +113,11 @@ class MotoServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM it when the test process dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -25,6 +25,8 @@ from cryptfs.stores import ObjectStore, open_store
 from cryptfs.stores.local import LocalStore
 from cryptfs.stores.memory import MemoryStore
 
+pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck run
+
 
 @pytest.fixture(params=["memory", "local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
@@ -282,7 +284,7 @@ def test_s3_stalled_get_gives_up_within_timeout(proxy: FaultProxy, s3_bucket: st
     start = time.monotonic()
     with pytest.raises(StoreError) as info:
         store.get("data/x")
-    assert time.monotonic() - start < 3.5
+    assert time.monotonic() - start < 3.0 + 1.0  # the timeout, plus slack for a busy machine
     assert "\n" not in info.value.line() and proxy.faults["stall"] >= 1
     start = time.monotonic()
     proxy.stop()

@@ -137,7 +137,11 @@ class S3Store:
         except (BotoCoreError, ValueError) as e:
             raise StoreError(f"cannot set up S3 client for {self.url}: {_one_line(e)}") from None
         self.endpoint = self._client.meta.endpoint_url
-        self._open_bucket(create)
+        try:
+            self._open_bucket(create)
+        except BaseException:
+            self._client.close()
+            raise
 
     # -- the contract ------------------------------------------------------------------------
 
