@@ -65,6 +65,9 @@ class ChunkStore:
         self._cv = threading.Condition()
         self._busy: set[str] = set()
         self._pins: collections.Counter[str] = collections.Counter()
+        # refs handed out but not yet committed by the caller, or still uploading: the metadata
+        # does not know them yet, so dedup must find them here
+        self._recent: dict[str, ChunkRef] = {}
         self._uploads: dict[str, Future[None]] = {}
         self._staged_bytes = 0
         self._mem: collections.OrderedDict[str, bytes] = collections.OrderedDict()
@@ -103,6 +106,12 @@ class ChunkStore:
                 self._pins[n] -= 1
                 if self._pins[n] <= 0:
                     del self._pins[n]
+                    self._forget(n)
+
+    def _forget(self, name: str) -> None:
+        """Drop a recent ref once nobody holds it uncommitted and it is not uploading."""
+        if name not in self._pins and name not in self._uploads:
+            self._recent.pop(name, None)
 
     def try_claim_for_delete(self, name: str) -> bool:
         """For garbage collection: claim ``name`` unless it is pinned or being written."""
@@ -118,7 +127,10 @@ class ChunkStore:
         name = self.codec.chunk_name(plain)
         self._acquire(name)
         try:
-            ref = self.lookup(name)
+            with self._cv:
+                ref = self._recent.get(name)
+            if ref is None:
+                ref = self.lookup(name)
             if ref is None:
                 blob = self.codec.seal_chunk(name, plain)
                 ref = ChunkRef(name, len(blob), crypto.sha256(blob))
@@ -129,6 +141,7 @@ class ChunkStore:
                     self.on_stored(ref)
             with self._cv:
                 self._pins[name] += 1
+                self._recent[name] = ref
             return ref
         finally:
             self._release(name)
@@ -183,6 +196,7 @@ class ChunkStore:
         finally:
             with self._cv:
                 self._uploads.pop(ref.name, None)
+                self._forget(ref.name)
                 self._staged_bytes -= ref.size
                 self._cv.notify_all()
 

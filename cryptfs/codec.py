@@ -107,6 +107,8 @@ class Codec:
             body = crypto.open_sealed(self._meta_key, memoryview(blob)[1:], self._aad(kind, name))
         except IntegrityError:
             raise IntegrityError(f"object {name} fails authentication") from None
+        if body[:1] not in (b"\x00", b"\x01"):
+            raise IntegrityError(f"object {name} has an unknown flag byte")
         if body[:1] == b"\x01":
             try:
                 return zlib.decompress(body[1:])

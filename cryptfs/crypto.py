@@ -27,6 +27,7 @@ TAG_SIZE = 16
 SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
 
 SCRYPT_MIN_N = 2**14
+SCRYPT_MAX_N = 2**22  # 4 GiB of memory at r=8: a tampered config must not exhaust RAM
 SCRYPT_DEFAULT_N = 2**17
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -37,7 +38,6 @@ PURPOSE_NAME = b"cryptfs chunk naming v1"
 PURPOSE_META = b"cryptfs metadata encryption v1"
 PURPOSE_LEDGER = b"cryptfs ledger mac v1"
 PURPOSE_CONFIG = b"cryptfs config mac v1"
-PURPOSE_CACHE = b"cryptfs cache encryption v1"
 
 
 def random_bytes(n: int) -> bytes:
@@ -48,9 +48,14 @@ def derive_kek(
     passphrase: bytes, salt: bytes, n: int, r: int = SCRYPT_R, p: int = SCRYPT_P
 ) -> bytes:
     """Key-encryption key from a passphrase. Refuses parameters below the enforced minimum."""
-    if n < SCRYPT_MIN_N or r < SCRYPT_R or p < 1 or len(salt) < 16:
+    if (
+        not SCRYPT_MIN_N <= n <= SCRYPT_MAX_N
+        or not SCRYPT_R <= r <= 32
+        or not 1 <= p <= 16
+        or len(salt) < 16
+    ):
         raise IntegrityError(
-            "key derivation parameters are below the enforced minimum",
+            "key derivation parameters are outside the enforced bounds",
             hint="the config may have been tampered with",
         )
     return scrypt(passphrase, salt, KEY_SIZE, N=n, r=r, p=p)  # type: ignore[return-value]

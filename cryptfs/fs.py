@@ -63,7 +63,7 @@ class OpenFile:
     dirty: dict[int, bytearray] = field(default_factory=dict)
     pending: dict[int, ChunkRef | None] = field(default_factory=dict)
     handles: int = 0
-    changed: bool = False
+    mtime_ns: int | None = None  # time of the last data change not yet committed
     last_read_end: int = -1
     reported: bool = False
 
@@ -146,9 +146,13 @@ class FileSystem:
         return node
 
     def _view(self, node: Inode) -> Inode:
+        """The inode as programs see it: with the size and mtime of uncommitted writes."""
         f = self.files.get(node.ino)
-        if f is not None and f.size != node.size:
-            return dataclasses.replace(node, size=f.size)
+        if f is not None and (f.size != node.size or f.mtime_ns is not None):
+            if f.mtime_ns is None:
+                return dataclasses.replace(node, size=f.size)
+            return dataclasses.replace(node, size=f.size, mtime_ns=f.mtime_ns,
+                                       ctime_ns=f.mtime_ns)
         return node
 
     # -- lookups --------------------------------------------------------------------------
@@ -493,6 +497,10 @@ class FileSystem:
         with self.lock:
             self._writable()
             node = self._node(ino)
+            f = self.files.get(ino)
+            if f is not None and f.mtime_ns is not None:
+                node.mtime_ns = f.mtime_ns  # an earlier write's time, unless set below
+                f.mtime_ns = None
             if atime_ns is not None:
                 node.atime_ns = atime_ns
             if mtime_ns is not None:
@@ -707,7 +715,7 @@ class FileSystem:
                 pos += n
                 view = view[n:]
             f.size = max(f.size, pos)
-            f.changed = True
+            f.mtime_ns = time.time_ns()
             # seal complete chunks behind the write position; everything if over the limit
             full = [i for i, b in f.dirty.items() if len(b) == cs and i != idx]
             if full:
@@ -738,9 +746,8 @@ class FileSystem:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock)."""
         if f.dirty:
             self._seal(f, list(f.dirty))
-        if not f.pending and not f.changed:
+        if not f.pending and f.mtime_ns is None:
             return
-        now = time.time_ns()
         with self.lock:
             node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
             if node is None:  # removed meanwhile
@@ -751,13 +758,13 @@ class FileSystem:
                     if idx * self.cs < f.size:
                         self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
                 node.size = f.size
-                if f.changed:
-                    node.mtime_ns = node.ctime_ns = now
+                if f.mtime_ns is not None:
+                    node.mtime_ns = node.ctime_ns = f.mtime_ns
                 self._save(node)
             self.inodes[f.ino] = node
         self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
         f.pending.clear()
-        f.changed = False
+        f.mtime_ns = None
 
     def _discard(self, f: OpenFile) -> None:
         self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
@@ -798,7 +805,7 @@ class FileSystem:
                         del buf[size % cs :]
                         f.dirty[idx] = buf
                 f.size = size
-                f.changed = True
+                f.mtime_ns = time.time_ns()
                 self._commit(f)
         finally:
             if fh_t is not None:
@@ -815,7 +822,7 @@ class FileSystem:
         with f.lock:
             if offset + length > f.size:
                 f.size = offset + length
-                f.changed = True
+                f.mtime_ns = time.time_ns()
                 self._commit(f)
 
     def flush(self, fh: int) -> None:

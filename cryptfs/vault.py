@@ -378,17 +378,23 @@ class Vault:
                         f"at sequence {head.seq}"
                     )
         ck = cks[0] if cks else None
+        # the newest checkpoint this machine wrote or restored (the head itself may be later)
+        seen = head.seq if head is not None else 0
+        if head is not None and head.checkpoint.startswith(CHECKPOINT_PREFIX):
+            tail = head.checkpoint[len(CHECKPOINT_PREFIX) :]
+            if tail.isdigit():
+                seen = min(int(tail), head.seq)
         if ck is None:
             if head is not None:
                 problems.append(
-                    f"the store has no checkpoint, but this machine saw sequence "
-                    f"{head.seq}: the store was rolled back or wiped"
+                    f"the store has no checkpoint, but this machine saw checkpoint "
+                    f"{seen}: the store was rolled back or wiped"
                 )
         else:
-            if head is not None and ck.seq < head.seq:
+            if head is not None and ck.seq < seen:
                 problems.append(
                     f"the store was rolled back: its newest checkpoint is sequence "
-                    f"{ck.seq}, this machine saw sequence {head.seq}"
+                    f"{ck.seq}, this machine saw sequence {seen}"
                 )
             if local is None or local.seq < ck.seq:
                 problems.append(
@@ -513,21 +519,29 @@ class Vault:
         }
         ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
         self.store.put(ck_name, ck_blob)
-        meta.sync()
-        write_private(
-            self.paths.head,
-            json.dumps(
-                Head(
-                    e.seq, e.hash, head_mac(self.codec.ledger_key, e.seq, e.hash), ck_name
-                ).to_json()
-            ).encode(),
-        )
+        with fs.lock:  # one connection, one thread at a time
+            meta.sync()
+        self._write_head(e, ck_name)
         with fs.lock:
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.conn.commit()
-        self._last_ckpt_seq = led.head().seq if led.head() else 0
         self._collect(name, garbage)
+        # anchor the entries written after the checkpoint too (its own, the collections), so
+        # deleting them from the local ledger is noticed; durable before the head names them
+        with fs.lock:
+            meta.sync()
+            last = led.head()
+        assert last is not None
+        self._write_head(last, ck_name)
+        self._last_ckpt_seq = last.seq
+
+    def _write_head(self, e: Entry, ck_name: str) -> None:
+        """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
+        mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
+        write_private(
+            self.paths.head, json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
+        )
 
     def store_sync(self) -> None:
         sync = getattr(self.store, "sync", None)

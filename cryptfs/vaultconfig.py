@@ -160,7 +160,8 @@ class VaultConfig:
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ConfigError(
                 f"{where} is corrupt (missing or malformed fields)",
-                hint="move it away and run 'cryptfs init STORE_URL' to attach the vault from its store again",
+                hint="move it away and run 'cryptfs init STORE_URL' to attach the vault from "
+                "its store again",
             ) from None
 
     @classmethod

@@ -6,6 +6,7 @@ paths; the result says whether the vault is clean.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from cryptfs import crypto
 from cryptfs.codec import DATA_PREFIX, ChunkRef
 from cryptfs.errors import CryptfsError
 from cryptfs.vault import CHECKPOINT_PREFIX, META_PREFIX, Vault
+
+_REJECTED = re.compile(r"^checkpoint (\S+): rejected")
+_BROKEN_AT = re.compile(r"chain broken at sequence (\d+) \(")
 
 
 @dataclass
@@ -94,9 +98,21 @@ def verify(
         return [p for ino in meta.object_users(name) for p in meta.paths_of(ino)]
 
     rep.ledger_entries = led.count()
+    rejected: set[str] = set()
     for msg in vault.anchor_problems():
         kind = "ledger" if msg.startswith("ledger") else "anchor"
-        rep.problems.append(Problem(kind, msg.removeprefix("ledger: ")))
+        p = Problem(kind, msg.removeprefix("ledger: "))
+        m = _REJECTED.match(msg)
+        if m:
+            p.object = m.group(1)
+            rejected.add(p.object)
+        m = _BROKEN_AT.search(msg)
+        if m:  # name the object and the files of the entry where the chain breaks
+            e = led.entry(int(m.group(1)))
+            if e is not None:
+                p.object = e.name
+                p.paths = paths_for(e.name)
+        rep.problems.append(p)
 
     # what the ledger says about each object: its last operation
     last_op: dict[str, tuple[str, int, bytes]] = {}
@@ -159,6 +175,8 @@ def verify(
     for name in sorted(in_store):
         if name in known or name == "config" or name.startswith(("lease", "tmp/")):
             continue
+        if name in rejected:
+            continue  # reported above: a checkpoint that fails authentication
         op = last_op.get(name)
         if op is not None and op[0] == "del":
             rep.problems.append(
@@ -207,19 +225,89 @@ def verify(
 
 
 def accept(vault: Vault, say: Callable[[str], None]) -> None:
-    """Re-anchor: record an 'accept' ledger entry and write a fresh checkpoint from the local
-    state, so the current state becomes the reference for later checks."""
-    assert vault.ledger is not None and vault.fs is not None
-    with vault.fs.lock:
-        head = vault.ledger.head()
+    """Re-anchor on the local state: make the store match it, record an 'accept' ledger entry
+    and write a fresh checkpoint, so the current state becomes the reference for later checks.
+
+    Objects the local state references but the store lacks are uploaded again from the local
+    staging area or chunk cache when a copy with the recorded hash is there; cryptfs objects in
+    the store that the local state does not know (left by a rollback, by a history that is
+    being discarded, or forged) are deleted. Each step is recorded in the ledger."""
+    assert vault.ledger is not None and vault.fs is not None and vault.meta is not None
+    fs, meta, led = vault.fs, vault.meta, vault.ledger
+    with fs.lock:
+        head = led.head()
         seq = head.seq if head else 0
     for name, size in list(vault.store.list(CHECKPOINT_PREFIX)):
         tail = name[len(CHECKPOINT_PREFIX) :]
         if tail.isdigit() and int(tail) > seq:  # ahead of the ledger being accepted
             vault.store.delete(name)
-            with vault.fs.lock:
-                vault.ledger.append("del", name, size, b"\0" * 32)
-    with vault.fs.lock:
-        vault.ledger.append("accept", f"seq-{seq}", 0, b"\0" * 32)
+            with fs.lock:
+                led.append("del", name, size, b"\0" * 32)
+
+    in_store = dict(vault.store.list(""))
+    with fs.lock:
+        rows = meta.all_objects()
+    restored, lost = 0, []
+    for ref, refcount, state in rows:
+        if state != "stored" or refcount <= 0 or ref.name in in_store:
+            continue
+        blob = _local_copy(vault, ref)
+        if blob is None:
+            lost.append(ref)
+            continue
+        vault.store.put(ref.name, blob)
+        with fs.lock:
+            led.append("put", ref.name, ref.size, ref.sha256)
+        restored += 1
+    if restored:
+        say(f"verify: uploaded {restored} missing object(s) again from the local cache")
+    if lost:
+        with fs.lock:
+            files = sorted(
+                {p for r in lost for i in meta.object_users(r.name) for p in meta.paths_of(i)}
+            )
+        shown = ", ".join(files[:10]) + (f" and {len(files) - 10} more" if len(files) > 10 else "")
+        say(
+            f"verify: {len(lost)} object(s) are lost from the store and have no local copy; "
+            f"files with lost data: {shown or 'none'}"
+        )
+
+    with fs.lock:
+        led.append("accept", f"seq-{seq}", 0, b"\0" * 32)
     vault.sync()
+
+    with fs.lock:
+        known = {ref.name for ref, _, _ in meta.all_objects()}
+    stray = [
+        (name, size)
+        for name, size in vault.store.list("")
+        if name not in known and name.startswith((DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX))
+    ]
+    for name, size in stray:
+        vault.store.delete(name)
+        with fs.lock:
+            led.append("del", name, size, b"\0" * 32)
+    if stray:
+        say(
+            f"verify: deleted {len(stray)} object(s) in the store that the accepted state "
+            "does not reference"
+        )
+        vault.sync()
     say("verify: accepted the current state; a new checkpoint anchors it")
+
+
+def _local_copy(vault: Vault, ref: ChunkRef) -> bytes | None:
+    """A sealed object from the staging area or the chunk cache, if it has the recorded hash."""
+    chunks = vault.chunks
+    if chunks is None:
+        return None
+    for path in (chunks._staged_path(ref.name), chunks._cache_path(ref.name)):
+        if path is None:
+            continue
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            continue
+        if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
+            return blob
+    return None

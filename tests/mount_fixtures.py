@@ -23,6 +23,7 @@ BIN = Path(sys.executable).parent
 CRYPTFS = str(BIN / "cryptfs")
 PASSPHRASE = "correct horse battery staple"
 _MOUNTS: set[str] = set()
+_ROOTS: set[str] = set()  # temp roots of this session: only their daemons are ours to kill
 
 
 def _mounted(path: str) -> bool:
@@ -139,6 +140,7 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 def _tmp_root() -> Path:
     base = Path(tempfile.mkdtemp(prefix="cryptfs-test-", dir="/tmp"))
     os.chmod(base, 0o755)
+    _ROOTS.add(str(base))
     return base
 
 
@@ -198,10 +200,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for mp in list(_MOUNTS):
         force_unmount(mp)
     # daemons whose mounts were forced away exit by themselves; kill stragglers of this run
-    res = subprocess.run(["pgrep", "-f", "cryptfs-test-"], capture_output=True, text=True)
-    for pid in res.stdout.split():
-        if int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+    for root in _ROOTS:
+        res = subprocess.run(["pgrep", "-f", f"{root}/"], capture_output=True, text=True)
+        for pid in res.stdout.split():
+            if int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass

@@ -80,7 +80,8 @@ class LocalStore:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise StoreError(f"cannot delete object {name} from {self.root}: {e.strerror}") from None
+            msg = f"cannot delete object {name} from {self.root}: {e.strerror}"
+            raise StoreError(msg) from None
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         base = str(self.root)

@@ -1,0 +1,344 @@
+"""The vault through a real FUSE mount, on the local store and on the moto S3 server:
+real programs (cp, tar, sqlite3, git), random writes against a reference, POSIX semantics
+programs rely on, persistence across remounts and from the store alone, what the store sees."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from mount_fixtures import VaultEnv
+
+MARKER = b"PLAINTEXT-MARKER-7f3a9c"
+
+
+def tree_digest(root: Path) -> dict[str, tuple]:
+    """Everything a copy must preserve: type, mode, size, content hash, target, xattrs."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("d", st.st_mode, st.st_mtime_ns)
+            else:
+                h = hashlib.sha256(p.read_bytes()).hexdigest()
+                xa = sorted((a, os.getxattr(p, a)) for a in os.listxattr(p))
+                out[rel] = ("f", st.st_mode, st.st_size, h, st.st_mtime_ns, st.st_nlink, xa)
+    return out
+
+
+def make_tree(root: Path, chunk: int = 1 << 20) -> None:
+    rnd = random.Random(42)
+    (root / "sub" / "deeper").mkdir(parents=True)
+    sizes = {"empty": 0, "one": 1, "chunk-1": chunk - 1, "chunk": chunk, "chunk+1": chunk + 1,
+             "several": 3 * chunk + 12345}
+    for name, size in sizes.items():
+        (root / name).write_bytes(rnd.randbytes(size))
+    (root / "sub" / "big50").write_bytes(rnd.randbytes(50 << 20))
+    (root / "sub" / "deeper" / "text.txt").write_bytes(MARKER + b" hello\n")
+    os.symlink("../one", root / "sub" / "link-to-one")
+    os.link(root / "one", root / "sub" / "hardlink")
+    os.chmod(root / "chunk", 0o600)
+    os.setxattr(root / "one", "user.color", b"blue")
+    os.utime(root / "several", ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+
+
+def test_cp_a_roundtrip_and_remount(mounted: tuple[VaultEnv, Path], tmp_path: Path) -> None:
+    env, mnt = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    subprocess.run(["cp", "-a", f"{src}/.", str(mnt / "copy")], check=True)
+    want = tree_digest(src)
+    assert tree_digest(mnt / "copy") == want
+    env.umount(mnt)
+    env.mount(mnt)
+    assert tree_digest(mnt / "copy") == want
+    back = tmp_path / "back"
+    subprocess.run(["cp", "-a", str(mnt / "copy"), str(back)], check=True)
+    assert tree_digest(back) == want
+
+
+def test_tar_roundtrip(mounted: tuple[VaultEnv, Path], tmp_path: Path) -> None:
+    env, mnt = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src, chunk=1 << 16)
+    (src / "sub" / "big50").unlink()
+    tarball = tmp_path / "t.tar"
+    subprocess.run(["tar", "-C", str(src), "-cf", str(tarball), "."], check=True)
+    (mnt / "x").mkdir()
+    subprocess.run(["tar", "-C", str(mnt / "x"), "--xattrs", "-xpf", str(tarball)], check=True)
+    out = tmp_path / "out.tar"
+    subprocess.run(["tar", "-C", str(mnt / "x"), "-cf", str(out), "."], check=True)
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    subprocess.run(["tar", "-C", str(ext), "-xpf", str(out)], check=True)
+    def essentials(d: dict[str, tuple]) -> dict[str, tuple]:  # tar keeps whole seconds only
+        return {k: v[:4] if v[0] == "f" else v[:2] for k, v in d.items()}
+
+    assert essentials(tree_digest(src)) == essentials(tree_digest(ext))
+
+
+def test_sqlite_database_on_mount(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    db = mnt / "app.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT)")
+    with con:
+        con.executemany("INSERT INTO t VALUES (?, ?)", [(i, f"v{i}" * 20) for i in range(3000)])
+    for i in range(20):  # many small transactions: journal, fsync, overwrite in place
+        with con:
+            con.execute("UPDATE t SET v = ? WHERE k = ?", (f"u{i}", i * 7))
+    con.close()
+    res = subprocess.run(["sqlite3", str(db), "PRAGMA integrity_check; SELECT count(*) FROM t;"],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["ok", "3000"]
+    env.umount(mnt)
+    env.mount(mnt)
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT v FROM t WHERE k = 7").fetchone() == ("u1",)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+
+
+def test_git_on_mount(mounted: tuple[VaultEnv, Path]) -> None:
+    _env, mnt = mounted
+    repo = mnt / "repo"
+    repo.mkdir()
+    genv = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org",
+                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.org")
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(repo), *args], env=genv, capture_output=True,
+                             text=True)
+        assert res.returncode == 0, f"git {args[0]}: {res.stderr}"
+        return res.stdout
+
+    git("init", "-q")
+    for i in range(30):
+        (repo / f"f{i}.txt").write_text(f"file {i}\n" * (i + 1))
+    git("add", ".")
+    git("commit", "-qm", "first")
+    (repo / "f3.txt").write_text("changed\n")
+    git("commit", "-qam", "second")
+    assert git("log", "--oneline").count("\n") == 2
+    assert git("status", "--porcelain") == ""
+    git("fsck", "--strict")
+
+
+def test_random_offset_writes_match_reference(mounted: tuple[VaultEnv, Path],
+                                              tmp_path: Path) -> None:
+    env, mnt = mounted
+    rnd = random.Random(7)
+    ref = bytearray()
+    path = mnt / "rand.bin"
+    with open(path, "w+b") as f:
+        for _ in range(300):
+            off = rnd.randrange(0, 6 << 20)
+            data = rnd.randbytes(rnd.choice([1, 100, 4096, 70000, 1 << 20, (1 << 20) + 3]))
+            f.seek(off)
+            f.write(data)
+            if len(ref) < off:
+                ref.extend(bytes(off - len(ref)))
+            ref[off:off + len(data)] = data
+            if rnd.random() < 0.05:
+                cut = rnd.randrange(0, len(ref) + 1)
+                f.truncate(cut)
+                del ref[cut:]
+        f.flush()
+        f.seek(0)
+        assert f.read() == bytes(ref)
+    assert path.read_bytes() == bytes(ref)
+    env.umount(mnt)
+    env.mount(mnt)
+    assert hashlib.sha256(path.read_bytes()).digest() == hashlib.sha256(ref).digest()
+
+
+def test_sparse_file_reads_zeros(mounted: tuple[VaultEnv, Path]) -> None:
+    _env, mnt = mounted
+    p = mnt / "sparse"
+    with open(p, "wb") as f:
+        f.seek(10 << 20)
+        f.write(b"end")
+    assert p.stat().st_size == (10 << 20) + 3
+    with open(p, "rb") as f:
+        assert f.read(1 << 20) == bytes(1 << 20)
+        f.seek(10 << 20)
+        assert f.read() == b"end"
+    os.truncate(p, 1 << 40)  # huge: no zeros written
+    assert p.stat().st_size == 1 << 40
+
+
+def test_semantics_rename_link_symlink_xattr_chmod(mounted: tuple[VaultEnv, Path]) -> None:
+    _env, mnt = mounted
+    (mnt / "a").write_text("A")
+    (mnt / "b").write_text("B")
+    os.rename(mnt / "a", mnt / "b")  # over a file
+    assert (mnt / "b").read_text() == "A" and not (mnt / "a").exists()
+    (mnt / "d1").mkdir()
+    (mnt / "d2").mkdir()
+    os.rename(mnt / "d1", mnt / "d2")  # over an empty directory
+    (mnt / "d2" / "f").write_text("x")
+    (mnt / "d3").mkdir()
+    with pytest.raises(OSError) as e:
+        os.rename(mnt / "d3", mnt / "d2")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.rename(mnt / "b", mnt / "d2" / "moved")  # across directories
+    assert (mnt / "d2" / "moved").read_text() == "A"
+    os.link(mnt / "d2" / "moved", mnt / "hl")
+    assert os.stat(mnt / "hl").st_ino == os.stat(mnt / "d2" / "moved").st_ino
+    assert os.stat(mnt / "hl").st_nlink == 2
+    os.symlink("d2/moved", mnt / "sl")
+    assert os.readlink(mnt / "sl") == "d2/moved" and (mnt / "sl").read_text() == "A"
+    os.setxattr(mnt / "hl", "user.k", b"v" * 1000)
+    assert os.getxattr(mnt / "d2" / "moved", "user.k") == b"v" * 1000
+    assert os.listxattr(mnt / "hl") == ["user.k"]
+    os.removexattr(mnt / "hl", "user.k")
+    assert os.listxattr(mnt / "hl") == []
+    os.chmod(mnt / "hl", 0o4751)
+    assert os.stat(mnt / "hl").st_mode & 0o7777 == 0o4751
+    long = "n" * 255
+    (mnt / long).write_text("long")
+    assert (mnt / long).read_text() == "long"
+    with pytest.raises(OSError) as e:
+        (mnt / ("n" * 256)).write_text("x")
+    assert e.value.errno == errno.ENAMETOOLONG
+    os.mkfifo(mnt / "fifo")
+    assert (mnt / "fifo").is_fifo()
+    many = mnt / "many"
+    many.mkdir()
+    for i in range(1500):  # a directory larger than one readdir buffer
+        (many / f"entry-{i:05d}-{'x' * 40}").touch()
+    assert len(os.listdir(many)) == 1500
+
+
+def test_unlink_while_open(mounted: tuple[VaultEnv, Path]) -> None:
+    _env, mnt = mounted
+    p = mnt / "tmp"
+    data = os.urandom(3 << 20)
+    p.write_bytes(data)
+    with open(p, "r+b") as f:
+        os.unlink(p)
+        assert not p.exists() and os.listdir(mnt) == []
+        assert f.read() == data
+        f.write(b"more")
+        f.seek(0)
+        assert f.read() == data + b"more"
+        assert os.fstat(f.fileno()).st_nlink == 0
+    assert os.listdir(mnt) == []
+
+
+def test_store_alone_restores_everything(mounted: tuple[VaultEnv, Path], tmp_path: Path) -> None:
+    env, mnt = mounted
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src, chunk=1 << 16)
+    (src / "sub" / "big50").unlink()
+    subprocess.run(["cp", "-a", f"{src}/.", str(mnt)], check=True)
+    want = tree_digest(mnt)
+    env.umount(mnt)
+    shutil.rmtree(env.root / "data" / "cryptfs" / "vaults")  # local metadata, ledger, staging
+    shutil.rmtree(env.root / "cache", ignore_errors=True)
+    env.mount(mnt)
+    assert tree_digest(mnt) == want
+    env.umount(mnt)
+    assert env.cli("verify", "--full").returncode == 0
+
+
+def _store_objects(env: VaultEnv) -> dict[str, bytes]:
+    st = env.store()
+    try:
+        return {name: st.get(name) for name, _ in st.list("")}
+    finally:
+        st.close()
+
+
+def test_store_sees_only_ciphertext_and_dedups(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    secret_names = ["Quarterly-Report-Secret.txt", "diary-entry-private"]
+    payload = (MARKER * 200_000)[:(3 << 20) + 17]  # 3+ chunks of marker-filled plaintext
+    for n in secret_names:
+        (mnt / n).write_bytes(payload)  # identical content: stored once
+    (mnt / "dir-name-hidden").mkdir()
+    env.umount(mnt)
+    objs = _store_objects(env)
+    data_objs = {n: b for n, b in objs.items() if n.startswith("data/")}
+    for name, blob in objs.items():
+        for needle in [MARKER, MARKER[:12], *(s.encode() for s in secret_names),
+                       b"dir-name-hidden", b"Quarterly"]:
+            assert needle not in blob, f"{needle!r} found in {name}"
+            assert needle not in name.encode()
+    # 4 distinct chunks (3 full + the tail), shared by both files
+    assert len(data_objs) == 4
+    assert sum(len(b) for b in data_objs.values()) < len(payload) * 1.15
+
+
+def test_flipped_byte_gives_eio(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    (mnt / "victim").write_bytes(os.urandom(100_000))
+    (mnt / "bystander").write_bytes(b"fine")
+    env.umount(mnt)
+    st = env.store()
+    con = sqlite3.connect(env.db)
+    (obj,) = con.execute("SELECT b.obj FROM blocks b JOIN dentries d ON d.ino = b.ino "
+                         "WHERE d.name = ?", (b"victim",)).fetchone()
+    con.close()
+    blob = bytearray(st.get(obj))
+    blob[len(blob) // 2] ^= 0x01
+    st.delete(obj)
+    st.put(obj, bytes(blob))
+    st.close()
+    shutil.rmtree(env.root / "cache", ignore_errors=True)  # the verified local copy
+    env.mount(mnt)
+    with pytest.raises(OSError) as e:
+        (mnt / "victim").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert (mnt / "bystander").read_bytes() == b"fine"
+    env.umount(mnt)
+    assert "/victim" in env.log_text()
+
+
+def test_wrong_passphrase_changes_nothing(vault_env: VaultEnv) -> None:
+    mnt = vault_env.root / "mnt"
+    mnt.mkdir()
+    before = sorted(p.name for p in vault_env.root.rglob("*"))
+    bad = dict(vault_env.env, CRYPTFS_PASSPHRASE="not the passphrase")
+    res = vault_env.cli("mount", str(mnt), env=bad, check=False)
+    assert res.returncode == 3
+    assert res.stderr.strip() == "cryptfs: wrong passphrase"
+    assert "Traceback" not in res.stderr
+    assert not os.path.ismount(mnt)
+    assert sorted(p.name for p in vault_env.root.rglob("*")) == before
+
+
+def test_fsync_puts_data_and_metadata_in_store(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    data = os.urandom(200_000)
+    with open(mnt / "durable", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        # while still mounted: a second machine (fresh XDG home) restores it from the store
+        other = VaultEnv(env.root / "other", env.store_url)
+        other.cli("init", env.store_url)  # attaches the existing vault
+        objs = _store_objects(env)
+        assert any(n.startswith("checkpoints/") for n in objs)
+    env.umount(mnt)
+    mnt2 = env.root / "mnt2"
+    other.mount(mnt2)
+    try:
+        assert (mnt2 / "durable").read_bytes() == data
+    finally:
+        other.umount(mnt2)
