@@ -78,6 +78,8 @@ class ChunkStore:
         self.errors = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        self._seal_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
+        self._seal_slots = threading.BoundedSemaphore(6)
         self._prefetching: set[str] = set()
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         if cache is not None:
@@ -145,6 +147,23 @@ class ChunkStore:
             return ref
         finally:
             self._release(name)
+
+    def put_async(self, plain: bytearray) -> Future[ChunkRef | None]:
+        """:meth:`put` on a sealing thread; an all-zero chunk becomes a hole (None). Blocks
+        while too many chunks are being sealed (bounded memory)."""
+        self._seal_slots.acquire()
+        try:
+            fut = self._seal_pool.submit(self._put_or_hole, plain)
+        except BaseException:
+            self._seal_slots.release()
+            raise
+        fut.add_done_callback(lambda _f: self._seal_slots.release())
+        return fut
+
+    def _put_or_hole(self, plain: bytearray) -> ChunkRef | None:
+        if plain.count(0) == len(plain):
+            return None
+        return self.put(plain)
 
     def _staged_path(self, name: str) -> Path:
         return self.staging / name.replace("/", "_")
@@ -365,5 +384,6 @@ class ChunkStore:
         self._abort = not drain
         with self._cv:
             self._cv.notify_all()
+        self._seal_pool.shutdown(wait=True)
         self._pool.shutdown(wait=drain)
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)

@@ -27,6 +27,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from cryptfs.chunkstore import ChunkStore
@@ -44,6 +45,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
 INODE_CACHE_MAX = 200_000
+REF_WINDOW = 256
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
 HIDDEN = b".fuse_hidden"
@@ -51,6 +53,24 @@ HIDDEN = b".fuse_hidden"
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+class Sealing:
+    """A chunk being sealed on a worker thread; keeps its plaintext until that succeeds."""
+
+    __slots__ = ("buf", "fut")
+
+    def __init__(self, buf: bytearray, fut: Future[ChunkRef | None]) -> None:
+        self.buf: bytearray | None = buf
+        self.fut = fut
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future[ChunkRef | None]) -> None:
+        if fut.exception() is None:
+            self.buf = None
+
+    def ref(self) -> ChunkRef | None:
+        return self.fut.result()
 
 
 @dataclass
@@ -61,7 +81,9 @@ class OpenFile:
     size: int
     lock: threading.Lock = field(default_factory=threading.Lock)
     dirty: dict[int, bytearray] = field(default_factory=dict)
-    pending: dict[int, ChunkRef | None] = field(default_factory=dict)
+    pending: dict[int, Sealing] = field(default_factory=dict)
+    refs: dict[int, ChunkRef] = field(default_factory=dict)  # committed chunk map, cached
+    loaded: set[int] = field(default_factory=set)  # windows of REF_WINDOW indexes in refs
     handles: int = 0
     mtime_ns: int | None = None  # time of the last data change not yet committed
     last_read_end: int = -1
@@ -624,13 +646,29 @@ class FileSystem:
         return h.file
 
     def _ref(self, f: OpenFile, idx: int) -> ChunkRef | None:
-        """The committed or sealed chunk ``idx`` of an open file (caller holds f.lock)."""
-        if idx in f.pending:
-            return f.pending[idx]
-        with self.lock:
-            return self.meta.get_block(f.ino, idx)
+        """The sealed or committed chunk ``idx`` of an open file (caller holds f.lock)."""
+        s = f.pending.get(idx)
+        if s is not None:
+            return self._sealed(s)
+        w = idx // REF_WINDOW
+        if w not in f.loaded:
+            with self.lock:
+                f.refs.update(self.meta.get_blocks(f.ino, w * REF_WINDOW, (w + 1) * REF_WINDOW))
+            f.loaded.add(w)
+        return f.refs.get(idx)
+
+    @staticmethod
+    def _sealed(s: Sealing) -> ChunkRef | None:
+        try:
+            return s.ref()
+        except CryptfsError as e:
+            log.error("cannot store data: %s", e)
+            raise _err(errno.ENOSPC if "space" in str(e) else errno.EIO) from None
 
     def _plain(self, f: OpenFile, idx: int) -> bytes:
+        s = f.pending.get(idx)
+        if s is not None and s.buf is not None:
+            return bytes(s.buf)  # still sealing (or failed): the plaintext is here
         ref = self._ref(f, idx)
         if ref is None:
             return b""
@@ -658,6 +696,8 @@ class FileSystem:
             first, last = offset // cs, (end - 1) // cs
             for idx in range(first, last + 1):
                 buf = f.dirty.get(idx)
+                if buf is None and idx in f.pending:
+                    buf = f.pending[idx].buf
                 parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
             sequential = offset == f.last_read_end
             f.last_read_end = end
@@ -725,49 +765,67 @@ class FileSystem:
         return len(data)
 
     def _seal(self, f: OpenFile, idxs: list[int]) -> None:
-        """Seal and stage dirty chunks (caller holds f.lock); the refs stay pending."""
+        """Hand dirty chunks to the sealing threads (caller holds f.lock)."""
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
-            if buf.count(0) == len(buf):
-                ref = None  # all zeros: a hole
-            else:
-                try:
-                    ref = self.chunks.put(buf)
-                except CryptfsError as e:
-                    f.dirty[idx] = buf
-                    log.error("cannot store data of inode %d: %s", f.ino, e)
-                    raise _err(errno.ENOSPC if "space" in str(e) else errno.EIO) from None
             old = f.pending.get(idx)
-            f.pending[idx] = ref
+            f.pending[idx] = Sealing(buf, self.chunks.put_async(buf))
             if old is not None:
-                self.chunks.unpin([old.name])
+                self._unpin_later(old)
+
+    def _unpin_later(self, s: Sealing) -> None:
+        def done(fut: Future[ChunkRef | None]) -> None:
+            if fut.exception() is None and fut.result() is not None:
+                self.chunks.unpin([fut.result().name])  # type: ignore[union-attr]
+
+        s.fut.add_done_callback(done)
 
     def _commit(self, f: OpenFile) -> None:
-        """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock)."""
+        """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
+        If a chunk cannot be stored, its data goes back to the dirty buffers and the error
+        is raised (ENOSPC or EIO), so a later flush can retry."""
         if f.dirty:
             self._seal(f, list(f.dirty))
         if not f.pending and f.mtime_ns is None:
             return
+        refs: dict[int, ChunkRef | None] = {}
+        failed: CryptfsError | None = None
+        for idx, s in list(f.pending.items()):
+            try:
+                refs[idx] = s.ref()
+            except CryptfsError as e:
+                failed = e
+                del f.pending[idx]
+                if s.buf is not None:
+                    f.dirty.setdefault(idx, s.buf)
+        if failed is not None:  # the chunks that did seal stay pending for the retry
+            log.error("cannot store data of inode %d: %s", f.ino, failed)
+            raise _err(errno.ENOSPC if "space" in str(failed) else errno.EIO)
         with self.lock:
             node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
             if node is None:  # removed meanwhile
                 self._discard(f)
                 return
             with self.meta.transaction():
-                for idx, ref in f.pending.items():
+                for idx, ref in refs.items():
                     if idx * self.cs < f.size:
                         self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
+                        if ref is None:
+                            f.refs.pop(idx, None)
+                        else:
+                            f.refs[idx] = ref
                 node.size = f.size
                 if f.mtime_ns is not None:
                     node.mtime_ns = node.ctime_ns = f.mtime_ns
                 self._save(node)
             self.inodes[f.ino] = node
-        self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
+        self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
 
     def _discard(self, f: OpenFile) -> None:
-        self.chunks.unpin(r.name for r in f.pending.values() if r is not None)
+        for s in f.pending.values():
+            self._unpin_later(s)
         f.pending.clear()
         f.dirty.clear()
 
@@ -792,11 +850,11 @@ class FileSystem:
                     for idx in [i for i in f.dirty if i >= keep]:
                         del f.dirty[idx]
                     for idx in [i for i in f.pending if i >= keep]:
-                        ref = f.pending.pop(idx)
-                        if ref is not None:
-                            self.chunks.unpin([ref.name])
+                        self._unpin_later(f.pending.pop(idx))
                     with self.lock, self.meta.transaction():
                         self.meta.remove_blocks_from(ino, keep)
+                    for idx in [i for i in f.refs if i >= keep]:
+                        del f.refs[idx]
                     if size % cs:
                         idx = size // cs
                         buf = f.dirty.get(idx)

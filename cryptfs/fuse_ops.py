@@ -134,6 +134,10 @@ class CryptfsOperations(mfusepy.Operations):
 
     # -- lifecycle --------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            conn.max_readahead = max(conn.max_readahead, 1 << 20)
+            log.debug("FUSE connection: max_write=%d max_readahead=%d max_background=%d",
+                      conn.max_write, conn.max_readahead, conn.max_background)
         if config is not None:
             config.entry_timeout = self.attr_timeout
             config.attr_timeout = self.attr_timeout

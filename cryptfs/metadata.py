@@ -293,6 +293,15 @@ class MetaStore:
         row = self.conn.execute(_sel_block, {"i": ino, "x": idx}).first()
         return ChunkRef(row[0], row[1], bytes(row[2])) if row else None
 
+    def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
+        """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
+        q = (
+            select(blocks.c.idx, blocks.c.obj, objects.c.size, objects.c.sha256)
+            .join(objects, objects.c.name == blocks.c.obj)
+            .where(blocks.c.ino == ino, blocks.c.idx >= lo, blocks.c.idx < hi)
+        )
+        return {i: ChunkRef(o, z, bytes(h)) for i, o, z, h in self.conn.execute(q)}
+
     def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
         """Point chunk ``idx`` of ``ino`` at ``ref`` (None: a hole). Adjusts reference counts;
         returns the name of the object that was referenced before, if any."""

@@ -493,6 +493,12 @@ class Vault:
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta, led = self.fs, self.meta, self.ledger
         with fs.lock:
+            # An upload can finish before the file's chunk map is committed: on_stored then
+            # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
+            # (its ledger entry was written) once no upload and no staged file is left for it.
+            for ref in meta.objects_in_state("staged"):
+                if not self._upload_pending(ref.name):
+                    meta.mark_stored(ref.name)
             meta.conn.commit()
             image = meta.raw_connection().serialize()
             staged = {r.name for r in meta.objects_in_state("staged")}
@@ -535,6 +541,15 @@ class Vault:
         assert last is not None
         self._write_head(last, ck_name)
         self._last_ckpt_seq = last.seq
+
+    def _upload_pending(self, name: str) -> bool:
+        """Whether a staged object still waits for (or is in) its upload."""
+        chunks = self.chunks
+        assert chunks is not None
+        with chunks._cv:
+            if name in chunks._uploads:
+                return True
+        return chunks._staged_path(name).exists()
 
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""

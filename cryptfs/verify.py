@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptfs import crypto
 from cryptfs.codec import DATA_PREFIX, ChunkRef
@@ -125,7 +126,7 @@ def verify(
     known = {ref.name for ref, _, _ in rows}
     referenced: list[ChunkRef] = []
     for ref, refcount, state in rows:
-        if state == "staged":
+        if state == "staged" and _staged_file(vault, ref.name).exists():
             continue  # not uploaded yet: it is in the staging area
         if not ref.name.startswith(DATA_PREFIX):
             continue
@@ -294,6 +295,12 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
         )
         vault.sync()
     say("verify: accepted the current state; a new checkpoint anchors it")
+
+
+def _staged_file(vault: Vault, name: str) -> Path:
+    if vault.chunks is not None:
+        return vault.chunks._staged_path(name)
+    return vault.paths.staging / name.replace("/", "_")
 
 
 def _local_copy(vault: Vault, ref: ChunkRef) -> bytes | None:

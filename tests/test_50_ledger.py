@@ -19,6 +19,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mount_fixtures import VaultEnv, _mounted, _tmp_root
+from mount_fixtures import VaultEnv, _mounted
 
 from cryptfs.ledger import entry_hash
 
@@ -38,6 +39,13 @@ FILES: dict[str, bytes] = {
     "notes.txt": b"meeting at noon\n",
 }
 REPORT = "/docs/report.bin"
+
+
+def _tmp_root() -> Path:
+    """A private root outside the 'cryptfs-test-' names that other test sessions sweep."""
+    base = Path(tempfile.mkdtemp(prefix="cfs-ledger-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    return base
 
 
 # -- template vaults and their copies ------------------------------------------------------------
@@ -81,7 +89,7 @@ def _template(kind: str, made: dict[str, Any], request: pytest.FixtureRequest) -
         else:
             server = request.getfixturevalue("s3_server")
             client = request.getfixturevalue("s3_client")
-            bucket = f"cryptfs-test-{uuid.uuid4().hex[:16]}"
+            bucket = f"cfs-ledger-{uuid.uuid4().hex[:16]}"
             client.create_bucket(Bucket=bucket)
             made["_s3_client"], made["_s3_bucket"] = client, bucket
             url = f"s3://{bucket}/vault?endpoint={server.endpoint}"
