@@ -161,7 +161,7 @@ class ChunkStore:
         return fut
 
     def _put_or_hole(self, plain: bytearray) -> ChunkRef | None:
-        if plain.count(0) == len(plain):
+        if not plain or (plain[0] == 0 and plain[-1] == 0 and plain == bytes(len(plain))):
             return None
         return self.put(plain)
 

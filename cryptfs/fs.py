@@ -125,6 +125,8 @@ class FileSystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_errors = 0
+        # the kernel asks for security.capability on every write: answer from memory
+        self.xattr_inos: set[int] = meta.inodes_with_xattrs()
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -550,10 +552,13 @@ class FileSystem:
                 raise _err(errno.ENODATA)
             with self.meta.transaction():
                 self.meta.set_xattr(ino, name, value)
+                self.xattr_inos.add(ino)
                 node.ctime_ns = time.time_ns()
                 self._save(node)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino not in self.xattr_inos:
+            raise _err(errno.ENODATA)
         with self.lock:
             self._node(ino)
             v = self.meta.get_xattr(ino, name)
@@ -562,6 +567,8 @@ class FileSystem:
             return v
 
     def listxattr(self, ino: int) -> list[bytes]:
+        if ino not in self.xattr_inos:
+            return []
         with self.lock:
             self._node(ino)
             return self.meta.list_xattrs(ino)
@@ -573,6 +580,8 @@ class FileSystem:
             with self.meta.transaction():
                 if not self.meta.remove_xattr(ino, name):
                     raise _err(errno.ENODATA)
+                if not self.meta.list_xattrs(ino):
+                    self.xattr_inos.discard(ino)
                 node.ctime_ns = time.time_ns()
                 self._save(node)
 

@@ -140,17 +140,10 @@ class Ledger:
         h = entry_hash(seq, now, op, name, size, sha256, prev)
         e = Entry(seq, now, op, name, size, sha256, prev, h)
         with self.meta.transaction():
-            self.meta.conn.execute(
-                insert(ledger).values(
-                    seq=seq,
-                    time_ns=now,
-                    op=op,
-                    name=name,
-                    size=size,
-                    sha256=sha256,
-                    prev=prev,
-                    hash=h,
-                )
+            self.meta.raw.execute(
+                "INSERT INTO ledger (seq, time_ns, op, name, size, sha256, prev, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, now, op, name, size, sha256, prev, h),
             )
         self._head = e
         return e

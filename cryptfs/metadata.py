@@ -23,14 +23,12 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
-    bindparam,
     create_engine,
     delete,
     event,
     func,
     insert,
     select,
-    update,
 )
 from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.pool import StaticPool
@@ -128,22 +126,25 @@ class Inode:
 
 INODE_FIELDS = [f.name for f in fields(Inode)]
 
-_sel_inode = select(inodes).where(inodes.c.ino == bindparam("i"))
-_sel_dentry = select(dentries.c.ino).where(
-    dentries.c.parent == bindparam("p"), dentries.c.name == bindparam("n")
+_SQL_GET_INODE = (
+    "SELECT ino, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns, rdev, target "
+    "FROM inodes WHERE ino = ?"
 )
-_sel_block = (
-    select(blocks.c.obj, objects.c.size, objects.c.sha256)
-    .join(objects, objects.c.name == blocks.c.obj)
-    .where(blocks.c.ino == bindparam("i"), blocks.c.idx == bindparam("x"))
+_SQL_UPDATE_INODE = (
+    "UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, nlink = ?, atime_ns = ?, "
+    "mtime_ns = ?, ctime_ns = ?, rdev = ?, target = ? WHERE ino = ?"
 )
-_sel_object = select(objects).where(objects.c.name == bindparam("n"))
-_incref = (
-    update(objects).where(objects.c.name == bindparam("n")).values(refcount=objects.c.refcount + 1)
+_SQL_LOOKUP = "SELECT ino FROM dentries WHERE parent = ? AND name = ?"
+_SQL_GET_BLOCK = (
+    "SELECT b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
+    "WHERE b.ino = ? AND b.idx = ?"
 )
-_decref = (
-    update(objects).where(objects.c.name == bindparam("n")).values(refcount=objects.c.refcount - 1)
+_SQL_GET_BLOCKS = (
+    "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
+    "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
 )
+_SQL_INCREF = "UPDATE objects SET refcount = refcount + 1 WHERE name = ?"
+_SQL_DECREF = "UPDATE objects SET refcount = refcount - 1 WHERE name = ?"
 
 
 def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
@@ -182,6 +183,8 @@ class MetaStore:
                 hint="move it away to rebuild it from the store",
             )
         self.conn.commit()
+        # hot paths use precompiled SQL on the driver connection, inside the same transactions
+        self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -219,19 +222,46 @@ class MetaStore:
 
     # -- inodes -------------------------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode | None:
-        row = self.conn.execute(_sel_inode, {"i": ino}).first()
+        row = self.raw.execute(_SQL_GET_INODE, (ino,)).fetchone()
         return Inode(*row) if row else None
 
     def insert_inode(self, node: Inode) -> int:
-        values = {f: getattr(node, f) for f in INODE_FIELDS if f != "ino"}
-        if node.ino:
-            values["ino"] = node.ino
-        res = self.conn.execute(insert(inodes).values(**values))
-        return int(res.inserted_primary_key[0])
+        cur = self.raw.execute(
+            "INSERT INTO inodes (ino, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns, "
+            "rdev, target) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                node.ino or None,
+                node.mode,
+                node.uid,
+                node.gid,
+                node.size,
+                node.nlink,
+                node.atime_ns,
+                node.mtime_ns,
+                node.ctime_ns,
+                node.rdev,
+                node.target,
+            ),
+        )
+        return int(cur.lastrowid)  # type: ignore[arg-type]
 
     def update_inode(self, node: Inode) -> None:
-        values = {f: getattr(node, f) for f in INODE_FIELDS if f != "ino"}
-        self.conn.execute(update(inodes).where(inodes.c.ino == node.ino).values(**values))
+        self.raw.execute(
+            _SQL_UPDATE_INODE,
+            (
+                node.mode,
+                node.uid,
+                node.gid,
+                node.size,
+                node.nlink,
+                node.atime_ns,
+                node.mtime_ns,
+                node.ctime_ns,
+                node.rdev,
+                node.target,
+                node.ino,
+            ),
+        )
 
     def delete_inode(self, ino: int) -> list[str]:
         """Remove an inode with its xattrs and chunk map; return the objects it referenced."""
@@ -248,15 +278,16 @@ class MetaStore:
 
     # -- directory entries --------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> int | None:
-        return self.conn.execute(_sel_dentry, {"p": parent, "n": name}).scalar()
+        row = self.raw.execute(_SQL_LOOKUP, (parent, name)).fetchone()
+        return row[0] if row else None
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
-        self.conn.execute(insert(dentries).values(parent=parent, name=name, ino=ino))
+        self.raw.execute(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
+        )
 
     def remove_dentry(self, parent: int, name: bytes) -> None:
-        self.conn.execute(
-            delete(dentries).where(dentries.c.parent == parent, dentries.c.name == name)
-        )
+        self.raw.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
 
     def list_dir(
         self, parent: int, after: bytes | None = None, limit: int | None = None
@@ -290,44 +321,38 @@ class MetaStore:
 
     # -- chunk maps and objects ---------------------------------------------------------------
     def get_block(self, ino: int, idx: int) -> ChunkRef | None:
-        row = self.conn.execute(_sel_block, {"i": ino, "x": idx}).first()
+        row = self.raw.execute(_SQL_GET_BLOCK, (ino, idx)).fetchone()
         return ChunkRef(row[0], row[1], bytes(row[2])) if row else None
 
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
-        q = (
-            select(blocks.c.idx, blocks.c.obj, objects.c.size, objects.c.sha256)
-            .join(objects, objects.c.name == blocks.c.obj)
-            .where(blocks.c.ino == ino, blocks.c.idx >= lo, blocks.c.idx < hi)
-        )
-        return {i: ChunkRef(o, z, bytes(h)) for i, o, z, h in self.conn.execute(q)}
+        rows = self.raw.execute(_SQL_GET_BLOCKS, (ino, lo, hi))
+        return {i: ChunkRef(o, z, bytes(h)) for i, o, z, h in rows}
 
     def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
         """Point chunk ``idx`` of ``ino`` at ``ref`` (None: a hole). Adjusts reference counts;
         returns the name of the object that was referenced before, if any."""
-        old = self.conn.execute(
-            select(blocks.c.obj).where(blocks.c.ino == ino, blocks.c.idx == idx)
-        ).scalar()
+        row = self.raw.execute(
+            "SELECT obj FROM blocks WHERE ino = ? AND idx = ?", (ino, idx)
+        ).fetchone()
+        old = row[0] if row else None
         if old is not None and ref is not None and old == ref.name:
             return None
         if old is not None:
-            self.conn.execute(_decref, {"n": old})
-            self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx == idx))
+            self.raw.execute(_SQL_DECREF, (old,))
+            self.raw.execute("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx))
         if ref is not None:
             self.reference(ref, staged)
-            self.conn.execute(insert(blocks).values(ino=ino, idx=idx, obj=ref.name))
+            self.raw.execute(
+                "INSERT INTO blocks (ino, idx, obj) VALUES (?, ?, ?)", (ino, idx, ref.name)
+            )
         return old
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
-        if self.conn.execute(_incref, {"n": ref.name}).rowcount == 0:
-            self.conn.execute(
-                insert(objects).values(
-                    name=ref.name,
-                    size=ref.size,
-                    sha256=ref.sha256,
-                    refcount=1,
-                    state="staged" if staged else "stored",
-                )
+        if self.raw.execute(_SQL_INCREF, (ref.name,)).rowcount == 0:
+            self.raw.execute(
+                "INSERT INTO objects (name, size, sha256, refcount, state) VALUES (?, ?, ?, 1, ?)",
+                (ref.name, ref.size, ref.sha256, "staged" if staged else "stored"),
             )
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
@@ -338,7 +363,7 @@ class MetaStore:
             ).scalars()
         )
         for n in names:
-            self.conn.execute(_decref, {"n": n})
+            self.raw.execute(_SQL_DECREF, (n,))
         if names:
             self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx >= first_idx))
         return names
@@ -351,13 +376,15 @@ class MetaStore:
         )
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
-        row = self.conn.execute(_sel_object, {"n": name}).first()
+        row = self.raw.execute(
+            "SELECT size, sha256, refcount, state FROM objects WHERE name = ?", (name,)
+        ).fetchone()
         if not row:
             return None
-        return ChunkRef(row.name, row.size, bytes(row.sha256)), row.refcount, row.state
+        return ChunkRef(name, row[0], bytes(row[1])), row[2], row[3]
 
     def mark_stored(self, name: str) -> None:
-        self.conn.execute(update(objects).where(objects.c.name == name).values(state="stored"))
+        self.raw.execute("UPDATE objects SET state = 'stored' WHERE name = ?", (name,))
 
     def objects_in_state(self, st: str) -> list[ChunkRef]:
         q = select(objects.c.name, objects.c.size, objects.c.sha256).where(objects.c.state == st)
@@ -415,14 +442,18 @@ class MetaStore:
 
     # -- xattrs -------------------------------------------------------------------------------
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        v = self.conn.execute(
-            select(xattrs.c.value).where(xattrs.c.ino == ino, xattrs.c.name == name)
-        ).scalar()
-        return bytes(v) if v is not None else None
+        row = self.raw.execute(
+            "SELECT value FROM xattrs WHERE ino = ? AND name = ?", (ino, name)
+        ).fetchone()
+        return bytes(row[0]) if row else None
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.conn.execute(delete(xattrs).where(xattrs.c.ino == ino, xattrs.c.name == name))
-        self.conn.execute(insert(xattrs).values(ino=ino, name=name, value=value))
+        self.raw.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)", (ino, name, value)
+        )
+
+    def inodes_with_xattrs(self) -> set[int]:
+        return {r[0] for r in self.raw.execute("SELECT DISTINCT ino FROM xattrs")}
 
     def list_xattrs(self, ino: int) -> list[bytes]:
         return [

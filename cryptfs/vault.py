@@ -164,8 +164,11 @@ def read_checkpoints(
             )
         except ObjectNotFound:
             continue
-        except (IntegrityError, ValueError, KeyError, TypeError) as e:
-            bad.append(f"checkpoint {name}: rejected, it fails authentication ({e})")
+        except IntegrityError:
+            bad.append(f"checkpoint {name}: rejected, it fails authentication")
+            continue
+        except (ValueError, KeyError, TypeError, AttributeError):
+            bad.append(f"checkpoint {name}: rejected, it is malformed")
             continue
         if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) or name != checkpoint_name(
             ck.seq
@@ -327,8 +330,16 @@ class Vault:
             raise IntegrityError(
                 f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
             )
+        authentic, _ = read_checkpoints(self.store, self.codec, newest_only=False)
         with meta.transaction():
             for e in tail:
+                if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
+                    meta.conn.exec_driver_sql(
+                        "DELETE FROM objects WHERE name = ? "
+                        "AND (refcount <= 0 OR name NOT LIKE 'data/%')",
+                        (e.name,),
+                    )
+                    continue
                 if e.op != "put":
                     continue
                 found = meta.get_object(e.name)
@@ -336,10 +347,15 @@ class Vault:
                     meta.mark_stored(e.name)
                 elif not e.name.startswith("data/"):
                     meta.reference(ChunkRef(e.name, e.size, e.sha256), staged=False)
-            for name, _size in self.store.list(CHECKPOINT_PREFIX):  # written after the snapshot
-                if meta.get_object(name) is None:
-                    ck_blob = self.store.get(name)
-                    meta.reference(ChunkRef(name, len(ck_blob), crypto.sha256(ck_blob)), False)
+            # checkpoints written after the snapshot; only authentic ones, so a forged
+            # checkpoint never counts among the newest that garbage collection keeps
+            for c in authentic:
+                if meta.get_object(c.name) is None:
+                    try:
+                        ck_blob = self.store.get(c.name)
+                    except ObjectNotFound:
+                        continue
+                    meta.reference(ChunkRef(c.name, len(ck_blob), crypto.sha256(ck_blob)), False)
         meta.sync()
         meta.close()
         for suffix in ("-wal", "-shm"):

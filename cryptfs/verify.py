@@ -250,7 +250,16 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
         rows = meta.all_objects()
     restored, lost = 0, []
     for ref, refcount, state in rows:
-        if state != "stored" or refcount <= 0 or ref.name in in_store:
+        if ref.name in in_store:
+            continue
+        if not ref.name.startswith(DATA_PREFIX):
+            # a snapshot or checkpoint the store lost (the rollback took it): the new
+            # checkpoint below supersedes it; forget it
+            with fs.lock, meta.transaction():
+                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                led.append("del", ref.name, ref.size, ref.sha256)
+            continue
+        if state != "stored" or refcount <= 0:
             continue
         blob = _local_copy(vault, ref)
         if blob is None:

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     rule,
     run_state_machine_as_test,
@@ -201,6 +202,37 @@ class CryptfsModel(RuleBasedStateMachine):
         finally:
             self._cleanup()
 
+    def path_strategy(self, prefer: str = "any") -> st.SearchStrategy[str]:
+        """Names that exist in the reference (files, directories, symlinks), new names in
+        existing directories, and sometimes any path (for the error cases); ``prefer`` ("file",
+        "dir", "new") weights one kind."""
+        by_kind: dict[str, list[str]] = {"file": [], "dir": [], "link": []}
+        dirs = [""]
+        todo = [""]
+        while todo:
+            rel = todo.pop()
+            for name in sorted(os.listdir(self.ref / rel)):
+                r = f"{rel}/{name}" if rel else name
+                m = os.lstat(self.ref / r).st_mode
+                kind = "dir" if stat.S_ISDIR(m) else "link" if stat.S_ISLNK(m) else "file"
+                by_kind[kind].append(r)
+                if kind == "dir":
+                    todo.append(r)
+                    dirs.append(r)
+        existing = {p for v in by_kind.values() for p in v}
+        fresh = [f"{d}/{n}" if d else n for d in dirs if d.count("/") < 2 for n in NAMES]
+        by_kind["new"] = [p for p in fresh if p not in existing]
+        options: list[st.SearchStrategy[str]] = []
+        for kind in ("file", "dir", "link", "new"):
+            if by_kind[kind]:
+                weight = 4 if kind == prefer else 1
+                options += [st.sampled_from(sorted(by_kind[kind]))] * weight
+        options.append(paths)
+        return st.one_of(options)
+
+    def pick(self, data: st.DataObject, label: str, prefer: str = "any") -> str:
+        return data.draw(self.path_strategy(prefer), label=label)
+
     def both(self, fn: Callable[[str], Any]) -> Outcome:
         """Apply ``fn(base)`` to the reference, then to the mount; the outcomes must match."""
         self.clean = False
@@ -213,8 +245,23 @@ class CryptfsModel(RuleBasedStateMachine):
         return got
 
     # -- rules ------------------------------------------------------------------------------
-    @rule(path=paths, mode=modes, excl=st.booleans(), trunc=st.booleans())
-    def create(self, path: str, mode: int, excl: bool, trunc: bool) -> None:
+    @initialize(seed=st.integers(0, 2**32))
+    def populate(self, seed: int) -> None:
+        """Start from a small tree: two files (one over several chunks) and a directory."""
+        sizes_ = {"a": 3 * CHUNK + 123, "c/b": 1000}
+        self.both(lambda base: os.mkdir(os.path.join(base, "c"), 0o755))
+        for name, size in sizes_.items():
+            content = make_data("random", seed, size)
+
+            def op(base: str, name: str = name, content: bytes = content) -> None:
+                with open(os.path.join(base, name), "wb") as f:
+                    f.write(content)
+
+            self.both(op)
+
+    @rule(data=st.data(), mode=modes, excl=st.booleans(), trunc=st.booleans())
+    def create(self, data: st.DataObject, mode: int, excl: bool, trunc: bool) -> None:
+        path = self.pick(data, "path", "new")
         flags = os.O_CREAT | os.O_WRONLY | (os.O_EXCL if excl else 0) | (os.O_TRUNC if trunc else 0)
 
         def op(base: str) -> None:
@@ -222,17 +269,18 @@ class CryptfsModel(RuleBasedStateMachine):
 
         self.both(op)
 
-    @rule(path=paths, offset=offsets, size=sizes, kind=kinds, seed=st.integers(0, 2**32),
+    @rule(data=st.data(), offset=offsets, size=sizes, kind=kinds, seed=st.integers(0, 2**32),
           append=st.booleans(), sync=st.booleans())
-    def write(self, path: str, offset: int, size: int, kind: str, seed: int, append: bool,
-              sync: bool) -> None:
-        data = make_data(kind, seed, size)
+    def write(self, data: st.DataObject, offset: int, size: int, kind: str, seed: int,
+              append: bool, sync: bool) -> None:
+        path = self.pick(data, "path", "file")
+        content = make_data(kind, seed, size)
         flags = os.O_WRONLY | (os.O_APPEND if append else 0)
 
         def op(base: str) -> int:
             fd = os.open(os.path.join(base, path), flags)
             try:
-                n = os.write(fd, data) if append else os.pwrite(fd, data, offset)
+                n = os.write(fd, content) if append else os.pwrite(fd, content, offset)
                 if sync:
                     os.fsync(fd)
                 return n
@@ -241,52 +289,64 @@ class CryptfsModel(RuleBasedStateMachine):
 
         self.both(op)
 
-    @rule(path=paths, length=lengths)
-    def truncate(self, path: str, length: int) -> None:
+    @rule(data=st.data(), length=lengths)
+    def truncate(self, data: st.DataObject, length: int) -> None:
+        path = self.pick(data, "path", "file")
         self.both(lambda base: os.truncate(os.path.join(base, path), length))
 
-    @rule(src=paths, dst=paths)
-    def rename(self, src: str, dst: str) -> None:
+    @rule(data=st.data())
+    def rename(self, data: st.DataObject) -> None:
+        src, dst = self.pick(data, "src"), self.pick(data, "dst", "new")
         self.both(lambda base: os.rename(os.path.join(base, src), os.path.join(base, dst)))
 
-    @rule(src=paths, dst=paths)
-    def link(self, src: str, dst: str) -> None:
+    @rule(data=st.data())
+    def link(self, data: st.DataObject) -> None:
+        src, dst = self.pick(data, "src", "file"), self.pick(data, "dst", "new")
         self.both(lambda base: os.link(os.path.join(base, src), os.path.join(base, dst),
                                        follow_symlinks=False))
 
-    @rule(path=paths)
-    def unlink(self, path: str) -> None:
+    @rule(data=st.data())
+    def unlink(self, data: st.DataObject) -> None:
+        path = self.pick(data, "path", "file")
         self.both(lambda base: os.unlink(os.path.join(base, path)))
 
-    @rule(path=paths, mode=modes)
-    def mkdir(self, path: str, mode: int) -> None:
+    @rule(data=st.data(), mode=modes)
+    def mkdir(self, data: st.DataObject, mode: int) -> None:
+        path = self.pick(data, "path", "new")
         self.both(lambda base: os.mkdir(os.path.join(base, path), mode))
 
-    @rule(path=paths)
-    def rmdir(self, path: str) -> None:
+    @rule(data=st.data())
+    def rmdir(self, data: st.DataObject) -> None:
+        path = self.pick(data, "path", "dir")
         self.both(lambda base: os.rmdir(os.path.join(base, path)))
 
-    @rule(dest=targets, path=paths)
-    def symlink(self, dest: str, path: str) -> None:
+    @rule(data=st.data(), dest=targets)
+    def symlink(self, data: st.DataObject, dest: str) -> None:
+        path = self.pick(data, "path", "new")
         self.both(lambda base: os.symlink(dest, os.path.join(base, path)))
 
-    @rule(path=paths, mode=modes)
-    def chmod(self, path: str, mode: int) -> None:
+    @rule(data=st.data(), mode=modes)
+    def chmod(self, data: st.DataObject, mode: int) -> None:
+        path = self.pick(data, "path")
         self.both(lambda base: os.chmod(os.path.join(base, path), mode))
 
-    @rule(path=paths, name=xattr_names, value=xattr_values, flags=xattr_flags,
+    @rule(data=st.data(), name=xattr_names, value=xattr_values, flags=xattr_flags,
           follow=st.booleans())
-    def setxattr(self, path: str, name: str, value: bytes, flags: int, follow: bool) -> None:
+    def setxattr(self, data: st.DataObject, name: str, value: bytes, flags: int,
+                 follow: bool) -> None:
+        path = self.pick(data, "path")
         self.both(lambda base: os.setxattr(os.path.join(base, path), name, value, flags,
                                            follow_symlinks=follow))
 
-    @rule(path=paths, name=xattr_names)
-    def removexattr(self, path: str, name: str) -> None:
+    @rule(data=st.data(), name=xattr_names)
+    def removexattr(self, data: st.DataObject, name: str) -> None:
+        path = self.pick(data, "path")
         self.both(lambda base: os.removexattr(os.path.join(base, path), name,
                                               follow_symlinks=False))
 
-    @rule(path=st.one_of(st.just(""), paths))
-    def fsync(self, path: str) -> None:
+    @rule(data=st.data())
+    def fsync(self, data: st.DataObject) -> None:
+        path = data.draw(st.one_of(st.just(""), self.path_strategy("file")), label="path")
         def op(base: str) -> None:
             fd = os.open(os.path.join(base, path) if path else base, os.O_RDONLY)
             try:
