@@ -153,14 +153,15 @@ class ChunkStore:
         while too many chunks are being sealed (bounded memory)."""
         self._seal_slots.acquire()
         try:
-            fut = self._seal_pool.submit(self._put_or_hole, plain)
+            fut = self._seal_pool.submit(self.put_or_hole, plain)
         except BaseException:
             self._seal_slots.release()
             raise
         fut.add_done_callback(lambda _f: self._seal_slots.release())
         return fut
 
-    def _put_or_hole(self, plain: bytearray) -> ChunkRef | None:
+    def put_or_hole(self, plain: bytearray) -> ChunkRef | None:
+        """:meth:`put`, or None (a hole) for an all-zero chunk."""
         if not plain or (plain[0] == 0 and plain[-1] == 0 and plain == bytes(len(plain))):
             return None
         return self.put(plain)

@@ -46,6 +46,7 @@ RENAME_EXCHANGE = 2
 DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
 INODE_CACHE_MAX = 200_000
 REF_WINDOW = 256
+INLINE_SEAL = 128 << 10
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
 HIDDEN = b".fuse_hidden"
@@ -125,6 +126,7 @@ class FileSystem:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_errors = 0
+        self.before_commit: Callable[[], None] | None = None  # runs inside each data commit
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
 
@@ -778,7 +780,15 @@ class FileSystem:
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
             old = f.pending.get(idx)
-            f.pending[idx] = Sealing(buf, self.chunks.put_async(buf))
+            if len(buf) < INLINE_SEAL:  # small: a thread hand-off costs more than sealing
+                fut: Future[ChunkRef | None] = Future()
+                try:
+                    fut.set_result(self.chunks.put_or_hole(buf))
+                except CryptfsError as e:
+                    fut.set_exception(e)
+            else:
+                fut = self.chunks.put_async(buf)
+            f.pending[idx] = Sealing(buf, fut)
             if old is not None:
                 self._unpin_later(old)
 
@@ -816,6 +826,8 @@ class FileSystem:
                 self._discard(f)
                 return
             with self.meta.transaction():
+                if self.before_commit is not None:
+                    self.before_commit()
                 for idx, ref in refs.items():
                     if idx * self.cs < f.size:
                         self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)

@@ -376,6 +376,10 @@ class CryptfsFUSE(mfusepy.FUSE):
             gid = -1
         return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
 
+    def create(self, path: bytes, mode: int, fip: Any) -> int:  # without inspect per call
+        fip.contents.fh = self.operations.create(self._path(path), mode, fip.contents.flags)
+        return 0
+
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         return self.operations.truncate(self._path(path), length, self._fh(fip))
 

@@ -213,6 +213,8 @@ class Vault:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.warnings: list[str] = []
+        self._stored: list[ChunkRef] = []
+        self._stored_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -454,6 +456,7 @@ class Vault:
             readonly=self.readonly,
             statfs_source=statfs,
         )
+        self.fs.before_commit = self._flush_stored
         if self.readonly:
             return
         self.fs.recover()  # files unlinked while open, then a crash
@@ -472,10 +475,27 @@ class Vault:
         return found[0] if found else None
 
     def _on_stored(self, ref: ChunkRef) -> None:
+        """An object reached the store. For a remote store (upload workers) the ledger entry is
+        written now; for the local store (on the write path) it is queued and written in the
+        transaction that commits the chunk map referencing it, or before a checkpoint."""
         assert self.fs is not None and self.meta is not None and self.ledger is not None
+        if self.chunks is not None and not self.chunks.remote:
+            with self._stored_lock:
+                self._stored.append(ref)
+            return
         with self.fs.lock, self.meta.transaction():
             self.ledger.append("put", ref.name, ref.size, ref.sha256)
             self.meta.mark_stored(ref.name)
+
+    def _flush_stored(self) -> None:
+        """Write the queued ledger entries (caller holds the filesystem lock)."""
+        assert self.meta is not None and self.ledger is not None
+        with self._stored_lock:
+            queued, self._stored = self._stored, []
+        if queued:
+            with self.meta.transaction():
+                for ref in queued:
+                    self.ledger.append("put", ref.name, ref.size, ref.sha256)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _periodic(self) -> None:
@@ -509,6 +529,7 @@ class Vault:
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta, led = self.fs, self.meta, self.ledger
         with fs.lock:
+            self._flush_stored()
             # An upload can finish before the file's chunk map is committed: on_stored then
             # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
             # (its ledger entry was written) once no upload and no staged file is left for it.
