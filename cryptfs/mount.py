@@ -174,12 +174,12 @@ def serve(
             paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes
         )
     except CryptfsError as e:
-        report("ERR " + e.line())
+        report(f"ERR {e.exit_code} {e.line()}")
         log.error("%s", e.line())
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - one line to the user, the traceback to the log
         log.exception("cannot open the vault")
-        report(f"ERR cannot open the vault: {e}")
+        report(f"ERR 1 cannot open the vault: {e}")
         return 1
     for w in vault.warnings:
         log.warning("%s", w)
@@ -200,7 +200,7 @@ def serve(
     try:
         CryptfsFUSE(ops, mountpoint, **kwargs)
     except BaseException as e:  # noqa: BLE001 - reported, then the vault is closed below
-        report(f"ERR cannot mount {mountpoint}: {e}")
+        report(f"ERR 7 cannot mount {mountpoint}: {e}")
         log.error("FUSE stopped: %s", e)
         status = 7
     finally:
@@ -267,7 +267,10 @@ def mount_vault(
         return 0
     os.waitpid(pid, 0)
     if text.startswith("ERR "):
-        raise MountError(text[4:])
+        code, _, line = text[4:].partition(" ")
+        err = MountError(line)
+        err.exit_code = int(code) if code.isdigit() else MountError.exit_code
+        raise err
     raise MountError(
         f"the mount daemon exited without mounting {mountpoint}",
         hint=f"see {paths.data_dir / 'daemon.log'}",

@@ -250,6 +250,9 @@ class Vault:
                     )
                 v.warnings.extend(problems)
             v._start()
+            assert v._lock_fd is not None
+            os.ftruncate(v._lock_fd, 0)  # the holder's pid, for messages and `cryptfs umount`
+            os.pwrite(v._lock_fd, str(os.getpid()).encode(), 0)
         except BaseException:
             v.close(checkpoint=False)
             raise
@@ -285,8 +288,6 @@ class Vault:
                 f"{' (pid ' + holder + ')' if holder else ''}",
                 hint="unmount it first with 'cryptfs umount'",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
     def _open_db(self) -> None:
