@@ -220,21 +220,22 @@ class ChunkStore:
                 self._staged_bytes -= ref.size
                 self._cv.notify_all()
 
-    def resume(self, staged: list[ChunkRef]) -> int:
+    def resume(self, staged: list[ChunkRef]) -> tuple[int, int]:
         """After a restart: re-queue the staged objects the metadata knows; delete stray files
-        (sealed but never committed, or already uploaded). Returns the number re-queued."""
+        (sealed but never committed, or already uploaded). Returns (re-queued, deleted)."""
         known = {r.name.replace("/", "_"): r for r in staged}
-        n = 0
+        n = stray = 0
         for f in self.staging.iterdir():
             ref = known.get(f.name)
             if ref is None:
                 f.unlink()
+                stray += 1
                 continue
             with self._cv:
                 self._staged_bytes += ref.size
             self._enqueue(ref)
             n += 1
-        return n
+        return n, stray
 
     def pending(self) -> tuple[int, int]:
         """(objects, bytes) waiting for upload."""

@@ -26,6 +26,7 @@ EPILOGS = {
     "umount": "example: cryptfs umount ~/vault",
     "verify": "example: cryptfs verify --full",
     "log": "example: cryptfs log -n 20",
+    "fsck": "example: cryptfs fsck --repair",
     "list": "example: cryptfs list",
 }
 
@@ -140,6 +141,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if rep.clean else 6
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from cryptfs.fsck import fsck
+    vault = _open_for_check(args, readonly=not args.repair)
+    try:
+        rep = fsck(vault, repair=args.repair)
+        if args.repair and rep.repaired:
+            vault.sync()
+    finally:
+        vault.close(checkpoint=False)
+    rep.repaired[:0] = vault.recovered  # what opening the vault repaired already
+    for line in rep.repaired:
+        print(f"repaired: {line}")
+    for line in rep.problems:
+        print(line)
+    print(rep.summary())
+    return 0 if rep.clean else 6
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     vault = _open_for_check(args, readonly=True)
     try:
@@ -232,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(sp)
     sp.set_defaults(func=cmd_verify)
+
+    sp = add("fsck", "check metadata invariants, reference counts, chunks and staged uploads")
+    sp.add_argument("--repair", action="store_true", help="repair what is safe to repair")
+    common(sp)
+    sp.set_defaults(func=cmd_fsck)
 
     sp = add("log", "show the newest ledger entries")
     sp.add_argument("-n", type=int, default=20, help="how many (default 20)")

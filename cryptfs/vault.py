@@ -214,6 +214,7 @@ class Vault:
         self._timer: threading.Thread | None = None
         self.warnings: list[str] = []
         self._stored: list[ChunkRef] = []
+        self.recovered: list[str] = []  # what opening repaired after a crash, one line each
         self._stored_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------
@@ -460,12 +461,18 @@ class Vault:
         self.fs.before_commit = self._flush_stored
         if self.readonly:
             return
-        self.fs.recover()  # files unlinked while open, then a crash
+        dropped = self.fs.recover()  # files unlinked while open, then a crash
+        if dropped:
+            self.recovered.append(f"{dropped} hidden entries or nameless inodes left by a crash: "
+                                  "removed")
         with self.fs.lock:
             staged = self.meta.objects_in_state("staged")
-        resumed = self.chunks.resume(staged)
+        resumed, stray = self.chunks.resume(staged)
         if resumed:
             log.info("resuming %d staged uploads", resumed)
+            self.recovered.append(f"{resumed} staged uploads: resumed")
+        if stray:
+            self.recovered.append(f"{stray} stray staged files: removed")
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
 

@@ -1,0 +1,161 @@
+"""``cryptfs fsck``: check the metadata's invariants against each other, the staging area and
+the store, and repair what is safe to repair.
+
+Safe repairs change only derived or dangling state: reference counts, link counts, entries that
+point at nothing, inodes nothing points at, staged uploads that already reached the store, stray
+staged files. Anything that would need data we do not have (a chunk missing from the store) is
+reported, never papered over.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cryptfs import crypto
+from cryptfs.codec import DATA_PREFIX
+from cryptfs.metadata import ROOT_INO
+from cryptfs.vault import Vault
+
+HIDDEN = b".fuse_hidden"
+
+
+@dataclass
+class FsckReport:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.clean:
+            return f"fsck: clean ({len(self.repaired)} repaired)"
+        return f"fsck: {len(self.problems)} problem(s) left, {len(self.repaired)} repaired"
+
+
+def fsck(vault: Vault, repair: bool = False) -> FsckReport:
+    assert vault.meta is not None and vault.ledger is not None
+    meta, raw = vault.meta, vault.meta.raw
+    rep = FsckReport()
+
+    def found(msg: str, fix: str | None = None, sql: tuple[str, tuple] | None = None) -> None:
+        if repair and sql is not None:
+            raw.execute(*sql)
+            rep.repaired.append(f"{msg}: {fix}")
+        else:
+            rep.problems.append(msg + (f" (fsck --repair: {fix})" if fix else ""))
+
+    with meta.transaction():
+        inodes = {r[0]: (r[1], r[2]) for r in raw.execute("SELECT ino, mode, nlink FROM inodes")}
+        dentries = list(raw.execute("SELECT parent, name, ino FROM dentries"))
+        if ROOT_INO not in inodes:
+            rep.problems.append("the root directory is missing")
+        links: Counter[int] = Counter()
+        subdirs: Counter[int] = Counter()
+        for parent, name, ino in dentries:
+            name = bytes(name)
+            shown = name.decode("utf-8", "surrogateescape")
+            if ino not in inodes:
+                found(f"entry '{shown}' in directory {parent} points at missing inode {ino}",
+                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
+                                        (parent, name)))
+                continue
+            if parent not in inodes or not stat.S_ISDIR(inodes[parent][0]):
+                found(f"entry '{shown}' has a parent {parent} that is not a directory",
+                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
+                                        (parent, name)))
+                continue
+            if name.startswith(HIDDEN):
+                found(f"leftover hidden entry '{shown}' (a file unlinked while open)",
+                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
+                                        (parent, name)))
+                continue
+            links[ino] += 1
+            if stat.S_ISDIR(inodes[ino][0]):
+                subdirs[parent] += 1
+        for ino, (mode, nlink) in inodes.items():
+            if ino == ROOT_INO:
+                want = 2 + subdirs[ino]
+            elif links[ino] == 0:
+                found(f"inode {ino} has no name (orphan)", "inode removed",
+                      ("DELETE FROM inodes WHERE ino = ?", (ino,)))
+                if repair:
+                    raw.execute("DELETE FROM blocks WHERE ino = ?", (ino,))
+                    raw.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+                continue
+            elif stat.S_ISDIR(mode):
+                want = 2 + subdirs[ino]
+            else:
+                want = links[ino]
+            if nlink != want:
+                found(f"inode {ino} has link count {nlink}, its names say {want}",
+                      "link count fixed", ("UPDATE inodes SET nlink = ? WHERE ino = ?",
+                                           (want, ino)))
+
+        # chunk maps and reference counts
+        objects = {r[0]: (r[1], r[2], r[3]) for r in raw.execute(
+            "SELECT name, refcount, state, size FROM objects")}
+        uses: Counter[str] = Counter()
+        for ino, idx, obj in list(raw.execute("SELECT ino, idx, obj FROM blocks")):
+            if ino not in inodes:
+                found(f"chunk {idx} of missing inode {ino}", "chunk map entry removed",
+                      ("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx)))
+                continue
+            if obj not in objects:
+                paths = ", ".join(meta.paths_of(ino)) or f"inode {ino}"
+                rep.problems.append(f"{paths}: chunk {idx} refers to unknown object {obj}")
+                continue
+            uses[obj] += 1
+        for name, (refcount, _state, _size) in objects.items():
+            if name.startswith(DATA_PREFIX) and refcount != uses[name]:
+                found(f"object {name} has reference count {refcount}, {uses[name]} chunks use "
+                      "it", "count fixed", ("UPDATE objects SET refcount = ? WHERE name = ?",
+                                            (uses[name], name)))
+
+    # staged uploads and presence in the store
+    store_sizes = dict(vault.store.list(DATA_PREFIX))
+    staging = vault.paths.staging
+    staged_files = {p.name for p in staging.iterdir()} if staging.is_dir() else set()
+    with meta.transaction():
+        for name, (refcount, state, size) in objects.items():
+            if not name.startswith(DATA_PREFIX):
+                continue
+            fname = name.replace("/", "_")
+            if state == "staged":
+                if fname in staged_files:
+                    continue  # uploaded at the next mount
+                if store_sizes.get(name) == size:
+                    blob = vault.store.get(name)
+                    (ref, _rc, _st) = meta.get_object(name)  # type: ignore[misc]
+                    if crypto.sha256(blob) == ref.sha256:
+                        if repair:
+                            vault.ledger.append("put", name, size, ref.sha256)
+                        found(f"object {name} is in the store but marked as staged",
+                              "marked stored", ("UPDATE objects SET state = 'stored' "
+                                                "WHERE name = ?", (name,)))
+                        continue
+                users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
+                rep.problems.append(f"object {name} was staged but neither the staged file nor "
+                                    f"the object exists (files: {', '.join(users) or '-'})")
+            elif refcount > 0 and name not in store_sizes:
+                users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
+                rep.problems.append(f"object {name} is missing from the store (files: "
+                                    f"{', '.join(users) or '-'})")
+        for fname in sorted(staged_files):
+            name = fname.replace("_", "/", 2)
+            if name not in objects or objects[name][1] != "staged":
+                if repair:
+                    (staging / fname).unlink(missing_ok=True)
+                    rep.repaired.append(f"stray staged file {fname}: removed")
+                else:
+                    rep.problems.append(f"stray staged file {fname} (fsck --repair: removed)")
+
+    _n, chain = vault.ledger.verify_chain()
+    rep.problems.extend(chain)
+    return rep
+
+
+
