@@ -37,6 +37,7 @@ from cryptfs.errors import (
     StoreError,
 )
 from cryptfs.fs import FileSystem
+from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
 from cryptfs.paths import VaultPaths, write_private
@@ -207,6 +208,7 @@ class Vault:
         self.chunks: ChunkStore | None = None
         self._lock_fd: int | None = None
         self._ckpt_lock = threading.Lock()
+        self._ticket_lock = threading.Lock()
         self._ckpt_requested = 0
         self._ckpt_done = 0
         self._last_ckpt_seq = 0
@@ -214,7 +216,8 @@ class Vault:
         self._timer: threading.Thread | None = None
         self.warnings: list[str] = []
         self._stored: list[ChunkRef] = []
-        self.recovered: list[str] = []  # what opening repaired after a crash, one line each
+        self.recovered: list[str] = []
+        self.lease: Lease | None = None  # what opening repaired after a crash, one line each
         self._stored_lock = threading.Lock()
 
     # -- opening ----------------------------------------------------------------------------
@@ -241,6 +244,9 @@ class Vault:
         try:
             v._refresh_config(master)
             v._take_lock()
+            if not readonly:
+                v.lease = Lease(store, v.codec)
+                v.lease.acquire()
             v._open_db()
             if check:
                 problems = v.anchor_problems()
@@ -475,6 +481,16 @@ class Vault:
             self.recovered.append(f"{stray} stray staged files: removed")
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
+        threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while self.lease is not None and not self._stop.wait(self.lease.ttl / 3):
+            try:
+                if not self.lease.renew() and self.fs is not None:
+                    self.fs.readonly = True  # another mount owns the vault now
+                    return
+            except CryptfsError as e:
+                log.warning("cannot renew the vault lease: %s", e.line())
 
     def _lookup_object(self, name: str) -> ChunkRef | None:
         assert self.fs is not None and self.meta is not None
@@ -522,14 +538,16 @@ class Vault:
         callers share one checkpoint that started after they called)."""
         if self.readonly:
             return
-        with self._ckpt_lock:
-            pass
-        self._ckpt_requested += 1
-        ticket = self._ckpt_requested
+        if self.lease is not None and self.lease.lost:
+            raise LockedError("the vault lease was taken over by another mount")
+        with self._ticket_lock:
+            self._ckpt_requested += 1
+            ticket = self._ckpt_requested
         with self._ckpt_lock:
             if self._ckpt_done >= ticket:
-                return
-            target = self._ckpt_requested
+                return  # a checkpoint that started after our call has finished
+            with self._ticket_lock:
+                target = self._ckpt_requested
             self._checkpoint(progress)
             self._ckpt_done = target
 
@@ -658,6 +676,10 @@ class Vault:
     ) -> None:
         """Flush open files, wait for uploads, write a final checkpoint, release the vault."""
         self._stop.set()
+        if self.lease is not None and self.lease.lost:
+            checkpoint = False  # the vault belongs to another mount now
+            log.error("not writing a final checkpoint: the lease was lost; data of this mount "
+                      "stays in the local database and staging area")
         try:
             if self.fs is not None and checkpoint and not self.readonly:
                 self.fs.commit_all()
@@ -667,6 +689,9 @@ class Vault:
                 self.chunks.close(drain=checkpoint and not self.readonly)
             if self.meta is not None:
                 self.meta.close()
+            if self.lease is not None and not self.lease.lost:
+                with contextlib.suppress(CryptfsError):
+                    self.lease.release()
             with contextlib.suppress(Exception):
                 self.store.close()
             if self._lock_fd is not None:

@@ -24,6 +24,10 @@ class ObjectStore(Protocol):
     def sync(self) -> None:
         """Make every object put so far durable (local: syncfs; S3: nothing to do)."""
 
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Create ``name`` only if it does not exist (a conditional write where the store
+        supports it); return False if it exists. Used for the mount lease only."""
+
     def get(self, name: str) -> bytes:
         """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent."""
 

@@ -65,6 +65,28 @@ class LocalStore:
                 raise StoreError(f"store {self.root} is full (no space left on device)") from None
             raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
 
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Create ``name`` only if it does not exist yet (``link`` of a complete temp file,
+        atomic and exclusive); False if it exists."""
+        path = self._path(name)
+        tmp = path.with_name(f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def get(self, name: str) -> bytes:
         try:
             with open(self._path(name), "rb") as f:

@@ -20,6 +20,13 @@ class MemoryStore:
         with self._lock:
             self.objects[name] = bytes(data)
 
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        with self._lock:
+            if name in self.objects:
+                return False
+            self.objects[name] = bytes(data)
+            return True
+
     def get(self, name: str) -> bytes:
         with self._lock:
             try:

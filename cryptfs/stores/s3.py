@@ -172,6 +172,24 @@ class S3Store:
 
         return self._call(f"get {name}", attempt)
 
+    def put_if_absent(self, name: str, data: bytes) -> bool:
+        """Create ``name`` only if it does not exist yet (an S3 conditional write,
+        ``If-None-Match: *``); False if it exists. A server without conditional writes
+        overwrites: callers read the object back to confirm."""
+        key = self._key(name)
+
+        def attempt() -> bool:
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data),
+                                        IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return False
+                raise
+
+        return self._call(f"put {name}", attempt)
+
     def delete(self, name: str) -> None:
         key = self._key(name)
         self._call(f"delete {name}", functools.partial(
