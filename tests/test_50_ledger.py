@@ -48,7 +48,7 @@ def _tmp_root() -> Path:
     return base
 
 
-# -- template vaults and their copies ------------------------------------------------------------
+# -- template vaults and their copies -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def _templates() -> Iterator[dict[str, Any]]:
     made: dict[str, Any] = {}
@@ -84,16 +84,20 @@ def _write_template(env: VaultEnv) -> VaultEnv:
 def _template(kind: str, made: dict[str, Any], request: pytest.FixtureRequest) -> VaultEnv:
     if kind not in made:
         root = _tmp_root()
-        if kind == "local":
-            made[kind] = _write_template(VaultEnv(root, f"file://{root}/store"))
-        else:
-            server = request.getfixturevalue("s3_server")
-            client = request.getfixturevalue("s3_client")
-            bucket = f"cfs-ledger-{uuid.uuid4().hex[:16]}"
-            client.create_bucket(Bucket=bucket)
-            made["_s3_client"], made["_s3_bucket"] = client, bucket
-            url = f"s3://{bucket}/vault?endpoint={server.endpoint}"
-            made[kind] = _write_template(VaultEnv(root, url))
+        try:
+            if kind == "local":
+                made[kind] = _write_template(VaultEnv(root, f"file://{root}/store"))
+            else:
+                server = request.getfixturevalue("s3_server")
+                client = request.getfixturevalue("s3_client")
+                bucket = f"cfs-ledger-{uuid.uuid4().hex[:16]}"
+                client.create_bucket(Bucket=bucket)
+                made["_s3_client"], made["_s3_bucket"] = client, bucket
+                url = f"s3://{bucket}/vault?endpoint={server.endpoint}"
+                made[kind] = _write_template(VaultEnv(root, url))
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)
+            raise
     return made[kind]
 
 
@@ -200,7 +204,8 @@ def problems(res: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def assert_problem(res: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Exactly-one-match helper: a problem line containing every needle; returns it."""
+    """A failed run (exit 6, summary with counts) with a problem line containing every needle;
+    returns that line."""
     assert res.returncode == 6, (res.returncode, res.stdout, res.stderr)
     summary = res.stdout.strip().splitlines()[-1]
     assert re.match(r"verify: \d+ problem\(s\) - \d+ ledger entries", summary), summary
@@ -253,7 +258,7 @@ def delete_object(env: VaultEnv, name: str) -> None:
         st.delete(name)
 
 
-# -- 1-4: objects in the store ---------------------------------------------------------------------
+# -- 1-4: objects in the store --------------------------------------------------------------------
 def test_1_flipped_byte_fails_read_and_verify_names_file(vault: VaultEnv) -> None:
     obj = chunk_objects(vault, REPORT)[1]
     blob = bytearray(get_object(vault, obj))
@@ -268,8 +273,9 @@ def test_1_flipped_byte_fails_read_and_verify_names_file(vault: VaultEnv) -> Non
         assert ei.value.errno == errno.EIO
         assert (mnt / "docs/other.bin").read_bytes() == FILES["docs/other.bin"]
     assert REPORT in vault.log_text()
-    line = assert_problem(verify(vault, "--full"), "corrupt", obj, REPORT)
-    assert "other.bin" not in line
+    res = verify(vault, "--full")
+    line = assert_problem(res, "corrupt", obj, REPORT)
+    assert "other.bin" not in line and len(problems(res)) == 1, res.stdout
 
 
 def test_2_deleted_object_fails_read_and_verify_names_file(vault: VaultEnv) -> None:
@@ -308,8 +314,9 @@ def test_3_swapped_object_fails_read_and_verify_names_file(vault: VaultEnv) -> N
     with mounted_at(vault) as mnt:
         assert_eio(mnt / "docs/report.bin", CHUNK, 100)
         assert (mnt / "docs/other.bin").read_bytes() == FILES["docs/other.bin"]
-    line = assert_problem(verify(vault, "--full"), "corrupt", victim, REPORT)
-    assert "other.bin" not in line
+    res = verify(vault, "--full")
+    line = assert_problem(res, "corrupt", victim, REPORT)
+    assert "other.bin" not in line and len(problems(res)) == 1, res.stdout
 
 
 def test_4a_deleted_object_put_back_is_detected(vault: VaultEnv) -> None:
@@ -322,9 +329,9 @@ def test_4a_deleted_object_put_back_is_detected(vault: VaultEnv) -> None:
     with contextlib.closing(vault.store()) as st:
         assert not st.exists(obj), "the overwritten chunk was not collected"
         st.put(obj, old)
-    assert_problem(verify(vault), "replayed", obj, "deleted at ledger sequence")
-    with mounted_at(vault, "ro") as mnt:  # the file keeps its new contents
-        assert (mnt / "docs/report.bin").read_bytes() == b"new contents\n"
+    res = verify(vault)
+    assert_problem(res, "replayed", obj, "deleted at ledger sequence")
+    assert len(problems(res)) == 1, res.stdout
 
 
 def test_4b_older_version_of_live_object_is_detected(vault: VaultEnv) -> None:
@@ -355,7 +362,7 @@ def test_4b_older_version_of_live_object_is_detected(vault: VaultEnv) -> None:
     assert_problem(verify(vault, "--full"), "corrupt", obj, REPORT)
 
 
-# -- 5-6: the local ledger
+# -- 5-6: the local ledger ------------------------------------------------------------------------
 def test_5_edited_ledger_row_breaks_chain_at_its_sequence(vault: VaultEnv) -> None:
     obj = chunk_objects(vault, REPORT)[1]
     with db(vault) as c:
@@ -383,7 +390,6 @@ def test_5_edited_ledger_row_breaks_chain_at_its_sequence(vault: VaultEnv) -> No
     res = verify(vault)
     assert not [x for x in problems(res) if "chain broken" in x], res.stdout
     assert_problem(res, "disagree", "checkpoint")
-    assert_mount_refused(vault)
 
 
 def test_6_deleted_ledger_tail_detected_against_store_checkpoint(vault: VaultEnv) -> None:
@@ -396,7 +402,6 @@ def test_6_deleted_ledger_tail_detected_against_store_checkpoint(vault: VaultEnv
     res = verify(vault)
     assert_problem(res, f"behind the store's checkpoint (sequence {ck})")
     assert_problem(res, "this machine saw sequence")  # the local head file agrees
-    assert_mount_refused(vault, "sequence")
     # without the local head file (a new machine, or the attacker removed it too)
     (vault.data_dir / "head.json").unlink()
     res = verify(vault)
@@ -411,10 +416,9 @@ def test_6b_one_deleted_ledger_row_is_detected(vault: VaultEnv) -> None:
         c.execute("DELETE FROM ledger WHERE seq = (SELECT MAX(seq) FROM ledger)")
         c.commit()
     assert_problem(verify(vault), "ledger entries were deleted")
-    assert_mount_refused(vault)
 
 
-# -- 7: the whole store rolled back
+# -- 7: the whole store rolled back ---------------------------------------------------------------
 def snapshot_store(env: VaultEnv, dest: Path) -> dict[str, bytes] | None:
     if env.store_dir is not None:
         shutil.copytree(env.store_dir, dest, symlinks=True)
@@ -477,7 +481,7 @@ def test_7_store_rollback_refused_then_accepted(vault: VaultEnv, tmp_path: Path)
     assert_clean(verify(vault, "--full"))
 
 
-# -- 8: a forged checkpoint
+# -- 8: a forged checkpoint -----------------------------------------------------------------------
 def test_8_forged_checkpoints_are_rejected(vault: VaultEnv) -> None:
     from cryptfs.codec import Codec
     from cryptfs.ledger import head_mac
@@ -517,16 +521,12 @@ def test_8_forged_checkpoints_are_rejected(vault: VaultEnv) -> None:
     with db(vault) as c:  # garbage collection keeps the newest checkpoints it knows
         known = {r[0] for r in c.execute("SELECT name FROM objects")}
     assert genuine_name in known and not known & {replayed, foreign}
-    res = vault.cli("verify", "--accept", check=False)
+    res = vault.cli("verify", "--accept", check=False)  # removes the forged objects
     assert_clean(res)
     assert "lost" not in res.stdout
-    with mounted_at(vault) as mnt:
-        for rel, data in FILES.items():
-            assert (mnt / rel).read_bytes() == data
-    assert_clean(verify(vault))
 
 
-# -- 9: clean
+# -- 9: clean -------------------------------------------------------------------------------------
 def test_9_clean_vault_verifies_clean(vault: VaultEnv) -> None:
     assert_clean(verify(vault))
     res = verify(vault, "--full")
@@ -545,7 +545,7 @@ def test_log_prints_newest_entries(vault: VaultEnv) -> None:
     assert all(re.search(r" (put|del|accept) +\S+ \(\d+ bytes\)$", x) for x in lines), lines
 
 
-# -- scale
+# -- scale ----------------------------------------------------------------------------------------
 def test_verify_full_on_2000_chunks() -> None:
     root = _tmp_root()
     env = VaultEnv(root, f"file://{root}/store")
