@@ -1,4 +1,5 @@
-"""Command line: ``cryptfs`` (init, mount, umount, verify, log, list) and ``mount.cryptfs``.
+"""Command line: ``cryptfs`` (init, mount, umount, status, verify, fsck, gc, log, list, info, key,
+passwd) and ``mount.cryptfs`` (the mount(8) helper).
 
 Every failure prints one line ``cryptfs: <what> (<hint>)`` on stderr and exits with the error's
 code (see README: exit codes); tracebacks only with ``--debug``.
@@ -7,55 +8,64 @@ code (see README: exit codes); tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
 import sys
 import time
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from cryptfs.errors import CryptfsError, UsageError
+from cryptfs.errors import ConfigError, CryptfsError, ObjectNotFound, UsageError
 from cryptfs.paths import VaultPaths, list_vaults
+from cryptfs.unlock import Credentials
 
 DEFAULT_NAME = "default"
 
 EPILOGS = {
-    "init": "example: cryptfs init s3://my-bucket/vault --name work\n"
-    "         cryptfs init            (the embedded local store)",
-    "mount": "example: cryptfs mount --name work ~/work -o allow_other",
+    "init": "examples:\n"
+    "  cryptfs init s3://my-bucket/vault --name work\n"
+    "  cryptfs init                      (the embedded local store)\n"
+    "  cryptfs init --show-master-key    (print the master key once, for a paper backup)",
+    "mount": "examples:\n"
+    "  cryptfs mount --name work ~/work -o allow_other\n"
+    "  cryptfs mount ~/vault --extpass 'pass show cryptfs/default'\n"
+    "  cryptfs mount ~/vault --key-file ~/.config/cryptfs/laptop.pem",
     "umount": "example: cryptfs umount ~/vault",
+    "status": "examples:\n  cryptfs status\n  cryptfs status ~/vault --json",
     "verify": "example: cryptfs verify --full",
     "log": "example: cryptfs log -n 20",
     "fsck": "example: cryptfs fsck --repair",
+    "gc": "examples:\n  cryptfs gc --dry-run\n  cryptfs gc --grace 86400 --name work",
     "list": "example: cryptfs list",
+    "info": "example: cryptfs info 's3://my-bucket/vault?endpoint=http://127.0.0.1:9000'",
+    "key": "examples:\n"
+    "  cryptfs key list\n"
+    "  cryptfs key add --passphrase --new-passphrase-file ~/second.pass\n"
+    "  cryptfs key generate ~/.config/cryptfs/laptop.pem\n"
+    "  cryptfs key add --public-key ~/.config/cryptfs/laptop.pem.pub\n"
+    "  cryptfs key remove 741a7aa3",
+    "key list": "example: cryptfs key list --name work",
+    "key add": "examples:\n"
+    "  cryptfs key add --passphrase                       (asks for the new one twice)\n"
+    "  cryptfs key add --passphrase --new-passphrase-file new.pass\n"
+    "  cryptfs key add --public-key laptop.pem.pub --label laptop",
+    "key remove": "example: cryptfs key remove 741a7aa3   (ids from 'cryptfs key list')",
+    "key generate": "example: cryptfs key generate ~/.config/cryptfs/laptop.pem\n"
+    "  (writes laptop.pem, 0600, and laptop.pem.pub; add the .pub with 'cryptfs key add "
+    "--public-key')",
+    "passwd": "examples:\n"
+    "  cryptfs passwd                     (asks for the old and the new passphrase)\n"
+    "  cryptfs passwd --passphrase-file old.pass --new-passphrase-file new.pass",
 }
 
 
-def get_passphrase(passphrase_file: str | None, confirm: bool = False) -> bytes:
-    """From --passphrase-file, then $CRYPTFS_PASSPHRASE, then the terminal."""
-    if passphrase_file:
-        try:
-            with open(passphrase_file, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise UsageError(
-                f"cannot read passphrase file {passphrase_file}: {e.strerror}"
-            ) from None
-        return data.rstrip(b"\r\n")
-    env = os.environ.get("CRYPTFS_PASSPHRASE")
-    if env is not None:
-        return env.encode()
-    if not sys.stdin.isatty():
-        raise UsageError(
-            "no passphrase given",
-            hint="use --passphrase-file, set CRYPTFS_PASSPHRASE, or run on a terminal",
-        )
-    p1 = getpass.getpass("Passphrase: ").encode()
-    if confirm:
-        p2 = getpass.getpass("Repeat passphrase: ").encode()
-        if p1 != p2:
-            raise UsageError("the passphrases do not match")
-    return p1
+def get_passphrase(
+    passphrase_file: str | None, confirm: bool = False, extpass: str | None = None
+) -> bytes:
+    """From --passphrase-file, then --extpass, then $CRYPTFS_PASSPHRASE, then the terminal."""
+    from cryptfs.unlock import get_passphrase as _get
+
+    return _get(passphrase_file, extpass, confirm)
 
 
 def _paths(args: argparse.Namespace) -> VaultPaths:
@@ -71,18 +81,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
     if chunk < 4096 or chunk > (64 << 20) or chunk & (chunk - 1):
         raise UsageError("--chunk-size must be a power of two from 4096 to 64 MiB")
-    passphrase = get_passphrase(args.passphrase_file, confirm=True)
-    _cfg, created = create_vault(paths, url, passphrase, chunk, os.getuid(), os.getgid())
+    passphrase = get_passphrase(args.passphrase_file, confirm=True, extpass=args.extpass)
+    cfg, created = create_vault(paths, url, passphrase, chunk, os.getuid(), os.getgid())
     verb = "created" if created else "attached existing"
     print(f"cryptfs: {verb} vault '{paths.name}' in {url}")
+    if args.show_master_key:
+        from cryptfs.unlock import format_master_key
+
+        print(f"master key: {format_master_key(cfg.unlock(passphrase))}")
+        print(
+            "cryptfs: keep this key offline (paper); with it and the store anyone can read the "
+            "vault; open with --master-key-file FILE if all key slots are lost",
+            file=sys.stderr,
+        )
     return 0
 
 
-def _unlock(paths: VaultPaths, passphrase_file: str | None) -> bytes:
+def _unlock(
+    paths: VaultPaths, passphrase_file: str | None = None, creds: Credentials | None = None
+) -> bytes:
     from cryptfs.vault import load_local_config
 
     _url, cfg = load_local_config(paths)
-    return cfg.unlock(get_passphrase(passphrase_file))
+    creds = creds or Credentials(passphrase_file=passphrase_file)
+    return creds.unlock(cfg)[0]
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -91,7 +113,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     opts = MountOptions.parse(args.o or [])
     paths = VaultPaths(args.name or opts.name or DEFAULT_NAME)
     check_mountpoint(args.mountpoint, opts.nonempty)
-    master = _unlock(paths, args.passphrase_file or opts.passfile)
+    master = _unlock(paths, creds=Credentials.from_args(args, opts))
     return mount_vault(paths, master, args.mountpoint, opts, args.foreground, args.verbose)
 
 
@@ -106,7 +128,7 @@ def _open_for_check(args: argparse.Namespace, readonly: bool):  # type: ignore[n
     from cryptfs.vault import Vault
 
     paths = _paths(args)
-    master = _unlock(paths, args.passphrase_file)
+    master = _unlock(paths, creds=Credentials.from_args(args))
     return Vault.open(paths, master=master, readonly=readonly, check=False)
 
 
@@ -181,6 +203,196 @@ def cmd_list(args: argparse.Namespace) -> int:
             url = f"<{e}>"
         print(f"{name}\t{url}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cryptfs.status import collect, format_status
+
+    docs = collect(args.mountpoint)
+    if args.json:
+        print(json.dumps({"mounts": docs}, indent=1))
+    elif not docs:
+        print("cryptfs: no vault is mounted")
+    else:
+        print("\n".join(format_status(d) for d in docs))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from cryptfs.gc import run_gc
+    from cryptfs.vault import Vault
+
+    if args.grace < 0:
+        raise UsageError("--grace must not be negative")
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    vault = Vault.open(paths, master=master, readonly=args.dry_run, check=True)
+    deleted = False
+    try:
+        rep = run_gc(vault, args.grace, args.dry_run, print)
+        deleted = bool(rep.deleted)
+    finally:
+        vault.close(checkpoint=deleted)  # a checkpoint anchors the del entries in the store
+    return 5 if rep.failed else 0
+
+
+def _store_config(url: str):  # type: ignore[no-untyped-def]
+    from cryptfs.stores import open_store
+    from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+
+    store = open_store(url)
+    try:
+        try:
+            raw = store.get(CONFIG_OBJECT)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"the store {store.url} holds no cryptfs vault (no config object)",
+                hint="check the URL; 'cryptfs init URL' creates a vault there",
+            ) from None
+        return store.url, VaultConfig.from_bytes(raw, f"{store.url}/{CONFIG_OBJECT}")
+    finally:
+        store.close()
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    url, cfg = _store_config(args.store_url)
+    local = [n for n in list_vaults() if _configured_url(n) is not None
+             and _same_store(_configured_url(n) or "", url)]
+    doc = {
+        "store": url,
+        "format": "cryptfs",
+        "version": 1,
+        "vault_id": cfg.vault_id.hex(),
+        "chunk_size": cfg.chunk_size,
+        "created": cfg.created,
+        "slots": cfg.describe_slots(),
+        "configured_as": local,
+    }
+    if args.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"store:       {url}")
+    print("format:      cryptfs version 1")
+    print(f"vault id:    {doc['vault_id']}")
+    print(f"chunk size:  {cfg.chunk_size} bytes")
+    print(f"created:     {cfg.created or '?'}")
+    print(f"on this machine: {', '.join(local) if local else 'not configured'}")
+    print(f"key slots:   {len(cfg.slots)}")
+    for d in doc["slots"]:
+        label = f" [{d['label']}]" if d.get("label") else ""
+        print(f"  {d['id']}  {d['type']:<10}  {d['detail']}{label}")
+    return 0
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    from cryptfs.vault import load_local_config
+
+    _url, cfg = load_local_config(_paths(args))
+    slots = cfg.describe_slots()
+    if args.json:
+        print(json.dumps({"slots": slots}, indent=1))
+        return 0
+    for d in slots:
+        label = f" [{d['label']}]" if d.get("label") else ""
+        print(f"{d['id']}  {d['type']:<10}  {d['detail']}{label}")
+    return 0
+
+
+def cmd_key_add(args: argparse.Namespace) -> int:
+    from cryptfs.keyslots import modify_config, read_public_key
+    from cryptfs.unlock import get_new_passphrase
+
+    if bool(args.passphrase) == bool(args.public_key):
+        raise UsageError("give exactly one of --passphrase and --public-key FILE")
+    creds = Credentials.from_args(args)
+    paths = _paths(args)
+    if args.public_key:
+        pub = read_public_key(args.public_key)
+
+        def change(cfg, master, _opened):  # type: ignore[no-untyped-def]
+            sid = cfg.add_public_key_slot(master, pub, label=args.label or "")
+            return f"cryptfs: added public-key slot {sid} to vault '{paths.name}'"
+    else:
+        # unlock first (asks for the current passphrase before the new one)
+        from cryptfs.vault import load_local_config
+
+        creds.unlock(load_local_config(paths)[1])
+        new = get_new_passphrase(args.new_passphrase_file, args.new_extpass)
+
+        def change(cfg, master, _opened):  # type: ignore[no-untyped-def]
+            sid = cfg.add_passphrase_slot(master, new, label=args.label or "")
+            return f"cryptfs: added passphrase slot {sid} to vault '{paths.name}'"
+
+    print(modify_config(paths, creds, change))
+    return 0
+
+
+def cmd_key_remove(args: argparse.Namespace) -> int:
+    from cryptfs.keyslots import modify_config
+
+    paths = _paths(args)
+
+    def change(cfg, _master, opened):  # type: ignore[no-untyped-def]
+        cfg.remove_slot(args.slot_id)
+        note = " (the slot you opened it with)" if opened == args.slot_id else ""
+        return f"cryptfs: removed key slot {args.slot_id}{note} from vault '{paths.name}'"
+
+    print(modify_config(paths, Credentials.from_args(args), change))
+    print("cryptfs: copies of the old config, or of the master key, still open the vault; "
+          "see README 'Security model'", file=sys.stderr)
+    return 0
+
+
+def cmd_key_generate(args: argparse.Namespace) -> int:
+    from cryptfs.keyslots import generate_key_pair
+
+    if args.bits < 3072:
+        raise UsageError("--bits must be at least 3072")
+    priv, pub = generate_key_pair(args.file, args.bits)
+    print(f"cryptfs: wrote private key {priv} (keep it secret) and public key {pub}")
+    print(f"cryptfs: add it to a vault with: cryptfs key add --public-key {pub}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from cryptfs.keyslots import modify_config
+    from cryptfs.unlock import get_new_passphrase
+    from cryptfs.vault import load_local_config
+
+    creds = Credentials.from_args(args)
+    if creds.key_file or creds.master_key_file:
+        raise UsageError(
+            "passwd replaces the passphrase that opens the vault; give the current passphrase, "
+            "not a key file",
+            hint="to add a passphrase with a key file use 'cryptfs key add --passphrase'",
+        )
+    paths = _paths(args)
+    # ask for the current passphrase before the new one; remember which slot it opens
+    _master, slot_id = creds.unlock(load_local_config(paths)[1])
+    new = get_new_passphrase(args.new_passphrase_file, args.new_extpass)
+    fixed = Credentials(passphrase_file=None, extpass=None)
+    current = creds
+
+    def change(cfg, master, _opened):  # type: ignore[no-untyped-def]
+        cfg.replace_passphrase(master, slot_id, new)
+        return f"cryptfs: changed the passphrase of key slot {slot_id} of vault '{paths.name}'"
+
+    del fixed
+    print(modify_config(paths, _Cached(current, _master, slot_id), change))
+    return 0
+
+
+class _Cached(Credentials):
+    """Credentials already checked: do not ask twice."""
+
+    def __init__(self, orig: Credentials, master: bytes, slot_id: str | None) -> None:
+        super().__init__(orig.passphrase_file, orig.extpass, orig.key_file, orig.master_key_file)
+        self._master = master
+        self._slot = slot_id
+
+    def unlock(self, cfg):  # type: ignore[no-untyped-def, override]
+        cfg.check_master(self._master)
+        return self._master, self._slot
 
 
 # -- parsing -------------------------------------------------------------------------------------

@@ -947,6 +947,15 @@ class FileSystem:
             with f.lock:
                 self._commit(f)
 
+    def release_all(self) -> None:
+        """After unmount: releases the kernel did not deliver are done now, so files unlinked
+        while open are deleted before the final snapshot."""
+        with self.lock:
+            fhs = [fh for fh, h in self.handles.items() if h.file is not None]
+        for fh in fhs:
+            self.release(fh)
+        self.recover()
+
     # -- filesystem -----------------------------------------------------------------------
     def statfs(self) -> dict[str, int]:
         st = self.statfs_source() if self.statfs_source else None

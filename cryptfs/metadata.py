@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import (
     BigInteger,
     Column,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -62,6 +63,7 @@ dentries = Table(
     Column("name", LargeBinary, nullable=False),
     Column("ino", Integer, nullable=False),
     PrimaryKeyConstraint("parent", "name"),
+    Index("ix_dentries_ino", "ino"),
 )
 blocks = Table(
     "blocks",
@@ -264,8 +266,10 @@ class MetaStore:
         )
 
     def delete_inode(self, ino: int) -> list[str]:
-        """Remove an inode with its xattrs and chunk map; return the objects it referenced."""
+        """Remove an inode with its xattrs, chunk map and any names left pointing at it (the
+        hidden name of a file unlinked while open); return the objects it referenced."""
         objs = self.remove_blocks_from(ino, 0)
+        self.raw.execute("DELETE FROM dentries WHERE ino = ?", (ino,))
         self.conn.execute(delete(xattrs).where(xattrs.c.ino == ino))
         self.conn.execute(delete(inodes).where(inodes.c.ino == ino))
         return objs

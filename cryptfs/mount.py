@@ -12,12 +12,11 @@ import fcntl
 import logging
 import logging.handlers
 import os
-import signal
+import stat
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cryptfs.errors import CryptfsError, MountError, UsageError
 from cryptfs.paths import VaultPaths
@@ -31,14 +30,24 @@ KNOWN_OPTIONS = {
     "nonempty",
     "cache_size",
     "passfile",
-    "nofail",
+    "keyfile",
+    "extpass",
+    "name",
     "default_permissions",
+}
+# accepted and ignored: fstab/mount(8)/systemd conventions that mean nothing to cryptfs (x-* too)
+IGNORED_OPTIONS = {
+    "defaults",
     "auto",
     "noauto",
+    "nofail",
+    "_netdev",
     "user",
     "nouser",
-    "_netdev",
-    "defaults",
+    "users",
+    "owner",
+    "group",
+    "comment",
     "exec",
     "noexec",
     "suid",
@@ -48,9 +57,38 @@ KNOWN_OPTIONS = {
     "atime",
     "noatime",
     "relatime",
-    "x-systemd.automount",
-    "name",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "diratime",
+    "nodiratime",
+    "sync",
+    "async",
+    "silent",
+    "loud",
+    "iversion",
+    "noiversion",
 }
+
+
+def split_options(spec: str) -> list[str]:
+    """Split a mount option string at commas, keeping commas inside double quotes
+    (``extpass="prog --arg a,b"``, as libmount allows); the quotes are removed."""
+    items, cur, quoted = [], [], False
+    for ch in spec:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if quoted:
+        raise UsageError(f"unbalanced quote in mount options {spec!r}")
+    items.append("".join(cur))
+    return [i for i in items if i]
 
 
 @dataclass
@@ -60,6 +98,8 @@ class MountOptions:
     nonempty: bool = False
     cache_bytes: int = 1 << 30
     passfile: str | None = None
+    keyfile: str | None = None
+    extpass: str | None = None
     name: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -67,12 +107,17 @@ class MountOptions:
     def parse(cls, specs: list[str]) -> MountOptions:
         o = cls()
         for spec in specs:
-            for item in spec.split(","):
-                if not item:
-                    continue
+            for item in split_options(spec):
                 key, _, value = item.partition("=")
-                if key not in KNOWN_OPTIONS and not key.startswith("x-"):
-                    raise UsageError(f"unknown mount option '{key}'")
+                if key in IGNORED_OPTIONS or key.startswith("x-"):
+                    continue
+                if key not in KNOWN_OPTIONS:
+                    raise UsageError(
+                        f"unknown mount option '{key}'",
+                        hint="known: " + ", ".join(sorted(KNOWN_OPTIONS - {"name"})),
+                    )
+                if key in ("cache_size", "passfile", "keyfile", "extpass", "name") and not value:
+                    raise UsageError(f"mount option '{key}' needs a value ({key}=...)")
                 if key == "allow_other":
                     o.allow_other = True
                 elif key == "ro":
@@ -85,6 +130,10 @@ class MountOptions:
                     o.cache_bytes = parse_size(value)
                 elif key == "passfile":
                     o.passfile = value
+                elif key == "keyfile":
+                    o.keyfile = value
+                elif key == "extpass":
+                    o.extpass = value
                 elif key == "name":
                     o.name = value
         return o
@@ -124,9 +173,8 @@ def check_mountpoint(path: str, nonempty: bool) -> str:
                 hint=f"run 'fusermount3 -u {path}' first",
             ) from None
         raise MountError(f"cannot use mountpoint {path}: {e.strerror}") from None
-    import stat as _stat
 
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mountpoint {path} is not a directory")
     if is_mountpoint(real):
         raise MountError(f"{path} is already a mountpoint", hint="unmount it first")
@@ -184,6 +232,10 @@ def serve(
     for w in vault.warnings:
         log.warning("%s", w)
     assert vault.fs is not None
+    from cryptfs.status import StatusPublisher
+
+    publisher = StatusPublisher(vault, mountpoint, opts.cache_bytes)
+    publisher.start()  # status.json for `cryptfs status`, about once a second
     ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
     kwargs: dict[str, object] = {
         "foreground": True,
@@ -205,8 +257,9 @@ def serve(
         status = 7
     finally:
         log.info("unmounted; storing pending data")
+        publisher.stop()
         try:
-            vault.close(progress=_status_writer(paths))
+            vault.close(progress=publisher.unmounting)
             log.info("vault '%s' closed cleanly", paths.name)
         except CryptfsError as e:
             log.error(
@@ -214,17 +267,8 @@ def serve(
                 e.line(),
             )
             status = e.exit_code
-        (paths.data_dir / "status.json").unlink(missing_ok=True)
+        publisher.remove()
     return status
-
-
-def _status_writer(paths: VaultPaths):  # type: ignore[no-untyped-def]
-    def progress(objects: int, nbytes: int) -> None:
-        tmp = paths.data_dir / "status.json.tmp"
-        tmp.write_text(f'{{"pending_objects": {objects}, "pending_bytes": {nbytes}}}\n')
-        os.replace(tmp, paths.data_dir / "status.json")
-
-    return progress
 
 
 def mount_vault(
@@ -337,14 +381,3 @@ def wait_released(paths: VaultPaths, show_progress: bool) -> None:
         os.close(fd)
         if last:
             sys.stderr.write("\rcryptfs: all data stored" + " " * 40 + "\n")
-
-
-def kill_daemon(paths: VaultPaths) -> None:
-    try:
-        pid = int(paths.lock.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        pass
-
-
-__all__ = ["MountOptions", "mount_vault", "unmount", "check_mountpoint", "Path"]

@@ -682,7 +682,7 @@ class Vault:
                       "stays in the local database and staging area")
         try:
             if self.fs is not None and checkpoint and not self.readonly:
-                self.fs.commit_all()
+                self.fs.release_all()
                 self.sync(progress)
         finally:
             if self.chunks is not None:

@@ -2,9 +2,9 @@
 
 The config is stored in the store as the object ``config`` (so a vault can be opened from the
 store alone) and copied into the local config file (mode 0600). It is JSON; the master key
-appears only wrapped (AES-256-GCM under a scrypt-derived key) in its passphrase slots, and the
-whole document is authenticated with an HMAC under a sub-key of the master key, checked after
-unlocking. See docs/FORMAT.md.
+appears only wrapped in its key slots (AES-256-GCM under a scrypt-derived key for a passphrase,
+RSA-OAEP-SHA256 for a public key), and the whole document is authenticated with an HMAC under a
+sub-key of the master key, checked after unlocking. See docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs import crypto
-from cryptfs.errors import AuthError, ConfigError, IntegrityError
+from cryptfs.errors import AuthError, ConfigError, IntegrityError, UsageError
 
 FORMAT = "cryptfs"
 VERSION = 1
 CONFIG_OBJECT = "config"
+PUBLIC_KEY_SLOT = "public-key"
+RSA_OAEP_ALG = "rsa-oaep-sha256"
+RSA_MIN_BITS = 3072
+MAX_SLOTS = 32
 
 
 def _b64(b: bytes) -> str:
@@ -33,6 +37,11 @@ def _unb64(s: str) -> bytes:
 
 def _slot_aad(vault_id: bytes, slot_id: str) -> bytes:
     return b"cryptfs/keyslot/v1\0" + vault_id + slot_id.encode()
+
+
+def public_key_fingerprint(public_key: Any) -> str:
+    """Hex SHA-256 of the DER SubjectPublicKeyInfo of an RSA public key."""
+    return crypto.sha256(public_key.export_key(format="DER")).hex()
 
 
 @dataclass
@@ -58,27 +67,38 @@ class VaultConfig:
         return cfg, master
 
     def add_passphrase_slot(
-        self, master: bytes, passphrase: bytes, scrypt_n: int | None = None
-    ) -> None:
+        self,
+        master: bytes,
+        passphrase: bytes,
+        scrypt_n: int | None = None,
+        *,
+        slot_id: str | None = None,
+        label: str = "",
+    ) -> str:
+        """Wrap the master key under ``passphrase`` in a new slot; returns its id."""
+        if not passphrase:
+            raise AuthError("the passphrase must not be empty")
         n = scrypt_n or int(os.environ.get("CRYPTFS_SCRYPT_N", crypto.SCRYPT_DEFAULT_N))
         salt = crypto.random_bytes(16)
         kek = crypto.derive_kek(passphrase, salt, n)
-        slot_id = crypto.random_bytes(4).hex()
+        slot_id = slot_id or self._new_slot_id()
         wrapped = crypto.seal(kek, master, _slot_aad(self.vault_id, slot_id))
-        self.slots.append(
-            {
-                "id": slot_id,
-                "type": "passphrase",
-                "kdf": {
-                    "name": "scrypt",
-                    "salt": _b64(salt),
-                    "n": n,
-                    "r": crypto.SCRYPT_R,
-                    "p": crypto.SCRYPT_P,
-                },
-                "wrapped": _b64(wrapped),
-            }
-        )
+        slot: dict[str, Any] = {
+            "id": slot_id,
+            "type": "passphrase",
+            "kdf": {
+                "name": "scrypt",
+                "salt": _b64(salt),
+                "n": n,
+                "r": crypto.SCRYPT_R,
+                "p": crypto.SCRYPT_P,
+            },
+            "wrapped": _b64(wrapped),
+        }
+        if label:
+            slot["label"] = label
+        self.slots.append(slot)
+        return slot_id
 
     # -- authentication ---------------------------------------------------------------------
     def _signed_bytes(self) -> bytes:
@@ -90,36 +110,166 @@ class VaultConfig:
         key = crypto.subkey(master, self.vault_id, crypto.PURPOSE_CONFIG)
         self.mac = crypto.mac(key, self._signed_bytes()).hex()
 
-    def unlock(self, passphrase: bytes) -> bytes:
-        """Return the master key, or raise AuthError. Checks the config's MAC."""
-        master = None
-        for slot in self.slots:
-            if slot.get("type") != "passphrase":
-                continue
-            kdf = slot["kdf"]
-            kek = crypto.derive_kek(
-                passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-            )
-            try:
-                master = crypto.open_sealed(
-                    kek, _unb64(slot["wrapped"]), _slot_aad(self.vault_id, slot["id"])
-                )
-                break
-            except IntegrityError:
-                continue
-        if master is None:
-            raise AuthError("wrong passphrase")
+    def verify_mac(self, master: bytes) -> bool:
         key = crypto.subkey(master, self.vault_id, crypto.PURPOSE_CONFIG)
         try:
             tag = bytes.fromhex(self.mac)
         except ValueError:
             tag = b""
-        if not crypto.verify_mac(key, self._signed_bytes(), tag):
+        return crypto.verify_mac(key, self._signed_bytes(), tag)
+
+    def _checked(self, master: bytes) -> bytes:
+        if not self.verify_mac(master):
             raise IntegrityError(
                 "the vault config fails authentication",
                 hint="it was modified by someone without the key",
             )
         return master
+
+    def unlock(self, passphrase: bytes) -> bytes:
+        """Return the master key, or raise AuthError. Checks the config's MAC."""
+        return self.unlock_slot(passphrase)[0]
+
+    def unlock_slot(self, passphrase: bytes) -> tuple[bytes, str]:
+        """(master key, id of the passphrase slot that opened it), or AuthError."""
+        for slot in self.slots:
+            if slot.get("type") != "passphrase":
+                continue
+            try:
+                return self._checked(self._open_passphrase_slot(slot, passphrase)), slot["id"]
+            except AuthError:
+                continue
+        raise AuthError("wrong passphrase")
+
+    def _open_passphrase_slot(self, slot: dict[str, Any], passphrase: bytes) -> bytes:
+        kdf = slot["kdf"]
+        kek = crypto.derive_kek(
+            passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
+        )
+        try:
+            return crypto.open_sealed(
+                kek, _unb64(slot["wrapped"]), _slot_aad(self.vault_id, slot["id"])
+            )
+        except IntegrityError:
+            raise AuthError("wrong passphrase") from None
+
+    def unlock_private_key(self, private_key: Any) -> tuple[bytes, str]:
+        """(master key, slot id) from the public-key slot matching an RSA private key."""
+        from Crypto.Cipher import PKCS1_OAEP
+        from Crypto.Hash import SHA256
+
+        fp = public_key_fingerprint(private_key.publickey())
+        for slot in self.slots:
+            if slot.get("type") != PUBLIC_KEY_SLOT or slot.get("fingerprint") != fp:
+                continue
+            if slot.get("alg") != RSA_OAEP_ALG:
+                continue
+            cipher = PKCS1_OAEP.new(
+                private_key, hashAlgo=SHA256, label=_slot_aad(self.vault_id, slot["id"])
+            )
+            try:
+                master = cipher.decrypt(_unb64(slot["wrapped"]))
+            except (ValueError, TypeError):
+                continue
+            if len(master) == crypto.KEY_SIZE:
+                return self._checked(master), slot["id"]
+        raise AuthError(
+            "this private key opens no key slot of the vault",
+            hint="see 'cryptfs key list' (fingerprint " + fp[:16] + ")",
+        )
+
+    def check_master(self, master: bytes) -> None:
+        """Accept a master key given directly (key slots lost) if it verifies the config MAC."""
+        if not self.verify_mac(master):
+            raise AuthError(
+                "this master key does not open the vault",
+                hint="check the file; a config changed without the key also fails this way",
+            )
+
+    # -- key slots: public keys, removal, description -------------------------------------------
+    def add_public_key_slot(self, master: bytes, public_key: Any, label: str = "") -> str:
+        """Wrap the master key for an RSA public key (RSA-OAEP, SHA-256); returns the slot id."""
+        from Crypto.Cipher import PKCS1_OAEP
+        from Crypto.Hash import SHA256
+
+        if public_key.size_in_bits() < RSA_MIN_BITS:
+            raise UsageError(
+                f"the public key has {public_key.size_in_bits()} bits; at least "
+                f"{RSA_MIN_BITS} are required",
+                hint="create one with 'cryptfs key generate FILE'",
+            )
+        slot_id = self._new_slot_id()
+        cipher = PKCS1_OAEP.new(
+            public_key.publickey(), hashAlgo=SHA256, label=_slot_aad(self.vault_id, slot_id)
+        )
+        slot: dict[str, Any] = {
+            "id": slot_id,
+            "type": PUBLIC_KEY_SLOT,
+            "alg": RSA_OAEP_ALG,
+            "bits": public_key.size_in_bits(),
+            "fingerprint": public_key_fingerprint(public_key.publickey()),
+            "wrapped": _b64(cipher.encrypt(master)),
+        }
+        if label:
+            slot["label"] = label
+        self.slots.append(slot)
+        return slot_id
+
+    def _new_slot_id(self) -> str:
+        if len(self.slots) >= MAX_SLOTS:
+            raise UsageError(f"the vault already has {MAX_SLOTS} key slots",
+                             hint="remove one first with 'cryptfs key remove'")
+        taken = {s.get("id") for s in self.slots}
+        while True:
+            slot_id = crypto.random_bytes(4).hex()
+            if slot_id not in taken:
+                return slot_id
+
+    def find_slot(self, slot_id: str) -> dict[str, Any]:
+        for s in self.slots:
+            if s.get("id") == slot_id:
+                return s
+        raise UsageError(f"the vault has no key slot {slot_id!r}", hint="see 'cryptfs key list'")
+
+    def remove_slot(self, slot_id: str) -> dict[str, Any]:
+        slot = self.find_slot(slot_id)
+        if len(self.slots) <= 1:
+            raise UsageError(
+                f"refusing to remove key slot {slot_id}: it is the last one and the vault "
+                "could not be opened any more",
+                hint="add another slot first with 'cryptfs key add'",
+            )
+        self.slots.remove(slot)
+        return slot
+
+    def replace_passphrase(self, master: bytes, slot_id: str, passphrase: bytes) -> None:
+        """Re-wrap the master key under a new passphrase in the same slot (same id and place)."""
+        slot = self.find_slot(slot_id)
+        if slot.get("type") != "passphrase":
+            raise UsageError(f"key slot {slot_id} is not a passphrase slot")
+        at = self.slots.index(slot)
+        label = slot.get("label", "")
+        self.add_passphrase_slot(master, passphrase, slot_id=slot_id, label=label)
+        self.slots[at] = self.slots.pop()
+
+    def describe_slots(self) -> list[dict[str, Any]]:
+        """One summary per slot (nothing secret): id, type and what identifies it."""
+        out = []
+        for s in self.slots:
+            d: dict[str, Any] = {"id": s.get("id"), "type": s.get("type")}
+            if s.get("type") == "passphrase":
+                kdf = s.get("kdf", {})
+                d["detail"] = f"scrypt N=2^{int(kdf.get('n', 1)).bit_length() - 1}"
+            elif s.get("type") == PUBLIC_KEY_SLOT:
+                d["detail"] = (f"{s.get('alg')} {s.get('bits')} bits, fingerprint "
+                               f"SHA256:{str(s.get('fingerprint', ''))[:32]}")
+                d["fingerprint"] = s.get("fingerprint")
+            else:
+                d["detail"] = "unknown slot type"
+            if s.get("label"):
+                d["label"] = s["label"]
+            out.append(d)
+        return out
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

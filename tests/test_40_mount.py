@@ -342,3 +342,47 @@ def test_fsync_puts_data_and_metadata_in_store(mounted: tuple[VaultEnv, Path]) -
         assert (mnt2 / "durable").read_bytes() == data
     finally:
         other.umount(mnt2)
+
+
+def test_only_the_mounting_user_can_enter(mounted: tuple[VaultEnv, Path]) -> None:
+    _env, mnt = mounted
+    (mnt / "f").write_text("private")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as an unprivileged user, without allow_other
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.listdir(mnt)
+            os.write(w, b"OK")
+        except OSError as e:
+            os.write(w, errno.errorcode.get(e.errno, "?").encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert result == "EACCES"
+
+
+def test_local_secrets_are_private(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    (mnt / "f").write_text("x")
+    env.umount(mnt)
+    cfg = env.root / "config" / "cryptfs" / "vaults" / "default.json"
+    for p in [cfg, env.db, env.data_dir / "head.json", env.data_dir / "mount.lock",
+              env.data_dir / "daemon.log"]:
+        assert p.stat().st_mode & 0o777 == 0o600, p
+    for d in [cfg.parent, env.data_dir]:
+        assert d.stat().st_mode & 0o077 == 0, d
+    assert passphrase_in_no_file(env)
+
+
+def passphrase_in_no_file(env: VaultEnv) -> bool:
+    """The passphrase appears in no local file (config, database, log, head)."""
+    needle = env.passphrase.encode()
+    return not any(needle in p.read_bytes() for p in env.root.rglob("*")
+                   if p.is_file() and "mnt" not in p.parts)

@@ -1,0 +1,157 @@
+"""``cryptfs gc``: delete store objects that nothing references.
+
+Normal operation deletes what it stops using at each checkpoint; objects can still be left
+behind by a crash between an upload and the commit that would reference it, by an interrupted
+deletion, or by something else writing into the store. ``gc`` opens the vault read-write (so it
+holds the vault lock and the mount lease, and refuses when the local state disagrees with the
+store's anchors: a stale database must never decide what is garbage), lists the store and
+deletes every object that the local metadata does not record, except ``config`` and ``lease``
+and except objects younger than a grace period (default one hour): an upload of another process
+is invisible to this one until it is committed. Each deletion is a ``del`` ledger entry (size as
+listed, SHA-256 field all zero: the bytes were never recorded), anchored by a checkpoint when
+the vault is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptfs.errors import IntegrityError, StoreError
+
+DEFAULT_GRACE = 3600.0
+KEEP = ("config", "lease")  # and names under tmp/, which verify ignores too
+ZERO_HASH = b"\0" * 32
+
+
+@dataclass
+class Candidate:
+    name: str
+    size: int
+    age: float | None  # seconds; None if the store cannot tell
+
+
+@dataclass
+class GcReport:
+    eligible: list[Candidate] = field(default_factory=list)
+    too_new: list[Candidate] = field(default_factory=list)
+    deleted: list[Candidate] = field(default_factory=list)
+    failed: list[tuple[Candidate, str]] = field(default_factory=list)
+    scanned: int = 0
+
+
+def list_with_age(store: Any) -> Iterator[tuple[str, int, float | None]]:
+    """(name, size, age in seconds or None) of every object in the store."""
+    now = time.time()
+    from cryptfs.stores.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        for name, size in store.list(""):
+            try:
+                age: float | None = now - os.stat(store.root / name).st_mtime
+            except OSError:
+                continue
+            yield name, size, age
+        return
+    try:
+        from cryptfs.stores.s3 import S3Store
+    except ImportError:  # pragma: no cover - boto3 missing
+        S3Store = None  # type: ignore[assignment,misc]  # noqa: N806
+    if S3Store is not None and isinstance(store, S3Store):
+        # the store's list() gives no times; page through LastModified with its retry policy
+        import functools
+
+        prefix = store._key_prefix
+        args: dict[str, Any] = {"Bucket": store.bucket, "Prefix": prefix,
+                                "MaxKeys": store.page_size}
+        while True:
+            page = store._call("list (all)",
+                               functools.partial(store._client.list_objects_v2, **args))
+            for obj in page.get("Contents", ()):
+                mod = obj.get("LastModified")
+                age = now - mod.timestamp() if mod is not None else None
+                yield obj["Key"][len(prefix):], int(obj["Size"]), age
+            if not page.get("IsTruncated"):
+                return
+            args["ContinuationToken"] = page["NextContinuationToken"]
+    for name, size in store.list(""):
+        yield name, size, None
+
+
+def find_garbage(vault: Any, grace: float) -> GcReport:
+    """Unreferenced objects, split into those old enough to delete and those too new."""
+    assert vault.meta is not None and vault.fs is not None
+    if vault.warnings:
+        raise IntegrityError(
+            f"not collecting garbage: {vault.warnings[0]}",
+            hint="run 'cryptfs verify' and resolve that first",
+        )
+    with vault.fs.lock:
+        known = {ref.name for ref, _, _ in vault.meta.all_objects()}
+    rep = GcReport()
+    for name, size, age in list_with_age(vault.store):
+        rep.scanned += 1
+        if name in known or name in KEEP or name.startswith(("lease", "tmp/")):
+            continue
+        c = Candidate(name, size, age)
+        if grace <= 0 or (age is not None and age >= grace):
+            rep.eligible.append(c)
+        else:
+            rep.too_new.append(c)
+    return rep
+
+
+def collect(vault: Any, rep: GcReport, progress: bool | None = None) -> None:
+    """Delete the eligible objects, each recorded as a ``del`` ledger entry."""
+    assert vault.ledger is not None and vault.fs is not None
+    show = sys.stderr.isatty() if progress is None else progress
+    total = len(rep.eligible)
+    done_bytes = 0
+    for i, c in enumerate(rep.eligible, 1):
+        try:
+            vault.store.delete(c.name)
+        except StoreError as e:
+            rep.failed.append((c, e.line()))
+            continue
+        with vault.fs.lock:
+            vault.ledger.append("del", c.name, c.size, ZERO_HASH)
+        rep.deleted.append(c)
+        done_bytes += c.size
+        if show and (i % 20 == 0 or i == total):
+            sys.stderr.write(f"\rgc: deleted {i}/{total} objects, {done_bytes / 1e6:.1f} MB ")
+            sys.stderr.flush()
+    if show and total:
+        sys.stderr.write("\n")
+
+
+def run_gc(
+    vault: Any, grace: float, dry_run: bool, say: Callable[[str], None]
+) -> GcReport:
+    rep = find_garbage(vault, grace)
+    size = sum(c.size for c in rep.eligible)
+    if dry_run:
+        for c in rep.eligible:
+            say(f"would delete {c.name} ({c.size} bytes{_age(c)})")
+        for c in rep.too_new:
+            say(f"keeping {c.name} ({c.size} bytes{_age(c)}): younger than the grace period")
+        say(f"gc: dry run - {len(rep.eligible)} unreferenced objects ({size} bytes) would be "
+            f"deleted, {len(rep.too_new)} kept as too new, {rep.scanned} objects in the store")
+        return rep
+    collect(vault, rep)
+    for c, why in rep.failed:
+        say(f"could not delete {c.name}: {why}")
+    freed = sum(c.size for c in rep.deleted)
+    say(f"gc: deleted {len(rep.deleted)} unreferenced objects ({freed} bytes), "
+        f"{len(rep.too_new)} kept as younger than the grace period, "
+        f"{len(rep.failed)} failed, {rep.scanned} objects in the store")
+    return rep
+
+
+def _age(c: Candidate) -> str:
+    if c.age is None:
+        return ", age unknown"
+    return f", {c.age:.0f} s old"

@@ -1,0 +1,122 @@
+"""Changing key slots: ``cryptfs key add/remove``, ``cryptfs passwd``, ``cryptfs key generate``.
+
+The master key never changes, so no data is re-encrypted: the config object in the store and the
+local copy are rewritten (each atomically: a store put replaces an object whole, the local file
+is written with temp file, fsync and rename) and signed again with the config MAC. The change is
+based on the newest authentic config (the store's copy if it differs from the local one and its
+MAC verifies), and a lock file in the vault's data directory serialises changes on this machine.
+The store's copy is written first: if the local write then fails, the next open adopts the
+store's copy (it verifies).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
+from cryptfs.paths import VaultPaths
+from cryptfs.unlock import Credentials
+from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+
+
+@contextmanager
+def _config_lock(paths: VaultPaths) -> Iterator[None]:
+    paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(paths.data_dir / "config.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def modify_config(
+    paths: VaultPaths,
+    creds: Credentials,
+    change: Callable[[VaultConfig, bytes, str | None], str],
+) -> str:
+    """Unlock with ``creds``, apply ``change(cfg, master, opened_slot)`` to the newest authentic
+    config, sign it and write it to the store and the local file. Returns change's message."""
+    from cryptfs.stores import open_store
+    from cryptfs.vault import load_local_config, save_local_config
+
+    with _config_lock(paths):
+        url, local = load_local_config(paths)
+        master, opened = creds.unlock(local)
+        store = open_store(url)
+        try:
+            try:
+                raw = store.get(CONFIG_OBJECT)
+            except ObjectNotFound:
+                raise StoreError(
+                    f"the store {url} holds no cryptfs vault (no config object)",
+                    hint="check the URL, or the store was wiped",
+                ) from None
+            cfg = VaultConfig.from_bytes(raw, f"{url}/{CONFIG_OBJECT}")
+            if cfg.vault_id != local.vault_id:
+                raise ConfigError(f"the store {url} holds a different vault")
+            if cfg.to_dict() != local.to_dict() and not cfg.verify_mac(master):
+                raise IntegrityError(
+                    f"the config in {url} fails authentication",
+                    hint="it was modified by someone without the key; nothing was changed",
+                )
+            message = change(cfg, master, opened)
+            cfg.sign(master)
+            store.put(CONFIG_OBJECT, cfg.to_bytes())
+        finally:
+            store.close()
+        save_local_config(paths, url, cfg)
+    return message
+
+
+def generate_key_pair(path: str, bits: int = 3072) -> tuple[str, str]:
+    """Write an RSA private key to ``path`` (PEM PKCS#8, mode 0600, not overwriting) and its
+    public key to ``path.pub``. Returns (private path, public path)."""
+    from Crypto.PublicKey import RSA
+
+    priv_path, pub_path = Path(path), Path(path + ".pub")
+    for p in (priv_path, pub_path):
+        if p.exists() or p.is_symlink():
+            raise UsageError(f"{p} already exists", hint="choose another FILE or remove it")
+    key = RSA.generate(bits)
+    pem = key.export_key(format="PEM", pkcs=8)
+    pub = key.publickey().export_key(format="PEM") + b"\n"
+    try:
+        fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, pem + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fd = os.open(pub_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, pub)
+        finally:
+            os.close(fd)
+    except FileExistsError:
+        raise UsageError(f"{path} or {path}.pub already exists") from None
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename}: {e.strerror}") from None
+    return str(priv_path), str(pub_path)
+
+
+def read_public_key(path: str):  # type: ignore[no-untyped-def]
+    """An RSA public key from a PEM/DER/OpenSSH file (a private key file gives its public half)."""
+    from Crypto.PublicKey import RSA
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read public key {path}: {e.strerror}") from None
+    try:
+        return RSA.import_key(data).publickey()
+    except (ValueError, IndexError, TypeError):
+        raise UsageError(
+            f"{path} is not an RSA public key",
+            hint="use FILE.pub written by 'cryptfs key generate FILE' (PEM or ssh-rsa)",
+        ) from None
