@@ -25,10 +25,12 @@ from pathlib import Path
 
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
-from cryptfs.errors import IntegrityError, ObjectNotFound, StoreError
+from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
 from cryptfs.stores import ObjectStore
 
 log = logging.getLogger("cryptfs.chunkstore")
+
+FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
 
 
 class ChunkStore:
@@ -50,7 +52,7 @@ class ChunkStore:
         lookup: Callable[[str], ChunkRef | None],
         on_stored: Callable[[ChunkRef], None],
         workers: int = 8,
-        mem_chunks: int = 32,
+        mem_bytes: int = 64 << 20,
         staging_limit: int = 1 << 30,
     ) -> None:
         self.store = store
@@ -71,7 +73,8 @@ class ChunkStore:
         self._uploads: dict[str, Future[None]] = {}
         self._staged_bytes = 0
         self._mem: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._mem_max = mem_chunks
+        self._mem_max = mem_bytes  # plaintext of recently read chunks, bounded in bytes
+        self._mem_size = 0
         self._mem_lock = threading.Lock()
         self._closing = False
         self._abort = False
@@ -81,6 +84,7 @@ class ChunkStore:
         self._seal_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
         self._seal_slots = threading.BoundedSemaphore(6)
         self._prefetching: set[str] = set()
+        self._failed: dict[str, tuple[float, CryptfsError]] = {}
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -264,12 +268,22 @@ class ChunkStore:
             if plain is not None:
                 self._mem.move_to_end(ref.name)
                 return plain
-        blob = self._fetch(ref)
-        plain = self.codec.open_chunk(ref, blob)
+        failed = self._failed.get(ref.name)
+        if failed is not None and time.monotonic() - failed[0] < FAILED_FETCH_MEMORY:
+            raise failed[1]  # the kernel retries a failed read at once: answer from memory
+        try:
+            blob = self._fetch(ref)
+            plain = self.codec.open_chunk(ref, blob)
+        except CryptfsError as e:
+            self._failed[ref.name] = (time.monotonic(), e)
+            raise
+        self._failed.pop(ref.name, None)
         with self._mem_lock:
-            self._mem[ref.name] = plain
-            while len(self._mem) > self._mem_max:
-                self._mem.popitem(last=False)
+            if ref.name not in self._mem:
+                self._mem[ref.name] = plain
+                self._mem_size += len(plain)
+            while self._mem_size > self._mem_max and self._mem:
+                self._mem_size -= len(self._mem.popitem(last=False)[1])
         return plain
 
     def prefetch(self, refs: list[ChunkRef]) -> None:
@@ -285,7 +299,7 @@ class ChunkStore:
         try:
             self.get(ref)
         except Exception:  # noqa: BLE001 - a failed prefetch is retried by the real read
-            pass
+            self._failed.pop(ref.name, None)
         finally:
             with self._mem_lock:
                 self._prefetching.discard(ref.name)
@@ -370,7 +384,9 @@ class ChunkStore:
         try:
             self.store.delete(name)
             with self._mem_lock:
-                self._mem.pop(name, None)
+                dropped = self._mem.pop(name, None)
+                if dropped is not None:
+                    self._mem_size -= len(dropped)
             p = self._cache_path(name)
             if p is not None:
                 p.unlink(missing_ok=True)

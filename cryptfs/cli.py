@@ -74,11 +74,11 @@ def _paths(args: argparse.Namespace) -> VaultPaths:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from cryptfs.vault import DEFAULT_CHUNK_SIZE, create_vault
+    from cryptfs.vault import create_vault, default_chunk_size
 
     paths = _paths(args)
     url = args.store_url or f"file://{paths.default_store}"
-    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    chunk = args.chunk_size or default_chunk_size(url)
     if chunk < 4096 or chunk > (64 << 20) or chunk & (chunk - 1):
         raise UsageError("--chunk-size must be a power of two from 4096 to 64 MiB")
     passphrase = get_passphrase(args.passphrase_file, confirm=True, extpass=args.extpass)
@@ -316,7 +316,8 @@ def cmd_key_add(args: argparse.Namespace) -> int:
         # unlock first (asks for the current passphrase before the new one)
         from cryptfs.vault import load_local_config
 
-        creds.unlock(load_local_config(paths)[1])
+        master, slot_id = creds.unlock(load_local_config(paths)[1])
+        creds = _Cached(creds, master, slot_id)
         new = get_new_passphrase(args.new_passphrase_file, args.new_extpass)
 
         def change(cfg, master, _opened):  # type: ignore[no-untyped-def]
@@ -368,17 +369,14 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         )
     paths = _paths(args)
     # ask for the current passphrase before the new one; remember which slot it opens
-    _master, slot_id = creds.unlock(load_local_config(paths)[1])
+    master, slot_id = creds.unlock(load_local_config(paths)[1])
     new = get_new_passphrase(args.new_passphrase_file, args.new_extpass)
-    fixed = Credentials(passphrase_file=None, extpass=None)
-    current = creds
 
     def change(cfg, master, _opened):  # type: ignore[no-untyped-def]
         cfg.replace_passphrase(master, slot_id, new)
         return f"cryptfs: changed the passphrase of key slot {slot_id} of vault '{paths.name}'"
 
-    del fixed
-    print(modify_config(paths, _Cached(current, _master, slot_id), change))
+    print(modify_config(paths, _Cached(creds, master, slot_id), change))
     return 0
 
 
@@ -396,8 +394,37 @@ class _Cached(Credentials):
 
 
 # -- parsing -------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line with a hint, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"cryptfs: {message} (see '{self.prog} --help')\n")
+
+
+def _add_credentials(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("opening the vault (first that is given wins)")
+    g.add_argument("--master-key-file", metavar="FILE",
+                   help="the master key in FILE (as 'init --show-master-key' printed it)")
+    g.add_argument("--key-file", metavar="FILE",
+                   help="an RSA private key whose public key is in a key slot")
+    g.add_argument(
+        "--passphrase-file",
+        metavar="FILE",
+        help="read the passphrase from FILE",
+    )
+    g.add_argument("--extpass", metavar="CMD",
+                   help="run CMD (no shell) and use the first line it prints as the passphrase; "
+                   "then $CRYPTFS_PASSPHRASE, then a prompt")
+
+
+def _add_new_passphrase(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("the new passphrase (else $CRYPTFS_NEW_PASSPHRASE, else a prompt)")
+    g.add_argument("--new-passphrase-file", metavar="FILE", help="read it from FILE")
+    g.add_argument("--new-extpass", metavar="CMD", help="the first line CMD prints")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cryptfs",
         description="Encrypted, tamper-evident cloud filesystem.",
         epilog="run 'cryptfs COMMAND --help' for details",
@@ -405,12 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(
+    def add(name: str, help_: str, subs: argparse._SubParsersAction | None = None,
+            key: str | None = None) -> argparse.ArgumentParser:
+        sp = (subs or sub).add_parser(
             name,
             help=help_,
             description=help_,
-            epilog=EPILOGS.get(name),
+            epilog=EPILOGS.get(key or name),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         return sp
@@ -418,11 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, passphrase: bool = True) -> None:
         sp.add_argument("--name", help=f"vault name (default: {DEFAULT_NAME})")
         if passphrase:
-            sp.add_argument(
-                "--passphrase-file",
-                metavar="FILE",
-                help="read the passphrase from FILE (else $CRYPTFS_PASSPHRASE, else prompt)",
-            )
+            _add_credentials(sp)
 
     sp = add("init", "create a vault (or attach one that exists in the store)")
     sp.add_argument(
@@ -432,7 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
         "[?endpoint=URL]; default: the embedded local store",
     )
     sp.add_argument("--chunk-size", type=int, metavar="BYTES", help="chunk size (power of two)")
-    common(sp)
+    sp.add_argument("--show-master-key", action="store_true",
+                    help="print the master key (hex) for an offline backup")
+    sp.add_argument("--name", help=f"vault name (default: {DEFAULT_NAME})")
+    sp.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
+    sp.add_argument("--extpass", metavar="CMD", help="the first line CMD prints (no shell)")
     sp.set_defaults(func=cmd_init)
 
     sp = add("mount", "mount a vault; returns when the mount is ready")
@@ -442,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         action="append",
         metavar="OPTS",
-        help="allow_other, ro, nonempty, cache_size=SIZE, passfile=FILE",
+        help="allow_other, ro, nonempty, cache_size=SIZE, passfile=FILE, keyfile=FILE, "
+        "extpass=CMD; fstab options (defaults, nofail, noauto, _netdev, x-*) are ignored",
     )
     sp.add_argument("-v", "--verbose", action="store_true")
     common(sp)
@@ -452,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint")
     sp.add_argument("--name", help=argparse.SUPPRESS)
     sp.set_defaults(func=cmd_umount)
+
+    sp = add("status", "show mounted vaults: store, pending uploads, cache, ledger, errors")
+    sp.add_argument("mountpoint", nargs="?", help="only this mount")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_status)
 
     sp = add("verify", "check the ledger, its anchors and every object")
     sp.add_argument("--full", action="store_true", help="download and authenticate every object")
@@ -469,6 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_fsck)
 
+    sp = add("gc", "delete store objects that nothing references (vault must be unmounted)")
+    sp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    sp.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="keep objects younger than this (default 3600: uploads of another "
+                    "process are invisible until committed)")
+    common(sp)
+    sp.set_defaults(func=cmd_gc)
+
     sp = add("log", "show the newest ledger entries")
     sp.add_argument("-n", type=int, default=20, help="how many (default 20)")
     common(sp)
@@ -476,7 +518,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("list", "list the vaults configured on this machine")
     sp.set_defaults(func=cmd_list)
+
+    sp = add("info", "describe the vault in a store (no passphrase needed)")
+    sp.add_argument("store_url", help="file:///path or s3://bucket[/prefix][?endpoint=URL]")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_info)
+
+    kp = add("key", "manage the key slots that wrap the master key")
+    ksub = kp.add_subparsers(dest="key_command", metavar="KEYCOMMAND")
+    kp.set_defaults(func=lambda _a: _usage(kp))
+
+    sp = add("list", "list the key slots (no passphrase needed)", ksub, "key list")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp, passphrase=False)
+    sp.set_defaults(func=cmd_key_list)
+
+    sp = add("add", "add a key slot: another passphrase, or an RSA public key", ksub, "key add")
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("--passphrase", action="store_true", help="add a passphrase slot")
+    what.add_argument("--public-key", metavar="FILE",
+                      help="add a slot for this RSA public key (PEM or ssh-rsa, >= 3072 bits)")
+    sp.add_argument("--label", help="a note shown by 'key list' (stored in the clear)")
+    common(sp)
+    _add_new_passphrase(sp)
+    sp.set_defaults(func=cmd_key_add)
+
+    sp = add("remove", "remove a key slot (not the last one)", ksub, "key remove")
+    sp.add_argument("slot_id", help="from 'cryptfs key list'")
+    common(sp)
+    sp.set_defaults(func=cmd_key_remove)
+
+    sp = add("generate", "write a new RSA key pair: FILE (private, 0600) and FILE.pub", ksub,
+             "key generate")
+    sp.add_argument("file")
+    sp.add_argument("--bits", type=int, default=3072, help="key size (default 3072)")
+    sp.set_defaults(func=cmd_key_generate)
+
+    sp = add("passwd", "change the passphrase of the key slot it opens")
+    common(sp)
+    _add_new_passphrase(sp)
+    sp.set_defaults(func=cmd_passwd)
     return p
+
+
+def _usage(p: argparse.ArgumentParser) -> int:
+    p.print_help(sys.stderr)
+    return 2
 
 
 def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
@@ -502,43 +589,122 @@ def main(argv: list[str] | None = None) -> int:
     return run(sys.argv[1:] if argv is None else argv, build_parser())
 
 
+def _configured_url(name: str) -> str | None:
+    from cryptfs.vault import load_local_config
+
+    try:
+        return load_local_config(VaultPaths(name))[0]
+    except CryptfsError:
+        return None
+
+
+def _store_key(url: str) -> tuple[str, str, str | None] | None:
+    """(scheme, location, endpoint) of a store URL, normalised for comparison."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        return ("file", os.path.realpath(unquote(parts.path)), None)
+    if scheme == "s3":
+        prefix = unquote(parts.path).strip("/")
+        endpoint = parse_qs(parts.query).get("endpoint", [None])[0]
+        return ("s3", f"{parts.netloc}/{prefix}", (endpoint or "").rstrip("/") or None)
+    return (scheme, url, None)
+
+
+def _same_store(a: str, b: str) -> bool:
+    ka, kb = _store_key(a), _store_key(b)
+    if ka is None or kb is None or ka[:2] != kb[:2]:
+        return False
+    return ka[2] == kb[2] or ka[2] is None or kb[2] is None  # an URL without endpoint matches
+
+
+def resolve_spec(spec: str) -> str:
+    """The vault name for a mount source: a vault name, ``cryptfs:NAME`` or a store URL."""
+    if "://" not in spec:
+        return spec.removeprefix("cryptfs:")
+    found = [n for n in list_vaults() if (u := _configured_url(n)) and _same_store(u, spec)]
+    if not found:
+        raise ConfigError(
+            f"no vault on this machine uses the store {spec}",
+            hint=f"attach it first: cryptfs init '{spec}' --name NAME",
+        )
+    if len(found) > 1:
+        raise UsageError(
+            f"several vaults use the store {spec}: {', '.join(found)}",
+            hint="give the vault name instead of the URL",
+        )
+    return found[0]
+
+
 def mount_main(argv: list[str] | None = None) -> int:
-    """``mount.cryptfs [SPEC] DIR [-o OPTS]``: the mount(8) helper convention."""
+    """``mount.cryptfs [SPEC] DIR [-sfnv] [-o OPTS]``: the mount(8) helper convention.
+
+    SPEC is a vault name, ``cryptfs:NAME`` or a store URL (the vault configured with that store);
+    without SPEC the default vault. As for every mount helper, ``-f`` means "fake" (do
+    everything but mount); ``--foreground`` keeps the daemon in the foreground."""
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mount.cryptfs",
-        description="mount a cryptfs vault",
-        epilog="example: mount.cryptfs ~/vault\n"
-        "         mount -t cryptfs work /mnt/work -o allow_other",
+        description="mount a cryptfs vault (the mount(8) helper for type cryptfs)",
+        epilog="examples:\n"
+        "  mount.cryptfs ~/vault                       (the default vault)\n"
+        "  mount.cryptfs work /mnt/work -o allow_other,passfile=/etc/cryptfs/work.pass\n"
+        "  mount -t cryptfs work /mnt/work -o keyfile=/etc/cryptfs/work.pem\n"
+        "  fstab: work /mnt/work cryptfs passfile=/etc/cryptfs/work.pass,nofail,_netdev 0 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("spec_or_dir")
-    p.add_argument("dir", nargs="?")
-    p.add_argument("-o", action="append", metavar="OPTS")
-    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("spec_or_dir", metavar="SPEC", help="vault name or store URL (optional)")
+    p.add_argument("dir", nargs="?", metavar="DIR")
+    p.add_argument("-o", action="append", metavar="OPTS", help="as for 'cryptfs mount -o'")
+    p.add_argument("--foreground", action="store_true", help="serve in the foreground")
+    p.add_argument("-f", dest="fake", action="store_true",
+                   help="fake: check everything, do not mount (mount(8) -f)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("-n", action="store_true", help=argparse.SUPPRESS)  # mount(8): no mtab
     p.add_argument("-s", action="store_true", help=argparse.SUPPRESS)  # mount(8): sloppy
+    p.add_argument("-N", metavar="NS", help=argparse.SUPPRESS)  # mount(8): namespace
+    p.add_argument("-t", metavar="TYPE", help=argparse.SUPPRESS)  # mount(8): type.subtype
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_credentials(p)
     a = p.parse_args(argv)
-    name, mountpoint = (None, a.spec_or_dir) if a.dir is None else (a.spec_or_dir, a.dir)
-    ns = argparse.Namespace(
-        name=name,
-        mountpoint=mountpoint,
-        o=a.o,
-        foreground=a.foreground,
-        verbose=a.verbose,
-        passphrase_file=None,
-        debug=a.debug,
-        func=cmd_mount,
-    )
     logging.basicConfig(level=logging.WARNING, format="cryptfs: %(message)s")
     try:
+        if a.N:
+            raise UsageError("mount.cryptfs does not support mounting in another namespace (-N)")
+        name, mountpoint = (None, a.spec_or_dir) if a.dir is None else (
+            resolve_spec(a.spec_or_dir), a.dir)
+        ns = argparse.Namespace(
+            name=name,
+            mountpoint=mountpoint,
+            o=a.o,
+            foreground=a.foreground,
+            verbose=a.verbose,
+            passphrase_file=a.passphrase_file,
+            extpass=a.extpass,
+            key_file=a.key_file,
+            master_key_file=a.master_key_file,
+            debug=a.debug,
+            func=cmd_mount,
+        )
+        if a.fake:
+            from cryptfs.mount import MountOptions, check_mountpoint
+
+            opts = MountOptions.parse(a.o or [])
+            VaultPaths(name or opts.name or DEFAULT_NAME)
+            check_mountpoint(mountpoint, opts.nonempty)
+            return 0
         return cmd_mount(ns)
     except CryptfsError as e:
         if a.debug:
             raise
         print(f"cryptfs: {e.line()}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("cryptfs: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from cryptfs.errors import CryptfsError, MountError, UsageError
+from cryptfs.errors import CryptfsError, MountError, StoreError, UsageError
 from cryptfs.paths import VaultPaths
 
 log = logging.getLogger("cryptfs.mount")
@@ -267,8 +268,14 @@ def serve(
                 e.line(),
             )
             status = e.exit_code
+            _close_error(paths).write_text(f"{e.exit_code} {e.line()}\n")
         publisher.remove()
     return status
+
+
+def _close_error(paths: VaultPaths) -> Path:
+    """Where the daemon leaves the reason its final checkpoint failed, for `cryptfs umount`."""
+    return paths.data_dir / "close-error"
 
 
 def mount_vault(
@@ -345,7 +352,16 @@ def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
         if "busy" in err.lower():
             raise MountError(f"{mountpoint} is busy", hint="close the files and shells using it")
         raise MountError(f"cannot unmount {mountpoint}: {err}")
+    _close_error(paths).unlink(missing_ok=True)
     wait_released(paths, show_progress)
+    failed = _close_error(paths)
+    if failed.exists():
+        code, _, line = failed.read_text().strip().partition(" ")
+        failed.unlink(missing_ok=True)
+        err = StoreError(f"unmounted, but not everything reached the store: {line}",
+                         hint="the data is kept locally and is stored at the next mount")
+        err.exit_code = int(code) if code.isdigit() else StoreError.exit_code
+        raise err
 
 
 def wait_released(paths: VaultPaths, show_progress: bool) -> None:

@@ -211,13 +211,14 @@ def read_status(name: str, mountpoint: str | None) -> dict[str, Any]:
             raise ValueError
     except FileNotFoundError:
         return {**base, "state": "unknown",
-                "problem": "no status published (another user's or XDG directory's mount, or "
-                "a daemon from before cryptfs status existed)"}
+                "problem": "no status here (mounted by another user, with other XDG_* settings, "
+                "or by an older cryptfs)"}
     except (OSError, ValueError) as e:
         return {**base, "state": "unknown", "problem": f"unreadable status file: {e}"}
     if mountpoint is not None and doc.get("mountpoint") not in (None, mountpoint):
         return {**base, "state": "unknown",
-                "problem": f"the status file describes a mount at {doc.get('mountpoint')}"}
+                "problem": "no status here (mounted by another user or with other XDG_* "
+                "settings)"}
     doc.setdefault("mountpoint", mountpoint)
     pid = doc.get("pid")
     age = (time.time_ns() - int(doc.get("updated_ns", 0))) / 1e9

@@ -46,7 +46,13 @@ from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
 
 log = logging.getLogger("cryptfs.vault")
 
-DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20  # remote stores: per-request cost and latency favour larger objects
+LOCAL_CHUNK_SIZE = 256 << 10  # file:// stores: measured faster on every workload (README)
+
+
+def default_chunk_size(store_url: str) -> int:
+    """The chunk size ``cryptfs init`` uses when none is given (scripts/chunk_size_sweep.py)."""
+    return LOCAL_CHUNK_SIZE if store_url.startswith("file://") else DEFAULT_CHUNK_SIZE
 CHECKPOINT_PREFIX = "checkpoints/"
 META_PREFIX = "meta/"
 KEEP_CHECKPOINTS = 3
@@ -643,11 +649,14 @@ class Vault:
         old.extend(
             r for r, _, _ in rows if r.name.startswith(META_PREFIX) and r.name != current_meta
         )
-        for ref in old:
+        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
+            try:
+                self.store.delete(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e.line())
+                continue
             with fs.lock, meta.transaction():
                 meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
-            self.store.delete(ref.name)
-            with fs.lock:
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
         for ref in garbage:
             with fs.lock:

@@ -139,7 +139,7 @@ class VaultConfig:
                 return self._checked(self._open_passphrase_slot(slot, passphrase)), slot["id"]
             except AuthError:
                 continue
-        raise AuthError("wrong passphrase")
+        raise AuthError("wrong passphrase")  # exactly this line: tests and scripts match it
 
     def _open_passphrase_slot(self, slot: dict[str, Any], passphrase: bytes) -> bytes:
         kdf = slot["kdf"]

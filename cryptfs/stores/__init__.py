@@ -3,7 +3,8 @@
 Supported URLs:
 
 * ``file:///absolute/path`` -- :class:`LocalStore`, one file per object;
-* ``s3://bucket[/prefix][?endpoint=http://host:port]`` -- :class:`S3Store`; ``endpoint``
+* ``s3://bucket[/prefix][?endpoint=http://host:port][&timeout=SECONDS]`` -- :class:`S3Store`;
+  ``timeout`` bounds each call including retries (default 30 s); ``endpoint``
   overrides ``AWS_ENDPOINT_URL``;
 * ``memory://`` -- :class:`MemoryStore`, a new empty store each time (tests only).
 """
@@ -60,10 +61,18 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         params = {"": []}
-    unknown = sorted(set(params) - {"endpoint"})
-    if unknown or fragment or len(params.get("endpoint", ())) > 1:
-        raise UsageError(f"malformed store URL {url!r}: the only query parameter allowed is "
-                         "endpoint=URL, once")
+    unknown = sorted(set(params) - {"endpoint", "timeout"})
+    if unknown or fragment or any(len(v) > 1 for v in params.values()):
+        raise UsageError(f"malformed store URL {url!r}: the query parameters allowed are "
+                         "endpoint=URL and timeout=SECONDS, once each")
+    timeout = 30.0
+    if "timeout" in params:
+        try:
+            timeout = float(params["timeout"][0])
+        except ValueError:
+            timeout = -1
+        if not 1 <= timeout <= 600:
+            raise UsageError(f"malformed store URL {url!r}: timeout must be 1 to 600 seconds")
     endpoint = params["endpoint"][0] if "endpoint" in params else None
     if endpoint is not None:
         ep = urlsplit(endpoint)
@@ -72,4 +81,5 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
                              "http:// or https:// URL")
     from cryptfs.stores.s3 import S3Store  # boto3 is slow to import; only load it when needed
 
-    return S3Store(bucket, unquote(path).strip("/"), endpoint_url=endpoint, create=create)
+    return S3Store(bucket, unquote(path).strip("/"), endpoint_url=endpoint, create=create,
+                   timeout=timeout)

@@ -117,8 +117,11 @@ class S3Store:
         self.timeout = float(timeout)
         self._key_prefix = self.prefix + "/" if self.prefix else ""
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
-        if endpoint_url:
-            self.url += f"?endpoint={endpoint_url}"
+        query = [f"endpoint={endpoint_url}"] if endpoint_url else []
+        if timeout != 30.0:
+            query.append(f"timeout={timeout:g}")
+        if query:
+            self.url += "?" + "&".join(query)
         self._attempt_timeout = max(self.timeout / 4, 0.1)
         custom_endpoint = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                            or os.environ.get("AWS_ENDPOINT_URL"))
