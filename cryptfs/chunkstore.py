@@ -170,7 +170,7 @@ class ChunkStore:
             return None
         return self.put(plain)
 
-    def _staged_path(self, name: str) -> Path:
+    def staged_path(self, name: str) -> Path:
         return self.staging / name.replace("/", "_")
 
     def _stage(self, ref: ChunkRef, blob: bytes) -> None:
@@ -178,7 +178,7 @@ class ChunkStore:
             while self._staged_bytes > self.staging_limit and not self._closing:
                 self._cv.wait(1.0)  # backpressure: wait for uploads to make room
             self._staged_bytes += ref.size
-        path = self._staged_path(ref.name)
+        path = self.staged_path(ref.name)
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -195,7 +195,7 @@ class ChunkStore:
             self._uploads[ref.name] = self._pool.submit(self._upload, ref)
 
     def _upload(self, ref: ChunkRef) -> None:
-        path = self._staged_path(ref.name)
+        path = self.staged_path(ref.name)
         delay = 0.2
         warned = False
         try:
@@ -259,6 +259,31 @@ class ChunkStore:
                     progress(len(self._uploads), self._staged_bytes)
                 self._cv.wait(timeout=0.5)
 
+    def upload_pending(self, name: str) -> bool:
+        """Whether a staged object still waits for (or is in) its upload."""
+        with self._cv:
+            if name in self._uploads:
+                return True
+        return self.staged_path(name).exists()
+
+    def local_copy(self, ref: ChunkRef) -> bytes | None:
+        """The sealed object from the staging area or the chunk cache, if it has the recorded
+        size and hash (to re-upload what a store lost)."""
+        for path in (self.staged_path(ref.name), self._cache_path(ref.name)):
+            if path is None:
+                continue
+            try:
+                blob = path.read_bytes()
+            except OSError:
+                continue
+            if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
+                return blob
+        return None
+
+    def release_claim(self, name: str) -> None:
+        """Give back a claim from :meth:`try_claim_for_delete` without deleting."""
+        self._release(name)
+
     # -- reading ------------------------------------------------------------------------------
     def get(self, ref: ChunkRef) -> bytes:
         """Plaintext of a chunk, verified against ``ref``; raises IntegrityError or
@@ -306,7 +331,7 @@ class ChunkStore:
 
     def _fetch(self, ref: ChunkRef) -> bytes:
         if self.remote:
-            for path in (self._staged_path(ref.name), self._cache_path(ref.name)):
+            for path in (self.staged_path(ref.name), self._cache_path(ref.name)):
                 if path is None:
                     continue
                 try:
@@ -315,7 +340,7 @@ class ChunkStore:
                     continue
                 if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
                     return blob
-                if path != self._staged_path(ref.name):
+                if path != self.staged_path(ref.name):
                     path.unlink(missing_ok=True)  # a bad cache entry: fetch again
         try:
             blob = self.store.get(ref.name)

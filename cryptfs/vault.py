@@ -566,7 +566,7 @@ class Vault:
             # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
             # (its ledger entry was written) once no upload and no staged file is left for it.
             for ref in meta.objects_in_state("staged"):
-                if not self._upload_pending(ref.name):
+                if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
             meta.conn.commit()
             image = meta.raw_connection().serialize()
@@ -611,15 +611,6 @@ class Vault:
         self._write_head(last, ck_name)
         self._last_ckpt_seq = last.seq
 
-    def _upload_pending(self, name: str) -> bool:
-        """Whether a staged object still waits for (or is in) its upload."""
-        chunks = self.chunks
-        assert chunks is not None
-        with chunks._cv:
-            if name in chunks._uploads:
-                return True
-        return chunks._staged_path(name).exists()
-
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
@@ -663,7 +654,7 @@ class Vault:
                 if not self.chunks.try_claim_for_delete(ref.name):
                     continue
                 if not meta.drop_object_if_unreferenced(ref.name):
-                    self.chunks._release(ref.name)
+                    self.chunks.release_claim(ref.name)
                     continue
                 meta.conn.commit()
             try:

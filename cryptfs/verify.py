@@ -308,22 +308,10 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
 
 def _staged_file(vault: Vault, name: str) -> Path:
     if vault.chunks is not None:
-        return vault.chunks._staged_path(name)
+        return vault.chunks.staged_path(name)
     return vault.paths.staging / name.replace("/", "_")
 
 
 def _local_copy(vault: Vault, ref: ChunkRef) -> bytes | None:
     """A sealed object from the staging area or the chunk cache, if it has the recorded hash."""
-    chunks = vault.chunks
-    if chunks is None:
-        return None
-    for path in (chunks._staged_path(ref.name), chunks._cache_path(ref.name)):
-        if path is None:
-            continue
-        try:
-            blob = path.read_bytes()
-        except OSError:
-            continue
-        if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
-            return blob
-    return None
+    return vault.chunks.local_copy(ref) if vault.chunks is not None else None
