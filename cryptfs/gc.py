@@ -14,7 +14,6 @@ the vault is closed.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,41 +44,10 @@ class GcReport:
 
 
 def list_with_age(store: Any) -> Iterator[tuple[str, int, float | None]]:
-    """(name, size, age in seconds or None) of every object in the store."""
+    """(name, size, age in seconds) of every object in the store."""
     now = time.time()
-    from cryptfs.stores.local import LocalStore
-
-    if isinstance(store, LocalStore):
-        for name, size in store.list(""):
-            try:
-                age: float | None = now - os.stat(store.root / name).st_mtime
-            except OSError:
-                continue
-            yield name, size, age
-        return
-    try:
-        from cryptfs.stores.s3 import S3Store
-    except ImportError:  # pragma: no cover - boto3 missing
-        S3Store = None  # type: ignore[assignment,misc]  # noqa: N806
-    if S3Store is not None and isinstance(store, S3Store):
-        # the store's list() gives no times; page through LastModified with its retry policy
-        import functools
-
-        prefix = store._key_prefix
-        args: dict[str, Any] = {"Bucket": store.bucket, "Prefix": prefix,
-                                "MaxKeys": store.page_size}
-        while True:
-            page = store._call("list (all)",
-                               functools.partial(store._client.list_objects_v2, **args))
-            for obj in page.get("Contents", ()):
-                mod = obj.get("LastModified")
-                age = now - mod.timestamp() if mod is not None else None
-                yield obj["Key"][len(prefix):], int(obj["Size"]), age
-            if not page.get("IsTruncated"):
-                return
-            args["ContinuationToken"] = page["NextContinuationToken"]
-    for name, size in store.list(""):
-        yield name, size, None
+    for name, size, mtime in store.list_aged(""):
+        yield name, size, now - mtime
 
 
 def find_garbage(vault: Any, grace: float) -> GcReport:

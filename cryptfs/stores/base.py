@@ -37,6 +37,9 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         """Yield ``(name, size)`` for every object whose name starts with ``prefix``."""
 
+    def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Yield ``(name, size, modification time in seconds since the epoch)``."""
+
     def exists(self, name: str) -> bool:
         """True if the object exists."""
 

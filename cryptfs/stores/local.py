@@ -125,6 +125,14 @@ class LocalStore:
                         continue
         yield from sorted(found)
 
+    def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Like :meth:`list`, with each object's modification time (seconds since the epoch)."""
+        for name, size in self.list(prefix):
+            try:
+                yield name, size, os.stat(self.root / name).st_mtime
+            except FileNotFoundError:
+                continue
+
     def exists(self, name: str) -> bool:
         return self._path(name).exists()
 

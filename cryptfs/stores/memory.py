@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 from cryptfs.errors import ObjectNotFound
@@ -42,6 +43,12 @@ class MemoryStore:
         with self._lock:
             items = sorted((n, len(d)) for n, d in self.objects.items() if n.startswith(prefix))
         yield from items
+
+    def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Like :meth:`list`; a memory store keeps no times, so every object is new."""
+        now = time.time()
+        for name, size in self.list(prefix):
+            yield name, size, now
 
     def exists(self, name: str) -> bool:
         with self._lock:

@@ -198,9 +198,9 @@ class S3Store:
         self._call(f"delete {name}", functools.partial(
             self._client.delete_object, Bucket=self.bucket, Key=key))
 
-    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Yield ``(name, size)`` in name order. Pages are fetched (and retried) one at a time,
-        following continuation tokens, so a failure mid-way does not restart the listing."""
+    def _objects(self, prefix: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(name, listing entry)`` in name order. Pages are fetched (and retried) one at a
+        time, following continuation tokens, so a failure mid-way does not restart the listing."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key_prefix + prefix,
                                 "MaxKeys": self.page_size}
         skip = len(self._key_prefix)
@@ -208,10 +208,20 @@ class S3Store:
             page = self._call(f"list {prefix or '(all)'}",
                               functools.partial(self._client.list_objects_v2, **args))
             for obj in page.get("Contents", ()):
-                yield obj["Key"][skip:], int(obj["Size"])
+                yield obj["Key"][skip:], obj
             if not page.get("IsTruncated"):
                 return
             args["ContinuationToken"] = page["NextContinuationToken"]
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
+        for name, obj in self._objects(prefix):
+            yield name, int(obj["Size"])
+
+    def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
+        """Like :meth:`list`, with each object's modification time (seconds since the epoch)."""
+        for name, obj in self._objects(prefix):
+            mod = obj.get("LastModified")
+            yield name, int(obj["Size"]), mod.timestamp() if mod is not None else 0.0
 
     def exists(self, name: str) -> bool:
         key = self._key(name)
