@@ -80,7 +80,9 @@ class ChunkStore:
         self._abort = False
         self.errors = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="upload")
-        self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        # reads ahead: remote fetches wait on the network, local ones on the disk and crypto
+        self._fetch_pool = ThreadPoolExecutor(max_workers=8 if remote else 4,
+                                              thread_name_prefix="fetch")
         self._seal_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
         self._seal_slots = threading.BoundedSemaphore(6)
         self._prefetching: set[str] = set()

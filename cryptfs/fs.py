@@ -46,6 +46,11 @@ RENAME_EXCHANGE = 2
 DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
 INODE_CACHE_MAX = 200_000
 REF_WINDOW = 256
+_SQL_NEXT_FIRST_CHUNKS = (
+    "SELECT d.name, b.obj, o.size, o.sha256 FROM dentries d "
+    "JOIN blocks b ON b.ino = d.ino AND b.idx = 0 JOIN objects o ON o.name = b.obj "
+    "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
+)
 INLINE_SEAL = 128 << 10
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
@@ -127,6 +132,7 @@ class FileSystem:
         self._next_fh = 1
         self.read_errors = 0
         self.before_commit: Callable[[], None] | None = None  # runs inside each data commit
+        self._prefetched: dict[int, bytes] = {}  # directory -> last name prefetched
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
 
@@ -649,6 +655,20 @@ class FileSystem:
                 self.release(fh)
                 raise
         return fh
+
+    def prefetch_siblings(self, parent: int, name: bytes, count: int = 16) -> None:
+        """Programs that read a tree (tar, cp -r, rsync) open a directory's files in order: on a
+        remote store, start fetching the first chunks of the next ``count`` files."""
+        if not self.chunks.remote:
+            return
+        with self.lock:
+            last = self._prefetched.get(parent)
+            if last is not None and name < last:
+                return  # the window fetched before still lies ahead of the reader
+            rows = self.meta.raw.execute(_SQL_NEXT_FIRST_CHUNKS, (parent, name, count)).fetchall()
+            if rows:
+                self._prefetched[parent] = bytes(rows[-1][0])
+        self.chunks.prefetch([ChunkRef(o, z, bytes(h)) for _n, o, z, h in rows])
 
     def _file(self, fh: int) -> OpenFile:
         h = self.handles.get(fh)

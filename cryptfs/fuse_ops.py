@@ -266,7 +266,10 @@ class CryptfsOperations(mfusepy.Operations):
 
     @_guard
     def open(self, path: str, flags: int) -> int:
-        return self.fs.open(self._ino(path), flags)
+        fh = self.fs.open(self._ino(path), flags)
+        if not flags & (os.O_WRONLY | os.O_RDWR):
+            self.fs.prefetch_siblings(*self._parent(path))
+        return fh
 
     @_guard
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
