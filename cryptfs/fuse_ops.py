@@ -93,6 +93,7 @@ class CryptfsOperations(mfusepy.Operations):
         self.on_destroy = on_destroy
         self.attr_timeout = attr_timeout
         self.dir_inos: dict[int, int] = {}
+        self._dirs: dict[str, int] = {}
         self._fuse: Any = None
 
     def _invalidate(self, ino: int, keep: str | None = None) -> None:
@@ -117,15 +118,30 @@ class CryptfsOperations(mfusepy.Operations):
                 return h.file.ino if h.file is not None else self.dir_inos.get(fh, ROOT_INO)
         if path is None:
             raise mfusepy.FuseOSError(errno.EBADF)
-        ino = ROOT_INO
-        for part in path.split("/"):
-            if part:
-                ino = self.fs.lookup(ino, _enc(part)).ino
+        head, _, name = path.rpartition("/")
+        parent = self._dir_ino(head)
+        return self.fs.lookup(parent, _enc(name)).ino if name else parent
+
+    def _dir_ino(self, path: str) -> int:
+        """The inode of directory ``path``, through a cache of directory paths. libfuse locks
+        the paths an operation touches, and the cache is cleared by every rename and rmdir, so
+        an entry never outlives its directory."""
+        if not path or path == "/":
+            return ROOT_INO
+        ino = self._dirs.get(path)
+        if ino is None:
+            head, _, name = path.rpartition("/")
+            node = self.fs.lookup(self._dir_ino(head), _enc(name))
+            ino = node.ino
+            if stat.S_ISDIR(node.mode):
+                if len(self._dirs) >= 100_000:
+                    self._dirs.clear()
+                self._dirs[path] = ino
         return ino
 
     def _parent(self, path: str) -> tuple[int, bytes]:
         head, _, name = path.rpartition("/")
-        return self._ino(head or "/"), _enc(name)
+        return self._dir_ino(head), _enc(name)
 
     @staticmethod
     def _ctx() -> tuple[int, int]:
@@ -227,6 +243,7 @@ class CryptfsOperations(mfusepy.Operations):
     @_guard
     def rmdir(self, path: str) -> int:
         self.fs.rmdir(*self._parent(path))
+        self._dirs.clear()
         return 0
 
     @_guard
@@ -244,6 +261,7 @@ class CryptfsOperations(mfusepy.Operations):
         except OSError:
             replaced = None
         self.fs.rename(p1, n1, p2, n2, flags)
+        self._dirs.clear()
         if replaced is not None:
             self._invalidate(replaced)
         return 0
