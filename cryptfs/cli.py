@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptfs.errors import ConfigError, CryptfsError, ObjectNotFound, UsageError
@@ -571,12 +572,17 @@ def run(argv: list[str], parser: argparse.ArgumentParser) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return _one_line_errors(lambda: args.func(args), args.debug)
+
+
+def _one_line_errors(call: Callable[[], int | None], debug: bool) -> int:
+    """Run a command; a CryptfsError becomes one line on stderr and its exit code."""
     logging.basicConfig(level=logging.WARNING, format="cryptfs: %(message)s")
     logging.getLogger("botocore").setLevel(logging.ERROR)
     try:
-        return int(args.func(args) or 0)
+        return int(call() or 0)
     except CryptfsError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"cryptfs: {e.line()}", file=sys.stderr)
         return e.exit_code
@@ -670,8 +676,8 @@ def mount_main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     _add_credentials(p)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="cryptfs: %(message)s")
-    try:
+
+    def mount() -> int:
         if a.N:
             raise UsageError("mount.cryptfs does not support mounting in another namespace (-N)")
         name, mountpoint = (None, a.spec_or_dir) if a.dir is None else (
@@ -697,14 +703,8 @@ def mount_main(argv: list[str] | None = None) -> int:
             check_mountpoint(mountpoint, opts.nonempty)
             return 0
         return cmd_mount(ns)
-    except CryptfsError as e:
-        if a.debug:
-            raise
-        print(f"cryptfs: {e.line()}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("cryptfs: interrupted", file=sys.stderr)
-        return 130
+
+    return _one_line_errors(mount, a.debug)
 
 
 if __name__ == "__main__":
