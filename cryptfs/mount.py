@@ -198,6 +198,13 @@ def _setup_daemon_logging(paths: VaultPaths, foreground: bool, verbose: bool) ->
         os.close(fd)
         h = logging.handlers.RotatingFileHandler(logfile, maxBytes=4 << 20, backupCount=2)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        try:  # warnings and errors also go to the journal or syslog, where a system has one
+            sys_h = logging.handlers.SysLogHandler(address="/dev/log")
+            sys_h.setFormatter(logging.Formatter(f"cryptfs[{os.getpid()}]: %(message)s"))
+            sys_h.setLevel(logging.WARNING)
+            root.addHandler(sys_h)
+        except OSError:
+            pass
     root.addHandler(h)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("botocore").setLevel(logging.WARNING)
