@@ -75,4 +75,10 @@ def test_expired_lease_is_taken_over_and_the_old_holder_stops_writing(
         finally:
             other.umount(mnt2)
     assert "lease was taken over" in env.log_text()
-    assert other.cli("verify").returncode == 0
+    # before it noticed, the old holder may have stored a few chunks of its probes: garbage
+    # that nothing references, which is all verify may report, and which gc removes
+    res = other.cli("verify", check=False)
+    problems = [ln for ln in res.stdout.splitlines() if not ln.startswith("verify:")]
+    assert all(ln.startswith("unreferenced: object data/") for ln in problems), res.stdout
+    other.cli("gc", "--grace", "0")
+    assert other.cli("verify", "--full").returncode == 0
