@@ -45,6 +45,22 @@ def machine_id() -> str:
         return socket.gethostname()
 
 
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie, killed but not yet reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 class Lease:
     def __init__(self, store: ObjectStore, codec: Codec) -> None:
         self.store = store
@@ -79,12 +95,7 @@ class Lease:
         if doc["expires_ns"] < time.time_ns():
             return True
         if doc["machine"] == machine_id():
-            try:
-                os.kill(int(doc["pid"]), 0)
-            except ProcessLookupError:
-                return True  # its holder died on this machine
-            except PermissionError:
-                return False
+            return not _alive(int(doc["pid"]))  # its holder died on this machine
         return False
 
     def acquire(self) -> None:

@@ -187,15 +187,31 @@ class MetaStore:
         self.conn.commit()
         # hot paths use precompiled SQL on the driver connection, inside the same transactions
         self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
+        self._depth = 0  # nesting of transaction() blocks
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        """Commit on success, roll back on error. Nests: inner blocks join the outer one."""
-        if self.conn.in_transaction():
-            yield
+        """Commit on success, roll back on error. Nests: inner blocks join the outer one, and
+        the outermost block commits when it ends, whatever reads began a transaction before
+        (SQLAlchemy begins one on the first statement; the driver on the first write)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
             return
-        with self.conn.begin():
+        self._depth = 1
+        try:
             yield
+        except BaseException:
+            self._depth = 0
+            self.conn.rollback()
+            self.raw.rollback()
+            raise
+        self._depth = 0
+        self.conn.commit()
+        self.raw.commit()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

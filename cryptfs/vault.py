@@ -27,7 +27,7 @@ from typing import Any
 
 from cryptfs import crypto
 from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import ChunkRef, Codec
+from cryptfs.codec import DATA_PREFIX, ChunkRef, Codec
 from cryptfs.errors import (
     ConfigError,
     CryptfsError,
@@ -485,9 +485,45 @@ class Vault:
             self.recovered.append(f"{resumed} staged uploads: resumed")
         if stray:
             self.recovered.append(f"{stray} stray staged files: removed")
+        if self.meta.get_state("clean") == "0":
+            swept = self._sweep_orphans()
+            if swept:
+                self.recovered.append(f"{swept} objects stored before a crash but never "
+                                      "committed: deleted")
+        self.meta.set_state("clean", "0")  # until close() finishes its checkpoint
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
+
+    def _sweep_orphans(self) -> int:
+        """After a crash: delete chunk objects and snapshots the metadata does not know (stored
+        for data never committed: a file still open, a flush or checkpoint cut short) and adopt
+        an authentic checkpoint that was written but not recorded. Safe because the lease
+        excludes other writers and the anchors agreed before we got here."""
+        assert self.meta is not None and self.ledger is not None and self.fs is not None
+        with self.fs.lock:
+            known = {r.name for r, _, _ in self.meta.all_objects()}
+        # a checkpoint written just before the crash but not recorded: adopt it if authentic
+        cks, _forged = read_checkpoints(self.store, self.codec, newest_only=False)
+        for ck in cks:
+            if ck.name not in known:
+                blob = self.store.get(ck.name)
+                ref = ChunkRef(ck.name, len(blob), crypto.sha256(blob))
+                with self.fs.lock, self.meta.transaction():
+                    self.meta.reference(ref, staged=False)
+                    self.ledger.append("put", ref.name, ref.size, ref.sha256)
+                known.add(ck.name)
+        needed = {ck.meta.name for ck in cks[:1]}
+        n = 0
+        for prefix in (DATA_PREFIX, META_PREFIX):
+            for name, size in list(self.store.list(prefix)):
+                if name in known or name in needed:
+                    continue
+                self.store.delete(name)
+                with self.fs.lock, self.meta.transaction():
+                    self.ledger.append("del", name, size, b"\0" * 32)
+                n += 1
+        return n
 
     def _heartbeat(self) -> None:
         while self.lease is not None and not self._stop.wait(self.lease.ttl / 3):
@@ -684,6 +720,9 @@ class Vault:
             if self.fs is not None and checkpoint and not self.readonly:
                 self.fs.release_all()
                 self.sync(progress)
+                assert self.meta is not None
+                with self.fs.lock:
+                    self.meta.set_state("clean", "1")
         finally:
             if self.chunks is not None:
                 self.chunks.close(drain=checkpoint and not self.readonly)
