@@ -24,6 +24,7 @@ CRYPTFS = str(BIN / "cryptfs")
 PASSPHRASE = "correct horse battery staple"
 _MOUNTS: set[str] = set()
 _ROOTS: set[str] = set()  # temp roots of this session: only their daemons are ours to kill
+_VAULTS: list[VaultEnv] = []  # created during the current test
 
 
 def _mounted(path: str) -> bool:
@@ -48,6 +49,9 @@ class VaultEnv:
     name: str = "default"
     passphrase: str = PASSPHRASE
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _VAULTS.append(self)  # for the log-hygiene check after the test
 
     @property
     def env(self) -> dict[str, str]:
@@ -208,3 +212,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                     os.kill(int(pid), signal.SIGKILL)
                 except OSError:
                     pass
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "log_problems_expected: the test provokes warnings or errors in the daemon "
+        "log on purpose (tracebacks still fail it)")
+
+
+@pytest.fixture(autouse=True)
+def log_hygiene(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test whose mount daemons logged a traceback, or a warning or error the test did
+    not declare with ``@pytest.mark.log_problems_expected``."""
+    _VAULTS.clear()
+    yield
+    allowed = request.node.get_closest_marker("log_problems_expected") is not None
+    bad: list[str] = []
+    for env in _VAULTS:
+        for line in env.log_text().splitlines():
+            if "Traceback" in line or "internal error" in line:
+                bad.append(line)
+            elif not allowed and (" WARNING " in line or " ERROR " in line
+                                  or " CRITICAL " in line):
+                bad.append(line)
+    _VAULTS.clear()
+    if bad:
+        pytest.fail("unexpected lines in the daemon log:\n" + "\n".join(bad[:10]),
+                    pytrace=False)

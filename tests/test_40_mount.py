@@ -288,6 +288,7 @@ def test_store_sees_only_ciphertext_and_dedups(mounted: tuple[VaultEnv, Path]) -
     assert sum(len(b) for b in data_objs.values()) < len(payload) * 1.15
 
 
+@pytest.mark.log_problems_expected
 def test_flipped_byte_gives_eio(mounted: tuple[VaultEnv, Path]) -> None:
     env, mnt = mounted
     (mnt / "victim").write_bytes(os.urandom(100_000))

@@ -31,6 +31,9 @@ from mount_fixtures import VaultEnv, _mounted
 
 from cryptfs.ledger import entry_hash
 
+# tampering, faults, crashes and refusals make the daemon log warnings and errors on purpose
+pytestmark = pytest.mark.log_problems_expected
+
 CHUNK = 1 << 16
 _rnd = random.Random(50)
 FILES: dict[str, bytes] = {

@@ -151,6 +151,9 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--writer":
 # --------------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402  (the writer processes above need only the standard library)
+
+# crashes make the daemon log warnings and errors on purpose
+pytestmark = pytest.mark.log_problems_expected
 from mount_fixtures import VaultEnv, _mounted, force_unmount  # noqa: E402
 
 

@@ -37,7 +37,7 @@ from mount_fixtures import VaultEnv, _mounted, force_unmount
 
 from cryptfs.chunkstore import FAILED_FETCH_MEMORY
 
-pytestmark = pytest.mark.timeout(120)  # a hang is a failure, not a stuck run
+pytestmark = [pytest.mark.timeout(120), pytest.mark.log_problems_expected]  # faults: on purpose
 
 CHUNK = 65536  # small chunks: many objects, so many requests for the faults to hit
 MAX_REQUESTS = 3000  # per test: retries must stay bounded

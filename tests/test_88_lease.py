@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from mount_fixtures import VaultEnv, _tmp_root
 
+# tampering, faults, crashes and refusals make the daemon log warnings and errors on purpose
+pytestmark = pytest.mark.log_problems_expected
+
 
 def second_machine(env: VaultEnv) -> VaultEnv:
     other = VaultEnv(_tmp_root(), env.store_url, extra_env=dict(env.extra_env))

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from mount_fixtures import VaultEnv, _tmp_root
 
+# tampering, faults, crashes and refusals make the daemon log warnings and errors on purpose
+pytestmark = pytest.mark.log_problems_expected
+
 
 def snapshot(root: Path) -> dict[str, bytes]:
     out = {}

@@ -31,7 +31,7 @@ import pytest
 from faultproxy import FaultProxy
 from mount_fixtures import _MOUNTS, CRYPTFS, PASSPHRASE, VaultEnv, _mounted, _tmp_root
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.log_problems_expected]
 
 BIN = Path(sys.executable).parent
 MOUNT_HELPER = str(BIN / "mount.cryptfs")
