@@ -8,6 +8,7 @@ kills anything left over.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for mp in list(_MOUNTS):
         force_unmount(mp)
     # daemons whose mounts were forced away exit by themselves; kill stragglers of this run
-    for root in _ROOTS:
+    for root in sorted(_ROOTS):
         res = subprocess.run(["pgrep", "-f", f"{root}/"], capture_output=True, text=True)
         for pid in res.stdout.split():
             if int(pid) != os.getpid():
@@ -212,6 +213,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                     os.kill(int(pid), signal.SIGKILL)
                 except OSError:
                     pass
+    with open("/proc/self/mounts") as f:
+        mounted = [line.split()[1] for line in f]
+    for root in sorted(_ROOTS):  # never descend into something still mounted
+        if not any(m.startswith(root + "/") for m in mounted):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
