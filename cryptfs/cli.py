@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from cryptfs.errors import ConfigError, CryptfsError, ObjectNotFound, UsageError
+from cryptfs.errors import ConfigError, CryptfsError, UsageError
 from cryptfs.paths import VaultPaths, list_vaults
 from cryptfs.unlock import Credentials
 
@@ -239,18 +239,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def _store_config(url: str):  # type: ignore[no-untyped-def]
     from cryptfs.stores import open_store
-    from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+    from cryptfs.vaultconfig import VaultConfig
 
     store = open_store(url)
     try:
-        try:
-            raw = store.get(CONFIG_OBJECT)
-        except ObjectNotFound:
-            raise ConfigError(
-                f"the store {store.url} holds no cryptfs vault (no config object)",
-                hint="check the URL; 'cryptfs init URL' creates a vault there",
-            ) from None
-        return store.url, VaultConfig.from_bytes(raw, f"{store.url}/{CONFIG_OBJECT}")
+        return store.url, VaultConfig.from_store(store)
     finally:
         store.close()
 

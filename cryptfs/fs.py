@@ -746,17 +746,16 @@ class FileSystem:
         try:
             if ahead:
                 self.chunks.prefetch(ahead)
-            out = bytearray()
+            pieces = []
             for k, p in enumerate(parts):
                 idx = first + k
                 plain = self._get_chunk(f.ino, p) if isinstance(p, ChunkRef) else (p or b"")
                 lo = max(offset, idx * cs) - idx * cs
                 hi = min(end, (idx + 1) * cs) - idx * cs
-                piece = plain[lo:hi]
-                out += piece
-                if len(piece) < hi - lo:
-                    out += bytes(hi - lo - len(piece))
-            return bytes(out)
+                pieces.append(plain[lo:hi])
+                if len(pieces[-1]) < hi - lo:  # past the chunk's data, within the file: zeros
+                    pieces.append(bytes(hi - lo - len(pieces[-1])))
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         finally:
             self.chunks.unpin(r.name for r in refs)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
+from cryptfs.errors import ConfigError, IntegrityError, UsageError
 from cryptfs.paths import VaultPaths
 from cryptfs.unlock import Credentials
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
@@ -49,14 +49,7 @@ def modify_config(
         master, opened = creds.unlock(local)
         store = open_store(url)
         try:
-            try:
-                raw = store.get(CONFIG_OBJECT)
-            except ObjectNotFound:
-                raise StoreError(
-                    f"the store {url} holds no cryptfs vault (no config object)",
-                    hint="check the URL, or the store was wiped",
-                ) from None
-            cfg = VaultConfig.from_bytes(raw, f"{url}/{CONFIG_OBJECT}")
+            cfg = VaultConfig.from_store(store)
             if cfg.vault_id != local.vault_id:
                 raise ConfigError(f"the store {url} holds a different vault")
             if cfg.to_dict() != local.to_dict() and not cfg.verify_mac(master):

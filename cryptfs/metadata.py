@@ -137,10 +137,6 @@ _SQL_UPDATE_INODE = (
     "mtime_ns = ?, ctime_ns = ?, rdev = ?, target = ? WHERE ino = ?"
 )
 _SQL_LOOKUP = "SELECT ino FROM dentries WHERE parent = ? AND name = ?"
-_SQL_GET_BLOCK = (
-    "SELECT b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
-    "WHERE b.ino = ? AND b.idx = ?"
-)
 _SQL_GET_BLOCKS = (
     "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
     "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
@@ -340,10 +336,6 @@ class MetaStore:
         return [(p, bytes(n), i) for p, n, i in self.conn.execute(q)]
 
     # -- chunk maps and objects ---------------------------------------------------------------
-    def get_block(self, ino: int, idx: int) -> ChunkRef | None:
-        row = self.raw.execute(_SQL_GET_BLOCK, (ino, idx)).fetchone()
-        return ChunkRef(row[0], row[1], bytes(row[2])) if row else None
-
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
         rows = self.raw.execute(_SQL_GET_BLOCKS, (ino, lo, hi))
@@ -387,13 +379,6 @@ class MetaStore:
         if names:
             self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx >= first_idx))
         return names
-
-    def block_indexes(self, ino: int) -> list[int]:
-        return list(
-            self.conn.execute(
-                select(blocks.c.idx).where(blocks.c.ino == ino).order_by(blocks.c.idx)
-            ).scalars()
-        )
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         row = self.raw.execute(

@@ -272,19 +272,11 @@ class Vault:
         return v
 
     def _refresh_config(self, master: bytes) -> None:
-        try:
-            raw = self.store.get(CONFIG_OBJECT)
-        except ObjectNotFound:
-            raise StoreError(
-                f"the store {self.store.url} holds no cryptfs vault (no config object)",
-                hint="check the URL, or the store was wiped",
-            ) from None
-        stored = VaultConfig.from_bytes(raw, f"{self.store.url}/{CONFIG_OBJECT}")
+        stored = VaultConfig.from_store(self.store)
         if stored.vault_id != self.cfg.vault_id:
             raise ConfigError(f"the store {self.store.url} holds a different vault")
         if stored.to_dict() != self.cfg.to_dict():
-            key = crypto.subkey(master, stored.vault_id, crypto.PURPOSE_CONFIG)
-            if crypto.verify_mac(key, stored._signed_bytes(), bytes.fromhex(stored.mac or "00")):
+            if stored.verify_mac(master):
                 self.cfg = stored
                 save_local_config(self.paths, self.store.url, stored)
 

@@ -315,6 +315,20 @@ class VaultConfig:
             ) from None
 
     @classmethod
+    def from_store(cls, store: Any) -> VaultConfig:
+        """The config object of ``store``; ConfigError if the store holds no vault."""
+        from cryptfs.errors import ObjectNotFound
+
+        try:
+            raw = store.get(CONFIG_OBJECT)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"the store {store.url} holds no cryptfs vault (no config object)",
+                hint="check the URL, or the store was wiped; 'cryptfs init URL' creates one",
+            ) from None
+        return cls.from_bytes(raw, f"{store.url}/{CONFIG_OBJECT}")
+
+    @classmethod
     def from_bytes(cls, data: bytes, where: str) -> VaultConfig:
         try:
             d = json.loads(data.decode())

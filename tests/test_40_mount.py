@@ -390,3 +390,16 @@ def passphrase_in_no_file(env: VaultEnv) -> bool:
     needle = env.passphrase.encode()
     return not any(needle in p.read_bytes() for p in env.root.rglob("*")
                    if p.is_file() and "mnt" not in p.parts)
+
+
+def test_secrets_reach_no_command_line_or_log(mounted: tuple[VaultEnv, Path]) -> None:
+    env, mnt = mounted
+    (mnt / "f").write_bytes(os.urandom(10_000))
+    pid = int((env.data_dir / "mount.lock").read_text())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"mount" in cmdline  # it is the daemon
+    assert env.passphrase.encode() not in cmdline
+    environ = Path(f"/proc/{pid}/environ")
+    assert environ.stat().st_mode & 0o077 == 0  # the environment is readable by its owner only
+    env.umount(mnt)
+    assert env.passphrase not in env.log_text()
