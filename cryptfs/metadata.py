@@ -209,18 +209,24 @@ class MetaStore:
         self.conn.commit()
         self.raw.commit()
 
+    def commit(self) -> None:
+        """Commit statements run outside a :meth:`transaction` block, on both layers
+        (SQLAlchemy's transaction and the driver's, which raw hot-path statements open)."""
+        self.conn.commit()
+        self.raw.commit()
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.conn.commit()
+            self.commit()
             self.conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
         self.engine.dispose()
 
     def sync(self) -> None:
-        """Make every committed transaction durable against power loss."""
-        self.conn.commit()
+        """Commit, then make every committed transaction durable against power loss."""
+        self.commit()
         self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
-        self.conn.commit()
+        self.commit()
 
     def raw_connection(self) -> sqlite3.Connection:
         return self.conn.connection.driver_connection  # type: ignore[return-value]

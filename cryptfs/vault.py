@@ -505,11 +505,15 @@ class Vault:
                     self.meta.reference(ref, staged=False)
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
                 known.add(ck.name)
-        needed = {ck.meta.name for ck in cks[:1]}
+        for ck in cks[:1]:  # the newest checkpoint's snapshot: adopt it if unrecorded
+            if ck.meta.name not in known:
+                with self.fs.lock, self.meta.transaction():
+                    self.meta.reference(ck.meta, staged=False)
+                known.add(ck.meta.name)
         n = 0
         for prefix in (DATA_PREFIX, META_PREFIX):
             for name, size in list(self.store.list(prefix)):
-                if name in known or name in needed:
+                if name in known:
                     continue
                 self.store.delete(name)
                 with self.fs.lock, self.meta.transaction():
@@ -596,7 +600,7 @@ class Vault:
             for ref in meta.objects_in_state("staged"):
                 if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
-            meta.conn.commit()
+            meta.commit()
             image = meta.raw_connection().serialize()
             staged = {r.name for r in meta.objects_in_state("staged")}
             snap_seq = led.head().seq if led.head() else 0
@@ -609,7 +613,7 @@ class Vault:
         with fs.lock:
             e = led.append("put", name, len(blob), crypto.sha256(blob))
             meta.reference(ChunkRef(name, len(blob), crypto.sha256(blob)), staged=False)
-            meta.conn.commit()
+            meta.commit()
             tail = [x.to_json() for x in led.entries(snap_seq)]
         ck_name = checkpoint_name(e.seq)
         body = {
@@ -628,7 +632,7 @@ class Vault:
         with fs.lock:
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
-            meta.conn.commit()
+            meta.commit()
         self._collect(name, garbage)
         # anchor the entries written after the checkpoint too (its own, the collections), so
         # deleting them from the local ledger is noticed; durable before the head names them
@@ -684,7 +688,7 @@ class Vault:
                 if not meta.drop_object_if_unreferenced(ref.name):
                     self.chunks.release_claim(ref.name)
                     continue
-                meta.conn.commit()
+                meta.commit()
             try:
                 self.chunks.delete_claimed(ref.name)
             except StoreError as e:
