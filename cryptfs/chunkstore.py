@@ -27,6 +27,7 @@ from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
 from cryptfs.stores import ObjectStore
+from cryptfs.stores.replicated import ReplicatedStore
 
 log = logging.getLogger("cryptfs.chunkstore")
 
@@ -345,7 +346,11 @@ class ChunkStore:
                 if path != self.staged_path(ref.name):
                     path.unlink(missing_ok=True)  # a bad cache entry: fetch again
         try:
-            blob = self.store.get(ref.name)
+            if isinstance(self.store, ReplicatedStore):  # a bad copy: read another, repair it
+                blob = self.store.get(ref.name, check=lambda b: len(b) == ref.size
+                                      and crypto.sha256(b) == ref.sha256)
+            else:
+                blob = self.store.get(ref.name)
         except ObjectNotFound:
             raise IntegrityError(f"object {ref.name} is missing from the store") from None
         if self.remote and len(blob) == ref.size:

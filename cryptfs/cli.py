@@ -78,14 +78,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     from cryptfs.vault import create_vault, default_chunk_size
 
     paths = _paths(args)
-    url = args.store_url or f"file://{paths.default_store}"
-    chunk = args.chunk_size or default_chunk_size(url)
+    urls = args.store_url or [f"file://{paths.default_store}"]
+    chunk = args.chunk_size or max(default_chunk_size(u) for u in urls)
     if chunk < 4096 or chunk > (64 << 20) or chunk & (chunk - 1):
         raise UsageError("--chunk-size must be a power of two from 4096 to 64 MiB")
+    from cryptfs.storelist import check_policy
+
+    check_policy(len(urls), args.copies, args.quorum)
     passphrase = get_passphrase(args.passphrase_file, confirm=True, extpass=args.extpass)
-    cfg, created = create_vault(paths, url, passphrase, chunk, os.getuid(), os.getgid())
+    cfg, created = create_vault(paths, urls, passphrase, chunk, os.getuid(), os.getgid(),
+                                copies=args.copies, quorum=args.quorum)
     verb = "created" if created else "attached existing"
-    print(f"cryptfs: {verb} vault '{paths.name}' in {url}")
+    print(f"cryptfs: {verb} vault '{paths.name}' in {' + '.join(urls)}")
     if args.show_master_key:
         from cryptfs.unlock import format_master_key
 
@@ -103,7 +107,7 @@ def _unlock(
 ) -> bytes:
     from cryptfs.vault import load_local_config
 
-    _url, cfg = load_local_config(paths)
+    _stores, cfg = load_local_config(paths)
     creds = creds or Credentials(passphrase_file=passphrase_file)
     return creds.unlock(cfg)[0]
 
@@ -199,7 +203,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for name in list_vaults():
         try:
-            url, _cfg = load_local_config(VaultPaths(name))
+            url = load_local_config(VaultPaths(name))[0].display
         except CryptfsError as e:
             url = f"<{e}>"
         print(f"{name}\t{url}")
@@ -275,6 +279,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     for d in doc["slots"]:
         label = f" [{d['label']}]" if d.get("label") else ""
         print(f"  {d['id']}  {d['type']:<10}  {d['detail']}{label}")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from cryptfs.storeops import repair
+
+    vault = _open_for_check(args, readonly=False)
+    try:
+        ok = repair(vault, full=not args.quick, say=print)
+    finally:
+        vault.close()
+    return 0 if ok else 5
+
+
+def cmd_store_list(args: argparse.Namespace) -> int:
+    from cryptfs.vault import load_local_config
+
+    stores, _cfg = load_local_config(_paths(args))
+    rows = [{"id": e.id, "url": e.url} for e in stores.entries]
+    if args.json:
+        print(json.dumps({"stores": rows, "copies": stores.copies or len(rows),
+                          "quorum": stores.quorum or None}, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['id'] or '-'}\t{r['url']}")
+    return 0
+
+
+def cmd_store_add(args: argparse.Namespace) -> int:
+    from cryptfs.storeops import add_store
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    add_store(paths, master, args.store_url, print)
+    return 0
+
+
+def cmd_store_remove(args: argparse.Namespace) -> int:
+    from cryptfs.storeops import remove_store
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    remove_store(paths, master, args.store, print)
     return 0
 
 
@@ -445,10 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("init", "create a vault (or attach one that exists in the store)")
     sp.add_argument(
         "store_url",
-        nargs="?",
-        help="file:///path or s3://bucket[/prefix]"
-        "[?endpoint=URL]; default: the embedded local store",
+        nargs="*",
+        help="file:///path or s3://bucket[/prefix][?endpoint=URL][&profile=NAME]; several "
+        "stores keep copies of everything; default: the embedded local store",
     )
+    sp.add_argument("--copies", type=int, default=0, metavar="N",
+                    help="copies of each object (default: one on every store)")
+    sp.add_argument("--quorum", type=int, default=0, metavar="N",
+                    help="copies that must be stored before a write counts (default: half "
+                    "the copies, rounded up)")
     sp.add_argument("--chunk-size", type=int, metavar="BYTES", help="chunk size (power of two)")
     sp.add_argument("--show-master-key", action="store_true",
                     help="print the master key (hex) for an offline backup")
@@ -517,6 +569,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("store_url", help="file:///path or s3://bucket[/prefix][?endpoint=URL]")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_info)
+
+    sp = add("repair", "bring every store of a vault level: re-copy missing or corrupt copies, "
+             "remove stray ones (vault must be unmounted)")
+    sp.add_argument("--quick", action="store_true",
+                    help="compare listings only; do not download every copy")
+    common(sp)
+    sp.set_defaults(func=cmd_repair)
+
+    tp = add("store", "list, add or remove the stores of a vault")
+    tsub = tp.add_subparsers(dest="store_command", metavar="STORECOMMAND")
+    tp.set_defaults(func=lambda _a: _usage(tp))
+    sp = add("list", "list the stores (no passphrase needed)", tsub, "store list")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp, passphrase=False)
+    sp.set_defaults(func=cmd_store_list)
+    sp = add("add", "add a store and copy the vault to it (vault must be unmounted)", tsub,
+             "store add")
+    sp.add_argument("store_url")
+    common(sp)
+    sp.set_defaults(func=cmd_store_add)
+    sp = add("remove", "stop using a store (its objects are left in place)", tsub,
+             "store remove")
+    sp.add_argument("store", help="store id or URL from 'cryptfs store list'")
+    common(sp)
+    sp.set_defaults(func=cmd_store_remove)
 
     kp = add("key", "manage the key slots that wrap the master key")
     ksub = kp.add_subparsers(dest="key_command", metavar="KEYCOMMAND")
@@ -592,7 +669,7 @@ def _configured_url(name: str) -> str | None:
     from cryptfs.vault import load_local_config
 
     try:
-        return load_local_config(VaultPaths(name))[0]
+        return load_local_config(VaultPaths(name))[0].entries[0].url
     except CryptfsError:
         return None
 

@@ -41,28 +41,33 @@ def modify_config(
 ) -> str:
     """Unlock with ``creds``, apply ``change(cfg, master, opened_slot)`` to the newest authentic
     config, sign it and write it to the store and the local file. Returns change's message."""
-    from cryptfs.stores import open_store
     from cryptfs.vault import load_local_config, save_local_config
 
     with _config_lock(paths):
-        url, local = load_local_config(paths)
+        stores, local = load_local_config(paths)
         master, opened = creds.unlock(local)
-        store = open_store(url)
+        store = stores.open()
+        where = stores.display
         try:
             cfg = VaultConfig.from_store(store)
             if cfg.vault_id != local.vault_id:
-                raise ConfigError(f"the store {url} holds a different vault")
+                raise ConfigError(f"the store {where} holds a different vault")
             if cfg.to_dict() != local.to_dict() and not cfg.verify_mac(master):
                 raise IntegrityError(
-                    f"the config in {url} fails authentication",
+                    f"the config in {where} fails authentication",
                     hint="it was modified by someone without the key; nothing was changed",
                 )
             message = change(cfg, master, opened)
             cfg.sign(master)
+            # every store that answers gets the new config (a quorum must); `cryptfs repair`
+            # brings one that was down level
             store.put(CONFIG_OBJECT, cfg.to_bytes())
+            drain = getattr(store, "drain", None)
+            if drain is not None:
+                drain(30.0)
         finally:
             store.close()
-        save_local_config(paths, url, cfg)
+        save_local_config(paths, stores, cfg)
     return message
 
 

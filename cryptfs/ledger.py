@@ -22,7 +22,17 @@ from cryptfs.metadata import MetaStore, ledger
 GENESIS = b"\0" * 32
 ENTRY_TAG = b"cryptfs-ledger-v1\0"
 HEAD_TAG = b"cryptfs-head-v1\0"
-OPS = ("put", "del", "accept")
+OPS = ("put", "del", "accept", "copy", "lost", "store-add", "store-remove")
+
+
+def op_kind(op: str) -> str:
+    """The operation without its store: ``copy@1a2b3c4d`` -> ``copy``."""
+    return op.partition("@")[0]
+
+
+def op_store(op: str) -> str:
+    """The store id an operation names (``copy@1a2b3c4d`` -> ``1a2b3c4d``), or ''."""
+    return op.partition("@")[2]
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,7 @@ class Ledger:
 
     def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
         """Add an entry in the current transaction (or its own)."""
-        assert op in OPS
+        assert op_kind(op) in OPS
         head = self.head()
         seq = head.seq + 1 if head else 1
         prev = head.hash if head else GENESIS
@@ -213,7 +223,7 @@ class Ledger:
                 problems.append(f"ledger: chain broken at sequence {e.seq} (previous hash differs)")
             elif entry_hash(e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev) != e.hash:
                 problems.append(f"ledger: chain broken at sequence {e.seq} (entry was modified)")
-            if e.op not in OPS:
+            if op_kind(e.op) not in OPS:
                 problems.append(f"ledger: unknown operation {e.op!r} at sequence {e.seq}")
             prev = e.hash
             expect = e.seq + 1

@@ -103,6 +103,16 @@ ledger = Table(
     Column("prev", LargeBinary, nullable=False),
     Column("hash", LargeBinary, nullable=False),
 )
+copies = Table(
+    "copies",
+    md,
+    Column("name", Text, nullable=False),
+    Column("store", Text, nullable=False),
+    # 'ok': the store holds a good copy; 'pending': it should, and does not yet (or it lost it);
+    # 'delete': the object was deleted but this store was down and still keeps a copy
+    Column("state", Text, nullable=False),
+    PrimaryKeyConstraint("name", "store"),
+)
 state = Table(
     "state",
     md,
@@ -167,6 +177,11 @@ class MetaStore:
         try:
             self.conn = self.engine.connect()
             md.create_all(self.conn)
+            # copies of an object that is gone are forgotten with it, whoever deletes it
+            self.conn.exec_driver_sql(
+                "CREATE TRIGGER IF NOT EXISTS objects_copies AFTER DELETE ON objects "
+                "BEGIN DELETE FROM copies WHERE name = OLD.name; END"
+            )
             self.conn.commit()
             quick = self.conn.exec_driver_sql("PRAGMA quick_check").scalar()
         except SADatabaseError as e:
@@ -419,6 +434,63 @@ class MetaStore:
             (ChunkRef(r.name, r.size, bytes(r.sha256)), r.refcount, r.state)
             for r in self.conn.execute(q)
         ]
+
+    # -- copies on the stores of a replicated vault ----------------------------------------------
+    def record_copy(self, name: str, store: str, st: str) -> bool:
+        """Record that ``store`` holds ``name`` ('ok'), should and does not ('pending'), or
+        keeps a copy that must be deleted ('delete'); True if that changed anything."""
+        row = self.raw.execute(
+            "SELECT state FROM copies WHERE name = ? AND store = ?", (name, store)
+        ).fetchone()
+        if row is not None and row[0] == st:
+            return False
+        self.raw.execute(
+            "INSERT OR REPLACE INTO copies (name, store, state) VALUES (?, ?, ?)", (name, store, st)
+        )
+        return True
+
+    def copies_of(self, name: str) -> dict[str, str]:
+        """``{store id: 'ok' | 'pending'}`` for one object."""
+        rows = self.raw.execute("SELECT store, state FROM copies WHERE name = ?", (name,))
+        return dict(rows.fetchall())
+
+    def all_copies(self) -> dict[str, dict[str, str]]:
+        """``{object: {store id: state}}`` for every object with a recorded copy."""
+        out: dict[str, dict[str, str]] = {}
+        for n, st, state_ in self.raw.execute("SELECT name, store, state FROM copies"):
+            out.setdefault(n, {})[st] = state_
+        return out
+
+    def pending_copies(self, limit: int = 1000) -> list[tuple[ChunkRef, str]]:
+        """Copies to make: (the object, the store that should hold it), for known objects."""
+        rows = self.raw.execute(
+            "SELECT o.name, o.size, o.sha256, c.store FROM copies c JOIN objects o "
+            "ON o.name = c.name WHERE c.state = 'pending' LIMIT ?",
+            (limit,),
+        )
+        return [(ChunkRef(n, z, bytes(h)), st) for n, z, h, st in rows.fetchall()]
+
+    def pending_deletes(self) -> list[tuple[str, str]]:
+        """(object, store) copies left on a store that was down when the object was deleted."""
+        rows = self.raw.execute("SELECT name, store FROM copies WHERE state = 'delete'")
+        return [(n, st) for n, st in rows.fetchall()]
+
+    def forget_copy(self, name: str, store: str) -> None:
+        self.raw.execute("DELETE FROM copies WHERE name = ? AND store = ?", (name, store))
+
+    def pending_copy_counts(self) -> dict[str, int]:
+        rows = self.raw.execute(
+            "SELECT store, count(*) FROM copies WHERE state != 'ok' GROUP BY store"
+        )
+        return dict(rows.fetchall())
+
+    def forget_store_copies(self, store: str) -> None:
+        self.raw.execute("DELETE FROM copies WHERE store = ?", (store,))
+
+    def forget_stray_copies(self) -> None:
+        """Drop copy records of objects the metadata does not know (never committed)."""
+        self.raw.execute("DELETE FROM copies WHERE state != 'delete' "
+                         "AND name NOT IN (SELECT name FROM objects)")
 
     def object_users(self, name: str) -> list[int]:
         """Inodes whose chunk map references the object."""

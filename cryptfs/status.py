@@ -147,6 +147,12 @@ class StatusPublisher:
             pass
         d["warnings"] = self._warnings.count
         d["last_warning"] = self._warnings.last
+        members = getattr(v.store, "members", None)
+        if members is not None and v.fs is not None and v.meta is not None:
+            with v.fs.lock:  # copies waiting per store (the replicated store's health too)
+                pending = v.meta.pending_copy_counts()
+            d["stores"] = [{"id": m.id, "url": m.url, "up": not m.failures,
+                            "pending_copies": pending.get(m.id, 0)} for m in members]
 
     def publish(self) -> None:
         with self._lock:
@@ -285,6 +291,9 @@ def format_status(doc: dict[str, Any]) -> str:
     if "store" in doc:
         ro = " (read-only)" if doc.get("readonly") else ""
         lines.append(f"  store: {doc['store']}{ro}")
+    for st in doc.get("stores", ()):
+        lines.append(f"    store {st['id']}: {'up' if st['up'] else 'down'}, "
+                     f"{st['pending_copies']} copies pending ({st['url']})")
     if "pid" in doc:
         lines.append(f"  daemon: pid {doc['pid']}, mounted {_when(doc.get('mounted_ns'))}")
     if "pending_objects" in doc:

@@ -41,7 +41,9 @@ from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
 from cryptfs.paths import VaultPaths, write_private
-from cryptfs.stores import ObjectStore, open_store
+from cryptfs.storelist import StoreList
+from cryptfs.stores import ObjectStore
+from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
 
 log = logging.getLogger("cryptfs.vault")
@@ -57,6 +59,8 @@ CHECKPOINT_PREFIX = "checkpoints/"
 META_PREFIX = "meta/"
 KEEP_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL = 60.0
+REPLICATE_INTERVAL = 2.0
+TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, "checkpoints/")  # objects whose copies are recorded
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
 
 
@@ -65,12 +69,13 @@ def _accept_hint(name: str) -> str:
 
 
 # -- local config file ------------------------------------------------------------------------
-def save_local_config(paths: VaultPaths, store_url: str, cfg: VaultConfig) -> None:
-    body = {"name": paths.name, "store": store_url, "vault": cfg.to_dict()}
+def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig) -> None:
+    """Write the local config file (0600): the vault's stores with their URLs, and its config."""
+    body = {"name": paths.name, **stores.to_json(), "vault": cfg.to_dict()}
     write_private(paths.config_file, json.dumps(body, indent=1).encode() + b"\n")
 
 
-def load_local_config(paths: VaultPaths) -> tuple[str, VaultConfig]:
+def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
     f = paths.config_file
     try:
         raw = f.read_bytes()
@@ -83,16 +88,14 @@ def load_local_config(paths: VaultPaths) -> tuple[str, VaultConfig]:
         raise ConfigError(f"cannot read {f}: {e.strerror}") from None
     try:
         body = json.loads(raw.decode())
-        url = body["store"]
-        if not isinstance(url, str):
-            raise ValueError
+        stores = StoreList.from_json(body)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise ConfigError(
             f"config file {f} is corrupt",
             hint="move it away and run 'cryptfs init STORE_URL' to attach the "
             "vault from its store again",
         ) from None
-    return url, VaultConfig.from_dict(body.get("vault"), str(f))
+    return stores, VaultConfig.from_dict(body.get("vault"), str(f))
 
 
 # -- local head file ----------------------------------------------------------------------------
@@ -201,9 +204,11 @@ class Vault:
         *,
         readonly: bool = False,
         cache_bytes: int = 1 << 30,
+        stores: StoreList | None = None,
     ) -> None:
         self.paths = paths
         self.store = store
+        self.stores = stores or StoreList()
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
         self.readonly = readonly
@@ -225,6 +230,8 @@ class Vault:
         self.recovered: list[str] = []
         self.lease: Lease | None = None  # what opening repaired after a crash, one line each
         self._stored_lock = threading.Lock()
+        self._copy_events: list[tuple[str, str, str]] = []
+        self.replicator: threading.Thread | None = None
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -240,13 +247,17 @@ class Vault:
     ) -> Vault:
         """Unlock and open a vault. With ``check``, refuse (IntegrityError) a read-write open
         whose anchors disagree (rollback, truncated ledger)."""
-        url, cfg = load_local_config(paths)
+        stores, cfg = load_local_config(paths)
         if master is None:
             if passphrase is None:
                 raise ConfigError("no passphrase given")
             master = cfg.unlock(passphrase)
-        store = open_store(url)
-        v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes)
+        store = stores.open()
+        v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes,
+                stores=stores)
+        if isinstance(store, ReplicatedStore):
+            store.on_copy = v._on_copy
+            store.on_stray = v._on_stray
         try:
             v._refresh_config(master)
             v._take_lock()
@@ -278,7 +289,7 @@ class Vault:
         if stored.to_dict() != self.cfg.to_dict():
             if stored.verify_mac(master):
                 self.cfg = stored
-                save_local_config(self.paths, self.store.url, stored)
+                save_local_config(self.paths, self.stores, stored)
 
     def _take_lock(self) -> None:
         self.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -436,7 +447,7 @@ class Vault:
 
     def _start(self) -> None:
         assert self.meta is not None and self.ledger is not None
-        remote = not self.store.url.startswith("file://")
+        remote = any(not e.url.startswith("file://") for e in self.stores.entries)
         self.chunks = ChunkStore(
             self.store,
             self.codec,
@@ -448,8 +459,8 @@ class Vault:
             on_stored=self._on_stored,
         )
         statfs = None
-        if not remote:
-            root = self.store.url[len("file://") :]
+        if not remote and not self.stores.replicated:
+            root = self.stores.entries[0].url[len("file://") :]
 
             def statfs() -> os.statvfs_result | None:
                 return os.statvfs(root)
@@ -486,6 +497,10 @@ class Vault:
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
+        if isinstance(self.store, ReplicatedStore):
+            self.replicator = threading.Thread(target=self._replicate, name="replicate",
+                                               daemon=True)
+            self.replicator.start()
 
     def _sweep_orphans(self) -> int:
         """After a crash: delete chunk objects and snapshots the metadata does not know (stored
@@ -548,6 +563,7 @@ class Vault:
         with self.fs.lock, self.meta.transaction():
             self.ledger.append("put", ref.name, ref.size, ref.sha256)
             self.meta.mark_stored(ref.name)
+            self._flush_copies()
 
     def _flush_stored(self) -> None:
         """Write the queued ledger entries (caller holds the filesystem lock)."""
@@ -558,6 +574,52 @@ class Vault:
             with self.meta.transaction():
                 for ref in queued:
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
+        self._flush_copies()
+
+    # -- copies on several stores ----------------------------------------------------------------
+    def _on_copy(self, name: str, store_id: str, ok: bool) -> None:
+        """The replicated store reports where a copy landed or is missing; recorded (copies
+        table and a ``copy@id`` / ``lost@id`` ledger entry) at the next commit."""
+        if name.startswith(TRACKED_PREFIXES):
+            with self._stored_lock:
+                self._copy_events.append((name, store_id, "ok" if ok else "pending"))
+
+    def _on_stray(self, name: str, store_id: str) -> None:
+        """A delete did not reach a store (it was down): delete its copy later."""
+        if name.startswith(TRACKED_PREFIXES):
+            with self._stored_lock:
+                self._copy_events.append((name, store_id, "delete"))
+
+    def _flush_copies(self) -> None:
+        """Record the queued copy events (caller holds the filesystem lock)."""
+        assert self.meta is not None and self.ledger is not None
+        with self._stored_lock:
+            events, self._copy_events = self._copy_events, []
+        if not events:
+            return
+        with self.meta.transaction():
+            for name, sid, st in events:
+                if self.meta.record_copy(name, sid, st) and st != "delete":
+                    op = ("copy@" if st == "ok" else "lost@") + sid
+                    self.ledger.append(op, name, 0, b"\0" * 32)
+
+    def flush_copies(self) -> None:
+        assert self.fs is not None
+        with self.fs.lock:
+            self._flush_copies()
+
+    def _replicate(self) -> None:
+        """Background completion: record copy events and make the pending copies."""
+        from cryptfs.replicas import copy_pending
+
+        while not self._stop.wait(REPLICATE_INTERVAL):
+            try:
+                self.flush_copies()
+                copy_pending(self, stop=self._stop)
+            except CryptfsError as e:
+                log.warning("background replication: %s", e.line())
+            except Exception:  # noqa: BLE001 - keep the thread alive, say what happened
+                log.exception("background replication failed")
 
     # -- checkpoints ------------------------------------------------------------------------
     def _periodic(self) -> None:
@@ -722,6 +784,16 @@ class Vault:
         finally:
             if self.chunks is not None:
                 self.chunks.close(drain=checkpoint and not self.readonly)
+            if self.replicator is not None:
+                self.replicator.join(timeout=60)
+            if isinstance(self.store, ReplicatedStore) and self.fs is not None \
+                    and self.meta is not None and not self.readonly:
+                # copies still being written: wait a little, record what landed; the rest
+                # stays pending and is copied at the next mount or by `cryptfs repair`
+                self.store.drain(timeout=10.0)
+                with contextlib.suppress(CryptfsError):
+                    self.flush_copies()
+                    self.meta.commit()
             if self.meta is not None:
                 self.meta.close()
             if self.lease is not None and not self.lease.lost:
@@ -735,39 +807,83 @@ class Vault:
 
 
 def create_vault(
-    paths: VaultPaths, store_url: str, passphrase: bytes, chunk_size: int, uid: int, gid: int
+    paths: VaultPaths,
+    store_urls: list[str],
+    passphrase: bytes,
+    chunk_size: int,
+    uid: int,
+    gid: int,
+    copies: int = 0,
+    quorum: int = 0,
 ) -> tuple[VaultConfig, bool]:
-    """Create a vault in the store, or attach an existing one (the passphrase must open it).
-    Returns (config, created)."""
+    """Create a vault in the stores, or attach an existing one (the passphrase must open it).
+    With several stores every one must be empty or hold this same vault. Returns (config,
+    created)."""
+    from cryptfs.storelist import (
+        StoreEntry,
+        check_policy,
+        new_store_id,
+        read_store_id,
+        same_vault,
+        write_store_id,
+    )
+
     if paths.config_file.exists():
         raise ConfigError(
             f"a vault named '{paths.name}' already exists", hint="choose another --name"
         )
-    store = open_store(store_url, create=True)
+    check_policy(len(store_urls), copies, quorum)
+    stores: list[ObjectStore] = []
     try:
-        try:
-            existing = store.get(CONFIG_OBJECT)
-        except ObjectNotFound:
-            existing = None
+        for url in store_urls:
+            stores.append(StoreList([StoreEntry("", url)]).open(create=True))
+        if len({s.url for s in stores}) < len(stores):
+            raise ConfigError("the same store is given twice")
+        same_vault(stores)
+        existing = None
+        for s in stores:
+            try:
+                existing = VaultConfig.from_bytes(s.get(CONFIG_OBJECT), f"{s.url}/{CONFIG_OBJECT}")
+                break
+            except ObjectNotFound:
+                continue
+        for s in stores:
+            if (existing is None or not s.exists(CONFIG_OBJECT)) and any(
+                True for _ in s.list("")
+            ):
+                raise ConfigError(
+                    f"the store {s.url} is not empty and holds no cryptfs vault",
+                    hint="use an empty directory or bucket prefix",
+                )
         if existing is not None:
-            cfg = VaultConfig.from_bytes(existing, f"{store.url}/{CONFIG_OBJECT}")
-            cfg.unlock(passphrase)
-            save_local_config(paths, store.url, cfg)
+            cfg = existing
+            master = cfg.unlock(passphrase)
+        else:
+            if paths.db.exists():
+                raise ConfigError(
+                    f"stale local state for '{paths.name}' in {paths.data_dir}",
+                    hint="move it away first",
+                )
+            cfg, master = VaultConfig.create(
+                passphrase, chunk_size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            )
+        codec = Codec(master, cfg.vault_id)
+        entries: list[StoreEntry] = []
+        for s in stores:
+            sid = read_store_id(s, codec) if len(stores) > 1 else ""
+            if len(stores) > 1 and not sid:
+                sid = new_store_id([e.id for e in entries])
+                write_store_id(s, codec, sid)
+            if not s.exists(CONFIG_OBJECT):
+                s.put(CONFIG_OBJECT, cfg.to_bytes())
+            entries.append(StoreEntry(sid or "", s.url))
+        if len({e.id for e in entries}) < len(entries):
+            raise ConfigError("two of the stores carry the same store id (copied stores?)")
+        store_list = StoreList(entries, copies, quorum)
+        if existing is not None:
+            save_local_config(paths, store_list, cfg)
             return cfg, False
-        if any(True for _ in store.list("")):
-            raise ConfigError(
-                f"the store {store.url} is not empty and holds no cryptfs vault",
-                hint="use an empty directory or bucket prefix",
-            )
-        cfg, master = VaultConfig.create(
-            passphrase, chunk_size, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        )
         # the first checkpoint: an empty root directory
-        if paths.db.exists():
-            raise ConfigError(
-                f"stale local state for '{paths.name}' in {paths.data_dir}",
-                hint="move it away first",
-            )
         paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         meta = MetaStore(paths.db)
         os.chmod(paths.db, 0o600)
@@ -775,10 +891,10 @@ def create_vault(
         with meta.transaction():
             meta.insert_inode(Inode(ROOT_INO, 0o40755, uid, gid, 0, 2, now, now, now))
         meta.close()
-        store.put(CONFIG_OBJECT, cfg.to_bytes())
-        save_local_config(paths, store.url, cfg)
-        v = Vault.open(paths, master=master, check=False)
-        v.close()
-        return cfg, True
+        save_local_config(paths, store_list, cfg)
     finally:
-        store.close()
+        for s in stores:
+            s.close()
+    v = Vault.open(paths, master=master, check=False)
+    v.close()
+    return cfg, True

@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptfs import crypto
 from cryptfs.codec import DATA_PREFIX, ChunkRef
 from cryptfs.errors import CryptfsError
+from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vault import CHECKPOINT_PREFIX, META_PREFIX, Vault
 
 _REJECTED = re.compile(r"^checkpoint (\S+): rejected")
@@ -118,7 +119,8 @@ def verify(
     # what the ledger says about each object: its last operation
     last_op: dict[str, tuple[str, int, bytes]] = {}
     for e in led.entries():
-        last_op[e.name] = (e.op, e.seq, e.sha256)
+        if e.op in ("put", "del"):  # copy@/lost@ entries say where copies are, not what
+            last_op[e.name] = (e.op, e.seq, e.sha256)
 
     in_store = dict(vault.store.list(""))
     rep.store_objects = len(in_store)
@@ -174,7 +176,7 @@ def verify(
             )
 
     for name in sorted(in_store):
-        if name in known or name == "config" or name.startswith(("lease", "tmp/")):
+        if name in known or name in ("config", "store-id") or name.startswith(("lease", "tmp/")):
             continue
         if name in rejected:
             continue  # reported above: a checkpoint that fails authentication
@@ -197,7 +199,10 @@ def verify(
         else:
             rep.problems.append(Problem("unknown", f"object {name} is not a cryptfs object", name))
 
-    if full:
+    replicated = isinstance(vault.store, ReplicatedStore)
+    if replicated:
+        _check_copies(vault, rep, full, progress, paths_for)
+    elif full:
         todo = [r for r in referenced if r.name in in_store]
         bar = Progress("verify", len(todo), progress)
         lock = threading.Lock()
@@ -223,6 +228,40 @@ def verify(
             if p.kind == "corrupt" and not p.paths:
                 p.paths = paths_for(p.object)
     return rep
+
+
+def _check_copies(
+    vault: Vault,
+    rep: Report,
+    full: bool,
+    progress: bool | None,
+    paths_for: Callable[[str], list[str]],
+) -> None:
+    """Every copy on every store of a replicated vault (see :func:`cryptfs.replicas.survey`)."""
+    from cryptfs.replicas import survey
+
+    bar: Progress | None = None
+
+    def step(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = Progress("verify", total, progress)
+        bar.step()
+
+    found = survey(vault, full=full, progress=step)
+    if bar is not None:
+        bar.finish()
+    rep.objects_downloaded += found.downloaded
+    assert isinstance(vault.store, ReplicatedStore)
+    urls = {m.id: m.url for m in vault.store.members}
+    for sid, err in found.unreachable.items():
+        rep.problems.append(Problem("store", f"store {sid} ({urls[sid]}) is unreachable: {err}"))
+    for kind, items, what in (("replica", found.missing, "is missing"),
+                              ("corrupt", found.corrupt, "is corrupt")):
+        for ref, sid in items:
+            rep.problems.append(Problem(
+                kind, f"the copy of object {ref.name} on store {sid} {what} "
+                "(run 'cryptfs repair')", ref.name, paths_for(ref.name)))
 
 
 def accept(vault: Vault, say: Callable[[str], None]) -> None:

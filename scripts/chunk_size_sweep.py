@@ -36,7 +36,7 @@ def run_one(url_for: object, chunk: int, mib: int, rand_s: float) -> tuple[float
         os.environ[var] = f"{base}/{sub}"
     try:
         paths = VaultPaths("default")
-        create_vault(paths, url_for(base), b"sweep", chunk, 0, 0)  # type: ignore[operator]
+        create_vault(paths, [url_for(base)], b"sweep", chunk, 0, 0)  # type: ignore[operator]
         v = Vault.open(paths, b"sweep")
         fs = v.fs
         assert fs is not None

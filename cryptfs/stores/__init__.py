@@ -3,9 +3,10 @@
 Supported URLs:
 
 * ``file:///absolute/path`` -- :class:`LocalStore`, one file per object;
-* ``s3://bucket[/prefix][?endpoint=http://host:port][&timeout=SECONDS]`` -- :class:`S3Store`;
-  ``timeout`` bounds each call including retries (default 30 s); ``endpoint``
-  overrides ``AWS_ENDPOINT_URL``;
+* ``s3://bucket[/prefix][?endpoint=http://host:port][&timeout=SECONDS][&profile=NAME]`` --
+  :class:`S3Store`; ``timeout`` bounds each call including retries (default 30 s); ``endpoint``
+  overrides ``AWS_ENDPOINT_URL``; ``profile`` takes the credentials of that AWS profile (so each
+  store of a replicated vault can have its own);
 * ``memory://`` -- :class:`MemoryStore`, a new empty store each time (tests only).
 """
 
@@ -61,10 +62,10 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
         params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         params = {"": []}
-    unknown = sorted(set(params) - {"endpoint", "timeout"})
+    unknown = sorted(set(params) - {"endpoint", "timeout", "profile"})
     if unknown or fragment or any(len(v) > 1 for v in params.values()):
         raise UsageError(f"malformed store URL {url!r}: the query parameters allowed are "
-                         "endpoint=URL and timeout=SECONDS, once each")
+                         "endpoint=URL, timeout=SECONDS and profile=NAME, once each")
     timeout = 30.0
     if "timeout" in params:
         try:
@@ -81,5 +82,6 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
                              "http:// or https:// URL")
     from cryptfs.stores.s3 import S3Store  # boto3 is slow to import; only load it when needed
 
+    profile = params["profile"][0] if "profile" in params else None
     return S3Store(bucket, unquote(path).strip("/"), endpoint_url=endpoint, create=create,
-                   timeout=timeout)
+                   timeout=timeout, profile=profile)

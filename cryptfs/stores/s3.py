@@ -111,7 +111,8 @@ class S3Store:
     page_size = 1000           # keys per LIST request
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
-                 create: bool = False, timeout: float = 30.0) -> None:
+                 create: bool = False, timeout: float = 30.0,
+                 profile: str | None = None) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.timeout = float(timeout)
@@ -120,6 +121,8 @@ class S3Store:
         query = [f"endpoint={endpoint_url}"] if endpoint_url else []
         if timeout != 30.0:
             query.append(f"timeout={timeout:g}")
+        if profile:
+            query.append(f"profile={profile}")
         if query:
             self.url += "?" + "&".join(query)
         self._attempt_timeout = max(self.timeout / 4, 0.1)
@@ -133,7 +136,7 @@ class S3Store:
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
         )
         try:
-            session = boto3.session.Session()
+            session = boto3.session.Session(profile_name=profile)
             self._region = session.region_name or "us-east-1"
             self._client = session.client("s3", endpoint_url=endpoint_url,
                                           region_name=self._region, config=config)
