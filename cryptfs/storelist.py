@@ -86,13 +86,13 @@ class StoreList:
         members = []
         for e in self.entries:
             try:
-                store: ObjectStore = open_store(e.url, create=create)
+                members.append(Member(e.id, open_store(e.url, create=create)))
             except StoreError as err:
                 if create:
                     raise
-                log.warning("store %s (%s) is not reachable now: %s", e.id, e.url, err.line())
-                store = _LaterStore(e.url)
-            members.append(Member(e.id, store))
+                m = Member(e.id, _LaterStore(e.url))
+                m.failed(err)  # logs it; counts as down until it answers
+                members.append(m)
         return ReplicatedStore(members, self.copies, self.quorum, on_copy)
 
 

@@ -85,7 +85,8 @@ def rig(s3_server: Any, s3_client: Any) -> Iterator[Rig]:
     for b in buckets:
         s3_client.create_bucket(Bucket=b)
     proxies = [FaultProxy(s3_server.endpoint, seed=i).start() for i in range(2)]
-    urls = [f"s3://{b}/vault?endpoint={p.endpoint}&timeout=4" for b, p in zip(buckets, proxies)]
+    urls = [f"s3://{b}/vault?endpoint={p.endpoint}&timeout=4"
+            for b, p in zip(buckets, proxies, strict=True)]
     env = VaultEnv(root, urls[0])
     mnt = root / "mnt"
     try:
@@ -215,7 +216,17 @@ def test_corrupt_copy_is_read_from_the_other_store_and_repaired(rig: Rig) -> Non
 def test_removed_store_leaves_the_vault_readable_from_the_rest(rig: Rig) -> None:
     env = rig.env
     env.cli("init", rig.urls[0], rig.urls[1], rig.local, "--chunk-size", str(CHUNK))
-    assert len(rig.store_ids()) == 3
+    ids = rig.store_ids()
+    assert len(ids) == 3
+    # no store learns another store's URL (bucket, endpoint, path) or its id in the clear
+    p0, p1 = (p.endpoint for p in rig.proxies)
+    others = {rig.buckets[0]: (rig.buckets[1], p1, rig.local, ids[rig.urls[1]]),
+              rig.buckets[1]: (rig.buckets[0], p0, rig.local, ids[rig.urls[0]])}
+    for bucket, secrets in others.items():
+        for key in rig.keys(bucket, "vault/"):
+            body = rig.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            for text in secrets:
+                assert text.encode() not in body, (bucket, key, text)
     env.mount(rig.mnt, NOCACHE)
     write_files(rig.mnt, FILES, "r")
     env.umount(rig.mnt)
