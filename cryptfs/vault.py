@@ -610,11 +610,17 @@ class Vault:
 
     def _replicate(self) -> None:
         """Background completion: record copy events and make the pending copies."""
-        from cryptfs.replicas import copy_pending
+        from cryptfs.replicas import adopt, copy_pending, mark_pending, survey
 
+        surveyed = False
         while not self._stop.wait(REPLICATE_INTERVAL):
             try:
                 self.flush_copies()
+                if not surveyed:  # once per mount: find copies a crash left unrecorded
+                    adopt(self)
+                    found = survey(self)
+                    mark_pending(self, found.missing + found.corrupt)
+                    surveyed = True
                 copy_pending(self, stop=self._stop)
             except CryptfsError as e:
                 log.warning("background replication: %s", e.line())

@@ -168,3 +168,26 @@ def test_put_if_absent_needs_a_quorum() -> None:
     stores[1].objects["lease"] = b"old"
     assert not rs.put_if_absent("lease", b"new")  # 1 of 3 created: below quorum 2, undone
     assert "lease" not in stores[2].objects
+
+
+def test_store_list_reads_old_and_new_local_configs() -> None:
+    from cryptfs.storelist import StoreEntry, StoreList
+
+    old = StoreList.from_json({"store": "file:///a"})
+    assert old.entries == [StoreEntry("", "file:///a")] and not old.replicated
+    new = StoreList([StoreEntry("1", "file:///a"), StoreEntry("2", "s3://b")], 2, 1)
+    again = StoreList.from_json(new.to_json())
+    assert again == new and again.replicated and again.find("2") == again.find("s3://b")
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        StoreList.from_json({"stores": []})
+
+
+def test_policy_limits() -> None:
+    from cryptfs.errors import UsageError
+    from cryptfs.storelist import check_policy
+
+    check_policy(3, 0, 0)
+    check_policy(3, 2, 2)
+    for copies, quorum in ((4, 0), (-1, 0), (2, 3), (0, 4)):
+        with pytest.raises(UsageError):
+            check_policy(3, copies, quorum)

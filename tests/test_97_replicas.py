@@ -267,3 +267,24 @@ def test_added_store_is_back_filled_and_can_carry_the_vault(rig: Rig) -> None:
     verify_clean(env)
     log = env.cli("log", "-n", "400", "--name", env.name).stdout
     assert "store-add@" in log and "store-remove@" in log and "copy@" in log
+
+
+def test_killed_during_an_outage_the_next_mount_completes_the_copies(rig: Rig) -> None:
+    env = rig.env
+    env.cli("init", *rig.urls, "--chunk-size", str(CHUNK))
+    rig.proxies[0].set_fault("down")
+    env.mount(rig.mnt, NOCACHE)
+    write_files(rig.mnt, FILES, "k")  # fsync'd: on store B (the quorum), pending for A
+    pid = int((env.data_dir / "mount.lock").read_text().strip())
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    force_unmount(str(rig.mnt))
+    rig.proxies[0].clear()
+    env.mount(rig.mnt, NOCACHE)  # crash recovery, then background completion
+    rig.wait_level()
+    check_files(rig.mnt, FILES, "k")
+    env.umount(rig.mnt)
+    assert rig.keys(rig.buckets[0]) == rig.keys(rig.buckets[1])
+    verify_clean(env)
