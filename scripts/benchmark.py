@@ -40,7 +40,7 @@ PASSTHROUGH = REPO / "scripts" / "passthrough.py"
 MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
-EXTRA_TARGETS = ("passthrough-fusepy",)
+EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -571,6 +571,22 @@ class CryptfsS3Target(CryptfsTarget):
         return f"s3://{bucket}/vault?endpoint={s3.endpoint}"
 
 
+class CryptfsS3x2Target(CryptfsTarget):
+    """One vault over two buckets of the same server (issue 7: every chunk stored twice)."""
+
+    name = "cryptfs-s3x2"
+
+    def init_store(self) -> None:
+        s3 = self.bench.s3()
+        urls = []
+        for bucket in ("bench-rep-a", "bench-rep-b"):
+            s3.client().create_bucket(Bucket=bucket)
+            urls.append(f"s3://{bucket}/vault?endpoint={s3.endpoint}")
+        self.env.update(s3.env())
+        run_cmd([self.cli, "init", *urls, "--name", "bench"], env=self.env,
+                what="cryptfs init (two buckets)", timeout=300)
+
+
 # ----------------------------------------------------------------------------------------------
 # moto server and the boto3 baseline
 
@@ -882,6 +898,7 @@ TARGET_CLASSES = {
     "gocryptfs": GocryptfsTarget,
     "cryptfs-local": CryptfsTarget,
     "cryptfs-s3": CryptfsS3Target,
+    "cryptfs-s3x2": CryptfsS3x2Target,
 }
 
 
