@@ -4,11 +4,14 @@ Inode-based and independent of FUSE: every method takes inode numbers and raw na
 returns :class:`~cryptfs.metadata.Inode` records or data, and raises ``OSError(errno)``.
 
 Durability contract:
-- every metadata operation (mkdir, rename, chmod, ...) is one committed SQLite transaction when
-  it returns: it survives a crash of the process;
+- every namespace operation (create, mkdir, link, unlink, rename, ...) and xattr change is one
+  committed SQLite transaction when it returns: it survives a crash of the process;
+- attribute changes (chmod, chown, utimens) are written at once and committed with the next
+  commit: the file's flush at close, any namespace operation, an fsync, or at the latest
+  ``COMMIT_DELAY`` later (a crash of the process in between may lose them);
 - ``write`` buffers in memory; ``flush`` (every close) seals the file's dirty chunks, stages
-  them and commits the chunk map: the data survives a crash of the process and will reach the
-  store;
+  them and commits the chunk map and every attribute change made before: the data survives a
+  crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
   snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault`).
 
@@ -52,6 +55,7 @@ _SQL_NEXT_FIRST_CHUNKS = (
     "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
 )
 INLINE_SEAL = 128 << 10
+COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
 HIDDEN = b".fuse_hidden"
@@ -132,9 +136,15 @@ class FileSystem:
         self._next_fh = 1
         self.read_errors = 0
         self.before_commit: Callable[[], None] | None = None  # runs inside each data commit
-        self._prefetched: dict[int, bytes] = {}  # directory -> last name prefetched
+        self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
+        # attribute changes written but not committed yet (see _save_later)
+        self._deferred: dict[int, Inode] = {}
+        self._deferred_event = threading.Event()
+        self._committer: threading.Thread | None = None
+        meta.on_commit = self._deferred.clear
+        meta.on_rollback = self._reapply_deferred
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -151,6 +161,41 @@ class FileSystem:
 
     def _save(self, node: Inode) -> None:
         self.meta.update_inode(node)
+
+    def _save_later(self, node: Inode) -> None:
+        """Write an attribute change (chmod, chown, utimens) without committing it (caller
+        holds self.lock): the next commit takes it along (the file's flush at close, the next
+        create, an fsync), or the committer thread within COMMIT_DELAY. Programs that unpack
+        files set times, owner and mode on each before closing it: one commit instead of
+        four."""
+        self.meta.update_inode(node)
+        self._deferred[node.ino] = node
+        if self._committer is None:
+            self._committer = threading.Thread(
+                target=self._commit_deferred_loop, name="commit", daemon=True
+            )
+            self._committer.start()
+        self._deferred_event.set()
+
+    def _reapply_deferred(self) -> None:
+        """A rollback undid the deferred writes too: write them again (still uncommitted)."""
+        for node in self._deferred.values():
+            self.meta.update_inode(node)
+
+    def commit_deferred(self) -> None:
+        with self.lock:
+            if self._deferred:
+                self.meta.commit()
+
+    def _commit_deferred_loop(self) -> None:
+        while True:
+            self._deferred_event.wait()
+            time.sleep(COMMIT_DELAY)
+            self._deferred_event.clear()
+            try:
+                self.commit_deferred()
+            except Exception as e:  # noqa: BLE001 - retried with the next change or commit
+                log.warning("cannot commit attribute changes: %s", e)
 
     def _lookup_ino(self, parent: int, name: bytes) -> int | None:
         key = (parent, name)
@@ -502,8 +547,7 @@ class FileSystem:
             node = self._node(ino)
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             node.ctime_ns = time.time_ns()
-            with self.meta.transaction():
-                self._save(node)
+            self._save_later(node)
             return self._view(node)
 
     def chown(self, ino: int, uid: int, gid: int) -> Inode:
@@ -520,8 +564,7 @@ class FileSystem:
                 if node.mode & stat.S_IXGRP:
                     node.mode &= ~stat.S_ISGID
             node.ctime_ns = time.time_ns()
-            with self.meta.transaction():
-                self._save(node)
+            self._save_later(node)
             return self._view(node)
 
     def utimens(self, ino: int, atime_ns: int | None, mtime_ns: int | None) -> Inode:
@@ -538,8 +581,7 @@ class FileSystem:
             if mtime_ns is not None:
                 node.mtime_ns = mtime_ns
             node.ctime_ns = time.time_ns()
-            with self.meta.transaction():
-                self._save(node)
+            self._save_later(node)
             return self._view(node)
 
     # -- xattrs ---------------------------------------------------------------------------
@@ -656,18 +698,19 @@ class FileSystem:
                 raise
         return fh
 
-    def prefetch_siblings(self, parent: int, name: bytes, count: int = 16) -> None:
-        """Programs that read a tree (tar, cp -r, rsync) open a directory's files in order: on a
-        remote store, start fetching the first chunks of the next ``count`` files."""
-        if not self.chunks.remote:
-            return
+    def prefetch_siblings(self, parent: int, name: bytes, count: int = 32) -> None:
+        """Programs that read a tree (tar, cp -r, rsync) open a directory's files in order:
+        start fetching (and opening) the first chunks of the next ``count`` files, to overlap a
+        remote store's requests, or the local disk's latency (a cold tree's objects lie
+        scattered over the store's directories) and the decryption. The window slides: it is
+        refilled once the reader is past its middle."""
         with self.lock:
-            last = self._prefetched.get(parent)
-            if last is not None and name < last:
-                return  # the window fetched before still lies ahead of the reader
+            trigger = self._prefetched.get(parent)
+            if trigger is not None and name < trigger:
+                return  # most of the window fetched before still lies ahead of the reader
             rows = self.meta.raw.execute(_SQL_NEXT_FIRST_CHUNKS, (parent, name, count)).fetchall()
             if rows:
-                self._prefetched[parent] = bytes(rows[-1][0])
+                self._prefetched[parent] = bytes(rows[len(rows) // 2][0])
         self.chunks.prefetch([ChunkRef(o, z, bytes(h)) for _n, o, z, h in rows])
 
     def _file(self, fh: int) -> OpenFile:
@@ -930,6 +973,8 @@ class FileSystem:
             return
         with h.file.lock:
             self._commit(h.file)
+        if self._deferred:  # attribute changes made before the close survive it too
+            self.commit_deferred()
 
     def fsync(self, fh: int | None) -> None:
         """Flush, then make everything durable in the store."""

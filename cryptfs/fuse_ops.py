@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +37,21 @@ NOW = -1
 OMIT = -2
 
 
+# A ctypes callback from a thread that has no Python thread state (libfuse's workers) creates
+# one and destroys it again on return, which costs more than many callbacks themselves. The
+# first callback in each worker thread takes one more reference to its thread state, so the
+# state lives as long as the thread (libfuse keeps its workers until unmount).
+_PyGILState_Ensure = ctypes.pythonapi.PyGILState_Ensure
+_PyGILState_Ensure.restype = ctypes.c_int
+_thread_kept = threading.local()
+
+
+def _keep_thread_state() -> None:
+    if not getattr(_thread_kept, "kept", False):
+        _PyGILState_Ensure()
+        _thread_kept.kept = True
+
+
 def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
@@ -43,6 +59,8 @@ def _enc(s: str) -> bytes:
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not getattr(_thread_kept, "kept", False):
+            _keep_thread_state()
         try:
             return fn(*args, **kwargs)
         except OSError:

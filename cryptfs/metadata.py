@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -199,6 +199,9 @@ class MetaStore:
         # hot paths use precompiled SQL on the driver connection, inside the same transactions
         self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
         self._depth = 0  # nesting of transaction() blocks
+        # called after every commit and after every rollback (the filesystem's deferred writes)
+        self.on_commit: Callable[[], None] | None = None
+        self.on_rollback: Callable[[], None] | None = None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -219,16 +222,20 @@ class MetaStore:
             self._depth = 0
             self.conn.rollback()
             self.raw.rollback()
+            if self.on_rollback is not None:
+                self.on_rollback()
             raise
         self._depth = 0
-        self.conn.commit()
-        self.raw.commit()
+        self.commit()
 
     def commit(self) -> None:
         """Commit statements run outside a :meth:`transaction` block, on both layers
         (SQLAlchemy's transaction and the driver's, which raw hot-path statements open)."""
-        self.conn.commit()
+        if self.conn.in_transaction():
+            self.conn.commit()
         self.raw.commit()
+        if self.on_commit is not None:
+            self.on_commit()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -488,12 +488,15 @@ class Vault:
             self.recovered.append(f"{resumed} staged uploads: resumed")
         if stray:
             self.recovered.append(f"{stray} stray staged files: removed")
-        if self.meta.get_state("clean") == "0":
+        with self.fs.lock:  # resumed upload workers use the same connection
+            unclean = self.meta.get_state("clean") == "0"
+        if unclean:
             swept = self._sweep_orphans()
             if swept:
                 self.recovered.append(f"{swept} objects stored before a crash but never "
                                       "committed: deleted")
-        self.meta.set_state("clean", "0")  # until close() finishes its checkpoint
+        with self.fs.lock:
+            self.meta.set_state("clean", "0")  # until close() finishes its checkpoint
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()

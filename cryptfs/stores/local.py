@@ -8,7 +8,9 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
+from cryptfs.codec import DATA_PREFIX
 from cryptfs.errors import ObjectNotFound, StoreError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -18,8 +20,10 @@ class LocalStore:
     """Objects are files below ``root``; ``a/b/c`` is ``root/a/b/c``.
 
     ``put`` writes a temporary file in the target directory and renames it into place, so an
-    object is either absent or complete, also after a crash of the process; :meth:`sync`
-    (syncfs of the store's filesystem) makes every object put so far survive power loss.
+    object is either absent or complete, also after a crash of the process (new chunk objects,
+    which are verified against the metadata, are written in place: see :meth:`_put_new`);
+    :meth:`sync` (syncfs of the store's filesystem) makes every object put so far survive
+    power loss.
     """
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
@@ -45,6 +49,8 @@ class LocalStore:
             parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             with self._lock:
                 self._dirs_made.add(parent)
+        if name.startswith(DATA_PREFIX) and self._put_new(path, name, data):
+            return
         tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -64,6 +70,40 @@ class LocalStore:
             if e.errno == errno.ENOSPC:
                 raise StoreError(f"store {self.root} is full (no space left on device)") from None
             raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
+
+    def _put_new(self, path: Path, name: str, data: bytes) -> bool:
+        """Write a chunk object that does not exist yet in place (one file operation fewer
+        than temp file and rename, which is most of the cost of a small file); False if it
+        exists (then the caller replaces it atomically). Safe for chunk objects only: they are
+        named by their content and checked against the size and hash the metadata records,
+        and the metadata names one only after its put returned, so one torn by a crash is
+        never referenced and the sweep after the crash deletes it."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            self._put_failed(name, e)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            finally:
+                os.close(fd)
+        except OSError as e:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            self._put_failed(name, e)
+        return True
+
+    def _put_failed(self, name: str, e: OSError) -> NoReturn:
+        if e.errno == errno.ENOSPC:
+            raise StoreError(f"store {self.root} is full (no space left on device)") from None
+        raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist yet (``link`` of a complete temp file,

@@ -1,0 +1,87 @@
+"""Group commit and in-place chunk objects against ``kill -9``.
+
+Attribute changes (chmod, chown, utimens) are committed with the next commit instead of one
+each; a close must still take every change made before it along. New chunk objects are written
+in place on the local store: one torn by a crash is never referenced, and a put over it
+replaces it atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from mount_fixtures import VaultEnv, _mounted, force_unmount
+from test_80_crash import CHUNK, assert_verifies, crash_env, kill_daemon, mount  # noqa: F401
+
+from cryptfs.codec import DATA_PREFIX
+from cryptfs.stores.local import LocalStore
+
+pytestmark = pytest.mark.log_problems_expected  # kill -9 makes the next mount log recovery
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_attributes_set_before_close_survive_kill(
+    crash_env: tuple[VaultEnv, list[int]],  # noqa: F811 - the fixture of test_80_crash
+) -> None:
+    """Like tar: write, futimens, fchown, fchmod on the open file, close, kill -9 at once.
+    After a remount the file has its data, times, owner and mode; a chmod by path without a
+    close after it is committed within the commit delay."""
+    env, pids = crash_env
+    mnt = env.root / "mnt"
+    data = random.Random(3).randbytes(CHUNK + 99)
+    mtime_ns = 1_600_000_000_123_456_789
+    mount(env, mnt, pids)
+    try:
+        (mnt / "later").write_bytes(b"x")
+        os.chmod(mnt / "later", 0o640)  # no close after it: the commit delay covers it
+        time.sleep(1.0)
+        fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.fchown(fd, 1234, 5678)
+            os.fchmod(fd, 0o751)
+        finally:
+            os.close(fd)
+        kill_daemon(env, mnt)
+    finally:
+        if _mounted(str(mnt)):
+            force_unmount(str(mnt))
+
+    mount(env, mnt, pids)
+    try:
+        st = os.stat(mnt / "f")
+        got = (mnt / "f").read_bytes()
+        later = os.stat(mnt / "later")
+    finally:
+        env.umount(mnt)
+    assert got == data
+    assert stat.S_IMODE(st.st_mode) == 0o751
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert st.st_mtime_ns == mtime_ns
+    assert stat.S_IMODE(later.st_mode) == 0o640
+    assert_verifies(env)
+
+
+def test_local_chunk_put_replaces_a_torn_object(tmp_path: Path) -> None:
+    """A chunk object torn by a crash (a prefix at its final name) is replaced whole by the
+    next put of that name; other objects keep temp file and rename; no temp files remain."""
+    store = LocalStore(tmp_path / "s", create=True)
+    name = DATA_PREFIX + "ab/" + "ab" * 32
+    blob = random.Random(4).randbytes(5000)
+    store.put(name, blob)
+    assert store.get(name) == blob
+    (tmp_path / "s" / name).write_bytes(blob[:100])  # what a crash mid-write leaves
+    store.put(name, blob)
+    assert store.get(name) == blob
+    store.put("meta/x", b"snapshot")
+    assert store.get("meta/x") == b"snapshot"
+    leftovers = [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(".tmp.")]
+    assert not leftovers
+    assert oct((tmp_path / "s" / name).stat().st_mode & 0o777) == oct(0o600)
