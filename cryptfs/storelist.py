@@ -54,6 +54,8 @@ class StoreList:
         return next((e for e in self.entries if key in (e.id, e.url)), None)
 
     def to_json(self) -> dict[str, Any]:
+        if not self.replicated and not self.entries[0].id:
+            return {"store": self.entries[0].url}  # the format of a vault with one store
         return {
             "store": self.entries[0].url,  # what versions with one store read
             "stores": [{"id": e.id, "url": e.url} for e in self.entries],
