@@ -87,6 +87,8 @@ class ChunkStore:
         self._seal_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
         self._seal_slots = threading.BoundedSemaphore(6)
         self._prefetching: set[str] = set()
+        # chunks a sequential reader fetches ahead: enough to keep the fetch workers busy
+        self.readahead = 8 if remote else 4
         self._failed: dict[str, tuple[float, CryptfsError]] = {}
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
         if cache is not None:

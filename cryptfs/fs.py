@@ -777,7 +777,7 @@ class FileSystem:
             f.last_read_end = end
             ahead = []
             if sequential:
-                for idx in range(last + 1, last + 5):
+                for idx in range(last + 1, last + 1 + self.chunks.readahead):
                     if idx * cs >= f.size:
                         break
                     if idx not in f.dirty:
