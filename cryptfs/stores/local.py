@@ -52,24 +52,12 @@ class LocalStore:
         if name.startswith(DATA_PREFIX) and self._put_new(path, name, data):
             return
         tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
+        self._write(tmp, name, data, os.O_TRUNC)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            finally:
-                os.close(fd)
             os.rename(tmp, path)
         except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if e.errno == errno.ENOSPC:
-                raise StoreError(f"store {self.root} is full (no space left on device)") from None
-            raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
+            tmp.unlink(missing_ok=True)
+            self._put_failed(name, e)
 
     def _put_new(self, path: Path, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
@@ -79,9 +67,18 @@ class LocalStore:
         and the metadata names one only after its put returned, so one torn by a crash is
         never referenced and the sweep after the crash deletes it."""
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._write(path, name, data, os.O_EXCL)
         except FileExistsError:
             return False
+        return True
+
+    def _write(self, path: Path, name: str, data: bytes, flag: int) -> None:
+        """Create ``path`` (``flag``: O_TRUNC or O_EXCL) holding ``data``; on a failure remove
+        what was written and raise StoreError (O_EXCL on an existing file: FileExistsError)."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | flag, 0o600)
+        except FileExistsError:
+            raise
         except OSError as e:
             self._put_failed(name, e)
         try:
@@ -93,12 +90,8 @@ class LocalStore:
             finally:
                 os.close(fd)
         except OSError as e:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            path.unlink(missing_ok=True)
             self._put_failed(name, e)
-        return True
 
     def _put_failed(self, name: str, e: OSError) -> NoReturn:
         if e.errno == errno.ENOSPC:
