@@ -274,15 +274,18 @@ class ChunkStore:
     def local_copy(self, ref: ChunkRef) -> bytes | None:
         """The sealed object from the staging area or the chunk cache, if it has the recorded
         size and hash (to re-upload what a store lost)."""
-        for path in (self.staged_path(ref.name), self._cache_path(ref.name)):
+        staged = self.staged_path(ref.name)
+        for path in (staged, self._cache_path(ref.name)):
             if path is None:
                 continue
             try:
                 blob = path.read_bytes()
             except OSError:
                 continue
-            if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
+            if ref.matches(blob):
                 return blob
+            if path != staged:
+                path.unlink(missing_ok=True)  # a bad cache entry: fetch it again
         return None
 
     def release_claim(self, name: str) -> None:
@@ -302,8 +305,8 @@ class ChunkStore:
         if failed is not None and time.monotonic() - failed[0] < FAILED_FETCH_MEMORY:
             raise failed[1]  # the kernel retries a failed read at once: answer from memory
         try:
-            blob = self._fetch(ref)
-            plain = self.codec.open_chunk(ref, blob)
+            blob = self._fetch(ref)  # checked against ref: hashed once per read
+            plain = self.codec.open_chunk_unchecked(ref.name, blob)
         except CryptfsError as e:
             self._failed[ref.name] = (time.monotonic(), e)
             raise
@@ -335,27 +338,21 @@ class ChunkStore:
                 self._prefetching.discard(ref.name)
 
     def _fetch(self, ref: ChunkRef) -> bytes:
+        """The sealed object, checked against ``ref`` (IntegrityError if it is not there or
+        not the recorded object): from the staging area or cache, else the store."""
         if self.remote:
-            for path in (self.staged_path(ref.name), self._cache_path(ref.name)):
-                if path is None:
-                    continue
-                try:
-                    blob = path.read_bytes()
-                except FileNotFoundError:
-                    continue
-                if len(blob) == ref.size and crypto.sha256(blob) == ref.sha256:
-                    return blob
-                if path != self.staged_path(ref.name):
-                    path.unlink(missing_ok=True)  # a bad cache entry: fetch again
+            blob = self.local_copy(ref)
+            if blob is not None:
+                return blob
         try:
             if isinstance(self.store, ReplicatedStore):  # a bad copy: read another, repair it
-                blob = self.store.get(ref.name, check=lambda b: len(b) == ref.size
-                                      and crypto.sha256(b) == ref.sha256)
+                blob = self.store.get(ref.name, check=ref.matches)
             else:
                 blob = self.store.get(ref.name)
+                self.codec.check_chunk(ref, blob)
         except ObjectNotFound:
             raise IntegrityError(f"object {ref.name} is missing from the store") from None
-        if self.remote and len(blob) == ref.size:
+        if self.remote:
             self._write_cache(ref.name, blob)
         return blob
 

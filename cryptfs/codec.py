@@ -41,6 +41,11 @@ class ChunkRef:
     size: int
     sha256: bytes
 
+    def matches(self, blob: bytes) -> bool:
+        """Whether ``blob`` is the recorded object (size and SHA-256, compared in constant
+        time)."""
+        return len(blob) == self.size and hmac.compare_digest(crypto.sha256(blob), self.sha256)
+
 
 class Codec:
     """Seals and opens objects for one vault (one master key)."""
@@ -69,13 +74,18 @@ class Codec:
             self._chunk_key, padded, self._aad(b"chunk", name)
         )
 
+    @staticmethod
+    def check_chunk(ref: ChunkRef, blob: bytes) -> None:
+        """Raise IntegrityError naming the object unless ``blob`` is the recorded object."""
+        if len(blob) != ref.size:
+            raise IntegrityError(f"object {ref.name} has {len(blob)} bytes, expected {ref.size}")
+        if not ref.matches(blob):
+            raise IntegrityError(f"object {ref.name} does not match its recorded hash")
+
     def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:
         """Check the stored bytes against the recorded size and hash, then authenticate and
         decrypt. Raises IntegrityError naming the object on any mismatch."""
-        if len(blob) != ref.size:
-            raise IntegrityError(f"object {ref.name} has {len(blob)} bytes, expected {ref.size}")
-        if not hmac.compare_digest(crypto.sha256(blob), ref.sha256):
-            raise IntegrityError(f"object {ref.name} does not match its recorded hash")
+        self.check_chunk(ref, blob)
         return self.open_chunk_unchecked(ref.name, blob)
 
     def open_chunk_unchecked(self, name: str, blob: bytes) -> bytes:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cryptfs import crypto
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, StoreError
 from cryptfs.stores.replicated import Member, ReplicatedStore
@@ -25,10 +24,6 @@ from cryptfs.stores.replicated import Member, ReplicatedStore
 log = logging.getLogger("cryptfs.replicas")
 
 NOT_OBJECTS = ("config", "lease", "store-id")  # per-store objects that are not tracked
-
-
-def _good(ref: ChunkRef) -> Callable[[bytes], bool]:
-    return lambda b: len(b) == ref.size and crypto.sha256(b) == ref.sha256
 
 
 def expected_holders(store: ReplicatedStore, recorded: dict[str, str]) -> dict[str, str]:
@@ -52,7 +47,7 @@ def copy_one(vault, ref: ChunkRef, m: Member) -> bool:  # type: ignore[no-untype
             except StoreError:
                 continue
             assert isinstance(got, bytes)
-            if _good(ref)(got):
+            if ref.matches(got):
                 blob = got
                 break
     if blob is None:
@@ -212,7 +207,7 @@ def survey(
         ref, m = item
         try:
             blob = m.call(lambda: m.store.get(ref.name))
-            good = isinstance(blob, bytes) and _good(ref)(blob)
+            good = isinstance(blob, bytes) and ref.matches(blob)
         except CryptfsError:
             good = False
         with lock:

@@ -295,6 +295,8 @@ class ReplicatedStore:
             m = order[0]
             blob = m.call(lambda: m.store.get(name))
             assert isinstance(blob, bytes)
+            if check is not None and not check(blob):
+                raise IntegrityError(f"the only copy of {name} fails its check")
             return blob
         futures: dict[Future[object], Member] = {}
         missing: list[Member] = []
