@@ -14,17 +14,19 @@ deletes an object that an uncommitted chunk map points to.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
+from cryptfs.diskcache import DiskCache
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.replicated import ReplicatedStore
@@ -60,8 +62,10 @@ class ChunkStore:
         self.codec = codec
         self.remote = remote
         self.staging = staging
-        self.cache = cache
-        self.cache_bytes = cache_bytes
+        self.cache = DiskCache(cache, cache_bytes) if cache is not None else None
+        # a sequential read of a file bigger than this does not enter the disk cache, so that
+        # streaming one big file does not evict everything else (scan resistance)
+        self.stream_cache_limit = cache_bytes // 4 if cache is not None else 0
         self.lookup = lookup
         self.on_stored = on_stored
         self.staging_limit = staging_limit
@@ -86,13 +90,11 @@ class ChunkStore:
                                               thread_name_prefix="fetch")
         self._seal_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="seal")
         self._seal_slots = threading.BoundedSemaphore(6)
-        self._prefetching: set[str] = set()
+        self._prefetching: dict[str, Future[None]] = {}
         # chunks a sequential reader fetches ahead: enough to keep the fetch workers busy
         self.readahead = 8 if remote else 4
         self._failed: dict[str, tuple[float, CryptfsError]] = {}
         staging.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- naming guards ------------------------------------------------------------------------
     def _acquire(self, name: str) -> None:
@@ -218,7 +220,10 @@ class ChunkStore:
                     time.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 15.0)
             self.on_stored(ref)
-            self._to_cache(path, ref)
+            if self.cache is not None:
+                self.cache.adopt(path, ref.name)
+            else:
+                path.unlink(missing_ok=True)
         except Exception:
             self.errors += 1
             raise
@@ -274,38 +279,43 @@ class ChunkStore:
     def local_copy(self, ref: ChunkRef) -> bytes | None:
         """The sealed object from the staging area or the chunk cache, if it has the recorded
         size and hash (to re-upload what a store lost)."""
-        staged = self.staged_path(ref.name)
-        for path in (staged, self._cache_path(ref.name)):
-            if path is None:
-                continue
-            try:
-                blob = path.read_bytes()
-            except OSError:
-                continue
+        try:
+            blob = self.staged_path(ref.name).read_bytes()
             if ref.matches(blob):
                 return blob
-            if path != staged:
-                path.unlink(missing_ok=True)  # a bad cache entry: fetch it again
-        return None
+        except OSError:
+            pass
+        return self.cache.read(ref) if self.cache is not None else None
 
     def release_claim(self, name: str) -> None:
         """Give back a claim from :meth:`try_claim_for_delete` without deleting."""
         self._release(name)
 
     # -- reading ------------------------------------------------------------------------------
-    def get(self, ref: ChunkRef) -> bytes:
+    def get(self, ref: ChunkRef, keep: bool = True) -> bytes:
         """Plaintext of a chunk, verified against ``ref``; raises IntegrityError or
-        StoreError naming the object."""
+        StoreError naming the object. ``keep``: put a fetched object in the disk cache."""
         with self._mem_lock:
             plain = self._mem.get(ref.name)
             if plain is not None:
                 self._mem.move_to_end(ref.name)
                 return plain
+            inflight = self._prefetching.get(ref.name)
+        if inflight is not None:  # being fetched ahead: wait for it instead of fetching twice
+            with contextlib.suppress(CancelledError):  # (cancelled at unmount)
+                inflight.result()
+            with self._mem_lock:
+                plain = self._mem.get(ref.name)
+            if plain is not None:
+                return plain
+        return self._load(ref, keep)
+
+    def _load(self, ref: ChunkRef, keep: bool) -> bytes:
         failed = self._failed.get(ref.name)
         if failed is not None and time.monotonic() - failed[0] < FAILED_FETCH_MEMORY:
             raise failed[1]  # the kernel retries a failed read at once: answer from memory
         try:
-            blob = self._fetch(ref)  # checked against ref: hashed once per read
+            blob = self._fetch(ref, keep)  # checked against ref: hashed once per read
             plain = self.codec.open_chunk_unchecked(ref.name, blob)
         except CryptfsError as e:
             self._failed[ref.name] = (time.monotonic(), e)
@@ -319,25 +329,28 @@ class ChunkStore:
                 self._mem_size -= len(self._mem.popitem(last=False)[1])
         return plain
 
-    def prefetch(self, refs: list[ChunkRef]) -> None:
-        """Start fetching chunks that a sequential reader will want next."""
+    def prefetch(self, refs: list[ChunkRef], keep: bool = True) -> None:
+        """Start fetching chunks that a reader will want next (``keep`` as for :meth:`get`)."""
         for ref in refs:
             with self._mem_lock:
                 if ref.name in self._mem or ref.name in self._prefetching:
                     continue
-                self._prefetching.add(ref.name)
-            self._fetch_pool.submit(self._prefetch_one, ref)
+                try:
+                    fut = self._fetch_pool.submit(self._prefetch_one, ref, keep)
+                except RuntimeError:  # shutting down
+                    return
+                self._prefetching[ref.name] = fut
 
-    def _prefetch_one(self, ref: ChunkRef) -> None:
+    def _prefetch_one(self, ref: ChunkRef, keep: bool) -> None:
         try:
-            self.get(ref)
+            self._load(ref, keep)
         except Exception:  # noqa: BLE001 - a failed prefetch is retried by the real read
             self._failed.pop(ref.name, None)
         finally:
             with self._mem_lock:
-                self._prefetching.discard(ref.name)
+                self._prefetching.pop(ref.name, None)
 
-    def _fetch(self, ref: ChunkRef) -> bytes:
+    def _fetch(self, ref: ChunkRef, keep: bool = True) -> bytes:
         """The sealed object, checked against ``ref`` (IntegrityError if it is not there or
         not the recorded object): from the staging area or cache, else the store."""
         if self.remote:
@@ -352,62 +365,9 @@ class ChunkStore:
                 self.codec.check_chunk(ref, blob)
         except ObjectNotFound:
             raise IntegrityError(f"object {ref.name} is missing from the store") from None
-        if self.remote:
-            self._write_cache(ref.name, blob)
+        if keep and self.cache is not None:
+            self.cache.write(ref.name, blob)
         return blob
-
-    # -- local cache of sealed objects (remote stores only) --------------------------------------
-    def _cache_path(self, name: str) -> Path | None:
-        return self.cache / name.replace("/", "_") if self.cache is not None else None
-
-    def _to_cache(self, staged: Path, ref: ChunkRef) -> None:
-        dest = self._cache_path(ref.name)
-        if dest is None or self.cache_bytes <= 0:
-            staged.unlink(missing_ok=True)
-            return
-        os.replace(staged, dest)
-        self._trim_cache()
-
-    def _write_cache(self, name: str, blob: bytes) -> None:
-        dest = self._cache_path(name)
-        if dest is None or self.cache_bytes <= 0:
-            return
-        tmp = dest.with_name(dest.name + f".{threading.get_ident()}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, blob)
-            finally:
-                os.close(fd)
-            os.replace(tmp, dest)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            log.warning("cannot write the chunk cache: %s", e.strerror)
-            return
-        self._trim_cache()
-
-    _cache_checked = 0.0
-
-    def _trim_cache(self) -> None:
-        now = time.monotonic()
-        if now - self._cache_checked < 2.0 or self.cache is None:
-            return
-        self._cache_checked = now
-        entries = []
-        total = 0
-        for f in self.cache.iterdir():
-            try:
-                st = f.stat()
-            except FileNotFoundError:
-                continue
-            entries.append((st.st_atime, st.st_size, f))
-            total += st.st_size
-        entries.sort()
-        for _atime, size, f in entries:
-            if total <= self.cache_bytes:
-                break
-            f.unlink(missing_ok=True)
-            total -= size
 
     # -- deleting -----------------------------------------------------------------------------
     def delete_claimed(self, name: str) -> None:
@@ -418,9 +378,8 @@ class ChunkStore:
                 dropped = self._mem.pop(name, None)
                 if dropped is not None:
                     self._mem_size -= len(dropped)
-            p = self._cache_path(name)
-            if p is not None:
-                p.unlink(missing_ok=True)
+            if self.cache is not None:
+                self.cache.discard(name)
         finally:
             self._release(name)
 

@@ -748,9 +748,9 @@ class FileSystem:
             return b""
         return self._get_chunk(f.ino, ref)
 
-    def _get_chunk(self, ino: int, ref: ChunkRef) -> bytes:
+    def _get_chunk(self, ino: int, ref: ChunkRef, keep: bool = True) -> bytes:
         try:
-            return self.chunks.get(ref)
+            return self.chunks.get(ref, keep)
         except CryptfsError as e:
             self.read_errors += 1
             with self.lock:
@@ -775,6 +775,7 @@ class FileSystem:
                 parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
             sequential = offset == f.last_read_end
             f.last_read_end = end
+            keep = not sequential or f.size <= self.chunks.stream_cache_limit
             ahead = []
             if sequential:
                 for idx in range(last + 1, last + 1 + self.chunks.readahead):
@@ -788,11 +789,11 @@ class FileSystem:
             self.chunks.pin(r.name for r in refs)
         try:
             if ahead:
-                self.chunks.prefetch(ahead)
+                self.chunks.prefetch(ahead, keep)
             pieces = []
             for k, p in enumerate(parts):
                 idx = first + k
-                plain = self._get_chunk(f.ino, p) if isinstance(p, ChunkRef) else (p or b"")
+                plain = self._get_chunk(f.ino, p, keep) if isinstance(p, ChunkRef) else (p or b"")
                 lo = max(offset, idx * cs) - idx * cs
                 hi = min(end, (idx + 1) * cs) - idx * cs
                 pieces.append(plain[lo:hi])

@@ -31,7 +31,6 @@ log = logging.getLogger("cryptfs.status")
 
 STATUS_FILE = "status.json"
 INTERVAL = 1.0
-CACHE_SCAN_INTERVAL = 10.0
 STALE_AFTER = 10.0  # seconds without an update: the daemon is stuck or gone
 
 
@@ -65,22 +64,6 @@ class _WarningCounter(logging.Handler):
             pass
 
 
-def _dir_bytes(d: Path | None) -> int:
-    total = 0
-    if d is None:
-        return 0
-    try:
-        with os.scandir(d) as it:
-            for e in it:
-                try:
-                    total += e.stat(follow_symlinks=False).st_size
-                except OSError:
-                    continue
-    except OSError:
-        return 0
-    return total
-
-
 class StatusPublisher:
     """The daemon's status thread (see the module docstring)."""
 
@@ -101,7 +84,6 @@ class StatusPublisher:
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._cache_scanned = 0.0
         self._warnings = _WarningCounter()
         self._lock = threading.Lock()
 
@@ -127,10 +109,7 @@ class StatusPublisher:
         if v.chunks is not None:
             d["pending_objects"], d["pending_bytes"] = v.chunks.pending()
             d["upload_errors"] = int(getattr(v.chunks, "errors", 0))
-            now = time.monotonic()
-            if now - self._cache_scanned >= CACHE_SCAN_INTERVAL:
-                self._cache_scanned = now
-                d["cache_bytes"] = _dir_bytes(v.chunks.cache)
+            d["cache_bytes"] = v.chunks.cache.bytes if v.chunks.cache is not None else 0
         if v.fs is not None and v.ledger is not None:
             with v.fs.lock:
                 head = v.ledger.head()

@@ -449,3 +449,32 @@ def test_umount_reports_a_failed_final_checkpoint(rig: Rig) -> None:
     res = env.cli("verify", check=False, timeout=60)
     assert res.returncode == 0, f"verify:\n{res.stdout}{res.stderr}"
     assert_bounded(proxy)
+
+
+def test_disk_cache_serves_reads_while_the_store_is_down(rig: Rig) -> None:
+    """Objects fetched (or uploaded) before are read from the disk cache, also after a remount
+    and with the store refusing every read; a sequential read of a file bigger than a quarter
+    of the cache does not fill it (it would evict everything else)."""
+    env, mnt = rig.env, rig.mnt
+    opts = ("cache_size=4M",)  # a stream limit of 1 MiB
+    small = {f"s{i}": content(f"s{i}", 5000 + i) for i in range(20)}
+    big = content("big", 2 << 20)  # 32 chunks
+    env.mount(mnt, *opts)
+    for n, d in small.items():
+        (mnt / n).write_bytes(d)
+    (mnt / "big").write_bytes(big)
+    _umount(env, mnt)
+    shutil.rmtree(rig.chunk_cache)
+    env.mount(mnt, *opts)
+    assert all((mnt / n).read_bytes() == d for n, d in small.items())
+    assert (mnt / "big").read_bytes() == big
+    _umount(env, mnt)
+    cached = len(list(rig.chunk_cache.iterdir()))
+    assert len(small) <= cached <= len(small) + 2  # the first chunk of big may be kept
+    env.mount(mnt, *opts)
+    rig.proxy.set_fault("down", methods={"GET"})
+    start = time.monotonic()
+    assert all((mnt / n).read_bytes() == d for n, d in small.items())
+    assert time.monotonic() - start < 5  # no store call waited for its 10 s timeout
+    assert rig.proxy.faults["down"] <= 2  # at most the lease's own reads were refused
+    rig.proxy.clear()

@@ -134,6 +134,10 @@ class S3Store:
             read_timeout=self._attempt_timeout,
             max_pool_connections=32,
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
+            # downloads are checked against their recorded SHA-256 by the chunk store, a
+            # stronger check than S3's CRC, which costs a pass over every byte; uploads keep
+            # theirs, so the store refuses a body damaged on the way
+            response_checksum_validation="when_required",
         )
         try:
             session = boto3.session.Session(profile_name=profile)

@@ -1,0 +1,158 @@
+"""A bounded local cache of sealed objects, for vaults on remote stores.
+
+The cache holds objects exactly as the store does (encrypted and authenticated), one file per
+object, mode 0600 in a 0700 directory. Nothing in it is trusted: every entry is checked against
+the recorded size and SHA-256 before use, and a bad one is deleted. So entries are written in
+place, without a temporary file: one torn by a crash fails the check and is fetched again.
+
+Eviction is least-recently-used by bytes, tracked in memory (file access times are not
+reliable under ``relatime``/``noatime``); at start the order is taken from the files' mtimes.
+Deleting the directory is always safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from pathlib import Path
+
+from cryptfs.codec import ChunkRef
+
+log = logging.getLogger("cryptfs.diskcache")
+
+
+class DiskCache:
+    """LRU cache of sealed objects in ``root``, at most ``max_bytes`` (0 disables it)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max(0, max_bytes)
+        self._lock = threading.Lock()
+        self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()  # file -> size
+        self._writing: set[str] = set()  # files being written: not complete yet
+        self.bytes = 0
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        found = []
+        for f in root.iterdir():
+            try:
+                if f.name.endswith(".tmp"):  # left by versions that wrote through a temp file
+                    f.unlink()
+                    continue
+                st = f.stat()
+            except OSError:
+                continue
+            found.append((st.st_mtime, f.name, st.st_size))
+        for _mtime, fname, size in sorted(found):
+            self._lru[fname] = size
+            self.bytes += size
+        self._evict()
+
+    @staticmethod
+    def _file(name: str) -> str:
+        return name.replace("/", "_")
+
+    def path(self, name: str) -> Path:
+        return self.root / self._file(name)
+
+    def read(self, ref: ChunkRef) -> bytes | None:
+        """The cached object if it is the recorded one; a bad entry is deleted."""
+        fname = self._file(ref.name)
+        with self._lock:
+            if fname in self._writing:
+                return None
+        try:
+            blob = (self.root / fname).read_bytes()
+        except OSError:
+            with self._lock:
+                size = self._lru.pop(fname, None)
+                if size is not None:
+                    self.bytes -= size
+            return None
+        if not ref.matches(blob):
+            self._drop(fname)
+            return None
+        with self._lock:
+            if fname in self._lru:
+                self._lru.move_to_end(fname)
+        return blob
+
+    def write(self, name: str, blob: bytes) -> None:
+        """Keep a copy of an object just fetched (best effort: a full disk only logs)."""
+        if self.max_bytes <= 0 or len(blob) > self.max_bytes:
+            return
+        fname = self._file(name)
+        with self._lock:
+            if fname in self._lru or fname in self._writing:
+                return
+            self._writing.add(fname)
+        try:
+            try:
+                fd = os.open(self.root / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # a file the index lost: track it (it is checked when read)
+                self._admit(fname, len(blob))
+                return
+            try:
+                os.write(fd, blob)
+            except OSError:
+                self._unlink(fname)
+                raise
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("cannot write the chunk cache: %s", e.strerror)
+            return
+        finally:
+            with self._lock:
+                self._writing.discard(fname)
+        self._admit(fname, len(blob))
+
+    def adopt(self, path: Path, name: str) -> None:
+        """Move a file holding the object (an uploaded staging file) into the cache, or delete
+        it when the cache is disabled."""
+        if self.max_bytes <= 0:
+            path.unlink(missing_ok=True)
+            return
+        fname = self._file(name)
+        size = path.stat().st_size
+        os.replace(path, self.root / fname)
+        with self._lock:
+            old = self._lru.pop(fname, None)
+            if old is not None:
+                self.bytes -= old
+        self._admit(fname, size)
+
+    def discard(self, name: str) -> None:
+        """Forget an object (it was deleted from the store)."""
+        self._drop(self._file(name))
+
+    def _admit(self, fname: str, size: int) -> None:
+        with self._lock:
+            if fname not in self._lru:
+                self._lru[fname] = size
+                self.bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
+        victims = []
+        with self._lock:
+            while self.bytes > self.max_bytes and self._lru:
+                fname, size = self._lru.popitem(last=False)
+                self.bytes -= size
+                victims.append(fname)
+        for fname in victims:
+            self._unlink(fname)
+
+    def _drop(self, fname: str) -> None:
+        with self._lock:
+            size = self._lru.pop(fname, None)
+            if size is not None:
+                self.bytes -= size
+        self._unlink(fname)
+
+    def _unlink(self, fname: str) -> None:
+        try:
+            (self.root / fname).unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("cannot delete from the chunk cache: %s", e.strerror)

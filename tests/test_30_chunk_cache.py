@@ -1,0 +1,182 @@
+"""The chunk store's read side on a remote store: the disk cache (LRU by bytes, entries checked
+before use, torn or tampered entries dropped, scan resistance) and fetch de-duplication.
+
+One layer only: the store is an in-memory object store that counts its reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cryptfs.chunkstore import ChunkStore
+from cryptfs.codec import ChunkRef, Codec
+from cryptfs.diskcache import DiskCache
+from cryptfs.stores.memory import MemoryStore
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts reads per object and can hold them back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: dict[str, int] = {}
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def get(self, name: str) -> bytes:
+        self.gets[name] = self.gets.get(name, 0) + 1
+        assert self.gate.wait(10)
+        return super().get(name)
+
+
+def make(tmp_path: Path, cache_bytes: int = 1 << 20) -> tuple[ChunkStore, CountingStore]:
+    store = CountingStore()
+    refs: dict[str, ChunkRef] = {}
+    cs = ChunkStore(
+        store,
+        Codec(os.urandom(32), os.urandom(16)),
+        remote=True,
+        staging=tmp_path / "staging",
+        cache=tmp_path / "cache",
+        cache_bytes=cache_bytes,
+        lookup=refs.get,
+        on_stored=lambda r: refs.__setitem__(r.name, r),
+    )
+    return cs, store
+
+
+def stored(cs: ChunkStore, data: bytes) -> ChunkRef:
+    """Put a chunk, wait for its upload, and empty the cache and memory of it."""
+    ref = cs.put(data)
+    cs.unpin([ref.name])
+    cs.wait_uploaded()
+    assert cs.cache is not None
+    cs.cache.discard(ref.name)
+    cs._mem.clear()
+    cs._mem_size = 0
+    return ref
+
+
+def test_fetched_chunk_is_cached_and_served_from_disk(tmp_path: Path) -> None:
+    cs, store = make(tmp_path)
+    try:
+        ref = stored(cs, b"a" * 5000)
+        assert cs.get(ref) == b"a" * 5000
+        assert store.gets[ref.name] == 1
+        cs._mem.clear()
+        assert cs.get(ref) == b"a" * 5000
+        assert store.gets[ref.name] == 1  # the second read came from the disk cache
+        entry = cs.cache.path(ref.name)
+        assert stat.S_IMODE(entry.stat().st_mode) == 0o600
+        assert entry.read_bytes() == store.get(ref.name)  # sealed, exactly as stored
+    finally:
+        cs.close()
+
+
+@pytest.mark.parametrize("damage", ["torn", "flipped", "swapped"])
+def test_bad_cache_entry_is_dropped_and_fetched_again(tmp_path: Path, damage: str) -> None:
+    cs, store = make(tmp_path)
+    try:
+        ref = stored(cs, b"b" * 9000)
+        other = stored(cs, b"c" * 9000)
+        cs.get(ref)
+        cs._mem.clear()
+        entry = cs.cache.path(ref.name)
+        blob = entry.read_bytes()
+        if damage == "torn":  # a crash in the middle of an in-place write
+            entry.write_bytes(blob[: len(blob) // 2])
+        elif damage == "flipped":
+            entry.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+        else:  # another object's valid bytes under this name
+            entry.write_bytes(store.get(other.name))
+        assert cs.get(ref) == b"b" * 9000
+        assert store.gets[ref.name] == 2
+        assert entry.read_bytes() == blob  # rewritten from the store
+    finally:
+        cs.close()
+
+
+def test_cache_is_lru_by_bytes(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 10_000)
+    for name in "abc":
+        cache.write(f"data/{name}", name.encode() * 4000)
+    # 12,000 bytes offered to a 10,000-byte cache: the oldest went
+    assert cache.bytes == 8000
+    assert not cache.path("data/a").exists()
+    ref_b = ChunkRef("data/b", 4000, hashlib.sha256(b"b" * 4000).digest())
+    assert cache.read(ref_b) == b"b" * 4000  # b is now the most recently used
+    cache.write("data/d", b"d" * 4000)
+    assert cache.path("data/b").exists() and cache.path("data/d").exists()
+    assert not cache.path("data/c").exists()
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["data_b", "data_d"]
+
+
+def test_cache_survives_restart_and_is_trimmed_to_a_smaller_limit(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path / "c", 100_000)
+    for i in range(5):
+        cache.write(f"data/{i}", bytes([i]) * 1000)
+        os.utime(cache.path(f"data/{i}"), (time.time() + i, time.time() + i))
+    (tmp_path / "c" / "data_x.1234.tmp").write_bytes(b"left by a crash")
+    again = DiskCache(tmp_path / "c", 100_000)
+    assert again.bytes == 5000
+    assert not (tmp_path / "c" / "data_x.1234.tmp").exists()
+    smaller = DiskCache(tmp_path / "c", 2500)  # the newest two stay
+    assert smaller.bytes == 2000
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["data_3", "data_4"]
+
+
+def test_disabled_cache_keeps_nothing(tmp_path: Path) -> None:
+    cs, store = make(tmp_path, cache_bytes=0)
+    try:
+        ref = stored(cs, b"e" * 3000)
+        assert cs.get(ref) == b"e" * 3000
+        assert list((tmp_path / "cache").iterdir()) == []
+        assert list((tmp_path / "staging").iterdir()) == []
+    finally:
+        cs.close()
+
+
+def test_uncached_reads_leave_the_cache_alone(tmp_path: Path) -> None:
+    """What a sequential read of a big file uses (keep=False): fetched, not kept on disk."""
+    cs, store = make(tmp_path)
+    try:
+        small = stored(cs, b"s" * 2000)
+        cs.get(small)
+        refs = [stored(cs, bytes([i]) * 3000) for i in range(1, 6)]
+        cs.prefetch(refs[1:], keep=False)
+        assert [cs.get(r, keep=False) for r in refs] == [bytes([i]) * 3000 for i in range(1, 6)]
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [small.name.replace("/", "_")]
+        assert cs.stream_cache_limit == (1 << 20) // 4
+    finally:
+        cs.close()
+
+
+def test_read_waits_for_a_fetch_in_flight_instead_of_fetching_twice(tmp_path: Path) -> None:
+    cs, store = make(tmp_path)
+    try:
+        ref = stored(cs, b"f" * 4000)
+        store.gate.clear()
+        cs.prefetch([ref])
+        deadline = time.monotonic() + 5
+        while store.gets.get(ref.name, 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(cs.get(ref)))
+        reader.start()
+        time.sleep(0.2)
+        store.gate.set()
+        reader.join(10)
+        assert got == [b"f" * 4000]
+        assert store.gets[ref.name] == 1
+    finally:
+        store.gate.set()
+        cs.close()
