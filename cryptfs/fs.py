@@ -4,11 +4,13 @@ Inode-based and independent of FUSE: every method takes inode numbers and raw na
 returns :class:`~cryptfs.metadata.Inode` records or data, and raises ``OSError(errno)``.
 
 Durability contract:
-- every namespace operation (create, mkdir, link, unlink, rename, ...) and xattr change is one
-  committed SQLite transaction when it returns: it survives a crash of the process;
-- attribute changes (chmod, chown, utimens) are written at once and committed with the next
-  commit: the file's flush at close, any namespace operation, an fsync, or at the latest
-  ``COMMIT_DELAY`` later (a crash of the process in between may lose them);
+- every namespace operation (mkdir, mknod, symlink, link, unlink, rename, ...) and xattr
+  change is one committed SQLite transaction when it returns: it survives a crash of the
+  process;
+- the creation of a regular file (``create``) and attribute changes (chmod, chown, utimens)
+  are written at once and committed with the next commit: the file's flush at close, any
+  namespace operation, an fsync, or at the latest ``COMMIT_DELAY`` later (a crash of the
+  process in between may lose them; a file closed is never lost);
 - ``write`` buffers in memory; ``flush`` (every close) seals the file's dirty chunks, stages
   them and commits the chunk map and every attribute change made before: the data survives a
   crash of the process and will reach the store;
@@ -131,6 +133,9 @@ class FileSystem:
         self.lock = threading.RLock()
         self.inodes: dict[int, Inode] = {}
         self.dentries: dict[tuple[int, bytes], int] = {}
+        # directories whose every entry is in self.dentries (made during this mount): a name
+        # missing there does not exist, with no SQL (each create is preceded by such a lookup)
+        self.complete: set[int] = set()
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
@@ -139,11 +144,12 @@ class FileSystem:
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
-        # attribute changes written but not committed yet (see _save_later)
+        # changes written but not committed yet (see _save_later and create)
         self._deferred: dict[int, Inode] = {}
+        self._deferred_new: list[tuple[int, bytes, Inode]] = []
         self._deferred_event = threading.Event()
         self._committer: threading.Thread | None = None
-        meta.on_commit = self._deferred.clear
+        meta.on_commit = self._committed
         meta.on_rollback = self._reapply_deferred
 
     # -- helpers --------------------------------------------------------------------------
@@ -156,6 +162,7 @@ class FileSystem:
             if len(self.inodes) >= INODE_CACHE_MAX:
                 self.inodes.clear()
                 self.dentries.clear()
+                self.complete.clear()
             self.inodes[ino] = node
         return node
 
@@ -169,6 +176,11 @@ class FileSystem:
         files set times, owner and mode on each before closing it: one commit instead of
         four."""
         self.meta.update_inode(node)
+        self._defer(node)
+
+    def _defer(self, node: Inode) -> None:
+        """Remember a written change of ``node`` until the next commit (caller holds
+        self.lock), and make sure that commit comes within COMMIT_DELAY."""
         self._deferred[node.ino] = node
         if self._committer is None:
             self._committer = threading.Thread(
@@ -179,8 +191,15 @@ class FileSystem:
 
     def _reapply_deferred(self) -> None:
         """A rollback undid the deferred writes too: write them again (still uncommitted)."""
+        for parent, name, node in self._deferred_new:
+            self.meta.insert_inode(node)
+            self.meta.add_dentry(parent, name, node.ino)
         for node in self._deferred.values():
             self.meta.update_inode(node)
+
+    def _committed(self) -> None:
+        self._deferred.clear()
+        self._deferred_new.clear()
 
     def commit_deferred(self) -> None:
         with self.lock:
@@ -200,7 +219,7 @@ class FileSystem:
     def _lookup_ino(self, parent: int, name: bytes) -> int | None:
         key = (parent, name)
         ino = self.dentries.get(key)
-        if ino is None:
+        if ino is None and parent not in self.complete:
             ino = self.meta.lookup(parent, name)
             if ino is not None:
                 self.dentries[key] = ino
@@ -277,7 +296,10 @@ class FileSystem:
         rdev: int = 0,
         target: bytes | None = None,
         size: int = 0,
+        defer: bool = False,
     ) -> Inode:
+        """Create an inode and its entry, committed now, or with ``defer`` written now and
+        committed with the next commit (see :meth:`create`)."""
         self._writable()
         self._check_name(name)
         pnode = self._dir(parent)
@@ -292,15 +314,20 @@ class FileSystem:
         now = time.time_ns()
         isdir = stat.S_ISDIR(mode)
         node = Inode(0, mode, uid, gid, size, 2 if isdir else 1, now, now, now, rdev, target)
-        with self.meta.transaction():
+        pnode = dataclasses.replace(pnode, mtime_ns=now, ctime_ns=now,
+                                    nlink=pnode.nlink + 1 if isdir else pnode.nlink)
+        with self.meta.transaction(commit=not defer):
             node.ino = self.meta.insert_inode(node)
             self.meta.add_dentry(parent, name, node.ino)
-            pnode.mtime_ns = pnode.ctime_ns = now
-            if isdir:
-                pnode.nlink += 1
             self._save(pnode)
+        if defer:
+            self._deferred_new.append((parent, name, node))
+            self._defer(pnode)
+        self.inodes[parent] = pnode
         self.inodes[node.ino] = node
         self.dentries[(parent, name)] = node.ino
+        if isdir:
+            self.complete.add(node.ino)  # new and empty: every entry it gets is recorded
         return node
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
@@ -325,10 +352,14 @@ class FileSystem:
     def create(
         self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
     ) -> tuple[Inode, int]:
+        """Create (or open) a regular file. A new file is committed with its close, the next
+        commit, or within COMMIT_DELAY, whichever comes first: one commit per small file
+        instead of two."""
         with self.lock:
             ino = self._lookup_ino(parent, name)
             if ino is None:
-                node = self._new(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+                node = self._new(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid,
+                                 defer=True)
                 return self._view(node), self._open_locked(node, flags)
             if flags & os.O_EXCL:
                 raise _err(errno.EEXIST)
@@ -411,6 +442,7 @@ class FileSystem:
                 self.meta.delete_inode(ino)
             self.inodes.pop(ino, None)
             self.dentries.pop((parent, name), None)
+            self.complete.discard(ino)
 
     def _drop_hidden(self, dir_ino: int) -> None:
         """Remove the hidden entries of a directory that is going away (in a transaction)."""
@@ -434,6 +466,7 @@ class FileSystem:
                 self.meta.delete_inode(ino)
             self.inodes.clear()
             self.dentries.clear()
+            self.complete.clear()
         return len(hidden) + len(orphans)
 
     def _is_ancestor(self, anc: int, ino: int) -> bool:

@@ -447,6 +447,8 @@ class Vault:
 
     def _start(self) -> None:
         assert self.meta is not None and self.ledger is not None
+        if not self.readonly:
+            self.meta.start_checkpointer()
         remote = any(not e.url.startswith("file://") for e in self.stores.entries)
         self.chunks = ChunkStore(
             self.store,

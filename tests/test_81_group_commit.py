@@ -26,6 +26,48 @@ pytestmark = pytest.mark.log_problems_expected  # kill -9 makes the next mount l
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("store_kind", ["local"])
+def test_created_files_survive_kill(
+    crash_env: tuple[VaultEnv, list[int]],  # noqa: F811 - the fixture of test_80_crash
+) -> None:
+    """A new file is committed with its close (one commit per small file): files closed just
+    before kill -9 are all there with their data; one created and still open is committed
+    within the commit delay; one created and renamed at once (a namespace operation) too."""
+    env, pids = crash_env
+    mnt = env.root / "mnt"
+    mount(env, mnt, pids)
+    held = []
+    try:
+        (mnt / "d").mkdir()
+        want = {f"d/f{i}": random.Random(i).randbytes(1000 + i) for i in range(50)}
+        held.append(os.open(mnt / "open-empty", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        held.append(os.open(mnt / "d" / "tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.rename(mnt / "d" / "tmp", mnt / "d" / "renamed")
+        time.sleep(1.0)  # > COMMIT_DELAY
+        for name, data in want.items():
+            (mnt / name).write_bytes(data)
+        kill_daemon(env, mnt)
+    finally:
+        for fd in held:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if _mounted(str(mnt)):
+            force_unmount(str(mnt))
+
+    mount(env, mnt, pids)
+    try:
+        got = {f"d/{n}": (mnt / "d" / n).read_bytes() for n in os.listdir(mnt / "d")}
+        top = sorted(os.listdir(mnt))
+    finally:
+        env.umount(mnt)
+    assert got == {**want, "d/renamed": b""}
+    assert top == ["d", "open-empty"]
+    assert_verifies(env)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("store_kind", ["local"])
 def test_attributes_set_before_close_survive_kill(
     crash_env: tuple[VaultEnv, list[int]],  # noqa: F811 - the fixture of test_80_crash
 ) -> None:
