@@ -350,7 +350,7 @@ class ChunkStore:
             with self._mem_lock:
                 self._prefetching.pop(ref.name, None)
 
-    def _fetch(self, ref: ChunkRef, keep: bool = True) -> bytes:
+    def _fetch(self, ref: ChunkRef, keep: bool) -> bytes:
         """The sealed object, checked against ``ref`` (IntegrityError if it is not there or
         not the recorded object): from the staging area or cache, else the store."""
         if self.remote:

@@ -65,10 +65,7 @@ class DiskCache:
         try:
             blob = (self.root / fname).read_bytes()
         except OSError:
-            with self._lock:
-                size = self._lru.pop(fname, None)
-                if size is not None:
-                    self.bytes -= size
+            self._forget(fname)
             return None
         if not ref.matches(blob):
             self._drop(fname)
@@ -115,12 +112,20 @@ class DiskCache:
             path.unlink(missing_ok=True)
             return
         fname = self._file(name)
-        size = path.stat().st_size
-        os.replace(path, self.root / fname)
-        with self._lock:
-            old = self._lru.pop(fname, None)
-            if old is not None:
-                self.bytes -= old
+        try:
+            size = path.stat().st_size
+            os.replace(path, self.root / fname)
+        except OSError:  # the cache on another filesystem (EXDEV), or a full one: copy it
+            try:
+                blob = path.read_bytes()
+            except OSError:
+                blob = None
+            path.unlink(missing_ok=True)
+            if blob is not None:
+                self._drop(fname)
+                self.write(name, blob)
+            return
+        self._forget(fname)
         self._admit(fname, size)
 
     def discard(self, name: str) -> None:
@@ -144,11 +149,14 @@ class DiskCache:
         for fname in victims:
             self._unlink(fname)
 
-    def _drop(self, fname: str) -> None:
+    def _forget(self, fname: str) -> None:
         with self._lock:
             size = self._lru.pop(fname, None)
             if size is not None:
                 self.bytes -= size
+
+    def _drop(self, fname: str) -> None:
+        self._forget(fname)
         self._unlink(fname)
 
     def _unlink(self, fname: str) -> None:

@@ -180,3 +180,22 @@ def test_read_waits_for_a_fetch_in_flight_instead_of_fetching_twice(tmp_path: Pa
     finally:
         store.gate.set()
         cs.close()
+
+
+def test_adopt_from_another_filesystem(tmp_path: Path) -> None:
+    """An uploaded staging file moves into the cache also when the cache lies on another
+    filesystem (rename fails with EXDEV there): it is copied, and the staging file goes."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.fail("/dev/shm (a tmpfs) is needed to put the staging file on another filesystem")
+    staged = shm / f"cryptfs-test-staged-{os.getpid()}"
+    staged.write_bytes(b"z" * 5000)
+    try:
+        cache = DiskCache(tmp_path / "c", 100_000)
+        assert os.stat(staged).st_dev != os.stat(tmp_path / "c").st_dev
+        cache.adopt(staged, "data/zz")
+        assert not staged.exists()
+        assert cache.path("data/zz").read_bytes() == b"z" * 5000
+        assert cache.bytes == 5000
+    finally:
+        staged.unlink(missing_ok=True)
