@@ -807,8 +807,12 @@ class FileSystem:
                     buf = f.pending[idx].buf
                 parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
             sequential = offset == f.last_read_end
+            # part of a stream, also when the kernel's parallel read-ahead requests arrive out
+            # of order: a big file read that way does not enter the disk cache
+            window = self.chunks.readahead * cs
+            streaming = f.last_read_end >= 0 and abs(offset - f.last_read_end) <= window
             f.last_read_end = end
-            keep = not sequential or f.size <= self.chunks.stream_cache_limit
+            keep = not streaming or f.size <= self.chunks.stream_cache_limit
             ahead = []
             if sequential:
                 for idx in range(last + 1, last + 1 + self.chunks.readahead):
