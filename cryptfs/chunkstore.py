@@ -359,9 +359,9 @@ class ChunkStore:
                 return blob
         try:
             if isinstance(self.store, ReplicatedStore):  # a bad copy: read another, repair it
-                blob = self.store.get(ref.name, check=ref.matches)
+                blob = self.store.get(ref.name, ref.size, check=ref.matches)
             else:
-                blob = self.store.get(ref.name)
+                blob = self.store.get(ref.name, ref.size)
                 self.codec.check_chunk(ref, blob)
         except ObjectNotFound:
             raise IntegrityError(f"object {ref.name} is missing from the store") from None

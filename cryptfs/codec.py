@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from cryptfs import crypto
 from cryptfs.errors import IntegrityError
+from cryptfs.layout import DATA_PREFIX
 
 OBJ_VERSION = 1
-DATA_PREFIX = "data/"
+
 
 
 def padme(length: int) -> int:
@@ -56,6 +57,7 @@ class Codec:
         self._name_key = crypto.subkey(master, vault_id, crypto.PURPOSE_NAME)
         self._meta_key = crypto.subkey(master, vault_id, crypto.PURPOSE_META)
         self.ledger_key = crypto.subkey(master, vault_id, crypto.PURPOSE_LEDGER)
+        self.config_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CONFIG)
 
     def _aad(self, kind: bytes, name: str) -> bytes:
         return b"cryptfs/" + kind + b"/v1\0" + self.vault_id + name.encode()

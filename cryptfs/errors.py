@@ -55,6 +55,10 @@ class IntegrityError(CryptfsError):
     exit_code = 6
 
 
+class ObjectTooLarge(IntegrityError):
+    """A store returned (or announced) more bytes for an object than cryptfs reads of it."""
+
+
 class MountError(CryptfsError):
     """The mountpoint is unusable or the mount failed."""
 

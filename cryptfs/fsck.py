@@ -128,7 +128,7 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                 if fname in staged_files:
                     continue  # uploaded at the next mount
                 if store_sizes.get(name) == size:
-                    blob = vault.store.get(name)
+                    blob = vault.store.get(name, size)
                     (ref, _rc, _st) = meta.get_object(name)  # type: ignore[misc]
                     if crypto.sha256(blob) == ref.sha256:
                         if repair:

@@ -5,8 +5,9 @@ behind by a crash between an upload and the commit that would reference it, by a
 deletion, or by something else writing into the store. ``gc`` opens the vault read-write (so it
 holds the vault lock and the mount lease, and refuses when the local state disagrees with the
 store's anchors: a stale database must never decide what is garbage), lists the store and
-deletes every object that the local metadata does not record, except ``config`` and ``lease``
-and except objects younger than a grace period (default one hour): an upload of another process
+deletes every object that the local metadata does not record, except the objects each store has
+its own of (``config``, ``lease``, ``store-id``: :data:`cryptfs.layout.PER_STORE`) and except
+objects younger than a grace period (default one hour): an upload of another process
 is invisible to this one until it is committed. Each deletion is a ``del`` ledger entry (size as
 listed, SHA-256 field all zero: the bytes were never recorded), anchored by a checkpoint when
 the vault is closed.
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs.errors import IntegrityError, StoreError
+from cryptfs.layout import PER_STORE
 
 DEFAULT_GRACE = 3600.0
-KEEP = ("config", "lease")  # and names under tmp/, which verify ignores too
 ZERO_HASH = b"\0" * 32
 
 
@@ -63,7 +64,7 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
     rep = GcReport()
     for name, size, age in list_with_age(vault.store):
         rep.scanned += 1
-        if name in known or name in KEEP or name.startswith(("lease", "tmp/")):
+        if name in known or name in PER_STORE:
             continue
         c = Candidate(name, size, age)
         if grace <= 0 or (age is not None and age >= grace):

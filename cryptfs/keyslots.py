@@ -57,6 +57,12 @@ def modify_config(
                     f"the config in {where} fails authentication",
                     hint="it was modified by someone without the key; nothing was changed",
                 )
+            if cfg.generation < local.generation:
+                raise IntegrityError(
+                    f"the config in {where} is generation {cfg.generation}, older than "
+                    f"generation {local.generation} this machine has: it was rolled back",
+                    hint="nothing was changed; 'cryptfs verify --accept' writes this machine's "
+                    "config back")
             message = change(cfg, master, opened)
             cfg.sign(master)
             # every store that answers gets the new config (a quorum must); `cryptfs repair`

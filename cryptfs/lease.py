@@ -8,6 +8,13 @@ expired, or whose holder is a dead process on the same machine. A holder that fi
 taken over (it was frozen longer than the lifetime) stops writing.
 
 Exception to "objects are immutable": the lease is overwritten by its holder's heartbeat.
+
+Against a hostile store: only an authentic lease (sealed under the vault key) names a holder. A
+lease object that fails authentication (garbage, a forged or oversized object) names nobody, so
+a mount treats it as held until it is older than the lease lifetime (a live holder rewrites it
+within a third of that); the holder replaces it with a conditional write and keeps its lease. A
+holder that cannot renew its lease for two thirds of the lifetime stops writing (read-only) before
+another machine could take over, and writes again only if its own lease is still in place.
 """
 
 from __future__ import annotations
@@ -19,14 +26,14 @@ import socket
 import time
 from typing import Any
 
-from cryptfs import crypto
+from cryptfs import crypto, layout
 from cryptfs.codec import Codec
 from cryptfs.errors import IntegrityError, LockedError, ObjectNotFound
 from cryptfs.stores import ObjectStore
 
 log = logging.getLogger("cryptfs.lease")
 
-LEASE_OBJECT = "lease"
+LEASE_OBJECT = layout.LEASE
 
 
 def lease_seconds() -> float:
@@ -61,6 +68,24 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def check_lease(store: ObjectStore, codec: Codec) -> dict[str, Any] | None:
+    """The authentic lease in ``store``, None if there is none; IntegrityError if the object
+    is not an authentic lease of this vault (garbage, forged, oversized)."""
+    try:
+        blob = store.get(LEASE_OBJECT, layout.MAX_LEASE)
+    except ObjectNotFound:
+        return None
+    try:
+        doc = json.loads(codec.open_blob(b"lease", LEASE_OBJECT, blob))
+        ok = (isinstance(doc["id"], str) and type(doc["expires_ns"]) is int
+              and type(doc["pid"]) is int and isinstance(doc["machine"], str))
+    except (IntegrityError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise IntegrityError("the lease object fails authentication (written without the key)")
+    return doc  # type: ignore[no-any-return]
+
+
 class Lease:
     def __init__(self, store: ObjectStore, codec: Codec) -> None:
         self.store = store
@@ -68,6 +93,7 @@ class Lease:
         self.id = crypto.random_bytes(8).hex()
         self.ttl = lease_seconds()
         self.lost = False
+        self.renewed = time.monotonic()  # when the lease last reached the store
 
     def _body(self) -> bytes:
         now = time.time_ns()
@@ -76,19 +102,12 @@ class Lease:
                "expires_ns": now + int(self.ttl * 1e9)}
         return self.codec.seal_blob(b"lease", LEASE_OBJECT, json.dumps(doc).encode())
 
-    def _read(self) -> dict[str, Any] | None:
-        """The current lease, or None if there is none or it is not authentic."""
-        try:
-            blob = self.store.get(LEASE_OBJECT)
-        except ObjectNotFound:
-            return None
-        try:
-            doc = json.loads(self.codec.open_blob(b"lease", LEASE_OBJECT, blob))
-            _ = (doc["id"], doc["expires_ns"], doc["pid"], doc["machine"])
-            return doc  # type: ignore[no-any-return]
-        except (IntegrityError, ValueError, KeyError, TypeError):
-            log.warning("ignoring a lease object that fails authentication")
-            return {"id": "", "expires_ns": 0, "pid": 0, "machine": "", "host": "?"}
+    def _age(self) -> float | None:
+        """Seconds since the lease object was written, as the store reports it."""
+        for name, _size, mtime in self.store.list_aged(LEASE_OBJECT):
+            if name == LEASE_OBJECT:
+                return max(0.0, time.time() - mtime)
+        return None
 
     @staticmethod
     def _stale(doc: dict[str, Any]) -> bool:
@@ -98,18 +117,43 @@ class Lease:
             return not _alive(int(doc["pid"]))  # its holder died on this machine
         return False
 
+    def held(self) -> bool:
+        """Whether this mount may write: its lease is not lost and was renewed recently
+        enough that no other machine can have taken it over (two thirds of the lifetime)."""
+        return not self.lost and time.monotonic() - self.renewed < self.ttl * 2 / 3
+
     def acquire(self) -> None:
         """Take the lease or raise LockedError naming the holder."""
         for _ in range(5):
             if self.store.put_if_absent(LEASE_OBJECT, self._body()):
-                cur = self._read()
+                try:
+                    cur = check_lease(self.store, self.codec)
+                except IntegrityError:
+                    continue
                 if cur is not None and cur["id"] == self.id:
+                    self.renewed = time.monotonic()
                     return
                 continue  # a server without conditional writes: someone else won
-            cur = self._read()
+            try:
+                cur = check_lease(self.store, self.codec)
+            except IntegrityError as e:
+                age = self._age()
+                if age is None:
+                    continue  # gone meanwhile
+                if age < self.ttl:
+                    raise LockedError(
+                        f"{e}; a mount holding the vault rewrites it within "
+                        f"{self.ttl / 3:.0f}s, so it counts as held until it is "
+                        f"{self.ttl:.0f}s old (now {age:.0f}s)",
+                        hint="wait and retry; 'cryptfs verify' reports such objects") from None
+                log.warning("replacing a lease object that fails authentication (%.0fs old)",
+                            age)
+                self.store.delete(LEASE_OBJECT)
+                continue
             if cur is None:
                 continue
             if cur["id"] == self.id:
+                self.renewed = time.monotonic()
                 return  # our own write, confirmed after a lost response
             if self._stale(cur):
                 log.info("taking over a stale lease of %s (pid %s)", cur.get("host"), cur["pid"])
@@ -123,17 +167,42 @@ class Lease:
         raise LockedError("could not take the vault lease (others keep taking it)")
 
     def renew(self) -> bool:
-        """Extend the lease; False (and ``lost``) if another mount took it over."""
-        cur = self._read()
-        if cur is not None and cur["id"] != self.id:
-            self.lost = True
-            log.error("the vault lease was taken over by %s (pid %s): this mount stops writing",
-                      cur.get("host"), cur["pid"])
-            return False
+        """Extend the lease; False (and ``lost``) if another mount took it over, or if it was
+        gone or replaced after it expired (another mount may have held the vault meanwhile).
+        A lease object that fails authentication, or none at all, while this mount's lease is
+        still valid is replaced with a conditional write. StoreError if the store fails."""
+        expired = time.monotonic() - self.renewed >= self.ttl * 2 / 3
+        try:
+            cur = check_lease(self.store, self.codec)
+        except IntegrityError as e:
+            if expired:
+                return self._lose(f"{e}, found after this mount's lease expired")
+            log.warning("%s: replacing it with this mount's lease", e)
+            self.store.delete(LEASE_OBJECT)
+            cur = None
+        if cur is None:
+            if expired:
+                return self._lose("the lease object was gone after this mount's lease expired")
+            if not self.store.put_if_absent(LEASE_OBJECT, self._body()):
+                return self._lose("another mount took the lease while it was missing")
+            self.renewed = time.monotonic()
+            return True
+        if cur["id"] != self.id:
+            return self._lose(f"the vault lease was taken over by {cur.get('host')} "
+                              f"(pid {cur['pid']})")
         self.store.put(LEASE_OBJECT, self._body())
+        self.renewed = time.monotonic()
         return True
 
+    def _lose(self, why: str) -> bool:
+        self.lost = True
+        log.error("%s: this mount stops writing", why)
+        return False
+
     def release(self) -> None:
-        cur = self._read()
+        try:
+            cur = check_lease(self.store, self.codec)
+        except IntegrityError:
+            return
         if cur is not None and cur["id"] == self.id:
             self.store.delete(LEASE_OBJECT)

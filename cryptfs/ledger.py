@@ -22,7 +22,7 @@ from cryptfs.metadata import MetaStore, ledger
 GENESIS = b"\0" * 32
 ENTRY_TAG = b"cryptfs-ledger-v1\0"
 HEAD_TAG = b"cryptfs-head-v1\0"
-OPS = ("put", "del", "accept", "copy", "lost", "store-add", "store-remove")
+OPS = ("put", "del", "accept", "copy", "lost", "store-add", "store-remove", "config")
 
 
 def op_kind(op: str) -> str:
@@ -197,6 +197,15 @@ class Ledger:
                 e = self._row(r)
                 after = e.seq
                 yield e
+
+    def last_named(self, op: str, prefix: str) -> Entry | None:
+        """The newest entry with operation ``op`` whose object name starts with ``prefix``."""
+        row = self.meta.conn.execute(
+            select(ledger)
+            .where(ledger.c.op == op, ledger.c.name.startswith(prefix, autoescape=True))
+            .order_by(ledger.c.seq.desc()).limit(1)
+        ).first()
+        return self._row(row) if row else None
 
     def newest(self, n: int) -> list[Entry]:
         rows = self.meta.conn.execute(select(ledger).order_by(ledger.c.seq.desc()).limit(n)).all()

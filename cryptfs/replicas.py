@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, StoreError
+from cryptfs.layout import PER_STORE
 from cryptfs.stores.replicated import Member, ReplicatedStore
 
 log = logging.getLogger("cryptfs.replicas")
 
-NOT_OBJECTS = ("config", "lease", "store-id")  # per-store objects that are not tracked
 
 
 def expected_holders(store: ReplicatedStore, recorded: dict[str, str]) -> dict[str, str]:
@@ -43,8 +43,8 @@ def copy_one(vault, ref: ChunkRef, m: Member) -> bool:  # type: ignore[no-untype
         others = [x for x in store.read_order() if x is not m]
         for src in others:
             try:
-                got = src.call(lambda src=src: src.store.get(ref.name))
-            except StoreError:
+                got = src.call(lambda src=src: src.store.get(ref.name, ref.size))
+            except CryptfsError:
                 continue
             assert isinstance(got, bytes)
             if ref.matches(got):
@@ -198,15 +198,14 @@ def survey(
                 todo.append((ref, m))
     for sid, names in listings.items():
         for name in names:
-            if name not in known and not name.startswith(NOT_OBJECTS) \
-                    and not name.startswith("tmp/"):
+            if name not in known and name not in PER_STORE:
                 out.stray.append((name, sid))
     lock = threading.Lock()
 
     def fetch(item: tuple[ChunkRef, Member]) -> None:
         ref, m = item
         try:
-            blob = m.call(lambda: m.store.get(ref.name))
+            blob = m.call(lambda: m.store.get(ref.name, ref.size))
             good = isinstance(blob, bytes) and ref.matches(blob)
         except CryptfsError:
             good = False

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import crypto
+from cryptfs import crypto, layout
 from cryptfs.codec import Codec
 from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
 from cryptfs.stores import ObjectStore, open_store
@@ -23,7 +23,7 @@ from cryptfs.stores.replicated import Member, ReplicatedStore
 
 log = logging.getLogger("cryptfs.stores")
 
-STORE_ID_OBJECT = "store-id"
+STORE_ID_OBJECT = layout.STORE_ID
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def write_store_id(store: ObjectStore, codec: Codec, store_id: str) -> None:
 def read_store_id(store: ObjectStore, codec: Codec) -> str | None:
     """The id ``store`` was given in this vault, None if unmarked; IntegrityError if forged."""
     try:
-        blob = store.get(STORE_ID_OBJECT)
+        blob = store.get(STORE_ID_OBJECT, layout.MAX_STORE_ID)
     except ObjectNotFound:
         return None
     try:
@@ -141,7 +141,7 @@ def same_vault(stores: list[ObjectStore]) -> None:
     seen: dict[bytes, str] = {}
     for s in stores:
         try:
-            raw = s.get(CONFIG_OBJECT)
+            raw = s.get(CONFIG_OBJECT, layout.MAX_CONFIG)
         except ObjectNotFound:
             continue
         cfg = VaultConfig.from_bytes(raw, f"{s.url}/{CONFIG_OBJECT}")
@@ -168,8 +168,8 @@ class _LaterStore:
     def put_if_absent(self, name: str, data: bytes) -> bool:
         return self._s().put_if_absent(name, data)
 
-    def get(self, name: str) -> bytes:
-        return self._s().get(name)
+    def get(self, name: str, max_size: int) -> bytes:
+        return self._s().get(name, max_size)
 
     def delete(self, name: str) -> None:
         self._s().delete(name)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cryptfs.codec import DATA_PREFIX
-from cryptfs.errors import ConfigError, LockedError, StoreError, UsageError
+from cryptfs.errors import ConfigError, IntegrityError, LockedError, StoreError, UsageError
+from cryptfs.layout import MAX_CONFIG
 from cryptfs.paths import VaultPaths
 from cryptfs.replicas import adopt, copy_pending, mark_pending, survey
 from cryptfs.storelist import (
@@ -66,9 +67,9 @@ def repair(vault: Vault, full: bool, say: Say) -> bool:
     reachable = [m for m in store.members if m.id not in found.unreachable]
     for m in reachable:  # the per-store objects: the vault config and the store's id
         try:
-            if m.store.get(CONFIG_OBJECT) != vault.cfg.to_bytes():
+            if m.store.get(CONFIG_OBJECT, MAX_CONFIG) != vault.cfg.to_bytes():
                 m.store.put(CONFIG_OBJECT, vault.cfg.to_bytes())
-        except StoreError:
+        except (StoreError, IntegrityError):  # missing, unreadable or oversized
             m.store.put(CONFIG_OBJECT, vault.cfg.to_bytes())
         if read_store_id(m.store, vault.codec) != m.id:
             write_store_id(m.store, vault.codec, m.id)
@@ -118,7 +119,8 @@ def add_store(paths: VaultPaths, master: bytes, url: str, say: Say) -> None:
         raise
     try:
         try:
-            there = VaultConfig.from_bytes(new.get(CONFIG_OBJECT), f"{new.url}/{CONFIG_OBJECT}")
+            there = VaultConfig.from_bytes(new.get(CONFIG_OBJECT, MAX_CONFIG),
+                                           f"{new.url}/{CONFIG_OBJECT}")
             if there.vault_id != cfg.vault_id:
                 raise ConfigError(f"the store {new.url} holds a different vault")
         except StoreError:  # no config: the store must be empty

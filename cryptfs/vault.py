@@ -27,7 +27,7 @@ from typing import Any
 
 from cryptfs import crypto
 from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import DATA_PREFIX, ChunkRef, Codec
+from cryptfs.codec import ChunkRef, Codec
 from cryptfs.errors import (
     ConfigError,
     CryptfsError,
@@ -37,6 +37,15 @@ from cryptfs.errors import (
     StoreError,
 )
 from cryptfs.fs import FileSystem
+from cryptfs.layout import (
+    CHECKPOINT_PREFIX,
+    DATA_PREFIX,
+    MAX_CHECKPOINT,
+    META_PREFIX,
+    TRACKED_PREFIXES,
+    checkpoint_name,
+    checkpoint_seq,
+)
 from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
@@ -55,12 +64,10 @@ LOCAL_CHUNK_SIZE = 256 << 10  # file:// stores: measured faster on every workloa
 def default_chunk_size(store_url: str) -> int:
     """The chunk size ``cryptfs init`` uses when none is given (scripts/chunk_size_sweep.py)."""
     return LOCAL_CHUNK_SIZE if store_url.startswith("file://") else DEFAULT_CHUNK_SIZE
-CHECKPOINT_PREFIX = "checkpoints/"
-META_PREFIX = "meta/"
 KEEP_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL = 60.0
 REPLICATE_INTERVAL = 2.0
-TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, "checkpoints/")  # objects whose copies are recorded
+UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
 
 
@@ -145,10 +152,6 @@ class Checkpoint:
     tail: list[Entry]
 
 
-def checkpoint_name(seq: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{seq:016d}"
-
-
 def read_checkpoints(
     store: ObjectStore, codec: Codec, newest_only: bool = True
 ) -> tuple[list[Checkpoint], list[str]]:
@@ -158,37 +161,46 @@ def read_checkpoints(
     names = sorted((n for n, _ in store.list(CHECKPOINT_PREFIX)), reverse=True)
     for name in names:
         try:
-            body = json.loads(codec.open_blob(b"checkpoint", name, store.get(name)))
-            ck = Checkpoint(
-                name,
-                int(body["seq"]),
-                bytes.fromhex(body["hash"]),
-                bytes.fromhex(body["mac"]),
-                int(body["time_ns"]),
-                ChunkRef(
-                    body["meta"]["name"],
-                    int(body["meta"]["size"]),
-                    bytes.fromhex(body["meta"]["sha256"]),
-                ),
-                [Entry.from_json(e) for e in body["tail"]],
-            )
+            good.append(open_checkpoint(codec, name, store.get(name, MAX_CHECKPOINT)))
         except ObjectNotFound:
             continue
-        except IntegrityError:
-            bad.append(f"checkpoint {name}: rejected, it fails authentication")
+        except IntegrityError as e:
+            bad.append(f"checkpoint {name}: rejected, {e}")
             continue
-        except (ValueError, KeyError, TypeError, AttributeError):
-            bad.append(f"checkpoint {name}: rejected, it is malformed")
-            continue
-        if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) or name != checkpoint_name(
-            ck.seq
-        ):
-            bad.append(f"checkpoint {name}: rejected, its head MAC or name is wrong")
-            continue
-        good.append(ck)
         if newest_only:
             break
     return good, bad
+
+
+def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
+    """Authenticate and parse a checkpoint object; IntegrityError (a reason in the words of
+    'checkpoint NAME: rejected, ...') if it is not an authentic checkpoint of this name."""
+    try:
+        body = json.loads(codec.open_blob(b"checkpoint", name, blob))
+    except IntegrityError:
+        raise IntegrityError("it fails authentication") from None
+    except ValueError:
+        raise IntegrityError("it is malformed") from None
+    try:
+        ck = Checkpoint(
+            name,
+            int(body["seq"]),
+            bytes.fromhex(body["hash"]),
+            bytes.fromhex(body["mac"]),
+            int(body["time_ns"]),
+            ChunkRef(
+                str(body["meta"]["name"]),
+                int(body["meta"]["size"]),
+                bytes.fromhex(body["meta"]["sha256"]),
+            ),
+            [Entry.from_json(e) for e in body["tail"]],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise IntegrityError("it is malformed") from None
+    if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) \
+            or name != checkpoint_name(ck.seq):
+        raise IntegrityError("its head MAC or name is wrong")
+    return ck
 
 
 # -- the vault ----------------------------------------------------------------------------------
@@ -232,6 +244,7 @@ class Vault:
         self._stored_lock = threading.Lock()
         self._copy_events: list[tuple[str, str, str]] = []
         self.replicator: threading.Thread | None = None
+        self.readonly_reason: str | None = None  # why a read-write mount stopped writing
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -283,13 +296,49 @@ class Vault:
         return v
 
     def _refresh_config(self, master: bytes) -> None:
+        """Adopt the store's config if it is authentic and not older than the local copy (key
+        slots changed on another machine). One that fails its MAC or is older is not adopted;
+        :meth:`config_problems` reports it."""
         stored = VaultConfig.from_store(self.store)
         if stored.vault_id != self.cfg.vault_id:
             raise ConfigError(f"the store {self.store.url} holds a different vault")
-        if stored.to_dict() != self.cfg.to_dict():
-            if stored.verify_mac(master):
-                self.cfg = stored
-                save_local_config(self.paths, self.stores, stored)
+        if stored.to_dict() != self.cfg.to_dict() and stored.verify_mac(master) \
+                and stored.generation >= self.cfg.generation:
+            self.cfg = stored
+            save_local_config(self.paths, self.stores, stored)
+
+    def config_problems(self) -> list[str]:
+        """The store's config against what this machine knows: it must be authentic and at
+        least as new as the newest generation seen (the local copy and the ledger's newest
+        ``config`` entry). One line per problem."""
+        assert self.ledger is not None
+        try:
+            stored = VaultConfig.from_store(self.store)
+        except (ConfigError, IntegrityError) as e:
+            return [f"the vault config in the store is unusable: {e}"]
+        recorded = self.ledger.last_named("config", CONFIG_OBJECT)
+        newest = max(self.cfg.generation, recorded.size if recorded else 0)
+        if stored.vault_id != self.cfg.vault_id:
+            return [f"the store {self.store.url} holds a different vault's config"]
+        if not stored.mac_ok(self.codec.config_key):
+            return ["the vault config in the store fails authentication (it was modified "
+                    "without the key)"]
+        if stored.generation < newest:
+            return [f"the vault config in the store is generation {stored.generation}, older "
+                    f"than generation {newest} this machine has seen: it was rolled back"]
+        return []
+
+    def _record_config(self) -> None:
+        """Record the config generation in the ledger once (so a rollback of the store's config
+        is detected also by a machine that restores the metadata from the store)."""
+        assert self.ledger is not None and self.meta is not None and self.fs is not None
+        with self.fs.lock:
+            recorded = self.ledger.last_named("config", CONFIG_OBJECT)
+            if self.cfg.generation > (recorded.size if recorded else 0):
+                body = self.cfg.to_bytes()
+                with self.meta.transaction():
+                    self.ledger.append("config", CONFIG_OBJECT, self.cfg.generation,
+                                       crypto.sha256(body))
 
     def _take_lock(self) -> None:
         self.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -322,7 +371,7 @@ class Vault:
             )
         ck = cks[0]
         try:
-            blob = self.store.get(ck.meta.name)
+            blob = self.store.get(ck.meta.name, ck.meta.size)
         except ObjectNotFound:
             raise IntegrityError(
                 f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
@@ -371,7 +420,7 @@ class Vault:
             for c in authentic:
                 if meta.get_object(c.name) is None:
                     try:
-                        ck_blob = self.store.get(c.name)
+                        ck_blob = self.store.get(c.name, MAX_CHECKPOINT)
                     except ObjectNotFound:
                         continue
                     meta.reference(ChunkRef(c.name, len(ck_blob), crypto.sha256(ck_blob)), False)
@@ -396,6 +445,7 @@ class Vault:
         problems.extend(bad)
         n, chain = led.verify_chain()
         problems.extend(chain)
+        problems.extend(self.config_problems())
         if head is not None:
             if not check_head_mac(self.codec.ledger_key, head.seq, head.hash, head.mac):
                 problems.append(f"the local head file {self.paths.head} fails authentication")
@@ -413,20 +463,25 @@ class Vault:
                         f"at sequence {head.seq}"
                     )
         ck = cks[0] if cks else None
-        # the newest checkpoint this machine wrote or restored (the head itself may be later)
+        # the newest checkpoint this machine wrote or restored (the head itself may be later),
+        # by the head file and by the local ledger, which records storing every checkpoint:
+        # losing the head file, or an older copy of it, must not lower the bar
         seen = head.seq if head is not None else 0
-        if head is not None and head.checkpoint.startswith(CHECKPOINT_PREFIX):
-            tail = head.checkpoint[len(CHECKPOINT_PREFIX) :]
-            if tail.isdigit():
-                seen = min(int(tail), head.seq)
+        if head is not None:
+            named = checkpoint_seq(head.checkpoint)
+            if named is not None:
+                seen = min(named, head.seq)
+        recorded = led.last_named("put", CHECKPOINT_PREFIX)
+        if recorded is not None and not chain:
+            seen = max(seen, checkpoint_seq(recorded.name) or 0)
         if ck is None:
-            if head is not None:
+            if seen:
                 problems.append(
                     f"the store has no checkpoint, but this machine saw checkpoint "
                     f"{seen}: the store was rolled back or wiped"
                 )
         else:
-            if head is not None and ck.seq < seen:
+            if ck.seq < seen:
                 problems.append(
                     f"the store was rolled back: its newest checkpoint is sequence "
                     f"{ck.seq}, this machine saw sequence {seen}"
@@ -497,6 +552,7 @@ class Vault:
             if swept:
                 self.recovered.append(f"{swept} objects stored before a crash but never "
                                       "committed: deleted")
+        self._record_config()
         with self.fs.lock:
             self.meta.set_state("clean", "0")  # until close() finishes its checkpoint
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
@@ -519,7 +575,7 @@ class Vault:
         cks, _forged = read_checkpoints(self.store, self.codec, newest_only=False)
         for ck in cks:
             if ck.name not in known:
-                blob = self.store.get(ck.name)
+                blob = self.store.get(ck.name, MAX_CHECKPOINT)
                 ref = ChunkRef(ck.name, len(blob), crypto.sha256(blob))
                 with self.fs.lock, self.meta.transaction():
                     self.meta.reference(ref, staged=False)
@@ -541,14 +597,45 @@ class Vault:
                 n += 1
         return n
 
+    def fence(self, why: str | None) -> None:
+        """Stop writing (EROFS for new writes, no checkpoints) because of ``why``, or with
+        None write again (unless mounted read-only). Files already written are still
+        committed locally; they reach the store once writing resumes or at the next mount."""
+        if self.fs is None:
+            return
+        if why is not None and self.readonly_reason is None:
+            log.error("the mount is read-only now: %s", why)
+        elif why is None and self.readonly_reason is not None:
+            log.warning("the mount is writable again: %s no longer holds",
+                        self.readonly_reason)
+        self.readonly_reason = why
+        self.fs.readonly = self.readonly or why is not None
+
     def _heartbeat(self) -> None:
-        while self.lease is not None and not self._stop.wait(self.lease.ttl / 3):
+        """Renew the lease every third of its lifetime (every 2 s while renewals fail). A
+        lease not renewed for two thirds of its lifetime fences the mount (another machine
+        could take over once it expires); one lost for good fences it until unmount. Nothing
+        raised here can end the thread silently."""
+        lease = self.lease
+        assert lease is not None
+        wait = lease.ttl / 3
+        while not self._stop.wait(wait):
+            renewed = False
             try:
-                if not self.lease.renew() and self.fs is not None:
-                    self.fs.readonly = True  # another mount owns the vault now
-                    return
+                renewed = lease.renew()
             except CryptfsError as e:
                 log.warning("cannot renew the vault lease: %s", e.line())
+            except BaseException as e:  # noqa: B036 - a dependency's panic must not end it
+                log.error("renewing the vault lease failed: %s: %s", type(e).__name__, e)
+            if lease.lost:
+                self.fence("the vault lease was lost to another mount")
+                return
+            if lease.held():
+                if self.readonly_reason == UNRENEWED:
+                    self.fence(None)
+            elif self.readonly_reason is None:
+                self.fence(UNRENEWED)
+            wait = lease.ttl / 3 if renewed else min(2.0, lease.ttl / 10)
 
     def _lookup_object(self, name: str) -> ChunkRef | None:
         assert self.fs is not None and self.meta is not None
@@ -643,14 +730,27 @@ class Vault:
                     self.sync()
                 except CryptfsError as e:
                     log.warning("periodic checkpoint failed: %s", e)
+                except BaseException as e:  # noqa: B036 - never die silently, never go on
+                    self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
+                    return
 
     def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Make everything committed so far durable in the store (group commit: concurrent
         callers share one checkpoint that started after they called)."""
         if self.readonly:
             return
-        if self.lease is not None and self.lease.lost:
-            raise LockedError("the vault lease was taken over by another mount")
+        if self.lease is not None and not self.lease.held():
+            if not self.lease.lost:  # not renewed for a while (the store was unreachable)
+                with contextlib.suppress(CryptfsError):
+                    self.lease.renew()
+            if not self.lease.held():
+                raise LockedError("this mount does not hold the vault lease any more: "
+                                  "nothing more is written to the store",
+                                  hint="see the daemon log; unmount and mount again")
+            if self.readonly_reason == UNRENEWED:
+                self.fence(None)
+        if self.readonly_reason is not None:
+            raise LockedError(f"the mount is read-only: {self.readonly_reason}")
         with self._ticket_lock:
             self._ckpt_requested += 1
             ticket = self._ckpt_requested
@@ -698,6 +798,10 @@ class Vault:
             "tail": tail,
         }
         ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
+        if len(ck_blob) > MAX_CHECKPOINT:  # readers refuse it: fail; the next one is smaller
+            raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
+                             f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
+                             "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
         with fs.lock:  # one connection, one thread at a time
             meta.sync()
@@ -853,11 +957,9 @@ def create_vault(
         same_vault(stores)
         existing = None
         for s in stores:
-            try:
-                existing = VaultConfig.from_bytes(s.get(CONFIG_OBJECT), f"{s.url}/{CONFIG_OBJECT}")
+            if s.exists(CONFIG_OBJECT):
+                existing = VaultConfig.from_store(s)
                 break
-            except ObjectNotFound:
-                continue
         for s in stores:
             if (existing is None or not s.exists(CONFIG_OBJECT)) and any(
                 True for _ in s.list("")

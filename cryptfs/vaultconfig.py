@@ -15,12 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import crypto
+from cryptfs import crypto, layout
 from cryptfs.errors import AuthError, ConfigError, IntegrityError, UsageError
 
 FORMAT = "cryptfs"
-VERSION = 1
-CONFIG_OBJECT = "config"
+VERSION = 2  # 2 adds ``generation``; version 1 configs (no generation) still open
+VERSIONS = (1, 2)
+CONFIG_OBJECT = layout.CONFIG
 PUBLIC_KEY_SLOT = "public-key"
 RSA_OAEP_ALG = "rsa-oaep-sha256"
 RSA_MIN_BITS = 3072
@@ -51,6 +52,7 @@ class VaultConfig:
     slots: list[dict[str, Any]] = field(default_factory=list)
     created: str = ""
     mac: str = ""
+    generation: int = 0  # +1 at every signed change; 0: a version 1 config (none recorded)
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -107,16 +109,22 @@ class VaultConfig:
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def sign(self, master: bytes) -> None:
+        """Start the next generation of this config and authenticate it. A reader refuses a
+        config older than the newest generation it has seen (rollback of the store's config)."""
+        self.generation += 1
         key = crypto.subkey(master, self.vault_id, crypto.PURPOSE_CONFIG)
         self.mac = crypto.mac(key, self._signed_bytes()).hex()
 
     def verify_mac(self, master: bytes) -> bool:
-        key = crypto.subkey(master, self.vault_id, crypto.PURPOSE_CONFIG)
+        return self.mac_ok(crypto.subkey(master, self.vault_id, crypto.PURPOSE_CONFIG))
+
+    def mac_ok(self, config_key: bytes) -> bool:
+        """Whether the config MAC verifies under the config sub-key (constant time)."""
         try:
             tag = bytes.fromhex(self.mac)
         except ValueError:
             tag = b""
-        return crypto.verify_mac(key, self._signed_bytes(), tag)
+        return crypto.verify_mac(config_key, self._signed_bytes(), tag)
 
     def _checked(self, master: bytes) -> bytes:
         if not self.verify_mac(master):
@@ -273,15 +281,18 @@ class VaultConfig:
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if self.generation else 1,
             "vault_id": self.vault_id.hex(),
             "chunk_size": self.chunk_size,
             "created": self.created,
             "slots": self.slots,
             "mac": self.mac,
         }
+        if self.generation:  # a version 1 config stays byte-identical (its MAC covers it)
+            d["generation"] = self.generation
+        return d
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
@@ -291,14 +302,22 @@ class VaultConfig:
         try:
             if d.get("format") != FORMAT:
                 raise ConfigError(f"{where} is not a cryptfs vault config")
-            if d.get("version") != VERSION:
-                raise ConfigError(f"{where} has unsupported format version {d.get('version')}")
+            version = d.get("version")
+            if version not in VERSIONS or isinstance(version, bool):
+                raise ConfigError(f"{where} has unsupported format version {version}",
+                                  hint="a newer cryptfs wrote it")
+            generation = d.get("generation", 0) if version == 2 else 0
+            if version == 2 and (type(generation) is not int or not 1 <= generation < 2**53):
+                raise ValueError
+            if version == 1 and "generation" in d:
+                raise ValueError
             cfg = cls(
                 vault_id=bytes.fromhex(d["vault_id"]),
                 chunk_size=int(d["chunk_size"]),
                 slots=list(d["slots"]),
                 created=str(d.get("created", "")),
                 mac=str(d["mac"]),
+                generation=generation,
             )
             if len(cfg.vault_id) != 16 or not (4096 <= cfg.chunk_size <= 64 << 20):
                 raise ValueError
@@ -320,7 +339,7 @@ class VaultConfig:
         from cryptfs.errors import ObjectNotFound
 
         try:
-            raw = store.get(CONFIG_OBJECT)
+            raw = store.get(CONFIG_OBJECT, layout.MAX_CONFIG)
         except ObjectNotFound:
             raise ConfigError(
                 f"the store {store.url} holds no cryptfs vault (no config object)",

@@ -14,11 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptfs import crypto
-from cryptfs.codec import DATA_PREFIX, ChunkRef
-from cryptfs.errors import CryptfsError
+from cryptfs.codec import ChunkRef
+from cryptfs.errors import CryptfsError, IntegrityError, StoreError
+from cryptfs.layout import (
+    CHECKPOINT_PREFIX,
+    CONFIG,
+    DATA_PREFIX,
+    LEASE,
+    META_PREFIX,
+    PER_STORE,
+    STORE_ID,
+)
+from cryptfs.lease import check_lease
+from cryptfs.storelist import read_store_id
 from cryptfs.stores.replicated import ReplicatedStore
-from cryptfs.vault import CHECKPOINT_PREFIX, META_PREFIX, Vault
+from cryptfs.vault import Vault, open_checkpoint
 
 _REJECTED = re.compile(r"^checkpoint (\S+): rejected")
 _BROKEN_AT = re.compile(r"chain broken at sequence (\d+) \(")
@@ -130,10 +140,11 @@ def verify(
     for ref, refcount, state in rows:
         if state == "staged" and _staged_file(vault, ref.name).exists():
             continue  # not uploaded yet: it is in the staging area
-        if not ref.name.startswith(DATA_PREFIX):
-            continue
-        if refcount <= 0:
-            continue
+        if ref.name.startswith(DATA_PREFIX) and refcount <= 0:
+            continue  # garbage the next checkpoint deletes
+        # chunks, the metadata snapshot and every checkpoint the metadata still records: the
+        # recovery copy must be as sound as the data
+
         rep.objects_checked += 1
         referenced.append(ref)
         size = in_store.get(ref.name)
@@ -156,6 +167,8 @@ def verify(
                 )
             )
         op = last_op.get(ref.name)
+        if ref.name.startswith(CHECKPOINT_PREFIX):
+            continue  # stored before its own ledger entry exists; its head MAC vouches for it
         if op is None or op[0] != "put":
             rep.problems.append(
                 Problem(
@@ -175,8 +188,9 @@ def verify(
                 )
             )
 
+    rep.problems.extend(_per_store_problems(vault))
     for name in sorted(in_store):
-        if name in known or name in ("config", "store-id") or name.startswith(("lease", "tmp/")):
+        if name in known or name in PER_STORE:
             continue
         if name in rejected:
             continue  # reported above: a checkpoint that fails authentication
@@ -202,17 +216,16 @@ def verify(
     replicated = isinstance(vault.store, ReplicatedStore)
     if replicated:
         _check_copies(vault, rep, full, progress, paths_for)
-    elif full:
-        todo = [r for r in referenced if r.name in in_store]
+    if full:
+        # every copy's hash was checked by the survey; authenticate the recovery objects too
+        todo = [r for r in referenced if r.name in in_store
+                and not (replicated and r.name.startswith(DATA_PREFIX))]
         bar = Progress("verify", len(todo), progress)
         lock = threading.Lock()
 
         def check(ref: ChunkRef) -> None:
             try:
-                blob = vault.store.get(ref.name)
-                if crypto.sha256(blob) != ref.sha256:
-                    raise CryptfsError(f"object {ref.name} does not match its recorded hash")
-                vault.codec.open_chunk_unchecked(ref.name, blob)
+                _authenticate(vault, ref, vault.store.get(ref.name, ref.size))
             except CryptfsError as e:
                 with lock:
                     rep.problems.append(Problem("corrupt", str(e), ref.name, []))
@@ -228,6 +241,50 @@ def verify(
             if p.kind == "corrupt" and not p.paths:
                 p.paths = paths_for(p.object)
     return rep
+
+
+def _authenticate(vault: Vault, ref: ChunkRef, blob: bytes) -> None:
+    """Raise a CryptfsError naming the object unless ``blob`` is the recorded object and opens
+    as what its name says it is (chunk, metadata snapshot or checkpoint)."""
+    if len(blob) != ref.size or not ref.matches(blob):
+        raise CryptfsError(f"object {ref.name} does not match its recorded hash")
+    if ref.name.startswith(DATA_PREFIX):
+        vault.codec.open_chunk_unchecked(ref.name, blob)
+    elif ref.name.startswith(META_PREFIX):
+        vault.codec.open_blob(b"meta", ref.name, blob)
+    else:
+        try:
+            open_checkpoint(vault.codec, ref.name, blob)
+        except IntegrityError as e:
+            raise IntegrityError(f"checkpoint {ref.name}: {e}") from None
+
+
+def _per_store_problems(vault: Vault) -> list[Problem]:
+    """The objects each store has its own of: the lease must be authentic if present, and
+    with several stores each must carry its own sealed store id (the config is checked with
+    the anchors)."""
+    out: list[Problem] = []
+    members = vault.store.members if isinstance(vault.store, ReplicatedStore) else []
+    for m in members:
+        try:
+            sid = read_store_id(m.store, vault.codec)
+        except StoreError:
+            continue  # reported as unreachable by the copy survey
+        except IntegrityError as e:
+            out.append(Problem("store-id", f"store {m.id}: {e}", STORE_ID))
+            continue
+        if sid != m.id:
+            found = "has none" if sid is None else f"claims to be store {sid}"
+            out.append(Problem("store-id", f"store {m.id} ({m.url}) {found}: it must carry "
+                               "its own sealed store-id object (run 'cryptfs repair')", STORE_ID))
+    for store in [m.store for m in members] or [vault.store]:
+        try:
+            check_lease(store, vault.codec)
+        except StoreError:
+            continue
+        except IntegrityError as e:
+            out.append(Problem("lease", f"{e} in {store.url}", LEASE))
+    return out
 
 
 def _check_copies(
@@ -274,6 +331,10 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
     being discarded, or forged) are deleted. Each step is recorded in the ledger."""
     assert vault.ledger is not None and vault.fs is not None and vault.meta is not None
     fs, meta, led = vault.fs, vault.meta, vault.ledger
+    if vault.config_problems():  # forged or rolled back: this machine's copy is the truth
+        vault.store.put(CONFIG, vault.cfg.to_bytes())
+        say(f"verify: wrote this machine's vault config (generation {vault.cfg.generation}) "
+            "to the store")
     with fs.lock:
         head = led.head()
         seq = head.seq if head else 0

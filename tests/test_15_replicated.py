@@ -11,6 +11,8 @@ from cryptfs.errors import IntegrityError, ObjectNotFound, StoreError
 from cryptfs.stores.memory import MemoryStore
 from cryptfs.stores.replicated import Member, ReplicatedStore, default_quorum
 
+BOUND = 1 << 30  # the most bytes a test reads of one object
+
 
 class Flaky(MemoryStore):
     """A memory store that can be switched down (every call fails) or slow."""
@@ -31,10 +33,10 @@ class Flaky(MemoryStore):
         self._gate()
         super().put(name, data)
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, max_size: int) -> bytes:
         self.gets += 1
         self._gate()
-        return super().get(name)
+        return super().get(name, max_size)
 
     def list(self, prefix: str = ""):  # type: ignore[no-untyped-def]
         self._gate()
@@ -87,7 +89,7 @@ def test_one_store_down_writes_continue_and_the_missing_copy_is_reported() -> No
     t0 = time.monotonic()
     rs.put("data/b", b"2")
     assert time.monotonic() - t0 < 1.0
-    assert rs.get("data/a") == b"1"  # reads go to the member that answers
+    assert rs.get("data/a", BOUND) == b"1"  # reads go to the member that answers
 
 
 def test_too_few_copies_is_an_error() -> None:
@@ -104,7 +106,7 @@ def test_corrupt_copy_is_skipped_reported_and_rewritten() -> None:
     stores[0].objects["data/c"] = b"evil"
     rs.members[0].latency, rs.members[1].latency = 0.001, 0.002  # s0 is read first
     events.clear()
-    assert rs.get("data/c", check=lambda b: b == b"good") == b"good"
+    assert rs.get("data/c", BOUND, check=lambda b: b == b"good") == b"good"
     settle(rs)
     assert stores[0].objects["data/c"] == b"good"  # healed from the good copy
     assert ("data/c", "s0", False) in events and ("data/c", "s0", True) in events
@@ -117,9 +119,9 @@ def test_every_copy_bad_or_absent() -> None:
     for s in stores:
         s.objects["data/d"] = b"evil"
     with pytest.raises(IntegrityError):
-        rs.get("data/d", check=lambda b: b == b"good")
+        rs.get("data/d", BOUND, check=lambda b: b == b"good")
     with pytest.raises(ObjectNotFound):
-        rs.get("data/none")
+        rs.get("data/none", BOUND)
 
 
 def test_a_stalled_store_is_overtaken_by_the_next() -> None:
@@ -129,7 +131,7 @@ def test_a_stalled_store_is_overtaken_by_the_next() -> None:
     stores[0].delay = 3.0  # the first in read order stalls
     rs.members[0].latency = rs.members[1].latency = 0.01
     t0 = time.monotonic()
-    assert rs.get("data/s") == b"x"
+    assert rs.get("data/s", BOUND) == b"x"
     assert time.monotonic() - t0 < 2.5  # answered by the second, not after the stall
     stores[0].delay = 0.0
 

@@ -139,15 +139,17 @@ class FormatReader:
     def __init__(self, store: Path, passphrase: bytes) -> None:
         self.store = store
         cfg = json.loads(self._get("config"))
-        if cfg.get("format") != "cryptfs" or cfg.get("version") != 1:
-            raise FormatError("not a version 1 cryptfs config")
+        if cfg.get("format") != "cryptfs" or cfg.get("version") not in (1, 2):
+            raise FormatError("not a version 1 or 2 cryptfs config")
         self.vault_id = bytes.fromhex(cfg["vault_id"])
         if len(self.vault_id) != 16:
             raise FormatError("bad vault id")
         self.chunk_size = int(cfg["chunk_size"])
         master = self._unwrap(cfg, passphrase)
-        signed = {k: cfg.get(k, "") for k in (
-            "chunk_size", "created", "format", "slots", "vault_id", "version")}
+        fields = ["chunk_size", "created", "format", "slots", "vault_id", "version"]
+        if cfg["version"] == 2:
+            fields.append("generation")
+        signed = {k: cfg.get(k, "") for k in fields}
         canonical = json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         ckey = _hkdf(master, self.vault_id, b"cryptfs config mac v1")
         tag = hmac.new(ckey, canonical.encode(), "sha256").digest()
@@ -250,7 +252,9 @@ class FormatReader:
                                 bytes.fromhex(e["prev"]), bytes.fromhex(e["hash"])))
         prev, expect = b"\0" * 32, 1
         for seq, t, op, name, size, sha, p, h in entries:
-            if seq != expect or p != prev or op not in ("put", "del", "accept"):
+            known = op in ("put", "del", "accept", "config") or op.partition("@")[0] in (
+                "copy", "lost", "store-add", "store-remove")
+            if seq != expect or p != prev or not known:
                 raise FormatError(f"ledger chain broken at {seq}")
             if hashlib.sha256(_encode_entry(seq, t, op, name, size, sha, p)).digest() != h:
                 raise FormatError(f"ledger entry {seq} modified")

@@ -20,6 +20,8 @@ from cryptfs.codec import ChunkRef, Codec
 from cryptfs.diskcache import DiskCache
 from cryptfs.stores.memory import MemoryStore
 
+BOUND = 1 << 30  # the most bytes a test reads of one object
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -32,10 +34,10 @@ class CountingStore(MemoryStore):
         self.gate = threading.Event()
         self.gate.set()
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, max_size: int) -> bytes:
         self.gets[name] = self.gets.get(name, 0) + 1
         assert self.gate.wait(10)
-        return super().get(name)
+        return super().get(name, max_size)
 
 
 def make(tmp_path: Path, cache_bytes: int = 1 << 20) -> tuple[ChunkStore, CountingStore]:
@@ -77,7 +79,7 @@ def test_fetched_chunk_is_cached_and_served_from_disk(tmp_path: Path) -> None:
         assert store.gets[ref.name] == 1  # the second read came from the disk cache
         entry = cs.cache.path(ref.name)
         assert stat.S_IMODE(entry.stat().st_mode) == 0o600
-        assert entry.read_bytes() == store.get(ref.name)  # sealed, exactly as stored
+        assert entry.read_bytes() == store.get(ref.name, BOUND)  # sealed, exactly as stored
     finally:
         cs.close()
 
@@ -97,7 +99,7 @@ def test_bad_cache_entry_is_dropped_and_fetched_again(tmp_path: Path, damage: st
         elif damage == "flipped":
             entry.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
         else:  # another object's valid bytes under this name
-            entry.write_bytes(store.get(other.name))
+            entry.write_bytes(store.get(other.name, BOUND))
         assert cs.get(ref) == b"b" * 9000
         assert store.gets[ref.name] == 2
         assert entry.read_bytes() == blob  # rewritten from the store

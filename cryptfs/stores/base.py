@@ -10,6 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+from cryptfs.errors import ObjectTooLarge
+
+
+def too_large(name: str, size: int | None, max_size: int) -> ObjectTooLarge:
+    """The error for an object bigger than cryptfs reads of it (``size`` None: unknown)."""
+    has = f"{size} bytes" if size is not None else "more bytes"
+    return ObjectTooLarge(f"object {name} has {has}, more than the {max_size} expected: "
+                          "refusing to read it")
+
 
 class ObjectStore(Protocol):
     """What every store (local directory, S3 bucket, memory) provides."""
@@ -28,8 +37,12 @@ class ObjectStore(Protocol):
         """Create ``name`` only if it does not exist (a conditional write where the store
         supports it); return False if it exists. Used for the mount lease only."""
 
-    def get(self, name: str) -> bytes:
-        """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent."""
+    def get(self, name: str, max_size: int) -> bytes:
+        """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent
+        and :class:`cryptfs.errors.ObjectTooLarge` (naming the object) if it has more than
+        ``max_size`` bytes. The bound is enforced before or while the body is read, so an
+        oversized object never costs more than ``max_size`` bytes of memory (see
+        :mod:`cryptfs.layout` for the bounds each kind of object is read with)."""
 
     def delete(self, name: str) -> None:
         """Remove the object. Deleting an absent object is not an error."""

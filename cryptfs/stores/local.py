@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from cryptfs.codec import DATA_PREFIX
 from cryptfs.errors import ObjectNotFound, StoreError
+from cryptfs.stores.base import too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -120,10 +121,16 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, max_size: int) -> bytes:
         try:
-            with open(self._path(name), "rb") as f:
-                return f.read()
+            with open(self._path(name), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_size:
+                    raise too_large(name, size, max_size)
+                data = f.read(max_size + 1)  # the file may have grown since the fstat
+                if len(data) > max_size:
+                    raise too_large(name, None, max_size)
+                return data
         except FileNotFoundError:
             raise ObjectNotFound(f"object {name} not found in {self.url}") from None
         except OSError as e:

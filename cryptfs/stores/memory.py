@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 from cryptfs.errors import ObjectNotFound
+from cryptfs.stores.base import too_large
 
 
 class MemoryStore:
@@ -28,12 +29,15 @@ class MemoryStore:
             self.objects[name] = bytes(data)
             return True
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, max_size: int) -> bytes:
         with self._lock:
             try:
-                return self.objects[name]
+                data = self.objects[name]
             except KeyError:
                 raise ObjectNotFound(f"object {name} not found in {self.url}") from None
+        if len(data) > max_size:
+            raise too_large(name, len(data), max_size)
+        return data
 
     def delete(self, name: str) -> None:
         with self._lock:

@@ -33,7 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from cryptfs.errors import IntegrityError, ObjectNotFound, StoreError
+from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
 from cryptfs.stores.base import ObjectStore
 
 log = logging.getLogger("cryptfs.replicas")
@@ -288,12 +288,14 @@ class ReplicatedStore:
                     pass
 
     # -- reading ------------------------------------------------------------------------------
-    def get(self, name: str, check: Callable[[bytes], bool] | None = None) -> bytes:
-        """The object from the fastest member that has a good copy (``check`` accepts it)."""
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
+        """The object from the fastest member that has a good copy (``check`` accepts it); a
+        copy bigger than ``max_size`` counts as corrupt."""
         order = self.read_order()
         if len(order) == 1:
             m = order[0]
-            blob = m.call(lambda: m.store.get(name))
+            blob = m.call(lambda: m.store.get(name, max_size))
             assert isinstance(blob, bytes)
             if check is not None and not check(blob):
                 raise IntegrityError(f"the only copy of {name} fails its check")
@@ -306,7 +308,7 @@ class ReplicatedStore:
 
         def launch() -> None:
             m = queue.pop(0)
-            futures[self._submit(m, lambda: m.call(lambda: m.store.get(name)))] = m
+            futures[self._submit(m, lambda: m.call(lambda: m.store.get(name, max_size)))] = m
 
         launch()
         while futures:
@@ -322,6 +324,11 @@ class ReplicatedStore:
                     blob = f.result()
                 except ObjectNotFound:
                     missing.append(m)
+                    continue
+                except ObjectTooLarge:
+                    log.warning("the copy of %s on store %s (%s) is oversized; reading another",
+                                name, m.id, m.url)
+                    bad.append(m)
                     continue
                 except StoreError as e:
                     errors.append(f"{m.id}: {_line(e)}")

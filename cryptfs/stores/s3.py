@@ -43,6 +43,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cryptfs.errors import CryptfsError, ObjectNotFound, StoreError
+from cryptfs.stores.base import too_large
 
 T = TypeVar("T")
 
@@ -160,7 +161,10 @@ class S3Store:
         self._call(f"put {name}", functools.partial(
             self._client.put_object, Bucket=self.bucket, Key=key, Body=bytes(data)))
 
-    def get(self, name: str) -> bytes:
+    def get(self, name: str, max_size: int) -> bytes:
+        """The object, bounded: the announced Content-Length is checked before the body is
+        read, and the body is read with a limit, so a server that lies about the length (or
+        sends a chunked body) cannot make this read more than ``max_size + 1`` bytes."""
         key = self._key(name)
 
         def attempt() -> bytes:
@@ -171,11 +175,15 @@ class S3Store:
                     raise ObjectNotFound(f"object {name} not found in {self.url}") from None
                 raise
             body = resp["Body"]
+            expected = resp.get("ContentLength")
             try:
-                data = body.read()
+                if expected is not None and expected > max_size:
+                    raise too_large(name, int(expected), max_size)
+                data = body.read(max_size + 1)
             finally:
                 body.close()
-            expected = resp.get("ContentLength")
+            if len(data) > max_size:
+                raise too_large(name, None, max_size)
             if expected is not None and len(data) != expected:
                 raise _ShortBody(f"got {len(data)} of {expected} bytes")
             return data

@@ -1,0 +1,51 @@
+"""Every object name and prefix in a vault's store, and the most bytes cryptfs reads of each.
+
+This is the one place that names what a store holds (docs/FORMAT.md section 2); gc, verify,
+the survey of several stores and crash recovery derive what they keep, check and delete from it.
+
+Every read from a store is bounded before the body is read (see
+:meth:`cryptfs.stores.base.ObjectStore.get`): objects whose size the metadata records (chunks,
+metadata snapshots, checkpoints) by that size, the others by the fixed maxima below. A store
+that returns something bigger gets an :class:`~cryptfs.errors.ObjectTooLarge` error naming the
+object, never a memory spike.
+"""
+
+from __future__ import annotations
+
+CONFIG = "config"  # the vault config (JSON, MAC'd), one per store
+LEASE = "lease"  # the sealed mount lease, one per store
+STORE_ID = "store-id"  # a store's sealed id, in vaults with several stores
+DATA_PREFIX = "data/"  # chunk objects: data/<2 hex>/<64 hex>
+META_PREFIX = "meta/"  # sealed metadata snapshots: meta/<32 hex>
+CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
+
+PER_STORE = (CONFIG, LEASE, STORE_ID)  # objects each store has its own of; not in the metadata
+TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX)  # recorded in the metadata
+
+# Fixed bounds for objects whose size nothing records (bytes as stored).
+MAX_CONFIG = 256 << 10  # 32 key slots of RSA-4096 take about 40 KiB
+MAX_LEASE = 4 << 10  # a sealed JSON document of about 250 bytes
+MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
+MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
+
+
+def checkpoint_name(seq: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{seq:016d}"
+
+
+def checkpoint_seq(name: str) -> int | None:
+    """The sequence number a checkpoint object's name carries, or None if it is not one."""
+    tail = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(tail) if len(tail) == 16 and tail.isdigit() else None
+
+
+def kind(name: str) -> str:
+    """What an object name is: ``chunk``, ``snapshot``, ``checkpoint``, ``config``, ``lease``,
+    ``store-id``, or ``unknown`` (nothing cryptfs writes)."""
+    if name.startswith(DATA_PREFIX):
+        return "chunk"
+    if name.startswith(META_PREFIX):
+        return "snapshot"
+    if checkpoint_seq(name) is not None:
+        return "checkpoint"
+    return {CONFIG: "config", LEASE: "lease", STORE_ID: "store-id"}.get(name, "unknown")
