@@ -12,7 +12,8 @@ Exception to "objects are immutable": the lease is overwritten by its holder's h
 Against a hostile store: only an authentic lease (sealed under the vault key) names a holder. A
 lease object that fails authentication (garbage, a forged or oversized object) names nobody, so
 a mount treats it as held until it is older than the lease lifetime (a live holder rewrites it
-within a third of that); the holder replaces it with a conditional write and keeps its lease. A
+within a third of that, and so keeps its lease); a lease deleted under its live holder is put
+back with a conditional write (if another mount was quicker, the holder stops writing). A
 holder that cannot renew its lease for two thirds of the lifetime stops writing (read-only) before
 another machine could take over, and writes again only if its own lease is still in place.
 """
@@ -177,9 +178,13 @@ class Lease:
         except IntegrityError as e:
             if expired:
                 return self._lose(f"{e}, found after this mount's lease expired")
+            # Overwritten in place: no other mount can hold the vault meanwhile, since one
+            # counts such an object as held until it is older than the lifetime, and it is
+            # younger than this mount's last renewal (two thirds of the lifetime at most).
             log.warning("%s: replacing it with this mount's lease", e)
-            self.store.delete(LEASE_OBJECT)
-            cur = None
+            self.store.put(LEASE_OBJECT, self._body())
+            self.renewed = time.monotonic()
+            return True
         if cur is None:
             if expired:
                 return self._lose("the lease object was gone after this mount's lease expired")

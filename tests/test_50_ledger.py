@@ -243,7 +243,7 @@ def assert_mount_refused(env: VaultEnv, *needles: str) -> str:
 
 def store_objects(env: VaultEnv) -> dict[str, bytes]:
     with contextlib.closing(env.store()) as st:
-        return {n: st.get(n) for n, _ in st.list("")}
+        return {n: st.get(n, 1 << 30) for n, _ in st.list("")}
 
 
 def put_object(env: VaultEnv, name: str, data: bytes) -> None:
@@ -253,7 +253,7 @@ def put_object(env: VaultEnv, name: str, data: bytes) -> None:
 
 def get_object(env: VaultEnv, name: str) -> bytes:
     with contextlib.closing(env.store()) as st:
-        return st.get(name)
+        return st.get(name, 1 << 30)
 
 
 def delete_object(env: VaultEnv, name: str) -> None:
@@ -304,7 +304,10 @@ def test_verify_json_lists_the_problem(vault: VaultEnv) -> None:
     assert [(p["kind"], p["object"], p["paths"]) for p in doc["problems"]] == [
         ("missing", obj, [REPORT])
     ]
-    assert doc["objects_checked"] == 9 and doc["ledger_entries"] > 9
+    # 9 chunks, the metadata snapshot and the checkpoints: the recovery copy is checked too
+    with contextlib.closing(vault.store()) as st:
+        recovery = [n for n, _ in st.list("") if n.startswith(("meta/", "checkpoints/"))]
+    assert doc["objects_checked"] == 9 + len(recovery) and doc["ledger_entries"] > 9
 
 
 def test_3_swapped_object_fails_read_and_verify_names_file(vault: VaultEnv) -> None:
