@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
-from cryptfs.diskcache import DiskCache
+from cryptfs.diskcache import DiskCache, read_at_most
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.replicated import ReplicatedStore
@@ -224,8 +224,11 @@ class ChunkStore:
                 self.cache.adopt(path, ref.name)
             else:
                 path.unlink(missing_ok=True)
-        except Exception:
+        except BaseException as e:  # noqa: B036 - nothing may end an upload unseen
             self.errors += 1
+            if not self._abort:
+                log.error("upload of %s failed; it stays staged and is resumed at the next "
+                          "mount: %s: %s", ref.name, type(e).__name__, e)
             raise
         finally:
             with self._cv:
@@ -280,8 +283,8 @@ class ChunkStore:
         """The sealed object from the staging area or the chunk cache, if it has the recorded
         size and hash (to re-upload what a store lost)."""
         try:
-            blob = self.staged_path(ref.name).read_bytes()
-            if ref.matches(blob):
+            blob = read_at_most(self.staged_path(ref.name), ref.size)
+            if blob is not None and ref.matches(blob):
                 return blob
         except OSError:
             pass

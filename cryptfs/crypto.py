@@ -29,6 +29,7 @@ KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
+MAX_SEALED = (1 << 31) - 1  # more than any object cryptfs writes; stores bound reads below it
 
 SCRYPT_MIN_N = 2**14
 SCRYPT_MAX_N = 2**22  # 4 GiB of memory at r=8: a tampered config must not exhaust RAM
@@ -88,6 +89,8 @@ def open_sealed(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
     """Inverse of :func:`seal`; raises IntegrityError if authentication fails."""
     if len(blob) < SEAL_OVERHEAD:
         raise IntegrityError("sealed data is too short")
+    if len(blob) > MAX_SEALED:  # the AEAD panics (a BaseException) on inputs of 2^31 bytes
+        raise IntegrityError("sealed data is too large")
     view = memoryview(blob)
     try:
         return _aead(key).decrypt(view[:NONCE_SIZE], view[NONCE_SIZE:], aad)

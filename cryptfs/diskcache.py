@@ -23,6 +23,14 @@ from cryptfs.codec import ChunkRef
 log = logging.getLogger("cryptfs.diskcache")
 
 
+
+def read_at_most(path: Path, limit: int) -> bytes | None:
+    """A local file's bytes, or None if it holds more than ``limit`` (never reads more than
+    ``limit + 1`` bytes: a planted or damaged file costs no memory). OSError as from open."""
+    with open(path, "rb", buffering=0) as f:
+        data = f.read(limit + 1)
+    return data if len(data) <= limit else None
+
 class DiskCache:
     """LRU cache of sealed objects in ``root``, at most ``max_bytes`` (0 disables it)."""
 
@@ -63,11 +71,11 @@ class DiskCache:
             if fname in self._writing:
                 return None
         try:
-            blob = (self.root / fname).read_bytes()
+            blob = read_at_most(self.root / fname, ref.size)
         except OSError:
             self._forget(fname)
             return None
-        if not ref.matches(blob):
+        if blob is None or not ref.matches(blob):
             self._drop(fname)
             return None
         with self._lock:

@@ -126,6 +126,9 @@ class StatusPublisher:
             pass
         d["warnings"] = self._warnings.count
         d["last_warning"] = self._warnings.last
+        reason = getattr(v, "readonly_reason", None)  # a read-write mount that stopped writing
+        d["readonly"] = bool(v.readonly or reason)
+        d["readonly_reason"] = reason or ""
         members = getattr(v.store, "members", None)
         if members is not None and v.fs is not None and v.meta is not None:
             with v.fs.lock:  # copies waiting per store (the replicated store's health too)
@@ -269,6 +272,8 @@ def format_status(doc: dict[str, Any]) -> str:
         lines.append(f"  problem: {doc['problem']}")
     if "store" in doc:
         ro = " (read-only)" if doc.get("readonly") else ""
+        if doc.get("readonly_reason"):
+            ro = f" (read-only: {doc['readonly_reason']})"
         lines.append(f"  store: {doc['store']}{ro}")
     for st in doc.get("stores", ()):
         lines.append(f"    store {st['id']}: {'up' if st['up'] else 'down'}, "

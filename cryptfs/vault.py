@@ -424,6 +424,13 @@ class Vault:
                     except ObjectNotFound:
                         continue
                     meta.reference(ChunkRef(c.name, len(ck_blob), crypto.sha256(ck_blob)), False)
+            # older snapshots and checkpoints the writer deleted after this checkpoint (its
+            # cleanup follows the checkpoint, so the tail does not record it): forget them
+            listed = {n for p in (META_PREFIX, CHECKPOINT_PREFIX) for n, _ in self.store.list(p)}
+            for ref, _rc, _st in meta.all_objects():
+                if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
+                        and ref.name != ck.meta.name and ref.name not in listed:
+                    meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
         meta.sync()
         meta.close()
         for suffix in ("-wal", "-shm"):
