@@ -17,6 +17,7 @@ import pickle
 import random
 import shutil
 import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs import acl
 from cryptfs.vault import LOCAL_CHUNK_SIZE
 
 NOBODY = 65534
@@ -96,6 +98,36 @@ def as_user(fn: Callable[[], object], uid: int = NOBODY) -> str:
 # --------------------------------------------------------------------------------------------
 # POSIX ACLs
 # --------------------------------------------------------------------------------------------
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+BASE = ((acl.USER_OBJ, 6, 0), (acl.GROUP_OBJ, 4, 0), (acl.OTHER, 4, 0))
+
+
+def test_acl_rules_without_a_mount():
+    """cryptfs.acl alone, on the kernel's rules: malformed ACLs are refused, the mode follows
+    the ACL (mask for the group bits) and back, inheritance masks by the requested mode."""
+    for bad in (b"", _acl(*BASE)[:-1], struct.pack("<I", 1) + _acl(*BASE)[4:],
+                _acl(*BASE, (acl.USER, 7, 1234)), _acl(*BASE[:2]), _acl(*BASE, (0x40, 7, 0)),
+                _acl(*BASE, (acl.MASK, 8, 0))):
+        with pytest.raises(OSError) as e:
+            acl.parse(bad)
+        assert e.value.errno == errno.EINVAL
+    assert acl.update_mode(_acl(*BASE), 0o100777) == (0o100644, None)
+    named = _acl(*BASE, (acl.USER, 7, 1234), (acl.MASK, 5, 0))
+    mode, stored = acl.update_mode(named, 0o104600)
+    assert mode == 0o104654 and stored is not None
+    assert acl.parse(acl.chmod(stored, 0o100700)) == [
+        (acl.USER_OBJ, 7, acl.UNDEFINED_ID), (acl.USER, 7, 1234),
+        (acl.GROUP_OBJ, 4, acl.UNDEFINED_ID), (acl.MASK, 0, acl.UNDEFINED_ID),
+        (acl.OTHER, 0, acl.UNDEFINED_ID)]
+    mode, access, default = acl.inherit(named, 0o40750, True)
+    assert (mode, default) == (0o40650, named)  # owner rw- from the ACL, mask r-x, other ---
+    assert (acl.MASK, 5, acl.UNDEFINED_ID) in acl.parse(access or b"")
+    assert acl.inherit(_acl(*BASE), 0o100640, False) == (0o100640, None, None)
 
 
 def test_acl_setfacl_getfacl_round_trip(roots):
