@@ -452,3 +452,27 @@ def test_df_on_s3_counts_the_vault_stored_bytes(mounted):
     grown = ((after.f_blocks - after.f_bfree) - (before.f_blocks - before.f_bfree)) * 4096
     assert 3 << 20 <= grown <= (3 << 20) * 1.15
     assert after.f_bfree == after.f_bavail == 1 << 40
+
+
+def test_acls_and_holes_survive_a_restore_from_the_store(mounted):
+    """ACLs are sealed with the rest of the metadata: after the local metadata is gone, the
+    store alone brings back the ACLs, the modes they set and the holes."""
+    env, mnt = mounted
+    d = mnt / "shared"
+    d.mkdir()
+    run("setfacl", "-d", "-m", "u:1234:rwx", str(d))
+    (d / "f").write_bytes(b"inherits")
+    run("setfacl", "-m", f"u:{NOBODY}:r", str(d / "f"))
+    _sparse_gib(mnt / "sparse")
+    want = (acls(mnt), modes(mnt), os.stat(mnt / "sparse").st_blocks)
+    assert "default:user:1234:rwx" in "".join(want[0]) and want[2] * 512 < 3 << 20
+    env.umount(mnt)
+    shutil.rmtree(env.root / "data" / "cryptfs" / "vaults")  # local metadata, ledger, staging
+    shutil.rmtree(env.root / "cache", ignore_errors=True)
+    env.mount(mnt)
+    assert (acls(mnt), modes(mnt), os.stat(mnt / "sparse").st_blocks) == want
+    fd = os.open(mnt / "sparse", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) < 1 << 20
+    finally:
+        os.close(fd)
