@@ -63,9 +63,7 @@ DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
 SEEK_DATA, SEEK_HOLE = 3, 4
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_ZERO_RANGE = 0x10
-FALLOC_FL_INSERT_RANGE = 0x20
 COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
@@ -153,7 +151,7 @@ class FileSystem:
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
-        # bytes a file's committed chunks take (see allocated), computed on first stat
+        # bytes a file's committed chunks take (see st_blocks), computed on its first stat
         self._alloc: dict[int, int] = {}
         # changes written but not committed yet (see _save_later and create)
         self._deferred: dict[int, Inode] = {}
