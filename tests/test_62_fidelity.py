@@ -10,6 +10,7 @@ tests/test_60_posix.py.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
@@ -331,6 +332,80 @@ def test_fallocate_modes(roots, case):
         assert cafter == cbefore
     else:  # zeros written at the end of the data: the last chunk is rewritten, same size
         assert abs(freed) <= 8
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _check_seek(fd: int, content: bytes) -> None:
+    """SEEK_DATA/SEEK_HOLE on ``fd`` agree with ``content``: every non-zero byte lies in data,
+    and the walk ends at the size."""
+    pos, size = 0, len(content)
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            assert e.errno == errno.ENXIO
+            data = size
+        assert content[pos:data].count(0) == data - pos, (pos, data)
+        if data >= size:
+            break
+        pos = os.lseek(fd, data, os.SEEK_HOLE)
+        assert data < pos <= size
+
+
+def test_fsx_style_random_operations_with_fallocate_modes(roots):
+    """A bounded fsx-like run (fsx skips these modes on FUSE): 600 seeded writes, truncates,
+    punches, zero ranges, KEEP_SIZE allocations and reopenings on the same file in both
+    directories; sizes and errors agree after every step, contents and holes every 20."""
+    rng = random.Random(6262)
+    paths = [root / "fsx" for root in roots]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT, 0o644) for p in paths]
+    limit = 5 * CS
+    try:
+        for step in range(600):
+            op = rng.choice(["write", "write", "truncate", "punch", "zero", "zero-keep",
+                             "keep", "reopen"])
+            off = rng.randrange(limit)
+            length = rng.choice([1, 17, 4096, CS - 3, CS, 2 * CS + 5, rng.randrange(1, limit)])
+            outcome = []
+            for i, fd in enumerate(fds):
+                try:
+                    if op == "write":
+                        os.pwrite(fd, random.Random(step).randbytes(min(length, limit)), off)
+                    elif op == "truncate":
+                        os.ftruncate(fd, off)
+                    elif op == "punch":
+                        _fallocate(fd, FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE, off, length)
+                    elif op == "zero":
+                        _fallocate(fd, FALLOC_ZERO_RANGE, off, min(length, limit - off))
+                    elif op == "zero-keep":
+                        _fallocate(fd, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE, off, length)
+                    elif op == "keep":
+                        _fallocate(fd, FALLOC_KEEP_SIZE, off, length)
+                    else:
+                        os.close(fd)
+                        fds[i] = os.open(paths[i], os.O_RDWR)
+                    outcome.append("OK")
+                except OSError as e:
+                    outcome.append(errno.errorcode[e.errno or 0])
+            sizes = [os.fstat(fd).st_size for fd in fds]
+            assert outcome[1] == outcome[0] and sizes[1] == sizes[0], (step, op, off, length)
+            if step % 20 == 19:
+                contents = [os.pread(fd, sizes[0] + 1, 0) for fd in fds]
+                assert contents[1] == contents[0], (step, op)
+                _check_seek(fds[1], contents[0])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_fallocate_punch_of_whole_file_stores_nothing(roots):
