@@ -35,6 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from cryptfs import acl
 from cryptfs.chunkstore import ChunkStore
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, IntegrityError
@@ -57,6 +58,12 @@ _SQL_NEXT_FIRST_CHUNKS = (
     "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
 )
 INLINE_SEAL = 128 << 10
+ALLOC_UNIT = 4096  # a stored chunk counts as allocated in units of this, like ext4's blocks
+DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
+SEEK_DATA, SEEK_HOLE = 3, 4
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
 # libfuse's high-level API renames a file that is unlinked while open to such a name and
 # unlinks it at release; these entries are invisible and do not count as links.
@@ -144,6 +151,8 @@ class FileSystem:
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
+        # bytes a file's committed chunks take (see st_blocks), computed on its first stat
+        self._alloc: dict[int, int] = {}
         # changes written but not committed yet (see _save_later and create)
         self._deferred: dict[int, Inode] = {}
         self._deferred_new: list[tuple[int, bytes, Inode]] = []
@@ -256,6 +265,31 @@ class FileSystem:
         with self.lock:
             return self._view(self._node(ino))
 
+    def st_blocks(self, node: Inode) -> int:
+        """512-byte blocks ``node`` takes, like ext4 counts allocated blocks: a directory one
+        block; a regular file the chunks it has stored, each counted as its stored size (at
+        most the chunk size) rounded up to ALLOC_UNIT, so holes take nothing; uncommitted
+        chunks of an open file are added at their plaintext size; other nodes none."""
+        if stat.S_ISDIR(node.mode):
+            return DIR_SIZE // 512
+        if not stat.S_ISREG(node.mode):
+            return 0
+        with self.lock:
+            total = self._alloc.get(node.ino)
+            if total is None:
+                if len(self._alloc) >= INODE_CACHE_MAX:
+                    self._alloc.clear()
+                total = self._alloc[node.ino] = self.meta.allocated(node.ino, self.cs, ALLOC_UNIT)
+            f = self.files.get(node.ino)
+        if f is not None and (f.dirty or f.pending):
+            with f.lock:
+                for idx, buf in list(f.dirty.items()) + [
+                    (i, s.buf) for i, s in f.pending.items() if s.buf is not None
+                ]:
+                    if idx not in f.refs:
+                        total += -(-len(buf) // ALLOC_UNIT) * ALLOC_UNIT
+        return total // 512
+
     def lookup(self, parent: int, name: bytes) -> Inode:
         with self.lock:
             if len(name) > NAME_MAX:
@@ -297,9 +331,12 @@ class FileSystem:
         target: bytes | None = None,
         size: int = 0,
         defer: bool = False,
+        umask: int = 0,
     ) -> Inode:
         """Create an inode and its entry, committed now, or with ``defer`` written now and
-        committed with the next commit (see :meth:`create`)."""
+        committed with the next commit (see :meth:`create`). In a directory with a default
+        ACL the node inherits it (the mode masks the ACL, the umask is not applied); elsewhere
+        ``umask`` is applied to the mode (see :mod:`cryptfs.acl`)."""
         self._writable()
         self._check_name(name)
         pnode = self._dir(parent)
@@ -313,6 +350,14 @@ class FileSystem:
                 mode |= stat.S_ISGID
         now = time.time_ns()
         isdir = stat.S_ISDIR(mode)
+        acls: dict[bytes, bytes] = {}
+        default = self._get_xattr(parent, acl.DEFAULT) if not stat.S_ISLNK(mode) else None
+        if default is not None:
+            mode, access, inherited = acl.inherit(default, mode, isdir)
+            acls = {n: v for n, v in ((acl.ACCESS, access), (acl.DEFAULT, inherited)) if v}
+            defer = False  # a rollback re-applies deferred inodes, not their xattrs
+        elif not stat.S_ISLNK(mode):
+            mode &= ~(umask & 0o777)
         node = Inode(0, mode, uid, gid, size, 2 if isdir else 1, now, now, now, rdev, target)
         pnode = dataclasses.replace(pnode, mtime_ns=now, ctime_ns=now,
                                     nlink=pnode.nlink + 1 if isdir else pnode.nlink)
@@ -320,6 +365,11 @@ class FileSystem:
             node.ino = self.meta.insert_inode(node)
             self.meta.add_dentry(parent, name, node.ino)
             self._save(pnode)
+            for n, v in acls.items():
+                self.meta.set_xattr(node.ino, n, v)
+        if acls:
+            self.xattr_inos.add(node.ino)
+        self._alloc.pop(node.ino, None)
         if defer:
             self._deferred_new.append((parent, name, node))
             self._defer(pnode)
@@ -330,16 +380,21 @@ class FileSystem:
             self.complete.add(node.ino)  # new and empty: every entry it gets is recorded
         return node
 
-    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Inode:
+    def mknod(
+        self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int, umask: int = 0
+    ) -> Inode:
         with self.lock:
             fmt = stat.S_IFMT(mode) or stat.S_IFREG
             if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
                 raise _err(errno.EINVAL)
-            return self._new(parent, name, fmt | stat.S_IMODE(mode), uid, gid, rdev=rdev)
+            return self._new(parent, name, fmt | stat.S_IMODE(mode), uid, gid, rdev=rdev,
+                             umask=umask)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+    def mkdir(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0
+    ) -> Inode:
         with self.lock:
-            return self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+            return self._new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, umask=umask)
 
     def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         with self.lock:
@@ -350,7 +405,7 @@ class FileSystem:
             )
 
     def create(
-        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int
+        self, parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int, umask: int = 0
     ) -> tuple[Inode, int]:
         """Create (or open) a regular file. A new file is committed with its close, the next
         commit, or within COMMIT_DELAY, whichever comes first: one commit per small file
@@ -359,7 +414,7 @@ class FileSystem:
             ino = self._lookup_ino(parent, name)
             if ino is None:
                 node = self._new(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid,
-                                 defer=True)
+                                 defer=True, umask=umask)
                 return self._view(node), self._open_locked(node, flags)
             if flags & os.O_EXCL:
                 raise _err(errno.EEXIST)
@@ -580,7 +635,13 @@ class FileSystem:
             node = self._node(ino)
             node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
             node.ctime_ns = time.time_ns()
-            self._save_later(node)
+            access = self._get_xattr(ino, acl.ACCESS)
+            if access is None:
+                self._save_later(node)
+            else:  # the ACL's owner, mask and other entries follow the mode
+                with self.meta.transaction():
+                    self.meta.set_xattr(ino, acl.ACCESS, acl.chmod(access, node.mode))
+                    self._save(node)
             return self._view(node)
 
     def chown(self, ino: int, uid: int, gid: int) -> Inode:
@@ -621,6 +682,8 @@ class FileSystem:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         with self.lock:
             self._writable()
+            if name in acl.NAMES:
+                return self._set_acl(ino, name, value, flags)
             if name.startswith(b"system."):
                 raise _err(errno.EOPNOTSUPP)
             if len(name) > 255 or not name:
@@ -638,6 +701,41 @@ class FileSystem:
                 self.xattr_inos.add(ino)
                 node.ctime_ns = time.time_ns()
                 self._save(node)
+
+    def _get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """An xattr's value or None (caller holds self.lock); no SQL for inodes without any."""
+        if ino not in self.xattr_inos:
+            return None
+        return self.meta.get_xattr(ino, name)
+
+    def _set_acl(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        """Set a POSIX ACL (caller holds self.lock). An access ACL also sets the mode's
+        permission bits, and is not stored when the mode says it all; a default ACL is for
+        directories only (see :mod:`cryptfs.acl`)."""
+        node = self._node(ino)
+        if stat.S_ISLNK(node.mode):
+            raise _err(errno.EOPNOTSUPP)
+        old = self._get_xattr(ino, name)
+        if flags & XATTR_CREATE and old is not None:
+            raise _err(errno.EEXIST)
+        if flags & XATTR_REPLACE and old is None:
+            raise _err(errno.ENODATA)
+        store: bytes | None
+        if name == acl.DEFAULT:
+            if not stat.S_ISDIR(node.mode):
+                raise _err(errno.EACCES)
+            acl.parse(value)
+            store = value
+        else:
+            node.mode, store = acl.update_mode(value, node.mode)
+        with self.meta.transaction():
+            if store is None:
+                self.meta.remove_xattr(ino, name)
+            else:
+                self.meta.set_xattr(ino, name, store)
+                self.xattr_inos.add(ino)
+            node.ctime_ns = time.time_ns()
+            self._save(node)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino not in self.xattr_inos:
@@ -879,6 +977,8 @@ class FileSystem:
         """Hand dirty chunks to the sealing threads (caller holds f.lock)."""
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
+            if buf and buf[-1] == 0:  # trailing zeros read back as zeros: not stored
+                del buf[len(buf.rstrip(b"\0")):]
             old = f.pending.get(idx)
             if len(buf) < INLINE_SEAL:  # small: a thread hand-off costs more than sealing
                 fut: Future[ChunkRef | None] = Future()
@@ -940,6 +1040,7 @@ class FileSystem:
                     node.mtime_ns = node.ctime_ns = f.mtime_ns
                 self._save(node)
             self.inodes[f.ino] = node
+            self._alloc.pop(f.ino, None)
         self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
@@ -993,16 +1094,99 @@ class FileSystem:
             return self._view(self._node(ino))
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        if mode != 0:
-            raise _err(errno.EOPNOTSUPP)
+        """fallocate(2). Mode 0 extends the size; no space is reserved in advance (the store
+        takes space as data arrives), so KEEP_SIZE alone changes nothing. PUNCH_HOLE (with
+        KEEP_SIZE, as Linux requires) and ZERO_RANGE zero the range: chunks it covers become
+        holes (nothing stored), partly covered ones are rewritten with zeros; ZERO_RANGE
+        without KEEP_SIZE extends the size. COLLAPSE_RANGE, INSERT_RANGE and other modes:
+        EOPNOTSUPP (the FUSE kernel module refuses them before they get here anyway)."""
+        self._writable()
         if offset < 0 or length <= 0:
             raise _err(errno.EINVAL)
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise _err(errno.EOPNOTSUPP)
+        if mode & FALLOC_FL_PUNCH_HOLE and (not keep or mode & FALLOC_FL_ZERO_RANGE):
+            raise _err(errno.EOPNOTSUPP)
         f = self._file(fh)
+        end = offset + length
         with f.lock:
-            if offset + length > f.size:
-                f.size = offset + length
-                f.mtime_ns = time.time_ns()
-                self._commit(f)
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                self._zero(f, offset, min(end, f.size))
+            elif keep or end <= f.size:
+                return
+            if not keep and end > f.size:
+                f.size = end
+            f.mtime_ns = time.time_ns()
+            self._commit(f)
+
+    def _zero(self, f: OpenFile, lo: int, hi: int) -> None:
+        """Zero bytes ``lo..hi`` (within the size) of an open file (caller holds f.lock):
+        chunks wholly inside become holes at once, the partly covered ones at either end get
+        zeros in their dirty buffers (committed by the caller)."""
+        if lo >= hi:
+            return
+        cs = self.cs
+        full_lo = -(-lo // cs)
+        full_hi = -(-hi // cs) if hi >= f.size else hi // cs  # the last chunk ends at EOF
+        if full_lo < full_hi:
+            for idx in [i for i in f.dirty if full_lo <= i < full_hi]:
+                del f.dirty[idx]
+            for idx in [i for i in f.pending if full_lo <= i < full_hi]:
+                self._unpin_later(f.pending.pop(idx))
+            with self.lock, self.meta.transaction():
+                self.meta.remove_blocks_range(f.ino, full_lo, full_hi)
+            for idx in [i for i in f.refs if full_lo <= i < full_hi]:
+                del f.refs[idx]
+            self._alloc.pop(f.ino, None)
+        for idx in sorted({lo // cs, (hi - 1) // cs}):
+            if full_lo <= idx < full_hi:
+                continue
+            buf = f.dirty.get(idx)
+            if buf is None:
+                buf = bytearray(self._plain(f, idx))
+                del buf[max(0, f.size - idx * cs):]  # data past EOF is not file content
+            a = max(lo, idx * cs) - idx * cs
+            b = min(hi, (idx + 1) * cs) - idx * cs
+            if a < len(buf):
+                buf[a:b] = bytes(min(b, len(buf)) - a)
+                f.dirty[idx] = buf
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE. A hole is a chunk with nothing stored, or the rest of a
+        chunk past its stored bytes (found by reading the chunk before a hole); the end of
+        the file is a hole. Uncommitted writes are committed first, as a flush would."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        f = self._file(fh)
+        cs = self.cs
+        with f.lock:
+            self._commit(f)
+            size = f.size
+            if offset < 0:
+                raise _err(errno.EINVAL)
+            if offset >= size:
+                raise _err(errno.ENXIO)
+            idx = offset // cs
+            if whence == SEEK_DATA:
+                while True:
+                    with self.lock:
+                        d = self.meta.next_block(f.ino, idx)
+                    if d is None or d * cs >= size:
+                        raise _err(errno.ENXIO)
+                    if d * cs > offset:  # a stored chunk holds at least one byte
+                        return d * cs
+                    if offset < d * cs + len(self._plain(f, d)):
+                        return offset
+                    idx = d + 1
+            with self.lock:
+                h = self.meta.next_hole(f.ino, idx)
+            hole = h * cs
+            if h > idx:  # the chunk before the hole may end short
+                stored = len(self._plain(f, h - 1))
+                if stored < cs:
+                    hole = (h - 1) * cs + stored
+            return min(max(offset, hole), size)
 
     def flush(self, fh: int) -> None:
         """Make the file's data survive a crash of this process (see module docstring)."""
@@ -1060,13 +1244,18 @@ class FileSystem:
 
     # -- filesystem -----------------------------------------------------------------------
     def statfs(self) -> dict[str, int]:
+        """A local store: the figures of the filesystem it lives on. A remote store has no
+        fixed size: 2**40 blocks free, and the vault's stored chunk bytes used."""
         st = self.statfs_source() if self.statfs_source else None
         bsize = 4096
         if st is not None:
             blocks = st.f_blocks * st.f_frsize // bsize
-            bfree = st.f_bavail * st.f_frsize // bsize
+            bfree = st.f_bfree * st.f_frsize // bsize
+            bavail = st.f_bavail * st.f_frsize // bsize
         else:
-            blocks = bfree = 1 << 40  # a remote bucket has no fixed size
+            bfree = bavail = 1 << 40
+            with self.lock:
+                blocks = bfree + -(-self.meta.stored_bytes() // bsize)
         with self.lock:
             used = self.meta.count_inodes()
         return {
@@ -1074,7 +1263,7 @@ class FileSystem:
             "f_frsize": bsize,
             "f_blocks": blocks,
             "f_bfree": bfree,
-            "f_bavail": bfree,
+            "f_bavail": bavail,
             "f_files": used + (1 << 32),
             "f_ffree": 1 << 32,
             "f_favail": 1 << 32,

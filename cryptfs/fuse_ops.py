@@ -22,7 +22,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402  (the library choice above must come first)
 
 from cryptfs.errors import CryptfsError  # noqa: E402
-from cryptfs.fs import FileSystem  # noqa: E402
+from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
 from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
 
 log = logging.getLogger("cryptfs.fuse")
@@ -30,6 +30,11 @@ log = logging.getLogger("cryptfs.fuse")
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
+
+# libfuse 3 capability bits of fuse_conn_info.want (fuse_common.h); mfusepy exposes the
+# want/capable fields but not these names
+FUSE_CAP_DONT_MASK = 1 << 6
+FUSE_CAP_POSIX_ACL = 1 << 19
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -75,20 +80,22 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def stat_dict(node: Inode) -> dict[str, int]:
+def stat_dict(node: Inode, blocks: int) -> dict[str, int]:
+    """The stat of ``node``; ``blocks`` its 512-byte blocks (FileSystem.st_blocks). A
+    directory reports ext4's size for a small one."""
     return {
         "st_ino": node.ino,
         "st_mode": node.mode,
         "st_nlink": node.nlink,
         "st_uid": node.uid,
         "st_gid": node.gid,
-        "st_size": node.size,
+        "st_size": DIR_SIZE if stat.S_ISDIR(node.mode) else node.size,
         "st_atime": node.atime_ns,
         "st_mtime": node.mtime_ns,
         "st_ctime": node.ctime_ns,
         "st_rdev": node.rdev,
         "st_blksize": 4096,
-        "st_blocks": (node.size + 511) // 512,
+        "st_blocks": blocks,
     }
 
 
@@ -113,6 +120,7 @@ class CryptfsOperations(mfusepy.Operations):
         self.dir_inos: dict[int, int] = {}
         self._dirs: dict[str, int] = {}
         self._fuse: Any = None
+        self._own_umask = False  # FUSE_CAP_DONT_MASK granted: creates apply the umask here
 
     def _invalidate(self, ino: int, keep: str | None = None) -> None:
         """libfuse's high-level API gives every name of a hard-linked file its own kernel
@@ -166,10 +174,25 @@ class CryptfsOperations(mfusepy.Operations):
         uid, gid, _pid = mfusepy.fuse_get_context()
         return uid, gid
 
+    def _umask(self) -> int:
+        """The caller's umask when the kernel leaves it to us (see init_with_config), else 0
+        (the kernel applied it). mfusepy's fuse_get_context() drops the field: read it from
+        libfuse's struct fuse_context, which mfusepy declares with it."""
+        if not self._own_umask:
+            return 0
+        return int(mfusepy._libfuse.fuse_get_context().contents.umask)
+
     # -- lifecycle --------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             conn.max_readahead = max(conn.max_readahead, 1 << 20)
+            # POSIX ACLs: the kernel checks them (this implies default_permissions) and caches
+            # them; the filesystem stores them as system.posix_acl_* xattrs, keeps them and the
+            # mode in step and applies default ACLs to new nodes (cryptfs.acl). Where a default
+            # ACL applies the umask must not be, so the kernel leaves the umask to us.
+            if conn.capable & FUSE_CAP_POSIX_ACL and conn.capable & FUSE_CAP_DONT_MASK:
+                conn.want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK
+                self._own_umask = True
             log.debug("FUSE connection: max_write=%d max_readahead=%d max_background=%d",
                       conn.max_write, conn.max_readahead, conn.max_background)
         if config is not None:
@@ -192,7 +215,8 @@ class CryptfsOperations(mfusepy.Operations):
     # -- attributes -------------------------------------------------------------------------
     @_guard
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        return stat_dict(self.fs.getattr(self._ino(path, fh)))
+        node = self.fs.getattr(self._ino(path, fh))
+        return stat_dict(node, self.fs.st_blocks(node))
 
     @_guard
     def access(self, path: str, amode: int) -> int:
@@ -242,13 +266,13 @@ class CryptfsOperations(mfusepy.Operations):
     @_guard
     def mknod(self, path: str, mode: int, dev: int) -> int:
         parent, name = self._parent(path)
-        self.fs.mknod(parent, name, mode, dev, *self._ctx())
+        self.fs.mknod(parent, name, mode, dev, *self._ctx(), umask=self._umask())
         return 0
 
     @_guard
     def mkdir(self, path: str, mode: int) -> int:
         parent, name = self._parent(path)
-        self.fs.mkdir(parent, name, mode, *self._ctx())
+        self.fs.mkdir(parent, name, mode, *self._ctx(), umask=self._umask())
         return 0
 
     @_guard
@@ -297,7 +321,7 @@ class CryptfsOperations(mfusepy.Operations):
     def create(self, path: str, mode: int, flags: int) -> int:
         parent, name = self._parent(path)
         uid, gid = self._ctx()
-        _node, fh = self.fs.create(parent, name, mode, flags, uid, gid)
+        _node, fh = self.fs.create(parent, name, mode, flags, uid, gid, umask=self._umask())
         return fh
 
     @_guard
@@ -336,6 +360,11 @@ class CryptfsOperations(mfusepy.Operations):
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
         self.fs.fallocate(fh, mode, offset, size)
         return 0
+
+    @_guard
+    def lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself)."""
+        return self.fs.lseek(fh, offset, whence)
 
     # -- directories ------------------------------------------------------------------------
     @_guard
@@ -377,7 +406,9 @@ class CryptfsOperations(mfusepy.Operations):
     # -- xattrs -----------------------------------------------------------------------------
     @_guard
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self.fs.setxattr(self._ino(path), _enc(name), bytes(value), options)
+        ino = self._ino(path)
+        self.fs.setxattr(ino, _enc(name), bytes(value), options)
+        self._after_change(ino, path)  # an ACL also changes the mode; the kernel caches both
         return 0
 
     @_guard
@@ -390,7 +421,9 @@ class CryptfsOperations(mfusepy.Operations):
 
     @_guard
     def removexattr(self, path: str, name: str) -> int:
-        self.fs.removexattr(self._ino(path), _enc(name))
+        ino = self._ino(path)
+        self.fs.removexattr(ino, _enc(name))
+        self._after_change(ino, path)
         return 0
 
 
@@ -435,3 +468,7 @@ class CryptfsFUSE(mfusepy.FUSE):
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(self._path(old), self._path(new), flags)
+
+    def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+        """mfusepy declares libfuse 3's lseek callback but has no wrapper for it."""
+        return self.operations.lseek(self._path(path), offset, whence, self._fh(fip))

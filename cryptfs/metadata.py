@@ -465,6 +465,52 @@ class MetaStore:
             self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx >= first_idx))
         return names
 
+    def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]:
+        """Drop chunks ``lo <= idx < hi`` of ``ino`` (they become holes); return the object
+        names released."""
+        rows = self.raw.execute(
+            "SELECT obj FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?", (ino, lo, hi)
+        ).fetchall()
+        for (n,) in rows:
+            self.raw.execute(_SQL_DECREF, (n,))
+        if rows:
+            self.raw.execute(
+                "DELETE FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?", (ino, lo, hi)
+            )
+        return [n for (n,) in rows]
+
+    def next_hole(self, ino: int, idx: int) -> int:
+        """The first chunk index ``>= idx`` of ``ino`` that is a hole (no chunk stored)."""
+        row = self.raw.execute(
+            "SELECT min(t.i) FROM (SELECT ? AS i UNION ALL SELECT idx + 1 FROM blocks "
+            "WHERE ino = ? AND idx >= ?) t WHERE NOT EXISTS "
+            "(SELECT 1 FROM blocks c WHERE c.ino = ? AND c.idx = t.i)",
+            (idx, ino, idx, ino),
+        ).fetchone()
+        return int(row[0])
+
+    def next_block(self, ino: int, idx: int) -> int | None:
+        """The first chunk index ``>= idx`` of ``ino`` that is stored (not a hole), or None."""
+        row = self.raw.execute(
+            "SELECT min(idx) FROM blocks WHERE ino = ? AND idx >= ?", (ino, idx)
+        ).fetchone()
+        return row[0] if row else None
+
+    def allocated(self, ino: int, chunk_size: int, unit: int) -> int:
+        """Bytes the stored chunks of ``ino`` take: each chunk's stored size, at most
+        ``chunk_size``, rounded up to a multiple of ``unit``."""
+        row = self.raw.execute(
+            "SELECT sum((min(o.size, ?) + ? - 1) / ? * ?) FROM blocks b "
+            "JOIN objects o ON o.name = b.obj WHERE b.ino = ?",
+            (chunk_size, unit, unit, unit, ino),
+        ).fetchone()
+        return int(row[0] or 0)
+
+    def stored_bytes(self) -> int:
+        """Bytes of all chunk objects the vault records."""
+        row = self.raw.execute("SELECT sum(size) FROM objects").fetchone()
+        return int(row[0] or 0)
+
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         row = self.raw.execute(
             "SELECT size, sha256, refcount, state FROM objects WHERE name = ?", (name,)
