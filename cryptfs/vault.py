@@ -40,7 +40,7 @@ from cryptfs.fs import FileSystem
 from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
-from cryptfs.paths import VaultPaths, write_private
+from cryptfs.paths import VaultPaths, private_dir, tighten_private_dirs, write_private
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.replicated import ReplicatedStore
@@ -61,6 +61,7 @@ KEEP_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL = 60.0
 REPLICATE_INTERVAL = 2.0
 TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, "checkpoints/")  # objects whose copies are recorded
+MAX_LOCAL_CONFIG = 1 << 20  # the local config file: a store list and a config of <= 32 slots
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
 
 
@@ -78,7 +79,8 @@ def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig) ->
 def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
     f = paths.config_file
     try:
-        raw = f.read_bytes()
+        with open(f, "rb") as fh:
+            raw = fh.read(MAX_LOCAL_CONFIG + 1)
     except FileNotFoundError:
         raise ConfigError(
             f"no vault named '{paths.name}'",
@@ -87,14 +89,18 @@ def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
     except OSError as e:
         raise ConfigError(f"cannot read {f}: {e.strerror}") from None
     try:
+        if len(raw) > MAX_LOCAL_CONFIG:
+            raise ValueError(f"larger than {MAX_LOCAL_CONFIG} bytes")
         body = json.loads(raw.decode())
         stores = StoreList.from_json(body)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSON errors too
+        detail = str(e) if type(e) is ValueError else "not valid JSON"
         raise ConfigError(
-            f"config file {f} is corrupt",
+            f"config file {f} is corrupt ({detail[:80]})",
             hint="move it away and run 'cryptfs init STORE_URL' to attach the "
             "vault from its store again",
         ) from None
+    tighten_private_dirs(paths)
     return stores, VaultConfig.from_dict(body.get("vault"), str(f))
 
 
@@ -292,7 +298,7 @@ class Vault:
                 save_local_config(self.paths, self.stores, stored)
 
     def _take_lock(self) -> None:
-        self.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.paths.data_dir)
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -895,7 +901,7 @@ def create_vault(
             save_local_config(paths, store_list, cfg)
             return cfg, False
         # the first checkpoint: an empty root directory
-        paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(paths.data_dir)
         meta = MetaStore(paths.db)
         os.chmod(paths.db, 0o600)
         now = time.time_ns()
