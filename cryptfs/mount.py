@@ -235,7 +235,7 @@ def serve(
     def report(msg: str) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
-            os.write(ready_fd, msg.encode() + b"\n")
+            os.write(ready_fd, msg.encode(errors="replace") + b"\n")
             os.close(ready_fd)
             ready_fd = None
 
@@ -427,7 +427,7 @@ def wait_released(paths: VaultPaths, show_progress: bool) -> None:
                         f"\rcryptfs: storing pending data: {st['pending_objects']} objects, "
                         f"{st['pending_bytes'] / 1e6:.1f} MB left "
                     )
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, TypeError):  # a torn or odd file
                     line = ""
                 if line and line != last:
                     sys.stderr.write(line)

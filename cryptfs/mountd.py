@@ -88,14 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--foreground", action="store_true")
     p.add_argument("--verbose", action="store_true")
     a = p.parse_args(argv)
-    notes = harden()
-    payload = _read_all(a.key_fd)
-    master, settings = payload[:32], json.loads(payload[32:].decode())
-    paths = VaultPaths(a.name)
-    opts = MountOptions(allow_other=bool(settings["allow_other"]),
-                        readonly=bool(settings["readonly"]),
-                        cache_bytes=int(settings["cache_bytes"]))
-    setup_daemon_logging(paths, a.foreground, a.verbose)
+    try:
+        notes = harden()
+        payload = _read_all(a.key_fd)
+        master, settings = payload[:32], json.loads(payload[32:].decode())
+        paths = VaultPaths(a.name)
+        opts = MountOptions(allow_other=bool(settings["allow_other"]),
+                            readonly=bool(settings["readonly"]),
+                            cache_bytes=int(settings["cache_bytes"]))
+        setup_daemon_logging(paths, a.foreground, a.verbose)
+    except Exception as e:  # noqa: BLE001 - the caller prints it as one line
+        if a.ready_fd is not None:
+            os.write(a.ready_fd, f"ERR 1 the mount daemon could not start: {e}\n".encode())
+        else:
+            print(f"cryptfs: the mount daemon could not start: {e}", file=sys.stderr)
+        return 1
     for n in notes:
         log.info("%s", n)
     return serve(paths, master, a.mountpoint, opts, a.ready_fd)

@@ -107,7 +107,7 @@ def get_passphrase(
         return run_extpass(extpass)
     env = os.environ.get(ENV_PASSPHRASE)
     if env is not None:
-        return env.encode()
+        return os.fsencode(env)  # the bytes as given, also when they are not UTF-8
     return _prompt("Passphrase", confirm)
 
 
@@ -119,7 +119,7 @@ def get_new_passphrase(passphrase_file: str | None = None, extpass: str | None =
     elif extpass:
         p = run_extpass(extpass)
     elif os.environ.get(ENV_NEW_PASSPHRASE) is not None:
-        p = os.environ[ENV_NEW_PASSPHRASE].encode()
+        p = os.fsencode(os.environ[ENV_NEW_PASSPHRASE])
     else:
         if not sys.stdin.isatty():
             raise UsageError(

@@ -416,3 +416,19 @@ def test_huge_secret_files_are_refused(local_env: VaultEnv) -> None:
         res = local_env.cli("mount", str(mnt), opt, "/dev/zero", check=False, timeout=30)
         one_line_error(res, 2, "larger than 1 MiB")
     assert not os.path.ismount(mnt)
+
+
+def test_passphrase_that_is_not_utf8() -> None:
+    """$CRYPTFS_PASSPHRASE is used as the bytes given (it was a UnicodeEncodeError traceback
+    when they were not UTF-8); a passphrase file with the same bytes opens the same vault."""
+    root = _tmp_root()
+    raw = b"caf\xe9 latin-1 \xff"
+    env = VaultEnv(root, f"file://{root}/store", passphrase=os.fsdecode(raw))
+    env.init()
+    assert env.cli("log", "-n", "1").returncode == 0
+    pf = root / "pass"
+    pf.write_bytes(raw + b"\n")
+    bare = {k: v for k, v in env.env.items() if k != "CRYPTFS_PASSPHRASE"}
+    assert env.cli("log", "--passphrase-file", str(pf), env=bare).returncode == 0
+    wrong = dict(env.env, CRYPTFS_PASSPHRASE=os.fsdecode(b"caf\xe9"))
+    one_line_error(env.cli("log", env=wrong, check=False), 3, "wrong passphrase")
