@@ -31,6 +31,7 @@ MAX_SLOTS = 32
 MAX_LABEL = 200
 SLOT_ID_RE = re.compile(r"[0-9a-f]{8}")
 FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+HEX32_RE = re.compile(r"[0-9a-f]{32}")
 PASSPHRASE_SLOT_KEYS = {"id", "type", "kdf", "wrapped", "label"}
 PUBLIC_KEY_SLOT_KEYS = {"id", "type", "alg", "bits", "fingerprint", "wrapped", "label"}
 KDF_KEYS = {"name", "salt", "n", "r", "p"}
@@ -119,6 +120,25 @@ def _check_slot(s: object, index: int) -> int:
         return 0
     raise _Bad(f"{where} has unknown type {str(kind)[:40]!r} (known: passphrase, "
                f"{PUBLIC_KEY_SLOT})")
+
+
+def validate_fields(d: dict[str, Any], where: str) -> None:
+    """The config's own fields (docs/FORMAT.md 3.1): ``vault_id`` 32 lowercase hex digits,
+    ``chunk_size`` an integer from 4096 to 64 MiB, ``created`` a short string without control
+    characters, ``mac`` 64 lowercase hex digits. ConfigError (one line) otherwise."""
+    problem = None
+    if not isinstance(d.get("vault_id"), str) or not HEX32_RE.fullmatch(d["vault_id"]):
+        problem = "vault_id is not 32 lowercase hex digits"
+    elif type(d.get("chunk_size")) is not int or not 4096 <= d["chunk_size"] <= 64 << 20:
+        problem = "chunk_size is not an integer from 4096 to 67108864"
+    elif not isinstance(d.get("created", ""), str) or len(d.get("created", "")) > 64 or any(
+            unicodedata.category(c)[0] == "C" for c in d.get("created", "")):
+        problem = "created is not a short string"
+    elif not isinstance(d.get("mac"), str) or not FINGERPRINT_RE.fullmatch(d["mac"]):
+        problem = "mac is not 64 lowercase hex digits"
+    if problem:
+        raise ConfigError(f"{where} is invalid: {problem}",
+                          hint="it may have been tampered with; nothing was changed")
 
 
 def validate_slots(slots: object, where: str) -> list[dict[str, Any]]:
@@ -406,7 +426,9 @@ class VaultConfig:
             if d.get("format") != FORMAT:
                 raise ConfigError(f"{where} is not a cryptfs vault config")
             if d.get("version") != VERSION:
-                raise ConfigError(f"{where} has unsupported format version {d.get('version')}")
+                raise ConfigError(f"{where} has unsupported format version "
+                                  f"{str(d.get('version'))[:20]}")
+            validate_fields(d, where)
             cfg = cls(
                 vault_id=bytes.fromhex(d["vault_id"]),
                 chunk_size=int(d["chunk_size"]),

@@ -184,6 +184,17 @@ def test_malformed_public_key_slot(damage: tuple[str, Any]) -> None:
     refused(d)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("chunk_size", "65536"), ("chunk_size", 65536.0), ("chunk_size", True), ("chunk_size", 1024),
+    ("chunk_size", 10**30), ("vault_id", "AB" * 16), ("vault_id", "ab" * 15), ("vault_id", 5),
+    ("created", {"a": 1}), ("created", "2026\n"), ("created", "x" * 65), ("mac", "zz" * 32),
+    ("mac", None)])
+def test_malformed_config_field(field: str, value: Any) -> None:
+    d = new_config()
+    d[field] = value
+    assert field in refused(d)
+
+
 def test_slot_count_and_ids() -> None:
     VaultConfig.from_dict(new_config(MAX_SLOTS), "the config")  # 32 slots are allowed
     assert "33 key slots" in refused(new_config(MAX_SLOTS + 1))
