@@ -362,12 +362,18 @@ SECRET_VARIABLES = ("CRYPTFS_PASSPHRASE", "CRYPTFS_NEW_PASSPHRASE")
 
 
 def daemon_environment() -> dict[str, str]:
-    """The daemon's environment: ours without the passphrase variables, and with the directory
-    this cryptfs package was imported from first on PYTHONPATH (the daemon must run this very
-    code, also from a source tree that is not installed)."""
+    """The daemon's environment: ours without the passphrase variables. When this cryptfs
+    package was imported from a source tree rather than an installation, that tree goes first
+    on PYTHONPATH, so the daemon runs this very code (a site-packages directory is never put
+    there: it would come before the standard library)."""
+    import site
+
     env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+    installed = {os.path.abspath(p) for p in [*site.getsitepackages(),
+                                               site.getusersitepackages()]}
+    if here not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
