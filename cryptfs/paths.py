@@ -98,7 +98,10 @@ def _is_ours(path: Path, roots: list[Path]) -> bool:
 
 def _tighten(path: Path, st: os.stat_result) -> None:
     if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(path, 0o700)
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass  # a read-only filesystem: the files inside are 0600 all the same
 
 
 def private_dir(path: Path) -> Path:
@@ -130,13 +133,9 @@ def tighten_private_dirs(paths: VaultPaths) -> None:
             roots[2] / "vaults", paths.data_dir, paths.cache_dir, paths.default_store]
     for d in dirs:
         try:
-            st = os.stat(d)
+            _tighten(d, os.stat(d))
         except OSError:
             continue
-        try:
-            _tighten(d, st)
-        except OSError:
-            pass  # not ours to change (a read-only filesystem); the files inside are 0600
 
 
 def list_vaults() -> list[str]:
