@@ -137,8 +137,8 @@ def validate_fields(d: dict[str, Any], where: str) -> None:
     elif not isinstance(d.get("mac"), str) or not FINGERPRINT_RE.fullmatch(d["mac"]):
         problem = "mac is not 64 lowercase hex digits"
     if problem:
-        raise ConfigError(f"{where} is invalid: {problem}",
-                          hint="it may have been tampered with; nothing was changed")
+        raise ConfigError(f"{where} is corrupt or was tampered with: {problem}",
+                          hint="nothing was changed")
 
 
 def validate_slots(slots: object, where: str) -> list[dict[str, Any]]:
@@ -150,7 +150,7 @@ def validate_slots(slots: object, where: str) -> list[dict[str, Any]]:
         if not isinstance(slots, list):
             raise _Bad("slots is not a list")
         if not 1 <= len(slots) <= MAX_SLOTS:
-            raise _Bad(f"it has {len(slots)} key slots (1 to {MAX_SLOTS} are allowed)")
+            raise _Bad(f"{len(slots)} key slots (1 to {MAX_SLOTS} are allowed)")
         work = 0
         for i, s in enumerate(slots):
             work += _check_slot(s, i + 1)
@@ -158,11 +158,11 @@ def validate_slots(slots: object, where: str) -> list[dict[str, Any]]:
         if len(set(ids)) != len(ids):
             raise _Bad("two key slots have the same id")
         if work > crypto.SCRYPT_MAX_TOTAL_WORK:
-            raise _Bad("its passphrase slots together demand more scrypt work than allowed "
+            raise _Bad("the passphrase slots together demand more scrypt work than allowed "
                        f"(sum of N*r*p {work} > {crypto.SCRYPT_MAX_TOTAL_WORK})")
     except _Bad as e:
-        raise ConfigError(f"{where} is invalid: {e}",
-                          hint="it may have been tampered with; nothing was changed") from None
+        raise ConfigError(f"{where} is corrupt or was tampered with: {e}",
+                          hint="nothing was changed") from None
     return slots
 
 

@@ -113,7 +113,7 @@ def refused(d: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as e:
         VaultConfig.from_bytes(json.dumps(d).encode(), "the config")
     line = e.value.line()
-    assert "\n" not in line and "invalid" in line, line
+    assert "\n" not in line and "tampered with" in line, line
     return line
 
 
@@ -289,7 +289,7 @@ def test_local_config_with_bad_salt(local_env: VaultEnv) -> None:
     before = snapshot(local_env.root)
     mnt = local_env.root / "mnt"
     mnt.mkdir()
-    one_line_error(local_env.cli("mount", str(mnt), check=False), 4, "salt", "invalid")
+    one_line_error(local_env.cli("mount", str(mnt), check=False), 4, "salt", "tampered with")
     one_line_error(local_env.cli("key", "list", check=False), 4, "salt")
     assert snapshot(local_env.root) == before
     assert not os.path.ismount(mnt)
@@ -310,7 +310,7 @@ def test_huge_kdf_refused_quickly_without_the_memory(local_env: VaultEnv, where:
         args = ["info", local_env.store_url]
     before = snapshot(local_env.root)
     res, seconds, rss = run_measured(local_env, *args)
-    one_line_error(res, 4, "scrypt N", "invalid")
+    one_line_error(res, 4, "scrypt N", "tampered with")
     assert seconds < 10, seconds  # 4 GiB of scrypt takes ~25 s here; the CLI start ~0.5 s
     assert rss < 300 << 20, rss  # far below the 4 GiB it asked for
     assert snapshot(local_env.root) == before
@@ -341,9 +341,9 @@ def test_store_config_slot_damage_through_info_and_attach(local_env: VaultEnv,
 
     edit_store_config(local_env, change)
     before = snapshot(local_env.root)
-    one_line_error(local_env.cli("info", local_env.store_url, check=False), 4, "invalid")
+    one_line_error(local_env.cli("info", local_env.store_url, check=False), 4, "tampered with")
     one_line_error(local_env.cli("init", local_env.store_url, "--name", "other", check=False), 4,
-                   "invalid")
+                   "tampered with")
     assert snapshot(local_env.root) == before
 
 
