@@ -93,7 +93,7 @@ def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
             raise ValueError(f"larger than {MAX_LOCAL_CONFIG} bytes")
         body = json.loads(raw.decode())
         stores = StoreList.from_json(body)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSON errors too
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # also UnicodeDecodeError
         detail = str(e) if type(e) is ValueError else "not valid JSON"
         raise ConfigError(
             f"config file {f} is corrupt ({detail[:80]})",
