@@ -36,13 +36,18 @@ from sqlalchemy import (
     insert,
     select,
 )
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import ConfigError
 
-SCHEMA_VERSION = 1
+# The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
+# so in every metadata snapshot. Version 1 had no stamp (user_version 0). A database of an older
+# version is migrated on open by the steps in MIGRATIONS; a newer one is refused.
+SCHEMA_VERSION = 2
 ROOT_INO = 1
 
 md = MetaData()
@@ -179,6 +184,92 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur.close()
 
 
+# copies of an object that is gone are forgotten with it, whoever deletes it
+_TRIGGER_OBJECTS_COPIES = (
+    "CREATE TRIGGER IF NOT EXISTS objects_copies AFTER DELETE ON objects "
+    "BEGIN DELETE FROM copies WHERE name = OLD.name; END"
+)
+
+
+def _migrate_1_to_2(raw: sqlite3.Connection) -> None:
+    """Version 1 databases carry no stamp; those written before replication and the dentry
+    index lack the ``copies`` table, its trigger and ``ix_dentries_ino``."""
+    raw.execute(
+        "CREATE TABLE IF NOT EXISTS copies (name TEXT NOT NULL, store TEXT NOT NULL, "
+        "state TEXT NOT NULL, PRIMARY KEY (name, store))"
+    )
+    raw.execute("CREATE INDEX IF NOT EXISTS ix_dentries_ino ON dentries (ino)")
+    raw.execute(_TRIGGER_OBJECTS_COPIES)
+
+
+# MIGRATIONS[n] turns a version n database into version n + 1 (a later version adds its step
+# here and bumps SCHEMA_VERSION); the steps run in order, all in one transaction with the stamp.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+
+
+def _create_schema(raw: sqlite3.Connection) -> None:
+    """The current schema in an empty database (the DDL SQLAlchemy generates for the tables)."""
+    dialect = sqlite_dialect.dialect()
+    for t in md.sorted_tables:
+        raw.execute(str(CreateTable(t).compile(dialect=dialect)))
+        for ix in t.indexes:
+            raw.execute(str(CreateIndex(ix).compile(dialect=dialect)))
+    raw.execute(_TRIGGER_OBJECTS_COPIES)
+
+
+def image_schema_version(image: bytes) -> int:
+    """The schema stamp of a serialised database (a metadata snapshot's plaintext): the
+    header's user version, a signed big-endian 32-bit integer at bytes 60-63 (0 if unstamped:
+    version 1, or an empty database)."""
+    return int.from_bytes(image[60:64], "big", signed=True)
+
+
+def check_schema_version(stamped: int, what: str) -> None:
+    """Raise ConfigError (one line naming ``what``) unless this code can open a database
+    whose header carries the stamp ``stamped``."""
+    if stamped > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{what} is schema version {stamped}, newer than this cryptfs supports "
+            f"({SCHEMA_VERSION})"
+        )
+    if stamped < 0:
+        raise ConfigError(f"{what} is corrupt (schema version {stamped})")
+
+
+def _stamp(raw: sqlite3.Connection, path: Path) -> int:
+    stamped = int(raw.execute("PRAGMA user_version").fetchone()[0])
+    check_schema_version(stamped, f"metadata database {path}")
+    return stamped
+
+
+def _prepare_schema(raw: sqlite3.Connection, path: Path) -> int | None:
+    """Create the schema in an empty database, or check the stamp of an existing one and
+    migrate it to SCHEMA_VERSION in one transaction. Returns the version migrated from (None
+    if nothing was migrated); raises ConfigError for a version newer than this code."""
+    if _stamp(raw, path) == SCHEMA_VERSION:
+        return None
+    raw.execute("BEGIN IMMEDIATE")  # nobody else stamps or migrates meanwhile
+    try:
+        stamped = _stamp(raw, path)
+        tables = raw.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        found: int | None = None
+        if not stamped and not tables:  # a new database
+            _create_schema(raw)
+        else:
+            found = stamped or 1
+            for v in range(found, SCHEMA_VERSION):
+                MIGRATIONS[v](raw)
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        raw.commit()
+    except BaseException:
+        raw.rollback()
+        raise
+    if found is not None and found != SCHEMA_VERSION:
+        log.info("metadata database %s migrated from schema version %d to %d",
+                 path, found, SCHEMA_VERSION)
+    return found if found != SCHEMA_VERSION else None
+
+
 class MetaStore:
     """Typed access to the vault database. Not thread-safe: callers serialise."""
 
@@ -192,18 +283,17 @@ class MetaStore:
         event.listen(self.engine, "connect", _on_connect)
         try:
             self.conn = self.engine.connect()
-            md.create_all(self.conn)
-            # copies of an object that is gone are forgotten with it, whoever deletes it
-            self.conn.exec_driver_sql(
-                "CREATE TRIGGER IF NOT EXISTS objects_copies AFTER DELETE ON objects "
-                "BEGIN DELETE FROM copies WHERE name = OLD.name; END"
-            )
-            self.conn.commit()
+            raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
+            self.migrated_from = _prepare_schema(raw, self.path)
             quick = self.conn.exec_driver_sql("PRAGMA quick_check").scalar()
-        except SADatabaseError as e:
+        except ConfigError:
+            self.conn.close()
+            self.engine.dispose()
+            raise
+        except (SADatabaseError, sqlite3.DatabaseError) as e:
             raise ConfigError(
                 f"metadata database {self.path} is corrupt or unreadable "
-                f"({getattr(e.orig, 'args', [''])[0]})",
+                f"({getattr(getattr(e, 'orig', e), 'args', [''])[0]})",
                 hint="move it away to rebuild it from the store",
             ) from None
         if quick != "ok":

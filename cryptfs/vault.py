@@ -48,7 +48,13 @@ from cryptfs.layout import (
 )
 from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
-from cryptfs.metadata import ROOT_INO, Inode, MetaStore
+from cryptfs.metadata import (
+    ROOT_INO,
+    Inode,
+    MetaStore,
+    check_schema_version,
+    image_schema_version,
+)
 from cryptfs.paths import VaultPaths, private_dir, tighten_private_dirs, write_private
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
@@ -385,6 +391,9 @@ class Vault:
         if len(blob) != ck.meta.size or crypto.sha256(blob) != ck.meta.sha256:
             raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
         image = self.codec.open_blob(b"meta", ck.meta.name, blob)
+        # the stamp travels in the image: refuse a newer schema before writing anything
+        check_schema_version(image_schema_version(image),
+                             f"metadata snapshot {ck.meta.name} (from {ck.name})")
         tmp = self.paths.db.with_name("metadata.db.restore")
         tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

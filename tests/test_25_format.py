@@ -160,6 +160,7 @@ class FormatReader:
         self.meta_key = _hkdf(master, self.vault_id, b"cryptfs metadata encryption v1")
         self.ledger_key = _hkdf(master, self.vault_id, b"cryptfs ledger mac v1")
         self.chunks_read = 0
+        self.schema_version = 0  # of the last snapshot read
 
     # store access ----------------------------------------------------------------------------
     def _get(self, name: str) -> bytes:
@@ -235,6 +236,11 @@ class FormatReader:
         image = self._open_blob(b"meta", m["name"], blob)
         if not image.startswith(b"SQLite format 3\0"):
             raise FormatError("snapshot is not a SQLite image")
+        # the schema stamp: the header's user version (0 means version 1, unstamped)
+        stamp = struct.unpack(">i", image[60:64])[0]
+        self.schema_version = stamp or 1
+        if self.schema_version not in (1, 2):
+            raise FormatError(f"snapshot schema version {stamp} is not 1 or 2")
         path = workdir / "snapshot.db"
         path.write_bytes(image)
         return sqlite3.connect(path)
@@ -472,6 +478,7 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     work.mkdir()
     reader = FormatReader(store, PASSPHRASE.encode())
     got = reader.tree(work)
+    assert reader.schema_version == 2  # FORMAT.md 5.2: the snapshot carries the stamp
     assert sorted(got) == sorted(expected)
     for rel in expected:
         assert got[rel] == expected[rel], rel
