@@ -192,8 +192,9 @@ _TRIGGER_OBJECTS_COPIES = (
 
 
 def _migrate_1_to_2(raw: sqlite3.Connection) -> None:
-    """Version 1 databases carry no stamp; those written before replication and the dentry
-    index lack the ``copies`` table, its trigger and ``ix_dentries_ino``."""
+    """Version 1 databases carry no stamp, and those written before replication lack the
+    ``copies`` table and its trigger (older ones also ``ix_dentries_ino``): create what is
+    missing. The tables that exist mean the same in both versions."""
     raw.execute(
         "CREATE TABLE IF NOT EXISTS copies (name TEXT NOT NULL, store TEXT NOT NULL, "
         "state TEXT NOT NULL, PRIMARY KEY (name, store))"
@@ -271,7 +272,11 @@ def _prepare_schema(raw: sqlite3.Connection, path: Path) -> int | None:
 
 
 class MetaStore:
-    """Typed access to the vault database. Not thread-safe: callers serialise."""
+    """Typed access to the vault database. Not thread-safe: callers serialise.
+
+    Opening checks the schema stamp: an empty database gets the current schema, an older one is
+    migrated (``migrated_from`` says from which version, else it is None), and a newer or
+    invalid one raises ConfigError."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
