@@ -269,6 +269,8 @@ def test_new_and_migrated_databases_have_the_same_schema(tmp_path: Path) -> None
     metadata.MetaStore(tmp_path / "new.db").close()
     fresh = schema_of(tmp_path / "new.db")
     assert fresh["user_version"] == (metadata.SCHEMA_VERSION,)
+    # a step for every version before this one: a schema change without a step fails below
+    assert sorted(metadata.MIGRATIONS) == list(range(1, metadata.SCHEMA_VERSION))
     for pre in (False, True):
         db = v1_db(tmp_path / f"v1-{pre}.db", pre_replication=pre)
         assert ("copies" in schema_of(db)) == (not pre)
