@@ -5,8 +5,11 @@ library's global registry) and the instruments the layers record into; the mount
 and passes it to the layers at construction (the vault, the chunk store, the disk cache, the
 FUSE adapter, and a :class:`MeteredStore` around each object store). Figures that are cheap to
 read (pending uploads, cache size, ledger head, lease) are read at scrape time by
-:class:`VaultCollector`, not updated on the hot path. Without ``-o metrics`` nothing is created
-and nothing is recorded.
+:class:`VaultCollector`, not updated on the hot path. FUSE operations, the hottest path (one
+record per callback), are kept in plain per-kind bucket counts under a lock (~0.5 us a call
+instead of ~2 us for a library histogram plus counter) and turned into a histogram family at
+scrape time by :class:`_FuseCollector`; everything else uses the library's instruments. Without
+``-o metrics`` nothing is created and nothing is recorded.
 
 :class:`MetricsEndpoint` serves ``GET /metrics`` (Prometheus text format, written by
 ``prometheus_client``) and ``GET /status`` (the JSON that ``cryptfs status --json`` shows), and
@@ -21,11 +24,13 @@ from __future__ import annotations
 import errno
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import socket
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,8 +43,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cryptfs.errors import CryptfsError, MountError, ObjectNotFound, UsageError
 
@@ -56,22 +66,56 @@ CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
                       300.0, 900.0)
 
 
+class _OpRecord:
+    """One FUSE operation kind: counts per latency bucket (the last is +Inf), their sum in
+    seconds and the bytes moved, changed only under ``lock``."""
+
+    __slots__ = ("lock", "counts", "seconds", "nbytes")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts = [0] * (len(FUSE_BUCKETS) + 1)
+        self.seconds = 0.0
+        self.nbytes = 0
+
+
+class _FuseCollector(Collector):
+    """The FUSE records as ``cryptfs_fuse_operation_seconds`` (histogram by ``op``) and the
+    byte counters of read and write, built at scrape time."""
+
+    def __init__(self, records: dict[str, _OpRecord]) -> None:
+        self.records = records
+        self.bounds = [floatToGoString(b) for b in FUSE_BUCKETS] + ["+Inf"]
+
+    def collect(self) -> Iterator[Any]:
+        h = HistogramMetricFamily(
+            "cryptfs_fuse_operation_seconds",
+            "FUSE operations by kind: latency (the _count is the number of operations)",
+            labels=["op"])
+        nbytes = {}
+        for op, rec in list(self.records.items()):
+            with rec.lock:
+                counts, seconds, nbytes[op] = list(rec.counts), rec.seconds, rec.nbytes
+            h.add_metric([op], list(zip(self.bounds, itertools.accumulate(counts),
+                                        strict=True)), seconds)
+        yield h
+        yield CounterMetricFamily("cryptfs_fuse_read_bytes", "Bytes read through the mount",
+                                  value=nbytes.get("read", 0))
+        yield CounterMetricFamily("cryptfs_fuse_written_bytes",
+                                  "Bytes written through the mount",
+                                  value=nbytes.get("write", 0))
+
+
 class Metrics:
     """The instruments of one mount (see the module docstring for who records what)."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.fuse_seconds = Histogram(
-            "cryptfs_fuse_operation_seconds",
-            "FUSE operations by kind: latency (the _count is the number of operations)",
-            ["op"], registry=r, buckets=FUSE_BUCKETS)
+        self._fuse: dict[str, _OpRecord] = {"read": _OpRecord(), "write": _OpRecord()}
+        r.register(_FuseCollector(self._fuse))
         self.fuse_errors = Counter(
             "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
             ["op", "errno"], registry=r)
-        self.read_bytes = Counter("cryptfs_fuse_read_bytes", "Bytes read through the mount",
-                                  registry=r)
-        self.written_bytes = Counter("cryptfs_fuse_written_bytes",
-                                     "Bytes written through the mount", registry=r)
         self.store_seconds = Histogram(
             "cryptfs_store_operation_seconds",
             "Object store requests by store and kind (put, get, delete, list, ...): latency; "
@@ -106,12 +150,12 @@ class Metrics:
         self.checkpoint_bytes = Gauge("cryptfs_checkpoint_snapshot_bytes",
                                       "Size of the newest metadata snapshot this mount stored",
                                       registry=r)
-        self._fuse_hits = self.cache_hits.labels("memory")
+        self._memory_hits = self.cache_hits.labels("memory")
         self._disk_hits = self.cache_hits.labels("disk")
 
     # -- recording helpers for the hot paths ---------------------------------------------------
     def memory_hit(self) -> None:
-        self._fuse_hits.inc()
+        self._memory_hits.inc()
 
     def disk_hit(self) -> None:
         self._disk_hits.inc()
@@ -119,45 +163,49 @@ class Metrics:
     def fuse_op(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` (a bound FUSE operation) timed and counted as operation ``name``; ``read``
         and ``write`` also count their bytes. Errors are counted by errno name."""
-        observe = self.fuse_seconds.labels(name).observe
+        rec = self._fuse.setdefault(name, _OpRecord())
+        lock, counts, bounds = rec.lock, rec.counts, FUSE_BUCKETS
         errors = self.fuse_errors
         clock = time.perf_counter
 
-        def failed(e: OSError) -> None:
-            code = e.errno if isinstance(e.errno, int) else 0
-            errors.labels(name, errno.errorcode.get(code, str(code))).inc()
+        def failed(t: float, e: BaseException) -> None:
+            d = clock() - t
+            with lock:
+                counts[bisect_left(bounds, d)] += 1
+                rec.seconds += d
+            if isinstance(e, OSError):
+                code = e.errno if isinstance(e.errno, int) else 0
+                errors.labels(name, errno.errorcode.get(code, str(code))).inc()
 
         if inspect.isgeneratorfunction(inspect.unwrap(fn)):
             def timed_gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
                 t = clock()
                 try:
                     yield from fn(*args, **kwargs)
-                except OSError as e:
-                    failed(e)
+                except BaseException as e:
+                    failed(t, e)
                     raise
-                finally:
-                    observe(clock() - t)
+                d = clock() - t
+                with lock:
+                    counts[bisect_left(bounds, d)] += 1
+                    rec.seconds += d
             return timed_gen
 
-        count: Callable[[Any], None] | None = None
-        if name == "read":
-            inc_r = self.read_bytes.inc
-            count = lambda out: inc_r(len(out))  # noqa: E731
-        elif name == "write":
-            inc_w = self.written_bytes.inc
-            count = lambda out: inc_w(out)  # noqa: E731
+        sized = name in ("read", "write")  # read returns the bytes, write their number
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             t = clock()
             try:
                 out = fn(*args, **kwargs)
-            except OSError as e:
-                failed(e)
+            except BaseException as e:
+                failed(t, e)
                 raise
-            finally:
-                observe(clock() - t)
-            if count is not None:
-                count(out)
+            d = clock() - t
+            with lock:
+                counts[bisect_left(bounds, d)] += 1
+                rec.seconds += d
+                if sized:
+                    rec.nbytes += out if name == "write" else len(out)
             return out
 
         return timed

@@ -492,3 +492,40 @@ def test_metered_store_counts_requests_bytes_and_errors() -> None:
     assert get("cryptfs_store_bytes_total", op="get") == 5
     assert get("cryptfs_store_errors_total", op="get", kind="not_found") == 1
     assert get("cryptfs_store_info", kind="memory") == 1
+
+
+def test_fuse_operation_records_become_a_histogram() -> None:
+    m = Metrics()
+    r = m.registry
+
+    def read(size: int) -> bytes:
+        if size < 0:
+            raise OSError(5, "EIO")
+        time.sleep(0.002)
+        return b"x" * size
+
+    def listing(n: int) -> Iterator[int]:
+        yield from range(n)
+
+    timed_read = m.fuse_op("read", read)
+    timed_write = m.fuse_op("write", lambda n: n)
+    timed_list = m.fuse_op("readdir_with_offset", listing)
+    assert timed_read(10) == b"x" * 10 and timed_read(7) == b"x" * 7
+    with pytest.raises(OSError):
+        timed_read(-1)
+    assert timed_write(4096) == 4096
+    assert list(timed_list(3)) == [0, 1, 2]
+
+    def sample(name: str, **labels: str) -> float:
+        v = r.get_sample_value(name, labels)
+        assert v is not None, (name, labels)
+        return v
+
+    assert sample("cryptfs_fuse_operation_seconds_count", op="read") == 3
+    assert sample("cryptfs_fuse_operation_seconds_bucket", op="read", le="0.001") == 1  # EIO
+    assert sample("cryptfs_fuse_operation_seconds_bucket", op="read", le="+Inf") == 3
+    assert sample("cryptfs_fuse_operation_seconds_sum", op="read") >= 0.004
+    assert sample("cryptfs_fuse_read_bytes_total") == 17
+    assert sample("cryptfs_fuse_written_bytes_total") == 4096
+    assert sample("cryptfs_fuse_errors_total", op="read", errno="EIO") == 1
+    assert sample("cryptfs_fuse_operation_seconds_count", op="readdir_with_offset") == 1
