@@ -529,3 +529,34 @@ def test_fuse_operation_records_become_a_histogram() -> None:
     assert sample("cryptfs_fuse_written_bytes_total") == 4096
     assert sample("cryptfs_fuse_errors_total", op="read", errno="EIO") == 1
     assert sample("cryptfs_fuse_operation_seconds_count", op="readdir_with_offset") == 1
+
+
+def test_each_store_of_a_replicated_vault_has_its_own_figures() -> None:
+    root = _tmp_root()
+    env = VaultEnv(root, f"file://{root}/store-a")
+    mnt = root / "mnt"
+    try:
+        env.cli("init", f"file://{root}/store-a", f"file://{root}/store-b", "--name", env.name)
+        env.mount(mnt, "metrics=127.0.0.1:0")
+        addr = metrics_addr(env, mnt)
+        ids = [s["id"] for s in status_json(env, mnt)["stores"]]
+        assert len(ids) == 2
+        before = scrape(addr)
+        (mnt / "f").write_bytes(random.Random(3).randbytes(600_000))
+        os.sync()
+        deadline = time.monotonic() + 30
+        while True:  # the second copy is written in the background
+            after = scrape(addr)
+            puts = {i: value(after, "cryptfs_store_bytes_total", store=i, op="put")
+                    - value(before, "cryptfs_store_bytes_total", store=i, op="put") for i in ids}
+            if all(p >= 600_000 for p in puts.values()):
+                break
+            assert time.monotonic() < deadline, puts
+            time.sleep(0.3)
+        for i in ids:
+            assert value(after, "cryptfs_store_up", store=i) == 1
+            assert value(after, "cryptfs_store_info", store=i, kind="file") == 1
+        assert value(after, "cryptfs_store_info", store="main") == 0  # no such store
+        env.umount(mnt)
+    finally:
+        _cleanup(env, root)
