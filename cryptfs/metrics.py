@@ -70,18 +70,20 @@ class _OpRecord:
     """One FUSE operation kind: counts per latency bucket (the last is +Inf), their sum in
     seconds and the bytes moved, changed only under ``lock``."""
 
-    __slots__ = ("lock", "counts", "seconds", "nbytes")
+    __slots__ = ("lock", "counts", "seconds", "nbytes", "errors")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.counts = [0] * (len(FUSE_BUCKETS) + 1)
         self.seconds = 0.0
         self.nbytes = 0
+        self.errors: dict[int, int] = {}  # errno -> operations answered with it
 
 
 class _FuseCollector(Collector):
-    """The FUSE records as ``cryptfs_fuse_operation_seconds`` (histogram by ``op``) and the
-    byte counters of read and write, built at scrape time."""
+    """The FUSE records as ``cryptfs_fuse_operation_seconds`` (histogram by ``op``), the
+    errors by ``op`` and ``errno`` and the byte counters of read and write, built at scrape
+    time."""
 
     def __init__(self, records: dict[str, _OpRecord]) -> None:
         self.records = records
@@ -92,13 +94,20 @@ class _FuseCollector(Collector):
             "cryptfs_fuse_operation_seconds",
             "FUSE operations by kind: latency (the _count is the number of operations)",
             labels=["op"])
+        errors = CounterMetricFamily(
+            "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
+            labels=["op", "errno"])
         nbytes = {}
         for op, rec in list(self.records.items()):
             with rec.lock:
                 counts, seconds, nbytes[op] = list(rec.counts), rec.seconds, rec.nbytes
+                failed = dict(rec.errors)
             h.add_metric([op], list(zip(self.bounds, itertools.accumulate(counts),
                                         strict=True)), seconds)
+            for code, n in sorted(failed.items()):
+                errors.add_metric([op, errno.errorcode.get(code, str(code))], n)
         yield h
+        yield errors
         yield CounterMetricFamily("cryptfs_fuse_read_bytes", "Bytes read through the mount",
                                   value=nbytes.get("read", 0))
         yield CounterMetricFamily("cryptfs_fuse_written_bytes",
@@ -113,9 +122,6 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self._fuse: dict[str, _OpRecord] = {"read": _OpRecord(), "write": _OpRecord()}
         r.register(_FuseCollector(self._fuse))
-        self.fuse_errors = Counter(
-            "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
-            ["op", "errno"], registry=r)
         self.store_seconds = Histogram(
             "cryptfs_store_operation_seconds",
             "Object store requests by store and kind (put, get, delete, list, ...): latency; "
@@ -165,17 +171,16 @@ class Metrics:
         and ``write`` also count their bytes. Errors are counted by errno name."""
         rec = self._fuse.setdefault(name, _OpRecord())
         lock, counts, bounds = rec.lock, rec.counts, FUSE_BUCKETS
-        errors = self.fuse_errors
+        errors = rec.errors
         clock = time.perf_counter
 
         def failed(t: float, e: BaseException) -> None:
             d = clock() - t
+            code = e.errno if isinstance(e, OSError) and isinstance(e.errno, int) else 0
             with lock:
                 counts[bisect_left(bounds, d)] += 1
                 rec.seconds += d
-            if isinstance(e, OSError):
-                code = e.errno if isinstance(e.errno, int) else 0
-                errors.labels(name, errno.errorcode.get(code, str(code))).inc()
+                errors[code] = errors.get(code, 0) + 1
 
         if inspect.isgeneratorfunction(inspect.unwrap(fn)):
             def timed_gen(*args: Any, **kwargs: Any) -> Iterator[Any]:

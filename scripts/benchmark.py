@@ -764,6 +764,40 @@ def write_big(path: Path, size: int, run: int) -> float:
     return size / 1e6 / (time.perf_counter() - t0)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and all its threads, dead ones included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def round_trips(path: Path, pid: int | None, n: int = 3000, rounds: int = 7) -> dict[str, float]:
+    """Two operations that reach the FUSE daemon every time (the kernel caches neither statfs
+    nor a missing extended attribute): microseconds per call end to end, the best of several
+    rounds to shed noise from other processes, and the daemon's CPU time per call over all
+    rounds (what a callback costs the daemon; other processes barely change it)."""
+
+    def getxattr() -> None:
+        try:
+            os.getxattr(path, "user.cryptfs-bench")
+        except OSError:
+            pass
+
+    out = {}
+    for key, fn in (("statfs", lambda: os.statvfs(path)), ("getxattr", getxattr)):
+        best = float("inf")
+        cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        out[f"rt_{key}"] = best
+        if pid is not None:
+            out[f"cpu_{key}"] = (cpu_seconds(pid) - cpu0) / (n * rounds) * 1e6
+    return out
+
+
 def read_all(path: Path, buf: bytearray) -> int:
     total = 0
     with open(path, "rb", buffering=0) as f:
@@ -1001,6 +1035,10 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: R
     step("remount", t.cold_mount, True)
     log(f"{name}: read tree back again after a remount, own cache kept")
     res.add(name, "tar_reread", step("tar reread", read_tree, root / "tar", tar_files, tar_bytes))
+    if t.fuse:
+        log(f"{name}: FUSE round trips")
+        for key, us in step("round trips", round_trips, root, t.daemon_pid()).items():
+            res.add(name, key, us)
 
     # The run's files stay: deleting them through the mount costs minutes per round on the slow
     # targets (and the unmount after it more), and the temp dir goes at the end anyway.
@@ -1018,6 +1056,10 @@ WORKLOADS = [
     ("tar_extract", "extract stdlib tar ({tf} files, {tb}) + sync", "s", False, True),
     ("tar_read", "read every stdlib file back, cold", "s", False, True),
     ("tar_reread", "read them again after a remount, chunk cache kept", "s", False, True),
+    ("rt_statfs", "statfs round trip (best of 7 × 3000)", "µs", False, True),
+    ("rt_getxattr", "getxattr round trip, ENODATA (best of 7 × 3000)", "µs", False, True),
+    ("cpu_statfs", "daemon CPU per statfs call", "µs", False, True),
+    ("cpu_getxattr", "daemon CPU per getxattr call", "µs", False, True),
     ("rss", "daemon peak RSS after the write", "MiB", False, False),
     ("umount", "unmount after the write", "s", False, False),
 ]

@@ -332,7 +332,8 @@ def test_endpoint_is_loopback_only_exclusive_and_closed_at_unmount(
 
 
 @pytest.mark.log_problems_expected  # a non-loopback endpoint is announced with a warning
-def test_non_loopback_only_when_asked_and_without_paths(local_vault: VaultEnv) -> None:
+def test_non_loopback_only_when_asked_and_without_paths_read_only(
+        local_vault: VaultEnv) -> None:
     env = local_vault
     mnt = env.root / "mnt"
     for bad in ("myhost:9567", "127.0.0.1:99999", "127.0.0.1:x"):
@@ -343,8 +344,11 @@ def test_non_loopback_only_when_asked_and_without_paths(local_vault: VaultEnv) -
     assert parse_address("[::1]:80") == ("::1", 80)
 
     port = free_port()
-    env.mount(mnt, f"metrics=0.0.0.0:{port}")
+    env.mount(mnt, f"metrics=0.0.0.0:{port}", "ro")
     st = status_json(env, mnt)
+    fams = scrape(f"127.0.0.1:{port}")
+    assert value(fams, "cryptfs_readonly", reason="mount_option") == 1
+    assert value(fams, "cryptfs_lease_held") == 0  # a read-only mount takes no lease
     assert listening(int(st["pid"])) == [("0.0.0.0", port)]
     assert "reachable from other machines" in env.log_text()
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as resp:
