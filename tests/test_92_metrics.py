@@ -371,7 +371,12 @@ def test_no_port_without_metrics(local_vault: VaultEnv) -> None:
     assert res.returncode == 7
     assert res.stderr.strip().splitlines() == [
         f"cryptfs: {mnt} serves no metrics (mount with -o metrics=127.0.0.1:PORT to watch it)"]
+    res = env.cli("stats", str(mnt), "--interval", "0", check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "example" in env.cli("stats", "--help").stdout
     env.umount(mnt)
+    res = env.cli("stats", str(mnt), check=False)
+    assert res.returncode == 7 and "not a cryptfs mount" in res.stderr
 
 
 # -- cryptfs stats ---------------------------------------------------------------------------------
