@@ -18,9 +18,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptfs.errors import CryptfsError, MountError, StoreError, UsageError
 from cryptfs.paths import VaultPaths
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics, MetricsEndpoint
 
 log = logging.getLogger("cryptfs.mount")
 
@@ -230,7 +234,9 @@ def serve(
     from cryptfs.fuse_ops import CryptfsFUSE, CryptfsOperations
     from cryptfs.vault import Vault
 
-    metrics = endpoint = None
+    metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
+    endpoint: MetricsEndpoint | None = None
+
     def report(msg: str) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
