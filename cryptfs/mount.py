@@ -347,7 +347,7 @@ def mount_vault(
     real = check_mountpoint(mountpoint, opts.nonempty)
     key_r, key_w = os.pipe()
     settings = {"allow_other": opts.allow_other, "readonly": opts.readonly,
-                "cache_bytes": opts.cache_bytes}
+                "cache_bytes": opts.cache_bytes, "metrics": opts.metrics}
     os.write(key_w, master + json.dumps(settings).encode())  # far below a pipe's buffer
     os.close(key_w)
     argv = [sys.executable, "-m", "cryptfs.mountd", paths.name, real, f"--key-fd={key_r}"]
