@@ -353,13 +353,21 @@ class VaultCollector(Collector):
         lease = v.lease
         yield GaugeMetricFamily("cryptfs_lease_held",
                                 "1 while this mount holds the vault's write lease",
-                                value=1 if lease is not None and not lease.lost else 0)
+                                value=1 if lease is not None and lease.held() else 0)
         ro = GaugeMetricFamily("cryptfs_readonly", "1 when the mount is read-only; the reason "
-                               "is mount_option or lease_lost", labels=["reason"])
+                               "is mount_option, lease_lost, lease_not_renewed or "
+                               "checkpoint_failed", labels=["reason"])
+        from cryptfs.vault import UNRENEWED
+
+        reason = getattr(v, "readonly_reason", None)
         if v.readonly:
             ro.add_metric(["mount_option"], 1)
-        elif lease is not None and lease.lost or fs is not None and fs.readonly:
+        elif lease is not None and lease.lost:
             ro.add_metric(["lease_lost"], 1)
+        elif reason == UNRENEWED:
+            ro.add_metric(["lease_not_renewed"], 1)
+        elif reason is not None or fs is not None and fs.readonly:
+            ro.add_metric(["checkpoint_failed"], 1)
         else:
             ro.add_metric(["none"], 0)
         yield ro
