@@ -504,6 +504,68 @@ def test_rename_exchange(fs: FileSystem) -> None:
     fails(errno.EINVAL, fs.rename, a, b"g", inner, b"x", RENAME_EXCHANGE)
 
 
+def test_rename_exchange_of_a_name_with_itself_changes_nothing(fs: FileSystem) -> None:
+    """renameat2(RENAME_EXCHANGE) of a name with itself, or with another link of the same
+    file, succeeds and changes nothing (Linux: same inode, nothing to do)."""
+    ino = make(fs, b"f", b"1")
+    fs.rename(ROOT_INO, b"f", ROOT_INO, b"f", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT_INO, b"f").ino == ino and fs.getattr(ino).nlink == 1
+    fs.link(ino, ROOT_INO, b"g")
+    fs.rename(ROOT_INO, b"f", ROOT_INO, b"g", RENAME_EXCHANGE)
+    assert fs.lookup(ROOT_INO, b"f").ino == ino == fs.lookup(ROOT_INO, b"g").ino
+    assert fs.getattr(ino).nlink == 2
+
+
+def test_rename_replacing_an_open_file(rig: Rig) -> None:
+    fs = rig.fs
+    old = make(fs, b"old", b"old contents")
+    new = make(fs, b"new", b"new")
+    fh = fs.open(old, os.O_RDONLY)
+    fs.rename(ROOT_INO, b"new", ROOT_INO, b"old")
+    assert fs.lookup(ROOT_INO, b"old").ino == new
+    fails(errno.ENOENT, fs.lookup, ROOT_INO, b"new")
+    assert fs.getattr(old).nlink == 0
+    assert fs.read(fh, 0, 100) == b"old contents"  # still readable through the handle
+    fs.release(fh)
+    assert rig.meta.get_inode(old) is None
+    assert contents(fs, new) == b"new"
+
+
+def test_rename_directory_over_an_empty_one_in_another_parent(fs: FileSystem) -> None:
+    a = fs.mkdir(ROOT_INO, b"a", 0o755, UID, GID).ino
+    b = fs.mkdir(ROOT_INO, b"b", 0o755, UID, GID).ino
+    x = fs.mkdir(a, b"x", 0o755, UID, GID).ino
+    y = fs.mkdir(b, b"y", 0o755, UID, GID).ino
+    make(fs, b"inside", b"i", parent=x)
+    fs.rename(a, b"x", b, b"y")
+    assert fs.getattr(a).nlink == 2 and fs.getattr(b).nlink == 3
+    fails(errno.ENOENT, fs.getattr, y)
+    assert names(fs, b) == [b".", b"..", b"y"]
+    assert names(fs, x) == [b".", b"..", b"inside"]
+
+
+def test_create_flags_umask_and_setgid_directories(fs: FileSystem) -> None:
+    ino = make(fs, b"f", b"abc")
+    fails(errno.EEXIST, fs.create, ROOT_INO, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+          UID, GID)
+    node, fh = fs.create(ROOT_INO, b"f", 0o600, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, UID, GID)
+    assert node.ino == ino and node.size == 0
+    assert stat.S_IMODE(node.mode) == 0o644  # an existing file keeps its mode
+    fs.release(fh)
+    d = fs.mkdir(ROOT_INO, b"d", 0o777, UID, GID, umask=0o022)
+    assert stat.S_IMODE(d.mode) == 0o755
+    node, fh = fs.create(d.ino, b"g", 0o666, os.O_WRONLY | os.O_CREAT, UID, GID, umask=0o027)
+    fs.release(fh)
+    assert stat.S_IMODE(node.mode) == 0o640
+    fs.chown(d.ino, UID, 4242)
+    fs.chmod(d.ino, 0o2775)
+    sub = fs.mkdir(d.ino, b"sub", 0o755, UID, GID)
+    assert sub.gid == 4242 and sub.mode & stat.S_ISGID  # directories inherit group and bit
+    node, fh = fs.create(d.ino, b"h", 0o644, os.O_WRONLY | os.O_CREAT, UID, GID)
+    fs.release(fh)
+    assert node.gid == 4242 and not node.mode & stat.S_ISGID  # files only the group
+
+
 def test_symlink_readlink(fs: FileSystem) -> None:
     target = b"../some/where\xff"
     node = fs.symlink(ROOT_INO, b"l", target, UID, GID)
@@ -628,9 +690,12 @@ def test_statfs(rig: Rig) -> None:
 
 def test_statfs_without_a_local_filesystem(rig: Rig) -> None:
     """A remote store reports a large free count and the stored chunk bytes as used."""
-    fs = FileSystem(rig.meta, rig.chunks, CS, lambda: None)
     make(rig.fs, b"f", pattern(3 * CS))
-    st = fs.statfs()
+    meta = MetaStore(rig.tmp_path / "m.db")
+    try:
+        st = FileSystem(meta, rig.chunks, CS, lambda: None).statfs()
+    finally:
+        meta.close()
     assert st["f_bfree"] == st["f_bavail"] == 1 << 40
     used = st["f_blocks"] - st["f_bfree"]
     assert used == -(-rig.meta.stored_bytes() // 4096) and used >= 3
@@ -641,7 +706,8 @@ def test_read_only_filesystem_refuses_every_change(rig: Rig) -> None:
     d = rig.fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID).ino
     f = make(rig.fs, b"f", b"data")
     rig.fs.setxattr(f, b"user.a", b"1", 0)
-    ro = FileSystem(rig.meta, rig.chunks, CS, lambda: None, readonly=True)
+    ro_meta = MetaStore(rig.tmp_path / "m.db")  # a second connection, as a read-only mount
+    ro = FileSystem(ro_meta, rig.chunks, CS, lambda: None, readonly=True)
     for call in (
         lambda: ro.mkdir(ROOT_INO, b"x", 0o755, UID, GID),
         lambda: ro.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, UID, GID),
@@ -670,4 +736,5 @@ def test_read_only_filesystem_refuses_every_change(rig: Rig) -> None:
     assert ro.getxattr(f, b"user.a") == b"1"
     assert [n for n in names(ro, ROOT_INO)] == [b".", b"..", b"d", b"f"]
     assert rig.fs.lookup(ROOT_INO, b"f").ino == f and rig.fs.lookup(ROOT_INO, b"d").ino == d
+    ro_meta.close()
     assert contents(rig.fs, f) == b"data" and stat.S_IMODE(rig.fs.getattr(f).mode) == 0o644
