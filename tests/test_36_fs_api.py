@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -45,29 +46,40 @@ RW = os.O_RDWR
 class Rig:
     """A FileSystem over a memory store and a SQLite file, as Vault._start composes it."""
 
-    def __init__(self, tmp_path: Path, readonly: bool = False) -> None:
+    def __init__(self, tmp_path: Path, remote: bool = False,
+                 store: MemoryStore | None = None) -> None:
         self.tmp_path = tmp_path
+        self.remote = remote
+        self.closed = False
         self.meta = MetaStore(tmp_path / "m.db")
         if self.meta.get_inode(ROOT_INO) is None:
             now = time.time_ns()
             with self.meta.transaction():
                 self.meta.insert_inode(Inode(ROOT_INO, 0o40755, UID, GID, 0, 2, now, now, now))
-        self.store = MemoryStore()
+        self.store = store if store is not None else MemoryStore()
         self.stored: list[ChunkRef] = []
         staging = tmp_path / "staging"
         staging.mkdir(exist_ok=True)
         self.chunks = ChunkStore(
             self.store,
             Codec(b"m" * 32, b"v" * 16),
-            remote=False,
+            remote=remote,
             staging=staging,
-            cache=None,
-            cache_bytes=0,
+            cache=tmp_path / "cache" if remote else None,
+            cache_bytes=1 << 20,
             lookup=self._lookup,
-            on_stored=self.stored.append,
+            on_stored=self._on_stored,
         )
-        self.fs = FileSystem(self.meta, self.chunks, CS, lambda: None, readonly=readonly,
+        self.fs = FileSystem(self.meta, self.chunks, CS, lambda: None,
                              statfs_source=lambda: os.statvfs(tmp_path))
+
+    def _on_stored(self, ref: ChunkRef) -> None:
+        """As the vault: a remote upload marks the object stored (the local store's refs are
+        recorded for the ledger)."""
+        self.stored.append(ref)
+        if self.remote:
+            with self.fs.lock, self.meta.transaction():
+                self.meta.mark_stored(ref.name)
 
     def _lookup(self, name: str) -> ChunkRef | None:
         with self.fs.lock:
@@ -75,6 +87,9 @@ class Rig:
         return found[0] if found else None
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.fs.release_all()
         self.fs.commit_deferred()
         self.chunks.close()
@@ -82,17 +97,20 @@ class Rig:
 
 
 @pytest.fixture(autouse=True)
-def no_warnings(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """The filesystem logs no warning or error in any of these tests."""
+def no_warnings(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+                ) -> Iterator[None]:
+    """The filesystem logs no warning or error, unless the test expects them."""
     with caplog.at_level(logging.WARNING, logger="cryptfs"):
         yield
-    bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert bad == []
+    if request.node.get_closest_marker("log_problems_expected") is None:
+        bad = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert bad == []
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    r = Rig(tmp_path)
+@pytest.fixture(params=["local", "remote"])
+def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
+    """Chunks written to the store at once (local) or staged and uploaded (remote)."""
+    r = Rig(tmp_path, remote=request.param == "remote")
     try:
         yield r
     finally:
@@ -160,6 +178,7 @@ def test_write_read_round_trip_at_chunk_boundaries(rig: Rig, size: int) -> None:
     assert sorted(blocks) == list(range(-(-size // CS)))
     # sealed: stored objects hold no plaintext (a long enough piece to tell)
     probe = data[:32] if size >= 32 else b"\x00" * 64
+    rig.chunks.wait_uploaded()  # a remote store's uploads run in the background
     assert rig.store.objects and all(probe not in blob for blob in rig.store.objects.values())
 
 
@@ -186,6 +205,7 @@ def test_identical_chunks_are_stored_once(rig: Rig) -> None:
     assert len({r.name for r in refs.values()}) == 1
     assert rig.meta.get_object(refs[0].name)[1] == 6  # type: ignore[index]
     assert rig.meta.get_blocks(b, 0, 10) == refs
+    rig.chunks.wait_uploaded()
     assert len(rig.store.objects) == 1
 
 
@@ -318,6 +338,104 @@ def test_read_and_write_on_a_bad_handle(fs: FileSystem) -> None:
     fs.releasedir(fh)
     fails(errno.EISDIR, fs.open, ROOT_INO, os.O_RDONLY)
     fails(errno.ENOENT, fs.open, 424242, os.O_RDONLY)
+
+
+def test_huge_sizes_store_nothing(rig: Rig) -> None:
+    fs = rig.fs
+    ino = make(fs, b"huge")
+    fs.truncate(ino, 1 << 50)
+    assert fs.getattr(ino).size == 1 << 50
+    assert rig.meta.get_blocks(ino, 0, 1 << 40) == {}
+    fh = fs.open(ino, RW)
+    assert fs.read(fh, (1 << 50) - 10, 100) == bytes(10)
+    fs.write(fh, 1 << 40, b"far")
+    assert fs.lseek(fh, 0, SEEK_DATA) == 1 << 40
+    assert fs.lseek(fh, 1 << 40, SEEK_HOLE) == (1 << 40) + 3
+    fs.release(fh)
+    assert sorted(rig.meta.get_blocks(ino, 0, 1 << 40)) == [(1 << 40) // CS]
+    assert fs.st_blocks(fs.getattr(ino)) == 8
+
+
+def test_st_blocks_counts_dirty_and_committed_chunks(fs: FileSystem) -> None:
+    node, fh = fs.create(ROOT_INO, b"f", 0o644, RW | os.O_CREAT, UID, GID)
+    assert fs.st_blocks(fs.getattr(node.ino)) == 0
+    fs.write(fh, 0, b"x" * 100)
+    assert fs.st_blocks(fs.getattr(node.ino)) == 8  # not committed yet: one 4 KiB unit
+    fs.write(fh, 2 * CS, pattern(CS))
+    fs.flush(fh)
+    st = fs.st_blocks(fs.getattr(node.ino))
+    assert 16 <= st <= 24  # two chunks stored (sealed sizes round up), the hole nothing
+    fs.release(fh)
+    assert fs.st_blocks(fs.getattr(ROOT_INO)) == 8
+    assert fs.st_blocks(fs.symlink(ROOT_INO, b"l", b"f", UID, GID)) == 0
+
+
+def test_a_restart_reads_everything_back_from_the_store(rig: Rig, tmp_path: Path) -> None:
+    fs = rig.fs
+    files = {b"a": pattern(3 * CS + 5), b"b": b"", b"c": pattern(7, seed=3)}
+    inos = {n: make(fs, n, d) for n, d in files.items()}
+    d = fs.mkdir(ROOT_INO, b"d", 0o700, UID, GID).ino
+    fs.symlink(d, b"l", b"../a", UID, GID)
+    fs.setxattr(inos[b"a"], b"user.k", b"v", 0)
+    store = rig.store
+    rig.close()
+    again = Rig(tmp_path, remote=rig.remote, store=store)  # a cold cache, the same store
+    try:
+        fs = again.fs
+        for n, data in files.items():
+            assert contents(fs, fs.lookup(ROOT_INO, n).ino) == data
+        assert fs.readlink(fs.lookup(d, b"l").ino) == b"../a"
+        assert fs.getxattr(inos[b"a"], b"user.k") == b"v"
+        assert stat.S_IMODE(fs.getattr(d).mode) == 0o700
+        assert all(store.exists(r.name) for r, _n, _s in again.meta.all_objects())
+    finally:
+        again.close()
+
+
+@pytest.mark.log_problems_expected
+def test_a_tampered_chunk_reads_as_eio(rig: Rig, tmp_path: Path) -> None:
+    fs = rig.fs
+    ino = make(fs, b"f", pattern(2 * CS))
+    ref = rig.meta.get_blocks(ino, 0, 1)[0]
+    store = rig.store
+    rig.close()
+    blob = bytearray(store.objects[ref.name])
+    blob[-1] ^= 1
+    store.objects[ref.name] = bytes(blob)
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)  # a remote store's local copies
+    again = Rig(tmp_path, remote=rig.remote, store=store)
+    try:
+        fh = again.fs.open(ino, os.O_RDONLY)
+        fails(errno.EIO, again.fs.read, fh, 0, 10)
+        assert again.fs.read(fh, CS, 10) == pattern(2 * CS)[CS : CS + 10]  # the other chunk
+        again.fs.release(fh)
+        assert again.fs.read_errors == 1
+    finally:
+        again.close()
+
+
+def test_recover_drops_hidden_entries_and_nameless_inodes(rig: Rig, tmp_path: Path) -> None:
+    """After a crash with a file unlinked while open, the next start removes it."""
+    fs = rig.fs
+    ino = make(fs, b"f", pattern(CS))
+    keep = make(fs, b"keep", b"k")
+    ref = rig.meta.get_blocks(ino, 0, 1)[0]
+    fh = fs.open(ino, os.O_RDONLY)
+    fs.rename(ROOT_INO, b"f", ROOT_INO, HIDDEN + b"0000000a0000000b")
+    with fs.lock, rig.meta.transaction():
+        n = rig.meta.insert_inode(Inode(0, stat.S_IFREG | 0o644, UID, GID, 0, 0, 1, 1, 1))
+    # the next start: another engine connection and filesystem over the same database
+    meta = MetaStore(tmp_path / "m.db")
+    try:
+        fresh = FileSystem(meta, rig.chunks, CS, lambda: None)
+        assert fresh.recover() == 3  # one hidden entry, two nameless inodes
+        assert meta.get_inode(ino) is None and meta.get_inode(n) is None
+        assert meta.hidden_dentries(HIDDEN) == [] and meta.orphan_inodes() == []
+        assert meta.get_object(ref.name)[1] == 0  # type: ignore[index]
+        assert fresh.lookup(ROOT_INO, b"keep").ino == keep
+    finally:
+        meta.close()
+    fs.release(fh)
 
 
 # -- names --------------------------------------------------------------------------------------
