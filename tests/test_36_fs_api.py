@@ -501,6 +501,17 @@ def test_rmdir_leaves_nothing_behind_a_name_starting_like_a_hidden_one(rig: Rig)
     assert rig.meta.get_inode(f) is None
 
 
+def test_a_file_created_under_a_hidden_looking_name_is_gone_after_unlink(rig: Rig) -> None:
+    """A program may create a file whose name begins like libfuse's hidden names; creating and
+    then unlinking it must not leave its inode (and its chunks) behind."""
+    fs = rig.fs
+    ino = make(fs, HIDDEN + b"mine", pattern(CS))
+    assert fs.getattr(ino).nlink == 1
+    fs.unlink(ROOT_INO, HIDDEN + b"mine")
+    fails(errno.ENOENT, fs.lookup, ROOT_INO, HIDDEN + b"mine")
+    assert rig.meta.get_inode(ino) is None
+
+
 def test_unlink_of_an_open_file(rig: Rig) -> None:
     fs = rig.fs
     data = pattern(2 * CS + 3)
@@ -666,6 +677,8 @@ def test_create_flags_umask_and_setgid_directories(fs: FileSystem) -> None:
     ino = make(fs, b"f", b"abc")
     fails(errno.EEXIST, fs.create, ROOT_INO, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
           UID, GID)
+    fs.mkdir(ROOT_INO, b"dir", 0o755, UID, GID)
+    fails(errno.EISDIR, fs.create, ROOT_INO, b"dir", 0o644, os.O_WRONLY | os.O_CREAT, UID, GID)
     node, fh = fs.create(ROOT_INO, b"f", 0o600, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, UID, GID)
     assert node.ino == ino and node.size == 0
     assert stat.S_IMODE(node.mode) == 0o644  # an existing file keeps its mode
@@ -747,6 +760,20 @@ def test_xattrs(fs: FileSystem) -> None:
     fails(errno.ENOENT, fs.setxattr, 424242, b"user.a", b"1", 0)
     fs.setxattr(ROOT_INO, b"trusted.x", b"t", 0)
     assert fs.getxattr(ROOT_INO, b"trusted.x") == b"t"
+
+
+def test_acl_errors(fs: FileSystem) -> None:
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID).ino
+    f = make(fs, b"f")
+    link = fs.symlink(ROOT_INO, b"l", b"f", UID, GID).ino
+    access, default = b"system.posix_acl_access", b"system.posix_acl_default"
+    fails(errno.EINVAL, fs.setxattr, f, access, b"garbage", 0)
+    fails(errno.EINVAL, fs.setxattr, d, default, b"\x02\x00\x00\x00", 0)
+    fails(errno.EACCES, fs.setxattr, f, default, b"\x02\x00\x00\x00", 0)
+    fails(errno.EOPNOTSUPP, fs.setxattr, link, access, b"\x02\x00\x00\x00", 0)
+    fails(errno.ENODATA, fs.setxattr, f, access, b"\x02\x00\x00\x00", XATTR_REPLACE)
+    fails(errno.ENODATA, fs.getxattr, f, access)
+    assert stat.S_IMODE(fs.getattr(f).mode) == 0o644  # nothing changed the mode
 
 
 # -- directories --------------------------------------------------------------------------------
