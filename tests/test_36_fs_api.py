@@ -86,6 +86,43 @@ class Rig:
             found = self.meta.get_object(name)
         return found[0] if found else None
 
+    def check(self) -> None:
+        """What fsck checks, through the engine's interface: after every release, each inode
+        is reachable from the root, its link count is its names (a directory's: 2 and its
+        subdirectories), and each chunk object's reference count is the chunk maps using it."""
+        self.fs.release_all()
+        self.fs.commit_deferred()
+        meta = self.meta
+        with self.fs.lock:
+            assert meta.hidden_dentries(HIDDEN) == [] and meta.orphan_inodes() == []
+            names: dict[int, int] = {}
+            subdirs: dict[int, int] = {ROOT_INO: 0}
+            todo, seen = [ROOT_INO], {ROOT_INO}
+            while todo:
+                d = todo.pop()
+                for _name, ino, mode in meta.list_dir(d):
+                    names[ino] = names.get(ino, 0) + 1
+                    if stat.S_ISDIR(mode):
+                        subdirs[d] += 1
+                        subdirs[ino] = 0
+                        assert ino not in seen, "a directory with two names"
+                        seen.add(ino)
+                        todo.append(ino)
+                    seen.add(ino)
+            assert meta.count_inodes() == len(seen), "inodes no name reaches"
+            uses: dict[str, int] = {}
+            for ino in seen:
+                node = meta.get_inode(ino)
+                assert node is not None
+                if stat.S_ISDIR(node.mode):
+                    assert node.nlink == 2 + subdirs[ino], f"nlink of directory {ino}"
+                    continue
+                assert node.nlink == names[ino], f"nlink of inode {ino}"
+                for r in meta.get_blocks(ino, 0, 1 << 62).values():
+                    uses[r.name] = uses.get(r.name, 0) + 1
+            counts = {r.name: n for r, n, _st in meta.all_objects() if n > 0}
+            assert counts == uses, "reference counts differ from the chunk maps"
+
     def close(self) -> None:
         if self.closed:
             return
@@ -113,6 +150,8 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
     r = Rig(tmp_path, remote=request.param == "remote")
     try:
         yield r
+        if not r.closed:
+            r.check()
     finally:
         r.close()
 
