@@ -494,6 +494,9 @@ def test_state(engine: MetaStore, observer: MetaStore) -> None:
 def test_commit_on_success(engine: MetaStore, observer: MetaStore) -> None:
     commits = []
     engine.on_commit = lambda: commits.append(1)
+    # reads first (they may begin a transaction underneath): the block still commits at its end
+    assert engine.list_dir(ROOT_INO) == [] and engine.get_state("x") is None
+    assert engine.all_objects() == [] and engine.lookup(ROOT_INO, b"f") is None
     with engine.transaction():
         ino = engine.insert_inode(inode())
         engine.add_dentry(ROOT_INO, b"f", ino)
