@@ -9,6 +9,9 @@ cryptfs's own callers use them (fs.py, vault.py, fsck.py, verify.py, ledger.py).
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -613,6 +616,30 @@ def test_sync_and_close_keep_committed_rows(kind: EngineKind, tmp_path: Path) ->
     e = kind.open(tmp_path)
     try:
         assert [n for n, _i, _m in e.list_dir(ROOT_INO)] == [b"x", b"y"]
+    finally:
+        e.close()
+
+
+def test_a_commit_survives_a_crash_of_the_process(kind: EngineKind, tmp_path: Path) -> None:
+    """Killed with SIGKILL (no close, no checkpoint): committed rows are there at the next
+    open, uncommitted ones are not."""
+
+    def child() -> None:
+        e = kind.open(tmp_path)
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+            e.add_dentry(ROOT_INO, b"committed", ROOT_INO)
+        with e.transaction(commit=False):
+            e.add_dentry(ROOT_INO, b"uncommitted", ROOT_INO)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    e = kind.open(tmp_path)
+    try:
+        assert [n for n, _i, _m in e.list_dir(ROOT_INO)] == [b"committed"]
     finally:
         e.close()
 
