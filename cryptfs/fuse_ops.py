@@ -72,7 +72,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except CryptfsError as e:
             log.error("%s failed: %s", fn.__name__, e.line())
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            raise mfusepy.FuseOSError(e.errno) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise mfusepy.FuseOSError(errno.EIO) from None
