@@ -1,4 +1,6 @@
-"""Filesystem metadata in SQLite through SQLAlchemy Core.
+"""The SQLite metadata engine (:class:`cryptfs.meta.MetaEngine`) through SQLAlchemy Core.
+
+The one module that holds SQL and talks to the database driver (tests/test_05_layers.py).
 
 One database file per vault holds inodes, directory entries, chunk maps, object records with
 reference counts, extended attributes and the ledger. One connection, used by one thread at a
@@ -16,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from sqlalchemy import (
@@ -41,9 +43,9 @@ from sqlalchemy.pool import StaticPool
 
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import ConfigError, MetaError, MetaFull
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
 
 SCHEMA_VERSION = 1
-ROOT_INO = 1
 
 md = MetaData()
 inodes = Table(
@@ -126,21 +128,6 @@ state = Table(
 )
 
 
-@dataclass
-class Inode:
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    rdev: int = 0
-    target: bytes | None = None
-
-
 INODE_FIELDS = [f.name for f in fields(Inode)]
 
 _SQL_GET_INODE = (
@@ -167,8 +154,6 @@ _SQL_LEDGER_INSERT = (
     "INSERT INTO ledger (seq, time_ns, op, name, size, sha256, prev, hash) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# a ledger row: seq, time_ns, op, name, size, sha256, prev, hash
-LedgerRow = tuple[int, int, str, str, int, bytes, bytes, bytes]
 _SQL_INCREF = "UPDATE objects SET refcount = refcount + 1 WHERE name = ?"
 _SQL_DECREF = "UPDATE objects SET refcount = refcount - 1 WHERE name = ?"
 
@@ -329,9 +314,6 @@ class MetaStore:
         self.commit()
         self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
         self.commit()
-
-    def raw_connection(self) -> sqlite3.Connection:
-        return self.conn.connection.driver_connection  # type: ignore[return-value]
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -577,9 +559,12 @@ class MetaStore:
         ).fetchone()
         if row is not None and row[0] == st:
             return False
-        self.raw.execute(
-            "INSERT OR REPLACE INTO copies (name, store, state) VALUES (?, ?, ?)", (name, store, st)
-        )
+        if row is None:
+            self.raw.execute("INSERT INTO copies (name, store, state) VALUES (?, ?, ?)",
+                             (name, store, st))
+        else:
+            self.raw.execute("UPDATE copies SET state = ? WHERE name = ? AND store = ?",
+                             (st, name, store))
         return True
 
     def copies_of(self, name: str) -> dict[str, str]:
@@ -689,7 +674,7 @@ class MetaStore:
     def image(self) -> bytes:
         """The committed database as one SQLite image (the metadata snapshot)."""
         self.commit()
-        return self.raw_connection().serialize()
+        return self.raw.serialize()
 
     # -- whole tables, for fsck -------------------------------------------------------------------
     def inode_modes(self) -> dict[int, tuple[int, int]]:
@@ -769,9 +754,10 @@ class MetaStore:
         return bytes(row[0]) if row else None
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.raw.execute(
-            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)", (ino, name, value)
-        )
+        if not self.raw.execute("UPDATE xattrs SET value = ? WHERE ino = ? AND name = ?",
+                                (value, ino, name)).rowcount:
+            self.raw.execute("INSERT INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
+                             (ino, name, value))
 
     def inodes_with_xattrs(self) -> set[int]:
         return {r[0] for r in self.raw.execute("SELECT DISTINCT ino FROM xattrs")}

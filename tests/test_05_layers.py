@@ -41,3 +41,19 @@ def test_nothing_reaches_into_the_engines_connection() -> None:
     found = [f"{p.relative_to(PKG)}: {m.group(0)}" for p in sources()
              for m in REACH_IN.finditer(p.read_text())]
     assert found == []
+
+
+def test_the_sqlite_engine_implements_the_engine_interface() -> None:
+    import inspect
+
+    from cryptfs.meta import MetaEngine
+    from cryptfs.metadata import MetaStore
+
+    methods = {n: f for n, f in vars(MetaEngine).items()
+               if callable(f) and not n.startswith("_")}
+    assert len(methods) > 60
+    for name, proto in methods.items():
+        impl = getattr(MetaStore, name, None)
+        assert impl is not None, f"MetaStore lacks {name}"
+        want = list(inspect.signature(proto).parameters)
+        assert list(inspect.signature(impl).parameters) == want, name
