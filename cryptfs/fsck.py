@@ -17,7 +17,7 @@ from functools import partial
 
 from cryptfs import crypto
 from cryptfs.codec import DATA_PREFIX
-from cryptfs.metadata import ROOT_INO
+from cryptfs.meta import ROOT_INO
 from cryptfs.vault import Vault
 
 HIDDEN = b".fuse_hidden"

@@ -23,7 +23,7 @@ import mfusepy  # noqa: E402  (the library choice above must come first)
 
 from cryptfs.errors import CryptfsError  # noqa: E402
 from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
-from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
+from cryptfs.meta import ROOT_INO, Inode  # noqa: E402
 
 log = logging.getLogger("cryptfs.fuse")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptfs import crypto
-from cryptfs.metadata import MetaStore
+from cryptfs.meta import MetaEngine
 
 GENESIS = b"\0" * 32
 ENTRY_TAG = b"cryptfs-ledger-v1\0"
@@ -112,7 +112,7 @@ class Ledger:
     """Append and read entries in the vault database (the engine stores the rows; the chain
     is computed and checked here). Callers serialise (the filesystem lock)."""
 
-    def __init__(self, meta: MetaStore, key: bytes) -> None:
+    def __init__(self, meta: MetaEngine, key: bytes) -> None:
         self.meta = meta
         self.key = key
         self._head: Entry | None = None

@@ -16,7 +16,7 @@ from cryptfs.fs.base import (
     Handle,
     _err,
 )
-from cryptfs.metadata import ROOT_INO, Inode
+from cryptfs.meta import ROOT_INO, Inode
 
 
 class Attributes(FileSystemBase):

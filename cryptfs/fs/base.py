@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 from cryptfs.chunkstore import ChunkStore
 from cryptfs.codec import ChunkRef
-from cryptfs.metadata import Inode, MetaStore
+from cryptfs.meta import Inode, MetaEngine
 
 log = logging.getLogger("cryptfs.fs")
 
@@ -124,7 +124,7 @@ class FileSystemBase:
 
     def __init__(
         self,
-        meta: MetaStore,
+        meta: MetaEngine,
         chunks: ChunkStore,
         chunk_size: int,
         on_sync: Callable[[], None],

@@ -20,7 +20,7 @@ from cryptfs.fs.base import (
     FileSystemBase,
     _err,
 )
-from cryptfs.metadata import ROOT_INO, Inode
+from cryptfs.meta import ROOT_INO, Inode
 
 
 class Namespace(FileSystemBase):

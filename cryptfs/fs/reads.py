@@ -18,7 +18,7 @@ from cryptfs.fs.base import (
     _err,
     log,
 )
-from cryptfs.metadata import Inode
+from cryptfs.meta import Inode
 
 
 class Reads(FileSystemBase):

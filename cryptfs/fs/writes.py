@@ -25,7 +25,7 @@ from cryptfs.fs.base import (
     _err,
     log,
 )
-from cryptfs.metadata import Inode
+from cryptfs.meta import Inode
 
 
 class Writes(FileSystemBase):
