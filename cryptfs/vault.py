@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptfs import crypto
 from cryptfs.chunkstore import ChunkStore
@@ -54,6 +54,9 @@ from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.vault")
 
@@ -223,8 +226,10 @@ class Vault:
         readonly: bool = False,
         cache_bytes: int = 1 << 30,
         stores: StoreList | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.paths = paths
+        self.metrics = metrics
         self.store = store
         self.stores = stores or StoreList()
         self.cfg = cfg
@@ -263,17 +268,19 @@ class Vault:
         readonly: bool = False,
         check: bool = True,
         cache_bytes: int = 1 << 30,
+        metrics: Metrics | None = None,
     ) -> Vault:
         """Unlock and open a vault. With ``check``, refuse (IntegrityError) a read-write open
-        whose anchors disagree (rollback, truncated ledger)."""
+        whose anchors disagree (rollback, truncated ledger). ``metrics``: record store
+        requests, cache use and checkpoints there (a mount with ``-o metrics``)."""
         stores, cfg = load_local_config(paths)
         if master is None:
             if passphrase is None:
                 raise ConfigError("no passphrase given")
             master = cfg.unlock(passphrase)
-        store = stores.open()
+        store = stores.open(wrap=metrics.wrap_store if metrics is not None else None)
         v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes,
-                stores=stores)
+                stores=stores, metrics=metrics)
         if isinstance(store, ReplicatedStore):
             store.on_copy = v._on_copy
             store.on_stray = v._on_stray
@@ -523,6 +530,7 @@ class Vault:
             cache_bytes=self.cache_bytes,
             lookup=self._lookup_object,
             on_stored=self._on_stored,
+            metrics=self.metrics,
         )
         statfs = None
         if not remote and not self.stores.replicated:
@@ -768,7 +776,15 @@ class Vault:
                 return  # a checkpoint that started after our call has finished
             with self._ticket_lock:
                 target = self._ckpt_requested
-            self._checkpoint(progress)
+            started = time.perf_counter()
+            try:
+                self._checkpoint(progress)
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.checkpoint_failures.inc()
+                raise
+            if self.metrics is not None:
+                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             self._ckpt_done = target
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -791,6 +807,8 @@ class Vault:
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, image, compress=True)
         self.store.put(name, blob)
+        if self.metrics is not None:
+            self.metrics.checkpoint_bytes.set(len(blob))
         with fs.lock:
             e = led.append("put", name, len(blob), crypto.sha256(blob))
             meta.reference(ChunkRef(name, len(blob), crypto.sha256(blob)), staged=False)
