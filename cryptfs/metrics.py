@@ -268,8 +268,8 @@ class MeteredStore:
             self._put_bytes(len(data))
         return done
 
-    def get(self, name: str, *args: Any, **kwargs: Any) -> bytes:
-        blob: bytes = self._call("get", self.inner.get, name, *args, **kwargs)
+    def get(self, name: str, max_size: int, *args: Any, **kwargs: Any) -> bytes:
+        blob: bytes = self._call("get", self.inner.get, name, max_size, *args, **kwargs)
         self._get_bytes(len(blob))
         return blob
 

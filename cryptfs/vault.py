@@ -415,11 +415,7 @@ class Vault:
         with meta.transaction():
             for e in tail:
                 if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
-                    meta.conn.exec_driver_sql(
-                        "DELETE FROM objects WHERE name = ? "
-                        "AND (refcount <= 0 OR name NOT LIKE 'data/%')",
-                        (e.name,),
-                    )
+                    meta.forget_deleted_object(e.name)
                     continue
                 if e.op != "put":
                     continue
@@ -443,7 +439,7 @@ class Vault:
             for ref, _rc, _st in meta.all_objects():
                 if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
                         and ref.name != ck.meta.name and ref.name not in listed:
-                    meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                    meta.forget_object(ref.name)
         meta.sync()
         meta.close()
         for suffix in ("-wal", "-shm"):
@@ -802,8 +798,7 @@ class Vault:
             for ref in meta.objects_in_state("staged"):
                 if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
-            meta.commit()
-            image = meta.raw_connection().serialize()
+            image = meta.image()
             staged = {r.name for r in meta.objects_in_state("staged")}
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
@@ -887,7 +882,7 @@ class Vault:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
             with fs.lock, meta.transaction():
-                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                meta.forget_object(ref.name)
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
         for ref in garbage:
             with fs.lock:
@@ -902,10 +897,7 @@ class Vault:
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e)
                 with fs.lock, meta.transaction():
-                    meta.reference(ref, staged=False)
-                    meta.conn.exec_driver_sql(
-                        "UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,)
-                    )
+                    meta.unreference_object(ref)
                 continue
             with fs.lock:
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)

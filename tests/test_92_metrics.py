@@ -480,9 +480,9 @@ def test_metered_store_counts_requests_bytes_and_errors() -> None:
     m = Metrics()
     store = m.wrap_store(MemoryStore("memory://"), "a1")
     store.put("data/x", b"12345")
-    assert store.get("data/x") == b"12345"
+    assert store.get("data/x", 1 << 20) == b"12345"
     with pytest.raises(ObjectNotFound):
-        store.get("data/missing")
+        store.get("data/missing", 1 << 20)
     assert store.exists("data/x")
     assert [n for n, _ in store.list("data/")] == ["data/x"]
     store.delete("data/x")
