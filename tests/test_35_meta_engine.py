@@ -1,9 +1,9 @@
-"""Metadata engine conformance: the contract every engine behind ``MetaStore``'s interface keeps.
+"""Metadata engine conformance: the contract of :class:`cryptfs.meta.MetaEngine`, for every engine.
 
 In the spirit of JuiceFS's ``testMeta`` (pkg/meta/base_test.go): one suite, run unchanged against
 each engine in ``ENGINES`` (today SQLite files). A second engine is one more entry there: how to
 open it on an empty directory, a second connection that sees only committed writes, and how to
-take its database image and open one (the vault's snapshot and restore). The methods are used as
+open an engine on a database image (the vault's restore of a snapshot). The methods are used as
 cryptfs's own callers use them (fs.py, vault.py, fsck.py, verify.py, ledger.py).
 """
 
@@ -20,9 +20,10 @@ import pytest
 
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef
-from cryptfs.errors import ConfigError
+from cryptfs.errors import ConfigError, MetaError
 from cryptfs.ledger import GENESIS, Entry, Ledger, entry_hash
-from cryptfs.metadata import ROOT_INO, Inode, MetaStore
+from cryptfs.meta import ROOT_INO, Inode, MetaEngine
+from cryptfs.metadata import MetaStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,18 +35,12 @@ HIDDEN = b".fuse_hidden"
 class EngineKind:
     """How the suite makes and inspects one kind of engine."""
 
-    open: Callable[[Path], MetaStore]  # a new engine on an empty directory
-    observer: Callable[[MetaStore, Path], MetaStore]  # another connection: committed rows only
-    image: Callable[[MetaStore], bytes]  # the database image a snapshot carries
-    from_image: Callable[[bytes, Path], MetaStore]  # an engine opened on such an image
+    open: Callable[[Path], MetaEngine]  # a new engine on an empty directory
+    observer: Callable[[MetaEngine, Path], MetaEngine]  # another connection: committed rows
+    from_image: Callable[[bytes, Path], MetaEngine]  # an engine on an image() (a restore)
 
 
-def _sqlite_image(e: MetaStore) -> bytes:
-    e.commit()
-    return e.raw_connection().serialize()  # as Vault._checkpoint takes it
-
-
-def _sqlite_from_image(image: bytes, d: Path) -> MetaStore:
+def _sqlite_from_image(image: bytes, d: Path) -> MetaEngine:
     p = d / "restored.db"  # as Vault._restore_from_store opens it
     p.write_bytes(image)
     return MetaStore(p)
@@ -55,7 +50,6 @@ ENGINES: dict[str, EngineKind] = {
     "sqlite": EngineKind(
         open=lambda d: MetaStore(d / "m.db"),
         observer=lambda _e, d: MetaStore(d / "m.db"),
-        image=_sqlite_image,
         from_image=_sqlite_from_image,
     ),
 }
@@ -67,7 +61,7 @@ def kind(request: pytest.FixtureRequest) -> EngineKind:
 
 
 @pytest.fixture
-def engine(kind: EngineKind, tmp_path: Path) -> Iterator[MetaStore]:
+def engine(kind: EngineKind, tmp_path: Path) -> Iterator[MetaEngine]:
     e = kind.open(tmp_path)
     try:
         with e.transaction():
@@ -78,7 +72,7 @@ def engine(kind: EngineKind, tmp_path: Path) -> Iterator[MetaStore]:
 
 
 @pytest.fixture
-def observer(kind: EngineKind, engine: MetaStore, tmp_path: Path) -> Iterator[MetaStore]:
+def observer(kind: EngineKind, engine: MetaEngine, tmp_path: Path) -> Iterator[MetaEngine]:
     o = kind.observer(engine, tmp_path)
     try:
         yield o
@@ -95,12 +89,12 @@ def ref(tag: str, size: int = 100) -> ChunkRef:
     return ChunkRef(f"data/{tag[:2]}/{tag}", size, crypto.sha256(tag.encode()))
 
 
-def refcount(e: MetaStore, name: str) -> int | None:
+def refcount(e: MetaEngine, name: str) -> int | None:
     found = e.get_object(name)
     return None if found is None else found[1]
 
 
-def new_file(e: MetaStore, parent: int, name: bytes, mode: int = REG) -> int:
+def new_file(e: MetaEngine, parent: int, name: bytes, mode: int = REG) -> int:
     with e.transaction():
         ino = e.insert_inode(inode(0, mode, nlink=2 if mode == DIR else 1))
         e.add_dentry(parent, name, ino)
@@ -108,7 +102,7 @@ def new_file(e: MetaStore, parent: int, name: bytes, mode: int = REG) -> int:
 
 
 # -- inodes -------------------------------------------------------------------------------------
-def test_inode_insert_get_update_delete(engine: MetaStore) -> None:
+def test_inode_insert_get_update_delete(engine: MetaEngine) -> None:
     with engine.transaction():
         a = engine.insert_inode(inode(0, REG, size=5))
         b = engine.insert_inode(inode(0, LNK, size=3, target=b"a\xffb"))
@@ -133,7 +127,7 @@ def test_inode_insert_get_update_delete(engine: MetaStore) -> None:
     assert engine.orphan_inodes() == []
 
 
-def test_delete_inode_takes_its_xattrs_chunks_and_names(engine: MetaStore) -> None:
+def test_delete_inode_takes_its_xattrs_chunks_and_names(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     other = new_file(engine, ROOT_INO, b"other")
     shared, own = ref("shared"), ref("own")
@@ -159,7 +153,7 @@ def test_delete_inode_takes_its_xattrs_chunks_and_names(engine: MetaStore) -> No
 
 
 # -- directory entries --------------------------------------------------------------------------
-def test_dentries_lookup_add_remove(engine: MetaStore) -> None:
+def test_dentries_lookup_add_remove(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
     f = new_file(engine, d, b"f")
     assert engine.lookup(ROOT_INO, b"d") == d
@@ -176,7 +170,7 @@ def test_dentries_lookup_add_remove(engine: MetaStore) -> None:
     assert engine.has_children(d) is False
 
 
-def test_list_dir_sorted_by_bytes_with_paging(engine: MetaStore) -> None:
+def test_list_dir_sorted_by_bytes_with_paging(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
     names = [b"b", b"a", b"B", b"\xff\xfe", b"a x", b"aa", b"\xc3\xa9", b"z" * 255]
     inos = {}
@@ -205,7 +199,7 @@ def test_list_dir_sorted_by_bytes_with_paging(engine: MetaStore) -> None:
     assert [n for n, _i, _m in engine.list_dir(ROOT_INO)] == [b"d"]
 
 
-def test_has_children_ignores_a_prefix(engine: MetaStore) -> None:
+def test_has_children_ignores_a_prefix(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
     assert not engine.has_children(d)
     assert not engine.has_children(d, HIDDEN)
@@ -218,7 +212,7 @@ def test_has_children_ignores_a_prefix(engine: MetaStore) -> None:
     assert engine.has_children(ROOT_INO, HIDDEN)
 
 
-def test_hidden_entries_in_every_directory(engine: MetaStore) -> None:
+def test_hidden_entries_in_every_directory(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
     a = new_file(engine, d, HIDDEN + b"0000000a")
     b = new_file(engine, ROOT_INO, HIDDEN + b"0000000b")
@@ -230,7 +224,7 @@ def test_hidden_entries_in_every_directory(engine: MetaStore) -> None:
     assert engine.hidden_dentries(b".nothing") == []
 
 
-def test_hidden_entries_include_names_with_any_bytes_after_the_prefix(engine: MetaStore) -> None:
+def test_hidden_entries_include_names_with_any_bytes_after_the_prefix(engine: MetaEngine) -> None:
     """Linux names are any bytes but NUL and '/': every name that starts with the prefix is a
     hidden entry (has_children ignores the same names, so rmdir relies on finding them all)."""
     d = new_file(engine, ROOT_INO, b"d", DIR)
@@ -239,7 +233,7 @@ def test_hidden_entries_include_names_with_any_bytes_after_the_prefix(engine: Me
     assert engine.hidden_dentries(HIDDEN) == [(d, HIDDEN + b"\xff\x01", odd)]  # ...so found here
 
 
-def test_paths_of(engine: MetaStore) -> None:
+def test_paths_of(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
     e = new_file(engine, d, b"e", DIR)
     f = new_file(engine, e, b"f\xff")
@@ -255,7 +249,7 @@ def test_paths_of(engine: MetaStore) -> None:
 
 
 # -- chunk maps and reference counts -------------------------------------------------------------
-def test_set_block_replaces_and_counts_references(engine: MetaStore) -> None:
+def test_set_block_replaces_and_counts_references(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     a, b = ref("aaaa", 10), ref("bbbb", 20)
     with engine.transaction():
@@ -277,7 +271,7 @@ def test_set_block_replaces_and_counts_references(engine: MetaStore) -> None:
     assert engine.get_blocks(f, 0, 100) == {1: b}
 
 
-def test_reference_keeps_the_state_of_a_known_object(engine: MetaStore) -> None:
+def test_reference_keeps_the_state_of_a_known_object(engine: MetaEngine) -> None:
     a = ref("cccc")
     with engine.transaction():
         engine.reference(a, staged=False)
@@ -287,7 +281,7 @@ def test_reference_keeps_the_state_of_a_known_object(engine: MetaStore) -> None:
     assert engine.get_object("data/no/such") is None
 
 
-def test_get_blocks_windows(engine: MetaStore) -> None:
+def test_get_blocks_windows(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     g = new_file(engine, ROOT_INO, b"g")
     refs = {i: ref(f"r{i:04d}", 100 + i) for i in (0, 3, 255, 256, 1000, 1 << 33)}
@@ -302,7 +296,7 @@ def test_get_blocks_windows(engine: MetaStore) -> None:
     assert engine.get_blocks(g, 0, 256) == {3: ref("gggg")}
 
 
-def test_remove_blocks_from_and_range(engine: MetaStore) -> None:
+def test_remove_blocks_from_and_range(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     g = new_file(engine, ROOT_INO, b"g")
     rs = [ref(f"x{i:03d}") for i in range(6)]
@@ -329,7 +323,7 @@ def test_remove_blocks_from_and_range(engine: MetaStore) -> None:
     assert engine.get_blocks(f, 0, 10) == {}
 
 
-def test_next_hole_next_block_and_allocated(engine: MetaStore) -> None:
+def test_next_hole_next_block_and_allocated(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     g = new_file(engine, ROOT_INO, b"g")
     with engine.transaction():
@@ -350,7 +344,7 @@ def test_next_hole_next_block_and_allocated(engine: MetaStore) -> None:
 
 
 # -- objects ------------------------------------------------------------------------------------
-def test_object_states_and_unreferenced(engine: MetaStore) -> None:
+def test_object_states_and_unreferenced(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     staged, stored, meta = ref("st01"), ref("so01"), ChunkRef("meta/abc", 9, b"\1" * 32)
     with engine.transaction():
@@ -381,7 +375,7 @@ def test_object_states_and_unreferenced(engine: MetaStore) -> None:
     }
 
 
-def test_unreferenced_objects_leave_out_staged_ones(engine: MetaStore) -> None:
+def test_unreferenced_objects_leave_out_staged_ones(engine: MetaEngine) -> None:
     """An object still staged (upload pending) is not garbage even at refcount 0."""
     f = new_file(engine, ROOT_INO, b"f")
     r = ref("pend")
@@ -392,7 +386,7 @@ def test_unreferenced_objects_leave_out_staged_ones(engine: MetaStore) -> None:
     assert engine.unreferenced_objects() == []
 
 
-def test_object_users(engine: MetaStore) -> None:
+def test_object_users(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     g = new_file(engine, ROOT_INO, b"g")
     r = ref("user")
@@ -405,7 +399,7 @@ def test_object_users(engine: MetaStore) -> None:
 
 
 # -- copies on the stores of a replicated vault ---------------------------------------------------
-def test_copies(engine: MetaStore) -> None:
+def test_copies(engine: MetaEngine) -> None:
     a, b = ref("cop1"), ref("cop2")
     with engine.transaction():
         engine.reference(a, staged=False)
@@ -441,7 +435,7 @@ def test_copies(engine: MetaStore) -> None:
     assert engine.all_copies() == {a.name: {"s1": "ok"}}
 
 
-def test_dropping_an_object_forgets_its_copies(engine: MetaStore) -> None:
+def test_dropping_an_object_forgets_its_copies(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     a = ref("gone")
     with engine.transaction():
@@ -456,7 +450,7 @@ def test_dropping_an_object_forgets_its_copies(engine: MetaStore) -> None:
 
 
 # -- xattrs and key/value state -------------------------------------------------------------------
-def test_xattrs(engine: MetaStore) -> None:
+def test_xattrs(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     assert engine.get_xattr(f, b"user.x") is None
     assert engine.list_xattrs(f) == []
@@ -477,14 +471,14 @@ def test_xattrs(engine: MetaStore) -> None:
     assert engine.get_xattr(ROOT_INO, b"user.a") == b"root"
 
 
-def test_empty_xattr_value_is_not_a_missing_one(engine: MetaStore) -> None:
+def test_empty_xattr_value_is_not_a_missing_one(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     with engine.transaction():
         engine.set_xattr(f, b"user.e", b"")
     assert engine.get_xattr(f, b"user.e") == b""
 
 
-def test_state(engine: MetaStore, observer: MetaStore) -> None:
+def test_state(engine: MetaEngine, observer: MetaEngine) -> None:
     assert engine.get_state("clean") is None
     engine.set_state("clean", "0")  # its own transaction, committed
     assert observer.get_state("clean") == "0"
@@ -494,7 +488,7 @@ def test_state(engine: MetaStore, observer: MetaStore) -> None:
 
 
 # -- transactions -------------------------------------------------------------------------------
-def test_commit_on_success(engine: MetaStore, observer: MetaStore) -> None:
+def test_commit_on_success(engine: MetaEngine, observer: MetaEngine) -> None:
     commits = []
     engine.on_commit = lambda: commits.append(1)
     # reads first (they may begin a transaction underneath): the block still commits at its end
@@ -509,7 +503,7 @@ def test_commit_on_success(engine: MetaStore, observer: MetaStore) -> None:
     assert observer.get_inode(ino) == inode(ino)
 
 
-def test_rollback_undoes_every_write_of_the_block(engine: MetaStore) -> None:
+def test_rollback_undoes_every_write_of_the_block(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     a = ref("roll")
     with engine.transaction():
@@ -544,7 +538,7 @@ def test_rollback_undoes_every_write_of_the_block(engine: MetaStore) -> None:
 
 
 def test_rollback_also_undoes_uncommitted_writes_before_the_block(
-    engine: MetaStore, observer: MetaStore
+    engine: MetaEngine, observer: MetaEngine
 ) -> None:
     """Writes made outside any block (a deferred create, an attribute change) belong to the
     open transaction: a failing block undoes them too, and on_rollback lets the caller write
@@ -559,7 +553,7 @@ def test_rollback_also_undoes_uncommitted_writes_before_the_block(
     assert engine.get_inode(ino) is None
 
 
-def test_nested_blocks_join_the_outer_one(engine: MetaStore, observer: MetaStore) -> None:
+def test_nested_blocks_join_the_outer_one(engine: MetaEngine, observer: MetaEngine) -> None:
     commits = []
     engine.on_commit = lambda: commits.append(1)
     with engine.transaction():
@@ -587,7 +581,7 @@ def test_nested_blocks_join_the_outer_one(engine: MetaStore, observer: MetaStore
 
 
 def test_commit_false_leaves_writes_for_the_next_commit(
-    engine: MetaStore, observer: MetaStore
+    engine: MetaEngine, observer: MetaEngine
 ) -> None:
     with engine.transaction(commit=False):
         a = engine.insert_inode(inode())
@@ -648,7 +642,7 @@ def test_a_commit_survives_a_crash_of_the_process(kind: EngineKind, tmp_path: Pa
 KEY = b"k" * 32
 
 
-def test_ledger_append_chains_entries(engine: MetaStore, observer: MetaStore) -> None:
+def test_ledger_append_chains_entries(engine: MetaEngine, observer: MetaEngine) -> None:
     led = Ledger(engine, KEY)
     assert led.head() is None and led.count() == 0 and led.newest(3) == []
     e1 = led.append("put", "data/ab/1", 10, b"\1" * 32)
@@ -671,7 +665,7 @@ def test_ledger_append_chains_entries(engine: MetaStore, observer: MetaStore) ->
     assert other.head() == e3 and list(other.entries()) == [e1, e2, e3]
 
 
-def test_ledger_entries_pages_past_5000(engine: MetaStore) -> None:
+def test_ledger_entries_pages_past_5000(engine: MetaEngine) -> None:
     led = Ledger(engine, KEY)
     with engine.transaction():
         for i in range(5003):
@@ -681,7 +675,7 @@ def test_ledger_entries_pages_past_5000(engine: MetaStore) -> None:
     assert led.verify_chain() == (5003, [])
 
 
-def test_ledger_last_named(engine: MetaStore) -> None:
+def test_ledger_last_named(engine: MetaEngine) -> None:
     led = Ledger(engine, KEY)
     led.append("put", "meta/a_1", 1, b"\0" * 32)
     e2 = led.append("put", "meta/abc", 2, b"\0" * 32)
@@ -694,7 +688,7 @@ def test_ledger_last_named(engine: MetaStore) -> None:
     assert led.last_named("config", "") is None
 
 
-def test_verify_chain_detects_an_edited_row(engine: MetaStore) -> None:
+def test_verify_chain_detects_an_edited_row(engine: MetaEngine) -> None:
     led = Ledger(engine, KEY)
     es = [led.append("put", f"data/{i}", i, b"\3" * 32) for i in range(4)]
     led.truncate_after(2)
@@ -705,7 +699,7 @@ def test_verify_chain_detects_an_edited_row(engine: MetaStore) -> None:
     assert problems == ["ledger: chain broken at sequence 3 (entry was modified)"]
 
 
-def test_verify_chain_detects_a_missing_row(engine: MetaStore) -> None:
+def test_verify_chain_detects_a_missing_row(engine: MetaEngine) -> None:
     led = Ledger(engine, KEY)
     es = [led.append("put", f"data/{i}", i, b"\3" * 32) for i in range(5)]
     led.truncate_after(1)
@@ -716,7 +710,7 @@ def test_verify_chain_detects_a_missing_row(engine: MetaStore) -> None:
     assert "ledger: chain broken at sequence 4 (previous hash differs)" in problems
 
 
-def test_verify_chain_detects_a_rehashed_edit(engine: MetaStore) -> None:
+def test_verify_chain_detects_a_rehashed_edit(engine: MetaEngine) -> None:
     """An edit whose own hash is recomputed breaks the link to the next entry."""
     led = Ledger(engine, KEY)
     es = [led.append("put", f"data/{i}", i, b"\3" * 32) for i in range(3)]
@@ -728,7 +722,7 @@ def test_verify_chain_detects_a_rehashed_edit(engine: MetaStore) -> None:
     assert led.verify_chain()[1] == ["ledger: chain broken at sequence 3 (previous hash differs)"]
 
 
-def test_ledger_append_rolled_back_with_its_block(engine: MetaStore) -> None:
+def test_ledger_append_rolled_back_with_its_block(engine: MetaEngine) -> None:
     """An entry appended in a block that fails is undone with it; the next append continues
     the committed chain (no gap, no broken link)."""
     led = Ledger(engine, KEY)
@@ -743,7 +737,7 @@ def test_ledger_append_rolled_back_with_its_block(engine: MetaStore) -> None:
 
 
 # -- snapshot and restore -----------------------------------------------------------------------
-def _populate(e: MetaStore) -> dict[str, int]:
+def _populate(e: MetaEngine) -> dict[str, int]:
     d = new_file(e, ROOT_INO, b"d", DIR)
     f = new_file(e, d, b"f\xff")
     s = new_file(e, ROOT_INO, b"link", LNK)
@@ -760,7 +754,7 @@ def _populate(e: MetaStore) -> dict[str, int]:
     return {"d": d, "f": f, "s": s}
 
 
-def _rows(e: MetaStore, inos: list[int]) -> dict[str, object]:
+def _rows(e: MetaEngine, inos: list[int]) -> dict[str, object]:
     return {
         "inodes": [e.get_inode(i) for i in inos],
         "count": e.count_inodes(),
@@ -777,12 +771,12 @@ def _rows(e: MetaStore, inos: list[int]) -> dict[str, object]:
 
 
 def test_snapshot_image_restores_the_same_rows(
-    kind: EngineKind, engine: MetaStore, tmp_path: Path
+    kind: EngineKind, engine: MetaEngine, tmp_path: Path
 ) -> None:
     inos = [ROOT_INO, *_populate(engine).values()]
     with engine.transaction(commit=False):
         engine.add_dentry(ROOT_INO, b"uncommitted", ROOT_INO)  # the image commits first
-    image = kind.image(engine)
+    image = engine.image()  # as Vault._checkpoint takes it
     expected = _rows(engine, inos)
     assert len(expected["ledger"]) == 1 and expected["xattrs"]  # type: ignore[arg-type]
     restored = kind.from_image(image, tmp_path)

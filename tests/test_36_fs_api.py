@@ -20,20 +20,20 @@ import pytest
 
 from cryptfs.chunkstore import ChunkStore
 from cryptfs.codec import ChunkRef, Codec
-from cryptfs.fs import (
+from cryptfs.fs import HIDDEN, FileSystem
+from cryptfs.fs.base import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
-    HIDDEN,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     SEEK_DATA,
     SEEK_HOLE,
     XATTR_CREATE,
     XATTR_REPLACE,
-    FileSystem,
 )
-from cryptfs.metadata import ROOT_INO, Inode, MetaStore
+from cryptfs.meta import ROOT_INO, Inode
+from cryptfs.metadata import MetaStore
 from cryptfs.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)
