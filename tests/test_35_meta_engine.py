@@ -248,6 +248,44 @@ def test_paths_of(engine: MetaEngine) -> None:
     assert sorted(engine.paths_of(f)) == ["/?/e/f\udcff", "/g"]
 
 
+def test_parent_of(engine: MetaEngine) -> None:
+    d = new_file(engine, ROOT_INO, b"d", DIR)
+    e = new_file(engine, d, b"e", DIR)
+    f = new_file(engine, e, b"f")
+    assert engine.parent_of(d) == ROOT_INO
+    assert engine.parent_of(e) == d
+    assert engine.parent_of(f) == e
+    assert engine.parent_of(ROOT_INO) is None  # the root has no entry
+    assert engine.parent_of(424242) is None
+    with engine.transaction():
+        engine.remove_dentry(d, b"e")
+        engine.add_dentry(ROOT_INO, b"e2", e)  # moved
+    assert engine.parent_of(e) == ROOT_INO
+
+
+def test_first_chunks_after(engine: MetaEngine) -> None:
+    """The sibling prefetch: the next entries' first chunks, in name order, only entries
+    with a stored chunk 0 counting."""
+    d = new_file(engine, ROOT_INO, b"d", DIR)
+    other = new_file(engine, ROOT_INO, b"a-elsewhere")
+    refs = {}
+    with engine.transaction():
+        engine.set_block(other, 0, ref("else"), staged=False)
+    for name in (b"a", b"b", b"c", b"d", b"e"):
+        ino = new_file(engine, d, name)
+        with engine.transaction():
+            if name == b"b":
+                engine.set_block(ino, 1, ref("b001"), staged=False)  # chunk 0 is a hole
+            elif name != b"d":  # d is empty
+                refs[name] = ref(name.decode() + "000")
+                engine.set_block(ino, 0, refs[name], staged=False)
+    assert engine.first_chunks_after(d, b"", 10) == [(n, refs[n]) for n in (b"a", b"c", b"e")]
+    assert engine.first_chunks_after(d, b"a", 1) == [(b"c", refs[b"c"])]
+    assert engine.first_chunks_after(d, b"c", 10) == [(b"e", refs[b"e"])]
+    assert engine.first_chunks_after(d, b"e", 10) == []
+    assert engine.first_chunks_after(ROOT_INO, b"", 10) == [(b"a-elsewhere", ref("else"))]
+
+
 # -- chunk maps and reference counts -------------------------------------------------------------
 def test_set_block_replaces_and_counts_references(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
@@ -396,6 +434,40 @@ def test_object_users(engine: MetaEngine) -> None:
         engine.set_block(g, 2, r, staged=False)
     assert sorted(engine.object_users(r.name)) == sorted([f, g])  # each inode once
     assert engine.object_users("data/none") == []
+
+
+def test_forget_and_unreference_objects(engine: MetaEngine) -> None:
+    f = new_file(engine, ROOT_INO, b"f")
+    used, meta_obj, ck = ref("used"), ChunkRef("meta/m1", 5, b"\1" * 32), ChunkRef("ck/1", 3,
+                                                                                  b"\2" * 32)
+    with engine.transaction():
+        engine.set_block(f, 0, used, staged=False)
+        engine.reference(meta_obj, staged=False)
+        engine.reference(ck, staged=False)
+        engine.record_copy(ck.name, "s1", "ok")
+    with engine.transaction():
+        engine.forget_deleted_object(used.name)  # a chunk a chunk map names: kept
+        engine.forget_deleted_object(meta_obj.name)  # any other object: forgotten
+    assert engine.get_object(used.name) == (used, 1, "stored")
+    assert engine.get_object(meta_obj.name) is None
+    with engine.transaction():
+        engine.set_block(f, 0, None, staged=False)
+        engine.forget_deleted_object(used.name)  # unreferenced now: forgotten
+        engine.forget_object(ck.name)  # whatever its count
+        engine.forget_object("data/never")  # unknown: nothing happens
+    assert engine.get_object(used.name) is None and engine.get_object(ck.name) is None
+    assert engine.copies_of(ck.name) == {}  # its copies go with it
+    # a deletion that failed: recorded as stored and unreferenced, for the next collection
+    gone = ref("gone")
+    with engine.transaction():
+        engine.unreference_object(gone)
+        engine.reference(meta_obj, staged=False)
+        engine.reference(meta_obj, staged=False)
+        engine.unreference_object(meta_obj)
+    assert engine.get_object(gone.name) == (gone, 0, "stored")
+    assert engine.get_object(meta_obj.name) == (meta_obj, 0, "stored")
+    assert sorted(r.name for r in engine.unreferenced_objects()) == sorted(
+        [gone.name, meta_obj.name])
 
 
 # -- copies on the stores of a replicated vault ---------------------------------------------------
@@ -638,6 +710,26 @@ def test_a_commit_survives_a_crash_of_the_process(kind: EngineKind, tmp_path: Pa
         e.close()
 
 
+def test_errors_are_one_line_meta_errors_and_roll_back(
+    kind: EngineKind, engine: MetaEngine, observer: MetaEngine
+) -> None:
+    """A write the database refuses (here: a name that exists) ends the block with an
+    errno-carrying MetaError, and the block's other writes are undone."""
+    rollbacks = []
+    engine.on_rollback = lambda: rollbacks.append(1)  # type: ignore[attr-defined]
+    f = new_file(engine, ROOT_INO, b"f")
+    with pytest.raises(MetaError) as e, engine.transaction():
+        engine.set_xattr(f, b"user.a", b"1")
+        engine.add_dentry(ROOT_INO, b"f", f)
+    assert isinstance(e.value.errno, int) and e.value.errno > 0
+    assert "\n" not in str(e.value)
+    assert rollbacks == [1]
+    assert engine.get_xattr(f, b"user.a") is None
+    with engine.transaction():  # usable afterwards
+        engine.set_xattr(f, b"user.a", b"2")
+    assert observer.get_xattr(f, b"user.a") == b"2"
+
+
 # -- the ledger ---------------------------------------------------------------------------------
 KEY = b"k" * 32
 
@@ -734,6 +826,81 @@ def test_ledger_append_rolled_back_with_its_block(engine: MetaEngine) -> None:
     e2 = led.append("put", "data/3", 3, b"\0" * 32)
     assert (e2.seq, e2.prev) == (2, e1.hash)
     assert led.verify_chain() == (2, [])
+
+
+def test_ledger_rows(engine: MetaEngine, observer: MetaEngine) -> None:
+    """The engine stores ledger rows as given; the chain is the Ledger's business."""
+    rows = [(i, 1000 + i, "put" if i % 2 else "del", f"meta/{i}", i * 10, bytes([i]) * 32,
+             bytes([i - 1]) * 32, bytes([i + 100]) * 32) for i in range(1, 8)]
+    assert engine.ledger_last() is None and engine.ledger_count() == 0
+    assert engine.ledger_page(0, 10) == [] and engine.ledger_newest(3) == []
+    with pytest.raises(KeyError), engine.transaction():
+        engine.ledger_insert(rows[:2])
+        raise KeyError
+    assert engine.ledger_count() == 0  # rolled back with its block
+    with engine.transaction():
+        engine.ledger_insert(rows[:3])
+        engine.ledger_insert(rows[3:])
+    assert observer.ledger_count() == 7
+    assert engine.ledger_last() == rows[-1]
+    assert engine.ledger_get(4) == rows[3] and engine.ledger_get(99) is None
+    assert engine.ledger_page(0, 3) == rows[:3]
+    assert engine.ledger_page(3, 100) == rows[3:]
+    assert engine.ledger_page(7, 100) == []
+    assert engine.ledger_newest(2) == [rows[6], rows[5]]
+    assert engine.ledger_last_named("put", "meta/") == rows[6]
+    assert engine.ledger_last_named("del", "meta/") == rows[5]
+    assert engine.ledger_last_named("put", "meta/3") == rows[2]
+    assert engine.ledger_last_named("put", "meta/_") is None  # no pattern characters
+    assert engine.ledger_last_named("put", "meta/%") is None
+    assert engine.ledger_last_named("copy", "") is None
+    with engine.transaction():
+        engine.ledger_truncate_after(4)
+    assert engine.ledger_count() == 4 and engine.ledger_last() == rows[3]
+
+
+# -- check and repair (fsck) ------------------------------------------------------------------
+def test_whole_table_views(engine: MetaEngine) -> None:
+    d = new_file(engine, ROOT_INO, b"d", DIR)
+    f = new_file(engine, d, b"f")
+    a, b = ref("tab1", 11), ref("tab2", 22)
+    with engine.transaction():
+        engine.add_dentry(ROOT_INO, HIDDEN + b"1", f)
+        engine.set_block(f, 0, a, staged=False)
+        engine.set_block(f, 4, b, staged=True)
+        engine.set_block(f, 5, a, staged=False)
+    assert engine.inode_modes() == {ROOT_INO: (DIR, 2), d: (DIR, 2), f: (REG, 1)}
+    assert sorted(engine.all_dentries()) == sorted(
+        [(ROOT_INO, b"d", d), (d, b"f", f), (ROOT_INO, HIDDEN + b"1", f)])
+    assert sorted(engine.all_blocks()) == [(f, 0, a.name), (f, 4, b.name), (f, 5, a.name)]
+    assert engine.object_states() == {a.name: (2, "stored", 11), b.name: (1, "staged", 22)}
+
+
+def test_repairs_touch_only_what_they_name(engine: MetaEngine) -> None:
+    f = new_file(engine, ROOT_INO, b"f")
+    g = new_file(engine, ROOT_INO, b"g")
+    a, b = ref("rep1"), ref("rep2")
+    with engine.transaction():
+        engine.set_block(f, 0, a, staged=False)
+        engine.set_block(f, 1, b, staged=False)
+        engine.set_block(g, 0, a, staged=False)
+        engine.set_xattr(f, b"user.x", b"1")
+        engine.set_xattr(g, b"user.x", b"2")
+    with engine.transaction():
+        engine.set_nlink(f, 7)
+        engine.set_refcount(b.name, 5)
+        engine.drop_block(f, 1)  # counts are left to the caller
+    assert engine.get_inode(f).nlink == 7  # type: ignore[union-attr]
+    assert engine.get_inode(g).nlink == 1  # type: ignore[union-attr]
+    assert refcount(engine, b.name) == 5 and refcount(engine, a.name) == 2
+    assert engine.get_blocks(f, 0, 10) == {0: a}
+    with engine.transaction():
+        engine.drop_inode_rows(f)
+    assert engine.get_inode(f) is None
+    assert engine.get_blocks(f, 0, 10) == {} and engine.list_xattrs(f) == []
+    assert refcount(engine, a.name) == 2  # left to fsck
+    assert engine.lookup(ROOT_INO, b"f") == f  # entries are fsck's own repair
+    assert engine.get_blocks(g, 0, 10) == {0: a} and engine.get_xattr(g, b"user.x") == b"2"
 
 
 # -- snapshot and restore -----------------------------------------------------------------------
