@@ -9,9 +9,12 @@ cryptfs's own callers use them (fs.py, vault.py, fsck.py, verify.py, ledger.py).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import multiprocessing
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -728,6 +731,46 @@ def test_errors_are_one_line_meta_errors_and_roll_back(
     with engine.transaction():  # usable afterwards
         engine.set_xattr(f, b"user.a", b"2")
     assert observer.get_xattr(f, b"user.a") == b"2"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB filesystem (tmpfs) for the engine's files, unmounted however it ends."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(d)],
+                   check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def test_a_full_disk_is_an_enospc_meta_error_and_rolls_back(
+    kind: EngineKind, small_disk: Path
+) -> None:
+    """When the disk fills, the block that does not fit fails with an errno-carrying
+    MetaError (ENOSPC), is rolled back whole (the rollback listener runs), and the blocks
+    committed before it are all there."""
+    e = kind.open(small_disk)
+    try:
+        rollbacks: list[int] = []
+        e.on_rollback = lambda: rollbacks.append(1)  # type: ignore[attr-defined]
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+        committed = 0
+        with pytest.raises(MetaError) as err:
+            for i in range(1000):  # 256 KiB hold far fewer than 1000 blocks of 3000 bytes
+                with e.transaction():
+                    e.set_xattr(ROOT_INO, b"user.%d" % i, os.urandom(3000))
+                committed += 1
+        assert err.value.errno == errno.ENOSPC
+        assert rollbacks == [1]
+        assert e.get_xattr(ROOT_INO, b"user.%d" % committed) is None
+        assert len(e.list_xattrs(ROOT_INO)) == committed > 0
+    finally:
+        with contextlib.suppress(Exception):
+            e.close()
 
 
 # -- the ledger ---------------------------------------------------------------------------------
