@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,11 +48,11 @@ class Rig:
     """A FileSystem over a memory store and a SQLite file, as Vault._start composes it."""
 
     def __init__(self, tmp_path: Path, remote: bool = False,
-                 store: MemoryStore | None = None) -> None:
+                 store: MemoryStore | None = None, db_dir: Path | None = None) -> None:
         self.tmp_path = tmp_path
         self.remote = remote
         self.closed = False
-        self.meta = MetaStore(tmp_path / "m.db")
+        self.meta = MetaStore((db_dir or tmp_path) / "m.db")
         if self.meta.get_inode(ROOT_INO) is None:
             now = time.time_ns()
             with self.meta.transaction():
@@ -475,6 +476,42 @@ def test_recover_drops_hidden_entries_and_nameless_inodes(rig: Rig, tmp_path: Pa
     finally:
         meta.close()
     fs.release(fh)
+
+
+@pytest.mark.log_problems_expected
+def test_a_close_that_succeeds_after_a_full_metadata_disk_keeps_the_file(tmp_path: Path) -> None:
+    """The metadata disk fills up and a commit fails; once there is room again, a file created
+    just before (committed with its close, see fs.base) and closed without error is there."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(small)],
+                   check=True)
+    try:
+        rig = Rig(tmp_path, db_dir=small)
+        fs = rig.fs
+        try:
+            i = 0
+            with pytest.raises(Exception):  # noqa: B017 - the failure itself is test_35's
+                for i in range(1000):
+                    fs.setxattr(ROOT_INO, b"user.%d" % i, os.urandom(3000), 0)
+            node, fh = fs.create(ROOT_INO, b"a", 0o644, os.O_WRONLY | os.O_CREAT, UID, GID)
+            with pytest.raises(Exception):  # noqa: B017 - the disk is still full
+                fs.setxattr(ROOT_INO, b"user.more", os.urandom(3000), 0)
+            subprocess.run(["mount", "-o", "remount,size=16m", str(small)], check=True)
+            fs.write(fh, 0, b"kept")
+            fs.release(fh)  # no error: the file and its data must be committed
+            assert fs.lookup(ROOT_INO, b"a").ino == node.ino
+        finally:
+            rig.close()
+        meta = MetaStore(small / "m.db")  # what the next mount finds
+        try:
+            ino = meta.lookup(ROOT_INO, b"a")
+            assert ino is not None, "a file closed without error is missing"
+            assert meta.get_inode(ino).size == 4  # type: ignore[union-attr]
+        finally:
+            meta.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 # -- names --------------------------------------------------------------------------------------
