@@ -683,7 +683,13 @@ class Vault:
             with self.meta.transaction():
                 for ref in queued:
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
+                self.meta.undo_on_rollback(lambda: self._requeue_stored(queued))
         self._flush_copies()
+
+    def _requeue_stored(self, refs: list[ChunkRef]) -> None:
+        """Their ledger entries were rolled back with the commit they were in: again."""
+        with self._stored_lock:
+            self._stored[:0] = refs
 
     # -- copies on several stores ----------------------------------------------------------------
     def _on_copy(self, name: str, store_id: str, ok: bool) -> None:
@@ -711,6 +717,11 @@ class Vault:
                 if self.meta.record_copy(name, sid, st) and st != "delete":
                     op = ("copy@" if st == "ok" else "lost@") + sid
                     self.ledger.append(op, name, 0, b"\0" * 32)
+            self.meta.undo_on_rollback(lambda: self._requeue_copies(events))
+
+    def _requeue_copies(self, events: list[tuple[str, str, str]]) -> None:
+        with self._stored_lock:
+            self._copy_events[:0] = events
 
     def flush_copies(self) -> None:
         assert self.fs is not None
