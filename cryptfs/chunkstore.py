@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
 from cryptfs.diskcache import DiskCache, read_at_most
-from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
+from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError, StoreFull
 from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.replicated import ReplicatedStore
@@ -196,12 +197,23 @@ class ChunkStore:
             self._staged_bytes += ref.size
         path = self.staged_path(ref.name)
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            with self._cv:
+                self._staged_bytes -= ref.size
+                self._cv.notify_all()
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (StoreFull if full else StoreError)(
+                f"cannot stage {ref.name} in {self.staging}: {e.strerror}") from None
         self._enqueue(ref)
 
     def _enqueue(self, ref: ChunkRef) -> None:

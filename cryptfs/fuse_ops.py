@@ -23,7 +23,7 @@ import mfusepy  # noqa: E402  (the library choice above must come first)
 
 from cryptfs.errors import CryptfsError  # noqa: E402
 from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
-from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
+from cryptfs.meta import ROOT_INO, Inode  # noqa: E402
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics
@@ -75,7 +75,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except CryptfsError as e:
             log.error("%s failed: %s", fn.__name__, e.line())
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            raise mfusepy.FuseOSError(e.errno) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise mfusepy.FuseOSError(errno.EIO) from None

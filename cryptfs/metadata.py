@@ -1,4 +1,6 @@
-"""Filesystem metadata in SQLite through SQLAlchemy Core.
+"""The SQLite metadata engine (:class:`cryptfs.meta.MetaEngine`) through SQLAlchemy Core.
+
+The one module that holds SQL and talks to the database driver (tests/test_05_layers.py).
 
 One database file per vault holds inodes, directory entries, chunk maps, object records with
 reference counts, extended attributes and the ledger. One connection, used by one thread at a
@@ -16,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from sqlalchemy import (
@@ -42,13 +44,13 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from cryptfs.codec import ChunkRef
-from cryptfs.errors import ConfigError
+from cryptfs.errors import ConfigError, MetaError, MetaFull
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0). A database of an older
 # version is migrated on open by the steps in MIGRATIONS; a newer one is refused.
 SCHEMA_VERSION = 2
-ROOT_INO = 1
 
 md = MetaData()
 inodes = Table(
@@ -131,21 +133,6 @@ state = Table(
 )
 
 
-@dataclass
-class Inode:
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    rdev: int = 0
-    target: bytes | None = None
-
-
 INODE_FIELDS = [f.name for f in fields(Inode)]
 
 _SQL_GET_INODE = (
@@ -160,6 +147,17 @@ _SQL_LOOKUP = "SELECT ino FROM dentries WHERE parent = ? AND name = ?"
 _SQL_GET_BLOCKS = (
     "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
     "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
+)
+_SQL_PARENT = "SELECT parent FROM dentries WHERE ino = ? LIMIT 1"
+_SQL_NEXT_FIRST_CHUNKS = (
+    "SELECT d.name, b.obj, o.size, o.sha256 FROM dentries d "
+    "JOIN blocks b ON b.ino = d.ino AND b.idx = 0 JOIN objects o ON o.name = b.obj "
+    "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
+)
+_SQL_LEDGER_SELECT = "SELECT seq, time_ns, op, name, size, sha256, prev, hash FROM ledger "
+_SQL_LEDGER_INSERT = (
+    "INSERT INTO ledger (seq, time_ns, op, name, size, sha256, prev, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_INCREF = "UPDATE objects SET refcount = refcount + 1 WHERE name = ?"
 _SQL_DECREF = "UPDATE objects SET refcount = refcount - 1 WHERE name = ?"
@@ -271,6 +269,14 @@ def _prepare_schema(raw: sqlite3.Connection, path: Path) -> int | None:
     return found if found != SCHEMA_VERSION else None
 
 
+def _meta_error(path: Path, e: BaseException) -> MetaError:
+    """The one-line, errno-carrying error for a failed database operation."""
+    orig = getattr(e, "orig", e)
+    code = getattr(orig, "sqlite_errorcode", None)
+    cls = MetaFull if code == sqlite3.SQLITE_FULL else MetaError
+    return cls(f"metadata database {path}: {orig}")
+
+
 class MetaStore:
     """Typed access to the vault database. Not thread-safe: callers serialise.
 
@@ -310,6 +316,7 @@ class MetaStore:
         # hot paths use precompiled SQL on the driver connection, inside the same transactions
         self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
         self._depth = 0  # nesting of transaction() blocks
+        self._undo: list[Callable[[], None]] = []  # see undo_on_rollback
         # called after every commit and after every rollback (the filesystem's deferred writes)
         self.on_commit: Callable[[], None] | None = None
         self.on_rollback: Callable[[], None] | None = None
@@ -363,23 +370,44 @@ class MetaStore:
         self._depth = 1
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             self._depth = 0
-            self.conn.rollback()
-            self.raw.rollback()
-            if self.on_rollback is not None:
-                self.on_rollback()
+            self._rolled_back()
+            if isinstance(e, (sqlite3.Error, SADatabaseError)):
+                raise _meta_error(self.path, e) from e
             raise
         self._depth = 0
         if commit:
             self.commit()
 
+    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the writes made since the last commit are rolled back (to undo what
+        the caller keeps in memory about them); forgotten once they are committed."""
+        self._undo.append(fn)
+
+    def _rolled_back(self) -> None:
+        """Roll back both layers and tell those who kept state about the lost writes."""
+        self.conn.rollback()
+        self.raw.rollback()
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        if self.on_rollback is not None:
+            self.on_rollback()
+
     def commit(self) -> None:
         """Commit statements run outside a :meth:`transaction` block, on both layers
-        (SQLAlchemy's transaction and the driver's, which raw hot-path statements open)."""
-        if self.conn.in_transaction():
-            self.conn.commit()
-        self.raw.commit()
+        (SQLAlchemy's transaction and the driver's, which raw hot-path statements open). A
+        commit the database refuses (a full disk shows here in WAL mode) rolls back whole and
+        raises MetaError (MetaFull for a full disk)."""
+        try:
+            if self.conn.in_transaction():
+                self.conn.commit()
+            self.raw.commit()
+        except (sqlite3.Error, SADatabaseError) as e:
+            self._rolled_back()
+            raise _meta_error(self.path, e) from e
+        self._undo.clear()
         self.commits += 1
         self.last_commit = time.monotonic()
         if self.on_commit is not None:
@@ -401,9 +429,6 @@ class MetaStore:
         self.commit()
         self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
         self.commit()
-
-    def raw_connection(self) -> sqlite3.Connection:
-        return self.conn.connection.driver_connection  # type: ignore[return-value]
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -510,10 +535,16 @@ class MetaStore:
 
     def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]:
         """``(parent, name, ino)`` of entries whose name starts with ``prefix``."""
-        q = select(dentries.c.parent, dentries.c.name, dentries.c.ino).where(
-            dentries.c.name >= prefix, dentries.c.name < prefix + b"\xff"
+        rows = self.raw.execute(
+            "SELECT parent, name, ino FROM dentries WHERE substr(name, 1, ?) = ?",
+            (len(prefix), prefix),
         )
-        return [(p, bytes(n), i) for p, n, i in self.conn.execute(q)]
+        return [(p, bytes(n), i) for p, n, i in rows]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """``(parent, name)`` of every entry that names ``ino``."""
+        rows = self.raw.execute("SELECT parent, name FROM dentries WHERE ino = ?", (ino,))
+        return [(p, bytes(n)) for p, n in rows]
 
     # -- chunk maps and objects ---------------------------------------------------------------
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
@@ -649,9 +680,12 @@ class MetaStore:
         ).fetchone()
         if row is not None and row[0] == st:
             return False
-        self.raw.execute(
-            "INSERT OR REPLACE INTO copies (name, store, state) VALUES (?, ?, ?)", (name, store, st)
-        )
+        if row is None:
+            self.raw.execute("INSERT INTO copies (name, store, state) VALUES (?, ?, ?)",
+                             (name, store, st))
+        else:
+            self.raw.execute("UPDATE copies SET state = ? WHERE name = ? AND store = ?",
+                             (st, name, store))
         return True
 
     def copies_of(self, name: str) -> dict[str, str]:
@@ -728,6 +762,111 @@ class MetaStore:
             )
         return out
 
+    def parent_of(self, ino: int) -> int | None:
+        """One directory holding an entry for ``ino`` (a directory has exactly one)."""
+        row = self.raw.execute(_SQL_PARENT, (ino,)).fetchone()
+        return int(row[0]) if row else None
+
+    def first_chunks_after(self, parent: int, name: bytes, count: int
+                           ) -> list[tuple[bytes, ChunkRef]]:
+        """``(name, first chunk)`` of the next ``count`` entries of ``parent`` after ``name``
+        that have a stored first chunk, in name order (sibling prefetch)."""
+        rows = self.raw.execute(_SQL_NEXT_FIRST_CHUNKS, (parent, name, count)).fetchall()
+        return [(bytes(n), ChunkRef(o, z, bytes(h))) for n, o, z, h in rows]
+
+    def forget_object(self, name: str) -> None:
+        """Drop an object's record (it was deleted from the store, or is superseded)."""
+        self.raw.execute("DELETE FROM objects WHERE name = ?", (name,))
+
+    def forget_deleted_object(self, name: str) -> None:
+        """Drop the record of an object a restored ledger says was deleted: any object but a
+        chunk that is still referenced (a chunk map that names it wins)."""
+        self.raw.execute(
+            "DELETE FROM objects WHERE name = ? AND (refcount <= 0 OR name NOT LIKE 'data/%')",
+            (name,),
+        )
+
+    def unreference_object(self, ref: ChunkRef) -> None:
+        """Record ``ref`` as stored and unreferenced (a deletion that failed: the next
+        checkpoint's collection tries again)."""
+        self.reference(ref, staged=False)
+        self.raw.execute("UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,))
+
+    def image(self) -> bytes:
+        """The committed database as one SQLite image (the metadata snapshot)."""
+        self.commit()
+        return self.raw.serialize()
+
+    # -- whole tables, for fsck -------------------------------------------------------------------
+    def inode_modes(self) -> dict[int, tuple[int, int]]:
+        """``{ino: (mode, nlink)}`` of every inode."""
+        return {r[0]: (r[1], r[2]) for r in self.raw.execute("SELECT ino, mode, nlink FROM inodes")}
+
+    def all_dentries(self) -> list[tuple[int, bytes, int]]:
+        return [(p, bytes(n), i) for p, n, i in self.raw.execute(
+            "SELECT parent, name, ino FROM dentries")]
+
+    def all_blocks(self) -> list[tuple[int, int, str]]:
+        return list(self.raw.execute("SELECT ino, idx, obj FROM blocks"))
+
+    def object_states(self) -> dict[str, tuple[int, str, int]]:
+        """``{name: (refcount, state, size)}`` of every recorded object."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.raw.execute(
+            "SELECT name, refcount, state, size FROM objects")}
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        self.raw.execute("UPDATE inodes SET nlink = ? WHERE ino = ?", (nlink, ino))
+
+    def set_refcount(self, name: str, refcount: int) -> None:
+        self.raw.execute("UPDATE objects SET refcount = ? WHERE name = ?", (refcount, name))
+
+    def drop_block(self, ino: int, idx: int) -> None:
+        """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
+        self.raw.execute("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx))
+
+    def drop_inode_rows(self, ino: int) -> None:
+        """Remove an inode with its chunk map and xattrs, leaving reference counts to fsck."""
+        for table in ("inodes", "blocks", "xattrs"):
+            self.raw.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
+
+    # -- the ledger's rows (the hash chain itself is cryptfs.ledger's) ---------------------------
+    def ledger_last(self) -> LedgerRow | None:
+        return self._ledger_one("ORDER BY seq DESC LIMIT 1", ())
+
+    def ledger_get(self, seq: int) -> LedgerRow | None:
+        return self._ledger_one("WHERE seq = ?", (seq,))
+
+    def ledger_last_named(self, op: str, prefix: str) -> LedgerRow | None:
+        """The newest row with operation ``op`` whose object name starts with ``prefix``."""
+        return self._ledger_one("WHERE op = ? AND substr(name, 1, ?) = ? ORDER BY seq DESC "
+                                "LIMIT 1", (op, len(prefix), prefix))
+
+    def ledger_page(self, after: int, limit: int) -> list[LedgerRow]:
+        """Rows with seq > ``after`` in order, at most ``limit``."""
+        return self._ledger_rows("WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+
+    def ledger_newest(self, n: int) -> list[LedgerRow]:
+        return self._ledger_rows("ORDER BY seq DESC LIMIT ?", (n,))
+
+    def ledger_count(self) -> int:
+        return int(self.raw.execute("SELECT count(*) FROM ledger").fetchone()[0])
+
+    def ledger_insert(self, rows: list[LedgerRow]) -> None:
+        """Append rows (seq, time_ns, op, name, size, sha256, prev, hash) in the current
+        transaction."""
+        self.raw.executemany(_SQL_LEDGER_INSERT, rows)
+
+    def ledger_truncate_after(self, seq: int) -> None:
+        self.raw.execute("DELETE FROM ledger WHERE seq > ?", (seq,))
+
+    def _ledger_one(self, where: str, args: tuple[object, ...]) -> LedgerRow | None:
+        rows = self._ledger_rows(where, args)
+        return rows[0] if rows else None
+
+    def _ledger_rows(self, where: str, args: tuple[object, ...]) -> list[LedgerRow]:
+        return [(s, t, o, n, z, bytes(h), bytes(p), bytes(x)) for s, t, o, n, z, h, p, x in
+                self.raw.execute(_SQL_LEDGER_SELECT + where, args)]
+
     # -- xattrs -------------------------------------------------------------------------------
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
         row = self.raw.execute(
@@ -736,9 +875,10 @@ class MetaStore:
         return bytes(row[0]) if row else None
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.raw.execute(
-            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)", (ino, name, value)
-        )
+        if not self.raw.execute("UPDATE xattrs SET value = ? WHERE ino = ? AND name = ?",
+                                (value, ino, name)).rowcount:
+            self.raw.execute("INSERT INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
+                             (ino, name, value))
 
     def inodes_with_xattrs(self) -> set[int]:
         return {r[0] for r in self.raw.execute("SELECT DISTINCT ino FROM xattrs")}

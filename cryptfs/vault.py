@@ -424,11 +424,7 @@ class Vault:
         with meta.transaction():
             for e in tail:
                 if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
-                    meta.conn.exec_driver_sql(
-                        "DELETE FROM objects WHERE name = ? "
-                        "AND (refcount <= 0 OR name NOT LIKE 'data/%')",
-                        (e.name,),
-                    )
+                    meta.forget_deleted_object(e.name)
                     continue
                 if e.op != "put":
                     continue
@@ -452,7 +448,7 @@ class Vault:
             for ref, _rc, _st in meta.all_objects():
                 if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
                         and ref.name != ck.meta.name and ref.name not in listed:
-                    meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                    meta.forget_object(ref.name)
         meta.sync()
         meta.close()
         for suffix in ("-wal", "-shm"):
@@ -696,7 +692,13 @@ class Vault:
             with self.meta.transaction():
                 for ref in queued:
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
+                self.meta.undo_on_rollback(lambda: self._requeue_stored(queued))
         self._flush_copies()
+
+    def _requeue_stored(self, refs: list[ChunkRef]) -> None:
+        """Their ledger entries were rolled back with the commit they were in: again."""
+        with self._stored_lock:
+            self._stored[:0] = refs
 
     # -- copies on several stores ----------------------------------------------------------------
     def _on_copy(self, name: str, store_id: str, ok: bool) -> None:
@@ -724,6 +726,11 @@ class Vault:
                 if self.meta.record_copy(name, sid, st) and st != "delete":
                     op = ("copy@" if st == "ok" else "lost@") + sid
                     self.ledger.append(op, name, 0, b"\0" * 32)
+            self.meta.undo_on_rollback(lambda: self._requeue_copies(events))
+
+    def _requeue_copies(self, events: list[tuple[str, str, str]]) -> None:
+        with self._stored_lock:
+            self._copy_events[:0] = events
 
     def flush_copies(self) -> None:
         assert self.fs is not None
@@ -811,8 +818,7 @@ class Vault:
             for ref in meta.objects_in_state("staged"):
                 if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
-            meta.commit()
-            image = meta.raw_connection().serialize()
+            image = meta.image()
             staged = {r.name for r in meta.objects_in_state("staged")}
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
@@ -896,7 +902,7 @@ class Vault:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
             with fs.lock, meta.transaction():
-                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                meta.forget_object(ref.name)
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
         for ref in garbage:
             with fs.lock:
@@ -911,10 +917,7 @@ class Vault:
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e)
                 with fs.lock, meta.transaction():
-                    meta.reference(ref, staged=False)
-                    meta.conn.exec_driver_sql(
-                        "UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,)
-                    )
+                    meta.unreference_object(ref)
                 continue
             with fs.lock:
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
