@@ -182,7 +182,14 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
 class MetaStore:
     """Typed access to the vault database. Not thread-safe: callers serialise."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        on_commit: Callable[[], None] | None = None,
+        on_rollback: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_commit`` runs after every commit, ``on_rollback`` after every rollback (for
+        the filesystem's deferred writes: see :class:`cryptfs.fs.CommitHooks`)."""
         self.path = Path(path)
         self.engine = create_engine(
             f"sqlite:///{self.path}",
@@ -216,8 +223,8 @@ class MetaStore:
         self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
         self._depth = 0  # nesting of transaction() blocks
         # called after every commit and after every rollback (the filesystem's deferred writes)
-        self.on_commit: Callable[[], None] | None = None
-        self.on_rollback: Callable[[], None] | None = None
+        self.on_commit = on_commit
+        self.on_rollback = on_rollback
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = threading.Event()
         self.commits = 0  # commits so far, and when the last one ended (monotonic)

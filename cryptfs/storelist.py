@@ -79,10 +79,13 @@ class StoreList:
     def open(
         self,
         on_copy: Callable[[str, str, bool], None] | None = None,
+        on_stray: Callable[[str, str], None] | None = None,
         create: bool = False,
     ) -> ObjectStore:
-        """One store: the store itself. Several: a :class:`ReplicatedStore`; a member that
-        cannot be reached now is opened when it answers again (it counts as down)."""
+        """One store: the store itself. Several: a :class:`ReplicatedStore` that reports each
+        copy to ``on_copy(name, store id, ok)`` and each delete a member missed to
+        ``on_stray(name, store id)``; a member that cannot be reached now is opened when it
+        answers again (it counts as down)."""
         if len(self.entries) == 1:
             return open_store(self.entries[0].url, create=create)
         members = []
@@ -95,7 +98,7 @@ class StoreList:
                 m = Member(e.id, _LaterStore(e.url))
                 m.failed(err)  # logs it; counts as down until it answers
                 members.append(m)
-        return ReplicatedStore(members, self.copies, self.quorum, on_copy)
+        return ReplicatedStore(members, self.copies, self.quorum, on_copy, on_stray)
 
 
 def new_store_id(taken: list[str]) -> str:
@@ -168,8 +171,11 @@ class _LaterStore:
     def put_if_absent(self, name: str, data: bytes) -> bool:
         return self._s().put_if_absent(name, data)
 
-    def get(self, name: str, max_size: int) -> bytes:
-        return self._s().get(name, max_size)
+    members: tuple[()] = ()
+
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
+        return self._s().get(name, max_size, check)
 
     def delete(self, name: str) -> None:
         self._s().delete(name)
@@ -184,9 +190,13 @@ class _LaterStore:
         return self._s().exists(name)
 
     def sync(self) -> None:
-        sync = getattr(self._s(), "sync", None)
-        if sync is not None:
-            sync()
+        self._s().sync()
+
+    def targets(self, name: str) -> list[Member]:
+        return []
+
+    def drain(self, timeout: float) -> bool:
+        return True
 
     def close(self) -> None:
         if self._store is not None:

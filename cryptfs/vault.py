@@ -36,13 +36,12 @@ from cryptfs.errors import (
     ObjectNotFound,
     StoreError,
 )
-from cryptfs.fs import FileSystem
+from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.layout import (
     CHECKPOINT_PREFIX,
     DATA_PREFIX,
     MAX_CHECKPOINT,
     META_PREFIX,
-    TRACKED_PREFIXES,
     checkpoint_name,
     checkpoint_seq,
 )
@@ -50,9 +49,9 @@ from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
 from cryptfs.paths import VaultPaths, write_private
+from cryptfs.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
-from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
 
 log = logging.getLogger("cryptfs.vault")
@@ -217,9 +216,13 @@ class Vault:
         readonly: bool = False,
         cache_bytes: int = 1 << 30,
         stores: StoreList | None = None,
+        copies: CopyLog | None = None,
     ) -> None:
+        """``copies``: the log ``store`` reports its copies to (see :meth:`open`)."""
         self.paths = paths
         self.store = store
+        self.copy_log = copies or CopyLog()
+        self.hooks = CommitHooks()  # the metadata's commits, heard by the filesystem
         self.stores = stores or StoreList()
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
@@ -229,6 +232,7 @@ class Vault:
         self.ledger: Ledger | None = None
         self.fs: FileSystem | None = None
         self.chunks: ChunkStore | None = None
+        self.replicas: Replicas | None = None
         self._lock_fd: int | None = None
         self._ckpt_lock = threading.Lock()
         self._ticket_lock = threading.Lock()
@@ -242,7 +246,6 @@ class Vault:
         self.recovered: list[str] = []
         self.lease: Lease | None = None  # what opening repaired after a crash, one line each
         self._stored_lock = threading.Lock()
-        self._copy_events: list[tuple[str, str, str]] = []
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
 
@@ -265,12 +268,10 @@ class Vault:
             if passphrase is None:
                 raise ConfigError("no passphrase given")
             master = cfg.unlock(passphrase)
-        store = stores.open()
+        copies = CopyLog()  # exists first: the store reports to it, the metadata records it
+        store = stores.open(on_copy=copies.copied, on_stray=copies.stray)
         v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes,
-                stores=stores)
-        if isinstance(store, ReplicatedStore):
-            store.on_copy = v._on_copy
-            store.on_stray = v._on_stray
+                stores=stores, copies=copies)
         try:
             v._refresh_config(master)
             v._take_lock()
@@ -358,7 +359,8 @@ class Vault:
     def _open_db(self) -> None:
         if not self.paths.db.exists():
             self._restore_from_store()
-        self.meta = MetaStore(self.paths.db)
+        self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
+                              on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key)
 
     def _restore_from_store(self) -> None:
@@ -536,8 +538,11 @@ class Vault:
             self.sync,
             readonly=self.readonly,
             statfs_source=statfs,
+            hooks=self.hooks,
+            before_commit=self._flush_stored,
         )
-        self.fs.before_commit = self._flush_stored
+        self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
+                                 self.copy_log, self.chunks.local_copy)
         if self.readonly:
             return
         dropped = self.fs.recover()  # files unlinked while open, then a crash
@@ -565,7 +570,7 @@ class Vault:
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
-        if isinstance(self.store, ReplicatedStore):
+        if self.store.members:  # copies to level in the background
             self.replicator = threading.Thread(target=self._replicate, name="replicate",
                                                daemon=True)
             self.replicator.start()
@@ -676,51 +681,26 @@ class Vault:
         self._flush_copies()
 
     # -- copies on several stores ----------------------------------------------------------------
-    def _on_copy(self, name: str, store_id: str, ok: bool) -> None:
-        """The replicated store reports where a copy landed or is missing; recorded (copies
-        table and a ``copy@id`` / ``lost@id`` ledger entry) at the next commit."""
-        if name.startswith(TRACKED_PREFIXES):
-            with self._stored_lock:
-                self._copy_events.append((name, store_id, "ok" if ok else "pending"))
-
-    def _on_stray(self, name: str, store_id: str) -> None:
-        """A delete did not reach a store (it was down): delete its copy later."""
-        if name.startswith(TRACKED_PREFIXES):
-            with self._stored_lock:
-                self._copy_events.append((name, store_id, "delete"))
-
     def _flush_copies(self) -> None:
-        """Record the queued copy events (caller holds the filesystem lock)."""
+        """Record the copy events the store reported (caller holds the filesystem lock): the
+        copies table and a ``copy@id`` / ``lost@id`` ledger entry each."""
         assert self.meta is not None and self.ledger is not None
-        with self._stored_lock:
-            events, self._copy_events = self._copy_events, []
-        if not events:
-            return
-        with self.meta.transaction():
-            for name, sid, st in events:
-                if self.meta.record_copy(name, sid, st) and st != "delete":
-                    op = ("copy@" if st == "ok" else "lost@") + sid
-                    self.ledger.append(op, name, 0, b"\0" * 32)
-
-    def flush_copies(self) -> None:
-        assert self.fs is not None
-        with self.fs.lock:
-            self._flush_copies()
+        self.copy_log.record(self.meta, self.ledger)
 
     def _replicate(self) -> None:
         """Background completion: record copy events and make the pending copies."""
-        from cryptfs.replicas import adopt, copy_pending, mark_pending, survey
-
+        r = self.replicas
+        assert r is not None
         surveyed = False
         while not self._stop.wait(REPLICATE_INTERVAL):
             try:
-                self.flush_copies()
+                r.flush()
                 if not surveyed:  # once per mount: find copies a crash left unrecorded
-                    adopt(self)
-                    found = survey(self)
-                    mark_pending(self, found.missing + found.corrupt)
+                    adopt(r)
+                    found = survey(r)
+                    mark_pending(r, found.missing + found.corrupt)
                     surveyed = True
-                copy_pending(self, stop=self._stop)
+                copy_pending(r, stop=self._stop)
             except CryptfsError as e:
                 log.warning("background replication: %s", e.line())
             except Exception:  # noqa: BLE001 - keep the thread alive, say what happened
@@ -835,9 +815,7 @@ class Vault:
         )
 
     def store_sync(self) -> None:
-        sync = getattr(self.store, "sync", None)
-        if sync is not None:
-            sync()
+        self.store.sync()
 
     def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
@@ -908,14 +886,13 @@ class Vault:
                 self.chunks.close(drain=checkpoint and not self.readonly)
             if self.replicator is not None:
                 self.replicator.join(timeout=60)
-            if isinstance(self.store, ReplicatedStore) and self.fs is not None \
-                    and self.meta is not None and not self.readonly:
+            if self.replicas is not None and not self.readonly:
                 # copies still being written: wait a little, record what landed; the rest
                 # stays pending and is copied at the next mount or by `cryptfs repair`
                 self.store.drain(timeout=10.0)
                 with contextlib.suppress(CryptfsError):
-                    self.flush_copies()
-                    self.meta.commit()
+                    self.replicas.flush()
+                    self.replicas.meta.commit()
             if self.meta is not None:
                 self.meta.close()
             if self.lease is not None and not self.lease.lost:
