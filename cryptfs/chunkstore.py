@@ -28,6 +28,7 @@ from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
 from cryptfs.diskcache import DiskCache, read_at_most
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
+from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
 
 log = logging.getLogger("cryptfs.chunkstore")
@@ -93,7 +94,7 @@ class ChunkStore:
         # chunks a sequential reader fetches ahead: enough to keep the fetch workers busy
         self.readahead = 8 if remote else 4
         self._failed: dict[str, tuple[float, CryptfsError]] = {}
-        staging.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(staging)
 
     # -- naming guards ------------------------------------------------------------------------
     def _acquire(self, name: str) -> None:

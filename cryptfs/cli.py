@@ -78,6 +78,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from cryptfs.vault import create_vault, default_chunk_size
 
     paths = _paths(args)
+    if not args.store_url:
+        from cryptfs.paths import private_dir
+
+        private_dir(paths.default_store.parent)  # the store itself is made 0700 by LocalStore
     urls = args.store_url or [f"file://{paths.default_store}"]
     chunk = args.chunk_size or max(default_chunk_size(u) for u in urls)
     if chunk < 4096 or chunk > (64 << 20) or chunk & (chunk - 1):
@@ -342,9 +346,12 @@ def cmd_key_list(args: argparse.Namespace) -> int:
 def cmd_key_add(args: argparse.Namespace) -> int:
     from cryptfs.keyslots import modify_config, read_public_key
     from cryptfs.unlock import get_new_passphrase
+    from cryptfs.vaultconfig import check_label
 
     if bool(args.passphrase) == bool(args.public_key):
         raise UsageError("give exactly one of --passphrase and --public-key FILE")
+    if args.label and (problem := check_label(args.label)):
+        raise UsageError(f"invalid --label: {problem}")
     creds = Credentials.from_args(args)
     paths = _paths(args)
     if args.public_key:
@@ -435,6 +442,33 @@ class _Cached(Credentials):
 
 
 # -- parsing -------------------------------------------------------------------------------------
+def _int_arg(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``lo`` to ``hi`` (absurd values are usage errors, not
+    an overflow deep inside)."""
+    def integer(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text[:30]!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text[:30]} is not from {lo} to {hi}")
+        return v
+    return integer
+
+
+def _seconds_arg(hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from 0 to ``hi`` (not nan or inf)."""
+    def seconds(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text[:30]!r}") from None
+        if not 0 <= v <= hi:  # false for nan
+            raise argparse.ArgumentTypeError(f"{text[:30]} is not from 0 to {hi:.0f} seconds")
+        return v
+    return seconds
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line with a hint, exit code 2."""
 
@@ -496,12 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="file:///path or s3://bucket[/prefix][?endpoint=URL][&profile=NAME]; several "
         "stores keep copies of everything; default: the embedded local store",
     )
-    sp.add_argument("--copies", type=int, default=0, metavar="N",
+    sp.add_argument("--copies", type=_int_arg(0, 64), default=0, metavar="N",
                     help="copies of each object (default: one on every store)")
-    sp.add_argument("--quorum", type=int, default=0, metavar="N",
+    sp.add_argument("--quorum", type=_int_arg(0, 64), default=0, metavar="N",
                     help="copies that must be stored before a write counts (default: half "
                     "the copies, rounded up)")
-    sp.add_argument("--chunk-size", type=int, metavar="BYTES", help="chunk size (power of two)")
+    sp.add_argument("--chunk-size", type=_int_arg(4096, 64 << 20), metavar="BYTES",
+                    help="chunk size (power of two)")
     sp.add_argument("--show-master-key", action="store_true",
                     help="print the master key (hex) for an offline backup")
     sp.add_argument("--name", help=f"vault name (default: {DEFAULT_NAME})")
@@ -551,14 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("gc", "delete store objects that nothing references (vault must be unmounted)")
     sp.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
-    sp.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+    sp.add_argument("--grace", type=_seconds_arg(10 * 365 * 86400), default=3600.0,
+                    metavar="SECONDS",
                     help="keep objects younger than this (default 3600: uploads of another "
                     "process are invisible until committed)")
     common(sp)
     sp.set_defaults(func=cmd_gc)
 
     sp = add("log", "show the newest ledger entries")
-    sp.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    sp.add_argument("-n", type=_int_arg(1, 1 << 31), default=20, help="how many (default 20)")
     common(sp)
     sp.set_defaults(func=cmd_log)
 
@@ -622,7 +658,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("generate", "write a new RSA key pair: FILE (private, 0600) and FILE.pub", ksub,
              "key generate")
     sp.add_argument("file")
-    sp.add_argument("--bits", type=int, default=3072, help="key size (default 3072)")
+    sp.add_argument("--bits", type=_int_arg(3072, 16384), default=3072,
+                    help="key size (default 3072, at most 16384)")
     sp.set_defaults(func=cmd_key_generate)
 
     sp = add("passwd", "change the passphrase of the key slot it opens")
@@ -682,7 +719,10 @@ def _store_key(url: str) -> tuple[str, str, str | None] | None:
         return None
     scheme = parts.scheme.lower()
     if scheme == "file":
-        return ("file", os.path.realpath(unquote(parts.path)), None)
+        try:
+            return ("file", os.path.realpath(unquote(parts.path)), None)
+        except ValueError:  # a NUL byte
+            return None
     if scheme == "s3":
         prefix = unquote(parts.path).strip("/")
         endpoint = parse_qs(parts.query).get("endpoint", [None])[0]

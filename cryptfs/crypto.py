@@ -1,7 +1,9 @@
 """Cryptographic primitives, each used for one purpose.
 
-- scrypt (pycryptodome) turns a passphrase into a key-encryption key; parameters are stored and
-  a minimum cost is enforced when a vault is opened.
+- scrypt (pycryptodome) turns a passphrase into a key-encryption key; parameters are stored in
+  the config and must lie within fixed bounds (:func:`scrypt_params_problem`): enough cost to
+  slow guessing, and at most 1 GiB of memory per attempt, so a tampered config cannot make an
+  unlock exhaust the machine.
 - HKDF-SHA256 derives one sub-key per purpose from the 32-byte master key (salt: vault id).
 - AES-256-GCM seals everything that is stored: 12-byte random nonce, 16-byte tag, associated
   data that binds the format version, vault id and object name. Sealing and opening use the
@@ -23,7 +25,7 @@ from Crypto.Protocol.KDF import HKDF, scrypt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from cryptfs.errors import IntegrityError
+from cryptfs.errors import ConfigError, IntegrityError
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -32,10 +34,14 @@ SEAL_OVERHEAD = NONCE_SIZE + TAG_SIZE
 MAX_SEALED = (1 << 31) - 1  # more than any object cryptfs writes; stores bound reads below it
 
 SCRYPT_MIN_N = 2**14
-SCRYPT_MAX_N = 2**22  # 4 GiB of memory at r=8: a tampered config must not exhaust RAM
-SCRYPT_DEFAULT_N = 2**17
-SCRYPT_R = 8
+SCRYPT_MAX_N = 2**20  # scrypt takes 128*N*r bytes: 1 GiB at r=8 (about 6 s on a 2-core VM)
+SCRYPT_DEFAULT_N = 2**17  # 128 MiB, about 0.7 s
+SCRYPT_R = 8  # the only r and p cryptfs writes or accepts: p multiplies the time, r the memory
 SCRYPT_P = 1
+SCRYPT_SALT_MIN, SCRYPT_SALT_MAX = 16, 64
+# the sum of N*r*p over all passphrase slots of one config: an unlock that tries every slot does
+# at most four passes at the maximum cost (32 slots at the default cost is the same figure)
+SCRYPT_MAX_TOTAL_WORK = 4 * SCRYPT_MAX_N * SCRYPT_R * SCRYPT_P
 
 # Sub-key purposes (HKDF info strings); see docs/FORMAT.md.
 PURPOSE_CHUNK = b"cryptfs chunk encryption v1"
@@ -49,20 +55,32 @@ def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
 
+def scrypt_params_problem(n: object, r: object, p: object, salt_len: int) -> str | None:
+    """What is wrong with these scrypt parameters (None if they are within the bounds): N a
+    power of two from 2^14 to 2^20, r = 8, p = 1, a salt of 16 to 64 bytes. Checked before any
+    memory is allocated."""
+    for name, v in (("n", n), ("r", r), ("p", p)):
+        if type(v) is not int:
+            return f"scrypt {name} is not an integer"
+    assert isinstance(n, int)
+    if n & (n - 1) or not SCRYPT_MIN_N <= n <= SCRYPT_MAX_N:
+        return f"scrypt N must be a power of two from 2^14 to 2^20 (it is {n})"
+    if r != SCRYPT_R or p != SCRYPT_P:
+        return f"scrypt r and p must be {SCRYPT_R} and {SCRYPT_P} (they are {r} and {p})"
+    if not SCRYPT_SALT_MIN <= salt_len <= SCRYPT_SALT_MAX:
+        return f"the scrypt salt must be 16 to 64 bytes (it is {salt_len})"
+    return None
+
+
 def derive_kek(
     passphrase: bytes, salt: bytes, n: int, r: int = SCRYPT_R, p: int = SCRYPT_P
 ) -> bytes:
-    """Key-encryption key from a passphrase. Refuses parameters below the enforced minimum."""
-    if (
-        not SCRYPT_MIN_N <= n <= SCRYPT_MAX_N
-        or not SCRYPT_R <= r <= 32
-        or not 1 <= p <= 16
-        or len(salt) < 16
-    ):
-        raise IntegrityError(
-            "key derivation parameters are outside the enforced bounds",
-            hint="the config may have been tampered with",
-        )
+    """Key-encryption key from a passphrase. Refuses parameters outside the bounds of
+    :func:`scrypt_params_problem` (configs are checked when read; this is the last guard)."""
+    problem = scrypt_params_problem(n, r, p, len(salt))
+    if problem:
+        raise ConfigError(f"key derivation parameters are outside the bounds: {problem}",
+                          hint="the config may have been tampered with")
     return scrypt(passphrase, salt, KEY_SIZE, N=n, r=r, p=p)  # type: ignore[return-value]
 
 

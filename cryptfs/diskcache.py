@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from cryptfs.codec import ChunkRef
+from cryptfs.paths import private_dir
 
 log = logging.getLogger("cryptfs.diskcache")
 
@@ -41,7 +42,7 @@ class DiskCache:
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()  # file -> size
         self._writing: set[str] = set()  # files being written: not complete yet
         self.bytes = 0
-        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(root)
         found = []
         for f in root.iterdir():
             try:

@@ -18,14 +18,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cryptfs.errors import ConfigError, IntegrityError, UsageError
-from cryptfs.paths import VaultPaths
-from cryptfs.unlock import Credentials
+from cryptfs.paths import VaultPaths, private_dir
+from cryptfs.unlock import Credentials, read_small_file
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
 
 
 @contextmanager
 def _config_lock(paths: VaultPaths) -> Iterator[None]:
-    paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(paths.data_dir)
     fd = os.open(paths.data_dir / "config.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -110,11 +110,7 @@ def read_public_key(path: str):  # type: ignore[no-untyped-def]
     """An RSA public key from a PEM/DER/OpenSSH file (a private key file gives its public half)."""
     from Crypto.PublicKey import RSA
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read public key {path}: {e.strerror}") from None
+    data = read_small_file(path, "public key")
     try:
         return RSA.import_key(data).publickey()
     except (ValueError, IndexError, TypeError):

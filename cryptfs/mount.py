@@ -1,14 +1,21 @@
 """Mounting and unmounting: mountpoint checks, the background daemon and its readiness pipe.
 
 ``mount_vault`` checks everything it can in the calling process (mountpoint, passphrase), then
-forks a daemon that opens the vault and serves FUSE; the caller returns when the daemon reports
-that the mount is live, or prints the daemon's one-line error. No secret crosses an exec or a
-command line: the child inherits the unlocked key by fork.
+starts the daemon (:mod:`cryptfs.mountd`) that opens the vault and serves FUSE; the caller
+returns when the daemon reports on the readiness pipe that the mount is live, or prints the
+daemon's one-line error. The daemon is a new program (``exec``), not the forked CLI: its
+environment is the caller's without ``CRYPTFS_PASSPHRASE`` and ``CRYPTFS_NEW_PASSPHRASE`` (so
+``/proc/PID/environ`` never shows them, which no change of ``os.environ`` after the exec could
+achieve), and the master key and options reach it on an inherited pipe, never in argv or the
+environment. The daemon then makes itself non-dumpable, sets its core limit to 0 and locks its
+memory where it may (see :func:`cryptfs.mountd.harden`). With ``--foreground`` the CLI process
+itself execs the daemon (same pid, same terminal).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import logging.handlers
 import os
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptfs.errors import CryptfsError, MountError, StoreError, UsageError
-from cryptfs.paths import VaultPaths
+from cryptfs.paths import VaultPaths, private_dir
 
 log = logging.getLogger("cryptfs.mount")
 
@@ -140,14 +147,21 @@ class MountOptions:
         return o
 
 
+MAX_SIZE = 1 << 50  # 1 PiB: any size option above this is a typo
+
+
 def parse_size(text: str) -> int:
+    """``1.5G``, ``512m``, ``4096``... in bytes, from 0 to 1 PiB (UsageError otherwise)."""
     units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     unit = t[-1:] if t[-1:] in units else ""
     try:
-        return int(float(t[: len(t) - len(unit)]) * units[unit])
+        v = float(t[: len(t) - len(unit)]) * units[unit]
     except ValueError:
-        raise UsageError(f"invalid size '{text}'") from None
+        v = -1.0
+    if not 0 <= v <= MAX_SIZE:  # also nan and inf
+        raise UsageError(f"invalid size '{text[:30]}'", hint="a size from 0 to 1P, e.g. 512M")
+    return int(v)
 
 
 def is_mountpoint(path: str) -> bool:
@@ -184,7 +198,7 @@ def check_mountpoint(path: str, nonempty: bool) -> str:
     return real
 
 
-def _setup_daemon_logging(paths: VaultPaths, foreground: bool, verbose: bool) -> None:
+def setup_daemon_logging(paths: VaultPaths, foreground: bool, verbose: bool) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -192,7 +206,7 @@ def _setup_daemon_logging(paths: VaultPaths, foreground: bool, verbose: bool) ->
         h: logging.Handler = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("cryptfs: %(levelname)s %(message)s"))
     else:
-        paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(paths.data_dir)
         logfile = paths.data_dir / "daemon.log"
         fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.close(fd)
@@ -221,7 +235,7 @@ def serve(
     def report(msg: str) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
-            os.write(ready_fd, msg.encode() + b"\n")
+            os.write(ready_fd, msg.encode(errors="replace") + b"\n")
             os.close(ready_fd)
             ready_fd = None
 
@@ -294,25 +308,33 @@ def mount_vault(
     verbose: bool,
 ) -> int:
     real = check_mountpoint(mountpoint, opts.nonempty)
+    key_r, key_w = os.pipe()
+    settings = {"allow_other": opts.allow_other, "readonly": opts.readonly,
+                "cache_bytes": opts.cache_bytes}
+    os.write(key_w, master + json.dumps(settings).encode())  # far below a pipe's buffer
+    os.close(key_w)
+    argv = [sys.executable, "-m", "cryptfs.mountd", paths.name, real, f"--key-fd={key_r}"]
+    if verbose:
+        argv.append("--verbose")
+    env = daemon_environment()
     if foreground:
-        _setup_daemon_logging(paths, True, verbose)
-        return serve(paths, master, real, opts, None)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        os.close(r)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.chdir("/")
-        code = 1
+        os.set_inheritable(key_r, True)
         try:
-            _setup_daemon_logging(paths, False, verbose)
-            code = serve(paths, master, real, opts, w)
-        finally:
-            os._exit(code)
-    os.close(w)
+            os.execve(sys.executable, [*argv, "--foreground"], env)
+        except OSError as e:
+            os.close(key_r)
+            raise MountError(
+                f"cannot start the mount daemon {sys.executable}: {e.strerror}") from None
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen([*argv, f"--ready-fd={w}"], env=env, pass_fds=(key_r, w),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, cwd="/", start_new_session=True)
+    except OSError as e:
+        raise MountError(f"cannot start the mount daemon {sys.executable}: {e.strerror}") from None
+    finally:
+        os.close(key_r)
+        os.close(w)
     msg = b""
     while True:
         chunk = os.read(r, 4096)
@@ -322,8 +344,9 @@ def mount_vault(
     os.close(r)
     text = msg.decode(errors="replace").strip()
     if text == "OK":
+        proc.returncode = 0  # it lives on as the daemon; nobody waits for it here
         return 0
-    os.waitpid(pid, 0)
+    proc.wait()
     if text.startswith("ERR "):
         code, _, line = text[4:].partition(" ")
         err = MountError(line)
@@ -333,6 +356,25 @@ def mount_vault(
         f"the mount daemon exited without mounting {mountpoint}",
         hint=f"see {paths.data_dir / 'daemon.log'}",
     )
+
+
+SECRET_VARIABLES = ("CRYPTFS_PASSPHRASE", "CRYPTFS_NEW_PASSPHRASE")
+
+
+def daemon_environment() -> dict[str, str]:
+    """The daemon's environment: ours without the passphrase variables. When this cryptfs
+    package was imported from a source tree rather than an installation, that tree goes first
+    on PYTHONPATH, so the daemon runs this very code (a site-packages directory is never put
+    there: it would come before the standard library)."""
+    import site
+
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    installed = {os.path.abspath(p) for p in [*site.getsitepackages(),
+                                               site.getusersitepackages()]}
+    if here not in installed:
+        env["PYTHONPATH"] = os.pathsep.join([here, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def mounted_vault(mountpoint: str) -> str | None:
@@ -386,14 +428,12 @@ def wait_released(paths: VaultPaths, show_progress: bool) -> None:
             if show_progress:
                 try:
                     status = (paths.data_dir / "status.json").read_text()
-                    import json
-
                     st = json.loads(status)
                     line = (
                         f"\rcryptfs: storing pending data: {st['pending_objects']} objects, "
                         f"{st['pending_bytes'] / 1e6:.1f} MB left "
                     )
-                except (OSError, ValueError, KeyError):
+                except (OSError, ValueError, KeyError, TypeError):  # a torn or odd file
                     line = ""
                 if line and line != last:
                     sys.stderr.write(line)

@@ -6,6 +6,12 @@
 - ``$XDG_DATA_HOME/cryptfs/stores/NAME/``: the embedded local store of ``cryptfs init`` without
   a URL
 - ``$XDG_CACHE_HOME/cryptfs/vaults/NAME/``: cached sealed chunks (safe to delete)
+
+cryptfs owns the three ``cryptfs`` directories and everything below them. Every directory it
+creates there is 0700 (as are missing XDG base directories it has to create, as the XDG spec
+asks), and one it finds open to other users (made by an older version, or by hand) is tightened
+to 0700 the next time the vault is used: vault names, the sizes of databases and caches and the
+times of their changes are nobody else's business.
 """
 
 from __future__ import annotations
@@ -82,6 +88,56 @@ class VaultPaths:
         return data_home() / "stores" / self.name
 
 
+def _own_roots() -> list[Path]:
+    return [config_home(), data_home(), cache_home()]
+
+
+def _is_ours(path: Path, roots: list[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _tighten(path: Path, st: os.stat_result) -> None:
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        try:
+            os.chmod(path, 0o700)
+        except OSError:
+            pass  # a read-only filesystem: the files inside are 0600 all the same
+
+
+def private_dir(path: Path) -> Path:
+    """Make sure directory ``path`` exists: missing components are created 0700; existing ones
+    inside cryptfs's own trees that others can read are tightened to 0700. Returns ``path``."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    for q in reversed(missing):
+        try:
+            os.mkdir(q, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(q, 0o700)  # the umask may have taken bits away
+    roots = _own_roots()
+    for q in [path, *path.parents]:
+        if q not in missing and _is_ours(q, roots):
+            _tighten(q, os.stat(q))
+    return path
+
+
+def tighten_private_dirs(paths: VaultPaths) -> None:
+    """Tighten to 0700 the directories of cryptfs (and of this vault) that exist and are open
+    to others; creates nothing."""
+    roots = _own_roots()
+    dirs = [*roots, roots[0] / "vaults", roots[1] / "vaults", roots[1] / "stores",
+            roots[2] / "vaults", paths.data_dir, paths.cache_dir, paths.default_store]
+    for d in dirs:
+        try:
+            _tighten(d, os.stat(d))
+        except OSError:
+            continue
+
+
 def list_vaults() -> list[str]:
     d = config_home() / "vaults"
     if not d.is_dir():
@@ -91,7 +147,7 @@ def list_vaults() -> list[str]:
 
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``: temp file (0600), fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -65,16 +65,33 @@ class StoreList:
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> StoreList:
-        """Parse the local config body; raises ValueError/KeyError/TypeError if malformed."""
+        """Parse the local config body; raises ValueError (saying what is wrong) if any field is
+        missing or of the wrong type, or the policy is impossible."""
+        if not isinstance(body, dict):
+            raise ValueError("not a JSON object")
         if "stores" not in body:
-            url = body["store"]
-            if not isinstance(url, str):
-                raise TypeError("store")
+            url = body.get("store")
+            if not isinstance(url, str) or not url:
+                raise ValueError("no store URL")
             return cls([StoreEntry("", url)])
-        entries = [StoreEntry(str(d["id"]), str(d["url"])) for d in body["stores"]]
-        if not entries:
-            raise ValueError("no stores")
-        return cls(entries, int(body.get("copies", 0)), int(body.get("quorum", 0)))
+        rows = body["stores"]
+        if not isinstance(rows, list) or not 1 <= len(rows) <= 64:
+            raise ValueError("stores is not a list of 1 to 64 stores")
+        entries = []
+        for d in rows:
+            if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not isinstance(
+                    d.get("url"), str) or not d["url"]:
+                raise ValueError("a store has no id or URL")
+            entries.append(StoreEntry(d["id"], d["url"]))
+        copies, quorum = body.get("copies", 0), body.get("quorum", 0)
+        if type(copies) is not int or type(quorum) is not int:
+            raise ValueError("copies and quorum must be integers")
+        try:
+            check_policy(len(entries), copies, quorum)
+        except UsageError:
+            raise ValueError(f"copies {copies} and quorum {quorum} do not fit "
+                             f"{len(entries)} stores") from None
+        return cls(entries, copies, quorum)
 
     def open(
         self,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from cryptfs import crypto
 from cryptfs.errors import AuthError, UsageError
-from cryptfs.vaultconfig import VaultConfig
+from cryptfs.vaultconfig import RSA_MAX_BITS, VaultConfig
 
 ENV_PASSPHRASE = "CRYPTFS_PASSPHRASE"
 ENV_NEW_PASSPHRASE = "CRYPTFS_NEW_PASSPHRASE"
@@ -35,13 +35,23 @@ SOURCES_HINT = "use --passphrase-file, --extpass, --key-file, set CRYPTFS_PASSPH
 SOURCES_HINT += "terminal"
 
 
-def read_passphrase_file(path: str) -> bytes:
+MAX_SECRET_FILE = 1 << 20  # passphrase, key and master key files: /dev/zero is a typo
+
+
+def read_small_file(path: str, what: str) -> bytes:
+    """The bytes of a file the user named (at most 1 MiB), or a one-line UsageError."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_SECRET_FILE + 1)
     except OSError as e:
-        raise UsageError(f"cannot read passphrase file {path}: {e.strerror}") from None
-    return data.rstrip(b"\r\n")
+        raise UsageError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > MAX_SECRET_FILE:
+        raise UsageError(f"{what} {path} is larger than 1 MiB")
+    return data
+
+
+def read_passphrase_file(path: str) -> bytes:
+    return read_small_file(path, "passphrase file").rstrip(b"\r\n")
 
 
 def run_extpass(cmd: str) -> bytes:
@@ -97,7 +107,7 @@ def get_passphrase(
         return run_extpass(extpass)
     env = os.environ.get(ENV_PASSPHRASE)
     if env is not None:
-        return env.encode()
+        return os.fsencode(env)  # the bytes as given, also when they are not UTF-8
     return _prompt("Passphrase", confirm)
 
 
@@ -109,7 +119,7 @@ def get_new_passphrase(passphrase_file: str | None = None, extpass: str | None =
     elif extpass:
         p = run_extpass(extpass)
     elif os.environ.get(ENV_NEW_PASSPHRASE) is not None:
-        p = os.environ[ENV_NEW_PASSPHRASE].encode()
+        p = os.fsencode(os.environ[ENV_NEW_PASSPHRASE])
     else:
         if not sys.stdin.isatty():
             raise UsageError(
@@ -127,10 +137,9 @@ def read_private_key(path: str):  # type: ignore[no-untyped-def]
     """An RSA private key from a PEM (PKCS#1 or PKCS#8) or OpenSSH file without a passphrase."""
     from Crypto.PublicKey import RSA
 
+    data = read_small_file(path, "key file")
     try:
         st = os.stat(path)
-        with open(path, "rb") as f:
-            data = f.read()
     except OSError as e:
         raise UsageError(f"cannot read key file {path}: {e.strerror}") from None
     try:
@@ -144,6 +153,9 @@ def read_private_key(path: str):  # type: ignore[no-untyped-def]
         raise UsageError(
             f"{path} holds a public key", hint="--key-file needs the private key (not FILE.pub)"
         )
+    if key.size_in_bits() > RSA_MAX_BITS:
+        raise UsageError(f"{path} holds a {key.size_in_bits()}-bit key; at most {RSA_MAX_BITS} "
+                         "bits are allowed")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         print(f"cryptfs: warning: key file {path} is readable by others (chmod 600 {path})",
               file=sys.stderr)
@@ -153,11 +165,7 @@ def read_private_key(path: str):  # type: ignore[no-untyped-def]
 def read_master_key_file(path: str) -> bytes:
     """The master key as printed by ``cryptfs init --show-master-key``: 64 hex digits, possibly
     grouped with spaces, dashes or colons, optionally after ``master key:``."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read master key file {path}: {e.strerror}") from None
+    text = read_small_file(path, "master key file").decode("utf-8", errors="replace")
     if ":" in text and text.lower().lstrip().startswith("master key"):
         text = text.split(":", 1)[1]
     digits = "".join(c for c in text if c not in " \t\r\n-:")

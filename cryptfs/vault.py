@@ -48,7 +48,7 @@ from cryptfs.layout import (
 from cryptfs.lease import Lease
 from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
 from cryptfs.metadata import ROOT_INO, Inode, MetaStore
-from cryptfs.paths import VaultPaths, write_private
+from cryptfs.paths import VaultPaths, private_dir, tighten_private_dirs, write_private
 from cryptfs.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
@@ -67,6 +67,7 @@ KEEP_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL = 60.0
 REPLICATE_INTERVAL = 2.0
 UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
+MAX_LOCAL_CONFIG = 1 << 20  # the local config file: a store list and a config of <= 32 slots
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
 
 
@@ -84,7 +85,8 @@ def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig) ->
 def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
     f = paths.config_file
     try:
-        raw = f.read_bytes()
+        with open(f, "rb") as fh:
+            raw = fh.read(MAX_LOCAL_CONFIG + 1)
     except FileNotFoundError:
         raise ConfigError(
             f"no vault named '{paths.name}'",
@@ -93,14 +95,18 @@ def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
     except OSError as e:
         raise ConfigError(f"cannot read {f}: {e.strerror}") from None
     try:
+        if len(raw) > MAX_LOCAL_CONFIG:
+            raise ValueError(f"larger than {MAX_LOCAL_CONFIG} bytes")
         body = json.loads(raw.decode())
         stores = StoreList.from_json(body)
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # also UnicodeDecodeError
+        detail = str(e) if type(e) is ValueError else "not valid JSON"
         raise ConfigError(
-            f"config file {f} is corrupt",
+            f"config file {f} is corrupt ({detail[:80]})",
             hint="move it away and run 'cryptfs init STORE_URL' to attach the "
             "vault from its store again",
         ) from None
+    tighten_private_dirs(paths)
     return stores, VaultConfig.from_dict(body.get("vault"), str(f))
 
 
@@ -135,7 +141,7 @@ def read_head(paths: VaultPaths) -> Head | None:
         return Head.from_json(json.loads(paths.head.read_text()))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         raise IntegrityError(f"the local head file {paths.head} is corrupt") from None
 
 
@@ -342,7 +348,7 @@ class Vault:
                                        crypto.sha256(body))
 
     def _take_lock(self) -> None:
-        self.paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.paths.data_dir)
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -981,7 +987,7 @@ def create_vault(
             save_local_config(paths, store_list, cfg)
             return cfg, False
         # the first checkpoint: an empty root directory
-        paths.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(paths.data_dir)
         meta = MetaStore(paths.db)
         os.chmod(paths.db, 0o600)
         now = time.time_ns()

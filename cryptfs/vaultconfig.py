@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,16 @@ CONFIG_OBJECT = layout.CONFIG
 PUBLIC_KEY_SLOT = "public-key"
 RSA_OAEP_ALG = "rsa-oaep-sha256"
 RSA_MIN_BITS = 3072
+RSA_MAX_BITS = 16384
 MAX_SLOTS = 32
+MAX_LABEL = 200
+SLOT_ID_RE = re.compile(r"[0-9a-f]{8}")
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+HEX32_RE = re.compile(r"[0-9a-f]{32}")
+PASSPHRASE_SLOT_KEYS = {"id", "type", "kdf", "wrapped", "label"}
+PUBLIC_KEY_SLOT_KEYS = {"id", "type", "alg", "bits", "fingerprint", "wrapped", "label"}
+KDF_KEYS = {"name", "salt", "n", "r", "p"}
+WRAPPED_PASSPHRASE_LEN = crypto.SEAL_OVERHEAD + crypto.KEY_SIZE
 
 
 def _b64(b: bytes) -> str:
@@ -34,6 +45,126 @@ def _b64(b: bytes) -> str:
 
 def _unb64(s: str) -> bytes:
     return base64.b64decode(s.encode(), validate=True)
+
+
+# -- validation of key slots (every field is checked before anything uses it) --------------------
+class _Bad(Exception):
+    """A slot breaks a format rule; the message says which (becomes a ConfigError)."""
+
+
+def _field_b64(d: dict[str, Any], key: str, what: str, lo: int, hi: int) -> bytes:
+    v = d.get(key)
+    if not isinstance(v, str) or len(v) > 4 * (hi // 3 + 1):
+        raise _Bad(f"{what} is not a base64 string of at most {hi} bytes")
+    try:
+        raw = base64.b64decode(v.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):  # binascii.Error is a ValueError
+        raise _Bad(f"{what} is not valid base64") from None
+    if not lo <= len(raw) <= hi:
+        raise _Bad(f"{what} has {len(raw)} bytes (expected {lo}" + (f" to {hi})" if hi > lo
+                                                                   else ")"))
+    return raw
+
+
+def check_label(label: object) -> str | None:
+    """What is wrong with a slot label (None if fine): a string of at most 200 characters
+    without control characters (it is printed by 'key list' and 'info')."""
+    if not isinstance(label, str):
+        return "label is not a string"
+    if len(label) > MAX_LABEL:
+        return f"label is longer than {MAX_LABEL} characters"
+    if any(unicodedata.category(c)[0] == "C" for c in label):
+        return "label contains control characters"
+    return None
+
+
+def _check_slot(s: object, index: int) -> int:
+    """Raise _Bad if a slot is malformed; returns its scrypt work (N*r*p, 0 for key slots)."""
+    if not isinstance(s, dict):
+        raise _Bad(f"key slot #{index} is not an object")
+    sid, kind = s.get("id"), s.get("type")
+    if not isinstance(sid, str) or not SLOT_ID_RE.fullmatch(sid):
+        raise _Bad(f"key slot #{index} has no valid id (8 lowercase hex digits)")
+    where = f"key slot {sid}"
+    if "label" in s and (problem := check_label(s["label"])):
+        raise _Bad(f"{where}: {problem}")
+    if kind == "passphrase":
+        unknown = set(s) - PASSPHRASE_SLOT_KEYS
+        if unknown:
+            raise _Bad(f"{where} has unknown fields {', '.join(sorted(unknown))}")
+        kdf = s.get("kdf")
+        if not isinstance(kdf, dict):
+            raise _Bad(f"{where} has no kdf object")
+        if set(kdf) != KDF_KEYS or kdf.get("name") != "scrypt":
+            raise _Bad(f"{where}: kdf must have exactly name (scrypt), salt, n, r and p")
+        salt = _field_b64(kdf, "salt", f"{where}: kdf salt", 1, crypto.SCRYPT_SALT_MAX)
+        problem = crypto.scrypt_params_problem(kdf["n"], kdf["r"], kdf["p"], len(salt))
+        if problem:
+            raise _Bad(f"{where}: {problem}")
+        _field_b64(s, "wrapped", f"{where}: wrapped key", WRAPPED_PASSPHRASE_LEN,
+                   WRAPPED_PASSPHRASE_LEN)
+        return int(kdf["n"]) * int(kdf["r"]) * int(kdf["p"])
+    if kind == PUBLIC_KEY_SLOT:
+        unknown = set(s) - PUBLIC_KEY_SLOT_KEYS
+        if unknown:
+            raise _Bad(f"{where} has unknown fields {', '.join(sorted(unknown))}")
+        if s.get("alg") != RSA_OAEP_ALG:
+            raise _Bad(f"{where}: alg must be {RSA_OAEP_ALG}")
+        bits = s.get("bits")
+        if type(bits) is not int or not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
+            raise _Bad(f"{where}: bits must be an integer from {RSA_MIN_BITS} to {RSA_MAX_BITS}")
+        fp = s.get("fingerprint")
+        if not isinstance(fp, str) or not FINGERPRINT_RE.fullmatch(fp):
+            raise _Bad(f"{where}: fingerprint must be 64 lowercase hex digits")
+        size = (bits + 7) // 8
+        _field_b64(s, "wrapped", f"{where}: wrapped key", size, size)
+        return 0
+    raise _Bad(f"{where} has unknown type {str(kind)[:40]!r} (known: passphrase, "
+               f"{PUBLIC_KEY_SLOT})")
+
+
+def validate_fields(d: dict[str, Any], where: str) -> None:
+    """The config's own fields (docs/FORMAT.md 3.1): ``vault_id`` 32 lowercase hex digits,
+    ``chunk_size`` an integer from 4096 to 64 MiB, ``created`` a short string without control
+    characters, ``mac`` 64 lowercase hex digits. ConfigError (one line) otherwise."""
+    problem = None
+    if not isinstance(d.get("vault_id"), str) or not HEX32_RE.fullmatch(d["vault_id"]):
+        problem = "vault_id is not 32 lowercase hex digits"
+    elif type(d.get("chunk_size")) is not int or not 4096 <= d["chunk_size"] <= 64 << 20:
+        problem = "chunk_size is not an integer from 4096 to 67108864"
+    elif not isinstance(d.get("created", ""), str) or len(d.get("created", "")) > 64 or any(
+            unicodedata.category(c)[0] == "C" for c in d.get("created", "")):
+        problem = "created is not a short string"
+    elif not isinstance(d.get("mac"), str) or not FINGERPRINT_RE.fullmatch(d["mac"]):
+        problem = "mac is not 64 lowercase hex digits"
+    if problem:
+        raise ConfigError(f"{where} is corrupt or was tampered with: {problem}",
+                          hint="nothing was changed")
+
+
+def validate_slots(slots: object, where: str) -> list[dict[str, Any]]:
+    """The key slots of a config, checked field by field (docs/FORMAT.md 3.2): 1 to 32 slots,
+    unique ids, known types, every field of the right type, length and encoding, scrypt
+    parameters within the bounds and their total work bounded. Raises ConfigError (one line)
+    otherwise, before any key derivation allocates memory."""
+    try:
+        if not isinstance(slots, list):
+            raise _Bad("slots is not a list")
+        if not 1 <= len(slots) <= MAX_SLOTS:
+            raise _Bad(f"{len(slots)} key slots (1 to {MAX_SLOTS} are allowed)")
+        work = 0
+        for i, s in enumerate(slots):
+            work += _check_slot(s, i + 1)
+        ids = [s["id"] for s in slots]
+        if len(set(ids)) != len(ids):
+            raise _Bad("two key slots have the same id")
+        if work > crypto.SCRYPT_MAX_TOTAL_WORK:
+            raise _Bad("the passphrase slots together demand more scrypt work than allowed "
+                       f"(sum of N*r*p {work} > {crypto.SCRYPT_MAX_TOTAL_WORK})")
+    except _Bad as e:
+        raise ConfigError(f"{where} is corrupt or was tampered with: {e}",
+                          hint="nothing was changed") from None
+    return slots
 
 
 def _slot_aad(vault_id: bytes, slot_id: str) -> bytes:
@@ -80,7 +211,8 @@ class VaultConfig:
         """Wrap the master key under ``passphrase`` in a new slot; returns its id."""
         if not passphrase:
             raise AuthError("the passphrase must not be empty")
-        n = scrypt_n or int(os.environ.get("CRYPTFS_SCRYPT_N", crypto.SCRYPT_DEFAULT_N))
+        n = scrypt_n or _scrypt_n_from_env()
+        _check_new_label(label)
         salt = crypto.random_bytes(16)
         kek = crypto.derive_kek(passphrase, salt, n)
         slot_id = slot_id or self._new_slot_id()
@@ -150,10 +282,8 @@ class VaultConfig:
         raise AuthError("wrong passphrase")  # exactly this line: tests and scripts match it
 
     def _open_passphrase_slot(self, slot: dict[str, Any], passphrase: bytes) -> bytes:
-        kdf = slot["kdf"]
-        kek = crypto.derive_kek(
-            passphrase, _unb64(kdf["salt"]), int(kdf["n"]), int(kdf["r"]), int(kdf["p"])
-        )
+        kdf = slot["kdf"]  # checked by validate_slots when the config was read
+        kek = crypto.derive_kek(passphrase, _unb64(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
         try:
             return crypto.open_sealed(
                 kek, _unb64(slot["wrapped"]), _slot_aad(self.vault_id, slot["id"])
@@ -206,6 +336,10 @@ class VaultConfig:
                 f"{RSA_MIN_BITS} are required",
                 hint="create one with 'cryptfs key generate FILE'",
             )
+        if public_key.size_in_bits() > RSA_MAX_BITS:
+            raise UsageError(f"the public key has {public_key.size_in_bits()} bits; at most "
+                             f"{RSA_MAX_BITS} are allowed")
+        _check_new_label(label)
         slot_id = self._new_slot_id()
         cipher = PKCS1_OAEP.new(
             public_key.publickey(), hashAlgo=SHA256, label=_slot_aad(self.vault_id, slot_id)
@@ -304,8 +438,9 @@ class VaultConfig:
                 raise ConfigError(f"{where} is not a cryptfs vault config")
             version = d.get("version")
             if version not in VERSIONS or isinstance(version, bool):
-                raise ConfigError(f"{where} has unsupported format version {version}",
-                                  hint="a newer cryptfs wrote it")
+                raise ConfigError(f"{where} has unsupported format version "
+                                  f"{str(version)[:20]}", hint="a newer cryptfs wrote it")
+            validate_fields(d, where)
             generation = d.get("generation", 0) if version == 2 else 0
             if version == 2 and (type(generation) is not int or not 1 <= generation < 2**53):
                 raise ValueError
@@ -314,19 +449,17 @@ class VaultConfig:
             cfg = cls(
                 vault_id=bytes.fromhex(d["vault_id"]),
                 chunk_size=int(d["chunk_size"]),
-                slots=list(d["slots"]),
+                slots=list(validate_slots(d.get("slots"), where)),
                 created=str(d.get("created", "")),
                 mac=str(d["mac"]),
                 generation=generation,
             )
             if len(cfg.vault_id) != 16 or not (4096 <= cfg.chunk_size <= 64 << 20):
                 raise ValueError
-            for s in cfg.slots:
-                _ = (s["id"], s["type"], s["wrapped"])
             return cfg
         except ConfigError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise ConfigError(
                 f"{where} is corrupt (missing or malformed fields)",
                 hint="move it away and run 'cryptfs init STORE_URL' to attach the vault from "
@@ -351,6 +484,23 @@ class VaultConfig:
     def from_bytes(cls, data: bytes, where: str) -> VaultConfig:
         try:
             d = json.loads(data.decode())
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ConfigError(f"{where} is corrupt (not valid JSON)") from None
         return cls.from_dict(d, where)
+
+
+def _scrypt_n_from_env() -> int:
+    """N for a new passphrase slot: $CRYPTFS_SCRYPT_N (tests use 2^14) or the default."""
+    text = os.environ.get("CRYPTFS_SCRYPT_N", "")
+    if not text:
+        return crypto.SCRYPT_DEFAULT_N
+    n = int(text) if text.isdigit() and len(text) < 10 else -1
+    if crypto.scrypt_params_problem(n, crypto.SCRYPT_R, crypto.SCRYPT_P, 16):
+        raise UsageError(f"CRYPTFS_SCRYPT_N={text[:20]} is not a power of two from 16384 to "
+                         "1048576")
+    return n
+
+
+def _check_new_label(label: str) -> None:
+    if label and (problem := check_label(label)):
+        raise UsageError(f"invalid --label: {problem}")

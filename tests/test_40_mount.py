@@ -4,6 +4,7 @@ programs rely on, persistence across remounts and from the store alone, what the
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -12,10 +13,11 @@ import random
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from mount_fixtures import VaultEnv
+from mount_fixtures import _MOUNTS, CRYPTFS, VaultEnv
 
 MARKER = b"PLAINTEXT-MARKER-7f3a9c"
 
@@ -380,8 +382,19 @@ def test_local_secrets_are_private(mounted: tuple[VaultEnv, Path]) -> None:
     for p in [cfg, env.db, env.data_dir / "head.json", env.data_dir / "mount.lock",
               env.data_dir / "daemon.log"]:
         assert p.stat().st_mode & 0o777 == 0o600, p
-    for d in [cfg.parent, env.data_dir]:
-        assert d.stat().st_mode & 0o077 == 0, d
+    # every directory cryptfs made: the XDG homes it had to create, its trees, the cache
+    dirs = [env.root / x for x in ("config", "data", "cache") if (env.root / x).exists()]
+    dirs += [p for d in list(dirs) for p in d.rglob("*") if p.is_dir()]
+    assert len(dirs) >= 7 + (env.store_dir is None) * 3, dirs
+    for d in dirs:
+        assert d.stat().st_mode & 0o777 == 0o700, d
+    # directories left open by an older version (or by hand) are tightened at the next use
+    opened = [cfg.parent, cfg.parent.parent, env.data_dir, env.data_dir.parent]
+    for d in opened:
+        os.chmod(d, 0o755)
+    env.cli("key", "list")
+    for d in opened:
+        assert d.stat().st_mode & 0o777 == 0o700, d
     assert passphrase_in_no_file(env)
 
 
@@ -397,9 +410,88 @@ def test_secrets_reach_no_command_line_or_log(mounted: tuple[VaultEnv, Path]) ->
     (mnt / "f").write_bytes(os.urandom(10_000))
     pid = int((env.data_dir / "mount.lock").read_text())
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert b"mount" in cmdline  # it is the daemon
+    assert b"cryptfs.mountd" in cmdline  # it is the daemon
     assert env.passphrase.encode() not in cmdline
     environ = Path(f"/proc/{pid}/environ")
     assert environ.stat().st_mode & 0o077 == 0  # the environment is readable by its owner only
+    # the environment it was exec'ed with (what /proc shows) has no passphrase, the rest is there
+    variables = environ.read_bytes().split(b"\0")
+    assert f"XDG_DATA_HOME={env.root / 'data'}".encode() in variables
+    assert not any(v.startswith((b"CRYPTFS_PASSPHRASE=", b"CRYPTFS_NEW_PASSPHRASE="))
+                   for v in variables)
+    assert env.passphrase.encode() not in environ.read_bytes()
+    # no core dumps; memory locked (the tests run as root, where locking is not limited)
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert [ln.split()[4:6] for ln in limits.splitlines() if ln.startswith("Max core")] == [
+        ["0", "0"]]
+    status = Path(f"/proc/{pid}/status").read_text()
+    locked_kb = int(next(ln for ln in status.splitlines() if ln.startswith("VmLck:")).split()[1])
+    assert os.geteuid() != 0 or locked_kb > 0
     env.umount(mnt)
     assert env.passphrase not in env.log_text()
+
+
+def _without_ptrace() -> None:
+    """preexec_fn: drop CAP_SYS_PTRACE from the bounding set, so the program exec'ed next (run
+    as root) has every capability but that one."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, 19, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_SYS_PTRACE
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+
+
+def test_daemon_is_not_dumpable(vault_env: VaultEnv) -> None:
+    """Observed from outside: with the same uid and capabilities, /proc/PID/exe of an ordinary
+    process can be read, that of the daemon cannot (PR_SET_DUMPABLE 0 needs CAP_SYS_PTRACE of
+    its readers; root has it, so the daemon and the reader both run without it here)."""
+    env = vault_env
+    mnt = env.root / "mnt"
+    mnt.mkdir()
+    subprocess.run([CRYPTFS, "mount", str(mnt)], env=env.env, check=True, timeout=60,
+                   preexec_fn=_without_ptrace, stdin=subprocess.DEVNULL, capture_output=True)
+    _MOUNTS.add(str(mnt))
+    control = subprocess.Popen(["sleep", "30"], preexec_fn=_without_ptrace)
+    try:
+        pid = int((env.data_dir / "mount.lock").read_text())
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        bounding = int(next(ln for ln in status if ln.startswith("CapBnd:")).split()[1], 16)
+        assert bounding & (1 << 19) == 0  # the daemon runs without CAP_SYS_PTRACE
+
+        def readable(p: int) -> bool:
+            return subprocess.run(["readlink", f"/proc/{p}/exe"], preexec_fn=_without_ptrace,
+                                  capture_output=True).returncode == 0
+
+        assert readable(control.pid)  # the control: same uid, same capabilities
+        assert not readable(pid)
+        assert (mnt / ".").stat()  # the mount works without CAP_SYS_PTRACE
+    finally:
+        control.kill()
+        control.wait()
+        env.umount(mnt)
+
+
+def test_foreground_daemon_environment(vault_env: VaultEnv) -> None:
+    """``mount -f``: the CLI process itself becomes the daemon (same pid, by exec), without the
+    passphrase in its environment; unmounting ends it with status 0."""
+    env = vault_env
+    mnt = env.root / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([CRYPTFS, "mount", "-f", str(mnt)], env=env.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _MOUNTS.add(str(mnt))
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.ismount(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        assert b"cryptfs.mountd" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert env.passphrase.encode() not in Path(f"/proc/{proc.pid}/environ").read_bytes()
+        (mnt / "f").write_text("foreground")
+    finally:
+        env.umount(mnt)
+    assert proc.wait(timeout=60) == 0
+    env.mount(mnt)
+    try:
+        assert (mnt / "f").read_text() == "foreground"
+    finally:
+        env.umount(mnt)

@@ -13,7 +13,7 @@ Supported URLs:
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote_to_bytes, urlsplit
 
 from cryptfs.errors import UsageError
 from cryptfs.stores.base import ObjectStore
@@ -50,7 +50,20 @@ def _open_file(url: str, host: str, path: str, extra: str, create: bool) -> Obje
 
     if host not in ("", "localhost") or not path.startswith("/") or extra:
         raise UsageError(f"malformed store URL {url!r}; use file:///absolute/path")
-    return LocalStore(unquote(path), create=create)
+    return LocalStore(_unquote_strict(url, path), create=create)
+
+
+def _unquote_strict(url: str, text: str) -> str:
+    """Percent-decode a URL path: it must decode to UTF-8 without NUL or control characters
+    (``%00`` or ``%ff`` is a malformed URL, not a different path)."""
+    try:
+        out = unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        out = "\0"
+    if any(ord(c) < 32 or ord(c) == 127 for c in out):
+        raise UsageError(f"malformed store URL {url!r}: the path must decode to UTF-8 text "
+                         "without control characters")
+    return out
 
 
 def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
@@ -83,5 +96,5 @@ def _open_s3(url: str, bucket: str, path: str, query: str, fragment: str,
     from cryptfs.stores.s3 import S3Store  # boto3 is slow to import; only load it when needed
 
     profile = params["profile"][0] if "profile" in params else None
-    return S3Store(bucket, unquote(path).strip("/"), endpoint_url=endpoint, create=create,
-                   timeout=timeout, profile=profile)
+    return S3Store(bucket, _unquote_strict(url, path).strip("/"), endpoint_url=endpoint,
+                   create=create, timeout=timeout, profile=profile)
