@@ -19,6 +19,7 @@ from cryptfs import crypto, layout
 from cryptfs.codec import Codec
 from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
 from cryptfs.stores import ObjectStore, open_store
+from cryptfs.stores.base import PlainStore
 from cryptfs.stores.replicated import Member, ReplicatedStore
 
 log = logging.getLogger("cryptfs.stores")
@@ -170,7 +171,7 @@ def same_vault(stores: list[ObjectStore]) -> None:
         raise ConfigError("the stores hold different vaults: " + ", ".join(seen.values()))
 
 
-class _LaterStore:
+class _LaterStore(PlainStore):
     """A member store that could not be opened: every call tries to open it first."""
 
     def __init__(self, url: str) -> None:
@@ -187,8 +188,6 @@ class _LaterStore:
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         return self._s().put_if_absent(name, data)
-
-    members: tuple[()] = ()
 
     def get(self, name: str, max_size: int,
             check: Callable[[bytes], bool] | None = None) -> bytes:
@@ -208,12 +207,6 @@ class _LaterStore:
 
     def sync(self) -> None:
         self._s().sync()
-
-    def targets(self, name: str) -> list[Member]:
-        return []
-
-    def drain(self, timeout: float) -> bool:
-        return True
 
     def close(self) -> None:
         if self._store is not None:

@@ -93,10 +93,14 @@ class ObjectStore(Protocol):
         and raises IntegrityError only if every copy fails."""
 
     def delete(self, name: str) -> None:
-        """Remove the object. Deleting an absent object is not an error."""
+        """Remove the object. Deleting an absent object is not an error. A replicated store
+        removes it from every member that answers; a member's copy it could not delete is
+        reported (``on_stray``) to be deleted later, and only if no member answered is it an
+        error."""
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Yield ``(name, size)`` for every object whose name starts with ``prefix``."""
+        """Yield ``(name, size)`` for every object whose name starts with ``prefix`` (a
+        replicated store: the union of the members that answer)."""
 
     def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
         """Yield ``(name, size, modification time in seconds since the epoch)``."""
@@ -111,8 +115,8 @@ class ObjectStore(Protocol):
     def drain(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for writes still running in the background (the
         copies a replicated store writes beyond its quorum, and re-writes of bad copies); True
-        if none is left. What :meth:`put` returned for was durable already; this only waits for
-        the extra copies (a plain store has none: True at once)."""
+        if none is left. This only waits for the copies beyond what :meth:`put` promised when it
+        returned (a plain store has none: True at once)."""
 
     def close(self) -> None:
         """Release connections and file handles (background copies not finished are
