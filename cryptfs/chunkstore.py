@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -23,13 +24,17 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptfs import crypto
 from cryptfs.codec import ChunkRef, Codec
 from cryptfs.diskcache import DiskCache, read_at_most
-from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
+from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError, StoreFull
 from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.chunkstore")
 
@@ -41,6 +46,7 @@ class ChunkStore:
 
     ``lookup(name)`` returns the recorded ref of an existing object (dedup); ``on_stored(ref)``
     is called once an object is in the store (the vault appends the ledger entry then).
+    ``metrics`` (optional) counts cache hits and misses and objects failing their check.
     """
 
     def __init__(
@@ -57,12 +63,14 @@ class ChunkStore:
         workers: int = 8,
         mem_bytes: int = 64 << 20,
         staging_limit: int = 1 << 30,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.codec = codec
         self.remote = remote
         self.staging = staging
-        self.cache = DiskCache(cache, cache_bytes) if cache is not None else None
+        self.cache = DiskCache(cache, cache_bytes, metrics) if cache is not None else None
         # a sequential read of a file bigger than this does not enter the disk cache, so that
         # streaming one big file does not evict everything else (scan resistance)
         self.stream_cache_limit = cache_bytes // 4 if cache is not None else 0
@@ -76,6 +84,7 @@ class ChunkStore:
         # does not know them yet, so dedup must find them here
         self._recent: dict[str, ChunkRef] = {}
         self._uploads: dict[str, Future[None]] = {}
+        self._queued_at: dict[str, float] = {}  # name -> monotonic time, in queueing order
         self._staged_bytes = 0
         self._mem: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._mem_max = mem_bytes  # plaintext of recently read chunks, bounded in bytes
@@ -187,18 +196,30 @@ class ChunkStore:
             self._staged_bytes += ref.size
         path = self.staged_path(ref.name)
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, blob)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            with self._cv:
+                self._staged_bytes -= ref.size
+                self._cv.notify_all()
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (StoreFull if full else StoreError)(
+                f"cannot stage {ref.name} in {self.staging}: {e.strerror}") from None
         self._enqueue(ref)
 
     def _enqueue(self, ref: ChunkRef) -> None:
         with self._cv:
             if ref.name in self._uploads:
                 return
+            self._queued_at[ref.name] = time.monotonic()
             self._uploads[ref.name] = self._pool.submit(self._upload, ref)
 
     def _upload(self, ref: ChunkRef) -> None:
@@ -233,6 +254,7 @@ class ChunkStore:
         finally:
             with self._cv:
                 self._uploads.pop(ref.name, None)
+                self._queued_at.pop(ref.name, None)
                 self._forget(ref.name)
                 self._staged_bytes -= ref.size
                 self._cv.notify_all()
@@ -258,6 +280,16 @@ class ChunkStore:
         """(objects, bytes) waiting for upload."""
         with self._cv:
             return len(self._uploads), self._staged_bytes
+
+    def oldest_pending_age(self) -> float:
+        """Seconds the oldest upload still waiting has been queued (0 when none)."""
+        with self._cv:
+            first = next(iter(self._queued_at.values()), None)
+        return 0.0 if first is None else max(0.0, time.monotonic() - first)
+
+    def memory_bytes(self) -> int:
+        """Bytes of plaintext kept in memory for reading."""
+        return self._mem_size
 
     def wait_uploaded(
         self, names: Iterable[str] | None = None, progress: Callable[[int, int], None] | None = None
@@ -302,6 +334,8 @@ class ChunkStore:
             plain = self._mem.get(ref.name)
             if plain is not None:
                 self._mem.move_to_end(ref.name)
+                if self.metrics is not None:
+                    self.metrics.memory_hit()
                 return plain
             inflight = self._prefetching.get(ref.name)
         if inflight is not None:  # being fetched ahead: wait for it instead of fetching twice
@@ -310,6 +344,8 @@ class ChunkStore:
             with self._mem_lock:
                 plain = self._mem.get(ref.name)
             if plain is not None:
+                if self.metrics is not None:
+                    self.metrics.memory_hit()
                 return plain
         return self._load(ref, keep)
 
@@ -356,15 +392,26 @@ class ChunkStore:
     def _fetch(self, ref: ChunkRef, keep: bool) -> bytes:
         """The sealed object, checked against ``ref`` (IntegrityError if it is not there or
         not the recorded object): from the staging area or cache, else the store."""
+        m = self.metrics
         if self.remote:
             blob = self.local_copy(ref)
             if blob is not None:
+                if m is not None:
+                    m.disk_hit()
                 return blob
+        if m is not None:
+            m.cache_misses.inc()
         try:
             # a bad copy: IntegrityError, or with several stores another copy (and a repair)
             blob = self.store.get(ref.name, ref.size, check=ref.matches)
         except ObjectNotFound:
+            if m is not None:
+                m.integrity_errors.inc()
             raise IntegrityError(f"object {ref.name} is missing from the store") from None
+        except IntegrityError:
+            if m is not None:
+                m.integrity_errors.inc()
+            raise
         if keep and self.cache is not None:
             self.cache.write(ref.name, blob)
         return blob

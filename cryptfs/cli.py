@@ -1,5 +1,5 @@
-"""Command line: ``cryptfs`` (init, mount, umount, status, verify, fsck, gc, log, list, info, key,
-passwd) and ``mount.cryptfs`` (the mount(8) helper).
+"""Command line: ``cryptfs`` (init, mount, umount, status, stats, verify, fsck, gc, log, list, info,
+key, passwd) and ``mount.cryptfs`` (the mount(8) helper).
 
 Every failure prints one line ``cryptfs: <what> (<hint>)`` on stderr and exits with the error's
 code (see README: exit codes); tracebacks only with ``--debug``.
@@ -30,9 +30,12 @@ EPILOGS = {
     "mount": "examples:\n"
     "  cryptfs mount --name work ~/work -o allow_other\n"
     "  cryptfs mount ~/vault --extpass 'pass show cryptfs/default'\n"
-    "  cryptfs mount ~/vault --key-file ~/.config/cryptfs/laptop.pem",
+    "  cryptfs mount ~/vault --key-file ~/.config/cryptfs/laptop.pem\n"
+    "  cryptfs mount ~/vault --metrics        (Prometheus metrics on 127.0.0.1:9567)",
     "umount": "example: cryptfs umount ~/vault",
     "status": "examples:\n  cryptfs status\n  cryptfs status ~/vault --json",
+    "stats": "examples:\n  cryptfs mount ~/vault -o metrics=127.0.0.1:9567\n"
+    "  cryptfs stats ~/vault",
     "verify": "example: cryptfs verify --full",
     "log": "example: cryptfs log -n 20",
     "fsck": "example: cryptfs fsck --repair",
@@ -117,9 +120,11 @@ def _unlock(
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from cryptfs.mount import MountOptions, check_mountpoint, mount_vault
+    from cryptfs.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
 
     opts = MountOptions.parse(args.o or [])
+    if args.metrics is not None:
+        opts.metrics = check_metrics_address(args.metrics)
     paths = VaultPaths(args.name or opts.name or DEFAULT_NAME)
     check_mountpoint(args.mountpoint, opts.nonempty)
     master = _unlock(paths, creds=Credentials.from_args(args, opts))
@@ -225,6 +230,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print("\n".join(format_status(d) for d in docs))
     return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from cryptfs.stats import watch
+
+    if not 0.1 <= args.interval <= 3600 or args.count < 0:
+        raise UsageError("--interval must be 0.1 to 3600 seconds and --count not negative")
+    return watch(args.mountpoint, args.interval, args.count)
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -552,8 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="OPTS",
         help="allow_other, ro, nonempty, cache_size=SIZE, passfile=FILE, keyfile=FILE, "
-        "extpass=CMD; fstab options (defaults, nofail, noauto, _netdev, x-*) are ignored",
+        "extpass=CMD, metrics[=ADDR]; fstab options (defaults, nofail, noauto, _netdev, x-*) "
+        "are ignored",
     )
+    sp.add_argument("--metrics", nargs="?", const="", metavar="ADDR",
+                    help="serve Prometheus metrics and the status over HTTP at ADDR (default "
+                    "127.0.0.1:9567; a non-loopback address only when given explicitly)")
     sp.add_argument("-v", "--verbose", action="store_true")
     common(sp)
     sp.set_defaults(func=cmd_mount)
@@ -567,6 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint", nargs="?", help="only this mount")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(func=cmd_status)
+
+    sp = add("stats", "watch a mount's metrics live: operations, throughput, uploads, cache")
+    sp.add_argument("mountpoint", nargs="?", help="the mount (default: the only one with "
+                    "metrics)")
+    sp.add_argument("-i", "--interval", type=float, default=1.0, metavar="SECONDS",
+                    help="seconds between lines (default 1)")
+    sp.add_argument("-n", "--count", type=int, default=0, metavar="N",
+                    help="stop after N lines (default: until Ctrl-C)")
+    sp.set_defaults(func=cmd_stats)
 
     sp = add("verify", "check the ledger, its anchors and every object")
     sp.add_argument("--full", action="store_true", help="download and authenticate every object")
@@ -798,6 +824,7 @@ def mount_main(argv: list[str] | None = None) -> int:
             o=a.o,
             foreground=a.foreground,
             verbose=a.verbose,
+            metrics=None,  # as -o metrics[=ADDR] (an fstab line has no --metrics)
             passphrase_file=a.passphrase_file,
             extpass=a.extpass,
             key_file=a.key_file,

@@ -17,9 +17,13 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptfs.codec import ChunkRef
 from cryptfs.paths import private_dir
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.diskcache")
 
@@ -33,10 +37,12 @@ def read_at_most(path: Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 class DiskCache:
-    """LRU cache of sealed objects in ``root``, at most ``max_bytes`` (0 disables it)."""
+    """LRU cache of sealed objects in ``root``, at most ``max_bytes`` (0 disables it);
+    ``metrics`` (optional) counts evictions."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, metrics: Metrics | None = None) -> None:
         self.root = root
+        self.metrics = metrics
         self.max_bytes = max(0, max_bytes)
         self._lock = threading.Lock()
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()  # file -> size
@@ -155,6 +161,8 @@ class DiskCache:
                 fname, size = self._lru.popitem(last=False)
                 self.bytes -= size
                 victims.append(fname)
+        if victims and self.metrics is not None:
+            self.metrics.cache_evictions.inc(len(victims))
         for fname in victims:
             self._unlink(fname)
 

@@ -6,11 +6,14 @@ exit code; the CLI prints ``cryptfs: <message>`` and exits with that code, never
 
 from __future__ import annotations
 
+import errno as _errno
+
 
 class CryptfsError(Exception):
     """An error with a one-line, user-facing message and a stable exit code."""
 
     exit_code = 1
+    errno = _errno.EIO  # what a filesystem call that this error ends answers
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -45,6 +48,12 @@ class StoreError(CryptfsError):
     exit_code = 5
 
 
+class StoreFull(StoreError):
+    """The store (or the local staging area) has no space left."""
+
+    errno = _errno.ENOSPC
+
+
 class ObjectNotFound(StoreError):
     """The named object does not exist in the store."""
 
@@ -57,6 +66,18 @@ class IntegrityError(CryptfsError):
 
 class ObjectTooLarge(IntegrityError):
     """A store returned (or announced) more bytes for an object than cryptfs reads of it."""
+
+
+class MetaError(CryptfsError):
+    """The metadata database failed an operation (it was rolled back)."""
+
+    exit_code = 4
+
+
+class MetaFull(MetaError):
+    """The metadata database's disk is full."""
+
+    errno = _errno.ENOSPC
 
 
 class MountError(CryptfsError):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import stat
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from cryptfs import crypto
 from cryptfs.codec import DATA_PREFIX
-from cryptfs.metadata import ROOT_INO
+from cryptfs.meta import ROOT_INO
 from cryptfs.vault import Vault
 
 HIDDEN = b".fuse_hidden"
@@ -38,40 +40,37 @@ class FsckReport:
 
 def fsck(vault: Vault, repair: bool = False) -> FsckReport:
     assert vault.meta is not None and vault.ledger is not None
-    meta, raw = vault.meta, vault.meta.raw
+    meta = vault.meta
     rep = FsckReport()
 
-    def found(msg: str, fix: str | None = None, sql: tuple[str, tuple] | None = None) -> None:
-        if repair and sql is not None:
-            raw.execute(*sql)
+    def found(msg: str, fix: str | None = None,
+              apply: Callable[[], None] | None = None) -> None:
+        if repair and apply is not None:
+            apply()
             rep.repaired.append(f"{msg}: {fix}")
         else:
             rep.problems.append(msg + (f" (fsck --repair: {fix})" if fix else ""))
 
     with meta.transaction():
-        inodes = {r[0]: (r[1], r[2]) for r in raw.execute("SELECT ino, mode, nlink FROM inodes")}
-        dentries = list(raw.execute("SELECT parent, name, ino FROM dentries"))
+        inodes = meta.inode_modes()
         if ROOT_INO not in inodes:
             rep.problems.append("the root directory is missing")
         links: Counter[int] = Counter()
         subdirs: Counter[int] = Counter()
-        for parent, name, ino in dentries:
-            name = bytes(name)
+        for parent, name, ino in meta.all_dentries():
             shown = name.decode("utf-8", "surrogateescape")
+            drop = partial(meta.remove_dentry, parent, name)
             if ino not in inodes:
                 found(f"entry '{shown}' in directory {parent} points at missing inode {ino}",
-                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
-                                        (parent, name)))
+                      "entry removed", drop)
                 continue
             if parent not in inodes or not stat.S_ISDIR(inodes[parent][0]):
                 found(f"entry '{shown}' has a parent {parent} that is not a directory",
-                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
-                                        (parent, name)))
+                      "entry removed", drop)
                 continue
             if name.startswith(HIDDEN):
                 found(f"leftover hidden entry '{shown}' (a file unlinked while open)",
-                      "entry removed", ("DELETE FROM dentries WHERE parent = ? AND name = ?",
-                                        (parent, name)))
+                      "entry removed", drop)
                 continue
             links[ino] += 1
             if stat.S_ISDIR(inodes[ino][0]):
@@ -81,10 +80,7 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                 want = 2 + subdirs[ino]
             elif links[ino] == 0:
                 found(f"inode {ino} has no name (orphan)", "inode removed",
-                      ("DELETE FROM inodes WHERE ino = ?", (ino,)))
-                if repair:
-                    raw.execute("DELETE FROM blocks WHERE ino = ?", (ino,))
-                    raw.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+                      partial(meta.drop_inode_rows, ino))
                 continue
             elif stat.S_ISDIR(mode):
                 want = 2 + subdirs[ino]
@@ -92,17 +88,15 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                 want = links[ino]
             if nlink != want:
                 found(f"inode {ino} has link count {nlink}, its names say {want}",
-                      "link count fixed", ("UPDATE inodes SET nlink = ? WHERE ino = ?",
-                                           (want, ino)))
+                      "link count fixed", partial(meta.set_nlink, ino, want))
 
         # chunk maps and reference counts
-        objects = {r[0]: (r[1], r[2], r[3]) for r in raw.execute(
-            "SELECT name, refcount, state, size FROM objects")}
+        objects = meta.object_states()
         uses: Counter[str] = Counter()
-        for ino, idx, obj in list(raw.execute("SELECT ino, idx, obj FROM blocks")):
+        for ino, idx, obj in meta.all_blocks():
             if ino not in inodes:
                 found(f"chunk {idx} of missing inode {ino}", "chunk map entry removed",
-                      ("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx)))
+                      partial(meta.drop_block, ino, idx))
                 continue
             if obj not in objects:
                 paths = ", ".join(meta.paths_of(ino)) or f"inode {ino}"
@@ -112,8 +106,7 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
         for name, (refcount, _state, _size) in objects.items():
             if name.startswith(DATA_PREFIX) and refcount != uses[name]:
                 found(f"object {name} has reference count {refcount}, {uses[name]} chunks use "
-                      "it", "count fixed", ("UPDATE objects SET refcount = ? WHERE name = ?",
-                                            (uses[name], name)))
+                      "it", "count fixed", partial(meta.set_refcount, name, uses[name]))
 
     # staged uploads and presence in the store
     store_sizes = dict(vault.store.list(DATA_PREFIX))
@@ -134,8 +127,7 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                         if repair:
                             vault.ledger.append("put", name, size, ref.sha256)
                         found(f"object {name} is in the store but marked as staged",
-                              "marked stored", ("UPDATE objects SET state = 'stored' "
-                                                "WHERE name = ?", (name,)))
+                              "marked stored", partial(meta.mark_stored, name))
                         continue
                 users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
                 rep.problems.append(f"object {name} was staged but neither the staged file nor "

@@ -16,14 +16,17 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402  (the library choice above must come first)
 
 from cryptfs.errors import CryptfsError  # noqa: E402
 from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
-from cryptfs.metadata import ROOT_INO, Inode  # noqa: E402
+from cryptfs.meta import ROOT_INO, Inode  # noqa: E402
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.fuse")
 
@@ -72,11 +75,12 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except CryptfsError as e:
             log.error("%s failed: %s", fn.__name__, e.line())
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            raise mfusepy.FuseOSError(e.errno) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise mfusepy.FuseOSError(errno.EIO) from None
 
+    wrapper.fuse_op = True  # type: ignore[attr-defined]  (timed when metrics are on)
     return wrapper
 
 
@@ -100,7 +104,8 @@ def stat_dict(node: Inode, blocks: int) -> dict[str, int]:
 
 
 class CryptfsOperations(mfusepy.Operations):
-    """mfusepy operations for one mounted vault."""
+    """mfusepy operations for one mounted vault. With ``metrics`` every FUSE operation is
+    timed and counted by kind (and read/write bytes), wrapped once here at construction."""
 
     use_ns = True
     flag_nopath = True
@@ -112,6 +117,7 @@ class CryptfsOperations(mfusepy.Operations):
         on_init: Callable[[], None] | None = None,
         on_destroy: Callable[[], None] | None = None,
         attr_timeout: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.fs = fs
         self.on_init = on_init
@@ -121,6 +127,10 @@ class CryptfsOperations(mfusepy.Operations):
         self._dirs: dict[str, int] = {}
         self._fuse: Any = None
         self._own_umask = False  # FUSE_CAP_DONT_MASK granted: creates apply the umask here
+        if metrics is not None:
+            for name, fn in vars(CryptfsOperations).items():
+                if getattr(fn, "fuse_op", False):
+                    setattr(self, name, metrics.fuse_op(name, getattr(self, name)))
 
     def _invalidate(self, ino: int, keep: str | None = None) -> None:
         """libfuse's high-level API gives every name of a hard-linked file its own kernel

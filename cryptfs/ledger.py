@@ -14,10 +14,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sqlalchemy import delete, func, insert, select
-
 from cryptfs import crypto
-from cryptfs.metadata import MetaStore, ledger
+from cryptfs.meta import MetaEngine
 
 GENESIS = b"\0" * 32
 ENTRY_TAG = b"cryptfs-ledger-v1\0"
@@ -45,6 +43,11 @@ class Entry:
     sha256: bytes
     prev: bytes
     hash: bytes
+
+    def row(self) -> tuple[int, int, str, str, int, bytes, bytes, bytes]:
+        """The fields in storage order (:data:`cryptfs.metadata.LedgerRow`)."""
+        return (self.seq, self.time_ns, self.op, self.name, self.size, self.sha256, self.prev,
+                self.hash)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -106,9 +109,10 @@ def check_head_mac(key: bytes, seq: int, head: bytes, tag: bytes) -> bool:
 
 
 class Ledger:
-    """Append and read entries in the vault database. Callers serialise (filesystem lock)."""
+    """Append and read entries in the vault database (the engine stores the rows; the chain
+    is computed and checked here). Callers serialise (the filesystem lock)."""
 
-    def __init__(self, meta: MetaStore, key: bytes) -> None:
+    def __init__(self, meta: MetaEngine, key: bytes) -> None:
         self.meta = meta
         self.key = key
         self._head: Entry | None = None
@@ -116,29 +120,13 @@ class Ledger:
 
     def head(self) -> Entry | None:
         if not self._loaded:
-            row = self.meta.conn.execute(
-                select(ledger).order_by(ledger.c.seq.desc()).limit(1)
-            ).first()
-            self._head = self._row(row) if row else None
+            row = self.meta.ledger_last()
+            self._head = Entry(*row) if row else None
             self._loaded = True
         return self._head
 
     def invalidate(self) -> None:
         self._loaded = False
-
-    @staticmethod
-    def _row(row: object) -> Entry:
-        r = row._mapping  # type: ignore[attr-defined]
-        return Entry(
-            r["seq"],
-            r["time_ns"],
-            r["op"],
-            r["name"],
-            r["size"],
-            bytes(r["sha256"]),
-            bytes(r["prev"]),
-            bytes(r["hash"]),
-        )
 
     def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
         """Add an entry in the current transaction (or its own)."""
@@ -150,69 +138,41 @@ class Ledger:
         h = entry_hash(seq, now, op, name, size, sha256, prev)
         e = Entry(seq, now, op, name, size, sha256, prev, h)
         with self.meta.transaction():
-            self.meta.raw.execute(
-                "INSERT INTO ledger (seq, time_ns, op, name, size, sha256, prev, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (seq, now, op, name, size, sha256, prev, h),
-            )
+            self.meta.ledger_insert([e.row()])
         self._head = e
         return e
 
     def add_entries(self, entries: list[Entry]) -> None:
         """Insert entries taken from a checkpoint (restore); they must continue the chain."""
         with self.meta.transaction():
-            for e in entries:
-                self.meta.conn.execute(
-                    insert(ledger).values(
-                        **{
-                            k: getattr(e, k)
-                            for k in (
-                                "seq",
-                                "time_ns",
-                                "op",
-                                "name",
-                                "size",
-                                "sha256",
-                                "prev",
-                                "hash",
-                            )
-                        }
-                    )
-                )
+            self.meta.ledger_insert([e.row() for e in entries])
         self.invalidate()
 
     def entry(self, seq: int) -> Entry | None:
-        row = self.meta.conn.execute(select(ledger).where(ledger.c.seq == seq)).first()
-        return self._row(row) if row else None
+        row = self.meta.ledger_get(seq)
+        return Entry(*row) if row else None
 
     def entries(self, after: int = 0) -> Iterator[Entry]:
         """Entries with seq > after, in order (fetched in pages)."""
         while True:
-            rows = self.meta.conn.execute(
-                select(ledger).where(ledger.c.seq > after).order_by(ledger.c.seq).limit(5000)
-            ).all()
+            rows = self.meta.ledger_page(after, 5000)
             if not rows:
                 return
             for r in rows:
-                e = self._row(r)
+                e = Entry(*r)
                 after = e.seq
                 yield e
 
     def last_named(self, op: str, prefix: str) -> Entry | None:
         """The newest entry with operation ``op`` whose object name starts with ``prefix``."""
-        row = self.meta.conn.execute(
-            select(ledger)
-            .where(ledger.c.op == op, ledger.c.name.startswith(prefix, autoescape=True))
-            .order_by(ledger.c.seq.desc()).limit(1)
-        ).first()
-        return self._row(row) if row else None
+        row = self.meta.ledger_last_named(op, prefix)
+        return Entry(*row) if row else None
 
     def newest(self, n: int) -> list[Entry]:
-        rows = self.meta.conn.execute(select(ledger).order_by(ledger.c.seq.desc()).limit(n)).all()
-        return [self._row(r) for r in rows]
+        return [Entry(*r) for r in self.meta.ledger_newest(n)]
 
     def count(self) -> int:
-        return int(self.meta.conn.execute(select(func.count()).select_from(ledger)).scalar() or 0)
+        return self.meta.ledger_count()
 
     def verify_chain(self) -> tuple[int, list[str]]:
         """Recompute the chain. Returns (entries checked, problems); each problem names the
@@ -240,5 +200,5 @@ class Ledger:
 
     def truncate_after(self, seq: int) -> None:
         with self.meta.transaction():
-            self.meta.conn.execute(delete(ledger).where(ledger.c.seq > seq))
+            self.meta.ledger_truncate_after(seq)
         self.invalidate()

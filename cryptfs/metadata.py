@@ -1,4 +1,6 @@
-"""Filesystem metadata in SQLite through SQLAlchemy Core.
+"""The SQLite metadata engine (:class:`cryptfs.meta.MetaEngine`) through SQLAlchemy Core.
+
+The one module that holds SQL and talks to the database driver (tests/test_05_layers.py).
 
 One database file per vault holds inodes, directory entries, chunk maps, object records with
 reference counts, extended attributes and the ledger. One connection, used by one thread at a
@@ -16,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from sqlalchemy import (
@@ -40,10 +42,10 @@ from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.pool import StaticPool
 
 from cryptfs.codec import ChunkRef
-from cryptfs.errors import ConfigError
+from cryptfs.errors import ConfigError, MetaError, MetaFull
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
 
 SCHEMA_VERSION = 1
-ROOT_INO = 1
 
 md = MetaData()
 inodes = Table(
@@ -126,21 +128,6 @@ state = Table(
 )
 
 
-@dataclass
-class Inode:
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    rdev: int = 0
-    target: bytes | None = None
-
-
 INODE_FIELDS = [f.name for f in fields(Inode)]
 
 _SQL_GET_INODE = (
@@ -155,6 +142,17 @@ _SQL_LOOKUP = "SELECT ino FROM dentries WHERE parent = ? AND name = ?"
 _SQL_GET_BLOCKS = (
     "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
     "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
+)
+_SQL_PARENT = "SELECT parent FROM dentries WHERE ino = ? LIMIT 1"
+_SQL_NEXT_FIRST_CHUNKS = (
+    "SELECT d.name, b.obj, o.size, o.sha256 FROM dentries d "
+    "JOIN blocks b ON b.ino = d.ino AND b.idx = 0 JOIN objects o ON o.name = b.obj "
+    "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
+)
+_SQL_LEDGER_SELECT = "SELECT seq, time_ns, op, name, size, sha256, prev, hash FROM ledger "
+_SQL_LEDGER_INSERT = (
+    "INSERT INTO ledger (seq, time_ns, op, name, size, sha256, prev, hash) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _SQL_INCREF = "UPDATE objects SET refcount = refcount + 1 WHERE name = ?"
 _SQL_DECREF = "UPDATE objects SET refcount = refcount - 1 WHERE name = ?"
@@ -177,6 +175,14 @@ def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
     cur.execute("PRAGMA busy_timeout=10000")
     cur.execute(f"PRAGMA wal_autocheckpoint={WAL_BACKSTOP_PAGES}")
     cur.close()
+
+
+def _meta_error(path: Path, e: BaseException) -> MetaError:
+    """The one-line, errno-carrying error for a failed database operation."""
+    orig = getattr(e, "orig", e)
+    code = getattr(orig, "sqlite_errorcode", None)
+    cls = MetaFull if code == sqlite3.SQLITE_FULL else MetaError
+    return cls(f"metadata database {path}: {orig}")
 
 
 class MetaStore:
@@ -275,12 +281,14 @@ class MetaStore:
         self._depth = 1
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             self._depth = 0
             self.conn.rollback()
             self.raw.rollback()
             if self.on_rollback is not None:
                 self.on_rollback()
+            if isinstance(e, (sqlite3.Error, SADatabaseError)):
+                raise _meta_error(self.path, e) from e
             raise
         self._depth = 0
         if commit:
@@ -313,9 +321,6 @@ class MetaStore:
         self.commit()
         self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
         self.commit()
-
-    def raw_connection(self) -> sqlite3.Connection:
-        return self.conn.connection.driver_connection  # type: ignore[return-value]
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -561,9 +566,12 @@ class MetaStore:
         ).fetchone()
         if row is not None and row[0] == st:
             return False
-        self.raw.execute(
-            "INSERT OR REPLACE INTO copies (name, store, state) VALUES (?, ?, ?)", (name, store, st)
-        )
+        if row is None:
+            self.raw.execute("INSERT INTO copies (name, store, state) VALUES (?, ?, ?)",
+                             (name, store, st))
+        else:
+            self.raw.execute("UPDATE copies SET state = ? WHERE name = ? AND store = ?",
+                             (st, name, store))
         return True
 
     def copies_of(self, name: str) -> dict[str, str]:
@@ -640,6 +648,111 @@ class MetaStore:
             )
         return out
 
+    def parent_of(self, ino: int) -> int | None:
+        """One directory holding an entry for ``ino`` (a directory has exactly one)."""
+        row = self.raw.execute(_SQL_PARENT, (ino,)).fetchone()
+        return int(row[0]) if row else None
+
+    def first_chunks_after(self, parent: int, name: bytes, count: int
+                           ) -> list[tuple[bytes, ChunkRef]]:
+        """``(name, first chunk)`` of the next ``count`` entries of ``parent`` after ``name``
+        that have a stored first chunk, in name order (sibling prefetch)."""
+        rows = self.raw.execute(_SQL_NEXT_FIRST_CHUNKS, (parent, name, count)).fetchall()
+        return [(bytes(n), ChunkRef(o, z, bytes(h))) for n, o, z, h in rows]
+
+    def forget_object(self, name: str) -> None:
+        """Drop an object's record (it was deleted from the store, or is superseded)."""
+        self.raw.execute("DELETE FROM objects WHERE name = ?", (name,))
+
+    def forget_deleted_object(self, name: str) -> None:
+        """Drop the record of an object a restored ledger says was deleted: any object but a
+        chunk that is still referenced (a chunk map that names it wins)."""
+        self.raw.execute(
+            "DELETE FROM objects WHERE name = ? AND (refcount <= 0 OR name NOT LIKE 'data/%')",
+            (name,),
+        )
+
+    def unreference_object(self, ref: ChunkRef) -> None:
+        """Record ``ref`` as stored and unreferenced (a deletion that failed: the next
+        checkpoint's collection tries again)."""
+        self.reference(ref, staged=False)
+        self.raw.execute("UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,))
+
+    def image(self) -> bytes:
+        """The committed database as one SQLite image (the metadata snapshot)."""
+        self.commit()
+        return self.raw.serialize()
+
+    # -- whole tables, for fsck -------------------------------------------------------------------
+    def inode_modes(self) -> dict[int, tuple[int, int]]:
+        """``{ino: (mode, nlink)}`` of every inode."""
+        return {r[0]: (r[1], r[2]) for r in self.raw.execute("SELECT ino, mode, nlink FROM inodes")}
+
+    def all_dentries(self) -> list[tuple[int, bytes, int]]:
+        return [(p, bytes(n), i) for p, n, i in self.raw.execute(
+            "SELECT parent, name, ino FROM dentries")]
+
+    def all_blocks(self) -> list[tuple[int, int, str]]:
+        return list(self.raw.execute("SELECT ino, idx, obj FROM blocks"))
+
+    def object_states(self) -> dict[str, tuple[int, str, int]]:
+        """``{name: (refcount, state, size)}`` of every recorded object."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.raw.execute(
+            "SELECT name, refcount, state, size FROM objects")}
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        self.raw.execute("UPDATE inodes SET nlink = ? WHERE ino = ?", (nlink, ino))
+
+    def set_refcount(self, name: str, refcount: int) -> None:
+        self.raw.execute("UPDATE objects SET refcount = ? WHERE name = ?", (refcount, name))
+
+    def drop_block(self, ino: int, idx: int) -> None:
+        """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
+        self.raw.execute("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx))
+
+    def drop_inode_rows(self, ino: int) -> None:
+        """Remove an inode with its chunk map and xattrs, leaving reference counts to fsck."""
+        for table in ("inodes", "blocks", "xattrs"):
+            self.raw.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
+
+    # -- the ledger's rows (the hash chain itself is cryptfs.ledger's) ---------------------------
+    def ledger_last(self) -> LedgerRow | None:
+        return self._ledger_one("ORDER BY seq DESC LIMIT 1", ())
+
+    def ledger_get(self, seq: int) -> LedgerRow | None:
+        return self._ledger_one("WHERE seq = ?", (seq,))
+
+    def ledger_last_named(self, op: str, prefix: str) -> LedgerRow | None:
+        """The newest row with operation ``op`` whose object name starts with ``prefix``."""
+        return self._ledger_one("WHERE op = ? AND substr(name, 1, ?) = ? ORDER BY seq DESC "
+                                "LIMIT 1", (op, len(prefix), prefix))
+
+    def ledger_page(self, after: int, limit: int) -> list[LedgerRow]:
+        """Rows with seq > ``after`` in order, at most ``limit``."""
+        return self._ledger_rows("WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+
+    def ledger_newest(self, n: int) -> list[LedgerRow]:
+        return self._ledger_rows("ORDER BY seq DESC LIMIT ?", (n,))
+
+    def ledger_count(self) -> int:
+        return int(self.raw.execute("SELECT count(*) FROM ledger").fetchone()[0])
+
+    def ledger_insert(self, rows: list[LedgerRow]) -> None:
+        """Append rows (seq, time_ns, op, name, size, sha256, prev, hash) in the current
+        transaction."""
+        self.raw.executemany(_SQL_LEDGER_INSERT, rows)
+
+    def ledger_truncate_after(self, seq: int) -> None:
+        self.raw.execute("DELETE FROM ledger WHERE seq > ?", (seq,))
+
+    def _ledger_one(self, where: str, args: tuple[object, ...]) -> LedgerRow | None:
+        rows = self._ledger_rows(where, args)
+        return rows[0] if rows else None
+
+    def _ledger_rows(self, where: str, args: tuple[object, ...]) -> list[LedgerRow]:
+        return [(s, t, o, n, z, bytes(h), bytes(p), bytes(x)) for s, t, o, n, z, h, p, x in
+                self.raw.execute(_SQL_LEDGER_SELECT + where, args)]
+
     # -- xattrs -------------------------------------------------------------------------------
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
         row = self.raw.execute(
@@ -648,9 +761,10 @@ class MetaStore:
         return bytes(row[0]) if row else None
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.raw.execute(
-            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)", (ino, name, value)
-        )
+        if not self.raw.execute("UPDATE xattrs SET value = ? WHERE ino = ? AND name = ?",
+                                (value, ino, name)).rowcount:
+            self.raw.execute("INSERT INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
+                             (ino, name, value))
 
     def inodes_with_xattrs(self) -> set[int]:
         return {r[0] for r in self.raw.execute("SELECT DISTINCT ino FROM xattrs")}

@@ -25,9 +25,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptfs.errors import CryptfsError, MountError, StoreError, UsageError
 from cryptfs.paths import VaultPaths, private_dir
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics, MetricsEndpoint
 
 log = logging.getLogger("cryptfs.mount")
 
@@ -42,6 +46,7 @@ KNOWN_OPTIONS = {
     "extpass",
     "name",
     "default_permissions",
+    "metrics",
 }
 # accepted and ignored: fstab/mount(8)/systemd conventions that mean nothing to cryptfs (x-* too)
 IGNORED_OPTIONS = {
@@ -109,6 +114,7 @@ class MountOptions:
     keyfile: str | None = None
     extpass: str | None = None
     name: str | None = None
+    metrics: str | None = None  # HOST:PORT of the metrics endpoint; None: no endpoint
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -144,10 +150,20 @@ class MountOptions:
                     o.extpass = value
                 elif key == "name":
                     o.name = value
+                elif key == "metrics":
+                    o.metrics = check_metrics_address(value)
         return o
 
 
 MAX_SIZE = 1 << 50  # 1 PiB: any size option above this is a typo
+
+
+def check_metrics_address(value: str) -> str:
+    """The metrics endpoint address of ``-o metrics[=ADDR]`` / ``--metrics[=ADDR]``,
+    normalised (UsageError when malformed)."""
+    from cryptfs.metrics import format_address, parse_address
+
+    return format_address(*parse_address(value))
 
 
 def parse_size(text: str) -> int:
@@ -232,6 +248,9 @@ def serve(
     from cryptfs.fuse_ops import CryptfsFUSE, CryptfsOperations
     from cryptfs.vault import Vault
 
+    metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
+    endpoint: MetricsEndpoint | None = None
+
     def report(msg: str) -> None:
         nonlocal ready_fd
         if ready_fd is not None:
@@ -240,14 +259,24 @@ def serve(
             ready_fd = None
 
     try:
+        if opts.metrics is not None:  # bound first: a taken port fails before the vault opens
+            from cryptfs.metrics import Metrics, MetricsEndpoint
+
+            endpoint = MetricsEndpoint(opts.metrics)
+            metrics = Metrics()
         vault = Vault.open(
-            paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes
+            paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes,
+            metrics=metrics,
         )
     except CryptfsError as e:
+        if endpoint is not None:
+            endpoint.close()
         report(f"ERR {e.exit_code} {e.line()}")
         log.error("%s", e.line())
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - one line to the user, the traceback to the log
+        if endpoint is not None:
+            endpoint.close()
         log.exception("cannot open the vault")
         report(f"ERR 1 cannot open the vault: {e}")
         return 1
@@ -256,9 +285,15 @@ def serve(
     assert vault.fs is not None
     from cryptfs.status import StatusPublisher
 
-    publisher = StatusPublisher(vault, mountpoint, opts.cache_bytes)
+    publisher = StatusPublisher(vault, mountpoint, opts.cache_bytes,
+                                metrics=endpoint.address if endpoint is not None else None)
     publisher.start()  # status.json for `cryptfs status`, about once a second
-    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
+    if endpoint is not None and metrics is not None:
+        from cryptfs.metrics import VaultCollector
+
+        metrics.registry.register(VaultCollector(vault))
+        endpoint.start(metrics.registry, publisher.snapshot)
+    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"), metrics=metrics)
     kwargs: dict[str, object] = {
         "foreground": True,
         "fsname": f"cryptfs:{paths.name}",
@@ -279,6 +314,8 @@ def serve(
         status = 7
     finally:
         log.info("unmounted; storing pending data")
+        if endpoint is not None:  # the port closes with the mount
+            endpoint.close()
         publisher.stop()
         try:
             vault.close(progress=publisher.unmounting)
@@ -310,7 +347,7 @@ def mount_vault(
     real = check_mountpoint(mountpoint, opts.nonempty)
     key_r, key_w = os.pipe()
     settings = {"allow_other": opts.allow_other, "readonly": opts.readonly,
-                "cache_bytes": opts.cache_bytes}
+                "cache_bytes": opts.cache_bytes, "metrics": opts.metrics}
     os.write(key_w, master + json.dumps(settings).encode())  # far below a pipe's buffer
     os.close(key_w)
     argv = [sys.executable, "-m", "cryptfs.mountd", paths.name, real, f"--key-fd={key_r}"]

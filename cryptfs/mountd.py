@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = VaultPaths(a.name)
         opts = MountOptions(allow_other=bool(settings["allow_other"]),
                             readonly=bool(settings["readonly"]),
-                            cache_bytes=int(settings["cache_bytes"]))
+                            cache_bytes=int(settings["cache_bytes"]),
+                            metrics=settings.get("metrics"))
         setup_daemon_logging(paths, a.foreground, a.verbose)
     except Exception as e:  # noqa: BLE001 - the caller prints it as one line
         if a.ready_fd is not None:

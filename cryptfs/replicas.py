@@ -27,7 +27,7 @@ from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, StoreError
 from cryptfs.layout import PER_STORE, TRACKED_PREFIXES
 from cryptfs.ledger import Ledger
-from cryptfs.metadata import MetaStore
+from cryptfs.meta import MetaEngine
 from cryptfs.stores.base import Member, ObjectStore
 
 log = logging.getLogger("cryptfs.replicas")
@@ -53,7 +53,7 @@ class CopyLog:
             with self._lock:
                 self._events.append((name, store_id, "delete"))
 
-    def record(self, meta: MetaStore, ledger: Ledger) -> None:
+    def record(self, meta: MetaEngine, ledger: Ledger) -> None:
         """Record the queued events: the copies table, and a ``copy@id`` / ``lost@id`` ledger
         entry for each change (caller holds the lock of ``meta``'s connection)."""
         with self._lock:
@@ -74,7 +74,7 @@ class Replicas:
     local copy of an object may be (the staging area or cache)."""
 
     store: ObjectStore
-    meta: MetaStore
+    meta: MetaEngine
     ledger: Ledger
     lock: threading.RLock
     copies: CopyLog

@@ -11,7 +11,8 @@ status.json keys: ``state`` (mounted, unmounting), ``name``, ``mountpoint``, ``p
 ``readonly``, ``mounted_ns``, ``updated_ns``, ``pending_objects``, ``pending_bytes``,
 ``cache_bytes``, ``cache_limit``, ``ledger_seq``, ``ledger_hash``, ``checkpoint``,
 ``checkpoint_seq``, ``checkpoint_ns``, ``read_errors``, ``upload_errors``, ``warnings``,
-``last_warning``.
+``last_warning``, and ``metrics`` (HOST:PORT) when the mount serves metrics. The same document
+is served at ``/status`` of the metrics endpoint (:meth:`StatusPublisher.snapshot`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class _WarningCounter(logging.Handler):
 class StatusPublisher:
     """The daemon's status thread (see the module docstring)."""
 
-    def __init__(self, vault: Any, mountpoint: str, cache_limit: int) -> None:
+    def __init__(self, vault: Any, mountpoint: str, cache_limit: int,
+                 metrics: str | None = None) -> None:
         self.vault = vault
         self.paths: VaultPaths = vault.paths
         self.path = status_path(self.paths)
@@ -82,6 +84,8 @@ class StatusPublisher:
             "cache_limit": cache_limit,
             "cache_bytes": 0,
         }
+        if metrics is not None:
+            self.doc["metrics"] = metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._warnings = _WarningCounter()
@@ -136,15 +140,19 @@ class StatusPublisher:
             d["stores"] = [{"id": m.id, "url": m.url, "up": not m.failures,
                             "pending_copies": pending.get(m.id, 0)} for m in members]
 
-    def publish(self) -> None:
+    def snapshot(self) -> dict[str, Any]:
+        """The status now (a copy): what status.json holds and ``/status`` serves."""
         with self._lock:
-            try:
-                if self.doc["state"] == "mounted":
-                    self._gather()
-                self.doc["updated_ns"] = time.time_ns()
-                write_status(self.path, self.doc)
-            except Exception as e:  # noqa: BLE001 - status is best effort, never fatal
-                log.debug("cannot publish status: %s", e)
+            if self.doc["state"] == "mounted":
+                self._gather()
+            self.doc["updated_ns"] = time.time_ns()
+            return json.loads(json.dumps(self.doc))
+
+    def publish(self) -> None:
+        try:
+            write_status(self.path, self.snapshot())
+        except Exception as e:  # noqa: BLE001 - status is best effort, never fatal
+            log.debug("cannot publish status: %s", e)
 
     def unmounting(self, objects: int, nbytes: int) -> None:
         """Progress callback of the final checkpoint after the unmount."""
@@ -295,6 +303,8 @@ def format_status(doc: dict[str, Any]) -> str:
     if doc.get("checkpoint"):
         lines.append(f"  last checkpoint: {doc['checkpoint']} (sequence "
                      f"{doc.get('checkpoint_seq')}), {_when(doc.get('checkpoint_ns'))}")
+    if doc.get("metrics"):
+        lines.append(f"  metrics: http://{doc['metrics']}/metrics (watch: cryptfs stats)")
     if "warnings" in doc:
         lines.append(f"  errors since mount: {doc.get('read_errors', 0)} read, "
                      f"{doc.get('upload_errors', 0)} upload, {doc['warnings']} warnings logged"

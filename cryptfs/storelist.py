@@ -99,21 +99,26 @@ class StoreList:
         on_copy: Callable[[str, str, bool], None] | None = None,
         on_stray: Callable[[str, str], None] | None = None,
         create: bool = False,
+        wrap: Callable[[ObjectStore, str], ObjectStore] | None = None,
     ) -> ObjectStore:
         """One store: the store itself. Several: a :class:`ReplicatedStore` that reports each
         copy to ``on_copy(name, store id, ok)`` and each delete a member missed to
         ``on_stray(name, store id)``; a member that cannot be reached now is opened when it
-        answers again (it counts as down)."""
+        answers again (it counts as down). ``wrap`` (store, store id) wraps each single store
+        (metrics: ``id`` is ``main`` for a vault with one store)."""
+        def wrapped(store: ObjectStore, sid: str) -> ObjectStore:
+            return store if wrap is None else wrap(store, sid)
+
         if len(self.entries) == 1:
-            return open_store(self.entries[0].url, create=create)
+            return wrapped(open_store(self.entries[0].url, create=create), "main")
         members = []
         for e in self.entries:
             try:
-                members.append(Member(e.id, open_store(e.url, create=create)))
+                members.append(Member(e.id, wrapped(open_store(e.url, create=create), e.id)))
             except StoreError as err:
                 if create:
                     raise
-                m = Member(e.id, _LaterStore(e.url))
+                m = Member(e.id, wrapped(_LaterStore(e.url), e.id))
                 m.failed(err)  # logs it; counts as down until it answers
                 members.append(m)
         return ReplicatedStore(members, self.copies, self.quorum, on_copy, on_stray)

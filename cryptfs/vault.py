@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptfs import crypto
 from cryptfs.chunkstore import ChunkStore
@@ -53,6 +53,9 @@ from cryptfs.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pendin
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.vault")
 
@@ -222,10 +225,12 @@ class Vault:
         readonly: bool = False,
         cache_bytes: int = 1 << 30,
         stores: StoreList | None = None,
+        metrics: Metrics | None = None,
         copies: CopyLog | None = None,
     ) -> None:
         """``copies``: the log ``store`` reports its copies to (see :meth:`open`)."""
         self.paths = paths
+        self.metrics = metrics
         self.store = store
         self.copy_log = copies or CopyLog()
         self.hooks = CommitHooks()  # the metadata's commits, heard by the filesystem
@@ -266,18 +271,21 @@ class Vault:
         readonly: bool = False,
         check: bool = True,
         cache_bytes: int = 1 << 30,
+        metrics: Metrics | None = None,
     ) -> Vault:
         """Unlock and open a vault. With ``check``, refuse (IntegrityError) a read-write open
-        whose anchors disagree (rollback, truncated ledger)."""
+        whose anchors disagree (rollback, truncated ledger). ``metrics``: record store
+        requests, cache use and checkpoints there (a mount with ``-o metrics``)."""
         stores, cfg = load_local_config(paths)
         if master is None:
             if passphrase is None:
                 raise ConfigError("no passphrase given")
             master = cfg.unlock(passphrase)
         copies = CopyLog()  # exists first: the store reports to it, the metadata records it
-        store = stores.open(on_copy=copies.copied, on_stray=copies.stray)
+        store = stores.open(on_copy=copies.copied, on_stray=copies.stray,
+                            wrap=metrics.wrap_store if metrics is not None else None)
         v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes,
-                stores=stores, copies=copies)
+                stores=stores, metrics=metrics, copies=copies)
         try:
             v._refresh_config(master)
             v._take_lock()
@@ -410,11 +418,7 @@ class Vault:
         with meta.transaction():
             for e in tail:
                 if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
-                    meta.conn.exec_driver_sql(
-                        "DELETE FROM objects WHERE name = ? "
-                        "AND (refcount <= 0 OR name NOT LIKE 'data/%')",
-                        (e.name,),
-                    )
+                    meta.forget_deleted_object(e.name)
                     continue
                 if e.op != "put":
                     continue
@@ -438,7 +442,7 @@ class Vault:
             for ref, _rc, _st in meta.all_objects():
                 if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
                         and ref.name != ck.meta.name and ref.name not in listed:
-                    meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                    meta.forget_object(ref.name)
         meta.sync()
         meta.close()
         for suffix in ("-wal", "-shm"):
@@ -529,6 +533,7 @@ class Vault:
             cache_bytes=self.cache_bytes,
             lookup=self._lookup_object,
             on_stored=self._on_stored,
+            metrics=self.metrics,
         )
         statfs = None
         if not remote and not self.stores.replicated:
@@ -752,7 +757,15 @@ class Vault:
                 return  # a checkpoint that started after our call has finished
             with self._ticket_lock:
                 target = self._ckpt_requested
-            self._checkpoint(progress)
+            started = time.perf_counter()
+            try:
+                self._checkpoint(progress)
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.checkpoint_failures.inc()
+                raise
+            if self.metrics is not None:
+                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             self._ckpt_done = target
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -766,8 +779,7 @@ class Vault:
             for ref in meta.objects_in_state("staged"):
                 if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
-            meta.commit()
-            image = meta.raw_connection().serialize()
+            image = meta.image()
             staged = {r.name for r in meta.objects_in_state("staged")}
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
@@ -776,6 +788,8 @@ class Vault:
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, image, compress=True)
         self.store.put(name, blob)
+        if self.metrics is not None:
+            self.metrics.checkpoint_bytes.set(len(blob))
         with fs.lock:
             e = led.append("put", name, len(blob), crypto.sha256(blob))
             meta.reference(ChunkRef(name, len(blob), crypto.sha256(blob)), staged=False)
@@ -847,7 +861,7 @@ class Vault:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
             with fs.lock, meta.transaction():
-                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                meta.forget_object(ref.name)
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
         for ref in garbage:
             with fs.lock:
@@ -862,10 +876,7 @@ class Vault:
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e)
                 with fs.lock, meta.transaction():
-                    meta.reference(ref, staged=False)
-                    meta.conn.exec_driver_sql(
-                        "UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,)
-                    )
+                    meta.unreference_object(ref)
                 continue
             with fs.lock:
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)

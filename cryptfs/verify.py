@@ -355,7 +355,7 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
             # a snapshot or checkpoint the store lost (the rollback took it): the new
             # checkpoint below supersedes it; forget it
             with fs.lock, meta.transaction():
-                meta.conn.exec_driver_sql("DELETE FROM objects WHERE name = ?", (ref.name,))
+                meta.forget_object(ref.name)
                 led.append("del", ref.name, ref.size, ref.sha256)
             continue
         if state != "stored" or refcount <= 0:

@@ -4,6 +4,11 @@
 Usage: scripts/bench [--quick] [--runs N] [--targets raw,passthrough,gocryptfs,cryptfs-local,
        cryptfs-s3,boto3] [--no-append]
 
+Extra targets (only when named): passthrough-fusepy, cryptfs-s3x2 (two buckets) and
+cryptfs-metrics (cryptfs-local with the metrics endpoint on, scraped every second like
+`cryptfs stats` does; with cryptfs-local in the same run the table gets a metrics/local column:
+the cost of metrics on the hot path).
+
 Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below);
 figures are medians over the runs. The table is printed and, unless --no-append (the default in
 --quick mode), appended to BENCHMARKS.md. Everything mounted or started is unmounted and stopped
@@ -40,7 +45,7 @@ PASSTHROUGH = REPO / "scripts" / "passthrough.py"
 MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
-EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2")
+EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -499,6 +504,7 @@ class GocryptfsTarget(Target):
 
 class CryptfsTarget(Target):
     name = "cryptfs-local"
+    mount_opts: list[str] = []
 
     def setup(self) -> None:
         super().setup()
@@ -537,7 +543,7 @@ class CryptfsTarget(Target):
             logf.write(f"--- mount {time.ctime()}\n")
         try:
             out = run_cmd(
-                [self.cli, "mount", "--name", "bench", self.mnt],
+                [self.cli, "mount", "--name", "bench", self.mnt, *self.mount_opts],
                 env=self.env,
                 what="cryptfs mount",
                 timeout=300,
@@ -572,6 +578,43 @@ class CryptfsS3Target(CryptfsTarget):
         s3.client().create_bucket(Bucket=bucket)
         self.env.update(s3.env())
         return f"s3://{bucket}/vault?endpoint={s3.endpoint}"
+
+
+class CryptfsMetricsTarget(CryptfsTarget):
+    """cryptfs-local with -o metrics (issue 18), scraped once a second while mounted."""
+
+    name = "cryptfs-metrics"
+
+    def mount(self) -> None:
+        self.port = free_port()
+        self.mount_opts = ["-o", f"metrics=127.0.0.1:{self.port}"]
+        super().mount()
+        self._stop = threading.Event()
+        self._scraper = threading.Thread(target=self._scrape, daemon=True)
+        self._scraper.start()
+
+    def _scrape(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                            timeout=5) as resp:
+                    resp.read()
+            except OSError:
+                pass
+
+    def _umount(self) -> None:
+        try:  # check that the metrics were really recorded
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                        timeout=5) as r:
+                text = r.read().decode()
+        except OSError as e:
+            text = f"scrape failed: {e}"
+        if hasattr(self, "_scraper"):
+            self._stop.set()
+            self._scraper.join(timeout=10)
+        super()._umount()
+        if 'cryptfs_fuse_operation_seconds_count{op="getattr"}' not in text:
+            raise BenchError(f"cryptfs-metrics: no FUSE operation counts ({one_line(text)})")
 
 
 class CryptfsS3x2Target(CryptfsTarget):
@@ -719,6 +762,40 @@ def write_big(path: Path, size: int, run: int) -> float:
     finally:
         os.close(fd)
     return size / 1e6 / (time.perf_counter() - t0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and all its threads, dead ones included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def round_trips(path: Path, pid: int | None, n: int = 3000, rounds: int = 7) -> dict[str, float]:
+    """Two operations that reach the FUSE daemon every time (the kernel caches neither statfs
+    nor a missing extended attribute): microseconds per call end to end, the best of several
+    rounds to shed noise from other processes, and the daemon's CPU time per call over all
+    rounds (what a callback costs the daemon; other processes barely change it)."""
+
+    def getxattr() -> None:
+        try:
+            os.getxattr(path, "user.cryptfs-bench")
+        except OSError:
+            pass
+
+    out = {}
+    for key, fn in (("statfs", lambda: os.statvfs(path)), ("getxattr", getxattr)):
+        best = float("inf")
+        cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        out[f"rt_{key}"] = best
+        if pid is not None:
+            out[f"cpu_{key}"] = (cpu_seconds(pid) - cpu0) / (n * rounds) * 1e6
+    return out
 
 
 def read_all(path: Path, buf: bytearray) -> int:
@@ -902,6 +979,7 @@ TARGET_CLASSES = {
     "cryptfs-local": CryptfsTarget,
     "cryptfs-s3": CryptfsS3Target,
     "cryptfs-s3x2": CryptfsS3x2Target,
+    "cryptfs-metrics": CryptfsMetricsTarget,
 }
 
 
@@ -957,6 +1035,10 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: R
     step("remount", t.cold_mount, True)
     log(f"{name}: read tree back again after a remount, own cache kept")
     res.add(name, "tar_reread", step("tar reread", read_tree, root / "tar", tar_files, tar_bytes))
+    if t.fuse:
+        log(f"{name}: FUSE round trips")
+        for key, us in step("round trips", round_trips, root, t.daemon_pid()).items():
+            res.add(name, key, us)
 
     # The run's files stay: deleting them through the mount costs minutes per round on the slow
     # targets (and the unmount after it more), and the temp dir goes at the end anyway.
@@ -974,6 +1056,10 @@ WORKLOADS = [
     ("tar_extract", "extract stdlib tar ({tf} files, {tb}) + sync", "s", False, True),
     ("tar_read", "read every stdlib file back, cold", "s", False, True),
     ("tar_reread", "read them again after a remount, chunk cache kept", "s", False, True),
+    ("rt_statfs", "statfs round trip (best of 7 × 3000)", "µs", False, True),
+    ("rt_getxattr", "getxattr round trip, ENODATA (best of 7 × 3000)", "µs", False, True),
+    ("cpu_statfs", "daemon CPU per statfs call", "µs", False, True),
+    ("cpu_getxattr", "daemon CPU per getxattr call", "µs", False, True),
     ("rss", "daemon peak RSS after the write", "MiB", False, False),
     ("umount", "unmount after the write", "s", False, False),
 ]
@@ -1019,12 +1105,15 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         for b in (*FS_BASELINES, "boto3")
         if c in targets and b in targets and (b != "boto3" or c == "cryptfs-s3")
     ]
+    if "cryptfs-metrics" in targets and "cryptfs-local" in targets:
+        ratio_cols.append(("cryptfs-metrics", "cryptfs-local"))  # the cost of metrics
     short = {
         "passthrough": "pt",
         "gocryptfs": "gocfs",
         "boto3": "boto3",
         "cryptfs-local": "local",
         "cryptfs-s3": "s3",
+        "cryptfs-metrics": "metrics",
     }
     head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
     rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]

@@ -1,12 +1,14 @@
-"""How the layers are wired, read from the package source (no vault, no FUSE).
+"""The layering rules, checked on the package's source: what may be imported and written where.
 
-* Nothing outside ``cryptfs/stores/`` (and ``cryptfs/storelist.py``, which composes the stores of
-  a vault) asks what kind of store it holds: no ``ReplicatedStore``, no ``isinstance``,
-  ``getattr`` or ``hasattr`` on a store. What replication needs is in the store contract.
-* Callbacks and collaborators are passed in at construction: no ``x.on_... =`` or
-  ``x.before_commit =`` anywhere, except ``self.on_... = ...`` inside an ``__init__``.
+The metadata engine (cryptfs/metadata.py, the SQLite engine) is the only module that holds SQL,
+talks to the SQLite driver or to SQLAlchemy; everything above it asks the engine.
 
-Each check also runs on a planted snippet, to show it finds what it looks for.
+Nothing outside ``cryptfs/stores/`` (and ``cryptfs/storelist.py``, which composes the stores of a
+vault) asks what kind of store it holds: no ``ReplicatedStore``, no ``isinstance``, ``getattr`` or
+``hasattr`` on a store; what replication needs is in the store contract. Callbacks and
+collaborators are passed in at construction: no ``x.on_... =`` or ``x.before_commit =``
+anywhere, except ``self.on_... = ...`` inside an ``__init__``; both checks also run on a planted
+snippet, to show they find what they look for.
 """
 
 from __future__ import annotations
@@ -15,7 +17,57 @@ import ast
 import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "cryptfs"
+import cryptfs
+
+PKG = Path(cryptfs.__file__).parent
+SQLITE_ENGINE = {PKG / "metadata.py"}
+SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|PRAGMA|REPLACE)\b\s+[A-Za-z(*]")
+DRIVER = re.compile(r"^\s*(import sqlite3|from sqlite3|import sqlalchemy|from sqlalchemy)", re.M)
+REACH_IN = re.compile(r"\.(raw|conn)\.|exec_driver_sql|raw_connection\(")
+
+
+def sources() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if p not in SQLITE_ENGINE)
+
+
+def test_the_package_has_sources() -> None:
+    assert len(sources()) > 20 and all(p.exists() for p in SQLITE_ENGINE)
+
+
+def test_no_sql_text_outside_the_sqlite_engine() -> None:
+    found = [f"{p.relative_to(PKG)}:{p.read_text()[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
+             for p in sources() for m in SQL.finditer(p.read_text())]
+    assert found == []
+
+
+def test_no_database_driver_outside_the_sqlite_engine() -> None:
+    found = [str(p.relative_to(PKG)) for p in sources() if DRIVER.search(p.read_text())]
+    assert found == []
+
+
+def test_nothing_reaches_into_the_engines_connection() -> None:
+    found = [f"{p.relative_to(PKG)}: {m.group(0)}" for p in sources()
+             for m in REACH_IN.finditer(p.read_text())]
+    assert found == []
+
+
+def test_the_sqlite_engine_implements_the_engine_interface() -> None:
+    import inspect
+
+    from cryptfs.meta import MetaEngine
+    from cryptfs.metadata import MetaStore
+
+    methods = {n: f for n, f in vars(MetaEngine).items()
+               if callable(f) and not n.startswith("_")}
+    assert len(methods) > 60
+    for name, proto in methods.items():
+        impl = getattr(MetaStore, name, None)
+        assert impl is not None, f"MetaStore lacks {name}"
+        want = list(inspect.signature(proto).parameters)
+        assert list(inspect.signature(impl).parameters) == want, name
+
+
+# -- stores and callbacks ---------------------------------------------------------------------
 COMPOSES_STORES = {"stores", "storelist.py"}  # where stores are built and may be named
 CALLBACK = re.compile(r"on_[a-z_]+|before_commit")
 
@@ -23,8 +75,8 @@ CALLBACK = re.compile(r"on_[a-z_]+|before_commit")
 def _sources(skip: set[str] | None = None) -> list[tuple[str, str]]:
     """(path relative to the package, source) of every module, except those under ``skip``."""
     out = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE)
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG)
         if skip and rel.parts[0] in skip:
             continue
         out.append((str(rel), path.read_text()))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.errors import MetaError
 from cryptfs.metadata import ROOT_INO
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import Vault, create_vault
@@ -75,7 +76,7 @@ def test_failed_operation_keeps_an_uncommitted_create(
         return real_insert(n)
 
     monkeypatch.setattr(meta, "insert_inode", insert_fails_once)
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(MetaError):  # the engine's errno-carrying error
         fs.mkdir(ROOT_INO, b"failed", 0o755, 0, 0)  # rolled back, and the create with it...
     monkeypatch.setattr(meta, "insert_inode", real_insert)
     fs.flush(fh)  # ...which was written again, so the close commits it

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from cryptfs.codec import DATA_PREFIX
-from cryptfs.errors import ObjectNotFound, StoreError
+from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -96,7 +96,7 @@ class LocalStore(PlainStore):
 
     def _put_failed(self, name: str, e: OSError) -> NoReturn:
         if e.errno == errno.ENOSPC:
-            raise StoreError(f"store {self.root} is full (no space left on device)") from None
+            raise StoreFull(f"store {self.root} is full (no space left on device)") from None
         raise StoreError(f"cannot write object {name} to {self.root}: {e.strerror}") from None
 
     def put_if_absent(self, name: str, data: bytes) -> bool:

@@ -1,0 +1,315 @@
+"""Filesystem operations: POSIX semantics over the metadata store and the chunk store.
+
+This module holds the shared state (caches, open files, deferred commits) and the helpers of
+:class:`FileSystem`; each group of operations lives in its own module of this package:
+:mod:`.namespace` (lookups, creating, removing, renaming), :mod:`.attrs` (attributes, xattrs,
+directories), :mod:`.reads` (open, read, read-ahead) and :mod:`.writes` (write, seal, commit,
+truncate, fallocate, seek, flush, release).
+
+Inode-based and independent of FUSE: every method takes inode numbers and raw names (bytes),
+returns :class:`~cryptfs.metadata.Inode` records or data, and raises ``OSError(errno)``.
+
+Durability contract:
+- every namespace operation (mkdir, mknod, symlink, link, unlink, rename, ...) and xattr
+  change is one committed SQLite transaction when it returns: it survives a crash of the
+  process;
+- the creation of a regular file (``create``) and attribute changes (chmod, chown, utimens)
+  are written at once and committed with the next commit: the file's flush at close, any
+  namespace operation, an fsync, or at the latest ``COMMIT_DELAY`` later (a crash of the
+  process in between may lose them; a file closed is never lost);
+- ``write`` buffers in memory; ``flush`` (every close) seals the file's dirty chunks, stages
+  them and commits the chunk map and every attribute change made before: the data survives a
+  crash of the process and will reach the store;
+- ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
+  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault`).
+
+Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
+own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the
+reverse. Store reads happen outside ``self.lock``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from cryptfs.chunkstore import ChunkStore
+from cryptfs.codec import ChunkRef
+from cryptfs.meta import Inode, MetaEngine
+
+log = logging.getLogger("cryptfs.fs")
+
+NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
+INODE_CACHE_MAX = 200_000
+REF_WINDOW = 256
+INLINE_SEAL = 128 << 10
+ALLOC_UNIT = 4096  # a stored chunk counts as allocated in units of this, like ext4's blocks
+DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
+SEEK_DATA, SEEK_HOLE = 3, 4
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
+# libfuse's high-level API renames a file that is unlinked while open to such a name and
+# unlinks it at release; these entries are invisible and do not count as links.
+HIDDEN = b".fuse_hidden"
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class Sealing:
+    """A chunk being sealed on a worker thread; keeps its plaintext until that succeeds."""
+
+    __slots__ = ("buf", "fut")
+
+    def __init__(self, buf: bytearray, fut: Future[ChunkRef | None]) -> None:
+        self.buf: bytearray | None = buf
+        self.fut = fut
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: Future[ChunkRef | None]) -> None:
+        if fut.exception() is None:
+            self.buf = None
+
+    def ref(self) -> ChunkRef | None:
+        return self.fut.result()
+
+
+@dataclass
+class OpenFile:
+    """State shared by all handles of one inode while it is open."""
+
+    ino: int
+    size: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    dirty: dict[int, bytearray] = field(default_factory=dict)
+    pending: dict[int, Sealing] = field(default_factory=dict)
+    refs: dict[int, ChunkRef] = field(default_factory=dict)  # committed chunk map, cached
+    loaded: set[int] = field(default_factory=set)  # windows of REF_WINDOW indexes in refs
+    handles: int = 0
+    mtime_ns: int | None = None  # time of the last data change not yet committed
+    last_read_end: int = -1
+    reported: bool = False
+
+    def dirty_bytes(self) -> int:
+        return sum(len(b) for b in self.dirty.values())
+
+
+@dataclass
+class Handle:
+    file: OpenFile | None
+    flags: int
+    listing: list[tuple[bytes, int, int]] | None = None
+
+
+class CommitHooks:
+    """What runs after each commit and each rollback of the metadata engine. It exists before
+    both: the engine is built with :meth:`committed` and :meth:`rolled_back` as its callbacks,
+    and the filesystem, built later on that engine, listens from its constructor (its deferred
+    writes: forgotten once committed, written again after a rollback). Listeners run on the
+    thread that commits, under the filesystem lock."""
+
+    def __init__(self) -> None:
+        self._listeners: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    def listen(self, on_commit: Callable[[], None], on_rollback: Callable[[], None]) -> None:
+        self._listeners.append((on_commit, on_rollback))
+
+    def committed(self) -> None:
+        for on_commit, _ in self._listeners:
+            on_commit()
+
+    def rolled_back(self) -> None:
+        for _, on_rollback in self._listeners:
+            on_rollback()
+
+
+class FileSystemBase:
+    """The filesystem's state and helpers. ``on_sync`` makes everything durable in the store
+    (fsync); ``before_commit`` runs inside each transaction that commits file data (the vault
+    writes its queued ledger entries there); ``hooks`` are the commit hooks ``meta`` was built
+    with."""
+
+    def __init__(
+        self,
+        meta: MetaEngine,
+        chunks: ChunkStore,
+        chunk_size: int,
+        on_sync: Callable[[], None],
+        readonly: bool = False,
+        statfs_source: Callable[[], os.statvfs_result | None] | None = None,
+        *,
+        hooks: CommitHooks,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.meta = meta
+        self.chunks = chunks
+        self.cs = chunk_size
+        self.on_sync = on_sync
+        self.readonly = readonly
+        self.statfs_source = statfs_source
+        self.lock = threading.RLock()
+        self.inodes: dict[int, Inode] = {}
+        self.dentries: dict[tuple[int, bytes], int] = {}
+        # directories whose every entry is in self.dentries (made during this mount): a name
+        # missing there does not exist, with no SQL (each create is preceded by such a lookup)
+        self.complete: set[int] = set()
+        self.files: dict[int, OpenFile] = {}
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.read_errors = 0
+        self.before_commit = before_commit
+        self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
+        # the kernel asks for security.capability on every write: answer from memory
+        self.xattr_inos: set[int] = meta.inodes_with_xattrs()
+        # bytes a file's committed chunks take (see st_blocks), computed on its first stat
+        self._alloc: dict[int, int] = {}
+        # changes written but not committed yet (see _save_later and create)
+        self._deferred: dict[int, Inode] = {}
+        self._deferred_new: list[tuple[int, bytes, Inode]] = []
+        self._deferred_event = threading.Event()
+        self._committer: threading.Thread | None = None
+        hooks.listen(self._committed, self._reapply_deferred)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _node(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            node = self.meta.get_inode(ino)
+            if node is None:
+                raise _err(errno.ENOENT)
+            if len(self.inodes) >= INODE_CACHE_MAX:
+                self.inodes.clear()
+                self.dentries.clear()
+                self.complete.clear()
+            self.inodes[ino] = node
+        return node
+
+    def _save(self, node: Inode) -> None:
+        self.meta.update_inode(node)
+
+    def _save_later(self, node: Inode) -> None:
+        """Write an attribute change (chmod, chown, utimens) without committing it (caller
+        holds self.lock): the next commit takes it along (the file's flush at close, the next
+        create, an fsync), or the committer thread within COMMIT_DELAY. Programs that unpack
+        files set times, owner and mode on each before closing it: one commit instead of
+        four."""
+        self.meta.update_inode(node)
+        self._defer(node)
+
+    def _defer(self, node: Inode) -> None:
+        """Remember a written change of ``node`` until the next commit (caller holds
+        self.lock), and make sure that commit comes within COMMIT_DELAY."""
+        self._deferred[node.ino] = node
+        if self._committer is None:
+            self._committer = threading.Thread(
+                target=self._commit_deferred_loop, name="commit", daemon=True
+            )
+            self._committer.start()
+        self._deferred_event.set()
+
+    def _reapply_deferred(self) -> None:
+        """A rollback undid the deferred writes too: write them again (still uncommitted)."""
+        for parent, name, node in self._deferred_new:
+            self.meta.insert_inode(node)
+            self.meta.add_dentry(parent, name, node.ino)
+        for node in self._deferred.values():
+            self.meta.update_inode(node)
+
+    def _committed(self) -> None:
+        self._deferred.clear()
+        self._deferred_new.clear()
+
+    def commit_deferred(self) -> None:
+        with self.lock:
+            if self._deferred:
+                self.meta.commit()
+
+    def _commit_deferred_loop(self) -> None:
+        while True:
+            self._deferred_event.wait()
+            time.sleep(COMMIT_DELAY)
+            self._deferred_event.clear()
+            try:
+                self.commit_deferred()
+            except Exception as e:  # noqa: BLE001 - retried with the next change or commit
+                log.warning("cannot commit attribute changes: %s", e)
+
+    def _lookup_ino(self, parent: int, name: bytes) -> int | None:
+        key = (parent, name)
+        ino = self.dentries.get(key)
+        if ino is None and parent not in self.complete:
+            ino = self.meta.lookup(parent, name)
+            if ino is not None:
+                self.dentries[key] = ino
+        return ino
+
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+        if not name or b"/" in name or name in (b".", b".."):
+            raise _err(errno.EINVAL)
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise _err(errno.EROFS)
+
+    def _dir(self, ino: int) -> Inode:
+        node = self._node(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise _err(errno.ENOTDIR)
+        return node
+
+    def _view(self, node: Inode) -> Inode:
+        """The inode as programs see it: with the size and mtime of uncommitted writes."""
+        f = self.files.get(node.ino)
+        if f is not None and (f.size != node.size or f.mtime_ns is not None):
+            if f.mtime_ns is None:
+                return dataclasses.replace(node, size=f.size)
+            return dataclasses.replace(node, size=f.size, mtime_ns=f.mtime_ns,
+                                       ctime_ns=f.mtime_ns)
+        return node
+
+    # -- filesystem -----------------------------------------------------------------------
+    def statfs(self) -> dict[str, int]:
+        """A local store: the figures of the filesystem it lives on. A remote store has no
+        fixed size: 2**40 blocks free, and the vault's stored chunk bytes used."""
+        st = self.statfs_source() if self.statfs_source else None
+        bsize = 4096
+        if st is not None:
+            blocks = st.f_blocks * st.f_frsize // bsize
+            bfree = st.f_bfree * st.f_frsize // bsize
+            bavail = st.f_bavail * st.f_frsize // bsize
+        else:
+            bfree = bavail = 1 << 40
+            with self.lock:
+                blocks = bfree + -(-self.meta.stored_bytes() // bsize)
+        with self.lock:
+            used = self.meta.count_inodes()
+        return {
+            "f_bsize": bsize,
+            "f_frsize": bsize,
+            "f_blocks": blocks,
+            "f_bfree": bfree,
+            "f_bavail": bavail,
+            "f_files": used + (1 << 32),
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": NAME_MAX,
+        }

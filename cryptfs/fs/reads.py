@@ -1,0 +1,164 @@
+"""Open files and the read path: chunk lookup, read-ahead, the disk-cache admission rule
+(scan resistance) and sibling prefetch."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from cryptfs.codec import ChunkRef
+from cryptfs.errors import CryptfsError, IntegrityError
+from cryptfs.fs.base import (
+    REF_WINDOW,
+    FileSystemBase,
+    Handle,
+    OpenFile,
+    Sealing,
+    _err,
+    log,
+)
+from cryptfs.meta import Inode
+
+
+class Reads(FileSystemBase):
+    """Open files and reads (the chunk map cached per open file, read-ahead)."""
+
+    # -- files ----------------------------------------------------------------------------
+    def _add_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return fh
+
+    def _open_locked(self, node: Inode, flags: int) -> int:
+        if stat.S_ISDIR(node.mode):
+            raise _err(errno.EISDIR)
+        if self.readonly and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise _err(errno.EROFS)
+        f = self.files.get(node.ino)
+        if f is None:
+            f = self.files[node.ino] = OpenFile(node.ino, node.size)
+        f.handles += 1
+        return self._add_handle(Handle(f, flags))
+
+    def open(self, ino: int, flags: int) -> int:
+        """Open a file; O_TRUNC truncates it (libfuse 3 passes it through: atomic_o_trunc)."""
+        with self.lock:
+            fh = self._open_locked(self._node(ino), flags)
+        if flags & os.O_TRUNC:
+            try:
+                self.truncate(ino, 0, fh)
+            except OSError:
+                self.release(fh)
+                raise
+        return fh
+
+    def prefetch_siblings(self, parent: int, name: bytes, count: int = 32) -> None:
+        """Programs that read a tree (tar, cp -r, rsync) open a directory's files in order:
+        start fetching (and opening) the first chunks of the next ``count`` files, to overlap a
+        remote store's requests, or the local disk's latency (a cold tree's objects lie
+        scattered over the store's directories) and the decryption. The window slides: it is
+        refilled once the reader is past its middle."""
+        with self.lock:
+            trigger = self._prefetched.get(parent)
+            if trigger is not None and name < trigger:
+                return  # most of the window fetched before still lies ahead of the reader
+            rows = self.meta.first_chunks_after(parent, name, count)
+            if rows:
+                self._prefetched[parent] = rows[len(rows) // 2][0]
+        self.chunks.prefetch([ref for _n, ref in rows])
+
+    def _file(self, fh: int) -> OpenFile:
+        h = self.handles.get(fh)
+        if h is None or h.file is None:
+            raise _err(errno.EBADF)
+        return h.file
+
+    def _ref(self, f: OpenFile, idx: int) -> ChunkRef | None:
+        """The sealed or committed chunk ``idx`` of an open file (caller holds f.lock)."""
+        s = f.pending.get(idx)
+        if s is not None:
+            return self._sealed(s)
+        w = idx // REF_WINDOW
+        if w not in f.loaded:
+            with self.lock:
+                f.refs.update(self.meta.get_blocks(f.ino, w * REF_WINDOW, (w + 1) * REF_WINDOW))
+            f.loaded.add(w)
+        return f.refs.get(idx)
+
+    @staticmethod
+    def _sealed(s: Sealing) -> ChunkRef | None:
+        try:
+            return s.ref()
+        except CryptfsError as e:
+            log.error("cannot store data: %s", e)
+            raise _err(e.errno) from None
+
+    def _plain(self, f: OpenFile, idx: int) -> bytes:
+        s = f.pending.get(idx)
+        if s is not None and s.buf is not None:
+            return bytes(s.buf)  # still sealing (or failed): the plaintext is here
+        ref = self._ref(f, idx)
+        if ref is None:
+            return b""
+        return self._get_chunk(f.ino, ref)
+
+    def _get_chunk(self, ino: int, ref: ChunkRef, keep: bool = True) -> bytes:
+        try:
+            return self.chunks.get(ref, keep)
+        except CryptfsError as e:
+            self.read_errors += 1
+            with self.lock:
+                paths = self.meta.paths_of(ino) or [f"<inode {ino}>"]
+            kind = "integrity" if isinstance(e, IntegrityError) else "store"
+            log.error("read of %s failed (%s error): %s", ", ".join(paths), kind, e)
+            raise _err(errno.EIO) from None
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        f = self._file(fh)
+        cs = self.cs
+        parts: list[bytes | ChunkRef | None] = []
+        with f.lock:
+            end = min(offset + size, f.size)
+            if offset >= end:
+                return b""
+            first, last = offset // cs, (end - 1) // cs
+            for idx in range(first, last + 1):
+                buf = f.dirty.get(idx)
+                if buf is None and idx in f.pending:
+                    buf = f.pending[idx].buf
+                parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
+            sequential = offset == f.last_read_end
+            # part of a stream, also when the kernel's parallel read-ahead requests arrive out
+            # of order: a big file read that way does not enter the disk cache
+            window = self.chunks.readahead * cs
+            streaming = f.last_read_end >= 0 and abs(offset - f.last_read_end) <= window
+            f.last_read_end = end
+            keep = not streaming or f.size <= self.chunks.stream_cache_limit
+            ahead = []
+            if sequential:
+                for idx in range(last + 1, last + 1 + self.chunks.readahead):
+                    if idx * cs >= f.size:
+                        break
+                    if idx not in f.dirty:
+                        r = self._ref(f, idx)
+                        if r is not None:
+                            ahead.append(r)
+            refs = [p for p in parts if isinstance(p, ChunkRef)]
+            self.chunks.pin(r.name for r in refs)
+        try:
+            if ahead:
+                self.chunks.prefetch(ahead, keep)
+            pieces = []
+            for k, p in enumerate(parts):
+                idx = first + k
+                plain = self._get_chunk(f.ino, p, keep) if isinstance(p, ChunkRef) else (p or b"")
+                lo = max(offset, idx * cs) - idx * cs
+                hi = min(end, (idx + 1) * cs) - idx * cs
+                pieces.append(plain[lo:hi])
+                if len(pieces[-1]) < hi - lo:  # past the chunk's data, within the file: zeros
+                    pieces.append(bytes(hi - lo - len(pieces[-1])))
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        finally:
+            self.chunks.unpin(r.name for r in refs)

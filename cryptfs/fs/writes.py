@@ -1,0 +1,336 @@
+"""The write path: buffering, sealing, committing chunk maps, truncate, fallocate, seek
+over holes, flush, fsync and release (the durability contract in :mod:`cryptfs.fs.base`)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from concurrent.futures import Future
+
+from cryptfs.codec import ChunkRef
+from cryptfs.errors import CryptfsError
+from cryptfs.fs.base import (
+    DIRTY_LIMIT,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_ZERO_RANGE,
+    INLINE_SEAL,
+    SEEK_DATA,
+    SEEK_HOLE,
+    FileSystemBase,
+    OpenFile,
+    Sealing,
+    _err,
+    log,
+)
+from cryptfs.meta import Inode
+
+
+class Writes(FileSystemBase):
+    """Writes, sealing and commits of open files; truncate, fallocate, lseek, release."""
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        self._writable()
+        f = self._file(fh)
+        cs = self.cs
+        with f.lock:
+            pos = offset
+            view = memoryview(data)
+            idx = offset // cs
+            while view:
+                idx, within = divmod(pos, cs)
+                n = min(cs - within, len(view))
+                buf = f.dirty.get(idx)
+                if buf is None:
+                    if within == 0 and (n == cs or pos + n >= f.size):
+                        buf = bytearray()
+                    else:
+                        buf = bytearray(self._plain(f, idx))
+                        if (idx + 1) * cs > f.size:  # data past EOF is not file content
+                            del buf[max(0, f.size - idx * cs) :]
+                    f.dirty[idx] = buf
+                if len(buf) < within:
+                    buf.extend(bytes(within - len(buf)))
+                buf[within : within + n] = view[:n]
+                pos += n
+                view = view[n:]
+            f.size = max(f.size, pos)
+            f.mtime_ns = time.time_ns()
+            # seal complete chunks behind the write position; everything if over the limit
+            full = [i for i, b in f.dirty.items() if len(b) == cs and i != idx]
+            if full:
+                self._seal(f, full)
+            if f.dirty_bytes() > DIRTY_LIMIT:
+                self._seal(f, list(f.dirty))
+        return len(data)
+
+    def _seal(self, f: OpenFile, idxs: list[int]) -> None:
+        """Hand dirty chunks to the sealing threads (caller holds f.lock)."""
+        for idx in sorted(idxs):
+            buf = f.dirty.pop(idx)
+            if buf and buf[-1] == 0:  # trailing zeros read back as zeros: not stored
+                del buf[len(buf.rstrip(b"\0")):]
+            old = f.pending.get(idx)
+            if len(buf) < INLINE_SEAL:  # small: a thread hand-off costs more than sealing
+                fut: Future[ChunkRef | None] = Future()
+                try:
+                    fut.set_result(self.chunks.put_or_hole(buf))
+                except CryptfsError as e:
+                    fut.set_exception(e)
+            else:
+                fut = self.chunks.put_async(buf)
+            f.pending[idx] = Sealing(buf, fut)
+            if old is not None:
+                self._unpin_later(old)
+
+    def _unpin_later(self, s: Sealing) -> None:
+        def done(fut: Future[ChunkRef | None]) -> None:
+            if fut.exception() is None and fut.result() is not None:
+                self.chunks.unpin([fut.result().name])  # type: ignore[union-attr]
+
+        s.fut.add_done_callback(done)
+
+    def _commit(self, f: OpenFile) -> None:
+        """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
+        If a chunk cannot be stored, its data goes back to the dirty buffers and the error
+        is raised (ENOSPC or EIO), so a later flush can retry."""
+        if f.dirty:
+            self._seal(f, list(f.dirty))
+        if not f.pending and f.mtime_ns is None:
+            return
+        refs: dict[int, ChunkRef | None] = {}
+        failed: CryptfsError | None = None
+        for idx, s in list(f.pending.items()):
+            try:
+                refs[idx] = s.ref()
+            except CryptfsError as e:
+                failed = e
+                del f.pending[idx]
+                if s.buf is not None:
+                    f.dirty.setdefault(idx, s.buf)
+        if failed is not None:  # the chunks that did seal stay pending for the retry
+            log.error("cannot store data of inode %d: %s", f.ino, failed)
+            raise _err(failed.errno)
+        with self.lock:
+            node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+            if node is None:  # removed meanwhile
+                self._discard(f)
+                return
+            with self.meta.transaction():
+                if self.before_commit is not None:
+                    self.before_commit()
+                for idx, ref in refs.items():
+                    if idx * self.cs < f.size:
+                        self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
+                        if ref is None:
+                            f.refs.pop(idx, None)
+                        else:
+                            f.refs[idx] = ref
+                node.size = f.size
+                if f.mtime_ns is not None:
+                    node.mtime_ns = node.ctime_ns = f.mtime_ns
+                self._save(node)
+            self.inodes[f.ino] = node
+            self._alloc.pop(f.ino, None)
+        self.chunks.unpin(r.name for r in refs.values() if r is not None)
+        f.pending.clear()
+        f.mtime_ns = None
+
+    def _discard(self, f: OpenFile) -> None:
+        for s in f.pending.values():
+            self._unpin_later(s)
+        f.pending.clear()
+        f.dirty.clear()
+
+    def truncate(self, ino: int, size: int, fh: int | None = None) -> Inode:
+        self._writable()
+        if size < 0:
+            raise _err(errno.EINVAL)
+        with self.lock:
+            node = self._node(ino)
+            if stat.S_ISDIR(node.mode):
+                raise _err(errno.EISDIR)
+            if not stat.S_ISREG(node.mode):
+                raise _err(errno.EINVAL)
+            temp = ino not in self.files
+            fh_t = self._open_locked(node, os.O_RDWR) if temp else None
+            f = self.files[ino]
+        try:
+            with f.lock:
+                cs = self.cs
+                if size < f.size:
+                    keep = (size + cs - 1) // cs  # chunks 0..keep-1 hold data
+                    for idx in [i for i in f.dirty if i >= keep]:
+                        del f.dirty[idx]
+                    for idx in [i for i in f.pending if i >= keep]:
+                        self._unpin_later(f.pending.pop(idx))
+                    with self.lock, self.meta.transaction():
+                        self.meta.remove_blocks_from(ino, keep)
+                    for idx in [i for i in f.refs if i >= keep]:
+                        del f.refs[idx]
+                    if size % cs:
+                        idx = size // cs
+                        buf = f.dirty.get(idx)
+                        if buf is None:
+                            buf = bytearray(self._plain(f, idx))
+                        del buf[size % cs :]
+                        f.dirty[idx] = buf
+                f.size = size
+                f.mtime_ns = time.time_ns()
+                self._commit(f)
+        finally:
+            if fh_t is not None:
+                self.release(fh_t)
+        with self.lock:
+            return self._view(self._node(ino))
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2). Mode 0 extends the size; no space is reserved in advance (the store
+        takes space as data arrives), so KEEP_SIZE alone changes nothing. PUNCH_HOLE (with
+        KEEP_SIZE, as Linux requires) and ZERO_RANGE zero the range: chunks it covers become
+        holes (nothing stored), partly covered ones are rewritten with zeros; ZERO_RANGE
+        without KEEP_SIZE extends the size. COLLAPSE_RANGE, INSERT_RANGE and other modes:
+        EOPNOTSUPP (the FUSE kernel module refuses them before they get here anyway)."""
+        self._writable()
+        if offset < 0 or length <= 0:
+            raise _err(errno.EINVAL)
+        keep = mode & FALLOC_FL_KEEP_SIZE
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise _err(errno.EOPNOTSUPP)
+        if mode & FALLOC_FL_PUNCH_HOLE and (not keep or mode & FALLOC_FL_ZERO_RANGE):
+            raise _err(errno.EOPNOTSUPP)
+        f = self._file(fh)
+        end = offset + length
+        with f.lock:
+            if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                self._zero(f, offset, min(end, f.size))
+            elif keep or end <= f.size:
+                return
+            if not keep and end > f.size:
+                f.size = end
+            f.mtime_ns = time.time_ns()
+            self._commit(f)
+
+    def _zero(self, f: OpenFile, lo: int, hi: int) -> None:
+        """Zero bytes ``lo..hi`` (within the size) of an open file (caller holds f.lock):
+        chunks wholly inside become holes at once, the partly covered ones at either end get
+        zeros in their dirty buffers (committed by the caller)."""
+        if lo >= hi:
+            return
+        cs = self.cs
+        full_lo = -(-lo // cs)
+        full_hi = -(-hi // cs) if hi >= f.size else hi // cs  # the last chunk ends at EOF
+        if full_lo < full_hi:
+            for idx in [i for i in f.dirty if full_lo <= i < full_hi]:
+                del f.dirty[idx]
+            for idx in [i for i in f.pending if full_lo <= i < full_hi]:
+                self._unpin_later(f.pending.pop(idx))
+            with self.lock, self.meta.transaction():
+                self.meta.remove_blocks_range(f.ino, full_lo, full_hi)
+            for idx in [i for i in f.refs if full_lo <= i < full_hi]:
+                del f.refs[idx]
+            self._alloc.pop(f.ino, None)
+        for idx in sorted({lo // cs, (hi - 1) // cs}):
+            if full_lo <= idx < full_hi:
+                continue
+            buf = f.dirty.get(idx)
+            if buf is None:
+                buf = bytearray(self._plain(f, idx))
+                del buf[max(0, f.size - idx * cs):]  # data past EOF is not file content
+            a = max(lo, idx * cs) - idx * cs
+            b = min(hi, (idx + 1) * cs) - idx * cs
+            if a < len(buf):
+                buf[a:b] = bytes(min(b, len(buf)) - a)
+                f.dirty[idx] = buf
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE. A hole is a chunk with nothing stored, or the rest of a
+        chunk past its stored bytes (found by reading the chunk before a hole); the end of
+        the file is a hole. Uncommitted writes are committed first, as a flush would."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        f = self._file(fh)
+        cs = self.cs
+        with f.lock:
+            self._commit(f)
+            size = f.size
+            if offset < 0:
+                raise _err(errno.EINVAL)
+            if offset >= size:
+                raise _err(errno.ENXIO)
+            idx = offset // cs
+            if whence == SEEK_DATA:
+                while True:
+                    with self.lock:
+                        d = self.meta.next_block(f.ino, idx)
+                    if d is None or d * cs >= size:
+                        raise _err(errno.ENXIO)
+                    if d * cs > offset:  # a stored chunk holds at least one byte
+                        return d * cs
+                    if offset < d * cs + len(self._plain(f, d)):
+                        return offset
+                    idx = d + 1
+            with self.lock:
+                h = self.meta.next_hole(f.ino, idx)
+            hole = h * cs
+            if h > idx:  # the chunk before the hole may end short
+                stored = len(self._plain(f, h - 1))
+                if stored < cs:
+                    hole = (h - 1) * cs + stored
+            return min(max(offset, hole), size)
+
+    def flush(self, fh: int) -> None:
+        """Make the file's data survive a crash of this process (see module docstring)."""
+        h = self.handles.get(fh)
+        if h is None or h.file is None:
+            return
+        with h.file.lock:
+            self._commit(h.file)
+        if self._deferred:  # attribute changes made before the close survive it too
+            self.commit_deferred()
+
+    def fsync(self, fh: int | None) -> None:
+        """Flush, then make everything durable in the store."""
+        if fh is not None:
+            self.flush(fh)
+        self.on_sync()
+
+    def release(self, fh: int) -> None:
+        with self.lock:
+            h = self.handles.get(fh)
+        if h is None or h.file is None:
+            return
+        f = h.file
+        with f.lock:
+            try:
+                self._commit(f)
+            finally:
+                with self.lock:
+                    self.handles.pop(fh, None)
+                    f.handles -= 1
+                    if f.handles <= 0:
+                        del self.files[f.ino]
+                        node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+                        if node is not None and node.nlink <= 0:
+                            with self.meta.transaction():
+                                self.meta.delete_inode(f.ino)
+                            self.inodes.pop(f.ino, None)
+
+    def commit_all(self) -> None:
+        """Flush every open file (before a snapshot at unmount)."""
+        with self.lock:
+            files = list(self.files.values())
+        for f in files:
+            with f.lock:
+                self._commit(f)
+
+    def release_all(self) -> None:
+        """After unmount: releases the kernel did not deliver are done now, so files unlinked
+        while open are deleted before the final snapshot."""
+        with self.lock:
+            fhs = [fh for fh, h in self.handles.items() if h.file is not None]
+        for fh in fhs:
+            self.release(fh)
+        self.recover()

@@ -1,0 +1,11 @@
+"""The metadata layer: one engine interface (:mod:`cryptfs.meta.engine`), engines behind it.
+
+Engines: SQLite (:mod:`cryptfs.metadata`, the embedded default). Everything above this layer
+(the ledger, the vault, the filesystem, fsck) talks to an engine only through the interface;
+``tests/test_35_meta_engine.py`` is the conformance suite every engine must pass, and
+``tests/test_05_layers.py`` checks that no SQL or database driver is used outside the engine.
+"""
+
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, MetaEngine
+
+__all__ = ["ROOT_INO", "Inode", "LedgerRow", "MetaEngine"]
