@@ -57,7 +57,10 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
             rep.problems.append("the root directory is missing")
         links: Counter[int] = Counter()
         subdirs: Counter[int] = Counter()
-        for parent, name, ino in meta.all_dentries():
+        entries = meta.all_dentries()
+        names = Counter(ino for _p, _n, ino in entries)
+        visible = Counter(ino for _p, n, ino in entries if not n.startswith(HIDDEN))
+        for parent, name, ino in entries:
             shown = name.decode("utf-8", "surrogateescape")
             drop = partial(meta.remove_dentry, parent, name)
             if ino not in inodes:
@@ -68,7 +71,10 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                 found(f"entry '{shown}' has a parent {parent} that is not a directory",
                       "entry removed", drop)
                 continue
-            if name.startswith(HIDDEN):
+            if name.startswith(HIDDEN) and (names[ino] > inodes[ino][1] or visible[ino]):
+                # libfuse's name for a file unlinked while open: not a link (the inode has
+                # more names than links, or another name); a user's lone file whose name only
+                # begins the same way is a link like any other
                 found(f"leftover hidden entry '{shown}' (a file unlinked while open)",
                       "entry removed", drop)
                 continue

@@ -139,6 +139,7 @@ class Ledger:
         e = Entry(seq, now, op, name, size, sha256, prev, h)
         with self.meta.transaction():
             self.meta.ledger_insert([e.row()])
+            self.meta.undo_on_rollback(self.invalidate)  # the cached head must go with it
         self._head = e
         return e
 

@@ -228,6 +228,7 @@ class MetaStore:
         # hot paths use precompiled SQL on the driver connection, inside the same transactions
         self.raw: sqlite3.Connection = self.conn.connection.driver_connection  # type: ignore
         self._depth = 0  # nesting of transaction() blocks
+        self._undo: list[Callable[[], None]] = []  # see undo_on_rollback
         # called after every commit and after every rollback (the filesystem's deferred writes)
         self.on_commit = on_commit
         self.on_rollback = on_rollback
@@ -283,10 +284,7 @@ class MetaStore:
             yield
         except BaseException as e:
             self._depth = 0
-            self.conn.rollback()
-            self.raw.rollback()
-            if self.on_rollback is not None:
-                self.on_rollback()
+            self._rolled_back()
             if isinstance(e, (sqlite3.Error, SADatabaseError)):
                 raise _meta_error(self.path, e) from e
             raise
@@ -294,12 +292,34 @@ class MetaStore:
         if commit:
             self.commit()
 
+    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the writes made since the last commit are rolled back (to undo what
+        the caller keeps in memory about them); forgotten once they are committed."""
+        self._undo.append(fn)
+
+    def _rolled_back(self) -> None:
+        """Roll back both layers and tell those who kept state about the lost writes."""
+        self.conn.rollback()
+        self.raw.rollback()
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        if self.on_rollback is not None:
+            self.on_rollback()
+
     def commit(self) -> None:
         """Commit statements run outside a :meth:`transaction` block, on both layers
-        (SQLAlchemy's transaction and the driver's, which raw hot-path statements open)."""
-        if self.conn.in_transaction():
-            self.conn.commit()
-        self.raw.commit()
+        (SQLAlchemy's transaction and the driver's, which raw hot-path statements open). A
+        commit the database refuses (a full disk shows here in WAL mode) rolls back whole and
+        raises MetaError (MetaFull for a full disk)."""
+        try:
+            if self.conn.in_transaction():
+                self.conn.commit()
+            self.raw.commit()
+        except (sqlite3.Error, SADatabaseError) as e:
+            self._rolled_back()
+            raise _meta_error(self.path, e) from e
+        self._undo.clear()
         self.commits += 1
         self.last_commit = time.monotonic()
         if self.on_commit is not None:
@@ -427,10 +447,16 @@ class MetaStore:
 
     def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]:
         """``(parent, name, ino)`` of entries whose name starts with ``prefix``."""
-        q = select(dentries.c.parent, dentries.c.name, dentries.c.ino).where(
-            dentries.c.name >= prefix, dentries.c.name < prefix + b"\xff"
+        rows = self.raw.execute(
+            "SELECT parent, name, ino FROM dentries WHERE substr(name, 1, ?) = ?",
+            (len(prefix), prefix),
         )
-        return [(p, bytes(n), i) for p, n, i in self.conn.execute(q)]
+        return [(p, bytes(n), i) for p, n, i in rows]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """``(parent, name)`` of every entry that names ``ino``."""
+        rows = self.raw.execute("SELECT parent, name FROM dentries WHERE ino = ?", (ino,))
+        return [(p, bytes(n)) for p, n in rows]
 
     # -- chunk maps and objects ---------------------------------------------------------------
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:

@@ -55,7 +55,8 @@ class CopyLog:
 
     def record(self, meta: MetaEngine, ledger: Ledger) -> None:
         """Record the queued events: the copies table, and a ``copy@id`` / ``lost@id`` ledger
-        entry for each change (caller holds the lock of ``meta``'s connection)."""
+        entry for each change (caller holds the lock of ``meta``'s connection). Events whose
+        records are rolled back are queued again."""
         with self._lock:
             events, self._events = self._events, []
         if not events:
@@ -65,6 +66,11 @@ class CopyLog:
                 if meta.record_copy(name, sid, st) and st != "delete":
                     op = ("copy@" if st == "ok" else "lost@") + sid
                     ledger.append(op, name, 0, b"\0" * 32)
+            meta.undo_on_rollback(lambda: self._requeue(events))
+
+    def _requeue(self, events: list[tuple[str, str, str]]) -> None:
+        with self._lock:
+            self._events[:0] = events
 
 
 @dataclass(frozen=True)

@@ -689,7 +689,13 @@ class Vault:
             with self.meta.transaction():
                 for ref in queued:
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
+                self.meta.undo_on_rollback(lambda: self._requeue_stored(queued))
         self._flush_copies()
+
+    def _requeue_stored(self, refs: list[ChunkRef]) -> None:
+        """Their ledger entries were rolled back with the commit they were in: again."""
+        with self._stored_lock:
+            self._stored[:0] = refs
 
     # -- copies on several stores ----------------------------------------------------------------
     def _flush_copies(self) -> None:

@@ -8,7 +8,6 @@ import time
 
 from cryptfs import acl
 from cryptfs.fs.base import (
-    HIDDEN,
     XATTR_CREATE,
     XATTR_REPLACE,
     XATTR_SIZE_MAX,
@@ -179,7 +178,7 @@ class Attributes(FileSystemBase):
                 listing = [
                     (b".", ino, node.mode),
                     (b"..", parent, stat.S_IFDIR),
-                ] + [e for e in self.meta.list_dir(ino) if not e[0].startswith(HIDDEN)]
+                ] + [e for e in self.meta.list_dir(ino) if not self._libfuse_hidden(e[1], e[0])]
                 if h is not None:
                     h.listing = listing
             else:

@@ -231,8 +231,9 @@ class Namespace(FileSystemBase):
                 raise _err(errno.EISDIR)
             now = time.time_ns()
             with self.meta.transaction():
+                hidden = self._libfuse_hidden(ino, name)
                 self.meta.remove_dentry(parent, name)
-                if name.startswith(HIDDEN):  # already counted as unlinked
+                if hidden:  # already counted as unlinked
                     node.nlink += 1
                 else:
                     pnode.mtime_ns = pnode.ctime_ns = now
@@ -250,7 +251,7 @@ class Namespace(FileSystemBase):
             if ino is None:
                 raise _err(errno.ENOENT)
             node = self._dir(ino)
-            if self.meta.has_children(ino, HIDDEN):
+            if self._has_children(ino):
                 raise _err(errno.ENOTEMPTY)
             now = time.time_ns()
             with self.meta.transaction():
@@ -265,8 +266,25 @@ class Namespace(FileSystemBase):
             self.dentries.pop((parent, name), None)
             self.complete.discard(ino)
 
+    def _libfuse_hidden(self, ino: int, name: bytes) -> bool:
+        """Whether an entry is one libfuse made for a file unlinked while open (renamed to a
+        hidden name): such an entry does not count as a link (the rename took one off), so
+        the inode has more names than links. A user's file whose name merely begins the same
+        way counts like any other name."""
+        if not name.startswith(HIDDEN):
+            return False
+        return len(self.meta.names_of(ino)) > self._node(ino).nlink
+
+    def _has_children(self, dir_ino: int) -> bool:
+        """Whether a directory holds an entry other than libfuse's hidden ones."""
+        if self.meta.has_children(dir_ino, HIDDEN):
+            return True
+        return any(p == dir_ino and not self._libfuse_hidden(ino, name)
+                   for p, name, ino in self.meta.hidden_dentries(HIDDEN))
+
     def _drop_hidden(self, dir_ino: int) -> None:
-        """Remove the hidden entries of a directory that is going away (in a transaction)."""
+        """Remove libfuse's hidden entries of a directory that is going away (in a
+        transaction; the directory holds nothing else)."""
         for _p, name, ino in self.meta.hidden_dentries(HIDDEN):
             if _p != dir_ino:
                 continue
@@ -277,10 +295,11 @@ class Namespace(FileSystemBase):
             self._drop_link(node, time.time_ns())
 
     def recover(self) -> int:
-        """After a crash: drop hidden entries and inodes that no name refers to."""
+        """After a crash: drop libfuse's hidden entries and inodes that no name refers to."""
         with self.lock, self.meta.transaction():
-            hidden = self.meta.hidden_dentries(HIDDEN)
-            for parent, name, _ino in hidden:
+            hidden = [(p, n) for p, n, i in self.meta.hidden_dentries(HIDDEN)
+                      if self._libfuse_hidden(i, n)]
+            for parent, name in hidden:
                 self.meta.remove_dentry(parent, name)
             orphans = self.meta.orphan_inodes()
             for ino in orphans:
@@ -337,7 +356,7 @@ class Namespace(FileSystemBase):
                     raise _err(errno.ENOTDIR)
                 if ddir and not sdir:
                     raise _err(errno.EISDIR)
-                if ddir and self.meta.has_children(dnode.ino, HIDDEN):
+                if ddir and self._has_children(dnode.ino):
                     raise _err(errno.ENOTEMPTY)
             now = time.time_ns()
             with self.meta.transaction():
@@ -355,7 +374,7 @@ class Namespace(FileSystemBase):
                 if sdir and p1 != p2:
                     pn1.nlink -= 1
                     pn2.nlink += 1
-                if n2.startswith(HIDDEN) and not n1.startswith(HIDDEN):
+                if n2.startswith(HIDDEN) and not n1.startswith(HIDDEN) and src in self.files:
                     snode.nlink -= 1  # libfuse hiding a file unlinked while open
                 snode.ctime_ns = now
                 self._save(snode)
@@ -367,6 +386,8 @@ class Namespace(FileSystemBase):
             return None
 
     def _exchange(self, pn1: Inode, n1: bytes, a: Inode, pn2: Inode, n2: bytes, b: Inode) -> None:
+        if a.ino == b.ino:
+            return  # two names of one inode (or one name twice): swapping changes nothing
         adir, bdir = stat.S_ISDIR(a.mode), stat.S_ISDIR(b.mode)
         if pn1.ino != pn2.ino and (
             (adir and self._is_ancestor(a.ino, pn2.ino))

@@ -18,6 +18,7 @@ the root directory), object names the store names of :mod:`cryptfs.layout`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,7 +57,11 @@ class MetaEngine(Protocol):
         leaves its writes for the next commit."""
 
     def commit(self) -> None:
-        """Commit writes made outside a block (and run the commit listener)."""
+        """Commit writes made outside a block (and run the commit listener); a commit the
+        database refuses rolls back whole (running the rollback actions) and raises."""
+
+    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the writes made since the last commit are rolled back."""
 
     def sync(self) -> None:
         """Commit, then make every committed block durable against power loss."""
@@ -97,7 +102,10 @@ class MetaEngine(Protocol):
         """``(name, ino, mode)`` in name order, after ``after``, at most ``limit``."""
 
     def has_children(self, parent: int, ignore_prefix: bytes | None = None) -> bool: ...
-    def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]: ...
+    def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]:
+        """``(parent, name, ino)`` of every entry whose name starts with ``prefix``."""
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]: ...
     def parent_of(self, ino: int) -> int | None: ...
     def paths_of(self, ino: int, limit: int = 3) -> list[str]: ...
 
