@@ -68,9 +68,7 @@ def modify_config(
             # every store that answers gets the new config (a quorum must); `cryptfs repair`
             # brings one that was down level
             store.put(CONFIG_OBJECT, cfg.to_bytes())
-            drain = getattr(store, "drain", None)
-            if drain is not None:
-                drain(30.0)
+            store.drain(30.0)
         finally:
             store.close()
         save_local_config(paths, stores, cfg)

@@ -284,7 +284,14 @@ class MetaStore:
     migrated (``migrated_from`` says from which version, else it is None), and a newer or
     invalid one raises ConfigError."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        on_commit: Callable[[], None] | None = None,
+        on_rollback: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_commit`` runs after every commit, ``on_rollback`` after every rollback (for
+        the filesystem's deferred writes: see :class:`cryptfs.fs.CommitHooks`)."""
         self.path = Path(path)
         self.engine = create_engine(
             f"sqlite:///{self.path}",
@@ -318,8 +325,8 @@ class MetaStore:
         self._depth = 0  # nesting of transaction() blocks
         self._undo: list[Callable[[], None]] = []  # see undo_on_rollback
         # called after every commit and after every rollback (the filesystem's deferred writes)
-        self.on_commit: Callable[[], None] | None = None
-        self.on_rollback: Callable[[], None] | None = None
+        self.on_commit = on_commit
+        self.on_rollback = on_rollback
         self._checkpointer: threading.Thread | None = None
         self._checkpointer_stop = threading.Event()
         self.commits = 0  # commits so far, and when the last one ended (monotonic)

@@ -217,7 +217,7 @@ class Metrics:
 
     def wrap_store(self, store: Any, store_id: str) -> MeteredStore:
         """``store`` with its requests recorded under label ``store=store_id``."""
-        kind = str(getattr(store, "url", "")).partition(":")[0] or "unknown"
+        kind = store.url.partition(":")[0] or "unknown"
         self.store_info.labels(store_id, kind).set(1)
         return MeteredStore(store, self, store_id)
 
@@ -280,9 +280,7 @@ class MeteredStore:
         return bool(self._call("exists", self.inner.exists, name))
 
     def sync(self) -> None:
-        sync = getattr(self.inner, "sync", None)
-        if sync is not None:
-            self._call("sync", sync)
+        self._call("sync", self.inner.sync)
 
     def _listing(self, it: Callable[[], Iterator[Any]]) -> Iterator[Any]:
         t = time.perf_counter()
@@ -371,8 +369,8 @@ class VaultCollector(Collector):
         else:
             ro.add_metric(["none"], 0)
         yield ro
-        members = getattr(v.store, "members", None)
-        if members is not None:
+        members = v.store.members  # a replicated store's (a plain store has none)
+        if members:
             up = GaugeMetricFamily("cryptfs_store_up", "1 while a store of a replicated vault "
                                    "answers", labels=["store"])
             for m in members:

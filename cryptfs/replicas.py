@@ -7,6 +7,12 @@ cache, or another store, checked against the recorded hash); the mount runs it i
 background, ``cryptfs repair`` and ``cryptfs store add`` in the foreground with progress.
 :func:`survey` lists every store and finds copies that are missing, the wrong size or (with
 ``full``) corrupt, and objects a store keeps that nothing references.
+
+A store's copy reports reach the metadata through a :class:`CopyLog`: it exists before the
+store (which is built with its ``copied`` and ``stray`` methods as callbacks) and before the
+metadata (whose connection records the queued events at the next commit). The functions here
+work on a :class:`Replicas`, the few parts of an open vault they need. With a plain store
+(no members) there is nothing to level and each of them does nothing.
 """
 
 from __future__ import annotations
@@ -19,34 +25,101 @@ from dataclasses import dataclass, field
 
 from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, StoreError
-from cryptfs.layout import PER_STORE
-from cryptfs.stores.replicated import Member, ReplicatedStore
+from cryptfs.layout import PER_STORE, TRACKED_PREFIXES
+from cryptfs.ledger import Ledger
+from cryptfs.meta import MetaEngine
+from cryptfs.stores.base import Member, ObjectStore
 
 log = logging.getLogger("cryptfs.replicas")
 
 
+class CopyLog:
+    """Copy events reported by a store (from any thread), queued until the metadata records
+    them: ``copied(name, store id, ok)`` says where a copy landed or is missing, ``stray(name,
+    store id)`` that a delete did not reach a store (its copy is deleted later). Only objects
+    the vault tracks (:data:`cryptfs.layout.TRACKED_PREFIXES`) are queued."""
 
-def expected_holders(store: ReplicatedStore, recorded: dict[str, str]) -> dict[str, str]:
-    """``{store id: 'ok' | 'pending'}`` an object should have: with ``copies`` = all every
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: list[tuple[str, str, str]] = []
+
+    def copied(self, name: str, store_id: str, ok: bool) -> None:
+        if name.startswith(TRACKED_PREFIXES):
+            with self._lock:
+                self._events.append((name, store_id, "ok" if ok else "pending"))
+
+    def stray(self, name: str, store_id: str) -> None:
+        if name.startswith(TRACKED_PREFIXES):
+            with self._lock:
+                self._events.append((name, store_id, "delete"))
+
+    def record(self, meta: MetaEngine, ledger: Ledger) -> None:
+        """Record the queued events: the copies table, and a ``copy@id`` / ``lost@id`` ledger
+        entry for each change (caller holds the lock of ``meta``'s connection). Events whose
+        records are rolled back are queued again."""
+        with self._lock:
+            events, self._events = self._events, []
+        if not events:
+            return
+        with meta.transaction():
+            for name, sid, st in events:
+                if meta.record_copy(name, sid, st) and st != "delete":
+                    op = ("copy@" if st == "ok" else "lost@") + sid
+                    ledger.append(op, name, 0, b"\0" * 32)
+            meta.undo_on_rollback(lambda: self._requeue(events))
+
+    def _requeue(self, events: list[tuple[str, str, str]]) -> None:
+        with self._lock:
+            self._events[:0] = events
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """What levelling the stores works with: the vault's store, its metadata and ledger with
+    the lock that serialises their connection (the filesystem's), the copy log, and where a
+    local copy of an object may be (the staging area or cache)."""
+
+    store: ObjectStore
+    meta: MetaEngine
+    ledger: Ledger
+    lock: threading.RLock
+    copies: CopyLog
+    local_copy: Callable[[ChunkRef], bytes | None]
+
+    def flush(self) -> None:
+        """Record the queued copy events now."""
+        with self.lock:
+            self.copies.record(self.meta, self.ledger)
+
+    def member(self, store_id: str) -> Member | None:
+        return next((m for m in self.store.members if m.id == store_id), None)
+
+
+def _everywhere(store: ObjectStore, name: str) -> bool:
+    """Whether every member should hold ``name`` (the policy ``copies`` = all)."""
+    return len(store.targets(name)) >= len(store.members)
+
+
+def expected_holders(store: ObjectStore, name: str, recorded: dict[str, str]) -> dict[str, str]:
+    """``{store id: 'ok' | 'pending'}`` object ``name`` should have: with ``copies`` = all every
     store (an unrecorded one counts as pending), otherwise the recorded ones."""
-    if store.copies >= len(store.members):
+    if _everywhere(store, name):
         return {m.id: recorded.get(m.id, "pending") for m in store.members}
-    return {sid: st for sid, st in recorded.items() if store.member(sid) is not None}
+    ids = {m.id for m in store.members}
+    return {sid: st for sid, st in recorded.items() if sid in ids}
 
 
-def copy_one(vault, ref: ChunkRef, m: Member) -> bool:  # type: ignore[no-untyped-def]
+def copy_one(r: Replicas, ref: ChunkRef, m: Member) -> bool:
     """Copy ``ref`` to member ``m`` from a good copy; True on success (recorded as an event)."""
-    store = vault.store
-    assert isinstance(store, ReplicatedStore)
-    blob = vault.chunks.local_copy(ref) if vault.chunks is not None else None
+    blob = r.local_copy(ref)
     if blob is None:
-        others = [x for x in store.read_order() if x is not m]
+        others = sorted((x for x in r.store.members if x is not m),
+                        key=lambda x: (x.down(), x.latency))
         for src in others:
             try:
                 got = src.call(lambda src=src: src.store.get(ref.name, ref.size))
             except CryptfsError:
                 continue
-            assert isinstance(got, bytes)
             if ref.matches(got):
                 blob = got
                 break
@@ -57,12 +130,12 @@ def copy_one(vault, ref: ChunkRef, m: Member) -> bool:  # type: ignore[no-untype
         m.call(lambda: m.store.put(ref.name, blob))
     except StoreError:
         return False
-    vault._on_copy(ref.name, m.id, True)
+    r.copies.copied(ref.name, m.id, True)
     return True
 
 
 def copy_pending(
-    vault,  # type: ignore[no-untyped-def]
+    r: Replicas,
     stop: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None,
     probe_down: bool = True,
@@ -70,35 +143,34 @@ def copy_pending(
 ) -> tuple[int, int]:
     """Make the pending copies (all of them, in batches); returns (copied, failed). Members
     believed down get one probe per call; if it fails their copies wait for the next call."""
-    store = vault.store
-    if not isinstance(store, ReplicatedStore):
+    if not r.store.members:
         return 0, 0
-    _delete_strays(vault, store, probe_down)
-    with vault.fs.lock:
-        todo = vault.meta.pending_copies(limit=1 << 30)
+    _delete_strays(r, probe_down)
+    with r.lock:
+        todo = r.meta.pending_copies(limit=1 << 30)
     if not todo:
         return 0, 0
     copied = failed = 0
     skip: set[str] = set()
     for sid in {sid for _r, sid in todo}:
-        m = store.member(sid)
+        m = r.member(sid)
         if m is None:
-            with vault.fs.lock, vault.meta.transaction():
-                vault.meta.forget_store_copies(sid)  # a store that was removed
+            with r.lock, r.meta.transaction():
+                r.meta.forget_store_copies(sid)  # a store that was removed
             skip.add(sid)
         elif m.down() and not probe_down:
             skip.add(sid)
-    todo = [(r, sid) for r, sid in todo if sid not in skip]
+    todo = [(ref, sid) for ref, sid in todo if sid not in skip]
     lock = threading.Lock()
     dead: set[str] = set()
 
     def one(item: tuple[ChunkRef, str]) -> None:
         nonlocal copied, failed
         ref, sid = item
-        m = store.member(sid)
+        m = r.member(sid)
         ok = False
         if m is not None and sid not in dead and not (stop is not None and stop.is_set()):
-            ok = copy_one(vault, ref, m)
+            ok = copy_one(r, ref, m)
             if not ok and m.down():
                 dead.add(sid)  # one failure is enough: the rest wait for the next pass
         with lock:
@@ -110,7 +182,7 @@ def copy_pending(
     for i in range(0, len(todo), 512):
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(one, todo[i : i + 512]))
-        vault.flush_copies()
+        r.flush()
         if stop is not None and stop.is_set():
             break
     if copied:
@@ -118,17 +190,17 @@ def copy_pending(
     return copied, failed
 
 
-def _delete_strays(vault, store: ReplicatedStore, probe_down: bool) -> None:  # type: ignore[no-untyped-def]
+def _delete_strays(r: Replicas, probe_down: bool) -> None:
     """Delete the copies a store kept because it was down when their object was deleted."""
-    with vault.fs.lock:
-        todo = vault.meta.pending_deletes()
+    with r.lock:
+        todo = r.meta.pending_deletes()
     dead: set[str] = set()
     for name, sid in todo:
-        m = store.member(sid)
+        m = r.member(sid)
         if m is not None and (sid in dead or (m.down() and not probe_down)):
             continue
-        with vault.fs.lock:
-            if vault.meta.copies_of(name).get(sid) != "delete":
+        with r.lock:
+            if r.meta.copies_of(name).get(sid) != "delete":
                 continue  # stored again since
         if m is not None:
             try:
@@ -136,9 +208,9 @@ def _delete_strays(vault, store: ReplicatedStore, probe_down: bool) -> None:  # 
             except StoreError:
                 dead.add(sid)
                 continue
-        with vault.fs.lock, vault.meta.transaction():
-            if vault.meta.copies_of(name).get(sid) == "delete":
-                vault.meta.forget_copy(name, sid)
+        with r.lock, r.meta.transaction():
+            if r.meta.copies_of(name).get(sid) == "delete":
+                r.meta.forget_copy(name, sid)
 
 
 @dataclass
@@ -154,23 +226,24 @@ class Survey:
 
 
 def survey(
-    vault,  # type: ignore[no-untyped-def]
+    r: Replicas,
     full: bool = False,
     progress: Callable[[int, int], None] | None = None,
     workers: int = 16,
 ) -> Survey:
     """Check every copy every store should hold against the metadata: listed with the right
     size, and with ``full`` downloaded and matching the recorded hash."""
-    store = vault.store
-    assert isinstance(store, ReplicatedStore)
+    store = r.store
     out = Survey()
-    with vault.fs.lock:
-        rows = vault.meta.all_objects()
-        recorded = vault.meta.all_copies()
+    if not store.members:
+        return out
+    with r.lock:
+        rows = r.meta.all_objects()
+        recorded = r.meta.all_copies()
     listings: dict[str, dict[str, int]] = {}
     for m in store.members:
         try:
-            listings[m.id] = dict(m.call(lambda m=m: list(m.store.list(""))))  # type: ignore[arg-type]
+            listings[m.id] = dict(m.call(lambda m=m: list(m.store.list(""))))
         except StoreError as e:
             out.unreachable[m.id] = e.line()
     known = set()
@@ -179,13 +252,14 @@ def survey(
         known.add(ref.name)
         if state == "staged" or (refcount <= 0 and ref.name.startswith("data/")):
             continue
-        holders = expected_holders(store, recorded.get(ref.name, {}))
-        for m in store.targets(ref.name) + store.members:  # too few copies (a store removed)
-            if len(holders) >= store.copies:
+        holders = expected_holders(store, ref.name, recorded.get(ref.name, {}))
+        targets = store.targets(ref.name)
+        for m in targets + list(store.members):  # too few copies (a store removed)
+            if len(holders) >= len(targets):
                 break
             holders.setdefault(m.id, "pending")
         for sid in holders:
-            m = store.member(sid)
+            m = r.member(sid)
             if m is None or sid not in listings:
                 continue
             out.checked += 1
@@ -205,8 +279,7 @@ def survey(
     def fetch(item: tuple[ChunkRef, Member]) -> None:
         ref, m = item
         try:
-            blob = m.call(lambda: m.store.get(ref.name, ref.size))
-            good = isinstance(blob, bytes) and ref.matches(blob)
+            good = ref.matches(m.call(lambda: m.store.get(ref.name, ref.size)))
         except CryptfsError:
             good = False
         with lock:
@@ -222,31 +295,32 @@ def survey(
     return out
 
 
-def mark_pending(vault, found: list[tuple[ChunkRef, str]]) -> None:  # type: ignore[no-untyped-def]
+def mark_pending(r: Replicas, found: list[tuple[ChunkRef, str]]) -> None:
     """Record copies a survey found missing or corrupt as pending (with a ``lost@`` entry)."""
     for ref, sid in found:
-        vault._on_copy(ref.name, sid, False)
-    vault.flush_copies()
+        r.copies.copied(ref.name, sid, False)
+    r.flush()
 
 
-def adopt(vault) -> int:  # type: ignore[no-untyped-def]
+def adopt(r: Replicas) -> int:
     """Objects stored before the vault had several stores have no copy records: record the
     stores that list them as holders. Returns the number of objects adopted."""
-    store = vault.store
-    assert isinstance(store, ReplicatedStore)
-    with vault.fs.lock:
-        rows = vault.meta.all_objects()
-        recorded = vault.meta.all_copies()
+    store = r.store
+    if not store.members:
+        return 0
+    with r.lock:
+        rows = r.meta.all_objects()
+        recorded = r.meta.all_copies()
     bare = [ref for ref, _rc, state in rows if ref.name not in recorded and state == "stored"]
     if not bare:
         return 0
     for m in store.members:
         try:
-            listed = dict(m.call(lambda m=m: list(m.store.list(""))))  # type: ignore[arg-type]
+            listed = dict(m.call(lambda m=m: list(m.store.list(""))))
         except StoreError:
             continue
         for ref in bare:
             if listed.get(ref.name) == ref.size:
-                vault._on_copy(ref.name, m.id, True)
-    vault.flush_copies()
+                r.copies.copied(ref.name, m.id, True)
+    r.flush()
     return len(bare)

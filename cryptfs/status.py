@@ -133,8 +133,8 @@ class StatusPublisher:
         reason = getattr(v, "readonly_reason", None)  # a read-write mount that stopped writing
         d["readonly"] = bool(v.readonly or reason)
         d["readonly_reason"] = reason or ""
-        members = getattr(v.store, "members", None)
-        if members is not None and v.fs is not None and v.meta is not None:
+        members = v.store.members  # a replicated store's: their health and copies waiting
+        if members and v.fs is not None and v.meta is not None:
             with v.fs.lock:  # copies waiting per store (the replicated store's health too)
                 pending = v.meta.pending_copy_counts()
             d["stores"] = [{"id": m.id, "url": m.url, "up": not m.failures,

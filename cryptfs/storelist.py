@@ -19,6 +19,7 @@ from cryptfs import crypto, layout
 from cryptfs.codec import Codec
 from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
 from cryptfs.stores import ObjectStore, open_store
+from cryptfs.stores.base import PlainStore
 from cryptfs.stores.replicated import Member, ReplicatedStore
 
 log = logging.getLogger("cryptfs.stores")
@@ -96,13 +97,15 @@ class StoreList:
     def open(
         self,
         on_copy: Callable[[str, str, bool], None] | None = None,
+        on_stray: Callable[[str, str], None] | None = None,
         create: bool = False,
         wrap: Callable[[ObjectStore, str], ObjectStore] | None = None,
     ) -> ObjectStore:
-        """One store: the store itself. Several: a :class:`ReplicatedStore`; a member that
-        cannot be reached now is opened when it answers again (it counts as down). ``wrap``
-        (store, store id) wraps each single store (metrics: ``id`` is ``main`` for a vault
-        with one store)."""
+        """One store: the store itself. Several: a :class:`ReplicatedStore` that reports each
+        copy to ``on_copy(name, store id, ok)`` and each delete a member missed to
+        ``on_stray(name, store id)``; a member that cannot be reached now is opened when it
+        answers again (it counts as down). ``wrap`` (store, store id) wraps each single store
+        (metrics: ``id`` is ``main`` for a vault with one store)."""
         def wrapped(store: ObjectStore, sid: str) -> ObjectStore:
             return store if wrap is None else wrap(store, sid)
 
@@ -118,7 +121,7 @@ class StoreList:
                 m = Member(e.id, wrapped(_LaterStore(e.url), e.id))
                 m.failed(err)  # logs it; counts as down until it answers
                 members.append(m)
-        return ReplicatedStore(members, self.copies, self.quorum, on_copy)
+        return ReplicatedStore(members, self.copies, self.quorum, on_copy, on_stray)
 
 
 def new_store_id(taken: list[str]) -> str:
@@ -173,7 +176,7 @@ def same_vault(stores: list[ObjectStore]) -> None:
         raise ConfigError("the stores hold different vaults: " + ", ".join(seen.values()))
 
 
-class _LaterStore:
+class _LaterStore(PlainStore):
     """A member store that could not be opened: every call tries to open it first."""
 
     def __init__(self, url: str) -> None:
@@ -191,8 +194,9 @@ class _LaterStore:
     def put_if_absent(self, name: str, data: bytes) -> bool:
         return self._s().put_if_absent(name, data)
 
-    def get(self, name: str, max_size: int) -> bytes:
-        return self._s().get(name, max_size)
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
+        return self._s().get(name, max_size, check)
 
     def delete(self, name: str) -> None:
         self._s().delete(name)
@@ -207,9 +211,7 @@ class _LaterStore:
         return self._s().exists(name)
 
     def sync(self) -> None:
-        sync = getattr(self._s(), "sync", None)
-        if sync is not None:
-            sync()
+        self._s().sync()
 
     def close(self) -> None:
         if self._store is not None:

@@ -20,7 +20,6 @@ from cryptfs.storelist import (
     read_store_id,
     write_store_id,
 )
-from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vault import (
     CHECKPOINT_PREFIX,
     META_PREFIX,
@@ -52,15 +51,15 @@ def _bar(label: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
 def repair(vault: Vault, full: bool, say: Say) -> bool:
     """Check every copy on every store and re-copy what is missing or corrupt from a good copy;
     remove copies of objects nothing references. True when every store is level."""
-    store = vault.store
-    if not isinstance(store, ReplicatedStore):
+    store, replicas = vault.store, vault.replicas
+    if not store.members or replicas is None:
         say("repair: the vault has one store; nothing to replicate (see 'cryptfs verify')")
         return True
-    adopted = adopt(vault)
+    adopted = adopt(replicas)
     if adopted:
         say(f"repair: recorded the copies of {adopted} objects stored before replication")
     step, finish = _bar("repair: checking")
-    found = survey(vault, full=full, progress=step)
+    found = survey(replicas, full=full, progress=step)
     finish()
     for sid, err in found.unreachable.items():
         say(f"repair: store {sid} is unreachable, its copies wait: {err}")
@@ -74,17 +73,17 @@ def repair(vault: Vault, full: bool, say: Say) -> bool:
         if read_store_id(m.store, vault.codec) != m.id:
             write_store_id(m.store, vault.codec, m.id)
     bad = found.missing + found.corrupt
-    mark_pending(vault, bad)
+    mark_pending(replicas, bad)
     step, finish = _bar("repair: copying")
-    copied, failed = copy_pending(vault, progress=step)
+    copied, failed = copy_pending(replicas, progress=step)
     finish()
     removed = 0
     assert vault.meta is not None and vault.fs is not None
     with vault.fs.lock:
-        newest = max((r.name for r, _, _ in vault.meta.all_objects()
-                      if r.name.startswith(CHECKPOINT_PREFIX)), default="")
+        newest = max((ref.name for ref, _, _ in vault.meta.all_objects()
+                      if ref.name.startswith(CHECKPOINT_PREFIX)), default="")
     for name, sid in found.stray:
-        m = store.member(sid)
+        m = replicas.member(sid)
         stale_ck = name.startswith(CHECKPOINT_PREFIX) and name < newest
         if m is None or not (name.startswith((DATA_PREFIX, META_PREFIX)) or stale_ck):
             continue
@@ -164,20 +163,20 @@ def remove_store(paths: VaultPaths, master: bytes, key: str, say: Say) -> None:
         raise UsageError("cannot remove the only store of a vault")
     vault = Vault.open(paths, master=master, check=True)
     try:
-        store = vault.store
-        assert isinstance(store, ReplicatedStore) and vault.fs and vault.meta and vault.ledger
-        adopt(vault)
-        rest = [m for m in store.members if m.id != gone.id]
+        replicas = vault.replicas
+        assert replicas is not None and vault.fs and vault.meta and vault.ledger
+        adopt(replicas)
+        rest = [m for m in vault.store.members if m.id != gone.id]
         # what the other stores lack: copy it there first (from any good copy)
-        found = survey(vault, full=False)
+        found = survey(replicas, full=False)
         if any(sid in found.unreachable for sid in (m.id for m in rest)):
             raise LockedError("cannot remove a store while another is unreachable: "
                               + "; ".join(found.unreachable.values()))
-        lacking = [(r, sid) for r, sid in found.missing + found.corrupt if sid != gone.id]
+        lacking = [(ref, sid) for ref, sid in found.missing + found.corrupt if sid != gone.id]
         if lacking:
-            mark_pending(vault, lacking)
+            mark_pending(replicas, lacking)
             step, finish = _bar("store remove: copying")
-            _copied, failed = copy_pending(vault, progress=step)
+            _copied, failed = copy_pending(replicas, progress=step)
             finish()
             if failed:
                 raise StoreError(f"{failed} objects could not be copied to the other stores; "

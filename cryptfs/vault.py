@@ -36,13 +36,12 @@ from cryptfs.errors import (
     ObjectNotFound,
     StoreError,
 )
-from cryptfs.fs import FileSystem
+from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.layout import (
     CHECKPOINT_PREFIX,
     DATA_PREFIX,
     MAX_CHECKPOINT,
     META_PREFIX,
-    TRACKED_PREFIXES,
     checkpoint_name,
     checkpoint_seq,
 )
@@ -56,9 +55,9 @@ from cryptfs.metadata import (
     image_schema_version,
 )
 from cryptfs.paths import VaultPaths, private_dir, tighten_private_dirs, write_private
+from cryptfs.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.storelist import StoreList
 from cryptfs.stores import ObjectStore
-from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
 
 if TYPE_CHECKING:
@@ -233,10 +232,14 @@ class Vault:
         cache_bytes: int = 1 << 30,
         stores: StoreList | None = None,
         metrics: Metrics | None = None,
+        copies: CopyLog | None = None,
     ) -> None:
+        """``copies``: the log ``store`` reports its copies to (see :meth:`open`)."""
         self.paths = paths
         self.metrics = metrics
         self.store = store
+        self.copy_log = copies or CopyLog()
+        self.hooks = CommitHooks()  # the metadata's commits, heard by the filesystem
         self.stores = stores or StoreList()
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
@@ -246,6 +249,7 @@ class Vault:
         self.ledger: Ledger | None = None
         self.fs: FileSystem | None = None
         self.chunks: ChunkStore | None = None
+        self.replicas: Replicas | None = None
         self._lock_fd: int | None = None
         self._ckpt_lock = threading.Lock()
         self._ticket_lock = threading.Lock()
@@ -259,7 +263,6 @@ class Vault:
         self.recovered: list[str] = []
         self.lease: Lease | None = None  # what opening repaired after a crash, one line each
         self._stored_lock = threading.Lock()
-        self._copy_events: list[tuple[str, str, str]] = []
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
 
@@ -284,12 +287,11 @@ class Vault:
             if passphrase is None:
                 raise ConfigError("no passphrase given")
             master = cfg.unlock(passphrase)
-        store = stores.open(wrap=metrics.wrap_store if metrics is not None else None)
+        copies = CopyLog()  # exists first: the store reports to it, the metadata records it
+        store = stores.open(on_copy=copies.copied, on_stray=copies.stray,
+                            wrap=metrics.wrap_store if metrics is not None else None)
         v = cls(paths, store, cfg, master, readonly=readonly, cache_bytes=cache_bytes,
-                stores=stores, metrics=metrics)
-        if isinstance(store, ReplicatedStore):
-            store.on_copy = v._on_copy
-            store.on_stray = v._on_stray
+                stores=stores, metrics=metrics, copies=copies)
         try:
             v._refresh_config(master)
             v._take_lock()
@@ -377,7 +379,8 @@ class Vault:
     def _open_db(self) -> None:
         if not self.paths.db.exists():
             self._restore_from_store()
-        self.meta = MetaStore(self.paths.db)
+        self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
+                              on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key)
 
     def _restore_from_store(self) -> None:
@@ -555,8 +558,11 @@ class Vault:
             self.sync,
             readonly=self.readonly,
             statfs_source=statfs,
+            hooks=self.hooks,
+            before_commit=self._flush_stored,
         )
-        self.fs.before_commit = self._flush_stored
+        self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
+                                 self.copy_log, self.chunks.local_copy)
         if self.readonly:
             return
         dropped = self.fs.recover()  # files unlinked while open, then a crash
@@ -584,7 +590,7 @@ class Vault:
         self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
-        if isinstance(self.store, ReplicatedStore):
+        if self.store.members:  # copies to level in the background
             self.replicator = threading.Thread(target=self._replicate, name="replicate",
                                                daemon=True)
             self.replicator.start()
@@ -701,56 +707,26 @@ class Vault:
             self._stored[:0] = refs
 
     # -- copies on several stores ----------------------------------------------------------------
-    def _on_copy(self, name: str, store_id: str, ok: bool) -> None:
-        """The replicated store reports where a copy landed or is missing; recorded (copies
-        table and a ``copy@id`` / ``lost@id`` ledger entry) at the next commit."""
-        if name.startswith(TRACKED_PREFIXES):
-            with self._stored_lock:
-                self._copy_events.append((name, store_id, "ok" if ok else "pending"))
-
-    def _on_stray(self, name: str, store_id: str) -> None:
-        """A delete did not reach a store (it was down): delete its copy later."""
-        if name.startswith(TRACKED_PREFIXES):
-            with self._stored_lock:
-                self._copy_events.append((name, store_id, "delete"))
-
     def _flush_copies(self) -> None:
-        """Record the queued copy events (caller holds the filesystem lock)."""
+        """Record the copy events the store reported (caller holds the filesystem lock): the
+        copies table and a ``copy@id`` / ``lost@id`` ledger entry each."""
         assert self.meta is not None and self.ledger is not None
-        with self._stored_lock:
-            events, self._copy_events = self._copy_events, []
-        if not events:
-            return
-        with self.meta.transaction():
-            for name, sid, st in events:
-                if self.meta.record_copy(name, sid, st) and st != "delete":
-                    op = ("copy@" if st == "ok" else "lost@") + sid
-                    self.ledger.append(op, name, 0, b"\0" * 32)
-            self.meta.undo_on_rollback(lambda: self._requeue_copies(events))
-
-    def _requeue_copies(self, events: list[tuple[str, str, str]]) -> None:
-        with self._stored_lock:
-            self._copy_events[:0] = events
-
-    def flush_copies(self) -> None:
-        assert self.fs is not None
-        with self.fs.lock:
-            self._flush_copies()
+        self.copy_log.record(self.meta, self.ledger)
 
     def _replicate(self) -> None:
         """Background completion: record copy events and make the pending copies."""
-        from cryptfs.replicas import adopt, copy_pending, mark_pending, survey
-
+        r = self.replicas
+        assert r is not None
         surveyed = False
         while not self._stop.wait(REPLICATE_INTERVAL):
             try:
-                self.flush_copies()
+                r.flush()
                 if not surveyed:  # once per mount: find copies a crash left unrecorded
-                    adopt(self)
-                    found = survey(self)
-                    mark_pending(self, found.missing + found.corrupt)
+                    adopt(r)
+                    found = survey(r)
+                    mark_pending(r, found.missing + found.corrupt)
                     surveyed = True
-                copy_pending(self, stop=self._stop)
+                copy_pending(r, stop=self._stop)
             except CryptfsError as e:
                 log.warning("background replication: %s", e.line())
             except Exception:  # noqa: BLE001 - keep the thread alive, say what happened
@@ -874,9 +850,7 @@ class Vault:
         )
 
     def store_sync(self) -> None:
-        sync = getattr(self.store, "sync", None)
-        if sync is not None:
-            sync()
+        self.store.sync()
 
     def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
@@ -944,14 +918,13 @@ class Vault:
                 self.chunks.close(drain=checkpoint and not self.readonly)
             if self.replicator is not None:
                 self.replicator.join(timeout=60)
-            if isinstance(self.store, ReplicatedStore) and self.fs is not None \
-                    and self.meta is not None and not self.readonly:
+            if self.replicas is not None and not self.readonly:
                 # copies still being written: wait a little, record what landed; the rest
                 # stays pending and is copied at the next mount or by `cryptfs repair`
                 self.store.drain(timeout=10.0)
                 with contextlib.suppress(CryptfsError):
-                    self.flush_copies()
-                    self.meta.commit()
+                    self.replicas.flush()
+                    self.replicas.meta.commit()
             if self.meta is not None:
                 self.meta.close()
             if self.lease is not None and not self.lease.lost:

@@ -27,7 +27,6 @@ from cryptfs.layout import (
 )
 from cryptfs.lease import check_lease
 from cryptfs.storelist import read_store_id
-from cryptfs.stores.replicated import ReplicatedStore
 from cryptfs.vault import Vault, open_checkpoint
 
 _REJECTED = re.compile(r"^checkpoint (\S+): rejected")
@@ -213,7 +212,7 @@ def verify(
         else:
             rep.problems.append(Problem("unknown", f"object {name} is not a cryptfs object", name))
 
-    replicated = isinstance(vault.store, ReplicatedStore)
+    replicated = bool(vault.store.members)  # copies on each store, surveyed there
     if replicated:
         _check_copies(vault, rep, full, progress, paths_for)
     if full:
@@ -264,7 +263,7 @@ def _per_store_problems(vault: Vault) -> list[Problem]:
     with several stores each must carry its own sealed store id (the config is checked with
     the anchors)."""
     out: list[Problem] = []
-    members = vault.store.members if isinstance(vault.store, ReplicatedStore) else []
+    members = vault.store.members
     for m in members:
         try:
             sid = read_store_id(m.store, vault.codec)
@@ -305,11 +304,11 @@ def _check_copies(
             bar = Progress("verify", total, progress)
         bar.step()
 
-    found = survey(vault, full=full, progress=step)
+    assert vault.replicas is not None
+    found = survey(vault.replicas, full=full, progress=step)
     if bar is not None:
         bar.finish()
     rep.objects_downloaded += found.downloaded
-    assert isinstance(vault.store, ReplicatedStore)
     urls = {m.id: m.url for m in vault.store.members}
     for sid, err in found.unreachable.items():
         rep.problems.append(Problem("store", f"store {sid} ({urls[sid]}) is unreachable: {err}"))

@@ -11,6 +11,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,11 @@ class CountingStore(MemoryStore):
         self.gate = threading.Event()
         self.gate.set()
 
-    def get(self, name: str, max_size: int) -> bytes:
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
         self.gets[name] = self.gets.get(name, 0) + 1
         assert self.gate.wait(10)
-        return super().get(name, max_size)
+        return super().get(name, max_size, check)
 
 
 def make(tmp_path: Path, cache_bytes: int = 1 << 20) -> tuple[ChunkStore, CountingStore]:

@@ -21,7 +21,7 @@ import pytest
 
 from cryptfs.chunkstore import ChunkStore
 from cryptfs.codec import ChunkRef, Codec
-from cryptfs.fs import HIDDEN, FileSystem
+from cryptfs.fs import HIDDEN, CommitHooks, FileSystem
 from cryptfs.fs.base import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -44,6 +44,12 @@ UID, GID = os.getuid(), os.getgid()
 RW = os.O_RDWR
 
 
+def open_engine(path: Path) -> tuple[MetaStore, CommitHooks]:
+    """An engine whose commits and rollbacks a filesystem built with the hooks hears."""
+    hooks = CommitHooks()
+    return MetaStore(path, on_commit=hooks.committed, on_rollback=hooks.rolled_back), hooks
+
+
 class Rig:
     """A FileSystem over a memory store and a SQLite file, as Vault._start composes it."""
 
@@ -52,7 +58,7 @@ class Rig:
         self.tmp_path = tmp_path
         self.remote = remote
         self.closed = False
-        self.meta = MetaStore((db_dir or tmp_path) / "m.db")
+        self.meta, hooks = open_engine((db_dir or tmp_path) / "m.db")
         if self.meta.get_inode(ROOT_INO) is None:
             now = time.time_ns()
             with self.meta.transaction():
@@ -72,7 +78,7 @@ class Rig:
             on_stored=self._on_stored,
         )
         self.fs = FileSystem(self.meta, self.chunks, CS, lambda: None,
-                             statfs_source=lambda: os.statvfs(tmp_path))
+                             statfs_source=lambda: os.statvfs(tmp_path), hooks=hooks)
 
     def _on_stored(self, ref: ChunkRef) -> None:
         """As the vault: a remote upload marks the object stored (the local store's refs are
@@ -469,9 +475,9 @@ def test_recover_drops_hidden_entries_and_nameless_inodes(rig: Rig, tmp_path: Pa
     with fs.lock, rig.meta.transaction():
         n = rig.meta.insert_inode(Inode(0, stat.S_IFREG | 0o644, UID, GID, 0, 0, 1, 1, 1))
     # the next start: another engine connection and filesystem over the same database
-    meta = MetaStore(tmp_path / "m.db")
+    meta, hooks = open_engine(tmp_path / "m.db")
     try:
-        fresh = FileSystem(meta, rig.chunks, CS, lambda: None)
+        fresh = FileSystem(meta, rig.chunks, CS, lambda: None, hooks=hooks)
         assert fresh.recover() == 3  # one hidden entry, two nameless inodes
         assert meta.get_inode(ino) is None and meta.get_inode(n) is None
         assert meta.hidden_dentries(HIDDEN) == [] and meta.orphan_inodes() == []
@@ -916,9 +922,9 @@ def test_statfs(rig: Rig) -> None:
 def test_statfs_without_a_local_filesystem(rig: Rig) -> None:
     """A remote store reports a large free count and the stored chunk bytes as used."""
     make(rig.fs, b"f", pattern(3 * CS))
-    meta = MetaStore(rig.tmp_path / "m.db")
+    meta, hooks = open_engine(rig.tmp_path / "m.db")
     try:
-        st = FileSystem(meta, rig.chunks, CS, lambda: None).statfs()
+        st = FileSystem(meta, rig.chunks, CS, lambda: None, hooks=hooks).statfs()
     finally:
         meta.close()
     assert st["f_bfree"] == st["f_bavail"] == 1 << 40
@@ -931,8 +937,8 @@ def test_read_only_filesystem_refuses_every_change(rig: Rig) -> None:
     d = rig.fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID).ino
     f = make(rig.fs, b"f", b"data")
     rig.fs.setxattr(f, b"user.a", b"1", 0)
-    ro_meta = MetaStore(rig.tmp_path / "m.db")  # a second connection, as a read-only mount
-    ro = FileSystem(ro_meta, rig.chunks, CS, lambda: None, readonly=True)
+    ro_meta, hooks = open_engine(rig.tmp_path / "m.db")  # a second connection, as read-only
+    ro = FileSystem(ro_meta, rig.chunks, CS, lambda: None, readonly=True, hooks=hooks)
     for call in (
         lambda: ro.mkdir(ROOT_INO, b"x", 0o755, UID, GID),
         lambda: ro.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, UID, GID),

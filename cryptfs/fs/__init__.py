@@ -7,12 +7,12 @@ in :mod:`cryptfs.fs.base`.
 from __future__ import annotations
 
 from cryptfs.fs.attrs import Attributes
-from cryptfs.fs.base import DIR_SIZE, HIDDEN, NAME_MAX, FileSystemBase
+from cryptfs.fs.base import DIR_SIZE, HIDDEN, NAME_MAX, CommitHooks, FileSystemBase
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.reads import Reads
 from cryptfs.fs.writes import Writes
 
-__all__ = ["DIR_SIZE", "HIDDEN", "NAME_MAX", "FileSystem"]
+__all__ = ["DIR_SIZE", "HIDDEN", "NAME_MAX", "CommitHooks", "FileSystem"]
 
 
 class FileSystem(Namespace, Attributes, Reads, Writes, FileSystemBase):

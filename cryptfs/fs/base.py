@@ -118,9 +118,33 @@ class Handle:
     listing: list[tuple[bytes, int, int]] | None = None
 
 
+class CommitHooks:
+    """What runs after each commit and each rollback of the metadata engine. It exists before
+    both: the engine is built with :meth:`committed` and :meth:`rolled_back` as its callbacks,
+    and the filesystem, built later on that engine, listens from its constructor (its deferred
+    writes: forgotten once committed, written again after a rollback). Listeners run on the
+    thread that commits, under the filesystem lock."""
+
+    def __init__(self) -> None:
+        self._listeners: list[tuple[Callable[[], None], Callable[[], None]]] = []
+
+    def listen(self, on_commit: Callable[[], None], on_rollback: Callable[[], None]) -> None:
+        self._listeners.append((on_commit, on_rollback))
+
+    def committed(self) -> None:
+        for on_commit, _ in self._listeners:
+            on_commit()
+
+    def rolled_back(self) -> None:
+        for _, on_rollback in self._listeners:
+            on_rollback()
+
+
 class FileSystemBase:
     """The filesystem's state and helpers. ``on_sync`` makes everything durable in the store
-    (fsync)."""
+    (fsync); ``before_commit`` runs inside each transaction that commits file data (the vault
+    writes its queued ledger entries there); ``hooks`` are the commit hooks ``meta`` was built
+    with."""
 
     def __init__(
         self,
@@ -130,6 +154,9 @@ class FileSystemBase:
         on_sync: Callable[[], None],
         readonly: bool = False,
         statfs_source: Callable[[], os.statvfs_result | None] | None = None,
+        *,
+        hooks: CommitHooks,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         self.meta = meta
         self.chunks = chunks
@@ -147,7 +174,7 @@ class FileSystemBase:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_errors = 0
-        self.before_commit: Callable[[], None] | None = None  # runs inside each data commit
+        self.before_commit = before_commit
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
@@ -158,8 +185,7 @@ class FileSystemBase:
         self._deferred_new: list[tuple[int, bytes, Inode]] = []
         self._deferred_event = threading.Event()
         self._committer: threading.Thread | None = None
-        meta.on_commit = self._committed
-        meta.on_rollback = self._reapply_deferred
+        hooks.listen(self._committed, self._reapply_deferred)
 
     # -- helpers --------------------------------------------------------------------------
     def _node(self, ino: int) -> Inode:

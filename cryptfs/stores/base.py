@@ -3,14 +3,22 @@
 Names are ``/``-separated ASCII strings such as ``data/ab/ab12...``. An object, once put, is never
 changed in place by cryptfs; a new version of anything is a new name. Implementations must be
 safe to call from several threads at once.
+
+A store is either *plain* (one directory, one bucket, memory: :class:`PlainStore` gives the
+parts of the contract that only matter with copies) or keeps copies of every object on several
+member stores (:class:`cryptfs.stores.replicated.ReplicatedStore`). Nothing above this package
+asks which: what replication needs is in the contract (``get(check=)``, :meth:`drain`,
+:attr:`members`, :meth:`targets`), and a plain store answers it with no members.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
 
-from cryptfs.errors import ObjectTooLarge
+from cryptfs.errors import IntegrityError, ObjectTooLarge
+
+T = TypeVar("T")
 
 
 def too_large(name: str, size: int | None, max_size: int) -> ObjectTooLarge:
@@ -20,15 +28,49 @@ def too_large(name: str, size: int | None, max_size: int) -> ObjectTooLarge:
                           "refusing to read it")
 
 
+def checked(name: str, blob: bytes, check: Callable[[bytes], bool] | None) -> bytes:
+    """``blob`` if ``check`` (if any) accepts it; else IntegrityError naming the object."""
+    if check is not None and not check(blob):
+        raise IntegrityError(f"object {name} ({len(blob)} bytes) does not match its recorded "
+                             "size and hash")
+    return blob
+
+
+class Member(Protocol):
+    """One member store of a store that keeps copies on several, with its health. Calls made
+    through :meth:`call` keep the health record; ``store`` is the member's own store (its own
+    URL and credentials), for reading and writing that member's copy alone."""
+
+    id: str  # the store id recorded in the metadata and the ledger
+    store: ObjectStore
+    failures: int  # calls failed in a row (0: it answers)
+    latency: float  # moving average of its successful calls, seconds
+
+    @property
+    def url(self) -> str: ...
+
+    def down(self) -> bool:
+        """True while it is believed down (after a failure, until its back-off ends)."""
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run one call on the member, recording success or failure (not-found is a healthy
+        answer); errors are raised as they are."""
+
+
 class ObjectStore(Protocol):
-    """What every store (local directory, S3 bucket, memory) provides."""
+    """What every store (local directory, S3 bucket, memory, several of them) provides."""
 
     url: str
+    members: Sequence[Member]
+    """The member stores that each hold copies of their own (a replicated store), each with its
+    id, URL and health: for status, verify, repair and the copy survey. Empty for a plain store,
+    which keeps one copy and has nothing to level."""
 
     def put(self, name: str, data: bytes) -> None:
         """Store ``data`` under ``name``, atomically: readers see all of it or nothing. When
         this returns the object survives a crash of this process; after :meth:`sync` it is
-        durable (S3: already when the PUT is acknowledged)."""
+        durable (S3: already when the PUT is acknowledged). A replicated store returns once
+        its quorum of members has the object; the other copies follow in the background."""
 
     def sync(self) -> None:
         """Make every object put so far durable (local: syncfs; S3: nothing to do)."""
@@ -37,18 +79,28 @@ class ObjectStore(Protocol):
         """Create ``name`` only if it does not exist (a conditional write where the store
         supports it); return False if it exists. Used for the mount lease only."""
 
-    def get(self, name: str, max_size: int) -> bytes:
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
         """Return the object's bytes; raise :class:`cryptfs.errors.ObjectNotFound` if absent
         and :class:`cryptfs.errors.ObjectTooLarge` (naming the object) if it has more than
         ``max_size`` bytes. The bound is enforced before or while the body is read, so an
         oversized object never costs more than ``max_size`` bytes of memory (see
-        :mod:`cryptfs.layout` for the bounds each kind of object is read with)."""
+        :mod:`cryptfs.layout` for the bounds each kind of object is read with).
+
+        With ``check`` the bytes returned are ones ``check`` accepts: a plain store raises
+        :class:`cryptfs.errors.IntegrityError` naming the object if its copy fails; a replicated
+        store reads another member's copy instead (and re-writes the bad one in the background),
+        and raises IntegrityError only if every copy fails."""
 
     def delete(self, name: str) -> None:
-        """Remove the object. Deleting an absent object is not an error."""
+        """Remove the object. Deleting an absent object is not an error. A replicated store
+        removes it from every member that answers; a member's copy it could not delete is
+        reported (``on_stray``) to be deleted later, and only if no member answered is it an
+        error."""
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
-        """Yield ``(name, size)`` for every object whose name starts with ``prefix``."""
+        """Yield ``(name, size)`` for every object whose name starts with ``prefix`` (a
+        replicated store: the union of the members that answer)."""
 
     def list_aged(self, prefix: str = "") -> Iterator[tuple[str, int, float]]:
         """Yield ``(name, size, modification time in seconds since the epoch)``."""
@@ -56,5 +108,30 @@ class ObjectStore(Protocol):
     def exists(self, name: str) -> bool:
         """True if the object exists."""
 
+    def targets(self, name: str) -> list[Member]:
+        """The members that should hold a copy of ``name`` (every member, or as many as the
+        replication policy asks for); empty for a plain store."""
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for writes still running in the background (the
+        copies a replicated store writes beyond its quorum, and re-writes of bad copies); True
+        if none is left. This only waits for the copies beyond what :meth:`put` promised when it
+        returned (a plain store has none: True at once)."""
+
     def close(self) -> None:
-        """Release connections and file handles."""
+        """Release connections and file handles (background copies not finished are
+        abandoned: :meth:`drain` first to keep them)."""
+
+
+class PlainStore:
+    """The replication part of :class:`ObjectStore` for a store that keeps one copy: no
+    members, nothing written in the background. Its ``get`` applies ``check`` with
+    :func:`checked`."""
+
+    members: Sequence[Member] = ()
+
+    def targets(self, name: str) -> list[Member]:
+        return []
+
+    def drain(self, timeout: float) -> bool:
+        return True

@@ -6,18 +6,18 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 from cryptfs.codec import DATA_PREFIX
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
-from cryptfs.stores.base import too_large
+from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class LocalStore:
+class LocalStore(PlainStore):
     """Objects are files below ``root``; ``a/b/c`` is ``root/a/b/c``.
 
     ``put`` writes a temporary file in the target directory and renames it into place, so an
@@ -121,7 +121,8 @@ class LocalStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def get(self, name: str, max_size: int) -> bytes:
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
         try:
             with open(self._path(name), "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
@@ -130,7 +131,7 @@ class LocalStore:
                 data = f.read(max_size + 1)  # the file may have grown since the fstat
                 if len(data) > max_size:
                     raise too_large(name, None, max_size)
-                return data
+                return checked(name, data, check)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {name} not found in {self.url}") from None
         except OSError as e:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from cryptfs.errors import ObjectNotFound
-from cryptfs.stores.base import too_large
+from cryptfs.stores.base import PlainStore, checked, too_large
 
 
-class MemoryStore:
+class MemoryStore(PlainStore):
     """Objects in a dict. Not persistent; for tests only."""
 
     def __init__(self, url: str = "memory://") -> None:
@@ -29,7 +29,8 @@ class MemoryStore:
             self.objects[name] = bytes(data)
             return True
 
-    def get(self, name: str, max_size: int) -> bytes:
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
         with self._lock:
             try:
                 data = self.objects[name]
@@ -37,7 +38,7 @@ class MemoryStore:
                 raise ObjectNotFound(f"object {name} not found in {self.url}") from None
         if len(data) > max_size:
             raise too_large(name, len(data), max_size)
-        return data
+        return checked(name, data, check)
 
     def delete(self, name: str) -> None:
         with self._lock:

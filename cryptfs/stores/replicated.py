@@ -7,9 +7,10 @@ Contract (on top of :class:`cryptfs.stores.base.ObjectStore`):
   have it; the others finish in the background. A member that is known to be down, or whose
   queue is full once the quorum is reached, is not waited for: its copy is reported missing.
   Fewer than ``quorum`` copies is a :class:`StoreError` (the caller retries).
-* Every outcome of a copy is reported to ``on_copy(name, member_id, ok)``, exactly once per
-  attempt, so the layer above can record which stores hold what and re-copy what is missing.
-  Nothing is retried here and nothing is persisted here.
+* Every outcome of a copy is reported to ``on_copy(name, member_id, ok)`` (given, like
+  ``on_stray``, when the store is built), exactly once per attempt, so the layer above can
+  record which stores hold what and re-copy what is missing. Nothing is retried here and
+  nothing is persisted here.
 * :meth:`get` reads from the fastest healthy member; on an error, a stall (no answer within a
   few times that member's usual latency) or a copy that ``check`` rejects, it asks the next
   member. A rejected or absent copy is reported (``ok=False``) and re-written from the good
@@ -154,9 +155,6 @@ class ReplicatedStore:
                 self._idle.wait(left)
         return True
 
-    def member(self, member_id: str) -> Member | None:
-        return next((m for m in self.members if m.id == member_id), None)
-
     def _report(self, name: str, m: Member, ok: bool) -> None:
         if self.on_copy is not None:
             try:
@@ -280,10 +278,9 @@ class ReplicatedStore:
 
     def sync(self) -> None:
         for m in self.members:
-            sync = getattr(m.store, "sync", None)  # S3: nothing to do
-            if sync is not None and not m.down():
+            if not m.down():
                 try:
-                    m.call(sync)
+                    m.call(m.store.sync)
                 except StoreError:
                     pass
 

@@ -43,7 +43,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cryptfs.errors import CryptfsError, ObjectNotFound, StoreError
-from cryptfs.stores.base import too_large
+from cryptfs.stores.base import PlainStore, checked, too_large
 
 T = TypeVar("T")
 
@@ -95,7 +95,7 @@ def _retry_kind(e: BaseException) -> str | None:
     return None
 
 
-class S3Store:
+class S3Store(PlainStore):
     """Objects in ``bucket``; name ``a/b`` is key ``prefix/a/b``.
 
     ``endpoint_url`` overrides the endpoint (else boto3 honours ``AWS_ENDPOINT_URL``); credentials
@@ -161,7 +161,8 @@ class S3Store:
         self._call(f"put {name}", functools.partial(
             self._client.put_object, Bucket=self.bucket, Key=key, Body=bytes(data)))
 
-    def get(self, name: str, max_size: int) -> bytes:
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
         """The object, bounded: the announced Content-Length is checked before the body is
         read, and the body is read with a limit, so a server that lies about the length (or
         sends a chunked body) cannot make this read more than ``max_size + 1`` bytes."""
@@ -188,7 +189,7 @@ class S3Store:
                 raise _ShortBody(f"got {len(data)} of {expected} bytes")
             return data
 
-        return self._call(f"get {name}", attempt)
+        return checked(name, self._call(f"get {name}", attempt), check)
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist yet (an S3 conditional write,
@@ -251,6 +252,9 @@ class S3Store:
                 raise
 
         return self._call(f"check {name}", attempt)
+
+    def sync(self) -> None:
+        """Nothing to do: an object is durable once its PUT is acknowledged."""
 
     def close(self) -> None:
         self._client.close()
