@@ -17,6 +17,9 @@ nothing else: never file data. It binds loopback unless a non-loopback address i
 explicitly; then it says so in the log, and ``/status`` leaves out what names paths, buckets or
 files (mountpoint, store URLs, the last warning). No metric label carries a file name, a path,
 a bucket or a key: labels are operation kinds, store ids and cache kinds.
+
+Longer than ~400 lines: every metric is declared here, because metric names and labels are the
+operator's interface (README, docs/grafana-dashboard.json).
 """
 
 from __future__ import annotations
@@ -355,19 +358,8 @@ class VaultCollector(Collector):
         ro = GaugeMetricFamily("cryptfs_readonly", "1 when the mount is read-only; the reason "
                                "is mount_option, lease_lost, lease_not_renewed or "
                                "checkpoint_failed", labels=["reason"])
-        from cryptfs.vault import UNRENEWED
-
-        reason = getattr(v, "readonly_reason", None)
-        if v.readonly:
-            ro.add_metric(["mount_option"], 1)
-        elif lease is not None and lease.lost:
-            ro.add_metric(["lease_lost"], 1)
-        elif reason == UNRENEWED:
-            ro.add_metric(["lease_not_renewed"], 1)
-        elif reason is not None or fs is not None and fs.readonly:
-            ro.add_metric(["checkpoint_failed"], 1)
-        else:
-            ro.add_metric(["none"], 0)
+        cause = v.readonly_cause()
+        ro.add_metric([cause], 0 if cause == "none" else 1)
         yield ro
         members = v.store.members  # a replicated store's (a plain store has none)
         if members:

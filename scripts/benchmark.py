@@ -257,7 +257,7 @@ def chunk_size() -> tuple[int, str]:
     """cryptfs's default chunk size, from wherever the package defines it."""
     import importlib
 
-    for mod in ("cryptfs.chunking", "cryptfs.vault"):
+    for mod in ("cryptfs.chunking", "cryptfs.vault.core"):
         try:
             return int(importlib.import_module(mod).DEFAULT_CHUNK_SIZE), mod
         except Exception:
@@ -267,7 +267,7 @@ def chunk_size() -> tuple[int, str]:
 
 def local_chunk_text() -> str:
     try:
-        from cryptfs.vault import default_chunk_size
+        from cryptfs.vault.core import default_chunk_size
         return fmt_size(default_chunk_size("file:///"))
     except Exception:  # noqa: BLE001 - an older cryptfs without per-store defaults
         return "the same"

@@ -29,7 +29,7 @@ def parse_size(s: str) -> int:
 
 def run_one(url_for: object, chunk: int, mib: int, rand_s: float) -> tuple[float, float, float]:
     from cryptfs.paths import VaultPaths
-    from cryptfs.vault import Vault, create_vault
+    from cryptfs.vault.core import Vault, create_vault
 
     base = tempfile.mkdtemp(prefix="cryptfs-sweep-")
     for var, sub in (("XDG_CONFIG_HOME", "c"), ("XDG_DATA_HOME", "d"), ("XDG_CACHE_HOME", "k")):

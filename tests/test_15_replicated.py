@@ -173,7 +173,7 @@ def test_put_if_absent_needs_a_quorum() -> None:
 
 
 def test_store_list_reads_old_and_new_local_configs() -> None:
-    from cryptfs.storelist import StoreEntry, StoreList
+    from cryptfs.vault.storelist import StoreEntry, StoreList
 
     old = StoreList.from_json({"store": "file:///a"})
     assert old.entries == [StoreEntry("", "file:///a")] and not old.replicated
@@ -186,7 +186,7 @@ def test_store_list_reads_old_and_new_local_configs() -> None:
 
 def test_policy_limits() -> None:
     from cryptfs.errors import UsageError
-    from cryptfs.storelist import check_policy
+    from cryptfs.vault.storelist import check_policy
 
     check_policy(3, 0, 0)
     check_policy(3, 2, 2)

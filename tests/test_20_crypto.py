@@ -9,8 +9,8 @@ import os
 import pytest
 from Crypto.Cipher import AES
 
-from cryptfs import crypto
 from cryptfs.errors import IntegrityError
+from cryptfs.format import crypto
 
 KEY = bytes(range(32))
 AAD = b"cryptfs-test-aad"

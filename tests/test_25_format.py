@@ -1,7 +1,7 @@
 """docs/FORMAT.md is precise enough to write a compatible reader.
 
-1. The ledger test vector printed in FORMAT.md is recomputed with :mod:`cryptfs.ledger` (the hex
-   literals are copied from the document, so a change of the encoding breaks this test).
+1. The ledger test vector printed in FORMAT.md is recomputed with :mod:`cryptfs.meta.ledger`
+   (the hex literals are copied from the document, so a change of the encoding breaks this test).
 2. ``FormatReader`` below is an independent reader written from FORMAT.md only: it uses
    hashlib/hmac/json/zlib/sqlite3 and pycryptodome, and imports nothing from ``cryptfs``. A
    vault is created, filled through a real FUSE mount with the ``cryptfs`` CLI, unmounted, and
@@ -68,7 +68,9 @@ VEC_HEAD_MAC = "44bcf75be60720c5512af8cccd4271f132b1783e3cb7dcfaa7a43ef6a11c3705
 
 
 def test_ledger_test_vector() -> None:
-    from cryptfs import ledger  # the implementation under test; the reader below stays independent
+    from cryptfs.meta import (
+        ledger,  # the implementation under test; the reader below stays independent
+    )
 
     sha = bytes.fromhex(VEC_SHA256)
     assert hashlib.sha256(b"cryptfs test vector").digest() == sha

@@ -24,8 +24,8 @@ import pytest
 from mount_fixtures import VaultEnv, _mounted, _tmp_root
 from test_25_format import FormatError, FormatReader
 
-from cryptfs import metadata
 from cryptfs.errors import ConfigError
+from cryptfs.meta import sqlite as metadata
 
 DATA = Path(__file__).parent / "data" / "v1_vault.tar.gz"
 PASSPHRASE = "v1 vault passphrase"
@@ -200,10 +200,10 @@ def test_newer_schema_database_is_refused(v1: VaultEnv) -> None:
 
 FUTURE_CRYPTFS = """
 import sys
-from cryptfs import metadata
+from cryptfs.meta import sqlite as metadata
 metadata.SCHEMA_VERSION += 1  # a later cryptfs: one more migration step, here a no-op
 metadata.MIGRATIONS[metadata.SCHEMA_VERSION - 1] = lambda raw: None
-from cryptfs.cli import main
+from cryptfs.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

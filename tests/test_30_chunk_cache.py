@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import ChunkRef, Codec
-from cryptfs.diskcache import DiskCache
+from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.chunks.diskcache import DiskCache
+from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.stores.memory import MemoryStore
 
 BOUND = 1 << 30  # the most bytes a test reads of one object

@@ -4,7 +4,7 @@ In the spirit of JuiceFS's ``testMeta`` (pkg/meta/base_test.go): one suite, run 
 each engine in ``ENGINES`` (today SQLite files). A second engine is one more entry there: how to
 open it on an empty directory, a second connection that sees only committed writes, and how to
 open an engine on a database image (the vault's restore of a snapshot). The methods are used as
-cryptfs's own callers use them (fs.py, vault.py, fsck.py, verify.py, ledger.py).
+cryptfs's own callers use them (fs/, vault/core.py, admin/fsck.py, admin/verify.py, meta/ledger.py).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs import crypto
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import ConfigError, MetaError
-from cryptfs.ledger import GENESIS, Entry, Ledger, entry_hash
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode, MetaEngine
-from cryptfs.metadata import MetaStore
+from cryptfs.meta.ledger import GENESIS, Entry, Ledger, entry_hash
+from cryptfs.meta.sqlite import MetaStore
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import ChunkRef, Codec
+from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.fs import HIDDEN, CommitHooks, FileSystem
 from cryptfs.fs.base import (
     FALLOC_FL_KEEP_SIZE,
@@ -34,7 +34,7 @@ from cryptfs.fs.base import (
     XATTR_REPLACE,
 )
 from cryptfs.meta import ROOT_INO, Inode
-from cryptfs.metadata import MetaStore
+from cryptfs.meta.sqlite import MetaStore
 from cryptfs.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(60)

@@ -410,7 +410,7 @@ def test_secrets_reach_no_command_line_or_log(mounted: tuple[VaultEnv, Path]) ->
     (mnt / "f").write_bytes(os.urandom(10_000))
     pid = int((env.data_dir / "mount.lock").read_text())
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert b"cryptfs.mountd" in cmdline  # it is the daemon
+    assert b"cryptfs.cli.mountd" in cmdline  # it is the daemon
     assert env.passphrase.encode() not in cmdline
     environ = Path(f"/proc/{pid}/environ")
     assert environ.stat().st_mode & 0o077 == 0  # the environment is readable by its owner only
@@ -484,7 +484,7 @@ def test_foreground_daemon_environment(vault_env: VaultEnv) -> None:
         while not os.path.ismount(mnt):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.05)
-        assert b"cryptfs.mountd" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"cryptfs.cli.mountd" in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
         assert env.passphrase.encode() not in Path(f"/proc/{proc.pid}/environ").read_bytes()
         (mnt / "f").write_text("foreground")
     finally:

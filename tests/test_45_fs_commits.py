@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import MetaError
-from cryptfs.metadata import ROOT_INO
+from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
-from cryptfs.vault import Vault, create_vault
+from cryptfs.vault.core import Vault, create_vault
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +132,7 @@ def test_missing_names_in_new_directories_need_no_sql(
 def test_background_checkpoint_moves_commits_into_the_database_file(tmp_path: Path) -> None:
     """Commits go to the WAL; once they pause, the checkpointer thread copies them into the
     main database file (read here without the WAL), and closing stops it."""
-    from cryptfs import metadata
+    from cryptfs.meta import sqlite as metadata
 
     meta = metadata.MetaStore(tmp_path / "m.db")
     try:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from mount_fixtures import VaultEnv, _mounted
 
-from cryptfs.ledger import entry_hash
+from cryptfs.meta.ledger import entry_hash
 
 # tampering, faults, crashes and refusals make the daemon log warnings and errors on purpose
 pytestmark = pytest.mark.log_problems_expected
@@ -489,9 +489,9 @@ def test_7_store_rollback_refused_then_accepted(vault: VaultEnv, tmp_path: Path)
 
 # -- 8: a forged checkpoint -----------------------------------------------------------------------
 def test_8_forged_checkpoints_are_rejected(vault: VaultEnv) -> None:
-    from cryptfs.codec import Codec
-    from cryptfs.ledger import head_mac
-    from cryptfs.vault import checkpoint_name
+    from cryptfs.format.codec import Codec
+    from cryptfs.meta.ledger import head_mac
+    from cryptfs.vault.core import checkpoint_name
 
     ck = newest_checkpoint_seq(vault)
     genuine_name = checkpoint_name(ck)

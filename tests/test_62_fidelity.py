@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs import acl
-from cryptfs.vault import LOCAL_CHUNK_SIZE
+from cryptfs.fs import acl
+from cryptfs.vault.core import LOCAL_CHUNK_SIZE
 
 NOBODY = 65534
 CS = LOCAL_CHUNK_SIZE  # the chunk size of the local-store vault the suite mounts
@@ -109,7 +109,7 @@ BASE = ((acl.USER_OBJ, 6, 0), (acl.GROUP_OBJ, 4, 0), (acl.OTHER, 4, 0))
 
 
 def test_acl_rules_without_a_mount():
-    """cryptfs.acl alone, on the kernel's rules: malformed ACLs are refused, the mode follows
+    """cryptfs.fs.acl alone, on the kernel's rules: malformed ACLs are refused, the mode follows
     the ACL (mask for the group bits) and back, inheritance masks by the requested mode."""
     for bad in (b"", _acl(*BASE)[:-1], struct.pack("<I", 1) + _acl(*BASE)[4:],
                 _acl(*BASE, (acl.USER, 7, 1234)), _acl(*BASE[:2]), _acl(*BASE, (0x40, 7, 0)),

@@ -1,6 +1,6 @@
 """Crash consistency: ``kill -9`` the mount daemon while writers run, then check what survived.
 
-What the durability contract (``cryptfs/fs.py``) promises after the daemon dies:
+What the durability contract (``cryptfs/fs/base.py``) promises after the daemon dies:
 
 * a metadata operation (create, rename) that returned is committed;
 * a file whose ``close`` returned has its complete data after the next mount; a file being

@@ -18,7 +18,7 @@ import pytest
 from mount_fixtures import VaultEnv, _mounted, force_unmount
 from test_80_crash import CHUNK, assert_verifies, crash_env, kill_daemon, mount  # noqa: F401
 
-from cryptfs.codec import DATA_PREFIX
+from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.stores.local import LocalStore
 
 BOUND = 1 << 30  # the most bytes a test reads of one object

@@ -2,7 +2,8 @@
 
 Every vault here stores its chunks in the moto server through a :class:`FaultProxy`
 (``s3://<bucket>/vault?endpoint=<proxy>``) and is mounted with the real ``cryptfs`` CLI. The
-durability contract (``cryptfs/fs.py``) and the S3 store contract (``cryptfs/stores/s3.py``) say:
+durability contract (``cryptfs/fs/base.py``) and the S3 store contract (``cryptfs/stores/s3.py``)
+say:
 
 * transient store failures (500, 503 SlowDown, connection resets, truncated bodies) are retried:
   writers never see them (close and fsync succeed), readers get the right bytes;
@@ -35,7 +36,7 @@ import pytest
 from faultproxy import FaultProxy
 from mount_fixtures import VaultEnv, _mounted, force_unmount
 
-from cryptfs.chunkstore import FAILED_FETCH_MEMORY
+from cryptfs.chunks.chunkstore import FAILED_FETCH_MEMORY
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.log_problems_expected]  # faults: on purpose
 

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from mount_fixtures import CRYPTFS, PASSPHRASE, VaultEnv, _tmp_root
 
-from cryptfs import crypto
 from cryptfs.errors import ConfigError, CryptfsError
-from cryptfs.vaultconfig import MAX_SLOTS, VaultConfig
+from cryptfs.format import crypto
+from cryptfs.format.vaultconfig import MAX_SLOTS, VaultConfig
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.log_problems_expected]
 
@@ -248,8 +248,8 @@ def test_every_local_config_field_with_wrong_values(local_env: VaultEnv,
     """Each field of the local config file replaced by each kind of wrong value: loading and
     unlocking either works or raises a CryptfsError (a one-line message), nothing else."""
     from cryptfs.paths import VaultPaths
-    from cryptfs.unlock import Credentials
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
+    from cryptfs.vault.unlock import Credentials
 
     for k, v in local_env.env.items():
         if k.startswith(("XDG_", "CRYPTFS_")):

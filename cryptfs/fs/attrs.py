@@ -6,7 +6,7 @@ import errno
 import stat
 import time
 
-from cryptfs import acl
+from cryptfs.fs import acl
 from cryptfs.fs.base import (
     XATTR_CREATE,
     XATTR_REPLACE,
@@ -104,7 +104,7 @@ class Attributes(FileSystemBase):
     def _set_acl(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         """Set a POSIX ACL (caller holds self.lock). An access ACL also sets the mode's
         permission bits, and is not stored when the mode says it all; a default ACL is for
-        directories only (see :mod:`cryptfs.acl`)."""
+        directories only (see :mod:`cryptfs.fs.acl`)."""
         node = self._node(ino)
         if stat.S_ISLNK(node.mode):
             raise _err(errno.EOPNOTSUPP)

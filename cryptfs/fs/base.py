@@ -7,7 +7,7 @@ directories), :mod:`.reads` (open, read, read-ahead) and :mod:`.writes` (write, 
 truncate, fallocate, seek, flush, release).
 
 Inode-based and independent of FUSE: every method takes inode numbers and raw names (bytes),
-returns :class:`~cryptfs.metadata.Inode` records or data, and raises ``OSError(errno)``.
+returns :class:`~cryptfs.meta.sqlite.Inode` records or data, and raises ``OSError(errno)``.
 
 Durability contract:
 - every namespace operation (mkdir, mknod, symlink, link, unlink, rename, ...) and xattr
@@ -21,7 +21,7 @@ Durability contract:
   them and commits the chunk map and every attribute change made before: the data survives a
   crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
-  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault`).
+  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.core`).
 
 Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
 own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the
@@ -41,8 +41,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import ChunkRef
+from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import Inode, MetaEngine
 
 log = logging.getLogger("cryptfs.fs")

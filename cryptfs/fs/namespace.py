@@ -8,7 +8,7 @@ import os
 import stat
 import time
 
-from cryptfs import acl
+from cryptfs.fs import acl
 from cryptfs.fs.base import (
     ALLOC_UNIT,
     DIR_SIZE,
@@ -102,7 +102,7 @@ class Namespace(FileSystemBase):
         """Create an inode and its entry, committed now, or with ``defer`` written now and
         committed with the next commit (see :meth:`create`). In a directory with a default
         ACL the node inherits it (the mode masks the ACL, the umask is not applied); elsewhere
-        ``umask`` is applied to the mode (see :mod:`cryptfs.acl`)."""
+        ``umask`` is applied to the mode (see :mod:`cryptfs.fs.acl`)."""
         self._writable()
         self._check_name(name)
         pnode = self._dir(parent)

@@ -7,8 +7,8 @@ import errno
 import os
 import stat
 
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, IntegrityError
+from cryptfs.format.codec import ChunkRef
 from cryptfs.fs.base import (
     REF_WINDOW,
     FileSystemBase,

@@ -9,8 +9,8 @@ import stat
 import time
 from concurrent.futures import Future
 
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError
+from cryptfs.format.codec import ChunkRef
 from cryptfs.fs.base import (
     DIRTY_LIMIT,
     FALLOC_FL_KEEP_SIZE,

@@ -13,7 +13,7 @@ block survive power loss. The engine is used by one thread at a time (the caller
 filesystem lock); its background work (the SQLite WAL checkpointer) uses its own connection.
 
 Names are bytes (any byte but ``/`` and NUL), inode numbers positive integers (``ROOT_INO`` is
-the root directory), object names the store names of :mod:`cryptfs.layout`.
+the root directory), object names the store names of :mod:`cryptfs.format.layout`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptfs.codec import ChunkRef
+from cryptfs.format.codec import ChunkRef
 
 ROOT_INO = 1
 
@@ -156,7 +156,7 @@ class MetaEngine(Protocol):
     def remove_xattr(self, ino: int, name: bytes) -> bool: ...
     def inodes_with_xattrs(self) -> set[int]: ...
 
-    # -- the ledger's rows (the chain is computed by cryptfs.ledger) ---------------------------
+    # -- the ledger's rows (the chain is computed by cryptfs.meta.ledger) -----------------------
     def ledger_last(self) -> LedgerRow | None: ...
     def ledger_get(self, seq: int) -> LedgerRow | None: ...
     def ledger_last_named(self, op: str, prefix: str) -> LedgerRow | None: ...

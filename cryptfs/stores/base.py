@@ -85,7 +85,7 @@ class ObjectStore(Protocol):
         and :class:`cryptfs.errors.ObjectTooLarge` (naming the object) if it has more than
         ``max_size`` bytes. The bound is enforced before or while the body is read, so an
         oversized object never costs more than ``max_size`` bytes of memory (see
-        :mod:`cryptfs.layout` for the bounds each kind of object is read with).
+        :mod:`cryptfs.format.layout` for the bounds each kind of object is read with).
 
         With ``check`` the bytes returned are ones ``check`` accepts: a plain store raises
         :class:`cryptfs.errors.IntegrityError` naming the object if its copy fails; a replicated

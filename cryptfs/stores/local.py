@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from cryptfs.codec import DATA_PREFIX
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
+from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)

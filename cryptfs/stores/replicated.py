@@ -37,7 +37,7 @@ from typing import TypeVar
 from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
 from cryptfs.stores.base import ObjectStore
 
-log = logging.getLogger("cryptfs.replicas")
+log = logging.getLogger("cryptfs.vault.replicas")
 T = TypeVar("T")
 
 MEMBER_WORKERS = 8

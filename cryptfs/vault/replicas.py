@@ -23,21 +23,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, StoreError
-from cryptfs.layout import PER_STORE, TRACKED_PREFIXES
-from cryptfs.ledger import Ledger
+from cryptfs.format.codec import ChunkRef
+from cryptfs.format.layout import PER_STORE, TRACKED_PREFIXES
 from cryptfs.meta import MetaEngine
+from cryptfs.meta.ledger import Ledger
 from cryptfs.stores.base import Member, ObjectStore
 
-log = logging.getLogger("cryptfs.replicas")
+log = logging.getLogger("cryptfs.vault.replicas")
 
 
 class CopyLog:
     """Copy events reported by a store (from any thread), queued until the metadata records
     them: ``copied(name, store id, ok)`` says where a copy landed or is missing, ``stray(name,
     store id)`` that a delete did not reach a store (its copy is deleted later). Only objects
-    the vault tracks (:data:`cryptfs.layout.TRACKED_PREFIXES`) are queued."""
+    the vault tracks (:data:`cryptfs.format.layout.TRACKED_PREFIXES`) are queued."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -5,6 +5,9 @@ store alone) and copied into the local config file (mode 0600). It is JSON; the 
 appears only wrapped in its key slots (AES-256-GCM under a scrypt-derived key for a passphrase,
 RSA-OAEP-SHA256 for a public key), and the whole document is authenticated with an HMAC under a
 sub-key of the master key, checked after unlocking. See docs/FORMAT.md.
+
+Longer than ~400 lines: the config format and every validation rule a hostile config must pass
+(docs/FORMAT.md section 3) belong together.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import crypto, layout
 from cryptfs.errors import AuthError, ConfigError, IntegrityError, UsageError
+from cryptfs.format import crypto, layout
 
 FORMAT = "cryptfs"
 VERSION = 2  # 2 adds ``generation``; version 1 configs (no generation) still open

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from cryptfs import crypto
-from cryptfs.codec import DATA_PREFIX
+from cryptfs.format import crypto
+from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.meta import ROOT_INO
-from cryptfs.vault import Vault
+from cryptfs.vault.core import Vault
 
 HIDDEN = b".fuse_hidden"
 

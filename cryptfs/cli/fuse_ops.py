@@ -3,6 +3,8 @@
 Paths are resolved to inodes through the filesystem's dentry cache; calls that carry a file
 handle use it instead of the path (``nullpath_ok``), so files stay usable after unlink.
 Unexpected exceptions become EIO with one log line, never a crashed mount.
+
+Longer than ~400 lines: one thin method per FUSE callback.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class CryptfsOperations(mfusepy.Operations):
             conn.max_readahead = max(conn.max_readahead, 1 << 20)
             # POSIX ACLs: the kernel checks them (this implies default_permissions) and caches
             # them; the filesystem stores them as system.posix_acl_* xattrs, keeps them and the
-            # mode in step and applies default ACLs to new nodes (cryptfs.acl). Where a default
+            # mode in step and applies default ACLs to new nodes (cryptfs.fs.acl). Where a default
             # ACL applies the umask must not be, so the kernel leaves the umask to us.
             if conn.capable & FUSE_CAP_POSIX_ACL and conn.capable & FUSE_CAP_DONT_MASK:
                 conn.want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK

@@ -8,6 +8,9 @@ time (callers hold the filesystem lock): WAL journal, ``synchronous=NORMAL`` (a 
 a crash of the process; ``sync()`` makes it survive power loss), one transaction per operation.
 While mounted, a background thread with its own connection checkpoints the WAL, so commits do
 not wait for a checkpoint's fsyncs.
+
+Longer than the project's ~400 lines on purpose: it is the one module that holds SQL
+(tests/test_05_layers.py), so every statement of the SQLite engine is here, next to the schema.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ from sqlalchemy.exc import DatabaseError as SADatabaseError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import ConfigError, MetaError, MetaFull
+from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
@@ -163,7 +166,7 @@ _SQL_INCREF = "UPDATE objects SET refcount = refcount + 1 WHERE name = ?"
 _SQL_DECREF = "UPDATE objects SET refcount = refcount - 1 WHERE name = ?"
 
 
-log = logging.getLogger("cryptfs.metadata")
+log = logging.getLogger("cryptfs.meta.sqlite")
 
 # The background checkpointer (see MetaStore.start_checkpointer) checkpoints the WAL once
 # commits pause for CHECKPOINT_IDLE seconds, or after CHECKPOINT_COMMITS commits in a burst; a
@@ -836,7 +839,7 @@ class MetaStore:
         for table in ("inodes", "blocks", "xattrs"):
             self.raw.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
 
-    # -- the ledger's rows (the hash chain itself is cryptfs.ledger's) ---------------------------
+    # -- the ledger's rows (the hash chain itself is cryptfs.meta.ledger's) ---------------------
     def ledger_last(self) -> LedgerRow | None:
         return self._ledger_one("ORDER BY seq DESC LIMIT 1", ())
 

@@ -6,7 +6,7 @@ deletion, or by something else writing into the store. ``gc`` opens the vault re
 holds the vault lock and the mount lease, and refuses when the local state disagrees with the
 store's anchors: a stale database must never decide what is garbage), lists the store and
 deletes every object that the local metadata does not record, except the objects each store has
-its own of (``config``, ``lease``, ``store-id``: :data:`cryptfs.layout.PER_STORE`) and except
+its own of (``config``, ``lease``, ``store-id``: :data:`cryptfs.format.layout.PER_STORE`) and except
 objects younger than a grace period (default one hour): an upload of another process
 is invisible to this one until it is committed. Each deletion is a ``del`` ledger entry (size as
 listed, SHA-256 field all zero: the bytes were never recorded), anchored by a checkpoint when
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs.errors import IntegrityError, StoreError
-from cryptfs.layout import PER_STORE
+from cryptfs.format.layout import PER_STORE
 
 DEFAULT_GRACE = 3600.0
 ZERO_HASH = b"\0" * 32

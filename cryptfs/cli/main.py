@@ -3,6 +3,9 @@ key, passwd) and ``mount.cryptfs`` (the mount(8) helper).
 
 Every failure prints one line ``cryptfs: <what> (<hint>)`` on stderr and exits with the error's
 code (see README: exit codes); tracebacks only with ``--debug``.
+
+Longer than ~400 lines: one argparse tree and one short function per command, so that every
+command's options and its error handling are read in one place.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptfs.errors import ConfigError, CryptfsError, UsageError
 from cryptfs.paths import VaultPaths, list_vaults
-from cryptfs.unlock import Credentials
+from cryptfs.vault.unlock import Credentials
 
 DEFAULT_NAME = "default"
 
@@ -67,7 +70,7 @@ def get_passphrase(
     passphrase_file: str | None, confirm: bool = False, extpass: str | None = None
 ) -> bytes:
     """From --passphrase-file, then --extpass, then $CRYPTFS_PASSPHRASE, then the terminal."""
-    from cryptfs.unlock import get_passphrase as _get
+    from cryptfs.vault.unlock import get_passphrase as _get
 
     return _get(passphrase_file, extpass, confirm)
 
@@ -78,7 +81,7 @@ def _paths(args: argparse.Namespace) -> VaultPaths:
 
 # -- commands ------------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from cryptfs.vault import create_vault, default_chunk_size
+    from cryptfs.vault.core import create_vault, default_chunk_size
 
     paths = _paths(args)
     if not args.store_url:
@@ -89,7 +92,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     chunk = args.chunk_size or max(default_chunk_size(u) for u in urls)
     if chunk < 4096 or chunk > (64 << 20) or chunk & (chunk - 1):
         raise UsageError("--chunk-size must be a power of two from 4096 to 64 MiB")
-    from cryptfs.storelist import check_policy
+    from cryptfs.vault.storelist import check_policy
 
     check_policy(len(urls), args.copies, args.quorum)
     passphrase = get_passphrase(args.passphrase_file, confirm=True, extpass=args.extpass)
@@ -98,7 +101,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     verb = "created" if created else "attached existing"
     print(f"cryptfs: {verb} vault '{paths.name}' in {' + '.join(urls)}")
     if args.show_master_key:
-        from cryptfs.unlock import format_master_key
+        from cryptfs.vault.unlock import format_master_key
 
         print(f"master key: {format_master_key(cfg.unlock(passphrase))}")
         print(
@@ -112,7 +115,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def _unlock(
     paths: VaultPaths, passphrase_file: str | None = None, creds: Credentials | None = None
 ) -> bytes:
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
 
     _stores, cfg = load_local_config(paths)
     creds = creds or Credentials(passphrase_file=passphrase_file)
@@ -120,7 +123,7 @@ def _unlock(
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from cryptfs.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
+    from cryptfs.cli.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
 
     opts = MountOptions.parse(args.o or [])
     if args.metrics is not None:
@@ -132,14 +135,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    from cryptfs.mount import unmount
+    from cryptfs.cli.mount import unmount
 
     unmount(args.mountpoint, args.name, sys.stderr.isatty())
     return 0
 
 
 def _open_for_check(args: argparse.Namespace, readonly: bool):  # type: ignore[no-untyped-def]
-    from cryptfs.vault import Vault
+    from cryptfs.vault.core import Vault
 
     paths = _paths(args)
     master = _unlock(paths, creds=Credentials.from_args(args))
@@ -147,7 +150,7 @@ def _open_for_check(args: argparse.Namespace, readonly: bool):  # type: ignore[n
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from cryptfs.verify import accept, verify
+    from cryptfs.admin.verify import accept, verify
 
     vault = _open_for_check(args, readonly=not args.accept)
     try:
@@ -178,7 +181,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from cryptfs.fsck import fsck
+    from cryptfs.admin.fsck import fsck
     vault = _open_for_check(args, readonly=not args.repair)
     try:
         rep = fsck(vault, repair=args.repair)
@@ -208,7 +211,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
 
     for name in list_vaults():
         try:
@@ -220,7 +223,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cryptfs.status import collect, format_status
+    from cryptfs.admin.status import collect, format_status
 
     docs = collect(args.mountpoint)
     if args.json:
@@ -233,7 +236,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from cryptfs.stats import watch
+    from cryptfs.admin.stats import watch
 
     if not 0.1 <= args.interval <= 3600 or args.count < 0:
         raise UsageError("--interval must be 0.1 to 3600 seconds and --count not negative")
@@ -241,8 +244,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from cryptfs.gc import run_gc
-    from cryptfs.vault import Vault
+    from cryptfs.admin.gc import run_gc
+    from cryptfs.vault.core import Vault
 
     if args.grace < 0:
         raise UsageError("--grace must not be negative")
@@ -259,8 +262,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _store_config(url: str):  # type: ignore[no-untyped-def]
+    from cryptfs.format.vaultconfig import VaultConfig
     from cryptfs.stores import open_store
-    from cryptfs.vaultconfig import VaultConfig
 
     store = open_store(url)
     try:
@@ -300,7 +303,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from cryptfs.storeops import repair
+    from cryptfs.admin.storeops import repair
 
     vault = _open_for_check(args, readonly=False)
     try:
@@ -311,7 +314,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_store_list(args: argparse.Namespace) -> int:
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
 
     stores, _cfg = load_local_config(_paths(args))
     rows = [{"id": e.id, "url": e.url} for e in stores.entries]
@@ -325,7 +328,7 @@ def cmd_store_list(args: argparse.Namespace) -> int:
 
 
 def cmd_store_add(args: argparse.Namespace) -> int:
-    from cryptfs.storeops import add_store
+    from cryptfs.admin.storeops import add_store
 
     paths = _paths(args)
     master = _unlock(paths, creds=Credentials.from_args(args))
@@ -334,7 +337,7 @@ def cmd_store_add(args: argparse.Namespace) -> int:
 
 
 def cmd_store_remove(args: argparse.Namespace) -> int:
-    from cryptfs.storeops import remove_store
+    from cryptfs.admin.storeops import remove_store
 
     paths = _paths(args)
     master = _unlock(paths, creds=Credentials.from_args(args))
@@ -343,7 +346,7 @@ def cmd_store_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_key_list(args: argparse.Namespace) -> int:
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
 
     _url, cfg = load_local_config(_paths(args))
     slots = cfg.describe_slots()
@@ -357,9 +360,9 @@ def cmd_key_list(args: argparse.Namespace) -> int:
 
 
 def cmd_key_add(args: argparse.Namespace) -> int:
-    from cryptfs.keyslots import modify_config, read_public_key
-    from cryptfs.unlock import get_new_passphrase
-    from cryptfs.vaultconfig import check_label
+    from cryptfs.admin.keyslots import modify_config, read_public_key
+    from cryptfs.format.vaultconfig import check_label
+    from cryptfs.vault.unlock import get_new_passphrase
 
     if bool(args.passphrase) == bool(args.public_key):
         raise UsageError("give exactly one of --passphrase and --public-key FILE")
@@ -375,7 +378,7 @@ def cmd_key_add(args: argparse.Namespace) -> int:
             return f"cryptfs: added public-key slot {sid} to vault '{paths.name}'"
     else:
         # unlock first (asks for the current passphrase before the new one)
-        from cryptfs.vault import load_local_config
+        from cryptfs.vault.localstate import load_local_config
 
         master, slot_id = creds.unlock(load_local_config(paths)[1])
         creds = _Cached(creds, master, slot_id)
@@ -390,7 +393,7 @@ def cmd_key_add(args: argparse.Namespace) -> int:
 
 
 def cmd_key_remove(args: argparse.Namespace) -> int:
-    from cryptfs.keyslots import modify_config
+    from cryptfs.admin.keyslots import modify_config
 
     paths = _paths(args)
 
@@ -406,7 +409,7 @@ def cmd_key_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_key_generate(args: argparse.Namespace) -> int:
-    from cryptfs.keyslots import generate_key_pair
+    from cryptfs.admin.keyslots import generate_key_pair
 
     if args.bits < 3072:
         raise UsageError("--bits must be at least 3072")
@@ -417,9 +420,9 @@ def cmd_key_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    from cryptfs.keyslots import modify_config
-    from cryptfs.unlock import get_new_passphrase
-    from cryptfs.vault import load_local_config
+    from cryptfs.admin.keyslots import modify_config
+    from cryptfs.vault.localstate import load_local_config
+    from cryptfs.vault.unlock import get_new_passphrase
 
     creds = Credentials.from_args(args)
     if creds.key_file or creds.master_key_file:
@@ -729,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configured_url(name: str) -> str | None:
-    from cryptfs.vault import load_local_config
+    from cryptfs.vault.localstate import load_local_config
 
     try:
         return load_local_config(VaultPaths(name))[0].entries[0].url
@@ -833,7 +836,7 @@ def mount_main(argv: list[str] | None = None) -> int:
             func=cmd_mount,
         )
         if a.fake:
-            from cryptfs.mount import MountOptions, check_mountpoint
+            from cryptfs.cli.mount import MountOptions, check_mountpoint
 
             opts = MountOptions.parse(a.o or [])
             VaultPaths(name or opts.name or DEFAULT_NAME)

@@ -25,9 +25,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from cryptfs import crypto
 from cryptfs.errors import AuthError, UsageError
-from cryptfs.vaultconfig import RSA_MAX_BITS, VaultConfig
+from cryptfs.format import crypto
+from cryptfs.format.vaultconfig import RSA_MAX_BITS, VaultConfig
 
 ENV_PASSPHRASE = "CRYPTFS_PASSPHRASE"
 ENV_NEW_PASSPHRASE = "CRYPTFS_NEW_PASSPHRASE"

@@ -28,7 +28,7 @@ from typing import Any
 from cryptfs.errors import MountError
 from cryptfs.paths import VaultPaths, list_vaults
 
-log = logging.getLogger("cryptfs.status")
+log = logging.getLogger("cryptfs.admin.status")
 
 STATUS_FILE = "status.json"
 INTERVAL = 1.0

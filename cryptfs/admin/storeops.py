@@ -8,27 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from cryptfs.codec import DATA_PREFIX
+from cryptfs.admin.verify import Progress
 from cryptfs.errors import ConfigError, IntegrityError, LockedError, StoreError, UsageError
-from cryptfs.layout import MAX_CONFIG
+from cryptfs.format.codec import DATA_PREFIX
+from cryptfs.format.layout import MAX_CONFIG
+from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.paths import VaultPaths
-from cryptfs.replicas import adopt, copy_pending, mark_pending, survey
-from cryptfs.storelist import (
+from cryptfs.vault.core import CHECKPOINT_PREFIX, META_PREFIX, Vault
+from cryptfs.vault.localstate import load_local_config, save_local_config
+from cryptfs.vault.replicas import adopt, copy_pending, mark_pending, survey
+from cryptfs.vault.storelist import (
     StoreEntry,
     StoreList,
     new_store_id,
     read_store_id,
     write_store_id,
 )
-from cryptfs.vault import (
-    CHECKPOINT_PREFIX,
-    META_PREFIX,
-    Vault,
-    load_local_config,
-    save_local_config,
-)
-from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
-from cryptfs.verify import Progress
 
 Say = Callable[[str], None]
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs import crypto, layout
-from cryptfs.codec import Codec
 from cryptfs.errors import ConfigError, IntegrityError, ObjectNotFound, StoreError, UsageError
+from cryptfs.format import crypto, layout
+from cryptfs.format.codec import Codec
 from cryptfs.stores import ObjectStore, open_store
 from cryptfs.stores.base import PlainStore
 from cryptfs.stores.replicated import Member, ReplicatedStore
@@ -162,7 +162,7 @@ def check_policy(n_stores: int, copies: int, quorum: int) -> None:
 
 def same_vault(stores: list[ObjectStore]) -> None:
     """Raise ConfigError unless every store that holds a config holds the same vault's."""
-    from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+    from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 
     seen: dict[bytes, str] = {}
     for s in stores:

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptfs.codec import ChunkRef
 from cryptfs.errors import CryptfsError, IntegrityError, StoreError
-from cryptfs.layout import (
+from cryptfs.format.codec import ChunkRef
+from cryptfs.format.layout import (
     CHECKPOINT_PREFIX,
     CONFIG,
     DATA_PREFIX,
@@ -25,9 +25,10 @@ from cryptfs.layout import (
     PER_STORE,
     STORE_ID,
 )
-from cryptfs.lease import check_lease
-from cryptfs.storelist import read_store_id
-from cryptfs.vault import Vault, open_checkpoint
+from cryptfs.vault.checkpoints import open_checkpoint
+from cryptfs.vault.core import Vault
+from cryptfs.vault.lease import check_lease
+from cryptfs.vault.storelist import read_store_id
 
 _REJECTED = re.compile(r"^checkpoint (\S+): rejected")
 _BROKEN_AT = re.compile(r"chain broken at sequence (\d+) \(")
@@ -293,8 +294,9 @@ def _check_copies(
     progress: bool | None,
     paths_for: Callable[[str], list[str]],
 ) -> None:
-    """Every copy on every store of a replicated vault (see :func:`cryptfs.replicas.survey`)."""
-    from cryptfs.replicas import survey
+    """Every copy on every store of a replicated vault (see
+    :func:`cryptfs.vault.replicas.survey`)."""
+    from cryptfs.vault.replicas import survey
 
     bar: Progress | None = None
 

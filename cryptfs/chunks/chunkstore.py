@@ -9,6 +9,9 @@ background, retrying with backoff until the store accepts them; :meth:`wait_uplo
 Each name is guarded while it is written or deleted, and names handed out by ``put`` stay
 *pinned* until the caller has recorded (or dropped) its reference, so garbage collection never
 deletes an object that an uncommitted chunk map points to.
+
+Longer than ~400 lines: a chunk's whole life (seal, dedup, stage, upload, fetch, cache,
+delete) shares one set of locks and counters.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptfs import crypto
-from cryptfs.codec import ChunkRef, Codec
-from cryptfs.diskcache import DiskCache, read_at_most
+from cryptfs.chunks.diskcache import DiskCache, read_at_most
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError, StoreFull
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics
 
-log = logging.getLogger("cryptfs.chunkstore")
+log = logging.getLogger("cryptfs.chunks.chunkstore")
 
 FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
 

@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cryptfs.errors import ConfigError, IntegrityError, UsageError
+from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.paths import VaultPaths, private_dir
-from cryptfs.unlock import Credentials, read_small_file
-from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+from cryptfs.vault.unlock import Credentials, read_small_file
 
 
 @contextmanager
@@ -41,7 +41,7 @@ def modify_config(
 ) -> str:
     """Unlock with ``creds``, apply ``change(cfg, master, opened_slot)`` to the newest authentic
     config, sign it and write it to the store and the local file. Returns change's message."""
-    from cryptfs.vault import load_local_config, save_local_config
+    from cryptfs.vault.localstate import load_local_config, save_local_config
 
     with _config_lock(paths):
         stores, local = load_local_config(paths)

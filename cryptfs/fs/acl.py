@@ -1,6 +1,6 @@
 """POSIX ACLs in the kernel's xattr form (``system.posix_acl_access``/``_default``).
 
-The kernel checks ACLs itself (FUSE_CAP_POSIX_ACL, see :mod:`cryptfs.fuse_ops`) and hands the
+The kernel checks ACLs itself (FUSE_CAP_POSIX_ACL, see :mod:`cryptfs.cli.fuse_ops`) and hands the
 filesystem what only the filesystem can do, here as pure functions over the xattr bytes, after
 the kernel's own ``fs/posix_acl.c``:
 

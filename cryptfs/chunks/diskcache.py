@@ -19,13 +19,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptfs.codec import ChunkRef
+from cryptfs.format.codec import ChunkRef
 from cryptfs.paths import private_dir
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics
 
-log = logging.getLogger("cryptfs.diskcache")
+log = logging.getLogger("cryptfs.chunks.diskcache")
 
 
 

@@ -20,8 +20,8 @@ from typing import Any, TextIO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cryptfs.admin.status import collect
 from cryptfs.errors import MountError
-from cryptfs.status import collect
 
 Sample = dict[str, float]  # "name" or "name{label=value}" -> value
 

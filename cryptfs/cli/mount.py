@@ -1,15 +1,18 @@
 """Mounting and unmounting: mountpoint checks, the background daemon and its readiness pipe.
 
 ``mount_vault`` checks everything it can in the calling process (mountpoint, passphrase), then
-starts the daemon (:mod:`cryptfs.mountd`) that opens the vault and serves FUSE; the caller
+starts the daemon (:mod:`cryptfs.cli.mountd`) that opens the vault and serves FUSE; the caller
 returns when the daemon reports on the readiness pipe that the mount is live, or prints the
 daemon's one-line error. The daemon is a new program (``exec``), not the forked CLI: its
 environment is the caller's without ``CRYPTFS_PASSPHRASE`` and ``CRYPTFS_NEW_PASSPHRASE`` (so
 ``/proc/PID/environ`` never shows them, which no change of ``os.environ`` after the exec could
 achieve), and the master key and options reach it on an inherited pipe, never in argv or the
 environment. The daemon then makes itself non-dumpable, sets its core limit to 0 and locks its
-memory where it may (see :func:`cryptfs.mountd.harden`). With ``--foreground`` the CLI process
+memory where it may (see :func:`cryptfs.cli.mountd.harden`). With ``--foreground`` the CLI process
 itself execs the daemon (same pid, same terminal).
+
+Longer than ~400 lines: mount options, starting, watching and stopping the daemon, and
+unmounting are one user-facing job.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from cryptfs.paths import VaultPaths, private_dir
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics, MetricsEndpoint
 
-log = logging.getLogger("cryptfs.mount")
+log = logging.getLogger("cryptfs.cli.mount")
 
 KNOWN_OPTIONS = {
     "allow_other",
@@ -245,8 +248,8 @@ def serve(
     paths: VaultPaths, master: bytes, mountpoint: str, opts: MountOptions, ready_fd: int | None
 ) -> int:
     """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
-    from cryptfs.fuse_ops import CryptfsFUSE, CryptfsOperations
-    from cryptfs.vault import Vault
+    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations
+    from cryptfs.vault.core import Vault
 
     metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
     endpoint: MetricsEndpoint | None = None
@@ -283,7 +286,7 @@ def serve(
     for w in vault.warnings:
         log.warning("%s", w)
     assert vault.fs is not None
-    from cryptfs.status import StatusPublisher
+    from cryptfs.admin.status import StatusPublisher
 
     publisher = StatusPublisher(vault, mountpoint, opts.cache_bytes,
                                 metrics=endpoint.address if endpoint is not None else None)
@@ -350,7 +353,7 @@ def mount_vault(
                 "cache_bytes": opts.cache_bytes, "metrics": opts.metrics}
     os.write(key_w, master + json.dumps(settings).encode())  # far below a pipe's buffer
     os.close(key_w)
-    argv = [sys.executable, "-m", "cryptfs.mountd", paths.name, real, f"--key-fd={key_r}"]
+    argv = [sys.executable, "-m", "cryptfs.cli.mountd", paths.name, real, f"--key-fd={key_r}"]
     if verbose:
         argv.append("--verbose")
     env = daemon_environment()

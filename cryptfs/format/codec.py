@@ -16,9 +16,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from cryptfs import crypto
 from cryptfs.errors import IntegrityError
-from cryptfs.layout import DATA_PREFIX
+from cryptfs.format import crypto
+from cryptfs.format.layout import DATA_PREFIX
 
 OBJ_VERSION = 1
 

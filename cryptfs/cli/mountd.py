@@ -1,6 +1,6 @@
-"""The mount daemon's entry point: ``python -m cryptfs.mountd NAME MOUNTPOINT``.
+"""The mount daemon's entry point: ``python -m cryptfs.cli.mountd NAME MOUNTPOINT``.
 
-``cryptfs mount`` (see :mod:`cryptfs.mount`) unlocks the vault, then starts this program with
+``cryptfs mount`` (see :mod:`cryptfs.cli.mount`) unlocks the vault, then starts this program with
 ``exec`` and an environment without ``CRYPTFS_PASSPHRASE`` and ``CRYPTFS_NEW_PASSPHRASE``; the
 master key and the mount options arrive on an inherited pipe (``--key-fd``), never in argv or
 the environment. Before reading the key the daemon protects its memory (:func:`harden`).
@@ -25,7 +25,7 @@ import os
 import resource
 import sys
 
-log = logging.getLogger("cryptfs.mount")
+log = logging.getLogger("cryptfs.cli.mount")
 
 PR_SET_DUMPABLE = 4
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
@@ -77,10 +77,10 @@ def _read_all(fd: int) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cryptfs.mount import MountOptions, serve, setup_daemon_logging
+    from cryptfs.cli.mount import MountOptions, serve, setup_daemon_logging
     from cryptfs.paths import VaultPaths
 
-    p = argparse.ArgumentParser(prog="cryptfs.mountd")
+    p = argparse.ArgumentParser(prog="cryptfs.cli.mountd")
     p.add_argument("name")
     p.add_argument("mountpoint")
     p.add_argument("--key-fd", type=int, required=True)

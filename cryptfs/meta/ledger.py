@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from cryptfs import crypto
+from cryptfs.format import crypto
 from cryptfs.meta import MetaEngine
 
 GENESIS = b"\0" * 32
@@ -45,7 +45,7 @@ class Entry:
     hash: bytes
 
     def row(self) -> tuple[int, int, str, str, int, bytes, bytes, bytes]:
-        """The fields in storage order (:data:`cryptfs.metadata.LedgerRow`)."""
+        """The fields in storage order (:data:`cryptfs.meta.sqlite.LedgerRow`)."""
         return (self.seq, self.time_ns, self.op, self.name, self.size, self.sha256, self.prev,
                 self.hash)
 

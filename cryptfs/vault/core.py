@@ -9,6 +9,10 @@ in the store, a metadata snapshot that references exactly what the local metadat
 that moment is in the store, and a checkpoint naming it (with the authenticated ledger head) is
 in the store and recorded in the local head file. A vault can then be opened on a new machine
 from the store alone.
+
+Longer than ~400 lines: the Vault's whole lifecycle (open and anchors, restore, crash recovery,
+checkpoints and collection, the lease heartbeat) is still one class; moving restore, recovery and
+checkpointing into collaborators of their own is the next step of the layering work (issue 13).
 """
 
 from __future__ import annotations
@@ -21,13 +25,10 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from cryptfs import crypto
-from cryptfs.chunkstore import ChunkStore
-from cryptfs.codec import ChunkRef, Codec
+from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.errors import (
     ConfigError,
     CryptfsError,
@@ -36,8 +37,9 @@ from cryptfs.errors import (
     ObjectNotFound,
     StoreError,
 )
-from cryptfs.fs import CommitHooks, FileSystem
-from cryptfs.layout import (
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.format.layout import (
     CHECKPOINT_PREFIX,
     DATA_PREFIX,
     MAX_CHECKPOINT,
@@ -45,25 +47,28 @@ from cryptfs.layout import (
     checkpoint_name,
     checkpoint_seq,
 )
-from cryptfs.lease import Lease
-from cryptfs.ledger import Entry, Ledger, check_head_mac, head_mac
-from cryptfs.metadata import (
+from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
+from cryptfs.fs import CommitHooks, FileSystem
+from cryptfs.meta.ledger import Entry, Ledger, check_head_mac, head_mac
+from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
     MetaStore,
     check_schema_version,
     image_schema_version,
 )
-from cryptfs.paths import VaultPaths, private_dir, tighten_private_dirs, write_private
-from cryptfs.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
-from cryptfs.storelist import StoreList
+from cryptfs.paths import VaultPaths, private_dir, write_private
 from cryptfs.stores import ObjectStore
-from cryptfs.vaultconfig import CONFIG_OBJECT, VaultConfig
+from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.lease import Lease
+from cryptfs.vault.localstate import Head, load_local_config, read_head, save_local_config
+from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
+from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics
 
-log = logging.getLogger("cryptfs.vault")
+log = logging.getLogger("cryptfs.vault.core")
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # remote stores: per-request cost and latency favour larger objects
 LOCAL_CHUNK_SIZE = 256 << 10  # file:// stores: measured faster on every workload (README)
@@ -76,145 +81,11 @@ KEEP_CHECKPOINTS = 3
 CHECKPOINT_INTERVAL = 60.0
 REPLICATE_INTERVAL = 2.0
 UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
-MAX_LOCAL_CONFIG = 1 << 20  # the local config file: a store list and a config of <= 32 slots
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
 
 
 def _accept_hint(name: str) -> str:
     return ACCEPT_HINT.format(name="" if name == "default" else f" --name {name}")
-
-
-# -- local config file ------------------------------------------------------------------------
-def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig) -> None:
-    """Write the local config file (0600): the vault's stores with their URLs, and its config."""
-    body = {"name": paths.name, **stores.to_json(), "vault": cfg.to_dict()}
-    write_private(paths.config_file, json.dumps(body, indent=1).encode() + b"\n")
-
-
-def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
-    f = paths.config_file
-    try:
-        with open(f, "rb") as fh:
-            raw = fh.read(MAX_LOCAL_CONFIG + 1)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"no vault named '{paths.name}'",
-            hint="create it with 'cryptfs init' or see 'cryptfs list'",
-        ) from None
-    except OSError as e:
-        raise ConfigError(f"cannot read {f}: {e.strerror}") from None
-    try:
-        if len(raw) > MAX_LOCAL_CONFIG:
-            raise ValueError(f"larger than {MAX_LOCAL_CONFIG} bytes")
-        body = json.loads(raw.decode())
-        stores = StoreList.from_json(body)
-    except (ValueError, KeyError, TypeError, RecursionError) as e:  # also UnicodeDecodeError
-        detail = str(e) if type(e) is ValueError else "not valid JSON"
-        raise ConfigError(
-            f"config file {f} is corrupt ({detail[:80]})",
-            hint="move it away and run 'cryptfs init STORE_URL' to attach the "
-            "vault from its store again",
-        ) from None
-    tighten_private_dirs(paths)
-    return stores, VaultConfig.from_dict(body.get("vault"), str(f))
-
-
-# -- local head file ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Head:
-    seq: int
-    hash: bytes
-    mac: bytes
-    checkpoint: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "hash": self.hash.hex(),
-            "mac": self.mac.hex(),
-            "checkpoint": self.checkpoint,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Head:
-        return cls(
-            int(d["seq"]),
-            bytes.fromhex(d["hash"]),
-            bytes.fromhex(d["mac"]),
-            str(d.get("checkpoint", "")),
-        )
-
-
-def read_head(paths: VaultPaths) -> Head | None:
-    try:
-        return Head.from_json(json.loads(paths.head.read_text()))
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
-        raise IntegrityError(f"the local head file {paths.head} is corrupt") from None
-
-
-# -- checkpoints in the store -------------------------------------------------------------------
-@dataclass
-class Checkpoint:
-    name: str
-    seq: int
-    hash: bytes
-    mac: bytes
-    time_ns: int
-    meta: ChunkRef
-    tail: list[Entry]
-
-
-def read_checkpoints(
-    store: ObjectStore, codec: Codec, newest_only: bool = True
-) -> tuple[list[Checkpoint], list[str]]:
-    """Authentic checkpoints, newest first, and problems with the others (one line each)."""
-    good: list[Checkpoint] = []
-    bad: list[str] = []
-    names = sorted((n for n, _ in store.list(CHECKPOINT_PREFIX)), reverse=True)
-    for name in names:
-        try:
-            good.append(open_checkpoint(codec, name, store.get(name, MAX_CHECKPOINT)))
-        except ObjectNotFound:
-            continue
-        except IntegrityError as e:
-            bad.append(f"checkpoint {name}: rejected, {e}")
-            continue
-        if newest_only:
-            break
-    return good, bad
-
-
-def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
-    """Authenticate and parse a checkpoint object; IntegrityError (a reason in the words of
-    'checkpoint NAME: rejected, ...') if it is not an authentic checkpoint of this name."""
-    try:
-        body = json.loads(codec.open_blob(b"checkpoint", name, blob))
-    except IntegrityError:
-        raise IntegrityError("it fails authentication") from None
-    except ValueError:
-        raise IntegrityError("it is malformed") from None
-    try:
-        ck = Checkpoint(
-            name,
-            int(body["seq"]),
-            bytes.fromhex(body["hash"]),
-            bytes.fromhex(body["mac"]),
-            int(body["time_ns"]),
-            ChunkRef(
-                str(body["meta"]["name"]),
-                int(body["meta"]["size"]),
-                bytes.fromhex(body["meta"]["sha256"]),
-            ),
-            [Entry.from_json(e) for e in body["tail"]],
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise IntegrityError("it is malformed") from None
-    if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) \
-            or name != checkpoint_name(ck.seq):
-        raise IntegrityError("its head MAC or name is wrong")
-    return ck
 
 
 # -- the vault ----------------------------------------------------------------------------------
@@ -629,6 +500,19 @@ class Vault:
                 n += 1
         return n
 
+    def readonly_cause(self) -> str:
+        """Why this mount does not write, as a fixed word (a metrics label): ``none``,
+        ``mount_option``, ``lease_lost``, ``lease_not_renewed`` or ``checkpoint_failed``."""
+        if self.readonly:
+            return "mount_option"
+        if self.lease is not None and self.lease.lost:
+            return "lease_lost"
+        if self.readonly_reason == UNRENEWED:
+            return "lease_not_renewed"
+        if self.readonly_reason is not None or self.fs is not None and self.fs.readonly:
+            return "checkpoint_failed"
+        return "none"
+
     def fence(self, why: str | None) -> None:
         """Stop writing (EROFS for new writes, no checkpoints) because of ``why``, or with
         None write again (unless mounted read-only). Files already written are still
@@ -950,7 +834,7 @@ def create_vault(
     """Create a vault in the stores, or attach an existing one (the passphrase must open it).
     With several stores every one must be empty or hold this same vault. Returns (config,
     created)."""
-    from cryptfs.storelist import (
+    from cryptfs.vault.storelist import (
         StoreEntry,
         check_policy,
         new_store_id,

@@ -27,12 +27,12 @@ import socket
 import time
 from typing import Any
 
-from cryptfs import crypto, layout
-from cryptfs.codec import Codec
 from cryptfs.errors import IntegrityError, LockedError, ObjectNotFound
+from cryptfs.format import crypto, layout
+from cryptfs.format.codec import Codec
 from cryptfs.stores import ObjectStore
 
-log = logging.getLogger("cryptfs.lease")
+log = logging.getLogger("cryptfs.vault.lease")
 
 LEASE_OBJECT = layout.LEASE
 

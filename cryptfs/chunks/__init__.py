@@ -1,0 +1,1 @@
+"""Chunks: sealing, deduplication, staging, background upload, read-ahead and the disk cache."""

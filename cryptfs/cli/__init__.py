@@ -1,0 +1,1 @@
+"""The command line, the mount daemon and the FUSE adapter."""
