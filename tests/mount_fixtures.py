@@ -164,6 +164,26 @@ def vault_env(store_kind: str, request: pytest.FixtureRequest) -> Iterator[Vault
 
 
 @pytest.fixture
+def local_env() -> Iterator[VaultEnv]:
+    """A fresh, initialised vault on a local store in its own XDG home; every mount below its
+    root is unmounted and the root removed at teardown."""
+    root = _tmp_root()
+    env = VaultEnv(root, f"file://{root}/store")
+    env.init()
+    try:
+        yield env
+    finally:
+        for mp in [m for m in list(_MOUNTS) if m.startswith(str(root) + "/")]:
+            if _mounted(mp):
+                try:
+                    env.umount(mp)
+                except Exception:  # noqa: BLE001 - umount already forced it away
+                    pass
+            _MOUNTS.discard(mp)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture
 def mounted(vault_env: VaultEnv) -> Iterator[tuple[VaultEnv, Path]]:
     """A fresh vault mounted at a fresh directory; unmounted at teardown."""
     mnt = vault_env.root / "mnt"

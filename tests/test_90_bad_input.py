@@ -32,14 +32,6 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int, *needles: s
         assert n in lines[0], (n, lines[0])
 
 
-@pytest.fixture
-def local_env() -> VaultEnv:
-    root = _tmp_root()
-    env = VaultEnv(root, f"file://{root}/store")
-    env.init()
-    return env
-
-
 def test_empty_passphrase_at_init() -> None:
     root = _tmp_root()
     env = VaultEnv(root, f"file://{root}/store", passphrase="")

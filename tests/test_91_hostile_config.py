@@ -40,15 +40,6 @@ HUGE_KDFS = [  # (n, r, p): each beyond the bounds; the first two are the issue'
 
 
 # -- helpers --------------------------------------------------------------------------------------
-@pytest.fixture
-def local_env() -> Iterator[VaultEnv]:
-    root = _tmp_root()
-    env = VaultEnv(root, f"file://{root}/store")
-    env.init()
-    yield env
-    subprocess.run(["rm", "-rf", str(root)], check=False)
-
-
 def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.name != "daemon.log"}

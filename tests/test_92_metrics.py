@@ -142,17 +142,6 @@ def check_histogram(fams: dict[str, Any], name: str) -> None:
         assert cum[-1] == counts[key], (name, key)
 
 
-@pytest.fixture
-def local_vault() -> Iterator[VaultEnv]:
-    root = _tmp_root()
-    env = VaultEnv(root, f"file://{root}/store")
-    env.init()
-    try:
-        yield env
-    finally:
-        _cleanup(env, root)
-
-
 def _cleanup(env: VaultEnv, root: Path) -> None:
     for mp in root.glob("mnt*"):
         if _mounted(str(mp)):
@@ -289,8 +278,8 @@ def test_uploads_waiting_show_in_the_queue_gauges(s3_server: Any, s3_bucket: str
 # -- the endpoint ----------------------------------------------------------------------------------
 @pytest.mark.log_problems_expected  # the second daemon logs why it cannot mount
 def test_endpoint_is_loopback_only_exclusive_and_closed_at_unmount(
-        local_vault: VaultEnv) -> None:
-    env = local_vault
+        local_env: VaultEnv) -> None:
+    env = local_env
     mnt = env.root / "mnt"
     port = free_port()
     env.mount(mnt, f"metrics={port}")  # a port alone: loopback
@@ -333,8 +322,8 @@ def test_endpoint_is_loopback_only_exclusive_and_closed_at_unmount(
 
 @pytest.mark.log_problems_expected  # a non-loopback endpoint is announced with a warning
 def test_non_loopback_only_when_asked_and_without_paths_read_only(
-        local_vault: VaultEnv) -> None:
-    env = local_vault
+        local_env: VaultEnv) -> None:
+    env = local_env
     mnt = env.root / "mnt"
     for bad in ("myhost:9567", "127.0.0.1:99999", "127.0.0.1:x"):
         res = env.cli("mount", str(mnt), "-o", f"metrics={bad}", check=False)
@@ -360,8 +349,8 @@ def test_non_loopback_only_when_asked_and_without_paths_read_only(
     assert refused(f"127.0.0.1:{port}")
 
 
-def test_no_port_without_metrics(local_vault: VaultEnv) -> None:
-    env = local_vault
+def test_no_port_without_metrics(local_env: VaultEnv) -> None:
+    env = local_env
     mnt = env.root / "mnt"
     env.mount(mnt)
     st = status_json(env, mnt)
@@ -381,8 +370,8 @@ def test_no_port_without_metrics(local_vault: VaultEnv) -> None:
 
 # -- cryptfs stats ---------------------------------------------------------------------------------
 def test_stats_in_a_pty_shows_changing_figures_and_ends_on_ctrl_c(
-        local_vault: VaultEnv) -> None:
-    env = local_vault
+        local_env: VaultEnv) -> None:
+    env = local_env
     mnt = env.root / "mnt"
     env.mount(mnt, "metrics=127.0.0.1:0")
     stop = threading.Event()
@@ -457,12 +446,12 @@ def test_stats_in_a_pty_shows_changing_figures_and_ends_on_ctrl_c(
 
 
 # -- the Grafana dashboard -------------------------------------------------------------------------
-def test_grafana_dashboard_queries_metrics_that_exist(local_vault: VaultEnv) -> None:
+def test_grafana_dashboard_queries_metrics_that_exist(local_env: VaultEnv) -> None:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", ())]
     assert len(exprs) >= 10
     queried = {n for e in exprs for n in re.findall(r"\bcryptfs_[a-z_]+\b", e)}
-    env = local_vault
+    env = local_env
     mnt = env.root / "mnt"
     env.mount(mnt, "metrics=127.0.0.1:0")
     (mnt / "f").write_bytes(b"x" * 5000)

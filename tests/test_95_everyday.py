@@ -39,19 +39,6 @@ SBIN_HELPER = Path("/sbin/mount.cryptfs")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def local_env() -> Iterator[VaultEnv]:
-    root = _tmp_root()
-    env = VaultEnv(root, f"file://{root}/store")
-    env.init()
-    try:
-        yield env
-    finally:
-        for mp in [m for m in _MOUNTS if m.startswith(str(root))]:
-            _cleanup_mount(env, Path(mp))
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def _cleanup_mount(env: VaultEnv, mnt: Path) -> None:
     if _mounted(str(mnt)):
         try:
