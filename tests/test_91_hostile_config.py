@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,21 +56,38 @@ def one_line_error(res: subprocess.CompletedProcess[str], code: int, *needles: s
         assert n in lines[0], (n, lines[0])
 
 
+# Runs the CLI from a small interpreter and reports its child's peak RSS on a pipe: a child
+# forked from pytest itself would count pytest's own resident pages (hundreds of MiB late in a
+# full run) in its ru_maxrss, since Linux carries the pre-exec peak across exec.
+_MEASURE = (
+    "import os, sys\n"
+    "fd = int(sys.argv[1])\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execv(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "os.write(fd, str(usage.ru_maxrss).encode())\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_measured(env: VaultEnv, *args: str) -> tuple[subprocess.CompletedProcess[str], float,
                                                       int]:
-    """Run the CLI; (result, seconds, peak RSS in bytes of that one process). Its output is a
-    line or two, far below a pipe's buffer, so it is read after the process has exited."""
+    """Run the CLI; (result, seconds, peak RSS in bytes of that one process)."""
+    r, w = os.pipe()
     t0 = time.monotonic()
-    proc = subprocess.Popen([CRYPTFS, *args], env=env.env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _pid, status, usage = os.wait4(proc.pid, 0)
+    try:
+        res = subprocess.run([sys.executable, "-c", _MEASURE, str(w), CRYPTFS, *args],
+                             env=env.env, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, pass_fds=(w,), timeout=120)
+    finally:
+        os.close(w)
     elapsed = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.stdout is not None and proc.stderr is not None
-    with proc.stdout, proc.stderr:
-        out, err = proc.stdout.read(), proc.stderr.read()
-    return (subprocess.CompletedProcess(args, proc.returncode, out, err), elapsed,
-            usage.ru_maxrss * 1024)
+    with os.fdopen(r) as pipe:
+        kib = int(pipe.read() or 0)
+    assert kib > 0, res.stderr
+    return subprocess.CompletedProcess(list(args), res.returncode, res.stdout, res.stderr), \
+        elapsed, kib * 1024
 
 
 def local_cfg_path(env: VaultEnv) -> Path:

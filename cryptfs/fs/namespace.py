@@ -374,8 +374,10 @@ class Namespace(FileSystemBase):
                 if sdir and p1 != p2:
                     pn1.nlink -= 1
                     pn2.nlink += 1
-                if n2.startswith(HIDDEN) and not n1.startswith(HIDDEN) and src in self.files:
-                    snode.nlink -= 1  # libfuse hiding a file unlinked while open
+                if n2.startswith(HIDDEN) and not n1.startswith(HIDDEN):
+                    # libfuse hiding a file unlinked while open (not "src in self.files": its
+                    # release may have reached us before libfuse, racing, decided to hide it)
+                    snode.nlink -= 1
                 snode.ctime_ns = now
                 self._save(snode)
                 for pn in {p1: pn1, p2: pn2}.values():
