@@ -44,7 +44,7 @@ class EngineKind:
 
 
 def _sqlite_from_image(image: bytes, d: Path) -> MetaEngine:
-    p = d / "restored.db"  # as Vault._restore_from_store opens it
+    p = d / "restored.db"  # as cryptfs.vault.restore.restore_from_store opens it
     p.write_bytes(image)
     return MetaStore(p)
 

@@ -10,9 +10,11 @@ that moment is in the store, and a checkpoint naming it (with the authenticated 
 in the store and recorded in the local head file. A vault can then be opened on a new machine
 from the store alone.
 
-Longer than ~400 lines: the Vault's whole lifecycle (open and anchors, restore, crash recovery,
-checkpoints and collection, the lease heartbeat) is still one class; moving restore, recovery and
-checkpointing into collaborators of their own is the next step of the layering work (issue 13).
+Longer than ~400 lines: the Vault's lifecycle (opening, crash recovery, checkpoints and
+collection, the lease heartbeat) is still one class; the anchors (:mod:`.anchors`), restore
+(:mod:`.restore`), the local state (:mod:`.localstate`) and checkpoint reading
+(:mod:`.checkpoints`) are functions of their own, and moving recovery and checkpointing into
+collaborators is the next step of the layering work (issue 13).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -34,7 +35,6 @@ from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
     LockedError,
-    ObjectNotFound,
     StoreError,
 )
 from cryptfs.format import crypto
@@ -45,24 +45,23 @@ from cryptfs.format.layout import (
     MAX_CHECKPOINT,
     META_PREFIX,
     checkpoint_name,
-    checkpoint_seq,
 )
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
-from cryptfs.meta.ledger import Entry, Ledger, check_head_mac, head_mac
+from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
     MetaStore,
-    check_schema_version,
-    image_schema_version,
 )
 from cryptfs.paths import VaultPaths, private_dir, write_private
 from cryptfs.stores import ObjectStore
+from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.lease import Lease
-from cryptfs.vault.localstate import Head, load_local_config, read_head, save_local_config
+from cryptfs.vault.localstate import Head, load_local_config, save_local_config
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
+from cryptfs.vault.restore import restore_from_store
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
@@ -200,25 +199,14 @@ class Vault:
             save_local_config(self.paths, self.stores, stored)
 
     def config_problems(self) -> list[str]:
-        """The store's config against what this machine knows: it must be authentic and at
-        least as new as the newest generation seen (the local copy and the ledger's newest
-        ``config`` entry). One line per problem."""
+        """See :func:`cryptfs.vault.anchors.config_problems`."""
         assert self.ledger is not None
-        try:
-            stored = VaultConfig.from_store(self.store)
-        except (ConfigError, IntegrityError) as e:
-            return [f"the vault config in the store is unusable: {e}"]
-        recorded = self.ledger.last_named("config", CONFIG_OBJECT)
-        newest = max(self.cfg.generation, recorded.size if recorded else 0)
-        if stored.vault_id != self.cfg.vault_id:
-            return [f"the store {self.store.url} holds a different vault's config"]
-        if not stored.mac_ok(self.codec.config_key):
-            return ["the vault config in the store fails authentication (it was modified "
-                    "without the key)"]
-        if stored.generation < newest:
-            return [f"the vault config in the store is generation {stored.generation}, older "
-                    f"than generation {newest} this machine has seen: it was rolled back"]
-        return []
+        return config_problems(self.store, self.codec, self.cfg, self.ledger)
+
+    def anchor_problems(self) -> list[str]:
+        """See :func:`cryptfs.vault.anchors.anchor_problems`."""
+        assert self.ledger is not None
+        return anchor_problems(self.paths, self.store, self.codec, self.cfg, self.ledger)
 
     def _record_config(self) -> None:
         """Record the config generation in the ledger once (so a rollback of the store's config
@@ -249,155 +237,10 @@ class Vault:
 
     def _open_db(self) -> None:
         if not self.paths.db.exists():
-            self._restore_from_store()
+            self.warnings.extend(restore_from_store(self.paths, self.store, self.codec))
         self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
                               on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key)
-
-    def _restore_from_store(self) -> None:
-        """Rebuild the local database from the newest authentic checkpoint in the store."""
-        cks, bad = read_checkpoints(self.store, self.codec)
-        self.warnings.extend(bad)
-        if not cks:
-            raise IntegrityError(
-                f"the store {self.store.url} has no valid checkpoint to restore the metadata from"
-            )
-        ck = cks[0]
-        try:
-            blob = self.store.get(ck.meta.name, ck.meta.size)
-        except ObjectNotFound:
-            raise IntegrityError(
-                f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
-            ) from None
-        if len(blob) != ck.meta.size or crypto.sha256(blob) != ck.meta.sha256:
-            raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
-        image = self.codec.open_blob(b"meta", ck.meta.name, blob)
-        # the stamp travels in the image: refuse a newer schema before writing anything
-        check_schema_version(image_schema_version(image),
-                             f"metadata snapshot {ck.meta.name} (from {ck.name})")
-        tmp = self.paths.db.with_name("metadata.db.restore")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, image)
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o600)
-        meta = MetaStore(tmp)
-        led = Ledger(meta, self.codec.ledger_key)
-        head = led.head()
-        tail = [e for e in ck.tail if head is None or e.seq > head.seq]
-        led.add_entries(tail)
-        last = led.head()
-        if last is None or last.seq != ck.seq or last.hash != ck.hash:
-            meta.close()
-            raise IntegrityError(
-                f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
-            )
-        authentic, _ = read_checkpoints(self.store, self.codec, newest_only=False)
-        with meta.transaction():
-            for e in tail:
-                if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
-                    meta.forget_deleted_object(e.name)
-                    continue
-                if e.op != "put":
-                    continue
-                found = meta.get_object(e.name)
-                if found is not None:
-                    meta.mark_stored(e.name)
-                elif not e.name.startswith("data/"):
-                    meta.reference(ChunkRef(e.name, e.size, e.sha256), staged=False)
-            # checkpoints written after the snapshot; only authentic ones, so a forged
-            # checkpoint never counts among the newest that garbage collection keeps
-            for c in authentic:
-                if meta.get_object(c.name) is None:
-                    try:
-                        ck_blob = self.store.get(c.name, MAX_CHECKPOINT)
-                    except ObjectNotFound:
-                        continue
-                    meta.reference(ChunkRef(c.name, len(ck_blob), crypto.sha256(ck_blob)), False)
-            # older snapshots and checkpoints the writer deleted after this checkpoint (its
-            # cleanup follows the checkpoint, so the tail does not record it): forget them
-            listed = {n for p in (META_PREFIX, CHECKPOINT_PREFIX) for n, _ in self.store.list(p)}
-            for ref, _rc, _st in meta.all_objects():
-                if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
-                        and ref.name != ck.meta.name and ref.name not in listed:
-                    meta.forget_object(ref.name)
-        meta.sync()
-        meta.close()
-        for suffix in ("-wal", "-shm"):
-            Path(str(tmp) + suffix).unlink(missing_ok=True)
-        os.rename(tmp, self.paths.db)
-        write_private(
-            self.paths.head, json.dumps(Head(ck.seq, ck.hash, ck.mac, ck.name).to_json()).encode()
-        )
-        log.info("restored metadata from %s", ck.name)
-
-    def anchor_problems(self) -> list[str]:
-        """Compare the local ledger, the local head file and the newest store checkpoint."""
-        assert self.ledger is not None
-        problems: list[str] = []
-        led = self.ledger
-        local = led.head()
-        head = read_head(self.paths)
-        cks, bad = read_checkpoints(self.store, self.codec)
-        problems.extend(bad)
-        n, chain = led.verify_chain()
-        problems.extend(chain)
-        problems.extend(self.config_problems())
-        if head is not None:
-            if not check_head_mac(self.codec.ledger_key, head.seq, head.hash, head.mac):
-                problems.append(f"the local head file {self.paths.head} fails authentication")
-            elif local is None or local.seq < head.seq:
-                problems.append(
-                    f"the local ledger ends at sequence {local.seq if local else 0} "
-                    f"but this machine saw sequence {head.seq}: ledger entries were "
-                    "deleted"
-                )
-            else:
-                e = led.entry(head.seq)
-                if e is None or e.hash != head.hash:
-                    problems.append(
-                        f"the local ledger differs from the head this machine saw "
-                        f"at sequence {head.seq}"
-                    )
-        ck = cks[0] if cks else None
-        # the newest checkpoint this machine wrote or restored (the head itself may be later),
-        # by the head file and by the local ledger, which records storing every checkpoint:
-        # losing the head file, or an older copy of it, must not lower the bar
-        seen = head.seq if head is not None else 0
-        if head is not None:
-            named = checkpoint_seq(head.checkpoint)
-            if named is not None:
-                seen = min(named, head.seq)
-        recorded = led.last_named("put", CHECKPOINT_PREFIX)
-        if recorded is not None and not chain:
-            seen = max(seen, checkpoint_seq(recorded.name) or 0)
-        if ck is None:
-            if seen:
-                problems.append(
-                    f"the store has no checkpoint, but this machine saw checkpoint "
-                    f"{seen}: the store was rolled back or wiped"
-                )
-        else:
-            if ck.seq < seen:
-                problems.append(
-                    f"the store was rolled back: its newest checkpoint is sequence "
-                    f"{ck.seq}, this machine saw sequence {seen}"
-                )
-            if local is None or local.seq < ck.seq:
-                problems.append(
-                    f"the local ledger (sequence {local.seq if local else 0}) is "
-                    f"behind the store's checkpoint (sequence {ck.seq})"
-                )
-            else:
-                e = led.entry(ck.seq)
-                if e is None or e.hash != ck.hash:
-                    problems.append(
-                        f"the local ledger and the store's checkpoint {ck.name} "
-                        f"disagree at sequence {ck.seq}"
-                    )
-        return problems
 
     def _start(self) -> None:
         assert self.meta is not None and self.ledger is not None

@@ -1,0 +1,105 @@
+"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot,
+checked against the checkpoint, with the ledger entries written since it (docs/FORMAT.md 8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from cryptfs.errors import IntegrityError, ObjectNotFound
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.format.layout import CHECKPOINT_PREFIX, MAX_CHECKPOINT, META_PREFIX
+from cryptfs.meta.ledger import Ledger
+from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_version
+from cryptfs.paths import VaultPaths, write_private
+from cryptfs.stores import ObjectStore
+from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.localstate import Head
+
+log = logging.getLogger("cryptfs.vault.restore")
+
+
+def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> list[str]:
+    """Rebuild the local database from the newest authentic checkpoint in the store (a new
+    machine, or local state moved away). Returns the problems with other checkpoints (one line
+    each); IntegrityError or ConfigError (a newer schema) if nothing can be restored. Nothing is
+    left at the database path unless the restore is complete."""
+    cks, bad = read_checkpoints(store, codec)
+    if not cks:
+        raise IntegrityError(
+            f"the store {store.url} has no valid checkpoint to restore the metadata from"
+        )
+    ck = cks[0]
+    try:
+        blob = store.get(ck.meta.name, ck.meta.size)
+    except ObjectNotFound:
+        raise IntegrityError(
+            f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
+        ) from None
+    if not ck.meta.matches(blob):
+        raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
+    image = codec.open_blob(b"meta", ck.meta.name, blob)
+    # the stamp travels in the image: refuse a newer schema before writing anything
+    check_schema_version(image_schema_version(image),
+                         f"metadata snapshot {ck.meta.name} (from {ck.name})")
+    tmp = paths.db.with_name("metadata.db.restore")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, image)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    meta = MetaStore(tmp)
+    led = Ledger(meta, codec.ledger_key)
+    head = led.head()
+    tail = [e for e in ck.tail if head is None or e.seq > head.seq]
+    led.add_entries(tail)
+    last = led.head()
+    if last is None or last.seq != ck.seq or last.hash != ck.hash:
+        meta.close()
+        raise IntegrityError(
+            f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
+        )
+    authentic, _ = read_checkpoints(store, codec, newest_only=False)
+    with meta.transaction():
+        for e in tail:
+            if e.op == "del":  # deleted after the snapshot (never a referenced chunk)
+                meta.forget_deleted_object(e.name)
+                continue
+            if e.op != "put":
+                continue
+            found = meta.get_object(e.name)
+            if found is not None:
+                meta.mark_stored(e.name)
+            elif not e.name.startswith("data/"):
+                meta.reference(ChunkRef(e.name, e.size, e.sha256), staged=False)
+        # checkpoints written after the snapshot; only authentic ones, so a forged
+        # checkpoint never counts among the newest that garbage collection keeps
+        for c in authentic:
+            if meta.get_object(c.name) is None:
+                try:
+                    ck_blob = store.get(c.name, MAX_CHECKPOINT)
+                except ObjectNotFound:
+                    continue
+                meta.reference(ChunkRef(c.name, len(ck_blob), crypto.sha256(ck_blob)), False)
+        # older snapshots and checkpoints the writer deleted after this checkpoint (its
+        # cleanup follows the checkpoint, so the tail does not record it): forget them
+        listed = {n for p in (META_PREFIX, CHECKPOINT_PREFIX) for n, _ in store.list(p)}
+        for ref, _rc, _st in meta.all_objects():
+            if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
+                    and ref.name != ck.meta.name and ref.name not in listed:
+                meta.forget_object(ref.name)
+    meta.sync()
+    meta.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(tmp) + suffix).unlink(missing_ok=True)
+    os.rename(tmp, paths.db)
+    write_private(
+        paths.head, json.dumps(Head(ck.seq, ck.hash, ck.mac, ck.name).to_json()).encode()
+    )
+    log.info("restored metadata from %s", ck.name)
+    return bad
