@@ -1,7 +1,8 @@
 """The layering rules, checked on the package's source: what may be imported and written where.
 
-The metadata engine (cryptfs/meta/sqlite.py, the SQLite engine) is the only module that holds SQL,
-talks to the SQLite driver or to SQLAlchemy; everything above it asks the engine.
+The metadata engines (cryptfs/meta/sqlite.py, the SQLite engine, and cryptfs/meta/postgres.py, the
+PostgreSQL one) are the only modules that hold SQL, talk to a database driver or to SQLAlchemy;
+everything above them asks the engine.
 
 Nothing outside ``cryptfs/stores/`` (and ``cryptfs/vault/storelist.py``, which composes the stores
 of a vault) asks what kind of store it holds: no ``ReplicatedStore``, no ``isinstance``,
@@ -20,18 +21,18 @@ from pathlib import Path
 import cryptfs
 
 PKG = Path(cryptfs.__file__).parent
-SQLITE_ENGINE = {PKG / "meta" / "sqlite.py"}
+ENGINES = {PKG / "meta" / "sqlite.py", PKG / "meta" / "postgres.py"}
 SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|PRAGMA|REPLACE)\b\s+[A-Za-z(*]")
-DRIVER = re.compile(r"^\s*(import sqlite3|from sqlite3|import sqlalchemy|from sqlalchemy)", re.M)
+DRIVER = re.compile(r"^\s*(import|from) (sqlite3|sqlalchemy|psycopg)\b", re.M)
 REACH_IN = re.compile(r"\.(raw|conn)\.|exec_driver_sql|raw_connection\(")
 
 
 def sources() -> list[Path]:
-    return sorted(p for p in PKG.rglob("*.py") if p not in SQLITE_ENGINE)
+    return sorted(p for p in PKG.rglob("*.py") if p not in ENGINES)
 
 
 def test_the_package_has_sources() -> None:
-    assert len(sources()) > 20 and all(p.exists() for p in SQLITE_ENGINE)
+    assert len(sources()) > 20 and all(p.exists() for p in ENGINES)
 
 
 def test_no_sql_text_outside_the_sqlite_engine() -> None:
@@ -51,20 +52,22 @@ def test_nothing_reaches_into_the_engines_connection() -> None:
     assert found == []
 
 
-def test_the_sqlite_engine_implements_the_engine_interface() -> None:
+def test_the_engines_implement_the_engine_interface() -> None:
     import inspect
 
     from cryptfs.meta import MetaEngine
+    from cryptfs.meta.postgres import PgMetaStore
     from cryptfs.meta.sqlite import MetaStore
 
     methods = {n: f for n, f in vars(MetaEngine).items()
                if callable(f) and not n.startswith("_")}
     assert len(methods) > 60
-    for name, proto in methods.items():
-        impl = getattr(MetaStore, name, None)
-        assert impl is not None, f"MetaStore lacks {name}"
-        want = list(inspect.signature(proto).parameters)
-        assert list(inspect.signature(impl).parameters) == want, name
+    for engine in (MetaStore, PgMetaStore):
+        for name, proto in methods.items():
+            impl = getattr(engine, name, None)
+            assert impl is not None, f"{engine.__name__} lacks {name}"
+            want = list(inspect.signature(proto).parameters)
+            assert list(inspect.signature(impl).parameters) == want, (engine.__name__, name)
 
 
 # -- stores and callbacks ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import multiprocessing
 import os
 import signal
@@ -20,12 +21,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from pg_fixtures import PgServer
 
 from cryptfs.errors import ConfigError, MetaError
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode, MetaEngine
 from cryptfs.meta.ledger import GENESIS, Entry, Ledger, entry_hash
+from cryptfs.meta.postgres import DbKeys, PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,9 +41,11 @@ HIDDEN = b".fuse_hidden"
 class EngineKind:
     """How the suite makes and inspects one kind of engine."""
 
-    open: Callable[[Path], MetaEngine]  # a new engine on an empty directory
+    open: Callable[[Path], MetaEngine]  # a new engine on an empty directory (again: reopen)
     observer: Callable[[MetaEngine, Path], MetaEngine]  # another connection: committed rows
     from_image: Callable[[bytes, Path], MetaEngine]  # an engine on an image() (a restore)
+    # a directory to open an engine on whose database lives on a small real filesystem
+    small_disk: Callable[[Path], contextlib.AbstractContextManager[Path]]
 
 
 def _sqlite_from_image(image: bytes, d: Path) -> MetaEngine:
@@ -49,18 +54,78 @@ def _sqlite_from_image(image: bytes, d: Path) -> MetaEngine:
     return MetaStore(p)
 
 
-ENGINES: dict[str, EngineKind] = {
-    "sqlite": EngineKind(
-        open=lambda d: MetaStore(d / "m.db"),
-        observer=lambda _e, d: MetaStore(d / "m.db"),
-        from_image=_sqlite_from_image,
-    ),
-}
+@contextlib.contextmanager
+def _tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A real 256 KiB filesystem (tmpfs) for the engine's files, unmounted however it ends."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(d)],
+                   check=True)
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
 
 
-@pytest.fixture(params=sorted(ENGINES))
-def kind(request: pytest.FixtureRequest) -> EngineKind:
-    return ENGINES[request.param]
+SQLITE = EngineKind(
+    open=lambda d: MetaStore(d / "m.db"),
+    observer=lambda _e, d: MetaStore(d / "m.db"),
+    from_image=_sqlite_from_image,
+    small_disk=_tmpfs,
+)
+PG_KEYS = DbKeys.derive(b"m" * 32, b"v" * 16)
+
+
+def _pg_kind(server: PgServer, made: list[str]) -> EngineKind:
+    """PostgreSQL on the session's real server: a directory names a schema of the shared
+    database (made on first open, dropped after the test); an image restores onto SQLite, as a
+    vault whose database is lost is opened from the store."""
+    shared = server.shared_database()
+
+    def db(d: Path) -> str:
+        return "t" + hashlib.sha256(str(d).encode()).hexdigest()[:20]
+
+    def open_(d: Path) -> MetaEngine:
+        if d in small:
+            return PgMetaStore(server.url(db(d)), PG_KEYS)
+        if db(d) not in made:
+            server.admin(f"CREATE SCHEMA IF NOT EXISTS {db(d)}", shared)
+            made.append(db(d))
+        return PgMetaStore(server.url(shared, db(d)), PG_KEYS)
+
+    small: set[Path] = set()
+
+    @contextlib.contextmanager
+    def small_disk(tmp_path: Path) -> Iterator[Path]:
+        # the tables (not the catalog) on a 1 MiB tmpfs: a tablespace as their default
+        with server.small_tablespace("1M") as (d, ts):
+            server.create_database(db(d))
+            small.add(d)
+            try:
+                server.admin(f"ALTER DATABASE {db(d)} SET default_tablespace = {ts}")
+                yield d
+            finally:
+                server.drop_database(db(d))
+
+    return EngineKind(open=open_, observer=lambda _e, d: open_(d),
+                      from_image=_sqlite_from_image, small_disk=small_disk)
+
+
+ENGINES = ["postgresql", "sqlite"]
+
+
+@pytest.fixture(params=ENGINES)
+def kind(request: pytest.FixtureRequest) -> Iterator[EngineKind]:
+    if request.param == "sqlite":
+        yield SQLITE
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    made: list[str] = []
+    try:
+        yield _pg_kind(server, made)
+    finally:
+        for name in made:
+            server.drop_schema(server.shared_database(), name)
 
 
 @pytest.fixture
@@ -734,16 +799,9 @@ def test_errors_are_one_line_meta_errors_and_roll_back(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 256 KiB filesystem (tmpfs) for the engine's files, unmounted however it ends."""
-    d = tmp_path / "small"
-    d.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(d)],
-                   check=True)
-    try:
+def small_disk(kind: EngineKind, tmp_path: Path) -> Iterator[Path]:
+    with kind.small_disk(tmp_path) as d:
         yield d
-    finally:
-        subprocess.run(["umount", str(d)], check=True)
 
 
 def test_a_full_disk_is_an_enospc_meta_error_and_rolls_back(

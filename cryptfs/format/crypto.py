@@ -49,6 +49,11 @@ PURPOSE_NAME = b"cryptfs chunk naming v1"
 PURPOSE_META = b"cryptfs metadata encryption v1"
 PURPOSE_LEDGER = b"cryptfs ledger mac v1"
 PURPOSE_CONFIG = b"cryptfs config mac v1"
+# the PostgreSQL metadata engine's keys (cryptfs.meta.postgres.DbKeys): row sealing, entry names
+# (AES-SIV takes two of these keys, the second with " 2" appended), key-column hashing
+PURPOSE_DB_ROW = b"cryptfs database rows v1"
+PURPOSE_DB_NAME = b"cryptfs database names v1"
+PURPOSE_DB_INDEX = b"cryptfs database index v1"
 
 
 def random_bytes(n: int) -> bytes:

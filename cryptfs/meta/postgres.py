@@ -1,0 +1,946 @@
+"""The PostgreSQL metadata engine (:class:`cryptfs.meta.MetaEngine`), sealed against the database.
+
+A second engine behind the interface of :mod:`cryptfs.meta.engine`, through SQLAlchemy Core and
+psycopg 3 (``postgresql+psycopg://`` URLs), for vaults whose metadata several machines will
+share (issue 14). The database operator sees no file name, attribute, size, symlink target,
+xattr, chunk map or ledger entry:
+
+- every row is ``(key columns, ver, v)``: ``v`` is the row's content sealed with AES-256-GCM
+  under :attr:`DbKeys.row`, its associated data binding the schema version, the table, every
+  key column and ``ver`` (the row's version, bumped by each update and checked by the update's
+  row count). A row edited, moved to another key, swapped with another row's payload or given
+  another version fails to open: :class:`cryptfs.errors.IntegrityError` (errno EIO), never
+  wrong data. A row rolled back to an older sealed state, or deleted, is not detected here
+  (that is the ledger's job, with the head each machine keeps);
+- key columns are keyed hashes (:attr:`DbKeys.index`) of the row's identity, one hash domain
+  per column, so a dump does not show which inode is which directory's parent: ``inodes.k`` is
+  H("i", ino), ``dentries.parent`` H("p", parent), ``dentries.ino`` H("d", ino), and so on;
+- a directory entry's name is AES-SIV (RFC 5297, :attr:`DbKeys.name`), deterministic with the
+  parent's inode number as associated data, padded to a multiple of 16 bytes: a lookup is an
+  indexed equality query, and a name moved to another directory does not open there.
+
+What the database still learns: row counts per table, how many entries each (unnamed)
+directory has, how many chunks each (unnamed) file has (its size to the chunk), names' lengths
+to 16 bytes, inode numbers allocated (a sequence), the ledger's length, and the access pattern.
+
+Ordering, prefixes, ranges and sums are computed here, on opened rows: a directory listing
+reads the whole directory, a chunk map window the file's whole map, ``stored_bytes`` and the
+fsck views whole tables.
+
+Transactions run at READ COMMITTED on one connection used by one thread at a time. A block that
+a deadlock or serialization failure ends is rolled back and raises MetaError (the block's code
+cannot be re-run from here); the engine's own one-statement blocks (:meth:`set_state`, opening)
+retry with backoff.
+
+Longer than the project's ~400 lines on purpose: it is the one module that holds this engine's
+SQL (tests/test_05_layers.py), next to its schema and sealing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from Crypto.Cipher import AES
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Sequence,
+    Table,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+
+log = logging.getLogger("cryptfs.meta.postgres")
+
+# The version of the tables and row encoding below, stored in cryptfs_schema and bound in every
+# row's associated data. A database of another version is refused (no migrations yet).
+SCHEMA_VERSION = 1
+
+md = MetaData()
+schema = Table(
+    "cryptfs_schema", md,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("version", Integer, nullable=False),
+    Column("v", LargeBinary, nullable=False),  # a sealed marker: the keys match this database
+)
+ino_seq = Sequence("cryptfs_ino_seq", metadata=md, start=ROOT_INO + 1)
+
+
+def _sealed_table(name: str, *keys: str, group: str | None = None) -> Table:
+    cols = [Column(k, LargeBinary, nullable=False) for k in keys]
+    extra: list[Any] = [PrimaryKeyConstraint(*keys)]
+    if group:
+        cols.append(Column(group, LargeBinary, nullable=False))
+        extra.append(Index(f"ix_{name}_{group}", group))
+    return Table(name, md, *cols, Column("ver", BigInteger, nullable=False),
+                 Column("v", LargeBinary, nullable=False), *extra)
+
+
+inodes = _sealed_table("inodes", "k")
+dentries = _sealed_table("dentries", "parent", "name", group="ino")
+blocks = _sealed_table("blocks", "k", group="ino")
+objects = _sealed_table("objects", "k")
+xattrs = _sealed_table("xattrs", "k", group="ino")
+copies = _sealed_table("copies", "k", group="obj")
+state = _sealed_table("state", "k")
+ledger = Table(
+    "ledger", md,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("v", LargeBinary, nullable=False),
+)
+
+# how many rows of the version cache (see _vers) are kept before it is emptied
+VERSION_CACHE_ROWS = 65536
+# retries of the engine's own blocks after a deadlock or serialization failure
+RETRIES = 8
+CONFLICT_STATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+
+
+@dataclass(frozen=True)
+class DbKeys:
+    """The engine's keys: ``row`` seals row contents (AES-256-GCM), ``name`` encrypts entry
+    names deterministically (AES-SIV, 64 bytes), ``index`` hashes row identities into key
+    columns (keyed BLAKE2b)."""
+
+    row: bytes
+    name: bytes
+    index: bytes
+
+    @classmethod
+    def derive(cls, master: bytes, vault_id: bytes) -> DbKeys:
+        """The keys of a vault's database, derived from its master key as the codec derives
+        its own (HKDF-SHA256, salt the vault id, one purpose string each)."""
+        return cls(
+            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_ROW),
+            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_NAME)
+            + crypto.subkey(master, vault_id, crypto.PURPOSE_DB_NAME + b" 2"),
+            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_INDEX),
+        )
+
+
+# -- row encoding: a tuple of ints, bytes, str and None ------------------------------------------
+def _pack(*vals: int | bytes | str | None) -> bytes:
+    out = bytearray()
+    for v in vals:
+        if v is None:
+            out += b"n"
+        elif isinstance(v, int):
+            out += b"i" + v.to_bytes(9, "big", signed=True)
+        elif isinstance(v, str):
+            b = v.encode("utf-8", "surrogateescape")
+            out += b"s" + len(b).to_bytes(4, "big") + b
+        else:
+            out += b"b" + len(v).to_bytes(4, "big") + bytes(v)
+    return bytes(out)
+
+
+def _unpack(blob: bytes) -> tuple[Any, ...]:
+    out: list[Any] = []
+    i, n = 0, len(blob)
+    while i < n:
+        tag = blob[i:i + 1]
+        i += 1
+        if tag == b"n":
+            out.append(None)
+        elif tag == b"i":
+            out.append(int.from_bytes(blob[i:i + 9], "big", signed=True))
+            i += 9
+        else:
+            ln = int.from_bytes(blob[i:i + 4], "big")
+            raw = blob[i + 4:i + 4 + ln]
+            i += 4 + ln
+            out.append(raw.decode("utf-8", "surrogateescape") if tag == b"s" else raw)
+    return tuple(out)
+
+
+def _ad(table: str, ver: int, *keys: bytes) -> bytes:
+    """The associated data of a row: schema version, table, key columns, row version."""
+    parts = [b"cryptfs-pg", SCHEMA_VERSION.to_bytes(2, "big"), table.encode(),
+             ver.to_bytes(8, "big", signed=True)]
+    for k in keys:
+        parts += [len(k).to_bytes(2, "big"), k]
+    return b"\0".join(parts)
+
+
+class _Conflict(MetaError):
+    """A deadlock or serialization failure ended the transaction (another writer won)."""
+
+
+class PgMetaStore:
+    """A vault's metadata in a PostgreSQL database, every row sealed (see the module doc).
+
+    ``url`` is a SQLAlchemy URL (``postgresql+psycopg://user@host/db``; credentials from the
+    URL or the standard ``PG*`` variables and ``.pgpass``); ``keys`` from
+    :meth:`DbKeys.derive`. Opening creates the schema in an empty database, checks the stored
+    schema version and that ``keys`` are this database's (ConfigError otherwise). Not
+    thread-safe: callers serialise."""
+
+    def __init__(
+        self,
+        url: str,
+        keys: DbKeys,
+        on_commit: Callable[[], None] | None = None,
+        on_rollback: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_commit`` runs after every commit, ``on_rollback`` after every rollback (the
+        filesystem's deferred writes: see :class:`cryptfs.fs.CommitHooks`)."""
+        self.keys = keys
+        try:
+            self.engine = create_engine(url, pool_size=1, max_overflow=0,
+                                        isolation_level="READ COMMITTED")
+        except (SQLAlchemyError, ValueError, ImportError) as e:
+            raise ConfigError(f"metadata database URL is not usable: {e}") from None
+        self.where = self.engine.url.render_as_string(hide_password=True)
+        self._depth = 0  # nesting of transaction() blocks
+        self._undo: list[Callable[[], None]] = []
+        self.on_commit = on_commit
+        self.on_rollback = on_rollback
+        self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
+        try:
+            self.conn: Connection = self.engine.connect()
+        except DBAPIError as e:
+            self.engine.dispose()
+            raise ConfigError(f"metadata database {self.where} cannot be reached: "
+                              f"{_first_line(e)}") from None
+        try:
+            self._retrying(self._prepare_schema)
+        except BaseException:
+            self.conn.close()
+            self.engine.dispose()
+            raise
+
+    # -- schema ----------------------------------------------------------------------------------
+    def _prepare_schema(self) -> None:
+        marker_ad = _ad("cryptfs_schema", SCHEMA_VERSION, b"1")
+        with self.transaction():
+            # one opener creates the schema; others wait here, then find it
+            self._x(select(func.pg_advisory_xact_lock(0x637279707466)))
+            exists = self._x(text("SELECT to_regclass('cryptfs_schema') IS NOT NULL")).scalar()
+            if not exists:
+                md.create_all(self.conn)
+                self._x(insert(schema).values(
+                    id=1, version=SCHEMA_VERSION,
+                    v=crypto.seal(self.keys.row, b"cryptfs postgresql metadata", marker_ad)))
+                return
+            row = self._x(select(schema.c.version, schema.c.v).where(schema.c.id == 1)).first()
+            if row is None:
+                raise ConfigError(f"metadata database {self.where} has no schema version "
+                                  "(not a cryptfs database, or corrupt)")
+            if row.version != SCHEMA_VERSION:
+                raise ConfigError(f"metadata database {self.where} is schema version "
+                                  f"{row.version}; this cryptfs reads version {SCHEMA_VERSION}")
+            try:
+                crypto.open_sealed(self.keys.row, bytes(row.v), marker_ad)
+            except IntegrityError:
+                raise ConfigError(f"metadata database {self.where} belongs to another vault "
+                                  "(or its marker was tampered with)") from None
+
+    # -- statements, sealing, errors -------------------------------------------------------------
+    def _x(self, stmt: Any, params: Any = None) -> Any:
+        """Execute one statement; a database error becomes a one-line MetaError (and, outside
+        a block, rolls the open transaction back: inside one, the block does)."""
+        try:
+            return self.conn.execute(stmt, params) if params is not None else \
+                self.conn.execute(stmt)
+        except DBAPIError as e:
+            err = self._meta_error(e)
+            if not self._depth:
+                self._rolled_back()
+            raise err from e
+
+    def _meta_error(self, e: DBAPIError) -> MetaError:
+        code = getattr(e.orig, "sqlstate", None)
+        cls: type[MetaError] = MetaError
+        if code == "53100":  # disk_full
+            cls = MetaFull
+        elif code in CONFLICT_STATES:
+            cls = _Conflict
+        return cls(f"metadata database {self.where}: {_first_line(e.orig)}")
+
+    def _h(self, domain: bytes, *parts: int | bytes | str) -> bytes:
+        """The keyed hash of a row identity in one hash domain (one per key column)."""
+        return crypto.keyed_hash(self.keys.index, domain + b"\0" + _pack(*parts))
+
+    def _seal(self, table: str, ver: int, keys: tuple[bytes, ...], *vals: Any) -> bytes:
+        return crypto.seal(self.keys.row, _pack(*vals), _ad(table, ver, *keys))
+
+    def _open(self, table: str, ver: int, keys: tuple[bytes, ...], blob: bytes) -> tuple[Any, ...]:
+        try:
+            return _unpack(crypto.open_sealed(self.keys.row, bytes(blob), _ad(table, ver, *keys)))
+        except IntegrityError:
+            raise IntegrityError(
+                f"metadata database {self.where}: a row of {table} failed authentication "
+                "(tampered with or corrupt)") from None
+
+    def _name_siv(self, parent: int, name: bytes) -> bytes:
+        c = AES.new(self.keys.name, AES.MODE_SIV)
+        c.update(b"dentry\0" + parent.to_bytes(8, "big"))
+        pad = 15 - len(name) % 16
+        ct, tag = c.encrypt_and_digest(name + b"\x80" + b"\0" * pad)  # type: ignore[union-attr]
+        return tag + ct
+
+    def _name_open(self, parent: int, blob: bytes) -> bytes:
+        c = AES.new(self.keys.name, AES.MODE_SIV)
+        c.update(b"dentry\0" + parent.to_bytes(8, "big"))
+        blob = bytes(blob)
+        try:
+            padded = c.decrypt_and_verify(blob[16:], blob[:16])  # type: ignore[union-attr]
+        except ValueError:
+            raise IntegrityError(f"metadata database {self.where}: a directory entry's name "
+                                 "failed authentication (tampered with or corrupt)") from None
+        return padded.rstrip(b"\0")[:-1]
+
+    def _remember(self, table: str, k: bytes, ver: int) -> None:
+        if len(self._vers) >= VERSION_CACHE_ROWS:
+            self._vers.clear()
+        self._vers[(table, k)] = ver
+
+    def _put(self, t: Table, k: bytes, *vals: Any) -> None:
+        """Insert a single-key row (version 1)."""
+        self._x(insert(t).values(k=k, ver=1, v=self._seal(t.name, 1, (k,), *vals)))
+        self._remember(t.name, k, 1)
+
+    def _replace(self, t: Table, k: bytes, *vals: Any, extra: tuple[bytes, ...] = ()) -> bool:
+        """Re-seal an existing single-key row at its next version; False if there is none.
+        The update is conditional on the version last seen (an optimistic check: another
+        writer's update in between makes this a conflict, not a lost update)."""
+        ver = self._vers.get((t.name, k))
+        if ver is None:
+            ver = self._x(select(t.c.ver).where(t.c.k == k)).scalar()
+            if ver is None:
+                return False
+        keys = (k, *extra)
+        res = self._x(update(t).where(t.c.k == k, t.c.ver == ver).values(
+            ver=ver + 1, v=self._seal(t.name, ver + 1, keys, *vals)))
+        if res.rowcount != 1:
+            self._vers.pop((t.name, k), None)
+            if self._x(select(t.c.ver).where(t.c.k == k)).scalar() is None:
+                return False
+            raise _Conflict(f"metadata database {self.where}: a row of {t.name} was changed "
+                            "by another writer meanwhile (the operation was rolled back)")
+        self._remember(t.name, k, ver + 1)
+        return True
+
+    def _get(self, t: Table, k: bytes) -> tuple[Any, ...] | None:
+        for _k, vals in self._all(t, t.c.k == k):
+            return vals
+        return None
+
+    def _all(self, t: Table, *where: Any) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
+        """(key, opened content) of the single-key rows matching ``where``."""
+        cols = [t.c.k, t.c.ver, t.c.v] + ([t.c[c] for c in t.c.keys() if c not in
+                                           ("k", "ver", "v")])
+        for r in self._x(select(*cols).where(*where)).all():
+            extra = tuple(bytes(x) for x in r[3:])
+            self._remember(t.name, bytes(r.k), r.ver)
+            yield bytes(r.k), self._open(t.name, r.ver, (bytes(r.k), *extra), r.v)
+
+    def _retrying(self, fn: Callable[[], None]) -> None:
+        """Run a self-contained block, again (with backoff) after a deadlock or serialization
+        failure, up to RETRIES times."""
+        for attempt in range(RETRIES):
+            try:
+                fn()
+                return
+            except _Conflict:
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
+
+    # -- transactions and durability -------------------------------------------------------------
+    @contextlib.contextmanager
+    def transaction(self, commit: bool = True) -> Iterator[None]:
+        """Commit on success, roll back on error. Nests: inner blocks join the outer one, and
+        the outermost block commits when it ends (with reads made before it). With
+        ``commit=False`` an outermost block leaves its writes for the next commit."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            yield
+        except BaseException as e:
+            self._depth = 0
+            self._rolled_back()
+            if isinstance(e, DBAPIError):
+                raise self._meta_error(e) from e
+            raise
+        self._depth = 0
+        if commit:
+            self.commit()
+
+    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the writes made since the last commit are rolled back."""
+        self._undo.append(fn)
+
+    def _rolled_back(self) -> None:
+        with contextlib.suppress(SQLAlchemyError):
+            self.conn.rollback()
+        self._vers.clear()
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        if self.on_rollback is not None:
+            self.on_rollback()
+
+    def commit(self) -> None:
+        """Commit the open transaction; once this returns it is durable on the server (its
+        WAL flushed, as PostgreSQL's ``synchronous_commit`` promises). A refused commit rolls
+        back whole and raises MetaError."""
+        try:
+            if self.conn.in_transaction():
+                self.conn.commit()
+        except DBAPIError as e:
+            err = self._meta_error(e)
+            self._rolled_back()
+            raise err from e
+        self._undo.clear()
+        if self.on_commit is not None:
+            self.on_commit()
+
+    def sync(self) -> None:
+        """Commit: a committed transaction is already durable on the server."""
+        self.commit()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.commit()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.engine.dispose()
+
+    def image(self) -> bytes:
+        """The committed metadata as one SQLite image (what a checkpoint stores), built in an
+        in-memory SQLite engine: a vault can always be opened from the store onto SQLite."""
+        from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
+
+        self.commit()
+        out = MetaStore(":memory:")
+        try:
+            with out.transaction():
+                for ino, (_m, _n) in sorted(self.inode_modes().items()):
+                    out.insert_inode(self.get_inode(ino))  # type: ignore[arg-type]
+                for parent, name, ino in self.all_dentries():
+                    out.add_dentry(parent, name, ino)
+                objs = self.all_objects()
+                for r, _rc, st in objs:
+                    out.reference(r, staged=st == "staged")
+                for _k, (ino, idx, obj) in self._all(blocks):
+                    got = self._get(objects, self._h(b"o", obj))
+                    if got is not None:
+                        out.set_block(ino, idx, ChunkRef(obj, got[1], got[2]), staged=False)
+                for r, rc, _st in objs:
+                    out.set_refcount(r.name, rc)
+                for _k, (ino, xname, value) in self._all(xattrs):
+                    out.set_xattr(ino, xname, value)
+                for _k, (name, store, st) in self._all(copies):
+                    out.record_copy(name, store, st)
+                for _k, (key, value) in self._all(state):
+                    out.set_state(key, value)
+                after = 0
+                while page := self.ledger_page(after, 5000):
+                    out.ledger_insert(page)
+                    after = page[-1][0]
+            return out.image()
+        finally:
+            out.close()
+
+    # -- key/value state -------------------------------------------------------------------------
+    def get_state(self, key: str) -> str | None:
+        got = self._get(state, self._h(b"s", key))
+        return None if got is None else got[1]
+
+    def set_state(self, key: str, value: str) -> None:
+        k = self._h(b"s", key)
+
+        def put() -> None:
+            with self.transaction():
+                if not self._replace(state, k, key, value):
+                    self._put(state, k, key, value)
+
+        if self._depth:
+            put()
+        else:
+            self._retrying(put)
+
+    # -- inodes ----------------------------------------------------------------------------------
+    @staticmethod
+    def _inode_vals(n: Inode) -> tuple[Any, ...]:
+        return (n.ino, n.mode, n.uid, n.gid, n.size, n.nlink, n.atime_ns, n.mtime_ns,
+                n.ctime_ns, n.rdev, n.target)
+
+    def get_inode(self, ino: int) -> Inode | None:
+        got = self._get(inodes, self._h(b"i", ino))
+        return None if got is None else Inode(*got)
+
+    def insert_inode(self, node: Inode) -> int:
+        ino = node.ino
+        if not ino:
+            ino = int(self._x(select(ino_seq.next_value())).scalar())
+        else:  # numbers the sequence hands out later stay above it
+            self._x(text("SELECT setval('cryptfs_ino_seq', greatest(:ino, last_value)) "
+                         "FROM cryptfs_ino_seq"), {"ino": ino})
+        vals = self._inode_vals(node)
+        self._put(inodes, self._h(b"i", ino), ino, *vals[1:])
+        return ino
+
+    def update_inode(self, node: Inode) -> None:
+        self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node))
+
+    def delete_inode(self, ino: int) -> list[str]:
+        """Remove an inode with its xattrs, chunk map and any names left pointing at it;
+        return the objects it referenced."""
+        objs = self.remove_blocks_from(ino, 0)
+        self._x(delete(dentries).where(dentries.c.ino == self._h(b"d", ino)))
+        self._x(delete(xattrs).where(xattrs.c.ino == self._h(b"X", ino)))
+        self._x(delete(inodes).where(inodes.c.k == self._h(b"i", ino)))
+        return objs
+
+    def orphan_inodes(self) -> list[int]:
+        return sorted(v[0] for _k, v in self._all(inodes) if v[5] <= 0)
+
+    def count_inodes(self) -> int:
+        return int(self._x(select(func.count()).select_from(inodes)).scalar() or 0)
+
+    def inode_modes(self) -> dict[int, tuple[int, int]]:
+        """``{ino: (mode, nlink)}`` of every inode."""
+        return {v[0]: (v[1], v[5]) for _k, v in self._all(inodes)}
+
+    def set_nlink(self, ino: int, nlink: int) -> None:
+        node = self.get_inode(ino)
+        if node is not None:
+            node.nlink = nlink
+            self.update_inode(node)
+
+    def drop_inode_rows(self, ino: int) -> None:
+        """Remove an inode with its chunk map and xattrs, leaving reference counts to fsck."""
+        self._x(delete(blocks).where(blocks.c.ino == self._h(b"B", ino)))
+        self._x(delete(xattrs).where(xattrs.c.ino == self._h(b"X", ino)))
+        self._x(delete(inodes).where(inodes.c.k == self._h(b"i", ino)))
+
+    # -- directory entries -----------------------------------------------------------------------
+    def _dentry_rows(self, *where: Any) -> Iterator[tuple[int, bytes, int]]:
+        """(parent, name, ino) of the entries matching ``where``, opened."""
+        q = select(dentries.c.parent, dentries.c.name, dentries.c.ino, dentries.c.ver,
+                   dentries.c.v).where(*where)
+        for r in self._x(q).all():
+            p_h, n_s, i_h = bytes(r.parent), bytes(r.name), bytes(r.ino)
+            parent, ino = self._open("dentries", r.ver, (p_h, n_s, i_h), r.v)
+            yield parent, self._name_open(parent, n_s), ino
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        p_h, n_s = self._h(b"p", parent), self._name_siv(parent, name)
+        r = self._x(select(dentries.c.ino, dentries.c.ver, dentries.c.v).where(
+            dentries.c.parent == p_h, dentries.c.name == n_s)).first()
+        if r is None:
+            return None
+        _parent, ino = self._open("dentries", r.ver, (p_h, n_s, bytes(r.ino)), r.v)
+        return int(ino)
+
+    def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
+        p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
+        self._x(insert(dentries).values(
+            parent=p_h, name=n_s, ino=i_h, ver=1,
+            v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)))
+
+    def remove_dentry(self, parent: int, name: bytes) -> None:
+        self._x(delete(dentries).where(dentries.c.parent == self._h(b"p", parent),
+                                       dentries.c.name == self._name_siv(parent, name)))
+
+    def list_dir(self, parent: int, after: bytes | None = None,
+                 limit: int | None = None) -> list[tuple[bytes, int, int]]:
+        """``(name, ino, mode)`` in name order (sorted here), after ``after``, at most
+        ``limit``."""
+        entries = sorted((n, i) for _p, n, i in
+                         self._dentry_rows(dentries.c.parent == self._h(b"p", parent)))
+        if after is not None:
+            entries = [e for e in entries if e[0] > after]
+        if limit:
+            entries = entries[:limit]
+        modes = self._modes({i for _n, i in entries})
+        return [(n, i, modes[i]) for n, i in entries if i in modes]
+
+    def _modes(self, inos: Iterable[int]) -> dict[int, int]:
+        by_key = {self._h(b"i", i): i for i in inos}
+        if not by_key:
+            return {}
+        out = {}
+        for k, v in self._all(inodes, inodes.c.k.in_(list(by_key))):
+            out[by_key[k]] = v[1]
+        return out
+
+    def has_children(self, parent: int, ignore_prefix: bytes | None = None) -> bool:
+        p_h = self._h(b"p", parent)
+        if ignore_prefix is None:
+            return self._x(select(dentries.c.ino).where(dentries.c.parent == p_h).limit(1)
+                           ).first() is not None
+        return any(not n.startswith(ignore_prefix)
+                   for _p, n, _i in self._dentry_rows(dentries.c.parent == p_h))
+
+    def hidden_dentries(self, prefix: bytes) -> list[tuple[int, bytes, int]]:
+        """``(parent, name, ino)`` of every entry whose name starts with ``prefix``."""
+        return [e for e in self._dentry_rows() if e[1].startswith(prefix)]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        return [(p, n) for p, n, _i in self._dentry_rows(dentries.c.ino == self._h(b"d", ino))]
+
+    def parent_of(self, ino: int) -> int | None:
+        i_h = self._h(b"d", ino)
+        r = self._x(select(dentries.c.parent, dentries.c.name, dentries.c.ver, dentries.c.v)
+                    .where(dentries.c.ino == i_h).limit(1)).first()
+        if r is None:
+            return None
+        return int(self._open("dentries", r.ver, (bytes(r.parent), bytes(r.name), i_h), r.v)[0])
+
+    def paths_of(self, ino: int, limit: int = 3) -> list[str]:
+        """Up to ``limit`` paths of an inode (for error messages)."""
+        out = []
+        for parent, name in self.names_of(ino)[:limit]:
+            parts, seen = [name], {ino}
+            while parent != ROOT_INO and parent not in seen:
+                seen.add(parent)
+                up = self.names_of(parent)
+                if not up:
+                    parts.append(b"?")
+                    break
+                parent, pname = up[0]
+                parts.append(pname)
+            out.append("/" + "/".join(p.decode("utf-8", "surrogateescape")
+                                      for p in reversed(parts)))
+        return out
+
+    def all_dentries(self) -> list[tuple[int, bytes, int]]:
+        return list(self._dentry_rows())
+
+    # -- chunk maps ------------------------------------------------------------------------------
+    def _map(self, ino: int) -> dict[int, tuple[bytes, str]]:
+        """``{idx: (row key, object)}``: the chunk map of ``ino``."""
+        return {v[1]: (k, v[2]) for k, v in self._all(blocks, blocks.c.ino == self._h(b"B", ino))}
+
+    def _refs(self, names: Iterable[str]) -> dict[str, ChunkRef]:
+        by_key = {self._h(b"o", n): n for n in set(names)}
+        if not by_key:
+            return {}
+        return {v[0]: ChunkRef(v[0], v[1], v[2])
+                for _k, v in self._all(objects, objects.c.k.in_(list(by_key)))}
+
+    def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
+        """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
+        window = {i: o for i, (_k, o) in self._map(ino).items() if lo <= i < hi}
+        refs = self._refs(window.values())
+        return {i: refs[o] for i, o in window.items() if o in refs}
+
+    def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
+        """Point chunk ``idx`` at ``ref`` (None: a hole), adjusting reference counts; returns
+        the object referenced before, if any."""
+        k = self._h(b"b", ino, idx)
+        got = self._get(blocks, k)
+        old = None if got is None else got[2]
+        if old is not None and ref is not None and old == ref.name:
+            return None
+        if old is not None:
+            self._addref(old, -1)
+            self._x(delete(blocks).where(blocks.c.k == k))
+        if ref is not None:
+            self.reference(ref, staged)
+            i_h = self._h(b"B", ino)
+            self._x(insert(blocks).values(
+                k=k, ino=i_h, ver=1, v=self._seal("blocks", 1, (k, i_h), ino, idx, ref.name)))
+            self._remember("blocks", k, 1)
+        return old
+
+    def _drop_blocks(self, ino: int, keep: Callable[[int], bool]) -> list[str]:
+        gone = [(k, o) for i, (k, o) in self._map(ino).items() if not keep(i)]
+        for _k, o in gone:
+            self._addref(o, -1)
+        if gone:
+            self._x(delete(blocks).where(blocks.c.k.in_([k for k, _o in gone])))
+        return [o for _k, o in gone]
+
+    def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
+        return self._drop_blocks(ino, lambda i: i < first_idx)
+
+    def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]:
+        return self._drop_blocks(ino, lambda i: not lo <= i < hi)
+
+    def next_hole(self, ino: int, idx: int) -> int:
+        have = set(self._map(ino))
+        while idx in have:
+            idx += 1
+        return idx
+
+    def next_block(self, ino: int, idx: int) -> int | None:
+        return min((i for i in self._map(ino) if i >= idx), default=None)
+
+    def allocated(self, ino: int, chunk_size: int, unit: int) -> int:
+        objs = [o for _k, o in self._map(ino).values()]
+        refs = self._refs(objs)
+        return sum(-(-min(refs[o].size, chunk_size) // unit) * unit for o in objs if o in refs)
+
+    def first_chunks_after(self, parent: int, name: bytes,
+                           count: int) -> list[tuple[bytes, ChunkRef]]:
+        out: list[tuple[bytes, ChunkRef]] = []
+        for n, ino, _m in self.list_dir(parent, after=name):
+            got = self._get(blocks, self._h(b"b", ino, 0))
+            if got is not None:
+                refs = self._refs([got[2]])
+                if got[2] in refs:
+                    out.append((n, refs[got[2]]))
+                    if len(out) >= count:
+                        break
+        return out
+
+    def all_blocks(self) -> list[tuple[int, int, str]]:
+        return [(v[0], v[1], v[2]) for _k, v in self._all(blocks)]
+
+    def drop_block(self, ino: int, idx: int) -> None:
+        """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
+        self._x(delete(blocks).where(blocks.c.k == self._h(b"b", ino, idx)))
+
+    def object_users(self, name: str) -> list[int]:
+        return sorted({v[0] for _k, v in self._all(blocks) if v[2] == name})
+
+    # -- objects and reference counts ------------------------------------------------------------
+    # an object row: (name, size, sha256, refcount, state)
+    def _object(self, name: str) -> tuple[Any, ...] | None:
+        return self._get(objects, self._h(b"o", name))
+
+    def _addref(self, name: str, delta: int) -> None:
+        got = self._object(name)
+        if got is not None:
+            self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
+
+    def reference(self, ref: ChunkRef, staged: bool) -> None:
+        got = self._object(ref.name)
+        if got is None:
+            self._put(objects, self._h(b"o", ref.name), ref.name, ref.size, ref.sha256, 1,
+                      "staged" if staged else "stored")
+        else:
+            self._replace(objects, self._h(b"o", ref.name), *got[:3], got[3] + 1, got[4])
+
+    def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
+        got = self._object(name)
+        return None if got is None else (ChunkRef(got[0], got[1], got[2]), got[3], got[4])
+
+    def mark_stored(self, name: str) -> None:
+        got = self._object(name)
+        if got is not None:
+            self._replace(objects, self._h(b"o", name), *got[:4], "stored")
+
+    def set_refcount(self, name: str, refcount: int) -> None:
+        got = self._object(name)
+        if got is not None:
+            self._replace(objects, self._h(b"o", name), *got[:3], refcount, got[4])
+
+    def _objects(self) -> list[tuple[Any, ...]]:
+        return [v for _k, v in self._all(objects)]
+
+    def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
+        return [(ChunkRef(v[0], v[1], v[2]), v[3], v[4]) for v in self._objects()]
+
+    def objects_in_state(self, st: str) -> list[ChunkRef]:
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[4] == st]
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects()
+                if v[3] <= 0 and v[4] == "stored"]
+
+    def object_states(self) -> dict[str, tuple[int, str, int]]:
+        """``{name: (refcount, state, size)}`` of every recorded object."""
+        return {v[0]: (v[3], v[4], v[1]) for v in self._objects()}
+
+    def stored_bytes(self) -> int:
+        return sum(v[1] for v in self._objects())
+
+    def _forget(self, name: str) -> None:
+        """Drop an object's row and its copies' (as the SQLite engine's trigger does)."""
+        self._x(delete(objects).where(objects.c.k == self._h(b"o", name)))
+        self._x(delete(copies).where(copies.c.obj == self._h(b"C", name)))
+
+    def drop_object_if_unreferenced(self, name: str) -> bool:
+        got = self._object(name)
+        if got is None or got[3] > 0:
+            return False
+        self._forget(name)
+        return True
+
+    def forget_object(self, name: str) -> None:
+        self._forget(name)
+
+    def forget_deleted_object(self, name: str) -> None:
+        """Drop the record of an object a restored ledger says was deleted: any object but a
+        chunk that is still referenced."""
+        got = self._object(name)
+        if got is not None and (got[3] <= 0 or not name.startswith("data/")):
+            self._forget(name)
+
+    def unreference_object(self, ref: ChunkRef) -> None:
+        """Record ``ref`` as stored and unreferenced (a deletion that failed)."""
+        self.reference(ref, staged=False)
+        self.set_refcount(ref.name, 0)
+
+    # -- copies on the stores of a replicated vault ----------------------------------------------
+    # a copy row: (object, store, state)
+    def record_copy(self, name: str, store: str, st: str) -> bool:
+        k = self._h(b"c", name, store)
+        got = self._get(copies, k)
+        if got is not None and got[2] == st:
+            return False
+        o_h = self._h(b"C", name)
+        if got is None:
+            self._x(insert(copies).values(
+                k=k, obj=o_h, ver=1, v=self._seal("copies", 1, (k, o_h), name, store, st)))
+            self._remember("copies", k, 1)
+        else:
+            self._replace(copies, k, name, store, st, extra=(o_h,))
+        return True
+
+    def copies_of(self, name: str) -> dict[str, str]:
+        return {v[1]: v[2] for _k, v in self._all(copies, copies.c.obj == self._h(b"C", name))}
+
+    def _copies(self) -> list[tuple[bytes, tuple[Any, ...]]]:
+        return list(self._all(copies))
+
+    def all_copies(self) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {}
+        for _k, (n, st, s) in self._copies():
+            out.setdefault(n, {})[st] = s
+        return out
+
+    def pending_copies(self, limit: int = 1000) -> list[tuple[ChunkRef, str]]:
+        want = [(n, st) for _k, (n, st, s) in self._copies() if s == "pending"]
+        refs = self._refs(n for n, _st in want)
+        return [(refs[n], st) for n, st in want if n in refs][:limit]
+
+    def pending_deletes(self) -> list[tuple[str, str]]:
+        return [(n, st) for _k, (n, st, s) in self._copies() if s == "delete"]
+
+    def forget_copy(self, name: str, store: str) -> None:
+        self._x(delete(copies).where(copies.c.k == self._h(b"c", name, store)))
+
+    def pending_copy_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for _k, (_n, st, s) in self._copies():
+            if s != "ok":
+                out[st] = out.get(st, 0) + 1
+        return out
+
+    def forget_store_copies(self, store: str) -> None:
+        self._drop_copies([k for k, (_n, st, _s) in self._copies() if st == store])
+
+    def forget_stray_copies(self) -> None:
+        """Drop copy records of objects the metadata does not know (never committed)."""
+        known = {v[0] for v in self._objects()}
+        self._drop_copies([k for k, (n, _st, s) in self._copies()
+                           if s != "delete" and n not in known])
+
+    def _drop_copies(self, keys: list[bytes]) -> None:
+        if keys:
+            self._x(delete(copies).where(copies.c.k.in_(keys)))
+
+    # -- xattrs ----------------------------------------------------------------------------------
+    # an xattr row: (ino, name, value)
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        got = self._get(xattrs, self._h(b"x", ino, name))
+        return None if got is None else got[2]
+
+    def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        k, i_h = self._h(b"x", ino, name), self._h(b"X", ino)
+        if not self._replace(xattrs, k, ino, name, value, extra=(i_h,)):
+            self._x(insert(xattrs).values(
+                k=k, ino=i_h, ver=1, v=self._seal("xattrs", 1, (k, i_h), ino, name, value)))
+            self._remember("xattrs", k, 1)
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        return sorted(v[1] for _k, v in self._all(xattrs, xattrs.c.ino == self._h(b"X", ino)))
+
+    def remove_xattr(self, ino: int, name: bytes) -> bool:
+        res = self._x(delete(xattrs).where(xattrs.c.k == self._h(b"x", ino, name)))
+        return bool(res.rowcount)
+
+    def inodes_with_xattrs(self) -> set[int]:
+        return {v[0] for _k, v in self._all(xattrs)}
+
+    # -- the ledger's rows -----------------------------------------------------------------------
+    def _ledger(self, q: Any) -> list[LedgerRow]:
+        out = []
+        for seq, v in self._x(q).all():
+            row = self._open("ledger", 0, (seq.to_bytes(8, "big"),), v)
+            out.append(row)  # type: ignore[arg-type]
+        return out
+
+    def ledger_last(self) -> LedgerRow | None:
+        rows = self._ledger(select(ledger).order_by(ledger.c.seq.desc()).limit(1))
+        return rows[0] if rows else None
+
+    def ledger_get(self, seq: int) -> LedgerRow | None:
+        rows = self._ledger(select(ledger).where(ledger.c.seq == seq))
+        return rows[0] if rows else None
+
+    def ledger_last_named(self, op: str, prefix: str) -> LedgerRow | None:
+        """The newest row with operation ``op`` whose object name starts with ``prefix``
+        (rows opened newest first, a page at a time)."""
+        before = None
+        while True:
+            q = select(ledger).order_by(ledger.c.seq.desc()).limit(1000)
+            if before is not None:
+                q = q.where(ledger.c.seq < before)
+            rows = self._ledger(q)
+            if not rows:
+                return None
+            for r in rows:
+                if r[2] == op and r[3].startswith(prefix):
+                    return r
+            before = rows[-1][0]
+
+    def ledger_page(self, after: int, limit: int) -> list[LedgerRow]:
+        return self._ledger(select(ledger).where(ledger.c.seq > after)
+                            .order_by(ledger.c.seq).limit(limit))
+
+    def ledger_newest(self, n: int) -> list[LedgerRow]:
+        return self._ledger(select(ledger).order_by(ledger.c.seq.desc()).limit(n))
+
+    def ledger_count(self) -> int:
+        return int(self._x(select(func.count()).select_from(ledger)).scalar() or 0)
+
+    def ledger_insert(self, rows: list[LedgerRow]) -> None:
+        if rows:
+            self._x(insert(ledger), [
+                {"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
+                                               _ad("ledger", 0, r[0].to_bytes(8, "big")))}
+                for r in rows])
+
+    def ledger_truncate_after(self, seq: int) -> None:
+        self._x(delete(ledger).where(ledger.c.seq > seq))
+
+
+def _first_line(e: object) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
