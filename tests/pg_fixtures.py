@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -69,8 +70,11 @@ class PgServer:
                               capture_output=True, timeout=120, **kw)  # type: ignore[call-overload]
 
     def start(self) -> None:
-        self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER,
-                          "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8")
+        """Make the cluster (the first time) and start the server; fail (with the end of its
+        log) if it does not accept connections within PG_START_TIMEOUT."""
+        if not self.data.exists():
+            self._as_postgres(str(self.bindir / "initdb"), "-D", str(self.data), "-U", USER,
+                              "--auth=trust", "--no-sync", "--no-locale", "-E", "UTF8")
         logf = open(self.log, "wb")  # noqa: SIM115 (the server writes it until it stops)
         self.proc = subprocess.Popen(
             ["runuser", "-u", USER, "--", str(self.bindir / "postgres"), "-D", str(self.data),
@@ -98,9 +102,9 @@ class PgServer:
             return int((self.data / "postmaster.pid").read_text().split()[0])
         return None
 
-    def stop(self) -> None:
-        """Fast shutdown (SIGINT to the postmaster), SIGKILL after PG_STOP_TIMEOUT; then
-        remove everything, tablespace mounts included."""
+    def halt(self) -> None:
+        """Stop the server, keeping the cluster (:meth:`start` starts it again): fast shutdown
+        (SIGINT to the postmaster), SIGKILL after PG_STOP_TIMEOUT."""
         pid = self._postmaster_pid()
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -121,6 +125,11 @@ class PgServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        """Stop the server and remove everything, tablespace mounts included."""
+        self.halt()
         for d in list(self._tablespaces):
             subprocess.run(["umount", "-l", str(d)], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
@@ -146,11 +155,16 @@ class PgServer:
         """Drop a schema with its tables; left for the session's end if a connection that
         was not closed still holds a lock on it."""
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
-            self.admin(f"SET lock_timeout = '5s'; DROP SCHEMA IF EXISTS {schema} CASCADE", db)
+            with psycopg.connect(self.dsn(db), autocommit=True) as c:
+                c.execute("SET lock_timeout = '5s'")
+                c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE".encode())
 
-    def admin(self, sql: str, db: str = "postgres") -> list[tuple[object, ...]]:
-        """Run ``sql`` as the superuser, in autocommit; the rows it returns."""
-        with psycopg.connect(self.dsn(db), autocommit=True) as c:
+    def admin(self, sql: str, db: str = "postgres",
+              schema: str | None = None) -> list[tuple[object, ...]]:
+        """Run ``sql`` as the superuser, in autocommit (with ``schema`` first on the search
+        path); the rows it returns."""
+        opts = f" options=-csearch_path={schema}" if schema else ""
+        with psycopg.connect(self.dsn(db) + opts, autocommit=True) as c:
             cur = c.execute(sql.encode())
             return cur.fetchall() if cur.description else []
 
@@ -164,10 +178,12 @@ class PgServer:
     def exists(self, name: str) -> bool:
         return bool(self.admin(f"SELECT 1 FROM pg_database WHERE datname = '{name}'"))
 
-    def pg_dump(self, db: str) -> bytes:
-        """The database's plain-text dump, by pg_dump run as the postgres user."""
+    def pg_dump(self, db: str, schema: str | None = None) -> bytes:
+        """The database's (or one schema's) plain-text dump, by pg_dump run as the postgres
+        user."""
+        only = ["-n", schema] if schema else []
         return self._as_postgres(str(self.bindir / "pg_dump"), "-h", str(self.sock),
-                                 "-U", USER, db).stdout
+                                 "-U", USER, *only, db).stdout
 
     @contextlib.contextmanager
     def small_tablespace(self, size: str) -> Iterator[tuple[Path, str]]:
@@ -204,12 +220,30 @@ def pg_server() -> Iterator[PgServer]:
         server.stop()
 
 
+@dataclass
+class PgPlace:
+    """One test's tables: a schema of the session's shared database."""
+
+    server: PgServer
+    db: str
+    schema: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url(self.db, self.schema)
+
+    def sql(self, stmt: str) -> list[tuple[object, ...]]:
+        """Run ``stmt`` as the database operator would (superuser), on these tables."""
+        return self.server.admin(stmt, self.db, self.schema)
+
+
 @pytest.fixture
-def pg_url(pg_server: PgServer) -> Iterator[str]:
-    """A new, empty database for one test (dropped after it): its SQLAlchemy URL."""
-    name = "t" + hashlib.sha256(os.urandom(8)).hexdigest()[:16]
-    pg_server.create_database(name)
+def pg_place(pg_server: PgServer) -> Iterator[PgPlace]:
+    """A new, empty schema for one test (dropped after it)."""
+    place = PgPlace(pg_server, pg_server.shared_database(),
+                    "t" + hashlib.sha256(os.urandom(8)).hexdigest()[:16])
+    pg_server.admin(f"CREATE SCHEMA {place.schema}", place.db)
     try:
-        yield pg_server.url(name)
+        yield place
     finally:
-        pg_server.drop_database(name)
+        pg_server.drop_schema(place.db, place.schema)

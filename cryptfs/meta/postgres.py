@@ -43,7 +43,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from Crypto.Cipher import AES
@@ -125,9 +125,9 @@ class DbKeys:
     names deterministically (AES-SIV, 64 bytes), ``index`` hashes row identities into key
     columns (keyed BLAKE2b)."""
 
-    row: bytes
-    name: bytes
-    index: bytes
+    row: bytes = field(repr=False)
+    name: bytes = field(repr=False)
+    index: bytes = field(repr=False)
 
     @classmethod
     def derive(cls, master: bytes, vault_id: bytes) -> DbKeys:
@@ -277,7 +277,8 @@ class PgMetaStore:
         if code == "53100":  # disk_full
             cls = MetaFull
         elif code in CONFLICT_STATES:
-            cls = _Conflict
+            return _Conflict(f"metadata database {self.where}: the transaction conflicted with "
+                             f"another writer ({_first_line(e.orig)}) and was rolled back")
         return cls(f"metadata database {self.where}: {_first_line(e.orig)}")
 
     def _h(self, domain: bytes, *parts: int | bytes | str) -> bytes:

@@ -1,0 +1,207 @@
+"""The PostgreSQL engine against its database operator: what a dump shows, what tampering gives.
+
+The contract every engine shares is test_35's; this is what only PostgreSQL promises: the
+database holds no file name and no plaintext (a ``pg_dump`` scan), a row edited, swapped, moved
+to another directory or given another version fails to open (IntegrityError, errno EIO) and
+never reads as wrong data, a database of another vault or schema version is refused in one line,
+and an update that another writer overtook is a conflict, not a lost update.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+
+import pytest
+from pg_fixtures import PgPlace
+
+from cryptfs.errors import ConfigError, IntegrityError, MetaError
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef
+from cryptfs.meta import ROOT_INO, Inode
+from cryptfs.meta.ledger import Ledger
+from cryptfs.meta.postgres import DbKeys, PgMetaStore
+
+pytestmark = pytest.mark.timeout(60)
+
+KEYS = DbKeys.derive(b"\1" * 32, b"vault-id-0000001")
+DIR, REG, LNK = 0o40755, 0o100644, 0o120777
+
+
+def node(ino: int, mode: int, size: int = 0, target: bytes | None = None) -> Inode:
+    return Inode(ino, mode, 1000, 1000, size, 2 if mode == DIR else 1, 11, 22, 33, 0, target)
+
+
+@pytest.fixture
+def engine(pg_place: PgPlace) -> Iterator[PgMetaStore]:
+    e = PgMetaStore(pg_place.url, KEYS)
+    try:
+        with e.transaction():
+            e.insert_inode(node(ROOT_INO, DIR))
+        yield e
+    finally:
+        e.close()
+
+
+def tree(e: PgMetaStore) -> dict[str, int]:
+    """Two directories, two files with chunks and xattrs, a symlink."""
+    with e.transaction():
+        a = e.insert_inode(node(0, DIR))
+        b = e.insert_inode(node(0, DIR))
+        e.add_dentry(ROOT_INO, b"dir-a", a)
+        e.add_dentry(ROOT_INO, b"dir-b", b)
+        f = e.insert_inode(node(0, REG, size=123456789))
+        g = e.insert_inode(node(0, REG, size=5))
+        e.add_dentry(a, b"secret-report-4711.txt", f)
+        e.add_dentry(b, b"other-file", g)
+        s = e.insert_inode(node(0, LNK, target=b"MARKER-symlink-target"))
+        e.add_dentry(a, b"link", s)
+        e.set_xattr(f, b"user.MARKER-xattr-name", b"MARKER-xattr-value")
+        e.set_xattr(g, b"user.note", b"g-note")
+        e.set_block(f, 0, ChunkRef("data/aa/" + "a" * 60, 4096, b"\2" * 32), staged=False)
+        e.set_block(g, 0, ChunkRef("data/bb/" + "b" * 60, 5, b"\3" * 32), staged=True)
+    e.set_state("MARKER-state-key", "MARKER-state-value")
+    Ledger(e, b"k" * 32).append("put", "meta/MARKER-ledger", 1, b"\4" * 32)
+    return {"a": a, "b": b, "f": f, "g": g, "s": s}
+
+
+def test_a_dump_of_the_database_shows_no_name_and_no_plaintext(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    t = tree(engine)
+    assert engine.lookup(t["a"], b"secret-report-4711.txt") == t["f"]  # it is there
+    dump = pg_place.server.pg_dump(pg_place.db, pg_place.schema)
+    assert b"COPY " in dump and b"\\x" in dump  # rows dumped, bytea as hex
+    low = dump.lower()
+    for secret in (b"secret-report-4711", b"dir-a", b"other-file", b"MARKER", b"g-note",
+                   b"a" * 60, b"b" * 60, b"123456789"):
+        assert secret.lower() not in low, secret
+        assert secret.hex().encode() not in low, secret  # nor inside a bytea
+
+
+def _tamper(place: PgPlace, stmt: str) -> None:
+    place.sql(stmt)
+
+
+def test_an_edited_row_fails_to_open(engine: PgMetaStore, pg_place: PgPlace) -> None:
+    t = tree(engine)
+    k = engine._h(b"i", t["f"]).hex()
+    # flip one byte of the sealed attributes (the last one: the tag)
+    _tamper(pg_place, f"UPDATE inodes SET v = overlay(v placing '\\xff'::bytea from length(v)) "
+                      f"WHERE k = '\\x{k}'")
+    with pytest.raises(IntegrityError) as e:
+        engine.get_inode(t["f"])
+    assert e.value.errno == errno.EIO and "\n" not in str(e.value)
+    assert engine.get_inode(t["g"]) == node(t["g"], REG, size=5)  # the others still open
+    # a listing that needs it fails whole; it is never answered with other data
+    with pytest.raises(IntegrityError):
+        engine.list_dir(t["a"])
+    # a block that meets it is rolled back, and the engine is usable after it
+    with pytest.raises(IntegrityError), engine.transaction():
+        engine.set_xattr(t["g"], b"user.x", b"1")
+        engine.update_inode(engine.get_inode(t["f"]))  # type: ignore[arg-type]
+    assert engine.get_xattr(t["g"], b"user.x") is None
+
+
+def test_swapped_payloads_fail_to_open(engine: PgMetaStore, pg_place: PgPlace) -> None:
+    t = tree(engine)
+    f, g = engine._h(b"i", t["f"]).hex(), engine._h(b"i", t["g"]).hex()
+    # swap two inodes' sealed attributes, two files' xattr rows and chunk maps
+    _tamper(pg_place, f"UPDATE inodes SET v = CASE k WHEN '\\x{f}' THEN "
+                      f"(SELECT v FROM inodes WHERE k = '\\x{g}') ELSE "
+                      f"(SELECT v FROM inodes WHERE k = '\\x{f}') END "
+                      f"WHERE k IN ('\\x{f}', '\\x{g}')")
+    for ino in (t["f"], t["g"]):
+        with pytest.raises(IntegrityError):
+            engine.get_inode(ino)
+    xf, xg = engine._h(b"X", t["f"]).hex(), engine._h(b"X", t["g"]).hex()
+    _tamper(pg_place, f"UPDATE xattrs SET ino = CASE ino WHEN '\\x{xf}' THEN '\\x{xg}'::bytea "
+                      f"ELSE '\\x{xf}'::bytea END")
+    with pytest.raises(IntegrityError):
+        engine.list_xattrs(t["f"])
+    bf, bg = engine._h(b"b", t["f"], 0).hex(), engine._h(b"b", t["g"], 0).hex()
+    _tamper(pg_place, f"UPDATE blocks SET v = CASE k WHEN '\\x{bf}' THEN "
+                      f"(SELECT v FROM blocks WHERE k = '\\x{bg}') ELSE "
+                      f"(SELECT v FROM blocks WHERE k = '\\x{bf}') END")
+    with pytest.raises(IntegrityError):
+        engine.get_blocks(t["g"], 0, 10)
+    # a row given another version (as a replay of an older one would be) does not open
+    _tamper(pg_place, "UPDATE state SET ver = ver + 1")
+    with pytest.raises(IntegrityError):
+        engine.get_state("MARKER-state-key")
+
+
+def test_an_entry_moved_to_another_directory_is_not_found_there(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    t = tree(engine)
+    pa, pb = engine._h(b"p", t["a"]).hex(), engine._h(b"p", t["b"]).hex()
+    n = engine._name_siv(t["a"], b"secret-report-4711.txt").hex()
+    _tamper(pg_place, f"UPDATE dentries SET parent = '\\x{pb}' WHERE parent = '\\x{pa}' "
+                      f"AND name = '\\x{n}'")
+    assert engine.lookup(t["b"], b"secret-report-4711.txt") is None  # not under b
+    assert engine.lookup(t["a"], b"secret-report-4711.txt") is None  # and gone from a
+    with pytest.raises(IntegrityError):  # b's listing meets a row that does not open
+        engine.list_dir(t["b"])
+    assert [x[0] for x in engine.list_dir(t["a"])] == [b"link"]
+
+
+def test_another_vaults_database_or_version_is_refused(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    with pytest.raises(ConfigError, match="belongs to another vault") as e:
+        PgMetaStore(pg_place.url, DbKeys.derive(b"\2" * 32, b"vault-id-0000001"))
+    assert "\n" not in str(e.value)
+    pg_place.sql("UPDATE cryptfs_schema SET version = 99")
+    with pytest.raises(ConfigError, match="schema version 99"):
+        PgMetaStore(pg_place.url, KEYS)
+
+
+def test_an_overtaken_update_is_a_conflict_not_a_lost_update(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    other = PgMetaStore(pg_place.url, KEYS)
+    try:
+        ino = engine.get_inode(ROOT_INO)
+        assert ino is not None and other.get_inode(ROOT_INO) == ino
+        with other.transaction():
+            other.update_inode(Inode(**{**vars(ino), "mtime_ns": 1000}))
+        with pytest.raises(MetaError, match="changed by another writer"), engine.transaction():
+            engine.update_inode(Inode(**{**vars(ino), "mtime_ns": 2000}))
+        assert engine.get_inode(ROOT_INO).mtime_ns == 1000  # type: ignore[union-attr]
+        with engine.transaction():  # having read it again, the update goes through
+            engine.update_inode(Inode(**{**vars(ino), "mtime_ns": 3000}))
+        assert other.get_inode(ROOT_INO).mtime_ns == 3000  # type: ignore[union-attr]
+    finally:
+        other.close()
+
+
+def test_a_restarted_server_fails_an_operation_with_eio_then_the_engine_resumes(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    engine.set_state("before", "1")
+    pg_place.server.halt()
+    try:
+        with pytest.raises(MetaError) as e:
+            engine.get_state("before")
+        assert e.value.errno == errno.EIO and "\n" not in str(e.value)
+    finally:
+        pg_place.server.start()
+    assert engine.get_state("before") == "1"  # a new connection, the committed rows
+    engine.set_state("after", "2")
+    assert engine.get_state("after") == "2"
+
+
+def test_an_unreachable_database_is_one_line() -> None:
+    with pytest.raises(ConfigError, match="cannot be reached") as e:
+        PgMetaStore("postgresql+psycopg://nobody@/x?host=/nonexistent-dir", KEYS)
+    assert "\n" not in str(e.value)
+
+
+def test_keys_are_the_vaults_own() -> None:
+    """Each purpose its own key, all derived from the master key and vault id."""
+    a = DbKeys.derive(b"\1" * 32, b"vault-id-0000001")
+    assert a == KEYS and len(a.name) == 64
+    assert len({a.row, a.name[:32], a.name[32:], a.index}) == 4
+    assert DbKeys.derive(b"\1" * 32, b"vault-id-0000002") != a
+    assert a.row != crypto.subkey(b"\1" * 32, b"vault-id-0000001", crypto.PURPOSE_META)
