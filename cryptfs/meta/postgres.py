@@ -181,7 +181,7 @@ def _ad(table: str, ver: int, *keys: bytes) -> bytes:
     parts = [b"cryptfs-pg", SCHEMA_VERSION.to_bytes(2, "big"), table.encode(),
              ver.to_bytes(8, "big", signed=True)]
     for k in keys:
-        parts += [len(k).to_bytes(2, "big"), k]
+        parts.append(len(k).to_bytes(2, "big") + k)
     return b"\0".join(parts)
 
 
