@@ -20,7 +20,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import DbKeys, PgMetaStore
+from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,6 +190,32 @@ def test_a_restarted_server_fails_an_operation_with_eio_then_the_engine_resumes(
     assert engine.get_state("before") == "1"  # a new connection, the committed rows
     engine.set_state("after", "2")
     assert engine.get_state("after") == "2"
+
+
+def test_chunk_maps_are_stored_in_pages(engine: PgMetaStore, pg_place: PgPlace) -> None:
+    """One row per MAP_PAGE chunk indexes (the database sees a file's size to that many
+    chunks); windows, holes and removals that cross page boundaries."""
+    assert MAP_PAGE == 64
+    f = engine.insert_inode(node(0, REG))
+    refs = {i: ChunkRef(f"data/pg/{i:062d}", 100 + i, bytes([i % 256]) * 32)
+            for i in (0, 1, 62, 63, 64, 65, 130, 200)}
+    with engine.transaction():
+        for i, r in refs.items():
+            engine.set_block(f, i, r, staged=False)
+    assert pg_place.sql("SELECT count(*) FROM blocks") == [(4,)]  # pages 0, 1, 2, 3
+    assert engine.get_blocks(f, 63, 66) == {i: refs[i] for i in (63, 64, 65)}
+    assert engine.get_blocks(f, 0, 1 << 40) == refs  # a wide window: every page
+    assert engine.next_hole(f, 62) == 66 and engine.next_block(f, 66) == 130
+    with engine.transaction():
+        assert sorted(engine.remove_blocks_range(f, 63, 131)) == sorted(
+            refs[i].name for i in (63, 64, 65, 130))
+    assert pg_place.sql("SELECT count(*) FROM blocks") == [(2,)]  # emptied pages are gone
+    assert engine.next_hole(f, 62) == 63 and engine.next_block(f, 63) == 200
+    with engine.transaction():
+        engine.drop_block(f, 200)
+        assert engine.set_block(f, 1, None, staged=False) == refs[1].name
+    assert engine.all_blocks() == [(f, 0, refs[0].name), (f, 62, refs[62].name)]
+    assert engine.get_object(refs[200].name)[1] == 1  # type: ignore[index]  # left to fsck
 
 
 def test_an_unreachable_database_is_one_line() -> None:

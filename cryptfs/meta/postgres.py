@@ -20,12 +20,13 @@ xattr, chunk map or ledger entry:
   indexed equality query, and a name moved to another directory does not open there.
 
 What the database still learns: row counts per table, how many entries each (unnamed)
-directory has, how many chunks each (unnamed) file has (its size to the chunk), names' lengths
-to 16 bytes, inode numbers allocated (a sequence), the ledger's length, and the access pattern.
+directory has, how many rows (pages of MAP_PAGE chunk indexes) each (unnamed) file's chunk map
+has (about its size, to MAP_PAGE chunks), names' lengths to 16 bytes, how many inode numbers were
+allocated (a sequence), the ledger's length, and the access pattern.
 
 Ordering, prefixes, ranges and sums are computed here, on opened rows: a directory listing
-reads the whole directory, a chunk map window the file's whole map, ``stored_bytes`` and the
-fsck views whole tables.
+reads the whole directory, a chunk map window the pages it covers (a wide one the whole map),
+``stored_bytes`` and the fsck views whole tables.
 
 Transactions run at READ COMMITTED on one connection used by one thread at a time. A block that
 a deadlock or serialization failure ends is rolled back and raises MetaError (the block's code
@@ -112,6 +113,8 @@ ledger = Table(
     Column("v", LargeBinary, nullable=False),
 )
 
+# chunk indexes per row of a chunk map (the database sees a file's size to MAP_PAGE chunks)
+MAP_PAGE = 64
 # how many rows of the version cache (see _vers) are kept before it is emptied
 VERSION_CACHE_ROWS = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
@@ -453,7 +456,7 @@ class PgMetaStore:
                 objs = self.all_objects()
                 for r, _rc, st in objs:
                     out.reference(r, staged=st == "staged")
-                for _k, (ino, idx, obj) in self._all(blocks):
+                for ino, idx, obj in self.all_blocks():
                     got = self._get(objects, self._h(b"o", obj))
                     if got is not None:
                         out.set_block(ino, idx, ChunkRef(obj, got[1], got[2]), staged=False)
@@ -640,10 +643,40 @@ class PgMetaStore:
     def all_dentries(self) -> list[tuple[int, bytes, int]]:
         return list(self._dentry_rows())
 
-    # -- chunk maps ------------------------------------------------------------------------------
-    def _map(self, ino: int) -> dict[int, tuple[bytes, str]]:
-        """``{idx: (row key, object)}``: the chunk map of ``ino``."""
-        return {v[1]: (k, v[2]) for k, v in self._all(blocks, blocks.c.ino == self._h(b"B", ino))}
+    # -- chunk maps: pages of MAP_PAGE consecutive chunk indexes, one row each ------------------
+    # a blocks row: (ino, page, idx, object, idx, object, ...) for the stored chunks of the page
+    def _pages(self, ino: int, lo: int = 0, hi: int = -1) -> dict[int, dict[int, str]]:
+        """``{page: {idx: object}}``: the pages of ``ino`` that hold chunks of ``lo <= idx <
+        hi`` (a few pages by key; a wide window or ``hi`` < 0: all of them, by ``ino``)."""
+        first, last = lo // MAP_PAGE, (hi - 1) // MAP_PAGE
+        if 0 <= hi <= lo:
+            return {}
+        if hi >= 0 and last - first < 32:
+            where = blocks.c.k.in_([self._h(b"b", ino, p) for p in range(first, last + 1)])
+        else:
+            where = blocks.c.ino == self._h(b"B", ino)
+        out = {}
+        for _k, (_ino, page, *flat) in self._all(blocks, where):
+            out[page] = dict(zip(flat[0::2], flat[1::2], strict=True))
+        return out
+
+    def _map(self, ino: int) -> dict[int, str]:
+        """``{idx: object}``: the whole chunk map of ``ino``."""
+        return {i: o for entries in self._pages(ino).values() for i, o in entries.items()}
+
+    def _write_page(self, ino: int, page: int, entries: dict[int, str], existed: bool) -> None:
+        k, i_h = self._h(b"b", ino, page), self._h(b"B", ino)
+        flat = [x for i in sorted(entries) for x in (i, entries[i])]
+        if not entries:
+            if existed:
+                self._x(delete(blocks).where(blocks.c.k == k))
+                self._vers.pop(("blocks", k), None)
+        elif existed:
+            self._replace(blocks, k, ino, page, *flat, extra=(i_h,))
+        else:
+            self._x(insert(blocks).values(
+                k=k, ino=i_h, ver=1, v=self._seal("blocks", 1, (k, i_h), ino, page, *flat)))
+            self._remember("blocks", k, 1)
 
     def _refs(self, names: Iterable[str]) -> dict[str, ChunkRef]:
         by_key = {self._h(b"o", n): n for n in set(names)}
@@ -654,45 +687,57 @@ class PgMetaStore:
 
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
-        window = {i: o for i, (_k, o) in self._map(ino).items() if lo <= i < hi}
+        window = {i: o for entries in self._pages(ino, lo, hi).values()
+                  for i, o in entries.items() if lo <= i < hi}
         refs = self._refs(window.values())
-        return {i: refs[o] for i, o in window.items() if o in refs}
+        return {i: refs[o] for i, o in sorted(window.items()) if o in refs}
 
     def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
         """Point chunk ``idx`` at ``ref`` (None: a hole), adjusting reference counts; returns
         the object referenced before, if any."""
-        k = self._h(b"b", ino, idx)
-        got = self._get(blocks, k)
-        old = None if got is None else got[2]
+        page = idx // MAP_PAGE
+        pages = self._pages(ino, idx, idx + 1)
+        entries = pages.get(page, {})
+        old = entries.get(idx)
         if old is not None and ref is not None and old == ref.name:
+            return None
+        if old is None and ref is None:
             return None
         if old is not None:
             self._addref(old, -1)
-            self._x(delete(blocks).where(blocks.c.k == k))
+            del entries[idx]
         if ref is not None:
             self.reference(ref, staged)
-            i_h = self._h(b"B", ino)
-            self._x(insert(blocks).values(
-                k=k, ino=i_h, ver=1, v=self._seal("blocks", 1, (k, i_h), ino, idx, ref.name)))
-            self._remember("blocks", k, 1)
+            entries[idx] = ref.name
+        self._write_page(ino, page, entries, page in pages)
         return old
 
-    def _drop_blocks(self, ino: int, keep: Callable[[int], bool]) -> list[str]:
-        gone = [(k, o) for i, (k, o) in self._map(ino).items() if not keep(i)]
-        for _k, o in gone:
-            self._addref(o, -1)
-        if gone:
-            self._x(delete(blocks).where(blocks.c.k.in_([k for k, _o in gone])))
-        return [o for _k, o in gone]
+    def _drop_blocks(self, ino: int, drop: Callable[[int], bool], counts: bool = True
+                     ) -> list[str]:
+        gone = []
+        for page, entries in self._pages(ino).items():
+            here = [i for i in entries if drop(i)]
+            if not here:
+                continue
+            for i in here:
+                gone.append(entries.pop(i))
+                if counts:
+                    self._addref(gone[-1], -1)
+            self._write_page(ino, page, entries, True)
+        return gone
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
-        return self._drop_blocks(ino, lambda i: i < first_idx)
+        return self._drop_blocks(ino, lambda i: i >= first_idx)
 
     def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]:
-        return self._drop_blocks(ino, lambda i: not lo <= i < hi)
+        return self._drop_blocks(ino, lambda i: lo <= i < hi)
+
+    def drop_block(self, ino: int, idx: int) -> None:
+        """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
+        self._drop_blocks(ino, lambda i: i == idx, counts=False)
 
     def next_hole(self, ino: int, idx: int) -> int:
-        have = set(self._map(ino))
+        have = self._map(ino)
         while idx in have:
             idx += 1
         return idx
@@ -701,7 +746,7 @@ class PgMetaStore:
         return min((i for i in self._map(ino) if i >= idx), default=None)
 
     def allocated(self, ino: int, chunk_size: int, unit: int) -> int:
-        objs = [o for _k, o in self._map(ino).values()]
+        objs = list(self._map(ino).values())
         refs = self._refs(objs)
         return sum(-(-min(refs[o].size, chunk_size) // unit) * unit for o in objs if o in refs)
 
@@ -709,24 +754,19 @@ class PgMetaStore:
                            count: int) -> list[tuple[bytes, ChunkRef]]:
         out: list[tuple[bytes, ChunkRef]] = []
         for n, ino, _m in self.list_dir(parent, after=name):
-            got = self._get(blocks, self._h(b"b", ino, 0))
-            if got is not None:
-                refs = self._refs([got[2]])
-                if got[2] in refs:
-                    out.append((n, refs[got[2]]))
-                    if len(out) >= count:
-                        break
+            first = self.get_blocks(ino, 0, 1)
+            if first:
+                out.append((n, first[0]))
+                if len(out) >= count:
+                    break
         return out
 
     def all_blocks(self) -> list[tuple[int, int, str]]:
-        return [(v[0], v[1], v[2]) for _k, v in self._all(blocks)]
-
-    def drop_block(self, ino: int, idx: int) -> None:
-        """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
-        self._x(delete(blocks).where(blocks.c.k == self._h(b"b", ino, idx)))
+        return [(ino, i, o) for _k, (ino, _page, *flat) in self._all(blocks)
+                for i, o in zip(flat[0::2], flat[1::2], strict=True)]
 
     def object_users(self, name: str) -> list[int]:
-        return sorted({v[0] for _k, v in self._all(blocks) if v[2] == name})
+        return sorted({ino for ino, _i, o in self.all_blocks() if o == name})
 
     # -- objects and reference counts ------------------------------------------------------------
     # an object row: (name, size, sha256, refcount, state)
