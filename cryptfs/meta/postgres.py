@@ -58,6 +58,7 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Sequence,
     Table,
+    bindparam,
     create_engine,
     delete,
     func,
@@ -113,10 +114,25 @@ ledger = Table(
     Column("v", LargeBinary, nullable=False),
 )
 
+
+
+def _cols(t: Table) -> list[Any]:
+    """A single-key table's key, version, payload and (if any) group column, in that order."""
+    return [t.c.k, t.c.ver, t.c.v] + [t.c[c] for c in t.c.keys() if c not in ("k", "ver", "v")]
+
+
+# the hot statements, built once
+_GET = {t.name: select(*_cols(t)).where(t.c.k == bindparam("key"))
+        for t in (inodes, blocks, objects, xattrs, copies, state)}
+_LOOKUP = select(dentries.c.ino, dentries.c.ver, dentries.c.v).where(
+    dentries.c.parent == bindparam("parent"), dentries.c.name == bindparam("name"))
+
 # chunk indexes per row of a chunk map (the database sees a file's size to MAP_PAGE chunks)
 MAP_PAGE = 64
-# how many rows of the version cache (see _vers) are kept before it is emptied
+# how many rows of the version cache (see _vers) and names of the SIV cache are kept before
+# they are emptied
 VERSION_CACHE_ROWS = 65536
+NAME_CACHE = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
 RETRIES = 8
 CONFLICT_STATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
@@ -222,6 +238,8 @@ class PgMetaStore:
         self.on_commit = on_commit
         self.on_rollback = on_rollback
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
+        self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
+        self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
         try:
             self.conn: Connection = self.engine.connect()
         except DBAPIError as e:
@@ -300,22 +318,39 @@ class PgMetaStore:
                 "(tampered with or corrupt)") from None
 
     def _name_siv(self, parent: int, name: bytes) -> bytes:
-        c = AES.new(self.keys.name, AES.MODE_SIV)
-        c.update(b"dentry\0" + parent.to_bytes(8, "big"))
-        pad = 15 - len(name) % 16
-        ct, tag = c.encrypt_and_digest(name + b"\x80" + b"\0" * pad)  # type: ignore[union-attr]
-        return tag + ct
+        got = self._names.get((parent, name))
+        if got is None:
+            c = AES.new(self.keys.name, AES.MODE_SIV)
+            c.update(b"dentry\0" + parent.to_bytes(8, "big"))
+            pad = 15 - len(name) % 16
+            ct, tag = c.encrypt_and_digest(name + b"\x80" + b"\0" * pad)  # type: ignore[union-attr]
+            got = tag + ct
+            self._cache_name(parent, name, got)
+        return got
 
     def _name_open(self, parent: int, blob: bytes) -> bytes:
-        c = AES.new(self.keys.name, AES.MODE_SIV)
-        c.update(b"dentry\0" + parent.to_bytes(8, "big"))
         blob = bytes(blob)
-        try:
-            padded = c.decrypt_and_verify(blob[16:], blob[:16])  # type: ignore[union-attr]
-        except ValueError:
-            raise IntegrityError(f"metadata database {self.where}: a directory entry's name "
-                                 "failed authentication (tampered with or corrupt)") from None
-        return padded.rstrip(b"\0")[:-1]
+        name = self._siv_names.get((parent, blob))
+        if name is None:
+            c = AES.new(self.keys.name, AES.MODE_SIV)
+            c.update(b"dentry\0" + parent.to_bytes(8, "big"))
+            try:
+                padded = c.decrypt_and_verify(blob[16:], blob[:16])  # type: ignore[union-attr]
+            except ValueError:
+                raise IntegrityError(f"metadata database {self.where}: a directory entry's "
+                                     "name failed authentication (tampered with or corrupt)"
+                                     ) from None
+            name = padded.rstrip(b"\0")[:-1]
+            self._cache_name(parent, name, blob)
+        return name
+
+    def _cache_name(self, parent: int, name: bytes, blob: bytes) -> None:
+        """Remember a name's SIV both ways (deterministic: the cache is the computation)."""
+        if len(self._names) >= NAME_CACHE:
+            self._names.clear()
+            self._siv_names.clear()
+        self._names[(parent, name)] = blob
+        self._siv_names[(parent, blob)] = name
 
     def _remember(self, table: str, k: bytes, ver: int) -> None:
         if len(self._vers) >= VERSION_CACHE_ROWS:
@@ -349,15 +384,16 @@ class PgMetaStore:
         return True
 
     def _get(self, t: Table, k: bytes) -> tuple[Any, ...] | None:
-        for _k, vals in self._all(t, t.c.k == k):
+        for _k, vals in self._opened(t, self._x(_GET[t.name], {"key": k})):
             return vals
         return None
 
     def _all(self, t: Table, *where: Any) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
         """(key, opened content) of the single-key rows matching ``where``."""
-        cols = [t.c.k, t.c.ver, t.c.v] + ([t.c[c] for c in t.c.keys() if c not in
-                                           ("k", "ver", "v")])
-        for r in self._x(select(*cols).where(*where)).all():
+        return self._opened(t, self._x(select(*_cols(t)).where(*where)))
+
+    def _opened(self, t: Table, result: Any) -> Iterator[tuple[bytes, tuple[Any, ...]]]:
+        for r in result.all():
             extra = tuple(bytes(x) for x in r[3:])
             self._remember(t.name, bytes(r.k), r.ver)
             yield bytes(r.k), self._open(t.name, r.ver, (bytes(r.k), *extra), r.v)
@@ -561,8 +597,7 @@ class PgMetaStore:
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         p_h, n_s = self._h(b"p", parent), self._name_siv(parent, name)
-        r = self._x(select(dentries.c.ino, dentries.c.ver, dentries.c.v).where(
-            dentries.c.parent == p_h, dentries.c.name == n_s)).first()
+        r = self._x(_LOOKUP, {"parent": p_h, "name": n_s}).first()
         if r is None:
             return None
         _parent, ino = self._open("dentries", r.ver, (p_h, n_s, bytes(r.ino)), r.v)
