@@ -101,6 +101,10 @@ def test_an_edited_row_fails_to_open(engine: PgMetaStore, pg_place: PgPlace) -> 
         engine.set_xattr(t["g"], b"user.x", b"1")
         engine.update_inode(engine.get_inode(t["f"]))  # type: ignore[arg-type]
     assert engine.get_xattr(t["g"], b"user.x") is None
+    with pytest.raises(IntegrityError):  # no checkpoint image is made of it either
+        engine.image()
+    engine.set_state("after", "1")  # and the engine writes again (the image's snapshot ended)
+    assert engine.get_state("after") == "1"
 
 
 def test_swapped_payloads_fail_to_open(engine: PgMetaStore, pg_place: PgPlace) -> None:

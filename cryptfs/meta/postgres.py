@@ -478,24 +478,28 @@ class PgMetaStore:
 
     def image(self) -> bytes:
         """The committed metadata as one SQLite image (what a checkpoint stores), built in an
-        in-memory SQLite engine: a vault can always be opened from the store onto SQLite."""
+        in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
+        Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:
+        one snapshot, whatever other writers commit meanwhile. A row that fails to open fails
+        the image (IntegrityError)."""
         from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
 
         self.commit()
         out = MetaStore(":memory:")
         try:
+            self._x(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
             with out.transaction():
-                for ino, (_m, _n) in sorted(self.inode_modes().items()):
-                    out.insert_inode(self.get_inode(ino))  # type: ignore[arg-type]
+                for _k, vals in self._all(inodes):
+                    out.insert_inode(Inode(*vals))
                 for parent, name, ino in self.all_dentries():
                     out.add_dentry(parent, name, ino)
                 objs = self.all_objects()
                 for r, _rc, st in objs:
                     out.reference(r, staged=st == "staged")
+                by_name = {r.name: r for r, _rc, _st in objs}
                 for ino, idx, obj in self.all_blocks():
-                    got = self._get(objects, self._h(b"o", obj))
-                    if got is not None:
-                        out.set_block(ino, idx, ChunkRef(obj, got[1], got[2]), staged=False)
+                    if obj in by_name:  # (a chunk map naming no object: fsck's to repair)
+                        out.set_block(ino, idx, by_name[obj], staged=False)
                 for r, rc, _st in objs:
                     out.set_refcount(r.name, rc)
                 for _k, (ino, xname, value) in self._all(xattrs):
@@ -510,6 +514,9 @@ class PgMetaStore:
                     after = page[-1][0]
             return out.image()
         finally:
+            with contextlib.suppress(SQLAlchemyError):
+                self.conn.rollback()  # the read-only snapshot: nothing written in it
+            self._vers.clear()  # whole tables were read
             out.close()
 
     # -- key/value state -------------------------------------------------------------------------
