@@ -10,6 +10,7 @@ and an update that another writer overtook is a conflict, not a lost update.
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -176,6 +177,41 @@ def test_an_overtaken_update_is_a_conflict_not_a_lost_update(
         with engine.transaction():  # having read it again, the update goes through
             engine.update_inode(Inode(**{**vars(ino), "mtime_ns": 3000}))
         assert other.get_inode(ROOT_INO).mtime_ns == 3000  # type: ignore[union-attr]
+    finally:
+        other.close()
+
+
+def test_a_deadlock_ends_one_block_with_a_clear_meta_error(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """Two writers locking two rows in opposite orders: PostgreSQL picks one to fail; its block
+    is rolled back with a one-line MetaError that says so, the other commits."""
+    with engine.transaction():
+        x, y = engine.insert_inode(node(0, REG)), engine.insert_inode(node(0, REG))
+    other = PgMetaStore(pg_place.url, KEYS)
+    errors: list[BaseException] = []
+    first_locked = threading.Barrier(2, timeout=20)
+
+    def writer(e: PgMetaStore, a: int, b: int) -> None:
+        try:
+            with e.transaction():
+                e.update_inode(node(a, REG, size=a))
+                first_locked.wait()
+                e.update_inode(node(b, REG, size=a))
+        except MetaError as err:
+            errors.append(err)
+
+    try:
+        ts = [threading.Thread(target=writer, args=(engine, x, y)),
+              threading.Thread(target=writer, args=(other, y, x))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert len(errors) == 1, errors
+        assert "conflicted with another writer" in str(errors[0]) and "\n" not in str(errors[0])
+        sizes = {engine.get_inode(i).size for i in (x, y)}  # type: ignore[union-attr]
+        assert sizes in ({x}, {y})  # the winner's two updates, none of the loser's
     finally:
         other.close()
 
