@@ -10,10 +10,13 @@ and an update that another writer overtook is a conflict, not a lost update.
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 
 import pytest
+from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError
@@ -271,3 +274,45 @@ def test_keys_are_the_vaults_own() -> None:
     assert len({a.row, a.name[:32], a.name[32:], a.index}) == 4
     assert DbKeys.derive(b"\1" * 32, b"vault-id-0000002") != a
     assert a.row != crypto.subkey(b"\1" * 32, b"vault-id-0000001", crypto.PURPOSE_META)
+
+
+def test_a_vault_with_its_metadata_in_postgresql_mounts_and_opens_from_the_store_alone(
+    pg_place: PgPlace,
+) -> None:
+    """``cryptfs init --meta URL``: no local database, the files survive a remount, the
+    database holds none of their names, and with the database lost the vault opens from the
+    store alone onto SQLite (a checkpoint is the SQLite image of the database)."""
+    root = _tmp_root()
+    env = VaultEnv(root, f"file://{root}/store")
+    mnt = root / "mnt"
+    try:
+        env.init("--meta", pg_place.url)
+        env.mount(mnt)
+        try:
+            (mnt / "secret-dir").mkdir()
+            (mnt / "secret-dir" / "secret-name.txt").write_bytes(b"payload" * 20000)
+            os.symlink("secret-target", mnt / "lnk")
+        finally:
+            env.umount(mnt)
+        assert not env.db.exists()
+        env.mount(mnt)
+        try:
+            assert (mnt / "secret-dir" / "secret-name.txt").read_bytes() == b"payload" * 20000
+            assert os.readlink(mnt / "lnk") == "secret-target"
+        finally:
+            env.umount(mnt)
+        dump = pg_place.server.pg_dump(pg_place.db, pg_place.schema).lower()
+        assert b"copy " in dump and b"secret" not in dump and b"secret".hex().encode() not in dump
+        lost = VaultEnv(root / "elsewhere", env.store_url)  # another machine, no database
+        lost.init()
+        lost.mount(root / "mnt2")
+        try:
+            assert (root / "mnt2" / "secret-dir" / "secret-name.txt").read_bytes() == \
+                b"payload" * 20000
+        finally:
+            lost.umount(root / "mnt2")
+    finally:
+        for mp in (mnt, root / "mnt2"):
+            if _mounted(str(mp)):
+                force_unmount(str(mp))
+        subprocess.run(["rm", "-rf", str(root)], check=False)

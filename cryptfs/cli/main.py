@@ -96,8 +96,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     check_policy(len(urls), args.copies, args.quorum)
     passphrase = get_passphrase(args.passphrase_file, confirm=True, extpass=args.extpass)
+    from cryptfs.vault.localstate import META_SCHEME
+
+    if args.meta and not args.meta.startswith(META_SCHEME):
+        raise UsageError(f"--meta must be a {META_SCHEME} URL")
     cfg, created = create_vault(paths, urls, passphrase, chunk, os.getuid(), os.getgid(),
-                                copies=args.copies, quorum=args.quorum)
+                                copies=args.copies, quorum=args.quorum, meta_url=args.meta)
     verb = "created" if created else "attached existing"
     print(f"cryptfs: {verb} vault '{paths.name}' in {' + '.join(urls)}")
     if args.show_master_key:
@@ -555,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="chunk size (power of two)")
     sp.add_argument("--show-master-key", action="store_true",
                     help="print the master key (hex) for an offline backup")
+    sp.add_argument("--meta", metavar="URL",
+                    help="keep the metadata in this PostgreSQL database "
+                    "(postgresql+psycopg://USER@HOST/DB; password from the URL, PG* variables "
+                    "or ~/.pgpass), every row sealed, instead of a local SQLite file")
     sp.add_argument("--name", help=f"vault name (default: {DEFAULT_NAME})")
     sp.add_argument("--passphrase-file", metavar="FILE", help="read the passphrase from FILE")
     sp.add_argument("--extpass", metavar="CMD", help="the first line CMD prints (no shell)")

@@ -469,6 +469,10 @@ class PgMetaStore:
         """Commit: a committed transaction is already durable on the server."""
         self.commit()
 
+    def start_checkpointer(self) -> None:
+        """Nothing to start: the server checkpoints its own log (the SQLite engine's WAL
+        checkpointer has no counterpart here)."""
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.commit()

@@ -49,6 +49,7 @@ from cryptfs.format.layout import (
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
+from cryptfs.meta.postgres import DbKeys, PgMetaStore
 from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
@@ -59,7 +60,7 @@ from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.lease import Lease
-from cryptfs.vault.localstate import Head, load_local_config, save_local_config
+from cryptfs.vault.localstate import Head, load_local_config, local_meta_url, save_local_config
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.restore import restore_from_store
 from cryptfs.vault.storelist import StoreList
@@ -113,9 +114,10 @@ class Vault:
         self.stores = stores or StoreList()
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
+        self._db_keys = DbKeys.derive(master, cfg.vault_id)  # for a PostgreSQL database
         self.readonly = readonly
         self.cache_bytes = cache_bytes
-        self.meta: MetaStore | None = None
+        self.meta: MetaStore | PgMetaStore | None = None
         self.ledger: Ledger | None = None
         self.fs: FileSystem | None = None
         self.chunks: ChunkStore | None = None
@@ -236,10 +238,17 @@ class Vault:
         self._lock_fd = fd
 
     def _open_db(self) -> None:
-        if not self.paths.db.exists():
-            self.warnings.extend(restore_from_store(self.paths, self.store, self.codec))
-        self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
-                              on_rollback=self.hooks.rolled_back)
+        """Open the metadata: the PostgreSQL database the local config names, else the local
+        SQLite file (restored from the store's newest checkpoint if it is missing)."""
+        url = local_meta_url(self.paths)
+        if url:
+            self.meta = PgMetaStore(url, self._db_keys, on_commit=self.hooks.committed,
+                                    on_rollback=self.hooks.rolled_back)
+        else:
+            if not self.paths.db.exists():
+                self.warnings.extend(restore_from_store(self.paths, self.store, self.codec))
+            self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
+                                  on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key)
 
     def _start(self) -> None:
@@ -673,10 +682,13 @@ def create_vault(
     gid: int,
     copies: int = 0,
     quorum: int = 0,
+    meta_url: str | None = None,
 ) -> tuple[VaultConfig, bool]:
     """Create a vault in the stores, or attach an existing one (the passphrase must open it).
-    With several stores every one must be empty or hold this same vault. Returns (config,
-    created)."""
+    With several stores every one must be empty or hold this same vault. ``meta_url``: keep
+    the metadata in that PostgreSQL database (an empty one for a new vault; for an existing
+    vault, the database its other machines use) instead of a local SQLite file. Returns
+    (config, created)."""
     from cryptfs.vault.storelist import (
         StoreEntry,
         check_policy,
@@ -736,21 +748,44 @@ def create_vault(
         if len({e.id for e in entries}) < len(entries):
             raise ConfigError("two of the stores carry the same store id (copied stores?)")
         store_list = StoreList(entries, copies, quorum)
+        if meta_url:
+            _init_database(meta_url, DbKeys.derive(master, cfg.vault_id), uid, gid,
+                           new=existing is None)
         if existing is not None:
-            save_local_config(paths, store_list, cfg)
+            save_local_config(paths, store_list, cfg, meta_url)
             return cfg, False
-        # the first checkpoint: an empty root directory
-        private_dir(paths.data_dir)
-        meta = MetaStore(paths.db)
-        os.chmod(paths.db, 0o600)
-        now = time.time_ns()
-        with meta.transaction():
-            meta.insert_inode(Inode(ROOT_INO, 0o40755, uid, gid, 0, 2, now, now, now))
-        meta.close()
-        save_local_config(paths, store_list, cfg)
+        if not meta_url:  # the first checkpoint: an empty root directory
+            private_dir(paths.data_dir)
+            meta = MetaStore(paths.db)
+            os.chmod(paths.db, 0o600)
+            now = time.time_ns()
+            with meta.transaction():
+                meta.insert_inode(Inode(ROOT_INO, 0o40755, uid, gid, 0, 2, now, now, now))
+            meta.close()
+        save_local_config(paths, store_list, cfg, meta_url)
     finally:
         for s in stores:
             s.close()
     v = Vault.open(paths, master=master, check=False)
     v.close()
     return cfg, True
+
+
+def _init_database(url: str, keys: DbKeys, uid: int, gid: int, new: bool) -> None:
+    """A new vault's PostgreSQL database gets the root directory (it must hold no inode yet);
+    an existing vault's must already hold its metadata (attaching one to an empty database,
+    from a checkpoint, is not supported yet)."""
+    meta = PgMetaStore(url, keys)
+    try:
+        have_root = meta.get_inode(ROOT_INO) is not None
+        if new and meta.count_inodes():
+            raise ConfigError(f"the metadata database {meta.where} is not empty")
+        if not new and not have_root:
+            raise ConfigError(f"the metadata database {meta.where} holds no metadata of this "
+                              "vault", hint="attach with the database its other machines use")
+        if new:
+            now = time.time_ns()
+            with meta.transaction():
+                meta.insert_inode(Inode(ROOT_INO, 0o40755, uid, gid, 0, 2, now, now, now))
+    finally:
+        meta.close()

@@ -14,13 +14,39 @@ from cryptfs.paths import VaultPaths, tighten_private_dirs, write_private
 from cryptfs.vault.storelist import StoreList
 
 MAX_LOCAL_CONFIG = 1 << 20  # the local config file: a store list and a config of <= 32 slots
+META_SCHEME = "postgresql+psycopg://"  # the metadata databases a vault may name
 
 
 # -- local config file ------------------------------------------------------------------------
-def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig) -> None:
-    """Write the local config file (0600): the vault's stores with their URLs, and its config."""
-    body = {"name": paths.name, **stores.to_json(), "vault": cfg.to_dict()}
+def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig,
+                      meta: str | None = None) -> None:
+    """Write the local config file (0600): the vault's stores with their URLs, its config, and
+    the URL of its metadata database if that is not the local SQLite file (``meta``; None:
+    the one the file names now, if any)."""
+    if meta is None:
+        meta = local_meta_url(paths)
+    body = {"name": paths.name, **stores.to_json(), **({"meta": meta} if meta else {}),
+            "vault": cfg.to_dict()}
     write_private(paths.config_file, json.dumps(body, indent=1).encode() + b"\n")
+
+
+def local_meta_url(paths: VaultPaths) -> str | None:
+    """The URL of the vault's metadata database (``postgresql+psycopg://...``) from the local
+    config file, or None: the local SQLite file (also when there is no config file yet)."""
+    try:
+        with open(paths.config_file, "rb") as fh:
+            body = json.loads(fh.read(MAX_LOCAL_CONFIG + 1).decode())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        raise ConfigError(f"config file {paths.config_file} is corrupt or unreadable") from None
+    meta = body.get("meta") if isinstance(body, dict) else None
+    if meta is None:
+        return None
+    if not isinstance(meta, str) or not meta.startswith(META_SCHEME):
+        raise ConfigError(f"config file {paths.config_file}: \"meta\" is not a "
+                          f"{META_SCHEME} URL")
+    return meta
 
 
 def load_local_config(paths: VaultPaths) -> tuple[StoreList, VaultConfig]:
