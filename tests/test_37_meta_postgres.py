@@ -261,10 +261,13 @@ def test_chunk_maps_are_stored_in_pages(engine: PgMetaStore, pg_place: PgPlace) 
     assert engine.get_object(refs[200].name)[1] == 1  # type: ignore[index]  # left to fsck
 
 
-def test_an_unreachable_database_is_one_line() -> None:
+def test_an_unreachable_database_or_a_bad_url_is_one_line_without_the_password() -> None:
     with pytest.raises(ConfigError, match="cannot be reached") as e:
-        PgMetaStore("postgresql+psycopg://nobody@/x?host=/nonexistent-dir", KEYS)
-    assert "\n" not in str(e.value)
+        PgMetaStore("postgresql+psycopg://nobody:pw-SECRET@/x?host=/nonexistent-dir", KEYS)
+    assert "\n" not in str(e.value) and "SECRET" not in e.value.line()
+    with pytest.raises(ConfigError, match="not usable") as e:
+        PgMetaStore("postgresql+psycopg://nobody:pw-SECRET@host:notaport/x", KEYS)
+    assert "SECRET" not in e.value.line()
 
 
 def test_keys_are_the_vaults_own() -> None:

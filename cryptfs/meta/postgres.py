@@ -115,7 +115,6 @@ ledger = Table(
 )
 
 
-
 def _cols(t: Table) -> list[Any]:
     """A single-key table's key, version, payload and (if any) group column, in that order."""
     return [t.c.k, t.c.ver, t.c.v] + [t.c[c] for c in t.c.keys() if c not in ("k", "ver", "v")]
@@ -230,8 +229,9 @@ class PgMetaStore:
         try:
             self.engine = create_engine(url, pool_size=1, max_overflow=0,
                                         isolation_level="READ COMMITTED")
-        except (SQLAlchemyError, ValueError, ImportError) as e:
-            raise ConfigError(f"metadata database URL is not usable: {e}") from None
+        except (SQLAlchemyError, ValueError, ImportError):  # (its text may hold a password)
+            raise ConfigError("the metadata database URL is not usable (not a "
+                              "postgresql+psycopg URL, or its driver is missing)") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._depth = 0  # nesting of transaction() blocks
         self._undo: list[Callable[[], None]] = []
