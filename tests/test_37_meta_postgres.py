@@ -282,9 +282,10 @@ def test_keys_are_the_vaults_own() -> None:
 def test_a_vault_with_its_metadata_in_postgresql_mounts_and_opens_from_the_store_alone(
     pg_place: PgPlace,
 ) -> None:
-    """``cryptfs init --meta URL``: no local database, the files survive a remount, the
-    database holds none of their names, and with the database lost the vault opens from the
-    store alone onto SQLite (a checkpoint is the SQLite image of the database)."""
+    """``cryptfs init --meta URL``: no local database, the files survive a remount, verify,
+    fsck and gc work on it, the database holds none of their names, and with the database
+    lost the vault opens from the store alone onto SQLite (a checkpoint is the SQLite image of
+    the database)."""
     root = _tmp_root()
     env = VaultEnv(root, f"file://{root}/store")
     mnt = root / "mnt"
@@ -304,6 +305,8 @@ def test_a_vault_with_its_metadata_in_postgresql_mounts_and_opens_from_the_store
             assert os.readlink(mnt / "lnk") == "secret-target"
         finally:
             env.umount(mnt)
+        for cmd in ("verify", "fsck", "gc"):  # the admin commands on it
+            env.cli(cmd)
         dump = pg_place.server.pg_dump(pg_place.db, pg_place.schema).lower()
         assert b"copy " in dump and b"secret" not in dump and b"secret".hex().encode() not in dump
         lost = VaultEnv(root / "elsewhere", env.store_url)  # another machine, no database
