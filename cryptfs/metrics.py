@@ -5,11 +5,12 @@ library's global registry) and the instruments the layers record into; the mount
 and passes it to the layers at construction (the vault, the chunk store, the disk cache, the
 FUSE adapter, and a :class:`MeteredStore` around each object store). Figures that are cheap to
 read (pending uploads, cache size, ledger head, lease) are read at scrape time by
-:class:`VaultCollector`, not updated on the hot path. FUSE operations, the hottest path (one
-record per callback), are kept in plain per-kind bucket counts under a lock (~0.5 us a call
-instead of ~2 us for a library histogram plus counter) and turned into a histogram family at
-scrape time by :class:`_FuseCollector`; everything else uses the library's instruments. Without
-``-o metrics`` nothing is created and nothing is recorded.
+:class:`VaultCollector`, not updated on the hot path. What is recorded per operation (FUSE
+callbacks, store requests, cache hits) goes into plain per-thread rows without a lock
+(:class:`_Rows`) and becomes metric families at scrape time (:class:`_HotCollector`): a FUSE
+callback's record costs ~0.4 us on the bench machine, against ~1.9 us for a library histogram
+and counter behind a second wrapper; the rarer events (misses, errors, checkpoints) use the
+library's instruments. Without ``-o metrics`` nothing is created and nothing is recorded.
 
 :class:`MetricsEndpoint` serves ``GET /metrics`` (Prometheus text format, written by
 ``prometheus_client``) and ``GET /status`` (the JSON that ``cryptfs status --json`` shows), and
