@@ -352,6 +352,9 @@ class Metrics:
         return MeteredStore(store, self.store_errors, store_id, ops)
 
 
+_clock = time.perf_counter
+
+
 def _store_recorder(rows: _Rows) -> Callable[..., None]:
     """``record(t, nbytes=0)``: a request of one kind that started at ``t`` (perf_counter)
     and moved ``nbytes``, added to the calling thread's row."""
@@ -401,7 +404,7 @@ class MeteredStore:
         self._errors.labels(self._id, op, kind).inc()
 
     def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
-        t = time.perf_counter()
+        t = _clock()
         try:
             out = fn(*args)
         except Exception as e:
@@ -411,10 +414,10 @@ class MeteredStore:
         self._rec[op](t)
         return out
 
-    def put(self, name: str, data: bytes, *args: Any, **kwargs: Any) -> None:
-        t = time.perf_counter()
+    def put(self, name: str, data: bytes) -> None:
+        t = _clock()
         try:
-            self.inner.put(name, data, *args, **kwargs)
+            self.inner.put(name, data)
         except Exception as e:
             self._rec_put(t)
             self._fail("put", e)
@@ -432,10 +435,11 @@ class MeteredStore:
             row[_SBYTES] += len(data)
         return done
 
-    def get(self, name: str, max_size: int, *args: Any, **kwargs: Any) -> bytes:
-        t = time.perf_counter()
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
+        t = _clock()
         try:
-            blob: bytes = self.inner.get(name, max_size, *args, **kwargs)
+            blob: bytes = self.inner.get(name, max_size, check)
         except Exception as e:
             self._rec_get(t)
             self._fail("get", e)
