@@ -5,11 +5,12 @@ library's global registry) and the instruments the layers record into; the mount
 and passes it to the layers at construction (the vault, the chunk store, the disk cache, the
 FUSE adapter, and a :class:`MeteredStore` around each object store). Figures that are cheap to
 read (pending uploads, cache size, ledger head, lease) are read at scrape time by
-:class:`VaultCollector`, not updated on the hot path. FUSE operations, the hottest path (one
-record per callback), are kept in plain per-kind bucket counts under a lock (~0.5 us a call
-instead of ~2 us for a library histogram plus counter) and turned into a histogram family at
-scrape time by :class:`_FuseCollector`; everything else uses the library's instruments. Without
-``-o metrics`` nothing is created and nothing is recorded.
+:class:`VaultCollector`, not updated on the hot path. What is recorded per operation (FUSE
+callbacks, store requests, cache hits) goes into plain per-thread rows without a lock
+(:class:`_Rows`) and becomes metric families at scrape time (:class:`_HotCollector`): a FUSE
+callback's record costs ~0.4 us on the bench machine, against ~1.9 us for a library histogram
+and counter behind a second wrapper; the rarer events (misses, errors, checkpoints) use the
+library's instruments. Without ``-o metrics`` nothing is created and nothing is recorded.
 
 :class:`MetricsEndpoint` serves ``GET /metrics`` (Prometheus text format, written by
 ``prometheus_client``) and ``GET /status`` (the JSON that ``cryptfs status --json`` shows), and
@@ -33,6 +34,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,28 +71,94 @@ CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
                       300.0, 900.0)
 
 
-class _OpRecord:
-    """One FUSE operation kind: counts per latency bucket (the last is +Inf), their sum in
-    seconds and the bytes moved, changed only under ``lock``."""
+class _Rows:
+    """Numbers added to on a hot path without a lock: each thread adds into its own row (a
+    list: ``width`` numbers, then a dict of keyed counts) and :meth:`total` sums the rows at
+    scrape time. Only its own thread writes a row, and reading a list item or copying a dict
+    is atomic in CPython, so a scrape sees each figure at most one operation late; a histogram's
+    count and sum may disagree by that one operation. A row whose thread has ended (its
+    thread-local owner is gone) is folded into one total at the next scrape, so threads that
+    come and go (a repair's pool) do not add up. The hot path reads the row itself::
 
-    __slots__ = ("lock", "counts", "seconds", "nbytes", "errors")
+        try:
+            row = rows.local.row
+        except AttributeError:
+            row = rows.new_row()
+    """
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.counts = [0] * (len(FUSE_BUCKETS) + 1)
-        self.seconds = 0.0
-        self.nbytes = 0
-        self.errors: dict[int, int] = {}  # errno -> operations answered with it
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.local = threading.local()
+        self._lock = threading.Lock()  # new rows and totals; never taken per operation
+        self._live: list[tuple[weakref.ref[_RowOwner], list[Any]]] = []
+        self._ended: list[Any] = [0] * width + [{}]
+
+    def new_row(self) -> list[Any]:
+        """The calling thread's row, made on its first record."""
+        row: list[Any] = [0] * self.width + [{}]
+        owner = _RowOwner()
+        self.local.owner, self.local.row = owner, row  # both die with the thread
+        with self._lock:
+            self._live.append((weakref.ref(owner), row))
+        return row
+
+    def total(self) -> tuple[list[float], dict[Any, int]]:
+        """The sums over every thread: the numbers and the keyed counts."""
+        with self._lock:
+            live = []
+            for ref, row in self._live:
+                if ref() is None:  # its thread ended: nobody writes this row any more
+                    _add(self._ended, row)
+                else:
+                    live.append((ref, row))
+            self._live = live
+            out: list[Any] = list(self._ended[:-1]) + [dict(self._ended[-1])]
+            for _, row in live:
+                _add(out, row)
+        return out[:-1], out[-1]
 
 
-class _FuseCollector(Collector):
-    """The FUSE records as ``cryptfs_fuse_operation_seconds`` (histogram by ``op``), the
-    errors by ``op`` and ``errno`` and the byte counters of read and write, built at scrape
-    time."""
+class _RowOwner:
+    """Lives in a thread's locals only: gone once the thread has ended."""
 
-    def __init__(self, records: dict[str, _OpRecord]) -> None:
-        self.records = records
-        self.bounds = [floatToGoString(b) for b in FUSE_BUCKETS] + ["+Inf"]
+    __slots__ = ("__weakref__",)
+
+
+def _add(into: list[Any], row: list[Any]) -> None:
+    """``row`` (numbers, then keyed counts) added into ``into``."""
+    for i in range(len(into) - 1):
+        into[i] += row[i]
+    keyed = into[-1]
+    for k, n in row[-1].copy().items():
+        keyed[k] = keyed.get(k, 0) + n
+
+
+# the fields of a FUSE row: a count per latency bucket (the last +Inf), seconds, bytes
+_NB = len(FUSE_BUCKETS) + 1
+_SECONDS, _BYTES = _NB, _NB + 1
+# a store request's row: the same with the store buckets
+_SNB = len(STORE_BUCKETS) + 1
+_SSECONDS, _SBYTES = _SNB, _SNB + 1
+_STORE_OPS = ("put", "put_if_absent", "get", "delete", "list", "exists", "sync")
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], bounds: list[str],
+               fig: list[float], n: int) -> None:
+    """Adds the histogram of a row's first ``n`` bucket counts (then its seconds)."""
+    family.add_metric(labels, list(zip(bounds, itertools.accumulate(fig[:n]), strict=True)),
+                      fig[n])
+
+
+class _HotCollector(Collector):
+    """What the hot paths record in rows (:class:`_Rows`), built at scrape time: FUSE
+    operations (``cryptfs_fuse_operation_seconds`` by ``op``, errors by ``op`` and ``errno``,
+    read and written bytes), store requests (``cryptfs_store_operation_seconds`` and
+    ``cryptfs_store_bytes`` by ``store`` and ``op``) and cache hits by ``cache``."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self.fuse_bounds = [floatToGoString(b) for b in FUSE_BUCKETS] + ["+Inf"]
+        self.store_bounds = [floatToGoString(b) for b in STORE_BUCKETS] + ["+Inf"]
 
     def collect(self) -> Iterator[Any]:
         h = HistogramMetricFamily(
@@ -101,12 +169,10 @@ class _FuseCollector(Collector):
             "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
             labels=["op", "errno"])
         nbytes = {}
-        for op, rec in list(self.records.items()):
-            with rec.lock:
-                counts, seconds, nbytes[op] = list(rec.counts), rec.seconds, rec.nbytes
-                failed = dict(rec.errors)
-            h.add_metric([op], list(zip(self.bounds, itertools.accumulate(counts),
-                                        strict=True)), seconds)
+        for op, rows in list(self.m._fuse.items()):
+            fig, failed = rows.total()
+            nbytes[op] = fig[_BYTES]
+            _histogram(h, [op], self.fuse_bounds, fig, _NB)
             for code, n in sorted(failed.items()):
                 errors.add_metric([op, errno.errorcode.get(code, str(code))], n)
         yield h
@@ -116,6 +182,28 @@ class _FuseCollector(Collector):
         yield CounterMetricFamily("cryptfs_fuse_written_bytes",
                                   "Bytes written through the mount",
                                   value=nbytes.get("write", 0))
+        sh = HistogramMetricFamily(
+            "cryptfs_store_operation_seconds",
+            "Object store requests by store and kind (put, get, delete, list, ...): latency; "
+            "the _count is the number of requests", labels=["store", "op"])
+        sb = CounterMetricFamily(
+            "cryptfs_store_bytes", "Object bytes sent to (put) and received from (get) a store",
+            labels=["store", "op"])
+        for store_id, ops in list(self.m._stores.items()):
+            for op, rows in ops.items():
+                fig, _ = rows.total()
+                _histogram(sh, [store_id, op], self.store_bounds, fig, _SNB)
+                if op in ("put", "get"):
+                    sb.add_metric([store_id, op], fig[_SBYTES])
+        yield sh
+        yield sb
+        hits = CounterMetricFamily(
+            "cryptfs_cache_hits", "Chunk reads served without the store: from memory (plaintext)"
+            " or disk (the sealed-object cache or the upload staging area)", labels=["cache"])
+        fig, _ = self.m._hits.total()
+        hits.add_metric(["memory"], fig[0])
+        hits.add_metric(["disk"], fig[1])
+        yield hits
 
 
 class Metrics:
@@ -123,25 +211,15 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self._fuse: dict[str, _OpRecord] = {"read": _OpRecord(), "write": _OpRecord()}
-        r.register(_FuseCollector(self._fuse))
-        self.store_seconds = Histogram(
-            "cryptfs_store_operation_seconds",
-            "Object store requests by store and kind (put, get, delete, list, ...): latency; "
-            "the _count is the number of requests", ["store", "op"], registry=r,
-            buckets=STORE_BUCKETS)
-        self.store_bytes = Counter(
-            "cryptfs_store_bytes", "Object bytes sent to (put) and received from (get) a store",
-            ["store", "op"], registry=r)
+        self._fuse: dict[str, _Rows] = {"read": _Rows(_NB + 2), "write": _Rows(_NB + 2)}
+        self._stores: dict[str, dict[str, _Rows]] = {}  # store id -> request kind -> rows
+        self._hits = _Rows(2)  # memory, disk
+        r.register(_HotCollector(self))
         self.store_errors = Counter(
             "cryptfs_store_errors", "Failed store requests by store, kind and error kind",
             ["store", "op", "kind"], registry=r)
         self.store_info = Gauge("cryptfs_store_info", "The stores of the vault (always 1)",
                                 ["store", "kind"], registry=r)
-        self.cache_hits = Counter(
-            "cryptfs_cache_hits", "Chunk reads served without the store: from memory (plaintext)"
-            " or disk (the sealed-object cache or the upload staging area)", ["cache"],
-            registry=r)
         self.cache_misses = Counter("cryptfs_cache_misses",
                                     "Chunk reads that fetched the object from the store",
                                     registry=r)
@@ -159,61 +237,109 @@ class Metrics:
         self.checkpoint_bytes = Gauge("cryptfs_checkpoint_snapshot_bytes",
                                       "Size of the newest metadata snapshot this mount stored",
                                       registry=r)
-        self._memory_hits = self.cache_hits.labels("memory")
-        self._disk_hits = self.cache_hits.labels("disk")
 
     # -- recording helpers for the hot paths ---------------------------------------------------
     def memory_hit(self) -> None:
-        self._memory_hits.inc()
+        local = self._hits.local
+        try:
+            local.row[0] += 1
+        except AttributeError:
+            self._hits.new_row()[0] += 1
 
     def disk_hit(self) -> None:
-        self._disk_hits.inc()
+        local = self._hits.local
+        try:
+            local.row[1] += 1
+        except AttributeError:
+            self._hits.new_row()[1] += 1
 
-    def fuse_op(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` (a bound FUSE operation) timed and counted as operation ``name``; ``read``
-        and ``write`` also count their bytes. Errors are counted by errno name."""
-        rec = self._fuse.setdefault(name, _OpRecord())
-        lock, counts, bounds = rec.lock, rec.counts, FUSE_BUCKETS
-        errors = rec.errors
+    def fuse_op(self, name: str, fn: Callable[..., Any],
+                answer: Callable[[str, Exception], OSError] | None = None,
+                on_thread: Callable[[], None] | None = None) -> Callable[..., Any]:
+        """``fn`` (a FUSE operation, called with positional arguments as mfusepy does) timed
+        and counted as operation ``name``; ``read`` and ``write`` also count their bytes.
+        ``answer(name, e)``: the OSError to raise instead of an exception ``e`` that is not
+        one (the FUSE adapter's guard, so that one wrapper does both); ``on_thread()`` runs
+        at a thread's first call. Errors are counted by errno. This runs on every callback:
+        a record is two clock reads and two additions to the calling thread's row (no lock,
+        no library call, no bisect below 100 us)."""
+        rows = self._fuse.setdefault(name, _Rows(_NB + 2))
+        local = rows.local
+        bounds = FUSE_BUCKETS
+        b0, b1, b2 = bounds[:3]
+        seconds, nbytes = _SECONDS, _BYTES
         clock = time.perf_counter
 
-        def failed(t: float, e: BaseException) -> None:
+        def first_row() -> list[Any]:
+            if on_thread is not None:
+                on_thread()
+            return rows.new_row()
+
+        def failed(t: float, e: BaseException) -> BaseException:
+            """Records the failed call; the exception to raise."""
+            if answer is not None and isinstance(e, Exception) and not isinstance(e, OSError):
+                e = answer(name, e)
             d = clock() - t
-            code = e.errno if isinstance(e, OSError) and isinstance(e.errno, int) else 0
-            with lock:
-                counts[bisect_left(bounds, d)] += 1
-                rec.seconds += d
-                errors[code] = errors.get(code, 0) + 1
+            code = e.errno if isinstance(e, OSError) and type(e.errno) is int else 0
+            try:
+                row = local.row
+            except AttributeError:
+                row = first_row()
+            row[bisect_left(bounds, d)] += 1
+            row[seconds] += d
+            errs = row[-1]
+            errs[code] = errs.get(code, 0) + 1
+            return e
 
         if inspect.isgeneratorfunction(inspect.unwrap(fn)):
-            def timed_gen(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            def timed_gen(*args: Any) -> Iterator[Any]:
                 t = clock()
                 try:
-                    yield from fn(*args, **kwargs)
+                    yield from fn(*args)
                 except BaseException as e:
-                    failed(t, e)
+                    failed(t, e)  # raised as it is: mfusepy answers it while iterating
                     raise
                 d = clock() - t
-                with lock:
-                    counts[bisect_left(bounds, d)] += 1
-                    rec.seconds += d
+                try:
+                    row = local.row
+                except AttributeError:
+                    row = first_row()
+                row[bisect_left(bounds, d)] += 1
+                row[seconds] += d
             return timed_gen
 
-        sized = name in ("read", "write")  # read returns the bytes, write their number
+        size_of = {"read": len, "write": int}.get(name)  # read returns the bytes, write a count
 
-        def timed(*args: Any, **kwargs: Any) -> Any:
+        def timed(*args: Any) -> Any:
             t = clock()
             try:
-                out = fn(*args, **kwargs)
-            except BaseException as e:
-                failed(t, e)
+                out = fn(*args)
+            except OSError as e:  # an errno answer (ENOENT, ENODATA): as common as success
+                d = clock() - t
+                try:
+                    row = local.row
+                except AttributeError:
+                    row = first_row()
+                row[0 if d < b0 else 1 if d < b1 else 2 if d < b2 else bisect_left(bounds, d)] += 1
+                row[seconds] += d
+                code = e.errno if type(e.errno) is int else 0
+                errs = row[-1]
+                errs[code] = errs.get(code, 0) + 1
                 raise
+            except BaseException as e:
+                err = failed(t, e)
+                if err is e:
+                    raise
+                raise err from None
             d = clock() - t
-            with lock:
-                counts[bisect_left(bounds, d)] += 1
-                rec.seconds += d
-                if sized:
-                    rec.nbytes += out if name == "write" else len(out)
+            try:
+                row = local.row
+            except AttributeError:
+                row = first_row()
+            row[0 if d < b0 else 1 if d < b1 else 2 if d < b2 else bisect_left(bounds, d)] += 1
+            row[seconds] += d
+            if size_of is not None:
+                row[nbytes] += size_of(out)
             return out
 
         return timed
@@ -222,22 +348,48 @@ class Metrics:
         """``store`` with its requests recorded under label ``store=store_id``."""
         kind = store.url.partition(":")[0] or "unknown"
         self.store_info.labels(store_id, kind).set(1)
-        return MeteredStore(store, self, store_id)
+        ops = self._stores.setdefault(store_id, {op: _Rows(_SNB + 2) for op in _STORE_OPS})
+        return MeteredStore(store, self.store_errors, store_id, ops)
+
+
+_clock = time.perf_counter
+
+
+def _store_recorder(rows: _Rows) -> Callable[..., None]:
+    """``record(t, nbytes=0)``: a request of one kind that started at ``t`` (perf_counter)
+    and moved ``nbytes``, added to the calling thread's row."""
+    local, new_row = rows.local, rows.new_row
+    bounds, seconds, counted = STORE_BUCKETS, _SSECONDS, _SBYTES
+    clock = time.perf_counter
+
+    def record(t: float, nbytes: int = 0) -> None:
+        d = clock() - t
+        try:
+            row = local.row
+        except AttributeError:
+            row = new_row()
+        row[bisect_left(bounds, d)] += 1
+        row[seconds] += d
+        if nbytes:
+            row[counted] += nbytes
+
+    return record
 
 
 class MeteredStore:
     """An :class:`cryptfs.stores.ObjectStore` that times and counts every request of the store
-    it wraps (restic's decorator backend); everything else is passed through unchanged."""
+    it wraps (restic's decorator backend); everything else is passed through unchanged. A
+    request is recorded in the calling thread's row of its kind (:class:`_Rows`): about a
+    microsecond, against 100 us for the cheapest request (a local file)."""
 
-    def __init__(self, inner: Any, metrics: Metrics, store_id: str) -> None:
+    def __init__(self, inner: Any, errors: Counter, store_id: str,
+                 ops: dict[str, _Rows]) -> None:
         self.inner = inner
         self._id = store_id
-        m = metrics
-        self._t = {op: m.store_seconds.labels(store_id, op).observe
-                   for op in ("put", "put_if_absent", "get", "delete", "list", "exists", "sync")}
-        self._put_bytes = m.store_bytes.labels(store_id, "put").inc
-        self._get_bytes = m.store_bytes.labels(store_id, "get").inc
-        self._errors = m.store_errors
+        self._errors = errors
+        self._rec = {op: _store_recorder(rows) for op, rows in ops.items()}
+        self._rec_put, self._rec_get = self._rec["put"], self._rec["get"]
+        self._put_bytes = ops["put"]  # put_if_absent's bytes count as put's
 
     @property
     def url(self) -> str:
@@ -251,29 +403,48 @@ class MeteredStore:
                 else type(e).__name__ if isinstance(e, CryptfsError) else "other")
         self._errors.labels(self._id, op, kind).inc()
 
-    def _call(self, op: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
+    def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+        t = _clock()
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args)
         except Exception as e:
+            self._rec[op](t)
             self._fail(op, e)
             raise
-        finally:
-            self._t[op](time.perf_counter() - t)
+        self._rec[op](t)
+        return out
 
-    def put(self, name: str, data: bytes, *args: Any, **kwargs: Any) -> None:
-        self._call("put", self.inner.put, name, data, *args, **kwargs)
-        self._put_bytes(len(data))
+    def put(self, name: str, data: bytes) -> None:
+        t = _clock()
+        try:
+            self.inner.put(name, data)
+        except Exception as e:
+            self._rec_put(t)
+            self._fail("put", e)
+            raise
+        self._rec_put(t, len(data))
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         done = bool(self._call("put_if_absent", self.inner.put_if_absent, name, data))
-        if done:
-            self._put_bytes(len(data))
+        if done:  # the bytes sent count under put (the kind operators watch)
+            rows = self._put_bytes
+            try:
+                row = rows.local.row
+            except AttributeError:
+                row = rows.new_row()
+            row[_SBYTES] += len(data)
         return done
 
-    def get(self, name: str, max_size: int, *args: Any, **kwargs: Any) -> bytes:
-        blob: bytes = self._call("get", self.inner.get, name, max_size, *args, **kwargs)
-        self._get_bytes(len(blob))
+    def get(self, name: str, max_size: int,
+            check: Callable[[bytes], bool] | None = None) -> bytes:
+        t = _clock()
+        try:
+            blob: bytes = self.inner.get(name, max_size, check)
+        except Exception as e:
+            self._rec_get(t)
+            self._fail("get", e)
+            raise
+        self._rec_get(t, len(blob))
         return blob
 
     def delete(self, name: str) -> None:
@@ -293,7 +464,7 @@ class MeteredStore:
             self._fail("list", e)
             raise
         finally:
-            self._t["list"](time.perf_counter() - t)
+            self._rec["list"](t)
 
     def list(self, prefix: str = "") -> Iterator[tuple[str, int]]:
         return self._listing(lambda: self.inner.list(prefix))

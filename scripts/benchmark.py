@@ -4,14 +4,19 @@
 Usage: scripts/bench [--quick] [--runs N] [--targets raw,passthrough,gocryptfs,cryptfs-local,
        cryptfs-s3,boto3] [--no-append]
 
-Extra targets (only when named): passthrough-fusepy, cryptfs-s3x2 (two buckets) and
-cryptfs-metrics (cryptfs-local with the metrics endpoint on, scraped every second like
-`cryptfs stats` does; with cryptfs-local in the same run the table gets a metrics/local column:
-the cost of metrics on the hot path).
+Extra targets (only when named): passthrough-fusepy, cryptfs-s3x2 (two buckets),
+cryptfs-metrics (cryptfs-local with the metrics endpoint on, scraped every --scrape-seconds,
+15 s by default like Prometheus; with cryptfs-local in the same run the table gets a
+metrics/local column: the cost of metrics), and cryptfs-before / cryptfs-s3-before (the
+cryptfs command of another checkout given with --before; columns local/before, s3/s3-before).
 
-Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below);
-figures are medians over the runs. The table is printed and, unless --no-append (the default in
---quick mode), appended to BENCHMARKS.md. Everything mounted or started is unmounted and stopped
+Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below),
+interleaved: workload k runs on every target in turn before workload k+1 (the FUSE round trips
+round by round), and every other run in the reverse order, so that drift from other processes
+on the machine falls on all targets alike. Figures are medians over the runs; the ratio columns
+of A/B pairs (metrics/local, local/before) show the median of the per-run ratios and their
+range. The table is printed and, unless --no-append (the default in --quick mode), appended to
+BENCHMARKS.md. Everything mounted or started is unmounted and stopped
 again, also on errors and Ctrl-C. Needs root for dropping the page cache.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import errno
 import os
 import platform
 import random
@@ -35,6 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +52,8 @@ PASSTHROUGH = REPO / "scripts" / "passthrough.py"
 MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
-EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics")
+EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics", "cryptfs-before",
+                 "cryptfs-s3-before")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -241,10 +249,10 @@ def machine_info(tmp: Path) -> dict:
     }
 
 
-def git_head() -> str:
+def git_head(where: Path = REPO) -> str:
     try:
         return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -506,9 +514,13 @@ class CryptfsTarget(Target):
     name = "cryptfs-local"
     mount_opts: list[str] = []
 
+    def command(self) -> str:
+        """The cryptfs command this target runs."""
+        return str(self.bench.args.cryptfs)
+
     def setup(self) -> None:
         super().setup()
-        self.cli = Path(self.bench.args.cryptfs)
+        self.cli = Path(self.command())
         if not self.cli.exists():
             raise BenchError(f"{self.name}: {self.cli} not found")
         self.xdg = {k: self.dir / k.lower() for k in ("config", "data", "cache")}
@@ -574,47 +586,73 @@ class CryptfsS3Target(CryptfsTarget):
 
     def store_url(self) -> str:
         s3 = self.bench.s3()
-        bucket = "bench-vault"
+        bucket = f"bench-{self.name}"
         s3.client().create_bucket(Bucket=bucket)
         self.env.update(s3.env())
         return f"s3://{bucket}/vault?endpoint={s3.endpoint}"
 
 
 class CryptfsMetricsTarget(CryptfsTarget):
-    """cryptfs-local with -o metrics (issue 18), scraped once a second while mounted."""
+    """cryptfs-local with -o metrics (issue 18), its /metrics scraped every --scrape-seconds
+    (15 s by default, Prometheus's default scrape interval) from setup to teardown, mounted or
+    not, as a Prometheus server would."""
 
     name = "cryptfs-metrics"
 
-    def mount(self) -> None:
+    def setup(self) -> None:
+        super().setup()
         self.port = free_port()
         self.mount_opts = ["-o", f"metrics=127.0.0.1:{self.port}"]
-        super().mount()
+        self.scrapes = 0
         self._stop = threading.Event()
         self._scraper = threading.Thread(target=self._scrape, daemon=True)
         self._scraper.start()
 
+    def _get(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
     def _scrape(self) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(self.bench.args.scrape_seconds):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
-                                            timeout=5) as resp:
-                    resp.read()
+                self._get()
+                self.scrapes += 1
             except OSError:
-                pass
+                pass  # between an unmount and the next mount
 
     def _umount(self) -> None:
         try:  # check that the metrics were really recorded
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
-                                        timeout=5) as r:
-                text = r.read().decode()
+            text = self._get()
         except OSError as e:
             text = f"scrape failed: {e}"
-        if hasattr(self, "_scraper"):
-            self._stop.set()
-            self._scraper.join(timeout=10)
         super()._umount()
         if 'cryptfs_fuse_operation_seconds_count{op="getattr"}' not in text:
             raise BenchError(f"cryptfs-metrics: no FUSE operation counts ({one_line(text)})")
+
+    def teardown(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+            self._scraper.join(timeout=10)
+        super().teardown()
+
+
+class CryptfsBeforeTarget(CryptfsTarget):
+    """cryptfs-local run by another checkout's command (--before), for a before/after
+    comparison in one run."""
+
+    name = "cryptfs-before"
+
+    def command(self) -> str:
+        if not self.bench.args.before:
+            raise BenchError(f"{self.name}: needs --before PATH (the other checkout's cryptfs)")
+        return str(self.bench.args.before)
+
+
+class CryptfsS3BeforeTarget(CryptfsS3Target):
+    """cryptfs-s3 run by the --before command."""
+
+    name = "cryptfs-s3-before"
+    command = CryptfsBeforeTarget.command
 
 
 class CryptfsS3x2Target(CryptfsTarget):
@@ -771,11 +809,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def round_trips(path: Path, pid: int | None, n: int = 3000, rounds: int = 7) -> dict[str, float]:
+def round_trips(path: Path, pid: int | None, res: Results, name: str, seconds: float = 0.3,
+                rounds: int = 15) -> Iterator[None]:
     """Two operations that reach the FUSE daemon every time (the kernel caches neither statfs
-    nor a missing extended attribute): microseconds per call end to end, the best of several
-    rounds to shed noise from other processes, and the daemon's CPU time per call over all
-    rounds (what a callback costs the daemon; other processes barely change it)."""
+    nor a missing extended attribute): microseconds per call end to end, the median of
+    ``rounds`` rounds of calls for ``seconds`` each, and the daemon's CPU time per call over
+    its rounds (what a callback costs the daemon; other processes barely change it). Yields
+    after each round, so that the rounds of several targets interleave (see
+    :func:`interleave`)."""
 
     def getxattr() -> None:
         try:
@@ -783,19 +824,27 @@ def round_trips(path: Path, pid: int | None, n: int = 3000, rounds: int = 7) -> 
         except OSError:
             pass
 
-    out = {}
     for key, fn in (("statfs", lambda: os.statvfs(path)), ("getxattr", getxattr)):
-        best = float("inf")
-        cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+        per_call, cpu, calls = [], 0.0, 0
         for _ in range(rounds):
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            best = min(best, (time.perf_counter() - t) / n * 1e6)
-        out[f"rt_{key}"] = best
+            cpu0 = cpu_seconds(pid) if pid is not None else 0.0
+            n, t = 0, time.perf_counter()
+            end = t + seconds
+            while True:
+                for _ in range(20):
+                    fn()
+                n += 20
+                now = time.perf_counter()
+                if now >= end:
+                    break
+            per_call.append((now - t) / n * 1e6)
+            calls += n
+            if pid is not None:
+                cpu += cpu_seconds(pid) - cpu0
+            yield
+        res.add(name, f"rt_{key}", statistics.median(per_call))
         if pid is not None:
-            out[f"cpu_{key}"] = (cpu_seconds(pid) - cpu0) / (n * rounds) * 1e6
-    return out
+            res.add(name, f"cpu_{key}", cpu / calls * 1e6)
 
 
 def read_all(path: Path, buf: bytearray) -> int:
@@ -923,6 +972,60 @@ def make_stdlib_tar(dest: Path, max_files: int | None) -> tuple[Path, int, int]:
     return tarball, len(members), nbytes
 
 
+def metrics_cost() -> str:
+    """What recording costs on the hot paths of a mount with metrics (issue 18), in-process:
+    a FUSE callback that returns and one that answers an errno, with metrics (one timed
+    wrapper) against without (the adapter's guard); a cache hit; a store request against the
+    bare in-memory store. CPU time of this thread, best of 11 rounds, so that other processes
+    on the machine barely matter."""
+    import timeit
+
+    from cryptfs.cli.fuse_ops import _answer, _guard, _keep_thread_state
+    from cryptfs.metrics import Metrics
+    from cryptfs.stores.memory import MemoryStore
+
+    class Ops:
+        @_guard
+        def statfs(self, path: str) -> int:
+            return 0
+
+        @_guard
+        def getxattr(self, path: str, name: str) -> bytes:
+            raise OSError(errno.ENODATA, "no such attribute")
+
+    def ns(fn, n: int = 100_000) -> float:
+        return min(timeit.repeat(fn, number=n, repeat=11, timer=time.thread_time)) / n * 1e9
+
+    def answered(fn) -> None:
+        try:
+            fn("/", "user.x")
+        except OSError:
+            pass
+
+    m, ops = Metrics(), Ops()
+
+    def timed(name: str):
+        return m.fuse_op(name, getattr(Ops, name).__wrapped__.__get__(ops), answer=_answer,
+                         on_thread=_keep_thread_state)
+
+    st, gx = timed("statfs"), timed("getxattr")
+    bare = MemoryStore("memory://")
+    bare.put("o", b"x" * 4096)
+    metered = m.wrap_store(bare, "main")
+    rows = [
+        ("FUSE callback, returns", ns(lambda: ops.statfs("/")), ns(lambda: st("/"))),
+        ("FUSE callback, errno answer", ns(lambda: answered(ops.getxattr)),
+         ns(lambda: answered(gx))),
+        ("cache hit (memory)", 0.0, ns(m.memory_hit)),
+        ("store get, 4 KiB in memory", ns(lambda: bare.get("o", 8192)),
+         ns(lambda: metered.get("o", 8192))),
+    ]
+    out = ["| path | without metrics (ns) | with metrics (ns) | recording costs (ns) |",
+           "| --- | ---: | ---: | ---: |"]
+    out += [f"| {what} | {a:.0f} | {b:.0f} | {b - a:.0f} |" for what, a, b in rows]
+    return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # the bench
 
@@ -980,11 +1083,15 @@ TARGET_CLASSES = {
     "cryptfs-s3": CryptfsS3Target,
     "cryptfs-s3x2": CryptfsS3x2Target,
     "cryptfs-metrics": CryptfsMetricsTarget,
+    "cryptfs-before": CryptfsBeforeTarget,
+    "cryptfs-s3-before": CryptfsS3BeforeTarget,
 }
 
 
-def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: Results) -> None:
-    """All workloads once on target t (mounted fresh, unmounted at the end)."""
+def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
+              res: Results) -> Iterator[None]:
+    """All workloads once on target t (mounted fresh, unmounted at the end), yielding after
+    each measurement so that the targets' workloads interleave (see :func:`interleave`)."""
     name = t.name
 
     def step(what: str, fn, *a):
@@ -1004,14 +1111,17 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: R
     step("unmount after write", t.umount)
     if t.fuse:
         res.add(name, "umount", time.perf_counter() - t0)
+    yield
 
     step("cold mount", t.cold_mount)
     log(f"{name}: sequential read, cold")
     res.add(name, "seq_read", step("sequential read", read_big, big, sz.big))
+    yield
 
     step("cold mount", t.cold_mount)
     log(f"{name}: random 4 KiB reads for {sz.random_s:g} s, uncached")
     res.add(name, "rand_read", step("random reads", random_reads, big, sz.big, sz.random_s, run))
+    yield
 
     small = root / "small"
     log(f"{name}: create {sz.small_files} small files + sync")
@@ -1020,30 +1130,57 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int], res: R
         "small_create",
         step("small files", create_small, small, sz.small_files, sz.small_dirs, run),
     )
+    yield
     step("cold mount", t.cold_mount)
     log(f"{name}: stat {sz.small_files} files, cold")
     res.add(name, "small_stat", step("stat", stat_small, small, sz.small_files, sz.small_dirs))
+    yield
 
     tarball, tar_files, tar_bytes = tar
     log(f"{name}: extract tar ({tar_files} files) + sync")
     res.add(
         name, "tar_extract", step("tar extract", extract_tar, tarball, root / "tar", sz.deadline)
     )
+    yield
     step("cold mount", t.cold_mount)
     log(f"{name}: read tree back, cold")
     res.add(name, "tar_read", step("tar read", read_tree, root / "tar", tar_files, tar_bytes))
+    yield
     step("remount", t.cold_mount, True)
     log(f"{name}: read tree back again after a remount, own cache kept")
     res.add(name, "tar_reread", step("tar reread", read_tree, root / "tar", tar_files, tar_bytes))
+    yield
     if t.fuse:
         log(f"{name}: FUSE round trips")
-        for key, us in step("round trips", round_trips, root, t.daemon_pid()).items():
-            res.add(name, key, us)
+        trips = round_trips(root, t.daemon_pid(), res, name)
+        while step("round trips", next, trips, _DONE) is not _DONE:
+            yield
 
     # The run's files stay: deleting them through the mount costs minutes per round on the slow
     # targets (and the unmount after it more), and the temp dir goes at the end anyway.
     log(f"{name}: run {run + 1} done")
     step("unmount", t.umount)
+
+
+_DONE = object()
+
+
+def interleave(suites: list[tuple[Target, Iterator[None]]], res: Results) -> None:
+    """Advance the targets' suites in turn, one measurement each, until all are done: every
+    target measures workload k within minutes of the others (drift from other processes on
+    the machine falls on all of them alike). A failing target is noted and cleaned up."""
+    while suites:
+        for t, suite in list(suites):
+            try:
+                next(suite)
+            except StopIteration:
+                suites.remove((t, suite))
+            except Exception as e:
+                reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
+                res.failures[t.name] = reason
+                log(f"{t.name}: failed: {reason}")
+                t.cleanup()
+                suites.remove((t, suite))
 
 
 WORKLOADS = [
@@ -1056,8 +1193,8 @@ WORKLOADS = [
     ("tar_extract", "extract stdlib tar ({tf} files, {tb}) + sync", "s", False, True),
     ("tar_read", "read every stdlib file back, cold", "s", False, True),
     ("tar_reread", "read them again after a remount, chunk cache kept", "s", False, True),
-    ("rt_statfs", "statfs round trip (best of 7 × 3000)", "µs", False, True),
-    ("rt_getxattr", "getxattr round trip, ENODATA (best of 7 × 3000)", "µs", False, True),
+    ("rt_statfs", "statfs round trip (median of 15 rounds of 0.3 s)", "µs", False, True),
+    ("rt_getxattr", "getxattr round trip, ENODATA (median of 15 × 0.3 s)", "µs", False, True),
     ("cpu_statfs", "daemon CPU per statfs call", "µs", False, True),
     ("cpu_getxattr", "daemon CPU per getxattr call", "µs", False, True),
     ("rss", "daemon peak RSS after the write", "MiB", False, False),
@@ -1090,6 +1227,22 @@ def ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
     return f"{(a / b) if higher else (b / a):.2f}"
 
 
+# A/B pairs whose ratio column shows the spread over runs: the cost of metrics (issue 18), and
+# this checkout against another (--before)
+PAIRS = (("cryptfs-metrics", "cryptfs-local"), ("cryptfs-local", "cryptfs-before"),
+         ("cryptfs-s3", "cryptfs-s3-before"))
+
+
+def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
+    """The median of the per-run ratios (the two targets' run i ran interleaved, so each
+    ratio compares figures taken minutes apart), with their range in brackets."""
+    a, b = res.values.get((target, key), []), res.values.get((base, key), [])
+    if len(a) != len(b) or len(a) < 2 or 0 in a or 0 in b:
+        return ratio(res, target, base, key, higher)
+    rs = [(x / y) if higher else (y / x) for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(rs):.3f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
 def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, int, int]) -> str:
     fields = {
         "big": fmt_size(sz.big),
@@ -1105,8 +1258,8 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         for b in (*FS_BASELINES, "boto3")
         if c in targets and b in targets and (b != "boto3" or c == "cryptfs-s3")
     ]
-    if "cryptfs-metrics" in targets and "cryptfs-local" in targets:
-        ratio_cols.append(("cryptfs-metrics", "cryptfs-local"))  # the cost of metrics
+    paired = [p for p in PAIRS if p[0] in targets and p[1] in targets]
+    ratio_cols += paired
     short = {
         "passthrough": "pt",
         "gocryptfs": "gocfs",
@@ -1114,6 +1267,8 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "cryptfs-local": "local",
         "cryptfs-s3": "s3",
         "cryptfs-metrics": "metrics",
+        "cryptfs-before": "before",
+        "cryptfs-s3-before": "s3-before",
     }
     head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
     rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]
@@ -1130,6 +1285,8 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         for c, b in ratio_cols:
             if not show_ratio or (b == "boto3" and key not in ("seq_write", "seq_read")):
                 row.append("–")
+            elif (c, b) in paired:
+                row.append(paired_ratio(res, c, b, key, higher))
             else:
                 row.append(ratio(res, c, b, key, higher))
         rows.append(row)
@@ -1174,11 +1331,32 @@ def main(argv: list[str] | None = None) -> int:
         "--cryptfs", default=str(VENV_BIN / "cryptfs"), help="the cryptfs command to benchmark"
     )
     ap.add_argument(
+        "--before",
+        help="the cryptfs command of another checkout (e.g. /work/wt-old/.venv/bin/cryptfs), "
+        "for the targets cryptfs-before and cryptfs-s3-before",
+    )
+    ap.add_argument(
+        "--scrape-seconds",
+        type=float,
+        default=15.0,
+        help="how often the cryptfs-metrics target's /metrics is scraped (default 15, "
+        "Prometheus's default scrape interval)",
+    )
+    ap.add_argument(
+        "--metrics-cost",
+        action="store_true",
+        help="only measure, in this process, what recording a metric costs per call (CPU "
+        "time, best of 11 rounds) and print it",
+    )
+    ap.add_argument(
         "--fusepy-python",
         default=FusepyPassthroughTarget.python,
         help="interpreter with fusepy, for the passthrough-fusepy target",
     )
     args = ap.parse_args(argv)
+    if args.metrics_cost:
+        print(metrics_cost())
+        return 0
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in ALL_TARGETS + EXTRA_TARGETS]
@@ -1246,16 +1424,9 @@ def main(argv: list[str] | None = None) -> int:
                     break
             round_start = time.monotonic()
             log(f"=== run {run + 1} of {sz.runs}")
-            for t in active:
-                if t.name in res.failures:
-                    continue
-                try:
-                    run_suite(t, sz, run, tar, res)
-                except Exception as e:
-                    reason = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
-                    res.failures[t.name] = reason
-                    log(f"{t.name}: failed: {reason}")
-                    t.cleanup()
+            order = active if run % 2 == 0 else active[::-1]  # ABAB..., then ...BABA
+            interleave([(t, run_suite(t, sz, run, tar, res)) for t in order
+                        if t.name not in res.failures], res)
             if "boto3" in targets and "boto3" not in res.failures:
                 try:
                     log(f"boto3: {fmt_size(sz.big)} in {fmt_size(chunk)} objects, 8 threads")
@@ -1272,6 +1443,9 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; cleaning up")
     finally:
         for t in active:
+            if isinstance(t, CryptfsMetricsTarget) and hasattr(t, "scrapes"):
+                res.notes.append(f"{t.name}: /metrics scraped every "
+                                 f"{args.scrape_seconds:g} s, {t.scrapes} scrapes served")
             try:
                 t.teardown()
             except Exception as e:
@@ -1296,8 +1470,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Mode {mode}, {runs_done} run{'s' if runs_done != 1 else ''} (medians), commit "
         f"{git_head() or '?'}, Python {platform.python_version()}, cryptfs default chunk "
         f"size {local_chunk_text()} on the local store, {fmt_size(chunk)} on S3 (and for "
-        f"boto3; {chunk_src}); elapsed {elapsed / 60:.1f} min."
+        f"boto3; {chunk_src}); elapsed {elapsed / 60:.1f} min. The targets' workloads ran "
+        f"interleaved (each workload on every target in turn, the order reversed every other "
+        f"run)."
     )
+    if any(t.endswith("-before") for t in targets):
+        desc += (f" cryptfs-before and cryptfs-s3-before: `{args.before}`, commit "
+                 f"{git_head(Path(args.before).parent) or '?'}.")
+    if any(a in targets and b in targets for a, b in PAIRS):
+        desc += (" Paired ratio columns: the median of the per-run ratios, their range in "
+                 "brackets.")
     notes = [f"- {t}: n/a: {r}" for t, r in res.failures.items()]
     notes += [f"- {n}" for n in res.notes]
     text = "\n\n".join(p for p in (title, desc, table, "\n".join(notes)) if p) + "\n"

@@ -529,6 +529,53 @@ def test_fuse_operation_records_become_a_histogram() -> None:
     assert sample("cryptfs_fuse_operation_seconds_count", op="readdir_with_offset") == 1
 
 
+def test_records_from_many_threads_add_up_and_outlive_their_threads() -> None:
+    """Each thread records into its own row without a lock: nothing is lost when threads
+    race, an exception that is not an OSError is answered as the guard would and counted,
+    and the rows of threads that ended still count after they are folded."""
+    m = Metrics()
+    r = m.registry
+    seen: list[str] = []
+
+    def answer(name: str, e: Exception) -> OSError:
+        return OSError(5, f"{name}: {e}")
+
+    def op(i: int) -> int:
+        if i < 0:
+            raise ValueError("internal")
+        return i
+
+    timed = m.fuse_op("getattr", op, answer=answer, on_thread=lambda: seen.append("t"))
+    store = m.wrap_store(MemoryStore("memory://"), "s")
+    store.put("o", b"abc")
+
+    def work() -> None:
+        for i in range(5000):
+            timed(i)
+            m.memory_hit()
+        store.get("o", 10)
+        with pytest.raises(OSError) as e:
+            timed(-1)
+        assert e.value.errno == 5
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 4  # once per thread
+    for _ in range(2):  # the second scrape sums the rows the first one folded
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count",
+                                  {"op": "getattr"}) == 4 * 5001
+        assert r.get_sample_value("cryptfs_fuse_errors_total",
+                                  {"op": "getattr", "errno": "EIO"}) == 4
+        assert r.get_sample_value("cryptfs_cache_hits_total", {"cache": "memory"}) == 4 * 5000
+        assert r.get_sample_value("cryptfs_store_operation_seconds_count",
+                                  {"store": "s", "op": "get"}) == 4
+        assert r.get_sample_value("cryptfs_store_bytes_total", {"store": "s", "op": "get"}) == 12
+    assert not m._fuse["getattr"]._live  # the ended threads' rows were folded
+
+
 def test_each_store_of_a_replicated_vault_has_its_own_figures() -> None:
     root = _tmp_root()
     env = VaultEnv(root, f"file://{root}/store-a")

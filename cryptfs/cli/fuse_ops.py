@@ -66,7 +66,22 @@ def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
+def _answer(name: str, e: Exception) -> OSError:
+    """The errno answer to FUSE callback ``name`` that raised ``e`` (not an OSError), logged
+    in one line (a traceback for an internal error)."""
+    if isinstance(e, CryptfsError):
+        log.error("%s failed: %s", name, e.line())
+        return mfusepy.FuseOSError(e.errno)
+    log.error("internal error in %s", name, exc_info=e)
+    return mfusepy.FuseOSError(errno.EIO)
+
+
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A FUSE callback whose exceptions become errno answers (:func:`_answer`). With metrics,
+    :class:`CryptfsOperations` wraps the undecorated method (``__wrapped__``) in one timed
+    wrapper that does the same instead: one wrapper per callback either way."""
+    name = fn.__name__
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not getattr(_thread_kept, "kept", False):
@@ -75,12 +90,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except OSError:
             raise
-        except CryptfsError as e:
-            log.error("%s failed: %s", fn.__name__, e.line())
-            raise mfusepy.FuseOSError(e.errno) from None
-        except Exception:
-            log.exception("internal error in %s", fn.__name__)
-            raise mfusepy.FuseOSError(errno.EIO) from None
+        except Exception as e:
+            raise _answer(name, e) from None
 
     wrapper.fuse_op = True  # type: ignore[attr-defined]  (timed when metrics are on)
     return wrapper
@@ -132,7 +143,9 @@ class CryptfsOperations(mfusepy.Operations):
         if metrics is not None:
             for name, fn in vars(CryptfsOperations).items():
                 if getattr(fn, "fuse_op", False):
-                    setattr(self, name, metrics.fuse_op(name, getattr(self, name)))
+                    raw = fn.__wrapped__.__get__(self)
+                    setattr(self, name, metrics.fuse_op(name, raw, answer=_answer,
+                                                        on_thread=_keep_thread_state))
 
     def _invalidate(self, ino: int, keep: str | None = None) -> None:
         """libfuse's high-level API gives every name of a hard-linked file its own kernel
