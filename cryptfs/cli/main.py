@@ -126,6 +126,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from cryptfs.cli.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
 
     opts = MountOptions.parse(args.o or [])
+    if args.at is not None:
+        opts.at, opts.readonly = args.at, True
     if args.metrics is not None:
         opts.metrics = check_metrics_address(args.metrics)
     paths = VaultPaths(args.name or opts.name or DEFAULT_NAME)
@@ -259,6 +261,59 @@ def cmd_gc(args: argparse.Namespace) -> int:
     finally:
         vault.close(checkpoint=deleted)  # a checkpoint anchors the del entries in the store
     return 5 if rep.failed else 0
+
+
+def _on_vault(args: argparse.Namespace, req: dict[str, object], readonly: bool = False) -> object:
+    """Run a control request on the vault: through its mount's control socket when it is
+    mounted read-write, else on the vault opened here (and closed with a checkpoint)."""
+    from cryptfs.cli.control import SOCKET_NAME, ask, dispatch
+    from cryptfs.vault.core import Vault
+
+    paths = _paths(args)
+    res = ask(paths.data_dir / SOCKET_NAME, req)
+    if res is not None:
+        return res
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    vault = Vault.open(paths, master=master, readonly=readonly, check=True)
+    try:
+        return dispatch(vault, req)
+    finally:
+        vault.close(checkpoint=not readonly)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    s = _on_vault(args, {"op": "snapshot-create", "name": args.snapshot_name})
+    assert isinstance(s, dict)
+    print(f"snapshot '{s['name']}' ({s['id'][:8]}) pins {s['checkpoint']}, ledger seq "
+          f"{s['seq']}")
+    return 0
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    s = _on_vault(args, {"op": "snapshot-delete", "snapshot": args.snapshot})
+    assert isinstance(s, dict)
+    print(f"snapshot '{s['name']}' deleted; what only it held is collected")
+    return 0
+
+
+def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    rows = _on_vault(args, {"op": "snapshot-list"}, readonly=True)
+    assert isinstance(rows, list)
+    if args.json:
+        print(json.dumps({"snapshots": rows}, indent=1))
+        return 0
+    if not rows:
+        print("cryptfs: no snapshots")
+        return 0
+    print(f"{'ID':<8}  {'NAME':<24} {'TIME':<20} {'SEQ':>8}  {'HOLDS':>10}  {'ONLY IT':>10}")
+    for r in rows:
+        print(f"{r['id'][:8]}  {r['name']:<24} {r['time']:<20} {r['seq']:>8}  "
+              f"{_mb(r['bytes']):>10}  {_mb(r['only_bytes']):>10}")
+    return 0
 
 
 def _store_config(url: str):  # type: ignore[no-untyped-def]
@@ -578,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_mount)
 
+    sp.add_argument("--at", metavar="SNAPSHOT|TIME",
+                    help="mount a snapshot (name, id, or the newest at or before a UTC time "
+                    "YYYY-MM-DD[THH:MM[:SS]]) read-only, beside the live mount")
     sp = add("umount", "unmount after everything is stored")
     sp.add_argument("mountpoint")
     sp.add_argument("--name", help=argparse.SUPPRESS)
@@ -641,6 +699,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare listings only; do not download every copy")
     common(sp)
     sp.set_defaults(func=cmd_repair)
+
+    np = add("snapshot", "create, list or delete snapshots (pinned past states)")
+    nsub = np.add_subparsers(dest="snapshot_command", metavar="SNAPSHOTCOMMAND")
+    np.set_defaults(func=lambda _a: _usage(np))
+    sp = add("create", "write a checkpoint and pin it (works while mounted)", nsub,
+             "snapshot create")
+    sp.add_argument("--name", dest="snapshot_name", metavar="N",
+                    help="the snapshot's name (default: the UTC time)")
+    sp.add_argument("--vault", dest="name", help=f"vault name (default: {DEFAULT_NAME})")
+    _add_credentials(sp)
+    sp.set_defaults(func=cmd_snapshot_create)
+    sp = add("list", "list snapshots with what each holds and what it alone holds", nsub,
+             "snapshot list")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_list)
+    sp = add("delete", "delete a snapshot; what only it held is collected", nsub,
+             "snapshot delete")
+    sp.add_argument("snapshot", help="name or id from 'cryptfs snapshot list'")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_delete)
 
     tp = add("store", "list, add or remove the stores of a vault")
     tsub = tp.add_subparsers(dest="store_command", metavar="STORECOMMAND")

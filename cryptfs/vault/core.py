@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -44,6 +44,7 @@ from cryptfs.format.layout import (
     DATA_PREFIX,
     MAX_CHECKPOINT,
     META_PREFIX,
+    SNAPSHOT_PREFIX,
     checkpoint_name,
 )
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
@@ -59,9 +60,10 @@ from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.lease import Lease
-from cryptfs.vault.localstate import Head, load_local_config, save_local_config
+from cryptfs.vault.localstate import Head, load_local_config, read_head, save_local_config
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.restore import restore_from_store
+from cryptfs.vault.snapshots import Pins, held_or_none
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
@@ -113,6 +115,7 @@ class Vault:
         self.stores = stores or StoreList()
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
+        self.pins = Pins(store, self.codec, paths.data_dir / "pins")  # what snapshots hold
         self.readonly = readonly
         self.cache_bytes = cache_bytes
         self.meta: MetaStore | None = None
@@ -569,6 +572,16 @@ class Vault:
         self._write_head(last, ck_name)
         self._last_ckpt_seq = last.seq
 
+    @contextlib.contextmanager
+    def checkpoints_held(self) -> Iterator[str]:
+        """Hold off checkpoints (and so collection) while the body runs; yields the name of the
+        newest checkpoint, whose metadata image stays in the store meanwhile."""
+        with self._ckpt_lock:
+            head = read_head(self.paths)
+            if head is None or not head.checkpoint:
+                raise IntegrityError("this vault has no checkpoint yet")
+            yield head.checkpoint
+
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
@@ -581,11 +594,19 @@ class Vault:
 
     def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
-        beyond the newest few, and chunk objects that were unreferenced at snapshot time."""
+        beyond the newest few, and chunk objects that were unreferenced at snapshot time;
+        never anything a snapshot pin holds (:mod:`.snapshots`), and nothing at all while that
+        cannot be worked out."""
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta = self.fs, self.meta
         with fs.lock:
             rows = meta.all_objects()
+        held = held_or_none(self, [r.name for r, _, _ in rows
+                                   if r.name.startswith(SNAPSHOT_PREFIX)])
+        if held is None:
+            return
+        rows = [row for row in rows if row[0].name not in held]
+        garbage = [r for r in garbage if r.name not in held]
         old: list[ChunkRef] = []
         cks = sorted(
             (r for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),

@@ -1,0 +1,157 @@
+"""Asking a running mount to do something: the daemon's control socket.
+
+A mounted vault is held by its daemon (the vault lock, the lease, the only writer of the
+metadata), so commands that change the vault while it is mounted (``cryptfs snapshot``) ask the
+daemon instead of opening the vault: the daemon listens on ``control.sock`` in the vault's local
+state directory (mode 0600 in a 0700 directory) and answers only processes of its own user or
+root (``SO_PEERCRED``). One request per connection: one JSON line in, one JSON line out,
+``{"ok": true, "result": ...}`` or ``{"ok": false, "code": EXIT, "error": LINE}``; at most
+64 KiB each way. No key or passphrase is ever sent; the caller needs none (it could read and
+write the mounted files anyway).
+
+Unmounted, the same requests run on a vault the CLI opens itself (:func:`run_local`), so both
+paths execute :func:`dispatch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptfs.errors import CryptfsError, MountError, UsageError
+
+if TYPE_CHECKING:
+    from cryptfs.vault.core import Vault
+
+log = logging.getLogger("cryptfs.cli.control")
+
+MAX_MESSAGE = 1 << 16
+SOCKET_NAME = "control.sock"
+
+
+def dispatch(vault: Vault, req: dict[str, Any]) -> Any:
+    """Run one request on an open vault; returns a JSON-able result or raises CryptfsError."""
+    from cryptfs.vault import snapshots
+    from cryptfs.vault.core import KEEP_CHECKPOINTS
+
+    op = req.get("op")
+    if op == "snapshot-create":
+        name = req.get("name")
+        snap = snapshots.create_snapshot(vault, name if isinstance(name, str) else None)
+        return _snap_json(snap)
+    if op == "snapshot-delete":
+        return _snap_json(snapshots.delete_snapshot(vault, str(req.get("snapshot", ""))))
+    if op == "snapshot-list":
+        return [{**_snap_json(u.snapshot), "objects": u.objects, "bytes": u.bytes,
+                 "only_objects": u.only_objects, "only_bytes": u.only_bytes}
+                for u in snapshots.usage(vault, KEEP_CHECKPOINTS)]
+    raise UsageError(f"unknown control request {op!r}")
+
+
+def _snap_json(s: Any) -> dict[str, Any]:
+    return {"id": s.id, "name": s.name, "time": s.when(), "time_ns": s.time_ns,
+            "checkpoint": s.checkpoint.name, "meta": s.meta.name, "seq": s.seq,
+            "head": s.hash.hex()}
+
+
+class ControlServer:
+    """The daemon's end: serves :func:`dispatch` on ``path`` from one thread until closed."""
+
+    def __init__(self, path: Path, vault: Vault) -> None:
+        self.path = path
+        self.vault = vault
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        path.unlink(missing_ok=True)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(4)
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    self._one(conn)
+                except Exception:  # noqa: BLE001 - one bad request never ends the server
+                    log.exception("control request failed")
+
+    def _one(self, conn: socket.socket) -> None:
+        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", cred)
+        if uid not in (0, os.geteuid()):
+            return
+        conn.settimeout(10)
+        data = _read_line(conn)
+        try:
+            req = json.loads(data)
+            if not isinstance(req, dict):
+                raise ValueError
+        except ValueError:
+            reply: dict[str, Any] = {"ok": False, "code": 2, "error": "malformed request"}
+        else:
+            conn.settimeout(None)  # a snapshot waits for a checkpoint: uploads may take long
+            try:
+                reply = {"ok": True, "result": dispatch(self.vault, req)}
+            except CryptfsError as e:
+                reply = {"ok": False, "code": e.exit_code, "error": e.line()}
+        conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_MESSAGE:
+            raise MountError("control message too long")
+    return data
+
+
+def ask(path: Path, req: dict[str, Any]) -> Any | None:
+    """Send ``req`` to the mount listening at ``path``; its result, or None if no mount listens
+    there. A refused request raises a CryptfsError with the daemon's line and exit code."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = _read_line(s)
+    finally:
+        s.close()
+    try:
+        reply = json.loads(data)
+        ok = bool(reply["ok"])
+    except (ValueError, KeyError, TypeError):
+        raise MountError("the mount daemon gave no answer", hint="see its daemon.log") from None
+    if ok:
+        return reply.get("result")
+    err = CryptfsError(str(reply.get("error", "failed")))
+    code = reply.get("code")
+    err.exit_code = code if isinstance(code, int) else 1
+    raise err
