@@ -1,5 +1,6 @@
 """Command line: ``cryptfs`` (init, mount, umount, status, stats, verify, fsck, gc, log, list, info,
-key, passwd) and ``mount.cryptfs`` (the mount(8) helper).
+key, passwd, snapshot, history, restore, prove, verify-proof) and ``mount.cryptfs`` (the mount(8)
+helper).
 
 Every failure prints one line ``cryptfs: <what> (<hint>)`` on stderr and exits with the error's
 code (see README: exit codes); tracebacks only with ``--debug``.
@@ -266,7 +267,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def _on_vault(args: argparse.Namespace, req: dict[str, object], readonly: bool = False) -> object:
     """Run a control request on the vault: through its mount's control socket when it is
     mounted read-write, else on the vault opened here (and closed with a checkpoint)."""
-    from cryptfs.cli.control import SOCKET_NAME, ask, dispatch
+    from cryptfs.admin.control import SOCKET_NAME, ask, dispatch
     from cryptfs.vault.core import Vault
 
     paths = _paths(args)
@@ -313,6 +314,72 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['id'][:8]}  {r['name']:<24} {r['time']:<20} {r['seq']:>8}  "
               f"{_mb(r['bytes']):>10}  {_mb(r['only_bytes']):>10}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import history
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    rows = history(paths, master, args.path)
+    if args.json:
+        print(json.dumps({"path": args.path, "versions": [r.__dict__ for r in rows]}, indent=1))
+        return 0
+    last = None
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.time_ns / 1e9))
+        what = r.kind if r.kind != "file" else \
+            f"{r.size} bytes, mode {r.mode:o}, version {r.version}"
+        same = " (unchanged)" if last is not None and (r.kind, r.version) == last else ""
+        print(f"{when}  {r.label:<24} seq {r.seq:<8} {what}{same}")
+        last = (r.kind, r.version)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import restore
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    where, n, snap = restore(paths, master, args.path, args.at, args.to)
+    print(f"restored {where} ({n} bytes) as snapshot '{snap.name}' held it")
+    return 0
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import prove, public_key
+    from cryptfs.vault.localstate import load_local_config
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    if args.public_key:
+        print(public_key(master, load_local_config(paths)[1].vault_id))
+        return 0
+    if not args.path or not args.at:
+        raise UsageError("give PATH and --at SNAPSHOT|TIME (or --public-key)")
+    print(json.dumps(prove(paths, master, args.path, args.at), indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_verify_proof(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import parse_proof, verify_proof
+
+    if args.proof == "-":
+        text = sys.stdin.buffer.read(1 << 17)
+    else:
+        try:
+            with open(args.proof, "rb") as f:
+                text = f.read(1 << 17)
+        except OSError as e:
+            raise UsageError(f"cannot read {args.proof}: {e.strerror}") from None
+    doc = parse_proof(text)
+    if args.public_key:
+        print(verify_proof(None, None, doc, args.public_key))
+        return 0
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    print(verify_proof(paths, master, doc))
     return 0
 
 
@@ -720,6 +787,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("snapshot", help="name or id from 'cryptfs snapshot list'")
     common(sp)
     sp.set_defaults(func=cmd_snapshot_delete)
+
+    sp = add("history", "every version of a file in the snapshots and now (deleted files too)")
+    sp.add_argument("path", help="the file's path in the vault, e.g. /docs/report.txt")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_history)
+
+    sp = add("restore", "copy a file as a snapshot held it back into the vault")
+    sp.add_argument("path", help="the file's path in the vault (it may be deleted now)")
+    sp.add_argument("--at", required=True, metavar="SNAPSHOT|TIME")
+    sp.add_argument("--to", metavar="NEWPATH",
+                    help="write it here (must not exist) instead of over PATH")
+    common(sp)
+    sp.set_defaults(func=cmd_restore)
+
+    sp = add("prove", "print a signed statement of a file's content at a snapshot")
+    sp.add_argument("path", nargs="?", help="the file's path in the vault")
+    sp.add_argument("--at", metavar="SNAPSHOT|TIME")
+    sp.add_argument("--public-key", action="store_true",
+                    help="print the vault's public proof key instead")
+    common(sp)
+    sp.set_defaults(func=cmd_prove)
+
+    sp = add("verify-proof", "check a proof: its signature and that the vault's ledger still "
+             "holds its head")
+    sp.add_argument("proof", help="the proof file ('-' for stdin)")
+    sp.add_argument("--public-key", metavar="HEX",
+                    help="check the signature only, against this key, without the vault")
+    common(sp)
+    sp.set_defaults(func=cmd_verify_proof)
 
     tp = add("store", "list, add or remove the stores of a vault")
     tsub = tp.add_subparsers(dest="store_command", metavar="STORECOMMAND")

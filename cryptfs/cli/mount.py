@@ -271,7 +271,7 @@ def serve(
         if opts.at is not None:  # the past, read-only, beside any live mount
             from cryptfs.vault.snapshots import open_past
 
-            vault = open_past(paths, master, opts.at, opts.cache_bytes)
+            vault = open_past(paths, master, opts.at, opts.cache_bytes)[0]
         else:
             vault = Vault.open(
                 paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes,
@@ -299,9 +299,9 @@ def serve(
     publisher.start()  # status.json for `cryptfs status`, about once a second
     control = None  # `cryptfs snapshot` asks a writable mount through its control socket
     if not vault.readonly:
-        from cryptfs.cli.control import SOCKET_NAME, ControlServer
+        from cryptfs.admin.control import SOCKET_NAME, ControlServer
 
-        control = ControlServer(paths.data_dir / SOCKET_NAME, vault)
+        control = ControlServer(paths.data_dir / SOCKET_NAME, vault, mountpoint)
     if endpoint is not None and metrics is not None:
         from cryptfs.metrics import VaultCollector
 

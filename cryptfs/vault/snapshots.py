@@ -369,7 +369,8 @@ def held_or_none(vault: Vault, pins: list[str]) -> set[str] | None:
         return None
 
 
-def open_past(paths: VaultPaths, master: bytes, spec: str, cache_bytes: int) -> Vault:
+def open_past(paths: VaultPaths, master: bytes, spec: str,
+              cache_bytes: int) -> tuple[Vault, Snapshot, Checkpoint]:
     """Open the state snapshot ``spec`` pinned (see :func:`resolve_at`) read-only, with local
     state of its own (:class:`~cryptfs.paths.PastPaths`): its metadata materialized from the
     store and checked against the pinned checkpoint's MAC'd ledger head, every chunk checked
@@ -403,7 +404,8 @@ def open_past(paths: VaultPaths, master: bytes, spec: str, cache_bytes: int) -> 
     finally:
         store.close()
     log.info("mounting snapshot '%s' (%s, ledger seq %d) read-only", snap.name, ck.name, ck.seq)
-    return Vault.open(past, master=master, readonly=True, check=False, cache_bytes=cache_bytes)
+    vault = Vault.open(past, master=master, readonly=True, check=False, cache_bytes=cache_bytes)
+    return vault, snap, ck
 
 
 def _sweep_past(paths: VaultPaths) -> None:

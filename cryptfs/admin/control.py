@@ -30,7 +30,7 @@ from cryptfs.errors import CryptfsError, MountError, UsageError
 if TYPE_CHECKING:
     from cryptfs.vault.core import Vault
 
-log = logging.getLogger("cryptfs.cli.control")
+log = logging.getLogger("cryptfs.admin.control")
 
 MAX_MESSAGE = 1 << 16
 SOCKET_NAME = "control.sock"
@@ -64,9 +64,10 @@ def _snap_json(s: Any) -> dict[str, Any]:
 class ControlServer:
     """The daemon's end: serves :func:`dispatch` on ``path`` from one thread until closed."""
 
-    def __init__(self, path: Path, vault: Vault) -> None:
+    def __init__(self, path: Path, vault: Vault, mountpoint: str) -> None:
         self.path = path
         self.vault = vault
+        self.mountpoint = mountpoint  # answered to {"op": "mountpoint"}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path.unlink(missing_ok=True)
         old = os.umask(0o177)
@@ -107,7 +108,9 @@ class ControlServer:
         else:
             conn.settimeout(None)  # a snapshot waits for a checkpoint: uploads may take long
             try:
-                reply = {"ok": True, "result": dispatch(self.vault, req)}
+                result = self.mountpoint if req.get("op") == "mountpoint" \
+                    else dispatch(self.vault, req)
+                reply = {"ok": True, "result": result}
             except CryptfsError as e:
                 reply = {"ok": False, "code": e.exit_code, "error": e.line()}
         conn.sendall(json.dumps(reply).encode() + b"\n")
