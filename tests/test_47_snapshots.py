@@ -223,3 +223,64 @@ def test_history_restore_and_proofs(local_env: VaultEnv) -> None:
     env.cli("restore", "/a.txt", "--at", "s1")
     hist = json.loads(env.cli("history", "/a.txt", "--json").stdout)["versions"]
     assert hist[-1]["label"] == "now" and hist[-1]["version"] == hist[0]["version"]
+
+
+def _t(text: str) -> int:
+    import calendar
+
+    return calendar.timegm(time.strptime(text, "%Y-%m-%d %H:%M")) * 10**9
+
+
+def test_retention_policy_with_explicit_times(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptfs.paths import VaultPaths
+    from cryptfs.vault.core import Vault, create_vault
+    from cryptfs.vault.snapshots import (
+        apply_policy,
+        create_snapshot,
+        get_policy,
+        recorded,
+        retained,
+        set_policy,
+    )
+
+    # the rule itself, restic's forget: the newest of each of the last n units that have one
+    times = [_t(x) for x in ("2026-03-02 10:00", "2026-03-02 10:30", "2026-03-02 11:10",
+                             "2026-03-03 09:00", "2026-03-03 09:40", "2026-03-04 08:00",
+                             "2026-03-04 08:20", "2026-02-20 12:00", "2026-01-05 12:00")]
+    assert retained(times, {"hourly": 2}) == {_t("2026-03-04 08:20"), _t("2026-03-03 09:40")}
+    assert retained(times, {"hourly": 1, "daily": 4}) == {
+        _t("2026-03-04 08:20"), _t("2026-03-03 09:40"), _t("2026-03-02 11:10"),
+        _t("2026-02-20 12:00")}
+    # 2026-03-02..04 are ISO week 10, 02-20 week 8, 01-05 week 2
+    assert retained(times, {"weekly": 2}) == {_t("2026-03-04 08:20"), _t("2026-02-20 12:00")}
+    assert retained(times, {"monthly": 5}) == {_t("2026-03-04 08:20"), _t("2026-02-20 12:00"),
+                                               _t("2026-01-05 12:00")}
+    assert retained(times, {}) == set()
+
+    # applied at checkpoints of a real vault, with explicit clocks
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / k.lower()))
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{tmp_path}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+    try:
+        manual = create_snapshot(v, "by-hand")
+        assert set_policy(v, {"hourly": 2, "daily": 0}) == {"hourly": 2} == get_policy(v)
+
+        def autos() -> list[str]:
+            return sorted(s.name for s in (v.pins.snapshot(r.name) for r in recorded(v))
+                          if s.name.startswith("auto-"))
+
+        for when in ("2020-05-01 10:10", "2020-05-01 10:50", "2020-05-01 11:05",
+                     "2020-05-01 12:30"):
+            with v.checkpoints_held() as ck:
+                apply_policy(v, ck, v.store.get(ck, 1 << 20), now=_t(when))
+        assert autos() == ["auto-2020-05-01T11:05:00Z", "auto-2020-05-01T12:30:00Z"]
+        v.sync()  # a real checkpoint at the real time: due, and 11:05 drops out
+        now = autos()
+        assert len(now) == 2 and now[0] == "auto-2020-05-01T12:30:00Z"
+        assert now[1] > "auto-2026"
+        assert manual.object in {r.name for r in recorded(v)}  # never touched by the policy
+    finally:
+        v.close()

@@ -52,6 +52,11 @@ def dispatch(vault: Vault, req: dict[str, Any]) -> Any:
         return [{**_snap_json(u.snapshot), "objects": u.objects, "bytes": u.bytes,
                  "only_objects": u.only_objects, "only_bytes": u.only_bytes}
                 for u in snapshots.usage(vault, KEEP_CHECKPOINTS)]
+    if op == "snapshot-policy":
+        wanted = req.get("set")
+        if isinstance(wanted, dict):
+            return snapshots.set_policy(vault, wanted)
+        return snapshots.get_policy(vault)
     raise UsageError(f"unknown control request {op!r}")
 
 

@@ -301,6 +301,28 @@ def cmd_snapshot_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot_policy(args: argparse.Namespace) -> int:
+    from cryptfs.vault.snapshots import RULES
+
+    wanted = {r: getattr(args, f"keep_{r}") for r in RULES}
+    req: dict[str, object] = {"op": "snapshot-policy"}
+    if args.off:
+        req["set"] = {}
+    elif any(v is not None for v in wanted.values()):
+        req["set"] = {r: v for r, v in wanted.items() if v is not None}
+    policy = _on_vault(args, req, readonly="set" not in req)
+    assert isinstance(policy, dict)
+    if args.json:
+        print(json.dumps(policy))
+    elif policy:
+        print("automatic snapshots at checkpoints, keeping the newest of the last " +
+              ", ".join(f"{n} {'days' if r == 'daily' else r[:-2] + 's'}"
+                        for r, n in policy.items()))
+    else:
+        print("no retention policy: snapshots only by hand")
+    return 0
+
+
 def cmd_snapshot_list(args: argparse.Namespace) -> int:
     rows = _on_vault(args, {"op": "snapshot-list"}, readonly=True)
     assert isinstance(rows, list)
@@ -782,6 +804,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     common(sp)
     sp.set_defaults(func=cmd_snapshot_list)
+    sp = add("policy", "show or set the retention policy: automatic snapshots at checkpoints",
+             nsub, "snapshot policy")
+    for rule in ("hourly", "daily", "weekly", "monthly"):
+        sp.add_argument(f"--keep-{rule}", type=_int_arg(0, 10000), metavar="N",
+                        help=f"keep the newest automatic snapshot of each of the last N "
+                        f"{'days' if rule == 'daily' else rule[:-2] + 's'} that have one")
+    sp.add_argument("--off", action="store_true", help="no automatic snapshots")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_policy)
     sp = add("delete", "delete a snapshot; what only it held is collected", nsub,
              "snapshot delete")
     sp.add_argument("snapshot", help="name or id from 'cryptfs snapshot list'")

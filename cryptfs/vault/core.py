@@ -63,7 +63,7 @@ from cryptfs.vault.lease import Lease
 from cryptfs.vault.localstate import Head, load_local_config, read_head, save_local_config
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.restore import restore_from_store
-from cryptfs.vault.snapshots import Pins, held_or_none
+from cryptfs.vault.snapshots import Pins, apply_policy, held_or_none
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
@@ -562,7 +562,8 @@ class Vault:
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
-        self._collect(name, garbage)
+        apply_policy(self, ck_name, ck_blob)  # automatic snapshots, before what they hold is
+        self._collect(name, garbage)  # worked out
         # anchor the entries written after the checkpoint too (its own, the collections), so
         # deleting them from the local ledger is noticed; durable before the head names them
         with fs.lock:

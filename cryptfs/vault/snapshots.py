@@ -227,24 +227,31 @@ def create_snapshot(vault: Vault, name: str | None = None) -> Snapshot:
         raise UsageError("a read-only mount cannot create snapshots")
     now = time.time_ns()
     name = name or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9))
-    if not NAME_RE.match(name):
+    if not NAME_RE.match(name) or name.startswith(AUTO_PREFIX):
         raise UsageError(f"invalid snapshot name {name!r}",
-                         hint="letters, digits and . _ : + -, at most 100 characters")
+                         hint="letters, digits and . _ : + -, at most 100 characters, not "
+                         f"starting with '{AUTO_PREFIX}' (the retention policy's)")
     if any(s.name == name for s in (vault.pins.snapshot(r.name) for r in recorded(vault))):
         raise UsageError(f"a snapshot named '{name}' exists already")
     vault.sync()
     with vault.checkpoints_held() as ck_name:  # no collection can drop its image meanwhile
-        blob = vault.store.get(ck_name, MAX_CHECKPOINT)
-        ck = open_checkpoint(vault.codec, ck_name, blob)
-        obj = snapshot_name(crypto.random_bytes(16).hex())
-        snap = Snapshot(obj, name, now, ChunkRef(ck_name, len(blob), crypto.sha256(blob)),
-                        ck.seq, ck.hash, ck.mac, ck.meta)
-        sealed = seal_snapshot(vault.codec, snap)
-        vault.store.put(obj, sealed)
-        ref = ChunkRef(obj, len(sealed), crypto.sha256(sealed))
-        with vault.fs.lock, vault.meta.transaction():
-            vault.meta.reference(ref, staged=False)
-            vault.ledger.append("put", obj, ref.size, ref.sha256)
+        return _pin(vault, ck_name, vault.store.get(ck_name, MAX_CHECKPOINT), name, now)
+
+
+def _pin(vault: Vault, ck_name: str, blob: bytes, name: str, now: int) -> Snapshot:
+    """Pin the checkpoint ``ck_name`` (stored bytes ``blob``; the caller keeps checkpoints
+    from running): put the pin, record it and its ``put`` entry."""
+    assert vault.meta is not None and vault.fs is not None and vault.ledger is not None
+    ck = open_checkpoint(vault.codec, ck_name, blob)
+    obj = snapshot_name(crypto.random_bytes(16).hex())
+    snap = Snapshot(obj, name, now, ChunkRef(ck_name, len(blob), crypto.sha256(blob)),
+                    ck.seq, ck.hash, ck.mac, ck.meta)
+    sealed = seal_snapshot(vault.codec, snap)
+    vault.store.put(obj, sealed)
+    ref = ChunkRef(obj, len(sealed), crypto.sha256(sealed))
+    with vault.fs.lock, vault.meta.transaction():
+        vault.meta.reference(ref, staged=False)
+        vault.ledger.append("put", obj, ref.size, ref.sha256)
     log.info("snapshot '%s' pins %s", name, ck_name)
     return snap
 
@@ -267,6 +274,13 @@ def delete_snapshot(vault: Vault, spec: str) -> Snapshot:
     if vault.readonly or vault.readonly_reason is not None:
         raise UsageError("a read-only mount cannot delete snapshots")
     snap = find(vault, spec)
+    _unpin(vault, snap)
+    vault.sync()
+    return snap
+
+
+def _unpin(vault: Vault, snap: Snapshot) -> None:
+    assert vault.meta is not None and vault.fs is not None and vault.ledger is not None
     with vault.fs.lock:
         found = vault.meta.get_object(snap.object)
     assert found is not None
@@ -275,8 +289,107 @@ def delete_snapshot(vault: Vault, spec: str) -> Snapshot:
         vault.meta.forget_object(snap.object)
         vault.ledger.append("del", snap.object, found[0].size, found[0].sha256)
     vault.pins.forget(snap.object)
-    vault.sync()
-    return snap
+
+
+# -- the retention policy: automatic snapshots at checkpoints ----------------------------------
+AUTO_PREFIX = "auto-"
+RULES = ("hourly", "daily", "weekly", "monthly")  # finest first
+POLICY_STATE = "snapshot-policy"  # the metadata's state key: JSON {rule: count}
+
+
+def bucket(rule: str, t_ns: int) -> tuple[int, ...]:
+    """The UTC hour, day, ISO week or month ``t_ns`` falls in."""
+    tm = time.gmtime(t_ns // 10**9)
+    if rule == "hourly":
+        return (tm.tm_year, tm.tm_yday, tm.tm_hour)
+    if rule == "daily":
+        return (tm.tm_year, tm.tm_yday)
+    if rule == "weekly":
+        import datetime
+
+        iso = datetime.date(tm.tm_year, tm.tm_mon, tm.tm_mday).isocalendar()
+        return (iso[0], iso[1])
+    return (tm.tm_year, tm.tm_mon)
+
+
+def retained(times: list[int], policy: dict[str, int]) -> set[int]:
+    """Which of the automatic snapshots taken at ``times`` the policy keeps, like restic's
+    ``forget --keep-hourly/daily/weekly/monthly``: for each rule with count n, the newest
+    snapshot of each of the n newest hours (days, ISO weeks, months) that have one; the union
+    over the rules."""
+    keep: set[int] = set()
+    newest_first = sorted(set(times), reverse=True)
+    for rule in RULES:
+        n = policy.get(rule, 0)
+        seen: set[tuple[int, ...]] = set()
+        for t in newest_first:
+            if len(seen) >= n:
+                break
+            b = bucket(rule, t)
+            if b not in seen:
+                seen.add(b)
+                keep.add(t)
+    return keep
+
+
+def due(times: list[int], policy: dict[str, int], now: int) -> bool:
+    """Whether a checkpoint at ``now`` gets an automatic snapshot: the first one in each unit
+    of the finest rule the policy uses."""
+    finest = next((r for r in RULES if policy.get(r, 0) > 0), None)
+    if finest is None:
+        return False
+    return not times or bucket(finest, max(times)) != bucket(finest, now)
+
+
+def get_policy(vault: Vault) -> dict[str, int]:
+    assert vault.meta is not None and vault.fs is not None
+    with vault.fs.lock:
+        text = vault.meta.get_state(POLICY_STATE)
+    try:
+        got = json.loads(text) if text else {}
+        return {r: int(got[r]) for r in RULES if int(got.get(r, 0)) > 0}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+
+
+def set_policy(vault: Vault, policy: dict[str, int]) -> dict[str, int]:
+    """Set the vault's retention policy (kept in its metadata, so it travels with the vault);
+    an empty one turns automatic snapshots off (existing ones stay)."""
+    assert vault.meta is not None and vault.fs is not None
+    if vault.readonly or vault.readonly_reason is not None:
+        raise UsageError("a read-only mount cannot change the retention policy")
+    counts = {r: policy.get(r, 0) or 0 for r in RULES}
+    if any(type(n) is not int or not 0 <= n <= 10000 for n in counts.values()):
+        raise UsageError("--keep-* counts must be whole numbers from 0 to 10000")
+    clean = {r: n for r, n in counts.items() if n > 0}
+    with vault.fs.lock:
+        vault.meta.set_state(POLICY_STATE, json.dumps(clean))
+    return clean
+
+
+def apply_policy(vault: Vault, ck_name: str, blob: bytes, now: int | None = None) -> None:
+    """At a checkpoint (the caller holds off other checkpoints): pin it as an automatic
+    snapshot if the policy is due (:func:`due`), then delete the automatic snapshots the policy
+    no longer keeps (:func:`retained`). Snapshots created by hand are never touched. A failure
+    is logged and retried at the next checkpoint; it never fails the checkpoint."""
+    try:
+        policy = get_policy(vault)
+        if not policy:
+            return
+        now = time.time_ns() if now is None else now
+        autos = [s for s in (vault.pins.snapshot(r.name) for r in recorded(vault))
+                 if s.name.startswith(AUTO_PREFIX)]
+        if due([s.time_ns for s in autos], policy, now):
+            name = AUTO_PREFIX + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now / 1e9))
+            if all(s.name != name for s in autos):
+                autos.append(_pin(vault, ck_name, blob, name, now))
+        keep = retained([s.time_ns for s in autos], policy)
+        for s in autos:
+            if s.time_ns not in keep:
+                log.info("retention policy: deleting snapshot '%s'", s.name)
+                _unpin(vault, s)
+    except CryptfsError as e:
+        log.warning("retention policy not applied at %s: %s", ck_name, e.line())
 
 
 @dataclass
