@@ -211,10 +211,12 @@ def _t(text: str) -> int:
 def test_retention_policy_with_explicit_times(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from cryptfs.paths import VaultPaths
+    from cryptfs.vault.checkpoints import read_checkpoints
     from cryptfs.vault.core import Vault, create_vault
     from cryptfs.vault.snapshots import (
         apply_policy,
         create_snapshot,
+        delete_snapshot,
         get_policy,
         recorded,
         retained,
@@ -259,5 +261,19 @@ def test_retention_policy_with_explicit_times(tmp_path: Path,
         assert len(now) == 2 and now[0] == "auto-2020-05-01T12:30:00Z"
         assert now[1] > "auto-2026"
         assert manual.object in {r.name for r in recorded(v)}  # never touched by the policy
+
+        # a pin the store lost: collection pauses (deletes nothing); deleting it by id resumes it
+        set_policy(v, {})
+        metas = lambda: {p.name for p in (tmp_path / "store" / "meta").iterdir()}  # noqa: E731
+        (tmp_path / "store" / manual.object).unlink()
+        v.pins.forget(manual.object)
+        kept = metas()
+        v.sync()
+        assert kept < metas()  # a new image, and none deleted
+        delete_snapshot(v, manual.id[:8])
+        # collected again: left are the images the automatic snapshots hold, and the current
+        held = {v.pins.snapshot(r.name).meta.name for r in recorded(v)}
+        current = read_checkpoints(v.store, v.codec)[0][0].meta.name
+        assert {"meta/" + n for n in metas()} == held | {current}
     finally:
         v.close()

@@ -94,6 +94,8 @@ class ControlServer:
             with conn:
                 try:
                     self._one(conn)
+                except (OSError, CryptfsError) as e:  # a client gone or misbehaving
+                    log.warning("control request failed: %s", e)
                 except Exception:  # noqa: BLE001 - one bad request never ends the server
                     log.exception("control request failed")
 

@@ -301,7 +301,10 @@ def serve(
     if not vault.readonly:
         from cryptfs.admin.control import SOCKET_NAME, ControlServer
 
-        control = ControlServer(paths.data_dir / SOCKET_NAME, vault, mountpoint)
+        try:
+            control = ControlServer(paths.data_dir / SOCKET_NAME, vault, mountpoint)
+        except OSError as e:  # e.g. a path longer than a socket address holds
+            log.warning("no control socket (cryptfs snapshot needs the vault unmounted): %s", e)
     if endpoint is not None and metrics is not None:
         from cryptfs.metrics import VaultCollector
 

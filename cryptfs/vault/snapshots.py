@@ -257,8 +257,17 @@ def _pin(vault: Vault, ck_name: str, blob: bytes, name: str, now: int) -> Snapsh
 
 
 def find(vault: Vault, spec: str) -> Snapshot:
-    """The recorded snapshot named ``spec`` (or whose id starts with it)."""
-    snaps = [vault.pins.snapshot(r.name) for r in recorded(vault)]
+    """The recorded snapshot named ``spec`` (or whose id starts with it). A recorded pin that
+    cannot be read (missing, or failing its checks) is found by its id alone, as a stand-in
+    named by its id, so that it can be deleted."""
+    snaps: list[Snapshot] = []
+    for r in recorded(vault):
+        try:
+            snaps.append(vault.pins.snapshot(r.name))
+        except CryptfsError:
+            sid = r.name[len(SNAPSHOT_PREFIX):]
+            snaps.append(Snapshot(r.name, sid, 0, ChunkRef("", 0, b""), 0, b"", b"",
+                                  ChunkRef("", 0, b"")))
     hit = [s for s in snaps if s.name == spec] or \
         [s for s in snaps if len(spec) >= 4 and s.id.startswith(spec)]
     if len(hit) != 1:
@@ -284,7 +293,10 @@ def _unpin(vault: Vault, snap: Snapshot) -> None:
     with vault.fs.lock:
         found = vault.meta.get_object(snap.object)
     assert found is not None
-    vault.store.delete(snap.object)
+    try:
+        vault.store.delete(snap.object)
+    except ObjectNotFound:
+        pass  # gone already (the store lost it): forget it all the same
     with vault.fs.lock, vault.meta.transaction():
         vault.meta.forget_object(snap.object)
         vault.ledger.append("del", snap.object, found[0].size, found[0].sha256)
@@ -419,7 +431,15 @@ def usage(vault: Vault, keep_checkpoints: int) -> list[Usage]:
         live.add(open_checkpoint(vault.codec, cks[0],
                                  vault.store.get(cks[0], MAX_CHECKPOINT)).meta.name)
     pins = [r.name for r, _, _ in rows if r.name.startswith(SNAPSHOT_PREFIX)]
-    held = {p: vault.pins.held_by(p) for p in pins}
+    held = {}
+    for p in pins:
+        try:
+            held[p] = vault.pins.held_by(p)
+        except CryptfsError as e:
+            raise IntegrityError(
+                f"snapshot {p[len(SNAPSHOT_PREFIX):]} cannot be read: {e.line()}",
+                hint=f"'cryptfs snapshot delete {p[len(SNAPSHOT_PREFIX):]}' drops it; until "
+                "then nothing is collected") from None
     sizes = {r.name: r.size for r, _, _ in rows}
     out = []
     for p in pins:
