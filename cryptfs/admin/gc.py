@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs.errors import IntegrityError, StoreError
+from cryptfs.errors import CryptfsError, IntegrityError, StoreError
 from cryptfs.format.layout import PER_STORE, SNAPSHOT_PREFIX
 
 DEFAULT_GRACE = 3600.0
@@ -63,7 +63,11 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
     with vault.fs.lock:
         known = {ref.name for ref, _, _ in vault.meta.all_objects()}
     # everything a snapshot holds stays, whether or not the live metadata records it
-    known |= vault.pins.held([n for n in known if n.startswith(SNAPSHOT_PREFIX)])
+    try:
+        known |= vault.pins.held([n for n in known if n.startswith(SNAPSHOT_PREFIX)])
+    except CryptfsError as e:
+        raise IntegrityError(f"not collecting garbage: what the snapshots hold is unknown "
+                             f"({e})", hint="see 'cryptfs snapshot list'") from None
     rep = GcReport()
     for name, size, age in list_with_age(vault.store):
         rep.scanned += 1
