@@ -14,6 +14,10 @@ snapshot (the objects are immutable) and cached under the vault's local state di
 ``pins/<id>.json``; deleting the cache is always safe. The Vault's collection and ``cryptfs gc``
 delete nothing a snapshot holds; if a snapshot's set cannot be worked out (the store is
 unreachable, a pinned object fails its check), collection deletes nothing that round.
+
+Longer than ~400 lines: the pin format, what pins hold, the operations on a live vault, the
+retention policy and opening the past share the pin's reading and checks; splitting them would
+spread one object's rules over several modules.
 """
 
 from __future__ import annotations
