@@ -2,9 +2,13 @@
 
 A mounted vault is held by its daemon (the vault lock, the lease, the only writer of the
 metadata), so commands that change the vault while it is mounted (``cryptfs snapshot``) ask the
-daemon instead of opening the vault: the daemon listens on ``control.sock`` in the vault's local
-state directory (mode 0600 in a 0700 directory) and answers only processes of its own user or
-root (``SO_PEERCRED``). One request per connection: one JSON line in, one JSON line out,
+daemon instead of opening the vault: the daemon listens on a Unix socket in Linux's abstract
+namespace (no file: nothing to clean up after a crash, nothing for copies or backups of the
+local state directory to trip over, no path length limit), named after the vault's local state
+directory (:func:`address`). Abstract sockets have no file permissions, so both ends check the
+other's credentials (``SO_PEERCRED``): the daemon answers only its own user or root, and a
+client talks only to a daemon of its own user or root (another user could bind the name
+first). One request per connection: one JSON line in, one JSON line out,
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "code": EXIT, "error": LINE}``; at most
 64 KiB each way. No key or passphrase is ever sent; the caller needs none (it could read and
 write the mounted files anyway).
@@ -16,6 +20,7 @@ paths execute :func:`dispatch`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +38,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptfs.admin.control")
 
 MAX_MESSAGE = 1 << 16
-SOCKET_NAME = "control.sock"
+
+
+def address(data_dir: Path) -> str:
+    """The abstract socket name of the mount of the vault whose local state is ``data_dir``."""
+    key = hashlib.sha256(os.fsencode(os.path.realpath(data_dir))).hexdigest()[:32]
+    return f"\0cryptfs-control/{key}"
+
+
+def _peer_ok(sock: socket.socket) -> bool:
+    cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", cred)
+    return uid in (0, os.geteuid())
 
 
 def dispatch(vault: Vault, req: dict[str, Any]) -> Any:
@@ -69,18 +85,16 @@ def _snap_json(s: Any) -> dict[str, Any]:
 class ControlServer:
     """The daemon's end: serves :func:`dispatch` on ``path`` from one thread until closed."""
 
-    def __init__(self, path: Path, vault: Vault, mountpoint: str) -> None:
-        self.path = path
+    def __init__(self, data_dir: Path, vault: Vault, mountpoint: str) -> None:
+        """Listen at :func:`address` of ``data_dir``; OSError if that name is taken."""
         self.vault = vault
         self.mountpoint = mountpoint  # answered to {"op": "mountpoint"}
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        path.unlink(missing_ok=True)
-        old = os.umask(0o177)
         try:
-            self.sock.bind(str(path))
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
+            self.sock.bind(address(data_dir))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.listen(4)
         self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self._thread.start()
@@ -100,9 +114,7 @@ class ControlServer:
                     log.exception("control request failed")
 
     def _one(self, conn: socket.socket) -> None:
-        cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", cred)
-        if uid not in (0, os.geteuid()):
+        if not _peer_ok(conn):
             return
         conn.settimeout(10)
         data = _read_line(conn)
@@ -126,7 +138,6 @@ class ControlServer:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        self.path.unlink(missing_ok=True)
 
 
 def _read_line(conn: socket.socket) -> bytes:
@@ -141,15 +152,19 @@ def _read_line(conn: socket.socket) -> bytes:
     return data
 
 
-def ask(path: Path, req: dict[str, Any]) -> Any | None:
-    """Send ``req`` to the mount listening at ``path``; its result, or None if no mount listens
-    there. A refused request raises a CryptfsError with the daemon's line and exit code."""
+def ask(data_dir: Path, req: dict[str, Any]) -> Any | None:
+    """Send ``req`` to the mount of the vault whose local state is ``data_dir``; its result, or
+    None if it is not mounted read-write. A refused request raises a CryptfsError with the
+    daemon's line and exit code."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         try:
-            s.connect(str(path))
+            s.connect(address(data_dir))
         except (FileNotFoundError, ConnectionRefusedError):
             return None
+        if not _peer_ok(s):
+            raise MountError("the vault's control socket belongs to another user",
+                             hint="unmount it, or find who holds the name")
         s.sendall(json.dumps(req).encode() + b"\n")
         data = _read_line(s)
     finally:

@@ -212,9 +212,9 @@ def mountpoint_of(paths: VaultPaths) -> str | None:
     """Where this vault is mounted read-write (its live mount), if it is: asked of its mount
     daemon (the mount table's ``cryptfs:NAME`` does not tell vaults of other users' or
     other XDG homes' apart)."""
-    from cryptfs.admin.control import SOCKET_NAME, ask
+    from cryptfs.admin.control import ask
 
-    mp = ask(paths.data_dir / SOCKET_NAME, {"op": "mountpoint"})
+    mp = ask(paths.data_dir, {"op": "mountpoint"})
     return mp if isinstance(mp, str) else None
 
 

@@ -267,11 +267,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def _on_vault(args: argparse.Namespace, req: dict[str, object], readonly: bool = False) -> object:
     """Run a control request on the vault: through its mount's control socket when it is
     mounted read-write, else on the vault opened here (and closed with a checkpoint)."""
-    from cryptfs.admin.control import SOCKET_NAME, ask, dispatch
+    from cryptfs.admin.control import ask, dispatch
     from cryptfs.vault.core import Vault
 
     paths = _paths(args)
-    res = ask(paths.data_dir / SOCKET_NAME, req)
+    res = ask(paths.data_dir, req)
     if res is not None:
         return res
     master = _unlock(paths, creds=Credentials.from_args(args))

@@ -299,11 +299,11 @@ def serve(
     publisher.start()  # status.json for `cryptfs status`, about once a second
     control = None  # `cryptfs snapshot` asks a writable mount through its control socket
     if not vault.readonly:
-        from cryptfs.admin.control import SOCKET_NAME, ControlServer
+        from cryptfs.admin.control import ControlServer
 
         try:
-            control = ControlServer(paths.data_dir / SOCKET_NAME, vault, mountpoint)
-        except OSError as e:  # e.g. a path longer than a socket address holds
+            control = ControlServer(paths.data_dir, vault, mountpoint)
+        except OSError as e:  # the name is taken (by a process of another user)
             log.warning("no control socket (cryptfs snapshot needs the vault unmounted): %s", e)
     if endpoint is not None and metrics is not None:
         from cryptfs.metrics import VaultCollector
