@@ -127,7 +127,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from cryptfs.cli.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
 
     opts = MountOptions.parse(args.o or [])
-    if args.at is not None:
+    if getattr(args, "at", None) is not None:  # not offered by mount.cryptfs
         opts.at, opts.readonly = args.at, True
     if args.metrics is not None:
         opts.metrics = check_metrics_address(args.metrics)
