@@ -232,11 +232,7 @@ def restore(paths: VaultPaths, master: bytes, path: str, spec: str,
         mp = mountpoint_of(paths)
         n = 0
         if mp is not None:
-            target = os.path.join(mp, *[os.fsdecode(p) for p in dest])
-            try:
-                fd = os.open(target, flags, stat.S_IMODE(node.mode))
-            except OSError as e:
-                raise UsageError(f"cannot write {_canonical(dest)}: {e.strerror}") from None
+            fd = _open_below(mp, dest, flags, stat.S_IMODE(node.mode))
             try:
                 for piece in read_pieces(old, node):
                     n += os.write(fd, piece)
@@ -251,6 +247,26 @@ def restore(paths: VaultPaths, master: bytes, path: str, spec: str,
         finally:
             live.close()
         return _canonical(dest), n, snap
+
+
+def _open_below(root: str, parts: list[bytes], flags: int, mode: int) -> int:
+    """Open ``root/parts...`` for writing without following a symlink anywhere below ``root``
+    (a symlink in the vault must not send restored bytes outside it)."""
+    nofollow = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | nofollow)
+    except OSError as e:
+        raise UsageError(f"cannot open the mount {root}: {e.strerror}") from None
+    try:
+        for p in parts[:-1]:
+            nxt = os.open(p, os.O_RDONLY | os.O_DIRECTORY | nofollow, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | nofollow, mode, dir_fd=fd)
+    except OSError as e:
+        raise UsageError(f"cannot write {_canonical(parts)}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _write_into(live: Vault, dest: list[bytes], flags: int, node: Inode,
