@@ -87,6 +87,43 @@ class VaultPaths:
     def default_store(self) -> Path:
         return data_home() / "stores" / self.name
 
+    @property
+    def mount_name(self) -> str:
+        """What a mount of it shows as its source, after ``cryptfs:``."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class PastPaths(VaultPaths):
+    """A read-only mount of a vault's past (``cryptfs mount --at``): the vault's own config,
+    and local state of its own (``vaults/NAME/at/SUB``), so it never touches the live
+    metadata, lock, staging area or cache."""
+
+    sub: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not NAME_RE.match(self.sub):
+            raise UsageError(f"invalid past mount {self.sub!r}")
+
+    @property
+    def data_dir(self) -> Path:
+        return data_home() / "vaults" / self.name / "at" / self.sub
+
+    @property
+    def cache_dir(self) -> Path:
+        return cache_home() / "vaults" / self.name / "at" / self.sub
+
+    @property
+    def mount_name(self) -> str:
+        return f"{self.name}@{self.sub}"
+
+
+def paths_for_mount(source: str) -> VaultPaths:
+    """The local paths of the mount whose source is ``cryptfs:SOURCE``."""
+    name, at, sub = source.partition("@")
+    return PastPaths(name, sub) if at else VaultPaths(name)
+
 
 def _own_roots() -> list[Path]:
     return [config_home(), data_home(), cache_home()]

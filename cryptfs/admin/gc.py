@@ -5,7 +5,8 @@ behind by a crash between an upload and the commit that would reference it, by a
 deletion, or by something else writing into the store. ``gc`` opens the vault read-write (so it
 holds the vault lock and the mount lease, and refuses when the local state disagrees with the
 store's anchors: a stale database must never decide what is garbage), lists the store and
-deletes every object that the local metadata does not record, except the objects each store has
+deletes every object that the local metadata does not record and no snapshot holds
+(:mod:`cryptfs.vault.snapshots`), except the objects each store has
 its own of (``config``, ``lease``, ``store-id``: :data:`cryptfs.format.layout.PER_STORE`) and except
 objects younger than a grace period (default one hour): an upload of another process
 is invisible to this one until it is committed. Each deletion is a ``del`` ledger entry (size as
@@ -21,8 +22,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptfs.errors import IntegrityError, StoreError
-from cryptfs.format.layout import PER_STORE
+from cryptfs.errors import CryptfsError, IntegrityError, StoreError
+from cryptfs.format.layout import PER_STORE, SNAPSHOT_PREFIX
 
 DEFAULT_GRACE = 3600.0
 ZERO_HASH = b"\0" * 32
@@ -61,6 +62,12 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
         )
     with vault.fs.lock:
         known = {ref.name for ref, _, _ in vault.meta.all_objects()}
+    # everything a snapshot holds stays, whether or not the live metadata records it
+    try:
+        known |= vault.pins.held([n for n in known if n.startswith(SNAPSHOT_PREFIX)])
+    except CryptfsError as e:
+        raise IntegrityError(f"not collecting garbage: what the snapshots hold is unknown "
+                             f"({e})", hint="see 'cryptfs snapshot list'") from None
     rep = GcReport()
     for name, size, age in list_with_age(vault.store):
         rep.scanned += 1

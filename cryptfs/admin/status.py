@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptfs.errors import MountError
-from cryptfs.paths import VaultPaths, list_vaults
+from cryptfs.paths import VaultPaths, list_vaults, paths_for_mount
 
 log = logging.getLogger("cryptfs.admin.status")
 
@@ -198,7 +198,7 @@ def read_status(name: str, mountpoint: str | None) -> dict[str, Any]:
     """The published status of vault ``name`` (or a stub saying why there is none)."""
     base: dict[str, Any] = {"name": name, "mountpoint": mountpoint}
     try:
-        paths = VaultPaths(name)
+        paths = paths_for_mount(name)
     except Exception:  # noqa: BLE001 - a foreign mount with an odd name
         return {**base, "state": "unknown", "problem": "not a vault name of this machine"}
     try:

@@ -23,11 +23,14 @@ from cryptfs.format.layout import (
     LEASE,
     META_PREFIX,
     PER_STORE,
+    SNAPSHOT_PREFIX,
     STORE_ID,
+    TRACKED_PREFIXES,
 )
 from cryptfs.vault.checkpoints import open_checkpoint
 from cryptfs.vault.core import Vault
 from cryptfs.vault.lease import check_lease
+from cryptfs.vault.snapshots import open_snapshot
 from cryptfs.vault.storelist import read_store_id
 
 _REJECTED = re.compile(r"^checkpoint (\S+): rejected")
@@ -204,7 +207,7 @@ def verify(
                     name,
                 )
             )
-        elif name.startswith((DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX)):
+        elif name.startswith(TRACKED_PREFIXES):
             rep.problems.append(
                 Problem(
                     "unreferenced", f"object {name} is in the store but nothing references it", name
@@ -252,6 +255,8 @@ def _authenticate(vault: Vault, ref: ChunkRef, blob: bytes) -> None:
         vault.codec.open_chunk_unchecked(ref.name, blob)
     elif ref.name.startswith(META_PREFIX):
         vault.codec.open_blob(b"meta", ref.name, blob)
+    elif ref.name.startswith(SNAPSHOT_PREFIX):
+        open_snapshot(vault.codec, ref.name, blob)
     else:
         try:
             open_checkpoint(vault.codec, ref.name, blob)
@@ -392,7 +397,7 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
     stray = [
         (name, size)
         for name, size in vault.store.list("")
-        if name not in known and name.startswith((DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX))
+        if name not in known and name.startswith(TRACKED_PREFIXES)
     ]
     for name, size in stray:
         vault.store.delete(name)

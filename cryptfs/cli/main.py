@@ -1,5 +1,6 @@
 """Command line: ``cryptfs`` (init, mount, umount, status, stats, verify, fsck, gc, log, list, info,
-key, passwd) and ``mount.cryptfs`` (the mount(8) helper).
+key, passwd, snapshot, history, restore, prove, verify-proof) and ``mount.cryptfs`` (the mount(8)
+helper).
 
 Every failure prints one line ``cryptfs: <what> (<hint>)`` on stderr and exits with the error's
 code (see README: exit codes); tracebacks only with ``--debug``.
@@ -130,6 +131,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from cryptfs.cli.mount import MountOptions, check_metrics_address, check_mountpoint, mount_vault
 
     opts = MountOptions.parse(args.o or [])
+    if getattr(args, "at", None) is not None:  # not offered by mount.cryptfs
+        opts.at, opts.readonly = args.at, True
     if args.metrics is not None:
         opts.metrics = check_metrics_address(args.metrics)
     paths = VaultPaths(args.name or opts.name or DEFAULT_NAME)
@@ -263,6 +266,147 @@ def cmd_gc(args: argparse.Namespace) -> int:
     finally:
         vault.close(checkpoint=deleted)  # a checkpoint anchors the del entries in the store
     return 5 if rep.failed else 0
+
+
+def _on_vault(args: argparse.Namespace, req: dict[str, object], readonly: bool = False) -> object:
+    """Run a control request on the vault: through its mount's control socket when it is
+    mounted read-write, else on the vault opened here (and closed with a checkpoint)."""
+    from cryptfs.admin.control import ask, dispatch
+    from cryptfs.vault.core import Vault
+
+    paths = _paths(args)
+    res = ask(paths.data_dir, req)
+    if res is not None:
+        return res
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    vault = Vault.open(paths, master=master, readonly=readonly, check=True)
+    try:
+        return dispatch(vault, req)
+    finally:
+        vault.close(checkpoint=not readonly)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def cmd_snapshot_create(args: argparse.Namespace) -> int:
+    s = _on_vault(args, {"op": "snapshot-create", "name": args.snapshot_name})
+    assert isinstance(s, dict)
+    print(f"snapshot '{s['name']}' ({s['id'][:8]}) pins {s['checkpoint']}, ledger seq "
+          f"{s['seq']}")
+    return 0
+
+
+def cmd_snapshot_delete(args: argparse.Namespace) -> int:
+    s = _on_vault(args, {"op": "snapshot-delete", "snapshot": args.snapshot})
+    assert isinstance(s, dict)
+    print(f"snapshot '{s['name']}' deleted; what only it held is collected")
+    return 0
+
+
+def cmd_snapshot_policy(args: argparse.Namespace) -> int:
+    from cryptfs.vault.snapshots import RULES
+
+    wanted = {r: getattr(args, f"keep_{r}") for r in RULES}
+    req: dict[str, object] = {"op": "snapshot-policy"}
+    if args.off:
+        req["set"] = {}
+    elif any(v is not None for v in wanted.values()):
+        req["set"] = {r: v for r, v in wanted.items() if v is not None}
+    policy = _on_vault(args, req, readonly="set" not in req)
+    assert isinstance(policy, dict)
+    if args.json:
+        print(json.dumps(policy))
+    elif policy:
+        print("automatic snapshots at checkpoints, keeping the newest of the last " +
+              ", ".join(f"{n} {'days' if r == 'daily' else r[:-2] + 's'}"
+                        for r, n in policy.items()))
+    else:
+        print("no retention policy: snapshots only by hand")
+    return 0
+
+
+def cmd_snapshot_list(args: argparse.Namespace) -> int:
+    rows = _on_vault(args, {"op": "snapshot-list"}, readonly=True)
+    assert isinstance(rows, list)
+    if args.json:
+        print(json.dumps({"snapshots": rows}, indent=1))
+        return 0
+    if not rows:
+        print("cryptfs: no snapshots")
+        return 0
+    print(f"{'ID':<8}  {'NAME':<24} {'TIME':<20} {'SEQ':>8}  {'HOLDS':>10}  {'ONLY IT':>10}")
+    for r in rows:
+        print(f"{r['id'][:8]}  {r['name']:<24} {r['time']:<20} {r['seq']:>8}  "
+              f"{_mb(r['bytes']):>10}  {_mb(r['only_bytes']):>10}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import history
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    rows = history(paths, master, args.path)
+    if args.json:
+        print(json.dumps({"path": args.path, "versions": [r.__dict__ for r in rows]}, indent=1))
+        return 0
+    last = None
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.time_ns / 1e9))
+        what = r.kind if r.kind != "file" else \
+            f"{r.size} bytes, mode {r.mode:o}, version {r.version}"
+        same = " (unchanged)" if last is not None and (r.kind, r.version) == last else ""
+        print(f"{when}  {r.label:<24} seq {r.seq:<8} {what}{same}")
+        last = (r.kind, r.version)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import restore
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    where, n, snap = restore(paths, master, args.path, args.at, args.to)
+    print(f"restored {where} ({n} bytes) as snapshot '{snap.name}' held it")
+    return 0
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import prove, public_key
+    from cryptfs.vault.localstate import load_local_config
+
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    if args.public_key:
+        print(public_key(master, load_local_config(paths)[1].vault_id))
+        return 0
+    if not args.path or not args.at:
+        raise UsageError("give PATH and --at SNAPSHOT|TIME (or --public-key)")
+    print(json.dumps(prove(paths, master, args.path, args.at), indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_verify_proof(args: argparse.Namespace) -> int:
+    from cryptfs.admin.history import parse_proof, verify_proof
+
+    if args.proof == "-":
+        text = sys.stdin.buffer.read(1 << 17)
+    else:
+        try:
+            with open(args.proof, "rb") as f:
+                text = f.read(1 << 17)
+        except OSError as e:
+            raise UsageError(f"cannot read {args.proof}: {e.strerror}") from None
+    doc = parse_proof(text)
+    if args.public_key:
+        print(verify_proof(None, None, doc, args.public_key))
+        return 0
+    paths = _paths(args)
+    master = _unlock(paths, creds=Credentials.from_args(args))
+    print(verify_proof(paths, master, doc))
+    return 0
 
 
 def _store_config(url: str):  # type: ignore[no-untyped-def]
@@ -586,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp)
     sp.set_defaults(func=cmd_mount)
 
+    sp.add_argument("--at", metavar="SNAPSHOT|TIME",
+                    help="mount a snapshot (name, id, or the newest at or before a UTC time "
+                    "YYYY-MM-DD[THH:MM[:SS]]) read-only, beside the live mount")
     sp = add("umount", "unmount after everything is stored")
     sp.add_argument("mountpoint")
     sp.add_argument("--name", help=argparse.SUPPRESS)
@@ -649,6 +796,67 @@ def build_parser() -> argparse.ArgumentParser:
                     help="compare listings only; do not download every copy")
     common(sp)
     sp.set_defaults(func=cmd_repair)
+
+    np = add("snapshot", "create, list or delete snapshots (pinned past states)")
+    nsub = np.add_subparsers(dest="snapshot_command", metavar="SNAPSHOTCOMMAND")
+    np.set_defaults(func=lambda _a: _usage(np))
+    sp = add("create", "write a checkpoint and pin it (works while mounted)", nsub,
+             "snapshot create")
+    sp.add_argument("--name", dest="snapshot_name", metavar="N",
+                    help="the snapshot's name (default: the UTC time)")
+    sp.add_argument("--vault", dest="name", help=f"vault name (default: {DEFAULT_NAME})")
+    _add_credentials(sp)
+    sp.set_defaults(func=cmd_snapshot_create)
+    sp = add("list", "list snapshots with what each holds and what it alone holds", nsub,
+             "snapshot list")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_list)
+    sp = add("policy", "show or set the retention policy: automatic snapshots at checkpoints",
+             nsub, "snapshot policy")
+    for rule in ("hourly", "daily", "weekly", "monthly"):
+        sp.add_argument(f"--keep-{rule}", type=_int_arg(0, 10000), metavar="N",
+                        help=f"keep the newest automatic snapshot of each of the last N "
+                        f"{'days' if rule == 'daily' else rule[:-2] + 's'} that have one")
+    sp.add_argument("--off", action="store_true", help="no automatic snapshots")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_policy)
+    sp = add("delete", "delete a snapshot; what only it held is collected", nsub,
+             "snapshot delete")
+    sp.add_argument("snapshot", help="name or id from 'cryptfs snapshot list'")
+    common(sp)
+    sp.set_defaults(func=cmd_snapshot_delete)
+
+    sp = add("history", "every version of a file in the snapshots and now (deleted files too)")
+    sp.add_argument("path", help="the file's path in the vault, e.g. /docs/report.txt")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    common(sp)
+    sp.set_defaults(func=cmd_history)
+
+    sp = add("restore", "copy a file as a snapshot held it back into the vault")
+    sp.add_argument("path", help="the file's path in the vault (it may be deleted now)")
+    sp.add_argument("--at", required=True, metavar="SNAPSHOT|TIME")
+    sp.add_argument("--to", metavar="NEWPATH",
+                    help="write it here (must not exist) instead of over PATH")
+    common(sp)
+    sp.set_defaults(func=cmd_restore)
+
+    sp = add("prove", "print a signed statement of a file's content at a snapshot")
+    sp.add_argument("path", nargs="?", help="the file's path in the vault")
+    sp.add_argument("--at", metavar="SNAPSHOT|TIME")
+    sp.add_argument("--public-key", action="store_true",
+                    help="print the vault's public proof key instead")
+    common(sp)
+    sp.set_defaults(func=cmd_prove)
+
+    sp = add("verify-proof", "check a proof: its signature and that the vault's ledger still "
+             "holds its head")
+    sp.add_argument("proof", help="the proof file ('-' for stdin)")
+    sp.add_argument("--public-key", metavar="HEX",
+                    help="check the signature only, against this key, without the vault")
+    common(sp)
+    sp.set_defaults(func=cmd_verify_proof)
 
     tp = add("store", "list, add or remove the stores of a vault")
     tsub = tp.add_subparsers(dest="store_command", metavar="STORECOMMAND")

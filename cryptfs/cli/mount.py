@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptfs.errors import CryptfsError, MountError, StoreError, UsageError
-from cryptfs.paths import VaultPaths, private_dir
+from cryptfs.paths import VaultPaths, paths_for_mount, private_dir
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics, MetricsEndpoint
@@ -118,6 +118,7 @@ class MountOptions:
     extpass: str | None = None
     name: str | None = None
     metrics: str | None = None  # HOST:PORT of the metrics endpoint; None: no endpoint
+    at: str | None = None  # --at: mount this snapshot (name, id or time) read-only
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -267,10 +268,15 @@ def serve(
 
             endpoint = MetricsEndpoint(opts.metrics)
             metrics = Metrics()
-        vault = Vault.open(
-            paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes,
-            metrics=metrics,
-        )
+        if opts.at is not None:  # the past, read-only, beside any live mount
+            from cryptfs.vault.snapshots import open_past
+
+            vault = open_past(paths, master, opts.at, opts.cache_bytes)[0]
+        else:
+            vault = Vault.open(
+                paths, master=master, readonly=opts.readonly, cache_bytes=opts.cache_bytes,
+                metrics=metrics,
+            )
     except CryptfsError as e:
         if endpoint is not None:
             endpoint.close()
@@ -291,6 +297,14 @@ def serve(
     publisher = StatusPublisher(vault, mountpoint, opts.cache_bytes,
                                 metrics=endpoint.address if endpoint is not None else None)
     publisher.start()  # status.json for `cryptfs status`, about once a second
+    control = None  # `cryptfs snapshot` asks a writable mount through its control socket
+    if not vault.readonly:
+        from cryptfs.admin.control import ControlServer
+
+        try:
+            control = ControlServer(paths.data_dir, vault, mountpoint)
+        except OSError as e:  # the name is taken (by a process of another user)
+            log.warning("no control socket (cryptfs snapshot needs the vault unmounted): %s", e)
     if endpoint is not None and metrics is not None:
         from cryptfs.metrics import VaultCollector
 
@@ -299,7 +313,7 @@ def serve(
     ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"), metrics=metrics)
     kwargs: dict[str, object] = {
         "foreground": True,
-        "fsname": f"cryptfs:{paths.name}",
+        "fsname": f"cryptfs:{vault.paths.mount_name}",
         "subtype": "cryptfs",
         "default_permissions": True,
     }
@@ -320,6 +334,8 @@ def serve(
         if endpoint is not None:  # the port closes with the mount
             endpoint.close()
         publisher.stop()
+        if control is not None:
+            control.close()
         try:
             vault.close(progress=publisher.unmounting)
             log.info("vault '%s' closed cleanly", paths.name)
@@ -331,6 +347,11 @@ def serve(
             status = e.exit_code
             _close_error(paths).write_text(f"{e.exit_code} {e.line()}\n")
         publisher.remove()
+        if opts.at is not None:
+            import shutil
+
+            shutil.rmtree(vault.paths.data_dir, ignore_errors=True)
+            shutil.rmtree(vault.paths.cache_dir, ignore_errors=True)
     return status
 
 
@@ -350,7 +371,7 @@ def mount_vault(
     real = check_mountpoint(mountpoint, opts.nonempty)
     key_r, key_w = os.pipe()
     settings = {"allow_other": opts.allow_other, "readonly": opts.readonly,
-                "cache_bytes": opts.cache_bytes, "metrics": opts.metrics}
+                "cache_bytes": opts.cache_bytes, "metrics": opts.metrics, "at": opts.at}
     os.write(key_w, master + json.dumps(settings).encode())  # far below a pipe's buffer
     os.close(key_w)
     argv = [sys.executable, "-m", "cryptfs.cli.mountd", paths.name, real, f"--key-fd={key_r}"]
@@ -433,7 +454,7 @@ def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
     found = mounted_vault(mountpoint)
     if found is None:
         raise MountError(f"{mountpoint} is not a cryptfs mount")
-    paths = VaultPaths(name or found)
+    paths = VaultPaths(name) if name else paths_for_mount(found)
     cmd = ["fusermount3", "-u", mountpoint]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:

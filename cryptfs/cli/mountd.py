@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = MountOptions(allow_other=bool(settings["allow_other"]),
                             readonly=bool(settings["readonly"]),
                             cache_bytes=int(settings["cache_bytes"]),
-                            metrics=settings.get("metrics"))
+                            metrics=settings.get("metrics"), at=settings.get("at"))
         setup_daemon_logging(paths, a.foreground, a.verbose)
     except Exception as e:  # noqa: BLE001 - the caller prints it as one line
         if a.ready_fd is not None:

@@ -18,15 +18,18 @@ STORE_ID = "store-id"  # a store's sealed id, in vaults with several stores
 DATA_PREFIX = "data/"  # chunk objects: data/<2 hex>/<64 hex>
 META_PREFIX = "meta/"  # sealed metadata snapshots: meta/<32 hex>
 CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
+SNAPSHOT_PREFIX = "snapshots/"  # sealed snapshot pins on a checkpoint: snapshots/<32 hex>
 
 PER_STORE = (CONFIG, LEASE, STORE_ID)  # objects each store has its own of; not in the metadata
-TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX)  # recorded in the metadata
+# recorded in the metadata
+TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX, SNAPSHOT_PREFIX)
 
 # Fixed bounds for objects whose size nothing records (bytes as stored).
 MAX_CONFIG = 256 << 10  # 32 key slots of RSA-4096 take about 40 KiB
 MAX_LEASE = 4 << 10  # a sealed JSON document of about 250 bytes
 MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
 MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
+MAX_SNAPSHOT = 4 << 10  # a snapshot pin: a sealed JSON document of about 600 bytes
 
 
 def checkpoint_name(seq: int) -> str:
@@ -39,13 +42,28 @@ def checkpoint_seq(name: str) -> int | None:
     return int(tail) if len(tail) == 16 and tail.isdigit() else None
 
 
+def snapshot_name(snap_id: str) -> str:
+    """The object of the snapshot pin with this id (32 hex digits)."""
+    return f"{SNAPSHOT_PREFIX}{snap_id}"
+
+
+def snapshot_id(name: str) -> str | None:
+    """The id a snapshot pin object's name carries, or None if it is not one."""
+    tail = name[len(SNAPSHOT_PREFIX):] if name.startswith(SNAPSHOT_PREFIX) else ""
+    ok = len(tail) == 32 and all(c in "0123456789abcdef" for c in tail)
+    return tail if ok else None
+
+
 def kind(name: str) -> str:
-    """What an object name is: ``chunk``, ``snapshot``, ``checkpoint``, ``config``, ``lease``,
-    ``store-id``, or ``unknown`` (nothing cryptfs writes)."""
+    """What an object name is: ``chunk``, ``snapshot`` (a metadata image), ``checkpoint``,
+    ``pin`` (a user's snapshot), ``config``, ``lease``, ``store-id``, or ``unknown`` (nothing
+    cryptfs writes)."""
     if name.startswith(DATA_PREFIX):
         return "chunk"
     if name.startswith(META_PREFIX):
         return "snapshot"
     if checkpoint_seq(name) is not None:
         return "checkpoint"
+    if snapshot_id(name) is not None:
+        return "pin"
     return {CONFIG: "config", LEASE: "lease", STORE_ID: "store-id"}.get(name, "unknown")

@@ -23,6 +23,8 @@ class Checkpoint:
     time_ns: int
     meta: ChunkRef
     tail: list[Entry]
+    size: int = 0  # bytes of the checkpoint object as stored
+    image_seq: int = 0  # the last ledger entry its metadata image holds (set by materializing)
 
 
 def read_checkpoints(
@@ -67,6 +69,7 @@ def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
                 bytes.fromhex(body["meta"]["sha256"]),
             ),
             [Entry.from_json(e) for e in body["tail"]],
+            len(blob),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IntegrityError("it is malformed") from None

@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -44,6 +44,7 @@ from cryptfs.format.layout import (
     DATA_PREFIX,
     MAX_CHECKPOINT,
     META_PREFIX,
+    SNAPSHOT_PREFIX,
     checkpoint_name,
 )
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
@@ -60,9 +61,16 @@ from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.lease import Lease
-from cryptfs.vault.localstate import Head, load_local_config, local_meta_url, save_local_config
+from cryptfs.vault.localstate import (
+    Head,
+    load_local_config,
+    local_meta_url,
+    read_head,
+    save_local_config,
+)
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.restore import restore_from_store
+from cryptfs.vault.snapshots import Pins, apply_policy, held_or_none
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
@@ -115,6 +123,7 @@ class Vault:
         self.cfg = cfg
         self.codec = Codec(master, cfg.vault_id)
         self._db_keys = DbKeys.derive(master, cfg.vault_id)  # for a PostgreSQL database
+        self.pins = Pins(store, self.codec, paths.data_dir / "pins")  # what snapshots hold
         self.readonly = readonly
         self.cache_bytes = cache_bytes
         self.meta: MetaStore | PgMetaStore | None = None
@@ -568,7 +577,8 @@ class Vault:
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
-        self._collect(name, garbage)
+        apply_policy(self, ck_name, ck_blob)  # automatic snapshots, before what they hold is
+        self._collect(name, garbage)  # worked out
         # anchor the entries written after the checkpoint too (its own, the collections), so
         # deleting them from the local ledger is noticed; durable before the head names them
         with fs.lock:
@@ -577,6 +587,16 @@ class Vault:
         assert last is not None
         self._write_head(last, ck_name)
         self._last_ckpt_seq = last.seq
+
+    @contextlib.contextmanager
+    def checkpoints_held(self) -> Iterator[str]:
+        """Hold off checkpoints (and so collection) while the body runs; yields the name of the
+        newest checkpoint, whose metadata image stays in the store meanwhile."""
+        with self._ckpt_lock:
+            head = read_head(self.paths)
+            if head is None or not head.checkpoint:
+                raise IntegrityError("this vault has no checkpoint yet")
+            yield head.checkpoint
 
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
@@ -590,11 +610,19 @@ class Vault:
 
     def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
-        beyond the newest few, and chunk objects that were unreferenced at snapshot time."""
+        beyond the newest few, and chunk objects that were unreferenced at snapshot time;
+        never anything a snapshot pin holds (:mod:`.snapshots`), and nothing at all while that
+        cannot be worked out."""
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta = self.fs, self.meta
         with fs.lock:
             rows = meta.all_objects()
+        held = held_or_none(self, [r.name for r, _, _ in rows
+                                   if r.name.startswith(SNAPSHOT_PREFIX)])
+        if held is None:
+            return
+        rows = [row for row in rows if row[0].name not in held]
+        garbage = [r for r in garbage if r.name not in held]
         old: list[ChunkRef] = []
         cks = sorted(
             (r for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 from cryptfs.errors import IntegrityError, ObjectNotFound
@@ -16,10 +17,74 @@ from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_version
 from cryptfs.paths import VaultPaths, write_private
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.checkpoints import Checkpoint, read_checkpoints
 from cryptfs.vault.localstate import Head
 
 log = logging.getLogger("cryptfs.vault.restore")
+
+
+def materialize_checkpoint(store: ObjectStore, codec: Codec, ck: Checkpoint,
+                           dest: Path) -> MetaStore:
+    """Write the metadata as of checkpoint ``ck`` into a new SQLite file ``dest`` (0600;
+    replaced if it exists) and return it opened: the metadata image the checkpoint names,
+    checked against its recorded size and SHA-256 and authenticated, with the checkpoint's
+    ledger entries appended; the ledger must end exactly at the checkpoint's MAC'd head.
+    IntegrityError if anything fails (``dest`` is then removed), ConfigError for a newer
+    schema (refused before anything is written). Sets ``ck.image_seq`` to the last ledger
+    entry the image itself held. Nothing is durable until the caller syncs."""
+    try:
+        blob = store.get(ck.meta.name, ck.meta.size)
+    except ObjectNotFound:
+        raise IntegrityError(
+            f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
+        ) from None
+    if not ck.meta.matches(blob):
+        raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
+    image = codec.open_blob(b"meta", ck.meta.name, blob)
+    # the stamp travels in the image: refuse a newer schema before writing anything
+    check_schema_version(image_schema_version(image),
+                         f"metadata snapshot {ck.meta.name} (from {ck.name})")
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(dest) + suffix).unlink(missing_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, image)
+    finally:
+        os.close(fd)
+    os.chmod(dest, 0o600)
+    meta = MetaStore(dest)
+    led = Ledger(meta, codec.ledger_key)
+    head = led.head()
+    ck.image_seq = head.seq if head is not None else 0
+    led.add_entries([e for e in ck.tail if e.seq > ck.image_seq])
+    last = led.head()
+    if last is None or last.seq != ck.seq or last.hash != ck.hash:
+        meta.close()
+        dest.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
+        )
+    return meta
+
+
+def checkpoint_objects(store: ObjectStore, codec: Codec, ck: Checkpoint,
+                       workdir: Path) -> dict[str, int]:
+    """Every object checkpoint ``ck`` needs to be read back, ``{name: size}``: itself, its
+    metadata image and every chunk its files reference. Materializes the metadata in a
+    scratch file in ``workdir`` (removed again); errors as :func:`materialize_checkpoint`."""
+    tmp = workdir / f".objects.{os.getpid()}.{threading.get_ident()}.db"
+    meta = materialize_checkpoint(store, codec, ck, tmp)
+    try:
+        sizes = {ref.name: ref.size for ref, _rc, _st in meta.all_objects()}
+        used = {obj for _ino, _idx, obj in meta.all_blocks()}
+    finally:
+        meta.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+    out = {name: sizes.get(name, 0) for name in used}
+    out[ck.meta.name] = ck.meta.size
+    out[ck.name] = ck.size
+    return out
 
 
 def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> list[str]:
@@ -33,37 +98,9 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
             f"the store {store.url} has no valid checkpoint to restore the metadata from"
         )
     ck = cks[0]
-    try:
-        blob = store.get(ck.meta.name, ck.meta.size)
-    except ObjectNotFound:
-        raise IntegrityError(
-            f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
-        ) from None
-    if not ck.meta.matches(blob):
-        raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
-    image = codec.open_blob(b"meta", ck.meta.name, blob)
-    # the stamp travels in the image: refuse a newer schema before writing anything
-    check_schema_version(image_schema_version(image),
-                         f"metadata snapshot {ck.meta.name} (from {ck.name})")
     tmp = paths.db.with_name("metadata.db.restore")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, image)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    meta = MetaStore(tmp)
-    led = Ledger(meta, codec.ledger_key)
-    head = led.head()
-    tail = [e for e in ck.tail if head is None or e.seq > head.seq]
-    led.add_entries(tail)
-    last = led.head()
-    if last is None or last.seq != ck.seq or last.hash != ck.hash:
-        meta.close()
-        raise IntegrityError(
-            f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
-        )
+    meta = materialize_checkpoint(store, codec, ck, tmp)
+    tail = [e for e in ck.tail if e.seq > ck.image_seq]
     authentic, _ = read_checkpoints(store, codec, newest_only=False)
     with meta.transaction():
         for e in tail:
