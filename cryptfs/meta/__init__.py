@@ -6,6 +6,6 @@ Engines: SQLite (:mod:`cryptfs.meta.sqlite`, the embedded default). Everything a
 ``tests/test_05_layers.py`` checks that no SQL or database driver is used outside the engine.
 """
 
-from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, MetaEngine
+from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, MetaEngine
 
-__all__ = ["ROOT_INO", "Inode", "LedgerRow", "MetaEngine"]
+__all__ = ["ROOT_INO", "Changed", "Inode", "LedgerRow", "MetaEngine"]
