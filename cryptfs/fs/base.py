@@ -11,7 +11,7 @@ returns :class:`~cryptfs.meta.sqlite.Inode` records or data, and raises ``OSErro
 
 Durability contract:
 - every namespace operation (mkdir, mknod, symlink, link, unlink, rename, ...) and xattr
-  change is one committed SQLite transaction when it returns: it survives a crash of the
+  change is one committed transaction of the engine when it returns: it survives a crash of the
   process;
 - the creation of a regular file (``create``) and attribute changes (chmod, chown, utimens)
   are written at once and committed with the next commit: the file's flush at close, any

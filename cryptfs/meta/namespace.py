@@ -83,6 +83,14 @@ class _Op:
             raise os_error(errno.ENOTDIR)
         return node
 
+    def named(self, parent: int, name: bytes) -> tuple[Inode, Inode]:
+        """The directory ``parent`` and the inode ``name`` names in it (ENOENT: none)."""
+        pnode = self.dir(parent)
+        ino = self.rows.lookup(parent, name)
+        if ino is None:
+            raise os_error(errno.ENOENT)
+        return pnode, self.node(ino)
+
     def touch(self, node: Inode, mtime: bool = False) -> None:
         """``node`` changed: ctime (and with ``mtime`` the mtime) now; written by :meth:`save`."""
         node.ctime_ns = self.now
@@ -234,14 +242,10 @@ class NamespaceOps(_Rows):
 
         def run() -> Changed:
             op = _Op(self)
-            pnode = op.dir(parent)
-            ino = self.lookup(parent, name)
-            if ino is None:
-                raise os_error(errno.ENOENT)
-            node = op.node(ino)
+            pnode, node = op.named(parent, name)
             if stat.S_ISDIR(node.mode):
                 raise os_error(errno.EISDIR)
-            hidden = op.hidden(ino, name)
+            hidden = op.hidden(node.ino, name)
             op.entry(parent, name, None)
             if not hidden:
                 op.touch(pnode, mtime=True)
@@ -258,12 +262,10 @@ class NamespaceOps(_Rows):
 
         def run() -> Changed:
             op = _Op(self)
-            pnode = op.dir(parent)
-            ino = self.lookup(parent, name)
-            if ino is None:
-                raise os_error(errno.ENOENT)
-            node = op.dir(ino)
-            if op.hidden_children(ino) is None:
+            pnode, node = op.named(parent, name)
+            if not stat.S_ISDIR(node.mode):
+                raise os_error(errno.ENOTDIR)
+            if op.hidden_children(node.ino) is None:
                 raise os_error(errno.ENOTEMPTY)
             op.remove_dir(pnode, name, node, keep)
             op.touch(pnode, mtime=True)
