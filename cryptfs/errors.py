@@ -7,6 +7,12 @@ exit code; the CLI prints ``cryptfs: <message>`` and exits with that code, never
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
+
+
+def os_error(code: int) -> OSError:
+    """The error a filesystem operation answers with ``code`` (an errno)."""
+    return OSError(code, _os.strerror(code))
 
 
 class CryptfsError(Exception):

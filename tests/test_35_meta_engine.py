@@ -15,6 +15,7 @@ import hashlib
 import multiprocessing
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -26,15 +27,21 @@ from pg_fixtures import PgServer
 from cryptfs.errors import ConfigError, MetaError
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta import ROOT_INO, Inode, MetaEngine
+from cryptfs.meta import ROOT_INO, Changed, Inode, MetaEngine
 from cryptfs.meta.ledger import GENESIS, Entry, Ledger, entry_hash
+from cryptfs.meta.namespace import (
+    HIDDEN,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+)
 from cryptfs.meta.postgres import DbKeys, PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
 
 pytestmark = pytest.mark.timeout(60)
 
 DIR, REG, LNK = 0o40755, 0o100644, 0o120777
-HIDDEN = b".fuse_hidden"
 
 
 @dataclass(frozen=True)
@@ -1066,3 +1073,252 @@ def test_a_garbage_image_is_refused_in_one_line(kind: EngineKind, tmp_path: Path
     with pytest.raises(ConfigError) as e:
         kind.from_image(b"not a database image " * 300, tmp_path)
     assert "corrupt" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- namespace operations (cryptfs.meta.namespace, inherited by every engine) ---------------------
+def mk(e: MetaEngine, parent: int, name: bytes, mode: int = REG, **kw: object) -> int:
+    return e.mknod(parent, name, Inode(0, mode, 7, 8, 0, 0, 0, 0, 0), **kw).ino  # type: ignore
+
+
+def fails(code: int, fn: Callable[..., object], *args: object, **kw: object) -> None:
+    with pytest.raises(OSError) as e:
+        fn(*args, **kw)
+    assert e.value.errno == code, (e.value, errno.errorcode[code])
+
+
+def nlinks(e: MetaEngine, *inos: int) -> list[int | None]:
+    return [None if (n := e.get_inode(i)) is None else n.nlink for i in inos]
+
+
+def rows(e: MetaEngine) -> tuple[object, ...]:
+    """Every namespace row of an engine, to show an operation left nothing behind."""
+    return (e.inode_modes(), sorted(e.all_dentries()),
+            sorted((i, e.list_xattrs(i)) for i in e.inodes_with_xattrs()))
+
+
+def test_mknod_makes_inode_and_entry_and_refuses_a_second_create(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    ch = engine.mknod(ROOT_INO, b"d", Inode(0, DIR, 7, 8, 0, 0, 0, 0, 0),
+                      {b"system.posix_acl_default": b"acl"})
+    d = ch.ino
+    new = observer.get_inode(d)
+    assert new is not None and new.mode == DIR and new.nlink == 2 and (new.uid, new.gid) == (7, 8)
+    assert new.mtime_ns == new.ctime_ns > 33
+    assert observer.lookup(ROOT_INO, b"d") == d  # committed when the call returns
+    assert observer.get_xattr(d, b"system.posix_acl_default") == b"acl"
+    root = observer.get_inode(ROOT_INO)
+    assert root is not None and root.nlink == 3 and root.mtime_ns == new.mtime_ns
+    assert ch.inodes == {d: new, ROOT_INO: root} and ch.entries == {(ROOT_INO, b"d"): d}
+    f = mk(engine, d, b"f", LNK, xattrs=None)
+    assert nlinks(engine, d, f) == [2, 1]  # a file adds no link to its directory
+    before = rows(engine)
+    fails(errno.EEXIST, mk, engine, d, b"f")
+    fails(errno.EEXIST, mk, engine, ROOT_INO, b"d", DIR)
+    fails(errno.ENOTDIR, mk, engine, f, b"x")
+    fails(errno.ENOENT, mk, engine, 4242, b"x")
+    for bad, code in ((b"", errno.EINVAL), (b"a/b", errno.EINVAL), (b"..", errno.EINVAL),
+                      (b"n" * 256, errno.ENAMETOOLONG)):
+        fails(code, mk, engine, d, bad)
+    assert rows(engine) == before
+
+
+def test_mknod_commit_false_waits_for_the_next_commit(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    f = mk(engine, ROOT_INO, b"f", commit=False)
+    assert engine.lookup(ROOT_INO, b"f") == f and observer.lookup(ROOT_INO, b"f") is None
+    engine.commit()
+    assert observer.lookup(ROOT_INO, b"f") == f
+
+
+def test_link_and_unlink_count_links(engine: MetaEngine, observer: MetaEngine) -> None:
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    f = mk(engine, ROOT_INO, b"f")
+    ch = engine.link(f, d, b"g")
+    assert ch.ino == f and ch.entries == {(d, b"g"): f} and ch.inodes[f].nlink == 2
+    assert nlinks(observer, f, d) == [2, 2]
+    fails(errno.EEXIST, engine.link, f, d, b"g")
+    fails(errno.EPERM, engine.link, d, ROOT_INO, b"d2")
+    fails(errno.ENOENT, engine.link, 4242, ROOT_INO, b"x")
+    fails(errno.ENOTDIR, engine.link, f, f, b"x")
+    ch = engine.unlink(ROOT_INO, b"f")
+    assert ch.entries == {(ROOT_INO, b"f"): None} and ch.removed == set()
+    assert nlinks(observer, f) == [1] and observer.lookup(ROOT_INO, b"f") is None
+    fails(errno.ENOENT, engine.unlink, ROOT_INO, b"f")
+    fails(errno.EISDIR, engine.unlink, ROOT_INO, b"d")
+    ch = engine.unlink(d, b"g")  # the last link: the inode goes
+    assert ch.removed == {f} and f not in ch.inodes and observer.get_inode(f) is None
+
+
+def test_an_open_inode_outlives_its_last_link(engine: MetaEngine) -> None:
+    f = mk(engine, ROOT_INO, b"f")
+    engine.set_block(f, 0, ref("open"), staged=False)
+    engine.commit()
+    ch = engine.unlink(ROOT_INO, b"f", keep={f})
+    assert ch.removed == set() and ch.inodes[f].nlink == 0
+    assert engine.get_blocks(f, 0, 1) == {0: ref("open")}  # readable until closed
+    assert engine.drop_unlinked(f).removed == {f}
+    assert engine.get_inode(f) is None and refcount(engine, ref("open").name) == 0
+    g = mk(engine, ROOT_INO, b"g")
+    assert engine.drop_unlinked(g).removed == set() and nlinks(engine, g) == [1]
+
+
+def test_rmdir(engine: MetaEngine, observer: MetaEngine) -> None:
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    sub = mk(engine, d, b"sub", DIR)
+    f = mk(engine, d, b"f")
+    fails(errno.ENOTEMPTY, engine.rmdir, ROOT_INO, b"d")
+    fails(errno.ENOTDIR, engine.rmdir, d, b"f")
+    fails(errno.ENOENT, engine.rmdir, d, b"nothing")
+    fails(errno.EINVAL, engine.rmdir, d, b".")
+    assert nlinks(engine, ROOT_INO, d) == [3, 3]
+    ch = engine.rmdir(d, b"sub")
+    assert ch.removed == {sub} and ch.inodes[d].nlink == 2 and ch.entries == {(d, b"sub"): None}
+    engine.unlink(d, b"f")
+    assert engine.rmdir(ROOT_INO, b"d").removed == {d}
+    assert nlinks(observer, ROOT_INO, d, f) == [2, None, None]
+    assert observer.list_dir(ROOT_INO) == []
+
+
+def test_rename_moves_and_replaces(engine: MetaEngine, observer: MetaEngine) -> None:
+    a, b = mk(engine, ROOT_INO, b"a", DIR), mk(engine, ROOT_INO, b"b", DIR)
+    sub = mk(engine, a, b"sub", DIR)
+    f, g = mk(engine, a, b"f"), mk(engine, b, b"g")
+    engine.link(g, b, b"g2")
+    ch = engine.rename(a, b"sub", b, b"sub")  # a directory changes parent: '..' moves
+    assert ch.entries == {(a, b"sub"): None, (b, b"sub"): sub}
+    assert nlinks(observer, a, b, sub) == [2, 3, 2]
+    ch = engine.rename(a, b"f", b, b"g")  # over a file with two links: it keeps one
+    assert observer.lookup(b, b"g") == f and nlinks(observer, g, f) == [1, 1]
+    assert ch.removed == set() and ch.inodes[g].nlink == 1
+    ch = engine.rename(b, b"g", b, b"g2")  # over its last link: it goes
+    assert ch.removed == {g} and observer.get_inode(g) is None
+    assert observer.list_dir(b) == [(b"g2", f, REG), (b"sub", sub, DIR)]
+    assert engine.rename(b, b"g2", b, b"g2") == Changed()  # onto itself: nothing happens
+    engine.link(f, b, b"h")
+    engine.rename(b, b"g2", b, b"h")  # two names of one inode: nothing happens
+    assert observer.lookup(b, b"g2") == f and nlinks(observer, f) == [2]
+
+
+def test_rename_refusals_change_nothing(engine: MetaEngine) -> None:
+    a = mk(engine, ROOT_INO, b"a", DIR)
+    sub = mk(engine, a, b"sub", DIR)
+    mk(engine, sub, b"deep", DIR)
+    full, empty = mk(engine, ROOT_INO, b"full", DIR), mk(engine, ROOT_INO, b"empty", DIR)
+    mk(engine, full, b"x")
+    mk(engine, ROOT_INO, b"f")
+    before = rows(engine)
+    fails(errno.ENOTEMPTY, engine.rename, ROOT_INO, b"a", ROOT_INO, b"full")
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"a", sub, b"loop")  # below itself
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"a", a, b"loop")
+    fails(errno.ENOTDIR, engine.rename, ROOT_INO, b"a", ROOT_INO, b"f")
+    fails(errno.EISDIR, engine.rename, ROOT_INO, b"f", ROOT_INO, b"empty")
+    fails(errno.EEXIST, engine.rename, ROOT_INO, b"f", ROOT_INO, b"a", RENAME_NOREPLACE)
+    fails(errno.ENOENT, engine.rename, ROOT_INO, b"nothing", ROOT_INO, b"x")
+    fails(errno.ENOENT, engine.rename, ROOT_INO, b"f", ROOT_INO, b"x", RENAME_EXCHANGE)
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"f", ROOT_INO, b"x", 3)
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"f", ROOT_INO, b"x", 4)
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"f", ROOT_INO, b"a/x")
+    fails(errno.EINVAL, engine.rename, ROOT_INO, b"a", sub, b"deep", RENAME_EXCHANGE)
+    fails(errno.ENOTDIR, engine.rename, a, b"sub", engine.lookup(ROOT_INO, b"f"), b"x")
+    assert rows(engine) == before
+    engine.rename(ROOT_INO, b"a", ROOT_INO, b"empty")  # over an empty directory: it goes
+    assert engine.get_inode(empty) is None and nlinks(engine, ROOT_INO) == [4]
+
+
+def test_rename_exchange(engine: MetaEngine, observer: MetaEngine) -> None:
+    a, b = mk(engine, ROOT_INO, b"a", DIR), mk(engine, ROOT_INO, b"b", DIR)
+    d, f = mk(engine, a, b"d", DIR), mk(engine, b, b"f")
+    ch = engine.rename(a, b"d", b, b"f", RENAME_EXCHANGE)
+    assert ch.entries == {(a, b"d"): f, (b, b"f"): d}
+    assert (observer.lookup(a, b"d"), observer.lookup(b, b"f")) == (f, d)
+    assert nlinks(observer, a, b, d, f) == [2, 3, 2, 1]  # the directory's '..' moved
+    assert observer.parent_of(d) == b
+
+
+def test_libfuse_hidden_entries(engine: MetaEngine, observer: MetaEngine) -> None:
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    f = mk(engine, d, b"f")
+    mine = mk(engine, d, HIDDEN + b"mine")  # a user's file that merely looks like one
+    hidden = HIDDEN + b"0001"
+    engine.rename(d, b"f", d, hidden, keep={f})  # libfuse hides a file unlinked while open
+    assert nlinks(engine, f) == [0]
+    assert [n for n, _i, _m in engine.readdir(d)] == [b".", b"..", HIDDEN + b"mine"]
+    assert engine.readdir(d)[1] == (b"..", ROOT_INO, stat.S_IFDIR)
+    fails(errno.ENOTEMPTY, engine.rmdir, ROOT_INO, b"d")
+    engine.unlink(d, HIDDEN + b"mine")  # a name like any other: the inode goes
+    assert engine.get_inode(mine) is None
+    ch = engine.rmdir(ROOT_INO, b"d", keep={f})  # the hidden entry does not keep it
+    assert ch.entries[(d, hidden)] is None and ch.removed == {d}
+    assert nlinks(observer, f) == [0]  # still open
+    assert engine.recover() == 1 and engine.get_inode(f) is None  # after a crash
+
+
+def test_unlinking_a_hidden_name_takes_no_link(engine: MetaEngine) -> None:
+    f = mk(engine, ROOT_INO, b"f")
+    engine.rename(ROOT_INO, b"f", ROOT_INO, HIDDEN + b"1", keep={f})
+    ch = engine.unlink(ROOT_INO, HIDDEN + b"1", keep={f})  # libfuse at release, file open
+    assert ch.removed == set() and nlinks(engine, f) == [0]
+    assert engine.drop_unlinked(f).removed == {f}
+
+
+def test_setattr_and_xattrs(engine: MetaEngine, observer: MetaEngine) -> None:
+    f = mk(engine, ROOT_INO, b"f")
+    made = engine.get_inode(f)
+    ch = engine.setattr(f, mode=0o4700 | stat.S_IFDIR, uid=5, mtime_ns=99,
+                        xattrs={b"user.a": b"1"})
+    node = observer.get_inode(f)
+    assert made is not None and node is not None
+    assert node.mode == stat.S_IFREG | 0o4700  # the type stays
+    assert (node.uid, node.gid, node.mtime_ns, node.atime_ns) == (5, 8, 99, made.atime_ns)
+    assert node.ctime_ns >= made.ctime_ns
+    assert ch.inodes == {f: node} and observer.get_xattr(f, b"user.a") == b"1"
+    engine.setattr(f, gid=6, xattrs={b"user.a": None}, commit=False)
+    assert observer.get_inode(f).gid == 8 and engine.get_inode(f).gid == 6  # type: ignore
+    engine.commit()
+    assert observer.get_xattr(f, b"user.a") is None
+    engine.setxattr(f, b"user.b", b"2", XATTR_CREATE)
+    fails(errno.EEXIST, engine.setxattr, f, b"user.b", b"3", XATTR_CREATE)
+    fails(errno.ENODATA, engine.setxattr, f, b"user.c", b"3", XATTR_REPLACE)
+    engine.setxattr(f, b"user.b", b"3", XATTR_REPLACE)
+    assert observer.get_xattr(f, b"user.b") == b"3"
+    engine.removexattr(f, b"user.b")
+    fails(errno.ENODATA, engine.removexattr, f, b"user.b")
+    fails(errno.ENOENT, engine.setattr, 4242, mode=0)
+    assert observer.list_xattrs(f) == []
+
+
+def test_a_namespace_operation_failing_midway_leaves_nothing_done(
+    engine: MetaEngine, observer: MetaEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database fails after the entries changed (here: the inodes' write): the whole
+    operation is undone, on the engine and for another client."""
+    a, b = mk(engine, ROOT_INO, b"a", DIR), mk(engine, ROOT_INO, b"b", DIR)
+    mk(engine, a, b"d", DIR)
+    mk(engine, b, b"f")
+    engine.link(engine.lookup(b, b"f"), b, b"f2")  # type: ignore[arg-type]
+    before = rows(engine)
+
+    def boom(_node: Inode) -> None:
+        raise MetaError("the database failed")
+
+    monkeypatch.setattr(engine, "update_inode", boom)
+    with pytest.raises(MetaError):
+        engine.rename(a, b"d", b, b"d")
+    with pytest.raises(MetaError):
+        engine.unlink(b, b"f")
+    with pytest.raises(MetaError):
+        engine.rename(b, b"f", a, b"f")
+    monkeypatch.undo()
+    assert rows(engine) == before == rows(observer)
+
+
+def test_namespace_operations_join_an_enclosing_block(engine: MetaEngine) -> None:
+    before = rows(engine)
+    with pytest.raises(ZeroDivisionError), engine.transaction():
+        d = mk(engine, ROOT_INO, b"d", DIR)
+        mk(engine, d, b"f")
+        engine.rename(d, b"f", ROOT_INO, b"g")
+        _ = 1 // 0
+    assert rows(engine) == before

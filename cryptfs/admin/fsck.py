@@ -18,9 +18,8 @@ from functools import partial
 from cryptfs.format import crypto
 from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.meta import ROOT_INO
+from cryptfs.meta.namespace import HIDDEN
 from cryptfs.vault.core import Vault
-
-HIDDEN = b".fuse_hidden"
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import stat
-import time
 
 from cryptfs.fs import acl
 from cryptfs.fs.base import (
@@ -15,61 +14,64 @@ from cryptfs.fs.base import (
     Handle,
     _err,
 )
-from cryptfs.meta import ROOT_INO, Inode
+from cryptfs.meta import Inode
 
 
 class Attributes(FileSystemBase):
     """chmod, chown, utimens (group-committed), xattrs and ACLs, directory listings."""
 
     # -- attributes -----------------------------------------------------------------------
+    def _setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
+                 gid: int | None = None, atime_ns: int | None = None,
+                 mtime_ns: int | None = None) -> Inode:
+        """Write an attribute change without committing it (caller holds self.lock): the next
+        commit takes it along (the file's flush at close, the next create, an fsync), or the
+        committer thread within COMMIT_DELAY. Programs that unpack files set times, owner and
+        mode on each before closing it: one commit instead of four."""
+        changed = self.meta.setattr(ino, mode, uid, gid, atime_ns, mtime_ns, commit=False)
+        self._apply(changed)
+        node = changed.inodes[ino]
+        self._defer(node)
+        return self._view(node)
+
     def chmod(self, ino: int, mode: int) -> Inode:
         with self.lock:
             self._writable()
             node = self._node(ino)
-            node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
-            node.ctime_ns = time.time_ns()
             access = self._get_xattr(ino, acl.ACCESS)
             if access is None:
-                self._save_later(node)
-            else:  # the ACL's owner, mask and other entries follow the mode
-                with self.meta.transaction():
-                    self.meta.set_xattr(ino, acl.ACCESS, acl.chmod(access, node.mode))
-                    self._save(node)
-            return self._view(node)
+                return self._setattr(ino, mode=mode)
+            # the ACL's owner, mask and other entries follow the mode
+            new = acl.chmod(access, stat.S_IFMT(node.mode) | (mode & 0o7777))
+            changed = self.meta.setattr(ino, mode=mode, xattrs={acl.ACCESS: new})
+            self._apply(changed)
+            return self._view(changed.inodes[ino])
 
     def chown(self, ino: int, uid: int, gid: int) -> Inode:
         with self.lock:
             self._writable()
             node = self._node(ino)
-            if uid != -1 and uid != 0xFFFFFFFF:
-                node.uid = uid
-            if gid != -1 and gid != 0xFFFFFFFF:
-                node.gid = gid
+            mode = None
             if not stat.S_ISDIR(node.mode):
                 # like the kernel for unprivileged chown: drop set-user-ID/set-group-ID bits
-                node.mode &= ~stat.S_ISUID
-                if node.mode & stat.S_IXGRP:
-                    node.mode &= ~stat.S_ISGID
-            node.ctime_ns = time.time_ns()
-            self._save_later(node)
-            return self._view(node)
+                mode = node.mode & ~stat.S_ISUID
+                if mode & stat.S_IXGRP:
+                    mode &= ~stat.S_ISGID
+            return self._setattr(ino, mode=mode,
+                                 uid=None if uid in (-1, 0xFFFFFFFF) else uid,
+                                 gid=None if gid in (-1, 0xFFFFFFFF) else gid)
 
     def utimens(self, ino: int, atime_ns: int | None, mtime_ns: int | None) -> Inode:
         """Set times; ``None`` leaves a time unchanged (UTIME_OMIT is resolved by the caller)."""
         with self.lock:
             self._writable()
-            node = self._node(ino)
+            self._node(ino)
             f = self.files.get(ino)
             if f is not None and f.mtime_ns is not None:
-                node.mtime_ns = f.mtime_ns  # an earlier write's time, unless set below
+                if mtime_ns is None:
+                    mtime_ns = f.mtime_ns  # an earlier write's time, unless set here
                 f.mtime_ns = None
-            if atime_ns is not None:
-                node.atime_ns = atime_ns
-            if mtime_ns is not None:
-                node.mtime_ns = mtime_ns
-            node.ctime_ns = time.time_ns()
-            self._save_later(node)
-            return self._view(node)
+            return self._setattr(ino, atime_ns=atime_ns, mtime_ns=mtime_ns)
 
     # -- xattrs ---------------------------------------------------------------------------
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
@@ -83,17 +85,9 @@ class Attributes(FileSystemBase):
                 raise _err(errno.ERANGE)
             if len(value) > XATTR_SIZE_MAX:
                 raise _err(errno.E2BIG)
-            node = self._node(ino)
-            old = self.meta.get_xattr(ino, name)
-            if flags & XATTR_CREATE and old is not None:
-                raise _err(errno.EEXIST)
-            if flags & XATTR_REPLACE and old is None:
-                raise _err(errno.ENODATA)
-            with self.meta.transaction():
-                self.meta.set_xattr(ino, name, value)
-                self.xattr_inos.add(ino)
-                node.ctime_ns = time.time_ns()
-                self._save(node)
+            self._apply(self.meta.setxattr(ino, name, value, flags))
+            self.xattr_inos.add(ino)
+            return None
 
     def _get_xattr(self, ino: int, name: bytes) -> bytes | None:
         """An xattr's value or None (caller holds self.lock); no SQL for inodes without any."""
@@ -114,21 +108,17 @@ class Attributes(FileSystemBase):
         if flags & XATTR_REPLACE and old is None:
             raise _err(errno.ENODATA)
         store: bytes | None
+        mode = None
         if name == acl.DEFAULT:
             if not stat.S_ISDIR(node.mode):
                 raise _err(errno.EACCES)
             acl.parse(value)
             store = value
         else:
-            node.mode, store = acl.update_mode(value, node.mode)
-        with self.meta.transaction():
-            if store is None:
-                self.meta.remove_xattr(ino, name)
-            else:
-                self.meta.set_xattr(ino, name, store)
-                self.xattr_inos.add(ino)
-            node.ctime_ns = time.time_ns()
-            self._save(node)
+            mode, store = acl.update_mode(value, node.mode)
+        self._apply(self.meta.setattr(ino, mode=mode, xattrs={name: store}))
+        if store is not None:
+            self.xattr_inos.add(ino)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if ino not in self.xattr_inos:
@@ -150,14 +140,9 @@ class Attributes(FileSystemBase):
     def removexattr(self, ino: int, name: bytes) -> None:
         with self.lock:
             self._writable()
-            node = self._node(ino)
-            with self.meta.transaction():
-                if not self.meta.remove_xattr(ino, name):
-                    raise _err(errno.ENODATA)
-                if not self.meta.list_xattrs(ino):
-                    self.xattr_inos.discard(ino)
-                node.ctime_ns = time.time_ns()
-                self._save(node)
+            self._apply(self.meta.removexattr(ino, name))
+            if not self.meta.list_xattrs(ino):
+                self.xattr_inos.discard(ino)
 
     # -- directories ----------------------------------------------------------------------
     def opendir(self, ino: int) -> int:
@@ -171,14 +156,7 @@ class Attributes(FileSystemBase):
         with self.lock:
             h = self.handles.get(fh)
             if h is None or h.listing is None or offset == 0:
-                node = self._dir(ino)
-                parent = ROOT_INO
-                if ino != ROOT_INO:
-                    parent = self.meta.parent_of(ino) or ROOT_INO
-                listing = [
-                    (b".", ino, node.mode),
-                    (b"..", parent, stat.S_IFDIR),
-                ] + [e for e in self.meta.list_dir(ino) if not self._libfuse_hidden(e[1], e[0])]
+                listing = self.meta.readdir(ino)
                 if h is not None:
                     h.listing = listing
             else:

@@ -11,7 +11,7 @@ returns :class:`~cryptfs.meta.sqlite.Inode` records or data, and raises ``OSErro
 
 Durability contract:
 - every namespace operation (mkdir, mknod, symlink, link, unlink, rename, ...) and xattr
-  change is one committed SQLite transaction when it returns: it survives a crash of the
+  change is one committed transaction of the engine when it returns: it survives a crash of the
   process;
 - the creation of a regular file (``create``) and attribute changes (chmod, chown, utimens)
   are written at once and committed with the next commit: the file's flush at close, any
@@ -42,17 +42,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.errors import os_error as _err
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta import Inode, MetaEngine
+from cryptfs.meta import Changed, Inode, MetaEngine
+from cryptfs.meta.namespace import (  # noqa: F401 - the names of fs operations' flags
+    HIDDEN,
+    NAME_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+)
 
 log = logging.getLogger("cryptfs.fs")
 
-NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed early
 INODE_CACHE_MAX = 200_000
 REF_WINDOW = 256
@@ -64,13 +68,6 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
-# libfuse's high-level API renames a file that is unlinked while open to such a name and
-# unlinks it at release; these entries are invisible and do not count as links.
-HIDDEN = b".fuse_hidden"
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 class Sealing:
@@ -204,6 +201,20 @@ class FileSystemBase:
     def _save(self, node: Inode) -> None:
         self.meta.update_inode(node)
 
+    def _apply(self, changed: Changed) -> None:
+        """Bring the caches in line with what a namespace operation of the engine changed
+        (caller holds self.lock)."""
+        for ino in changed.removed:
+            self.inodes.pop(ino, None)
+            self.complete.discard(ino)
+            self._alloc.pop(ino, None)
+        self.inodes.update(changed.inodes)
+        for key, ino in changed.entries.items():
+            if ino is None:
+                self.dentries.pop(key, None)
+            else:
+                self.dentries[key] = ino
+
     def _save_later(self, node: Inode) -> None:
         """Write an attribute change (chmod, chown, utimens) without committing it (caller
         holds self.lock): the next commit takes it along (the file's flush at close, the next
@@ -259,12 +270,6 @@ class FileSystemBase:
             if ino is not None:
                 self.dentries[key] = ino
         return ino
-
-    def _check_name(self, name: bytes) -> None:
-        if len(name) > NAME_MAX:
-            raise _err(errno.ENAMETOOLONG)
-        if not name or b"/" in name or name in (b".", b".."):
-            raise _err(errno.EINVAL)
 
     def _writable(self) -> None:
         if self.readonly:

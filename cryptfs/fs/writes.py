@@ -314,9 +314,7 @@ class Writes(FileSystemBase):
                         del self.files[f.ino]
                         node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
                         if node is not None and node.nlink <= 0:
-                            with self.meta.transaction():
-                                self.meta.delete_inode(f.ino)
-                            self.inodes.pop(f.ino, None)
+                            self._apply(self.meta.drop_unlinked(f.ino))
 
     def commit_all(self) -> None:
         """Flush every open file (before a snapshot at unmount)."""

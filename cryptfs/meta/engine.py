@@ -1,9 +1,15 @@
 """The metadata engine interface: what the layers above need from a metadata database.
 
-Modelled on JuiceFS's ``pkg/meta`` engine interface: the namespace logic shared by every engine
-(POSIX checks, link counts, hidden entries, caches, group commit) lives above, in
-:mod:`cryptfs.fs`, and calls these primitives inside :meth:`MetaEngine.transaction` blocks; an
-engine stores rows and makes each block atomic. Every method may raise
+Modelled on JuiceFS's ``pkg/meta`` engine interface, in two levels. The namespace operations
+(mknod, link, unlink, rmdir, rename, setattr, xattrs, readdir; lookup and getattr are
+:meth:`MetaEngine.lookup` and :meth:`MetaEngine.get_inode`) are each one atomic transaction that
+checks its POSIX preconditions against the database, keeps link counts and libfuse's hidden
+entries, raises ``OSError(errno)`` and returns a :class:`Changed`; they are written once, over
+the row-level primitives below, in :class:`cryptfs.meta.namespace.NamespaceOps`, which an engine
+inherits. The filesystem layer (:mod:`cryptfs.fs`) keeps permissions, caches, open files and
+group commit; the other primitives serve the write path, the vault, fsck and the ledger inside
+:meth:`MetaEngine.transaction` blocks. An engine stores rows and makes each block atomic.
+Every method may raise
 :class:`cryptfs.errors.MetaError` (an errno-carrying one-line error) when the database fails; a
 block that raises is rolled back whole.
 
@@ -18,10 +24,10 @@ the root directory), object names the store names of :mod:`cryptfs.format.layout
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from cryptfs.format.codec import ChunkRef
 
@@ -44,6 +50,21 @@ class Inode:
     ctime_ns: int
     rdev: int = 0
     target: bytes | None = None
+
+
+@dataclass
+class Changed:
+    """What a namespace operation changed, for the caches of the layer above: the state after
+    it of every inode it changed (``inodes``), the inodes it deleted (``removed``), the names it
+    set to an inode or removed (``entries``: None), and the inode it made or named (``ino``)."""
+
+    ino: int = 0
+    inodes: dict[int, Inode] = field(default_factory=dict)
+    removed: set[int] = field(default_factory=set)
+    entries: dict[tuple[int, bytes], int | None] = field(default_factory=dict)
+
+
+T = TypeVar("T")
 
 
 class MetaEngine(Protocol):
@@ -72,6 +93,27 @@ class MetaEngine(Protocol):
 
     def close(self) -> None:
         """Commit and release the database."""
+
+    # -- namespace operations (cryptfs.meta.namespace.NamespaceOps; contracts there) -----------
+    def atomically(self, fn: Callable[[], T], commit: bool = True) -> T:
+        """Run ``fn`` in one transaction (an engine whose transactions conflict retries it)."""
+
+    def mknod(self, parent: int, name: bytes, node: Inode,
+              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed: ...
+    def link(self, ino: int, parent: int, name: bytes) -> Changed: ...
+    def unlink(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed: ...
+    def rmdir(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed: ...
+    def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0,
+               keep: Collection[int] = ()) -> Changed: ...
+    def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, xattrs: Mapping[bytes, bytes | None] | None = None,
+                commit: bool = True) -> Changed: ...
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Changed: ...
+    def removexattr(self, ino: int, name: bytes) -> Changed: ...
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]: ...
+    def drop_unlinked(self, ino: int) -> Changed: ...
+    def recover(self) -> int: ...
 
     # -- key/value state -----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None: ...

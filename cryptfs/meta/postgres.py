@@ -45,7 +45,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from Crypto.Cipher import AES
 from sqlalchemy import (
@@ -74,6 +74,7 @@ from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+from cryptfs.meta.namespace import NamespaceOps
 
 log = logging.getLogger("cryptfs.meta.postgres")
 
@@ -134,7 +135,9 @@ VERSION_CACHE_ROWS = 65536
 NAME_CACHE = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
 RETRIES = 8
-CONFLICT_STATES = {"40001", "40P01"}  # serialization_failure, deadlock_detected
+T = TypeVar("T")
+CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
+# unique_violation (another writer inserted the same key first: a retry sees its row)
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ class _Conflict(MetaError):
     """A deadlock or serialization failure ended the transaction (another writer won)."""
 
 
-class PgMetaStore:
+class PgMetaStore(NamespaceOps):
     """A vault's metadata in a PostgreSQL database, every row sealed (see the module doc).
 
     ``url`` is a SQLAlchemy URL (``postgresql+psycopg://user@host/db``; credentials from the
@@ -409,6 +412,21 @@ class PgMetaStore:
                 if attempt == RETRIES - 1:
                     raise
                 time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
+
+    def atomically(self, fn: Callable[[], T], commit: bool = True) -> T:
+        """Run a namespace operation in one transaction; when it is a transaction of its own
+        (outermost, committing, nothing uncommitted before it) run it again, with backoff,
+        after another writer won a conflict: ``fn`` re-reads everything it checks."""
+        own = commit and not self._depth and not self.conn.in_transaction()
+        for attempt in range(RETRIES if own else 1):
+            try:
+                with self.transaction(commit=commit):
+                    return fn()
+            except _Conflict:
+                if not own or attempt == RETRIES - 1:
+                    raise
+                time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     # -- transactions and durability -------------------------------------------------------------
     @contextlib.contextmanager

@@ -49,6 +49,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+from cryptfs.meta.namespace import NamespaceOps
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0). A database of an older
@@ -280,8 +281,9 @@ def _meta_error(path: Path, e: BaseException) -> MetaError:
     return cls(f"metadata database {path}: {orig}")
 
 
-class MetaStore:
-    """Typed access to the vault database. Not thread-safe: callers serialise.
+class MetaStore(NamespaceOps):
+    """Typed access to the vault database. Not thread-safe: callers serialise. The namespace
+    operations come from :class:`NamespaceOps`.
 
     Opening checks the schema stamp: an empty database gets the current schema, an older one is
     migrated (``migrated_from`` says from which version, else it is None), and a newer or
