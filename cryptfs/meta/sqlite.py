@@ -9,6 +9,13 @@ a crash of the process; ``sync()`` makes it survive power loss), one transaction
 While mounted, a background thread with its own connection checkpoints the WAL, so commits do
 not wait for a checkpoint's fsyncs.
 
+Incremental shipping (:meth:`MetaStore.changes`): the frames committed to the WAL since the
+last shipment are read from the ``-wal`` file (:mod:`cryptfs.meta.wal`). A *pin*, a connection
+holding a read transaction at the end of the last shipment, keeps every checkpoint from copying
+later frames into the database file, so SQLite never restarts the log over frames not yet
+shipped (Litestream's technique); the log restarts only when every frame in it was shipped, and
+a new generation (new salts) is then read from its first frame.
+
 Longer than the project's ~400 lines on purpose: it is the one module that holds SQL
 (tests/test_05_layers.py), so every statement of the SQLite engine is here, next to the schema.
 """
@@ -17,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sqlalchemy import (
@@ -49,6 +57,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+from cryptfs.meta.wal import WalError, WalPosition, WalRead, encode_segment, read_wal
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0). A database of an older
@@ -280,6 +289,14 @@ def _meta_error(path: Path, e: BaseException) -> MetaError:
     return cls(f"metadata database {path}: {orig}")
 
 
+@dataclass
+class _Shipment:
+    """A shipment: where in the WAL it ends, and the pin that keeps later frames there."""
+
+    position: WalPosition
+    pin: sqlite3.Connection
+
+
 class MetaStore:
     """Typed access to the vault database. Not thread-safe: callers serialise.
 
@@ -334,6 +351,9 @@ class MetaStore:
         self._checkpointer_stop = threading.Event()
         self.commits = 0  # commits so far, and when the last one ended (monotonic)
         self.last_commit = 0.0
+        # incremental shipping: the shipment in the store and the one begun (see changes())
+        self._shipped: _Shipment | None = None
+        self._begun: _Shipment | None = None
 
     def start_checkpointer(self) -> None:
         """Checkpoint the WAL into the database file from a thread with its own connection,
@@ -424,6 +444,7 @@ class MetaStore:
             self.on_commit()
 
     def close(self) -> None:
+        self._unpin()
         if self._checkpointer is not None:
             self._checkpointer_stop.set()
             self._checkpointer.join()
@@ -435,10 +456,113 @@ class MetaStore:
         self.engine.dispose()
 
     def sync(self) -> None:
-        """Commit, then make every committed transaction durable against power loss."""
+        """Commit, then make every committed transaction durable against power loss: in WAL
+        mode the log holds every commit not yet checkpointed (a checkpoint syncs the database
+        file before the log may restart), so syncing the log suffices."""
         self.commit()
-        self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:  # no log: every commit is in the database file
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- incremental shipping (see the module docstring) ---------------------------------------
+    @property
+    def _wal_path(self) -> str:
+        return str(self.path) + "-wal"
+
+    def _pin(self) -> sqlite3.Connection:
+        """A connection holding a read transaction at the newest commit."""
+        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        con.execute("BEGIN")
+        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        return con
+
+    def _unpin(self, which: str = "both") -> None:
+        for attr in (("_shipped", "_begun") if which == "both" else (which,)):
+            ship = getattr(self, attr)
+            if ship is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    ship.pin.close()
+            setattr(self, attr, None)
+
+    def _read_wal(self, after: WalPosition | None, keep_pages: bool) -> WalRead | None:
+        """The committed frames after ``after`` (None if the log is empty)."""
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages)
+        finally:
+            os.close(fd)
+
+    def image(self) -> bytes:
+        """Commit; the committed database as one SQLite image (a full metadata snapshot), and
+        begin a shipment ending at it (see :meth:`changes`). The WAL is checkpointed into the
+        database file and truncated first, so the next shipment starts at its first frame."""
         self.commit()
+        self._unpin()  # the shipments before are superseded by this image
+        busy = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        img = self.raw.serialize()
+        pin = self._pin()
+        position = WalPosition(None, 0, (0, 0))
+        if busy:  # not truncated (a reader in the way): find the end of the log
+            try:
+                found = self._read_wal(None, keep_pages=False)
+            except (WalError, OSError) as e:
+                pin.close()
+                raise MetaError(f"metadata database {self.path}: its WAL: {e}") from None
+            if found is not None:
+                position = found.position
+        self._begun = _Shipment(position, pin)
+        return img
+
+    def changes(self) -> bytes | None:
+        """Commit; the pages committed since the last shipment as a segment (see
+        :mod:`cryptfs.meta.wal`), and begin a shipment ending here. None if nothing was
+        shipped yet (or the log cannot be read, logged): the caller ships an image."""
+        self.commit()
+        self._unpin("_begun")
+        if self._shipped is None:
+            return None
+        pin = self._pin()  # first: no checkpoint passes what is read below
+        try:
+            found = self._read_wal(self._shipped.position, keep_pages=True)
+        except (WalError, OSError) as e:
+            pin.close()
+            log.warning("metadata database %s: cannot read its WAL (%s); shipping an image",
+                        self.path, e)
+            return None
+        db_pages = int(self.raw.execute("PRAGMA page_count").fetchone()[0])
+        if found is None or found.db_pages is None:  # nothing committed since
+            position, pages, page_size = self._shipped.position, {}, self._page_size()
+        elif found.db_pages != db_pages:  # never expected: do not ship what may be wrong
+            pin.close()
+            log.warning("metadata database %s: its WAL ends at %d pages, the database has %d; "
+                        "shipping an image", self.path, found.db_pages, db_pages)
+            return None
+        else:
+            position, pages, page_size = found.position, found.pages, found.page_size
+        self._begun = _Shipment(position, pin)
+        return encode_segment(page_size, db_pages, pages)
+
+    def _page_size(self) -> int:
+        return int(self.raw.execute("PRAGMA page_size").fetchone()[0])
+
+    def shipped(self) -> None:
+        """The shipment begun last is in the store: later ones continue from its end."""
+        if self._begun is None:
+            return
+        self._unpin("_shipped")
+        self._shipped, self._begun = self._begun, None
+
+    def change_count(self) -> int:
+        """Rows written through this connection so far (grows with every write)."""
+        return int(self.raw.total_changes)
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -801,11 +925,6 @@ class MetaStore:
         checkpoint's collection tries again)."""
         self.reference(ref, staged=False)
         self.raw.execute("UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,))
-
-    def image(self) -> bytes:
-        """The committed database as one SQLite image (the metadata snapshot)."""
-        self.commit()
-        return self.raw.serialize()
 
     # -- whole tables, for fsck -------------------------------------------------------------------
     def inode_modes(self) -> dict[int, tuple[int, int]]:

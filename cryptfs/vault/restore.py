@@ -1,5 +1,6 @@
-"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot,
-checked against the checkpoint, with the ledger entries written since it (docs/FORMAT.md 8)."""
+"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot and
+segments, each checked against the checkpoint, with the ledger entries written since them
+(docs/FORMAT.md 8). :func:`materialize` writes any authentic checkpoint's database to a file."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import logging
 import os
 from pathlib import Path
 
-from cryptfs.errors import IntegrityError, ObjectNotFound
+from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX, MAX_CHECKPOINT, META_PREFIX
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_version
+from cryptfs.meta.wal import WalError, apply_segment
 from cryptfs.paths import VaultPaths, write_private
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
 from cryptfs.vault.localstate import Head
 
 log = logging.getLogger("cryptfs.vault.restore")
@@ -33,26 +35,8 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
             f"the store {store.url} has no valid checkpoint to restore the metadata from"
         )
     ck = cks[0]
-    try:
-        blob = store.get(ck.meta.name, ck.meta.size)
-    except ObjectNotFound:
-        raise IntegrityError(
-            f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
-        ) from None
-    if not ck.meta.matches(blob):
-        raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
-    image = codec.open_blob(b"meta", ck.meta.name, blob)
-    # the stamp travels in the image: refuse a newer schema before writing anything
-    check_schema_version(image_schema_version(image),
-                         f"metadata snapshot {ck.meta.name} (from {ck.name})")
     tmp = paths.db.with_name("metadata.db.restore")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, image)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
+    materialize(store, codec, ck, tmp)
     meta = MetaStore(tmp)
     led = Ledger(meta, codec.ledger_key)
     head = led.head()
@@ -62,7 +46,7 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
     if last is None or last.seq != ck.seq or last.hash != ck.hash:
         meta.close()
         raise IntegrityError(
-            f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
+            f"the ledger in the metadata of {ck.name} does not lead to that checkpoint"
         )
     authentic, _ = read_checkpoints(store, codec, newest_only=False)
     with meta.transaction():
@@ -89,9 +73,10 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
         # older snapshots and checkpoints the writer deleted after this checkpoint (its
         # cleanup follows the checkpoint, so the tail does not record it): forget them
         listed = {n for p in (META_PREFIX, CHECKPOINT_PREFIX) for n, _ in store.list(p)}
+        needed = {r.name for r in checkpoint_objects(ck)}
         for ref, _rc, _st in meta.all_objects():
             if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
-                    and ref.name != ck.meta.name and ref.name not in listed:
+                    and ref.name not in needed and ref.name not in listed:
                 meta.forget_object(ref.name)
     meta.sync()
     meta.close()
@@ -103,3 +88,48 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
     )
     log.info("restored metadata from %s", ck.name)
     return bad
+
+
+def materialize(store: ObjectStore, codec: Codec, ck: Checkpoint, path: Path) -> None:
+    """Write the metadata database an authentic checkpoint names to ``path`` (mode 0600,
+    replacing a file there, its ``-wal`` and ``-shm`` removed): its snapshot with its segments
+    applied in order. Each object is read bounded by the size the checkpoint records and
+    checked against its hash before use. Raises IntegrityError (one line naming the object)
+    if one is missing, differs or is malformed, ConfigError for a newer schema; on failure
+    nothing is left at ``path``."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    objs = checkpoint_objects(ck)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for i, ref in enumerate(objs):
+            what = "metadata snapshot" if i == 0 else f"metadata segment {i} of {len(objs) - 1}"
+            try:
+                blob = store.get(ref.name, ref.size)
+            except ObjectNotFound:
+                raise IntegrityError(
+                    f"{what} {ref.name} named by {ck.name} is missing from the store") from None
+            except ObjectTooLarge:
+                blob = b""  # bigger than recorded: it does not match (below)
+            if not ref.matches(blob):
+                raise IntegrityError(f"{what} {ref.name} does not match its checkpoint {ck.name}")
+            plain = codec.open_blob(b"meta", ref.name, blob)
+            if i == 0:
+                # the stamp travels in the image: refuse a newer schema before going on
+                check_schema_version(image_schema_version(plain),
+                                     f"metadata snapshot {ref.name} (from {ck.name})")
+                os.write(fd, plain)
+                continue
+            try:
+                apply_segment(fd, plain)
+            except WalError as e:
+                raise IntegrityError(f"{what} {ref.name} (from {ck.name}): {e}") from None
+        check_schema_version(image_schema_version(os.pread(fd, 100, 0)),
+                             f"the metadata of {ck.name}")
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.chmod(path, 0o600)
