@@ -476,9 +476,17 @@ class MetaStore:
 
     def _pin(self) -> sqlite3.Connection:
         """A connection holding a read transaction at the newest commit."""
-        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        con.execute("BEGIN")
-        con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        try:
+            con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                  timeout=10)
+        except sqlite3.Error as e:
+            raise _meta_error(self.path, e) from e
+        try:
+            con.execute("BEGIN")
+            con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.Error as e:
+            con.close()
+            raise _meta_error(self.path, e) from e
         return con
 
     def _unpin(self, which: str = "both") -> None:

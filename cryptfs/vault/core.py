@@ -624,9 +624,9 @@ class Vault:
                              "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
         with self._own():  # one connection, one thread at a time
-            meta.shipped()  # the next segment starts where this one ends
+            meta.shipped()  # the next segment starts where this one ends...
+            self._chain = chain  # ...and is added to this list
             meta.sync()
-        self._chain = chain
         self._write_head(e, ck_name)
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))

@@ -109,8 +109,8 @@ def materialize(store: ObjectStore, codec: Codec, ck: Checkpoint, path: Path) ->
             except ObjectNotFound:
                 raise IntegrityError(
                     f"{what} {ref.name} named by {ck.name} is missing from the store") from None
-            except ObjectTooLarge:
-                blob = b""  # bigger than recorded: it does not match (below)
+            except ObjectTooLarge as e:
+                raise IntegrityError(f"{what} named by {ck.name}: {e}") from None
             if not ref.matches(blob):
                 raise IntegrityError(f"{what} {ref.name} does not match its checkpoint {ck.name}")
             plain = codec.open_blob(b"meta", ref.name, blob)
