@@ -268,8 +268,8 @@ class FormatReader:
         # the schema stamp: the header's user version (0 means version 1, unstamped)
         stamp = struct.unpack(">i", db[60:64])[0]
         self.schema_version = stamp or 1
-        if self.schema_version not in (1, 2):
-            raise FormatError(f"snapshot schema version {stamp} is not 1 or 2")
+        if self.schema_version not in (1, 2, 3):
+            raise FormatError(f"snapshot schema version {stamp} is not 1, 2 or 3")
         path = workdir / "snapshot.db"
         path.write_bytes(bytes(db))
         return sqlite3.connect(path)
@@ -511,7 +511,7 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     work.mkdir()
     reader = FormatReader(store, PASSPHRASE.encode())
     got = reader.tree(work)
-    assert reader.schema_version == 2  # FORMAT.md 5.2: the snapshot carries the stamp
+    assert reader.schema_version == 3  # FORMAT.md 5.2: the snapshot carries the stamp
     assert reader.segments >= 1  # FORMAT.md 5.4: the metadata since the fsync is a segment
     assert sorted(got) == sorted(expected)
     for rel in expected:

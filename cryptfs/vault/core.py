@@ -659,18 +659,12 @@ class Vault:
         unreferenced at snapshot time. Its writes are the checkpoint's own (see _own)."""
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta = self.fs, self.meta
-        with fs.lock:
-            rows = meta.all_objects()
-        old: list[ChunkRef] = []
-        cks = sorted(
-            (r for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),
-            key=lambda r: r.name,
-            reverse=True,
-        )
-        old.extend(cks[KEEP_CHECKPOINTS:])
-        old.extend(
-            r for r, _, _ in rows if r.name.startswith(META_PREFIX) and r.name not in current
-        )
+        with fs.lock:  # by the name index: not every object of a big vault
+            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
+                         reverse=True)
+            metas = meta.objects_named(META_PREFIX)
+        old: list[ChunkRef] = cks[KEEP_CHECKPOINTS:]
+        old.extend(r for r in metas if r.name not in current)
         for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
             try:
                 self.store.delete(ref.name)
