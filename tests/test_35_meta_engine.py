@@ -1080,3 +1080,56 @@ def test_sqlite_ships_what_changed_across_checkpoints_and_log_restarts(tmp_path:
         other.close()
         e.close()
     assert rows(copy) == rows(tmp_path / "m.db")
+
+
+def test_sqlite_bounds_its_log_while_shipping(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins keep the log from restarting, so a shipment over WAL_RESTART_BYTES truncates it
+    (and the next segments start from its new first frame); a backlog over MAX_SEGMENT_WAL is
+    shipped as an image instead (changes() says None)."""
+    import sqlite3
+
+    from cryptfs.meta import sqlite as engine_module
+    from cryptfs.meta.wal import apply_segment
+
+    e = MetaStore(tmp_path / "m.db")
+    wal = tmp_path / "m.db-wal"
+    copy = tmp_path / "copy.db"
+
+    def rows(path: Path) -> list[tuple]:
+        con = sqlite3.connect(path)
+        try:
+            return con.execute("SELECT * FROM inodes ORDER BY ino").fetchall()
+        finally:
+            con.close()
+
+    def write_round(n: int) -> None:
+        with e.transaction():
+            for i in range(n):
+                e.insert_inode(inode(0, REG, size=i, target=os.urandom(300)))
+
+    try:
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+        copy.write_bytes(e.image())
+        e.shipped()
+        monkeypatch.setattr(engine_module, "WAL_RESTART_BYTES", 100_000)
+        for _ in range(3):
+            write_round(500)
+            assert wal.stat().st_size > 100_000
+            seg = e.changes()
+            assert seg is not None
+            e.shipped()
+            assert wal.stat().st_size == 0  # truncated once shipped
+            fd = os.open(copy, os.O_RDWR)
+            try:
+                apply_segment(fd, seg)
+            finally:
+                os.close(fd)
+            assert rows(copy) == rows(e.path)
+        monkeypatch.setattr(engine_module, "MAX_SEGMENT_WAL", 50_000)
+        write_round(500)
+        assert e.changes() is None  # the caller ships an image
+        assert e.image()[:16] == b"SQLite format 3\0"
+    finally:
+        e.close()

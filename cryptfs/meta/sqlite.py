@@ -57,7 +57,15 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
-from cryptfs.meta.wal import WalError, WalPosition, WalRead, encode_segment, read_wal
+from cryptfs.meta.wal import (
+    FRAME_HEADER,
+    WAL_HEADER,
+    WalError,
+    WalPosition,
+    WalRead,
+    encode_segment,
+    read_wal,
+)
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0); version 3 added the
@@ -189,6 +197,11 @@ log = logging.getLogger("cryptfs.meta.sqlite")
 # commits pause for CHECKPOINT_IDLE seconds, or after CHECKPOINT_COMMITS commits in a burst; a
 # commit that finds the WAL WAL_BACKSTOP_PAGES long (4 KiB pages) checkpoints it itself.
 CHECKPOINT_IDLE = 1.0
+# Shipping: more than MAX_SEGMENT_WAL bytes of log since the last shipment are shipped as an
+# image instead (reading and checking frames in Python costs more than an image then); a log
+# over WAL_RESTART_BYTES after a shipment is checkpointed and truncated (pins keep it growing).
+MAX_SEGMENT_WAL = 16 << 20
+WAL_RESTART_BYTES = 64 << 20
 CHECKPOINT_COMMITS = 4000
 WAL_BACKSTOP_PAGES = 32768
 
@@ -554,6 +567,13 @@ class MetaStore:
         self._unpin("_begun")
         if self._shipped is None:
             return None
+        try:
+            wal_bytes = os.stat(self._wal_path).st_size
+        except FileNotFoundError:
+            wal_bytes = 0
+        at = self._shipped.position.frames * (FRAME_HEADER + self._page_size()) + WAL_HEADER
+        if wal_bytes - at > MAX_SEGMENT_WAL:  # a burst of writes: an image is cheaper
+            return None
         pin = self._pin()  # first: no checkpoint passes what is read below
         try:
             found = self._read_wal(self._shipped.position, keep_pages=True)
@@ -572,6 +592,16 @@ class MetaStore:
             return None
         else:
             position, pages, page_size = found.position, found.pages, found.page_size
+        if wal_bytes > WAL_RESTART_BYTES:
+            # The pins keep the log from restarting: let it restart now, with every frame in
+            # this segment. The shipment before is given up (if this one does not reach the
+            # store, the next checkpoint ships an image).
+            pin.close()
+            self._unpin()
+            busy = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            pin = self._pin()
+            if not busy:
+                position = WalPosition(None, 0, (0, 0))
         self._begun = _Shipment(position, pin)
         return encode_segment(page_size, db_pages, pages)
 
