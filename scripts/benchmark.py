@@ -63,7 +63,11 @@ Produced by `scripts/bench` (see `scripts/benchmark.py`); each section is one ru
 a raw directory on the local disk, a trivial Python passthrough FUSE filesystem with the same
 binding and mount options as cryptfs (`scripts/passthrough.py`), gocryptfs, cryptfs on a local
 directory store, cryptfs on a local moto S3 server, and boto3 alone against that same server.
-Workloads: a sequential write of one big file in 1 MiB writes followed by fsync and close; a
+Workloads: first, on a fresh directory, the fsync workloads: 1,000 empty files are created, then
+the median time of 50 fsyncs of a 4 KiB overwrite of one file; SQLite transactions per second on
+the mount (WAL journal, synchronous=FULL, one small row per transaction, 5 s); then empty files up
+to 100,000 and the fsync latency again (`--fsync-only` runs just these). Then a sequential write
+of one big file in 1 MiB writes followed by fsync and close; a
 sequential read of it with a cold cache (unmount, drop the page cache, delete cryptfs's local
 cache, remount); random 4 KiB reads in it for a fixed time, each dropped from the page cache
 right after (POSIX_FADV_DONTNEED) so that every read reaches the filesystem; creating many 4 KiB
@@ -914,6 +918,75 @@ def create_small(root: Path, n: int, ndirs: int, run: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def add_empty_files(root: Path, n: int, per_dir: int = 1000) -> None:
+    """Create ``n`` more empty files under ``root`` (directories of ``per_dir``), then sync."""
+    root.mkdir(exist_ok=True)
+    have = sum(1 for _ in root.iterdir())
+    for d in range(have, have + (n + per_dir - 1) // per_dir):
+        sub = root / f"e{d:04d}"
+        sub.mkdir()
+        for i in range(min(per_dir, n - (d - have) * per_dir)):
+            os.close(os.open(sub / f"{i:04d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    os.sync()
+
+
+def fsync_latency(probe: Path, samples: int, run: int) -> float:
+    """Median seconds of a 4 KiB overwrite + fsync of one file."""
+    block = unique_block(4096, 3000 + run)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT, 0o644)
+    times = []
+    try:
+        for i in range(samples):
+            struct.pack_into("<QQ", block, 0, run, i)
+            os.pwrite(fd, block, 0)
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(times)
+
+
+def sqlite_txns(path: Path, seconds: float) -> float:
+    """Transactions per second of SQLite on ``path`` (WAL, synchronous=FULL): one row of
+    ~100 bytes per transaction, for ``seconds``."""
+    import sqlite3
+
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v BLOB)")
+        n = 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t (v) VALUES (?)", (os.urandom(100),))
+            con.execute("COMMIT")
+            n += 1
+        return n / (time.perf_counter() - t0)
+    finally:
+        con.close()
+
+
+def run_fsync_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -> None:
+    """fsync latency with ~1,000 and with ``sz.fsync_files`` files in the vault, and SQLite
+    transactions/s, on a fresh directory of the mounted target."""
+    name = t.name
+    root = t.workdir / f"fsync{run}"
+    step("mkdir", root.mkdir)
+    files = root / "files"
+    step("1,000 files", add_empty_files, files, 1000)
+    log(f"{name}: fsync latency, 1,000 files")
+    res.add(name, "fsync_1k", step("fsync 1k", fsync_latency, root / "probe", 50, run) * 1e3)
+    log(f"{name}: SQLite transactions, synchronous=FULL")
+    res.add(name, "sqlite_txn", step("sqlite", sqlite_txns, root / "db.sqlite", sz.sqlite_s))
+    log(f"{name}: adding files up to {sz.fsync_files}")
+    step("many files", add_empty_files, files, sz.fsync_files - 1000)
+    log(f"{name}: fsync latency, {sz.fsync_files} files")
+    res.add(name, "fsync_many", step("fsync many", fsync_latency, root / "probe", 50, run) * 1e3)
+
+
 def stat_small(root: Path, n: int, ndirs: int) -> float:
     paths = small_paths(root, n, ndirs)
     t0 = time.perf_counter()
@@ -1039,6 +1112,9 @@ class Sizes:
     runs: int
     tar_max_files: int | None
     deadline: float
+    fsync_files: int = 100_000
+    sqlite_s: float = 5.0
+    fsync_only: bool = False
 
 
 @dataclass
@@ -1099,6 +1175,10 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
             return fn(*a)
 
     step("mount", t.mount)
+    run_fsync_workloads(t, sz, run, res, step)
+    if sz.fsync_only:
+        step("unmount", t.umount)
+        return
     root = t.workdir / f"run{run}"
     step("mkdir", root.mkdir)
     big = root / "big"
@@ -1197,6 +1277,9 @@ WORKLOADS = [
     ("rt_getxattr", "getxattr round trip, ENODATA (median of 15 × 0.3 s)", "µs", False, True),
     ("cpu_statfs", "daemon CPU per statfs call", "µs", False, True),
     ("cpu_getxattr", "daemon CPU per getxattr call", "µs", False, True),
+    ("fsync_1k", "4 KiB overwrite + fsync, 1,000 files in the vault, median", "ms", False, True),
+    ("fsync_many", "4 KiB overwrite + fsync, {ff} files in the vault, median", "ms", False, True),
+    ("sqlite_txn", "SQLite WAL synchronous=FULL, 1-row transactions", "txn/s", True, True),
     ("rss", "daemon peak RSS after the write", "MiB", False, False),
     ("umount", "unmount after the write", "s", False, False),
 ]
@@ -1251,6 +1334,7 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "nd": sz.small_dirs,
         "tf": tar[1],
         "tb": f"{tar[2] / 1e6:.0f} MB",
+        "ff": f"{sz.fsync_files:,}",
     }
     ratio_cols = [
         (c, b)
@@ -1309,6 +1393,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-mib", type=int, help="size of the big file in MiB")
     ap.add_argument("--small-files", type=int, help="number of 4 KiB files")
     ap.add_argument("--random-seconds", type=float, help="duration of the random-read workload")
+    ap.add_argument("--fsync-files", type=int,
+                    help="files in the vault for the second fsync latency (default 100000)")
+    ap.add_argument("--fsync-only", action="store_true",
+                    help="run only the fsync workloads (fsync latency, SQLite transactions)")
     ap.add_argument(
         "--budget-min",
         type=float,
@@ -1372,6 +1460,9 @@ def main(argv: list[str] | None = None) -> int:
         runs=args.runs or (1 if q else 3),
         tar_max_files=300 if q else None,
         deadline=300 if q else 900,
+        fsync_files=args.fsync_files or (10_000 if q else 100_000),
+        sqlite_s=2.0 if q else 5.0,
+        fsync_only=args.fsync_only,
     )
     append = (not q) if args.append is None else args.append
     budget = (args.budget_min if args.budget_min is not None else (0 if q else 16)) * 60

@@ -228,23 +228,50 @@ class FormatReader:
         ck["_name"] = name
         return ck
 
-    def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
-        m = ck["meta"]
+    def _meta_object(self, m: dict, what: str) -> bytes:
         blob = self._get(m["name"])
         if len(blob) != int(m["size"]):
-            raise FormatError("snapshot size")
+            raise FormatError(f"{what} size")
         if not hmac.compare_digest(hashlib.sha256(blob).hexdigest(), m["sha256"]):
-            raise FormatError("snapshot hash")
-        image = self._open_blob(b"meta", m["name"], blob)
+            raise FormatError(f"{what} hash")
+        return self._open_blob(b"meta", m["name"], blob)
+
+    def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
+        if ck.get("version", 1) not in (1, 2):
+            raise FormatError("checkpoint version")
+        image = self._meta_object(ck["meta"], "snapshot")
         if not image.startswith(b"SQLite format 3\0"):
             raise FormatError("snapshot is not a SQLite image")
+        page_size = struct.unpack(">H", image[16:18])[0]
+        page_size = 65536 if page_size == 1 else page_size
+        db = bytearray(image)
+        self.segments = 0
+        for m in ck.get("segments", []):  # FORMAT.md 5.4, applied in order
+            seg = self._meta_object(m, "segment")
+            magic = b"cryptfs-wal-segment-v1\n"
+            if not seg.startswith(magic):
+                raise FormatError("not a segment")
+            size, db_pages, count = struct.unpack(">III", seg[23:35])
+            if size != page_size or len(seg) != 35 + count * (4 + size):
+                raise FormatError("segment length")
+            for i in range(count):
+                at = 35 + i * (4 + size)
+                pgno = struct.unpack(">I", seg[at:at + 4])[0]
+                if not 1 <= pgno <= db_pages:
+                    raise FormatError("segment page number")
+                off = (pgno - 1) * size
+                if len(db) < off + size:
+                    db.extend(bytes(off + size - len(db)))
+                db[off:off + size] = seg[at + 4:at + 4 + size]
+            del db[db_pages * size:]
+            self.segments += 1
         # the schema stamp: the header's user version (0 means version 1, unstamped)
-        stamp = struct.unpack(">i", image[60:64])[0]
+        stamp = struct.unpack(">i", db[60:64])[0]
         self.schema_version = stamp or 1
-        if self.schema_version not in (1, 2):
-            raise FormatError(f"snapshot schema version {stamp} is not 1 or 2")
+        if self.schema_version not in (1, 2, 3):
+            raise FormatError(f"snapshot schema version {stamp} is not 1, 2 or 3")
         path = workdir / "snapshot.db"
-        path.write_bytes(image)
+        path.write_bytes(bytes(db))
         return sqlite3.connect(path)
 
     def check_ledger(self, db: sqlite3.Connection, ck: dict) -> int:
@@ -450,6 +477,10 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
         for rel in ("hello.txt", "empty", "big.bin", "copy.bin", "sub/nested.txt",
                     "sub/\u00fcn\u00efcode.txt"):
             (mnt / rel).write_bytes(written[rel])
+            if rel == "big.bin":  # a checkpoint with a snapshot; the later ones add segments
+                fd = os.open(mnt / rel, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
         with open(mnt / "sparse.bin", "wb") as f:
             f.seek(150000)
             f.write(b"tail")
@@ -480,7 +511,8 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     work.mkdir()
     reader = FormatReader(store, PASSPHRASE.encode())
     got = reader.tree(work)
-    assert reader.schema_version == 2  # FORMAT.md 5.2: the snapshot carries the stamp
+    assert reader.schema_version == 3  # FORMAT.md 5.2: the snapshot carries the stamp
+    assert reader.segments >= 1  # FORMAT.md 5.4: the metadata since the fsync is a segment
     assert sorted(got) == sorted(expected)
     for rel in expected:
         assert got[rel] == expected[rel], rel

@@ -1322,3 +1322,128 @@ def test_namespace_operations_join_an_enclosing_block(engine: MetaEngine) -> Non
         engine.rename(d, b"f", ROOT_INO, b"g")
         _ = 1 // 0
     assert rows(engine) == before
+
+
+# -- incremental shipping (the SQLite engine: WAL frames) ----------------------------------------
+def test_sqlite_ships_what_changed_across_checkpoints_and_log_restarts(tmp_path: Path) -> None:
+    """image() then changes() after each round, applied in order to a copy of the image, give
+    the engine's database every time: while a checkpoint from another connection runs (it
+    cannot copy frames not shipped yet), after the log restarts (a new generation of salts),
+    and when a shipment was begun but never confirmed (the next one covers it)."""
+    import sqlite3
+
+    from cryptfs.meta.wal import apply_segment
+
+    e = MetaStore(tmp_path / "m.db")
+    other = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    copy = tmp_path / "copy.db"
+    try:
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+        copy.write_bytes(e.image())
+        e.shipped()
+
+        def rows(path: Path) -> list[tuple]:
+            con = sqlite3.connect(path)
+            try:
+                return con.execute("SELECT * FROM inodes ORDER BY ino").fetchall()
+            finally:
+                con.close()
+
+        def salts() -> bytes:
+            return (tmp_path / "m.db-wal").read_bytes()[16:24]
+
+        def write_round(n: int) -> None:
+            with e.transaction():
+                for i in range(n):
+                    e.insert_inode(inode(0, REG, size=i, target=os.urandom(200)))
+
+        def ship(confirm: bool = True) -> None:
+            seg = e.changes()
+            assert seg is not None
+            if confirm:
+                e.shipped()
+                fd = os.open(copy, os.O_RDWR)
+                try:
+                    apply_segment(fd, seg)
+                finally:
+                    os.close(fd)
+                assert rows(copy) == rows(e.path)
+
+        write_round(300)
+        other.execute("PRAGMA wal_checkpoint(PASSIVE)")  # stops at the shipped position...
+        first = salts()
+        write_round(5)  # ...so this write cannot restart the log over the 300 not shipped
+        assert salts() == first
+        ship()
+        write_round(5)
+        ship(confirm=False)  # begun, never confirmed (the store write failed)
+        write_round(5)
+        ship()  # covers both rounds
+        other.execute("PRAGMA wal_checkpoint(PASSIVE)")  # everything shipped: all of it
+        ship()  # nothing new: an empty segment, and the pin no longer holds the log
+        first = salts()
+        write_round(50)  # the log restarts: a new generation
+        assert salts() != first
+        ship()
+        with e.transaction():
+            e.delete_inode(2)
+        ship()
+        assert e.changes() is not None  # nothing new still ships a (page-less) segment
+    finally:
+        other.close()
+        e.close()
+    assert rows(copy) == rows(tmp_path / "m.db")
+
+
+def test_sqlite_bounds_its_log_while_shipping(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins keep the log from restarting, so a shipment over WAL_RESTART_BYTES truncates it
+    (and the next segments start from its new first frame); a backlog over MAX_SEGMENT_WAL is
+    shipped as an image instead (changes() says None)."""
+    import sqlite3
+
+    from cryptfs.meta import sqlite as engine_module
+    from cryptfs.meta.wal import apply_segment
+
+    e = MetaStore(tmp_path / "m.db")
+    wal = tmp_path / "m.db-wal"
+    copy = tmp_path / "copy.db"
+
+    def rows(path: Path) -> list[tuple]:
+        con = sqlite3.connect(path)
+        try:
+            return con.execute("SELECT * FROM inodes ORDER BY ino").fetchall()
+        finally:
+            con.close()
+
+    def write_round(n: int) -> None:
+        with e.transaction():
+            for i in range(n):
+                e.insert_inode(inode(0, REG, size=i, target=os.urandom(300)))
+
+    try:
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+        copy.write_bytes(e.image())
+        e.shipped()
+        monkeypatch.setattr(engine_module, "WAL_RESTART_BYTES", 100_000)
+        for _ in range(3):
+            write_round(500)
+            assert wal.stat().st_size > 100_000
+            seg = e.changes()
+            assert seg is not None
+            e.shipped()
+            assert wal.stat().st_size == 0  # truncated once shipped
+            fd = os.open(copy, os.O_RDWR)
+            try:
+                apply_segment(fd, seg)
+            finally:
+                os.close(fd)
+            assert rows(copy) == rows(e.path)
+        monkeypatch.setattr(engine_module, "MAX_SEGMENT_WAL", 50_000)
+        write_round(500)
+        assert e.changes() is None  # the caller ships an image
+        assert e.image()[:16] == b"SQLite format 3\0"
+    finally:
+        e.close()

@@ -4,9 +4,10 @@ This is the one place that names what a store holds (docs/FORMAT.md section 2); 
 the survey of several stores and crash recovery derive what they keep, check and delete from it.
 
 Every read from a store is bounded before the body is read (see
-:meth:`cryptfs.stores.base.ObjectStore.get`): objects whose size the metadata records (chunks,
-metadata snapshots, checkpoints) by that size, the others by the fixed maxima below. A store
-that returns something bigger gets an :class:`~cryptfs.errors.ObjectTooLarge` error naming the
+:meth:`cryptfs.stores.base.ObjectStore.get`): objects whose size the metadata or a checkpoint
+records (chunks, metadata snapshots and segments, checkpoints) by that size, the others by the
+fixed maxima below. A store that returns something bigger gets an
+:class:`~cryptfs.errors.ObjectTooLarge` error naming the
 object, never a memory spike.
 """
 
@@ -16,7 +17,7 @@ CONFIG = "config"  # the vault config (JSON, MAC'd), one per store
 LEASE = "lease"  # the sealed mount lease, one per store
 STORE_ID = "store-id"  # a store's sealed id, in vaults with several stores
 DATA_PREFIX = "data/"  # chunk objects: data/<2 hex>/<64 hex>
-META_PREFIX = "meta/"  # sealed metadata snapshots: meta/<32 hex>
+META_PREFIX = "meta/"  # sealed metadata snapshots and segments: meta/<32 hex>
 CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
 SNAPSHOT_PREFIX = "snapshots/"  # sealed snapshot pins on a checkpoint: snapshots/<32 hex>
 

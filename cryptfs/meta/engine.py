@@ -88,8 +88,25 @@ class MetaEngine(Protocol):
         """Commit, then make every committed block durable against power loss."""
 
     def image(self) -> bytes:
-        """The committed database as one image, the metadata snapshot stored in the vault;
-        opening an engine on it gives the same rows."""
+        """Commit; the committed database as one image, the metadata snapshot stored in the
+        vault (opening an engine on it gives the same rows). Begins a shipment ending at
+        this image (see :meth:`shipped`)."""
+
+    def changes(self) -> bytes | None:
+        """Commit; what was committed since the last shipment, as one segment (applied to
+        the shipment's image and the segments before it, it gives the committed database),
+        and begin a shipment ending here. None if there is no shipment to continue (none
+        was shipped, or the engine cannot tell what changed): the caller ships an
+        :meth:`image` instead. An engine without incremental shipping returns None."""
+
+    def shipped(self) -> None:
+        """The shipment begun by the last :meth:`image` or :meth:`changes` is durable in the
+        store: the next :meth:`changes` continues from its end. Without this call the next
+        one continues from the shipment before (the begun one is forgotten)."""
+
+    def change_count(self) -> int:
+        """A number that grows with every write; two equal readings mean nothing was
+        written in between."""
 
     def close(self) -> None:
         """Commit and release the database."""
@@ -174,6 +191,8 @@ class MetaEngine(Protocol):
     def unreferenced_objects(self) -> list[ChunkRef]: ...
     def drop_object_if_unreferenced(self, name: str) -> bool: ...
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...
+    def objects_named(self, prefix: str) -> list[ChunkRef]:
+        """Recorded objects whose name starts with ``prefix``, without reading the others."""
     def object_users(self, name: str) -> list[int]: ...
     def stored_bytes(self) -> int: ...
     def forget_object(self, name: str) -> None: ...

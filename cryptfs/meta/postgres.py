@@ -237,6 +237,7 @@ class PgMetaStore(NamespaceOps):
                               "postgresql+psycopg URL, or its driver is missing)") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._depth = 0  # nesting of transaction() blocks
+        self._commits = 0  # see change_count
         self._undo: list[Callable[[], None]] = []
         self.on_commit = on_commit
         self.on_rollback = on_rollback
@@ -480,6 +481,7 @@ class PgMetaStore(NamespaceOps):
             self._rolled_back()
             raise err from e
         self._undo.clear()
+        self._commits += 1
         if self.on_commit is not None:
             self.on_commit()
 
@@ -497,6 +499,21 @@ class PgMetaStore(NamespaceOps):
         with contextlib.suppress(Exception):
             self.conn.close()
         self.engine.dispose()
+
+    def changes(self) -> bytes | None:
+        """Commit; None: this engine ships no segments, every checkpoint stores an
+        :meth:`image`."""
+        self.commit()
+        return None
+
+    def shipped(self) -> None:
+        """Nothing to remember: every shipment is a whole image."""
+
+    def change_count(self) -> int:
+        """Commits made through this engine so far (a conservative count of writes: a commit
+        that wrote nothing is counted too, so an fsync may checkpoint more than it needs to,
+        never less)."""
+        return self._commits
 
     def image(self) -> bytes:
         """The committed metadata as one SQLite image (what a checkpoint stores), built in an
@@ -866,6 +883,11 @@ class PgMetaStore(NamespaceOps):
 
     def _objects(self) -> list[tuple[Any, ...]]:
         return [v for _k, v in self._all(objects)]
+
+    def objects_named(self, prefix: str) -> list[ChunkRef]:
+        """Recorded objects whose name starts with ``prefix`` (names are sealed: every row is
+        read)."""
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefix)]
 
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         return [(ChunkRef(v[0], v[1], v[2]), v[3], v[4]) for v in self._objects()]

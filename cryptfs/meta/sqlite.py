@@ -9,6 +9,13 @@ a crash of the process; ``sync()`` makes it survive power loss), one transaction
 While mounted, a background thread with its own connection checkpoints the WAL, so commits do
 not wait for a checkpoint's fsyncs.
 
+Incremental shipping (:meth:`MetaStore.changes`): the frames committed to the WAL since the
+last shipment are read from the ``-wal`` file (:mod:`cryptfs.meta.wal`). A *pin*, a connection
+holding a read transaction at the end of the last shipment, keeps every checkpoint from copying
+later frames into the database file, so SQLite never restarts the log over frames not yet
+shipped (Litestream's technique); the log restarts only when every frame in it was shipped, and
+a new generation (new salts) is then read from its first frame.
+
 Longer than the project's ~400 lines on purpose: it is the one module that holds SQL
 (tests/test_05_layers.py), so every statement of the SQLite engine is here, next to the schema.
 """
@@ -17,11 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sqlalchemy import (
@@ -50,11 +58,22 @@ from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
 from cryptfs.meta.namespace import NamespaceOps
+from cryptfs.meta.wal import (
+    FRAME_HEADER,
+    WAL_HEADER,
+    WalError,
+    WalPosition,
+    WalRead,
+    encode_segment,
+    read_wal,
+)
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
-# so in every metadata snapshot. Version 1 had no stamp (user_version 0). A database of an older
-# version is migrated on open by the steps in MIGRATIONS; a newer one is refused.
-SCHEMA_VERSION = 2
+# so in every metadata snapshot. Version 1 had no stamp (user_version 0); version 3 added the
+# partial indexes of staged and unreferenced objects (a checkpoint finds them without reading
+# every object). A database of an older version is migrated on open by the steps in MIGRATIONS;
+# a newer one is refused.
+SCHEMA_VERSION = 3
 
 md = MetaData()
 inodes = Table(
@@ -99,6 +118,12 @@ objects = Table(
     # 'staged': sealed on local disk, upload pending; 'stored': in the store.
     Column("state", Text, nullable=False),
 )
+# what a checkpoint looks for: the partial indexes hold just those rows (queries name the same
+# literal terms, so that SQLite can use them)
+_INDEX_STAGED = "CREATE INDEX IF NOT EXISTS ix_objects_staged ON objects (name) " \
+    "WHERE state = 'staged'"
+_INDEX_UNREFERENCED = "CREATE INDEX IF NOT EXISTS ix_objects_unreferenced ON objects (name) " \
+    "WHERE refcount <= 0"
 xattrs = Table(
     "xattrs",
     md,
@@ -173,6 +198,11 @@ log = logging.getLogger("cryptfs.meta.sqlite")
 # commits pause for CHECKPOINT_IDLE seconds, or after CHECKPOINT_COMMITS commits in a burst; a
 # commit that finds the WAL WAL_BACKSTOP_PAGES long (4 KiB pages) checkpoints it itself.
 CHECKPOINT_IDLE = 1.0
+# Shipping: more than MAX_SEGMENT_WAL bytes of log since the last shipment are shipped as an
+# image instead (reading and checking frames in Python costs more than an image then); a log
+# over WAL_RESTART_BYTES after a shipment is checkpointed and truncated (pins keep it growing).
+MAX_SEGMENT_WAL = 16 << 20
+WAL_RESTART_BYTES = 64 << 20
 CHECKPOINT_COMMITS = 4000
 WAL_BACKSTOP_PAGES = 32768
 
@@ -205,9 +235,16 @@ def _migrate_1_to_2(raw: sqlite3.Connection) -> None:
     raw.execute(_TRIGGER_OBJECTS_COPIES)
 
 
+def _migrate_2_to_3(raw: sqlite3.Connection) -> None:
+    """Version 3 adds the partial indexes of staged and unreferenced objects."""
+    raw.execute(_INDEX_STAGED)
+    raw.execute(_INDEX_UNREFERENCED)
+
+
 # MIGRATIONS[n] turns a version n database into version n + 1 (a later version adds its step
 # here and bumps SCHEMA_VERSION); the steps run in order, all in one transaction with the stamp.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2,
+                                                               2: _migrate_2_to_3}
 
 
 def _create_schema(raw: sqlite3.Connection) -> None:
@@ -218,6 +255,8 @@ def _create_schema(raw: sqlite3.Connection) -> None:
         for ix in t.indexes:
             raw.execute(str(CreateIndex(ix).compile(dialect=dialect)))
     raw.execute(_TRIGGER_OBJECTS_COPIES)
+    raw.execute(_INDEX_STAGED)
+    raw.execute(_INDEX_UNREFERENCED)
 
 
 def image_schema_version(image: bytes) -> int:
@@ -281,6 +320,14 @@ def _meta_error(path: Path, e: BaseException) -> MetaError:
     return cls(f"metadata database {path}: {orig}")
 
 
+@dataclass
+class _Shipment:
+    """A shipment: where in the WAL it ends, and the pin that keeps later frames there."""
+
+    position: WalPosition
+    pin: sqlite3.Connection
+
+
 class MetaStore(NamespaceOps):
     """Typed access to the vault database. Not thread-safe: callers serialise. The namespace
     operations come from :class:`NamespaceOps`.
@@ -336,6 +383,9 @@ class MetaStore(NamespaceOps):
         self._checkpointer_stop = threading.Event()
         self.commits = 0  # commits so far, and when the last one ended (monotonic)
         self.last_commit = 0.0
+        # incremental shipping: the shipment in the store and the one begun (see changes())
+        self._shipped: _Shipment | None = None
+        self._begun: _Shipment | None = None
 
     def start_checkpointer(self) -> None:
         """Checkpoint the WAL into the database file from a thread with its own connection,
@@ -426,6 +476,7 @@ class MetaStore(NamespaceOps):
             self.on_commit()
 
     def close(self) -> None:
+        self._unpin()
         if self._checkpointer is not None:
             self._checkpointer_stop.set()
             self._checkpointer.join()
@@ -437,10 +488,138 @@ class MetaStore(NamespaceOps):
         self.engine.dispose()
 
     def sync(self) -> None:
-        """Commit, then make every committed transaction durable against power loss."""
+        """Commit, then make every committed transaction durable against power loss: in WAL
+        mode the log holds every commit not yet checkpointed (a checkpoint syncs the database
+        file before the log may restart), so syncing the log suffices."""
         self.commit()
-        self.conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)").all()
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:  # no log: every commit is in the database file
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- incremental shipping (see the module docstring) ---------------------------------------
+    @property
+    def _wal_path(self) -> str:
+        return str(self.path) + "-wal"
+
+    def _pin(self) -> sqlite3.Connection:
+        """A connection holding a read transaction at the newest commit."""
+        try:
+            con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                  timeout=10)
+        except sqlite3.Error as e:
+            raise _meta_error(self.path, e) from e
+        try:
+            con.execute("BEGIN")
+            con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.Error as e:
+            con.close()
+            raise _meta_error(self.path, e) from e
+        return con
+
+    def _unpin(self, which: str = "both") -> None:
+        for attr in (("_shipped", "_begun") if which == "both" else (which,)):
+            ship = getattr(self, attr)
+            if ship is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    ship.pin.close()
+            setattr(self, attr, None)
+
+    def _read_wal(self, after: WalPosition | None, keep_pages: bool) -> WalRead | None:
+        """The committed frames after ``after`` (None if the log is empty)."""
+        try:
+            fd = os.open(self._wal_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages)
+        finally:
+            os.close(fd)
+
+    def image(self) -> bytes:
+        """Commit; the committed database as one SQLite image (a full metadata snapshot), and
+        begin a shipment ending at it (see :meth:`changes`). The WAL is checkpointed into the
+        database file and truncated first, so the next shipment starts at its first frame."""
         self.commit()
+        self._unpin()  # the shipments before are superseded by this image
+        busy = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        img = self.raw.serialize()
+        pin = self._pin()
+        position = WalPosition(None, 0, (0, 0))
+        if busy:  # not truncated (a reader in the way): find the end of the log
+            try:
+                found = self._read_wal(None, keep_pages=False)
+            except (WalError, OSError) as e:
+                pin.close()
+                raise MetaError(f"metadata database {self.path}: its WAL: {e}") from None
+            if found is not None:
+                position = found.position
+        self._begun = _Shipment(position, pin)
+        return img
+
+    def changes(self) -> bytes | None:
+        """Commit; the pages committed since the last shipment as a segment (see
+        :mod:`cryptfs.meta.wal`), and begin a shipment ending here. None if nothing was
+        shipped yet (or the log cannot be read, logged): the caller ships an image."""
+        self.commit()
+        self._unpin("_begun")
+        if self._shipped is None:
+            return None
+        try:
+            wal_bytes = os.stat(self._wal_path).st_size
+        except FileNotFoundError:
+            wal_bytes = 0
+        at = self._shipped.position.frames * (FRAME_HEADER + self._page_size()) + WAL_HEADER
+        if wal_bytes - at > MAX_SEGMENT_WAL:  # a burst of writes: an image is cheaper
+            return None
+        pin = self._pin()  # first: no checkpoint passes what is read below
+        try:
+            found = self._read_wal(self._shipped.position, keep_pages=True)
+        except (WalError, OSError) as e:
+            pin.close()
+            log.warning("metadata database %s: cannot read its WAL (%s); shipping an image",
+                        self.path, e)
+            return None
+        db_pages = int(self.raw.execute("PRAGMA page_count").fetchone()[0])
+        if found is None or found.db_pages is None:  # nothing committed since
+            position, pages, page_size = self._shipped.position, {}, self._page_size()
+        elif found.db_pages != db_pages:  # never expected: do not ship what may be wrong
+            pin.close()
+            log.warning("metadata database %s: its WAL ends at %d pages, the database has %d; "
+                        "shipping an image", self.path, found.db_pages, db_pages)
+            return None
+        else:
+            position, pages, page_size = found.position, found.pages, found.page_size
+        if wal_bytes > WAL_RESTART_BYTES:
+            # The pins keep the log from restarting: let it restart now, with every frame in
+            # this segment. The shipment before is given up (if this one does not reach the
+            # store, the next checkpoint ships an image).
+            pin.close()
+            self._unpin()
+            busy = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            pin = self._pin()
+            if not busy:
+                position = WalPosition(None, 0, (0, 0))
+        self._begun = _Shipment(position, pin)
+        return encode_segment(page_size, db_pages, pages)
+
+    def _page_size(self) -> int:
+        return int(self.raw.execute("PRAGMA page_size").fetchone()[0])
+
+    def shipped(self) -> None:
+        """The shipment begun last is in the store: later ones continue from its end."""
+        if self._begun is None:
+            return
+        self._unpin("_shipped")
+        self._shipped, self._begun = self._begun, None
+
+    def change_count(self) -> int:
+        """Rows written through this connection so far (grows with every write)."""
+        return int(self.raw.total_changes)
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -661,20 +840,34 @@ class MetaStore(NamespaceOps):
         self.raw.execute("UPDATE objects SET state = 'stored' WHERE name = ?", (name,))
 
     def objects_in_state(self, st: str) -> list[ChunkRef]:
-        q = select(objects.c.name, objects.c.size, objects.c.sha256).where(objects.c.state == st)
-        return [ChunkRef(n, s, bytes(h)) for n, s, h in self.conn.execute(q)]
+        """Objects in state ``st`` ('staged' by its partial index)."""
+        if st == "staged":  # the literal term lets SQLite use ix_objects_staged
+            rows = self.raw.execute(
+                "SELECT name, size, sha256 FROM objects WHERE state = 'staged'")
+        else:
+            rows = self.raw.execute(
+                "SELECT name, size, sha256 FROM objects WHERE state = ?", (st,))
+        return [ChunkRef(n, s, bytes(h)) for n, s, h in rows.fetchall()]
 
     def unreferenced_objects(self) -> list[ChunkRef]:
-        q = select(objects.c.name, objects.c.size, objects.c.sha256).where(
-            objects.c.refcount <= 0, objects.c.state == "stored"
-        )
-        return [ChunkRef(n, s, bytes(h)) for n, s, h in self.conn.execute(q)]
+        """Stored objects no chunk map references (by ix_objects_unreferenced)."""
+        rows = self.raw.execute("SELECT name, size, sha256 FROM objects "
+                                "WHERE refcount <= 0 AND state = 'stored'")
+        return [ChunkRef(n, s, bytes(h)) for n, s, h in rows.fetchall()]
 
     def drop_object_if_unreferenced(self, name: str) -> bool:
         res = self.conn.execute(
             delete(objects).where(objects.c.name == name, objects.c.refcount <= 0)
         )
         return res.rowcount > 0
+
+    def objects_named(self, prefix: str) -> list[ChunkRef]:
+        """The recorded objects whose name starts with ``prefix`` (non-empty), by the name
+        index: as cheap in a big vault as in a small one."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = self.raw.execute(
+            "SELECT name, size, sha256 FROM objects WHERE name >= ? AND name < ?", (prefix, end))
+        return [ChunkRef(n, z, bytes(h)) for n, z, h in rows.fetchall()]
 
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         q = select(objects)
@@ -803,11 +996,6 @@ class MetaStore(NamespaceOps):
         checkpoint's collection tries again)."""
         self.reference(ref, staged=False)
         self.raw.execute("UPDATE objects SET refcount = 0 WHERE name = ?", (ref.name,))
-
-    def image(self) -> bytes:
-        """The committed database as one SQLite image (the metadata snapshot)."""
-        self.commit()
-        return self.raw.serialize()
 
     # -- whole tables, for fsck -------------------------------------------------------------------
     def inode_modes(self) -> dict[int, tuple[int, int]]:

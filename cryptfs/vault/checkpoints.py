@@ -1,10 +1,12 @@
-"""Checkpoints in the store: sealed, MAC'd ledger heads naming their metadata snapshot (with the
-ledger entries written since it); reading them authenticates them. See docs/FORMAT.md 6.1."""
+"""Checkpoints in the store: sealed, MAC'd ledger heads naming their metadata (a snapshot and, from
+checkpoint version 2, the segments to apply to it in order) with the ledger entries written
+since; reading them authenticates them. See docs/FORMAT.md 6.1."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cryptfs.errors import IntegrityError, ObjectNotFound
 from cryptfs.format.codec import ChunkRef, Codec
@@ -21,10 +23,30 @@ class Checkpoint:
     hash: bytes
     mac: bytes
     time_ns: int
-    meta: ChunkRef
+    meta: ChunkRef  # the snapshot (a full image)
     tail: list[Entry]
+    segments: list[ChunkRef] = field(default_factory=list)  # applied to ``meta`` in order
+    version: int = 1
     size: int = 0  # bytes of the checkpoint object as stored
     image_seq: int = 0  # the last ledger entry its metadata image holds (set by materializing)
+
+
+CHECKPOINT_VERSION = 2  # version 2 added ``segments``; a version 1 checkpoint has none
+
+
+def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:
+    """The metadata objects a checkpoint needs, in the order they are applied: its snapshot,
+    then its segments (each with the size and hash the checkpoint records)."""
+    return [ck.meta, *ck.segments]
+
+
+def _ref(d: Any) -> ChunkRef:  # noqa: ANN401 - parsed JSON, checked by the caller
+    return ChunkRef(str(d["name"]), int(d["size"]), bytes.fromhex(d["sha256"]))
+
+
+def ref_json(ref: ChunkRef) -> dict[str, object]:
+    """A metadata object as a checkpoint records it: name, stored size, hex sha256."""
+    return {"name": ref.name, "size": ref.size, "sha256": ref.sha256.hex()}
 
 
 def read_checkpoints(
@@ -57,22 +79,24 @@ def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
     except ValueError:
         raise IntegrityError("it is malformed") from None
     try:
+        version = int(body.get("version", 1))
         ck = Checkpoint(
             name,
             int(body["seq"]),
             bytes.fromhex(body["hash"]),
             bytes.fromhex(body["mac"]),
             int(body["time_ns"]),
-            ChunkRef(
-                str(body["meta"]["name"]),
-                int(body["meta"]["size"]),
-                bytes.fromhex(body["meta"]["sha256"]),
-            ),
+            _ref(body["meta"]),
             [Entry.from_json(e) for e in body["tail"]],
+            [_ref(x) for x in body.get("segments", [])] if version >= 2 else [],
+            version,
             len(blob),
         )
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IntegrityError("it is malformed") from None
+    if version > CHECKPOINT_VERSION or version < 1:
+        raise IntegrityError(f"it is version {version}; this cryptfs reads versions 1 to "
+                             f"{CHECKPOINT_VERSION}")
     if not check_head_mac(codec.ledger_key, ck.seq, ck.hash, ck.mac) \
             or name != checkpoint_name(ck.seq):
         raise IntegrityError("its head MAC or name is wrong")

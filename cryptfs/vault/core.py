@@ -1,14 +1,16 @@
 """A vault: its store, keys, metadata, ledger anchors and filesystem, opened together.
 
 Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
-``meta/<random>`` (sealed SQLite snapshots of the metadata), ``checkpoints/<seq>`` (sealed,
-MAC'd ledger heads naming their snapshot).
+``meta/<random>`` (sealed SQLite snapshots of the metadata, and segments: the pages changed
+since), ``checkpoints/<seq>`` (sealed, MAC'd ledger heads naming a snapshot and its segments).
 
 Checkpoint contract: when :meth:`Vault.sync` returns, every chunk committed before the call is
-in the store, a metadata snapshot that references exactly what the local metadata referenced at
-that moment is in the store, and a checkpoint naming it (with the authenticated ledger head) is
-in the store and recorded in the local head file. A vault can then be opened on a new machine
-from the store alone.
+in the store, metadata (a snapshot and the segments after it) that references exactly what the
+local metadata referenced at that moment is in the store, and a checkpoint naming it (with the
+authenticated ledger head) is in the store and recorded in the local head file. A vault can
+then be opened on a new machine from the store alone. A checkpoint stores only the metadata
+changed since the one before (a segment); the first of a mount, and one whenever the segments
+grow past a fraction of their snapshot, stores a full snapshot.
 
 Longer than ~400 lines: the Vault's lifecycle (opening, crash recovery, checkpoints and
 collection, the lease heartbeat) is still one class; the anchors (:mod:`.anchors`), restore
@@ -59,7 +61,12 @@ from cryptfs.meta.sqlite import (
 from cryptfs.paths import VaultPaths, private_dir, write_private
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
-from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.checkpoints import (
+    CHECKPOINT_VERSION,
+    checkpoint_objects,
+    read_checkpoints,
+    ref_json,
+)
 from cryptfs.vault.lease import Lease
 from cryptfs.vault.localstate import (
     Head,
@@ -86,6 +93,12 @@ def default_chunk_size(store_url: str) -> int:
     """The chunk size ``cryptfs init`` uses when none is given (scripts/chunk_size_sweep.py)."""
     return LOCAL_CHUNK_SIZE if store_url.startswith("file://") else DEFAULT_CHUNK_SIZE
 KEEP_CHECKPOINTS = 3
+# a checkpoint stores a full snapshot instead of one more segment once the segments would be
+# more than MAX_SEGMENTS, or add up to more than 1/COMPACT_RATIO of their snapshot's size (of
+# COMPACT_FLOOR if the snapshot is smaller: small snapshots are no reason to compact often)
+MAX_SEGMENTS = 128
+COMPACT_RATIO = 2
+COMPACT_FLOOR = 1 << 20
 CHECKPOINT_INTERVAL = 60.0
 REPLICATE_INTERVAL = 2.0
 UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
@@ -137,6 +150,11 @@ class Vault:
         self._ckpt_requested = 0
         self._ckpt_done = 0
         self._last_ckpt_seq = 0
+        # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
+        # and the change count it shipped (plus its own writes since: see _dirty)
+        self._chain: list[ChunkRef] | None = None
+        self._clean_at: int | None = None
+        self._own_writes = 0
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.warnings: list[str] = []
@@ -345,11 +363,12 @@ class Vault:
                     self.meta.reference(ref, staged=False)
                     self.ledger.append("put", ref.name, ref.size, ref.sha256)
                 known.add(ck.name)
-        for ck in cks[:1]:  # the newest checkpoint's snapshot: adopt it if unrecorded
-            if ck.meta.name not in known:
-                with self.fs.lock, self.meta.transaction():
-                    self.meta.reference(ck.meta, staged=False)
-                known.add(ck.meta.name)
+        for ck in cks[:1]:  # the newest checkpoint's snapshot and segments: adopt them
+            for ref in checkpoint_objects(ck):
+                if ref.name not in known:
+                    with self.fs.lock, self.meta.transaction():
+                        self.meta.reference(ref, staged=False)
+                    known.add(ref.name)
         n = 0
         for prefix in (DATA_PREFIX, META_PREFIX):
             for name, size in list(self.store.list(prefix)):
@@ -509,6 +528,10 @@ class Vault:
                 self.fence(None)
         if self.readonly_reason is not None:
             raise LockedError(f"the mount is read-only: {self.readonly_reason}")
+        assert self.fs is not None
+        with self.fs.lock:
+            if not self._dirty():
+                return  # the store holds everything committed so far
         with self._ticket_lock:
             self._ckpt_requested += 1
             ticket = self._ckpt_requested
@@ -517,6 +540,11 @@ class Vault:
                 return  # a checkpoint that started after our call has finished
             with self._ticket_lock:
                 target = self._ckpt_requested
+            with self.fs.lock:
+                dirty = self._dirty()  # a checkpoint that ended meanwhile may have shipped it
+            if not dirty:
+                self._ckpt_done = target
+                return
             started = time.perf_counter()
             try:
                 self._checkpoint(progress)
@@ -528,7 +556,43 @@ class Vault:
                 self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             self._ckpt_done = target
 
+    def _dirty(self) -> bool:
+        """Whether anything was written since the last checkpoint shipped the metadata, other
+        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
+        assert self.meta is not None
+        if self._clean_at is None or self._stored:
+            return True
+        return self.meta.change_count() != self._clean_at + self._own_writes
+
+    @contextlib.contextmanager
+    def _own(self) -> Iterator[None]:
+        """The filesystem lock, for the checkpoint's own writes (its ledger entries and
+        collection): counted, so that they alone do not call for another checkpoint."""
+        assert self.fs is not None and self.meta is not None
+        with self.fs.lock:
+            before = self.meta.change_count()
+            try:
+                yield
+            finally:
+                self._own_writes += self.meta.change_count() - before
+
+    def _ship(self) -> tuple[bytes, bool]:
+        """The metadata to store (caller holds the filesystem lock): the changes since the
+        last checkpoint as a segment, or a full image (True) when this mount has shipped
+        nothing yet or the segments add up to a fraction of their snapshot."""
+        assert self.meta is not None
+        chain = self._chain
+        if chain is not None and len(chain) <= MAX_SEGMENTS and \
+                sum(r.size for r in chain[1:]) * COMPACT_RATIO < max(chain[0].size, COMPACT_FLOOR):
+            seg = self.meta.changes()
+            if seg is not None:
+                return seg, False
+        return self.meta.image(), True
+
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Store the metadata changes (a segment, now and then a full snapshot), then a
+        checkpoint naming the snapshot and its segments with the ledger head (see
+        docs/FORMAT.md 8); then collect what it no longer needs."""
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta, led = self.fs, self.meta, self.ledger
         with fs.lock:
@@ -539,29 +603,36 @@ class Vault:
             for ref in meta.objects_in_state("staged"):
                 if not self.chunks.upload_pending(ref.name):
                     meta.mark_stored(ref.name)
-            image = meta.image()
+            data, full = self._ship()
+            shipped_at = meta.change_count()
+            self._own_writes = 0
             staged = {r.name for r in meta.objects_in_state("staged")}
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
         self.store_sync()
         name = META_PREFIX + crypto.random_bytes(16).hex()
-        blob = self.codec.seal_blob(b"meta", name, image, compress=True)
+        blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
+        ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
-        with fs.lock:
-            e = led.append("put", name, len(blob), crypto.sha256(blob))
-            meta.reference(ChunkRef(name, len(blob), crypto.sha256(blob)), staged=False)
+        with self._own():
+            e = led.append("put", name, len(blob), ref.sha256)
+            meta.reference(ref, staged=False)
             meta.commit()
             tail = [x.to_json() for x in led.entries(snap_seq)]
+        assert full or self._chain is not None
+        chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
         ck_name = checkpoint_name(e.seq)
         body = {
+            "version": CHECKPOINT_VERSION,
             "seq": e.seq,
             "hash": e.hash.hex(),
             "mac": head_mac(self.codec.ledger_key, e.seq, e.hash).hex(),
             "time_ns": time.time_ns(),
-            "meta": {"name": name, "size": len(blob), "sha256": crypto.sha256(blob).hex()},
+            "meta": ref_json(chain[0]),
+            "segments": [ref_json(r) for r in chain[1:]],
             "tail": tail,
         }
         ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
@@ -570,20 +641,23 @@ class Vault:
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
-        with fs.lock:  # one connection, one thread at a time
+        with self._own():  # one connection, one thread at a time
+            meta.shipped()  # the next segment starts where this one ends...
+            self._chain = chain  # ...and is added to this list
             meta.sync()
         self._write_head(e, ck_name)
-        with fs.lock:
+        with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
         apply_policy(self, ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        self._collect(name, garbage)  # worked out
+        self._collect({r.name for r in chain}, garbage)  # worked out
         # anchor the entries written after the checkpoint too (its own, the collections), so
         # deleting them from the local ledger is noticed; durable before the head names them
-        with fs.lock:
+        with self._own():
             meta.sync()
             last = led.head()
+            self._clean_at = shipped_at
         assert last is not None
         self._write_head(last, ck_name)
         self._last_ckpt_seq = last.seq
@@ -608,42 +682,36 @@ class Vault:
     def store_sync(self) -> None:
         self.store.sync()
 
-    def _collect(self, current_meta: str, garbage: list[ChunkRef]) -> None:
-        """Delete what the newest checkpoint no longer needs: older snapshots and checkpoints
-        beyond the newest few, and chunk objects that were unreferenced at snapshot time;
-        never anything a snapshot pin holds (:mod:`.snapshots`), and nothing at all while that
-        cannot be worked out."""
+    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
+        """Delete what the newest checkpoint no longer needs: snapshots and segments it does
+        not name (``current``), checkpoints beyond the newest few, and chunk objects that were
+        unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
+        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
+        own (see _own)."""
         assert self.fs and self.meta and self.ledger and self.chunks
         fs, meta = self.fs, self.meta
-        with fs.lock:
-            rows = meta.all_objects()
-        held = held_or_none(self, [r.name for r, _, _ in rows
-                                   if r.name.startswith(SNAPSHOT_PREFIX)])
+        with fs.lock:  # by the name index: not every object of a big vault
+            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
+                         reverse=True)
+            metas = meta.objects_named(META_PREFIX)
+            pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
+        held = held_or_none(self, pins)
         if held is None:
             return
-        rows = [row for row in rows if row[0].name not in held]
         garbage = [r for r in garbage if r.name not in held]
-        old: list[ChunkRef] = []
-        cks = sorted(
-            (r for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),
-            key=lambda r: r.name,
-            reverse=True,
-        )
-        old.extend(cks[KEEP_CHECKPOINTS:])
-        old.extend(
-            r for r, _, _ in rows if r.name.startswith(META_PREFIX) and r.name != current_meta
-        )
+        old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
+        old.extend(r for r in metas if r.name not in current and r.name not in held)
         for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
             try:
                 self.store.delete(ref.name)
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
-            with fs.lock, meta.transaction():
+            with self._own(), meta.transaction():
                 meta.forget_object(ref.name)
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
         for ref in garbage:
-            with fs.lock:
+            with self._own():
                 if not self.chunks.try_claim_for_delete(ref.name):
                     continue
                 if not meta.drop_object_if_unreferenced(ref.name):
@@ -654,10 +722,10 @@ class Vault:
                 self.chunks.delete_claimed(ref.name)
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e)
-                with fs.lock, meta.transaction():
+                with self._own(), meta.transaction():
                     meta.unreference_object(ref)
                 continue
-            with fs.lock:
+            with self._own():
                 self.ledger.append("del", ref.name, ref.size, ref.sha256)
 
     # -- closing ----------------------------------------------------------------------------

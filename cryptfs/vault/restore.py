@@ -1,5 +1,6 @@
-"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot,
-checked against the checkpoint, with the ledger entries written since it (docs/FORMAT.md 8)."""
+"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot and
+segments, each checked against the checkpoint, with the ledger entries written since them
+(docs/FORMAT.md 8). :func:`materialize` writes any authentic checkpoint's database to a file."""
 
 from __future__ import annotations
 
@@ -9,82 +10,19 @@ import os
 import threading
 from pathlib import Path
 
-from cryptfs.errors import IntegrityError, ObjectNotFound
+from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX, MAX_CHECKPOINT, META_PREFIX
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_version
+from cryptfs.meta.wal import WalError, apply_segment
 from cryptfs.paths import VaultPaths, write_private
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import Checkpoint, read_checkpoints
+from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
 from cryptfs.vault.localstate import Head
 
 log = logging.getLogger("cryptfs.vault.restore")
-
-
-def materialize_checkpoint(store: ObjectStore, codec: Codec, ck: Checkpoint,
-                           dest: Path) -> MetaStore:
-    """Write the metadata as of checkpoint ``ck`` into a new SQLite file ``dest`` (0600;
-    replaced if it exists) and return it opened: the metadata image the checkpoint names,
-    checked against its recorded size and SHA-256 and authenticated, with the checkpoint's
-    ledger entries appended; the ledger must end exactly at the checkpoint's MAC'd head.
-    IntegrityError if anything fails (``dest`` is then removed), ConfigError for a newer
-    schema (refused before anything is written). Sets ``ck.image_seq`` to the last ledger
-    entry the image itself held. Nothing is durable until the caller syncs."""
-    try:
-        blob = store.get(ck.meta.name, ck.meta.size)
-    except ObjectNotFound:
-        raise IntegrityError(
-            f"metadata snapshot {ck.meta.name} named by {ck.name} is missing from the store"
-        ) from None
-    if not ck.meta.matches(blob):
-        raise IntegrityError(f"metadata snapshot {ck.meta.name} does not match its checkpoint")
-    image = codec.open_blob(b"meta", ck.meta.name, blob)
-    # the stamp travels in the image: refuse a newer schema before writing anything
-    check_schema_version(image_schema_version(image),
-                         f"metadata snapshot {ck.meta.name} (from {ck.name})")
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(dest) + suffix).unlink(missing_ok=True)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, image)
-    finally:
-        os.close(fd)
-    os.chmod(dest, 0o600)
-    meta = MetaStore(dest)
-    led = Ledger(meta, codec.ledger_key)
-    head = led.head()
-    ck.image_seq = head.seq if head is not None else 0
-    led.add_entries([e for e in ck.tail if e.seq > ck.image_seq])
-    last = led.head()
-    if last is None or last.seq != ck.seq or last.hash != ck.hash:
-        meta.close()
-        dest.unlink(missing_ok=True)
-        raise IntegrityError(
-            f"the ledger in snapshot {ck.meta.name} does not lead to checkpoint {ck.name}"
-        )
-    return meta
-
-
-def checkpoint_objects(store: ObjectStore, codec: Codec, ck: Checkpoint,
-                       workdir: Path) -> dict[str, int]:
-    """Every object checkpoint ``ck`` needs to be read back, ``{name: size}``: itself, its
-    metadata image and every chunk its files reference. Materializes the metadata in a
-    scratch file in ``workdir`` (removed again); errors as :func:`materialize_checkpoint`."""
-    tmp = workdir / f".objects.{os.getpid()}.{threading.get_ident()}.db"
-    meta = materialize_checkpoint(store, codec, ck, tmp)
-    try:
-        sizes = {ref.name: ref.size for ref, _rc, _st in meta.all_objects()}
-        used = {obj for _ino, _idx, obj in meta.all_blocks()}
-    finally:
-        meta.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(tmp) + suffix).unlink(missing_ok=True)
-    out = {name: sizes.get(name, 0) for name in used}
-    out[ck.meta.name] = ck.meta.size
-    out[ck.name] = ck.size
-    return out
 
 
 def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> list[str]:
@@ -126,9 +64,10 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
         # older snapshots and checkpoints the writer deleted after this checkpoint (its
         # cleanup follows the checkpoint, so the tail does not record it): forget them
         listed = {n for p in (META_PREFIX, CHECKPOINT_PREFIX) for n, _ in store.list(p)}
+        needed = {r.name for r in checkpoint_objects(ck)}
         for ref, _rc, _st in meta.all_objects():
             if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
-                    and ref.name != ck.meta.name and ref.name not in listed:
+                    and ref.name not in needed and ref.name not in listed:
                 meta.forget_object(ref.name)
     meta.sync()
     meta.close()
@@ -140,3 +79,95 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
     )
     log.info("restored metadata from %s", ck.name)
     return bad
+
+
+def materialize(store: ObjectStore, codec: Codec, ck: Checkpoint, path: Path) -> None:
+    """Write the metadata database an authentic checkpoint names to ``path`` (mode 0600,
+    replacing a file there, its ``-wal`` and ``-shm`` removed): its snapshot with its segments
+    applied in order. Each object is read bounded by the size the checkpoint records and
+    checked against its hash before use. Raises IntegrityError (one line naming the object)
+    if one is missing, differs or is malformed, ConfigError for a newer schema; on failure
+    nothing is left at ``path``."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    objs = checkpoint_objects(ck)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for i, ref in enumerate(objs):
+            what = "metadata snapshot" if i == 0 else f"metadata segment {i} of {len(objs) - 1}"
+            try:
+                blob = store.get(ref.name, ref.size)
+            except ObjectNotFound:
+                raise IntegrityError(
+                    f"{what} {ref.name} named by {ck.name} is missing from the store") from None
+            except ObjectTooLarge as e:
+                raise IntegrityError(f"{what} named by {ck.name}: {e}") from None
+            if not ref.matches(blob):
+                raise IntegrityError(f"{what} {ref.name} does not match its checkpoint {ck.name}")
+            plain = codec.open_blob(b"meta", ref.name, blob)
+            if i == 0:
+                # the stamp travels in the image: refuse a newer schema before going on
+                check_schema_version(image_schema_version(plain),
+                                     f"metadata snapshot {ref.name} (from {ck.name})")
+                os.write(fd, plain)
+                continue
+            try:
+                apply_segment(fd, plain)
+            except WalError as e:
+                raise IntegrityError(f"{what} {ref.name} (from {ck.name}): {e}") from None
+        check_schema_version(image_schema_version(os.pread(fd, 100, 0)),
+                             f"the metadata of {ck.name}")
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def materialize_checkpoint(store: ObjectStore, codec: Codec, ck: Checkpoint,
+                           dest: Path) -> MetaStore:
+    """Write the metadata as of checkpoint ``ck`` into a new SQLite file ``dest`` (see
+    :func:`materialize`) and return it opened, with the checkpoint's ledger entries appended;
+    the ledger must end exactly at the checkpoint's MAC'd head. IntegrityError if anything
+    fails (``dest`` is then removed), ConfigError for a newer schema. Sets ``ck.image_seq`` to
+    the last ledger entry the database itself held. Nothing is durable until the caller
+    syncs."""
+    materialize(store, codec, ck, dest)
+    meta = MetaStore(dest)
+    led = Ledger(meta, codec.ledger_key)
+    head = led.head()
+    ck.image_seq = head.seq if head is not None else 0
+    led.add_entries([e for e in ck.tail if e.seq > ck.image_seq])
+    last = led.head()
+    if last is None or last.seq != ck.seq or last.hash != ck.hash:
+        meta.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(dest) + suffix).unlink(missing_ok=True)
+        raise IntegrityError(
+            f"the ledger in the metadata of {ck.name} does not lead to that checkpoint"
+        )
+    return meta
+
+
+def objects_held(store: ObjectStore, codec: Codec, ck: Checkpoint,
+                 workdir: Path) -> dict[str, int]:
+    """Every object checkpoint ``ck`` needs to be read back, ``{name: size}``: itself, its
+    metadata snapshot and segments and every chunk its files reference. Materializes the
+    metadata in a scratch file in ``workdir`` (removed again); errors as
+    :func:`materialize_checkpoint`."""
+    tmp = workdir / f".objects.{os.getpid()}.{threading.get_ident()}.db"
+    meta = materialize_checkpoint(store, codec, ck, tmp)
+    try:
+        sizes = {ref.name: ref.size for ref, _rc, _st in meta.all_objects()}
+        used = {obj for _ino, _idx, obj in meta.all_blocks()}
+    finally:
+        meta.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(tmp) + suffix).unlink(missing_ok=True)
+    out = {name: sizes.get(name, 0) for name in used}
+    for ref in checkpoint_objects(ck):
+        out[ref.name] = ref.size
+    out[ck.name] = ck.size
+    return out

@@ -9,7 +9,7 @@ of the vault.
 
 What a snapshot *holds* is every object its checkpoint needs to be read back: the checkpoint,
 its metadata image and every chunk a file of that image references
-(:func:`cryptfs.vault.restore.checkpoint_objects`). The set is derived from the store once per
+(:func:`cryptfs.vault.restore.objects_held`). The set is derived from the store once per
 snapshot (the objects are immutable) and cached under the vault's local state directory,
 ``pins/<id>.json``; deleting the cache is always safe. The Vault's collection and ``cryptfs gc``
 delete nothing a snapshot holds; if a snapshot's set cannot be worked out (the store is
@@ -48,7 +48,7 @@ from cryptfs.meta.ledger import check_head_mac
 from cryptfs.paths import PastPaths, VaultPaths, private_dir, write_private
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import Checkpoint, open_checkpoint
-from cryptfs.vault.restore import checkpoint_objects, materialize_checkpoint
+from cryptfs.vault.restore import materialize_checkpoint, objects_held
 
 if TYPE_CHECKING:
     from cryptfs.vault.core import Vault
@@ -188,7 +188,7 @@ class Pins:
         if held is None:
             snap = self.snapshot(obj)
             private_dir(self.cache_dir)
-            held = checkpoint_objects(self.store, self.codec, self.checkpoint(snap),
+            held = objects_held(self.store, self.codec, self.checkpoint(snap),
                                       self.cache_dir)
             write_private(cache, json.dumps(held).encode())
         held = dict(held)

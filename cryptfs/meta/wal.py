@@ -1,0 +1,175 @@
+"""SQLite's write-ahead log read as bytes, and metadata segments (docs/FORMAT.md 6.2).
+
+Incremental shipping of the SQLite engine (in the spirit of Litestream): the frames committed
+to the ``-wal`` file since the last shipped position are read, checked (header, salts and the
+cumulative checksum of every frame, as SQLite's own recovery does) and folded into one
+*segment*: the newest image of every page changed, and the database size in pages at the last
+commit. A metadata snapshot (a full database image) with its segments applied in order is the
+database at the last segment's commit.
+
+No SQL here: this module reads the file format (https://sqlite.org/fileformat.html#walformat)
+and writes pages into a database file that nothing has open.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+WAL_HEADER = 32
+FRAME_HEADER = 24
+WAL_MAGIC = 0x377F0682  # | 1: checksums over big-endian words
+WAL_VERSION = 3007000
+SEGMENT_MAGIC = b"cryptfs-wal-segment-v1\n"
+_SEG_HEAD = struct.Struct(">III")  # page size, database size in pages, page count
+_MASK = 0xFFFFFFFF
+
+
+class WalError(Exception):
+    """The write-ahead log or a segment is not what the format says (one line)."""
+
+
+@dataclass(frozen=True)
+class WalPosition:
+    """Where shipping stands: the WAL generation (its salts), the frames shipped of it, and the
+    cumulative checksum after the last of them (the next frame's checksum continues it)."""
+
+    salts: tuple[int, int] | None  # None: the log was empty (the next header starts anew)
+    frames: int
+    cksum: tuple[int, int]
+
+
+@dataclass
+class WalRead:
+    """Frames read after a position up to the last commit frame."""
+
+    position: WalPosition
+    pages: dict[int, bytes]
+    page_size: int
+    db_pages: int | None  # the database size at the last commit read (None: no commit)
+
+
+def checksum(data: bytes, s: tuple[int, int], big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes) continuing from ``s``: for
+    each pair of 32-bit words, ``s0 += x0 + s1; s1 += x1 + s0`` (mod 2**32). Sixteen words a
+    loop, masked once: the sums are exact integers, so the result is the same."""
+    s0, s1 = s
+    e = ">" if big_endian else "<"
+    head = len(data) - len(data) % 64
+    for a, b, c, d, f, g, h, i, j, k, m, n, o, p, q, r in struct.iter_unpack(e + "16I",
+                                                                               data[:head]):
+        s0 += a + s1
+        s1 += b + s0
+        s0 += c + s1
+        s1 += d + s0
+        s0 += f + s1
+        s1 += g + s0
+        s0 += h + s1
+        s1 += i + s0
+        s0 += j + s1
+        s1 += k + s0
+        s0 += m + s1
+        s1 += n + s0
+        s0 += o + s1
+        s1 += p + s0
+        s0 = (s0 + q + s1) & _MASK
+        s1 = (s1 + r + s0) & _MASK
+    for x0, x1 in struct.iter_unpack(e + "II", data[head:]):
+        s0 = (s0 + x0 + s1) & _MASK
+        s1 = (s1 + x1 + s0) & _MASK
+    return s0, s1
+
+
+def read_wal(pread: Callable[[int, int], bytes], after: WalPosition | None,
+             keep_pages: bool = True) -> WalRead | None:
+    """Read the committed frames after ``after`` (from the start of the log if ``after`` is
+    None or of an earlier generation). ``pread(size, offset)`` reads the ``-wal`` file.
+    Returns None if the log is empty (no header yet: every commit is in the database file).
+    Frames are read while their salts and checksums hold, as SQLite's recovery does; what
+    follows the last commit frame is not part of the result. Raises WalError for a header
+    that is not a valid WAL header."""
+    hdr = pread(WAL_HEADER, 0)
+    if len(hdr) < WAL_HEADER:
+        return None
+    magic, version, page_size, _ckpt, salt1, salt2, c1, c2 = struct.unpack(">8I", hdr)
+    if magic & ~1 != WAL_MAGIC or version != WAL_VERSION or page_size < 512 \
+            or page_size > 65536 or page_size & (page_size - 1):
+        raise WalError("the write-ahead log has no valid header")
+    big = bool(magic & 1)
+    if checksum(hdr[:24], (0, 0), big) != (c1, c2):
+        raise WalError("the write-ahead log header fails its checksum")
+    if after is not None and after.salts == (salt1, salt2):
+        pos = after
+    else:  # a new generation of the log (SQLite restarted it): every frame is new
+        pos = WalPosition((salt1, salt2), 0, (c1, c2))
+    frame = FRAME_HEADER + page_size
+    pages: dict[int, bytes] = {}
+    pending: dict[int, bytes] = {}
+    db_pages: int | None = None
+    frames, cksum = pos.frames, pos.cksum
+    batch = max(1, (4 << 20) // frame)
+    while True:
+        buf = pread(batch * frame, WAL_HEADER + frames * frame)
+        got = len(buf) // frame
+        for i in range(got):
+            f = buf[i * frame:(i + 1) * frame]
+            pgno, commit, fs1, fs2, fc1, fc2 = struct.unpack_from(">6I", f)
+            if (fs1, fs2) != (salt1, salt2) or pgno == 0:
+                got = -1
+                break
+            cksum = checksum(f[:8] + f[FRAME_HEADER:], cksum, big)
+            if cksum != (fc1, fc2):
+                got = -1
+                break
+            frames += 1
+            if keep_pages:
+                pending[pgno] = f[FRAME_HEADER:]
+            if commit:
+                pages.update(pending)
+                pending.clear()
+                db_pages = commit
+                pos = WalPosition((salt1, salt2), frames, cksum)
+        if got < batch:
+            break
+    return WalRead(pos, pages, page_size, db_pages)
+
+
+def encode_segment(page_size: int, db_pages: int, pages: dict[int, bytes]) -> bytes:
+    """A segment's plaintext: magic, header (page size, database size in pages, page count),
+    then each page as a 4-byte big-endian page number and its ``page_size`` bytes, in page
+    order."""
+    out = [SEGMENT_MAGIC, _SEG_HEAD.pack(page_size, db_pages, len(pages))]
+    for pgno in sorted(pages):
+        out.append(pgno.to_bytes(4, "big"))
+        out.append(pages[pgno])
+    return b"".join(out)
+
+
+def db_page_size(header: bytes) -> int:
+    """The page size a database header (its first 100 bytes) records."""
+    v = int.from_bytes(header[16:18], "big")
+    return 65536 if v == 1 else v
+
+
+def apply_segment(fd: int, segment: bytes) -> None:
+    """Write a segment's pages into the database file open at ``fd`` and cut the file to the
+    segment's database size. Raises WalError (one line) for a malformed segment or one whose
+    page size differs from the database's."""
+    head = len(SEGMENT_MAGIC) + _SEG_HEAD.size
+    if len(segment) < head or not segment.startswith(SEGMENT_MAGIC):
+        raise WalError("it is not a metadata segment")
+    page_size, db_pages, count = _SEG_HEAD.unpack_from(segment, len(SEGMENT_MAGIC))
+    if len(segment) != head + count * (4 + page_size) or not db_pages:
+        raise WalError("its length does not match its header")
+    if page_size != db_page_size(os.pread(fd, 100, 0)):
+        raise WalError("its page size differs from the snapshot's")
+    at = head
+    for _ in range(count):
+        pgno = int.from_bytes(segment[at:at + 4], "big")
+        if not 1 <= pgno <= db_pages:
+            raise WalError(f"it names page {pgno} of a {db_pages}-page database")
+        os.pwrite(fd, segment[at + 4:at + 4 + page_size], (pgno - 1) * page_size)
+        at += 4 + page_size
+    os.ftruncate(fd, db_pages * page_size)

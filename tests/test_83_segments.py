@@ -1,0 +1,214 @@
+"""Incremental checkpoints, in-process on real vaults (local store, real SQLite files).
+
+An fsync stores the metadata pages changed since the last checkpoint (a segment) and a
+checkpoint naming the snapshot and its segments in order; the vault opens from the store alone
+with everything fsynced; a segment that is missing, changed or swapped with another refuses the
+restore with one line; an fsync with nothing new stores nothing; a new snapshot replaces the
+segments once they add up, and the old objects are collected; a checkpoint cut short leaves
+the store's previous one good.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cryptfs.errors import IntegrityError, StoreError
+from cryptfs.format.layout import META_PREFIX
+from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.paths import VaultPaths
+from cryptfs.vault import core
+from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
+from cryptfs.vault.core import Vault, create_vault
+from cryptfs.vault.restore import materialize
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    return tmp_path
+
+
+@pytest.fixture
+def vault(home: Path) -> Iterator[Vault]:
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def write(v: Vault, name: bytes, data: bytes) -> None:
+    fs = v.fs
+    assert fs is not None
+    _node, fh = fs.create(ROOT_INO, name, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, data)
+    fs.flush(fh)
+    fs.release(fh)
+
+
+def newest(v: Vault) -> Checkpoint:
+    cks, bad = read_checkpoints(v.store, v.codec)
+    assert not bad
+    return cks[0]
+
+
+def store_files(home: Path) -> set[str]:
+    root = home / "store"
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def names_in(db: Path) -> set[bytes]:
+    con = sqlite3.connect(db)
+    try:
+        return {bytes(r[0]) for r in con.execute("SELECT name FROM dentries WHERE parent = 1")}
+    finally:
+        con.close()
+
+
+def read_on_new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, name: bytes) -> bytes:
+    """Attach the vault from the store alone (fresh local state) and read one file."""
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m2" / k.lower()))
+    paths = VaultPaths("unit")
+    _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, 0, 0)
+    assert not created
+    v = Vault.open(paths, b"pw", readonly=True)
+    try:
+        assert v.fs is not None
+        node = v.fs.lookup(ROOT_INO, name)
+        fh = v.fs.open(node.ino, os.O_RDONLY)
+        try:
+            return v.fs.read(fh, 0, node.size)
+        finally:
+            v.fs.release(fh)
+    finally:
+        v.close()
+
+
+def test_fsync_ships_segments_and_the_store_alone_restores(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert vault.fs is not None
+    for i in range(500):  # a snapshot much bigger than what one fsync changes
+        vault.fs.mkdir(ROOT_INO, b"directory number %d" % i, 0o755, 0, 0)
+    write(vault, b"first", b"1" * 1000)
+    vault.sync()
+    base = newest(vault)
+    assert base.version == 2 and base.segments == []  # the first of a mount: a snapshot
+    for i in range(3):
+        write(vault, b"f%d" % i, os.urandom(3000))
+        vault.sync()
+    ck = newest(vault)
+    assert ck.meta == base.meta and len(ck.segments) == 3
+    for ref in ck.segments:  # only what changed: a few pages of many
+        plain = vault.codec.open_blob(b"meta", ref.name, vault.store.get(ref.name, ref.size))
+        _size, db_pages, count = struct.unpack(">III", plain[23:35])
+        assert 0 < count <= 16 and db_pages > 3 * count
+    # nothing new: nothing stored, the same checkpoint stays the newest
+    before = store_files(home)
+    vault.sync()
+    assert store_files(home) == before and newest(vault).name == ck.name
+    # the checkpoint's metadata, materialized from the store, is the local database's
+    out = home / "materialized.db"
+    materialize(vault.store, vault.codec, ck, out)
+    assert {b"first", b"f0", b"f1", b"f2"} < names_in(out) == names_in(vault.paths.db)
+    data = b"last" * 500
+    write(vault, b"last", data)
+    vault.sync()
+    assert read_on_new_machine(home, monkeypatch, b"last") == data
+
+
+def test_a_damaged_segment_refuses_the_restore(vault: Vault, home: Path) -> None:
+    write(vault, b"a", b"a")
+    vault.sync()
+    for name in (b"b", b"c"):
+        write(vault, name, name * 100)
+        vault.sync()
+    ck = newest(vault)
+    assert len(ck.segments) == 2
+    seg1, seg2 = (home / "store" / r.name for r in ck.segments)
+    b1, b2 = seg1.read_bytes(), seg2.read_bytes()
+    flipped = bytearray(b1)
+    flipped[len(b1) // 2] ^= 1
+    out = home / "restored.db"
+    for damage in ("missing", "changed", "swapped"):
+        if damage == "missing":
+            seg2.unlink()
+        elif damage == "changed":
+            seg1.write_bytes(bytes(flipped))
+        else:
+            seg1.write_bytes(b2)
+            seg2.write_bytes(b1)
+        with pytest.raises(IntegrityError) as e:
+            materialize(vault.store, vault.codec, ck, out)
+        msg = str(e.value)
+        assert "\n" not in msg and "metadata segment" in msg and ck.name in msg, damage
+        assert ("missing" in msg) if damage == "missing" else \
+            ("does not match" in msg or "more than the" in msg)
+        assert not out.exists()
+        seg1.write_bytes(b1)
+        seg2.write_bytes(b2)
+    materialize(vault.store, vault.codec, ck, out)  # undamaged again: it restores
+    assert names_in(out) == {b"a", b"b", b"c"}
+
+
+def test_a_snapshot_replaces_the_segments_and_they_are_collected(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "MAX_SEGMENTS", 2)
+    write(vault, b"x", b"x")
+    vault.sync()
+    first = newest(vault)
+    for i in range(3):
+        write(vault, b"y%d" % i, b"y")
+        vault.sync()
+    ck = newest(vault)
+    assert ck.meta != first.meta and ck.segments == []  # a new snapshot
+    kept = {n for n in store_files(home) if n.startswith(META_PREFIX)}
+    assert kept == {r.name for r in checkpoint_objects(ck)}  # the old chain was collected
+    out = home / "m.db"
+    materialize(vault.store, vault.codec, ck, out)
+    assert names_in(out) == {b"x", b"y0", b"y1", b"y2"}
+
+
+def test_a_checkpoint_cut_short_keeps_the_previous_one(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(vault, b"a", b"a")
+    vault.sync()
+    write(vault, b"b", b"b")
+    vault.sync()
+    good = newest(vault)
+    real_put = vault.store.put
+
+    def no_checkpoints(name: str, blob: bytes) -> None:
+        if name.startswith("checkpoints/"):
+            raise StoreError("the store went away")
+        real_put(name, blob)
+
+    write(vault, b"c", b"c")
+    monkeypatch.setattr(vault.store, "put", no_checkpoints)
+    with pytest.raises(StoreError):
+        vault.sync()  # its segment is stored, its checkpoint is not
+    assert newest(vault).name == good.name
+    out = home / "m.db"
+    materialize(vault.store, vault.codec, good, out)
+    assert names_in(out) == {b"a", b"b"}
+    monkeypatch.setattr(vault.store, "put", real_put)
+    write(vault, b"d", b"d")
+    vault.sync()  # ships everything since the last good checkpoint, c included
+    ck = newest(vault)
+    assert ck.meta == good.meta and len(ck.segments) == len(good.segments) + 1
+    materialize(vault.store, vault.codec, ck, out)
+    assert names_in(out) == {b"a", b"b", b"c", b"d"}
