@@ -211,7 +211,7 @@ def _t(text: str) -> int:
 def test_retention_policy_with_explicit_times(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from cryptfs.paths import VaultPaths
-    from cryptfs.vault.checkpoints import read_checkpoints
+    from cryptfs.vault.checkpoints import checkpoint_objects, read_checkpoints
     from cryptfs.vault.core import Vault, create_vault
     from cryptfs.vault.snapshots import (
         apply_policy,
@@ -272,8 +272,9 @@ def test_retention_policy_with_explicit_times(tmp_path: Path,
         assert kept < metas()  # a new image, and none deleted
         delete_snapshot(v, manual.id[:8])
         # collected again: left are the images the automatic snapshots hold, and the current
-        held = {v.pins.snapshot(r.name).meta.name for r in recorded(v)}
-        current = read_checkpoints(v.store, v.codec)[0][0].meta.name
-        assert {"meta/" + n for n in metas()} == held | {current}
+        held = {o.name for r in recorded(v)
+                for o in checkpoint_objects(v.pins.checkpoint(v.pins.snapshot(r.name)))}
+        current = {o.name for o in checkpoint_objects(read_checkpoints(v.store, v.codec)[0][0])}
+        assert {"meta/" + n for n in metas()} == held | current
     finally:
         v.close()
