@@ -479,3 +479,60 @@ def test_disk_cache_serves_reads_while_the_store_is_down(rig: Rig) -> None:
     assert time.monotonic() - start < 5  # no store call waited for its 10 s timeout
     assert rig.proxy.faults["down"] <= 2  # at most the lease's own reads were refused
     rig.proxy.clear()
+
+
+def test_unrenewable_lease_fences_the_mount_until_a_renewal_finds_it(rig: Rig) -> None:
+    """A mount that cannot renew its lease for two thirds of its lifetime could be taken over
+    by another machine once the lease expires: it stops writing (EROFS, said in status) and
+    writes again only after a renewal finds its own lease still in place. Nothing written
+    before the fence is lost."""
+    env, proxy, mnt = rig.env, rig.proxy, rig.mnt
+    env.extra_env["CRYPTFS_LEASE_SECONDS"] = "3"
+    env.mount(mnt)
+    try:
+        (mnt / "before").write_bytes(b"written before the store went away")
+        fd = os.open(mnt, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        proxy.set_fault("down")  # every request reset: no renewal can succeed
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                (mnt / f"probe-{time.monotonic_ns()}").write_bytes(b"x")
+            except OSError as e:
+                assert e.errno == errno.EROFS, e
+                break
+            assert time.monotonic() < deadline, "still writable long after the lease ran out"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 5  # status.json is rewritten once a second
+        while True:
+            status = env.cli("status", str(mnt), "--json", check=False, timeout=30).stdout
+            if "lease could not be renewed" in status:
+                break
+            assert time.monotonic() < deadline, f"status does not say why: {status}"
+            time.sleep(0.5)
+        assert (mnt / "before").read_bytes() == b"written before the store went away"
+        proxy.clear()
+        deadline = time.monotonic() + 20
+        while True:  # the next renewal finds the lease still ours: writable again
+            try:
+                (mnt / "after").write_bytes(b"written after the store came back")
+                break
+            except OSError as e:
+                assert e.errno == errno.EROFS, e
+            assert time.monotonic() < deadline, "still read-only after the store came back"
+            time.sleep(0.3)
+        assert "writable again" in env.log_text()
+    finally:
+        proxy.clear()
+        _umount(env, mnt)
+    env.mount(mnt)
+    try:
+        assert (mnt / "before").read_bytes() == b"written before the store went away"
+        assert (mnt / "after").read_bytes() == b"written after the store came back"
+    finally:
+        _umount(env, mnt)
+    verify_full(env)
+    assert_bounded(proxy)
