@@ -120,6 +120,7 @@ def test_missing_names_in_new_directories_need_no_sql(
     assert lookups == []
     fs.unlink(sub, b"h")
     fs.rmdir(d, b"sub")
+    lookups.clear()  # the engine's unlink and rmdir re-check their names in the database
     with pytest.raises(OSError):
         fs.lookup(d, b"sub")
     assert lookups == []
