@@ -99,6 +99,14 @@ class FormatError(Exception):
     """The store does not match the format, or fails a check."""
 
 
+def _padme(length: int) -> int:
+    if length < 256:
+        return 256
+    e = length.bit_length() - 1
+    mask = (1 << (e - e.bit_length())) - 1
+    return (length + mask) & ~mask
+
+
 def _hkdf(master: bytes, vault_id: bytes, info: bytes) -> bytes:
     return HKDF(master, 32, vault_id, SHA256, context=info)  # type: ignore[return-value]
 
@@ -162,6 +170,7 @@ class FormatReader:
         self.meta_key = _hkdf(master, self.vault_id, b"cryptfs metadata encryption v1")
         self.ledger_key = _hkdf(master, self.vault_id, b"cryptfs ledger mac v1")
         self.chunks_read = 0
+        self.chunk_sizes: dict[str, tuple[int, int]] = {}  # name: (plaintext, stored) bytes
         self.schema_version = 0  # of the last snapshot read
 
     # store access ----------------------------------------------------------------------------
@@ -316,6 +325,7 @@ class FormatReader:
         if name != f"data/{h[:2]}/{h}":
             raise FormatError(f"{name}: name does not match content")
         self.chunks_read += 1
+        self.chunk_sizes[name] = (len(plain), len(blob))
         return plain
 
     def file_bytes(self, db: sqlite3.Connection, ino: int, size: int) -> bytes:
@@ -520,6 +530,11 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     # link shares hello's chunk
     chunk_files = sorted(p for p in (store / "data").rglob("*") if p.is_file())
     assert len(chunk_files) == 4 + 1 + 5
+    # FORMAT.md 4: padded to min(padme(n + 4), chunk_size + 4); big.bin's 3 full chunks unpadded
+    assert len(reader.chunk_sizes) == len(chunk_files)
+    for n, stored in reader.chunk_sizes.values():
+        assert stored == min(_padme(n + 4), CHUNK + 4) + 29, (n, stored)
+    assert sorted(reader.chunk_sizes.values())[-3:] == [(CHUNK, CHUNK + 33)] * 3
 
     # the reader rejects a changed chunk object by its recorded hash, before GCM
     victim = chunk_files[0]
