@@ -78,14 +78,8 @@ LOCAL_CHUNK_SIZE = 256 << 10  # file:// stores: measured faster on every workloa
 def default_chunk_size(store_url: str) -> int:
     """The chunk size ``cryptfs init`` uses when none is given (scripts/chunk_size_sweep.py)."""
     return LOCAL_CHUNK_SIZE if store_url.startswith("file://") else DEFAULT_CHUNK_SIZE
-KEEP_CHECKPOINTS = 3
-# a checkpoint stores a full snapshot instead of one more segment once the segments would be
-# more than MAX_SEGMENTS, or add up to more than 1/COMPACT_RATIO of their snapshot's size (of
-# COMPACT_FLOOR if the snapshot is smaller: small snapshots are no reason to compact often)
-MAX_SEGMENTS = 128
-COMPACT_RATIO = 2
-COMPACT_FLOOR = 1 << 20
-CHECKPOINT_INTERVAL = 60.0
+
+
 REPLICATE_INTERVAL = 2.0
 UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
