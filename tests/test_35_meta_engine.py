@@ -4,7 +4,7 @@ In the spirit of JuiceFS's ``testMeta`` (pkg/meta/base_test.go): one suite, run 
 each engine in ``ENGINES`` (today SQLite files). A second engine is one more entry there: how to
 open it on an empty directory, a second connection that sees only committed writes, and how to
 open an engine on a database image (the vault's restore of a snapshot). The methods are used as
-cryptfs's own callers use them (fs/, vault/core.py, admin/fsck.py, admin/verify.py, meta/ledger.py).
+cryptfs's own callers use them (fs/, vault/, admin/fsck.py, admin/verify.py, meta/ledger.py).
 """
 
 from __future__ import annotations
@@ -1051,7 +1051,7 @@ def test_snapshot_image_restores_the_same_rows(
     inos = [ROOT_INO, *_populate(engine).values()]
     with engine.transaction(commit=False):
         engine.add_dentry(ROOT_INO, b"uncommitted", ROOT_INO)  # the image commits first
-    image = engine.image()  # as Vault._checkpoint takes it
+    image = engine.image()  # as Checkpointer._checkpoint takes it
     expected = _rows(engine, inos)
     assert len(expected["ledger"]) == 1 and expected["xattrs"]  # type: ignore[arg-type]
     restored = kind.from_image(image, tmp_path)

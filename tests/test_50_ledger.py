@@ -495,8 +495,8 @@ def test_7_store_rollback_refused_then_accepted(vault: VaultEnv, tmp_path: Path)
 # -- 8: a forged checkpoint -----------------------------------------------------------------------
 def test_8_forged_checkpoints_are_rejected(vault: VaultEnv) -> None:
     from cryptfs.format.codec import Codec
+    from cryptfs.format.layout import checkpoint_name
     from cryptfs.meta.ledger import head_mac
-    from cryptfs.vault.core import checkpoint_name
 
     ck = newest_checkpoint_seq(vault)
     genuine_name = checkpoint_name(ck)

@@ -22,7 +22,7 @@ from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.format.layout import META_PREFIX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
-from cryptfs.vault import core
+from cryptfs.vault import checkpointer
 from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
 from cryptfs.vault.core import Vault, create_vault
 from cryptfs.vault.restore import materialize
@@ -166,7 +166,7 @@ def test_a_damaged_segment_refuses_the_restore(vault: Vault, home: Path) -> None
 def test_a_snapshot_replaces_the_segments_and_they_are_collected(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(core, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(checkpointer, "MAX_SEGMENTS", 2)
     write(vault, b"x", b"x")
     vault.sync()
     first = newest(vault)

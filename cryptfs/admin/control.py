@@ -55,7 +55,7 @@ def _peer_ok(sock: socket.socket) -> bool:
 def dispatch(vault: Vault, req: dict[str, Any]) -> Any:
     """Run one request on an open vault; returns a JSON-able result or raises CryptfsError."""
     from cryptfs.vault import snapshots
-    from cryptfs.vault.core import KEEP_CHECKPOINTS
+    from cryptfs.vault.checkpointer import KEEP_CHECKPOINTS
 
     op = req.get("op")
     if op == "snapshot-create":

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from cryptfs.admin.verify import Progress
 from cryptfs.errors import ConfigError, IntegrityError, LockedError, StoreError, UsageError
 from cryptfs.format.codec import DATA_PREFIX
-from cryptfs.format.layout import MAX_CONFIG
+from cryptfs.format.layout import CHECKPOINT_PREFIX, MAX_CONFIG, META_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.paths import VaultPaths
-from cryptfs.vault.core import CHECKPOINT_PREFIX, META_PREFIX, Vault
+from cryptfs.vault.core import Vault
 from cryptfs.vault.localstate import load_local_config, save_local_config
 from cryptfs.vault.replicas import adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.storelist import (

@@ -21,7 +21,7 @@ Durability contract:
   them and commits the chunk map and every attribute change made before: the data survives a
   crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
-  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.core`).
+  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`).
 
 Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
 own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the

@@ -1,34 +1,36 @@
 """A vault: its store, keys, metadata, ledger anchors and filesystem, opened together.
 
+The :class:`Vault` is the composition root: it builds the stores, chunk store, metadata engine,
+filesystem, replicas and :class:`~.checkpointer.Checkpointer` with their collaborators passed
+in at construction, runs crash recovery (:func:`.recovery.recover`) when opened read-write,
+holds the lease (its heartbeat fences the mount), and closes it all in order.
+
 Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
 ``meta/<random>`` (sealed SQLite snapshots of the metadata, and segments: the pages changed
 since), ``checkpoints/<seq>`` (sealed, MAC'd ledger heads naming a snapshot and its segments).
 
-Checkpoint contract: when :meth:`Vault.sync` returns, every chunk committed before the call is
-in the store, metadata (a snapshot and the segments after it) that references exactly what the
-local metadata referenced at that moment is in the store, and a checkpoint naming it (with the
-authenticated ledger head) is in the store and recorded in the local head file. A vault can
-then be opened on a new machine from the store alone. A checkpoint stores only the metadata
-changed since the one before (a segment); the first of a mount, and one whenever the segments
-grow past a fraction of their snapshot, stores a full snapshot.
+Checkpoint contract: when :meth:`Vault.sync` returns, everything committed before the call is
+durable in the store, as :meth:`.checkpointer.Checkpointer.sync` states (which writes the
+checkpoints, in the order given there, and collects after each).
 
-Longer than ~400 lines: the Vault's lifecycle (opening, crash recovery, checkpoints and
-collection, the lease heartbeat) is still one class; the anchors (:mod:`.anchors`), restore
-(:mod:`.restore`), the local state (:mod:`.localstate`) and checkpoint reading
-(:mod:`.checkpoints`) are functions of their own, and moving recovery and checkpointing into
-collaborators is the next step of the layering work (issue 13).
+Longer than ~400 lines: besides the Vault (composition, the lease heartbeat and fencing, the
+ledger entries of stored chunks and copies), it holds :func:`create_vault` (about 120 lines:
+checking and writing the stores of a new or attached vault). Anchors (:mod:`.anchors`),
+restore (:mod:`.restore`), local state (:mod:`.localstate`), checkpoint reading
+(:mod:`.checkpoints`) and writing (:mod:`.checkpointer`) and recovery (:mod:`.recovery`) are
+modules of their own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -37,44 +39,28 @@ from cryptfs.errors import (
     CryptfsError,
     IntegrityError,
     LockedError,
-    StoreError,
 )
-from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec
-from cryptfs.format.layout import (
-    CHECKPOINT_PREFIX,
-    DATA_PREFIX,
-    MAX_CHECKPOINT,
-    META_PREFIX,
-    SNAPSHOT_PREFIX,
-    checkpoint_name,
-)
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
-from cryptfs.meta.ledger import Entry, Ledger, head_mac
+from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.postgres import DbKeys, PgMetaStore
 from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
     MetaStore,
 )
-from cryptfs.paths import VaultPaths, private_dir, write_private
+from cryptfs.paths import VaultPaths, private_dir
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
-from cryptfs.vault.checkpoints import (
-    CHECKPOINT_VERSION,
-    checkpoint_objects,
-    read_checkpoints,
-    ref_json,
-)
+from cryptfs.vault.checkpointer import Checkpointer
 from cryptfs.vault.lease import Lease
 from cryptfs.vault.localstate import (
-    Head,
     load_local_config,
     local_meta_url,
-    read_head,
     save_local_config,
 )
+from cryptfs.vault.recovery import recover
 from cryptfs.vault.replicas import CopyLog, Replicas, adopt, copy_pending, mark_pending, survey
 from cryptfs.vault.restore import restore_from_store
 from cryptfs.vault.snapshots import Pins, apply_policy, held_or_none
@@ -92,14 +78,8 @@ LOCAL_CHUNK_SIZE = 256 << 10  # file:// stores: measured faster on every workloa
 def default_chunk_size(store_url: str) -> int:
     """The chunk size ``cryptfs init`` uses when none is given (scripts/chunk_size_sweep.py)."""
     return LOCAL_CHUNK_SIZE if store_url.startswith("file://") else DEFAULT_CHUNK_SIZE
-KEEP_CHECKPOINTS = 3
-# a checkpoint stores a full snapshot instead of one more segment once the segments would be
-# more than MAX_SEGMENTS, or add up to more than 1/COMPACT_RATIO of their snapshot's size (of
-# COMPACT_FLOOR if the snapshot is smaller: small snapshots are no reason to compact often)
-MAX_SEGMENTS = 128
-COMPACT_RATIO = 2
-COMPACT_FLOOR = 1 << 20
-CHECKPOINT_INTERVAL = 60.0
+
+
 REPLICATE_INTERVAL = 2.0
 UNRENEWED = "the vault lease could not be renewed"  # a fence the next renewal lifts
 ACCEPT_HINT = "run 'cryptfs verify --accept{name}' to accept the current state deliberately"
@@ -144,23 +124,14 @@ class Vault:
         self.fs: FileSystem | None = None
         self.chunks: ChunkStore | None = None
         self.replicas: Replicas | None = None
+        self.checkpointer: Checkpointer | None = None
         self._lock_fd: int | None = None
-        self._ckpt_lock = threading.Lock()
-        self._ticket_lock = threading.Lock()
-        self._ckpt_requested = 0
-        self._ckpt_done = 0
-        self._last_ckpt_seq = 0
-        # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
-        # and the change count it shipped (plus its own writes since: see _dirty)
-        self._chain: list[ChunkRef] | None = None
-        self._clean_at: int | None = None
-        self._own_writes = 0
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.warnings: list[str] = []
         self._stored: list[ChunkRef] = []
-        self.recovered: list[str] = []
-        self.lease: Lease | None = None  # what opening repaired after a crash, one line each
+        self.recovered: list[str] = []  # what opening repaired after a crash, one line each
+        self.lease: Lease | None = None
         self._stored_lock = threading.Lock()
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
@@ -237,18 +208,6 @@ class Vault:
         assert self.ledger is not None
         return anchor_problems(self.paths, self.store, self.codec, self.cfg, self.ledger)
 
-    def _record_config(self) -> None:
-        """Record the config generation in the ledger once (so a rollback of the store's config
-        is detected also by a machine that restores the metadata from the store)."""
-        assert self.ledger is not None and self.meta is not None and self.fs is not None
-        with self.fs.lock:
-            recorded = self.ledger.last_named("config", CONFIG_OBJECT)
-            if self.cfg.generation > (recorded.size if recorded else 0):
-                body = self.cfg.to_bytes()
-                with self.meta.transaction():
-                    self.ledger.append("config", CONFIG_OBJECT, self.cfg.generation,
-                                       crypto.sha256(body))
-
     def _take_lock(self) -> None:
         private_dir(self.paths.data_dir)
         fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
@@ -313,72 +272,26 @@ class Vault:
         )
         self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
                                  self.copy_log, self.chunks.local_copy)
+        self.checkpointer = Checkpointer(
+            meta=self.meta, ledger=self.ledger, chunks=self.chunks, store=self.store,
+            codec=self.codec, paths=self.paths, lock=self.fs.lock, metrics=self.metrics,
+            flush_stored=self._flush_stored, queued=lambda: bool(self._stored),
+            gate=self._may_write, fence=self.fence,
+            on_checkpoint=functools.partial(apply_policy, self),
+            held=functools.partial(held_or_none, self),
+        )
         if self.readonly:
             return
-        dropped = self.fs.recover()  # files unlinked while open, then a crash
-        if dropped:
-            self.recovered.append(f"{dropped} hidden entries or nameless inodes left by a crash: "
-                                  "removed")
-        with self.fs.lock:
-            staged = self.meta.objects_in_state("staged")
-        resumed, stray = self.chunks.resume(staged)
-        if resumed:
-            log.info("resuming %d staged uploads", resumed)
-            self.recovered.append(f"{resumed} staged uploads: resumed")
-        if stray:
-            self.recovered.append(f"{stray} stray staged files: removed")
-        with self.fs.lock:  # resumed upload workers use the same connection
-            unclean = self.meta.get_state("clean") == "0"
-        if unclean:
-            swept = self._sweep_orphans()
-            if swept:
-                self.recovered.append(f"{swept} objects stored before a crash but never "
-                                      "committed: deleted")
-        self._record_config()
-        with self.fs.lock:
-            self.meta.set_state("clean", "0")  # until close() finishes its checkpoint
-        self._timer = threading.Thread(target=self._periodic, name="checkpoint", daemon=True)
+        self.recovered.extend(recover(self.fs, self.meta, self.ledger, self.chunks, self.store,
+                                      self.codec, self.cfg))
+        self._timer = threading.Thread(target=self.checkpointer.run, args=(self._stop,),
+                                       name="checkpoint", daemon=True)
         self._timer.start()
         threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
         if self.store.members:  # copies to level in the background
             self.replicator = threading.Thread(target=self._replicate, name="replicate",
                                                daemon=True)
             self.replicator.start()
-
-    def _sweep_orphans(self) -> int:
-        """After a crash: delete chunk objects and snapshots the metadata does not know (stored
-        for data never committed: a file still open, a flush or checkpoint cut short) and adopt
-        an authentic checkpoint that was written but not recorded. Safe because the lease
-        excludes other writers and the anchors agreed before we got here."""
-        assert self.meta is not None and self.ledger is not None and self.fs is not None
-        with self.fs.lock:
-            known = {r.name for r, _, _ in self.meta.all_objects()}
-        # a checkpoint written just before the crash but not recorded: adopt it if authentic
-        cks, _forged = read_checkpoints(self.store, self.codec, newest_only=False)
-        for ck in cks:
-            if ck.name not in known:
-                blob = self.store.get(ck.name, MAX_CHECKPOINT)
-                ref = ChunkRef(ck.name, len(blob), crypto.sha256(blob))
-                with self.fs.lock, self.meta.transaction():
-                    self.meta.reference(ref, staged=False)
-                    self.ledger.append("put", ref.name, ref.size, ref.sha256)
-                known.add(ck.name)
-        for ck in cks[:1]:  # the newest checkpoint's snapshot and segments: adopt them
-            for ref in checkpoint_objects(ck):
-                if ref.name not in known:
-                    with self.fs.lock, self.meta.transaction():
-                        self.meta.reference(ref, staged=False)
-                    known.add(ref.name)
-        n = 0
-        for prefix in (DATA_PREFIX, META_PREFIX):
-            for name, size in list(self.store.list(prefix)):
-                if name in known:
-                    continue
-                self.store.delete(name)
-                with self.fs.lock, self.meta.transaction():
-                    self.ledger.append("del", name, size, b"\0" * 32)
-                n += 1
-        return n
 
     def readonly_cause(self) -> str:
         """Why this mount does not write, as a fixed word (a metrics label): ``none``,
@@ -496,26 +409,24 @@ class Vault:
             except Exception:  # noqa: BLE001 - keep the thread alive, say what happened
                 log.exception("background replication failed")
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def _periodic(self) -> None:
-        while not self._stop.wait(CHECKPOINT_INTERVAL):
-            assert self.ledger is not None and self.fs is not None
-            with self.fs.lock:
-                head = self.ledger.head()
-            if head is not None and head.seq > self._last_ckpt_seq + 1:
-                try:
-                    self.sync()
-                except CryptfsError as e:
-                    log.warning("periodic checkpoint failed: %s", e)
-                except BaseException as e:  # noqa: B036 - never die silently, never go on
-                    self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
-                    return
-
+    # -- checkpoints (see :mod:`.checkpointer`) -----------------------------------------------
     def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Make everything committed so far durable in the store (group commit: concurrent
-        callers share one checkpoint that started after they called)."""
+        """Make everything committed so far durable in the store: the checkpoint contract of
+        :meth:`.checkpointer.Checkpointer.sync`. Nothing to do on a read-only mount; raises
+        LockedError when this mount may not write to the store (:meth:`_may_write`)."""
         if self.readonly:
             return
+        assert self.checkpointer is not None
+        self.checkpointer.sync(progress)
+
+    def checkpoints_held(self) -> contextlib.AbstractContextManager[str]:
+        """See :meth:`.checkpointer.Checkpointer.checkpoints_held`."""
+        assert self.checkpointer is not None
+        return self.checkpointer.checkpoints_held()
+
+    def _may_write(self) -> None:
+        """Raise LockedError unless this mount may write to the store now: it holds the lease
+        (renewed here if a renewal was missed) and is not fenced."""
         if self.lease is not None and not self.lease.held():
             if not self.lease.lost:  # not renewed for a while (the store was unreachable)
                 with contextlib.suppress(CryptfsError):
@@ -528,205 +439,6 @@ class Vault:
                 self.fence(None)
         if self.readonly_reason is not None:
             raise LockedError(f"the mount is read-only: {self.readonly_reason}")
-        assert self.fs is not None
-        with self.fs.lock:
-            if not self._dirty():
-                return  # the store holds everything committed so far
-        with self._ticket_lock:
-            self._ckpt_requested += 1
-            ticket = self._ckpt_requested
-        with self._ckpt_lock:
-            if self._ckpt_done >= ticket:
-                return  # a checkpoint that started after our call has finished
-            with self._ticket_lock:
-                target = self._ckpt_requested
-            with self.fs.lock:
-                dirty = self._dirty()  # a checkpoint that ended meanwhile may have shipped it
-            if not dirty:
-                self._ckpt_done = target
-                return
-            started = time.perf_counter()
-            try:
-                self._checkpoint(progress)
-            except BaseException:
-                if self.metrics is not None:
-                    self.metrics.checkpoint_failures.inc()
-                raise
-            if self.metrics is not None:
-                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
-            self._ckpt_done = target
-
-    def _dirty(self) -> bool:
-        """Whether anything was written since the last checkpoint shipped the metadata, other
-        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
-        assert self.meta is not None
-        if self._clean_at is None or self._stored:
-            return True
-        return self.meta.change_count() != self._clean_at + self._own_writes
-
-    @contextlib.contextmanager
-    def _own(self) -> Iterator[None]:
-        """The filesystem lock, for the checkpoint's own writes (its ledger entries and
-        collection): counted, so that they alone do not call for another checkpoint."""
-        assert self.fs is not None and self.meta is not None
-        with self.fs.lock:
-            before = self.meta.change_count()
-            try:
-                yield
-            finally:
-                self._own_writes += self.meta.change_count() - before
-
-    def _ship(self) -> tuple[bytes, bool]:
-        """The metadata to store (caller holds the filesystem lock): the changes since the
-        last checkpoint as a segment, or a full image (True) when this mount has shipped
-        nothing yet or the segments add up to a fraction of their snapshot."""
-        assert self.meta is not None
-        chain = self._chain
-        if chain is not None and len(chain) <= MAX_SEGMENTS and \
-                sum(r.size for r in chain[1:]) * COMPACT_RATIO < max(chain[0].size, COMPACT_FLOOR):
-            seg = self.meta.changes()
-            if seg is not None:
-                return seg, False
-        return self.meta.image(), True
-
-    def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Store the metadata changes (a segment, now and then a full snapshot), then a
-        checkpoint naming the snapshot and its segments with the ledger head (see
-        docs/FORMAT.md 8); then collect what it no longer needs."""
-        assert self.fs and self.meta and self.ledger and self.chunks
-        fs, meta, led = self.fs, self.meta, self.ledger
-        with fs.lock:
-            self._flush_stored()
-            # An upload can finish before the file's chunk map is committed: on_stored then
-            # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
-            # (its ledger entry was written) once no upload and no staged file is left for it.
-            for ref in meta.objects_in_state("staged"):
-                if not self.chunks.upload_pending(ref.name):
-                    meta.mark_stored(ref.name)
-            data, full = self._ship()
-            shipped_at = meta.change_count()
-            self._own_writes = 0
-            staged = {r.name for r in meta.objects_in_state("staged")}
-            snap_seq = led.head().seq if led.head() else 0
-            garbage = meta.unreferenced_objects()
-        self.chunks.wait_uploaded(staged, progress)
-        self.store_sync()
-        name = META_PREFIX + crypto.random_bytes(16).hex()
-        blob = self.codec.seal_blob(b"meta", name, data, compress=True)
-        self.store.put(name, blob)
-        ref = ChunkRef(name, len(blob), crypto.sha256(blob))
-        if self.metrics is not None:
-            self.metrics.checkpoint_bytes.set(len(blob))
-        with self._own():
-            e = led.append("put", name, len(blob), ref.sha256)
-            meta.reference(ref, staged=False)
-            meta.commit()
-            tail = [x.to_json() for x in led.entries(snap_seq)]
-        assert full or self._chain is not None
-        chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
-        ck_name = checkpoint_name(e.seq)
-        body = {
-            "version": CHECKPOINT_VERSION,
-            "seq": e.seq,
-            "hash": e.hash.hex(),
-            "mac": head_mac(self.codec.ledger_key, e.seq, e.hash).hex(),
-            "time_ns": time.time_ns(),
-            "meta": ref_json(chain[0]),
-            "segments": [ref_json(r) for r in chain[1:]],
-            "tail": tail,
-        }
-        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
-        if len(ck_blob) > MAX_CHECKPOINT:  # readers refuse it: fail; the next one is smaller
-            raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
-                             f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
-                             "since its snapshot)", hint="the next checkpoint retries")
-        self.store.put(ck_name, ck_blob)
-        with self._own():  # one connection, one thread at a time
-            meta.shipped()  # the next segment starts where this one ends...
-            self._chain = chain  # ...and is added to this list
-            meta.sync()
-        self._write_head(e, ck_name)
-        with self._own():
-            led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
-            meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
-            meta.commit()
-        apply_policy(self, ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        self._collect({r.name for r in chain}, garbage)  # worked out
-        # anchor the entries written after the checkpoint too (its own, the collections), so
-        # deleting them from the local ledger is noticed; durable before the head names them
-        with self._own():
-            meta.sync()
-            last = led.head()
-            self._clean_at = shipped_at
-        assert last is not None
-        self._write_head(last, ck_name)
-        self._last_ckpt_seq = last.seq
-
-    @contextlib.contextmanager
-    def checkpoints_held(self) -> Iterator[str]:
-        """Hold off checkpoints (and so collection) while the body runs; yields the name of the
-        newest checkpoint, whose metadata image stays in the store meanwhile."""
-        with self._ckpt_lock:
-            head = read_head(self.paths)
-            if head is None or not head.checkpoint:
-                raise IntegrityError("this vault has no checkpoint yet")
-            yield head.checkpoint
-
-    def _write_head(self, e: Entry, ck_name: str) -> None:
-        """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
-        mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
-        write_private(
-            self.paths.head, json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
-        )
-
-    def store_sync(self) -> None:
-        self.store.sync()
-
-    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
-        """Delete what the newest checkpoint no longer needs: snapshots and segments it does
-        not name (``current``), checkpoints beyond the newest few, and chunk objects that were
-        unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
-        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
-        own (see _own)."""
-        assert self.fs and self.meta and self.ledger and self.chunks
-        fs, meta = self.fs, self.meta
-        with fs.lock:  # by the name index: not every object of a big vault
-            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
-                         reverse=True)
-            metas = meta.objects_named(META_PREFIX)
-            pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
-        held = held_or_none(self, pins)
-        if held is None:
-            return
-        garbage = [r for r in garbage if r.name not in held]
-        old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
-        old.extend(r for r in metas if r.name not in current and r.name not in held)
-        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
-            try:
-                self.store.delete(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e.line())
-                continue
-            with self._own(), meta.transaction():
-                meta.forget_object(ref.name)
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
-        for ref in garbage:
-            with self._own():
-                if not self.chunks.try_claim_for_delete(ref.name):
-                    continue
-                if not meta.drop_object_if_unreferenced(ref.name):
-                    self.chunks.release_claim(ref.name)
-                    continue
-                meta.commit()
-            try:
-                self.chunks.delete_claimed(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e)
-                with self._own(), meta.transaction():
-                    meta.unreference_object(ref)
-                continue
-            with self._own():
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
 
     # -- closing ----------------------------------------------------------------------------
     def close(

@@ -1,0 +1,331 @@
+"""Checkpoints: making a vault's committed state durable in its store, and collecting what the
+newest checkpoint no longer needs.
+
+Checkpoint contract: when :meth:`Checkpointer.sync` returns, every chunk committed before the
+call is in the store, metadata (a snapshot and the segments after it) that references exactly
+what the local metadata referenced at that moment is in the store, and a checkpoint naming it
+(with the authenticated ledger head) is in the store and recorded in the local head file. A
+vault can then be opened on a new machine from the store alone. A checkpoint stores only the
+metadata changed since the one before (a segment); the first of a mount, and one whenever the
+segments grow past a fraction of their snapshot, stores a full snapshot.
+
+Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`): the queued
+ledger entries of stored chunks; the uploads the metadata references; the metadata (segment or
+snapshot) and its ledger entry, committed; the checkpoint object; the local database synced;
+the head file naming the checkpoint; the checkpoint's own ledger entry; the snapshot policy;
+collection; the local database synced again and the head file naming the newest entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.errors import CryptfsError, IntegrityError, StoreError
+from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.format.layout import (
+    CHECKPOINT_PREFIX,
+    MAX_CHECKPOINT,
+    META_PREFIX,
+    SNAPSHOT_PREFIX,
+    checkpoint_name,
+)
+from cryptfs.meta.ledger import Entry, Ledger, head_mac
+from cryptfs.meta.postgres import PgMetaStore
+from cryptfs.meta.sqlite import MetaStore
+from cryptfs.paths import VaultPaths, write_private
+from cryptfs.stores import ObjectStore
+from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
+from cryptfs.vault.localstate import Head, read_head
+
+if TYPE_CHECKING:
+    from cryptfs.metrics import Metrics
+
+log = logging.getLogger("cryptfs.vault.checkpointer")
+
+KEEP_CHECKPOINTS = 3
+# a checkpoint stores a full snapshot instead of one more segment once the segments would be
+# more than MAX_SEGMENTS, or add up to more than 1/COMPACT_RATIO of their snapshot's size (of
+# COMPACT_FLOOR if the snapshot is smaller: small snapshots are no reason to compact often)
+MAX_SEGMENTS = 128
+COMPACT_RATIO = 2
+COMPACT_FLOOR = 1 << 20
+CHECKPOINT_INTERVAL = 60.0
+
+
+class Checkpointer:
+    """Writes a vault's checkpoints (group commit, incremental segments, the head file) and
+    collects after each; one per mount, built once the filesystem exists.
+
+    Collaborators, all given here: ``meta``, ``ledger``, ``chunks``, ``store``, ``codec``,
+    ``paths`` (the head file), ``lock`` (the filesystem lock: it guards the engine's
+    connection), ``metrics`` (or None). Hooks into the vault: ``flush_stored()`` writes the
+    queued ledger entries of stored chunks (caller holds ``lock``), ``queued()`` says whether
+    any are queued; ``gate()`` raises (LockedError) when the mount may not write to the store
+    now; ``fence(why)`` stops the mount writing; ``on_checkpoint(name, blob)`` runs after each
+    checkpoint is recorded, before collection (the snapshot policy); ``held(pins)`` returns
+    what those snapshot pins hold, or None when that cannot be worked out now."""
+
+    def __init__(
+        self,
+        *,
+        meta: MetaStore | PgMetaStore,
+        ledger: Ledger,
+        chunks: ChunkStore,
+        store: ObjectStore,
+        codec: Codec,
+        paths: VaultPaths,
+        lock: threading.RLock,
+        metrics: Metrics | None,
+        flush_stored: Callable[[], None],
+        queued: Callable[[], bool],
+        gate: Callable[[], None],
+        fence: Callable[[str], None],
+        on_checkpoint: Callable[[str, bytes], None],
+        held: Callable[[list[str]], set[str] | None],
+    ) -> None:
+        self.meta = meta
+        self.ledger = ledger
+        self.chunks = chunks
+        self.store = store
+        self.codec = codec
+        self.paths = paths
+        self.lock = lock
+        self.metrics = metrics
+        self.flush_stored = flush_stored
+        self.queued = queued
+        self.gate = gate
+        self.fence = fence
+        self.on_checkpoint = on_checkpoint
+        self.held = held
+        self._ckpt_lock = threading.Lock()
+        self._ticket_lock = threading.Lock()
+        self._ckpt_requested = 0
+        self._ckpt_done = 0
+        self.last_seq = 0  # the ledger head the last checkpoint of this mount anchored
+        # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
+        # and the change count it shipped (plus its own writes since: see _dirty)
+        self._chain: list[ChunkRef] | None = None
+        self._clean_at: int | None = None
+        self._own_writes = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
+        own entries was written, until ``stop`` is set. A failure the vault reports
+        (CryptfsError) is logged and retried; anything else fences the mount and ends it."""
+        while not stop.wait(CHECKPOINT_INTERVAL):
+            with self.lock:
+                head = self.ledger.head()
+            if head is not None and head.seq > self.last_seq + 1:
+                try:
+                    self.sync()
+                except CryptfsError as e:
+                    log.warning("periodic checkpoint failed: %s", e)
+                except BaseException as e:  # noqa: B036 - never die silently, never go on
+                    self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
+                    return
+
+    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Make everything committed so far durable in the store (group commit: concurrent
+        callers share one checkpoint that started after they called). Nothing happens when
+        the store already holds everything committed."""
+        self.gate()
+        with self.lock:
+            if not self._dirty():
+                return  # the store holds everything committed so far
+        with self._ticket_lock:
+            self._ckpt_requested += 1
+            ticket = self._ckpt_requested
+        with self._ckpt_lock:
+            if self._ckpt_done >= ticket:
+                return  # a checkpoint that started after our call has finished
+            with self._ticket_lock:
+                target = self._ckpt_requested
+            with self.lock:
+                dirty = self._dirty()  # a checkpoint that ended meanwhile may have shipped it
+            if not dirty:
+                self._ckpt_done = target
+                return
+            started = time.perf_counter()
+            try:
+                self._checkpoint(progress)
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.checkpoint_failures.inc()
+                raise
+            if self.metrics is not None:
+                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+            self._ckpt_done = target
+
+    def _dirty(self) -> bool:
+        """Whether anything was written since the last checkpoint shipped the metadata, other
+        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
+        if self._clean_at is None or self.queued():
+            return True
+        return self.meta.change_count() != self._clean_at + self._own_writes
+
+    @contextlib.contextmanager
+    def _own(self) -> Iterator[None]:
+        """The filesystem lock, for the checkpoint's own writes (its ledger entries and
+        collection): counted, so that they alone do not call for another checkpoint."""
+        with self.lock:
+            before = self.meta.change_count()
+            try:
+                yield
+            finally:
+                self._own_writes += self.meta.change_count() - before
+
+    def _ship(self) -> tuple[bytes, bool]:
+        """The metadata to store (caller holds the filesystem lock): the changes since the
+        last checkpoint as a segment, or a full image (True) when this mount has shipped
+        nothing yet or the segments add up to a fraction of their snapshot."""
+        chain = self._chain
+        if chain is not None and len(chain) <= MAX_SEGMENTS and \
+                sum(r.size for r in chain[1:]) * COMPACT_RATIO < max(chain[0].size, COMPACT_FLOOR):
+            seg = self.meta.changes()
+            if seg is not None:
+                return seg, False
+        return self.meta.image(), True
+
+    def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Store the metadata changes (a segment, now and then a full snapshot), then a
+        checkpoint naming the snapshot and its segments with the ledger head (see
+        docs/FORMAT.md 8), in the order the module docstring gives; then collect what it no
+        longer needs. Callers hold off other checkpoints (:meth:`sync`)."""
+        meta, led = self.meta, self.ledger
+        with self.lock:
+            self.flush_stored()
+            # An upload can finish before the file's chunk map is committed: on_stored then
+            # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
+            # (its ledger entry was written) once no upload and no staged file is left for it.
+            for ref in meta.objects_in_state("staged"):
+                if not self.chunks.upload_pending(ref.name):
+                    meta.mark_stored(ref.name)
+            data, full = self._ship()
+            shipped_at = meta.change_count()
+            self._own_writes = 0
+            staged = {r.name for r in meta.objects_in_state("staged")}
+            snap_seq = led.head().seq if led.head() else 0
+            garbage = meta.unreferenced_objects()
+        self.chunks.wait_uploaded(staged, progress)
+        self.store.sync()
+        name = META_PREFIX + crypto.random_bytes(16).hex()
+        blob = self.codec.seal_blob(b"meta", name, data, compress=True)
+        self.store.put(name, blob)
+        ref = ChunkRef(name, len(blob), crypto.sha256(blob))
+        if self.metrics is not None:
+            self.metrics.checkpoint_bytes.set(len(blob))
+        with self._own():
+            e = led.append("put", name, len(blob), ref.sha256)
+            meta.reference(ref, staged=False)
+            meta.commit()
+            tail = [x.to_json() for x in led.entries(snap_seq)]
+        assert full or self._chain is not None
+        chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
+        ck_name = checkpoint_name(e.seq)
+        body = {
+            "version": CHECKPOINT_VERSION,
+            "seq": e.seq,
+            "hash": e.hash.hex(),
+            "mac": head_mac(self.codec.ledger_key, e.seq, e.hash).hex(),
+            "time_ns": time.time_ns(),
+            "meta": ref_json(chain[0]),
+            "segments": [ref_json(r) for r in chain[1:]],
+            "tail": tail,
+        }
+        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
+        if len(ck_blob) > MAX_CHECKPOINT:  # readers refuse it: fail; the next one is smaller
+            raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
+                             f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
+                             "since its snapshot)", hint="the next checkpoint retries")
+        self.store.put(ck_name, ck_blob)
+        with self._own():  # one connection, one thread at a time
+            meta.shipped()  # the next segment starts where this one ends...
+            self._chain = chain  # ...and is added to this list
+            meta.sync()
+        self._write_head(e, ck_name)
+        with self._own():
+            led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
+            meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
+            meta.commit()
+        self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
+        self._collect({r.name for r in chain}, garbage)  # worked out
+        # anchor the entries written after the checkpoint too (its own, the collections), so
+        # deleting them from the local ledger is noticed; durable before the head names them
+        with self._own():
+            meta.sync()
+            last = led.head()
+            self._clean_at = shipped_at
+        assert last is not None
+        self._write_head(last, ck_name)
+        self.last_seq = last.seq
+
+    @contextlib.contextmanager
+    def checkpoints_held(self) -> Iterator[str]:
+        """Hold off checkpoints (and so collection) while the body runs; yields the name of the
+        newest checkpoint, whose metadata image stays in the store meanwhile."""
+        with self._ckpt_lock:
+            head = read_head(self.paths)
+            if head is None or not head.checkpoint:
+                raise IntegrityError("this vault has no checkpoint yet")
+            yield head.checkpoint
+
+    def _write_head(self, e: Entry, ck_name: str) -> None:
+        """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
+        mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
+        write_private(
+            self.paths.head, json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
+        )
+
+    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
+        """Delete what the newest checkpoint no longer needs: snapshots and segments it does
+        not name (``current``), checkpoints beyond the newest few, and chunk objects that were
+        unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
+        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
+        own (see _own)."""
+        meta = self.meta
+        with self.lock:  # by the name index: not every object of a big vault
+            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
+                         reverse=True)
+            metas = meta.objects_named(META_PREFIX)
+            pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
+        held = self.held(pins)
+        if held is None:
+            return
+        garbage = [r for r in garbage if r.name not in held]
+        old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
+        old.extend(r for r in metas if r.name not in current and r.name not in held)
+        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
+            try:
+                self.store.delete(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e.line())
+                continue
+            with self._own(), meta.transaction():
+                meta.forget_object(ref.name)
+                self.ledger.append("del", ref.name, ref.size, ref.sha256)
+        for ref in garbage:
+            with self._own():
+                if not self.chunks.try_claim_for_delete(ref.name):
+                    continue
+                if not meta.drop_object_if_unreferenced(ref.name):
+                    self.chunks.release_claim(ref.name)
+                    continue
+                meta.commit()
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                with self._own(), meta.transaction():
+                    meta.unreference_object(ref)
+                continue
+            with self._own():
+                self.ledger.append("del", ref.name, ref.size, ref.sha256)
+
