@@ -987,6 +987,47 @@ def run_fsync_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -> N
     res.add(name, "fsync_many", step("fsync many", fsync_latency, root / "probe", 50, run) * 1e3)
 
 
+def run_snapshot_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -> None:
+    """Snapshots (issue 17) on a mounted cryptfs target holding ``sz.fsync_files`` files (left
+    by :func:`run_fsync_workloads`): seconds of ``cryptfs snapshot create`` and of ``snapshot
+    list``, and until an ``--at`` mount of the snapshot is ready, and its unmount."""
+    if not isinstance(t, CryptfsTarget):
+        return
+    name = t.name
+    at = t.dir / f"at{run}"
+    at.mkdir()
+
+    def cli(*argv: object) -> float:
+        t0 = time.perf_counter()
+        run_cmd([t.cli, *argv], env=t.env, what=f"cryptfs {argv[0]} {argv[1]}",
+                timeout=sz.deadline)
+        return time.perf_counter() - t0
+
+    log(f"{name}: snapshot create, {sz.fsync_files} files")
+    res.add(name, "snap_create", step("snapshot create", cli, "snapshot", "create", "--vault",
+                                      "bench", "--name", f"bench{run}"))
+    log(f"{name}: snapshot list")
+    res.add(name, "snap_list", step("snapshot list", cli, "snapshot", "list", "--name", "bench"))
+    log(f"{name}: mount --at, {sz.fsync_files} files")
+
+    def mount_at() -> float:
+        t0 = time.perf_counter()
+        try:
+            run_cmd([t.cli, "mount", "--name", "bench", "--at", f"bench{run}", at], env=t.env,
+                    what="cryptfs mount --at", timeout=sz.deadline)
+            if not fuse_mounted(at) or not (at / f"fsync{run}" / "files").is_dir():
+                raise BenchError("cryptfs mount --at: no snapshot tree at the mountpoint")
+            return time.perf_counter() - t0
+        except BaseException:
+            subprocess.run(["umount", "-l", str(at)], capture_output=True)
+            raise
+
+    res.add(name, "snap_at_mount", step("mount --at", mount_at))
+    res.add(name, "snap_at_umount", step("umount --at", cli, "umount", at))
+    if fuse_mounted(at):
+        raise BenchError("cryptfs umount: the --at mount is still mounted")
+
+
 def stat_small(root: Path, n: int, ndirs: int) -> float:
     paths = small_paths(root, n, ndirs)
     t0 = time.perf_counter()
@@ -1176,6 +1217,7 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
 
     step("mount", t.mount)
     run_fsync_workloads(t, sz, run, res, step)
+    run_snapshot_workloads(t, sz, run, res, step)
     if sz.fsync_only:
         step("unmount", t.umount)
         return
@@ -1279,6 +1321,11 @@ WORKLOADS = [
     ("cpu_getxattr", "daemon CPU per getxattr call", "µs", False, True),
     ("fsync_1k", "4 KiB overwrite + fsync, 1,000 files in the vault, median", "ms", False, True),
     ("fsync_many", "4 KiB overwrite + fsync, {ff} files in the vault, median", "ms", False, True),
+    ("snap_create", "cryptfs snapshot create, {ff} files in the mounted vault", "s", False, False),
+    ("snap_list", "cryptfs snapshot list (one snapshot), {ff} files", "s", False, False),
+    ("snap_at_mount", "cryptfs mount --at the snapshot until ready, {ff} files", "s", False,
+     False),
+    ("snap_at_umount", "unmount of that --at mount", "s", False, False),
     ("sqlite_txn", "SQLite WAL synchronous=FULL, 1-row transactions", "txn/s", True, True),
     ("rss", "daemon peak RSS after the write", "MiB", False, False),
     ("umount", "unmount after the write", "s", False, False),
@@ -1394,9 +1441,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small-files", type=int, help="number of 4 KiB files")
     ap.add_argument("--random-seconds", type=float, help="duration of the random-read workload")
     ap.add_argument("--fsync-files", type=int,
-                    help="files in the vault for the second fsync latency (default 100000)")
+                    help="files in the vault for the second fsync latency and the snapshot "
+                    "workloads (default 100000; 10000 with --quick)")
     ap.add_argument("--fsync-only", action="store_true",
-                    help="run only the fsync workloads (fsync latency, SQLite transactions)")
+                    help="run only the fsync and snapshot workloads (fsync latency, SQLite "
+                    "transactions, snapshot create/list, mount --at)")
     ap.add_argument(
         "--budget-min",
         type=float,

@@ -10,7 +10,7 @@ from typing import Any
 
 from cryptfs.errors import ConfigError, IntegrityError
 from cryptfs.format.vaultconfig import VaultConfig
-from cryptfs.paths import VaultPaths, tighten_private_dirs, write_private
+from cryptfs.paths import PastPaths, VaultPaths, tighten_private_dirs, write_private
 from cryptfs.vault.storelist import StoreList
 
 MAX_LOCAL_CONFIG = 1 << 20  # the local config file: a store list and a config of <= 32 slots
@@ -32,7 +32,11 @@ def save_local_config(paths: VaultPaths, stores: StoreList, cfg: VaultConfig,
 
 def local_meta_url(paths: VaultPaths) -> str | None:
     """The URL of the vault's metadata database (``postgresql+psycopg://...``) from the local
-    config file, or None: the local SQLite file (also when there is no config file yet)."""
+    config file, or None: the local SQLite file (also when there is no config file yet, and
+    always for a past mount, whose metadata is the snapshot materialized as SQLite under its
+    own local state, whatever engine holds the live metadata)."""
+    if isinstance(paths, PastPaths):
+        return None
     try:
         with open(paths.config_file, "rb") as fh:
             body = json.loads(fh.read(MAX_LOCAL_CONFIG + 1).decode())
