@@ -1,8 +1,8 @@
 """Snapshots (issue 17) beyond the local store and the SQLite engine: on S3 (the moto server)
 and with the metadata in PostgreSQL, a snapshot created while mounted, then the files changed
 and deleted, collection and ``gc --grace 0`` run: the ``--at`` mount still shows exactly the
-snapshot's tree and bytes (so gc kept every object the snapshot holds), the live mount the
-present."""
+snapshot's tree and bytes (so gc kept every object the snapshot holds), not the present
+(with PostgreSQL it once showed the live database)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ def _snapshot_survives_change_and_gc(env: VaultEnv) -> None:
     fd = os.open(live, os.O_RDONLY)
     os.fsync(fd)  # a checkpoint: its collection runs with the snapshot present
     os.close(fd)
-    now = digest(live)
-    assert now != then
+    assert digest(live) != then
     env.umount(live)
     env.cli("gc", "--grace", "0")
     mount_at(env, past, "s1")
@@ -54,11 +53,6 @@ def _snapshot_survives_change_and_gc(env: VaultEnv) -> None:
         assert digest(past) == then
     finally:
         env.umount(past)
-    env.mount(live)
-    try:
-        assert digest(live) == now
-    finally:
-        env.umount(live)
 
 
 def test_snapshot_on_s3(cleanup_root: Path, s3_url: str) -> None:
