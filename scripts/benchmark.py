@@ -66,7 +66,10 @@ directory store, cryptfs on a local moto S3 server, and boto3 alone against that
 Workloads: first, on a fresh directory, the fsync workloads: 1,000 empty files are created, then
 the median time of 50 fsyncs of a 4 KiB overwrite of one file; SQLite transactions per second on
 the mount (WAL journal, synchronous=FULL, one small row per transaction, 5 s); then empty files up
-to 100,000 and the fsync latency again (`--fsync-only` runs just these). Then a sequential write
+to 100,000 and the fsync latency again; on cryptfs targets then, with those files in the vault,
+`cryptfs snapshot create` and `snapshot list` (each the whole command, Python start included),
+and `cryptfs mount --at` that snapshot until its tree is there, and its unmount
+(`--fsync-only` runs just these). Then a sequential write
 of one big file in 1 MiB writes followed by fsync and close; a
 sequential read of it with a cold cache (unmount, drop the page cache, delete cryptfs's local
 cache, remount); random 4 KiB reads in it for a fixed time, each dropped from the page cache
