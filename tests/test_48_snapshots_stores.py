@@ -6,6 +6,8 @@ snapshot's tree and bytes (so gc kept every object the snapshot holds), not the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import subprocess
@@ -66,3 +68,6 @@ def test_snapshot_with_metadata_in_postgresql(cleanup_root: Path, pg_place: PgPl
     env.init("--meta", pg_place.url)
     _snapshot_survives_change_and_gc(env)
     assert not env.db.exists()
+    # prove (like history and restore) reads the snapshot too, not the live database
+    proof = json.loads(env.cli("prove", "/kept.txt", "--at", "s1").stdout)
+    assert proof["sha256"] == hashlib.sha256(b"before\n").hexdigest()
