@@ -67,7 +67,8 @@ Workloads: first, on a fresh directory, the fsync workloads: 1,000 empty files a
 the median time of 50 fsyncs of a 4 KiB overwrite of one file; SQLite transactions per second on
 the mount (WAL journal, synchronous=FULL, one small row per transaction, 5 s); then empty files up
 to 100,000 and the fsync latency again; on cryptfs targets then, with those files in the vault,
-`cryptfs snapshot create` and `snapshot list` (each the whole command, Python start included),
+`cryptfs snapshot create`, the first fsync after it (as above, once), `snapshot list` (each
+command whole, Python start included),
 and `cryptfs mount --at` that snapshot until its tree is there, and its unmount
 (`--fsync-only` runs just these). Then a sequential write
 of one big file in 1 MiB writes followed by fsync and close; a
@@ -992,8 +993,9 @@ def run_fsync_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -> N
 
 def run_snapshot_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -> None:
     """Snapshots (issue 17) on a mounted cryptfs target holding ``sz.fsync_files`` files (left
-    by :func:`run_fsync_workloads`): seconds of ``cryptfs snapshot create`` and of ``snapshot
-    list``, and until an ``--at`` mount of the snapshot is ready, and its unmount."""
+    by :func:`run_fsync_workloads`): seconds of ``cryptfs snapshot create``, milliseconds of
+    the first fsync after it, seconds of ``snapshot list``, until an ``--at`` mount of the
+    snapshot is ready, and of its unmount."""
     if not isinstance(t, CryptfsTarget):
         return
     name = t.name
@@ -1009,6 +1011,9 @@ def run_snapshot_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -
     log(f"{name}: snapshot create, {sz.fsync_files} files")
     res.add(name, "snap_create", step("snapshot create", cli, "snapshot", "create", "--vault",
                                       "bench", "--name", f"bench{run}"))
+    log(f"{name}: the first fsync after it (its cleanup works out what the snapshot holds)")
+    res.add(name, "snap_fsync", step("fsync after snapshot", fsync_latency,
+                                     t.workdir / f"fsync{run}" / "probe", 1, run + 100) * 1e3)
     log(f"{name}: snapshot list")
     res.add(name, "snap_list", step("snapshot list", cli, "snapshot", "list", "--name", "bench"))
     log(f"{name}: mount --at, {sz.fsync_files} files")
@@ -1329,6 +1334,7 @@ WORKLOADS = [
     ("fsync_1k", "4 KiB overwrite + fsync, 1,000 files in the vault, median", "ms", False, True),
     ("fsync_many", "4 KiB overwrite + fsync, {ff} files in the vault, median", "ms", False, True),
     ("snap_create", "cryptfs snapshot create, {ff} files in the mounted vault", "s", False, False),
+    ("snap_fsync", "the first 4 KiB overwrite + fsync after it", "ms", False, False),
     ("snap_list", "cryptfs snapshot list (one snapshot), {ff} files", "s", False, False),
     ("snap_at_mount", "cryptfs mount --at the snapshot until ready, {ff} files", "s", False,
      False),
