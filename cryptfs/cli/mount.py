@@ -336,16 +336,19 @@ def serve(
         publisher.stop()
         if control is not None:
             control.close()
-        try:
-            vault.close(progress=publisher.unmounting)
-            log.info("vault '%s' closed cleanly", paths.name)
-        except CryptfsError as e:
-            log.error(
+
+        def failed(e: CryptfsError) -> None:  # before the vault is released: `umount` waits
+            log.error(  # for the release, then reads what this wrote
                 "closing the vault failed: %s (staged data is kept and resumes at the next mount)",
                 e.line(),
             )
-            status = e.exit_code
             _close_error(paths).write_text(f"{e.exit_code} {e.line()}\n")
+
+        try:
+            vault.close(progress=publisher.unmounting, on_failure=failed)
+            log.info("vault '%s' closed cleanly", paths.name)
+        except CryptfsError as e:
+            status = e.exit_code
         publisher.remove()
         if opts.at is not None:
             import shutil
@@ -455,6 +458,7 @@ def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
     if found is None:
         raise MountError(f"{mountpoint} is not a cryptfs mount")
     paths = VaultPaths(name) if name else paths_for_mount(found)
+    _close_error(paths).unlink(missing_ok=True)  # before the daemon can write it
     cmd = ["fusermount3", "-u", mountpoint]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -462,7 +466,6 @@ def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
         if "busy" in err.lower():
             raise MountError(f"{mountpoint} is busy", hint="close the files and shells using it")
         raise MountError(f"cannot unmount {mountpoint}: {err}")
-    _close_error(paths).unlink(missing_ok=True)
     wait_released(paths, show_progress)
     failed = _close_error(paths)
     if failed.exists():

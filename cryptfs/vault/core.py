@@ -442,9 +442,14 @@ class Vault:
 
     # -- closing ----------------------------------------------------------------------------
     def close(
-        self, checkpoint: bool = True, progress: Callable[[int, int], None] | None = None
+        self,
+        checkpoint: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+        on_failure: Callable[[CryptfsError], None] | None = None,
     ) -> None:
-        """Flush open files, wait for uploads, write a final checkpoint, release the vault."""
+        """Flush open files, wait for uploads, write a final checkpoint, release the vault.
+        If the final checkpoint fails, ``on_failure`` hears why before the vault is released
+        (the local lock, which ``cryptfs umount`` waits for), then the error is raised."""
         self._stop.set()
         if self.lease is not None and self.lease.lost:
             checkpoint = False  # the vault belongs to another mount now
@@ -457,6 +462,10 @@ class Vault:
                 assert self.meta is not None
                 with self.fs.lock:
                     self.meta.set_state("clean", "1")
+        except CryptfsError as e:
+            if on_failure is not None:
+                on_failure(e)
+            raise
         finally:
             if self.chunks is not None:
                 self.chunks.close(drain=checkpoint and not self.readonly)
