@@ -24,11 +24,13 @@ the root directory), object names the store names of :mod:`cryptfs.format.layout
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from cryptfs.errors import MetaError
 from cryptfs.format.codec import ChunkRef
 
 ROOT_INO = 1
@@ -238,3 +240,65 @@ class MetaEngine(Protocol):
     def drop_inode_rows(self, ino: int) -> None: ...
 
 
+
+
+class Transactions:
+    """The nesting of :meth:`MetaEngine.transaction` blocks and the rollback bookkeeping,
+    shared by the engines. An engine sets ``_depth`` to 0, ``_undo`` to an empty list and
+    ``on_rollback``, and supplies :meth:`commit`, :meth:`_rollback_db` and :meth:`_db_error`."""
+
+    _depth: int  # nesting of transaction() blocks
+    _undo: list[Callable[[], None]]  # see undo_on_rollback
+    on_rollback: Callable[[], None] | None
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def _rollback_db(self) -> None:
+        """Roll back the database's open transaction (nothing else)."""
+        raise NotImplementedError
+
+    def _db_error(self, e: BaseException) -> MetaError | None:
+        """The one-line MetaError for ``e`` if it is an error of the database, else None."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def transaction(self, commit: bool = True) -> Iterator[None]:
+        """Commit on success, roll back on error (a database error is raised as a one-line
+        MetaError). Nests: inner blocks join the outer one, and the outermost block commits
+        when it ends, with whatever reads or writes began a transaction before it. With
+        ``commit=False`` an outermost block leaves its writes for the next commit."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._depth = 1
+        try:
+            yield
+        except BaseException as e:
+            self._depth = 0
+            self._rolled_back()
+            err = self._db_error(e)
+            if err is not None:
+                raise err from e
+            raise
+        self._depth = 0
+        if commit:
+            self.commit()
+
+    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the writes made since the last commit are rolled back (to undo what
+        the caller keeps in memory about them); forgotten once they are committed."""
+        self._undo.append(fn)
+
+    def _rolled_back(self) -> None:
+        """Roll back, and tell those who kept state about the lost writes."""
+        self._rollback_db()
+        undo, self._undo = self._undo, []
+        for fn in reversed(undo):
+            fn()
+        if self.on_rollback is not None:
+            self.on_rollback()

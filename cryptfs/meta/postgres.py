@@ -73,7 +73,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
 from cryptfs.meta.namespace import NamespaceOps
 
 log = logging.getLogger("cryptfs.meta.postgres")
@@ -210,7 +210,7 @@ class _Conflict(MetaError):
     """A deadlock or serialization failure ended the transaction (another writer won)."""
 
 
-class PgMetaStore(NamespaceOps):
+class PgMetaStore(Transactions, NamespaceOps):
     """A vault's metadata in a PostgreSQL database, every row sealed (see the module doc).
 
     ``url`` is a SQLAlchemy URL (``postgresql+psycopg://user@host/db``; credentials from the
@@ -430,44 +430,13 @@ class PgMetaStore(NamespaceOps):
         raise AssertionError("unreachable")
 
     # -- transactions and durability -------------------------------------------------------------
-    @contextlib.contextmanager
-    def transaction(self, commit: bool = True) -> Iterator[None]:
-        """Commit on success, roll back on error. Nests: inner blocks join the outer one, and
-        the outermost block commits when it ends (with reads made before it). With
-        ``commit=False`` an outermost block leaves its writes for the next commit."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        self._depth = 1
-        try:
-            yield
-        except BaseException as e:
-            self._depth = 0
-            self._rolled_back()
-            if isinstance(e, DBAPIError):
-                raise self._meta_error(e) from e
-            raise
-        self._depth = 0
-        if commit:
-            self.commit()
-
-    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` if the writes made since the last commit are rolled back."""
-        self._undo.append(fn)
-
-    def _rolled_back(self) -> None:
+    def _rollback_db(self) -> None:
         with contextlib.suppress(SQLAlchemyError):
             self.conn.rollback()
         self._vers.clear()
-        undo, self._undo = self._undo, []
-        for fn in reversed(undo):
-            fn()
-        if self.on_rollback is not None:
-            self.on_rollback()
+
+    def _db_error(self, e: BaseException) -> MetaError | None:
+        return self._meta_error(e) if isinstance(e, DBAPIError) else None
 
     def commit(self) -> None:
         """Commit the open transaction; once this returns it is durable on the server (its

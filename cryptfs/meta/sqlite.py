@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,7 +56,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow
+from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
 from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.meta.wal import (
     FRAME_HEADER,
@@ -328,9 +328,9 @@ class _Shipment:
     pin: sqlite3.Connection
 
 
-class MetaStore(NamespaceOps):
+class MetaStore(Transactions, NamespaceOps):
     """Typed access to the vault database. Not thread-safe: callers serialise. The namespace
-    operations come from :class:`NamespaceOps`.
+    operations come from :class:`NamespaceOps`, transaction blocks from :class:`Transactions`.
 
     Opening checks the schema stamp: an empty database gets the current schema, an older one is
     migrated (``migrated_from`` says from which version, else it is None), and a newer or
@@ -416,46 +416,15 @@ class MetaStore(NamespaceOps):
         self._checkpointer = threading.Thread(target=run, name="wal-checkpoint", daemon=True)
         self._checkpointer.start()
 
-    @contextlib.contextmanager
-    def transaction(self, commit: bool = True) -> Iterator[None]:
-        """Commit on success, roll back on error. Nests: inner blocks join the outer one, and
-        the outermost block commits when it ends, whatever reads began a transaction before
-        (SQLAlchemy begins one on the first statement; the driver on the first write). With
-        ``commit=False`` an outermost block leaves its writes for the next commit."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        self._depth = 1
-        try:
-            yield
-        except BaseException as e:
-            self._depth = 0
-            self._rolled_back()
-            if isinstance(e, (sqlite3.Error, SADatabaseError)):
-                raise _meta_error(self.path, e) from e
-            raise
-        self._depth = 0
-        if commit:
-            self.commit()
-
-    def undo_on_rollback(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` if the writes made since the last commit are rolled back (to undo what
-        the caller keeps in memory about them); forgotten once they are committed."""
-        self._undo.append(fn)
-
-    def _rolled_back(self) -> None:
-        """Roll back both layers and tell those who kept state about the lost writes."""
+    def _rollback_db(self) -> None:
+        """Roll back both layers (SQLAlchemy's transaction and the driver's)."""
         self.conn.rollback()
         self.raw.rollback()
-        undo, self._undo = self._undo, []
-        for fn in reversed(undo):
-            fn()
-        if self.on_rollback is not None:
-            self.on_rollback()
+
+    def _db_error(self, e: BaseException) -> MetaError | None:
+        if isinstance(e, (sqlite3.Error, SADatabaseError)):
+            return _meta_error(self.path, e)
+        return None
 
     def commit(self) -> None:
         """Commit statements run outside a :meth:`transaction` block, on both layers
