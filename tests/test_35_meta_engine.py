@@ -202,6 +202,29 @@ def test_inode_insert_get_update_delete(engine: MetaEngine) -> None:
     assert engine.orphan_inodes() == []
 
 
+
+def test_touch_inode_counts_links_and_sets_times_returning_the_row(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    with engine.transaction():
+        a = engine.insert_inode(inode(0, REG, size=5, nlink=1))
+    with engine.transaction():
+        got = engine.touch_inode(a, 500, nlink=1)
+    after = inode(a, REG, size=5, nlink=2)
+    after.ctime_ns = 500  # mtime stays
+    assert got == after == observer.get_inode(a)
+    with engine.transaction():
+        got = engine.touch_inode(a, 600, nlink=-2, mtime=True)
+    after.nlink, after.mtime_ns, after.ctime_ns = 0, 600, 600
+    assert got == after == observer.get_inode(a)
+    with engine.transaction():
+        assert engine.touch_inode(424242, 700, nlink=1) is None
+    assert engine.get_inode(424242) is None
+    with pytest.raises(ZeroDivisionError), engine.transaction():
+        engine.touch_inode(a, 800, nlink=5, mtime=True)
+        _ = 1 // 0
+    assert engine.get_inode(a) == after  # rolled back with its block
+
 def test_delete_inode_takes_its_xattrs_chunks_and_names(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     other = new_file(engine, ROOT_INO, b"other")
@@ -244,6 +267,32 @@ def test_dentries_lookup_add_remove(engine: MetaEngine) -> None:
         engine.remove_dentry(d, b"never-there")  # removing a missing name is no error
     assert engine.has_children(d) is False
 
+
+
+def test_dentry_compound_primitives(engine: MetaEngine, observer: MetaEngine) -> None:
+    """lookup_inode, add_dentry_if_absent and pop_dentry: what lookup, get_inode, add_dentry
+    and remove_dentry do together, each written or refused whole."""
+    d = new_file(engine, ROOT_INO, b"d", DIR)
+    f = new_file(engine, d, b"f")
+    assert engine.lookup_inode(d, b"f") == engine.get_inode(f)
+    assert engine.lookup_inode(ROOT_INO, b"d") == engine.get_inode(d)
+    assert engine.lookup_inode(d, b"missing") is None
+    assert engine.lookup_inode(ROOT_INO, b"f") is None  # names are per directory
+    with engine.transaction():
+        assert engine.add_dentry_if_absent(ROOT_INO, b"f2", f) is True  # a hard link
+        assert engine.add_dentry_if_absent(d, b"f", d) is False  # taken: left as it was
+    assert observer.lookup(ROOT_INO, b"f2") == f and observer.lookup(d, b"f") == f
+    assert engine.lookup_inode(ROOT_INO, b"f2") == engine.get_inode(f)
+    with engine.transaction():
+        assert engine.pop_dentry(d, b"f") == f
+        assert engine.pop_dentry(d, b"f") is None
+        assert engine.pop_dentry(d, b"never-there") is None
+    assert observer.lookup(d, b"f") is None and observer.lookup(ROOT_INO, b"f2") == f
+    with pytest.raises(ZeroDivisionError), engine.transaction():
+        assert engine.pop_dentry(ROOT_INO, b"f2") == f
+        assert engine.add_dentry_if_absent(d, b"g", f) is True
+        _ = 1 // 0
+    assert engine.lookup(ROOT_INO, b"f2") == f and engine.lookup(d, b"g") is None
 
 def test_list_dir_sorted_by_bytes_with_paging(engine: MetaEngine) -> None:
     d = new_file(engine, ROOT_INO, b"d", DIR)
@@ -1300,10 +1349,11 @@ def test_a_namespace_operation_failing_midway_leaves_nothing_done(
     engine.link(engine.lookup(b, b"f"), b, b"f2")  # type: ignore[arg-type]
     before = rows(engine)
 
-    def boom(_node: Inode) -> None:
+    def boom(*_args: object, **_kw: object) -> None:
         raise MetaError("the database failed")
 
-    monkeypatch.setattr(engine, "update_inode", boom)
+    for writes_an_inode in ("update_inode", "touch_inode"):
+        monkeypatch.setattr(engine, writes_an_inode, boom)
     with pytest.raises(MetaError):
         engine.rename(a, b"d", b, b"d")
     with pytest.raises(MetaError):
@@ -1322,6 +1372,36 @@ def test_namespace_operations_join_an_enclosing_block(engine: MetaEngine) -> Non
         engine.rename(d, b"f", ROOT_INO, b"g")
         _ = 1 // 0
     assert rows(engine) == before
+
+
+# -- the SQLite engine's statements ------------------------------------------------------------
+def test_sqlite_hot_namespace_operations_read_back_no_row_they_write(tmp_path: Path) -> None:
+    """Creating, linking and unlinking a name, and a lookup with its inode, are one statement
+    per row they touch: each inode row is written and read back in one UPDATE ... RETURNING,
+    the name's existence is the entries' primary key, no row is read by a SELECT first."""
+    e = MetaStore(tmp_path / "m.db")
+    seen: list[str] = []
+
+    def statements(fn: Callable[..., object], *args: object) -> list[str]:
+        seen.clear()
+        fn(*args)
+        return [s.split()[0].upper() for s in seen if s.split()[0].upper() not in
+                ("BEGIN", "COMMIT")]
+
+    try:
+        with e.transaction():
+            e.insert_inode(inode(ROOT_INO, DIR, nlink=2))
+        d = mk(e, ROOT_INO, b"d", DIR)
+        e.raw.set_trace_callback(seen.append)
+        assert statements(mk, e, d, b"f") == ["INSERT", "INSERT", "UPDATE"]
+        f = e.lookup(d, b"f")
+        assert statements(e.link, f, ROOT_INO, b"g") == ["UPDATE", "INSERT", "UPDATE"]
+        assert statements(e.unlink, ROOT_INO, b"g") == ["DELETE", "UPDATE", "UPDATE"]
+        assert statements(e.lookup_inode, d, b"f") == ["SELECT"]
+        assert nlinks(e, f, d, ROOT_INO) == [1, 2, 3]
+    finally:
+        e.raw.set_trace_callback(None)
+        e.close()
 
 
 # -- incremental shipping (the SQLite engine: WAL frames) ----------------------------------------

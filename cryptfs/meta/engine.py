@@ -141,6 +141,12 @@ class MetaEngine(Protocol):
     # -- inodes --------------------------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode | None: ...
 
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
+                    mtime: bool = False) -> Inode | None:
+        """Add ``nlink`` to the link count of ``ino`` and set its ctime (with ``mtime`` its
+        mtime too) to ``now_ns``; the inode as it is after (None: no such inode, nothing
+        written). NamespaceOps has it as a read and a write; an engine may do it in one."""
+
     def insert_inode(self, node: Inode) -> int:
         """Add an inode (``node.ino`` 0: the engine picks the number); returns its number."""
 
@@ -155,8 +161,22 @@ class MetaEngine(Protocol):
 
     # -- directory entries ---------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> int | None: ...
+
+    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
+        """The inode ``name`` in ``parent`` names (None: no such entry, or a dangling one):
+        :meth:`lookup` and :meth:`get_inode` in one (NamespaceOps has it as the two)."""
+
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None: ...
+
+    def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
+        """Add the entry unless ``name`` exists in ``parent``; whether it was added (False:
+        nothing written). NamespaceOps has it as a lookup and an insert."""
+
     def remove_dentry(self, parent: int, name: bytes) -> None: ...
+
+    def pop_dentry(self, parent: int, name: bytes) -> int | None:
+        """Remove the entry; the inode it named (None: there was none, nothing written).
+        NamespaceOps has it as a lookup and a delete."""
 
     def list_dir(self, parent: int, after: bytes | None = None,
                  limit: int | None = None) -> list[tuple[bytes, int, int]]:

@@ -3,7 +3,9 @@
 Each operation (:meth:`NamespaceOps.mknod`, ``link``, ``unlink``, ``rmdir``, ``rename``,
 ``setattr``, ``setxattr``, ``removexattr``, ``readdir``, ``drop_unlinked``, ``recover``) is one
 atomic unit run by :meth:`NamespaceOps.atomically`: it reads, inside the transaction, every row
-its POSIX checks need (never a cache of the layer above), raises ``OSError(errno)`` (EEXIST,
+its POSIX checks need (never a cache of the layer above; the hot ones through compound row
+primitives such as :meth:`NamespaceOps.touch_inode`, which write a row and return it, and
+which an engine may do in one statement each), raises ``OSError(errno)`` (EEXIST,
 ENOENT, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EPERM, ENODATA, ENAMETOOLONG) with nothing written,
 keeps link counts and the parents' times, and returns a :class:`~cryptfs.meta.engine.Changed`
 that says what the layer above must update in its caches. Durability is the engine's: a call
@@ -29,7 +31,6 @@ import errno
 import stat
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from cryptfs.errors import os_error
@@ -180,6 +181,48 @@ class NamespaceOps(_Rows):
         with self.transaction(commit=commit):
             return fn()
 
+    def _touch_dir(self, ino: int, now: int, nlink: int = 0, removing: bool = False) -> Inode:
+        """An entry in directory ``ino`` was added (or with ``removing``, removed): its times
+        are ``now`` and ``nlink`` is added to its link count; the directory after. ENOENT if
+        it is gone (or, when adding, being removed), ENOTDIR if it is no directory (nothing
+        is written then that the operation's rollback does not undo)."""
+        node = self.touch_inode(ino, now, nlink=nlink, mtime=True)
+        if node is None:
+            raise os_error(errno.ENOENT)
+        if not stat.S_ISDIR(node.mode):
+            raise os_error(errno.ENOTDIR)
+        if not removing and node.nlink - nlink <= 0:
+            raise os_error(errno.ENOENT)
+        return node
+
+    # -- compound row primitives: a read and a write here; an engine may do each in one --------
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
+                    mtime: bool = False) -> Inode | None:
+        node = self.get_inode(ino)
+        if node is not None:
+            node.nlink += nlink
+            node.ctime_ns = now_ns
+            if mtime:
+                node.mtime_ns = now_ns
+            self.update_inode(node)
+        return node
+
+    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
+        ino = self.lookup(parent, name)
+        return None if ino is None else self.get_inode(ino)
+
+    def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
+        if self.lookup(parent, name) is not None:
+            return False
+        self.add_dentry(parent, name, ino)
+        return True
+
+    def pop_dentry(self, parent: int, name: bytes) -> int | None:
+        ino = self.lookup(parent, name)
+        if ino is not None:
+            self.remove_dentry(parent, name)
+        return ino
+
     # -- creating ---------------------------------------------------------------------------
     def mknod(self, parent: int, name: bytes, node: Inode,
               xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed:
@@ -188,27 +231,20 @@ class NamespaceOps(_Rows):
         ``xattrs``. Changed.ino is the new inode. EEXIST if the name exists; ENOENT if the
         parent is gone (or being removed); ENOTDIR if it is no directory."""
         check_name(name)
+        isdir = stat.S_ISDIR(node.mode)
 
         def run() -> Changed:
-            op = _Op(self)
-            pnode = op.dir(parent)
-            if self.lookup(parent, name) is not None:
+            now = time.time_ns()
+            new = Inode(0, node.mode, node.uid, node.gid, node.size, 2 if isdir else 1, now,
+                        now, now, node.rdev, node.target)
+            new.ino = self.insert_inode(new)
+            if not self.add_dentry_if_absent(parent, name, new.ino):
                 raise os_error(errno.EEXIST)
-            if pnode.nlink <= 0:
-                raise os_error(errno.ENOENT)
-            isdir = stat.S_ISDIR(node.mode)
-            new = replace(node, ino=0, nlink=2 if isdir else 1, atime_ns=op.now,
-                          mtime_ns=op.now, ctime_ns=op.now)
-            new.ino = op.out.ino = self.insert_inode(new)
-            op.out.inodes[new.ino] = new
-            op.entry(parent, name, new.ino)
+            pnode = self._touch_dir(parent, now, nlink=1 if isdir else 0)
             for n, v in (xattrs or {}).items():
                 self.set_xattr(new.ino, n, v)
-            if isdir:
-                pnode.nlink += 1
-            op.touch(pnode, mtime=True)
-            self.update_inode(pnode)  # (op.save would write the new inode again)
-            return op.out
+            return Changed(ino=new.ino, inodes={new.ino: new, parent: pnode},
+                           entries={(parent, name): new.ino})
 
         return self.atomically(run, commit)
 
@@ -217,21 +253,17 @@ class NamespaceOps(_Rows):
         check_name(name)
 
         def run() -> Changed:
-            op = _Op(self)
-            node = op.node(ino)
+            now = time.time_ns()
+            node = self.touch_inode(ino, now, nlink=1)
+            if node is None:
+                raise os_error(errno.ENOENT)
             if stat.S_ISDIR(node.mode):
                 raise os_error(errno.EPERM)
-            pnode = op.dir(parent)
-            if self.lookup(parent, name) is not None:
+            if not self.add_dentry_if_absent(parent, name, ino):
                 raise os_error(errno.EEXIST)
-            if pnode.nlink <= 0:
-                raise os_error(errno.ENOENT)
-            op.entry(parent, name, ino)
-            node.nlink += 1
-            op.touch(node)
-            op.touch(pnode, mtime=True)
-            op.out.ino = ino
-            return op.save()
+            pnode = self._touch_dir(parent, now)
+            return Changed(ino=ino, inodes={ino: node, parent: pnode},
+                           entries={(parent, name): ino})
 
         return self.atomically(run)
 
@@ -242,15 +274,25 @@ class NamespaceOps(_Rows):
 
         def run() -> Changed:
             op = _Op(self)
-            pnode, node = op.named(parent, name)
+            ino = self.pop_dentry(parent, name)
+            if ino is None:
+                op.dir(parent)  # ENOENT or ENOTDIR for the directory first
+                raise os_error(errno.ENOENT)
+            op.out.entries[(parent, name)] = None
+            # a hidden name: its inode has more names than links (this one counted too)
+            hidden = name.startswith(HIDDEN) and len(self.names_of(ino)) >= op.node(ino).nlink
+            node = self.touch_inode(ino, op.now, nlink=0 if hidden else -1)
+            if node is None:
+                raise os_error(errno.ENOENT)
             if stat.S_ISDIR(node.mode):
                 raise os_error(errno.EISDIR)
-            hidden = op.hidden(node.ino, name)
-            op.entry(parent, name, None)
             if not hidden:
-                op.touch(pnode, mtime=True)
-            op.drop_link(node, keep, counted=not hidden)
-            return op.save()
+                op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True)
+            if node.nlink <= 0 and ino not in keep:
+                op.delete(ino)
+            else:
+                op.out.inodes[ino] = node
+            return op.out
 
         return self.atomically(run)
 

@@ -173,6 +173,24 @@ _SQL_UPDATE_INODE = (
     "mtime_ns = ?, ctime_ns = ?, rdev = ?, target = ? WHERE ino = ?"
 )
 _SQL_LOOKUP = "SELECT ino FROM dentries WHERE parent = ? AND name = ?"
+_INODE_COLS = "ino, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns, rdev, target"
+# the compound primitives of the namespace operations, one statement each
+_SQL_TOUCH_INODE = (
+    f"UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE ino = ? RETURNING {_INODE_COLS}"
+)
+_SQL_TOUCH_INODE_MTIME = (
+    "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ?, mtime_ns = ? WHERE ino = ? "
+    f"RETURNING {_INODE_COLS}"
+)
+_SQL_LOOKUP_INODE = (
+    "SELECT i.ino, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns, "
+    "i.rdev, i.target FROM dentries d JOIN inodes i ON i.ino = d.ino "
+    "WHERE d.parent = ? AND d.name = ?"
+)
+_SQL_ADD_DENTRY_IF_ABSENT = (
+    "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+)
+_SQL_POP_DENTRY = "DELETE FROM dentries WHERE parent = ? AND name = ? RETURNING ino"
 _SQL_GET_BLOCKS = (
     "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
     "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
@@ -604,6 +622,16 @@ class MetaStore(Transactions, NamespaceOps):
         row = self.raw.execute(_SQL_GET_INODE, (ino,)).fetchone()
         return Inode(*row) if row else None
 
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
+                    mtime: bool = False) -> Inode | None:
+        """One statement (UPDATE ... RETURNING); see :meth:`MetaEngine.touch_inode`."""
+        if mtime:
+            rows = self.raw.execute(_SQL_TOUCH_INODE_MTIME, (nlink, now_ns, now_ns, ino))
+        else:
+            rows = self.raw.execute(_SQL_TOUCH_INODE, (nlink, now_ns, ino))
+        row = rows.fetchall()  # (all: the statement ends here)
+        return Inode(*row[0]) if row else None
+
     def insert_inode(self, node: Inode) -> int:
         cur = self.raw.execute(
             "INSERT INTO inodes (ino, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns, "
@@ -647,8 +675,8 @@ class MetaStore(Transactions, NamespaceOps):
         hidden name of a file unlinked while open); return the objects it referenced."""
         objs = self.remove_blocks_from(ino, 0)
         self.raw.execute("DELETE FROM dentries WHERE ino = ?", (ino,))
-        self.conn.execute(delete(xattrs).where(xattrs.c.ino == ino))
-        self.conn.execute(delete(inodes).where(inodes.c.ino == ino))
+        self.raw.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
+        self.raw.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
         return objs
 
     def orphan_inodes(self) -> list[int]:
@@ -662,13 +690,24 @@ class MetaStore(Transactions, NamespaceOps):
         row = self.raw.execute(_SQL_LOOKUP, (parent, name)).fetchone()
         return row[0] if row else None
 
+    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
+        row = self.raw.execute(_SQL_LOOKUP_INODE, (parent, name)).fetchone()
+        return Inode(*row) if row else None
+
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         self.raw.execute(
             "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
         )
 
+    def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
+        return self.raw.execute(_SQL_ADD_DENTRY_IF_ABSENT, (parent, name, ino)).rowcount == 1
+
     def remove_dentry(self, parent: int, name: bytes) -> None:
         self.raw.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+
+    def pop_dentry(self, parent: int, name: bytes) -> int | None:
+        row = self.raw.execute(_SQL_POP_DENTRY, (parent, name)).fetchall()
+        return row[0][0] if row else None
 
     def list_dir(
         self, parent: int, after: bytes | None = None, limit: int | None = None
@@ -740,15 +779,12 @@ class MetaStore(Transactions, NamespaceOps):
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
         """Drop chunks ``first_idx..`` of ``ino``; return the object names released."""
-        names = list(
-            self.conn.execute(
-                select(blocks.c.obj).where(blocks.c.ino == ino, blocks.c.idx >= first_idx)
-            ).scalars()
-        )
+        names = [n for (n,) in self.raw.execute(
+            "SELECT obj FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_idx))]
         for n in names:
             self.raw.execute(_SQL_DECREF, (n,))
         if names:
-            self.conn.execute(delete(blocks).where(blocks.c.ino == ino, blocks.c.idx >= first_idx))
+            self.raw.execute("DELETE FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_idx))
         return names
 
     def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]:
