@@ -110,8 +110,9 @@ def test_missing_names_in_new_directories_need_no_sql(
     fs.rename(d, b"f", d, b"g")
     fs.link(fs.lookup(d, b"g").ino, sub, b"h")
     lookups = []
-    real_lookup = meta.lookup
-    monkeypatch.setattr(meta, "lookup", lambda p, n: lookups.append(n) or real_lookup(p, n))
+    for asks in ("lookup", "lookup_inode"):  # the engine's two ways to look a name up
+        real = getattr(meta, asks)
+        monkeypatch.setattr(meta, asks, lambda p, n, real=real: lookups.append(n) or real(p, n))
     for name in (b"f", b"missing", b"x" * 200):
         with pytest.raises(OSError) as e:
             fs.lookup(d, name)
@@ -129,6 +130,33 @@ def test_missing_names_in_new_directories_need_no_sql(
         fs.lookup(ROOT_INO, b"nothing")
     assert lookups == [b"nothing"]
 
+
+
+def test_a_stat_asks_the_engine_only_for_what_it_has_not_cached(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stat that follows a create asks nothing (a new file has no chunks); a cold lookup
+    reads the entry with its inode in one query, and its stat adds one for its chunks."""
+    fs, meta = vault.fs, vault.meta
+    assert fs is not None and meta is not None
+    node, fh = fs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    calls: list[str] = []
+    for asks in ("lookup", "lookup_inode", "get_inode", "allocated"):
+        real = getattr(meta, asks)
+        monkeypatch.setattr(meta, asks,
+                            lambda *a, real=real, asks=asks: calls.append(asks) or real(*a))
+    assert fs.st_blocks(fs.getattr(node.ino)) == 0 and calls == []
+    fs.write(fh, 0, b"x" * 5000)
+    fs.release(fh)
+    with fs.lock:  # as after a remount
+        fs.inodes.clear()
+        fs.dentries.clear()
+        fs._alloc.clear()
+    fs.getattr(ROOT_INO)  # (the directory: read once for all its names)
+    calls.clear()
+    node = fs.lookup(ROOT_INO, b"f")
+    assert node.size == 5000 and calls == ["lookup_inode"]
+    assert fs.st_blocks(fs.getattr(node.ino)) > 0 and calls == ["lookup_inode", "allocated"]
 
 def test_background_checkpoint_moves_commits_into_the_database_file(tmp_path: Path) -> None:
     """Commits go to the WAL; once they pause, the checkpointer thread copies them into the

@@ -191,11 +191,22 @@ class FileSystemBase:
             node = self.meta.get_inode(ino)
             if node is None:
                 raise _err(errno.ENOENT)
-            if len(self.inodes) >= INODE_CACHE_MAX:
-                self.inodes.clear()
-                self.dentries.clear()
-                self.complete.clear()
-            self.inodes[ino] = node
+            self._cache(node)
+        return node
+
+    def _cache(self, node: Inode) -> Inode:
+        """``node`` as read from the engine, unless the cache holds it (then the cached one,
+        which is the same or newer: the caller holds self.lock, under which every write to
+        the engine is made and cached)."""
+        cached = self.inodes.get(node.ino)
+        if cached is not None:
+            return cached
+        if len(self.inodes) >= INODE_CACHE_MAX:
+            self.inodes.clear()
+            self.dentries.clear()
+            self.complete.clear()
+            self._alloc.clear()
+        self.inodes[node.ino] = node
         return node
 
     def _save(self, node: Inode) -> None:

@@ -62,10 +62,18 @@ class Namespace(FileSystemBase):
             self._dir(parent)
             if name == b".":
                 return self._view(self._node(parent))
-            ino = self._lookup_ino(parent, name)
-            if ino is None:
+            key = (parent, name)
+            ino = self.dentries.get(key)
+            if ino is not None:
+                return self._view(self._node(ino))
+            if parent in self.complete:
                 raise _err(errno.ENOENT)
-            return self._view(self._node(ino))
+            node = self.meta.lookup_inode(parent, name)  # entry and inode in one query
+            if node is None:
+                raise _err(errno.ENOENT)
+            node = self._cache(node)
+            self.dentries[key] = node.ino
+            return self._view(node)
 
     def nlink(self, ino: int) -> int:
         with self.lock:
@@ -122,7 +130,7 @@ class Namespace(FileSystemBase):
         node = changed.inodes[changed.ino]
         if acls:
             self.xattr_inos.add(node.ino)
-        self._alloc.pop(node.ino, None)
+        self._alloc[node.ino] = 0  # new: no chunks (the stat that follows a create asks)
         self._apply(changed)
         if defer:
             self._deferred_new.append((parent, name, node))
