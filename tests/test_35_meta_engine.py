@@ -270,19 +270,23 @@ def test_dentries_lookup_add_remove(engine: MetaEngine) -> None:
 
 
 def test_dentry_compound_primitives(engine: MetaEngine, observer: MetaEngine) -> None:
-    """lookup_inode, add_dentry_if_absent and pop_dentry: what lookup, get_inode, add_dentry
-    and remove_dentry do together, each written or refused whole."""
+    """lookup_stat, add_dentry_if_absent and pop_dentry: what lookup, get_inode, allocated,
+    add_dentry and remove_dentry do together, each written or refused whole."""
     d = new_file(engine, ROOT_INO, b"d", DIR)
     f = new_file(engine, d, b"f")
-    assert engine.lookup_inode(d, b"f") == engine.get_inode(f)
-    assert engine.lookup_inode(ROOT_INO, b"d") == engine.get_inode(d)
-    assert engine.lookup_inode(d, b"missing") is None
-    assert engine.lookup_inode(ROOT_INO, b"f") is None  # names are per directory
+    with engine.transaction():
+        engine.set_block(f, 0, ref("a", 5000), staged=False)
+        engine.set_block(f, 3, ref("b", 10), staged=False)
+    assert engine.lookup_stat(d, b"f", 4096, 512) == (engine.get_inode(f), 4096 + 512)
+    assert engine.lookup_stat(d, b"f", 4096, 512)[1] == engine.allocated(f, 4096, 512)  # type: ignore[index]
+    assert engine.lookup_stat(ROOT_INO, b"d", 4096, 512) == (engine.get_inode(d), 0)
+    assert engine.lookup_stat(d, b"missing", 4096, 512) is None
+    assert engine.lookup_stat(ROOT_INO, b"f", 4096, 512) is None  # names are per directory
     with engine.transaction():
         assert engine.add_dentry_if_absent(ROOT_INO, b"f2", f) is True  # a hard link
         assert engine.add_dentry_if_absent(d, b"f", d) is False  # taken: left as it was
     assert observer.lookup(ROOT_INO, b"f2") == f and observer.lookup(d, b"f") == f
-    assert engine.lookup_inode(ROOT_INO, b"f2") == engine.get_inode(f)
+    assert engine.lookup_stat(ROOT_INO, b"f2", 4096, 4096) == (engine.get_inode(f), 8192)
     with engine.transaction():
         assert engine.pop_dentry(d, b"f") == f
         assert engine.pop_dentry(d, b"f") is None
@@ -1397,7 +1401,7 @@ def test_sqlite_hot_namespace_operations_read_back_no_row_they_write(tmp_path: P
         f = e.lookup(d, b"f")
         assert statements(e.link, f, ROOT_INO, b"g") == ["UPDATE", "INSERT", "UPDATE"]
         assert statements(e.unlink, ROOT_INO, b"g") == ["DELETE", "UPDATE", "UPDATE"]
-        assert statements(e.lookup_inode, d, b"f") == ["SELECT"]
+        assert statements(e.lookup_stat, d, b"f", 4096, 4096) == ["SELECT"]
         assert nlinks(e, f, d, ROOT_INO) == [1, 2, 3]
     finally:
         e.raw.set_trace_callback(None)

@@ -110,9 +110,10 @@ def test_missing_names_in_new_directories_need_no_sql(
     fs.rename(d, b"f", d, b"g")
     fs.link(fs.lookup(d, b"g").ino, sub, b"h")
     lookups = []
-    for asks in ("lookup", "lookup_inode"):  # the engine's two ways to look a name up
+    for asks in ("lookup", "lookup_stat"):  # the engine's two ways to look a name up
         real = getattr(meta, asks)
-        monkeypatch.setattr(meta, asks, lambda p, n, real=real: lookups.append(n) or real(p, n))
+        monkeypatch.setattr(meta, asks,
+                            lambda p, n, *a, real=real: lookups.append(n) or real(p, n, *a))
     for name in (b"f", b"missing", b"x" * 200):
         with pytest.raises(OSError) as e:
             fs.lookup(d, name)
@@ -136,12 +137,12 @@ def test_a_stat_asks_the_engine_only_for_what_it_has_not_cached(
     vault: Vault, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stat that follows a create asks nothing (a new file has no chunks); a cold lookup
-    reads the entry with its inode in one query, and its stat adds one for its chunks."""
+    reads the entry with its inode and its allocation in one query, which its stat uses."""
     fs, meta = vault.fs, vault.meta
     assert fs is not None and meta is not None
     node, fh = fs.create(ROOT_INO, b"f", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
     calls: list[str] = []
-    for asks in ("lookup", "lookup_inode", "get_inode", "allocated"):
+    for asks in ("lookup", "lookup_stat", "get_inode", "allocated"):
         real = getattr(meta, asks)
         monkeypatch.setattr(meta, asks,
                             lambda *a, real=real, asks=asks: calls.append(asks) or real(*a))
@@ -155,8 +156,8 @@ def test_a_stat_asks_the_engine_only_for_what_it_has_not_cached(
     fs.getattr(ROOT_INO)  # (the directory: read once for all its names)
     calls.clear()
     node = fs.lookup(ROOT_INO, b"f")
-    assert node.size == 5000 and calls == ["lookup_inode"]
-    assert fs.st_blocks(fs.getattr(node.ino)) > 0 and calls == ["lookup_inode", "allocated"]
+    assert node.size == 5000 and calls == ["lookup_stat"]
+    assert fs.st_blocks(fs.getattr(node.ino)) > 0 and calls == ["lookup_stat"]
 
 def test_background_checkpoint_moves_commits_into_the_database_file(tmp_path: Path) -> None:
     """Commits go to the WAL; once they pause, the checkpointer thread copies them into the

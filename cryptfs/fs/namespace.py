@@ -68,11 +68,15 @@ class Namespace(FileSystemBase):
                 return self._view(self._node(ino))
             if parent in self.complete:
                 raise _err(errno.ENOENT)
-            node = self.meta.lookup_inode(parent, name)  # entry and inode in one query
-            if node is None:
+            # the entry, its inode and its allocation in one query: in FUSE every lookup of
+            # the kernel is a getattr, which needs all three
+            found = self.meta.lookup_stat(parent, name, self.cs, ALLOC_UNIT)
+            if found is None:
                 raise _err(errno.ENOENT)
-            node = self._cache(node)
+            node = self._cache(found[0])
             self.dentries[key] = node.ino
+            if node.ino not in self._alloc:
+                self._alloc[node.ino] = found[1]
             return self._view(node)
 
     def nlink(self, ino: int) -> int:

@@ -162,9 +162,12 @@ class MetaEngine(Protocol):
     # -- directory entries ---------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> int | None: ...
 
-    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
-        """The inode ``name`` in ``parent`` names (None: no such entry, or a dangling one):
-        :meth:`lookup` and :meth:`get_inode` in one (NamespaceOps has it as the two)."""
+    def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
+                    unit: int) -> tuple[Inode, int] | None:
+        """What a stat of a name needs: the inode ``name`` in ``parent`` names and the bytes
+        its chunks take as :meth:`allocated` counts them (0 unless a regular file); None if
+        there is no such entry (or a dangling one). NamespaceOps has it as :meth:`lookup`,
+        :meth:`get_inode` and :meth:`allocated`; an engine may do it in one query."""
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None: ...
 

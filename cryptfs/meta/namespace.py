@@ -207,9 +207,13 @@ class NamespaceOps(_Rows):
             self.update_inode(node)
         return node
 
-    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
+    def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
+                    unit: int) -> tuple[Inode, int] | None:
         ino = self.lookup(parent, name)
-        return None if ino is None else self.get_inode(ino)
+        node = None if ino is None else self.get_inode(ino)
+        if node is None:
+            return None
+        return node, self.allocated(node.ino, chunk_size, unit) if stat.S_ISREG(node.mode) else 0
 
     def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
         if self.lookup(parent, name) is not None:

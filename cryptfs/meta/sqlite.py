@@ -182,10 +182,16 @@ _SQL_TOUCH_INODE_MTIME = (
     "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ?, mtime_ns = ? WHERE ino = ? "
     f"RETURNING {_INODE_COLS}"
 )
-_SQL_LOOKUP_INODE = (
+# the bytes the chunks of inode X take (see MetaStore.allocated)
+_SQL_ALLOCATED = (
+    "SELECT coalesce(sum((min(o.size, :cs) + :unit - 1) / :unit * :unit), 0) FROM blocks b "
+    "JOIN objects o ON o.name = b.obj WHERE b.ino = {}"
+)
+_SQL_LOOKUP_STAT = (
     "SELECT i.ino, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns, "
-    "i.rdev, i.target FROM dentries d JOIN inodes i ON i.ino = d.ino "
-    "WHERE d.parent = ? AND d.name = ?"
+    "i.rdev, i.target, CASE WHEN i.mode & 61440 = 32768 THEN ("
+    + _SQL_ALLOCATED.format("i.ino") + ") ELSE 0 END "
+    "FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = :parent AND d.name = :name"
 )
 _SQL_ADD_DENTRY_IF_ABSENT = (
     "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
@@ -690,9 +696,12 @@ class MetaStore(Transactions, NamespaceOps):
         row = self.raw.execute(_SQL_LOOKUP, (parent, name)).fetchone()
         return row[0] if row else None
 
-    def lookup_inode(self, parent: int, name: bytes) -> Inode | None:
-        row = self.raw.execute(_SQL_LOOKUP_INODE, (parent, name)).fetchone()
-        return Inode(*row) if row else None
+    def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
+                    unit: int) -> tuple[Inode, int] | None:
+        """One query; see :meth:`MetaEngine.lookup_stat`."""
+        row = self.raw.execute(_SQL_LOOKUP_STAT, {"parent": parent, "name": name,
+                                                  "cs": chunk_size, "unit": unit}).fetchone()
+        return (Inode(*row[:11]), int(row[11])) if row else None
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         self.raw.execute(
@@ -821,11 +830,8 @@ class MetaStore(Transactions, NamespaceOps):
     def allocated(self, ino: int, chunk_size: int, unit: int) -> int:
         """Bytes the stored chunks of ``ino`` take: each chunk's stored size, at most
         ``chunk_size``, rounded up to a multiple of ``unit``."""
-        row = self.raw.execute(
-            "SELECT sum((min(o.size, ?) + ? - 1) / ? * ?) FROM blocks b "
-            "JOIN objects o ON o.name = b.obj WHERE b.ino = ?",
-            (chunk_size, unit, unit, unit, ino),
-        ).fetchone()
+        row = self.raw.execute(_SQL_ALLOCATED.format(":ino"),
+                               {"cs": chunk_size, "unit": unit, "ino": ino}).fetchone()
         return int(row[0] or 0)
 
     def stored_bytes(self) -> int:
