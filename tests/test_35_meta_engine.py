@@ -225,6 +225,25 @@ def test_touch_inode_counts_links_and_sets_times_returning_the_row(
         _ = 1 // 0
     assert engine.get_inode(a) == after  # rolled back with its block
 
+
+def test_set_attrs_sets_what_is_given_returning_the_row(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    with engine.transaction():
+        a = engine.insert_inode(inode(0, REG | 0o644, size=5))
+    with engine.transaction():
+        got = engine.set_attrs(a, 500, perms=0o4711, gid=9)
+    after = inode(a, stat.S_IFREG | 0o4711, size=5)
+    after.gid, after.ctime_ns = 9, 500  # the type stays; uid and times not given stay
+    assert got == after == observer.get_inode(a)
+    with engine.transaction():
+        got = engine.set_attrs(a, 600, uid=0, atime_ns=1, mtime_ns=2)
+    after.uid, after.atime_ns, after.mtime_ns, after.ctime_ns = 0, 1, 2, 600
+    assert got == after == observer.get_inode(a)
+    with engine.transaction():
+        assert engine.set_attrs(424242, 700, perms=0o600) is None
+    assert engine.get_inode(424242) is None
+
 def test_delete_inode_takes_its_xattrs_chunks_and_names(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")
     other = new_file(engine, ROOT_INO, b"other")
@@ -1380,9 +1399,10 @@ def test_namespace_operations_join_an_enclosing_block(engine: MetaEngine) -> Non
 
 # -- the SQLite engine's statements ------------------------------------------------------------
 def test_sqlite_hot_namespace_operations_read_back_no_row_they_write(tmp_path: Path) -> None:
-    """Creating, linking and unlinking a name, and a lookup with its inode, are one statement
-    per row they touch: each inode row is written and read back in one UPDATE ... RETURNING,
-    the name's existence is the entries' primary key, no row is read by a SELECT first."""
+    """Creating, linking and unlinking a name, setting attributes, and a lookup with its inode,
+    are one statement per row they touch: each inode row is written and read back in one
+    UPDATE ... RETURNING, the name's existence is the entries' primary key, no row is read by
+    a SELECT first."""
     e = MetaStore(tmp_path / "m.db")
     seen: list[str] = []
 
@@ -1401,6 +1421,7 @@ def test_sqlite_hot_namespace_operations_read_back_no_row_they_write(tmp_path: P
         f = e.lookup(d, b"f")
         assert statements(e.link, f, ROOT_INO, b"g") == ["UPDATE", "INSERT", "UPDATE"]
         assert statements(e.unlink, ROOT_INO, b"g") == ["DELETE", "UPDATE", "UPDATE"]
+        assert statements(e.setattr, f, 0o600, 5, None, 1, 2) == ["UPDATE"]
         assert statements(e.lookup_stat, d, b"f", 4096, 4096) == ["SELECT"]
         assert nlinks(e, f, d, ROOT_INO) == [1, 2, 3]
     finally:

@@ -147,6 +147,13 @@ class MetaEngine(Protocol):
         mtime too) to ``now_ns``; the inode as it is after (None: no such inode, nothing
         written). NamespaceOps has it as a read and a write; an engine may do it in one."""
 
+    def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
+                  uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
+                  mtime_ns: int | None = None) -> Inode | None:
+        """Set the attributes given (``perms``: the permission bits, the type stays) and the
+        ctime to ``now_ns``; the inode as it is after (None: no such inode, nothing written).
+        NamespaceOps has it as a read and a write; an engine may do it in one."""
+
     def insert_inode(self, node: Inode) -> int:
         """Add an inode (``node.ino`` 0: the engine picks the number); returns its number."""
 

@@ -207,6 +207,21 @@ class NamespaceOps(_Rows):
             self.update_inode(node)
         return node
 
+    def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
+                  uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
+                  mtime_ns: int | None = None) -> Inode | None:
+        node = self.get_inode(ino)
+        if node is not None:
+            if perms is not None:
+                node.mode = stat.S_IFMT(node.mode) | perms
+            node.uid = node.uid if uid is None else uid
+            node.gid = node.gid if gid is None else gid
+            node.atime_ns = node.atime_ns if atime_ns is None else atime_ns
+            node.mtime_ns = node.mtime_ns if mtime_ns is None else mtime_ns
+            node.ctime_ns = now_ns
+            self.update_inode(node)
+        return node
+
     def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
                     unit: int) -> tuple[Inode, int] | None:
         ino = self.lookup(parent, name)
@@ -411,26 +426,18 @@ class NamespaceOps(_Rows):
         """Set the given attributes (``mode``: the permission bits, the type stays) and ctime,
         and the ``xattrs`` given (None removes one), together. ENOENT for a missing inode."""
 
+        perms = None if mode is None else mode & 0o7777
+
         def run() -> Changed:
-            op = _Op(self)
-            node = op.node(ino)
-            if mode is not None:
-                node.mode = stat.S_IFMT(node.mode) | (mode & 0o7777)
-            if uid is not None:
-                node.uid = uid
-            if gid is not None:
-                node.gid = gid
-            if atime_ns is not None:
-                node.atime_ns = atime_ns
-            if mtime_ns is not None:
-                node.mtime_ns = mtime_ns
+            node = self.set_attrs(ino, time.time_ns(), perms, uid, gid, atime_ns, mtime_ns)
+            if node is None:
+                raise os_error(errno.ENOENT)
             for n, v in (xattrs or {}).items():
                 if v is None:
                     self.remove_xattr(ino, n)
                 else:
                     self.set_xattr(ino, n, v)
-            op.touch(node)
-            return op.save()
+            return Changed(inodes={ino: node})
 
         return self.atomically(run, commit)
 

@@ -182,6 +182,12 @@ _SQL_TOUCH_INODE_MTIME = (
     "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ?, mtime_ns = ? WHERE ino = ? "
     f"RETURNING {_INODE_COLS}"
 )
+_SQL_SET_ATTRS = (
+    "UPDATE inodes SET mode = CASE WHEN :perms IS NULL THEN mode ELSE (mode & 61440) | :perms "
+    "END, uid = coalesce(:uid, uid), gid = coalesce(:gid, gid), "
+    "atime_ns = coalesce(:atime, atime_ns), mtime_ns = coalesce(:mtime, mtime_ns), "
+    f"ctime_ns = :now WHERE ino = :ino RETURNING {_INODE_COLS}"
+)
 # the bytes the chunks of inode X take (see MetaStore.allocated)
 _SQL_ALLOCATED = (
     "SELECT coalesce(sum((min(o.size, :cs) + :unit - 1) / :unit * :unit), 0) FROM blocks b "
@@ -636,6 +642,15 @@ class MetaStore(Transactions, NamespaceOps):
         else:
             rows = self.raw.execute(_SQL_TOUCH_INODE, (nlink, now_ns, ino))
         row = rows.fetchall()  # (all: the statement ends here)
+        return Inode(*row[0]) if row else None
+
+    def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
+                  uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
+                  mtime_ns: int | None = None) -> Inode | None:
+        """One statement (UPDATE ... RETURNING); see :meth:`MetaEngine.set_attrs`."""
+        row = self.raw.execute(_SQL_SET_ATTRS, {
+            "ino": ino, "now": now_ns, "perms": perms, "uid": uid, "gid": gid,
+            "atime": atime_ns, "mtime": mtime_ns}).fetchall()
         return Inode(*row[0]) if row else None
 
     def insert_inode(self, node: Inode) -> int:
