@@ -2,11 +2,16 @@
 
 Modelled on JuiceFS's ``pkg/meta`` engine interface, in two levels. The namespace operations
 (mknod, link, unlink, rmdir, rename, setattr, xattrs, readdir; lookup and getattr are
-:meth:`MetaEngine.lookup` and :meth:`MetaEngine.get_inode`) are each one atomic transaction that
-checks its POSIX preconditions against the database, keeps link counts and libfuse's hidden
-entries, raises ``OSError(errno)`` and returns a :class:`Changed`; they are written once, over
-the row-level primitives below, in :class:`cryptfs.meta.namespace.NamespaceOps`, which an engine
-inherits. The filesystem layer (:mod:`cryptfs.fs`) keeps permissions, caches, open files and
+:meth:`MetaEngine.lookup_stat`, :meth:`MetaEngine.lookup` and :meth:`MetaEngine.get_inode`) are
+each one atomic transaction that checks its POSIX preconditions against the database, keeps link
+counts and libfuse's hidden entries, raises ``OSError(errno)`` and returns a :class:`Changed`;
+they are written once, over the row-level primitives below, in
+:class:`cryptfs.meta.namespace.NamespaceOps`, which an engine inherits. The hot ones use compound
+primitives (:meth:`MetaEngine.touch_inode`, ``set_attrs``, ``add_dentry_if_absent``,
+``pop_dentry``, ``lookup_stat``) that NamespaceOps builds from a read and a write and that an
+engine may do in one statement each (the SQLite engine does: a file's create is then three
+statements, a cold stat one). Transaction nesting is :class:`Transactions`, which engines share.
+The filesystem layer (:mod:`cryptfs.fs`) keeps permissions, caches, open files and
 group commit; the other primitives serve the write path, the vault, fsck and the ledger inside
 :meth:`MetaEngine.transaction` blocks. An engine stores rows and makes each block atomic.
 Every method may raise
