@@ -12,6 +12,7 @@ on an in-memory store.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -574,6 +575,41 @@ def test_records_from_many_threads_add_up_and_outlive_their_threads() -> None:
                                   {"store": "s", "op": "get"}) == 4
         assert r.get_sample_value("cryptfs_store_bytes_total", {"store": "s", "op": "get"}) == 12
     assert not m._fuse["getattr"]._live  # the ended threads' rows were folded
+
+
+def test_fuse_wrappers_count_errno_answers_and_bytes() -> None:
+    """The FUSE wrappers in-process: errno answers counted by errno (a bare OSError, which has
+    none, under 0), read counting the bytes it returns and write the count it returns, and
+    the other operations counting no bytes."""
+    m = Metrics()
+    r = m.registry
+
+    def lookup(code: int | None) -> None:
+        raise OSError(code, "answer") if code is not None else OSError("no errno")
+
+    def read(size: int) -> bytes:
+        return b"x" * size
+
+    def write(data: bytes) -> int:
+        return len(data) - 1  # what the operation says it wrote, not what it was given
+
+    timed_lookup = m.fuse_op("getattr", lookup)
+    timed_read, timed_write = m.fuse_op("read", read), m.fuse_op("write", write)
+    for code in (errno.ENOENT, errno.ENOENT, errno.ENODATA, None):
+        with pytest.raises(OSError) as e:
+            timed_lookup(code)
+        assert e.value.errno == code
+    assert timed_read(7) == b"x" * 7 and timed_read(5) == b"x" * 5
+    assert timed_write(b"abcd") == 3
+    for _ in range(2):  # the same figures from a second scrape
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "getattr"}) == 4
+        for name, n in (("ENOENT", 2), ("ENODATA", 1), ("0", 1)):
+            assert r.get_sample_value("cryptfs_fuse_errors_total",
+                                      {"op": "getattr", "errno": name}) == n
+        assert r.get_sample_value("cryptfs_fuse_read_bytes_total") == 12
+        assert r.get_sample_value("cryptfs_fuse_written_bytes_total") == 3
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "read"}) == 2
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "write"}) == 1
 
 
 def test_each_store_of_a_replicated_vault_has_its_own_figures() -> None:
