@@ -11,9 +11,11 @@ segments grow past a fraction of their snapshot, stores a full snapshot.
 
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`): the queued
 ledger entries of stored chunks; the uploads the metadata references; the metadata (segment or
-snapshot) and its ledger entry, committed; the checkpoint object; the local database synced;
-the head file naming the checkpoint; the checkpoint's own ledger entry; the snapshot policy;
-collection; the local database synced again and the head file naming the newest entry.
+snapshot) put, and the store synced (chunks and metadata durable); its ledger entry, and the
+local database synced; the checkpoint object, and the store synced; the head file naming the
+checkpoint and its ledger entry (one head write a round); the checkpoint's own ledger entry;
+the snapshot policy; collection. Those last entries are committed, so they survive a crash of
+the process; the next round's local sync and head file anchor them.
 """
 
 from __future__ import annotations
@@ -215,17 +217,19 @@ class Checkpointer:
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
-        self.store.sync()
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
+        self.store.sync()  # the chunks and the metadata, durable before a checkpoint names them
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
         with self._own():
             e = led.append("put", name, len(blob), ref.sha256)
             meta.reference(ref, staged=False)
-            meta.commit()
+            # the local ledger durable up to the checkpoint's head before the store has the
+            # checkpoint (a local ledger behind the store's checkpoint is an anchor problem)
+            meta.sync()
             tail = [x.to_json() for x in led.entries(snap_seq)]
         assert full or self._chain is not None
         chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
@@ -246,10 +250,12 @@ class Checkpointer:
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
+        self.store.sync()
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-            meta.sync()
+        # one head write a round: the checkpoint's own ledger entry and the collections below
+        # are committed (they survive a crash of this process) and anchored by the next round
         self._write_head(e, ck_name)
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
@@ -257,15 +263,25 @@ class Checkpointer:
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
         self._collect({r.name for r in chain}, garbage)  # worked out
-        # anchor the entries written after the checkpoint too (its own, the collections), so
-        # deleting them from the local ledger is noticed; durable before the head names them
         with self._own():
-            meta.sync()
+            meta.commit()
             last = led.head()
             self._clean_at = shipped_at
         assert last is not None
-        self._write_head(last, ck_name)
         self.last_seq = last.seq
+
+    def anchor(self) -> None:
+        """Make the local ledger durable and record its newest entry in the head file (after
+        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry)."""
+        with self._ckpt_lock:
+            head = read_head(self.paths)
+            if head is None or not head.checkpoint:
+                return
+            with self.lock:
+                self.meta.sync()
+                last = self.ledger.head()
+            if last is not None and last.seq > head.seq:
+                self._write_head(last, head.checkpoint)
 
     @contextlib.contextmanager
     def checkpoints_held(self) -> Iterator[str]:

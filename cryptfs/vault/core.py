@@ -462,6 +462,8 @@ class Vault:
                 assert self.meta is not None
                 with self.fs.lock:
                     self.meta.set_state("clean", "1")
+                assert self.checkpointer is not None
+                self.checkpointer.anchor()
         except CryptfsError as e:
             if on_failure is not None:
                 on_failure(e)
