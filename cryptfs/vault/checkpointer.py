@@ -14,8 +14,9 @@ ledger entries of stored chunks; the uploads the metadata references; the metada
 snapshot) put, and the store synced (chunks and metadata durable); its ledger entry, and the
 local database synced; the checkpoint object, and the store synced; the head file naming the
 checkpoint and its ledger entry (one head write a round); the checkpoint's own ledger entry;
-the snapshot policy; collection. Those last entries are committed, so they survive a crash of
-the process; the next round's local sync and head file anchor them.
+the snapshot policy; collection (not in every round: see COLLECT_INTERVAL). Those last
+entries are committed, so they survive a crash of the process; the next round's local sync
+and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ MAX_SEGMENTS = 128
 COMPACT_RATIO = 2
 COMPACT_FLOOR = 1 << 20
 CHECKPOINT_INTERVAL = 60.0
+# collection (deleting what the newest checkpoint no longer needs) runs in a round once this
+# many seconds passed or this many rounds went by since it last ran, and in the final round of a
+# mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
+COLLECT_INTERVAL = 1.0
+COLLECT_ROUNDS = 16
 
 
 class Checkpointer:
@@ -117,6 +123,9 @@ class Checkpointer:
         self._chain: list[ChunkRef] | None = None
         self._clean_at: int | None = None
         self._own_writes = 0
+        self._collected_at = time.monotonic()
+        self._uncollected = 0  # rounds since collection last ran
+        self._final = False  # the mount is ending: collect in the round, whatever the interval
 
     def run(self, stop: threading.Event) -> None:
         """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
@@ -125,7 +134,7 @@ class Checkpointer:
         while not stop.wait(CHECKPOINT_INTERVAL):
             with self.lock:
                 head = self.ledger.head()
-            if head is not None and head.seq > self.last_seq + 1:
+            if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
                 except CryptfsError as e:
@@ -166,10 +175,24 @@ class Checkpointer:
                 self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             self._ckpt_done = target
 
+    def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """The final checkpoint of a mount: :meth:`sync`, collecting whatever the interval
+        (a round runs for that alone if needed), then :meth:`anchor`."""
+        self._final = True
+        self.sync(progress)
+        self.anchor()
+
+    def _collect_due(self) -> bool:
+        return self._final or self._uncollected >= COLLECT_ROUNDS or \
+            time.monotonic() - self._collected_at >= COLLECT_INTERVAL
+
     def _dirty(self) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
-        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
+        than that checkpoint's own bookkeeping, or a collection that was put off is due
+        (caller holds the filesystem lock)."""
         if self._clean_at is None or self.queued():
+            return True
+        if self._uncollected and self._collect_due():
             return True
         return self.meta.change_count() != self._clean_at + self._own_writes
 
@@ -262,7 +285,12 @@ class Checkpointer:
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        self._collect({r.name for r in chain}, garbage)  # worked out
+        if self._collect_due():  # worked out
+            self._collect({r.name for r in chain}, garbage)
+            self._collected_at = time.monotonic()
+            self._uncollected = 0
+        else:
+            self._uncollected += 1
         with self._own():
             meta.commit()
             last = led.head()

@@ -458,12 +458,10 @@ class Vault:
         try:
             if self.fs is not None and checkpoint and not self.readonly:
                 self.fs.release_all()
-                self.sync(progress)
-                assert self.meta is not None
+                assert self.checkpointer is not None and self.meta is not None
+                self.checkpointer.finish(progress)
                 with self.fs.lock:
                     self.meta.set_state("clean", "1")
-                assert self.checkpointer is not None
-                self.checkpointer.anchor()
         except CryptfsError as e:
             if on_failure is not None:
                 on_failure(e)
