@@ -123,7 +123,7 @@ class Checkpointer:
         self._chain: list[ChunkRef] | None = None
         self._clean_at: int | None = None
         self._own_writes = 0
-        self._collected_at = time.monotonic()
+        self._collected_at = float("-inf")  # the first round collects
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
 
