@@ -386,6 +386,7 @@ class MetaStore(NamespaceOps):
         # incremental shipping: the shipment in the store and the one begun (see changes())
         self._shipped: _Shipment | None = None
         self._begun: _Shipment | None = None
+        self._spare: sqlite3.Connection | None = None  # a pin's connection, for the next pin
 
     def start_checkpointer(self) -> None:
         """Checkpoint the WAL into the database file from a thread with its own connection,
@@ -477,6 +478,10 @@ class MetaStore(NamespaceOps):
 
     def close(self) -> None:
         self._unpin()
+        if self._spare is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._spare.close()
+            self._spare = None
         if self._checkpointer is not None:
             self._checkpointer_stop.set()
             self._checkpointer.join()
@@ -507,12 +512,15 @@ class MetaStore(NamespaceOps):
         return str(self.path) + "-wal"
 
     def _pin(self) -> sqlite3.Connection:
-        """A connection holding a read transaction at the newest commit."""
-        try:
-            con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                  timeout=10)
-        except sqlite3.Error as e:
-            raise _meta_error(self.path, e) from e
+        """A connection holding a read transaction at the newest commit (the connection of a
+        pin released before, if there is one: opening one costs more than a round's SQL)."""
+        con, self._spare = self._spare, None
+        if con is None:
+            try:
+                con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                      timeout=10)
+            except sqlite3.Error as e:
+                raise _meta_error(self.path, e) from e
         try:
             con.execute("BEGIN")
             con.execute("SELECT count(*) FROM sqlite_master").fetchall()
@@ -525,9 +533,21 @@ class MetaStore(NamespaceOps):
         for attr in (("_shipped", "_begun") if which == "both" else (which,)):
             ship = getattr(self, attr)
             if ship is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    ship.pin.close()
+                self._release(ship.pin)
             setattr(self, attr, None)
+
+    def _release(self, pin: sqlite3.Connection) -> None:
+        """End a pin's read transaction; its connection is kept for the next pin."""
+        try:
+            pin.execute("ROLLBACK")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                pin.close()
+            return
+        if self._spare is None:
+            self._spare = pin
+        else:
+            pin.close()
 
     def _read_wal(self, after: WalPosition | None, keep_pages: bool) -> WalRead | None:
         """The committed frames after ``after`` (None if the log is empty)."""
