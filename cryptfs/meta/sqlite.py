@@ -61,11 +61,14 @@ from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.meta.wal import (
     FRAME_HEADER,
     WAL_HEADER,
+    WAL_INDEX_HEADER,
     WalError,
+    WalIndex,
     WalPosition,
     WalRead,
     encode_segment,
     read_wal,
+    read_wal_index,
 )
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
@@ -556,7 +559,22 @@ class MetaStore(NamespaceOps):
         except FileNotFoundError:
             return None
         try:
-            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages)
+            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages,
+                            self._wal_index())
+        finally:
+            os.close(fd)
+
+    def _wal_index(self) -> WalIndex | None:
+        """The live wal-index header (None if there is none to read): the caller holds the
+        filesystem lock, so no commit is under way on this database."""
+        try:
+            fd = os.open(str(self.path) + "-shm", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return read_wal_index(os.pread(fd, 2 * WAL_INDEX_HEADER, 0))
+        except OSError:
+            return None
         finally:
             os.close(fd)
 
