@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -126,6 +127,8 @@ class Checkpointer:
         self._collected_at = float("-inf")  # the first round collects
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
+        # syncs the store while the round syncs the local database (two waits on the disk)
+        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sync")
 
     def run(self, stop: threading.Event) -> None:
         """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
@@ -243,17 +246,23 @@ class Checkpointer:
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
-        self.store.sync()  # the chunks and the metadata, durable before a checkpoint names them
+        # the chunks and the metadata durable before a checkpoint names them, and meanwhile
+        # the local ledger up to the checkpoint's head (a local ledger behind the store's
+        # checkpoint is an anchor problem)
+        synced = self._sync_pool.submit(self.store.sync)
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
-        with self._own():
-            e = led.append("put", name, len(blob), ref.sha256)
-            meta.reference(ref, staged=False)
-            # the local ledger durable up to the checkpoint's head before the store has the
-            # checkpoint (a local ledger behind the store's checkpoint is an anchor problem)
-            meta.sync()
-            tail = [x.to_json() for x in led.entries(snap_seq)]
+        try:
+            with self._own():
+                e = led.append("put", name, len(blob), ref.sha256)
+                meta.reference(ref, staged=False)
+                meta.sync()
+                tail = [x.to_json() for x in led.entries(snap_seq)]
+        except BaseException:
+            wait([synced])
+            raise
+        synced.result()
         assert full or self._chain is not None
         chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
         ck_name = checkpoint_name(e.seq)
