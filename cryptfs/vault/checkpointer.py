@@ -44,7 +44,7 @@ from cryptfs.format.layout import (
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
-from cryptfs.paths import VaultPaths, write_private
+from cryptfs.paths import VaultPaths, replace_private, stage_private, write_private
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
 from cryptfs.vault.localstate import Head, read_head
@@ -282,13 +282,21 @@ class Checkpointer:
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
-        self.store.sync()
+        # one head write a round, naming the checkpoint once it is durable: its temp file is
+        # written and synced while the store syncs the checkpoint, then renamed into place.
+        # The checkpoint's own ledger entry and the collections below are committed (they
+        # survive a crash of this process) and anchored by the next round.
+        head = self._sync_pool.submit(stage_private, self.paths.head, self._head(e, ck_name))
+        try:
+            self.store.sync()
+        except BaseException:
+            wait([head])
+            raise
+        head_tmp = head.result()
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-        # one head write a round: the checkpoint's own ledger entry and the collections below
-        # are committed (they survive a crash of this process) and anchored by the next round
-        self._write_head(e, ck_name)
+        replace_private(head_tmp, self.paths.head)
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
@@ -332,10 +340,12 @@ class Checkpointer:
 
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
+        write_private(self.paths.head, self._head(e, ck_name))
+
+    def _head(self, e: Entry, ck_name: str) -> bytes:
+        """The head file's content naming entry ``e`` and checkpoint ``ck_name``."""
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
-        write_private(
-            self.paths.head, json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
-        )
+        return json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
 
     def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: snapshots and segments it does
