@@ -127,6 +127,7 @@ class Checkpointer:
         self._collected_at = float("-inf")  # the first round collects
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
+        self._force_collect = False  # the next round collects, whatever the interval
         # syncs the store while the round syncs the local database (two waits on the disk)
         self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sync")
 
@@ -146,11 +147,15 @@ class Checkpointer:
                     self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
                     return
 
-    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def sync(self, progress: Callable[[int, int], None] | None = None,
+             collect: bool = False) -> None:
         """Make everything committed so far durable in the store (group commit: concurrent
         callers share one checkpoint that started after they called). Nothing happens when
-        the store already holds everything committed."""
+        the store already holds everything committed. ``collect``: the round collects, due
+        or not (deleting a snapshot frees what it alone held at once)."""
         self.gate()
+        if collect:
+            self._force_collect = True
         with self.lock:
             if not self._dirty():
                 return  # the store holds everything committed so far
@@ -186,7 +191,7 @@ class Checkpointer:
         self.anchor()
 
     def _collect_due(self) -> bool:
-        return self._final or self._uncollected >= COLLECT_ROUNDS or \
+        return self._final or self._force_collect or self._uncollected >= COLLECT_ROUNDS or \
             time.monotonic() - self._collected_at >= COLLECT_INTERVAL
 
     def _dirty(self) -> bool:
@@ -303,6 +308,7 @@ class Checkpointer:
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
         if self._collect_due():  # worked out
+            self._force_collect = False
             self._collect({r.name for r in chain}, garbage)
             self._collected_at = time.monotonic()
             self._uncollected = 0

@@ -410,14 +410,16 @@ class Vault:
                 log.exception("background replication failed")
 
     # -- checkpoints (see :mod:`.checkpointer`) -----------------------------------------------
-    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def sync(self, progress: Callable[[int, int], None] | None = None,
+             collect: bool = False) -> None:
         """Make everything committed so far durable in the store: the checkpoint contract of
-        :meth:`.checkpointer.Checkpointer.sync`. Nothing to do on a read-only mount; raises
-        LockedError when this mount may not write to the store (:meth:`_may_write`)."""
+        :meth:`.checkpointer.Checkpointer.sync` (``collect``: its round collects, due or not).
+        Nothing to do on a read-only mount; raises LockedError when this mount may not write
+        to the store (:meth:`_may_write`)."""
         if self.readonly:
             return
         assert self.checkpointer is not None
-        self.checkpointer.sync(progress)
+        self.checkpointer.sync(progress, collect)
 
     def checkpoints_held(self) -> contextlib.AbstractContextManager[str]:
         """See :meth:`.checkpointer.Checkpointer.checkpoints_held`."""
