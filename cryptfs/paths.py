@@ -184,6 +184,12 @@ def list_vaults() -> list[str]:
 
 def write_private(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``: temp file (0600), fsync, rename, fsync dir."""
+    replace_private(stage_private(path, data), path)
+
+
+def stage_private(path: Path, data: bytes) -> Path:
+    """The first half of :func:`write_private`: a temp file beside ``path`` holding ``data``,
+    durable (fsynced). Returns its path, for :func:`replace_private`."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -192,6 +198,11 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    return tmp
+
+
+def replace_private(tmp: Path, path: Path) -> None:
+    """The second half of :func:`write_private`: rename ``tmp`` over ``path``, durably."""
     os.rename(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:

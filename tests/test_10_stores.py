@@ -107,6 +107,45 @@ def test_local_leaves_no_temp_files_and_uses_mode_0600(tmp_path: Path) -> None:
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
+def test_local_sync_fsyncs_exactly_what_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync makes durable each object put since the last sync (data and a replaced one) and
+    each directory that got an entry, new directories' parents up to the root included;
+    nothing else, nothing twice; past SYNCFS_ABOVE it is one syncfs instead."""
+    from cryptfs.stores import local
+
+    root = tmp_path / "s"
+    store = LocalStore(root, create=True)
+    store.put("meta/old", b"x")
+    store.sync()
+    synced: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    store.put("data/ab/c1", b"1")  # new directories data and data/ab
+    store.put("data/ab/c2", b"2")
+    store.put("meta/old", b"y")  # replaced (temp file and rename)
+    store.delete("data/ab/c2")  # deleted before the sync: nothing to do for it
+    store.sync()
+    assert sorted(synced) == sorted([root / "data/ab/c1", root / "meta/old", root / "data/ab",
+                                     root / "data", root, root / "meta"])
+    synced.clear()
+    store.sync()  # nothing put since
+    assert synced == []
+    calls: list[int] = []
+    monkeypatch.setattr(local, "SYNCFS_ABOVE", 3)
+    monkeypatch.setattr(LocalStore, "_syncfs", lambda self: calls.append(1))
+    for i in range(4):
+        store.put(f"data/ab/n{i}", b"n")
+    store.sync()
+    assert calls == [1] and synced == []
+
+
 @pytest.mark.parametrize("name", ["../escape", "data/../../escape", "/abs", ""])
 def test_local_refuses_bad_names(tmp_path: Path, name: str) -> None:
     store = LocalStore(tmp_path / "s", create=True)

@@ -1552,3 +1552,64 @@ def test_sqlite_bounds_its_log_while_shipping(tmp_path: Path,
         assert e.image()[:16] == b"SQLite format 3\0"
     finally:
         e.close()
+
+
+def test_reading_the_wal_by_its_index_gives_what_the_checksums_give(tmp_path: Path) -> None:
+    """With the live wal-index header, the frames after a position are taken without
+    hashing each (the index's last checksum must be the last frame's); the result equals the
+    long way's, from the start, from a position, and after a rolled-back transaction; an index
+    that does not match the log (another end, a changed copy) is not used."""
+    import sqlite3
+
+    from cryptfs.meta import wal
+
+    db = tmp_path / "w.db"
+    con = sqlite3.connect(db, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA wal_autocheckpoint=0")
+    con.execute("CREATE TABLE t (v BLOB)")
+    fd = os.open(str(db) + "-wal", os.O_RDONLY)
+    calls = 0
+    real = wal.checksum
+
+    def counting(data: bytes, s: tuple[int, int], big: bool) -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        return real(data, s, big)
+
+    def pread(n: int, off: int) -> bytes:
+        return os.pread(fd, n, off)
+
+    def index() -> wal.WalIndex | None:
+        return wal.read_wal_index((tmp_path / "w.db-shm").read_bytes()[:96])
+
+    try:
+        wal.checksum = counting  # type: ignore[assignment]
+        pos = None
+        for rnd in range(3):
+            for i in range(4):
+                con.execute("INSERT INTO t VALUES (?)", (os.urandom(3000 + 500 * i),))
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t VALUES (?)", (os.urandom(9000),))
+            con.execute("ROLLBACK")
+            calls = 0
+            slow = wal.read_wal(pread, pos)
+            slow_calls = calls
+            calls = 0
+            idx = index()
+            assert idx is not None
+            quick = wal.read_wal(pread, pos, index=idx)
+            assert slow is not None and quick == slow and slow.db_pages
+            assert calls <= 2 < slow_calls, rnd  # the WAL header's checksum only
+            for bad in (wal.WalIndex(idx.salts, idx.frames - 1, idx.cksum),
+                        wal.WalIndex(idx.salts, idx.frames, (idx.cksum[0] ^ 1, idx.cksum[1]))):
+                calls = 0
+                assert wal.read_wal(pread, pos, index=bad) == slow and calls > 2
+            pos = slow.position
+        shm = bytearray((tmp_path / "w.db-shm").read_bytes()[:96])
+        shm[60] ^= 1  # the second copy differs: an update under way
+        assert wal.read_wal_index(bytes(shm)) is None
+    finally:
+        wal.checksum = real  # type: ignore[assignment]
+        os.close(fd)
+        con.close()

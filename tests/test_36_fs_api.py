@@ -969,3 +969,37 @@ def test_read_only_filesystem_refuses_every_change(rig: Rig) -> None:
     assert rig.fs.lookup(ROOT_INO, b"f").ino == f and rig.fs.lookup(ROOT_INO, b"d").ino == d
     ro_meta.close()
     assert contents(rig.fs, f) == b"data" and stat.S_IMODE(rig.fs.getattr(f).mode) == 0o644
+
+
+def test_a_small_write_after_a_commit_does_not_read_the_chunk_back(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk a commit sealed last stays in memory: rewriting a few bytes of it and
+    appending to it (what a database's log does between fsyncs) fetch nothing from the store,
+    and the file reads back as written."""
+    fs = rig.fs
+    _node, fh = fs.create(ROOT_INO, b"log", 0o644, RW | os.O_CREAT, UID, GID)
+    data = bytearray(os.urandom(2 * CS + 1000))
+    fs.write(fh, 0, bytes(data))
+    fs.flush(fh)
+    fetched: list[str] = []
+    real = rig.chunks._fetch
+
+    def fetch(ref: ChunkRef, keep: bool) -> bytes:
+        fetched.append(ref.name)
+        return real(ref, keep)
+
+    monkeypatch.setattr(rig.chunks, "_fetch", fetch)
+    for i in range(5):
+        at = 2 * CS + 100 * i
+        piece = os.urandom(300)
+        fs.write(fh, at, piece)
+        data[at:at + len(piece)] = piece
+        fs.flush(fh)
+    assert fetched == []
+    fs.write(fh, 10, b"x")  # another chunk: read back once
+    data[10:11] = b"x"
+    fs.flush(fh)
+    assert len(fetched) == 1
+    assert fs.read(fh, 0, len(data) + 10) == bytes(data)
+    fs.release(fh)

@@ -8,15 +8,24 @@ replaces it atomically.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sqlite3
 import stat
 import time
 from pathlib import Path
 
 import pytest
 from mount_fixtures import VaultEnv, _mounted, force_unmount
-from test_80_crash import CHUNK, assert_verifies, crash_env, kill_daemon, mount  # noqa: F401
+from test_80_crash import (  # noqa: F401
+    CHUNK,
+    _store_only_view,
+    assert_verifies,
+    crash_env,
+    kill_daemon,
+    mount,
+)
 
 from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.stores.local import LocalStore
@@ -129,3 +138,69 @@ def test_local_chunk_put_replaces_a_torn_object(tmp_path: Path) -> None:
     leftovers = [p for p in (tmp_path / "s").rglob("*") if p.name.startswith(".tmp.")]
     assert not leftovers
     assert oct((tmp_path / "s" / name).stat().st_mode & 0o777) == oct(0o600)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("store_kind", ["local"])
+def test_sqlite_commits_and_overwrites_fsynced_survive_kill_in_the_store_alone(
+    crash_env: tuple[VaultEnv, list[int]],  # noqa: F811 - the fixture of test_80_crash
+    tmp_path: Path,
+) -> None:
+    """SQLite on the mount (WAL, synchronous=FULL, one row a transaction) and 4 KiB overwrites
+    with fsync, then kill -9 as soon as the last returned: a new machine with nothing but the
+    store has every committed row and the last overwrite (each fsync's round makes its chunk,
+    segment and checkpoint durable, one head write a round, collection put off between
+    rounds); this machine mounts again, has them too, and verify is clean."""
+    env, pids = crash_env
+    mnt = env.root / "mnt"
+    mount(env, mnt, pids)
+    rows = [os.urandom(100) for _ in range(40)]
+    block = b""
+    con = None
+    try:
+        fd = os.open(mnt / "probe", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, os.urandom(3 * CHUNK), 0)
+            for i in range(20):
+                block = os.urandom(4096)
+                os.pwrite(fd, block, 4096 * (i % 3))
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        con = sqlite3.connect(mnt / "db.sqlite", isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+        for v in rows:
+            con.execute("BEGIN")
+            con.execute("INSERT INTO t (v) VALUES (?)", (v,))
+            con.execute("COMMIT")
+        kill_daemon(env, mnt)
+    finally:
+        if con is not None:
+            with contextlib.suppress(sqlite3.Error):
+                con.close()
+        if _mounted(str(mnt)):
+            force_unmount(str(mnt))
+
+    def committed(files: dict[str, bytes]) -> tuple[list[bytes], bytes]:
+        d = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        for name in ("db.sqlite", "db.sqlite-wal"):
+            if name in files:
+                (d / name).write_bytes(files[name])
+        c = sqlite3.connect(d / "db.sqlite")
+        try:
+            got = [bytes(r[0]) for r in c.execute("SELECT v FROM t ORDER BY id")]
+        finally:
+            c.close()
+        return got, files["probe"][4096 * (19 % 3):4096 * (19 % 3) + 4096]
+
+    assert committed(_store_only_view(env, env.root)) == (rows, block)
+    mount(env, mnt, pids)
+    try:
+        here = {n: (mnt / n).read_bytes() for n in os.listdir(mnt)}
+    finally:
+        env.umount(mnt)
+    assert committed(here) == (rows, block)
+    assert_verifies(env)

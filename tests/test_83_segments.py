@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import IntegrityError, StoreError
-from cryptfs.format.layout import META_PREFIX
+from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
 from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
 from cryptfs.vault.core import Vault, create_vault
+from cryptfs.vault.localstate import read_head
 from cryptfs.vault.restore import materialize
 
 pytestmark = pytest.mark.timeout(60)
@@ -167,6 +168,7 @@ def test_a_snapshot_replaces_the_segments_and_they_are_collected(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(checkpointer, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
     write(vault, b"x", b"x")
     vault.sync()
     first = newest(vault)
@@ -212,3 +214,45 @@ def test_a_checkpoint_cut_short_keeps_the_previous_one(
     assert ck.meta == good.meta and len(ck.segments) == len(good.segments) + 1
     materialize(vault.store, vault.codec, ck, out)
     assert names_in(out) == {b"a", b"b", b"c", b"d"}
+
+
+def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of fsyncs does not delete in the store: old checkpoints and replaced chunks stay
+    until collection is due, every checkpoint of the burst restores, and the final round of
+    the mount collects them all (and its head file names the newest ledger entry)."""
+    monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 3600.0)
+    monkeypatch.setattr(checkpointer, "COLLECT_ROUNDS", 1000)
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+
+    def kinds() -> tuple[int, int]:
+        files = store_files(home)
+        return (sum(n.startswith(CHECKPOINT_PREFIX) for n in files),
+                sum(n.startswith(DATA_PREFIX) for n in files))
+
+    try:
+        write(v, b"f", b"0" * 1000)
+        v.sync()  # the first round of a mount collects
+        first = kinds()
+        for i in range(1, 7):
+            write(v, b"f", str(i).encode() * 1000)  # the chunk before is garbage now
+            v.sync()
+        cks, chunks = kinds()
+        assert cks == first[0] + 6 > checkpointer.KEEP_CHECKPOINTS and chunks == first[1] + 6
+        out = home / "m.db"
+        materialize(v.store, v.codec, newest(v), out)
+        assert names_in(out) == {b"f"}
+    finally:
+        v.close()
+    assert kinds() == (checkpointer.KEEP_CHECKPOINTS, 1)
+    head = read_head(paths)
+    con = sqlite3.connect(paths.db)
+    try:
+        assert head is not None and head.seq == con.execute("SELECT max(seq) FROM ledger"
+                                                            ).fetchone()[0]
+    finally:
+        con.close()
+    assert read_on_new_machine(home, monkeypatch, b"f") == b"6" * 1000

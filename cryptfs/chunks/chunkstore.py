@@ -373,13 +373,21 @@ class ChunkStore:
             self._failed[ref.name] = (time.monotonic(), e)
             raise
         self._failed.pop(ref.name, None)
+        self.remember(ref.name, plain)
+        return plain
+
+    def remember(self, name: str, plain: bytes | bytearray) -> None:
+        """Keep the plaintext of chunk ``name`` in the memory cache (bounded, least recently
+        used first out): one fetched, or one just stored that a small write will change
+        again (then it is not read back and decrypted). ``plain`` must be that chunk's."""
         with self._mem_lock:
-            if ref.name not in self._mem:
-                self._mem[ref.name] = plain
-                self._mem_size += len(plain)
+            if name in self._mem:
+                self._mem.move_to_end(name)
+                return
+            self._mem[name] = bytes(plain)
+            self._mem_size += len(plain)
             while self._mem_size > self._mem_max and self._mem:
                 self._mem_size -= len(self._mem.popitem(last=False)[1])
-        return plain
 
     def prefetch(self, refs: list[ChunkRef], keep: bool = True) -> None:
         """Start fetching chunks that a reader will want next (``keep`` as for :meth:`get`)."""

@@ -103,6 +103,9 @@ class OpenFile:
     mtime_ns: int | None = None  # time of the last data change not yet committed
     last_read_end: int = -1
     reported: bool = False
+    # the chunk sealed last and its plaintext: once committed it goes to the memory cache, so
+    # the next small write to it (a log appended to, a block rewritten) does not read it back
+    tail: tuple[int, bytearray] | None = None
 
     def dirty_bytes(self) -> int:
         return sum(len(b) for b in self.dirty.values())

@@ -82,6 +82,7 @@ class Writes(FileSystemBase):
             else:
                 fut = self.chunks.put_async(buf)
             f.pending[idx] = Sealing(buf, fut)
+            f.tail = (idx, buf)
             if old is not None:
                 self._unpin_later(old)
 
@@ -134,6 +135,9 @@ class Writes(FileSystemBase):
                 self._save(node)
             self.inodes[f.ino] = node
             self._alloc.pop(f.ino, None)
+        tail, f.tail = f.tail, None
+        if tail is not None and refs.get(tail[0]) is not None:
+            self.chunks.remember(refs[tail[0]].name, tail[1])  # type: ignore[union-attr]
         self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
@@ -143,6 +147,7 @@ class Writes(FileSystemBase):
             self._unpin_later(s)
         f.pending.clear()
         f.dirty.clear()
+        f.tail = None
 
     def truncate(self, ino: int, size: int, fh: int | None = None) -> Inode:
         self._writable()

@@ -61,11 +61,14 @@ from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.meta.wal import (
     FRAME_HEADER,
     WAL_HEADER,
+    WAL_INDEX_HEADER,
     WalError,
+    WalIndex,
     WalPosition,
     WalRead,
     encode_segment,
     read_wal,
+    read_wal_index,
 )
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
@@ -416,6 +419,7 @@ class MetaStore(Transactions, NamespaceOps):
         # incremental shipping: the shipment in the store and the one begun (see changes())
         self._shipped: _Shipment | None = None
         self._begun: _Shipment | None = None
+        self._spare: sqlite3.Connection | None = None  # a pin's connection, for the next pin
 
     def start_checkpointer(self) -> None:
         """Checkpoint the WAL into the database file from a thread with its own connection,
@@ -476,6 +480,10 @@ class MetaStore(Transactions, NamespaceOps):
 
     def close(self) -> None:
         self._unpin()
+        if self._spare is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._spare.close()
+            self._spare = None
         if self._checkpointer is not None:
             self._checkpointer_stop.set()
             self._checkpointer.join()
@@ -506,12 +514,15 @@ class MetaStore(Transactions, NamespaceOps):
         return str(self.path) + "-wal"
 
     def _pin(self) -> sqlite3.Connection:
-        """A connection holding a read transaction at the newest commit."""
-        try:
-            con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                  timeout=10)
-        except sqlite3.Error as e:
-            raise _meta_error(self.path, e) from e
+        """A connection holding a read transaction at the newest commit (the connection of a
+        pin released before, if there is one: opening one costs more than a round's SQL)."""
+        con, self._spare = self._spare, None
+        if con is None:
+            try:
+                con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                      timeout=10)
+            except sqlite3.Error as e:
+                raise _meta_error(self.path, e) from e
         try:
             con.execute("BEGIN")
             con.execute("SELECT count(*) FROM sqlite_master").fetchall()
@@ -524,9 +535,21 @@ class MetaStore(Transactions, NamespaceOps):
         for attr in (("_shipped", "_begun") if which == "both" else (which,)):
             ship = getattr(self, attr)
             if ship is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    ship.pin.close()
+                self._release(ship.pin)
             setattr(self, attr, None)
+
+    def _release(self, pin: sqlite3.Connection) -> None:
+        """End a pin's read transaction; its connection is kept for the next pin."""
+        try:
+            pin.execute("ROLLBACK")
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                pin.close()
+            return
+        if self._spare is None:
+            self._spare = pin
+        else:
+            pin.close()
 
     def _read_wal(self, after: WalPosition | None, keep_pages: bool) -> WalRead | None:
         """The committed frames after ``after`` (None if the log is empty)."""
@@ -535,7 +558,22 @@ class MetaStore(Transactions, NamespaceOps):
         except FileNotFoundError:
             return None
         try:
-            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages)
+            return read_wal(lambda n, off: os.pread(fd, n, off), after, keep_pages,
+                            self._wal_index())
+        finally:
+            os.close(fd)
+
+    def _wal_index(self) -> WalIndex | None:
+        """The live wal-index header (None if there is none to read): the caller holds the
+        filesystem lock, so no commit is under way on this database."""
+        try:
+            fd = os.open(str(self.path) + "-shm", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            return read_wal_index(os.pread(fd, 2 * WAL_INDEX_HEADER, 0))
+        except OSError:
+            return None
         finally:
             os.close(fd)
 

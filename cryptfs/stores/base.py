@@ -73,7 +73,8 @@ class ObjectStore(Protocol):
         its quorum of members has the object; the other copies follow in the background."""
 
     def sync(self) -> None:
-        """Make every object put so far durable (local: syncfs; S3: nothing to do)."""
+        """Make every object put so far durable (local: fsync of the files and directories
+        written, or syncfs; S3: nothing to do)."""
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist (a conditional write where the store

@@ -11,9 +11,12 @@ segments grow past a fraction of their snapshot, stores a full snapshot.
 
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`): the queued
 ledger entries of stored chunks; the uploads the metadata references; the metadata (segment or
-snapshot) and its ledger entry, committed; the checkpoint object; the local database synced;
-the head file naming the checkpoint; the checkpoint's own ledger entry; the snapshot policy;
-collection; the local database synced again and the head file naming the newest entry.
+snapshot) put, and the store synced (chunks and metadata durable); its ledger entry, and the
+local database synced; the checkpoint object, and the store synced; the head file naming the
+checkpoint and its ledger entry (one head write a round); the checkpoint's own ledger entry;
+the snapshot policy; collection (not in every round: see COLLECT_INTERVAL). Those last
+entries are committed, so they survive a crash of the process; the next round's local sync
+and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -40,7 +44,7 @@ from cryptfs.format.layout import (
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
-from cryptfs.paths import VaultPaths, write_private
+from cryptfs.paths import VaultPaths, replace_private, stage_private, write_private
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
 from cryptfs.vault.localstate import Head, read_head
@@ -58,6 +62,11 @@ MAX_SEGMENTS = 128
 COMPACT_RATIO = 2
 COMPACT_FLOOR = 1 << 20
 CHECKPOINT_INTERVAL = 60.0
+# collection (deleting what the newest checkpoint no longer needs) runs in a round once this
+# many seconds passed or this many rounds went by since it last ran, and in the final round of a
+# mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
+COLLECT_INTERVAL = 1.0
+COLLECT_ROUNDS = 16
 
 
 class Checkpointer:
@@ -115,6 +124,12 @@ class Checkpointer:
         self._chain: list[ChunkRef] | None = None
         self._clean_at: int | None = None
         self._own_writes = 0
+        self._collected_at = float("-inf")  # the first round collects
+        self._uncollected = 0  # rounds since collection last ran
+        self._final = False  # the mount is ending: collect in the round, whatever the interval
+        self._force_collect = False  # the next round collects, whatever the interval
+        # syncs the store while the round syncs the local database (two waits on the disk)
+        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sync")
 
     def run(self, stop: threading.Event) -> None:
         """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
@@ -123,7 +138,7 @@ class Checkpointer:
         while not stop.wait(CHECKPOINT_INTERVAL):
             with self.lock:
                 head = self.ledger.head()
-            if head is not None and head.seq > self.last_seq + 1:
+            if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
                 except CryptfsError as e:
@@ -132,11 +147,15 @@ class Checkpointer:
                     self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
                     return
 
-    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def sync(self, progress: Callable[[int, int], None] | None = None,
+             collect: bool = False) -> None:
         """Make everything committed so far durable in the store (group commit: concurrent
         callers share one checkpoint that started after they called). Nothing happens when
-        the store already holds everything committed."""
+        the store already holds everything committed. ``collect``: the round collects, due
+        or not (deleting a snapshot frees what it alone held at once)."""
         self.gate()
+        if collect:
+            self._force_collect = True
         with self.lock:
             if not self._dirty():
                 return  # the store holds everything committed so far
@@ -164,10 +183,24 @@ class Checkpointer:
                 self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
             self._ckpt_done = target
 
+    def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """The final checkpoint of a mount: :meth:`sync`, collecting whatever the interval
+        (a round runs for that alone if needed), then :meth:`anchor`."""
+        self._final = True
+        self.sync(progress)
+        self.anchor()
+
+    def _collect_due(self) -> bool:
+        return self._final or self._force_collect or self._uncollected >= COLLECT_ROUNDS or \
+            time.monotonic() - self._collected_at >= COLLECT_INTERVAL
+
     def _dirty(self) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
-        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
+        than that checkpoint's own bookkeeping, or a collection that was put off is due
+        (caller holds the filesystem lock)."""
         if self._clean_at is None or self.queued():
+            return True
+        if self._uncollected and self._collect_due():
             return True
         return self.meta.change_count() != self._clean_at + self._own_writes
 
@@ -215,18 +248,26 @@ class Checkpointer:
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
-        self.store.sync()
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
+        # the chunks and the metadata durable before a checkpoint names them, and meanwhile
+        # the local ledger up to the checkpoint's head (a local ledger behind the store's
+        # checkpoint is an anchor problem)
+        synced = self._sync_pool.submit(self.store.sync)
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
-        with self._own():
-            e = led.append("put", name, len(blob), ref.sha256)
-            meta.reference(ref, staged=False)
-            meta.commit()
-            tail = [x.to_json() for x in led.entries(snap_seq)]
+        try:
+            with self._own():
+                e = led.append("put", name, len(blob), ref.sha256)
+                meta.reference(ref, staged=False)
+                meta.sync()
+                tail = [x.to_json() for x in led.entries(snap_seq)]
+        except BaseException:
+            wait([synced])
+            raise
+        synced.result()
         assert full or self._chain is not None
         chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
         ck_name = checkpoint_name(e.seq)
@@ -246,26 +287,52 @@ class Checkpointer:
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
         self.store.put(ck_name, ck_blob)
+        # one head write a round, naming the checkpoint once it is durable: its temp file is
+        # written and synced while the store syncs the checkpoint, then renamed into place.
+        # The checkpoint's own ledger entry and the collections below are committed (they
+        # survive a crash of this process) and anchored by the next round.
+        head = self._sync_pool.submit(stage_private, self.paths.head, self._head(e, ck_name))
+        try:
+            self.store.sync()
+        except BaseException:
+            wait([head])
+            raise
+        head_tmp = head.result()
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-            meta.sync()
-        self._write_head(e, ck_name)
+        replace_private(head_tmp, self.paths.head)
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        self._collect({r.name for r in chain}, garbage)  # worked out
-        # anchor the entries written after the checkpoint too (its own, the collections), so
-        # deleting them from the local ledger is noticed; durable before the head names them
+        if self._collect_due():  # worked out
+            self._force_collect = False
+            self._collect({r.name for r in chain}, garbage)
+            self._collected_at = time.monotonic()
+            self._uncollected = 0
+        else:
+            self._uncollected += 1
         with self._own():
-            meta.sync()
+            meta.commit()
             last = led.head()
             self._clean_at = shipped_at
         assert last is not None
-        self._write_head(last, ck_name)
         self.last_seq = last.seq
+
+    def anchor(self) -> None:
+        """Make the local ledger durable and record its newest entry in the head file (after
+        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry)."""
+        with self._ckpt_lock:
+            head = read_head(self.paths)
+            if head is None or not head.checkpoint:
+                return
+            with self.lock:
+                self.meta.sync()
+                last = self.ledger.head()
+            if last is not None and last.seq > head.seq:
+                self._write_head(last, head.checkpoint)
 
     @contextlib.contextmanager
     def checkpoints_held(self) -> Iterator[str]:
@@ -279,10 +346,12 @@ class Checkpointer:
 
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
+        write_private(self.paths.head, self._head(e, ck_name))
+
+    def _head(self, e: Entry, ck_name: str) -> bytes:
+        """The head file's content naming entry ``e`` and checkpoint ``ck_name``."""
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
-        write_private(
-            self.paths.head, json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
-        )
+        return json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
 
     def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
         """Delete what the newest checkpoint no longer needs: snapshots and segments it does

@@ -410,14 +410,16 @@ class Vault:
                 log.exception("background replication failed")
 
     # -- checkpoints (see :mod:`.checkpointer`) -----------------------------------------------
-    def sync(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def sync(self, progress: Callable[[int, int], None] | None = None,
+             collect: bool = False) -> None:
         """Make everything committed so far durable in the store: the checkpoint contract of
-        :meth:`.checkpointer.Checkpointer.sync`. Nothing to do on a read-only mount; raises
-        LockedError when this mount may not write to the store (:meth:`_may_write`)."""
+        :meth:`.checkpointer.Checkpointer.sync` (``collect``: its round collects, due or not).
+        Nothing to do on a read-only mount; raises LockedError when this mount may not write
+        to the store (:meth:`_may_write`)."""
         if self.readonly:
             return
         assert self.checkpointer is not None
-        self.checkpointer.sync(progress)
+        self.checkpointer.sync(progress, collect)
 
     def checkpoints_held(self) -> contextlib.AbstractContextManager[str]:
         """See :meth:`.checkpointer.Checkpointer.checkpoints_held`."""
@@ -458,8 +460,8 @@ class Vault:
         try:
             if self.fs is not None and checkpoint and not self.readonly:
                 self.fs.release_all()
-                self.sync(progress)
-                assert self.meta is not None
+                assert self.checkpointer is not None and self.meta is not None
+                self.checkpointer.finish(progress)
                 with self.fs.lock:
                     self.meta.set_state("clean", "1")
         except CryptfsError as e:

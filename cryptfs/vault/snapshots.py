@@ -288,7 +288,7 @@ def delete_snapshot(vault: Vault, spec: str) -> Snapshot:
         raise UsageError("a read-only mount cannot delete snapshots")
     snap = find(vault, spec)
     _unpin(vault, snap)
-    vault.sync()
+    vault.sync(collect=True)
     return snap
 
 
