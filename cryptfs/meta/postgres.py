@@ -28,10 +28,15 @@ Ordering, prefixes, ranges and sums are computed here, on opened rows: a directo
 reads the whole directory, a chunk map window the pages it covers (a wide one the whole map),
 ``stored_bytes`` and the fsck views whole tables.
 
-Transactions run at READ COMMITTED on one connection used by one thread at a time. A block that
-a deadlock or serialization failure ends is rolled back and raises MetaError (the block's code
-cannot be re-run from here); the engine's own one-statement blocks (:meth:`set_state`, opening)
-retry with backoff.
+Transactions run at READ COMMITTED on one connection used by one thread at a time. Several
+machines share the database: every update and every inode deletion is conditional on the row
+version read (checked by row count), so a row another writer changed meanwhile is a conflict,
+never a lost update; a name two writers insert is a unique violation for the second. A
+namespace operation that loses such a conflict, a deadlock or a serialization failure is rolled
+back and run again with backoff (:meth:`PgMetaStore.atomically`): two machines creating one
+name, one gets EEXIST; rename and rmdir races leave no orphans. Another block that a conflict
+ends is rolled back and raises MetaError (the block's code cannot be re-run from here); the
+engine's own one-statement blocks (:meth:`set_state`, opening) retry with backoff.
 
 Longer than the project's ~400 lines on purpose: it is the one module that holds this engine's
 SQL (tests/test_05_layers.py), next to its schema and sealing.
@@ -69,6 +74,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.sql import Select
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
@@ -237,6 +243,7 @@ class PgMetaStore(NamespaceOps):
                               "postgresql+psycopg URL, or its driver is missing)") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._depth = 0  # nesting of transaction() blocks
+        self._wrote = False  # the open transaction holds a write (not only reads)
         self._commits = 0  # see change_count
         self._undo: list[Callable[[], None]] = []
         self.on_commit = on_commit
@@ -287,6 +294,8 @@ class PgMetaStore(NamespaceOps):
     def _x(self, stmt: Any, params: Any = None) -> Any:
         """Execute one statement; a database error becomes a one-line MetaError (and, outside
         a block, rolls the open transaction back: inside one, the block does)."""
+        if not isinstance(stmt, Select):
+            self._wrote = True  # (text() counts: setval, SET TRANSACTION are writes enough)
         try:
             return self.conn.execute(stmt, params) if params is not None else \
                 self.conn.execute(stmt)
@@ -415,10 +424,23 @@ class PgMetaStore(NamespaceOps):
                 time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
 
     def atomically(self, fn: Callable[[], T], commit: bool = True) -> T:
-        """Run a namespace operation in one transaction; when it is a transaction of its own
-        (outermost, committing, nothing uncommitted before it) run it again, with backoff,
-        after another writer won a conflict: ``fn`` re-reads everything it checks."""
-        own = commit and not self._depth and not self.conn.in_transaction()
+        """Run a namespace operation in one transaction and, when another writer won a
+        conflict (serialization failure, deadlock, a unique key inserted first, a row whose
+        version moved), run it again with backoff: ``fn`` re-reads everything it checks.
+
+        Re-running is safe only when the transaction holds nothing but ``fn``'s writes, so
+        first: a transaction left open by reads alone is ended (it holds no write, only a
+        snapshot the operation must not use); one holding writes (deferred creates and
+        attribute changes) is committed when this operation commits anyway. Only an
+        operation with ``commit=False`` that joins uncommitted writes, or one inside a
+        block, runs once (a conflict rolls the whole transaction back and raises)."""
+        if not self._depth and self.conn.in_transaction():
+            if not self._wrote:
+                with contextlib.suppress(SQLAlchemyError):
+                    self.conn.rollback()  # reads only: nothing is lost
+            elif commit:
+                self.commit()
+        own = not self._depth and not self.conn.in_transaction()
         for attempt in range(RETRIES if own else 1):
             try:
                 with self.transaction(commit=commit):
@@ -462,6 +484,7 @@ class PgMetaStore(NamespaceOps):
     def _rolled_back(self) -> None:
         with contextlib.suppress(SQLAlchemyError):
             self.conn.rollback()
+        self._wrote = False
         self._vers.clear()
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
@@ -476,6 +499,7 @@ class PgMetaStore(NamespaceOps):
         try:
             if self.conn.in_transaction():
                 self.conn.commit()
+            self._wrote = False
         except DBAPIError as e:
             err = self._meta_error(e)
             self._rolled_back()
@@ -598,15 +622,27 @@ class PgMetaStore(NamespaceOps):
         return ino
 
     def update_inode(self, node: Inode) -> None:
-        self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node))
+        """Re-seal an inode at its next version; a conflict (MetaError) if another writer
+        changed it since it was read, or removed it (a directory removed by another machine
+        while this one creates in it: the retried operation then finds it gone)."""
+        if not self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node)):
+            raise _Conflict(f"metadata database {self.where}: inode {node.ino} was removed by "
+                            "another writer meanwhile (the operation was rolled back)")
 
     def delete_inode(self, ino: int) -> list[str]:
         """Remove an inode with its xattrs, chunk map and any names left pointing at it;
         return the objects it referenced."""
+        k = self._h(b"i", ino)
+        ver = self._vers.pop(("inodes", k), None)
+        where = [inodes.c.k == k] + ([inodes.c.ver == ver] if ver is not None else [])
+        if not self._x(delete(inodes).where(*where)).rowcount and ver is not None:
+            # changed since it was read (a name made in a directory being removed) or gone:
+            # the operation is run again on what is there now
+            raise _Conflict(f"metadata database {self.where}: inode {ino} was changed by "
+                            "another writer meanwhile (the operation was rolled back)")
         objs = self.remove_blocks_from(ino, 0)
         self._x(delete(dentries).where(dentries.c.ino == self._h(b"d", ino)))
         self._x(delete(xattrs).where(xattrs.c.ino == self._h(b"X", ino)))
-        self._x(delete(inodes).where(inodes.c.k == self._h(b"i", ino)))
         return objs
 
     def orphan_inodes(self) -> list[int]:
