@@ -44,9 +44,14 @@ SQL (tests/test_05_layers.py), next to its schema and sealing.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno as errno_mod
 import logging
+import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +61,7 @@ from Crypto.Cipher import AES
 from sqlalchemy import (
     BigInteger,
     Column,
+    DateTime,
     Index,
     Integer,
     LargeBinary,
@@ -72,8 +78,10 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Select
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
@@ -115,6 +123,25 @@ objects = _sealed_table("objects", "k")
 xattrs = _sealed_table("xattrs", "k", group="ino")
 copies = _sealed_table("copies", "k", group="obj")
 state = _sealed_table("state", "k")
+# A mounted machine's session (issue 14): its key is H("S", id), ``expires`` the database's
+# clock plus the lifetime (in clear: the database keeps the time), ``v`` who it is (host, pid,
+# machine id, start) sealed. A machine whose row expired cannot commit (see PgMetaStore.commit).
+sessions = Table(
+    "sessions", md,
+    Column("k", LargeBinary, primary_key=True),
+    Column("expires", DateTime(timezone=True), nullable=False),
+    Column("v", LargeBinary, nullable=False),
+)
+# A file a session has open: k = H("h", session, ino), ino = H("H", ino), sess = the session's
+# key; ``v`` (session id, ino) sealed. An inode whose last name goes while any session holds it
+# stays until the last holder lets go (or is found dead by a live machine).
+holds = Table(
+    "holds", md,
+    Column("k", LargeBinary, primary_key=True),
+    Column("ino", LargeBinary, nullable=False, index=True),
+    Column("sess", LargeBinary, nullable=False, index=True),
+    Column("v", LargeBinary, nullable=False),
+)
 ledger = Table(
     "ledger", md,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
@@ -141,6 +168,8 @@ VERSION_CACHE_ROWS = 65536
 NAME_CACHE = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
 RETRIES = 8
+# inodes a change notice lists at most (more: the notice says "anything may have changed")
+NOTICE_INODES = 400
 T = TypeVar("T")
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
@@ -216,6 +245,45 @@ class _Conflict(MetaError):
     """A deadlock or serialization failure ended the transaction (another writer won)."""
 
 
+class SessionExpired(MetaError):
+    """This machine's session in the database expired (it was frozen or cut off longer than
+    the session lifetime): it may not commit any more (EROFS)."""
+
+    errno = errno_mod.EROFS
+
+
+def _hash(keys: DbKeys, domain: bytes, *parts: int | bytes | str) -> bytes:
+    """The keyed hash of a row identity in one hash domain (one per key column)."""
+    return crypto.keyed_hash(keys.index, domain + b"\0" + _pack(*parts))
+
+
+def channel(keys: DbKeys) -> str:
+    """The LISTEN/NOTIFY channel of a vault's database (a keyed hash: it names no vault)."""
+    return "cryptfs_" + _hash(keys, b"n").hex()[:24]
+
+
+def checkpoint_lock(keys: DbKeys) -> int:
+    """The advisory lock whose holder writes the vault's checkpoints (one per vault)."""
+    return int.from_bytes(_hash(keys, b"L")[:8], "big", signed=True)
+
+
+def seal_notice(keys: DbKeys, sender: bytes, inos: Iterable[int]) -> str:
+    """A change notice: which inodes a commit of ``sender`` changed (none listed: any may
+    have), sealed (the database sees its length only)."""
+    return base64.b64encode(crypto.seal(keys.row, _pack(sender, *inos), b"cryptfs-notice")
+                            ).decode()
+
+
+def open_notice(keys: DbKeys, payload: str) -> tuple[bytes, set[int]]:
+    """``(sender, inodes)`` of a notice; IntegrityError if it is not one of this vault."""
+    try:
+        vals = _unpack(crypto.open_sealed(keys.row, base64.b64decode(payload),
+                                          b"cryptfs-notice"))
+    except (ValueError, IndexError):
+        raise IntegrityError("a change notice fails authentication") from None
+    return vals[0], set(vals[1:])
+
+
 class PgMetaStore(NamespaceOps):
     """A vault's metadata in a PostgreSQL database, every row sealed (see the module doc).
 
@@ -223,7 +291,15 @@ class PgMetaStore(NamespaceOps):
     URL or the standard ``PG*`` variables and ``.pgpass``); ``keys`` from
     :meth:`DbKeys.derive`. Opening creates the schema in an empty database, checks the stored
     schema version and that ``keys`` are this database's (ConfigError otherwise). Not
-    thread-safe: callers serialise."""
+    thread-safe: callers serialise.
+
+    Several machines (issue 14): a mount :meth:`attach`-es its session (a :class:`PgSession`
+    keeps it alive); from then on every commit that writes first checks, in its transaction,
+    that the session is live by the database's clock (fencing: a machine frozen past its
+    session's expiry cannot commit; SessionExpired, EROFS), and sends a change notice (the
+    inodes it changed, sealed) that the other mounts' :class:`PgWatcher` hear."""
+
+    shared = True  # other machines write this database too: caches must be bounded
 
     def __init__(
         self,
@@ -248,6 +324,10 @@ class PgMetaStore(NamespaceOps):
         self._undo: list[Callable[[], None]] = []
         self.on_commit = on_commit
         self.on_rollback = on_rollback
+        self.sender = crypto.random_bytes(8)  # names this engine's change notices
+        self.session_id: bytes | None = None  # set by attach(): commits are fenced by it
+        self._session_k = b""
+        self._touched: set[int] = set()  # inodes the open transaction changed (notices)
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
         self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
@@ -281,6 +361,7 @@ class PgMetaStore(NamespaceOps):
             if row is None:
                 raise ConfigError(f"metadata database {self.where} has no schema version "
                                   "(not a cryptfs database, or corrupt)")
+            md.create_all(self.conn)  # (checks first) tables newer than the database: sessions
             if row.version != SCHEMA_VERSION:
                 raise ConfigError(f"metadata database {self.where} is schema version "
                                   f"{row.version}; this cryptfs reads version {SCHEMA_VERSION}")
@@ -317,7 +398,7 @@ class PgMetaStore(NamespaceOps):
 
     def _h(self, domain: bytes, *parts: int | bytes | str) -> bytes:
         """The keyed hash of a row identity in one hash domain (one per key column)."""
-        return crypto.keyed_hash(self.keys.index, domain + b"\0" + _pack(*parts))
+        return _hash(self.keys, domain, *parts)
 
     def _seal(self, table: str, ver: int, keys: tuple[bytes, ...], *vals: Any) -> bytes:
         return crypto.seal(self.keys.row, _pack(*vals), _ad(table, ver, *keys))
@@ -485,6 +566,7 @@ class PgMetaStore(NamespaceOps):
         with contextlib.suppress(SQLAlchemyError):
             self.conn.rollback()
         self._wrote = False
+        self._touched.clear()
         self._vers.clear()
         undo, self._undo = self._undo, []
         for fn in reversed(undo):
@@ -498,8 +580,13 @@ class PgMetaStore(NamespaceOps):
         back whole and raises MetaError."""
         try:
             if self.conn.in_transaction():
+                if self._wrote and self.session_id is not None:
+                    self._fence_check()
+                if self._touched:
+                    self._send_notice()
                 self.conn.commit()
             self._wrote = False
+            self._touched.clear()
         except DBAPIError as e:
             err = self._meta_error(e)
             self._rolled_back()
@@ -508,6 +595,93 @@ class PgMetaStore(NamespaceOps):
         self._commits += 1
         if self.on_commit is not None:
             self.on_commit()
+
+    # -- sessions, holds and change notices (several machines) ------------------------------
+    def attach(self, session_id: bytes) -> None:
+        """Fence this engine's commits by the session ``session_id`` (see :class:`PgSession`)."""
+        self.session_id = session_id
+        self._session_k = self._h(b"S", session_id)
+
+    def _fence_check(self) -> None:
+        """In the transaction about to commit: the session must be live by the database's
+        clock. Its row is key-share locked until the commit, so a live machine cleaning it up
+        (a DELETE) waits for this commit and then sees what it wrote."""
+        live = self.conn.execute(
+            select(sessions.c.k).where(sessions.c.k == self._session_k,
+                                       sessions.c.expires > func.clock_timestamp())
+            .with_for_update(key_share=True)).first()
+        if live is None:
+            self._rolled_back()
+            raise SessionExpired(
+                f"metadata database {self.where}: this machine's session expired (it was "
+                "frozen or cut off longer than the session lifetime): nothing more is committed")
+
+    def _send_notice(self) -> None:
+        inos = sorted(self._touched) if len(self._touched) <= NOTICE_INODES else []
+        self.conn.execute(select(func.pg_notify(channel(self.keys),
+                                                seal_notice(self.keys, self.sender, inos))))
+
+    def hold(self, ino: int) -> None:
+        """This machine has ``ino`` open: its last name going does not delete it (written,
+        committed with the next commit). Nothing without a session."""
+        if self.session_id is None:
+            return
+        k, i_h = self._h(b"h", self.session_id, ino), self._h(b"H", ino)
+        self._x(pg_insert(holds).values(
+            k=k, ino=i_h, sess=self._session_k,
+            v=crypto.seal(self.keys.row, _pack(self.session_id, ino),
+                          _ad("holds", 0, k, i_h, self._session_k))).on_conflict_do_nothing())
+
+    def unhold(self, ino: int) -> None:
+        """This machine closed ``ino`` (written, committed with the next commit)."""
+        if self.session_id is not None:
+            self._x(delete(holds).where(holds.c.k == self._h(b"h", self.session_id, ino)))
+
+    def held(self, ino: int) -> bool:
+        """Whether any session holds ``ino`` open."""
+        return self._x(select(holds.c.k).where(holds.c.ino == self._h(b"H", ino)).limit(1)
+                       ).first() is not None
+
+    def live_sessions(self) -> int:
+        """How many sessions other than this engine's are live."""
+        return int(self._x(select(func.count()).select_from(sessions).where(
+            sessions.c.k != self._session_k,
+            sessions.c.expires > func.clock_timestamp())).scalar() or 0)
+
+    def reap_sessions(self) -> tuple[int, set[int]]:
+        """Clean up sessions that expired (their machines died or were cut off, and are
+        fenced): drop their holds and the inodes only they kept (open, no name left). Returns
+        how many sessions went and the inodes deleted. Rows another machine is reaping are
+        skipped."""
+
+        def run() -> tuple[int, set[int]]:
+            dead = [bytes(r.k) for r in self._x(
+                select(sessions.c.k).where(sessions.c.expires <= func.clock_timestamp())
+                .with_for_update(skip_locked=True)).all()]
+            if not dead:
+                return 0, set()
+            kept = set()
+            for r in self._x(select(holds).where(holds.c.sess.in_(dead))).all():
+                _sid, ino = _unpack(crypto.open_sealed(
+                    self.keys.row, bytes(r.v),
+                    _ad("holds", 0, bytes(r.k), bytes(r.ino), bytes(r.sess))))
+                kept.add(int(ino))
+            self._x(delete(holds).where(holds.c.sess.in_(dead)))
+            self._x(delete(sessions).where(sessions.c.k.in_(dead)))
+            gone = set()
+            for ino in sorted(kept):
+                node = self.get_inode(ino)
+                if node is not None and node.nlink <= 0 and not self.held(ino):
+                    self.delete_inode(ino)
+                    gone.add(ino)
+            return len(dead), gone
+
+        return self.atomically(run)
+
+    def lock_ledger(self) -> None:
+        """In a transaction about to append to the ledger: wait for other machines' appends
+        (the chain's one serialisation point), so the head read next is the newest."""
+        self._x(select(func.pg_advisory_xact_lock(checkpoint_lock(self.keys) ^ 1)))
 
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
@@ -619,12 +793,14 @@ class PgMetaStore(NamespaceOps):
                          "FROM cryptfs_ino_seq"), {"ino": ino})
         vals = self._inode_vals(node)
         self._put(inodes, self._h(b"i", ino), ino, *vals[1:])
+        self._touched.add(ino)
         return ino
 
     def update_inode(self, node: Inode) -> None:
         """Re-seal an inode at its next version; a conflict (MetaError) if another writer
         changed it since it was read, or removed it (a directory removed by another machine
         while this one creates in it: the retried operation then finds it gone)."""
+        self._touched.add(node.ino)
         if not self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node)):
             raise _Conflict(f"metadata database {self.where}: inode {node.ino} was removed by "
                             "another writer meanwhile (the operation was rolled back)")
@@ -633,6 +809,7 @@ class PgMetaStore(NamespaceOps):
         """Remove an inode with its xattrs, chunk map and any names left pointing at it;
         return the objects it referenced."""
         k = self._h(b"i", ino)
+        self._touched.add(ino)
         ver = self._vers.pop(("inodes", k), None)
         where = [inodes.c.k == k] + ([inodes.c.ver == ver] if ver is not None else [])
         if not self._x(delete(inodes).where(*where)).rowcount and ver is not None:
@@ -687,11 +864,13 @@ class PgMetaStore(NamespaceOps):
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
+        self._touched.add(parent)
         self._x(insert(dentries).values(
             parent=p_h, name=n_s, ino=i_h, ver=1,
             v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)))
 
     def remove_dentry(self, parent: int, name: bytes) -> None:
+        self._touched.add(parent)
         self._x(delete(dentries).where(dentries.c.parent == self._h(b"p", parent),
                                        dentries.c.name == self._name_siv(parent, name)))
 
@@ -783,6 +962,7 @@ class PgMetaStore(NamespaceOps):
 
     def _write_page(self, ino: int, page: int, entries: dict[int, str], existed: bool) -> None:
         k, i_h = self._h(b"b", ino, page), self._h(b"B", ino)
+        self._touched.add(ino)
         flat = [x for i in sorted(entries) for x in (i, entries[i])]
         if not entries:
             if existed:
@@ -1036,6 +1216,7 @@ class PgMetaStore(NamespaceOps):
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         k, i_h = self._h(b"x", ino, name), self._h(b"X", ino)
+        self._touched.add(ino)
         if not self._replace(xattrs, k, ino, name, value, extra=(i_h,)):
             self._x(insert(xattrs).values(
                 k=k, ino=i_h, ver=1, v=self._seal("xattrs", 1, (k, i_h), ino, name, value)))
@@ -1045,6 +1226,7 @@ class PgMetaStore(NamespaceOps):
         return sorted(v[1] for _k, v in self._all(xattrs, xattrs.c.ino == self._h(b"X", ino)))
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
+        self._touched.add(ino)
         res = self._x(delete(xattrs).where(xattrs.c.k == self._h(b"x", ino, name)))
         return bool(res.rowcount)
 
@@ -1107,3 +1289,143 @@ class PgMetaStore(NamespaceOps):
 def _first_line(e: object) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+class PgSession:
+    """A mounted machine's session in the database, on a connection of its own (the
+    heartbeat must not wait for the filesystem): :meth:`start` inserts it live for ``ttl``
+    seconds by the database's clock, :meth:`beat` extends it (False once it expired: a
+    session never comes back, the machine is fenced), :meth:`elect` takes the vault's
+    checkpoint lock if nobody holds it (a session-level advisory lock: a dead machine's
+    connection drops and frees it), :meth:`end` removes the session with its holds.
+
+    What the database learns from a session: that a machine is mounted and when it beats
+    (its host, pid and machine id are sealed in ``v``)."""
+
+    def __init__(self, url: str, keys: DbKeys, ttl: float) -> None:
+        self.keys = keys
+        self.ttl = ttl
+        self.id = crypto.random_bytes(16)
+        self.k = _hash(keys, b"S", self.id)
+        self.elected = False
+        try:
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        except (SQLAlchemyError, ValueError, ImportError):
+            raise ConfigError("the metadata database URL is not usable") from None
+        self.where = self.engine.url.render_as_string(hide_password=True)
+        self.conn: Connection | None = None
+
+    def _c(self) -> Connection:
+        if self.conn is None:
+            self.conn = self.engine.connect()
+            self.elected = False  # a new connection holds no advisory lock
+        return self.conn
+
+    def _run(self, stmt: Any) -> Any:
+        """One statement in its own transaction; a failure drops the connection (the next
+        call makes a new one) and raises a one-line MetaError."""
+        try:
+            return self._c().execute(stmt)
+        except DBAPIError as e:
+            self._drop()
+            raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}") from None
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+        self.elected = False
+
+    def _expiry(self) -> Any:
+        return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
+
+    def start(self) -> None:
+        who = _pack(socket.gethostname(), os.getpid(), _machine_id(), time.time_ns())
+        self._run(insert(sessions).values(
+            k=self.k, expires=self._expiry(),
+            v=crypto.seal(self.keys.row, who, _ad("sessions", 0, self.k))))
+
+    def beat(self) -> bool:
+        """Extend the session; False if it expired (or was cleaned up) meanwhile. MetaError
+        if the database cannot be reached (the session may still be live)."""
+        res = self._run(update(sessions).where(
+            sessions.c.k == self.k, sessions.c.expires > func.clock_timestamp()
+        ).values(expires=self._expiry()))
+        return bool(res.rowcount == 1)
+
+    def elect(self) -> bool:
+        """Hold the vault's checkpoint lock if nobody else does; whether this session holds
+        it."""
+        if not self.elected:
+            self.elected = bool(self._run(
+                select(func.pg_try_advisory_lock(checkpoint_lock(self.keys)))).scalar())
+        return self.elected
+
+    def end(self) -> None:
+        """Remove the session and its holds (a clean unmount), release the lock."""
+        with contextlib.suppress(MetaError):
+            self._run(delete(holds).where(holds.c.sess == self.k))
+            self._run(delete(sessions).where(sessions.c.k == self.k))
+        self._drop()
+        self.engine.dispose()
+
+
+class PgWatcher:
+    """Hears the change notices other mounts' commits send (LISTEN on the vault's channel)
+    and calls ``on_change`` with the inodes they changed (None: anything may have changed —
+    a notice listing too many, or a connection lost and made again, during which notices
+    were missed). Notices of ``sender`` (this mount's own engine) are skipped. A thread of its
+    own, until :meth:`stop`."""
+
+    def __init__(self, url: str, keys: DbKeys, sender: bytes,
+                 on_change: Callable[[set[int] | None], None]) -> None:
+        self.keys = keys
+        self.sender = sender
+        self.on_change = on_change
+        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pg-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.engine.dispose()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
+                    self.listening.set()
+                    self.on_change(None)  # anything changed before this could be missed
+                    raw = conn.connection.driver_connection
+                    while not self._stop.is_set():
+                        for n in raw.notifies(timeout=0.5):  # type: ignore[union-attr]
+                            self._heard(n.payload)
+            except Exception as e:  # noqa: BLE001 - a lost connection: listen again
+                self.listening.clear()
+                log.warning("change notices from other mounts: %s (listening again)",
+                            _first_line(e))
+                self._stop.wait(1.0)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            sender, inos = open_notice(self.keys, payload)
+        except IntegrityError:
+            log.warning("a change notice that fails authentication was ignored")
+            return
+        if sender != self.sender:
+            self.on_change(inos or None)
+
+
+def _machine_id() -> str:
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()

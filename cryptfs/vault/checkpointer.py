@@ -71,7 +71,11 @@ class Checkpointer:
     any are queued; ``gate()`` raises (LockedError) when the mount may not write to the store
     now; ``fence(why)`` stops the mount writing; ``on_checkpoint(name, blob)`` runs after each
     checkpoint is recorded, before collection (the snapshot policy); ``held(pins)`` returns
-    what those snapshot pins hold, or None when that cannot be worked out now."""
+    what those snapshot pins hold, or None when that cannot be worked out now.
+    ``elected()``: whether this mount writes checkpoints (several machines on one PostgreSQL
+    vault elect one writer; the others' :meth:`sync` waits for their own uploads only: their
+    metadata is durable in the database, the writer's next checkpoint takes it to the
+    store)."""
 
     def __init__(
         self,
@@ -90,6 +94,7 @@ class Checkpointer:
         fence: Callable[[str], None],
         on_checkpoint: Callable[[str, bytes], None],
         held: Callable[[list[str]], set[str] | None],
+        elected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.meta = meta
         self.ledger = ledger
@@ -105,6 +110,7 @@ class Checkpointer:
         self.fence = fence
         self.on_checkpoint = on_checkpoint
         self.held = held
+        self.elected = elected
         self._ckpt_lock = threading.Lock()
         self._ticket_lock = threading.Lock()
         self._ckpt_requested = 0
@@ -121,6 +127,8 @@ class Checkpointer:
         own entries was written, until ``stop`` is set. A failure the vault reports
         (CryptfsError) is logged and retried; anything else fences the mount and ends it."""
         while not stop.wait(CHECKPOINT_INTERVAL):
+            if not self.elected():
+                continue
             with self.lock:
                 head = self.ledger.head()
             if head is not None and head.seq > self.last_seq + 1:
@@ -137,6 +145,12 @@ class Checkpointer:
         callers share one checkpoint that started after they called). Nothing happens when
         the store already holds everything committed."""
         self.gate()
+        if not self.elected():
+            with self.lock:
+                self.flush_stored()
+                self.meta.commit()
+            self.chunks.wait_uploaded(None, progress)
+            return
         with self.lock:
             if not self._dirty():
                 return  # the store holds everything committed so far
