@@ -31,7 +31,7 @@ from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
 
 from cryptfs.meta import ROOT_INO, Inode
-from cryptfs.meta.postgres import DbKeys, PgMetaStore
+from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, SessionExpired
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -159,6 +159,42 @@ def test_renames_racing_on_one_name_and_crosswise_keep_a_tree(
         got = race((a.unlink, ROOT_INO, left), (b.unlink, ROOT_INO, left))
         assert sorted(got) == ["ENOENT", "ok"], got
         assert_a_tree(a)
+
+
+def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
+    machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
+) -> None:
+    """Fencing in the database: once its session expired by the database's clock (a frozen
+    or cut-off machine) nothing it writes commits (EROFS, nothing written); another machine
+    reaps the session and deletes the file only it held open with no name left."""
+    a, b = machines
+    sa, sb = PgSession(pg_place.url, KEYS, 2.0), PgSession(pg_place.url, KEYS, 60.0)
+    try:
+        sa.start()
+        sb.start()
+        a.attach(sa.id)
+        b.attach(sb.id)
+        f = a.mknod(ROOT_INO, b"open-on-a", node(REG)).ino
+        with a.transaction():
+            a.hold(f)
+        b.unlink(ROOT_INO, b"open-on-a")  # a holds it: the inode stays
+        assert b.get_inode(f) is not None and b.held(f)
+        assert b.reap_sessions() == (0, set()) and b.live_sessions() == 1
+        time.sleep(2.3)  # a is frozen past its session's lifetime
+        with pytest.raises(SessionExpired) as e:
+            a.mknod(ROOT_INO, b"too-late", node(REG))
+        assert e.value.errno == errno.EROFS and "\n" not in str(e.value)
+        assert b.lookup(ROOT_INO, b"too-late") is None
+        assert not sa.beat()  # an expired session never comes back
+        assert b.live_sessions() == 0
+        assert b.reap_sessions() == (1, {f})
+        assert b.get_inode(f) is None and pg_place.sql("SELECT count(*) FROM holds") == [(0,)]
+        assert_a_tree(b)
+        assert sb.elect() and not sa.elect()  # one checkpoint writer
+    finally:
+        sa.end()
+        sb.end()
+    assert pg_place.sql("SELECT count(*) FROM sessions") == [(0,)]
 
 
 # -- through real mounts ---------------------------------------------------------------------
@@ -317,3 +353,31 @@ def test_a_killed_mount_expires_and_the_other_cleans_up_after_it(
     assert (ma / "kept").read_bytes() == data  # what the killed mount fsync'd
     (ma / "after").write_text("a still writes")
     assert (ma / "after").read_text() == "a still writes"
+
+
+def test_a_frozen_mount_whose_session_expired_turns_read_only(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    a, ma, b, mb = two_mounts
+    pid = int((b.data_dir / "mount.lock").read_text())
+    os.kill(pid, signal.SIGSTOP)  # frozen: no heartbeat, its connections still open
+    try:
+        deadline = time.monotonic() + 30
+        while pg_place.sql("SELECT count(*) FROM sessions") != [(1,)]:  # a reaped it
+            assert time.monotonic() < deadline, "the frozen session was not cleaned up"
+            time.sleep(0.2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + BOUND
+    while True:  # its first commit is refused by the database, its heartbeat fences it
+        try:
+            os.mkdir(mb / f"late-{time.monotonic_ns()}")
+        except OSError as e:
+            assert e.errno == errno.EROFS, e
+            break
+        assert time.monotonic() < deadline, "the expired mount still writes"
+        time.sleep(0.1)
+    assert not [n for n in os.listdir(ma) if n.startswith("late-")]  # nothing committed
+    assert b.log_text().count("the mount is read-only now") == 1
+    (ma / "a-writes").write_text("the live machine")
+    assert (ma / "a-writes").read_text() == "the live machine"
