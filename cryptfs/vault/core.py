@@ -5,6 +5,13 @@ filesystem, replicas and :class:`~.checkpointer.Checkpointer` with their collabo
 in at construction, runs crash recovery (:func:`.recovery.recover`) when opened read-write,
 holds the lease (its heartbeat fences the mount), and closes it all in order.
 
+A vault whose metadata is in PostgreSQL is mounted by several machines at once: instead of the
+store lease a mount holds a session in the database (:class:`~cryptfs.meta.postgres.PgSession`:
+heartbeat, expiry; the engine's commits are fenced by it), stands for checkpoint writer (one
+elected machine writes checkpoints to the store), cleans up other machines' dead sessions, and
+hears their change notices (:class:`~cryptfs.meta.postgres.PgWatcher`) to drop what its
+filesystem caches of what they changed. SQLite vaults keep the lease.
+
 Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
 ``meta/<random>`` (sealed SQLite snapshots of the metadata, and segments: the pages changed
 since), ``checkpoints/<seq>`` (sealed, MAC'd ledger heads naming a snapshot and its segments).
