@@ -80,6 +80,7 @@ COMMIT_DELAY = 0.1  # at most this long between an attribute change and its comm
 # On a vault other machines write (a PostgreSQL one): the inode and entry caches are dropped
 # when older than this, whether or not a change notice came (see FileSystemBase.invalidate)
 SHARED_CACHE_SECONDS = 1.0
+DENTRY_SCAN = 10_000  # a change notice scans a cache of up to this many entries, else empties it
 
 
 class Sealing:
@@ -213,7 +214,9 @@ class FileSystemBase:
                 self._alloc.pop(ino, None)
                 self._prefetched.pop(ino, None)
             self.xattr_inos |= inos  # may have xattrs now: ask the database
-            if inos and self.dentries:
+            if len(self.dentries) > DENTRY_SCAN:
+                self.dentries.clear()  # cheaper than a scan under the lock
+            elif inos and self.dentries:
                 for key in [k for k in self.dentries if k[0] in inos or
                             self.dentries[k] in inos]:
                     del self.dentries[key]

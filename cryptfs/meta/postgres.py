@@ -512,14 +512,14 @@ class PgMetaStore(NamespaceOps):
         Re-running is safe only when the transaction holds nothing but ``fn``'s writes, so
         first: a transaction left open by reads alone is ended (it holds no write, only a
         snapshot the operation must not use); one holding writes (deferred creates and
-        attribute changes) is committed when this operation commits anyway. Only an
-        operation with ``commit=False`` that joins uncommitted writes, or one inside a
-        block, runs once (a conflict rolls the whole transaction back and raises)."""
+        attribute changes, which promise no more than "committed with the next commit") is
+        committed. Only an operation inside a block runs once (a conflict rolls the whole
+        block back and raises)."""
         if not self._depth and self.conn.in_transaction():
             if not self._wrote:
                 with contextlib.suppress(SQLAlchemyError):
                     self.conn.rollback()  # reads only: nothing is lost
-            elif commit:
+            else:
                 self.commit()
         own = not self._depth and not self.conn.in_transaction()
         for attempt in range(RETRIES if own else 1):
