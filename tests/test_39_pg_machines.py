@@ -30,6 +30,7 @@ import pytest
 from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
 
+from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, PgWatcher, SessionExpired
 
@@ -161,6 +162,24 @@ def test_renames_racing_on_one_name_and_crosswise_keep_a_tree(
         assert_a_tree(a)
 
 
+def test_two_machines_storing_the_same_content_share_one_object_row(
+    machines: tuple[PgMetaStore, PgMetaStore],
+) -> None:
+    """Deduplication across machines: the object row is locked, not raced (no conflict, no
+    lost reference count)."""
+    a, b = machines
+    same = ChunkRef("data/same/" + "0" * 60, 4096, b"\7" * 32)
+
+    def store(e: PgMetaStore, name: bytes) -> None:
+        with e.transaction():
+            f = e.insert_inode(node(REG))
+            e.set_block(f, 0, same, staged=False)
+
+    for i in range(10):
+        assert race((store, a, f"a{i}".encode()), (store, b, f"b{i}".encode())) == ["ok", "ok"]
+    assert a.get_object(same.name)[1:] == (20, "stored")  # type: ignore[index]
+
+
 def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
 ) -> None:
@@ -275,6 +294,9 @@ def test_two_mounts_write_different_files_and_both_read_every_byte(
                 rel = f"dir-{tag}/f{i}" if i % 2 else f"root-{tag}-{i}"
                 (mp / rel).write_bytes(data)
                 want[rel] = data
+            for i in range(40):  # small files in the directory both write to, same content
+                (mp / f"small-{tag}-{i}").write_bytes(b"same small content")
+                want[f"small-{tag}-{i}"] = b"same small content"
         except BaseException as e:  # noqa: BLE001 - reported by the assertion below
             errors.append(e)
 

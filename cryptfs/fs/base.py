@@ -26,8 +26,9 @@ Durability contract:
 Several machines (a PostgreSQL vault, ``meta.shared``): close-to-open consistency — a file
 closed (flushed) on one machine reads whole on another that opens it afterwards (``open``
 re-reads the inode, and a new open file reads the chunk map from the database). Inode and
-entry caches are bounded in time (SHARED_CACHE_SECONDS) and dropped earlier when another
-machine's change notice arrives (:meth:`FileSystemBase.invalidate`); with the kernel's own
+entry caches are bounded in time (SHARED_CACHE_SECONDS) while other machines have the vault
+mounted, and dropped at once when their change notice arrives
+(:meth:`FileSystemBase.invalidate`); with the kernel's own
 attribute and entry timeout (1 s), a name made, renamed or removed on one machine shows on
 the others within about 1 s after the notice, 2 s without it. A file open on a machine keeps
 its inode when another machine removes its last name (``MetaEngine.hold``).
@@ -196,6 +197,9 @@ class FileSystemBase:
         self._deferred_event = threading.Event()
         self._committer: threading.Thread | None = None
         self._cached_at = time.monotonic()  # when the caches were last emptied (shared)
+        # other machines have the vault mounted (set by the vault from their sessions, and
+        # by any change notice of theirs): only then are the caches bounded in time
+        self.peers = meta.shared
         hooks.listen(self._committed, self._reapply_deferred)
 
     # -- helpers --------------------------------------------------------------------------
@@ -204,6 +208,7 @@ class FileSystemBase:
         xattrs; None: anything): drop what the caches hold of them. Called by the change
         notice watcher and the session reaper."""
         with self.lock:
+            self.peers = self.peers or bool(inos)
             if inos is None:
                 self._drop_caches()
                 self.xattr_inos = self.meta.inodes_with_xattrs()
@@ -233,8 +238,9 @@ class FileSystemBase:
         self._cached_at = time.monotonic()
 
     def _fresh(self) -> None:
-        """On a shared vault: empty the caches once they are older than the bound."""
-        if self.meta.shared and time.monotonic() - self._cached_at > SHARED_CACHE_SECONDS:
+        """With other machines mounted: empty the caches once they are older than the bound
+        (a fallback: their change notices drop what they change at once)."""
+        if self.peers and time.monotonic() - self._cached_at > SHARED_CACHE_SECONDS:
             self._drop_caches()
 
     def _node(self, ino: int) -> Inode:

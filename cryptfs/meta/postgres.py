@@ -328,6 +328,8 @@ class PgMetaStore(NamespaceOps):
         self.session_id: bytes | None = None  # set by attach(): commits are fenced by it
         self._session_k = b""
         self._touched: set[int] = set()  # inodes the open transaction changed (notices)
+        self._locking = False  # inside a namespace operation that writes: lock inodes read
+        self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
         self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
@@ -505,7 +507,9 @@ class PgMetaStore(NamespaceOps):
                 time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
 
     def atomically(self, fn: Callable[[], T], commit: bool = True) -> T:
-        """Run a namespace operation in one transaction and, when another writer won a
+        """Run a namespace operation in one transaction, the inodes it reads locked until
+        it commits (FOR UPDATE: an operation waits for another machine's change of the same
+        directory and reads its result, instead of conflicting), and, when another writer won a
         conflict (serialization failure, deadlock, a unique key inserted first, a row whose
         version moved), run it again with backoff: ``fn`` re-reads everything it checks.
 
@@ -525,7 +529,11 @@ class PgMetaStore(NamespaceOps):
         for attempt in range(RETRIES if own else 1):
             try:
                 with self.transaction(commit=commit):
-                    return fn()
+                    self._locking = not self._reads_only
+                    try:
+                        return fn()
+                    finally:
+                        self._locking = False
             except _Conflict:
                 if not own or attempt == RETRIES - 1:
                     raise
@@ -781,8 +789,23 @@ class PgMetaStore(NamespaceOps):
                 n.ctime_ns, n.rdev, n.target)
 
     def get_inode(self, ino: int) -> Inode | None:
-        got = self._get(inodes, self._h(b"i", ino))
-        return None if got is None else Inode(*got)
+        k = self._h(b"i", ino)
+        if not self._locking:
+            got = self._get(inodes, k)
+            return None if got is None else Inode(*got)
+        q = select(*_cols(inodes)).where(inodes.c.k == k).with_for_update()
+        for _k, vals in self._opened(inodes, self._x(q)):
+            return Inode(*vals)
+        return None
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """See :meth:`NamespaceOps.readdir`; it locks nothing (it writes nothing, and a lock
+        would be held until this machine's next commit)."""
+        self._reads_only = True
+        try:
+            return super().readdir(ino)
+        finally:
+            self._reads_only = False
 
     def insert_inode(self, node: Inode) -> int:
         ino = node.ino
@@ -1067,33 +1090,52 @@ class PgMetaStore(NamespaceOps):
 
     # -- objects and reference counts ------------------------------------------------------------
     # an object row: (name, size, sha256, refcount, state)
-    def _object(self, name: str) -> tuple[Any, ...] | None:
-        return self._get(objects, self._h(b"o", name))
+    def _object(self, name: str, lock: bool = False) -> tuple[Any, ...] | None:
+        """An object's row; with ``lock`` locked until the commit (FOR UPDATE: waits for
+        another machine's uncommitted change of it and reads the result), so that its
+        reference count, sealed in the row, is changed by one writer at a time: two machines
+        storing the same content share one object row, never a conflict."""
+        k = self._h(b"o", name)
+        if not lock:
+            return self._get(objects, k)
+        q = select(*_cols(objects)).where(objects.c.k == k).with_for_update()
+        for _k, vals in self._opened(objects, self._x(q)):
+            return vals
+        return None
 
     def _addref(self, name: str, delta: int) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
-        got = self._object(ref.name)
-        if got is None:
-            self._put(objects, self._h(b"o", ref.name), ref.name, ref.size, ref.sha256, 1,
-                      "staged" if staged else "stored")
-        else:
-            self._replace(objects, self._h(b"o", ref.name), *got[:3], got[3] + 1, got[4])
+        k = self._h(b"o", ref.name)
+        got = self._object(ref.name, lock=True)
+        if got is None:  # a new object, unless another machine inserts it first
+            res = self._x(pg_insert(objects).values(
+                k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
+                                         "staged" if staged else "stored")
+            ).on_conflict_do_nothing().returning(objects.c.k))
+            if res.first() is not None:
+                self._remember("objects", k, 1)
+                return
+            got = self._object(ref.name, lock=True)
+            if got is None:
+                raise _Conflict(f"metadata database {self.where}: an object row came and went "
+                                "meanwhile (the operation was rolled back)")
+        self._replace(objects, k, *got[:3], got[3] + 1, got[4])
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         got = self._object(name)
         return None if got is None else (ChunkRef(got[0], got[1], got[2]), got[3], got[4])
 
     def mark_stored(self, name: str) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:4], "stored")
 
     def set_refcount(self, name: str, refcount: int) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:3], refcount, got[4])
 

@@ -309,6 +309,8 @@ class Vault:
             self.watcher = PgWatcher(url, self._db_keys, self.meta.sender,  # type: ignore[union-attr]
                                      self.fs.invalidate)
             self.watcher.start()
+            with self.fs.lock:
+                self.fs.peers = bool(self.meta.live_sessions())
         if self.readonly:
             return
         self.recovered.extend(recover(self.fs, self.meta, self.ledger, self.chunks, self.store,
@@ -400,6 +402,7 @@ class Vault:
                 with self.fs.lock:
                     dead, gone = self.meta.reap_sessions()
                     self.fs.invalidate(gone)
+                    self.fs.peers = bool(self.meta.live_sessions())
                 if dead:
                     log.info("cleaned up %d expired sessions of other machines (%d files "
                              "they held open, unlinked, deleted)", dead, len(gone))
