@@ -29,9 +29,12 @@ reads the whole directory, a chunk map window the pages it covers (a wide one th
 ``stored_bytes`` and the fsck views whole tables.
 
 Transactions run at READ COMMITTED on one connection used by one thread at a time. Several
-machines share the database: every update and every inode deletion is conditional on the row
-version read (checked by row count), so a row another writer changed meanwhile is a conflict,
-never a lost update; a name two writers insert is a unique violation for the second. A
+machines share the database: a namespace operation locks the inodes it reads (FOR UPDATE: it
+waits for another machine's change of the same directory and reads its result) and a change of
+an object's reference count locks the object row (two machines storing the same content share
+it); every update and every inode deletion is also conditional on the row version read
+(checked by row count), so a row another writer changed meanwhile is a conflict, never a lost
+update; a name two writers insert is a unique violation for the second. A
 namespace operation that loses such a conflict, a deadlock or a serialization failure is rolled
 back and run again with backoff (:meth:`PgMetaStore.atomically`): two machines creating one
 name, one gets EEXIST; rename and rmdir races leave no orphans. Another block that a conflict

@@ -130,6 +130,7 @@ class Checkpointer:
             if not self.elected():
                 continue
             with self.lock:
+                self.ledger.invalidate()  # (other machines may have appended)
                 head = self.ledger.head()
             if head is not None and head.seq > self.last_seq + 1:
                 try:
@@ -181,8 +182,8 @@ class Checkpointer:
     def _dirty(self) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
         than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
-        if self._clean_at is None or self.queued():
-            return True
+        if self._clean_at is None or self.queued() or self.meta.shared:
+            return True  # (shared: other machines' commits are not counted here)
         return self.meta.change_count() != self._clean_at + self._own_writes
 
     @contextlib.contextmanager
