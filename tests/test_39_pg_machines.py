@@ -7,9 +7,11 @@ wins, and the tree stays a tree).
 
 Through real mounts: two mounts of one vault, each with its own XDG homes (two machines, the
 second attached with ``cryptfs init URL --meta``): writers of different files, then every byte
-read back from both; one name created on both at once (one EEXIST); a rename on one seen on
-the other within the stated bound; a mount killed with SIGKILL: what it fsync'd is readable,
-its session expires and the other mount cleans it up (the file it held open, unlinked, goes).
+read back from both, then from the store alone (the database lost: the last machine out wrote
+the checkpoint), on a local store and on S3; one name created on both at once (one EEXIST); a
+rename on one seen on the other within the stated bound, and close-to-open; a mount killed with
+SIGKILL: what it fsync'd is readable, its session expires and the other mount cleans it up (the
+file it held open, unlinked, goes); a frozen mount whose session expired turns read-only.
 """
 
 from __future__ import annotations
@@ -247,9 +249,13 @@ BOUND = 6.0
 
 
 @pytest.fixture
-def two_mounts(pg_place: PgPlace) -> Iterator[tuple[VaultEnv, Path, VaultEnv, Path]]:
+def two_mounts(pg_place: PgPlace, request: pytest.FixtureRequest
+               ) -> Iterator[tuple[VaultEnv, Path, VaultEnv, Path]]:
+    """Two machines (own XDG homes) mounting one vault: on a local store shared by both, or
+    (``indirect`` parameter "s3") on the moto S3 server."""
     root = _tmp_root()
-    url = f"file://{root}/store"
+    kind = getattr(request, "param", "local")
+    url = f"file://{root}/store" if kind == "local" else request.getfixturevalue("s3_url")
     extra = {"CRYPTFS_LEASE_SECONDS": SESSION_SECONDS}
     a = VaultEnv(root / "a", url, extra_env=extra)
     b = VaultEnv(root / "b", url, extra_env=extra)
@@ -279,10 +285,11 @@ def appears(path: Path, want: bool = True) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.parametrize("two_mounts", ["local", "s3"], indirect=True)
 def test_two_mounts_write_different_files_and_both_read_every_byte(
     two_mounts: tuple[VaultEnv, Path, VaultEnv, Path],
 ) -> None:
-    _a, ma, _b, mb = two_mounts
+    a, ma, b, mb = two_mounts
     want: dict[str, bytes] = {}
     errors: list[BaseException] = []
 
@@ -313,6 +320,16 @@ def test_two_mounts_write_different_files_and_both_read_every_byte(
             assert (mp / rel).read_bytes() == data, (mp, rel)
         assert sorted(p.name for p in mp.iterdir()) == sorted(
             ["dir-a", "dir-b"] + [r for r in want if "/" not in r])
+    a.umount(ma)
+    b.umount(mb)  # the last machine out writes the checkpoint (it holds the writer's lock)
+    lost = VaultEnv(a.root.parent / "c", a.store_url)  # the database lost: the store alone
+    lost.init()
+    lost.mount(a.root.parent / "mc")
+    try:
+        for rel, data in want.items():
+            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
+    finally:
+        lost.umount(a.root.parent / "mc")
 
 
 def test_one_name_created_on_both_mounts_at_once_one_gets_eexist(
