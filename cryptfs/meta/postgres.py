@@ -330,6 +330,7 @@ class PgMetaStore(NamespaceOps):
         self.sender = crypto.random_bytes(8)  # names this engine's change notices
         self.session_id: bytes | None = None  # set by attach(): commits are fenced by it
         self._session_k = b""
+        self._on_expired: Callable[[str], None] | None = None
         self._touched: set[int] = set()  # inodes the open transaction changed (notices)
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
@@ -608,10 +609,13 @@ class PgMetaStore(NamespaceOps):
             self.on_commit()
 
     # -- sessions, holds and change notices (several machines) ------------------------------
-    def attach(self, session_id: bytes) -> None:
-        """Fence this engine's commits by the session ``session_id`` (see :class:`PgSession`)."""
+    def attach(self, session_id: bytes,
+               on_expired: Callable[[str], None] | None = None) -> None:
+        """Fence this engine's commits by the session ``session_id`` (see :class:`PgSession`);
+        ``on_expired(why)`` hears the first commit refused for it."""
         self.session_id = session_id
         self._session_k = self._h(b"S", session_id)
+        self._on_expired = on_expired
 
     def _fence_check(self) -> None:
         """In the transaction about to commit: the session must be live by the database's
@@ -623,9 +627,13 @@ class PgMetaStore(NamespaceOps):
             .with_for_update(key_share=True)).first()
         if live is None:
             self._rolled_back()
-            raise SessionExpired(
+            err = SessionExpired(
                 f"metadata database {self.where}: this machine's session expired (it was "
                 "frozen or cut off longer than the session lifetime): nothing more is committed")
+            hook, self._on_expired = self._on_expired, None
+            if hook is not None:
+                hook(str(err))
+            raise err
 
     def _send_notice(self) -> None:
         inos = sorted(self._touched) if len(self._touched) <= NOTICE_INODES else []

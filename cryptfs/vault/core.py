@@ -257,7 +257,7 @@ class Vault:
         assert isinstance(self.meta, PgMetaStore)
         self.session = PgSession(url, self._db_keys, lease_seconds())
         self.session.start()
-        self.meta.attach(self.session.id)
+        self.meta.attach(self.session.id, self._session_expired)
         self.session.elect()
 
     def _start(self) -> None:
@@ -378,6 +378,12 @@ class Vault:
                 self.fence(UNRENEWED)
             wait = lease.ttl / 3 if renewed else min(2.0, lease.ttl / 10)
 
+    def _session_expired(self, why: str) -> None:
+        """The database refused a commit: this machine's session expired. Read-only at once
+        (one log line), without waiting for the heartbeat to find out."""
+        self.session_lost = True
+        self.fence(why)
+
     def _elected(self) -> bool:
         """Whether this mount writes the vault's checkpoints: always with one machine; with
         several, the one holding the checkpoint lock (see :class:`PgSession`)."""
@@ -394,9 +400,10 @@ class Vault:
         while not self._stop.wait(wait):
             try:
                 if not s.beat():
-                    self.session_lost = True
-                    self.fence(f"this machine's session in the metadata database expired "
-                               f"(frozen or cut off longer than {s.ttl:.0f}s)")
+                    if not self.session_lost:
+                        self._session_expired(
+                            f"this machine's session in the metadata database expired "
+                            f"(frozen or cut off longer than {s.ttl:.0f}s)")
                     return
                 s.elect()
                 with self.fs.lock:
