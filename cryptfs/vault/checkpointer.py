@@ -220,9 +220,12 @@ class Checkpointer:
             # An upload can finish before the file's chunk map is committed: on_stored then
             # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
             # (its ledger entry was written) once no upload and no staged file is left for it.
-            for ref in meta.objects_in_state("staged"):
-                if not self.chunks.upload_pending(ref.name):
-                    meta.mark_stored(ref.name)
+            # With other machines mounted a staged row may be one of their uploads, which this
+            # machine cannot see: such rows wait until it is alone.
+            if not meta.live_sessions():
+                for ref in meta.objects_in_state("staged"):
+                    if not self.chunks.upload_pending(ref.name):
+                        meta.mark_stored(ref.name)
             data, full = self._ship()
             shipped_at = meta.change_count()
             self._own_writes = 0
