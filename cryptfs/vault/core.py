@@ -327,11 +327,12 @@ class Vault:
 
     def readonly_cause(self) -> str:
         """Why this mount does not write, as a fixed word (a metrics label): ``none``,
-        ``mount_option``, ``lease_lost``, ``lease_not_renewed`` or ``checkpoint_failed``."""
+        ``mount_option``, ``lease_lost`` (also: the PostgreSQL session expired),
+        ``lease_not_renewed`` or ``checkpoint_failed``."""
         if self.readonly:
             return "mount_option"
-        if self.lease is not None and self.lease.lost:
-            return "lease_lost"
+        if self.lease is not None and self.lease.lost or self.session_lost:
+            return "lease_lost"  # (or the PostgreSQL session expired)
         if self.readonly_reason == UNRENEWED:
             return "lease_not_renewed"
         if self.readonly_reason is not None or self.fs is not None and self.fs.readonly:
