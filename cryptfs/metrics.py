@@ -562,9 +562,12 @@ class VaultCollector(Collector):
                                 "When this machine last recorded a checkpoint (Unix time)",
                                 value=mtime)
         lease = v.lease
+        held = (lease is not None and lease.held()) or (v.session is not None
+                                                        and not v.session_lost)
         yield GaugeMetricFamily("cryptfs_lease_held",
-                                "1 while this mount holds the vault's write lease",
-                                value=1 if lease is not None and lease.held() else 0)
+                                "1 while this mount holds the vault's write lease (on a "
+                                "PostgreSQL vault: a live session in the database)",
+                                value=1 if held else 0)
         ro = GaugeMetricFamily("cryptfs_readonly", "1 when the mount is read-only; the reason "
                                "is mount_option, lease_lost, lease_not_renewed or "
                                "checkpoint_failed", labels=["reason"])

@@ -23,6 +23,16 @@ Durability contract:
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
   snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`).
 
+Several machines (a PostgreSQL vault, ``meta.shared``): close-to-open consistency — a file
+closed (flushed) on one machine reads whole on another that opens it afterwards (``open``
+re-reads the inode, and a new open file reads the chunk map from the database). Inode and
+entry caches are bounded in time (SHARED_CACHE_SECONDS) while other machines have the vault
+mounted, and dropped at once when their change notice arrives
+(:meth:`FileSystemBase.invalidate`); with the kernel's own
+attribute and entry timeout (1 s), a name made, renamed or removed on one machine shows on
+the others within about 1 s after the notice, 2 s without it. A file open on a machine keeps
+its inode when another machine removes its last name (``MetaEngine.hold``).
+
 Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
 own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the
 reverse. Store reads happen outside ``self.lock``.
@@ -68,6 +78,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 COMMIT_DELAY = 0.1  # at most this long between an attribute change and its commit
+# On a vault other machines write (a PostgreSQL one): the inode and entry caches are dropped
+# when older than this, whether or not a change notice came (see FileSystemBase.invalidate)
+SHARED_CACHE_SECONDS = 1.0
+DENTRY_SCAN = 10_000  # a change notice scans a cache of up to this many entries, else empties it
 
 
 class Sealing:
@@ -185,10 +199,55 @@ class FileSystemBase:
         self._deferred_new: list[tuple[int, bytes, Inode]] = []
         self._deferred_event = threading.Event()
         self._committer: threading.Thread | None = None
+        self._cached_at = time.monotonic()  # when the caches were last emptied (shared)
+        # other machines have the vault mounted (set by the vault from their sessions, and
+        # by any change notice of theirs): only then are the caches bounded in time
+        self.peers = meta.shared
         hooks.listen(self._committed, self._reapply_deferred)
 
     # -- helpers --------------------------------------------------------------------------
+    def invalidate(self, inos: set[int] | None) -> None:
+        """Other machines changed these inodes (their attributes, names in them, chunk maps,
+        xattrs; None: anything): drop what the caches hold of them. Called by the change
+        notice watcher and the session reaper."""
+        with self.lock:
+            self.peers = self.peers or bool(inos)
+            if inos is None:
+                self._drop_caches()
+                self.xattr_inos = self.meta.inodes_with_xattrs()
+                return
+            for ino in inos:
+                self.inodes.pop(ino, None)
+                self.complete.discard(ino)
+                self._alloc.pop(ino, None)
+                self._prefetched.pop(ino, None)
+            self.xattr_inos |= inos  # may have xattrs now: ask the database
+            if len(self.dentries) > DENTRY_SCAN:
+                self.dentries.clear()  # cheaper than a scan under the lock
+            elif inos and self.dentries:
+                for key in [k for k in self.dentries if k[0] in inos or
+                            self.dentries[k] in inos]:
+                    del self.dentries[key]
+
+    def _drop_caches(self) -> None:
+        """Empty the inode and entry caches but for inodes with uncommitted changes."""
+        keep = {ino: self.inodes[ino] for ino in self._deferred if ino in self.inodes}
+        keep.update((n.ino, n) for _p, _n, n in self._deferred_new)
+        self.inodes = keep
+        self.dentries.clear()
+        self.complete.clear()
+        self._alloc.clear()
+        self._prefetched.clear()
+        self._cached_at = time.monotonic()
+
+    def _fresh(self) -> None:
+        """With other machines mounted: empty the caches once they are older than the bound
+        (a fallback: their change notices drop what they change at once)."""
+        if self.peers and time.monotonic() - self._cached_at > SHARED_CACHE_SECONDS:
+            self._drop_caches()
+
     def _node(self, ino: int) -> Inode:
+        self._fresh()
         node = self.inodes.get(ino)
         if node is None:
             node = self.meta.get_inode(ino)
@@ -277,6 +336,7 @@ class FileSystemBase:
                 log.warning("cannot commit attribute changes: %s", e)
 
     def _lookup_ino(self, parent: int, name: bytes) -> int | None:
+        self._fresh()
         key = (parent, name)
         ino = self.dentries.get(key)
         if ino is None and parent not in self.complete:

@@ -39,13 +39,18 @@ class Reads(FileSystemBase):
         f = self.files.get(node.ino)
         if f is None:
             f = self.files[node.ino] = OpenFile(node.ino, node.size)
+            self.meta.hold(node.ino)  # (other machines: see MetaEngine.hold)
         f.handles += 1
         return self._add_handle(Handle(f, flags))
 
     def open(self, ino: int, flags: int) -> int:
         """Open a file; O_TRUNC truncates it (libfuse 3 passes it through: atomic_o_trunc)."""
         with self.lock:
+            if self.meta.shared and ino not in self.files:
+                self.inodes.pop(ino, None)  # close-to-open: the attributes as committed
             fh = self._open_locked(self._node(ino), flags)
+            if self.meta.shared:
+                self.meta.commit()  # the hold, before another machine unlinks the file
         if flags & os.O_TRUNC:
             try:
                 self.truncate(ino, 0, fh)

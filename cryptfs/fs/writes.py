@@ -317,8 +317,11 @@ class Writes(FileSystemBase):
                     f.handles -= 1
                     if f.handles <= 0:
                         del self.files[f.ino]
+                        self.meta.unhold(f.ino)
                         node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
-                        if node is not None and node.nlink <= 0:
+                        if self.meta.shared or node is not None and node.nlink <= 0:
+                            # (shared: the database says whether another machine
+                            # unlinked it meanwhile; this commits the unhold too)
                             self._apply(self.meta.drop_unlinked(f.ino))
 
     def commit_all(self) -> None:

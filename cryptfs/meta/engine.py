@@ -139,6 +139,25 @@ class MetaEngine(Protocol):
     def drop_unlinked(self, ino: int) -> Changed: ...
     def recover(self) -> int: ...
 
+    # -- several machines (the PostgreSQL engine; the SQLite engine has one machine) ----------
+    shared: bool
+    """Whether other machines write this database too (the layer above bounds its caches)."""
+
+    def hold(self, ino: int) -> None:
+        """This machine has ``ino`` open (written, committed with the next commit)."""
+
+    def unhold(self, ino: int) -> None:
+        """This machine closed ``ino`` (written, committed with the next commit)."""
+
+    def held(self, ino: int) -> bool:
+        """Whether any machine holds ``ino`` open (its last name going does not delete it)."""
+
+    def live_sessions(self) -> int:
+        """How many other machines' sessions are live (0 for an engine of one machine)."""
+
+    def lock_ledger(self) -> None:
+        """In a transaction about to append to the ledger: wait for other machines'."""
+
     # -- key/value state -----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None: ...
     def set_state(self, key: str, value: str) -> None: ...

@@ -131,6 +131,10 @@ class Ledger:
     def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
         """Add an entry in the current transaction (or its own)."""
         assert op_kind(op) in OPS
+        if self.meta.shared:  # other machines append too: wait for them, read the head
+            with self.meta.transaction(commit=False):
+                self.meta.lock_ledger()
+            self._loaded = False
         head = self.head()
         seq = head.seq + 1 if head else 1
         prev = head.hash if head else GENESIS

@@ -120,11 +120,12 @@ class _Op:
 
     def drop_link(self, node: Inode, keep: Collection[int], counted: bool = True) -> None:
         """One name of ``node`` is gone (``counted``: one that was a link, not a hidden one);
-        the inode goes with its last link unless it is in ``keep`` (open)."""
+        the inode goes with its last link unless it is in ``keep`` (open here) or another
+        machine holds it open (:meth:`MetaEngine.held`)."""
         if counted:
             node.nlink -= 1
         self.touch(node)
-        if node.nlink <= 0 and node.ino not in keep:
+        if node.nlink <= 0 and node.ino not in keep and not self.rows.held(node.ino):
             self.delete(node.ino)
 
     def hidden(self, ino: int, name: bytes) -> bool:
@@ -486,28 +487,29 @@ class NamespaceOps(_Rows):
         return self.atomically(run, commit=False)
 
     def drop_unlinked(self, ino: int) -> Changed:
-        """Delete ``ino`` if no link keeps it (its last user closed it after its last name
-        went); Changed.removed says whether it went."""
+        """Delete ``ino`` if no link keeps it and no machine holds it open (its last user
+        closed it after its last name went); Changed.removed says whether it went."""
 
         def run() -> Changed:
             op = _Op(self)
             node = self.get_inode(ino)
-            if node is not None and node.nlink <= 0:
+            if node is not None and node.nlink <= 0 and not self.held(ino):
                 op.delete(ino)
             return op.out
 
         return self.atomically(run)
 
     def recover(self) -> int:
-        """After a crash (no file is open): drop libfuse's hidden entries and the inodes no
-        link keeps; returns how many of both went."""
+        """After a crash (no file is open here): drop libfuse's hidden entries and the inodes
+        no link keeps, but those another machine holds open; returns how many went."""
 
         def run() -> int:
             op = _Op(self)
-            hidden = [(p, n) for p, n, i in self.hidden_dentries(HIDDEN) if op.hidden(i, n)]
+            hidden = [(p, n) for p, n, i in self.hidden_dentries(HIDDEN)
+                      if op.hidden(i, n) and not self.held(i)]
             for parent, name in hidden:
                 self.remove_dentry(parent, name)
-            orphans = self.orphan_inodes()
+            orphans = [i for i in self.orphan_inodes() if not self.held(i)]
             for ino in orphans:
                 self.delete_inode(ino)
             return len(hidden) + len(orphans)

@@ -28,10 +28,18 @@ Ordering, prefixes, ranges and sums are computed here, on opened rows: a directo
 reads the whole directory, a chunk map window the pages it covers (a wide one the whole map),
 ``stored_bytes`` and the fsck views whole tables.
 
-Transactions run at READ COMMITTED on one connection used by one thread at a time. A block that
-a deadlock or serialization failure ends is rolled back and raises MetaError (the block's code
-cannot be re-run from here); the engine's own one-statement blocks (:meth:`set_state`, opening)
-retry with backoff.
+Transactions run at READ COMMITTED on one connection used by one thread at a time. Several
+machines share the database: a namespace operation locks the inodes it reads (FOR UPDATE: it
+waits for another machine's change of the same directory and reads its result) and a change of
+an object's reference count locks the object row (two machines storing the same content share
+it); every update and every inode deletion is also conditional on the row version read
+(checked by row count), so a row another writer changed meanwhile is a conflict, never a lost
+update; a name two writers insert is a unique violation for the second. A
+namespace operation that loses such a conflict, a deadlock or a serialization failure is rolled
+back and run again with backoff (:meth:`PgMetaStore.atomically`): two machines creating one
+name, one gets EEXIST; rename and rmdir races leave no orphans. Another block that a conflict
+ends is rolled back and raises MetaError (the block's code cannot be re-run from here); the
+engine's own one-statement blocks (:meth:`set_state`, opening) retry with backoff.
 
 Longer than the project's ~400 lines on purpose: it is the one module that holds this engine's
 SQL (tests/test_05_layers.py), next to its schema and sealing.
@@ -39,9 +47,14 @@ SQL (tests/test_05_layers.py), next to its schema and sealing.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno as errno_mod
 import logging
+import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +64,7 @@ from Crypto.Cipher import AES
 from sqlalchemy import (
     BigInteger,
     Column,
+    DateTime,
     Index,
     Integer,
     LargeBinary,
@@ -67,8 +81,11 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import Select
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
@@ -109,6 +126,25 @@ objects = _sealed_table("objects", "k")
 xattrs = _sealed_table("xattrs", "k", group="ino")
 copies = _sealed_table("copies", "k", group="obj")
 state = _sealed_table("state", "k")
+# A mounted machine's session (issue 14): its key is H("S", id), ``expires`` the database's
+# clock plus the lifetime (in clear: the database keeps the time), ``v`` who it is (host, pid,
+# machine id, start) sealed. A machine whose row expired cannot commit (see PgMetaStore.commit).
+sessions = Table(
+    "sessions", md,
+    Column("k", LargeBinary, primary_key=True),
+    Column("expires", DateTime(timezone=True), nullable=False),
+    Column("v", LargeBinary, nullable=False),
+)
+# A file a session has open: k = H("h", session, ino), ino = H("H", ino), sess = the session's
+# key; ``v`` (session id, ino) sealed. An inode whose last name goes while any session holds it
+# stays until the last holder lets go (or is found dead by a live machine).
+holds = Table(
+    "holds", md,
+    Column("k", LargeBinary, primary_key=True),
+    Column("ino", LargeBinary, nullable=False, index=True),
+    Column("sess", LargeBinary, nullable=False, index=True),
+    Column("v", LargeBinary, nullable=False),
+)
 ledger = Table(
     "ledger", md,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
@@ -135,6 +171,8 @@ VERSION_CACHE_ROWS = 65536
 NAME_CACHE = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
 RETRIES = 8
+# inodes a change notice lists at most (more: the notice says "anything may have changed")
+NOTICE_INODES = 400
 T = TypeVar("T")
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
@@ -210,6 +248,45 @@ class _Conflict(MetaError):
     """A deadlock or serialization failure ended the transaction (another writer won)."""
 
 
+class SessionExpired(MetaError):
+    """This machine's session in the database expired (it was frozen or cut off longer than
+    the session lifetime): it may not commit any more (EROFS)."""
+
+    errno = errno_mod.EROFS
+
+
+def _hash(keys: DbKeys, domain: bytes, *parts: int | bytes | str) -> bytes:
+    """The keyed hash of a row identity in one hash domain (one per key column)."""
+    return crypto.keyed_hash(keys.index, domain + b"\0" + _pack(*parts))
+
+
+def channel(keys: DbKeys) -> str:
+    """The LISTEN/NOTIFY channel of a vault's database (a keyed hash: it names no vault)."""
+    return "cryptfs_" + _hash(keys, b"n").hex()[:24]
+
+
+def checkpoint_lock(keys: DbKeys) -> int:
+    """The advisory lock whose holder writes the vault's checkpoints (one per vault)."""
+    return int.from_bytes(_hash(keys, b"L")[:8], "big", signed=True)
+
+
+def seal_notice(keys: DbKeys, sender: bytes, inos: Iterable[int]) -> str:
+    """A change notice: which inodes a commit of ``sender`` changed (none listed: any may
+    have), sealed (the database sees its length only)."""
+    return base64.b64encode(crypto.seal(keys.row, _pack(sender, *inos), b"cryptfs-notice")
+                            ).decode()
+
+
+def open_notice(keys: DbKeys, payload: str) -> tuple[bytes, set[int]]:
+    """``(sender, inodes)`` of a notice; IntegrityError if it is not one of this vault."""
+    try:
+        vals = _unpack(crypto.open_sealed(keys.row, base64.b64decode(payload),
+                                          b"cryptfs-notice"))
+    except (ValueError, IndexError):
+        raise IntegrityError("a change notice fails authentication") from None
+    return vals[0], set(vals[1:])
+
+
 class PgMetaStore(Transactions, NamespaceOps):
     """A vault's metadata in a PostgreSQL database, every row sealed (see the module doc).
 
@@ -217,7 +294,15 @@ class PgMetaStore(Transactions, NamespaceOps):
     URL or the standard ``PG*`` variables and ``.pgpass``); ``keys`` from
     :meth:`DbKeys.derive`. Opening creates the schema in an empty database, checks the stored
     schema version and that ``keys`` are this database's (ConfigError otherwise). Not
-    thread-safe: callers serialise."""
+    thread-safe: callers serialise.
+
+    Several machines (issue 14): a mount :meth:`attach`-es its session (a :class:`PgSession`
+    keeps it alive); from then on every commit that writes first checks, in its transaction,
+    that the session is live by the database's clock (fencing: a machine frozen past its
+    session's expiry cannot commit; SessionExpired, EROFS), and sends a change notice (the
+    inodes it changed, sealed) that the other mounts' :class:`PgWatcher` hear."""
+
+    shared = True  # other machines write this database too: caches must be bounded
 
     def __init__(
         self,
@@ -237,10 +322,18 @@ class PgMetaStore(Transactions, NamespaceOps):
                               "postgresql+psycopg URL, or its driver is missing)") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._depth = 0  # nesting of transaction() blocks
+        self._wrote = False  # the open transaction holds a write (not only reads)
         self._commits = 0  # see change_count
         self._undo: list[Callable[[], None]] = []
         self.on_commit = on_commit
         self.on_rollback = on_rollback
+        self.sender = crypto.random_bytes(8)  # names this engine's change notices
+        self.session_id: bytes | None = None  # set by attach(): commits are fenced by it
+        self._session_k = b""
+        self._on_expired: Callable[[str], None] | None = None
+        self._touched: set[int] = set()  # inodes the open transaction changed (notices)
+        self._locking = False  # inside a namespace operation that writes: lock inodes read
+        self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
         self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
@@ -274,6 +367,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             if row is None:
                 raise ConfigError(f"metadata database {self.where} has no schema version "
                                   "(not a cryptfs database, or corrupt)")
+            md.create_all(self.conn)  # (checks first) tables newer than the database: sessions
             if row.version != SCHEMA_VERSION:
                 raise ConfigError(f"metadata database {self.where} is schema version "
                                   f"{row.version}; this cryptfs reads version {SCHEMA_VERSION}")
@@ -287,6 +381,8 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _x(self, stmt: Any, params: Any = None) -> Any:
         """Execute one statement; a database error becomes a one-line MetaError (and, outside
         a block, rolls the open transaction back: inside one, the block does)."""
+        if not isinstance(stmt, Select):
+            self._wrote = True  # (text() counts: setval, SET TRANSACTION are writes enough)
         try:
             return self.conn.execute(stmt, params) if params is not None else \
                 self.conn.execute(stmt)
@@ -308,7 +404,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _h(self, domain: bytes, *parts: int | bytes | str) -> bytes:
         """The keyed hash of a row identity in one hash domain (one per key column)."""
-        return crypto.keyed_hash(self.keys.index, domain + b"\0" + _pack(*parts))
+        return _hash(self.keys, domain, *parts)
 
     def _seal(self, table: str, ver: int, keys: tuple[bytes, ...], *vals: Any) -> bytes:
         return crypto.seal(self.keys.row, _pack(*vals), _ad(table, ver, *keys))
@@ -415,14 +511,33 @@ class PgMetaStore(Transactions, NamespaceOps):
                 time.sleep(min(1.0, 0.005 * 2 ** attempt) * (0.5 + random.random()))
 
     def atomically(self, fn: Callable[[], T], commit: bool = True) -> T:
-        """Run a namespace operation in one transaction; when it is a transaction of its own
-        (outermost, committing, nothing uncommitted before it) run it again, with backoff,
-        after another writer won a conflict: ``fn`` re-reads everything it checks."""
-        own = commit and not self._depth and not self.conn.in_transaction()
+        """Run a namespace operation in one transaction, the inodes it reads locked until
+        it commits (FOR UPDATE: an operation waits for another machine's change of the same
+        directory and reads its result, instead of conflicting), and, when another writer won a
+        conflict (serialization failure, deadlock, a unique key inserted first, a row whose
+        version moved), run it again with backoff: ``fn`` re-reads everything it checks.
+
+        Re-running is safe only when the transaction holds nothing but ``fn``'s writes, so
+        first: a transaction left open by reads alone is ended (it holds no write, only a
+        snapshot the operation must not use); one holding writes (deferred creates and
+        attribute changes, which promise no more than "committed with the next commit") is
+        committed. Only an operation inside a block runs once (a conflict rolls the whole
+        block back and raises)."""
+        if not self._depth and self.conn.in_transaction():
+            if not self._wrote:
+                with contextlib.suppress(SQLAlchemyError):
+                    self.conn.rollback()  # reads only: nothing is lost
+            else:
+                self.commit()
+        own = not self._depth and not self.conn.in_transaction()
         for attempt in range(RETRIES if own else 1):
             try:
                 with self.transaction(commit=commit):
-                    return fn()
+                    self._locking = not self._reads_only
+                    try:
+                        return fn()
+                    finally:
+                        self._locking = False
             except _Conflict:
                 if not own or attempt == RETRIES - 1:
                     raise
@@ -433,6 +548,8 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _rollback_db(self) -> None:
         with contextlib.suppress(SQLAlchemyError):
             self.conn.rollback()
+        self._wrote = False
+        self._touched.clear()
         self._vers.clear()
 
     def _db_error(self, e: BaseException) -> MetaError | None:
@@ -444,7 +561,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         back whole and raises MetaError."""
         try:
             if self.conn.in_transaction():
+                if self._wrote and self.session_id is not None:
+                    self._fence_check()
+                if self._touched:
+                    self._send_notice()
                 self.conn.commit()
+            self._wrote = False
+            self._touched.clear()
         except DBAPIError as e:
             err = self._meta_error(e)
             self._rolled_back()
@@ -453,6 +576,100 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._commits += 1
         if self.on_commit is not None:
             self.on_commit()
+
+    # -- sessions, holds and change notices (several machines) ------------------------------
+    def attach(self, session_id: bytes,
+               on_expired: Callable[[str], None] | None = None) -> None:
+        """Fence this engine's commits by the session ``session_id`` (see :class:`PgSession`);
+        ``on_expired(why)`` hears the first commit refused for it."""
+        self.session_id = session_id
+        self._session_k = self._h(b"S", session_id)
+        self._on_expired = on_expired
+
+    def _fence_check(self) -> None:
+        """In the transaction about to commit: the session must be live by the database's
+        clock. Its row is key-share locked until the commit, so a live machine cleaning it up
+        (a DELETE) waits for this commit and then sees what it wrote."""
+        live = self.conn.execute(
+            select(sessions.c.k).where(sessions.c.k == self._session_k,
+                                       sessions.c.expires > func.clock_timestamp())
+            .with_for_update(key_share=True)).first()
+        if live is None:
+            self._rolled_back()
+            err = SessionExpired(
+                f"metadata database {self.where}: this machine's session expired (it was "
+                "frozen or cut off longer than the session lifetime): nothing more is committed")
+            hook, self._on_expired = self._on_expired, None
+            if hook is not None:
+                hook(str(err))
+            raise err
+
+    def _send_notice(self) -> None:
+        inos = sorted(self._touched) if len(self._touched) <= NOTICE_INODES else []
+        self.conn.execute(select(func.pg_notify(channel(self.keys),
+                                                seal_notice(self.keys, self.sender, inos))))
+
+    def hold(self, ino: int) -> None:
+        """This machine has ``ino`` open: its last name going does not delete it (written,
+        committed with the next commit). Nothing without a session."""
+        if self.session_id is None:
+            return
+        k, i_h = self._h(b"h", self.session_id, ino), self._h(b"H", ino)
+        self._x(pg_insert(holds).values(
+            k=k, ino=i_h, sess=self._session_k,
+            v=crypto.seal(self.keys.row, _pack(self.session_id, ino),
+                          _ad("holds", 0, k, i_h, self._session_k))).on_conflict_do_nothing())
+
+    def unhold(self, ino: int) -> None:
+        """This machine closed ``ino`` (written, committed with the next commit)."""
+        if self.session_id is not None:
+            self._x(delete(holds).where(holds.c.k == self._h(b"h", self.session_id, ino)))
+
+    def held(self, ino: int) -> bool:
+        """Whether any session holds ``ino`` open."""
+        return self._x(select(holds.c.k).where(holds.c.ino == self._h(b"H", ino)).limit(1)
+                       ).first() is not None
+
+    def live_sessions(self) -> int:
+        """How many sessions other than this engine's are live."""
+        return int(self._x(select(func.count()).select_from(sessions).where(
+            sessions.c.k != self._session_k,
+            sessions.c.expires > func.clock_timestamp())).scalar() or 0)
+
+    def reap_sessions(self) -> tuple[int, set[int]]:
+        """Clean up sessions that expired (their machines died or were cut off, and are
+        fenced): drop their holds and the inodes only they kept (open, no name left). Returns
+        how many sessions went and the inodes deleted. Rows another machine is reaping are
+        skipped."""
+
+        def run() -> tuple[int, set[int]]:
+            dead = [bytes(r.k) for r in self._x(
+                select(sessions.c.k).where(sessions.c.expires <= func.clock_timestamp())
+                .with_for_update(skip_locked=True)).all()]
+            if not dead:
+                return 0, set()
+            kept = set()
+            for r in self._x(select(holds).where(holds.c.sess.in_(dead))).all():
+                _sid, ino = _unpack(crypto.open_sealed(
+                    self.keys.row, bytes(r.v),
+                    _ad("holds", 0, bytes(r.k), bytes(r.ino), bytes(r.sess))))
+                kept.add(int(ino))
+            self._x(delete(holds).where(holds.c.sess.in_(dead)))
+            self._x(delete(sessions).where(sessions.c.k.in_(dead)))
+            gone = set()
+            for ino in sorted(kept):
+                node = self.get_inode(ino)
+                if node is not None and node.nlink <= 0 and not self.held(ino):
+                    self.delete_inode(ino)
+                    gone.add(ino)
+            return len(dead), gone
+
+        return self.atomically(run)
+
+    def lock_ledger(self) -> None:
+        """In a transaction about to append to the ledger: wait for other machines' appends
+        (the chain's one serialisation point), so the head read next is the newest."""
+        self._x(select(func.pg_advisory_xact_lock(checkpoint_lock(self.keys) ^ 1)))
 
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
@@ -552,8 +769,23 @@ class PgMetaStore(Transactions, NamespaceOps):
                 n.ctime_ns, n.rdev, n.target)
 
     def get_inode(self, ino: int) -> Inode | None:
-        got = self._get(inodes, self._h(b"i", ino))
-        return None if got is None else Inode(*got)
+        k = self._h(b"i", ino)
+        if not self._locking:
+            got = self._get(inodes, k)
+            return None if got is None else Inode(*got)
+        q = select(*_cols(inodes)).where(inodes.c.k == k).with_for_update()
+        for _k, vals in self._opened(inodes, self._x(q)):
+            return Inode(*vals)
+        return None
+
+    def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """See :meth:`NamespaceOps.readdir`; it locks nothing (it writes nothing, and a lock
+        would be held until this machine's next commit)."""
+        self._reads_only = True
+        try:
+            return super().readdir(ino)
+        finally:
+            self._reads_only = False
 
     def insert_inode(self, node: Inode) -> int:
         ino = node.ino
@@ -564,18 +796,33 @@ class PgMetaStore(Transactions, NamespaceOps):
                          "FROM cryptfs_ino_seq"), {"ino": ino})
         vals = self._inode_vals(node)
         self._put(inodes, self._h(b"i", ino), ino, *vals[1:])
+        self._touched.add(ino)
         return ino
 
     def update_inode(self, node: Inode) -> None:
-        self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node))
+        """Re-seal an inode at its next version; a conflict (MetaError) if another writer
+        changed it since it was read, or removed it (a directory removed by another machine
+        while this one creates in it: the retried operation then finds it gone)."""
+        self._touched.add(node.ino)
+        if not self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node)):
+            raise _Conflict(f"metadata database {self.where}: inode {node.ino} was removed by "
+                            "another writer meanwhile (the operation was rolled back)")
 
     def delete_inode(self, ino: int) -> list[str]:
         """Remove an inode with its xattrs, chunk map and any names left pointing at it;
         return the objects it referenced."""
+        k = self._h(b"i", ino)
+        self._touched.add(ino)
+        ver = self._vers.pop(("inodes", k), None)
+        where = [inodes.c.k == k] + ([inodes.c.ver == ver] if ver is not None else [])
+        if not self._x(delete(inodes).where(*where)).rowcount and ver is not None:
+            # changed since it was read (a name made in a directory being removed) or gone:
+            # the operation is run again on what is there now
+            raise _Conflict(f"metadata database {self.where}: inode {ino} was changed by "
+                            "another writer meanwhile (the operation was rolled back)")
         objs = self.remove_blocks_from(ino, 0)
         self._x(delete(dentries).where(dentries.c.ino == self._h(b"d", ino)))
         self._x(delete(xattrs).where(xattrs.c.ino == self._h(b"X", ino)))
-        self._x(delete(inodes).where(inodes.c.k == self._h(b"i", ino)))
         return objs
 
     def orphan_inodes(self) -> list[int]:
@@ -620,11 +867,13 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
+        self._touched.add(parent)
         self._x(insert(dentries).values(
             parent=p_h, name=n_s, ino=i_h, ver=1,
             v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)))
 
     def remove_dentry(self, parent: int, name: bytes) -> None:
+        self._touched.add(parent)
         self._x(delete(dentries).where(dentries.c.parent == self._h(b"p", parent),
                                        dentries.c.name == self._name_siv(parent, name)))
 
@@ -716,6 +965,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _write_page(self, ino: int, page: int, entries: dict[int, str], existed: bool) -> None:
         k, i_h = self._h(b"b", ino, page), self._h(b"B", ino)
+        self._touched.add(ino)
         flat = [x for i in sorted(entries) for x in (i, entries[i])]
         if not entries:
             if existed:
@@ -820,33 +1070,52 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     # -- objects and reference counts ------------------------------------------------------------
     # an object row: (name, size, sha256, refcount, state)
-    def _object(self, name: str) -> tuple[Any, ...] | None:
-        return self._get(objects, self._h(b"o", name))
+    def _object(self, name: str, lock: bool = False) -> tuple[Any, ...] | None:
+        """An object's row; with ``lock`` locked until the commit (FOR UPDATE: waits for
+        another machine's uncommitted change of it and reads the result), so that its
+        reference count, sealed in the row, is changed by one writer at a time: two machines
+        storing the same content share one object row, never a conflict."""
+        k = self._h(b"o", name)
+        if not lock:
+            return self._get(objects, k)
+        q = select(*_cols(objects)).where(objects.c.k == k).with_for_update()
+        for _k, vals in self._opened(objects, self._x(q)):
+            return vals
+        return None
 
     def _addref(self, name: str, delta: int) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
-        got = self._object(ref.name)
-        if got is None:
-            self._put(objects, self._h(b"o", ref.name), ref.name, ref.size, ref.sha256, 1,
-                      "staged" if staged else "stored")
-        else:
-            self._replace(objects, self._h(b"o", ref.name), *got[:3], got[3] + 1, got[4])
+        k = self._h(b"o", ref.name)
+        got = self._object(ref.name, lock=True)
+        if got is None:  # a new object, unless another machine inserts it first
+            res = self._x(pg_insert(objects).values(
+                k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
+                                         "staged" if staged else "stored")
+            ).on_conflict_do_nothing().returning(objects.c.k))
+            if res.first() is not None:
+                self._remember("objects", k, 1)
+                return
+            got = self._object(ref.name, lock=True)
+            if got is None:
+                raise _Conflict(f"metadata database {self.where}: an object row came and went "
+                                "meanwhile (the operation was rolled back)")
+        self._replace(objects, k, *got[:3], got[3] + 1, got[4])
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         got = self._object(name)
         return None if got is None else (ChunkRef(got[0], got[1], got[2]), got[3], got[4])
 
     def mark_stored(self, name: str) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:4], "stored")
 
     def set_refcount(self, name: str, refcount: int) -> None:
-        got = self._object(name)
+        got = self._object(name, lock=True)
         if got is not None:
             self._replace(objects, self._h(b"o", name), *got[:3], refcount, got[4])
 
@@ -969,6 +1238,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def set_xattr(self, ino: int, name: bytes, value: bytes) -> None:
         k, i_h = self._h(b"x", ino, name), self._h(b"X", ino)
+        self._touched.add(ino)
         if not self._replace(xattrs, k, ino, name, value, extra=(i_h,)):
             self._x(insert(xattrs).values(
                 k=k, ino=i_h, ver=1, v=self._seal("xattrs", 1, (k, i_h), ino, name, value)))
@@ -978,6 +1248,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         return sorted(v[1] for _k, v in self._all(xattrs, xattrs.c.ino == self._h(b"X", ino)))
 
     def remove_xattr(self, ino: int, name: bytes) -> bool:
+        self._touched.add(ino)
         res = self._x(delete(xattrs).where(xattrs.c.k == self._h(b"x", ino, name)))
         return bool(res.rowcount)
 
@@ -1040,3 +1311,143 @@ class PgMetaStore(Transactions, NamespaceOps):
 def _first_line(e: object) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+class PgSession:
+    """A mounted machine's session in the database, on a connection of its own (the
+    heartbeat must not wait for the filesystem): :meth:`start` inserts it live for ``ttl``
+    seconds by the database's clock, :meth:`beat` extends it (False once it expired: a
+    session never comes back, the machine is fenced), :meth:`elect` takes the vault's
+    checkpoint lock if nobody holds it (a session-level advisory lock: a dead machine's
+    connection drops and frees it), :meth:`end` removes the session with its holds.
+
+    What the database learns from a session: that a machine is mounted and when it beats
+    (its host, pid and machine id are sealed in ``v``)."""
+
+    def __init__(self, url: str, keys: DbKeys, ttl: float) -> None:
+        self.keys = keys
+        self.ttl = ttl
+        self.id = crypto.random_bytes(16)
+        self.k = _hash(keys, b"S", self.id)
+        self.elected = False
+        try:
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        except (SQLAlchemyError, ValueError, ImportError):
+            raise ConfigError("the metadata database URL is not usable") from None
+        self.where = self.engine.url.render_as_string(hide_password=True)
+        self.conn: Connection | None = None
+
+    def _c(self) -> Connection:
+        if self.conn is None:
+            self.conn = self.engine.connect()
+            self.elected = False  # a new connection holds no advisory lock
+        return self.conn
+
+    def _run(self, stmt: Any) -> Any:
+        """One statement in its own transaction; a failure drops the connection (the next
+        call makes a new one) and raises a one-line MetaError."""
+        try:
+            return self._c().execute(stmt)
+        except DBAPIError as e:
+            self._drop()
+            raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}") from None
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+        self.elected = False
+
+    def _expiry(self) -> Any:
+        return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
+
+    def start(self) -> None:
+        who = _pack(socket.gethostname(), os.getpid(), _machine_id(), time.time_ns())
+        self._run(insert(sessions).values(
+            k=self.k, expires=self._expiry(),
+            v=crypto.seal(self.keys.row, who, _ad("sessions", 0, self.k))))
+
+    def beat(self) -> bool:
+        """Extend the session; False if it expired (or was cleaned up) meanwhile. MetaError
+        if the database cannot be reached (the session may still be live)."""
+        res = self._run(update(sessions).where(
+            sessions.c.k == self.k, sessions.c.expires > func.clock_timestamp()
+        ).values(expires=self._expiry()))
+        return bool(res.rowcount == 1)
+
+    def elect(self) -> bool:
+        """Hold the vault's checkpoint lock if nobody else does; whether this session holds
+        it."""
+        if not self.elected:
+            self.elected = bool(self._run(
+                select(func.pg_try_advisory_lock(checkpoint_lock(self.keys)))).scalar())
+        return self.elected
+
+    def end(self) -> None:
+        """Remove the session and its holds (a clean unmount), release the lock."""
+        with contextlib.suppress(MetaError):
+            self._run(delete(holds).where(holds.c.sess == self.k))
+            self._run(delete(sessions).where(sessions.c.k == self.k))
+        self._drop()
+        self.engine.dispose()
+
+
+class PgWatcher:
+    """Hears the change notices other mounts' commits send (LISTEN on the vault's channel)
+    and calls ``on_change`` with the inodes they changed (None: anything may have changed —
+    a notice listing too many, or a connection lost and made again, during which notices
+    were missed). Notices of ``sender`` (this mount's own engine) are skipped. A thread of its
+    own, until :meth:`stop`."""
+
+    def __init__(self, url: str, keys: DbKeys, sender: bytes,
+                 on_change: Callable[[set[int] | None], None]) -> None:
+        self.keys = keys
+        self.sender = sender
+        self.on_change = on_change
+        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pg-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.engine.dispose()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self.engine.connect() as conn:
+                    conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
+                    self.listening.set()
+                    self.on_change(None)  # anything changed before this could be missed
+                    raw = conn.connection.driver_connection
+                    while not self._stop.is_set():
+                        for n in raw.notifies(timeout=0.5):  # type: ignore[union-attr]
+                            self._heard(n.payload)
+            except Exception as e:  # noqa: BLE001 - a lost connection: listen again
+                self.listening.clear()
+                log.warning("change notices from other mounts: %s (listening again)",
+                            _first_line(e))
+                self._stop.wait(1.0)
+
+    def _heard(self, payload: str) -> None:
+        try:
+            sender, inos = open_notice(self.keys, payload)
+        except IntegrityError:
+            log.warning("a change notice that fails authentication was ignored")
+            return
+        if sender != self.sender:
+            self.on_change(inos or None)
+
+
+def _machine_id() -> str:
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()

@@ -369,6 +369,24 @@ class MetaStore(Transactions, NamespaceOps):
     migrated (``migrated_from`` says from which version, else it is None), and a newer or
     invalid one raises ConfigError."""
 
+    shared = False  # one machine: the layer above may cache without bounds
+
+    # one machine: the lease excludes others, so nothing is held elsewhere
+    def hold(self, ino: int) -> None:
+        """Nothing to record: the files open are the filesystem's own."""
+
+    def unhold(self, ino: int) -> None:
+        """Nothing recorded."""
+
+    def held(self, ino: int) -> bool:
+        return False
+
+    def live_sessions(self) -> int:
+        return 0
+
+    def lock_ledger(self) -> None:
+        """Nothing to wait for: one writer."""
+
     def __init__(
         self,
         path: Path | str,

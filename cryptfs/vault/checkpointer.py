@@ -80,7 +80,11 @@ class Checkpointer:
     any are queued; ``gate()`` raises (LockedError) when the mount may not write to the store
     now; ``fence(why)`` stops the mount writing; ``on_checkpoint(name, blob)`` runs after each
     checkpoint is recorded, before collection (the snapshot policy); ``held(pins)`` returns
-    what those snapshot pins hold, or None when that cannot be worked out now."""
+    what those snapshot pins hold, or None when that cannot be worked out now.
+    ``elected()``: whether this mount writes checkpoints (several machines on one PostgreSQL
+    vault elect one writer; the others' :meth:`sync` waits for their own uploads only: their
+    metadata is durable in the database, the writer's next checkpoint takes it to the
+    store)."""
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class Checkpointer:
         fence: Callable[[str], None],
         on_checkpoint: Callable[[str, bytes], None],
         held: Callable[[list[str]], set[str] | None],
+        elected: Callable[[], bool] = lambda: True,
     ) -> None:
         self.meta = meta
         self.ledger = ledger
@@ -114,6 +119,7 @@ class Checkpointer:
         self.fence = fence
         self.on_checkpoint = on_checkpoint
         self.held = held
+        self.elected = elected
         self._ckpt_lock = threading.Lock()
         self._ticket_lock = threading.Lock()
         self._ckpt_requested = 0
@@ -136,7 +142,10 @@ class Checkpointer:
         own entries was written, until ``stop`` is set. A failure the vault reports
         (CryptfsError) is logged and retried; anything else fences the mount and ends it."""
         while not stop.wait(CHECKPOINT_INTERVAL):
+            if not self.elected():
+                continue
             with self.lock:
+                self.ledger.invalidate()  # (other machines may have appended)
                 head = self.ledger.head()
             if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
@@ -156,6 +165,12 @@ class Checkpointer:
         self.gate()
         if collect:
             self._force_collect = True
+        if not self.elected():
+            with self.lock:
+                self.flush_stored()
+                self.meta.commit()
+            self.chunks.wait_uploaded(None, progress)
+            return
         with self.lock:
             if not self._dirty():
                 return  # the store holds everything committed so far
@@ -198,8 +213,8 @@ class Checkpointer:
         """Whether anything was written since the last checkpoint shipped the metadata, other
         than that checkpoint's own bookkeeping, or a collection that was put off is due
         (caller holds the filesystem lock)."""
-        if self._clean_at is None or self.queued():
-            return True
+        if self._clean_at is None or self.queued() or self.meta.shared:
+            return True  # (shared: other machines' commits are not counted here)
         if self._uncollected and self._collect_due():
             return True
         return self.meta.change_count() != self._clean_at + self._own_writes
@@ -238,9 +253,12 @@ class Checkpointer:
             # An upload can finish before the file's chunk map is committed: on_stored then
             # finds no row to mark, and the row is inserted as 'staged'. Such a row is stored
             # (its ledger entry was written) once no upload and no staged file is left for it.
-            for ref in meta.objects_in_state("staged"):
-                if not self.chunks.upload_pending(ref.name):
-                    meta.mark_stored(ref.name)
+            # With other machines mounted a staged row may be one of their uploads, which this
+            # machine cannot see: such rows wait until it is alone.
+            if not meta.live_sessions():
+                for ref in meta.objects_in_state("staged"):
+                    if not self.chunks.upload_pending(ref.name):
+                        meta.mark_stored(ref.name)
             data, full = self._ship()
             shipped_at = meta.change_count()
             self._own_writes = 0

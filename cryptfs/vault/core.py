@@ -5,6 +5,13 @@ filesystem, replicas and :class:`~.checkpointer.Checkpointer` with their collabo
 in at construction, runs crash recovery (:func:`.recovery.recover`) when opened read-write,
 holds the lease (its heartbeat fences the mount), and closes it all in order.
 
+A vault whose metadata is in PostgreSQL is mounted by several machines at once: instead of the
+store lease a mount holds a session in the database (:class:`~cryptfs.meta.postgres.PgSession`:
+heartbeat, expiry; the engine's commits are fenced by it), stands for checkpoint writer (one
+elected machine writes checkpoints to the store), cleans up other machines' dead sessions, and
+hears their change notices (:class:`~cryptfs.meta.postgres.PgWatcher`) to drop what its
+filesystem caches of what they changed. SQLite vaults keep the lease.
+
 Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
 ``meta/<random>`` (sealed SQLite snapshots of the metadata, and segments: the pages changed
 since), ``checkpoints/<seq>`` (sealed, MAC'd ledger heads naming a snapshot and its segments).
@@ -44,7 +51,7 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import DbKeys, PgMetaStore
+from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, PgWatcher
 from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
@@ -54,7 +61,7 @@ from cryptfs.paths import VaultPaths, private_dir
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpointer import Checkpointer
-from cryptfs.vault.lease import Lease
+from cryptfs.vault.lease import Lease, lease_seconds
 from cryptfs.vault.localstate import (
     load_local_config,
     local_meta_url,
@@ -132,6 +139,9 @@ class Vault:
         self._stored: list[ChunkRef] = []
         self.recovered: list[str] = []  # what opening repaired after a crash, one line each
         self.lease: Lease | None = None
+        self.session: PgSession | None = None  # a PostgreSQL vault's, instead of the lease
+        self.session_lost = False
+        self.watcher: PgWatcher | None = None
         self._stored_lock = threading.Lock()
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
@@ -165,10 +175,13 @@ class Vault:
         try:
             v._refresh_config(master)
             v._take_lock()
-            if not readonly:
+            url = local_meta_url(paths)
+            if not readonly and not url:  # one machine: the store lease excludes others
                 v.lease = Lease(store, v.codec)
                 v.lease.acquire()
             v._open_db()
+            if not readonly and url:  # several machines: a session in the database
+                v._start_session(url)
             if check:
                 problems = v.anchor_problems()
                 if problems and not readonly:
@@ -237,6 +250,16 @@ class Vault:
                                   on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key)
 
+    def _start_session(self, url: str) -> None:
+        """Join the machines mounting a PostgreSQL vault: a session live for the lease
+        lifetime (``CRYPTFS_LEASE_SECONDS``) that fences this engine's commits, and the
+        checkpoint writer's lock if no other machine holds it."""
+        assert isinstance(self.meta, PgMetaStore)
+        self.session = PgSession(url, self._db_keys, lease_seconds())
+        self.session.start()
+        self.meta.attach(self.session.id, self._session_expired)
+        self.session.elect()
+
     def _start(self) -> None:
         assert self.meta is not None and self.ledger is not None
         if not self.readonly:
@@ -279,7 +302,15 @@ class Vault:
             gate=self._may_write, fence=self.fence,
             on_checkpoint=functools.partial(apply_policy, self),
             held=functools.partial(held_or_none, self),
+            elected=self._elected,
         )
+        url = local_meta_url(self.paths)
+        if url:  # other machines' commits: their change notices drop what they changed
+            self.watcher = PgWatcher(url, self._db_keys, self.meta.sender,  # type: ignore[union-attr]
+                                     self.fs.invalidate)
+            self.watcher.start()
+            with self.fs.lock:
+                self.fs.peers = bool(self.meta.live_sessions())
         if self.readonly:
             return
         self.recovered.extend(recover(self.fs, self.meta, self.ledger, self.chunks, self.store,
@@ -287,7 +318,8 @@ class Vault:
         self._timer = threading.Thread(target=self.checkpointer.run, args=(self._stop,),
                                        name="checkpoint", daemon=True)
         self._timer.start()
-        threading.Thread(target=self._heartbeat, name="lease", daemon=True).start()
+        threading.Thread(target=self._heartbeat if self.session is None else self._beat,
+                         name="lease", daemon=True).start()
         if self.store.members:  # copies to level in the background
             self.replicator = threading.Thread(target=self._replicate, name="replicate",
                                                daemon=True)
@@ -295,11 +327,12 @@ class Vault:
 
     def readonly_cause(self) -> str:
         """Why this mount does not write, as a fixed word (a metrics label): ``none``,
-        ``mount_option``, ``lease_lost``, ``lease_not_renewed`` or ``checkpoint_failed``."""
+        ``mount_option``, ``lease_lost`` (also: the PostgreSQL session expired),
+        ``lease_not_renewed`` or ``checkpoint_failed``."""
         if self.readonly:
             return "mount_option"
-        if self.lease is not None and self.lease.lost:
-            return "lease_lost"
+        if self.lease is not None and self.lease.lost or self.session_lost:
+            return "lease_lost"  # (or the PostgreSQL session expired)
         if self.readonly_reason == UNRENEWED:
             return "lease_not_renewed"
         if self.readonly_reason is not None or self.fs is not None and self.fs.readonly:
@@ -345,6 +378,49 @@ class Vault:
             elif self.readonly_reason is None:
                 self.fence(UNRENEWED)
             wait = lease.ttl / 3 if renewed else min(2.0, lease.ttl / 10)
+
+    def _session_expired(self, why: str) -> None:
+        """The database refused a commit: this machine's session expired. Read-only at once
+        (one log line), without waiting for the heartbeat to find out."""
+        self.session_lost = True
+        self.fence(why)
+
+    def _elected(self) -> bool:
+        """Whether this mount writes the vault's checkpoints: always with one machine; with
+        several, the one holding the checkpoint lock (see :class:`PgSession`)."""
+        return self.session is None or self.session.elected
+
+    def _beat(self) -> None:
+        """Keep the session live (every third of its lifetime; every 2 s while the database
+        cannot be reached), stand for checkpoint writer, and clean up other machines' dead
+        sessions. A session that expired fences the mount for good (its commits are refused
+        by the database anyway: this only says so once and stops the writes early)."""
+        s = self.session
+        assert s is not None and self.fs is not None and isinstance(self.meta, PgMetaStore)
+        wait = s.ttl / 3
+        while not self._stop.wait(wait):
+            try:
+                if not s.beat():
+                    if not self.session_lost:
+                        self._session_expired(
+                            f"this machine's session in the metadata database expired "
+                            f"(frozen or cut off longer than {s.ttl:.0f}s)")
+                    return
+                s.elect()
+                with self.fs.lock:
+                    dead, gone = self.meta.reap_sessions()
+                    self.fs.invalidate(gone)
+                    self.fs.peers = bool(self.meta.live_sessions())
+                if dead:
+                    log.info("cleaned up %d expired sessions of other machines (%d files "
+                             "they held open, unlinked, deleted)", dead, len(gone))
+                wait = s.ttl / 3
+            except CryptfsError as e:
+                log.warning("session heartbeat: %s", e.line())
+                wait = min(2.0, s.ttl / 10)
+            except BaseException as e:  # noqa: B036 - a dependency's panic must not end it
+                log.error("session heartbeat failed: %s: %s", type(e).__name__, e)
+                wait = min(2.0, s.ttl / 10)
 
     def _lookup_object(self, name: str) -> ChunkRef | None:
         assert self.fs is not None and self.meta is not None
@@ -439,6 +515,10 @@ class Vault:
                                   hint="see the daemon log; unmount and mount again")
             if self.readonly_reason == UNRENEWED:
                 self.fence(None)
+        if self.session_lost:
+            raise LockedError("this machine's session in the metadata database expired: "
+                              "nothing more is written to the store",
+                              hint="see the daemon log; unmount and mount again")
         if self.readonly_reason is not None:
             raise LockedError(f"the mount is read-only: {self.readonly_reason}")
 
@@ -457,13 +537,21 @@ class Vault:
             checkpoint = False  # the vault belongs to another mount now
             log.error("not writing a final checkpoint: the lease was lost; data of this mount "
                       "stays in the local database and staging area")
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.session_lost:
+            checkpoint = False
         try:
             if self.fs is not None and checkpoint and not self.readonly:
                 self.fs.release_all()
+                if self.session is not None:  # the last machine out writes the checkpoint
+                    with contextlib.suppress(CryptfsError):
+                        self.session.elect()
                 assert self.checkpointer is not None and self.meta is not None
                 self.checkpointer.finish(progress)
                 with self.fs.lock:
-                    self.meta.set_state("clean", "1")
+                    if not self.meta.live_sessions():  # others may still crash
+                        self.meta.set_state("clean", "1")
         except CryptfsError as e:
             if on_failure is not None:
                 on_failure(e)
@@ -482,6 +570,8 @@ class Vault:
                     self.replicas.meta.commit()
             if self.meta is not None:
                 self.meta.close()
+            if self.session is not None:
+                self.session.end()
             if self.lease is not None and not self.lease.lost:
                 with contextlib.suppress(CryptfsError):
                     self.lease.release()

@@ -1,5 +1,8 @@
 """The mount lease: one read-write mount of a vault at a time, across machines.
 
+(A vault whose metadata is in PostgreSQL takes no lease: its mounts hold sessions in the
+database instead, several at once; see :class:`cryptfs.meta.postgres.PgSession`.)
+
 A sealed object ``lease`` in the store names its holder (a random id, host, pid, machine id) and
 an expiry. It is created with a conditional write (S3 ``If-None-Match: *``, an exclusive link
 on a local store), renewed by a heartbeat every third of its lifetime, and deleted at a clean

@@ -2,7 +2,9 @@
 is repaired before the filesystem is served, and the metadata is marked unclean until the
 mount's final checkpoint (``close``) marks it clean again.
 
-Safe because the lease excludes other writers and the anchors agreed before it runs.
+Safe because the lease excludes other writers and the anchors agreed before it runs. On a
+PostgreSQL vault other machines may be mounted: files they hold open are kept, and objects
+the metadata does not know are swept only when no other machine's session is live.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunk
         done.append(f"{resumed} staged uploads: resumed")
     if stray:
         done.append(f"{stray} stray staged files: removed")
-    with fs.lock:  # resumed upload workers use the same connection
-        unclean = meta.get_state("clean") == "0"
+    with fs.lock:  # resumed upload workers use the same connection; with other machines
+        # mounted, objects unknown to the metadata may be their uploads in flight
+        unclean = meta.get_state("clean") == "0" and not meta.live_sessions()
     if unclean:
         swept = sweep_orphans(fs.lock, meta, ledger, store, codec)
         if swept:
