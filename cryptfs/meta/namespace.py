@@ -308,8 +308,8 @@ class NamespaceOps(_Rows):
                 raise os_error(errno.EISDIR)
             if not hidden:
                 op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True)
-            if node.nlink <= 0 and ino not in keep:
-                op.delete(ino)
+            if node.nlink <= 0 and ino not in keep and not self.held(ino):
+                op.delete(ino)  # (held: another machine has it open)
             else:
                 op.out.inodes[ino] = node
             return op.out
