@@ -351,34 +351,8 @@ class Metrics:
         counted = name == "write"  # write returns the count, read the bytes
 
         def timed_bytes(*args: Any) -> Any:
-            t = clock()
-            try:
-                out = fn(*args)
-            except OSError as e:
-                d = clock() - t
-                try:
-                    row = local.row
-                except AttributeError:
-                    row = first_row()
-                row[0 if d < b0 else 1 if d < b1 else 2 if d < b2 else bisect_left(bounds, d)] += 1
-                row[seconds] += d
-                errs = row[keyed]
-                code = e.errno
-                errs[code] = errs.get(code, 0) + 1
-                raise
-            except BaseException as e:
-                err = failed(t, e)
-                if err is e:
-                    raise
-                raise err from None
-            d = clock() - t
-            try:
-                row = local.row
-            except AttributeError:
-                row = first_row()
-            row[0 if d < b0 else 1 if d < b1 else 2 if d < b2 else bisect_left(bounds, d)] += 1
-            row[seconds] += d
-            row[nbytes] += out if counted else len(out)
+            out = timed(*args)  # (its row exists once timed returned)
+            local.row[nbytes] += out if counted else len(out)
             return out
 
         return timed_bytes

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,3 +210,13 @@ def replace_private(tmp: Path, path: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def machine_id() -> str:
+    """This host's identity for lease and session records: /etc/machine-id, else the host
+    name."""
+    try:
+        with open("/etc/machine-id") as f:
+            return f.read().strip() or socket.gethostname()
+    except OSError:
+        return socket.gethostname()

@@ -294,8 +294,6 @@ class MetaEngine(Protocol):
     def drop_inode_rows(self, ino: int) -> None: ...
 
 
-
-
 class Transactions:
     """The nesting of :meth:`MetaEngine.transaction` blocks and the rollback bookkeeping,
     shared by the engines. An engine sets ``_depth`` to 0, ``_undo`` to an empty list and

@@ -92,6 +92,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
 from cryptfs.meta.namespace import NamespaceOps
+from cryptfs.paths import machine_id
 
 log = logging.getLogger("cryptfs.meta.postgres")
 
@@ -1363,7 +1364,7 @@ class PgSession:
         return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
 
     def start(self) -> None:
-        who = _pack(socket.gethostname(), os.getpid(), _machine_id(), time.time_ns())
+        who = _pack(socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
         self._run(insert(sessions).values(
             k=self.k, expires=self._expiry(),
             v=crypto.seal(self.keys.row, who, _ad("sessions", 0, self.k))))
@@ -1444,10 +1445,3 @@ class PgWatcher:
         if sender != self.sender:
             self.on_change(inos or None)
 
-
-def _machine_id() -> str:
-    try:
-        with open("/etc/machine-id") as f:
-            return f.read().strip() or socket.gethostname()
-    except OSError:
-        return socket.gethostname()

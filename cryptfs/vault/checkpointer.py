@@ -339,6 +339,10 @@ class Checkpointer:
         assert last is not None
         self.last_seq = last.seq
 
+    def close(self) -> None:
+        """Let the store-sync thread go (a round still under way finishes its syncs)."""
+        self._sync_pool.shutdown(wait=False)
+
     def anchor(self) -> None:
         """Make the local ledger durable and record its newest entry in the head file (after
         the final checkpoint of a mount: a round anchors only up to its checkpoint's entry)."""

@@ -33,6 +33,7 @@ from typing import Any
 from cryptfs.errors import IntegrityError, LockedError, ObjectNotFound
 from cryptfs.format import crypto, layout
 from cryptfs.format.codec import Codec
+from cryptfs.paths import machine_id
 from cryptfs.stores import ObjectStore
 
 log = logging.getLogger("cryptfs.vault.lease")
@@ -46,14 +47,6 @@ def lease_seconds() -> float:
         return max(2.0, float(os.environ.get("CRYPTFS_LEASE_SECONDS", "60")))
     except ValueError:
         return 60.0
-
-
-def machine_id() -> str:
-    try:
-        with open("/etc/machine-id") as f:
-            return f.read().strip() or socket.gethostname()
-    except OSError:
-        return socket.gethostname()
 
 
 def _alive(pid: int) -> bool:
