@@ -279,6 +279,7 @@ def test_keys_are_the_vaults_own() -> None:
     assert a.row != crypto.subkey(b"\1" * 32, b"vault-id-0000001", crypto.PURPOSE_META)
 
 
+@pytest.mark.timeout(180)  # mounts, a checkpoint and a restore: minutes on a loaded machine
 def test_a_vault_with_its_metadata_in_postgresql_mounts_and_opens_from_the_store_alone(
     pg_place: PgPlace,
 ) -> None:

@@ -30,7 +30,7 @@ import pytest
 from faultproxy import FaultProxy
 from mount_fixtures import VaultEnv, _mounted, force_unmount
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.log_problems_expected]  # stores go down
+pytestmark = [pytest.mark.timeout(360), pytest.mark.log_problems_expected]  # stores go down
 
 CHUNK = 65536
 NOCACHE = "cache_size=0"  # every read of a cold file goes to a store
@@ -64,7 +64,7 @@ class Rig:
         assert mounts, res.stdout
         return mounts[0]  # type: ignore[no-any-return]
 
-    def wait_level(self, timeout: float = 90) -> None:
+    def wait_level(self, timeout: float = 150) -> None:
         """Until the mount reports no pending copies on any store (bounded)."""
         deadline = time.monotonic() + timeout
         while True:
