@@ -43,6 +43,7 @@ from cryptfs.format.layout import (
     META_PREFIX,
     SNAPSHOT_PREFIX,
     checkpoint_name,
+    checkpoint_seq,
 )
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
@@ -346,10 +347,18 @@ class Checkpointer:
         """Let the store-sync thread go (a round still under way finishes its syncs)."""
         self._sync_pool.shutdown(wait=False)
 
-    def anchor(self) -> None:
+    def anchor(self, wait: bool = True) -> None:
         """Make the local ledger durable and record its newest entry in the head file (after
-        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry)."""
-        with self._ckpt_lock:
+        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry).
+        Several machines (``meta.shared``): record the head this machine verified
+        (:attr:`Ledger.verified`, committed first) with the newest checkpoint recorded up to
+        it. ``wait=False``: nothing if a checkpoint is being written (it writes the head)."""
+        if not self._ckpt_lock.acquire(blocking=wait):
+            return
+        try:
+            if self.meta.shared:
+                self._anchor_verified()
+                return
             head = read_head(self.paths)
             if head is None or not head.checkpoint:
                 return
@@ -358,6 +367,22 @@ class Checkpointer:
                 last = self.ledger.head()
             if last is not None and last.seq > head.seq:
                 self._write_head(last, head.checkpoint)
+        finally:
+            self._ckpt_lock.release()
+
+    def _anchor_verified(self) -> None:
+        """The head file of a machine sharing the database: the verified ledger head, if
+        newer than the file's (caller holds _ckpt_lock)."""
+        head = read_head(self.paths)
+        with self.lock:
+            self.meta.commit()  # (an append of this machine's counts once committed)
+            last, ck = self.ledger.verified, self.ledger.checkpoint
+            if self.ledger.forked:
+                return
+        if head is not None and (checkpoint_seq(head.checkpoint) or 0) > (checkpoint_seq(ck) or 0):
+            ck = head.checkpoint
+        if last is not None and ck and (head is None or last.seq > head.seq):
+            self._write_head(last, ck)
 
     @contextlib.contextmanager
     def checkpoints_held(self) -> Iterator[str]:
