@@ -10,8 +10,8 @@ told the head it verified (:meth:`Ledger.trust`, at mount, after the anchors che
 chain), a :class:`Ledger` checks every newer head it reads from the database against it, walking
 only the entries added since (:meth:`Ledger.check`): a database rolled back, a ledger truncated,
 or a history other than the one this machine saw is an IntegrityError, for good (the ledger
-stays forked, every later read of the head and every append refuses), and ``on_fork`` hears
-it once.
+stays forked: every later append and check refuses, the head stays the one verified), and
+``on_fork`` hears it once.
 """
 
 from __future__ import annotations
@@ -140,9 +140,10 @@ class Ledger:
 
     def head(self) -> Entry | None:
         """The newest entry; read from the database after :meth:`invalidate` (with
-        :meth:`trust` given, checked to extend the verified head: IntegrityError if not)."""
+        :meth:`trust` given, checked to extend the verified head: IntegrityError if not;
+        once forked, the verified head, and nothing more is read)."""
         if self.forked is not None:
-            raise IntegrityError(self.forked)
+            return self.verified
         if not self._loaded:
             try:
                 row = self.meta.ledger_last()
@@ -166,6 +167,8 @@ class Ledger:
     def check(self) -> Entry | None:
         """Read the database's newest entry and check that it extends the verified head (only
         the entries added since are read). IntegrityError (for good) if it does not."""
+        if self.forked is not None:
+            raise IntegrityError(self.forked)
         self.invalidate()
         return self.head()
 
@@ -218,6 +221,8 @@ class Ledger:
     def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
         """Add an entry in the current transaction (or its own)."""
         assert op_kind(op) in OPS
+        if self.forked is not None:  # never extend a chain this machine cannot trust
+            raise IntegrityError(self.forked)
         if self.meta.shared:  # other machines append too: wait for them, read the head
             with self.meta.transaction(commit=False):
                 self.meta.lock_ledger()

@@ -238,6 +238,19 @@ class Vault:
         ck = self.ledger.last_named("put", CHECKPOINT_PREFIX)
         self.ledger.trust(self.ledger.head(), ck.name if ck else "")
 
+    def reanchor(self) -> None:
+        """``verify --accept`` on a vault whose ledger is in a shared database: the ledger
+        as it is now becomes this machine's reference (its head file is rewritten to it,
+        even if it is behind what the file said). Nothing for a local ledger (its
+        checkpoint writes the head file)."""
+        assert self.fs is not None and self.meta is not None and self.checkpointer is not None
+        if not self.meta.shared:
+            return
+        with self.fs.lock:
+            self.meta.commit()
+            self._trust_ledger()
+        self.checkpointer.anchor(force=True)
+
     def _ledger_forked(self, why: str) -> None:
         """The database's ledger does not extend the head this machine verified: read-only
         for good (one log line), no checkpoint of that state."""
