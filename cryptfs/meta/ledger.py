@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
+from cryptfs.format.layout import CHECKPOINT_PREFIX
 from cryptfs.meta import MetaEngine
 
 GENESIS = b"\0" * 32
 ENTRY_TAG = b"cryptfs-ledger-v1\0"
 HEAD_TAG = b"cryptfs-head-v1\0"
-CHECKPOINT_PREFIX = "checkpoints/"  # (cryptfs.format.layout's: a put of it is a checkpoint)
 OPS = ("put", "del", "accept", "copy", "lost", "store-add", "store-remove", "config")
 
 
