@@ -543,8 +543,8 @@ class VaultCollector(Collector):
                                 "PostgreSQL vault: a live session in the database)",
                                 value=1 if held else 0)
         ro = GaugeMetricFamily("cryptfs_readonly", "1 when the mount is read-only; the reason "
-                               "is mount_option, lease_lost, lease_not_renewed or "
-                               "checkpoint_failed", labels=["reason"])
+                               "is mount_option, lease_lost, lease_not_renewed, "
+                               "ledger_forked or checkpoint_failed", labels=["reason"])
         cause = v.readonly_cause()
         ro.add_metric([cause], 0 if cause == "none" else 1)
         yield ro

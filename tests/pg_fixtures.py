@@ -185,6 +185,14 @@ class PgServer:
         return self._as_postgres(str(self.bindir / "pg_dump"), "-h", str(self.sock),
                                  "-U", USER, *only, db).stdout
 
+    def restore(self, db: str, schema: str, dump: bytes) -> None:
+        """Put a plain-text dump of one schema (:meth:`pg_dump`) back in place of what the
+        schema holds now, by psql run as the postgres user (as an operator restoring a
+        backup would)."""
+        self.admin(f"DROP SCHEMA IF EXISTS {schema} CASCADE", db)
+        self._as_postgres(str(self.bindir / "psql"), "-h", str(self.sock), "-U", USER, "-d", db,
+                          "-q", "-v", "ON_ERROR_STOP=1", input=dump)
+
     @contextlib.contextmanager
     def small_tablespace(self, size: str) -> Iterator[tuple[Path, str]]:
         """A tablespace on a real filesystem of ``size`` (tmpfs): ``(its directory, its

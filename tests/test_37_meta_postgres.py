@@ -4,7 +4,10 @@ The contract every engine shares is test_35's; this is what only PostgreSQL prom
 database holds no file name and no plaintext (a ``pg_dump`` scan), a row edited, swapped, moved
 to another directory or given another version fails to open (IntegrityError, errno EIO) and
 never reads as wrong data, a database of another vault or schema version is refused in one line,
-and an update that another writer overtook is a conflict, not a lost update.
+and an update that another writer overtook is a conflict, not a lost update. Fork consistency:
+a machine's ledger that verified a head refuses (once said, for good) a database whose ledger
+does not extend it — truncated, rolled back, edited, or showing it another history — and
+checks a newer head by reading only the entries added since.
 """
 
 from __future__ import annotations
@@ -152,6 +155,108 @@ def test_an_entry_moved_to_another_directory_is_not_found_there(
     with pytest.raises(IntegrityError):  # b's listing meets a row that does not open
         engine.list_dir(t["b"])
     assert [x[0] for x in engine.list_dir(t["a"])] == [b"link"]
+
+
+# -- fork consistency: the ledger against the head a machine verified ---------------------------
+LEDGER_KEY = b"k" * 32
+
+
+def appended(e: PgMetaStore, n: int, tag: str) -> None:
+    """``n`` entries appended by a machine (its own Ledger on the engine)."""
+    led = Ledger(e, LEDGER_KEY)
+    for i in range(n):
+        led.append("put", f"data/{tag}-{i}", 10 + i, bytes([i]) * 32)
+
+
+def verifier(e: PgMetaStore) -> tuple[Ledger, list[str]]:
+    """A machine's ledger that verified the database's chain as it is now, and what its
+    ``on_fork`` hears."""
+    heard: list[str] = []
+    led = Ledger(e, LEDGER_KEY, on_fork=heard.append)
+    n, problems = led.verify_chain()
+    assert not problems and n == led.head().seq  # type: ignore[union-attr]
+    led.trust(led.head(), "checkpoints/0000000000000001")
+    return led, heard
+
+
+def assert_forked(led: Ledger, heard: list[str], *needles: str) -> None:
+    with pytest.raises(IntegrityError) as e:
+        led.check()
+    msg = str(e.value)
+    assert e.value.errno == errno.EIO and "\n" not in msg and all(n in msg for n in needles), msg
+    assert heard == [msg]  # said once ...
+    with pytest.raises(IntegrityError):  # ... and for good: no head, no append on that chain
+        led.append("put", "data/after-the-fork", 1, b"\0" * 32)
+    with pytest.raises(IntegrityError):
+        led.check()
+    assert len(heard) == 1
+
+
+def test_a_ledger_extended_by_other_machines_is_verified_reading_only_the_new_entries(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """The cheap check: a head read from the database is checked by reading only the entries
+    between the one verified and it (not the whole chain; none when it is the next entry); an
+    own append extends it without reading."""
+    appended(engine, 40, "early")
+    led, heard = verifier(engine)
+    pages: list[int] = []
+    real = engine.ledger_page
+
+    def counted(after: int, limit: int) -> list:  # type: ignore[type-arg]
+        rows = real(after, limit)
+        pages.append(len(rows))
+        return rows
+
+    engine.ledger_page = counted  # type: ignore[method-assign]
+    appended(engine, 3, "other")  # another machine
+    assert led.check().seq == 43 and led.verified.seq == 43  # type: ignore[union-attr]
+    assert sum(pages) == 2  # entries 41 and 42 (43 is the head read)
+    appended(engine, 1, "checkpoint-like")
+    Ledger(engine, LEDGER_KEY).append("put", "checkpoints/0000000000000045", 5, b"\5" * 32)
+    pages.clear()
+    assert led.check().seq == 45 and led.checkpoint == "checkpoints/0000000000000045"
+    own = led.append("put", "data/own", 1, b"\6" * 32)
+    assert led.verified == own and sum(pages) == 1 and heard == []
+    assert led.check() == own  # nothing new: no page read
+    appended(engine, 1, "next")
+    assert led.check().seq == 47  # type: ignore[union-attr]
+    assert sum(pages) == 1 and heard == []  # the next entry alone: no page read
+
+
+def test_a_truncated_or_rolled_back_ledger_is_a_fork(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    appended(engine, 8, "a")
+    led, heard = verifier(engine)
+    pg_place.sql("DELETE FROM ledger WHERE seq > 5")  # truncated (or an older dump restored)
+    assert_forked(led, heard, "ends at sequence 5", "verified sequence 8", "rolled back")
+
+
+def test_two_machines_shown_different_histories_find_out(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """A database that shows a machine a history other than the one it verified: the same
+    length with another last entry, or a longer one that does not go through its head."""
+    appended(engine, 6, "common")
+    same_length, heard1 = verifier(engine)
+    longer, heard2 = verifier(engine)
+    pg_place.sql("DELETE FROM ledger WHERE seq > 4")  # the operator forks after entry 4 ...
+    appended(engine, 2, "fork")  # ... and another machine writes on that branch
+    assert_forked(same_length, heard1, "differs at sequence 6")
+    appended(engine, 3, "fork-more")
+    assert_forked(longer, heard2, "broken at sequence 7")
+
+
+def test_an_edited_or_replayed_ledger_row_is_a_fork(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    appended(engine, 5, "a")
+    led, heard = verifier(engine)
+    appended(engine, 3, "b")
+    # entry 7's sealed row given entry 3's payload: it does not open at 7 (the seal binds seq)
+    pg_place.sql("UPDATE ledger SET v = (SELECT v FROM ledger WHERE seq = 3) WHERE seq = 7")
+    assert_forked(led, heard, "fails authentication")
 
 
 def test_another_vaults_database_or_version_is_refused(

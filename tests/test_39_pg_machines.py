@@ -12,12 +12,19 @@ the checkpoint), on a local store and on S3; one name created on both at once (o
 rename on one seen on the other within the stated bound, and close-to-open; a mount killed with
 SIGKILL: what it fsync'd is readable, its session expires and the other mount cleans it up (the
 file it held open, unlinked, goes); a frozen mount whose session expired turns read-only.
+
+Against the database operator: sessions and holds rows edited, swapped or deleted (detected or
+harmless, each said why); fork consistency through the mounts (the ledger truncated under them
+turns them read-only, an older dump restored refuses their mounts) and a pg_dump of a database
+two mounts use, and their change notices, show no name and no plaintext marker.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
+import json
 import os
 import signal
 import stat
@@ -28,6 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
@@ -241,6 +249,71 @@ def test_change_notices_reach_the_other_machines_only(
             w.stop()
 
 
+def test_tampered_sessions_and_holds_rows_are_detected_or_harmless(
+    machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What the database operator gets by editing, swapping or deleting rows of the tables
+    several machines add (README, "what the database operator can and cannot do"):
+
+    - a session's sealed ``v`` (host, pid, machine id) edited or swapped with another's:
+      harmless — nothing reads it to decide anything (it is for people), a live session keeps
+      committing;
+    - a session's ``expires`` moved into the past, or the row deleted: the machine is fenced
+      (its next commit is refused, EROFS, nothing written) — availability, which the operator
+      controls anyway; no data is changed;
+    - a hold's sealed ``v`` edited or swapped: detected when the session is reaped (one
+      warning), the row dropped; the inode it named is not deleted (no name left: fsck's
+      orphan), never another inode;
+    - a hold deleted: not detected; the unlinked file it kept open is deleted at once, as
+      deleting the file's own rows would (the operator can always destroy data); what is read
+      is authentic or absent, never other data."""
+    a, b = machines
+    sa, sb = PgSession(pg_place.url, KEYS, 60.0), PgSession(pg_place.url, KEYS, 60.0)
+    try:
+        sa.start()
+        sb.start()
+        a.attach(sa.id)
+        b.attach(sb.id)
+        f, g, h = (a.mknod(ROOT_INO, n, node(REG)).ino for n in (b"f", b"g", b"h"))
+        with a.transaction():
+            for ino in (f, g, h):
+                a.hold(ino)
+        # sessions' payloads edited and swapped: a still commits
+        pg_place.sql("UPDATE sessions s SET v = o.v FROM sessions o WHERE s.k <> o.k")
+        pg_place.sql("UPDATE sessions SET v = overlay(v placing '\\x00'::bytea from 20)")
+        a.mknod(ROOT_INO, b"still-commits", node(REG))
+        # holds: f's payload edited, g's deleted, h's untouched; b unlinks all three
+        fh, gh = (a._h(b"h", sa.id, i).hex() for i in (f, g))
+        pg_place.sql("UPDATE holds SET v = overlay(v placing '\\xff'::bytea from length(v)) "
+                     f"WHERE k = '\\x{fh}'")
+        pg_place.sql(f"DELETE FROM holds WHERE k = '\\x{gh}'")
+        for n in (b"f", b"g", b"h"):
+            b.unlink(ROOT_INO, n)
+        assert b.get_inode(g) is None  # its hold deleted: gone at once (not detected)
+        assert b.get_inode(f) is not None and b.get_inode(h) is not None  # held
+        # a's expiry moved into the past: a is fenced, b reaps it
+        pg_place.sql(f"UPDATE sessions SET expires = now() - interval '1 second' "
+                     f"WHERE k = '\\x{sa.k.hex()}'")
+        with pytest.raises(SessionExpired):
+            a.mknod(ROOT_INO, b"fenced", node(REG))
+        with caplog.at_level("WARNING", logger="cryptfs.meta.postgres"):
+            assert b.reap_sessions() == (1, {h})  # f's tampered hold names nothing
+        assert [r.getMessage() for r in caplog.records].count(
+            f"metadata database {b.where}: a hold of an expired session fails authentication "
+            "(tampered with); it is dropped") == 1
+        assert b.get_inode(f) is not None and f in b.orphan_inodes()  # left for fsck
+        assert pg_place.sql("SELECT count(*) FROM holds") == [(0,)]
+        # b's own session row deleted: b is fenced too (nothing written)
+        pg_place.sql(f"DELETE FROM sessions WHERE k = '\\x{sb.k.hex()}'")
+        with pytest.raises(SessionExpired):
+            b.mknod(ROOT_INO, b"fenced-too", node(REG))
+        assert b.lookup(ROOT_INO, b"fenced") is None and b.lookup(ROOT_INO, b"fenced-too") is None
+    finally:
+        sa.end()
+        sb.end()
+
+
 # -- through real mounts ---------------------------------------------------------------------
 SESSION_SECONDS = "3"  # CRYPTFS_LEASE_SECONDS: the session lifetime, short for the kill test
 # what README states: a change shows on the other machines within ~1 s after its notice (the
@@ -448,3 +521,105 @@ def test_a_frozen_mount_whose_session_expired_turns_read_only(
     assert log_text.count("session expired") <= 2, log_text  # that line and the refused op's
     (ma / "a-writes").write_text("the live machine")
     assert (ma / "a-writes").read_text() == "the live machine"
+
+
+MARKERS = (b"secret-dir-MARKER1", b"secret-name-MARKER2", b"PLAINTEXT-MARKER3",
+           b"MARKER4-symlink-target", b"link-MARKER5", b"MARKER6", b"MARKER7-value",
+           b"after-the-dump-MARKER8", b"MARKER")
+
+
+def assert_no_marker(blob: bytes, what: str) -> None:
+    low = blob.lower()
+    for m in MARKERS:
+        assert m.lower() not in low and m.hex().encode() not in low, (what, m)
+
+
+def head_seq(env: VaultEnv) -> int:
+    p = env.data_dir / "head.json"
+    return int(json.loads(p.read_text())["seq"]) if p.exists() else 0
+
+
+def test_a_rolled_back_or_truncated_database_is_detected_and_its_dump_shows_nothing(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """Two machines use the database: a pg_dump of it (sessions and holds included) and the
+    change notices they send show no name and no plaintext marker. Each machine records the
+    newest ledger head it verified in its head file; the ledger truncated under the mounts
+    turns both read-only (one log line each); the older dump restored refuses both mounts
+    (one line, exit code 6), although nothing in the restored database fails to open, until
+    ``cryptfs verify --accept`` takes its state deliberately."""
+    a, ma, b, mb = two_mounts
+    d = ma / "secret-dir-MARKER1"
+    d.mkdir()
+    f = d / "secret-name-MARKER2.txt"
+    f.write_bytes(b"PLAINTEXT-MARKER3 " * 1000)
+    os.symlink("MARKER4-symlink-target", ma / "link-MARKER5")
+    os.setxattr(f, "user.MARKER6", b"MARKER7-value")
+    appears(mb / "secret-dir-MARKER1" / "secret-name-MARKER2.txt")
+    fd = os.open(mb / "secret-dir-MARKER1" / "secret-name-MARKER2.txt", os.O_RDONLY)
+    try:
+        assert os.read(fd, 17) == b"PLAINTEXT-MARKER3"
+        assert pg_place.sql("SELECT count(*) FROM holds") == [(1,)]
+        assert pg_place.sql("SELECT count(*) FROM sessions") == [(2,)]
+        old = pg_place.server.pg_dump(pg_place.db, pg_place.schema)
+        assert b".holds (" in old and b".sessions (" in old
+        assert_no_marker(old, "pg_dump")
+        # the change notices of a commit on a (heard by a listener of the test's own)
+        listens = pg_place.server.admin(
+            "SELECT DISTINCT query FROM pg_stat_activity WHERE query LIKE 'LISTEN %' "
+            f"AND datname = '{pg_place.db}'")
+        assert len(listens) == 1, listens
+        with psycopg.connect(pg_place.server.dsn(pg_place.db), autocommit=True) as lc:
+            lc.execute(str(listens[0][0]).encode())
+            with open(ma / "after-the-dump-MARKER8", "wb") as w:
+                w.write(b"PLAINTEXT-MARKER3 and more " * 2000)
+                os.fsync(w.fileno())
+            notices = [n.payload for n in lc.notifies(timeout=BOUND, stop_after=1)]
+        assert notices
+        for p in notices:
+            assert_no_marker(p.encode() + base64.b64decode(p), "change notice")
+        appears(mb / "after-the-dump-MARKER8")
+        # both machines record the newest head they verified
+        newest = int(pg_place.sql("SELECT max(seq) FROM ledger")[0][0])  # type: ignore[arg-type]
+        deadline = time.monotonic() + 2 * BOUND  # (a heartbeat is 1 s here; a loaded machine)
+        while min(head_seq(a), head_seq(b)) < newest:
+            assert time.monotonic() < deadline, (head_seq(a), head_seq(b), newest)
+            time.sleep(0.1)
+        # the ledger truncated under the mounts: both turn read-only
+        pg_place.sql(f"DELETE FROM ledger WHERE seq > {newest - 2}")
+        for env, mp in ((a, ma), (b, mb)):
+            deadline = time.monotonic() + 2 * BOUND
+            while True:
+                try:
+                    os.mkdir(mp / f"late-{time.monotonic_ns()}")
+                except OSError as e:
+                    assert e.errno == errno.EROFS, e
+                    break
+                assert time.monotonic() < deadline, "a forked mount still writes"
+                time.sleep(0.1)
+            log_text = env.log_text()
+            assert log_text.count("the mount is read-only now") == 1, log_text
+            assert "read-only now: the ledger in the metadata database" in log_text and \
+                "rolled back, truncated or shows this machine another history" in log_text, \
+                log_text
+        assert (mb / "after-the-dump-MARKER8").read_bytes()[:17] == b"PLAINTEXT-MARKER3"
+    finally:
+        os.close(fd)
+    a.umount(ma)
+    b.umount(mb)
+    # an older dump restored: every row in it opens, but it is behind what both machines saw
+    pg_place.server.restore(pg_place.db, pg_place.schema, old)
+    for env, mp in ((a, ma), (b, mb)):
+        res = env.cli("mount", "--name", env.name, str(mp), check=False)
+        assert res.returncode == 6, (res.returncode, res.stderr)
+        line = res.stderr.strip()
+        assert "\n" not in line and "the ledger in the metadata database ends at sequence" in line \
+            and "this machine saw sequence" in line, line
+        assert not _mounted(str(mp))
+    # accepting the database's state deliberately makes it a's reference again
+    res = a.cli("verify", "--accept", "--name", a.name, check=False)
+    assert "accepted the current state" in res.stdout, (res.stdout, res.stderr)
+    a.mount(ma)
+    assert (ma / "secret-dir-MARKER1" / "secret-name-MARKER2.txt").read_bytes() == \
+        b"PLAINTEXT-MARKER3 " * 1000
+    assert not (ma / "after-the-dump-MARKER8").exists()  # (what the restored dump lacks)

@@ -412,6 +412,7 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
             "does not reference"
         )
         vault.sync()
+    vault.reanchor()  # (a shared database's ledger: this machine's head file follows it)
     say("verify: accepted the current state; a new checkpoint anchors it")
 
 

@@ -4,6 +4,14 @@ Entry ``seq`` (1, 2, ...) hashes a canonical encoding of its fields and the prev
 hash (32 zero bytes before the first entry); see docs/FORMAT.md for the byte layout and a test
 vector. The head (sequence and hash) is authenticated with HMAC-SHA256 under the ledger sub-key,
 so only the key holder can produce a head that checkpoints and the local head file accept.
+
+Fork consistency (a ledger several machines append to, in a database they do not trust): once
+told the head it verified (:meth:`Ledger.trust`, at mount, after the anchors checked the whole
+chain), a :class:`Ledger` checks every newer head it reads from the database against it, walking
+only the entries added since (:meth:`Ledger.check`): a database rolled back, a ledger truncated,
+or a history other than the one this machine saw is an IntegrityError, for good (the ledger
+stays forked: every later append and check refuses, the head stays the one verified), and
+``on_fork`` hears it once.
 """
 
 from __future__ import annotations
@@ -11,10 +19,12 @@ from __future__ import annotations
 import hmac
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
+from cryptfs.format.layout import CHECKPOINT_PREFIX
 from cryptfs.meta import MetaEngine
 
 GENESIS = b"\0" * 32
@@ -112,18 +122,102 @@ class Ledger:
     """Append and read entries in the vault database (the engine stores the rows; the chain
     is computed and checked here). Callers serialise (the filesystem lock)."""
 
-    def __init__(self, meta: MetaEngine, key: bytes) -> None:
+    def __init__(self, meta: MetaEngine, key: bytes,
+                 on_fork: Callable[[str], None] | None = None) -> None:
+        """``on_fork(why)`` hears, once, that the database's ledger does not extend the head
+        this machine verified (see the module doc; only after :meth:`trust`)."""
         self.meta = meta
         self.key = key
+        self.on_fork = on_fork
         self._head: Entry | None = None
         self._loaded = False
+        # the newest entry this machine verified (None: nothing is checked), the newest
+        # checkpoint put at or before it, and why the ledger forked (for good)
+        self.verified: Entry | None = None
+        self.checkpoint = ""
+        self.forked: str | None = None
+        self._tracking = False
 
     def head(self) -> Entry | None:
+        """The newest entry; read from the database after :meth:`invalidate` (with
+        :meth:`trust` given, checked to extend the verified head: IntegrityError if not;
+        once forked, the verified head, and nothing more is read)."""
+        if self.forked is not None:
+            return self.verified
         if not self._loaded:
-            row = self.meta.ledger_last()
-            self._head = Entry(*row) if row else None
+            try:
+                row = self.meta.ledger_last()
+            except IntegrityError:
+                if self._tracking:
+                    raise self._fork("has a newest entry that fails authentication") from None
+                raise
+            head = Entry(*row) if row else None
+            if self._tracking:
+                self._extend(head)
+            self._head = head
             self._loaded = True
         return self._head
+
+    # -- fork consistency ----------------------------------------------------------------------
+    def trust(self, head: Entry | None, checkpoint: str) -> None:
+        """From now on every head read must extend ``head`` (this machine verified the chain
+        up to it; ``checkpoint``: the newest checkpoint put recorded up to it)."""
+        self.verified, self.checkpoint, self._tracking = head, checkpoint, True
+
+    def check(self) -> Entry | None:
+        """Read the database's newest entry and check that it extends the verified head (only
+        the entries added since are read). IntegrityError (for good) if it does not."""
+        if self.forked is not None:
+            raise IntegrityError(self.forked)
+        self.invalidate()
+        return self.head()
+
+    def _fork(self, why: str) -> IntegrityError:
+        self.forked = (f"the ledger in the metadata database {why}: it was rolled back, "
+                       "truncated or shows this machine another history")
+        if self.on_fork is not None:
+            self.on_fork(self.forked)
+        return IntegrityError(self.forked)
+
+    def _extend(self, head: Entry | None) -> None:
+        """Check that ``head`` (the database's newest entry) extends :attr:`verified`, reading
+        the entries between them (none when ``head`` is the next one: two machines appending
+        in turn cost no extra query); then it is the verified head."""
+        v = self.verified
+        if v is None:
+            start, prev = 0, GENESIS
+        elif head is None or head.seq < v.seq:
+            raise self._fork(f"ends at sequence {head.seq if head else 0}, but this machine "
+                             f"verified sequence {v.seq}")
+        elif head.seq == v.seq:
+            if head.hash != v.hash:
+                raise self._fork(f"differs at sequence {v.seq} from what this machine verified")
+            return
+        else:
+            start, prev = v.seq, v.hash
+        if head is None:
+            return
+        last, ck = v, self.checkpoint
+        walked: list[Entry] = []  # the entries between the verified one and ``head``
+        try:
+            while start < head.seq - 1:
+                rows = self.meta.ledger_page(start, min(5000, head.seq - 1 - start))
+                if not rows:
+                    break
+                walked.extend(Entry(*r) for r in rows)
+                start = walked[-1].seq
+        except IntegrityError:
+            raise self._fork(f"has an entry after sequence {start} that fails "
+                             "authentication") from None
+        for e in [*walked, head]:
+            if e.seq != (last.seq if last else 0) + 1 or e.prev != prev or \
+                    entry_hash(e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev) != e.hash:
+                raise self._fork(f"is broken at sequence {e.seq}, after the sequence "
+                                 f"{last.seq if last else 0} this machine verified")
+            if e.op == "put" and e.name.startswith(CHECKPOINT_PREFIX):
+                ck = e.name
+            last, prev = e, e.hash
+        self.verified, self.checkpoint = head, ck
 
     def invalidate(self) -> None:
         self._loaded = False
@@ -131,6 +225,8 @@ class Ledger:
     def append(self, op: str, name: str, size: int, sha256: bytes) -> Entry:
         """Add an entry in the current transaction (or its own)."""
         assert op_kind(op) in OPS
+        if self.forked is not None:  # never extend a chain this machine cannot trust
+            raise IntegrityError(self.forked)
         if self.meta.shared:  # other machines append too: wait for them, read the head
             with self.meta.transaction(commit=False):
                 self.meta.lock_ledger()
@@ -145,7 +241,20 @@ class Ledger:
             self.meta.ledger_insert([e.row()])
             self.meta.undo_on_rollback(self.invalidate)  # the cached head must go with it
         self._head = e
+        if self._tracking:  # it extends the verified head (read above): verified too
+            self.meta.undo_on_rollback(self._unverify(self.verified, self.checkpoint))
+            self.verified = e
+            if op == "put" and name.startswith(CHECKPOINT_PREFIX):
+                self.checkpoint = name
         return e
+
+    def _unverify(self, verified: Entry | None, checkpoint: str) -> Callable[[], None]:
+        """What puts the verified head back if the transaction of an append rolls back."""
+
+        def undo() -> None:
+            self.verified, self.checkpoint = verified, checkpoint
+
+        return undo
 
     def add_entries(self, entries: list[Entry]) -> None:
         """Insert entries taken from a checkpoint (restore); they must continue the chain."""

@@ -17,9 +17,13 @@ from cryptfs.vault.localstate import read_head
 
 
 def anchor_problems(paths: VaultPaths, store: ObjectStore, codec: Codec, cfg: VaultConfig,
-                    ledger: Ledger) -> list[str]:
-    """Compare the local ledger, the local head file and the newest store checkpoint."""
+                    ledger: Ledger, shared: bool = False) -> list[str]:
+    """Compare the local ledger, the local head file and the newest store checkpoint.
+    ``shared``: the ledger is in a database several machines share (a PostgreSQL vault),
+    and the head file holds the newest head this machine verified there (fork consistency:
+    a database rolled back, truncated or showing another history fails here)."""
     problems: list[str] = []
+    where = "the ledger in the metadata database" if shared else "the local ledger"
     led = ledger
     local = led.head()
     head = read_head(paths)
@@ -33,7 +37,7 @@ def anchor_problems(paths: VaultPaths, store: ObjectStore, codec: Codec, cfg: Va
             problems.append(f"the local head file {paths.head} fails authentication")
         elif local is None or local.seq < head.seq:
             problems.append(
-                f"the local ledger ends at sequence {local.seq if local else 0} "
+                f"{where} ends at sequence {local.seq if local else 0} "
                 f"but this machine saw sequence {head.seq}: ledger entries were "
                 "deleted"
             )
@@ -41,7 +45,7 @@ def anchor_problems(paths: VaultPaths, store: ObjectStore, codec: Codec, cfg: Va
             e = led.entry(head.seq)
             if e is None or e.hash != head.hash:
                 problems.append(
-                    f"the local ledger differs from the head this machine saw "
+                    f"{where} differs from the head this machine saw "
                     f"at sequence {head.seq}"
                 )
     ck = cks[0] if cks else None
@@ -70,14 +74,14 @@ def anchor_problems(paths: VaultPaths, store: ObjectStore, codec: Codec, cfg: Va
             )
         if local is None or local.seq < ck.seq:
             problems.append(
-                f"the local ledger (sequence {local.seq if local else 0}) is "
+                f"{where} (sequence {local.seq if local else 0}) is "
                 f"behind the store's checkpoint (sequence {ck.seq})"
             )
         else:
             e = led.entry(ck.seq)
             if e is None or e.hash != ck.hash:
                 problems.append(
-                    f"the local ledger and the store's checkpoint {ck.name} "
+                    f"{where} and the store's checkpoint {ck.name} "
                     f"disagree at sequence {ck.seq}"
                 )
     return problems

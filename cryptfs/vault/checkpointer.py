@@ -43,6 +43,7 @@ from cryptfs.format.layout import (
     META_PREFIX,
     SNAPSHOT_PREFIX,
     checkpoint_name,
+    checkpoint_seq,
 )
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
@@ -145,11 +146,16 @@ class Checkpointer:
         own entries was written, until ``stop`` is set. A failure the vault reports
         (CryptfsError) is logged and retried; anything else fences the mount and ends it."""
         while not stop.wait(CHECKPOINT_INTERVAL):
-            if not self.elected():
+            if not self.elected() or self.ledger.forked:
                 continue
-            with self.lock:
-                self.ledger.invalidate()  # (other machines may have appended)
-                head = self.ledger.head()
+            try:
+                with self.lock:
+                    self.ledger.invalidate()  # (other machines may have appended)
+                    head = self.ledger.head()
+            except CryptfsError as e:  # (a fork found here: on_fork said it, nothing to do)
+                if not self.ledger.forked:
+                    log.warning("periodic checkpoint: %s", e)
+                continue
             if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
@@ -346,10 +352,19 @@ class Checkpointer:
         """Let the store-sync thread go (a round still under way finishes its syncs)."""
         self._sync_pool.shutdown(wait=False)
 
-    def anchor(self) -> None:
+    def anchor(self, wait: bool = True, force: bool = False) -> None:
         """Make the local ledger durable and record its newest entry in the head file (after
-        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry)."""
-        with self._ckpt_lock:
+        the final checkpoint of a mount: a round anchors only up to its checkpoint's entry).
+        Several machines (``meta.shared``): record the head this machine verified
+        (:attr:`Ledger.verified`, committed first) with the newest checkpoint recorded up to
+        it. ``wait=False``: nothing if a checkpoint is being written (it writes the head).
+        ``force`` (shared only: ``verify --accept``): write it even if the file's is newer."""
+        if not self._ckpt_lock.acquire(blocking=wait):
+            return
+        try:
+            if self.meta.shared:
+                self._anchor_verified(force)
+                return
             head = read_head(self.paths)
             if head is None or not head.checkpoint:
                 return
@@ -358,6 +373,24 @@ class Checkpointer:
                 last = self.ledger.head()
             if last is not None and last.seq > head.seq:
                 self._write_head(last, head.checkpoint)
+        finally:
+            self._ckpt_lock.release()
+
+    def _anchor_verified(self, force: bool = False) -> None:
+        """The head file of a machine sharing the database: the verified ledger head, if
+        newer than the file's or ``force`` (caller holds _ckpt_lock)."""
+        head = read_head(self.paths) if not force else None
+        with self.lock:
+            self.meta.commit()  # (an append of this machine's counts once committed)
+            last, ck = self.ledger.verified, self.ledger.checkpoint
+            if self.ledger.forked:
+                return
+        if head is not None and (checkpoint_seq(head.checkpoint) or 0) > (checkpoint_seq(ck) or 0):
+            ck = head.checkpoint
+        if last is not None and ck and (head is None or last.seq > head.seq):
+            self._write_head(last, ck)
+        elif force:  # nothing verified to anchor (no checkpoint recorded yet)
+            self.paths.head.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def checkpoints_held(self) -> Iterator[str]:

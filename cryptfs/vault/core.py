@@ -10,7 +10,12 @@ store lease a mount holds a session in the database (:class:`~cryptfs.meta.postg
 heartbeat, expiry; the engine's commits are fenced by it), stands for checkpoint writer (one
 elected machine writes checkpoints to the store), cleans up other machines' dead sessions, and
 hears their change notices (:class:`~cryptfs.meta.postgres.PgWatcher`) to drop what its
-filesystem caches of what they changed. SQLite vaults keep the lease.
+filesystem caches of what they changed. SQLite vaults keep the lease. Fork consistency against
+the database: once the anchors checked the ledger at mount, the mount checks every newer ledger
+head it reads (its own appends, each heartbeat, change notices at most once a second) against
+the head it verified (:meth:`cryptfs.meta.ledger.Ledger.trust`) and records the verified head
+in its head file (every heartbeat, at unmount), so the next mount's anchors compare against it;
+a database whose ledger does not extend it turns the mount read-only for good.
 
 Store layout (see docs/FORMAT.md): ``config`` (the vault config), ``data/..`` (chunk objects),
 ``meta/<random>`` (sealed SQLite snapshots of the metadata, and segments: the pages changed
@@ -48,6 +53,7 @@ from cryptfs.errors import (
     LockedError,
 )
 from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.format.layout import CHECKPOINT_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta.ledger import Ledger
@@ -145,6 +151,7 @@ class Vault:
         self._stored_lock = threading.Lock()
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
+        self._checked_at = float("-inf")  # when a change notice last had the ledger checked
 
     # -- opening ----------------------------------------------------------------------------
     @classmethod
@@ -190,6 +197,8 @@ class Vault:
                         hint=_accept_hint(paths.name),
                     )
                 v.warnings.extend(problems)
+                if not problems and url:  # the chain is verified: from now on it must extend
+                    v._trust_ledger()
             v._start()
             assert v._lock_fd is not None
             os.ftruncate(v._lock_fd, 0)  # the holder's pid, for messages and `cryptfs umount`
@@ -219,7 +228,50 @@ class Vault:
     def anchor_problems(self) -> list[str]:
         """See :func:`cryptfs.vault.anchors.anchor_problems`."""
         assert self.ledger is not None
-        return anchor_problems(self.paths, self.store, self.codec, self.cfg, self.ledger)
+        return anchor_problems(self.paths, self.store, self.codec, self.cfg, self.ledger,
+                               shared=self.ledger.meta.shared)
+
+    def _trust_ledger(self) -> None:
+        """Several machines: the ledger the anchors just verified is this machine's
+        reference; every head read from now on must extend it (see the module doc)."""
+        assert self.ledger is not None
+        ck = self.ledger.last_named("put", CHECKPOINT_PREFIX)
+        self.ledger.trust(self.ledger.head(), ck.name if ck else "")
+
+    def reanchor(self) -> None:
+        """``verify --accept`` on a vault whose ledger is in a shared database: the ledger
+        as it is now becomes this machine's reference (its head file is rewritten to it,
+        even if it is behind what the file said). Nothing for a local ledger (its
+        checkpoint writes the head file)."""
+        assert self.fs is not None and self.meta is not None and self.checkpointer is not None
+        if not self.meta.shared:
+            return
+        with self.fs.lock:
+            self.meta.commit()
+            self._trust_ledger()
+        self.checkpointer.anchor(force=True)
+
+    def _ledger_forked(self, why: str) -> None:
+        """The database's ledger does not extend the head this machine verified: read-only
+        for good (one log line), no checkpoint of that state."""
+        self.fence(why)
+
+    def _changed(self, inos: set[int] | None) -> None:
+        """Other machines' commits changed ``inos`` (None: anything): drop them from the
+        caches, and check the ledger they may have appended to (at most once a second)."""
+        assert self.fs is not None and self.ledger is not None
+        self.fs.invalidate(inos)
+        now = time.monotonic()
+        if self.ledger.verified is None or self.ledger.forked or now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
+        try:
+            with self.fs.lock:
+                self.ledger.check()
+        except IntegrityError:
+            pass  # (on_fork said it)
+        except CryptfsError as e:
+            log.warning("checking the ledger after a change notice: %s", e.line())
 
     def _take_lock(self) -> None:
         private_dir(self.paths.data_dir)
@@ -248,7 +300,7 @@ class Vault:
                 self.warnings.extend(restore_from_store(self.paths, self.store, self.codec))
             self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
                                   on_rollback=self.hooks.rolled_back)
-        self.ledger = Ledger(self.meta, self.codec.ledger_key)
+        self.ledger = Ledger(self.meta, self.codec.ledger_key, on_fork=self._ledger_forked)
 
     def _start_session(self, url: str) -> None:
         """Join the machines mounting a PostgreSQL vault: a session live for the lease
@@ -307,10 +359,11 @@ class Vault:
         url = local_meta_url(self.paths)
         if url:  # other machines' commits: their change notices drop what they changed
             self.watcher = PgWatcher(url, self._db_keys, self.meta.sender,  # type: ignore[union-attr]
-                                     self.fs.invalidate)
+                                     self._changed)
             self.watcher.start()
             with self.fs.lock:
                 self.fs.peers = bool(self.meta.live_sessions())
+            self.checkpointer.anchor()  # the head the anchors verified
         if self.readonly:
             return
         self.recovered.extend(recover(self.fs, self.meta, self.ledger, self.chunks, self.store,
@@ -328,9 +381,12 @@ class Vault:
     def readonly_cause(self) -> str:
         """Why this mount does not write, as a fixed word (a metrics label): ``none``,
         ``mount_option``, ``lease_lost`` (also: the PostgreSQL session expired),
-        ``lease_not_renewed`` or ``checkpoint_failed``."""
+        ``lease_not_renewed``, ``ledger_forked`` (the database's ledger does not extend what
+        this machine verified) or ``checkpoint_failed``."""
         if self.readonly:
             return "mount_option"
+        if self.ledger is not None and self.ledger.forked:
+            return "ledger_forked"
         if self.lease is not None and self.lease.lost or self.session_lost:
             return "lease_lost"  # (or the PostgreSQL session expired)
         if self.readonly_reason == UNRENEWED:
@@ -411,6 +467,7 @@ class Vault:
                     dead, gone = self.meta.reap_sessions()
                     self.fs.invalidate(gone)
                     self.fs.peers = bool(self.meta.live_sessions())
+                self._check_ledger()
                 if dead:
                     log.info("cleaned up %d expired sessions of other machines (%d files "
                              "they held open, unlinked, deleted)", dead, len(gone))
@@ -421,6 +478,20 @@ class Vault:
             except BaseException as e:  # noqa: B036 - a dependency's panic must not end it
                 log.error("session heartbeat failed: %s: %s", type(e).__name__, e)
                 wait = min(2.0, s.ttl / 10)
+
+    def _check_ledger(self) -> None:
+        """Check the database's ledger against the head this machine verified, and record the
+        verified head in the head file (unless a checkpoint is being written: the next
+        heartbeat does). A fork was said by on_fork; it is not said again."""
+        assert self.fs is not None and self.ledger is not None and self.checkpointer is not None
+        if self.ledger.verified is None or self.ledger.forked:
+            return
+        try:
+            with self.fs.lock:
+                self.ledger.check()
+        except IntegrityError:
+            return
+        self.checkpointer.anchor(wait=False)
 
     def _lookup_object(self, name: str) -> ChunkRef | None:
         assert self.fs is not None and self.meta is not None
@@ -539,7 +610,7 @@ class Vault:
                       "stays in the local database and staging area")
         if self.watcher is not None:
             self.watcher.stop()
-        if self.session_lost:
+        if self.session_lost or self.ledger is not None and self.ledger.forked:
             checkpoint = False
         try:
             if self.fs is not None and checkpoint and not self.readonly:
