@@ -528,13 +528,10 @@ class VaultCollector(Collector):
                                     value=head.seq if head else 0)
             yield CounterMetricFamily("cryptfs_read_errors", "Reads that failed (store or "
                                       "integrity error)", value=fs.read_errors)
-        try:
-            mtime = v.paths.head.stat().st_mtime
-        except OSError:
-            mtime = 0.0
+        ck = v.checkpointer
         yield GaugeMetricFamily("cryptfs_checkpoint_last_timestamp_seconds",
                                 "When this machine last recorded a checkpoint (Unix time)",
-                                value=mtime)
+                                value=ck.last_ns / 1e9 if ck is not None else 0.0)
         lease = v.lease
         held = (lease is not None and lease.held()) or (v.session is not None
                                                         and not v.session_lost)

@@ -121,11 +121,12 @@ class StatusPublisher:
             d["ledger_seq"] = head.seq if head else 0
             d["ledger_hash"] = head.hash.hex() if head else ""
         try:
-            st = self.paths.head.stat()
             h = json.loads(self.paths.head.read_text())
             d["checkpoint"] = str(h.get("checkpoint", ""))
             d["checkpoint_seq"] = int(h.get("seq", 0))
-            d["checkpoint_ns"] = st.st_mtime_ns
+            ck = v.checkpointer  # (a read-only mount has none: the head file's age)
+            d["checkpoint_ns"] = ck.last_ns if ck is not None else \
+                self.paths.head.stat().st_mtime_ns
         except (OSError, ValueError, TypeError, AttributeError):
             pass
         d["warnings"] = self._warnings.count

@@ -129,6 +129,13 @@ class Checkpointer:
         self._ckpt_requested = 0
         self._ckpt_done = 0
         self.last_seq = 0  # the ledger head the last checkpoint of this mount anchored
+        # when the newest checkpoint this machine knows of was written (time.time_ns): the
+        # head file's age when the mount began (a machine of a PostgreSQL vault also rewrites
+        # its head file when it verifies a newer ledger head), then each checkpoint it writes
+        try:
+            self.last_ns = paths.head.stat().st_mtime_ns
+        except OSError:
+            self.last_ns = 0
         # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
         # and the change count it shipped (plus its own writes since: see _dirty)
         self._chain: list[ChunkRef] | None = None
@@ -329,6 +336,7 @@ class Checkpointer:
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
         replace_private(head_tmp, self.paths.head)
+        self.last_ns = time.time_ns()
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
