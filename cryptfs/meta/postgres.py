@@ -174,6 +174,11 @@ NAME_CACHE = 65536
 RETRIES = 8
 # inodes a change notice lists at most (more: the notice says "anything may have changed")
 NOTICE_INODES = 400
+# libpq connection options of every connection: a server that does not answer is an error
+# after 10 s (connect) or about 25 s (TCP keepalives on an idle or waiting connection), never a
+# hang; a Unix socket ignores the keepalives
+CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                "keepalives_interval": 5, "keepalives_count": 3}
 T = TypeVar("T")
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
@@ -317,7 +322,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         self.keys = keys
         try:
             self.engine = create_engine(url, pool_size=1, max_overflow=0,
-                                        isolation_level="READ COMMITTED")
+                                        isolation_level="READ COMMITTED",
+                                        connect_args=CONNECT_ARGS)
         except (SQLAlchemyError, ValueError, ImportError):  # (its text may hold a password)
             raise ConfigError("the metadata database URL is not usable (not a "
                               "postgresql+psycopg URL, or its driver is missing)") from None
@@ -1332,11 +1338,13 @@ class PgSession:
         self.k = _hash(keys, b"S", self.id)
         self.elected = False
         try:
-            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                        connect_args=CONNECT_ARGS)
         except (SQLAlchemyError, ValueError, ImportError):
             raise ConfigError("the metadata database URL is not usable") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self.conn: Connection | None = None
+        self._lock = threading.Lock()
 
     def _c(self) -> Connection:
         if self.conn is None:
@@ -1346,12 +1354,15 @@ class PgSession:
 
     def _run(self, stmt: Any) -> Any:
         """One statement in its own transaction; a failure drops the connection (the next
-        call makes a new one) and raises a one-line MetaError."""
-        try:
-            return self._c().execute(stmt)
-        except DBAPIError as e:
-            self._drop()
-            raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}") from None
+        call makes a new one) and raises a one-line MetaError. Thread-safe (the heartbeat
+        and the checkpoint writer's :meth:`elect` share the connection)."""
+        with self._lock:
+            try:
+                return self._c().execute(stmt)
+            except DBAPIError as e:
+                self._drop()
+                raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}"
+                                ) from None
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -1379,10 +1390,14 @@ class PgSession:
 
     def elect(self) -> bool:
         """Hold the vault's checkpoint lock if nobody else does; whether this session holds
-        it."""
-        if not self.elected:
+        it, asked of the database each time (a connection lost and made again, as when the
+        server restarts, holds no lock any more: another machine may hold it now). False
+        when the database cannot be reached."""
+        try:
             self.elected = bool(self._run(
                 select(func.pg_try_advisory_lock(checkpoint_lock(self.keys)))).scalar())
+        except MetaError:
+            self.elected = False
         return self.elected
 
     def end(self) -> None:
@@ -1406,7 +1421,8 @@ class PgWatcher:
         self.keys = keys
         self.sender = sender
         self.on_change = on_change
-        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                    connect_args=CONNECT_ARGS)
         self._stop = threading.Event()
         self.listening = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pg-watch", daemon=True)
@@ -1420,11 +1436,15 @@ class PgWatcher:
         self.engine.dispose()
 
     def _run(self) -> None:
+        lost = False  # said so once per outage: a database down for a while is one line
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:
                     conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
                     self.listening.set()
+                    if lost:
+                        log.info("change notices from other mounts: listening again")
+                        lost = False
                     self.on_change(None)  # anything changed before this could be missed
                     raw = conn.connection.driver_connection
                     while not self._stop.is_set():
@@ -1432,8 +1452,10 @@ class PgWatcher:
                             self._heard(n.payload)
             except Exception as e:  # noqa: BLE001 - a lost connection: listen again
                 self.listening.clear()
-                log.warning("change notices from other mounts: %s (listening again)",
-                            _first_line(e))
+                if not lost:
+                    log.warning("change notices from other mounts: %s (listening again "
+                                "once the database can be reached)", _first_line(e))
+                    lost = True
                 self._stop.wait(1.0)
 
     def _heard(self, payload: str) -> None:

@@ -144,17 +144,17 @@ class Checkpointer:
         while not stop.wait(CHECKPOINT_INTERVAL):
             if not self.elected():
                 continue
-            with self.lock:
-                self.ledger.invalidate()  # (other machines may have appended)
-                head = self.ledger.head()
-            if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
-                try:
+            try:
+                with self.lock:
+                    self.ledger.invalidate()  # (other machines may have appended)
+                    head = self.ledger.head()
+                if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                     self.sync()
-                except CryptfsError as e:
-                    log.warning("periodic checkpoint failed: %s", e)
-                except BaseException as e:  # noqa: B036 - never die silently, never go on
-                    self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
-                    return
+            except CryptfsError as e:  # (a metadata database out of reach, too)
+                log.warning("periodic checkpoint failed: %s", e)
+            except BaseException as e:  # noqa: B036 - never die silently, never go on
+                self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
+                return
 
     def sync(self, progress: Callable[[int, int], None] | None = None,
              collect: bool = False) -> None:
