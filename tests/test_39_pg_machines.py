@@ -22,6 +22,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -567,3 +568,54 @@ def test_postgresql_stopped_and_started_under_two_mounts(pg_place: PgPlace) -> N
             problems = [line for line in env.log_text().splitlines()
                         if " WARNING " in line or " ERROR " in line]
             assert len(problems) <= outcomes.count("EIO") + 3, problems
+
+
+def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """``cryptfs gc --grace 0`` on a third machine while b has a file open with chunks
+    stored but not committed (the database does not know them yet): only b's deletion
+    horizon keeps them, and they stay; an old unrecorded object is deleted; b's file, closed
+    afterwards, reads whole on a."""
+    a, ma, _b, mb = two_mounts
+    assert a.store_dir is not None
+    garbage = a.store_dir / "data" / "zz" / ("f" * 64)
+    garbage.parent.mkdir(parents=True, exist_ok=True)
+    garbage.write_bytes(b"an object nothing records")
+    old = time.time() - 7200
+    os.utime(garbage, (old, old))
+    c = VaultEnv(a.root.parent / "c", a.store_url, extra_env={"CRYPTFS_LEASE_SECONDS": "30"})
+    c.init("--meta", pg_place.url)
+    data = os.urandom(5 * MiB)
+    (a.root.parent / "data").write_bytes(data)
+    # the writer is a process of its own: a file descriptor of this one would be closed (a
+    # FUSE flush: a commit) in every child it starts, the gc's among them
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys\n"
+         "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)\n"
+         "os.write(fd, open(sys.argv[2], 'rb').read())\n"
+         "print('written', flush=True)\n"
+         "sys.stdin.read()\n"
+         "os.close(fd)\n",
+         str(mb / "being-written"), str(a.root.parent / "data")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        deadline = time.monotonic() + 30
+        while True:  # (sealing is asynchronous) b's stored, unrecorded chunks
+            dry = c.cli("gc", "--name", c.name, "--grace", "0", "--dry-run").stdout
+            kept = [ln for ln in dry.splitlines() if ln.startswith("keeping data/")]
+            if len(kept) >= 4:
+                break
+            assert time.monotonic() < deadline, dry
+            time.sleep(0.5)
+        assert f"would delete data/zz/{'f' * 64}" in dry, dry
+        out = c.cli("gc", "--name", c.name, "--grace", "0").stdout
+        assert "gc: deleted 1 unreferenced objects" in out, out
+    finally:
+        writer.communicate("", timeout=60)  # b closes the file: it commits
+    assert writer.returncode == 0
+    assert not garbage.exists()
+    appears(ma / "being-written")
+    assert (ma / "being-written").read_bytes() == data
+    assert (mb / "being-written").read_bytes() == data

@@ -643,6 +643,17 @@ class PgMetaStore(Transactions, NamespaceOps):
             sessions.c.k != self._session_k,
             sessions.c.expires > func.clock_timestamp())).scalar() or 0)
 
+    def session_horizons(self) -> list[float]:
+        """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
+        ``v``, written by :meth:`PgSession.beat`)."""
+        out = []
+        for r in self._x(select(sessions.c.k, sessions.c.v).where(
+                sessions.c.k != self._session_k,
+                sessions.c.expires > func.clock_timestamp())).all():
+            who = self._open("sessions", 0, (bytes(r.k),), r.v)
+            out.append(who[4] / 1e9 if len(who) > 4 and isinstance(who[4], int) else 0.0)
+        return out
+
     def reap_sessions(self) -> tuple[int, set[int]]:
         """Clean up sessions that expired (their machines died or were cut off, and are
         fenced): drop their holds and the inodes only they kept (open, no name left). Returns
@@ -1345,6 +1356,7 @@ class PgSession:
         self.where = self.engine.url.render_as_string(hide_password=True)
         self.conn: Connection | None = None
         self._lock = threading.Lock()
+        self._ident: tuple[Any, ...] = ()
 
     def _c(self) -> Connection:
         if self.conn is None:
@@ -1374,18 +1386,27 @@ class PgSession:
     def _expiry(self) -> Any:
         return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
 
-    def start(self) -> None:
-        who = _pack(socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
-        self._run(insert(sessions).values(
-            k=self.k, expires=self._expiry(),
-            v=crypto.seal(self.keys.row, who, _ad("sessions", 0, self.k))))
+    def _who(self, horizon: float) -> bytes:
+        """The sealed ``v``: host, pid, machine id, start and the deletion horizon (ns)."""
+        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9)),
+                           _ad("sessions", 0, self.k))
 
-    def beat(self) -> bool:
-        """Extend the session; False if it expired (or was cleaned up) meanwhile. MetaError
-        if the database cannot be reached (the session may still be live)."""
+    def start(self) -> None:
+        self._ident = (socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
+        self._run(insert(sessions).values(k=self.k, expires=self._expiry(),
+                                          v=self._who(time.time())))
+
+    def beat(self, horizon: float | None = None) -> bool:
+        """Extend the session, publishing ``horizon`` (this machine's
+        ``ChunkStore.horizon``: every object it wrote before that is recorded); False if
+        it expired (or was cleaned up) meanwhile. MetaError if the database cannot be
+        reached (the session may still be live)."""
+        values: dict[str, Any] = {"expires": self._expiry()}
+        if horizon is not None:
+            values["v"] = self._who(horizon)
         res = self._run(update(sessions).where(
             sessions.c.k == self.k, sessions.c.expires > func.clock_timestamp()
-        ).values(expires=self._expiry()))
+        ).values(**values))
         return bool(res.rowcount == 1)
 
     def elect(self) -> bool:

@@ -401,7 +401,8 @@ class Vault:
         unreachable = False  # said once per outage (retried every 2 s meanwhile)
         while not self._stop.wait(wait):
             try:
-                if not s.beat():
+                assert self.chunks is not None
+                if not s.beat(self.chunks.horizon()):
                     if not self.session_lost:
                         self._session_expired(
                             f"this machine's session in the metadata database expired "
