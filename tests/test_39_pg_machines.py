@@ -619,3 +619,42 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     appears(ma / "being-written")
     assert (ma / "being-written").read_bytes() == data
     assert (mb / "being-written").read_bytes() == data
+
+
+@pytest.mark.timeout(240)  # four machines made and mounted: about 40 s of it on an idle host
+def test_four_mounts_on_s3_write_different_directories_and_all_read_every_byte(
+    pg_place: PgPlace, s3_url: str,
+) -> None:
+    """Four machines on one S3 vault write files in their own directories at once (a file
+    of two chunks among them); every mount then reads every byte of every file."""
+    with machines_mounted(pg_place.url, s3_url, 4) as mounts:
+        want: dict[str, bytes] = {}
+        errors: list[BaseException] = []
+
+        def writer(i: int, mp: Path) -> None:
+            try:
+                (mp / f"dir-{i}" / "sub").mkdir(parents=True)
+                for j, size in enumerate((100, 70_000, 1_100_000)):
+                    rel = f"dir-{i}/{'sub/' if j % 2 else ''}f{j}"
+                    data = os.urandom(size)
+                    (mp / rel).write_bytes(data)
+                    want[rel] = data
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                errors.append(e)
+
+        start = time.monotonic()
+        ts = [threading.Thread(target=writer, args=(i, mp))
+              for i, (_env, mp) in enumerate(mounts)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not errors, errors
+        print(f"written after {time.monotonic() - start:.1f}s")
+        assert len(want) == 12
+        for _env, mp in mounts:
+            for rel, data in want.items():
+                appears(mp / rel)
+                assert (mp / rel).read_bytes() == data, (mp, rel)
+            assert sorted(os.listdir(mp)) == [f"dir-{i}" for i in range(4)]
+        print(f"read back after {time.monotonic() - start:.1f}s")
