@@ -261,10 +261,25 @@ def machines_mounted(pg_url: str, store_url: str, count: int, session_seconds: s
     envs = [VaultEnv(root / chr(97 + i), url, extra_env=extra) for i in range(count)]
     mps = [root / f"m{chr(97 + i)}" for i in range(count)]
     try:
-        for env in envs:
+        envs[0].init("--meta", pg_url)  # creates the vault; the others attach to it
+        for env in envs[1:]:
             env.init("--meta", pg_url)
-        for env, mp in zip(envs, mps, strict=True):
-            env.mount(mp)
+        # the machines mount at once (as machines booting together do)
+        failed: list[BaseException] = []
+
+        def mount(env: VaultEnv, mp: Path) -> None:
+            try:
+                env.mount(mp)
+            except BaseException as e:  # noqa: BLE001 - raised below
+                failed.append(e)
+
+        ts = [threading.Thread(target=mount, args=em) for em in zip(envs, mps, strict=True)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        if failed:
+            raise failed[0]
         yield list(zip(envs, mps, strict=True))
         for env, mp in zip(envs, mps, strict=True):
             if _mounted(str(mp)):
