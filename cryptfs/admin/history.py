@@ -15,6 +15,9 @@ signature without the vault; the vault's key holder can also check, with
 ``cryptfs verify-proof``, that the vault's current ledger still contains that head (its chain
 verified from the start to the newest authenticated checkpoint), i.e. that nothing rewrote the
 history since. See README "History you can prove" for what this does and does not prove.
+
+Longer than ~400 lines: proofs, their verification and the log views share the ledger walk and
+the proof format, which must stay in one place to stay consistent.
 """
 
 from __future__ import annotations

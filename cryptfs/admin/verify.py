@@ -2,6 +2,9 @@
 
 Read-only unless ``accept`` is given. Each problem is one line that names the affected file
 paths; the result says whether the vault is clean.
+
+Longer than ~400 lines: one check per kind of damage (objects, chunk maps, ledger, anchors,
+replicas), each with its one-line report; split, they would share all their state.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ link off (the release can reach the filesystem before libfuse, racing, decides t
 file), so an entry is libfuse-hidden iff its name starts with HIDDEN and its inode has more names
 than links; hidden entries do not count as links, are not listed and do not keep a directory
 from being removed. A user's file whose name merely begins the same way counts like any other.
+
+Longer than ~400 lines: every namespace operation with its POSIX checks, written once for
+every engine; splitting it would split the rules an operation must keep together.
 """
 
 from __future__ import annotations

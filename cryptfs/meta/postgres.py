@@ -41,7 +41,7 @@ name, one gets EEXIST; rename and rmdir races leave no orphans. Another block th
 ends is rolled back and raises MetaError (the block's code cannot be re-run from here); the
 engine's own one-statement blocks (:meth:`set_state`, opening) retry with backoff.
 
-Longer than the project's ~400 lines on purpose: it is the one module that holds this engine's
+Longer than ~400 lines on purpose: it is the one module that holds this engine's
 SQL (tests/test_05_layers.py), next to its schema and sealing.
 """
 

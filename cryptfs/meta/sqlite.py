@@ -16,7 +16,7 @@ later frames into the database file, so SQLite never restarts the log over frame
 shipped (Litestream's technique); the log restarts only when every frame in it was shipped, and
 a new generation (new salts) is then read from its first frame.
 
-Longer than the project's ~400 lines on purpose: it is the one module that holds SQL
+Longer than ~400 lines on purpose: it is the one module that holds SQL
 (tests/test_05_layers.py), so every statement of the SQLite engine is here, next to the schema.
 """
 

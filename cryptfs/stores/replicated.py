@@ -21,6 +21,9 @@ Contract (on top of :class:`cryptfs.stores.base.ObjectStore`):
   succeeds when a quorum of members created the object.
 
 Members never share credentials: each member store was opened from its own URL.
+
+Longer than ~400 lines: the quorum rules for every store operation, which must agree with
+each other (a put's quorum is what a get and a list rely on).
 """
 
 from __future__ import annotations

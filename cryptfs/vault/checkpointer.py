@@ -17,6 +17,9 @@ checkpoint and its ledger entry (one head write a round); the checkpoint's own l
 the snapshot policy; collection (not in every round: see COLLECT_INTERVAL). Those last
 entries are committed, so they survive a crash of the process; the next round's local sync
 and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
+
+Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
+group commit, the round and the collection after it are kept in one reading order.
 """
 
 from __future__ import annotations
