@@ -96,7 +96,11 @@ class Writes(FileSystemBase):
     def _commit(self, f: OpenFile) -> None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
         If a chunk cannot be stored, its data goes back to the dirty buffers and the error
-        is raised (ENOSPC or EIO), so a later flush can retry."""
+        is raised (ENOSPC or EIO), so a later flush can retry. On a vault other machines
+        write (``meta.shared``) the commit merges with theirs: the inode is read as committed
+        and locked, the chunks written here replace theirs and the others stay, the size is
+        the larger (this one's if it truncated since its last commit), and the open file then
+        reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``)."""
         if f.dirty:
             self._seal(f, list(f.dirty))
         if not f.pending and f.mtime_ns is None:

@@ -398,7 +398,7 @@ class Vault:
         s = self.session
         assert s is not None and self.fs is not None and isinstance(self.meta, PgMetaStore)
         wait = s.ttl / 3
-        unreachable = False  # said once per outage (retried every 2 s meanwhile)
+        unreachable = False  # said once per outage (retried meanwhile)
         while not self._stop.wait(wait):
             try:
                 assert self.chunks is not None
@@ -422,7 +422,7 @@ class Vault:
                 wait = s.ttl / 3
             except CryptfsError as e:
                 if not unreachable:
-                    log.warning("session heartbeat: %s (retrying every 2 s)", e.line())
+                    log.warning("session heartbeat: %s (retrying until it answers)", e.line())
                     unreachable = True
                 wait = min(2.0, s.ttl / 10)
             except BaseException as e:  # noqa: B036 - a dependency's panic must not end it
