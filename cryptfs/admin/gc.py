@@ -9,9 +9,13 @@ deletes every object that the local metadata does not record and no snapshot hol
 (:mod:`cryptfs.vault.snapshots`), except the objects each store has
 its own of (``config``, ``lease``, ``store-id``: :data:`cryptfs.format.layout.PER_STORE`) and except
 objects younger than a grace period (default one hour): an upload of another process
-is invisible to this one until it is committed. Each deletion is a ``del`` ledger entry (size as
-listed, SHA-256 field all zero: the bytes were never recorded), anchored by a checkpoint when
-the vault is closed.
+is invisible to this one until it is committed. On a vault other machines have mounted (a
+PostgreSQL one), also nothing written after the oldest *deletion horizon* their live sessions
+published (each mount's heartbeat publishes the start of its oldest write not committed yet,
+:meth:`cryptfs.chunks.chunkstore.ChunkStore.horizon`), less CLOCK_SKEW: their uploads in
+flight stay, however long a file stays open, whatever the grace period. Each deletion is a
+``del`` ledger entry (size as listed, SHA-256 field all zero: the bytes were never recorded),
+anchored by a checkpoint when the vault is closed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from cryptfs.errors import CryptfsError, IntegrityError, StoreError
 from cryptfs.format.layout import PER_STORE, SNAPSHOT_PREFIX
 
 DEFAULT_GRACE = 3600.0
+# how far the clocks of the machines and of the store may disagree (see the horizon)
+CLOCK_SKEW = 60.0
 ZERO_HASH = b"\0" * 32
 
 
@@ -61,7 +67,11 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
             hint="run 'cryptfs verify' and resolve that first",
         )
     with vault.fs.lock:
+        # other machines' horizons first: what they wrote before is recorded by now
+        horizon = min(vault.meta.session_horizons(), default=None)
         known = {ref.name for ref, _, _ in vault.meta.all_objects()}
+    if horizon is not None:
+        horizon -= CLOCK_SKEW
     # everything a snapshot holds stays, whether or not the live metadata records it
     try:
         known |= vault.pins.held([n for n in known if n.startswith(SNAPSHOT_PREFIX)])
@@ -74,7 +84,8 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
         if name in known or name in PER_STORE:
             continue
         c = Candidate(name, size, age)
-        if grace <= 0 or (age is not None and age >= grace):
+        after = horizon is not None and (age is None or time.time() - age >= horizon)
+        if not after and (grace <= 0 or (age is not None and age >= grace)):
             rep.eligible.append(c)
         else:
             rep.too_new.append(c)
@@ -113,7 +124,8 @@ def run_gc(
         for c in rep.eligible:
             say(f"would delete {c.name} ({c.size} bytes{_age(c)})")
         for c in rep.too_new:
-            say(f"keeping {c.name} ({c.size} bytes{_age(c)}): younger than the grace period")
+            say(f"keeping {c.name} ({c.size} bytes{_age(c)}): younger than the grace period "
+                "or than another machine's horizon")
         say(f"gc: dry run - {len(rep.eligible)} unreferenced objects ({size} bytes) would be "
             f"deleted, {len(rep.too_new)} kept as too new, {rep.scanned} objects in the store")
         return rep
@@ -122,7 +134,8 @@ def run_gc(
         say(f"could not delete {c.name}: {why}")
     freed = sum(c.size for c in rep.deleted)
     say(f"gc: deleted {len(rep.deleted)} unreferenced objects ({freed} bytes), "
-        f"{len(rep.too_new)} kept as younger than the grace period, "
+        f"{len(rep.too_new)} kept as younger than the grace period or another machine's "
+        "horizon, "
         f"{len(rep.failed)} failed, {rep.scanned} objects in the store")
     return rep
 

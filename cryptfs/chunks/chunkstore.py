@@ -83,6 +83,9 @@ class ChunkStore:
         self._cv = threading.Condition()
         self._busy: set[str] = set()
         self._pins: collections.Counter[str] = collections.Counter()
+        # wall-clock time since when each pinned (or being stored) name has been held
+        # uncommitted: see horizon()
+        self._since: dict[str, float] = {}
         # refs handed out but not yet committed by the caller, or still uploading: the metadata
         # does not know them yet, so dedup must find them here
         self._recent: dict[str, ChunkRef] = {}
@@ -122,8 +125,10 @@ class ChunkStore:
 
     def pin(self, names: Iterable[str]) -> None:
         with self._cv:
+            now = time.time()
             for n in names:
                 self._pins[n] += 1
+                self._since.setdefault(n, now)
 
     def unpin(self, names: Iterable[str]) -> None:
         with self._cv:
@@ -131,7 +136,17 @@ class ChunkStore:
                 self._pins[n] -= 1
                 if self._pins[n] <= 0:
                     del self._pins[n]
+                    self._since.pop(n, None)
                     self._forget(n)
+
+    def horizon(self) -> float:
+        """A wall-clock time before which every object this chunk store wrote is recorded
+        in the metadata (committed): the oldest start of a put whose ref is still pinned
+        (handed out, not committed by the caller) or still being stored; now if there is
+        none. Another machine's ``cryptfs gc`` deletes no unrecorded object written after it
+        (see :func:`cryptfs.admin.gc.find_garbage`)."""
+        with self._cv:
+            return min(self._since.values(), default=time.time())
 
     def _forget(self, name: str) -> None:
         """Drop a recent ref once nobody holds it uncommitted and it is not uploading."""
@@ -151,6 +166,8 @@ class ChunkStore:
         """Seal and store one chunk (deduplicated); returns its pinned ref."""
         name = self.codec.chunk_name(plain)
         self._acquire(name)
+        with self._cv:  # before the object is written: see horizon()
+            self._since.setdefault(name, time.time())
         try:
             with self._cv:
                 ref = self._recent.get(name)
@@ -169,6 +186,9 @@ class ChunkStore:
                 self._recent[name] = ref
             return ref
         finally:
+            with self._cv:
+                if name not in self._pins:  # (failed)
+                    self._since.pop(name, None)
             self._release(name)
 
     def put_async(self, plain: bytearray) -> Future[ChunkRef | None]:

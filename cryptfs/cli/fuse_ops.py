@@ -406,12 +406,13 @@ class CryptfsOperations(mfusepy.Operations):
         ino = self.dir_inos.get(fh)
         if ino is None:
             ino = self._ino(path)
-        for name, child, mode, nxt in self.fs.readdir(ino, fh, offset):
-            yield (
-                name.decode("utf-8", "surrogateescape"),
-                {"st_ino": child, "st_mode": stat.S_IFMT(mode)},
-                nxt,
-            )
+        # read here, not in a generator: an error must reach _guard (errno, one log line)
+        entries = self.fs.readdir(ino, fh, offset)
+        return (
+            (name.decode("utf-8", "surrogateescape"),
+             {"st_ino": child, "st_mode": stat.S_IFMT(mode)}, nxt)
+            for name, child, mode, nxt in entries
+        )
 
     @_guard
     def releasedir(self, path: str | None, fh: int) -> int:

@@ -120,6 +120,9 @@ class OpenFile:
     # the chunk sealed last and its plaintext: once committed it goes to the memory cache, so
     # the next small write to it (a log appended to, a block rewritten) does not read it back
     tail: tuple[int, bytearray] | None = None
+    # truncated since the last commit: that commit sets the size (else, on a vault other
+    # machines write, the larger of theirs and this one's, see Writes._commit)
+    truncated: bool = False
 
     def dirty_bytes(self) -> int:
         return sum(len(b) for b in self.dirty.values())

@@ -96,7 +96,11 @@ class Writes(FileSystemBase):
     def _commit(self, f: OpenFile) -> None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
         If a chunk cannot be stored, its data goes back to the dirty buffers and the error
-        is raised (ENOSPC or EIO), so a later flush can retry."""
+        is raised (ENOSPC or EIO), so a later flush can retry. On a vault other machines
+        write (``meta.shared``) the commit merges with theirs: the inode is read as committed
+        and locked, the chunks written here replace theirs and the others stay, the size is
+        the larger (this one's if it truncated since its last commit), and the open file then
+        reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``)."""
         if f.dirty:
             self._seal(f, list(f.dirty))
         if not f.pending and f.mtime_ns is None:
@@ -114,25 +118,43 @@ class Writes(FileSystemBase):
         if failed is not None:  # the chunks that did seal stay pending for the retry
             log.error("cannot store data of inode %d: %s", f.ino, failed)
             raise _err(failed.errno)
-        with self.lock:
-            node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+        shared = self.meta.shared
+
+        def run() -> Inode | None:
+            # shared: the inode as committed now, locked until this commit (another
+            # machine's commit of this file in between is merged, never overwritten)
+            node = self.meta.get_inode(f.ino) if shared else (
+                self.inodes.get(f.ino) or self.meta.get_inode(f.ino))
             if node is None:  # removed meanwhile
+                return None
+            if self.before_commit is not None:
+                self.before_commit()
+            for idx, ref in refs.items():
+                if idx * self.cs < f.size:
+                    self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
+            # the larger size: another machine may have written further (unless this one
+            # truncated since its last commit: then its size is the file's)
+            node.size = f.size if f.truncated or not shared else max(node.size, f.size)
+            if f.mtime_ns is not None:
+                node.mtime_ns = node.ctime_ns = f.mtime_ns
+            self._save(node)
+            return node
+
+        with self.lock:
+            node = self.meta.atomically(run)
+            if node is None:
                 self._discard(f)
                 return
-            with self.meta.transaction():
-                if self.before_commit is not None:
-                    self.before_commit()
-                for idx, ref in refs.items():
-                    if idx * self.cs < f.size:
-                        self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
-                        if ref is None:
-                            f.refs.pop(idx, None)
-                        else:
-                            f.refs[idx] = ref
-                node.size = f.size
-                if f.mtime_ns is not None:
-                    node.mtime_ns = node.ctime_ns = f.mtime_ns
-                self._save(node)
+            if shared:  # chunks other machines committed are read from the map again
+                f.refs.clear()
+                f.loaded.clear()
+                f.size = node.size
+            for idx, ref in refs.items():
+                if ref is None or idx * self.cs >= f.size:
+                    f.refs.pop(idx, None)
+                else:
+                    f.refs[idx] = ref
+            f.truncated = False
             self.inodes[f.ino] = node
             self._alloc.pop(f.ino, None)
         tail, f.tail = f.tail, None
@@ -183,6 +205,7 @@ class Writes(FileSystemBase):
                         del buf[size % cs :]
                         f.dirty[idx] = buf
                 f.size = size
+                f.truncated = True
                 f.mtime_ns = time.time_ns()
                 self._commit(f)
         finally:

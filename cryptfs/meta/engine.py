@@ -155,6 +155,11 @@ class MetaEngine(Protocol):
     def live_sessions(self) -> int:
         """How many other machines' sessions are live (0 for an engine of one machine)."""
 
+    def session_horizons(self) -> list[float]:
+        """The horizons other machines' live sessions published (wall-clock times before
+        which every object they wrote is recorded: ``ChunkStore.horizon``; 0.0 for a
+        session that published none). Empty for an engine of one machine."""
+
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines'."""
 

@@ -174,6 +174,11 @@ NAME_CACHE = 65536
 RETRIES = 8
 # inodes a change notice lists at most (more: the notice says "anything may have changed")
 NOTICE_INODES = 400
+# libpq connection options of every connection: a server that does not answer is an error
+# after 10 s (connect) or about 25 s (TCP keepalives on an idle or waiting connection), never a
+# hang; a Unix socket ignores the keepalives
+CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                "keepalives_interval": 5, "keepalives_count": 3}
 T = TypeVar("T")
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
@@ -317,7 +322,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         self.keys = keys
         try:
             self.engine = create_engine(url, pool_size=1, max_overflow=0,
-                                        isolation_level="READ COMMITTED")
+                                        isolation_level="READ COMMITTED",
+                                        connect_args=CONNECT_ARGS)
         except (SQLAlchemyError, ValueError, ImportError):  # (its text may hold a password)
             raise ConfigError("the metadata database URL is not usable (not a "
                               "postgresql+psycopg URL, or its driver is missing)") from None
@@ -636,6 +642,17 @@ class PgMetaStore(Transactions, NamespaceOps):
         return int(self._x(select(func.count()).select_from(sessions).where(
             sessions.c.k != self._session_k,
             sessions.c.expires > func.clock_timestamp())).scalar() or 0)
+
+    def session_horizons(self) -> list[float]:
+        """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
+        ``v``, written by :meth:`PgSession.beat`)."""
+        out = []
+        for r in self._x(select(sessions.c.k, sessions.c.v).where(
+                sessions.c.k != self._session_k,
+                sessions.c.expires > func.clock_timestamp())).all():
+            who = self._open("sessions", 0, (bytes(r.k),), r.v)
+            out.append(who[4] / 1e9 if len(who) > 4 and isinstance(who[4], int) else 0.0)
+        return out
 
     def reap_sessions(self) -> tuple[int, set[int]]:
         """Clean up sessions that expired (their machines died or were cut off, and are
@@ -1339,11 +1356,14 @@ class PgSession:
         self.k = _hash(keys, b"S", self.id)
         self.elected = False
         try:
-            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                        connect_args=CONNECT_ARGS)
         except (SQLAlchemyError, ValueError, ImportError):
             raise ConfigError("the metadata database URL is not usable") from None
         self.where = self.engine.url.render_as_string(hide_password=True)
         self.conn: Connection | None = None
+        self._lock = threading.Lock()
+        self._ident: tuple[Any, ...] = ()
 
     def _c(self) -> Connection:
         if self.conn is None:
@@ -1353,12 +1373,15 @@ class PgSession:
 
     def _run(self, stmt: Any) -> Any:
         """One statement in its own transaction; a failure drops the connection (the next
-        call makes a new one) and raises a one-line MetaError."""
-        try:
-            return self._c().execute(stmt)
-        except DBAPIError as e:
-            self._drop()
-            raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}") from None
+        call makes a new one) and raises a one-line MetaError. Thread-safe (the heartbeat
+        and the checkpoint writer's :meth:`elect` share the connection)."""
+        with self._lock:
+            try:
+                return self._c().execute(stmt)
+            except DBAPIError as e:
+                self._drop()
+                raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}"
+                                ) from None
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -1370,26 +1393,39 @@ class PgSession:
     def _expiry(self) -> Any:
         return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
 
-    def start(self) -> None:
-        who = _pack(socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
-        self._run(insert(sessions).values(
-            k=self.k, expires=self._expiry(),
-            v=crypto.seal(self.keys.row, who, _ad("sessions", 0, self.k))))
+    def _who(self, horizon: float) -> bytes:
+        """The sealed ``v``: host, pid, machine id, start and the deletion horizon (ns)."""
+        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9)),
+                           _ad("sessions", 0, self.k))
 
-    def beat(self) -> bool:
-        """Extend the session; False if it expired (or was cleaned up) meanwhile. MetaError
-        if the database cannot be reached (the session may still be live)."""
+    def start(self) -> None:
+        self._ident = (socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
+        self._run(insert(sessions).values(k=self.k, expires=self._expiry(),
+                                          v=self._who(time.time())))
+
+    def beat(self, horizon: float | None = None) -> bool:
+        """Extend the session, publishing ``horizon`` (this machine's
+        ``ChunkStore.horizon``: every object it wrote before that is recorded); False if
+        it expired (or was cleaned up) meanwhile. MetaError if the database cannot be
+        reached (the session may still be live)."""
+        values: dict[str, Any] = {"expires": self._expiry()}
+        if horizon is not None:
+            values["v"] = self._who(horizon)
         res = self._run(update(sessions).where(
             sessions.c.k == self.k, sessions.c.expires > func.clock_timestamp()
-        ).values(expires=self._expiry()))
+        ).values(**values))
         return bool(res.rowcount == 1)
 
     def elect(self) -> bool:
         """Hold the vault's checkpoint lock if nobody else does; whether this session holds
-        it."""
-        if not self.elected:
+        it, asked of the database each time (a connection lost and made again, as when the
+        server restarts, holds no lock any more: another machine may hold it now). False
+        when the database cannot be reached."""
+        try:
             self.elected = bool(self._run(
                 select(func.pg_try_advisory_lock(checkpoint_lock(self.keys)))).scalar())
+        except MetaError:
+            self.elected = False
         return self.elected
 
     def end(self) -> None:
@@ -1413,7 +1449,8 @@ class PgWatcher:
         self.keys = keys
         self.sender = sender
         self.on_change = on_change
-        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                    connect_args=CONNECT_ARGS)
         self._stop = threading.Event()
         self.listening = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pg-watch", daemon=True)
@@ -1427,11 +1464,15 @@ class PgWatcher:
         self.engine.dispose()
 
     def _run(self) -> None:
+        lost = False  # said so once per outage: a database down for a while is one line
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:
                     conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
                     self.listening.set()
+                    if lost:
+                        log.info("change notices from other mounts: listening again")
+                        lost = False
                     self.on_change(None)  # anything changed before this could be missed
                     raw = conn.connection.driver_connection
                     while not self._stop.is_set():
@@ -1439,8 +1480,10 @@ class PgWatcher:
                             self._heard(n.payload)
             except Exception as e:  # noqa: BLE001 - a lost connection: listen again
                 self.listening.clear()
-                log.warning("change notices from other mounts: %s (listening again)",
-                            _first_line(e))
+                if not lost:
+                    log.warning("change notices from other mounts: %s (listening again "
+                                "once the database can be reached)", _first_line(e))
+                    lost = True
                 self._stop.wait(1.0)
 
     def _heard(self, payload: str) -> None:

@@ -384,6 +384,9 @@ class MetaStore(Transactions, NamespaceOps):
     def live_sessions(self) -> int:
         return 0
 
+    def session_horizons(self) -> list[float]:
+        return []
+
     def lock_ledger(self) -> None:
         """Nothing to wait for: one writer."""
 

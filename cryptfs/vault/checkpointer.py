@@ -166,7 +166,7 @@ class Checkpointer:
             if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
-                except CryptfsError as e:
+                except CryptfsError as e:  # (a metadata database out of reach, too)
                     log.warning("periodic checkpoint failed: %s", e)
                 except BaseException as e:  # noqa: B036 - never die silently, never go on
                     self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")

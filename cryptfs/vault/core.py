@@ -444,7 +444,7 @@ class Vault:
     def _elected(self) -> bool:
         """Whether this mount writes the vault's checkpoints: always with one machine; with
         several, the one holding the checkpoint lock (see :class:`PgSession`)."""
-        return self.session is None or self.session.elected
+        return self.session is None or self.session.elect()
 
     def _beat(self) -> None:
         """Keep the session live (every third of its lifetime; every 2 s while the database
@@ -454,9 +454,11 @@ class Vault:
         s = self.session
         assert s is not None and self.fs is not None and isinstance(self.meta, PgMetaStore)
         wait = s.ttl / 3
+        unreachable = False  # said once per outage (retried meanwhile)
         while not self._stop.wait(wait):
             try:
-                if not s.beat():
+                assert self.chunks is not None
+                if not s.beat(self.chunks.horizon()):
                     if not self.session_lost:
                         self._session_expired(
                             f"this machine's session in the metadata database expired "
@@ -471,9 +473,14 @@ class Vault:
                 if dead:
                     log.info("cleaned up %d expired sessions of other machines (%d files "
                              "they held open, unlinked, deleted)", dead, len(gone))
+                if unreachable:
+                    log.info("session heartbeat: the metadata database answers again")
+                    unreachable = False
                 wait = s.ttl / 3
             except CryptfsError as e:
-                log.warning("session heartbeat: %s", e.line())
+                if not unreachable:
+                    log.warning("session heartbeat: %s (retrying until it answers)", e.line())
+                    unreachable = True
                 wait = min(2.0, s.ttl / 10)
             except BaseException as e:  # noqa: B036 - a dependency's panic must not end it
                 log.error("session heartbeat failed: %s: %s", type(e).__name__, e)
