@@ -224,6 +224,10 @@ def cryptfs_dir(posix_mount: Path) -> Path:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for mp in list(_MOUNTS):
         force_unmount(mp)
+    with open("/proc/self/mounts") as f:  # and what a test mounted without saying so
+        for mp in [line.split()[1] for line in f]:
+            if any(mp.startswith(root + "/") for root in _ROOTS):
+                force_unmount(mp)
     # daemons whose mounts were forced away exit by themselves; kill stragglers of this run
     for root in sorted(_ROOTS):
         res = subprocess.run(["pgrep", "-f", f"{root}/"], capture_output=True, text=True)
