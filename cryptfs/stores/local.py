@@ -12,13 +12,13 @@ from typing import NoReturn
 
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.format.codec import DATA_PREFIX
+from cryptfs.paths import start_writeback
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # more files and directories than this to make durable: one syncfs of the whole filesystem is
 # cheaper than an fsync of each
 SYNCFS_ABOVE = 64
-SYNC_FILE_RANGE_WRITE = 2
 
 
 class LocalStore(PlainStore):
@@ -242,8 +242,7 @@ def _fsync_all(paths: list[Path], flags: int) -> None:
                 continue
         if len(fds) > 1:
             for fd in fds:  # a hint: an error shows in the fsync below
-                _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0),
-                                      SYNC_FILE_RANGE_WRITE)
+                start_writeback(fd)
         for fd in fds:
             os.fsync(fd)
     finally:

@@ -30,7 +30,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -47,7 +46,13 @@ from cryptfs.format.layout import (
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
-from cryptfs.paths import VaultPaths, replace_private, stage_private, write_private
+from cryptfs.paths import (
+    VaultPaths,
+    fsync_path,
+    replace_private,
+    stage_private,
+    write_private,
+)
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
 from cryptfs.vault.localstate import Head, read_head
@@ -137,8 +142,7 @@ class Checkpointer:
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
         self._force_collect = False  # the next round collects, whatever the interval
-        # syncs the store while the round syncs the local database (two waits on the disk)
-        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sync")
+        self._head_renamed = False  # the head file was renamed, its directory not synced
 
     def run(self, stop: threading.Event) -> None:
         """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
@@ -272,23 +276,24 @@ class Checkpointer:
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
-        # the chunks and the metadata durable before a checkpoint names them, and meanwhile
-        # the local ledger up to the checkpoint's head (a local ledger behind the store's
-        # checkpoint is an anchor problem)
-        synced = self._sync_pool.submit(self.store.sync)
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
-        try:
-            with self._own():
-                e = led.append("put", name, len(blob), ref.sha256)
-                meta.reference(ref, staged=False)
-                meta.sync()
-                tail = [x.to_json() for x in led.entries(snap_seq)]
-        except BaseException:
-            wait([synced])
-            raise
-        synced.result()
+        with self._own():
+            e = led.append("put", name, len(blob), ref.sha256)
+            meta.reference(ref, staged=False)
+            meta.commit()
+            tail = [x.to_json() for x in led.entries(snap_seq)]
+        # first wait on the disk: the chunks and the metadata durable before a checkpoint names
+        # them, with the local ledger up to the checkpoint's head (a local ledger behind the
+        # store's checkpoint is an anchor problem) and the rename of the last round's head file.
+        # All in this thread, the log's writeback started first: the store's first fsync
+        # commits the filesystem journal for all of them, the later ones find little to do.
+        meta.start_sync()
+        self.store.sync()
+        with self.lock:
+            meta.sync()
+        self._settle_head()
         assert full or self._chain is not None
         chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
         ck_name = checkpoint_name(e.seq)
@@ -307,22 +312,24 @@ class Checkpointer:
             raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
-        self.store.put(ck_name, ck_blob)
-        # one head write a round, naming the checkpoint once it is durable: its temp file is
-        # written and synced while the store syncs the checkpoint, then renamed into place.
-        # The checkpoint's own ledger entry and the collections below are committed (they
-        # survive a crash of this process) and anchored by the next round.
-        head = self._sync_pool.submit(stage_private, self.paths.head, self._head(e, ck_name))
+        # second wait: the checkpoint, with the temp file of the head file naming it (one
+        # journal commit again), which is renamed into place once the checkpoint is durable;
+        # the rename is made durable by the next round's first wait (or :meth:`anchor`). The
+        # checkpoint's own ledger entry and the collections below are committed (they survive
+        # a crash of this process) and anchored by the next round.
+        head_tmp = stage_private(self.paths.head, self._head(e, ck_name), durable=False)
         try:
+            self.store.put(ck_name, ck_blob)
             self.store.sync()
+            fsync_path(head_tmp)
         except BaseException:
-            wait([head])
+            head_tmp.unlink(missing_ok=True)
             raise
-        head_tmp = head.result()
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-        replace_private(head_tmp, self.paths.head)
+        replace_private(head_tmp, self.paths.head, durable=False)
+        self._head_renamed = True
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
@@ -342,9 +349,11 @@ class Checkpointer:
         assert last is not None
         self.last_seq = last.seq
 
-    def close(self) -> None:
-        """Let the store-sync thread go (a round still under way finishes its syncs)."""
-        self._sync_pool.shutdown(wait=False)
+    def _settle_head(self) -> None:
+        """Make the last rename of the head file durable (an fsync of its directory)."""
+        if self._head_renamed:
+            fsync_path(self.paths.head.parent)
+            self._head_renamed = False
 
     def anchor(self) -> None:
         """Make the local ledger durable and record its newest entry in the head file (after
@@ -358,6 +367,7 @@ class Checkpointer:
                 last = self.ledger.head()
             if last is not None and last.seq > head.seq:
                 self._write_head(last, head.checkpoint)
+            self._settle_head()
 
     @contextlib.contextmanager
     def checkpoints_held(self) -> Iterator[str]:
