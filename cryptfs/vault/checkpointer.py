@@ -406,23 +406,34 @@ class Checkpointer:
         garbage = [r for r in garbage if r.name not in held]
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
+        # deletions first, then their records in one transaction (one commit for all: each
+        # commit writes its pages to the log, and the next segment ships them)
+        gone: list[ChunkRef] = []
         for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
             try:
                 self.store.delete(ref.name)
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
+            gone.append(ref)
+        claimed: list[ChunkRef] = []
+        try:
             with self._own(), meta.transaction():
-                meta.forget_object(ref.name)
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
-        for ref in garbage:
-            with self._own():
-                if not self.chunks.try_claim_for_delete(ref.name):
-                    continue
-                if not meta.drop_object_if_unreferenced(ref.name):
-                    self.chunks.release_claim(ref.name)
-                    continue
-                meta.commit()
+                for ref in gone:
+                    meta.forget_object(ref.name)
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
+                for ref in garbage:  # their rows go before the objects (committed first)
+                    if not self.chunks.try_claim_for_delete(ref.name):
+                        continue
+                    claimed.append(ref)
+                    if not meta.drop_object_if_unreferenced(ref.name):
+                        self.chunks.release_claim(claimed.pop().name)
+        except BaseException:
+            for ref in claimed:
+                self.chunks.release_claim(ref.name)
+            raise
+        deleted: list[ChunkRef] = []
+        for ref in claimed:
             try:
                 self.chunks.delete_claimed(ref.name)
             except StoreError as e:
@@ -430,6 +441,8 @@ class Checkpointer:
                 with self._own(), meta.transaction():
                     meta.unreference_object(ref)
                 continue
-            with self._own():
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
-
+            deleted.append(ref)
+        if deleted:
+            with self._own(), meta.transaction():
+                for ref in deleted:
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
