@@ -20,6 +20,7 @@ import ctypes
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +231,35 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Filesystems where an fsync of a file also makes durable every change to names made before it
+# on that filesystem (a file created in a directory, a rename): ext4 and xfs commit their one
+# journal (log) in order, so the commit an fsync waits for holds every earlier metadata change
+# (and ext4 without a journal syncs the parent of a new file). There a directory needs no fsync
+# of its own for the files put or renamed in it. (Not btrfs: its fsync logs one inode's names.)
+_NAMES_WITH_FILE = {0xEF53, 0x58465342}  # ext2/3/4 (the ext4 driver), xfs
+_fs_types: dict[int, int | None] = {}
+
+
+def names_durable_with_files(path: Path) -> bool:
+    """Whether on the filesystem of directory ``path`` an fsync of any file makes the names
+    changed before it durable too (see _NAMES_WITH_FILE); False where that cannot be told
+    (then fsync the directory, as POSIX asks)."""
+    dev = os.stat(path).st_dev
+    if dev not in _fs_types:
+        _fs_types[dev] = _fs_type(path)
+    return _fs_types[dev] in _NAMES_WITH_FILE
+
+
+def _fs_type(path: Path) -> int | None:
+    """statfs(2)'s f_type (the first field, a long), or None."""
+    if _libc is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
 
 
 def start_writeback(fd: int) -> None:

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.format.codec import DATA_PREFIX
-from cryptfs.paths import start_writeback
+from cryptfs.paths import names_durable_with_files, start_writeback
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -47,6 +47,10 @@ class LocalStore(PlainStore):
         # entries changed (a new object, or a new subdirectory)
         self._unsynced: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
+        self._new_dirs: set[Path] = set()  # directories put may have created since
+        # an fsync of a file makes its name durable too: directories need none of their own,
+        # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
+        self._names_with_files = names_durable_with_files(self.root)
 
     def _path(self, name: str) -> Path:
         if not name or name.startswith("/") or ".." in name.split("/"):
@@ -75,6 +79,7 @@ class LocalStore(PlainStore):
             self._unsynced.add(path)
             self._unsynced_dirs.add(parent)
             self._unsynced_dirs.update(new_dirs)
+            self._new_dirs.update(new_dirs)
 
     def _put_new(self, path: Path, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
@@ -198,8 +203,8 @@ class LocalStore(PlainStore):
         then of each directory that got an entry (or one syncfs when there are many). On a
         failure what was not synced is kept for the next call, and StoreError is raised."""
         with self._lock:
-            files, dirs = self._unsynced, self._unsynced_dirs
-            self._unsynced, self._unsynced_dirs = set(), set()
+            files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs
+            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), set()
         if not files and not dirs:
             return
         try:
@@ -207,12 +212,15 @@ class LocalStore(PlainStore):
                 self._syncfs()
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
+                if self._names_with_files:  # only the parents of new directories
+                    dirs = {d.parent for d in dirs if d in made and d != self.root}
                 _fsync_all(sorted(dirs, key=lambda d: len(d.parts), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             with self._lock:
                 self._unsynced |= files
                 self._unsynced_dirs |= dirs
+                self._new_dirs |= made
             raise StoreError(f"cannot sync the store {self.root}: {e.strerror}") from None
 
     def _syncfs(self) -> None:

@@ -49,6 +49,7 @@ from cryptfs.meta.sqlite import MetaStore
 from cryptfs.paths import (
     VaultPaths,
     fsync_path,
+    names_durable_with_files,
     replace_private,
     stage_private,
     write_private,
@@ -350,9 +351,13 @@ class Checkpointer:
         self.last_seq = last.seq
 
     def _settle_head(self) -> None:
-        """Make the last rename of the head file durable (an fsync of its directory)."""
+        """Make the last rename of the head file durable: an fsync of its directory, unless
+        the fsync of the local database's log (in its directory) just did (ext4, xfs: see
+        :func:`cryptfs.paths.names_durable_with_files`)."""
         if self._head_renamed:
-            fsync_path(self.paths.head.parent)
+            if not (isinstance(self.meta, MetaStore)
+                    and names_durable_with_files(self.paths.head.parent)):
+                fsync_path(self.paths.head.parent)
             self._head_renamed = False
 
     def anchor(self) -> None:
