@@ -26,11 +26,9 @@ from pathlib import Path
 
 from cryptfs.errors import UsageError
 
-SYNC_FILE_RANGE_WRITE = 2
 try:
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
-    _libc.sync_file_range  # noqa: B018 - probing that it exists
-except (OSError, AttributeError):
+except OSError:
     _libc = None
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -199,9 +197,9 @@ def write_private(path: Path, data: bytes) -> None:
 
 def stage_private(path: Path, data: bytes, durable: bool = True) -> Path:
     """The first half of :func:`write_private`: a temp file beside ``path`` holding ``data``,
-    durable (fsynced). Returns its path, for :func:`replace_private`. ``durable`` False: its
-    writeback is only started, and the caller fsyncs it (:func:`fsync_path`) before the rename,
-    after the fsyncs of other files it writes meanwhile: one journal commit then covers all."""
+    durable (fsynced). Returns its path, for :func:`replace_private`. ``durable`` False: not
+    fsynced; the caller fsyncs it (:func:`fsync_path`) before the rename, after the fsyncs of
+    other files it writes meanwhile (then one journal commit may cover them all)."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -209,8 +207,6 @@ def stage_private(path: Path, data: bytes, durable: bool = True) -> Path:
         os.write(fd, data)
         if durable:
             os.fsync(fd)
-        else:
-            start_writeback(fd)
     finally:
         os.close(fd)
     return tmp
@@ -260,15 +256,6 @@ def _fs_type(path: Path) -> int | None:
     if _libc.statfs(os.fsencode(path), buf) != 0:
         return None
     return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing a file's dirty pages to disk without waiting (``sync_file_range`` with
-    ``SYNC_FILE_RANGE_WRITE``; nothing where it is missing): a hint, so that an fsync of
-    another file commits this one's new blocks in the same journal commit, and this file's own
-    fsync then finds little left to do. Errors show in that fsync."""
-    if _libc is not None:
-        _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
 def machine_id() -> str:

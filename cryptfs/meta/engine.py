@@ -91,11 +91,6 @@ class MetaEngine(Protocol):
     def undo_on_rollback(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` if the writes made since the last commit are rolled back."""
 
-    def start_sync(self) -> None:
-        """Start writing committed blocks to disk without waiting (a hint before other files
-        are fsynced, so that one journal commit covers them and the following :meth:`sync`;
-        needs no filesystem lock: it uses no connection)."""
-
     def sync(self) -> None:
         """Commit, then make every committed block durable against power loss."""
 

@@ -672,9 +672,6 @@ class PgMetaStore(Transactions, NamespaceOps):
         (the chain's one serialisation point), so the head read next is the newest."""
         self._x(select(func.pg_advisory_xact_lock(checkpoint_lock(self.keys) ^ 1)))
 
-    def start_sync(self) -> None:
-        """Nothing to start: a committed transaction is already durable on the server."""
-
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
         self.commit()

@@ -70,7 +70,6 @@ from cryptfs.meta.wal import (
     read_wal,
     read_wal_index,
 )
-from cryptfs.paths import start_writeback
 
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0); version 3 added the
@@ -512,17 +511,6 @@ class MetaStore(Transactions, NamespaceOps):
             self.conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         self.conn.close()
         self.engine.dispose()
-
-    def start_sync(self) -> None:
-        """Start the writeback of the log (see :meth:`sync`), not waiting for it."""
-        try:
-            fd = os.open(self._wal_path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            start_writeback(fd)
-        finally:
-            os.close(fd)
 
     def sync(self) -> None:
         """Commit, then make every committed transaction durable against power loss: in WAL

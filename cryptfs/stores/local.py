@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.format.codec import DATA_PREFIX
-from cryptfs.paths import names_durable_with_files, start_writeback
+from cryptfs.paths import names_durable_with_files
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -238,21 +238,15 @@ class LocalStore(PlainStore):
 
 def _fsync_all(paths: list[Path], flags: int) -> None:
     """fsync each of ``paths`` (one deleted meanwhile, an object collected, needs nothing).
-    The writeback of all starts first (sync_file_range), so that the filesystem allocates
-    them together and the first fsync's journal commit covers the others: on ext4 three new
-    files cost about as much as one, where fsyncs one after the other cost one commit each."""
-    fds: list[int] = []
-    try:
-        for p in paths:
-            try:
-                fds.append(os.open(p, flags))
-            except FileNotFoundError:
-                continue
-        if len(fds) > 1:
-            for fd in fds:  # a hint: an error shows in the fsync below
-                start_writeback(fd)
-        for fd in fds:
+    One after the other: the first one's journal commit covers the others' names and new
+    blocks as far as their writeback has begun; starting it for all first (sync_file_range)
+    cost more than it saved on a busy machine (it blocks while the journal commits)."""
+    for p in paths:
+        try:
+            fd = os.open(p, flags)
+        except FileNotFoundError:
+            continue
+        try:
             os.fsync(fd)
-    finally:
-        for fd in fds:
+        finally:
             os.close(fd)

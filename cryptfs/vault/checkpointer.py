@@ -288,9 +288,8 @@ class Checkpointer:
         # first wait on the disk: the chunks and the metadata durable before a checkpoint names
         # them, with the local ledger up to the checkpoint's head (a local ledger behind the
         # store's checkpoint is an anchor problem) and the rename of the last round's head file.
-        # All in this thread, the log's writeback started first: the store's first fsync
-        # commits the filesystem journal for all of them, the later ones find little to do.
-        meta.start_sync()
+        # All in this thread, one after the other (each fsync after the first finds most of
+        # its work in the journal commit the first one made).
         self.store.sync()
         with self.lock:
             meta.sync()
