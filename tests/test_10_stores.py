@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -406,3 +407,15 @@ def test_fault_proxy_counts_and_clears(proxy: FaultProxy) -> None:
     proxy.clear()
     assert status() == 200
     assert proxy.requests == 7 and proxy.faults == {"error500": 2, "down": 1}
+
+
+def test_names_durable_with_files_by_filesystem_type(tmp_path: Path) -> None:
+    """Directory fsyncs are left out on ext4 and xfs only: what stat(1) reports decides."""
+    from cryptfs.paths import names_durable_with_files
+
+    for path in (tmp_path, Path("/dev/shm"), Path("/proc")):
+        if not path.is_dir():
+            continue
+        kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert names_durable_with_files(path) == (kind in ("ext2/ext3", "xfs")), (path, kind)

@@ -28,9 +28,11 @@ class LocalStore(PlainStore):
     object is either absent or complete, also after a crash of the process (new chunk objects,
     which are verified against the metadata, are written in place: see :meth:`_put_new`);
     :meth:`sync` makes every object put so far survive power loss: it fsyncs exactly the files
-    put since the last sync and the directories that got new entries (a syncfs of the store's
-    filesystem instead when there are more than SYNCFS_ABOVE of them). Deletions are not made
-    durable: an object that comes back after a power loss is unreferenced, and collected.
+    put since the last sync and the directories that got new entries (on ext4 and xfs only the
+    parents of new directories: there a file's fsync makes its name durable, see
+    :func:`cryptfs.paths.names_durable_with_files`; a syncfs of the store's filesystem instead
+    when there are more than SYNCFS_ABOVE of them). Deletions are not made durable: an object
+    that comes back after a power loss is unreferenced, and collected.
     """
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
@@ -200,7 +202,8 @@ class LocalStore(PlainStore):
 
     def sync(self) -> None:
         """Make every object put so far durable: fsync of each file put since the last sync,
-        then of each directory that got an entry (or one syncfs when there are many). On a
+        then of each directory that got an entry (ext4, xfs: each new directory's parent), or
+        one syncfs when there are many. On a
         failure what was not synced is kept for the next call, and StoreError is raised."""
         with self._lock:
             files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs

@@ -9,14 +9,19 @@ vault can then be opened on a new machine from the store alone. A checkpoint sto
 metadata changed since the one before (a segment); the first of a mount, and one whenever the
 segments grow past a fraction of their snapshot, stores a full snapshot.
 
-Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`): the queued
-ledger entries of stored chunks; the uploads the metadata references; the metadata (segment or
-snapshot) put, and the store synced (chunks and metadata durable); its ledger entry, and the
-local database synced; the checkpoint object, and the store synced; the head file naming the
-checkpoint and its ledger entry (one head write a round); the checkpoint's own ledger entry;
-the snapshot policy; collection (not in every round: see COLLECT_INTERVAL). Those last
-entries are committed, so they survive a crash of the process; the next round's local sync
-and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
+Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
+round's own thread, in two waits on the disk: the queued ledger entries of stored chunks; the
+uploads the metadata references; the metadata (segment or snapshot) put and its ledger entry
+committed; first wait: the store synced (chunks and metadata durable), then the local
+database's log (so its ledger reaches the checkpoint's head), and the last round's head file
+rename; second wait: the checkpoint object and the temp file of the head file naming it
+synced together; the temp file renamed into place (made durable by the next round's first
+wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy;
+collection (not in every round: see COLLECT_INTERVAL). Those last entries are committed, so
+they survive a crash of the process; the next round's local sync and head file anchor them
+(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written:
+on ext4 and xfs a directory needs none for the names put in it
+(:func:`cryptfs.paths.names_durable_with_files`).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
