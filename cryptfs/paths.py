@@ -229,11 +229,12 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-# Filesystems where an fsync of a file also makes durable every change to names made before it
-# on that filesystem (a file created in a directory, a rename): ext4 and xfs commit their one
-# journal (log) in order, so the commit an fsync waits for holds every earlier metadata change
-# (and ext4 without a journal syncs the parent of a new file). There a directory needs no fsync
-# of its own for the files put or renamed in it. (Not btrfs: its fsync logs one inode's names.)
+# Filesystems where an fsync of a file also makes durable the name it was created or renamed to
+# since it was created (the local store's objects: written, renamed into place, then fsynced):
+# ext4 and xfs commit their one journal (log) in order, so the commit an fsync waits for holds
+# every earlier change to names; ext4 without a journal syncs, at the first fsync of a new
+# file, the directory its name is in (ext4_sync_parent). There a directory needs no fsync of
+# its own for the files put in it. (Not btrfs: its fsync logs one inode's names.)
 _NAMES_WITH_FILE = {0xEF53, 0x58465342}  # ext2/3/4 (the ext4 driver), xfs
 _fs_types: dict[int, int | None] = {}
 

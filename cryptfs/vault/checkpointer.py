@@ -19,9 +19,9 @@ synced together; the temp file renamed into place (made durable by the next roun
 wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy;
 collection (not in every round: see COLLECT_INTERVAL). Those last entries are committed, so
 they survive a crash of the process; the next round's local sync and head file anchor them
-(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written:
-on ext4 and xfs a directory needs none for the names put in it
-(:func:`cryptfs.paths.names_durable_with_files`).
+(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written
+and one of the head file's directory: on ext4 and xfs the store's directories need none for
+the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
@@ -54,7 +54,6 @@ from cryptfs.meta.sqlite import MetaStore
 from cryptfs.paths import (
     VaultPaths,
     fsync_path,
-    names_durable_with_files,
     replace_private,
     stage_private,
     write_private,
@@ -355,13 +354,11 @@ class Checkpointer:
         self.last_seq = last.seq
 
     def _settle_head(self) -> None:
-        """Make the last rename of the head file durable: an fsync of its directory, unless
-        the fsync of the local database's log (in its directory) just did (ext4, xfs: see
-        :func:`cryptfs.paths.names_durable_with_files`)."""
+        """Make the last rename of the head file durable: an fsync of its directory (also on
+        ext4 and xfs: without a journal, ext4 syncs the parent of a file at its fsync only if
+        the file is new since its last fsync, and the temp file was synced before the rename)."""
         if self._head_renamed:
-            if not (isinstance(self.meta, MetaStore)
-                    and names_durable_with_files(self.paths.head.parent)):
-                fsync_path(self.paths.head.parent)
+            fsync_path(self.paths.head.parent)
             self._head_renamed = False
 
     def anchor(self) -> None:
