@@ -16,13 +16,20 @@ times of their changes are nobody else's business.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptfs.errors import UsageError
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _libc = None
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -188,28 +195,68 @@ def write_private(path: Path, data: bytes) -> None:
     replace_private(stage_private(path, data), path)
 
 
-def stage_private(path: Path, data: bytes) -> Path:
+def stage_private(path: Path, data: bytes, durable: bool = True) -> Path:
     """The first half of :func:`write_private`: a temp file beside ``path`` holding ``data``,
-    durable (fsynced). Returns its path, for :func:`replace_private`."""
+    durable (fsynced). Returns its path, for :func:`replace_private`. ``durable`` False: not
+    fsynced; the caller fsyncs it (:func:`fsync_path`) before the rename, after the fsyncs of
+    other files it writes meanwhile (then one journal commit may cover them all)."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return tmp
 
 
-def replace_private(tmp: Path, path: Path) -> None:
-    """The second half of :func:`write_private`: rename ``tmp`` over ``path``, durably."""
+def replace_private(tmp: Path, path: Path, durable: bool = True) -> None:
+    """The second half of :func:`write_private`: rename ``tmp`` over ``path``, durably (with
+    ``durable`` False the caller fsyncs the directory later: :func:`fsync_path`)."""
     os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if durable:
+        fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by its path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dfd)
+        os.fsync(fd)
     finally:
-        os.close(dfd)
+        os.close(fd)
+
+
+# Filesystems where an fsync of a file also makes durable the name it was created or renamed to
+# since it was created (the local store's objects: written, renamed into place, then fsynced):
+# ext4 and xfs commit their one journal (log) in order, so the commit an fsync waits for holds
+# every earlier change to names; ext4 without a journal syncs, at the first fsync of a new
+# file, the directory its name is in (ext4_sync_parent). There a directory needs no fsync of
+# its own for the files put in it. (Not btrfs: its fsync logs one inode's names.)
+_NAMES_WITH_FILE = {0xEF53, 0x58465342}  # ext2/3/4 (the ext4 driver), xfs
+_fs_types: dict[int, int | None] = {}
+
+
+def names_durable_with_files(path: Path) -> bool:
+    """Whether on the filesystem of directory ``path`` an fsync of any file makes the names
+    changed before it durable too (see _NAMES_WITH_FILE); False where that cannot be told
+    (then fsync the directory, as POSIX asks)."""
+    dev = os.stat(path).st_dev
+    if dev not in _fs_types:
+        _fs_types[dev] = _fs_type(path)
+    return _fs_types[dev] in _NAMES_WITH_FILE
+
+
+def _fs_type(path: Path) -> int | None:
+    """statfs(2)'s f_type (the first field, a long), or None."""
+    if _libc is None:
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder) & 0xFFFFFFFF
 
 
 def machine_id() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import os
 import stat
+import subprocess
 import threading
 import time
 import uuid
@@ -107,15 +108,18 @@ def test_local_leaves_no_temp_files_and_uses_mode_0600(tmp_path: Path) -> None:
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
 
 
+@pytest.mark.parametrize("names_with_files", [False, True])
 def test_local_sync_fsyncs_exactly_what_was_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names_with_files: bool
 ) -> None:
     """sync makes durable each object put since the last sync (data and a replaced one) and
     each directory that got an entry, new directories' parents up to the root included;
-    nothing else, nothing twice; past SYNCFS_ABOVE it is one syncfs instead."""
+    nothing else, nothing twice; past SYNCFS_ABOVE it is one syncfs instead. On a filesystem
+    where a file's fsync makes its name durable (ext4, xfs) only new directories' parents."""
     from cryptfs.stores import local
 
     root = tmp_path / "s"
+    monkeypatch.setattr(local, "names_durable_with_files", lambda _p: names_with_files)
     store = LocalStore(root, create=True)
     store.put("meta/old", b"x")
     store.sync()
@@ -132,8 +136,9 @@ def test_local_sync_fsyncs_exactly_what_was_written(
     store.put("meta/old", b"y")  # replaced (temp file and rename)
     store.delete("data/ab/c2")  # deleted before the sync: nothing to do for it
     store.sync()
-    assert sorted(synced) == sorted([root / "data/ab/c1", root / "meta/old", root / "data/ab",
-                                     root / "data", root, root / "meta"])
+    dirs = [root / "data", root] if names_with_files else [root / "data/ab", root / "data",
+                                                           root, root / "meta"]
+    assert sorted(synced) == sorted([root / "data/ab/c1", root / "meta/old", *dirs])
     synced.clear()
     store.sync()  # nothing put since
     assert synced == []
@@ -402,3 +407,15 @@ def test_fault_proxy_counts_and_clears(proxy: FaultProxy) -> None:
     proxy.clear()
     assert status() == 200
     assert proxy.requests == 7 and proxy.faults == {"error500": 2, "down": 1}
+
+
+def test_names_durable_with_files_by_filesystem_type(tmp_path: Path) -> None:
+    """Directory fsyncs are left out on ext4 and xfs only: what stat(1) reports decides."""
+    from cryptfs.paths import names_durable_with_files
+
+    for path in (tmp_path, Path("/dev/shm"), Path("/proc")):
+        if not path.is_dir():
+            continue
+        kind = subprocess.run(["stat", "-f", "-c", "%T", str(path)], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert names_durable_with_files(path) == (kind in ("ext2/ext3", "xfs")), (path, kind)

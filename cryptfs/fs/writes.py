@@ -66,14 +66,15 @@ class Writes(FileSystemBase):
                 self._seal(f, list(f.dirty))
         return len(data)
 
-    def _seal(self, f: OpenFile, idxs: list[int]) -> None:
-        """Hand dirty chunks to the sealing threads (caller holds f.lock)."""
+    def _seal(self, f: OpenFile, idxs: list[int], inline: bool = False) -> None:
+        """Hand dirty chunks to the sealing threads (caller holds f.lock); small ones, and
+        with ``inline`` all, are sealed in this thread."""
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
             if buf and buf[-1] == 0:  # trailing zeros read back as zeros: not stored
                 del buf[len(buf.rstrip(b"\0")):]
             old = f.pending.get(idx)
-            if len(buf) < INLINE_SEAL:  # small: a thread hand-off costs more than sealing
+            if inline or len(buf) < INLINE_SEAL:  # a thread hand-off costs more than sealing
                 fut: Future[ChunkRef | None] = Future()
                 try:
                     fut.set_result(self.chunks.put_or_hole(buf))
@@ -101,8 +102,8 @@ class Writes(FileSystemBase):
         and locked, the chunks written here replace theirs and the others stay, the size is
         the larger (this one's if it truncated since its last commit), and the open file then
         reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``)."""
-        if f.dirty:
-            self._seal(f, list(f.dirty))
+        if f.dirty:  # one chunk (a small write's): sealed here, the caller waits for it anyway
+            self._seal(f, list(f.dirty), inline=len(f.dirty) == 1)
         if not f.pending and f.mtime_ns is None:
             return
         refs: dict[int, ChunkRef | None] = {}

@@ -681,7 +681,8 @@ class MetaStore(Transactions, NamespaceOps):
 
     # -- key/value state ----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
-        return self.conn.execute(select(state.c.value).where(state.c.key == key)).scalar()
+        row = self.raw.execute('SELECT value FROM state WHERE "key" = ?', (key,)).fetchone()
+        return None if row is None else row[0]
 
     def set_state(self, key: str, value: str) -> None:
         with self.transaction():
@@ -941,10 +942,8 @@ class MetaStore(Transactions, NamespaceOps):
         return [ChunkRef(n, s, bytes(h)) for n, s, h in rows.fetchall()]
 
     def drop_object_if_unreferenced(self, name: str) -> bool:
-        res = self.conn.execute(
-            delete(objects).where(objects.c.name == name, objects.c.refcount <= 0)
-        )
-        return res.rowcount > 0
+        return self.raw.execute("DELETE FROM objects WHERE name = ? AND refcount <= 0",
+                                (name,)).rowcount > 0
 
     def objects_named(self, prefix: str) -> list[ChunkRef]:
         """The recorded objects whose name starts with ``prefix`` (non-empty), by the name

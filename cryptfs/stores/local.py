@@ -12,13 +12,13 @@ from typing import NoReturn
 
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.format.codec import DATA_PREFIX
+from cryptfs.paths import names_durable_with_files
 from cryptfs.stores.base import PlainStore, checked, too_large
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # more files and directories than this to make durable: one syncfs of the whole filesystem is
 # cheaper than an fsync of each
 SYNCFS_ABOVE = 64
-SYNC_FILE_RANGE_WRITE = 2
 
 
 class LocalStore(PlainStore):
@@ -28,9 +28,11 @@ class LocalStore(PlainStore):
     object is either absent or complete, also after a crash of the process (new chunk objects,
     which are verified against the metadata, are written in place: see :meth:`_put_new`);
     :meth:`sync` makes every object put so far survive power loss: it fsyncs exactly the files
-    put since the last sync and the directories that got new entries (a syncfs of the store's
-    filesystem instead when there are more than SYNCFS_ABOVE of them). Deletions are not made
-    durable: an object that comes back after a power loss is unreferenced, and collected.
+    put since the last sync and the directories that got new entries (on ext4 and xfs only the
+    parents of new directories: there a file's fsync makes its name durable, see
+    :func:`cryptfs.paths.names_durable_with_files`; a syncfs of the store's filesystem instead
+    when there are more than SYNCFS_ABOVE of them). Deletions are not made durable: an object
+    that comes back after a power loss is unreferenced, and collected.
     """
 
     def __init__(self, root: str | os.PathLike[str], create: bool = False) -> None:
@@ -47,6 +49,10 @@ class LocalStore(PlainStore):
         # entries changed (a new object, or a new subdirectory)
         self._unsynced: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
+        self._new_dirs: set[Path] = set()  # directories put may have created since
+        # an fsync of a file makes its name durable too: directories need none of their own,
+        # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
+        self._names_with_files = names_durable_with_files(self.root)
 
     def _path(self, name: str) -> Path:
         if not name or name.startswith("/") or ".." in name.split("/"):
@@ -75,6 +81,7 @@ class LocalStore(PlainStore):
             self._unsynced.add(path)
             self._unsynced_dirs.add(parent)
             self._unsynced_dirs.update(new_dirs)
+            self._new_dirs.update(new_dirs)
 
     def _put_new(self, path: Path, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
@@ -195,11 +202,12 @@ class LocalStore(PlainStore):
 
     def sync(self) -> None:
         """Make every object put so far durable: fsync of each file put since the last sync,
-        then of each directory that got an entry (or one syncfs when there are many). On a
+        then of each directory that got an entry (ext4, xfs: each new directory's parent), or
+        one syncfs when there are many. On a
         failure what was not synced is kept for the next call, and StoreError is raised."""
         with self._lock:
-            files, dirs = self._unsynced, self._unsynced_dirs
-            self._unsynced, self._unsynced_dirs = set(), set()
+            files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs
+            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), set()
         if not files and not dirs:
             return
         try:
@@ -207,12 +215,15 @@ class LocalStore(PlainStore):
                 self._syncfs()
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
+                if self._names_with_files:  # only the parents of new directories
+                    dirs = {d.parent for d in dirs if d in made and d != self.root}
                 _fsync_all(sorted(dirs, key=lambda d: len(d.parts), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             with self._lock:
                 self._unsynced |= files
                 self._unsynced_dirs |= dirs
+                self._new_dirs |= made
             raise StoreError(f"cannot sync the store {self.root}: {e.strerror}") from None
 
     def _syncfs(self) -> None:
@@ -230,22 +241,15 @@ class LocalStore(PlainStore):
 
 def _fsync_all(paths: list[Path], flags: int) -> None:
     """fsync each of ``paths`` (one deleted meanwhile, an object collected, needs nothing).
-    The writeback of all starts first (sync_file_range), so that the filesystem allocates
-    them together and the first fsync's journal commit covers the others: on ext4 three new
-    files cost about as much as one, where fsyncs one after the other cost one commit each."""
-    fds: list[int] = []
-    try:
-        for p in paths:
-            try:
-                fds.append(os.open(p, flags))
-            except FileNotFoundError:
-                continue
-        if len(fds) > 1:
-            for fd in fds:  # a hint: an error shows in the fsync below
-                _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0),
-                                      SYNC_FILE_RANGE_WRITE)
-        for fd in fds:
+    One after the other: the first one's journal commit covers the others' names and new
+    blocks as far as their writeback has begun; starting it for all first (sync_file_range)
+    cost more than it saved on a busy machine (it blocks while the journal commits)."""
+    for p in paths:
+        try:
+            fd = os.open(p, flags)
+        except FileNotFoundError:
+            continue
+        try:
             os.fsync(fd)
-    finally:
-        for fd in fds:
+        finally:
             os.close(fd)

@@ -9,14 +9,19 @@ vault can then be opened on a new machine from the store alone. A checkpoint sto
 metadata changed since the one before (a segment); the first of a mount, and one whenever the
 segments grow past a fraction of their snapshot, stores a full snapshot.
 
-Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`): the queued
-ledger entries of stored chunks; the uploads the metadata references; the metadata (segment or
-snapshot) put, and the store synced (chunks and metadata durable); its ledger entry, and the
-local database synced; the checkpoint object, and the store synced; the head file naming the
-checkpoint and its ledger entry (one head write a round); the checkpoint's own ledger entry;
-the snapshot policy; collection (not in every round: see COLLECT_INTERVAL). Those last
-entries are committed, so they survive a crash of the process; the next round's local sync
-and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
+Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
+round's own thread, in two waits on the disk: the queued ledger entries of stored chunks; the
+uploads the metadata references; the metadata (segment or snapshot) put and its ledger entry
+committed; first wait: the store synced (chunks and metadata durable), then the local
+database's log (so its ledger reaches the checkpoint's head), and the last round's head file
+rename; second wait: the checkpoint object and the temp file of the head file naming it
+synced together; the temp file renamed into place (made durable by the next round's first
+wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy;
+collection (not in every round: see COLLECT_INTERVAL). Those last entries are committed, so
+they survive a crash of the process; the next round's local sync and head file anchor them
+(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written
+and one of the head file's directory: on ext4 and xfs the store's directories need none for
+the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
@@ -30,7 +35,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -48,7 +52,13 @@ from cryptfs.format.layout import (
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
 from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
-from cryptfs.paths import VaultPaths, replace_private, stage_private, write_private
+from cryptfs.paths import (
+    VaultPaths,
+    fsync_path,
+    replace_private,
+    stage_private,
+    write_private,
+)
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
 from cryptfs.vault.localstate import Head, read_head
@@ -145,8 +155,7 @@ class Checkpointer:
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
         self._force_collect = False  # the next round collects, whatever the interval
-        # syncs the store while the round syncs the local database (two waits on the disk)
-        self._sync_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sync")
+        self._head_renamed = False  # the head file was renamed, its directory not synced
 
     def run(self, stop: threading.Event) -> None:
         """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
@@ -285,23 +294,23 @@ class Checkpointer:
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
-        # the chunks and the metadata durable before a checkpoint names them, and meanwhile
-        # the local ledger up to the checkpoint's head (a local ledger behind the store's
-        # checkpoint is an anchor problem)
-        synced = self._sync_pool.submit(self.store.sync)
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.metrics is not None:
             self.metrics.checkpoint_bytes.set(len(blob))
-        try:
-            with self._own():
-                e = led.append("put", name, len(blob), ref.sha256)
-                meta.reference(ref, staged=False)
-                meta.sync()
-                tail = [x.to_json() for x in led.entries(snap_seq)]
-        except BaseException:
-            wait([synced])
-            raise
-        synced.result()
+        with self._own():
+            e = led.append("put", name, len(blob), ref.sha256)
+            meta.reference(ref, staged=False)
+            meta.commit()
+            tail = [x.to_json() for x in led.entries(snap_seq)]
+        # first wait on the disk: the chunks and the metadata durable before a checkpoint names
+        # them, with the local ledger up to the checkpoint's head (a local ledger behind the
+        # store's checkpoint is an anchor problem) and the rename of the last round's head file.
+        # All in this thread, one after the other: no hand-offs to a helper thread (each cost
+        # about as much as the fsyncs it overlapped, on a busy 2-core machine).
+        self.store.sync()
+        with self.lock:
+            meta.sync()
+        self._settle_head()
         assert full or self._chain is not None
         chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
         ck_name = checkpoint_name(e.seq)
@@ -320,22 +329,24 @@ class Checkpointer:
             raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
-        self.store.put(ck_name, ck_blob)
-        # one head write a round, naming the checkpoint once it is durable: its temp file is
-        # written and synced while the store syncs the checkpoint, then renamed into place.
-        # The checkpoint's own ledger entry and the collections below are committed (they
-        # survive a crash of this process) and anchored by the next round.
-        head = self._sync_pool.submit(stage_private, self.paths.head, self._head(e, ck_name))
+        # second wait: the checkpoint, with the temp file of the head file naming it, which is
+        # renamed into place once the checkpoint is durable;
+        # the rename is made durable by the next round's first wait (or :meth:`anchor`). The
+        # checkpoint's own ledger entry and the collections below are committed (they survive
+        # a crash of this process) and anchored by the next round.
+        head_tmp = stage_private(self.paths.head, self._head(e, ck_name), durable=False)
         try:
+            self.store.put(ck_name, ck_blob)
             self.store.sync()
+            fsync_path(head_tmp)
         except BaseException:
-            wait([head])
+            head_tmp.unlink(missing_ok=True)
             raise
-        head_tmp = head.result()
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-        replace_private(head_tmp, self.paths.head)
+        replace_private(head_tmp, self.paths.head, durable=False)
+        self._head_renamed = True
         self.last_ns = time.time_ns()
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
@@ -356,9 +367,13 @@ class Checkpointer:
         assert last is not None
         self.last_seq = last.seq
 
-    def close(self) -> None:
-        """Let the store-sync thread go (a round still under way finishes its syncs)."""
-        self._sync_pool.shutdown(wait=False)
+    def _settle_head(self) -> None:
+        """Make the last rename of the head file durable: an fsync of its directory (also on
+        ext4 and xfs: without a journal, ext4 syncs the parent of a file at its fsync only if
+        the file is new since its last fsync, and the temp file was synced before the rename)."""
+        if self._head_renamed:
+            fsync_path(self.paths.head.parent)
+            self._head_renamed = False
 
     def anchor(self, wait: bool = True, force: bool = False) -> None:
         """Make the local ledger durable and record its newest entry in the head file (after
@@ -372,15 +387,15 @@ class Checkpointer:
         try:
             if self.meta.shared:
                 self._anchor_verified(force)
-                return
-            head = read_head(self.paths)
-            if head is None or not head.checkpoint:
-                return
-            with self.lock:
-                self.meta.sync()
-                last = self.ledger.head()
-            if last is not None and last.seq > head.seq:
-                self._write_head(last, head.checkpoint)
+            else:
+                head = read_head(self.paths)
+                if head is not None and head.checkpoint:
+                    with self.lock:
+                        self.meta.sync()
+                        last = self.ledger.head()
+                    if last is not None and last.seq > head.seq:
+                        self._write_head(last, head.checkpoint)
+            self._settle_head()
         finally:
             self._ckpt_lock.release()
 
@@ -437,23 +452,34 @@ class Checkpointer:
         garbage = [r for r in garbage if r.name not in held]
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
+        # deletions first, then their records in one transaction (one commit for all: each
+        # commit writes its pages to the log, and the next segment ships them)
+        gone: list[ChunkRef] = []
         for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
             try:
                 self.store.delete(ref.name)
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e.line())
                 continue
+            gone.append(ref)
+        claimed: list[ChunkRef] = []
+        try:
             with self._own(), meta.transaction():
-                meta.forget_object(ref.name)
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
-        for ref in garbage:
-            with self._own():
-                if not self.chunks.try_claim_for_delete(ref.name):
-                    continue
-                if not meta.drop_object_if_unreferenced(ref.name):
-                    self.chunks.release_claim(ref.name)
-                    continue
-                meta.commit()
+                for ref in gone:
+                    meta.forget_object(ref.name)
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
+                for ref in garbage:  # their rows go before the objects (committed first)
+                    if not self.chunks.try_claim_for_delete(ref.name):
+                        continue
+                    claimed.append(ref)
+                    if not meta.drop_object_if_unreferenced(ref.name):
+                        self.chunks.release_claim(claimed.pop().name)
+        except BaseException:
+            for ref in claimed:
+                self.chunks.release_claim(ref.name)
+            raise
+        deleted: list[ChunkRef] = []
+        for ref in claimed:
             try:
                 self.chunks.delete_claimed(ref.name)
             except StoreError as e:
@@ -461,6 +487,8 @@ class Checkpointer:
                 with self._own(), meta.transaction():
                     meta.unreference_object(ref)
                 continue
-            with self._own():
-                self.ledger.append("del", ref.name, ref.size, ref.sha256)
-
+            deleted.append(ref)
+        if deleted:
+            with self._own(), meta.transaction():
+                for ref in deleted:
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)

@@ -635,8 +635,6 @@ class Vault:
                 on_failure(e)
             raise
         finally:
-            if self.checkpointer is not None:
-                self.checkpointer.close()
             if self.chunks is not None:
                 self.chunks.close(drain=checkpoint and not self.readonly)
             if self.replicator is not None:
