@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import logging
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
@@ -66,35 +66,23 @@ def _enc(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _answer(name: str, e: Exception) -> OSError:
+def _answer(name: str, e: Exception) -> int:
     """The errno answer to FUSE callback ``name`` that raised ``e`` (not an OSError), logged
     in one line (a traceback for an internal error)."""
     if isinstance(e, CryptfsError):
         log.error("%s failed: %s", name, e.line())
-        return mfusepy.FuseOSError(e.errno)
+        return e.errno
     log.error("internal error in %s", name, exc_info=e)
-    return mfusepy.FuseOSError(errno.EIO)
+    return errno.EIO
 
 
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A FUSE callback whose exceptions become errno answers (:func:`_answer`). With metrics,
-    :class:`CryptfsOperations` wraps the undecorated method (``__wrapped__``) in one timed
-    wrapper that does the same instead: one wrapper per callback either way."""
-    name = fn.__name__
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if not getattr(_thread_kept, "kept", False):
-            _keep_thread_state()
-        try:
-            return fn(*args, **kwargs)
-        except OSError:
-            raise
-        except Exception as e:
-            raise _answer(name, e) from None
-
-    wrapper.fuse_op = True  # type: ignore[attr-defined]  (timed when metrics are on)
-    return wrapper
+def _errno(e: OSError) -> int:
+    """The errno an OSError raised by an operation answers (EINVAL when it has none)."""
+    code = e.errno
+    if type(code) is int and code > 0:
+        return code
+    log.error("an operation raised an OSError without an errno (%s): answering EINVAL", e)
+    return errno.EINVAL
 
 
 def stat_dict(node: Inode, blocks: int) -> dict[str, int]:
@@ -117,8 +105,8 @@ def stat_dict(node: Inode, blocks: int) -> dict[str, int]:
 
 
 class CryptfsOperations(mfusepy.Operations):
-    """mfusepy operations for one mounted vault. With ``metrics`` every FUSE operation is
-    timed and counted by kind (and read/write bytes), wrapped once here at construction."""
+    """mfusepy operations for one mounted vault. They raise OSError for an errno answer;
+    :class:`CryptfsFUSE` turns that, and any other exception, into the answer."""
 
     use_ns = True
     flag_nopath = True
@@ -130,7 +118,6 @@ class CryptfsOperations(mfusepy.Operations):
         on_init: Callable[[], None] | None = None,
         on_destroy: Callable[[], None] | None = None,
         attr_timeout: float = 1.0,
-        metrics: Metrics | None = None,
     ) -> None:
         self.fs = fs
         self.on_init = on_init
@@ -140,12 +127,6 @@ class CryptfsOperations(mfusepy.Operations):
         self._dirs: dict[str, int] = {}
         self._fuse: Any = None
         self._own_umask = False  # FUSE_CAP_DONT_MASK granted: creates apply the umask here
-        if metrics is not None:
-            for name, fn in vars(CryptfsOperations).items():
-                if getattr(fn, "fuse_op", False):
-                    raw = fn.__wrapped__.__get__(self)
-                    setattr(self, name, metrics.fuse_op(name, raw, answer=_answer,
-                                                        on_thread=_keep_thread_state))
 
     def _invalidate(self, ino: int, keep: str | None = None) -> None:
         """libfuse's high-level API gives every name of a hard-linked file its own kernel
@@ -238,31 +219,26 @@ class CryptfsOperations(mfusepy.Operations):
             self.on_destroy()
 
     # -- attributes -------------------------------------------------------------------------
-    @_guard
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
         node = self.fs.getattr(self._ino(path, fh))
         return stat_dict(node, self.fs.st_blocks(node))
 
-    @_guard
     def access(self, path: str, amode: int) -> int:
         self._ino(path)
         return 0
 
-    @_guard
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> int:
         ino = self._ino(path, fh)
         self.fs.chmod(ino, mode)
         self._after_change(ino, path)
         return 0
 
-    @_guard
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> int:
         ino = self._ino(path, fh)
         self.fs.chown(ino, uid, gid)
         self._after_change(ino, path)
         return 0
 
-    @_guard
     def utimens(
         self, path: str | None, times: tuple[int, int] | None = None, fh: int | None = None
     ) -> int:
@@ -276,7 +252,6 @@ class CryptfsOperations(mfusepy.Operations):
         self._after_change(ino, path)
         return 0
 
-    @_guard
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         ino = self._ino(path, fh)
         self.fs.truncate(ino, length, fh)
@@ -284,42 +259,35 @@ class CryptfsOperations(mfusepy.Operations):
         return 0
 
     # -- names ------------------------------------------------------------------------------
-    @_guard
     def readlink(self, path: str) -> str:
         return self.fs.readlink(self._ino(path)).decode("utf-8", "surrogateescape")
 
-    @_guard
     def mknod(self, path: str, mode: int, dev: int) -> int:
         parent, name = self._parent(path)
         self.fs.mknod(parent, name, mode, dev, *self._ctx(), umask=self._umask())
         return 0
 
-    @_guard
     def mkdir(self, path: str, mode: int) -> int:
         parent, name = self._parent(path)
         self.fs.mkdir(parent, name, mode, *self._ctx(), umask=self._umask())
         return 0
 
-    @_guard
     def unlink(self, path: str) -> int:
         ino = self._ino(path)
         self.fs.unlink(*self._parent(path))
         self._invalidate(ino)
         return 0
 
-    @_guard
     def rmdir(self, path: str) -> int:
         self.fs.rmdir(*self._parent(path))
         self._dirs.clear()
         return 0
 
-    @_guard
     def symlink(self, target: str, source: str) -> int:
         parent, name = self._parent(target)
         self.fs.symlink(parent, name, _enc(source), *self._ctx())
         return 0
 
-    @_guard
     def rename(self, old: str, new: str, flags: int = 0) -> int:
         p1, n1 = self._parent(old)
         p2, n2 = self._parent(new)
@@ -333,7 +301,6 @@ class CryptfsOperations(mfusepy.Operations):
             self._invalidate(replaced)
         return 0
 
-    @_guard
     def link(self, target: str, source: str) -> int:
         parent, name = self._parent(target)
         ino = self._ino(source)
@@ -342,64 +309,53 @@ class CryptfsOperations(mfusepy.Operations):
         return 0
 
     # -- files ------------------------------------------------------------------------------
-    @_guard
     def create(self, path: str, mode: int, flags: int) -> int:
         parent, name = self._parent(path)
         uid, gid = self._ctx()
         _node, fh = self.fs.create(parent, name, mode, flags, uid, gid, umask=self._umask())
         return fh
 
-    @_guard
     def open(self, path: str, flags: int) -> int:
         fh = self.fs.open(self._ino(path), flags)
         if not flags & (os.O_WRONLY | os.O_RDWR):
             self.fs.prefetch_siblings(*self._parent(path))
         return fh
 
-    @_guard
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return self.fs.read(fh, offset, size)
 
-    @_guard
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         return self.fs.write(fh, offset, data)
 
-    @_guard
     def flush(self, path: str | None, fh: int) -> int:
         self.fs.flush(fh)
         return 0
 
-    @_guard
     def release(self, path: str | None, fh: int) -> int:
         ino = self._ino(None, fh)
         self.fs.release(fh)
         self._after_change(ino, None)
         return 0
 
-    @_guard
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
         self.fs.fsync(fh)
         return 0
 
-    @_guard
     def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
         self.fs.fallocate(fh, mode, offset, size)
         return 0
 
-    @_guard
     def lseek(self, path: str | None, offset: int, whence: int, fh: int) -> int:
         """SEEK_DATA / SEEK_HOLE (the kernel answers the other kinds itself)."""
         return self.fs.lseek(fh, offset, whence)
 
     # -- directories ------------------------------------------------------------------------
-    @_guard
     def opendir(self, path: str) -> int:
         ino = self._ino(path)
         fh = self.fs.opendir(ino)
         self.dir_inos[fh] = ino
         return fh
 
-    @_guard
     def readdir_with_offset(
         self, path: str | None, offset: int, fh: int
     ) -> Iterator[tuple[str, dict[str, int], int]]:
@@ -414,38 +370,31 @@ class CryptfsOperations(mfusepy.Operations):
             for name, child, mode, nxt in entries
         )
 
-    @_guard
     def releasedir(self, path: str | None, fh: int) -> int:
         self.fs.releasedir(fh)
         self.dir_inos.pop(fh, None)
         return 0
 
-    @_guard
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         self.fs.fsync(None)
         return 0
 
-    @_guard
     def statfs(self, path: str) -> dict[str, int]:
         return self.fs.statfs()
 
     # -- xattrs -----------------------------------------------------------------------------
-    @_guard
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
         ino = self._ino(path)
         self.fs.setxattr(ino, _enc(name), bytes(value), options)
         self._after_change(ino, path)  # an ACL also changes the mode; the kernel caches both
         return 0
 
-    @_guard
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
         return self.fs.getxattr(self._ino(path), _enc(name))
 
-    @_guard
     def listxattr(self, path: str) -> list[str]:
         return [n.decode("utf-8", "surrogateescape") for n in self.fs.listxattr(self._ino(path))]
 
-    @_guard
     def removexattr(self, path: str, name: str) -> int:
         ino = self._ino(path)
         self.fs.removexattr(ino, _enc(name))
@@ -455,7 +404,64 @@ class CryptfsOperations(mfusepy.Operations):
 
 class CryptfsFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with file handles passed to chmod/chown/utimens (for open files that
-    were unlinked) and UTIME_NOW / UTIME_OMIT preserved."""
+    were unlinked) and UTIME_NOW / UTIME_OMIT preserved, and its own :meth:`_wrapper` around
+    every callback. With ``metrics`` every callback is timed and counted by kind there (and
+    read/write bytes)."""
+
+    def __init__(self, operations: CryptfsOperations, mountpoint: str,
+                 metrics: Metrics | None = None, **kwargs: Any) -> None:
+        self._record = metrics.fuse_recorder() if metrics is not None else None
+        super().__init__(operations, mountpoint, **kwargs)
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any) -> int:  # type: ignore[override]
+        """Runs libfuse callback ``func`` (one of this class's methods, which call the
+        operations): its result, or ``-errno`` for an OSError it raised, or for another
+        exception the errno :func:`_answer` gives it (one log line, never a crashed mount).
+        Replaces mfusepy's, which formats a debug line and an strerror for every errno answer,
+        and is the only Python frame between libfuse and the operation: the errno answers
+        and the metrics (``record``) are here, not in a wrapper per operation. The first
+        callback in a worker thread keeps its thread state (:func:`_keep_thread_state`)."""
+        if not getattr(_thread_kept, "kept", False):
+            _keep_thread_state()
+        record = self._record
+        if record is None:
+            try:
+                return func(*args) or 0
+            except OSError as e:
+                return -_errno(e)
+            except Exception as e:
+                return -self._failed(func, e)
+            except BaseException as e:
+                return self._critical(func, e)
+        t = perf_counter()
+        try:
+            out = func(*args) or 0
+        except OSError as e:
+            code = _errno(e)
+        except Exception as e:
+            code = self._failed(func, e)
+        except BaseException as e:
+            return self._critical(func, e)
+        else:
+            record(func.__name__, t, out, 0)
+            return out  # type: ignore[no-any-return]
+        record(func.__name__, t, 0, code)
+        return -code
+
+    @staticmethod
+    def _failed(func: Callable[..., Any], e: Exception) -> int:
+        name = func.__name__
+        if name.startswith("init"):  # libfuse cannot be told: mfusepy raises it too
+            raise e
+        return _answer(name.removesuffix("_fuse_3"), e)
+
+    def _critical(self, func: Callable[..., Any], e: BaseException) -> int:
+        """What mfusepy does for a BaseException (SystemExit, KeyboardInterrupt): stop the
+        FUSE loop, and FUSE() raises it."""
+        self._FUSE__critical_exception = e
+        log.critical("FUSE operation %s raised %s: stopping", func.__name__, type(e).__name__)
+        mfusepy.fuse_exit()
+        return -errno.EFAULT
 
     def _path(self, path: bytes | None) -> str | None:
         return None if path is None else path.decode(self.encoding, self.errors)

@@ -310,7 +310,7 @@ def serve(
 
         metrics.registry.register(VaultCollector(vault))
         endpoint.start(metrics.registry, publisher.snapshot)
-    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"), metrics=metrics)
+    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
     kwargs: dict[str, object] = {
         "foreground": True,
         "fsname": f"cryptfs:{vault.paths.mount_name}",
@@ -324,7 +324,7 @@ def serve(
     status = 0
     log.info("mounting vault '%s' at %s", paths.name, mountpoint)
     try:
-        CryptfsFUSE(ops, mountpoint, **kwargs)
+        CryptfsFUSE(ops, mountpoint, metrics=metrics, **kwargs)
     except BaseException as e:  # noqa: BLE001 - reported, then the vault is closed below
         report(f"ERR 7 cannot mount {mountpoint}: {e}")
         log.error("FUSE stopped: %s", e)
