@@ -172,11 +172,7 @@ class _HotCollector(Collector):
             fig, failed = rows.total()
             nbytes[op] = fig[_BYTES]
             _histogram(h, [op], self.fuse_bounds, fig, _NB)
-            by_code: dict[int, int] = {}
-            for code, n in failed.items():  # a bare OSError's errno is None: counted as 0
-                code = code if type(code) is int else 0
-                by_code[code] = by_code.get(code, 0) + n
-            for code, n in sorted(by_code.items()):
+            for code, n in sorted(failed.items()):  # (positive ints: CryptfsFUSE._wrapper)
                 errors.add_metric([op, errno.errorcode.get(code, str(code))], n)
         yield h
         yield errors
