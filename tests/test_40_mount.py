@@ -469,6 +469,24 @@ def test_daemon_is_not_dumpable(vault_env: VaultEnv) -> None:
         env.umount(mnt)
 
 
+def test_daemon_runs_this_source_tree() -> None:
+    """The daemon is started with ``python -m cryptfs.cli.mountd``: when this cryptfs was
+    imported from a source tree, that tree (the directory holding the ``cryptfs`` package)
+    comes first on the daemon's PYTHONPATH, and no passphrase variable is passed on."""
+    import cryptfs
+    from cryptfs.cli.mount import daemon_environment
+
+    os.environ["CRYPTFS_PASSPHRASE"] = "not for the daemon"
+    try:
+        env = daemon_environment()
+    finally:
+        del os.environ["CRYPTFS_PASSPHRASE"]
+    first = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert Path(first) == Path(cryptfs.__file__).resolve().parents[1]
+    assert (Path(first) / "cryptfs" / "cli" / "mountd.py").is_file()
+    assert "CRYPTFS_PASSPHRASE" not in env
+
+
 def test_foreground_daemon_environment(vault_env: VaultEnv) -> None:
     """``mount -f``: the CLI process itself becomes the daemon (same pid, by exec), without the
     passphrase in its environment; unmounting ends it with status 0."""

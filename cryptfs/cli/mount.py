@@ -433,7 +433,7 @@ def daemon_environment() -> dict[str, str]:
     import site
 
     env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     installed = {os.path.abspath(p) for p in [*site.getsitepackages(),
                                                site.getusersitepackages()]}
     if here not in installed:
