@@ -249,7 +249,7 @@ def serve(
     paths: VaultPaths, master: bytes, mountpoint: str, opts: MountOptions, ready_fd: int | None
 ) -> int:
     """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
-    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations
+    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations, SharedLocksOperations
     from cryptfs.vault.core import Vault
 
     metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
@@ -310,7 +310,9 @@ def serve(
 
         metrics.registry.register(VaultCollector(vault))
         endpoint.start(metrics.registry, publisher.snapshot)
-    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
+    # several machines: fcntl/flock locks in the database; one machine: the kernel's
+    kind = SharedLocksOperations if vault.fs.meta.shared else CryptfsOperations
+    ops = kind(vault.fs, on_init=lambda: report("OK"))
     kwargs: dict[str, object] = {
         "foreground": True,
         "fsname": f"cryptfs:{vault.paths.mount_name}",

@@ -1,0 +1,101 @@
+"""File locks shared by several machines (a PostgreSQL vault, ``meta.shared``).
+
+``fcntl`` record locks and ``flock`` are kept by the engine (:meth:`MetaEngine.set_lock`), so
+a lock set on one machine holds against every other; the rules are
+:mod:`cryptfs.meta.locks`'. A vault of one machine (SQLite) keeps the kernel's own locks: the
+FUSE adapter registers these operations only for a shared engine.
+
+None of these calls takes the filesystem's lock (a waiting lock must not stop the mount); the
+engine serialises its lock calls itself. A blocking lock (F_SETLKW, ``flock`` without
+LOCK_NB) polls the engine with backoff (from :data:`POLL_FIRST` doubling to
+:data:`POLL_MAX` seconds) and ends with EINTR as soon as ``interrupted()`` says the waiting
+process got a signal (the kernel then asks libfuse to interrupt the request).
+
+Releases: POSIX locks go when their owner closes any descriptor of the file (libfuse's flush
+unlocks the whole file for that owner: :meth:`Locks.setlk` with F_UNLCK), ``flock`` on the
+last close of the open file description (:meth:`Locks.release_flock`); all of a machine's
+locks go with its session (unmount, or a live machine reaping it once expired). To keep
+closes cheap, an unlock asks the engine only for an owner that locked something on the file
+during this mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Callable
+
+from cryptfs.errors import os_error as _err
+from cryptfs.fs.base import FileSystemBase
+from cryptfs.meta.locks import F_UNLCK, FLOCK, OFFSET_MAX, POSIX, Held
+
+POLL_FIRST = 0.005
+POLL_MAX = 0.2
+INTERRUPT_CHECK = 0.01  # how often a waiting lock asks whether it was interrupted
+
+
+class Locks(FileSystemBase):
+    """Record locks and flocks of open files, kept by the engine for every machine."""
+
+    def _mark(self, key: tuple[int, int, str]) -> None:
+        with self._lockers_mutex:
+            self._lockers_gen += 1
+            self._lockers[key] = self._lockers_gen
+
+    def getlk(self, ino: int, owner: int, ltype: int, start: int, end: int) -> Held | None:
+        """F_GETLK: the lock of another owner, on any machine, that a lock of ``ltype`` over
+        ``[start, end]`` of ``ino`` (an open file) would conflict with (None: it would not)."""
+        return self.meta.test_lock(ino, owner, POSIX, ltype, start, end)
+
+    def setlk(self, ino: int, owner: int, ltype: int, start: int, end: int, pid: int,
+              wait: bool, interrupted: Callable[[], bool]) -> None:
+        """F_SETLK (``wait`` False: EAGAIN on a conflict) or F_SETLKW (waits; EINTR once
+        ``interrupted()``) of owner ``owner`` (the kernel's lock owner) on ``ino``
+        (an open file); F_UNLCK unlocks."""
+        self._set(ino, owner, POSIX, ltype, start, end, pid, wait, interrupted)
+
+    def flock(self, ino: int, owner: int, ltype: int, wait: bool,
+              interrupted: Callable[[], bool]) -> None:
+        """``flock`` (F_RDLCK for LOCK_SH, F_WRLCK for LOCK_EX, F_UNLCK for LOCK_UN) of the
+        open file description ``owner`` on ``ino``; ``wait`` as for
+        :meth:`setlk` (False: LOCK_NB, EWOULDBLOCK on a conflict)."""
+        self._set(ino, owner, FLOCK, ltype, 0, OFFSET_MAX, 0, wait, interrupted)
+
+    def release_flock(self, ino: int, owner: int) -> None:
+        """The open file description ``owner`` is closed for good (its last descriptor): its
+        flock goes."""
+        self._set(ino, owner, FLOCK, F_UNLCK, 0, OFFSET_MAX, 0, False,
+                  lambda: False)
+
+    def _set(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+             pid: int, wait: bool, interrupted: Callable[[], bool]) -> None:
+        key = (ino, owner, kind)
+        if ltype == F_UNLCK:
+            with self._lockers_mutex:
+                gen = self._lockers.get(key)
+            if gen is None:
+                return  # (every close unlocks: no round trip for an owner that never locked)
+        else:
+            self._mark(key)
+        delay = POLL_FIRST
+        while True:
+            held = self.meta.set_lock(ino, owner, kind, ltype, start, end, pid)
+            if held is None:
+                break
+            if not wait:
+                raise _err(errno.EAGAIN)
+            until = time.monotonic() + delay
+            while True:
+                if interrupted():
+                    raise _err(errno.EINTR)
+                left = until - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, INTERRUPT_CHECK))
+            delay = min(delay * 2, POLL_MAX)
+        if ltype != F_UNLCK:
+            self._mark(key)  # (again: a whole unlock that ran meanwhile must not forget it)
+        elif start == 0 and end == OFFSET_MAX:
+            with self._lockers_mutex:
+                if self._lockers.get(key) == gen:  # (no lock of the key since it was read)
+                    del self._lockers[key]
