@@ -313,3 +313,25 @@ def test_a_killed_machines_locks_go_when_its_session_is_cleaned(
             assert time.monotonic() < deadline, "the dead session was not cleaned up"
             time.sleep(0.2)
         assert len(pg_place.sql("SELECT k FROM locks")) == 2  # a's two, b's gone
+
+
+
+def test_many_waiting_locks_leave_the_mount_usable(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path],
+) -> None:
+    """More waiters than libfuse's default worker threads (10): the mount still answers."""
+    _a, ma, _b, mb = two_mounts
+    (ma / "h").write_bytes(b"z" * 100)
+    wait_for(mb / "h")
+    with lockers(ma / "h", *[mb / "h"] * 14) as (la, *waiters):
+        assert la.do("lk W 0 100") == "ok"
+        for w in waiters:
+            w.send("lkw R 0 10")
+        time.sleep(1)
+        assert all(w.answer(0) == "" for w in waiters)  # all still waiting
+        assert subprocess.run(["timeout", str(BOUND), "stat", str(mb / "h")],
+                              capture_output=True).returncode == 0
+        (mb / "other").write_text("still writable")
+        assert la.do("lk U 0 100") == "ok"
+        for w in waiters:  # read locks: all granted at once
+            assert w.answer(BOUND) == "ok"

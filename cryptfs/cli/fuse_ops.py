@@ -45,11 +45,17 @@ FUSE_CAP_DONT_MASK = 1 << 6
 FUSE_CAP_FLOCK_LOCKS = 1 << 10
 FUSE_CAP_POSIX_ACL = 1 << 19
 
-# libfuse's fuse_interrupted(): whether the kernel asked to interrupt the request this worker
-# thread is answering (its process got a signal); mfusepy does not declare it
-_interrupted = mfusepy._libfuse.fuse_interrupted
-_interrupted.argtypes = []
-_interrupted.restype = ctypes.c_int
+# libfuse calls mfusepy does not declare: whether the kernel asked to interrupt the request this
+# worker thread answers (its process got a signal), and whether the session is ending
+_fuse_interrupted = mfusepy._libfuse.fuse_interrupted
+_fuse_interrupted.argtypes = []
+_fuse_interrupted.restype = ctypes.c_int
+_fuse_get_session = mfusepy._libfuse.fuse_get_session
+_fuse_get_session.argtypes = [ctypes.c_void_p]
+_fuse_get_session.restype = ctypes.c_void_p
+_fuse_session_exited = mfusepy._libfuse.fuse_session_exited
+_fuse_session_exited.argtypes = [ctypes.c_void_p]
+_fuse_session_exited.restype = ctypes.c_int
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -434,6 +440,15 @@ class SharedLocksOperations(CryptfsOperations):
             conn.want |= conn.capable & want
         super().init_with_config(conn, config)
 
+    def _interrupted(self) -> bool:
+        """Whether a waiting lock must give up: its process got a signal (the kernel asked
+        libfuse to interrupt the request), or the mount is ending (libfuse waits for its
+        worker threads: a wait must not keep the unmount waiting)."""
+        if _fuse_interrupted():
+            return True
+        return self._fuse is not None and bool(_fuse_session_exited(
+            _fuse_get_session(self._fuse)))
+
     def lock(self, path: str | None, fh: int, owner: int, cmd: int, lk: Any) -> int:
         """F_GETLK / F_SETLK / F_SETLKW of lock owner ``owner``; ``lk`` points at libfuse's
         ``struct flock`` (SEEK_SET, ``l_len`` 0: to the end), filled in for F_GETLK."""
@@ -453,7 +468,7 @@ class SharedLocksOperations(CryptfsOperations):
         if cmd not in (fcntl.F_SETLK, fcntl.F_SETLKW):
             raise mfusepy.FuseOSError(errno.EINVAL)
         self.fs.setlk(ino, owner, fl.l_type, start, end, fl.l_pid, cmd == fcntl.F_SETLKW,
-                      _interrupted)
+                      self._interrupted)
         return 0
 
     def flock(self, path: str | None, fh: int, owner: int, op: int) -> int:
@@ -462,7 +477,8 @@ class SharedLocksOperations(CryptfsOperations):
                  fcntl.LOCK_UN: fcntl.F_UNLCK}.get(op & ~fcntl.LOCK_NB)
         if ltype is None:
             raise mfusepy.FuseOSError(errno.EINVAL)
-        self.fs.flock(self._ino(path, fh), owner, ltype, not op & fcntl.LOCK_NB, _interrupted)
+        self.fs.flock(self._ino(path, fh), owner, ltype, not op & fcntl.LOCK_NB,
+                      self._interrupted)
         return 0
 
 

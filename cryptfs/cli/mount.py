@@ -250,6 +250,7 @@ def serve(
 ) -> int:
     """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
     from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations, SharedLocksOperations
+    from cryptfs.fs.locks import LOCK_THREADS
     from cryptfs.vault.core import Vault
 
     metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
@@ -319,6 +320,8 @@ def serve(
         "subtype": "cryptfs",
         "default_permissions": True,
     }
+    if vault.fs.meta.shared:  # (a waiting file lock takes a worker thread: cryptfs.fs.locks)
+        kwargs["max_threads"] = LOCK_THREADS
     if opts.allow_other:
         kwargs["allow_other"] = True
     if opts.readonly:

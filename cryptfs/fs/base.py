@@ -211,6 +211,7 @@ class FileSystemBase:
         # the engine only for those; guarded by their own mutex, not self.lock
         self._lockers: dict[tuple[int, int, str], int] = {}
         self._lockers_gen = 0
+        self._waiting = 0  # blocking locks waiting now
         self._lockers_mutex = threading.Lock()
         hooks.listen(self._committed, self._reapply_deferred)
 

@@ -22,6 +22,7 @@ during this mount.
 from __future__ import annotations
 
 import errno
+import logging
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,13 @@ from cryptfs.meta.locks import F_UNLCK, FLOCK, OFFSET_MAX, POSIX, Held
 POLL_FIRST = 0.005
 POLL_MAX = 0.2
 INTERRUPT_CHECK = 0.01  # how often a waiting lock asks whether it was interrupted
+# Each waiting lock takes one of libfuse's worker threads until it is granted: beyond this many
+# waiting at once a blocking lock answers ENOLCK (one log line each) rather than wait, so the
+# mount, which runs LOCK_THREADS workers, always has threads left for everything else.
+MAX_WAITING = 48
+LOCK_THREADS = MAX_WAITING + 16
+
+log = logging.getLogger("cryptfs.fs")
 
 
 class Locks(FileSystemBase):
@@ -77,25 +85,42 @@ class Locks(FileSystemBase):
                 return  # (every close unlocks: no round trip for an owner that never locked)
         else:
             self._mark(key)
-        delay = POLL_FIRST
-        while True:
-            held = self.meta.set_lock(ino, owner, kind, ltype, start, end, pid)
-            if held is None:
-                break
+        held = self.meta.set_lock(ino, owner, kind, ltype, start, end, pid)
+        if held is not None:
             if not wait:
                 raise _err(errno.EAGAIN)
-            until = time.monotonic() + delay
-            while True:
-                if interrupted():
-                    raise _err(errno.EINTR)
-                left = until - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(left, INTERRUPT_CHECK))
-            delay = min(delay * 2, POLL_MAX)
+            self._wait(ino, owner, kind, ltype, start, end, pid, interrupted)
         if ltype != F_UNLCK:
             self._mark(key)  # (again: a whole unlock that ran meanwhile must not forget it)
         elif start == 0 and end == OFFSET_MAX:
             with self._lockers_mutex:
                 if self._lockers.get(key) == gen:  # (no lock of the key since it was read)
                     del self._lockers[key]
+
+    def _wait(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+              pid: int, interrupted: Callable[[], bool]) -> None:
+        """Set the lock once no other owner's conflicts, polling with backoff; EINTR once
+        ``interrupted()``, ENOLCK if MAX_WAITING locks wait already."""
+        with self._lockers_mutex:
+            if self._waiting >= MAX_WAITING:
+                log.warning("%d file locks wait already: a blocking lock answers ENOLCK",
+                            self._waiting)
+                raise _err(errno.ENOLCK)
+            self._waiting += 1
+        try:
+            delay = POLL_FIRST
+            while True:
+                until = time.monotonic() + delay
+                while True:
+                    if interrupted():
+                        raise _err(errno.EINTR)
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    time.sleep(min(left, INTERRUPT_CHECK))
+                if self.meta.set_lock(ino, owner, kind, ltype, start, end, pid) is None:
+                    return
+                delay = min(delay * 2, POLL_MAX)
+        finally:
+            with self._lockers_mutex:
+                self._waiting -= 1
