@@ -335,3 +335,23 @@ def test_many_waiting_locks_leave_the_mount_usable(
         assert la.do("lk U 0 100") == "ok"
         for w in waiters:  # read locks: all granted at once
             assert w.answer(BOUND) == "ok"
+
+
+def test_a_vault_of_one_machine_keeps_the_kernels_locks(local_env: VaultEnv) -> None:
+    """SQLite: the kernel's locks (no lock operation is registered: the SQLite engine has
+    none) hold between processes of the machine, as before."""
+    mp = local_env.root / "mnt"
+    local_env.mount(mp)
+    try:
+        (mp / "f").write_bytes(b"x" * 10)
+        with lockers(mp / "f", mp / "f") as (l1, l2):
+            assert l1.do("lk W 0 5") == "ok"
+            assert l2.do("lk W 0 1") == "EAGAIN"
+            assert l2.do("get W 0 0") == f"W 0 5 {l1.pid}"
+            assert l1.do("flock EX") == "ok"
+            assert l2.do("flock SH NB") == "EAGAIN"
+            l2.send("flock SH")
+            assert l1.do("close") == "ok"
+            assert l2.answer(BOUND) == "ok"
+    finally:
+        local_env.umount(mp)
