@@ -206,13 +206,6 @@ class FileSystemBase:
         # other machines have the vault mounted (set by the vault from their sessions, and
         # by any change notice of theirs): only then are the caches bounded in time
         self.peers = meta.shared
-        # file locks (cryptfs.fs.locks): (ino, owner, kind) that locked something during this
-        # mount, each with the generation of its last lock, so a close (which unlocks) asks
-        # the engine only for those; guarded by their own mutex, not self.lock
-        self._lockers: dict[tuple[int, int, str], int] = {}
-        self._lockers_gen = 0
-        self._waiting = 0  # blocking locks waiting now
-        self._lockers_mutex = threading.Lock()
         hooks.listen(self._committed, self._reapply_deferred)
 
     # -- helpers --------------------------------------------------------------------------

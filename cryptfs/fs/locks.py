@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from cryptfs.errors import os_error as _err
 from cryptfs.fs.base import FileSystemBase
@@ -44,6 +46,16 @@ log = logging.getLogger("cryptfs.fs")
 
 class Locks(FileSystemBase):
     """Record locks and flocks of open files, kept by the engine for every machine."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (ino, owner, kind) that locked something during this mount, each with the
+        # generation of its last lock, so a close (which unlocks) asks the engine only for
+        # those; guarded by their own mutex, not self.lock
+        self._lockers: dict[tuple[int, int, str], int] = {}
+        self._lockers_gen = 0
+        self._waiting = 0  # blocking locks waiting now
+        self._lockers_mutex = threading.Lock()
 
     def _mark(self, key: tuple[int, int, str]) -> None:
         with self._lockers_mutex:
