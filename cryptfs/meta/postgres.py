@@ -1564,16 +1564,17 @@ class PgLocks:
         mine = self._key(ino, owner, kind)
 
         def run(conn: Connection) -> Held | None:
+            i_h = _hash(self.keys, b"K", ino)
+            # (one round trip: the session row key-share locked, so a machine reaping it
+            # waits for this commit, then the inode's advisory lock)
             live = conn.execute(
-                select(sessions.c.k).where(sessions.c.k == self.sess,
-                                           sessions.c.expires > func.clock_timestamp())
-                .with_for_update(key_share=True)).first()
+                select(sessions.c.k, func.pg_advisory_xact_lock(
+                    int.from_bytes(i_h[:8], "big", signed=True)))
+                .where(sessions.c.k == self.sess, sessions.c.expires > func.clock_timestamp())
+                .with_for_update(key_share=True, of=sessions)).first()
             if live is None:
                 raise LocksUnavailable(f"metadata database {self.where}: this machine's "
                                        "session expired: no file lock is set")
-            i_h = _hash(self.keys, b"K", ino)
-            conn.execute(select(func.pg_advisory_xact_lock(
-                int.from_bytes(i_h[:8], "big", signed=True))))
             own: list[Held] = []
             others: list[Held] = []
             for k, _owner, held in self._rows(conn, ino, kind):
@@ -1582,13 +1583,16 @@ class PgLocks:
             if hit is not None:
                 return hit
             after = apply(own, ltype, start, end, pid)
-            conn.execute(delete(locks).where(locks.c.k == mine))
-            if after:
-                fields = [v for h in after for v in (h.ltype, h.start, h.end, h.pid)]
-                conn.execute(insert(locks).values(
-                    k=mine, ino=i_h, sess=self.sess,
-                    v=crypto.seal(self.keys.row, _pack(kind, ino, owner, *fields),
-                                  _ad("locks", 0, mine, i_h, self.sess))))
+            if after == own:
+                return None  # (an unlock of what it does not hold, a lock it holds)
+            if not after:
+                conn.execute(delete(locks).where(locks.c.k == mine))
+                return None
+            v = crypto.seal(self.keys.row, _pack(kind, ino, owner, *[
+                x for h in after for x in (h.ltype, h.start, h.end, h.pid)]),
+                _ad("locks", 0, mine, i_h, self.sess))
+            conn.execute(pg_insert(locks).values(k=mine, ino=i_h, sess=self.sess, v=v)
+                         .on_conflict_do_update(index_elements=[locks.c.k], set_={"v": v}))
             return None
 
         return self._in_transaction(run)
