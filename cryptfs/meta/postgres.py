@@ -22,7 +22,8 @@ xattr, chunk map or ledger entry:
 What the database still learns: row counts per table, how many entries each (unnamed)
 directory has, how many rows (pages of MAP_PAGE chunk indexes) each (unnamed) file's chunk map
 has (about its size, to MAP_PAGE chunks), names' lengths to 16 bytes, how many inode numbers were
-allocated (a sequence), the ledger's length, and the access pattern.
+allocated (a sequence), the ledger's length, how many (file, lock owner) pairs of each machine
+hold file locks (:class:`PgLocks`), and the access pattern.
 
 Ordering, prefixes, ranges and sums are computed here, on opened rows: a directory listing
 reads the whole directory, a chunk map window the pages it covers (a wide one the whole map),
@@ -1387,7 +1388,7 @@ class PgSession:
     seconds by the database's clock, :meth:`beat` extends it (False once it expired: a
     session never comes back, the machine is fenced), :meth:`elect` takes the vault's
     checkpoint lock if nobody holds it (a session-level advisory lock: a dead machine's
-    connection drops and frees it), :meth:`end` removes the session with its holds.
+    connection drops and frees it), :meth:`end` removes the session with its holds and locks.
 
     What the database learns from a session: that a machine is mounted and when it beats
     (its host, pid and machine id are sealed in ``v``)."""
