@@ -355,3 +355,29 @@ def test_a_vault_of_one_machine_keeps_the_kernels_locks(local_env: VaultEnv) -> 
             assert l2.answer(BOUND) == "ok"
     finally:
         local_env.umount(mp)
+
+
+
+def test_a_mount_stopped_while_a_lock_waits_exits(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """libfuse waits for its worker threads before the mount process ends: a lock waiting in
+    one gives up when the FUSE session ends (here: the mount process told to stop)."""
+    _a, ma, b, mb = two_mounts
+    (ma / "w").write_bytes(b"w" * 10)
+    wait_for(mb / "w")
+    pid = int((b.data_dir / "mount.lock").read_text())
+    with lockers(ma / "w", mb / "w") as (la, lb):
+        assert la.do("lk W 0 10") == "ok"
+        lb.send("lkw W 0 10")
+        assert lb.answer(0.5) == ""
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and \
+                "zombie" not in Path(f"/proc/{pid}/status").read_text():
+            assert time.monotonic() < deadline, "the mount process still runs"
+            time.sleep(0.1)
+        assert lb.answer(BOUND) not in ("", "ok")  # the waiter failed
+        assert pg_place.sql("SELECT count(*) FROM sessions") == [(1,)]  # b's went, with ...
+        assert len(pg_place.sql("SELECT k FROM locks")) == 1  # ... its locks: a's is left
+    force_unmount(str(mb))

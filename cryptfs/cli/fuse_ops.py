@@ -440,14 +440,16 @@ class SharedLocksOperations(CryptfsOperations):
             conn.want |= conn.capable & want
         super().init_with_config(conn, config)
 
-    def _interrupted(self) -> bool:
-        """Whether a waiting lock must give up: its process got a signal (the kernel asked
-        libfuse to interrupt the request), or the mount is ending (libfuse waits for its
-        worker threads: a wait must not keep the unmount waiting)."""
+    def _interrupted(self) -> int:
+        """Whether a waiting lock must give up, as the errno it ends with (0: no): EINTR once
+        its process got a signal (the kernel asked libfuse to interrupt the request),
+        ENOLCK once the mount is ending (libfuse waits for its worker threads: a wait must
+        not keep the unmount waiting)."""
         if _fuse_interrupted():
-            return True
-        return self._fuse is not None and bool(_fuse_session_exited(
-            _fuse_get_session(self._fuse)))
+            return errno.EINTR
+        if self._fuse is not None and _fuse_session_exited(_fuse_get_session(self._fuse)):
+            return errno.ENOLCK
+        return 0
 
     def lock(self, path: str | None, fh: int, owner: int, cmd: int, lk: Any) -> int:
         """F_GETLK / F_SETLK / F_SETLKW of lock owner ``owner``; ``lk`` points at libfuse's

@@ -8,8 +8,9 @@ FUSE adapter registers these operations only for a shared engine.
 None of these calls takes the filesystem's lock (a waiting lock must not stop the mount); the
 engine serialises its lock calls itself. A blocking lock (F_SETLKW, ``flock`` without
 LOCK_NB) polls the engine with backoff (from :data:`POLL_FIRST` doubling to
-:data:`POLL_MAX` seconds) and ends with EINTR as soon as ``interrupted()`` says the waiting
-process got a signal (the kernel then asks libfuse to interrupt the request).
+:data:`POLL_MAX` seconds) and ends as soon as ``interrupted()`` answers an errno: the FUSE
+adapter answers EINTR once the waiting process got a signal (the kernel then asks libfuse to
+interrupt the request), ENOLCK once the mount is ending.
 
 Releases: POSIX locks go when their owner closes any descriptor of the file (libfuse's flush
 unlocks the whole file for that owner: :meth:`Locks.setlk` with F_UNLCK), ``flock`` on the
@@ -68,14 +69,14 @@ class Locks(FileSystemBase):
         return self.meta.test_lock(ino, owner, POSIX, ltype, start, end)
 
     def setlk(self, ino: int, owner: int, ltype: int, start: int, end: int, pid: int,
-              wait: bool, interrupted: Callable[[], bool]) -> None:
-        """F_SETLK (``wait`` False: EAGAIN on a conflict) or F_SETLKW (waits; EINTR once
-        ``interrupted()``) of owner ``owner`` (the kernel's lock owner) on ``ino``
-        (an open file); F_UNLCK unlocks."""
+              wait: bool, interrupted: Callable[[], int]) -> None:
+        """F_SETLK (``wait`` False: EAGAIN on a conflict) or F_SETLKW (waits, until
+        ``interrupted()`` answers an errno: see :meth:`_wait`) of owner ``owner`` (the
+        kernel's lock owner) on ``ino`` (an open file); F_UNLCK unlocks."""
         self._set(ino, owner, POSIX, ltype, start, end, pid, wait, interrupted)
 
     def flock(self, ino: int, owner: int, ltype: int, wait: bool,
-              interrupted: Callable[[], bool]) -> None:
+              interrupted: Callable[[], int]) -> None:
         """``flock`` (F_RDLCK for LOCK_SH, F_WRLCK for LOCK_EX, F_UNLCK for LOCK_UN) of the
         open file description ``owner`` on ``ino``; ``wait`` as for
         :meth:`setlk` (False: LOCK_NB, EWOULDBLOCK on a conflict)."""
@@ -85,10 +86,10 @@ class Locks(FileSystemBase):
         """The open file description ``owner`` is closed for good (its last descriptor): its
         flock goes."""
         self._set(ino, owner, FLOCK, F_UNLCK, 0, OFFSET_MAX, 0, False,
-                  lambda: False)
+                  lambda: 0)
 
     def _set(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
-             pid: int, wait: bool, interrupted: Callable[[], bool]) -> None:
+             pid: int, wait: bool, interrupted: Callable[[], int]) -> None:
         key = (ino, owner, kind)
         if ltype == F_UNLCK:
             with self._lockers_mutex:
@@ -110,9 +111,10 @@ class Locks(FileSystemBase):
                     del self._lockers[key]
 
     def _wait(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
-              pid: int, interrupted: Callable[[], bool]) -> None:
-        """Set the lock once no other owner's conflicts, polling with backoff; EINTR once
-        ``interrupted()``, ENOLCK if MAX_WAITING locks wait already."""
+              pid: int, interrupted: Callable[[], int]) -> None:
+        """Set the lock once no other owner's conflicts, polling with backoff; ends with the
+        errno ``interrupted()`` answers once it answers one (0: go on waiting), ENOLCK if
+        MAX_WAITING locks wait already."""
         with self._lockers_mutex:
             if self._waiting >= MAX_WAITING:
                 log.warning("%d file locks wait already: a blocking lock answers ENOLCK",
@@ -124,8 +126,9 @@ class Locks(FileSystemBase):
             while True:
                 until = time.monotonic() + delay
                 while True:
-                    if interrupted():
-                        raise _err(errno.EINTR)
+                    code = interrupted()
+                    if code:
+                        raise _err(code)
                     left = until - time.monotonic()
                     if left <= 0:
                         break
