@@ -10,7 +10,9 @@ Through real mounts (two machines, own XDG homes, one database): machine A's fcn
 a range makes B's F_SETLK on it fail with EAGAIN and F_GETLK report it, a range beside it is
 B's; A's flock LOCK_EX makes B's LOCK_EX|LOCK_NB fail; B's blocking F_SETLKW and flock are
 granted within a bound after A unlocks or closes; a signal ends B's wait with EINTR; a killed
-machine's locks go when the live one cleans its session up. The lockers are small helper
+machine's locks go when the live one cleans its session up; more waiters than libfuse's default
+worker threads leave the mount usable; a mount stopped while a lock waits exits (its locks go).
+A vault of one machine (SQLite) keeps the kernel's locks. The lockers are small helper
 processes (python -c, fcntl) driven line by line; every wait is bounded.
 """
 
