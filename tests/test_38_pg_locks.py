@@ -139,6 +139,28 @@ def test_a_moved_lock_row_is_skipped_and_an_expired_sessions_locks_block_nobody(
     assert len(pg_place.sql("SELECT k FROM locks")) == 1  # a's only
 
 
+def test_locks_answer_enolck_while_the_server_is_down_and_work_once_it_is_back(
+    two_machines: tuple[PgMetaStore, PgMetaStore, PgSession, PgSession], pg_place: PgPlace,
+) -> None:
+    a, b, _sa, _sb = two_machines
+    assert a.set_lock(5, 1, POSIX, F_WRLCK, 0, 9, 100) is None
+    pg_place.server.halt()
+    try:
+        start = time.monotonic()
+        for call in (lambda: b.set_lock(5, 1, POSIX, F_WRLCK, 0, 9, 200),
+                     lambda: b.test_lock(5, 1, POSIX, F_WRLCK, 0, 9)):
+            with pytest.raises(LocksUnavailable) as e:
+                call()
+            assert e.value.errno == errno.ENOLCK
+        assert time.monotonic() - start < BOUND
+    finally:
+        pg_place.server.start()
+    # back: the first calls work (connections made again), a's lock held all along
+    assert b.set_lock(5, 1, POSIX, F_WRLCK, 0, 9, 200) == Held(F_WRLCK, 0, 9, 100)
+    assert a.set_lock(5, 1, POSIX, F_UNLCK, 0, 9, 100) is None
+    assert b.set_lock(5, 1, POSIX, F_WRLCK, 0, 9, 200) is None
+
+
 # -- through real mounts -----------------------------------------------------------------------
 # A lock shell: opens argv[1], then answers one line per command read from stdin:
 #   lk|lkw R|W|U START LEN   F_SETLK / F_SETLKW          -> ok | <errno name>

@@ -1519,18 +1519,24 @@ class PgLocks:
         self.conn = None
 
     def _in_transaction(self, fn: Callable[[Connection], T]) -> T:
-        """``fn(conn)`` in one transaction; a database error drops the connection (the next
-        call makes a new one) and raises LocksUnavailable."""
+        """``fn(conn)`` in one transaction; a database error drops the connection and raises
+        LocksUnavailable, but on a connection made before this call (it may have gone with a
+        server restarted since) ``fn`` is run once more on a new one (a lock or unlock set
+        twice is set once)."""
         with self._mutex:
-            try:
-                if self.conn is None:
-                    self.conn = self.engine.connect()
-                with self.conn.begin():
-                    return fn(self.conn)
-            except DBAPIError as e:
-                self._drop()
-                raise LocksUnavailable(f"metadata database {self.where}: file locks: "
-                                       f"{_first_line(e.orig)}") from None
+            while True:
+                fresh = self.conn is None
+                try:
+                    if self.conn is None:
+                        self.conn = self.engine.connect()
+                    with self.conn.begin():
+                        return fn(self.conn)
+                except DBAPIError as e:
+                    self._drop()
+                    if not fresh:
+                        continue
+                    raise LocksUnavailable(f"metadata database {self.where}: file locks: "
+                                           f"{_first_line(e.orig)}") from None
 
     def _key(self, ino: int, owner: int, kind: str) -> bytes:
         return _hash(self.keys, b"l", self.session_id, owner, kind, ino)
