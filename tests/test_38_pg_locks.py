@@ -4,7 +4,8 @@ The rules (:mod:`cryptfs.meta.locks`): conflicts, split and merge of an owner's 
 engine (:class:`PgLocks` through :class:`PgMetaStore`, two stores with their own sessions as two
 machines): owners on both machines, the kinds independent, a lock row sealed and bound, an
 expired session's locks blocking nobody and going when it is reaped, a fenced machine getting
-no lock.
+no lock, a release announced to every mount's watcher (a lock taken is not), ENOLCK while the
+server is down and the locks kept once it is back.
 
 Through real mounts (two machines, own XDG homes, one database): machine A's fcntl write lock on
 a range makes B's F_SETLK on it fail with EAGAIN and F_GETLK report it, a range beside it is
@@ -25,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,14 @@ from test_39_pg_machines import machines_mounted
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.locks import F_RDLCK, F_UNLCK, F_WRLCK, FLOCK, OFFSET_MAX, POSIX, Held, apply
 from cryptfs.meta.locks import conflict as conflict_of
-from cryptfs.meta.postgres import DbKeys, LocksUnavailable, PgMetaStore, PgSession, _hash
+from cryptfs.meta.postgres import (
+    DbKeys,
+    LocksUnavailable,
+    PgMetaStore,
+    PgSession,
+    PgWatcher,
+    _hash,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,6 +146,32 @@ def test_a_moved_lock_row_is_skipped_and_an_expired_sessions_locks_block_nobody(
         dead, _gone = a.reap_sessions()
     assert dead == 1
     assert len(pg_place.sql("SELECT k FROM locks")) == 1  # a's only
+
+
+def test_a_release_is_announced_to_every_watcher_and_a_lock_taken_is_not(
+    two_machines: tuple[PgMetaStore, PgMetaStore, PgSession, PgSession], pg_place: PgPlace,
+) -> None:
+    """Waiting locks try again when a lock is released anywhere (PgWatcher's ``on_unlock``):
+    an unlock, a downgrade, a session ended with locks are announced; a new lock is not."""
+    a, b, _sa, sb = two_machines
+    heard = threading.Semaphore(0)
+    w = PgWatcher(pg_place.url, KEYS, a.sender, lambda _inos: None, heard.release)
+    try:
+        w.start()
+        assert w.listening.wait(20)
+        assert b.set_lock(5, 1, POSIX, F_WRLCK, 0, 9, 200) is None
+        assert b.set_lock(6, 1, FLOCK, F_WRLCK, 0, OFFSET_MAX, 200) is None
+        assert not heard.acquire(timeout=0.5)  # locks taken: nothing announced
+        assert b.set_lock(5, 1, POSIX, F_RDLCK, 0, 9, 200) is None  # downgraded
+        assert heard.acquire(timeout=BOUND)
+        assert b.set_lock(5, 1, POSIX, F_UNLCK, 0, 9, 200) is None
+        assert heard.acquire(timeout=BOUND)
+        assert b.set_lock(5, 1, POSIX, F_UNLCK, 0, 9, 200) is None  # held nothing: silent
+        assert not heard.acquire(timeout=0.5)
+        sb.end()  # its flock goes with it
+        assert heard.acquire(timeout=BOUND)
+    finally:
+        w.stop()
 
 
 def test_locks_answer_enolck_while_the_server_is_down_and_work_once_it_is_back(

@@ -7,10 +7,12 @@ FUSE adapter registers these operations only for a shared engine.
 
 None of these calls takes the filesystem's lock (a waiting lock must not stop the mount); the
 engine serialises its lock calls itself. A blocking lock (F_SETLKW, ``flock`` without
-LOCK_NB) polls the engine with backoff (from :data:`POLL_FIRST` doubling to
-:data:`POLL_MAX` seconds) and ends as soon as ``interrupted()`` answers an errno: the FUSE
-adapter answers EINTR once the waiting process got a signal (the kernel then asks libfuse to
-interrupt the request), ENOLCK once the mount is ending.
+LOCK_NB) tries again each time a lock is released on any machine
+(:meth:`Locks.locks_released`, from the engine's notices), and at least with backoff (from
+:data:`POLL_FIRST` doubling to :data:`POLL_MAX` seconds: a notice lost costs no more), and
+ends as soon as ``interrupted()`` answers an errno: the FUSE adapter answers EINTR once the
+waiting process got a signal (the kernel then asks libfuse to interrupt the request), ENOLCK
+once the mount is ending.
 
 Releases: POSIX locks go when their owner closes any descriptor of the file (libfuse's flush
 unlocks the whole file for that owner: :meth:`Locks.setlk` with F_UNLCK), ``flock`` on the
@@ -34,7 +36,7 @@ from cryptfs.fs.base import FileSystemBase
 from cryptfs.meta.locks import F_UNLCK, FLOCK, OFFSET_MAX, POSIX, Held
 
 POLL_FIRST = 0.005
-POLL_MAX = 0.2
+POLL_MAX = 1.0
 INTERRUPT_CHECK = 0.01  # how often a waiting lock asks whether it was interrupted
 # Each waiting lock takes one of libfuse's worker threads until it is granted: beyond this many
 # waiting at once a blocking lock answers ENOLCK (one log line each) rather than wait, so the
@@ -57,6 +59,16 @@ class Locks(FileSystemBase):
         self._lockers_gen = 0
         self._waiting = 0  # blocking locks waiting now
         self._lockers_mutex = threading.Lock()
+        # waiting locks sleep on this; locks_released() wakes them (the generation grows)
+        self._released = threading.Condition()
+        self._released_gen = 0
+
+    def locks_released(self) -> None:
+        """A machine (this one too) released or downgraded a file lock: the waiting locks
+        try again at once (else at their next poll)."""
+        with self._released:
+            self._released_gen += 1
+            self._released.notify_all()
 
     def _mark(self, key: tuple[int, int, str]) -> None:
         with self._lockers_mutex:
@@ -98,11 +110,10 @@ class Locks(FileSystemBase):
                 return  # (every close unlocks: no round trip for an owner that never locked)
         else:
             self._mark(key)
-        held = self.meta.set_lock(ino, owner, kind, ltype, start, end, pid)
-        if held is not None:
-            if not wait:
-                raise _err(errno.EAGAIN)
+        if wait:
             self._wait(ino, owner, kind, ltype, start, end, pid, interrupted)
+        elif self.meta.set_lock(ino, owner, kind, ltype, start, end, pid) is not None:
+            raise _err(errno.EAGAIN)
         if ltype != F_UNLCK:
             self._mark(key)  # (again: a whole unlock that ran meanwhile must not forget it)
         elif start == 0 and end == OFFSET_MAX:
@@ -112,9 +123,13 @@ class Locks(FileSystemBase):
 
     def _wait(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
               pid: int, interrupted: Callable[[], int]) -> None:
-        """Set the lock once no other owner's conflicts, polling with backoff; ends with the
-        errno ``interrupted()`` answers once it answers one (0: go on waiting), ENOLCK if
-        MAX_WAITING locks wait already."""
+        """Set the lock once no other owner's conflicts: tried again after each release a
+        notice tells of, and with backoff; ends with the errno ``interrupted()`` answers
+        once it answers one (0: go on waiting), ENOLCK if MAX_WAITING locks wait already."""
+        with self._released:
+            gen = self._released_gen  # (read before each try: a release after it wakes us)
+        if self.meta.set_lock(ino, owner, kind, ltype, start, end, pid) is None:
+            return
         with self._lockers_mutex:
             if self._waiting >= MAX_WAITING:
                 log.warning("%d file locks wait already: a blocking lock answers ENOLCK",
@@ -132,7 +147,13 @@ class Locks(FileSystemBase):
                     left = until - time.monotonic()
                     if left <= 0:
                         break
-                    time.sleep(min(left, INTERRUPT_CHECK))
+                    with self._released:
+                        if self._released_gen == gen:
+                            self._released.wait(min(left, INTERRUPT_CHECK))
+                        if self._released_gen != gen:
+                            break
+                with self._released:
+                    gen = self._released_gen
                 if self.meta.set_lock(ino, owner, kind, ltype, start, end, pid) is None:
                     return
                 delay = min(delay * 2, POLL_MAX)

@@ -92,7 +92,7 @@ from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
-from cryptfs.meta.locks import FLOCK, POSIX, Held, apply, conflict
+from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
 from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.paths import machine_id
 
@@ -289,6 +289,12 @@ def _hash(keys: DbKeys, domain: bytes, *parts: int | bytes | str) -> bytes:
 def channel(keys: DbKeys) -> str:
     """The LISTEN/NOTIFY channel of a vault's database (a keyed hash: it names no vault)."""
     return "cryptfs_" + _hash(keys, b"n").hex()[:24]
+
+
+def lock_channel(keys: DbKeys) -> str:
+    """The channel on which a file lock released (or downgraded) is announced, with no
+    payload: the waiting locks of every mount try again at once (:class:`PgWatcher`)."""
+    return channel(keys) + "_l"
 
 
 def checkpoint_lock(keys: DbKeys) -> int:
@@ -721,7 +727,8 @@ class PgMetaStore(Transactions, NamespaceOps):
                     continue
                 kept.add(int(ino))
             self._x(delete(holds).where(holds.c.sess.in_(dead)))
-            self._x(delete(locks).where(locks.c.sess.in_(dead)))
+            if self._x(delete(locks).where(locks.c.sess.in_(dead))).rowcount:
+                self._x(select(func.pg_notify(lock_channel(self.keys), "")))
             self._x(delete(sessions).where(sessions.c.k.in_(dead)))
             gone = set()
             for ino in sorted(kept):
@@ -1477,7 +1484,8 @@ class PgSession:
         checkpoint lock."""
         with contextlib.suppress(MetaError):
             self._run(delete(holds).where(holds.c.sess == self.k))
-            self._run(delete(locks).where(locks.c.sess == self.k))
+            if self._run(delete(locks).where(locks.c.sess == self.k)).rowcount:
+                self._run(select(func.pg_notify(lock_channel(self.keys), "")))
             self._run(delete(sessions).where(sessions.c.k == self.k))
         self._drop()
         self.engine.dispose()
@@ -1592,6 +1600,8 @@ class PgLocks:
             after = apply(own, ltype, start, end, pid)
             if after == own:
                 return None  # (an unlock of what it does not hold, a lock it holds)
+            if ltype != F_WRLCK and own:  # (something may be free now: waiters try again)
+                conn.execute(select(func.pg_notify(lock_channel(self.keys), "")))
             if not after:
                 conn.execute(delete(locks).where(locks.c.k == mine))
                 return None
@@ -1621,14 +1631,19 @@ class PgWatcher:
     """Hears the change notices other mounts' commits send (LISTEN on the vault's channel)
     and calls ``on_change`` with the inodes they changed (None: anything may have changed —
     a notice listing too many, or a connection lost and made again, during which notices
-    were missed). Notices of ``sender`` (this mount's own engine) are skipped. A thread of its
-    own, until :meth:`stop`."""
+    were missed). Notices of ``sender`` (this mount's own engine) are skipped. With
+    ``on_unlock`` it also hears the file locks released (:func:`lock_channel`). A thread of
+    its own, until :meth:`stop`."""
 
     def __init__(self, url: str, keys: DbKeys, sender: bytes,
-                 on_change: Callable[[set[int] | None], None]) -> None:
+                 on_change: Callable[[set[int] | None], None],
+                 on_unlock: Callable[[], None] | None = None) -> None:
+        """``on_unlock()``: a machine (this one too) released a file lock (see
+        :func:`lock_channel`)."""
         self.keys = keys
         self.sender = sender
         self.on_change = on_change
+        self.on_unlock = on_unlock
         self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
                                     connect_args=CONNECT_ARGS)
         self._stop = threading.Event()
@@ -1648,6 +1663,9 @@ class PgWatcher:
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:
+                    if self.on_unlock is not None:
+                        conn.execute(text(f'LISTEN "{lock_channel(self.keys)}"'))
+                    # (last: pg_stat_activity shows the change notices' channel, tests read it)
                     conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
                     self.listening.set()
                     if lost:
@@ -1657,7 +1675,11 @@ class PgWatcher:
                     raw = conn.connection.driver_connection
                     while not self._stop.is_set():
                         for n in raw.notifies(timeout=0.5):  # type: ignore[union-attr]
-                            self._heard(n.payload)
+                            if n.channel == lock_channel(self.keys):
+                                if self.on_unlock is not None:
+                                    self.on_unlock()
+                            else:
+                                self._heard(n.payload)
             except Exception as e:  # noqa: BLE001 - a lost connection: listen again
                 self.listening.clear()
                 if not lost:
