@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -26,6 +27,7 @@ import mfusepy  # noqa: E402  (the library choice above must come first)
 from cryptfs.errors import CryptfsError  # noqa: E402
 from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
 from cryptfs.meta import ROOT_INO, Inode  # noqa: E402
+from cryptfs.meta.locks import OFFSET_MAX  # noqa: E402
 
 if TYPE_CHECKING:
     from cryptfs.metrics import Metrics
@@ -38,8 +40,22 @@ _invalidate_path.restype = ctypes.c_int
 
 # libfuse 3 capability bits of fuse_conn_info.want (fuse_common.h); mfusepy exposes the
 # want/capable fields but not these names
+FUSE_CAP_POSIX_LOCKS = 1 << 1
 FUSE_CAP_DONT_MASK = 1 << 6
+FUSE_CAP_FLOCK_LOCKS = 1 << 10
 FUSE_CAP_POSIX_ACL = 1 << 19
+
+# libfuse calls mfusepy does not declare: whether the kernel asked to interrupt the request this
+# worker thread answers (its process got a signal), and whether the session is ending
+_fuse_interrupted = mfusepy._libfuse.fuse_interrupted
+_fuse_interrupted.argtypes = []
+_fuse_interrupted.restype = ctypes.c_int
+_fuse_get_session = mfusepy._libfuse.fuse_get_session
+_fuse_get_session.argtypes = [ctypes.c_void_p]
+_fuse_get_session.restype = ctypes.c_void_p
+_fuse_session_exited = mfusepy._libfuse.fuse_session_exited
+_fuse_session_exited.argtypes = [ctypes.c_void_p]
+_fuse_session_exited.restype = ctypes.c_int
 
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
@@ -331,9 +347,15 @@ class CryptfsOperations(mfusepy.Operations):
         self.fs.flush(fh)
         return 0
 
-    def release(self, path: str | None, fh: int) -> int:
+    def release(self, path: str | None, fh: int, flock_owner: int | None = None) -> int:
+        """``flock_owner``: the open file description's last close, which had a flock
+        (libfuse's ``flock_release``; only with :class:`SharedLocksOperations`): it goes."""
         ino = self._ino(None, fh)
-        self.fs.release(fh)
+        try:
+            if flock_owner is not None:
+                self.fs.release_flock(ino, flock_owner)
+        finally:
+            self.fs.release(fh)
         self._after_change(ino, None)
         return 0
 
@@ -399,6 +421,66 @@ class CryptfsOperations(mfusepy.Operations):
         ino = self._ino(path)
         self.fs.removexattr(ino, _enc(name))
         self._after_change(ino, path)
+        return 0
+
+
+class SharedLocksOperations(CryptfsOperations):
+    """The operations of a vault whose engine is ``shared`` (several machines): ``fcntl``
+    record locks and ``flock`` kept by the engine for every machine
+    (:mod:`cryptfs.fs.locks`), instead of the kernel's, which are one machine's. A vault of
+    one machine mounts :class:`CryptfsOperations`, which has no lock operations: the kernel
+    keeps its locks, at no cost."""
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None:
+            want = FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS
+            if conn.capable & want != want:
+                log.warning("the kernel cannot hand file locks to the filesystem: fcntl and "
+                            "flock locks are this machine's only")
+            conn.want |= conn.capable & want
+        super().init_with_config(conn, config)
+
+    def _interrupted(self) -> int:
+        """Whether a waiting lock must give up, as the errno it ends with (0: no): EINTR once
+        its process got a signal (the kernel asked libfuse to interrupt the request),
+        ENOLCK once the mount is ending (libfuse waits for its worker threads: a wait must
+        not keep the unmount waiting)."""
+        if _fuse_interrupted():
+            return errno.EINTR
+        if self._fuse is not None and _fuse_session_exited(_fuse_get_session(self._fuse)):
+            return errno.ENOLCK
+        return 0
+
+    def lock(self, path: str | None, fh: int, owner: int, cmd: int, lk: Any) -> int:
+        """F_GETLK / F_SETLK / F_SETLKW of lock owner ``owner``; ``lk`` points at libfuse's
+        ``struct flock`` (SEEK_SET, ``l_len`` 0: to the end), filled in for F_GETLK."""
+        ino = self._ino(path, fh)
+        fl = lk.contents
+        start = fl.l_start
+        end = OFFSET_MAX if fl.l_len <= 0 else fl.l_start + fl.l_len - 1
+        if cmd == fcntl.F_GETLK:
+            held = self.fs.getlk(ino, owner, fl.l_type, start, end)
+            if held is None:
+                fl.l_type = fcntl.F_UNLCK
+            else:
+                fl.l_type, fl.l_whence, fl.l_start = held.ltype, os.SEEK_SET, held.start
+                fl.l_len = 0 if held.end == OFFSET_MAX else held.end - held.start + 1
+                fl.l_pid = held.pid
+            return 0
+        if cmd not in (fcntl.F_SETLK, fcntl.F_SETLKW):
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        self.fs.setlk(ino, owner, fl.l_type, start, end, fl.l_pid, cmd == fcntl.F_SETLKW,
+                      self._interrupted)
+        return 0
+
+    def flock(self, path: str | None, fh: int, owner: int, op: int) -> int:
+        """``flock(op)`` of the open file description ``owner``."""
+        ltype = {fcntl.LOCK_SH: fcntl.F_RDLCK, fcntl.LOCK_EX: fcntl.F_WRLCK,
+                 fcntl.LOCK_UN: fcntl.F_UNLCK}.get(op & ~fcntl.LOCK_NB)
+        if ltype is None:
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        self.fs.flock(self._ino(path, fh), owner, ltype, not op & fcntl.LOCK_NB,
+                      self._interrupted)
         return 0
 
 
@@ -500,6 +582,21 @@ class CryptfsFUSE(mfusepy.FUSE):
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(self._path(old), self._path(new), flags)
+
+    def release(self, path: bytes | None, fip: Any) -> int:
+        c = fip.contents
+        return self.operations.release(self._path(path), c.fh,
+                                       c.lock_owner if c.flock_release else None)
+
+    # registered only for SharedLocksOperations (mfusepy leaves out the operations that
+    # CryptfsOperations inherits unimplemented); they pass libfuse's lock owner on
+    def lock(self, path: bytes | None, fip: Any, cmd: int, lk: Any) -> int:
+        return self.operations.lock(self._path(path), fip.contents.fh,
+                                    fip.contents.lock_owner, cmd, lk)
+
+    def flock(self, path: bytes | None, fip: Any, op: int) -> int:
+        return self.operations.flock(self._path(path), fip.contents.fh,
+                                     fip.contents.lock_owner, op)
 
     def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
         """mfusepy declares libfuse 3's lseek callback but has no wrapper for it."""

@@ -249,7 +249,8 @@ def serve(
     paths: VaultPaths, master: bytes, mountpoint: str, opts: MountOptions, ready_fd: int | None
 ) -> int:
     """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
-    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations
+    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations, SharedLocksOperations
+    from cryptfs.fs.locks import LOCK_THREADS
     from cryptfs.vault.core import Vault
 
     metrics: Metrics | None = None  # with -o metrics: the mount's registry and its endpoint
@@ -310,13 +311,17 @@ def serve(
 
         metrics.registry.register(VaultCollector(vault))
         endpoint.start(metrics.registry, publisher.snapshot)
-    ops = CryptfsOperations(vault.fs, on_init=lambda: report("OK"))
+    # several machines: fcntl/flock locks in the database; one machine: the kernel's
+    kind = SharedLocksOperations if vault.fs.meta.shared else CryptfsOperations
+    ops = kind(vault.fs, on_init=lambda: report("OK"))
     kwargs: dict[str, object] = {
         "foreground": True,
         "fsname": f"cryptfs:{vault.paths.mount_name}",
         "subtype": "cryptfs",
         "default_permissions": True,
     }
+    if vault.fs.meta.shared:  # (a waiting file lock takes a worker thread: cryptfs.fs.locks)
+        kwargs["max_threads"] = LOCK_THREADS
     if opts.allow_other:
         kwargs["allow_other"] = True
     if opts.readonly:

@@ -37,6 +37,7 @@ from typing import Protocol, TypeVar
 
 from cryptfs.errors import MetaError
 from cryptfs.format.codec import ChunkRef
+from cryptfs.meta.locks import Held
 
 ROOT_INO = 1
 
@@ -162,6 +163,24 @@ class MetaEngine(Protocol):
 
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines'."""
+
+    # -- file locks shared by the machines (an engine with ``shared``; cryptfs.meta.locks) ----
+    # Unlike the calls above these may be called from any thread without the filesystem's lock
+    # (a lock call must not wait for file operations, nor they for it): an engine serialises
+    # them itself, apart from its other work, and commits each on its own.
+    def set_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+                 pid: int) -> Held | None:
+        """Owner ``owner`` of this machine sets a lock of ``kind`` (POSIX or FLOCK) and
+        ``ltype`` (F_UNLCK: unlocks) over ``[start, end]`` of ``ino`` (see
+        :func:`cryptfs.meta.locks.apply`), at once and committed, unless a lock another owner
+        holds (on any machine whose session is live) conflicts: then nothing changes and that
+        lock is returned. MetaError (ENOLCK) when the locks cannot be reached or this
+        machine's session expired."""
+
+    def test_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int,
+                  end: int) -> Held | None:
+        """The lock of another owner (on any machine whose session is live) that a lock of
+        ``ltype`` over ``[start, end]`` would conflict with (F_GETLK), or None."""
 
     # -- key/value state -----------------------------------------------------------------------
     def get_state(self, key: str) -> str | None: ...

@@ -22,7 +22,8 @@ xattr, chunk map or ledger entry:
 What the database still learns: row counts per table, how many entries each (unnamed)
 directory has, how many rows (pages of MAP_PAGE chunk indexes) each (unnamed) file's chunk map
 has (about its size, to MAP_PAGE chunks), names' lengths to 16 bytes, how many inode numbers were
-allocated (a sequence), the ledger's length, and the access pattern.
+allocated (a sequence), the ledger's length, how many (file, lock owner) pairs of each machine
+hold file locks (:class:`PgLocks`), and the access pattern.
 
 Ordering, prefixes, ranges and sums are computed here, on opened rows: a directory listing
 reads the whole directory, a chunk map window the pages it covers (a wide one the whole map),
@@ -82,7 +83,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Select
@@ -91,6 +92,7 @@ from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
+from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
 from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.paths import machine_id
 
@@ -141,6 +143,17 @@ sessions = Table(
 # stays until the last holder lets go (or is found dead by a live machine).
 holds = Table(
     "holds", md,
+    Column("k", LargeBinary, primary_key=True),
+    Column("ino", LargeBinary, nullable=False, index=True),
+    Column("sess", LargeBinary, nullable=False, index=True),
+    Column("v", LargeBinary, nullable=False),
+)
+# A file lock (issue 14, cryptfs.meta.locks): what one owner of one session holds of one kind on
+# one inode. k = H("l", session, owner, kind, ino), ino = H("K", ino), sess = the session's key;
+# ``v`` (kind, ino, owner, then type, start, end, pid of each range) sealed. A session's locks
+# go with it (unmount, or reaped when expired); an expired session's locks block nobody.
+locks = Table(
+    "locks", md,
     Column("k", LargeBinary, primary_key=True),
     Column("ino", LargeBinary, nullable=False, index=True),
     Column("sess", LargeBinary, nullable=False, index=True),
@@ -254,6 +267,13 @@ class _Conflict(MetaError):
     """A deadlock or serialization failure ended the transaction (another writer won)."""
 
 
+class LocksUnavailable(MetaError):
+    """A file lock could not be set or tested: the database cannot be reached, or this
+    machine's session expired (ENOLCK, as NFS answers when its lock manager is gone)."""
+
+    errno = errno_mod.ENOLCK
+
+
 class SessionExpired(MetaError):
     """This machine's session in the database expired (it was frozen or cut off longer than
     the session lifetime): it may not commit any more (EROFS)."""
@@ -269,6 +289,12 @@ def _hash(keys: DbKeys, domain: bytes, *parts: int | bytes | str) -> bytes:
 def channel(keys: DbKeys) -> str:
     """The LISTEN/NOTIFY channel of a vault's database (a keyed hash: it names no vault)."""
     return "cryptfs_" + _hash(keys, b"n").hex()[:24]
+
+
+def lock_channel(keys: DbKeys) -> str:
+    """The channel on which a file lock released (or downgraded) is announced, with no
+    payload: the waiting locks of every mount try again at once (:class:`PgWatcher`)."""
+    return channel(keys) + "_l"
 
 
 def checkpoint_lock(keys: DbKeys) -> int:
@@ -338,6 +364,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         self.session_id: bytes | None = None  # set by attach(): commits are fenced by it
         self._session_k = b""
         self._on_expired: Callable[[str], None] | None = None
+        self._locks: PgLocks | None = None  # the file locks, once attached to a session
         self._touched: set[int] = set()  # inodes the open transaction changed (notices)
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
@@ -592,6 +619,25 @@ class PgMetaStore(Transactions, NamespaceOps):
         self.session_id = session_id
         self._session_k = self._h(b"S", session_id)
         self._on_expired = on_expired
+        if self._locks is not None:
+            self._locks.close()
+        self._locks = PgLocks(self.engine.url, self.keys, session_id)
+
+    def set_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+                 pid: int) -> Held | None:
+        """See :meth:`MetaEngine.set_lock` (on :class:`PgLocks`' own connection)."""
+        return self._lock_table().set(ino, owner, kind, ltype, start, end, pid)
+
+    def test_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int,
+                  end: int) -> Held | None:
+        """See :meth:`MetaEngine.test_lock`."""
+        return self._lock_table().test(ino, owner, kind, ltype, start, end)
+
+    def _lock_table(self) -> PgLocks:
+        if self._locks is None:
+            raise LocksUnavailable(f"metadata database {self.where}: no session (file locks "
+                                   "are a mounted machine's)")
+        return self._locks
 
     def _fence_check(self) -> None:
         """In the transaction about to commit: the session must be live by the database's
@@ -656,7 +702,8 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def reap_sessions(self) -> tuple[int, set[int]]:
         """Clean up sessions that expired (their machines died or were cut off, and are
-        fenced): drop their holds and the inodes only they kept (open, no name left). Returns
+        fenced): drop their holds and file locks, and the inodes only they kept (open, no
+        name left). Returns
         how many sessions went and the inodes deleted. Rows another machine is reaping are
         skipped. A hold that fails to open (tampered with) is dropped with a warning: it
         cannot name an inode, so none is deleted for it (an inode only it kept stays, with
@@ -680,6 +727,8 @@ class PgMetaStore(Transactions, NamespaceOps):
                     continue
                 kept.add(int(ino))
             self._x(delete(holds).where(holds.c.sess.in_(dead)))
+            if self._x(delete(locks).where(locks.c.sess.in_(dead))).rowcount:
+                self._x(select(func.pg_notify(lock_channel(self.keys), "")))
             self._x(delete(sessions).where(sessions.c.k.in_(dead)))
             gone = set()
             for ino in sorted(kept):
@@ -705,6 +754,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         checkpointer has no counterpart here)."""
 
     def close(self) -> None:
+        if self._locks is not None:
+            self._locks.close()
         with contextlib.suppress(Exception):
             self.commit()
         with contextlib.suppress(Exception):
@@ -1344,7 +1395,7 @@ class PgSession:
     seconds by the database's clock, :meth:`beat` extends it (False once it expired: a
     session never comes back, the machine is fenced), :meth:`elect` takes the vault's
     checkpoint lock if nobody holds it (a session-level advisory lock: a dead machine's
-    connection drops and frees it), :meth:`end` removes the session with its holds.
+    connection drops and frees it), :meth:`end` removes the session with its holds and locks.
 
     What the database learns from a session: that a machine is mounted and when it beats
     (its host, pid and machine id are sealed in ``v``)."""
@@ -1429,26 +1480,170 @@ class PgSession:
         return self.elected
 
     def end(self) -> None:
-        """Remove the session and its holds (a clean unmount), release the lock."""
+        """Remove the session with its holds and file locks (a clean unmount), release the
+        checkpoint lock."""
         with contextlib.suppress(MetaError):
             self._run(delete(holds).where(holds.c.sess == self.k))
+            if self._run(delete(locks).where(locks.c.sess == self.k)).rowcount:
+                self._run(select(func.pg_notify(lock_channel(self.keys), "")))
             self._run(delete(sessions).where(sessions.c.k == self.k))
         self._drop()
         self.engine.dispose()
+
+
+class PgLocks:
+    """The file locks of one machine's session (see :mod:`cryptfs.meta.locks`), in the
+    ``locks`` table, on a connection of its own (a lock call must not wait for file
+    operations, nor they for it). Thread-safe: calls are serialised here.
+
+    Setting a lock is one transaction: this session must be live by the database's clock (a
+    fenced machine gets no lock), the inode's locks are serialised by a transaction-level
+    advisory lock on its hashed key, the locks of live sessions are read and opened, checked
+    for a conflict here, and this owner's row replaced. A row that fails to open (tampered
+    with) is skipped with a warning: the operator can delete rows anyway (deny service)."""
+
+    def __init__(self, url: URL | str, keys: DbKeys, session_id: bytes) -> None:
+        self.keys = keys
+        self.session_id = session_id
+        self.sess = _hash(keys, b"S", session_id)
+        try:
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="READ COMMITTED",
+                                        connect_args=CONNECT_ARGS)
+        except (SQLAlchemyError, ValueError, ImportError):
+            raise ConfigError("the metadata database URL is not usable") from None
+        self.where = self.engine.url.render_as_string(hide_password=True)
+        self.conn: Connection | None = None
+        self._mutex = threading.Lock()
+
+    def close(self) -> None:
+        with self._mutex:
+            self._drop()
+        self.engine.dispose()
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+
+    def _in_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(conn)`` in one transaction; a database error drops the connection and raises
+        LocksUnavailable, but on a connection made before this call (it may have gone with a
+        server restarted since) ``fn`` is run once more on a new one (a lock or unlock set
+        twice is set once)."""
+        with self._mutex:
+            while True:
+                fresh = self.conn is None
+                try:
+                    if self.conn is None:
+                        self.conn = self.engine.connect()
+                    with self.conn.begin():
+                        return fn(self.conn)
+                except DBAPIError as e:
+                    self._drop()
+                    if not fresh:
+                        continue
+                    raise LocksUnavailable(f"metadata database {self.where}: file locks: "
+                                           f"{_first_line(e.orig)}") from None
+
+    def _key(self, ino: int, owner: int, kind: str) -> bytes:
+        return _hash(self.keys, b"l", self.session_id, owner, kind, ino)
+
+    def _rows(self, conn: Connection, ino: int, kind: str
+              ) -> Iterator[tuple[bytes, int, list[Held]]]:
+        """``(row key, owner, locks)`` of every lock of ``kind`` on ``ino`` held by a live
+        session (this one included)."""
+        i_h = _hash(self.keys, b"K", ino)
+        for r in conn.execute(
+                select(locks.c.k, locks.c.sess, locks.c.v)
+                .join(sessions, sessions.c.k == locks.c.sess)
+                .where(locks.c.ino == i_h, sessions.c.expires > func.clock_timestamp())).all():
+            k = bytes(r.k)
+            try:
+                vals = _unpack(crypto.open_sealed(self.keys.row, bytes(r.v),
+                                                  _ad("locks", 0, k, i_h, bytes(r.sess))))
+            except IntegrityError:
+                vals = ()
+            if len(vals) < 3 or vals[0] not in (POSIX, FLOCK) or vals[1] != ino \
+                    or (len(vals) - 3) % 4:
+                log.warning("metadata database %s: a file lock row fails authentication "
+                            "(tampered with); it is skipped", self.where)
+                continue
+            if vals[0] != kind:
+                continue
+            yield k, int(vals[2]), [Held(*vals[i:i + 4]) for i in range(3, len(vals), 4)]
+
+    def set(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+            pid: int) -> Held | None:
+        """See :meth:`MetaEngine.set_lock`."""
+        mine = self._key(ino, owner, kind)
+
+        def run(conn: Connection) -> Held | None:
+            i_h = _hash(self.keys, b"K", ino)
+            # (one round trip: the session row key-share locked, so a machine reaping it
+            # waits for this commit, then the inode's advisory lock)
+            live = conn.execute(
+                select(sessions.c.k, func.pg_advisory_xact_lock(
+                    int.from_bytes(i_h[:8], "big", signed=True)))
+                .where(sessions.c.k == self.sess, sessions.c.expires > func.clock_timestamp())
+                .with_for_update(key_share=True, of=sessions)).first()
+            if live is None:
+                raise LocksUnavailable(f"metadata database {self.where}: this machine's "
+                                       "session expired: no file lock is set")
+            own: list[Held] = []
+            others: list[Held] = []
+            for k, _owner, held in self._rows(conn, ino, kind):
+                (own if k == mine else others).extend(held)
+            hit = conflict(others, ltype, start, end)
+            if hit is not None:
+                return hit
+            after = apply(own, ltype, start, end, pid)
+            if after == own:
+                return None  # (an unlock of what it does not hold, a lock it holds)
+            if ltype != F_WRLCK and own:  # (something may be free now: waiters try again)
+                conn.execute(select(func.pg_notify(lock_channel(self.keys), "")))
+            if not after:
+                conn.execute(delete(locks).where(locks.c.k == mine))
+                return None
+            v = crypto.seal(self.keys.row, _pack(kind, ino, owner, *[
+                x for h in after for x in (h.ltype, h.start, h.end, h.pid)]),
+                _ad("locks", 0, mine, i_h, self.sess))
+            conn.execute(pg_insert(locks).values(k=mine, ino=i_h, sess=self.sess, v=v)
+                         .on_conflict_do_update(index_elements=[locks.c.k], set_={"v": v}))
+            return None
+
+        return self._in_transaction(run)
+
+    def test(self, ino: int, owner: int, kind: str, ltype: int, start: int,
+             end: int) -> Held | None:
+        """See :meth:`MetaEngine.test_lock`."""
+        mine = self._key(ino, owner, kind)
+
+        def run(conn: Connection) -> Held | None:
+            others = [h for k, _o, held in self._rows(conn, ino, kind) if k != mine
+                      for h in held]
+            return conflict(others, ltype, start, end)
+
+        return self._in_transaction(run)
 
 
 class PgWatcher:
     """Hears the change notices other mounts' commits send (LISTEN on the vault's channel)
     and calls ``on_change`` with the inodes they changed (None: anything may have changed —
     a notice listing too many, or a connection lost and made again, during which notices
-    were missed). Notices of ``sender`` (this mount's own engine) are skipped. A thread of its
-    own, until :meth:`stop`."""
+    were missed). Notices of ``sender`` (this mount's own engine) are skipped. With
+    ``on_unlock`` it also hears the file locks released (:func:`lock_channel`). A thread of
+    its own, until :meth:`stop`."""
 
     def __init__(self, url: str, keys: DbKeys, sender: bytes,
-                 on_change: Callable[[set[int] | None], None]) -> None:
+                 on_change: Callable[[set[int] | None], None],
+                 on_unlock: Callable[[], None] | None = None) -> None:
+        """``on_unlock()``: a machine (this one too) released a file lock (see
+        :func:`lock_channel`)."""
         self.keys = keys
         self.sender = sender
         self.on_change = on_change
+        self.on_unlock = on_unlock
         self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
                                     connect_args=CONNECT_ARGS)
         self._stop = threading.Event()
@@ -1468,6 +1663,9 @@ class PgWatcher:
         while not self._stop.is_set():
             try:
                 with self.engine.connect() as conn:
+                    if self.on_unlock is not None:
+                        conn.execute(text(f'LISTEN "{lock_channel(self.keys)}"'))
+                    # (last: pg_stat_activity shows the change notices' channel, tests read it)
                     conn.execute(text(f'LISTEN "{channel(self.keys)}"'))
                     self.listening.set()
                     if lost:
@@ -1477,7 +1675,11 @@ class PgWatcher:
                     raw = conn.connection.driver_connection
                     while not self._stop.is_set():
                         for n in raw.notifies(timeout=0.5):  # type: ignore[union-attr]
-                            self._heard(n.payload)
+                            if n.channel == lock_channel(self.keys):
+                                if self.on_unlock is not None:
+                                    self.on_unlock()
+                            else:
+                                self._heard(n.payload)
             except Exception as e:  # noqa: BLE001 - a lost connection: listen again
                 self.listening.clear()
                 if not lost:

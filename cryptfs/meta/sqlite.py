@@ -23,6 +23,7 @@ Longer than ~400 lines on purpose: it is the one module that holds SQL
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -57,6 +58,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
+from cryptfs.meta.locks import Held
 from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.meta.wal import (
     FRAME_HEADER,
@@ -389,6 +391,17 @@ class MetaStore(Transactions, NamespaceOps):
 
     def lock_ledger(self) -> None:
         """Nothing to wait for: one writer."""
+
+    def set_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int, end: int,
+                 pid: int) -> Held | None:
+        """Never called: one machine's locks are the kernel's (the mount registers no lock
+        operations for an engine that is not ``shared``)."""
+        raise OSError(errno.ENOSYS, "the SQLite engine keeps no locks (the kernel does)")
+
+    def test_lock(self, ino: int, owner: int, kind: str, ltype: int, start: int,
+                  end: int) -> Held | None:
+        """Never called (see :meth:`set_lock`)."""
+        raise OSError(errno.ENOSYS, "the SQLite engine keeps no locks (the kernel does)")
 
     def __init__(
         self,

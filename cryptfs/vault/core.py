@@ -359,7 +359,7 @@ class Vault:
         url = local_meta_url(self.paths)
         if url:  # other machines' commits: their change notices drop what they changed
             self.watcher = PgWatcher(url, self._db_keys, self.meta.sender,  # type: ignore[union-attr]
-                                     self._changed)
+                                     self._changed, self.fs.locks_released)
             self.watcher.start()
             with self.fs.lock:
                 self.fs.peers = bool(self.meta.live_sessions())
