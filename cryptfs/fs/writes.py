@@ -130,6 +130,8 @@ class Writes(FileSystemBase):
                 return None
             if self.before_commit is not None:
                 self.before_commit()
+            if shared:
+                self._claim_kept(refs)
             for idx, ref in refs.items():
                 if idx * self.cs < f.size:
                     self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
@@ -164,6 +166,20 @@ class Writes(FileSystemBase):
         self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
+
+    def _claim_kept(self, refs: dict[int, ChunkRef | None]) -> None:
+        """In a commit's transaction on a vault other machines write: the chunks deduplicated
+        against objects the metadata records are claimed (their rows then stay until this
+        commit, which references them); one another machine collected meanwhile is stored
+        again, and its new ref replaces the old in ``refs``."""
+        again: dict[str, ChunkRef] = {}
+        for idx, ref in refs.items():
+            if ref is None or not self.chunks.kept(ref.name):
+                continue
+            if ref.name not in again:
+                again[ref.name] = ref if self.meta.claim_object(ref.name) else \
+                    self.chunks.restore(ref.name)
+            refs[idx] = again[ref.name]
 
     def _discard(self, f: OpenFile) -> None:
         for s in f.pending.values():

@@ -731,7 +731,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
         Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:
         one snapshot, whatever other writers commit meanwhile. A row that fails to open fails
-        the image (IntegrityError)."""
+        the image (IntegrityError).
+
+        Rows being collected ("deleting") are left out: their objects may be gone."""
         from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
 
         self.commit()
@@ -743,7 +745,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                     out.insert_inode(Inode(*vals))
                 for parent, name, ino in self.all_dentries():
                     out.add_dentry(parent, name, ino)
-                objs = self.all_objects()
+                objs = [(r, rc, st) for r, rc, st in self.all_objects() if st != "deleting"]
                 for r, _rc, st in objs:
                     out.reference(r, staged=st == "staged")
                 by_name = {r.name: r for r, _rc, _st in objs}
@@ -1114,8 +1116,15 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
+        """See :meth:`MetaEngine.reference`. A row being collected (state "deleting", see
+        :meth:`collect_objects`) is taken over: it becomes ``ref``'s, in the state given, with
+        one more reference (the caller stored the object again: :meth:`claim_object`)."""
         k = self._h(b"o", ref.name)
         got = self._object(ref.name, lock=True)
+        if got is not None and got[4] == "deleting":
+            self._replace(objects, k, ref.name, ref.size, ref.sha256, max(got[3], 0) + 1,
+                          "staged" if staged else "stored")
+            return
         if got is None:  # a new object, unless another machine inserts it first
             res = self._x(pg_insert(objects).values(
                 k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
@@ -1159,8 +1168,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[4] == st]
 
     def unreferenced_objects(self) -> list[ChunkRef]:
+        """Objects no chunk map references, stored or being collected (a collection that
+        did not finish: see :meth:`collect_objects`)."""
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects()
-                if v[3] <= 0 and v[4] == "stored"]
+                if v[3] <= 0 and v[4] in ("stored", "deleting")]
 
     def object_states(self) -> dict[str, tuple[int, str, int]]:
         """``{name: (refcount, state, size)}`` of every recorded object."""
@@ -1175,11 +1186,58 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._x(delete(copies).where(copies.c.obj == self._h(b"C", name)))
 
     def drop_object_if_unreferenced(self, name: str) -> bool:
-        got = self._object(name)
+        """Drop an unreferenced object's row (locked first: a commit referencing it meanwhile
+        is waited for, and then the reference it made is seen and the row stays)."""
+        got = self._object(name, lock=True)
         if got is None or got[3] > 0:
             return False
         self._forget(name)
         return True
+
+    def claim_object(self, name: str) -> bool:
+        """See :meth:`MetaEngine.claim_object`: the row is locked until the commit; a row
+        being collected (state "deleting") is not live (its object may be gone already)."""
+        got = self._object(name, lock=True)
+        return got is not None and got[4] != "deleting"
+
+    def collect_objects(self, refs: list[ChunkRef],
+                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+        """See :meth:`MetaEngine.collect_objects`. Other machines commit meanwhile, so: first
+        the rows still unreferenced are marked "deleting" (one committed transaction: a crash
+        after a store deletion below leaves marked rows, never a row that a commit would take
+        for a stored object; a later collection finishes them); then, in a second
+        transaction, each marked row still unreferenced and marked is locked, its object
+        deleted from the store (``delete``) *while the row is locked*, and the row dropped.
+        A commit referencing the object (:meth:`claim_object`, :meth:`reference`) locks the
+        row too: before, its reference is seen and the row stays; during, it waits; after,
+        it finds the row gone (or marked) and the object deleted for good, and stores the
+        object again itself. Rows are locked in name order."""
+        refs = sorted(refs, key=lambda r: r.name)
+
+        def mark() -> list[ChunkRef]:
+            marked = []
+            for ref in refs:
+                got = self._object(ref.name, lock=True)
+                if got is None or got[3] > 0 or got[4] not in ("stored", "deleting"):
+                    continue
+                if got[4] != "deleting":
+                    self._replace(objects, self._h(b"o", ref.name), *got[:4], "deleting")
+                marked.append(ChunkRef(got[0], got[1], got[2]))
+            return marked
+
+        def drop(marked: list[ChunkRef]) -> list[ChunkRef]:
+            gone = []
+            for ref in marked:
+                got = self._object(ref.name, lock=True)
+                if got is None or got[3] > 0 or got[4] != "deleting":
+                    continue  # taken over by a commit meanwhile
+                if delete(ref):
+                    self._forget(ref.name)
+                    gone.append(ref)
+            return gone
+
+        marked = self.atomically(mark)
+        return self.atomically(lambda: drop(marked)) if marked else []
 
     def forget_object(self, name: str) -> None:
         self._forget(name)

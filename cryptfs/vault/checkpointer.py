@@ -81,6 +81,9 @@ CHECKPOINT_INTERVAL = 60.0
 # mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
+# unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
+# deletes run under the filesystem lock, which is let go between batches
+COLLECT_BATCH = 32
 
 
 class Checkpointer:
@@ -450,6 +453,8 @@ class Checkpointer:
         if held is None:
             return
         garbage = [r for r in garbage if r.name not in held]
+        # other machines commit meanwhile on a shared vault: see _collect_shared
+        local = [] if meta.shared else garbage
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
         # deletions first, then their records in one transaction (one commit for all: each
@@ -468,7 +473,7 @@ class Checkpointer:
                 for ref in gone:
                     meta.forget_object(ref.name)
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
-                for ref in garbage:  # their rows go before the objects (committed first)
+                for ref in local:  # their rows go before the objects (committed first)
                     if not self.chunks.try_claim_for_delete(ref.name):
                         continue
                     claimed.append(ref)
@@ -488,7 +493,32 @@ class Checkpointer:
                     meta.unreference_object(ref)
                 continue
             deleted.append(ref)
+        if meta.shared:
+            deleted = self._collect_shared(garbage)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
+
+    def _collect_shared(self, garbage: list[ChunkRef]) -> list[ChunkRef]:
+        """Collect unreferenced chunks of a vault other machines write
+        (:meth:`PgMetaStore.collect_objects`: each object is deleted while its row is locked,
+        so a commit of another machine deduplicating against it either keeps it or stores it
+        again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
+        happen under it). What this machine has pinned stays."""
+
+        def delete(ref: ChunkRef) -> bool:
+            if not self.chunks.try_claim_for_delete(ref.name):
+                return False
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                return False
+            return True
+
+        deleted: list[ChunkRef] = []
+        for i in range(0, len(garbage), COLLECT_BATCH):
+            with self._own():
+                deleted += self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
+        return deleted

@@ -327,6 +327,7 @@ class Vault:
             lookup=self._lookup_object,
             on_stored=self._on_stored,
             metrics=self.metrics,
+            keep_dedup=self.meta.shared,  # other machines' collections: see ChunkStore
         )
         statfs = None
         if not remote and not self.stores.replicated:
