@@ -38,6 +38,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from faultproxy import FaultProxy
 from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
 
@@ -990,6 +991,57 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     appears(ma / "being-written")
     assert (ma / "being-written").read_bytes() == data
     assert (mb / "being-written").read_bytes() == data
+
+
+@pytest.mark.timeout(240)
+def test_a_checkpoint_leaves_out_chunks_another_machine_has_not_uploaded(
+    pg_place: PgPlace, s3_server: Any, s3_bucket: str,
+) -> None:
+    """b reaches the bucket through a proxy that fails its uploads (they stay staged, b
+    retries): b's file is committed in the database, its chunks are not in the store. a,
+    the checkpoint writer, unmounts: its final checkpoint waits for b's uploads, then leaves
+    them out (one warning). b dies. The database lost, the store alone opens onto SQLite and
+    verifies clean: a's file whole, b's file with holes where its chunks were (before, the
+    checkpoint named objects the store never got: verify found them missing)."""
+    root = _tmp_root()
+    proxy = FaultProxy(s3_server.endpoint).start()
+    extra = {"CRYPTFS_LEASE_SECONDS": SESSION_SECONDS}
+    a = VaultEnv(root / "a", f"s3://{s3_bucket}/vault?endpoint={s3_server.endpoint}",
+                 extra_env=extra)
+    b = VaultEnv(root / "b", f"s3://{s3_bucket}/vault?endpoint={proxy.endpoint}",
+                 extra_env=extra)
+    ma, mb, mc = root / "ma", root / "mb", root / "mc"
+    try:
+        a.init("--meta", pg_place.url)
+        b.init("--meta", pg_place.url)
+        a.mount(ma)  # first: a holds the checkpoint writer's lock
+        b.mount(mb)
+        data = os.urandom(200_000)
+        (ma / "from-a").write_bytes(data)
+        proxy.set_fault("error500", methods={"PUT"})
+        (mb / "from-b").write_bytes(os.urandom(100_000))  # committed; its chunks staged on b
+        appears(ma / "from-b")
+        assert pg_place.sql("SELECT count(*) FROM objects")[0][0] > 0
+        a.umount(ma)
+        os.kill(int((b.data_dir / "mount.lock").read_text()), signal.SIGKILL)
+        force_unmount(str(mb))
+        lost = VaultEnv(root / "c", a.store_url)  # the database lost: the store alone
+        lost.init()
+        res = lost.cli("verify", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "this checkpoint leaves them out" in a.log_text()
+        lost.mount(mc)
+        try:
+            assert (mc / "from-a").read_bytes() == data
+            assert (mc / "from-b").read_bytes() == bytes(100_000)  # holes
+        finally:
+            lost.umount(mc)
+    finally:
+        proxy.stop()
+        for mp in (ma, mb, mc):
+            if _mounted(str(mp)):
+                force_unmount(str(mp))
+        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.mark.timeout(240)  # four machines made and mounted: about 40 s of it on an idle host

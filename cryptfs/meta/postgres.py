@@ -727,13 +727,20 @@ class PgMetaStore(Transactions, NamespaceOps):
         return self._commits
 
     def image(self) -> bytes:
+        """See :meth:`image_leaving_out` (every staged object kept)."""
+        return self.image_leaving_out(None)
+
+    def image_leaving_out(self, leave_out: Callable[[ChunkRef], bool] | None) -> bytes:
         """The committed metadata as one SQLite image (what a checkpoint stores), built in an
         in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
         Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:
         one snapshot, whatever other writers commit meanwhile. A row that fails to open fails
         the image (IntegrityError).
 
-        Rows being collected ("deleting") are left out: their objects may be gone."""
+        Only objects that are in the store: rows being collected ("deleting") are left out,
+        and so is each staged object (an upload, maybe another machine's, not finished) for
+        which ``leave_out(ref)`` says so, with the chunk map entries naming it (in the image
+        those chunks are holes, until a later image names them)."""
         from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
 
         self.commit()
@@ -745,7 +752,8 @@ class PgMetaStore(Transactions, NamespaceOps):
                     out.insert_inode(Inode(*vals))
                 for parent, name, ino in self.all_dentries():
                     out.add_dentry(parent, name, ino)
-                objs = [(r, rc, st) for r, rc, st in self.all_objects() if st != "deleting"]
+                objs = [(r, rc, st) for r, rc, st in self.all_objects() if st != "deleting"
+                        and not (st == "staged" and leave_out is not None and leave_out(r))]
                 for r, _rc, st in objs:
                     out.reference(r, staged=st == "staged")
                 by_name = {r.name: r for r, _rc, _st in objs}

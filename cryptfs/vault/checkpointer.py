@@ -81,6 +81,9 @@ CHECKPOINT_INTERVAL = 60.0
 # mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
+# seconds a checkpoint of a shared vault waits for the uploads of other machines that its
+# metadata image names (then it leaves out those still missing)
+STAGED_WAIT = 10.0
 # unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
 # deletes run under the filesystem lock, which is let go between batches
 COLLECT_BATCH = 32
@@ -294,6 +297,10 @@ class Checkpointer:
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
+        if isinstance(meta, PgMetaStore) and not self._in_store(staged):
+            with self.lock:  # (rarely: an upload of another machine slow or dead)
+                data = meta.image_leaving_out(lambda r: not self.store.exists(r.name))
+                full = True
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
@@ -369,6 +376,25 @@ class Checkpointer:
             self._clean_at = shipped_at
         assert last is not None
         self.last_seq = last.seq
+
+    def _in_store(self, names: set[str]) -> bool:
+        """Whether the objects ``names`` (the image's staged ones) are all in the store by
+        now, waiting up to STAGED_WAIT for the uploads of other machines (their metadata
+        names objects before they are uploaded). False: the image must leave out those still
+        missing (a checkpoint names only what the store holds: a vault opened from the store
+        alone then has every object it names, the missing chunks are holes there)."""
+        missing = set(names)
+        deadline = time.monotonic() + STAGED_WAIT
+        while True:
+            missing = {n for n in missing if not self.store.exists(n)}
+            if not missing:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("checkpoint: %d chunks another machine is uploading are not in the "
+                            "store after %.0f s; this checkpoint leaves them out (the next one "
+                            "names them once they are there)", len(missing), STAGED_WAIT)
+                return False
+            time.sleep(0.2)
 
     def _settle_head(self) -> None:
         """Make the last rename of the head file durable: an fsync of its directory (also on

@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -487,6 +487,31 @@ class Vault:
                 log.error("session heartbeat failed: %s: %s", type(e).__name__, e)
                 wait = min(2.0, s.ttl / 10)
 
+    @contextlib.contextmanager
+    def _session_kept(self) -> Iterator[None]:
+        """Keep this machine's session live while the body runs (the final checkpoint: the
+        heartbeat stopped with the mount, and draining uploads or waiting for other
+        machines' may take longer than the session's lifetime, which would fence its
+        commits)."""
+        s = self.session
+        if s is None:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(s.ttl / 3):
+                with contextlib.suppress(CryptfsError):
+                    s.beat(self.chunks.horizon() if self.chunks is not None else None)
+
+        t = threading.Thread(target=beat, name="final-beat", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join(timeout=10)
+
     def _check_ledger(self) -> None:
         """Check the database's ledger against the head this machine verified, and record the
         verified head in the head file (unless a checkpoint is being written: the next
@@ -627,7 +652,8 @@ class Vault:
                     with contextlib.suppress(CryptfsError):
                         self.session.elect()
                 assert self.checkpointer is not None and self.meta is not None
-                self.checkpointer.finish(progress)
+                with self._session_kept():
+                    self.checkpointer.finish(progress)
                 with self.fs.lock:
                     if not self.meta.live_sessions():  # others may still crash
                         self.meta.set_state("clean", "1")
