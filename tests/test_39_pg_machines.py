@@ -993,6 +993,44 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     assert (mb / "being-written").read_bytes() == data
 
 
+def test_fsck_checks_while_other_machines_write_and_repairs_only_alone(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """``cryptfs fsck`` on a third machine while a and b are mounted and a writes: the check
+    reads one snapshot and is clean; ``--repair`` is refused with one line and exit code 8
+    (before: it ran, its repairs racing the mounts' commits); once both are unmounted it
+    runs."""
+    a, ma, b, mb = two_mounts
+    (mb / "g").write_bytes(os.urandom(100_000))
+    c = VaultEnv(a.root.parent / "c", a.store_url, extra_env={"CRYPTFS_LEASE_SECONDS": "30"})
+    c.init("--meta", pg_place.url)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            (ma / f"w{i}").write_bytes(os.urandom(5000 + i))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        res = c.cli("fsck", "--name", c.name, check=False)
+        refused = c.cli("fsck", "--name", c.name, "--repair", check=False)
+    finally:
+        stop.set()
+        t.join(30)
+    assert res.returncode == 0 and "fsck: clean" in res.stdout, res.stdout + res.stderr
+    assert refused.returncode == 8, refused.stdout + refused.stderr
+    assert "2 other machine(s) have this vault mounted" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) <= 2 and "Traceback" not in refused.stderr
+    assert pg_place.sql("SELECT count(*) FROM sessions") == [(2,)]  # c's went
+    a.umount(ma)
+    b.umount(mb)
+    res = c.cli("fsck", "--name", c.name, "--repair", check=False)
+    assert res.returncode == 0 and "fsck: clean" in res.stdout, res.stdout + res.stderr
+
+
 @pytest.mark.timeout(240)
 def test_a_checkpoint_leaves_out_chunks_another_machine_has_not_uploaded(
     pg_place: PgPlace, s3_server: Any, s3_bucket: str,

@@ -643,6 +643,18 @@ class PgMetaStore(Transactions, NamespaceOps):
             sessions.c.k != self._session_k,
             sessions.c.expires > func.clock_timestamp())).scalar() or 0)
 
+    def session_purposes(self) -> list[str]:
+        """What each live session other than this engine's is for: "mount", or "repair" (a
+        ``cryptfs fsck --repair``, which mounts wait for); the 6th field of its sealed ``v``
+        (a session written without it: "mount")."""
+        out = []
+        for r in self._x(select(sessions.c.k, sessions.c.v).where(
+                sessions.c.k != self._session_k,
+                sessions.c.expires > func.clock_timestamp())).all():
+            who = self._open("sessions", 0, (bytes(r.k),), r.v)
+            out.append(who[5] if len(who) > 5 and isinstance(who[5], str) else "mount")
+        return out
+
     def session_horizons(self) -> list[float]:
         """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
         ``v``, written by :meth:`PgSession.beat`)."""
@@ -725,6 +737,19 @@ class PgMetaStore(Transactions, NamespaceOps):
         that wrote nothing is counted too, so an fsync may checkpoint more than it needs to,
         never less)."""
         return self._commits
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A block of reads that all see one snapshot (REPEATABLE READ, READ ONLY), whatever
+        other machines commit meanwhile (a check while they are mounted); commits first,
+        writes nothing."""
+        self.commit()
+        self._x(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        self._wrote = False
+        try:
+            yield
+        finally:
+            self._rollback_db()
 
     def image(self) -> bytes:
         """See :meth:`image_leaving_out` (every staged object kept)."""
@@ -1430,6 +1455,7 @@ class PgSession:
         self.conn: Connection | None = None
         self._lock = threading.Lock()
         self._ident: tuple[Any, ...] = ()
+        self.purpose = "mount"
 
     def _c(self) -> Connection:
         if self.conn is None:
@@ -1460,11 +1486,16 @@ class PgSession:
         return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
 
     def _who(self, horizon: float) -> bytes:
-        """The sealed ``v``: host, pid, machine id, start and the deletion horizon (ns)."""
-        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9)),
+        """The sealed ``v``: host, pid, machine id, start, the deletion horizon (ns) and the
+        purpose ("mount", or "repair": ``cryptfs fsck --repair``)."""
+        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9),
+                                                self.purpose),
                            _ad("sessions", 0, self.k))
 
-    def start(self) -> None:
+    def start(self, purpose: str = "mount") -> None:
+        """Insert the session, live for ``ttl`` seconds; ``purpose`` is sealed in it (see
+        :meth:`PgMetaStore.session_purposes`)."""
+        self.purpose = purpose
         self._ident = (socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
         self._run(insert(sessions).values(k=self.k, expires=self._expiry(),
                                           v=self._who(time.time())))
