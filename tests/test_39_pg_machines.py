@@ -993,6 +993,48 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     assert (mb / "being-written").read_bytes() == data
 
 
+def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path],
+) -> None:
+    """Through the mounts, in the order that lost data: a writes a file; b writes the same
+    bytes into a file it keeps open (its chunks deduplicated against a's); a removes its
+    file (the chunks' last reference) and both fsync another file (the elected writer's
+    checkpoint collects them, whichever it is); then b closes its file. Each round, b's file
+    reads whole on both mounts, and after both unmount, from the store alone (the database
+    lost), where verify is clean (the chunks b stored again have their ledger entries)."""
+    a, ma, b, mb = two_mounts
+    kept: dict[str, bytes] = {}
+    for i in range(4):
+        data = os.urandom(3 * (256 << 10) + 1000 + i)  # full chunks (256 KiB) sealed at write
+        (ma / f"a{i}").write_bytes(data)
+        appears(mb / f"a{i}")
+        with open(mb / f"b{i}", "wb") as f:
+            f.write(data)  # deduplicated against a's chunks, not committed yet
+            os.unlink(ma / f"a{i}")
+            for mp in (ma, mb):
+                with open(mp / f"sync-{mp.name}", "wb") as g:
+                    g.write(os.urandom(100 + i))
+                    os.fsync(g.fileno())  # the writer's checkpoint: collection
+        kept[f"b{i}"] = data
+        for mp in (ma, mb):
+            appears(mp / f"b{i}")
+            assert (mp / f"b{i}").read_bytes() == data, (mp, i)
+    # (whichever is the writer: b's own collection marks the rows but skips what b pinned)
+    assert "was deduplicated against it" in b.log_text()
+    a.umount(ma)
+    b.umount(mb)
+    lost = VaultEnv(a.root.parent / "c", a.store_url)
+    lost.init()
+    res = lost.cli("verify", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lost.mount(a.root.parent / "mc")
+    try:
+        for rel, data in kept.items():
+            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
+    finally:
+        lost.umount(a.root.parent / "mc")
+
+
 def test_fsck_checks_while_other_machines_write_and_repairs_only_alone(
     two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
 ) -> None:

@@ -213,8 +213,8 @@ class ChunkStore:
                 self.on_stored(ref)
             with self._cv:
                 self._recent[name] = ref
-            log.info("stored %s again: another machine collected it while a write here "
-                     "was deduplicated against it", name)
+            log.info("stored %s again: it was collected while a write here was "
+                     "deduplicated against it", name)
             return ref
         except OSError as e:
             raise StoreError(f"cannot read the kept copy of {name}: {e.strerror}") from None
