@@ -994,7 +994,7 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
 
 
 def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
-    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path],
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
 ) -> None:
     """Through the mounts, in the order that lost data: a writes a file; b writes the same
     bytes into a file it keeps open (its chunks deduplicated against a's); a removes its
@@ -1021,6 +1021,12 @@ def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
             assert (mp / f"b{i}").read_bytes() == data, (mp, i)
     # (whichever is the writer: b's own collection marks the rows but skips what b pinned)
     assert "was deduplicated against it" in b.log_text()
+    # a third machine verifies while both are mounted: b's commit wrote the ledger entries of
+    # what it stored again (a later commit's would come after the object's later history)
+    c = VaultEnv(a.root.parent / "c3", a.store_url, extra_env={"CRYPTFS_LEASE_SECONDS": "30"})
+    c.init("--meta", pg_place.url)
+    res = c.cli("verify", "--name", c.name, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
     a.umount(ma)
     b.umount(mb)
     lost = VaultEnv(a.root.parent / "c", a.store_url)
