@@ -198,8 +198,11 @@ class ChunkStore:
     def restore(self, name: str) -> ChunkRef:
         """Store a kept chunk again (another machine's collection may have deleted its
         object): sealed anew (or the sealed copy kept), put in the store (staged for a remote
-        one); returns its new ref, which the caller references (staged as for :meth:`put`)."""
-        self._acquire(name)
+        one); returns its new ref, which the caller references (staged as for :meth:`put`).
+
+        Without the name's guard: the caller holds the filesystem lock, which a :meth:`put`
+        holding the guard may wait for (its lookup); the name is pinned, so this machine's
+        collection does not touch it, and a concurrent put of it finds it in ``_recent``."""
         try:
             with self._cv:
                 plain = self._kept.get(name)
@@ -218,8 +221,6 @@ class ChunkStore:
             return ref
         except OSError as e:
             raise StoreError(f"cannot read the kept copy of {name}: {e.strerror}") from None
-        finally:
-            self._release(name)
 
     def horizon(self) -> float:
         """A wall-clock time before which every object this chunk store wrote is recorded
