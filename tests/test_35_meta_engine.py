@@ -560,6 +560,40 @@ def test_object_states_and_unreferenced(engine: MetaEngine) -> None:
     }
 
 
+def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine) -> None:
+    """Collection: the store deletion of each object still unreferenced (in the order the
+    engine picks), its row gone after; a referenced one, one whose deletion failed (recorded
+    again, unreferenced) and an unknown one stay. ``claim_object``: a recorded object is live,
+    a collected or unknown one is not (a commit stores such a one again)."""
+    f = new_file(engine, ROOT_INO, b"f")
+    used, free, fails = ref("cused"), ref("cfree"), ref("cfail")
+    with engine.transaction():
+        engine.set_block(f, 0, used, staged=False)
+        engine.set_block(f, 1, free, staged=False)
+        engine.set_block(f, 2, fails, staged=False)
+        engine.remove_blocks_from(f, 1)
+    asked: list[str] = []
+
+    def delete(r: ChunkRef) -> bool:
+        asked.append(r.name)
+        return r.name != fails.name
+
+    gone = engine.collect_objects([used, free, fails, ref("cnone")], delete)
+    assert gone == [free] and sorted(asked) == sorted([free.name, fails.name])
+    assert engine.get_object(free.name) is None
+    assert engine.get_object(used.name) == (used, 1, "stored")
+    assert engine.get_object(fails.name) == (fails, 0, "stored") or \
+        engine.get_object(fails.name)[1:] == (0, "deleting")  # type: ignore[index]
+    assert fails.name in {r.name for r in engine.unreferenced_objects()}  # the next one
+    with engine.transaction():
+        assert engine.claim_object(used.name) is True
+        assert engine.claim_object(free.name) is False
+        assert engine.claim_object("data/never") is False
+        again = ChunkRef(fails.name, fails.size, b"\5" * 32)  # stored again (resealed)
+        engine.set_block(f, 3, again, staged=False)
+    assert engine.get_object(fails.name) in ((again, 1, "stored"), (fails, 1, "stored"))
+
+
 def test_unreferenced_objects_leave_out_staged_ones(engine: MetaEngine) -> None:
     """An object still staged (upload pending) is not garbage even at refcount 0."""
     f = new_file(engine, ROOT_INO, b"f")

@@ -38,12 +38,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from faultproxy import FaultProxy
 from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
 
-from cryptfs.format.codec import ChunkRef
+from cryptfs.chunks.chunkstore import ChunkStore
+from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, PgWatcher, SessionExpired
+from cryptfs.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -189,6 +193,184 @@ def test_two_machines_storing_the_same_content_share_one_object_row(
     for i in range(10):
         assert race((store, a, f"a{i}".encode()), (store, b, f"b{i}".encode())) == ["ok", "ok"]
     assert a.get_object(same.name)[1:] == (20, "stored")  # type: ignore[index]
+
+
+def _unreferenced(e: PgMetaStore, r: ChunkRef) -> None:
+    """``r`` recorded as stored with no reference left (a file holding it was removed)."""
+    with e.transaction():
+        f = e.insert_inode(node(REG))
+        e.set_block(f, 0, r, staged=False)
+    with e.transaction():
+        e.remove_blocks_from(f, 0)
+    assert e.get_object(r.name)[1:] == (0, "stored")  # type: ignore[index]
+
+
+def test_collection_waits_for_a_commit_referencing_the_object_and_keeps_it(
+    machines: tuple[PgMetaStore, PgMetaStore],
+) -> None:
+    """Machine b's commit deduplicates against an unreferenced object (its transaction holds
+    the reference, not committed yet) while a's collection drops unreferenced rows: the
+    collection waits for b's commit and then keeps the object (before the row was locked,
+    it read the old count and deleted the row b had just referenced)."""
+    a, b = machines
+    r = ChunkRef("data/dd/" + "d" * 62, 4096, b"\4" * 32)
+    _unreferenced(a, r)
+    with b.transaction():
+        f = b.insert_inode(node(REG))
+        b.set_block(f, 0, r, staged=False)  # the row is b's until it commits
+        dropped: list[bool] = []
+        t = threading.Thread(target=lambda: dropped.append(a.drop_object_if_unreferenced(r.name)))
+        t.start()
+        t.join(0.5)  # a waits for b's commit (or, unfixed, for its row lock, then deletes it)
+    t.join(20)
+    a.commit()
+    assert dropped == [False]
+    assert a.get_object(r.name) == (r, 1, "stored")
+
+
+def test_a_commit_never_finds_a_collected_row_gone_before_its_object(
+    machines: tuple[PgMetaStore, PgMetaStore],
+) -> None:
+    """a collects an unreferenced object while b, which deduplicated a write against it,
+    commits: b's claim waits while a deletes the object (its row locked), then finds it not
+    live and b stores the object again and references its new copy. A collection that
+    died after marking the row (its store deletion done or not) leaves it "deleting": not
+    live either, and a commit takes the row over."""
+    a, b = machines
+    r = ChunkRef("data/ee/" + "e" * 62, 4096, b"\4" * 32)
+    _unreferenced(a, r)
+    order: list[str] = []
+    deleting, go = threading.Event(), threading.Event()
+
+    def delete(ref: ChunkRef) -> bool:
+        deleting.set()
+        go.wait(20)
+        order.append(f"deleted {ref.name[:7]}")
+        return True
+
+    collector = threading.Thread(target=lambda: a.collect_objects([r], delete))
+    collector.start()
+    assert deleting.wait(20)
+    claimed: list[bool] = []
+
+    def claim() -> None:
+        with b.transaction():
+            claimed.append(b.claim_object(r.name))
+            order.append(f"claimed {claimed[-1]}")
+            if not claimed[-1]:  # stored again: a new sealing, a new hash
+                b.set_block(b.insert_inode(node(REG)), 0, again, staged=False)
+
+    again = ChunkRef(r.name, r.size, b"\6" * 32)
+    committer = threading.Thread(target=claim)
+    committer.start()
+    committer.join(0.5)  # b waits for a's deletion
+    go.set()
+    collector.join(20)
+    committer.join(20)
+    assert order == ["deleted data/ee", "claimed False"]
+    assert a.get_object(r.name) == (again, 1, "stored")
+    # a collection that died between marking and deleting
+    r2 = ChunkRef("data/ef/" + "f" * 62, 4096, b"\4" * 32)
+    _unreferenced(a, r2)
+
+    def dies(_ref: ChunkRef) -> bool:
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(KeyboardInterrupt):
+        a.collect_objects([r2], dies)
+    assert a.get_object(r2.name)[1:] == (0, "deleting")  # type: ignore[index]
+    assert r2 in a.unreferenced_objects()  # the next collection finishes it
+    again2 = ChunkRef(r2.name, r2.size, b"\7" * 32)
+    with b.transaction():
+        assert b.claim_object(r2.name) is False
+        b.set_block(b.insert_inode(node(REG)), 0, again2, staged=False)
+    assert a.get_object(r2.name) == (again2, 1, "stored")
+    assert a.collect_objects([r2], dies) == []  # referenced again: not collected
+
+
+class FsMachine:
+    """One machine's filesystem in-process, composed as ``Vault._start`` composes it: its own
+    engine (connection) and chunk store (``keep_dedup``, as for a shared database) over a
+    store all machines share."""
+
+    def __init__(self, url: str, store: MemoryStore, staging: Path) -> None:
+        hooks = CommitHooks()
+        self.meta = PgMetaStore(url, KEYS, on_commit=hooks.committed,
+                                on_rollback=hooks.rolled_back)
+        if self.meta.get_inode(ROOT_INO) is None:
+            with self.meta.transaction():
+                self.meta.insert_inode(Inode(ROOT_INO, DIR, 0, 0, 0, 2, 0, 0, 0))
+        staging.mkdir()
+        self.chunks = ChunkStore(store, Codec(b"\3" * 32, b"vault-id-0000003"), remote=False,
+                                 staging=staging, cache=None, cache_bytes=0,
+                                 lookup=self._lookup, on_stored=lambda _r: None,
+                                 keep_dedup=True)
+        self.fs = FileSystem(self.meta, self.chunks, CHUNK, lambda: None,
+                             statfs_source=lambda: os.statvfs(staging), hooks=hooks)
+
+    def _lookup(self, name: str) -> ChunkRef | None:
+        with self.fs.lock:
+            found = self.meta.get_object(name)
+        return found[0] if found else None
+
+    def read(self, name: bytes) -> bytes:
+        self.fs.invalidate(None)
+        ino = self.fs.lookup(ROOT_INO, name).ino
+        fh = self.fs.open(ino, os.O_RDONLY)
+        try:
+            return self.fs.read(fh, 0, 1 << 20)
+        finally:
+            self.fs.release(fh)
+
+    def close(self) -> None:
+        self.fs.release_all()
+        self.chunks.close()
+        self.meta.close()
+
+
+CHUNK = 4096
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_write_deduplicated_against_an_object_another_machine_collects_is_stored_again(
+    pg_place: PgPlace, tmp_path: Path, spill: bool,
+) -> None:
+    """Machine b writes what a file of a removed (the object unreferenced, still recorded):
+    b's write deduplicates against it, and before b's commit a's collection deletes it.
+    b's commit finds it collected and stores it again (from the plaintext it kept, or the
+    sealed copy it spilled past its memory budget): b's file reads whole, from b and from a
+    new machine (before, b's file referenced the deleted object: EIO)."""
+    store = MemoryStore()
+    a = FsMachine(pg_place.url, store, tmp_path / "a")
+    b = FsMachine(pg_place.url, store, tmp_path / "b")
+    try:
+        if spill:
+            b.chunks.keep_bytes = 0
+        data = os.urandom(3 * CHUNK + 100)
+        node, fh = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        a.fs.write(fh, 0, data)
+        a.fs.release(fh)
+        a.fs.unlink(ROOT_INO, b"x")
+        garbage = a.meta.unreferenced_objects()
+        assert len(garbage) == 4 and all(store.exists(r.name) for r in garbage)
+        node, fh = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        b.fs.write(fh, 0, data)  # sealed: deduplicated against a's objects
+        with a.fs.lock:
+            gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+        assert {r.name for r in gone} == {r.name for r in garbage}
+        assert not any(store.exists(r.name) for r in gone)
+        b.fs.release(fh)  # b's commit
+        assert all(store.exists(r.name) for r in garbage)
+        assert b.read(b"y") == data
+        c = FsMachine(pg_place.url, store, tmp_path / "c")
+        try:
+            assert c.read(b"y") == data
+        finally:
+            c.close()
+        assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
@@ -809,6 +991,143 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     appears(ma / "being-written")
     assert (ma / "being-written").read_bytes() == data
     assert (mb / "being-written").read_bytes() == data
+
+
+def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """Through the mounts, in the order that lost data: a writes a file; b writes the same
+    bytes into a file it keeps open (its chunks deduplicated against a's); a removes its
+    file (the chunks' last reference) and both fsync another file (the elected writer's
+    checkpoint collects them, whichever it is); then b closes its file. Each round, b's file
+    reads whole on both mounts, and after both unmount, from the store alone (the database
+    lost), where verify is clean (the chunks b stored again have their ledger entries)."""
+    a, ma, b, mb = two_mounts
+    kept: dict[str, bytes] = {}
+    for i in range(4):
+        data = os.urandom(3 * (256 << 10) + 1000 + i)  # full chunks (256 KiB) sealed at write
+        (ma / f"a{i}").write_bytes(data)
+        appears(mb / f"a{i}")
+        with open(mb / f"b{i}", "wb") as f:
+            f.write(data)  # deduplicated against a's chunks, not committed yet
+            os.unlink(ma / f"a{i}")
+            for mp in (ma, mb):
+                with open(mp / f"sync-{mp.name}", "wb") as g:
+                    g.write(os.urandom(100 + i))
+                    os.fsync(g.fileno())  # the writer's checkpoint: collection
+        kept[f"b{i}"] = data
+        for mp in (ma, mb):
+            appears(mp / f"b{i}")
+            assert (mp / f"b{i}").read_bytes() == data, (mp, i)
+    # (whichever is the writer: b's own collection marks the rows but skips what b pinned)
+    assert "was deduplicated against it" in b.log_text()
+    # a third machine verifies while both are mounted: b's commit wrote the ledger entries of
+    # what it stored again (a later commit's would come after the object's later history)
+    c = VaultEnv(a.root.parent / "c3", a.store_url, extra_env={"CRYPTFS_LEASE_SECONDS": "30"})
+    c.init("--meta", pg_place.url)
+    res = c.cli("verify", "--name", c.name, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    a.umount(ma)
+    b.umount(mb)
+    lost = VaultEnv(a.root.parent / "c", a.store_url)
+    lost.init()
+    res = lost.cli("verify", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lost.mount(a.root.parent / "mc")
+    try:
+        for rel, data in kept.items():
+            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
+    finally:
+        lost.umount(a.root.parent / "mc")
+
+
+def test_fsck_checks_while_other_machines_write_and_repairs_only_alone(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
+) -> None:
+    """``cryptfs fsck`` on a third machine while a and b are mounted and a writes: the check
+    reads one snapshot and is clean; ``--repair`` is refused with one line and exit code 8
+    (before: it ran, its repairs racing the mounts' commits); once both are unmounted it
+    runs."""
+    a, ma, b, mb = two_mounts
+    (mb / "g").write_bytes(os.urandom(100_000))
+    c = VaultEnv(a.root.parent / "c", a.store_url, extra_env={"CRYPTFS_LEASE_SECONDS": "30"})
+    c.init("--meta", pg_place.url)
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            (ma / f"w{i}").write_bytes(os.urandom(5000 + i))
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        res = c.cli("fsck", "--name", c.name, check=False)
+        refused = c.cli("fsck", "--name", c.name, "--repair", check=False)
+    finally:
+        stop.set()
+        t.join(30)
+    assert res.returncode == 0 and "fsck: clean" in res.stdout, res.stdout + res.stderr
+    assert refused.returncode == 8, refused.stdout + refused.stderr
+    assert "2 other machine(s) have this vault mounted" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) <= 2 and "Traceback" not in refused.stderr
+    assert pg_place.sql("SELECT count(*) FROM sessions") == [(2,)]  # c's went
+    a.umount(ma)
+    b.umount(mb)
+    res = c.cli("fsck", "--name", c.name, "--repair", check=False)
+    assert res.returncode == 0 and "fsck: clean" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.timeout(240)
+def test_a_checkpoint_leaves_out_chunks_another_machine_has_not_uploaded(
+    pg_place: PgPlace, s3_server: Any, s3_bucket: str,
+) -> None:
+    """b reaches the bucket through a proxy that fails its uploads (they stay staged, b
+    retries): b's file is committed in the database, its chunks are not in the store. a,
+    the checkpoint writer, unmounts: its final checkpoint waits for b's uploads, then leaves
+    them out (one warning). b dies. The database lost, the store alone opens onto SQLite and
+    verifies clean: a's file whole, b's file with holes where its chunks were (before, the
+    checkpoint named objects the store never got: verify found them missing)."""
+    root = _tmp_root()
+    proxy = FaultProxy(s3_server.endpoint).start()
+    extra = {"CRYPTFS_LEASE_SECONDS": SESSION_SECONDS}
+    a = VaultEnv(root / "a", f"s3://{s3_bucket}/vault?endpoint={s3_server.endpoint}",
+                 extra_env=extra)
+    b = VaultEnv(root / "b", f"s3://{s3_bucket}/vault?endpoint={proxy.endpoint}",
+                 extra_env=extra)
+    ma, mb, mc = root / "ma", root / "mb", root / "mc"
+    try:
+        a.init("--meta", pg_place.url)
+        b.init("--meta", pg_place.url)
+        a.mount(ma)  # first: a holds the checkpoint writer's lock
+        b.mount(mb)
+        data = os.urandom(200_000)
+        (ma / "from-a").write_bytes(data)
+        proxy.set_fault("error500", methods={"PUT"})
+        (mb / "from-b").write_bytes(os.urandom(100_000))  # committed; its chunks staged on b
+        appears(ma / "from-b")
+        assert pg_place.sql("SELECT count(*) FROM objects")[0][0] > 0
+        a.umount(ma)
+        os.kill(int((b.data_dir / "mount.lock").read_text()), signal.SIGKILL)
+        force_unmount(str(mb))
+        lost = VaultEnv(root / "c", a.store_url)  # the database lost: the store alone
+        lost.init()
+        res = lost.cli("verify", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "this checkpoint leaves them out" in a.log_text()
+        lost.mount(mc)
+        try:
+            assert (mc / "from-a").read_bytes() == data
+            assert (mc / "from-b").read_bytes() == bytes(100_000)  # holes
+        finally:
+            lost.umount(mc)
+    finally:
+        proxy.stop()
+        for mp in (ma, mb, mc):
+            if _mounted(str(mp)):
+                force_unmount(str(mp))
+        subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 @pytest.mark.timeout(240)  # four machines made and mounted: about 40 s of it on an idle host

@@ -19,6 +19,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.meta import ROOT_INO
 from cryptfs.meta.namespace import HIDDEN
+from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.vault.core import Vault
 
 
@@ -38,6 +39,10 @@ class FsckReport:
 
 
 def fsck(vault: Vault, repair: bool = False) -> FsckReport:
+    """Check (and with ``repair`` repair) ``vault``. On a vault other machines share, a check
+    reads the metadata as of one moment and does not report their uploads in flight (a
+    staged object neither here nor in the store yet) nor an object collected since that
+    moment; a repair needs the vault alone (``Vault.open(alone=True)``)."""
     assert vault.meta is not None and vault.ledger is not None
     meta = vault.meta
     rep = FsckReport()
@@ -50,7 +55,10 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
         else:
             rep.problems.append(msg + (f" (fsck --repair: {fix})" if fix else ""))
 
-    with meta.transaction():
+    # checking while other machines write (a shared database): the metadata as of one moment
+    pg = meta if isinstance(meta, PgMetaStore) and not repair else None
+    others = pg is not None and bool(pg.live_sessions())
+    with pg.snapshot() if pg is not None else meta.transaction():
         inodes = meta.inode_modes()
         if ROOT_INO not in inodes:
             rep.problems.append("the root directory is missing")
@@ -134,10 +142,16 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
                         found(f"object {name} is in the store but marked as staged",
                               "marked stored", partial(meta.mark_stored, name))
                         continue
+                if others:
+                    continue  # (may be another machine's upload, still going on)
                 users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
                 rep.problems.append(f"object {name} was staged but neither the staged file nor "
                                     f"the object exists (files: {', '.join(users) or '-'})")
             elif refcount > 0 and name not in store_sizes:
+                now = meta.get_object(name) if others else None
+                if others and (now is None or now[1] <= 0):
+                    continue  # unreferenced since the snapshot, and collected
+
                 users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
                 rep.problems.append(f"object {name} is missing from the store (files: "
                                     f"{', '.join(users) or '-'})")

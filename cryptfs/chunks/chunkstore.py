@@ -10,6 +10,13 @@ Each name is guarded while it is written or deleted, and names handed out by ``p
 *pinned* until the caller has recorded (or dropped) its reference, so garbage collection never
 deletes an object that an uncommitted chunk map points to.
 
+Several machines (``keep_dedup``): another machine's collection can delete an object this one
+deduplicated a write against, before this one's commit references it. So a put that finds the
+object recorded by the metadata keeps the chunk (:meth:`kept`) until the name is unpinned: its
+plaintext in memory up to ``keep_bytes``, beyond that sealed in a file of the staging
+directory; the commit asks the metadata whether the object is still live
+(``MetaEngine.claim_object``) and if not stores it again (:meth:`restore`).
+
 Longer than ~400 lines: a chunk's whole life (seal, dedup, stage, upload, fetch, cache,
 delete) shares one set of locks and counters.
 """
@@ -67,6 +74,8 @@ class ChunkStore:
         mem_bytes: int = 64 << 20,
         staging_limit: int = 1 << 30,
         metrics: Metrics | None = None,
+        keep_dedup: bool = False,
+        keep_bytes: int = 64 << 20,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -109,6 +118,13 @@ class ChunkStore:
         # chunks a sequential reader fetches ahead: enough to keep the fetch workers busy
         self.readahead = 8 if remote else 4
         self._failed: dict[str, tuple[float, CryptfsError]] = {}
+        # deduplicated chunks kept until their names are unpinned (see the module doc):
+        # plaintext in memory, or sealed in a file of the staging directory past keep_bytes
+        self.keep_dedup = keep_dedup
+        self.keep_bytes = keep_bytes
+        self._kept: dict[str, bytes] = {}
+        self._kept_size = 0
+        self._spilled: set[str] = set()
         private_dir(staging)
 
     # -- naming guards ------------------------------------------------------------------------
@@ -138,6 +154,73 @@ class ChunkStore:
                     del self._pins[n]
                     self._since.pop(n, None)
                     self._forget(n)
+                    self._unkeep(n)
+
+    def _unkeep(self, name: str) -> None:
+        """Drop what :meth:`_keep` kept of ``name`` (caller holds _cv)."""
+        plain = self._kept.pop(name, None)
+        if plain is not None:
+            self._kept_size -= len(plain)
+        if name in self._spilled:
+            self._spilled.discard(name)
+            self._kept_path(name).unlink(missing_ok=True)
+
+    def _kept_path(self, name: str) -> Path:
+        return self.staging / (name.replace("/", "_") + ".kept")
+
+    def _keep(self, name: str, plain: bytes | bytearray | memoryview) -> None:
+        """Keep a deduplicated chunk until its name is unpinned (caller holds the name's
+        guard): its plaintext in memory, or past keep_bytes sealed in a staging file (a stray
+        file after a crash, removed by :meth:`resume`)."""
+        with self._cv:
+            if name in self._kept or name in self._spilled:
+                return
+            if self._kept_size + len(plain) <= self.keep_bytes:
+                self._kept[name] = bytes(plain)
+                self._kept_size += len(plain)
+                return
+        path = self._kept_path(name)
+        try:
+            path.write_bytes(self.codec.seal_chunk(name, plain))
+        except OSError as e:
+            path.unlink(missing_ok=True)
+            raise StoreError(f"cannot keep {name} in {self.staging}: {e.strerror}") from None
+        with self._cv:
+            self._spilled.add(name)
+
+    def kept(self, name: str) -> bool:
+        """Whether ``name`` was handed out deduplicated against an object the metadata
+        records (on a vault other machines write): its commit must claim it
+        (``MetaEngine.claim_object``), or store it again with :meth:`restore`."""
+        with self._cv:
+            return name in self._kept or name in self._spilled
+
+    def restore(self, name: str) -> ChunkRef:
+        """Store a kept chunk again (another machine's collection may have deleted its
+        object): sealed anew (or the sealed copy kept), put in the store (staged for a remote
+        one); returns its new ref, which the caller references (staged as for :meth:`put`).
+
+        Without the name's guard: the caller holds the filesystem lock, which a :meth:`put`
+        holding the guard may wait for (its lookup); the name is pinned, so this machine's
+        collection does not touch it, and a concurrent put of it finds it in ``_recent``."""
+        try:
+            with self._cv:
+                plain = self._kept.get(name)
+            blob = self.codec.seal_chunk(name, plain) if plain is not None else \
+                self._kept_path(name).read_bytes()
+            ref = ChunkRef(name, len(blob), crypto.sha256(blob))
+            if self.remote:
+                self._stage(ref, blob)
+            else:
+                self.store.put(name, blob)
+                self.on_stored(ref)
+            with self._cv:
+                self._recent[name] = ref
+            log.info("stored %s again: it was collected while a write here was "
+                     "deduplicated against it", name)
+            return ref
+        except OSError as e:
+            raise StoreError(f"cannot read the kept copy of {name}: {e.strerror}") from None
 
     def horizon(self) -> float:
         """A wall-clock time before which every object this chunk store wrote is recorded
@@ -171,8 +254,13 @@ class ChunkStore:
         try:
             with self._cv:
                 ref = self._recent.get(name)
+                # recorded, committed and only uploading: another machine may collect it
+                recorded = ref is not None and not self._pins.get(name)
             if ref is None:
                 ref = self.lookup(name)
+                recorded = ref is not None
+            if recorded and self.keep_dedup:
+                self._keep(name, plain)
             if ref is None:
                 blob = self.codec.seal_chunk(name, plain)
                 ref = ChunkRef(name, len(blob), crypto.sha256(blob))

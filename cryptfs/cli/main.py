@@ -148,12 +148,13 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_for_check(args: argparse.Namespace, readonly: bool):  # type: ignore[no-untyped-def]
+def _open_for_check(args: argparse.Namespace, readonly: bool,  # type: ignore[no-untyped-def]
+                    alone: bool = False):
     from cryptfs.vault.core import Vault
 
     paths = _paths(args)
     master = _unlock(paths, creds=Credentials.from_args(args))
-    return Vault.open(paths, master=master, readonly=readonly, check=False)
+    return Vault.open(paths, master=master, readonly=readonly, check=False, alone=alone)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -189,7 +190,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     from cryptfs.admin.fsck import fsck
-    vault = _open_for_check(args, readonly=not args.repair)
+    vault = _open_for_check(args, readonly=not args.repair, alone=args.repair)
     try:
         rep = fsck(vault, repair=args.repair)
         if args.repair and rep.repaired:

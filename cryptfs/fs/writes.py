@@ -130,6 +130,8 @@ class Writes(FileSystemBase):
                 return None
             if self.before_commit is not None:
                 self.before_commit()
+            if shared and self._claim_kept(refs) and self.before_commit is not None:
+                self.before_commit()  # the ledger entries of what was stored again, too
             for idx, ref in refs.items():
                 if idx * self.cs < f.size:
                     self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
@@ -164,6 +166,27 @@ class Writes(FileSystemBase):
         self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
+
+    def _claim_kept(self, refs: dict[int, ChunkRef | None]) -> bool:
+        """In a commit's transaction on a vault other machines write: the chunks deduplicated
+        against objects the metadata records are claimed (their rows then stay until this
+        commit, which references them); one another machine collected meanwhile is stored
+        again, and its new ref replaces the old in ``refs``. Whether any was stored again
+        (its ledger entry is queued: this commit must write it, before any later history of
+        the object)."""
+        again: dict[str, ChunkRef] = {}
+        stored = False
+        for idx, ref in refs.items():
+            if ref is None or not self.chunks.kept(ref.name):
+                continue
+            if ref.name not in again:
+                if self.meta.claim_object(ref.name):
+                    again[ref.name] = ref
+                else:
+                    again[ref.name] = self.chunks.restore(ref.name)
+                    stored = True
+            refs[idx] = again[ref.name]
+        return stored
 
     def _discard(self, f: OpenFile) -> None:
         for s in f.pending.values():

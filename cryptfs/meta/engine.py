@@ -270,6 +270,19 @@ class MetaEngine(Protocol):
     def objects_in_state(self, st: str) -> list[ChunkRef]: ...
     def unreferenced_objects(self) -> list[ChunkRef]: ...
     def drop_object_if_unreferenced(self, name: str) -> bool: ...
+    def claim_object(self, name: str) -> bool:
+        """In the open transaction, before a commit references an object it did not store
+        itself (a deduplicated chunk): whether the object's row is live (recorded, not being
+        collected). Then it stays until the commit (on a shared engine the row is locked until
+        then: a collection waits and sees the reference). False: the object may be gone from
+        the store; the caller stores it again before referencing it."""
+    def collect_objects(self, refs: list[ChunkRef],
+                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+        """Collect the objects of ``refs`` that are still unreferenced: ``delete(ref)``
+        deletes one from the store (False: it stays, recorded as unreferenced), and its row
+        goes. Returns the objects deleted; commits. Never deletes an object that a commit
+        references, nor lets a commit find its row gone before the object is gone from the
+        store (see :meth:`claim_object`)."""
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...
     def objects_named(self, prefix: str) -> list[ChunkRef]:
         """Recorded objects whose name starts with ``prefix``, without reading the others."""

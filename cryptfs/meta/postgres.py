@@ -689,6 +689,18 @@ class PgMetaStore(Transactions, NamespaceOps):
             sessions.c.k != self._session_k,
             sessions.c.expires > func.clock_timestamp())).scalar() or 0)
 
+    def session_purposes(self) -> list[str]:
+        """What each live session other than this engine's is for: "mount", or "repair" (a
+        ``cryptfs fsck --repair``, which mounts wait for); the 6th field of its sealed ``v``
+        (a session written without it: "mount")."""
+        out = []
+        for r in self._x(select(sessions.c.k, sessions.c.v).where(
+                sessions.c.k != self._session_k,
+                sessions.c.expires > func.clock_timestamp())).all():
+            who = self._open("sessions", 0, (bytes(r.k),), r.v)
+            out.append(who[5] if len(who) > 5 and isinstance(who[5], str) else "mount")
+        return out
+
     def session_horizons(self) -> list[float]:
         """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
         ``v``, written by :meth:`PgSession.beat`)."""
@@ -777,12 +789,34 @@ class PgMetaStore(Transactions, NamespaceOps):
         never less)."""
         return self._commits
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A block of reads that all see one snapshot (REPEATABLE READ, READ ONLY), whatever
+        other machines commit meanwhile (a check while they are mounted); commits first,
+        writes nothing."""
+        self.commit()
+        self._x(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        self._wrote = False
+        try:
+            yield
+        finally:
+            self._rollback_db()
+
     def image(self) -> bytes:
+        """See :meth:`image_leaving_out` (every staged object kept)."""
+        return self.image_leaving_out(None)
+
+    def image_leaving_out(self, leave_out: Callable[[ChunkRef], bool] | None) -> bytes:
         """The committed metadata as one SQLite image (what a checkpoint stores), built in an
         in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
         Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:
         one snapshot, whatever other writers commit meanwhile. A row that fails to open fails
-        the image (IntegrityError)."""
+        the image (IntegrityError).
+
+        Only objects that are in the store: rows being collected ("deleting") are left out,
+        and so is each staged object (an upload, maybe another machine's, not finished) for
+        which ``leave_out(ref)`` says so, with the chunk map entries naming it (in the image
+        those chunks are holes, until a later image names them)."""
         from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
 
         self.commit()
@@ -794,7 +828,8 @@ class PgMetaStore(Transactions, NamespaceOps):
                     out.insert_inode(Inode(*vals))
                 for parent, name, ino in self.all_dentries():
                     out.add_dentry(parent, name, ino)
-                objs = self.all_objects()
+                objs = [(r, rc, st) for r, rc, st in self.all_objects() if st != "deleting"
+                        and not (st == "staged" and leave_out is not None and leave_out(r))]
                 for r, _rc, st in objs:
                     out.reference(r, staged=st == "staged")
                 by_name = {r.name: r for r, _rc, _st in objs}
@@ -1165,8 +1200,15 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
+        """See :meth:`MetaEngine.reference`. A row being collected (state "deleting", see
+        :meth:`collect_objects`) is taken over: it becomes ``ref``'s, in the state given, with
+        one more reference (the caller stored the object again: :meth:`claim_object`)."""
         k = self._h(b"o", ref.name)
         got = self._object(ref.name, lock=True)
+        if got is not None and got[4] == "deleting":
+            self._replace(objects, k, ref.name, ref.size, ref.sha256, max(got[3], 0) + 1,
+                          "staged" if staged else "stored")
+            return
         if got is None:  # a new object, unless another machine inserts it first
             res = self._x(pg_insert(objects).values(
                 k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
@@ -1210,8 +1252,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[4] == st]
 
     def unreferenced_objects(self) -> list[ChunkRef]:
+        """Objects no chunk map references, stored or being collected (a collection that
+        did not finish: see :meth:`collect_objects`)."""
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects()
-                if v[3] <= 0 and v[4] == "stored"]
+                if v[3] <= 0 and v[4] in ("stored", "deleting")]
 
     def object_states(self) -> dict[str, tuple[int, str, int]]:
         """``{name: (refcount, state, size)}`` of every recorded object."""
@@ -1226,11 +1270,58 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._x(delete(copies).where(copies.c.obj == self._h(b"C", name)))
 
     def drop_object_if_unreferenced(self, name: str) -> bool:
-        got = self._object(name)
+        """Drop an unreferenced object's row (locked first: a commit referencing it meanwhile
+        is waited for, and then the reference it made is seen and the row stays)."""
+        got = self._object(name, lock=True)
         if got is None or got[3] > 0:
             return False
         self._forget(name)
         return True
+
+    def claim_object(self, name: str) -> bool:
+        """See :meth:`MetaEngine.claim_object`: the row is locked until the commit; a row
+        being collected (state "deleting") is not live (its object may be gone already)."""
+        got = self._object(name, lock=True)
+        return got is not None and got[4] != "deleting"
+
+    def collect_objects(self, refs: list[ChunkRef],
+                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+        """See :meth:`MetaEngine.collect_objects`. Other machines commit meanwhile, so: first
+        the rows still unreferenced are marked "deleting" (one committed transaction: a crash
+        after a store deletion below leaves marked rows, never a row that a commit would take
+        for a stored object; a later collection finishes them); then, in a second
+        transaction, each marked row still unreferenced and marked is locked, its object
+        deleted from the store (``delete``) *while the row is locked*, and the row dropped.
+        A commit referencing the object (:meth:`claim_object`, :meth:`reference`) locks the
+        row too: before, its reference is seen and the row stays; during, it waits; after,
+        it finds the row gone (or marked) and the object deleted for good, and stores the
+        object again itself. Rows are locked in name order."""
+        refs = sorted(refs, key=lambda r: r.name)
+
+        def mark() -> list[ChunkRef]:
+            marked = []
+            for ref in refs:
+                got = self._object(ref.name, lock=True)
+                if got is None or got[3] > 0 or got[4] not in ("stored", "deleting"):
+                    continue
+                if got[4] != "deleting":
+                    self._replace(objects, self._h(b"o", ref.name), *got[:4], "deleting")
+                marked.append(ChunkRef(got[0], got[1], got[2]))
+            return marked
+
+        def drop(marked: list[ChunkRef]) -> list[ChunkRef]:
+            gone = []
+            for ref in marked:
+                got = self._object(ref.name, lock=True)
+                if got is None or got[3] > 0 or got[4] != "deleting":
+                    continue  # taken over by a commit meanwhile
+                if delete(ref):
+                    self._forget(ref.name)
+                    gone.append(ref)
+            return gone
+
+        marked = self.atomically(mark)
+        return self.atomically(lambda: drop(marked)) if marked else []
 
     def forget_object(self, name: str) -> None:
         self._forget(name)
@@ -1415,6 +1506,7 @@ class PgSession:
         self.conn: Connection | None = None
         self._lock = threading.Lock()
         self._ident: tuple[Any, ...] = ()
+        self.purpose = "mount"
 
     def _c(self) -> Connection:
         if self.conn is None:
@@ -1445,11 +1537,16 @@ class PgSession:
         return func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, self.ttl)
 
     def _who(self, horizon: float) -> bytes:
-        """The sealed ``v``: host, pid, machine id, start and the deletion horizon (ns)."""
-        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9)),
+        """The sealed ``v``: host, pid, machine id, start, the deletion horizon (ns) and the
+        purpose ("mount", or "repair": ``cryptfs fsck --repair``)."""
+        return crypto.seal(self.keys.row, _pack(*self._ident, int(horizon * 1e9),
+                                                self.purpose),
                            _ad("sessions", 0, self.k))
 
-    def start(self) -> None:
+    def start(self, purpose: str = "mount") -> None:
+        """Insert the session, live for ``ttl`` seconds; ``purpose`` is sealed in it (see
+        :meth:`PgMetaStore.session_purposes`)."""
+        self.purpose = purpose
         self._ident = (socket.gethostname(), os.getpid(), machine_id(), time.time_ns())
         self._run(insert(sessions).values(k=self.k, expires=self._expiry(),
                                           v=self._who(time.time())))

@@ -958,6 +958,25 @@ class MetaStore(Transactions, NamespaceOps):
         return self.raw.execute("DELETE FROM objects WHERE name = ? AND refcount <= 0",
                                 (name,)).rowcount > 0
 
+    def claim_object(self, name: str) -> bool:
+        """See :meth:`MetaEngine.claim_object` (one machine: a row is live while it exists)."""
+        return self.get_object(name) is not None
+
+    def collect_objects(self, refs: list[ChunkRef],
+                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+        """See :meth:`MetaEngine.collect_objects` (one machine, one writer: the rows go in one
+        transaction, then the objects; one that could not be deleted is recorded again)."""
+        with self.transaction():
+            dropped = [r for r in refs if self.drop_object_if_unreferenced(r.name)]
+        gone = []
+        for ref in dropped:
+            if delete(ref):
+                gone.append(ref)
+            else:
+                with self.transaction():
+                    self.unreference_object(ref)
+        return gone
+
     def objects_named(self, prefix: str) -> list[ChunkRef]:
         """The recorded objects whose name starts with ``prefix`` (non-empty), by the name
         index: as cheap in a big vault as in a small one."""

@@ -81,6 +81,12 @@ CHECKPOINT_INTERVAL = 60.0
 # mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
+# seconds a checkpoint of a shared vault waits for the uploads of other machines that its
+# metadata image names (then it leaves out those still missing)
+STAGED_WAIT = 10.0
+# unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
+# deletes run under the filesystem lock, which is let go between batches
+COLLECT_BATCH = 32
 
 
 class Checkpointer:
@@ -291,6 +297,10 @@ class Checkpointer:
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
+        if isinstance(meta, PgMetaStore) and not self._in_store(staged):
+            with self.lock:  # (rarely: an upload of another machine slow or dead)
+                data = meta.image_leaving_out(lambda r: not self.store.exists(r.name))
+                full = True
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
@@ -366,6 +376,25 @@ class Checkpointer:
             self._clean_at = shipped_at
         assert last is not None
         self.last_seq = last.seq
+
+    def _in_store(self, names: set[str]) -> bool:
+        """Whether the objects ``names`` (the image's staged ones) are all in the store by
+        now, waiting up to STAGED_WAIT for the uploads of other machines (their metadata
+        names objects before they are uploaded). False: the image must leave out those still
+        missing (a checkpoint names only what the store holds: a vault opened from the store
+        alone then has every object it names, the missing chunks are holes there)."""
+        missing = set(names)
+        deadline = time.monotonic() + STAGED_WAIT
+        while True:
+            missing = {n for n in missing if not self.store.exists(n)}
+            if not missing:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("checkpoint: %d chunks another machine is uploading are not in the "
+                            "store after %.0f s; this checkpoint leaves them out (the next one "
+                            "names them once they are there)", len(missing), STAGED_WAIT)
+                return False
+            time.sleep(0.2)
 
     def _settle_head(self) -> None:
         """Make the last rename of the head file durable: an fsync of its directory (also on
@@ -450,6 +479,8 @@ class Checkpointer:
         if held is None:
             return
         garbage = [r for r in garbage if r.name not in held]
+        # other machines commit meanwhile on a shared vault: see _collect_shared
+        local = [] if meta.shared else garbage
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
         # deletions first, then their records in one transaction (one commit for all: each
@@ -468,7 +499,7 @@ class Checkpointer:
                 for ref in gone:
                     meta.forget_object(ref.name)
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
-                for ref in garbage:  # their rows go before the objects (committed first)
+                for ref in local:  # their rows go before the objects (committed first)
                     if not self.chunks.try_claim_for_delete(ref.name):
                         continue
                     claimed.append(ref)
@@ -488,7 +519,32 @@ class Checkpointer:
                     meta.unreference_object(ref)
                 continue
             deleted.append(ref)
+        if meta.shared:
+            deleted = self._collect_shared(garbage)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
+
+    def _collect_shared(self, garbage: list[ChunkRef]) -> list[ChunkRef]:
+        """Collect unreferenced chunks of a vault other machines write
+        (:meth:`PgMetaStore.collect_objects`: each object is deleted while its row is locked,
+        so a commit of another machine deduplicating against it either keeps it or stores it
+        again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
+        happen under it). What this machine has pinned stays."""
+
+        def delete(ref: ChunkRef) -> bool:
+            if not self.chunks.try_claim_for_delete(ref.name):
+                return False
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                return False
+            return True
+
+        deleted: list[ChunkRef] = []
+        for i in range(0, len(garbage), COLLECT_BATCH):
+            with self._own():
+                deleted += self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
+        return deleted

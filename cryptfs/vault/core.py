@@ -42,7 +42,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -165,10 +165,13 @@ class Vault:
         check: bool = True,
         cache_bytes: int = 1 << 30,
         metrics: Metrics | None = None,
+        alone: bool = False,
     ) -> Vault:
         """Unlock and open a vault. With ``check``, refuse (IntegrityError) a read-write open
         whose anchors disagree (rollback, truncated ledger). ``metrics``: record store
-        requests, cache use and checkpoints there (a mount with ``-o metrics``)."""
+        requests, cache use and checkpoints there (a mount with ``-o metrics``). ``alone``
+        (a repair): on a vault other machines share, refuse (LockedError) while any has it
+        mounted, and refuse their mounts until this one is closed (see _start_session)."""
         stores, cfg = load_local_config(paths)
         if master is None:
             if passphrase is None:
@@ -188,7 +191,7 @@ class Vault:
                 v.lease.acquire()
             v._open_db()
             if not readonly and url:  # several machines: a session in the database
-                v._start_session(url)
+                v._start_session(url, alone)
             if check:
                 problems = v.anchor_problems()
                 if problems and not readonly:
@@ -302,14 +305,28 @@ class Vault:
                                   on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key, on_fork=self._ledger_forked)
 
-    def _start_session(self, url: str) -> None:
+    def _start_session(self, url: str, alone: bool) -> None:
         """Join the machines mounting a PostgreSQL vault: a session live for the lease
         lifetime (``CRYPTFS_LEASE_SECONDS``) that fences this engine's commits, and the
-        checkpoint writer's lock if no other machine holds it."""
+        checkpoint writer's lock if no other machine holds it. LockedError while another
+        machine repairs the vault; with ``alone`` (a repair: the session says so, and
+        mounts wait for it), while any other machine has it mounted. Both sessions are
+        inserted before either looks for the other: of a repair and a mount starting at
+        once, at least one sees the other and gives up."""
         assert isinstance(self.meta, PgMetaStore)
         self.session = PgSession(url, self._db_keys, lease_seconds())
-        self.session.start()
+        self.session.start("repair" if alone else "mount")
         self.meta.attach(self.session.id, self._session_expired)
+        others = self.meta.session_purposes()
+        self.meta.commit()
+        if "repair" in others:
+            raise LockedError("another machine is repairing this vault (cryptfs fsck "
+                              "--repair); try again once it has finished")
+        if alone and others:
+            raise LockedError(f"{len(others)} other machine(s) have this vault mounted "
+                              "(live sessions in its metadata database): a repair needs it "
+                              "alone; unmount them (or wait until their sessions expire) and "
+                              "run it again, or check without --repair now")
         self.session.elect()
 
     def _start(self) -> None:
@@ -327,6 +344,7 @@ class Vault:
             lookup=self._lookup_object,
             on_stored=self._on_stored,
             metrics=self.metrics,
+            keep_dedup=self.meta.shared,  # other machines' collections: see ChunkStore
         )
         statfs = None
         if not remote and not self.stores.replicated:
@@ -486,6 +504,31 @@ class Vault:
                 log.error("session heartbeat failed: %s: %s", type(e).__name__, e)
                 wait = min(2.0, s.ttl / 10)
 
+    @contextlib.contextmanager
+    def _session_kept(self) -> Iterator[None]:
+        """Keep this machine's session live while the body runs (the final checkpoint: the
+        heartbeat stopped with the mount, and draining uploads or waiting for other
+        machines' may take longer than the session's lifetime, which would fence its
+        commits)."""
+        s = self.session
+        if s is None:
+            yield
+            return
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(s.ttl / 3):
+                with contextlib.suppress(CryptfsError):
+                    s.beat(self.chunks.horizon() if self.chunks is not None else None)
+
+        t = threading.Thread(target=beat, name="final-beat", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            done.set()
+            t.join(timeout=10)
+
     def _check_ledger(self) -> None:
         """Check the database's ledger against the head this machine verified, and record the
         verified head in the head file (unless a checkpoint is being written: the next
@@ -626,7 +669,8 @@ class Vault:
                     with contextlib.suppress(CryptfsError):
                         self.session.elect()
                 assert self.checkpointer is not None and self.meta is not None
-                self.checkpointer.finish(progress)
+                with self._session_kept():
+                    self.checkpointer.finish(progress)
                 with self.fs.lock:
                     if not self.meta.live_sessions():  # others may still crash
                         self.meta.set_state("clean", "1")
