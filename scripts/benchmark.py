@@ -1117,7 +1117,8 @@ def metrics_cost() -> str:
 
     m = Metrics()
     off, on = CryptfsFUSE.__new__(CryptfsFUSE), CryptfsFUSE.__new__(CryptfsFUSE)
-    off._record, on._record = None, m.fuse_recorder()  # the adapter's one wrapper, unmounted
+    off.record_into(None)  # the adapter's one wrapper, unmounted
+    on.record_into(m)
     bare = MemoryStore("memory://")
     bare.put("o", b"x" * 4096)
     metered = m.wrap_store(bare, "main")

@@ -508,7 +508,7 @@ def unmounted_fuse(m: Metrics) -> CryptfsFUSE:
     """The FUSE adapter's callback wrapper with ``m`` recording, without a mount: callbacks
     are named like mfusepy's methods (``getattr_fuse_3``, ``read``, ...)."""
     fuse = CryptfsFUSE.__new__(CryptfsFUSE)
-    fuse._record = m.fuse_recorder()
+    fuse.record_into(m)
     return fuse
 
 
@@ -588,7 +588,7 @@ def test_records_from_many_threads_add_up_and_outlive_their_threads() -> None:
         assert r.get_sample_value("cryptfs_store_operation_seconds_count",
                                   {"store": "s", "op": "get"}) == 4
         assert r.get_sample_value("cryptfs_store_bytes_total", {"store": "s", "op": "get"}) == 12
-    assert not m._fuse["getattr"]._live  # the ended threads' rows were folded
+    assert not m._fuse._live  # the ended threads' rows were folded
 
 
 def test_fuse_wrapper_counts_errno_answers_and_bytes() -> None:
