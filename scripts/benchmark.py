@@ -1669,7 +1669,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(k.startswith("cpu_") for _, k in res.values):
         desc += (" Daemon CPU rows: the FUSE daemon's CPU time (all its threads, user + system,"
                  " from its process CPU clock) over each workload, or per call or operation;"
-                 " other processes on the machine change it far less than the wall time.")
+                 " other processes change it less than the wall time, but on a busy machine"
+                 " they still slow the daemon's every instruction through the shared caches.")
     if any(a in targets and b in targets for a, b in PAIRS):
         desc += (" Paired ratio columns: the median of the per-run ratios, their range in "
                  "brackets.")
