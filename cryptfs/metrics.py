@@ -7,10 +7,12 @@ FUSE adapter, and a :class:`MeteredStore` around each object store). Figures tha
 read (pending uploads, cache size, ledger head, lease) are read at scrape time by
 :class:`VaultCollector`, not updated on the hot path. What is recorded per operation (FUSE
 callbacks, store requests, cache hits) goes into plain per-thread rows without a lock
-(:class:`_Rows`) and becomes metric families at scrape time (:class:`_HotCollector`): a FUSE
-callback's record costs well under a microsecond, against ~1.9 us for a library histogram
-and counter behind a second wrapper; the rarer events (misses, errors, checkpoints) use the
-library's instruments. Without ``-o metrics`` nothing is created and nothing is recorded.
+(:class:`FuseRecorder`, :class:`_Rows`) and becomes metric families at scrape time
+(:class:`_HotCollector`); a FUSE callback is recorded inside the FUSE adapter's one wrapper,
+touching one thread-local, one dict and one list (in a daemon, where every callback runs with
+cold caches, what a record touches is what it costs). The rarer events (misses, errors,
+checkpoints) use the library's instruments. Without ``-o metrics`` nothing is created and
+nothing is recorded.
 
 :class:`MetricsEndpoint` serves ``GET /metrics`` (Prometheus text format, written by
 ``prometheus_client``) and ``GET /status`` (the JSON that ``cryptfs status --json`` shows), and
@@ -56,13 +58,18 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from cryptfs.errors import CryptfsError, MountError, ObjectNotFound, UsageError
+from cryptfs.fuse_row import (
+    FUSE_BUCKETS,
+    FUSE_BYTES,
+    FUSE_ERRORS,
+    FUSE_NB,
+    FUSE_SECONDS,
+    FUSE_WIDTH,
+)
 
 log = logging.getLogger("cryptfs.metrics")
 
 DEFAULT_ADDRESS = "127.0.0.1:9567"  # the port JuiceFS uses; one mount per port
-# a FUSE callback costs ~50 us to seconds (a fetch from a slow store)
-FUSE_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05,
-                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # a store request: ~100 us (local file) to tens of seconds (a timed-out S3 call with retries)
 STORE_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                  1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -132,9 +139,8 @@ def _add(into: list[Any], row: list[Any]) -> None:
         keyed[k] = keyed.get(k, 0) + n
 
 
-# the fields of a FUSE row: a count per latency bucket (the last +Inf), seconds, bytes
-_NB = len(FUSE_BUCKETS) + 1
-_SECONDS, _BYTES = _NB, _NB + 1
+# a FUSE row: see cryptfs.fuse_row
+_NB, _BYTES = FUSE_NB, FUSE_BYTES
 # a store request's row: the same with the store buckets
 _SNB = len(STORE_BUCKETS) + 1
 _SSECONDS, _SBYTES = _SNB, _SNB + 1
@@ -168,8 +174,7 @@ class _HotCollector(Collector):
             "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
             labels=["op", "errno"])
         nbytes = {}
-        for op, rows in list(self.m._fuse.items()):
-            fig, failed = rows.total()
+        for op, (fig, failed) in self.m._fuse.totals().items():
             nbytes[op] = fig[_BYTES]
             _histogram(h, [op], self.fuse_bounds, fig, _NB)
             for code, n in sorted(failed.items()):  # (positive ints: CryptfsFUSE._wrapper)
@@ -205,12 +210,94 @@ class _HotCollector(Collector):
         yield hits
 
 
+class FuseRecorder:
+    """The FUSE callbacks of a mount, recorded by the FUSE adapter's one wrapper
+    (:meth:`cryptfs.cli.fuse_ops.CryptfsFUSE._wrapper`) in the calling thread's rows, without
+    a lock, and summed by operation at scrape time.
+
+    Each thread has a dict ``local.rows``: callback (the callable libfuse's callback runs,
+    named like mfusepy's method, ``getattr_fuse_3`` counting as ``getattr``) -> its row, a list
+    of ``FUSE_WIDTH`` numbers and a dict: a count per latency bucket of
+    :data:`FUSE_BUCKETS` (then +Inf), the seconds, the bytes the callback returned (reported
+    for ``read`` and ``write`` only), a count per errno below :data:`FUSE_ERRNOS` at
+    ``FUSE_ERRORS + errno``, and in the dict the counts of larger errnos. The wrapper adds
+    into the row itself: per callback that is a clock read before and after, one thread-local
+    and one dict lookup, and two or three additions to one list, with no call into this
+    module. What a record costs the daemon is what it touches in memory more than what it
+    executes: a callback runs after two context switches, with the caches cold, so every
+    object and cache line it touches counts (one list and a few ints and floats here, against
+    ten closure cells, two dicts and two thread-locals before).
+
+    Like :class:`_Rows`: only its thread writes a row, a scrape copies the dicts and reads the
+    rows (a figure at most one callback late), and the rows of a thread that ended are folded
+    into one total at the next scrape."""
+
+    def __init__(self) -> None:
+        self.local = threading.local()
+        self._lock = threading.Lock()  # new threads and totals; never taken per callback
+        self._live: list[tuple[weakref.ref[_RowOwner], dict[Any, list[Any]]]] = []
+        self._ended: dict[str, list[Any]] = {}  # operation -> the rows of ended threads
+
+    def thread_rows(self) -> dict[Any, list[Any]]:
+        """The calling thread's rows (``local.rows``), made on its first callback."""
+        rows: dict[Any, list[Any]] = {}
+        owner = _RowOwner()
+        self.local.owner, self.local.rows = owner, rows  # both die with the thread
+        with self._lock:
+            self._live.append((weakref.ref(owner), rows))
+        return rows
+
+    @staticmethod
+    def new_row(rows: dict[Any, list[Any]], callback: Any) -> list[Any]:
+        """The row of ``callback`` in the calling thread's ``rows``, made on its first call."""
+        row: list[Any] = [0] * FUSE_WIDTH + [{}]
+        row[FUSE_SECONDS] = 0.0
+        rows[callback] = row
+        return row
+
+    def totals(self) -> dict[str, tuple[list[Any], dict[int, int]]]:
+        """Operation -> the sums over every thread: the bucket counts, seconds and bytes, and
+        the count by errno. ``read`` and ``write`` are always there."""
+        out: dict[str, list[Any]] = {}
+
+        def into(op: str, row: list[Any]) -> None:
+            total = out.get(op)
+            if total is None:
+                total = out[op] = [0] * FUSE_WIDTH + [{}]
+            _add(total, row)
+
+        with self._lock:
+            live = []
+            for ref, rows in self._live:
+                ended = ref() is None  # its thread ended: nobody writes these rows any more
+                for callback, row in rows.copy().items():
+                    op = callback.__name__.removesuffix("_fuse_3")
+                    if ended:
+                        total = self._ended.setdefault(op, [0] * FUSE_WIDTH + [{}])
+                        _add(total, row)
+                    else:
+                        into(op, row)
+                if not ended:
+                    live.append((ref, rows))
+            self._live = live
+            for op, row in self._ended.items():
+                into(op, row)
+        for op in ("read", "write"):
+            out.setdefault(op, [0] * FUSE_WIDTH + [{}])
+        result = {}
+        for op, total in out.items():
+            failed = {code: n for code, n in enumerate(total[FUSE_ERRORS:FUSE_WIDTH]) if n}
+            failed.update(total[-1])
+            result[op] = (total[:FUSE_ERRORS], failed)
+        return result
+
+
 class Metrics:
     """The instruments of one mount (see the module docstring for who records what)."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self._fuse: dict[str, _Rows] = {"read": _Rows(_NB + 2), "write": _Rows(_NB + 2)}
+        self._fuse = FuseRecorder()
         self._stores: dict[str, dict[str, _Rows]] = {}  # store id -> request kind -> rows
         self._hits = _Rows(2)  # memory, disk
         r.register(_HotCollector(self))
@@ -252,44 +339,9 @@ class Metrics:
         except AttributeError:
             self._hits.new_row()[1] += 1
 
-    def fuse_recorder(self) -> Callable[[str, float, int, int], None]:
-        """``record(callback, t, out, code)``: libfuse callback ``callback`` (the name of
-        mfusepy's method, ``getattr_fuse_3`` counting as ``getattr``) that started at ``t``
-        (``time.perf_counter``) returned ``out`` or answered errno ``code`` (not 0).
-        ``read`` and ``write`` count ``out``, the bytes read or written. The FUSE adapter's
-        one wrapper (:meth:`cryptfs.cli.fuse_ops.CryptfsFUSE._wrapper`) calls it after every
-        callback, so everything is bound here once: a record is a clock read, two dict
-        lookups, one thread-local lookup and two additions to the calling thread's row
-        (three for an errno answer and for read and write), with no lock and no library
-        call."""
-        fuse = self._fuse
-        kinds: dict[str, tuple[_Rows, bool]] = {}  # callback -> its rows, counts bytes
-        bounds = FUSE_BUCKETS
-        b0, b1, b2 = bounds[:3]
-        seconds, nbytes, keyed = _SECONDS, _BYTES, _NB + 2
-        clock = time.perf_counter
-
-        def record(callback: str, t: float, out: int, code: int) -> None:
-            d = clock() - t
-            try:
-                rows, counted = kinds[callback]
-            except KeyError:
-                name = callback.removesuffix("_fuse_3")
-                rows = fuse.setdefault(name, _Rows(_NB + 2))
-                rows, counted = kinds[callback] = rows, name in ("read", "write")
-            try:
-                row = rows.local.row
-            except AttributeError:
-                row = rows.new_row()
-            row[0 if d < b0 else 1 if d < b1 else 2 if d < b2 else bisect_left(bounds, d)] += 1
-            row[seconds] += d
-            if code:
-                errs = row[keyed]
-                errs[code] = errs.get(code, 0) + 1
-            elif counted:
-                row[nbytes] += out
-
-        return record
+    def fuse_recorder(self) -> FuseRecorder:
+        """Where the FUSE adapter's wrapper records every callback (see :class:`FuseRecorder`)."""
+        return self._fuse
 
     def wrap_store(self, store: Any, store_id: str) -> MeteredStore:
         """``store`` with its requests recorded under label ``store=store_id``."""

@@ -508,7 +508,7 @@ def unmounted_fuse(m: Metrics) -> CryptfsFUSE:
     """The FUSE adapter's callback wrapper with ``m`` recording, without a mount: callbacks
     are named like mfusepy's methods (``getattr_fuse_3``, ``read``, ...)."""
     fuse = CryptfsFUSE.__new__(CryptfsFUSE)
-    fuse._record = m.fuse_recorder()
+    fuse.record_into(m)
     return fuse
 
 
@@ -588,7 +588,7 @@ def test_records_from_many_threads_add_up_and_outlive_their_threads() -> None:
         assert r.get_sample_value("cryptfs_store_operation_seconds_count",
                                   {"store": "s", "op": "get"}) == 4
         assert r.get_sample_value("cryptfs_store_bytes_total", {"store": "s", "op": "get"}) == 12
-    assert not m._fuse["getattr"]._live  # the ended threads' rows were folded
+    assert not m._fuse._live  # the ended threads' rows were folded
 
 
 def test_fuse_wrapper_counts_errno_answers_and_bytes() -> None:
@@ -652,3 +652,33 @@ def test_each_store_of_a_replicated_vault_has_its_own_figures() -> None:
         env.umount(mnt)
     finally:
         _cleanup(env, root)
+
+
+def test_fuse_rows_count_any_errno_and_only_read_write_bytes() -> None:
+    """A row counts errnos past errno.errorcode too (in its dict), and what callbacks other
+    than read and write return (getxattr's value size, lseek's offset) is no byte count."""
+    m = Metrics()
+    r = m.registry
+    fuse = unmounted_fuse(m)
+
+    def getxattr(code: int) -> int:
+        if code:
+            raise OSError(code, "answer")
+        return 42  # the value's size
+
+    def lseek(offset: int) -> int:
+        return offset
+
+    assert fuse._wrapper(getxattr, 1000) == -1000
+    assert fuse._wrapper(getxattr, errno.ENODATA) == -errno.ENODATA
+    assert fuse._wrapper(getxattr, 0) == 42
+    assert fuse._wrapper(lseek, 1 << 20) == 1 << 20
+    for _ in range(2):
+        assert r.get_sample_value("cryptfs_fuse_errors_total",
+                                  {"op": "getxattr", "errno": "1000"}) == 1
+        assert r.get_sample_value("cryptfs_fuse_errors_total",
+                                  {"op": "getxattr", "errno": "ENODATA"}) == 1
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "getxattr"}) == 3
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "lseek"}) == 1
+        assert r.get_sample_value("cryptfs_fuse_read_bytes_total") == 0
+        assert r.get_sample_value("cryptfs_fuse_written_bytes_total") == 0
