@@ -232,10 +232,12 @@ class FileSystemBase:
             self.xattr_inos |= inos  # may have xattrs now: ask the database
             if len(self.dentries) > DENTRY_SCAN:
                 self.dentries.clear()  # cheaper than a scan under the lock
+                self.complete.clear()
             elif inos and self.dentries:
                 for key in [k for k in self.dentries if k[0] in inos or
                             self.dentries[k] in inos]:
                     del self.dentries[key]
+                    self.complete.discard(key[0])  # (it lacks that entry now)
 
     def _drop_caches(self) -> None:
         """Empty the inode and entry caches but for inodes with uncommitted changes."""

@@ -165,6 +165,31 @@ _GET = {t.name: select(*_cols(t)).where(t.c.k == bindparam("key"))
         for t in (inodes, blocks, objects, xattrs, copies, state)}
 _LOOKUP = select(dentries.c.ino, dentries.c.ver, dentries.c.v).where(
     dentries.c.parent == bindparam("parent"), dentries.c.name == bindparam("name"))
+# (built once, their SQL is compiled once: building a statement per call costs more CPU here
+# than the round trip; the bind parameters are named apart from the columns)
+_INSERT = {t.name: insert(t) for t in (inodes, dentries, blocks, objects, xattrs, copies, state,
+                                       holds)}
+_INSERT_NEW = {t.name: pg_insert(t).on_conflict_do_nothing().returning(t.c.ver)
+               for t in (dentries, objects)}
+_INSERT_HOLD = pg_insert(holds).on_conflict_do_nothing()
+_UPDATE = {t.name: update(t).where(t.c.k == bindparam("key"), t.c.ver == bindparam("old"))
+           .values(ver=bindparam("new"), v=bindparam("val"))
+           for t in (inodes, blocks, objects, xattrs, copies, state)}
+_GET_LOCKED = {t.name: select(*_cols(t)).where(t.c.k == bindparam("key")).with_for_update()
+               for t in (inodes, objects)}
+_GET_MANY = {t.name: select(*_cols(t)).where(t.c.k.in_(bindparam("keys", expanding=True)))
+             for t in (inodes, blocks, objects)}
+_LIVE = (sessions.c.k == bindparam("sess"), sessions.c.expires > func.clock_timestamp())
+_FENCE = select(sessions.c.k).where(*_LIVE).with_for_update(key_share=True)
+_FENCE_NOTIFY = select(sessions.c.k, func.pg_notify(bindparam("channel"), bindparam("notice"))
+                       ).where(*_LIVE).with_for_update(key_share=True)
+_NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
+_INSERT_LEDGER = insert(ledger)
+_LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
+_XACT_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock")))
+_UNHOLD_GET = select(*_cols(inodes)).add_cte(
+    delete(holds).where(holds.c.k == bindparam("hold")).cte("gone")
+).where(inodes.c.k == bindparam("key")).with_for_update()
 
 # chunk indexes per row of a chunk map (the database sees a file's size to MAP_PAGE chunks)
 MAP_PAGE = 64
@@ -479,7 +504,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _put(self, t: Table, k: bytes, *vals: Any) -> None:
         """Insert a single-key row (version 1)."""
-        self._x(insert(t).values(k=k, ver=1, v=self._seal(t.name, 1, (k,), *vals)))
+        self._x(_INSERT[t.name], {"k": k, "ver": 1, "v": self._seal(t.name, 1, (k,), *vals)})
         self._remember(t.name, k, 1)
 
     def _replace(self, t: Table, k: bytes, *vals: Any, extra: tuple[bytes, ...] = ()) -> bool:
@@ -492,8 +517,8 @@ class PgMetaStore(Transactions, NamespaceOps):
             if ver is None:
                 return False
         keys = (k, *extra)
-        res = self._x(update(t).where(t.c.k == k, t.c.ver == ver).values(
-            ver=ver + 1, v=self._seal(t.name, ver + 1, keys, *vals)))
+        res = self._x(_UPDATE[t.name], {"key": k, "old": ver, "new": ver + 1,
+                                        "val": self._seal(t.name, ver + 1, keys, *vals)})
         if res.rowcount != 1:
             self._vers.pop((t.name, k), None)
             if self._x(select(t.c.ver).where(t.c.k == k)).scalar() is None:
@@ -614,13 +639,11 @@ class PgMetaStore(Transactions, NamespaceOps):
         (a DELETE) waits for this commit and then sees what it wrote. The same statement
         queues the change notice (if this transaction changed inodes): one round trip; a
         notice is sent only if the transaction commits."""
-        cols: list[Any] = [sessions.c.k]
         if self._touched:
-            cols.append(self._notice())
-        live = self.conn.execute(
-            select(*cols).where(sessions.c.k == self._session_k,
-                                sessions.c.expires > func.clock_timestamp())
-            .with_for_update(key_share=True)).first()
+            live = self.conn.execute(_FENCE_NOTIFY, {"sess": self._session_k,
+                                                     **self._notice()}).first()
+        else:
+            live = self.conn.execute(_FENCE, {"sess": self._session_k}).first()
         if live is None:
             self._rolled_back()
             err = SessionExpired(
@@ -631,14 +654,15 @@ class PgMetaStore(Transactions, NamespaceOps):
                 hook(str(err))
             raise err
 
-    def _notice(self) -> Any:
-        """``pg_notify`` of the change notice of the open transaction (the inodes it
-        changed), as an expression."""
+    def _notice(self) -> dict[str, str]:
+        """The parameters of the change notice of the open transaction (the inodes it
+        changed): ``channel`` and ``notice`` (see _NOTIFY)."""
         inos = sorted(self._touched) if len(self._touched) <= NOTICE_INODES else []
-        return func.pg_notify(channel(self.keys), seal_notice(self.keys, self.sender, inos))
+        return {"channel": channel(self.keys),
+                "notice": seal_notice(self.keys, self.sender, inos)}
 
     def _send_notice(self) -> None:
-        self.conn.execute(select(self._notice()))
+        self.conn.execute(_NOTIFY, self._notice())
 
     def hold(self, ino: int) -> None:
         """This machine has ``ino`` open: its last name going does not delete it (written,
@@ -646,10 +670,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         if self.session_id is None:
             return
         k, i_h = self._h(b"h", self.session_id, ino), self._h(b"H", ino)
-        self._x(pg_insert(holds).values(
-            k=k, ino=i_h, sess=self._session_k,
-            v=crypto.seal(self.keys.row, _pack(self.session_id, ino),
-                          _ad("holds", 0, k, i_h, self._session_k))).on_conflict_do_nothing())
+        self._x(_INSERT_HOLD, {
+            "k": k, "ino": i_h, "sess": self._session_k,
+            "v": crypto.seal(self.keys.row, _pack(self.session_id, ino),
+                             _ad("holds", 0, k, i_h, self._session_k))})
 
     def unhold(self, ino: int) -> None:
         """This machine closed ``ino`` (written, committed with the next commit)."""
@@ -667,10 +691,9 @@ class PgMetaStore(Transactions, NamespaceOps):
 
         def run() -> Changed:
             out = Changed()
-            gone = delete(holds).where(holds.c.k == hk).cte("gone")
-            q = select(*_cols(inodes)).add_cte(gone).where(inodes.c.k == k).with_for_update()
             node = None
-            for _k, vals in self._opened(inodes, self._x(q, fenced=False)):
+            for _k, vals in self._opened(inodes, self._x(_UNHOLD_GET, {"hold": hk, "key": k},
+                                                         fenced=False)):
                 node = self._keep(k, Inode(*vals))
             if node is not None and node.nlink <= 0 and not self.held(ino):
                 self.delete_inode(ino)
@@ -741,7 +764,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines' appends
         (the chain's one serialisation point), so the head read next is the newest."""
-        self._x(select(func.pg_advisory_xact_lock(checkpoint_lock(self.keys) ^ 1)))
+        self._x(_XACT_LOCK, {"lock": checkpoint_lock(self.keys) ^ 1})
 
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
@@ -846,8 +869,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if not self._locking:
             got = self._get(inodes, k)
             return None if got is None else self._keep(k, Inode(*got))
-        q = select(*_cols(inodes)).where(inodes.c.k == k).with_for_update()
-        for _k, vals in self._opened(inodes, self._x(q)):
+        for _k, vals in self._opened(inodes, self._x(_GET_LOCKED["inodes"], {"key": k})):
             return self._keep(k, Inode(*vals))
         return None
 
@@ -977,9 +999,9 @@ class PgMetaStore(Transactions, NamespaceOps):
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
         self._touched.add(parent)
-        self._x(insert(dentries).values(
-            parent=p_h, name=n_s, ino=i_h, ver=1,
-            v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)))
+        self._x(_INSERT["dentries"], {
+            "parent": p_h, "name": n_s, "ino": i_h, "ver": 1,
+            "v": self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)})
 
     def stat_dir(self, parent: int, chunk_size: int,
                  unit: int) -> list[tuple[bytes, Inode, int]]:
@@ -1007,10 +1029,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         inserted by another writer: it waits for that one's end); see
         :meth:`MetaEngine.add_dentry_if_absent`."""
         p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
-        res = self._x(pg_insert(dentries).values(
-            parent=p_h, name=n_s, ino=i_h, ver=1,
-            v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)
-        ).on_conflict_do_nothing().returning(dentries.c.ver))
+        res = self._x(_INSERT_NEW["dentries"], {
+            "parent": p_h, "name": n_s, "ino": i_h, "ver": 1,
+            "v": self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)})
         if res.first() is None:
             return False
         self._touched.add(parent)
@@ -1039,7 +1060,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if not by_key:
             return {}
         out = {}
-        for k, v in self._all(inodes, inodes.c.k.in_(list(by_key))):
+        for k, v in self._opened(inodes, self._x(_GET_MANY["inodes"], {"keys": list(by_key)})):
             out[by_key[k]] = v[1]
         return out
 
@@ -1095,11 +1116,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         if 0 <= hi <= lo:
             return {}
         if hi >= 0 and last - first < 32:
-            where = blocks.c.k.in_([self._h(b"b", ino, p) for p in range(first, last + 1)])
+            rows = self._opened(blocks, self._x(_GET_MANY["blocks"], {
+                "keys": [self._h(b"b", ino, p) for p in range(first, last + 1)]}))
         else:
-            where = blocks.c.ino == self._h(b"B", ino)
+            rows = self._all(blocks, blocks.c.ino == self._h(b"B", ino))
         out = {}
-        for _k, (_ino, page, *flat) in self._all(blocks, where):
+        for _k, (_ino, page, *flat) in rows:
             out[page] = dict(zip(flat[0::2], flat[1::2], strict=True))
         return out
 
@@ -1118,16 +1140,17 @@ class PgMetaStore(Transactions, NamespaceOps):
         elif existed:
             self._replace(blocks, k, ino, page, *flat, extra=(i_h,))
         else:
-            self._x(insert(blocks).values(
-                k=k, ino=i_h, ver=1, v=self._seal("blocks", 1, (k, i_h), ino, page, *flat)))
+            self._x(_INSERT["blocks"], {
+                "k": k, "ino": i_h, "ver": 1,
+                "v": self._seal("blocks", 1, (k, i_h), ino, page, *flat)})
             self._remember("blocks", k, 1)
 
     def _refs(self, names: Iterable[str]) -> dict[str, ChunkRef]:
         by_key = {self._h(b"o", n): n for n in set(names)}
         if not by_key:
             return {}
-        return {v[0]: ChunkRef(v[0], v[1], v[2])
-                for _k, v in self._all(objects, objects.c.k.in_(list(by_key)))}
+        return {v[0]: ChunkRef(v[0], v[1], v[2]) for _k, v in self._opened(
+            objects, self._x(_GET_MANY["objects"], {"keys": list(by_key)}))}
 
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
@@ -1222,8 +1245,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         k = self._h(b"o", name)
         if not lock:
             return self._get(objects, k)
-        q = select(*_cols(objects)).where(objects.c.k == k).with_for_update()
-        for _k, vals in self._opened(objects, self._x(q)):
+        for _k, vals in self._opened(objects, self._x(_GET_LOCKED["objects"], {"key": k})):
             return vals
         return None
 
@@ -1237,10 +1259,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         inserted by another machine: the insert waits for its end) count one more reference
         on it, locked. New content is the common case: one statement."""
         k = self._h(b"o", ref.name)
-        res = self._x(pg_insert(objects).values(
-            k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
-                                     "staged" if staged else "stored")
-        ).on_conflict_do_nothing().returning(objects.c.ver))
+        res = self._x(_INSERT_NEW["objects"], {
+            "k": k, "ver": 1, "v": self._seal("objects", 1, (k,), ref.name, ref.size,
+                                              ref.sha256, 1, "staged" if staged else "stored")})
         if res.first() is not None:
             self._remember("objects", k, 1)
             return
@@ -1409,7 +1430,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         return out
 
     def ledger_last(self) -> LedgerRow | None:
-        rows = self._ledger(select(ledger).order_by(ledger.c.seq.desc()).limit(1))
+        rows = self._ledger(_LEDGER_LAST)
         return rows[0] if rows else None
 
     def ledger_get(self, seq: int) -> LedgerRow | None:
@@ -1444,7 +1465,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def ledger_insert(self, rows: list[LedgerRow]) -> None:
         if rows:
-            self._x(insert(ledger), [
+            self._x(_INSERT_LEDGER, [
                 {"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
                                                _ad("ledger", 0, r[0].to_bytes(8, "big")))}
                 for r in rows])
