@@ -82,10 +82,6 @@ COMMIT_DELAY = 0.1  # at most this long between an attribute change and its comm
 # when older than this, whether or not a change notice came (see FileSystemBase.invalidate)
 SHARED_CACHE_SECONDS = 1.0
 DENTRY_SCAN = 10_000  # a change notice scans a cache of up to this many entries, else empties it
-# the lookup that misses the caches for the second time in a directory reads the whole
-# directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
-# rsync stat every entry of a directory, one database query per name otherwise
-DIR_SCAN_AFTER = 2
 
 
 class Sealing:
@@ -197,7 +193,7 @@ class FileSystemBase:
         self.read_errors = 0
         self.before_commit = before_commit
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
-        self._misses: dict[int, int] = {}  # directory -> lookups the caches missed
+        self._misses: dict[int, int] = {}  # directory -> lookups the caches missed (mount)
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat
@@ -248,7 +244,6 @@ class FileSystemBase:
         self.complete.clear()
         self._alloc.clear()
         self._prefetched.clear()
-        self._misses.clear()
         self._cached_at = time.monotonic()
 
     def _fresh(self) -> None:

@@ -9,7 +9,6 @@ import stat
 from cryptfs.fs import acl
 from cryptfs.fs.base import (
     ALLOC_UNIT,
-    DIR_SCAN_AFTER,
     DIR_SIZE,
     INODE_CACHE_MAX,
     NAME_MAX,
@@ -17,6 +16,11 @@ from cryptfs.fs.base import (
     _err,
 )
 from cryptfs.meta import Inode
+
+# the lookup that misses the caches for the second time in a directory reads the whole
+# directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
+# rsync stat every entry of a directory, one database query per name otherwise
+DIR_SCAN_AFTER = 2
 
 
 class Namespace(FileSystemBase):
@@ -84,9 +88,10 @@ class Namespace(FileSystemBase):
             return self._view(node)
 
     def _scan(self, parent: int) -> bool:
-        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th,
-        read the whole directory into them (caller holds self.lock). Whether it did (the
-        directory is complete in the caches then)."""
+        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th of
+        the mount (once per directory: a shared vault's caches empty every second), read the
+        whole directory into them (caller holds self.lock). Whether it did (the directory is
+        complete in the caches then)."""
         misses = self._misses[parent] = self._misses.get(parent, 0) + 1
         if misses != DIR_SCAN_AFTER:
             return False
