@@ -7,8 +7,12 @@ Usage: scripts/bench [--quick] [--runs N] [--targets raw,passthrough,gocryptfs,c
 Extra targets (only when named): passthrough-fusepy, cryptfs-s3x2 (two buckets),
 cryptfs-metrics (cryptfs-local with the metrics endpoint on, scraped every --scrape-seconds,
 15 s by default like Prometheus; with cryptfs-local in the same run the table gets a
-metrics/local column: the cost of metrics), and cryptfs-before / cryptfs-s3-before (the
-cryptfs command of another checkout given with --before; columns local/before, s3/s3-before).
+metrics/local column: the cost of metrics), cryptfs-before / cryptfs-s3-before (the
+cryptfs command of another checkout given with --before; columns local/before, s3/s3-before),
+and cryptfs-pg (issue 14: cryptfs-local with its metadata in PostgreSQL, on a server the bench
+starts like the tests do, tests/pg_fixtures.py, but with fsync on; with cryptfs-local in the
+run the table gets a pg/local column; it also runs the two-mount workload: a second machine,
+its own XDG homes, on the same vault).
 
 Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below),
 interleaved: workload k runs on every target in turn before workload k+1 (the FUSE round trips
@@ -53,7 +57,7 @@ MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
 EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics", "cryptfs-before",
-                 "cryptfs-s3-before")
+                 "cryptfs-s3-before", "cryptfs-pg")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -83,7 +87,11 @@ and downloads the same total bytes in objects of the cryptfs chunk size with 8 t
 figures stand in the sequential write and read rows. Figures are medians over the runs; the
 ratio columns divide cryptfs by a baseline so that a ratio above 1 means cryptfs is faster
 (for times the baseline's time is divided by cryptfs's). Peak RSS is the FUSE daemon's VmHWM
-after the big write.
+after the big write. cryptfs-pg (when named) is cryptfs-local with its metadata in a
+PostgreSQL server started by the bench (a Unix socket, fsync on); on it alone, a second mount of
+the same vault (another machine: its own XDG homes) serves the two-mount workload: N 4 KiB files
+created in one directory by one mount (the other idle), then N by each mount in its own
+directory at the same time (files/s of both together), each followed by sync.
 """
 
 
@@ -663,6 +671,45 @@ class CryptfsS3BeforeTarget(CryptfsS3Target):
     command = CryptfsBeforeTarget.command
 
 
+class CryptfsPgTarget(CryptfsTarget):
+    """cryptfs-local with its metadata in PostgreSQL (issue 14): a database of its own on the
+    bench's server (:meth:`Bench.pg`). ``peer`` is a second machine on the same vault and store
+    (its own XDG homes, attached by ``cryptfs init --meta``), mounted only for the two-mount
+    workload (:func:`run_pair_workloads`)."""
+
+    name = "cryptfs-pg"
+
+    def init_store(self) -> None:
+        self.meta_url = self.bench.pg(self.name)
+        self.url = self.store_url()
+        run_cmd([self.cli, "init", self.url, "--name", "bench", "--meta", self.meta_url],
+                env=self.env, what="cryptfs init --meta", timeout=300)
+        self.peer = CryptfsPgPeer(self.dir, self.bench)
+        self.peer.primary = self
+        self.peer.setup()
+
+    def abort(self) -> None:
+        self.peer.abort()
+        super().abort()
+
+    def cleanup(self) -> None:
+        if hasattr(self, "peer"):
+            self.peer.cleanup()
+        super().cleanup()
+
+
+class CryptfsPgPeer(CryptfsTarget):
+    """The second machine of a :class:`CryptfsPgTarget`: its vault attached, not made."""
+
+    name = "cryptfs-pg-peer"
+    primary: CryptfsPgTarget
+
+    def init_store(self) -> None:
+        run_cmd([self.cli, "init", self.primary.url, "--name", "bench", "--meta",
+                 self.primary.meta_url], env=self.env, what="cryptfs init --meta (attach)",
+                timeout=300)
+
+
 class CryptfsS3x2Target(CryptfsTarget):
     """One vault over two buckets of the same server (issue 7: every chunk stored twice)."""
 
@@ -1062,6 +1109,63 @@ def run_snapshot_workloads(t: Target, sz: Sizes, run: int, res: Results, step) -
         raise BenchError("cryptfs umount: the --at mount is still mounted")
 
 
+def create_at_once(roots: list[Path], n: int, run: int) -> float:
+    """Files per second of creating ``n`` 4 KiB files in each directory of ``roots`` (one
+    thread each, all started together), then sync: the files of all over the time from the
+    start until the last thread is done and the sync returned."""
+    start = threading.Barrier(len(roots) + 1)
+    errors: list[BaseException] = []
+
+    def work(k: int, root: Path) -> None:
+        block = unique_block(4096, 4000 + run * 10 + k)
+        try:
+            start.wait()
+            root.mkdir()
+            for i in range(n):
+                struct.pack_into("<QQQ", block, 0, run, k, i)
+                fd = os.open(root / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    os.write(fd, block)
+                finally:
+                    os.close(fd)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k, r), daemon=True)
+               for k, r in enumerate(roots)]
+    for th in threads:
+        th.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join()
+    if errors:
+        raise BenchError(f"creating files: {errors[0]}")
+    os.sync()
+    return n * len(roots) / (time.perf_counter() - t0)
+
+
+def run_pair_workloads(t: CryptfsPgTarget, sz: Sizes, run: int, res: Results,
+                       step) -> Iterator[None]:
+    """Two machines on one PostgreSQL vault (issue 14): with the peer mounted, ``sz.pair_files``
+    files created in one directory by ``t`` alone (the peer idle), then as many by each of
+    the two mounts in its own directory at the same time (files/s of both together)."""
+    name, peer = t.name, t.peer
+    step("mount the second machine", peer.mount)
+    try:
+        log(f"{name}: one mount creates {sz.pair_files} files, the other idle")
+        res.add(name, "pair_one", step("one mount", create_at_once,
+                                       [t.workdir / f"one{run}"], sz.pair_files, run))
+        yield
+        log(f"{name}: two mounts create {sz.pair_files} files each at once")
+        res.add(name, "pair_two", step("two mounts", create_at_once,
+                                       [t.workdir / f"two{run}a", peer.workdir / f"two{run}b"],
+                                       sz.pair_files, run))
+    finally:
+        step("unmount the second machine", peer.umount)
+    yield
+
+
 def stat_small(root: Path, n: int, ndirs: int) -> float:
     paths = small_paths(root, n, ndirs)
     t0 = time.perf_counter()
@@ -1179,6 +1283,7 @@ class Sizes:
     fsync_files: int = 100_000
     sqlite_s: float = 5.0
     fsync_only: bool = False
+    pair_files: int = 1000
 
 
 @dataclass
@@ -1202,6 +1307,7 @@ class Bench:
         self.args = args
         self.base = base
         self._s3: MotoServer | None = None
+        self._pg = None
 
     def s3(self) -> MotoServer:
         if self._s3 is None:
@@ -1209,9 +1315,31 @@ class Bench:
             self._s3.start()
         return self._s3
 
+    def pg(self, db: str) -> str:
+        """The URL of a new database ``db`` on the bench's PostgreSQL server, started on first
+        use as the tests start theirs (tests/pg_fixtures.py: initdb and the server as the
+        postgres user, a Unix socket in a temporary directory), but with fsync on (and
+        PostgreSQL's default shared_buffers), as a server holding real data runs."""
+        if self._pg is None:
+            sys.path.insert(0, str(REPO / "tests"))
+            from pg_fixtures import PgServer
+
+            server = PgServer({"fsync": "on", "shared_buffers": "128MB"})
+            try:
+                server.start()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                server.stop()
+                raise BenchError(f"PostgreSQL: {one_line(str(e))}") from None
+            self._pg = server
+        db = db.replace("-", "_")
+        self._pg.create_database(db)
+        return self._pg.url(db)
+
     def stop(self) -> None:
         if self._s3 is not None:
             self._s3.stop()
+        if self._pg is not None:
+            self._pg.stop()
 
 
 TARGET_CLASSES = {
@@ -1225,6 +1353,7 @@ TARGET_CLASSES = {
     "cryptfs-metrics": CryptfsMetricsTarget,
     "cryptfs-before": CryptfsBeforeTarget,
     "cryptfs-s3-before": CryptfsS3BeforeTarget,
+    "cryptfs-pg": CryptfsPgTarget,
 }
 
 
@@ -1293,6 +1422,9 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
                                      sz.small_dirs))
     yield
 
+    if isinstance(t, CryptfsPgTarget):
+        yield from run_pair_workloads(t, sz, run, res, step)
+
     tarball, tar_files, tar_bytes = tar
     log(f"{name}: extract tar ({tar_files} files) + sync")
     res.add(
@@ -1350,6 +1482,10 @@ WORKLOADS = [
     ("rand_read", "random 4 KiB reads for {rs:g} s, uncached", "ops/s", True, True),
     ("small_create", "create {nf} × 4 KiB files in {nd} dirs + sync", "files/s", True, True),
     ("small_stat", "stat {nf} files, cold", "stat/s", True, True),
+    ("pair_one", "one mount: create {np} × 4 KiB files in a dir + sync, a 2nd mount idle",
+     "files/s", True, False),
+    ("pair_two", "two mounts at once: {np} files each in its own dir + sync, together",
+     "files/s", True, False),
     ("tar_extract", "extract stdlib tar ({tf} files, {tb}) + sync", "s", False, True),
     ("tar_read", "read every stdlib file back, cold", "s", False, True),
     ("tar_reread", "read them again after a remount, chunk cache kept", "s", False, True),
@@ -1409,7 +1545,7 @@ def ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
 # A/B pairs whose ratio column shows the spread over runs: the cost of metrics (issue 18), and
 # this checkout against another (--before)
 PAIRS = (("cryptfs-metrics", "cryptfs-local"), ("cryptfs-local", "cryptfs-before"),
-         ("cryptfs-s3", "cryptfs-s3-before"))
+         ("cryptfs-s3", "cryptfs-s3-before"), ("cryptfs-pg", "cryptfs-local"))
 
 
 def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
@@ -1431,6 +1567,7 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "tf": tar[1],
         "tb": f"{tar[2] / 1e6:.0f} MB",
         "ff": f"{sz.fsync_files:,}",
+        "np": sz.pair_files,
     }
     ratio_cols = [
         (c, b)
@@ -1449,6 +1586,7 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "cryptfs-metrics": "metrics",
         "cryptfs-before": "before",
         "cryptfs-s3-before": "s3-before",
+        "cryptfs-pg": "pg",
     }
     head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
     rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]
@@ -1561,6 +1699,7 @@ def main(argv: list[str] | None = None) -> int:
         fsync_files=args.fsync_files or (10_000 if q else 100_000),
         sqlite_s=2.0 if q else 5.0,
         fsync_only=args.fsync_only,
+        pair_files=args.small_files or (200 if q else 1000),
     )
     append = (not q) if args.append is None else args.append
     budget = (args.budget_min if args.budget_min is not None else (0 if q else 16)) * 60

@@ -6,6 +6,7 @@ port (``listen_addresses=''``), only on a socket in that directory, and trusts l
 connections. It is started on first use (fixture ``pg_server``) within PG_START_TIMEOUT seconds
 or the test fails with the server's log, and stopped (fast shutdown, then SIGKILL) at the end of
 the session, also when tests fail. ``fsync=off``: the tests kill clients, never the machine.
+``scripts/benchmark.py`` starts its server with this class too (with ``fsync=on``).
 
 The binaries are those of ``pg_config --bindir``, else the newest /usr/lib/postgresql/*/bin.
 """
@@ -51,7 +52,11 @@ def pg_bindir() -> Path:
 class PgServer:
     """One running cluster; databases are made with :meth:`create_database`."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        """``settings``: server settings (``-c name=value``) over the defaults below (the
+        benchmark turns ``fsync`` back on)."""
+        self.settings = {"fsync": "off", "max_connections": "200", "shared_buffers": "32MB",
+                         **(settings or {})}
         self.bindir = pg_bindir()
         pw = pwd.getpwnam(USER)
         self.uid, self.gid = pw.pw_uid, pw.pw_gid
@@ -79,7 +84,7 @@ class PgServer:
         self.proc = subprocess.Popen(
             ["runuser", "-u", USER, "--", str(self.bindir / "postgres"), "-D", str(self.data),
              "-c", "listen_addresses=", "-c", f"unix_socket_directories={self.sock}",
-             "-c", "fsync=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB"],
+             *(a for k, v in self.settings.items() for a in ("-c", f"{k}={v}"))],
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         logf.close()
         deadline = time.monotonic() + PG_START_TIMEOUT

@@ -306,6 +306,15 @@ def test_dentry_compound_primitives(engine: MetaEngine, observer: MetaEngine) ->
         assert engine.add_dentry_if_absent(d, b"f", d) is False  # taken: left as it was
     assert observer.lookup(ROOT_INO, b"f2") == f and observer.lookup(d, b"f") == f
     assert engine.lookup_stat(ROOT_INO, b"f2", 4096, 4096) == (engine.get_inode(f), 8192)
+    # stat_dir: lookup_stat of every entry at once (a dangling entry left out)
+    e = new_file(engine, d, b"e", DIR)
+    with engine.transaction():
+        engine.add_dentry(d, b"dangling", 999_999)
+    assert sorted(engine.stat_dir(d, 4096, 512)) == sorted(
+        (n, *engine.lookup_stat(d, n, 4096, 512)) for n in (b"f", b"e"))  # type: ignore[misc]
+    assert {n: a for n, _node, a in engine.stat_dir(ROOT_INO, 4096, 4096)} == {
+        b"d": 0, b"f2": 8192}
+    assert engine.stat_dir(e, 4096, 512) == []
     with engine.transaction():
         assert engine.pop_dentry(d, b"f") == f
         assert engine.pop_dentry(d, b"f") is None

@@ -16,23 +16,26 @@ import errno
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 from mount_fixtures import VaultEnv, _mounted, _tmp_root, force_unmount
 from pg_fixtures import PgPlace
+from sqlalchemy import event
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore
+from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore, _hash
 
 pytestmark = pytest.mark.timeout(60)
 
 KEYS = DbKeys.derive(b"\1" * 32, b"vault-id-0000001")
 DIR, REG, LNK = 0o40755, 0o100644, 0o120777
+T = TypeVar("T")
 
 
 def node(ino: int, mode: int, size: int = 0, target: bytes | None = None) -> Inode:
@@ -338,6 +341,49 @@ def test_a_restarted_server_fails_an_operation_with_eio_then_the_engine_resumes(
     assert engine.get_state("before") == "1"  # a new connection, the committed rows
     engine.set_state("after", "2")
     assert engine.get_state("after") == "2"
+
+
+def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPlace) -> None:
+    """What a small file's life costs in statements (each a round trip): its create four
+    (inode numbers come 64 at a time; the directory read before is not read again, its
+    update is conditional on the version this engine wrote, and a commit checks the session
+    and sends the change notice in one statement), its close one (no session check: only
+    its own hold goes), a directory's stat four for all its files. Another machine's change
+    of the directory in between is a conflict the create runs again after, on its result."""
+    seen: list[str] = []
+    event.listen(engine.engine, "before_cursor_execute",
+                 lambda _c, _cur, stmt, *_a: seen.append(stmt.split()[0].upper()))
+    sid = os.urandom(16)
+    pg_place.sql("INSERT INTO sessions (k, expires, v) VALUES "
+                 f"('\\x{_hash(KEYS, b'S', sid).hex()}', now() + interval '1 hour', '\\x00')")
+    engine.attach(sid)
+    d = engine.mknod(ROOT_INO, b"d", node(0, DIR)).ino
+    engine.mknod(d, b"first", node(0, REG))
+
+    def statements(fn: Callable[..., T], *args: object) -> tuple[T, list[str]]:
+        seen.clear()
+        out = fn(*args)
+        return out, [s for s in seen if s not in ("BEGIN", "COMMIT")]
+
+    made, sql = statements(engine.mknod, d, b"f", node(0, REG))
+    assert sql == ["INSERT", "INSERT", "UPDATE", "SELECT"]  # inode, name, dir, session+notice
+    f = made.ino
+    engine.hold(f)
+    engine.commit()
+    assert engine.held(f)
+    _, sql = statements(engine.drop_unlinked, f, True)
+    assert sql == ["WITH"]
+    assert not engine.held(f) and engine.get_inode(f) is not None  # named still: kept
+    listing, sql = statements(engine.stat_dir, d, 4096, 4096)
+    assert len(sql) <= 4 and sorted(n for n, _i, _a in listing) == [b"f", b"first"]
+    other = PgMetaStore(pg_place.url, KEYS)
+    try:
+        other.setattr(d, 0o700)
+        made = engine.mknod(d, b"g", node(0, REG))
+        assert made.inodes[d].mode & 0o777 == 0o700  # run again on the other's change
+        assert sorted(n for n, _i, _m in other.list_dir(d)) == [b"f", b"first", b"g"]
+    finally:
+        other.close()
 
 
 def test_chunk_maps_are_stored_in_pages(engine: PgMetaStore, pg_place: PgPlace) -> None:

@@ -193,6 +193,7 @@ class FileSystemBase:
         self.read_errors = 0
         self.before_commit = before_commit
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
+        self._misses: dict[int, int] = {}  # directory -> lookups the caches missed (mount)
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat
@@ -227,10 +228,12 @@ class FileSystemBase:
             self.xattr_inos |= inos  # may have xattrs now: ask the database
             if len(self.dentries) > DENTRY_SCAN:
                 self.dentries.clear()  # cheaper than a scan under the lock
+                self.complete.clear()
             elif inos and self.dentries:
                 for key in [k for k in self.dentries if k[0] in inos or
                             self.dentries[k] in inos]:
                     del self.dentries[key]
+                    self.complete.discard(key[0])  # (it lacks that entry now)
 
     def _drop_caches(self) -> None:
         """Empty the inode and entry caches but for inodes with uncommitted changes."""

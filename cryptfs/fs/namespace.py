@@ -17,6 +17,11 @@ from cryptfs.fs.base import (
 )
 from cryptfs.meta import Inode
 
+# the lookup that misses the caches for the second time in a directory reads the whole
+# directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
+# rsync stat every entry of a directory, one database query per name otherwise
+DIR_SCAN_AFTER = 2
+
 
 class Namespace(FileSystemBase):
     """Lookups, creating, removing and renaming. Each change is one namespace operation of the
@@ -66,8 +71,11 @@ class Namespace(FileSystemBase):
             ino = self.dentries.get(key)
             if ino is not None:
                 return self._view(self._node(ino))
-            if parent in self.complete:
-                raise _err(errno.ENOENT)
+            if parent in self.complete or self._scan(parent):
+                ino = self.dentries.get(key)
+                if ino is None:
+                    raise _err(errno.ENOENT)
+                return self._view(self._node(ino))
             # the entry, its inode and its allocation in one query: in FUSE every lookup of
             # the kernel is a getattr, which needs all three
             found = self.meta.lookup_stat(parent, name, self.cs, ALLOC_UNIT)
@@ -78,6 +86,24 @@ class Namespace(FileSystemBase):
             if node.ino not in self._alloc:
                 self._alloc[node.ino] = found[1]
             return self._view(node)
+
+    def _scan(self, parent: int) -> bool:
+        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th of
+        the mount (once per directory: a shared vault's caches empty every second), read the
+        whole directory into them (caller holds self.lock). Whether it did (the directory is
+        complete in the caches then)."""
+        misses = self._misses[parent] = self._misses.get(parent, 0) + 1
+        if misses != DIR_SCAN_AFTER:
+            return False
+        rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
+        if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:
+            return False  # (it would empty the caches)
+        for name, node, alloc in rows:
+            node = self._cache(node)
+            self.dentries[(parent, name)] = node.ino
+            self._alloc.setdefault(node.ino, alloc)
+        self.complete.add(parent)
+        return True
 
     def nlink(self, ino: int) -> int:
         with self.lock:

@@ -128,10 +128,8 @@ class Writes(FileSystemBase):
                 self.inodes.get(f.ino) or self.meta.get_inode(f.ino))
             if node is None:  # removed meanwhile
                 return None
-            if self.before_commit is not None:
-                self.before_commit()
-            if shared and self._claim_kept(refs) and self.before_commit is not None:
-                self.before_commit()  # the ledger entries of what was stored again, too
+            if shared:  # what it deduplicated against, stored again if collected meanwhile
+                self._claim_kept(refs)  # (their ledger entries: before_commit below)
             for idx, ref in refs.items():
                 if idx * self.cs < f.size:
                     self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
@@ -141,6 +139,8 @@ class Writes(FileSystemBase):
             if f.mtime_ns is not None:
                 node.mtime_ns = node.ctime_ns = f.mtime_ns
             self._save(node)
+            if self.before_commit is not None:  # last: other machines wait for the
+                self.before_commit()  # ledger's lock from here to the commit
             return node
 
         with self.lock:
@@ -364,12 +364,15 @@ class Writes(FileSystemBase):
                     f.handles -= 1
                     if f.handles <= 0:
                         del self.files[f.ino]
-                        self.meta.unhold(f.ino)
-                        node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
-                        if self.meta.shared or node is not None and node.nlink <= 0:
-                            # (shared: the database says whether another machine
-                            # unlinked it meanwhile; this commits the unhold too)
-                            self._apply(self.meta.drop_unlinked(f.ino))
+                        if self.meta.shared:
+                            # the unhold, and whether another machine unlinked it
+                            # meanwhile (the database says), in one transaction
+                            self._apply(self.meta.drop_unlinked(f.ino, unhold=True))
+                        else:
+                            self.meta.unhold(f.ino)
+                            node = self.inodes.get(f.ino) or self.meta.get_inode(f.ino)
+                            if node is not None and node.nlink <= 0:
+                                self._apply(self.meta.drop_unlinked(f.ino))
 
     def commit_all(self) -> None:
         """Flush every open file (before a snapshot at unmount)."""

@@ -234,6 +234,15 @@ class NamespaceOps(_Rows):
             return None
         return node, self.allocated(node.ino, chunk_size, unit) if stat.S_ISREG(node.mode) else 0
 
+    def stat_dir(self, parent: int, chunk_size: int,
+                 unit: int) -> list[tuple[bytes, Inode, int]]:
+        out = []
+        for name, _ino, _mode in self.list_dir(parent):
+            found = self.lookup_stat(parent, name, chunk_size, unit)
+            if found is not None:
+                out.append((name, *found))
+        return out
+
     def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
         if self.lookup(parent, name) is not None:
             return False
@@ -489,12 +498,16 @@ class NamespaceOps(_Rows):
 
         return self.atomically(run, commit=False)
 
-    def drop_unlinked(self, ino: int) -> Changed:
+    def drop_unlinked(self, ino: int, unhold: bool = False) -> Changed:
         """Delete ``ino`` if no link keeps it and no machine holds it open (its last user
-        closed it after its last name went); Changed.removed says whether it went."""
+        closed it after its last name went); Changed.removed says whether it went. With
+        ``unhold`` this machine lets go of it first (:meth:`MetaEngine.unhold`), in the same
+        transaction."""
 
         def run() -> Changed:
             op = _Op(self)
+            if unhold:
+                self.unhold(ino)
             node = self.get_inode(ino)
             if node is not None and node.nlink <= 0 and not self.held(ino):
                 op.delete(ino)

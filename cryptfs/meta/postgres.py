@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno as errno_mod
 import logging
 import os
 import random
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -91,7 +93,7 @@ from sqlalchemy.sql import Select
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
+from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
 from cryptfs.meta.namespace import NamespaceOps
 from cryptfs.paths import machine_id
@@ -176,6 +178,31 @@ _GET = {t.name: select(*_cols(t)).where(t.c.k == bindparam("key"))
         for t in (inodes, blocks, objects, xattrs, copies, state)}
 _LOOKUP = select(dentries.c.ino, dentries.c.ver, dentries.c.v).where(
     dentries.c.parent == bindparam("parent"), dentries.c.name == bindparam("name"))
+# (built once, their SQL is compiled once: building a statement per call costs more CPU here
+# than the round trip; the bind parameters are named apart from the columns)
+_INSERT = {t.name: insert(t) for t in (inodes, dentries, blocks, objects, xattrs, copies, state,
+                                       holds)}
+_INSERT_NEW = {t.name: pg_insert(t).on_conflict_do_nothing().returning(t.c.ver)
+               for t in (dentries, objects)}
+_INSERT_HOLD = pg_insert(holds).on_conflict_do_nothing()
+_UPDATE = {t.name: update(t).where(t.c.k == bindparam("key"), t.c.ver == bindparam("old"))
+           .values(ver=bindparam("new"), v=bindparam("val"))
+           for t in (inodes, blocks, objects, xattrs, copies, state)}
+_GET_LOCKED = {t.name: select(*_cols(t)).where(t.c.k == bindparam("key")).with_for_update()
+               for t in (inodes, objects)}
+_GET_MANY = {t.name: select(*_cols(t)).where(t.c.k.in_(bindparam("keys", expanding=True)))
+             for t in (inodes, blocks, objects)}
+_LIVE = (sessions.c.k == bindparam("sess"), sessions.c.expires > func.clock_timestamp())
+_FENCE = select(sessions.c.k).where(*_LIVE).with_for_update(key_share=True)
+_FENCE_NOTIFY = select(sessions.c.k, func.pg_notify(bindparam("channel"), bindparam("notice"))
+                       ).where(*_LIVE).with_for_update(key_share=True)
+_NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
+_INSERT_LEDGER = insert(ledger)
+_LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
+_XACT_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock")))
+_UNHOLD_GET = select(*_cols(inodes)).add_cte(
+    delete(holds).where(holds.c.k == bindparam("hold")).cte("gone")
+).where(inodes.c.k == bindparam("key")).with_for_update()
 
 # chunk indexes per row of a chunk map (the database sees a file's size to MAP_PAGE chunks)
 MAP_PAGE = 64
@@ -185,6 +212,9 @@ VERSION_CACHE_ROWS = 65536
 NAME_CACHE = 65536
 # retries of the engine's own blocks after a deadlock or serialization failure
 RETRIES = 8
+# inode numbers taken from the sequence at a time (one statement per INO_BATCH creates; the
+# database sees the count allocated to INO_BATCH)
+INO_BATCH = 64
 # inodes a change notice lists at most (more: the notice says "anything may have changed")
 NOTICE_INODES = 400
 # libpq connection options of every connection: a server that does not answer is an error
@@ -369,6 +399,11 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
+        # inodes as last read or written here, each valid while its version in _vers is the
+        # one recorded with it (see touch_inode)
+        self._ivals: dict[int, tuple[int, Inode]] = {}
+        self._retryable = False  # inside an operation atomically() re-runs on a conflict
+        self._inos: list[int] = []  # inode numbers taken from the sequence, not used yet
         self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
         try:
@@ -412,10 +447,12 @@ class PgMetaStore(Transactions, NamespaceOps):
                                   "(or its marker was tampered with)") from None
 
     # -- statements, sealing, errors -------------------------------------------------------------
-    def _x(self, stmt: Any, params: Any = None) -> Any:
+    def _x(self, stmt: Any, params: Any = None, fenced: bool = True) -> Any:
         """Execute one statement; a database error becomes a one-line MetaError (and, outside
-        a block, rolls the open transaction back: inside one, the block does)."""
-        if not isinstance(stmt, Select):
+        a block, rolls the open transaction back: inside one, the block does). A statement
+        that writes makes the commit check the session (see :meth:`commit`) unless not
+        ``fenced`` (a machine letting go of its own hold needs no live session)."""
+        if fenced and not isinstance(stmt, Select):
             self._wrote = True  # (text() counts: setval, SET TRANSACTION are writes enough)
         try:
             return self.conn.execute(stmt, params) if params is not None else \
@@ -489,11 +526,12 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _remember(self, table: str, k: bytes, ver: int) -> None:
         if len(self._vers) >= VERSION_CACHE_ROWS:
             self._vers.clear()
+            self._ivals.clear()
         self._vers[(table, k)] = ver
 
     def _put(self, t: Table, k: bytes, *vals: Any) -> None:
         """Insert a single-key row (version 1)."""
-        self._x(insert(t).values(k=k, ver=1, v=self._seal(t.name, 1, (k,), *vals)))
+        self._x(_INSERT[t.name], {"k": k, "ver": 1, "v": self._seal(t.name, 1, (k,), *vals)})
         self._remember(t.name, k, 1)
 
     def _replace(self, t: Table, k: bytes, *vals: Any, extra: tuple[bytes, ...] = ()) -> bool:
@@ -506,8 +544,8 @@ class PgMetaStore(Transactions, NamespaceOps):
             if ver is None:
                 return False
         keys = (k, *extra)
-        res = self._x(update(t).where(t.c.k == k, t.c.ver == ver).values(
-            ver=ver + 1, v=self._seal(t.name, ver + 1, keys, *vals)))
+        res = self._x(_UPDATE[t.name], {"key": k, "old": ver, "new": ver + 1,
+                                        "val": self._seal(t.name, ver + 1, keys, *vals)})
         if res.rowcount != 1:
             self._vers.pop((t.name, k), None)
             if self._x(select(t.c.ver).where(t.c.k == k)).scalar() is None:
@@ -568,10 +606,11 @@ class PgMetaStore(Transactions, NamespaceOps):
             try:
                 with self.transaction(commit=commit):
                     self._locking = not self._reads_only
+                    self._retryable = own
                     try:
                         return fn()
                     finally:
-                        self._locking = False
+                        self._locking = self._retryable = False
             except _Conflict:
                 if not own or attempt == RETRIES - 1:
                     raise
@@ -585,6 +624,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._wrote = False
         self._touched.clear()
         self._vers.clear()
+        self._ivals.clear()
 
     def _db_error(self, e: BaseException) -> MetaError | None:
         return self._meta_error(e) if isinstance(e, DBAPIError) else None
@@ -596,8 +636,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         try:
             if self.conn.in_transaction():
                 if self._wrote and self.session_id is not None:
-                    self._fence_check()
-                if self._touched:
+                    self._fence_check()  # (sends the change notice too)
+                elif self._touched:
                     self._send_notice()
                 self.conn.commit()
             self._wrote = False
@@ -642,11 +682,14 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _fence_check(self) -> None:
         """In the transaction about to commit: the session must be live by the database's
         clock. Its row is key-share locked until the commit, so a live machine cleaning it up
-        (a DELETE) waits for this commit and then sees what it wrote."""
-        live = self.conn.execute(
-            select(sessions.c.k).where(sessions.c.k == self._session_k,
-                                       sessions.c.expires > func.clock_timestamp())
-            .with_for_update(key_share=True)).first()
+        (a DELETE) waits for this commit and then sees what it wrote. The same statement
+        queues the change notice (if this transaction changed inodes): one round trip; a
+        notice is sent only if the transaction commits."""
+        if self._touched:
+            live = self.conn.execute(_FENCE_NOTIFY, {"sess": self._session_k,
+                                                     **self._notice()}).first()
+        else:
+            live = self.conn.execute(_FENCE, {"sess": self._session_k}).first()
         if live is None:
             self._rolled_back()
             err = SessionExpired(
@@ -657,10 +700,15 @@ class PgMetaStore(Transactions, NamespaceOps):
                 hook(str(err))
             raise err
 
-    def _send_notice(self) -> None:
+    def _notice(self) -> dict[str, str]:
+        """The parameters of the change notice of the open transaction (the inodes it
+        changed): ``channel`` and ``notice`` (see _NOTIFY)."""
         inos = sorted(self._touched) if len(self._touched) <= NOTICE_INODES else []
-        self.conn.execute(select(func.pg_notify(channel(self.keys),
-                                                seal_notice(self.keys, self.sender, inos))))
+        return {"channel": channel(self.keys),
+                "notice": seal_notice(self.keys, self.sender, inos)}
+
+    def _send_notice(self) -> None:
+        self.conn.execute(_NOTIFY, self._notice())
 
     def hold(self, ino: int) -> None:
         """This machine has ``ino`` open: its last name going does not delete it (written,
@@ -668,15 +716,37 @@ class PgMetaStore(Transactions, NamespaceOps):
         if self.session_id is None:
             return
         k, i_h = self._h(b"h", self.session_id, ino), self._h(b"H", ino)
-        self._x(pg_insert(holds).values(
-            k=k, ino=i_h, sess=self._session_k,
-            v=crypto.seal(self.keys.row, _pack(self.session_id, ino),
-                          _ad("holds", 0, k, i_h, self._session_k))).on_conflict_do_nothing())
+        self._x(_INSERT_HOLD, {
+            "k": k, "ino": i_h, "sess": self._session_k,
+            "v": crypto.seal(self.keys.row, _pack(self.session_id, ino),
+                             _ad("holds", 0, k, i_h, self._session_k))})
 
     def unhold(self, ino: int) -> None:
         """This machine closed ``ino`` (written, committed with the next commit)."""
         if self.session_id is not None:
             self._x(delete(holds).where(holds.c.k == self._h(b"h", self.session_id, ino)))
+
+    def drop_unlinked(self, ino: int, unhold: bool = False) -> Changed:
+        """See :meth:`NamespaceOps.drop_unlinked`; with ``unhold``, this machine's hold goes
+        in the statement that reads (and locks) the inode: a file's close is one round trip
+        and its commit. The hold's removal is not fenced (a machine whose session expired
+        only lets go of what the session's reaper would drop); the inode's deletion is."""
+        if not unhold or self.session_id is None:
+            return super().drop_unlinked(ino, unhold)
+        k, hk = self._h(b"i", ino), self._h(b"h", self.session_id, ino)
+
+        def run() -> Changed:
+            out = Changed()
+            node = None
+            for _k, vals in self._opened(inodes, self._x(_UNHOLD_GET, {"hold": hk, "key": k},
+                                                         fenced=False)):
+                node = self._keep(k, Inode(*vals))
+            if node is not None and node.nlink <= 0 and not self.held(ino):
+                self.delete_inode(ino)
+                out.removed.add(ino)
+            return out
+
+        return self.atomically(run)
 
     def held(self, ino: int) -> bool:
         """Whether any session holds ``ino`` open."""
@@ -755,7 +825,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines' appends
         (the chain's one serialisation point), so the head read next is the newest."""
-        self._x(select(func.pg_advisory_xact_lock(checkpoint_lock(self.keys) ^ 1)))
+        self._x(_XACT_LOCK, {"lock": checkpoint_lock(self.keys) ^ 1})
 
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
@@ -853,6 +923,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             with contextlib.suppress(SQLAlchemyError):
                 self.conn.rollback()  # the read-only snapshot: nothing written in it
             self._vers.clear()  # whole tables were read
+            self._ivals.clear()
             out.close()
 
     # -- key/value state -------------------------------------------------------------------------
@@ -883,11 +954,37 @@ class PgMetaStore(Transactions, NamespaceOps):
         k = self._h(b"i", ino)
         if not self._locking:
             got = self._get(inodes, k)
-            return None if got is None else Inode(*got)
-        q = select(*_cols(inodes)).where(inodes.c.k == k).with_for_update()
-        for _k, vals in self._opened(inodes, self._x(q)):
-            return Inode(*vals)
+            return None if got is None else self._keep(k, Inode(*got))
+        for _k, vals in self._opened(inodes, self._x(_GET_LOCKED["inodes"], {"key": k})):
+            return self._keep(k, Inode(*vals))
         return None
+
+    def _keep(self, k: bytes, node: Inode) -> Inode:
+        """Remember ``node`` (row key ``k``) at the version just read or written."""
+        ver = self._vers.get(("inodes", k))
+        if ver is not None:
+            self._ivals[node.ino] = (ver, dataclasses.replace(node))
+        return node
+
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
+                    mtime: bool = False) -> Inode | None:
+        """See :meth:`MetaEngine.touch_inode`. In an operation that :meth:`atomically` runs
+        again on a conflict, an inode read or written here before at the version the database
+        still has is not read again: the update is conditional on that version (checked by
+        row count), so a change by another writer meanwhile is a conflict and the operation
+        runs again on what the database holds — one statement instead of a locking read and
+        an update (each create touches its directory)."""
+        k = self._h(b"i", ino)
+        got = self._ivals.get(ino)
+        if not self._retryable or got is None or got[0] != self._vers.get(("inodes", k)):
+            return super().touch_inode(ino, now_ns, nlink, mtime)
+        node = dataclasses.replace(got[1])
+        node.nlink += nlink
+        node.ctime_ns = now_ns
+        if mtime:
+            node.mtime_ns = now_ns
+        self.update_inode(node)
+        return node
 
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]:
         """See :meth:`NamespaceOps.readdir`; it locks nothing (it writes nothing, and a lock
@@ -901,12 +998,18 @@ class PgMetaStore(Transactions, NamespaceOps):
     def insert_inode(self, node: Inode) -> int:
         ino = node.ino
         if not ino:
-            ino = int(self._x(select(ino_seq.next_value())).scalar())
+            if not self._inos:  # (numbers are never handed out twice, used or not)
+                self._inos = [int(n) for n in self._x(
+                    select(ino_seq.next_value()).select_from(
+                        func.generate_series(1, INO_BATCH))).scalars()]
+            ino = self._inos.pop(0)
         else:  # numbers the sequence hands out later stay above it
             self._x(text("SELECT setval('cryptfs_ino_seq', greatest(:ino, last_value)) "
                          "FROM cryptfs_ino_seq"), {"ino": ino})
         vals = self._inode_vals(node)
-        self._put(inodes, self._h(b"i", ino), ino, *vals[1:])
+        k = self._h(b"i", ino)
+        self._put(inodes, k, ino, *vals[1:])
+        self._keep(k, dataclasses.replace(node, ino=ino))
         self._touched.add(ino)
         return ino
 
@@ -915,9 +1018,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         changed it since it was read, or removed it (a directory removed by another machine
         while this one creates in it: the retried operation then finds it gone)."""
         self._touched.add(node.ino)
-        if not self._replace(inodes, self._h(b"i", node.ino), *self._inode_vals(node)):
+        k = self._h(b"i", node.ino)
+        if not self._replace(inodes, k, *self._inode_vals(node)):
+            self._ivals.pop(node.ino, None)
             raise _Conflict(f"metadata database {self.where}: inode {node.ino} was removed by "
                             "another writer meanwhile (the operation was rolled back)")
+        self._keep(k, node)
 
     def delete_inode(self, ino: int) -> list[str]:
         """Remove an inode with its xattrs, chunk map and any names left pointing at it;
@@ -979,9 +1085,43 @@ class PgMetaStore(Transactions, NamespaceOps):
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
         self._touched.add(parent)
-        self._x(insert(dentries).values(
-            parent=p_h, name=n_s, ino=i_h, ver=1,
-            v=self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)))
+        self._x(_INSERT["dentries"], {
+            "parent": p_h, "name": n_s, "ino": i_h, "ver": 1,
+            "v": self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)})
+
+    def stat_dir(self, parent: int, chunk_size: int,
+                 unit: int) -> list[tuple[bytes, Inode, int]]:
+        """Four queries for the whole directory (its entries, their inodes, the regular
+        files' chunk maps, the objects they name); see :meth:`MetaEngine.stat_dir`."""
+        names = [(n, i) for _p, n, i in
+                 self._dentry_rows(dentries.c.parent == self._h(b"p", parent))]
+        by_key = {self._h(b"i", i): i for _n, i in names}
+        nodes = {}
+        if by_key:
+            for _k, v in self._all(inodes, inodes.c.k.in_(list(by_key))):
+                nodes[v[0]] = Inode(*v)
+        files = {self._h(b"B", i): i for i, n in nodes.items() if stat.S_ISREG(n.mode)}
+        maps: dict[int, list[str]] = {}
+        if files:
+            for _k, (ino, _page, *flat) in self._all(blocks, blocks.c.ino.in_(list(files))):
+                maps.setdefault(ino, []).extend(flat[1::2])
+        refs = self._refs(o for objs in maps.values() for o in objs)
+        return [(n, nodes[i], sum(-(-min(refs[o].size, chunk_size) // unit) * unit
+                                  for o in maps.get(i, ()) if o in refs))
+                for n, i in names if i in nodes]
+
+    def add_dentry_if_absent(self, parent: int, name: bytes, ino: int) -> bool:
+        """One statement (an insert that does nothing if the name exists, committed or being
+        inserted by another writer: it waits for that one's end); see
+        :meth:`MetaEngine.add_dentry_if_absent`."""
+        p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
+        res = self._x(_INSERT_NEW["dentries"], {
+            "parent": p_h, "name": n_s, "ino": i_h, "ver": 1,
+            "v": self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)})
+        if res.first() is None:
+            return False
+        self._touched.add(parent)
+        return True
 
     def remove_dentry(self, parent: int, name: bytes) -> None:
         self._touched.add(parent)
@@ -1006,7 +1146,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if not by_key:
             return {}
         out = {}
-        for k, v in self._all(inodes, inodes.c.k.in_(list(by_key))):
+        for k, v in self._opened(inodes, self._x(_GET_MANY["inodes"], {"keys": list(by_key)})):
             out[by_key[k]] = v[1]
         return out
 
@@ -1062,11 +1202,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         if 0 <= hi <= lo:
             return {}
         if hi >= 0 and last - first < 32:
-            where = blocks.c.k.in_([self._h(b"b", ino, p) for p in range(first, last + 1)])
+            rows = self._opened(blocks, self._x(_GET_MANY["blocks"], {
+                "keys": [self._h(b"b", ino, p) for p in range(first, last + 1)]}))
         else:
-            where = blocks.c.ino == self._h(b"B", ino)
+            rows = self._all(blocks, blocks.c.ino == self._h(b"B", ino))
         out = {}
-        for _k, (_ino, page, *flat) in self._all(blocks, where):
+        for _k, (_ino, page, *flat) in rows:
             out[page] = dict(zip(flat[0::2], flat[1::2], strict=True))
         return out
 
@@ -1085,16 +1226,17 @@ class PgMetaStore(Transactions, NamespaceOps):
         elif existed:
             self._replace(blocks, k, ino, page, *flat, extra=(i_h,))
         else:
-            self._x(insert(blocks).values(
-                k=k, ino=i_h, ver=1, v=self._seal("blocks", 1, (k, i_h), ino, page, *flat)))
+            self._x(_INSERT["blocks"], {
+                "k": k, "ino": i_h, "ver": 1,
+                "v": self._seal("blocks", 1, (k, i_h), ino, page, *flat)})
             self._remember("blocks", k, 1)
 
     def _refs(self, names: Iterable[str]) -> dict[str, ChunkRef]:
         by_key = {self._h(b"o", n): n for n in set(names)}
         if not by_key:
             return {}
-        return {v[0]: ChunkRef(v[0], v[1], v[2])
-                for _k, v in self._all(objects, objects.c.k.in_(list(by_key)))}
+        return {v[0]: ChunkRef(v[0], v[1], v[2]) for _k, v in self._opened(
+            objects, self._x(_GET_MANY["objects"], {"keys": list(by_key)}))}
 
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
@@ -1163,14 +1305,21 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def first_chunks_after(self, parent: int, name: bytes,
                            count: int) -> list[tuple[bytes, ChunkRef]]:
+        """The directory's listing, then the first chunk map page and the objects of the
+        next regular files, 2 * ``count`` files a round (a few queries, not two per file)."""
+        files = [(n, i) for n, i, m in self.list_dir(parent, after=name) if stat.S_ISREG(m)]
         out: list[tuple[bytes, ChunkRef]] = []
-        for n, ino, _m in self.list_dir(parent, after=name):
-            first = self.get_blocks(ino, 0, 1)
-            if first:
-                out.append((n, first[0]))
-                if len(out) >= count:
-                    break
-        return out
+        while files and len(out) < count:
+            batch, files = files[:2 * count], files[2 * count:]
+            keys = {self._h(b"b", i, 0): i for _n, i in batch}
+            first: dict[int, str] = {}
+            for _k, (ino, _page, *flat) in self._opened(
+                    blocks, self._x(_GET_MANY["blocks"], {"keys": list(keys)})):
+                if flat and flat[0] == 0:
+                    first[ino] = flat[1]
+            refs = self._refs(first.values())
+            out += [(n, refs[first[i]]) for n, i in batch if first.get(i) in refs]
+        return out[:count]
 
     def all_blocks(self) -> list[tuple[int, int, str]]:
         return [(ino, i, o) for _k, (ino, _page, *flat) in self._all(blocks)
@@ -1189,8 +1338,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         k = self._h(b"o", name)
         if not lock:
             return self._get(objects, k)
-        q = select(*_cols(objects)).where(objects.c.k == k).with_for_update()
-        for _k, vals in self._opened(objects, self._x(q)):
+        for _k, vals in self._opened(objects, self._x(_GET_LOCKED["objects"], {"key": k})):
             return vals
         return None
 
@@ -1200,27 +1348,27 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._replace(objects, self._h(b"o", name), *got[:3], got[3] + delta, got[4])
 
     def reference(self, ref: ChunkRef, staged: bool) -> None:
-        """See :meth:`MetaEngine.reference`. A row being collected (state "deleting", see
-        :meth:`collect_objects`) is taken over: it becomes ``ref``'s, in the state given, with
-        one more reference (the caller stored the object again: :meth:`claim_object`)."""
+        """Insert the object's row (reference count 1), or if it exists (recorded, or being
+        inserted by another machine: the insert waits for its end) count one more reference
+        on it, locked. New content is the common case: one statement. A row being collected
+        (state "deleting", see :meth:`collect_objects`) is taken over: it becomes ``ref``'s, in
+        the state given, with one more reference (the caller stored the object again:
+        :meth:`claim_object`)."""
         k = self._h(b"o", ref.name)
+        res = self._x(_INSERT_NEW["objects"], {
+            "k": k, "ver": 1, "v": self._seal("objects", 1, (k,), ref.name, ref.size,
+                                              ref.sha256, 1, "staged" if staged else "stored")})
+        if res.first() is not None:
+            self._remember("objects", k, 1)
+            return
         got = self._object(ref.name, lock=True)
-        if got is not None and got[4] == "deleting":
+        if got is None:
+            raise _Conflict(f"metadata database {self.where}: an object row came and went "
+                            "meanwhile (the operation was rolled back)")
+        if got[4] == "deleting":
             self._replace(objects, k, ref.name, ref.size, ref.sha256, max(got[3], 0) + 1,
                           "staged" if staged else "stored")
             return
-        if got is None:  # a new object, unless another machine inserts it first
-            res = self._x(pg_insert(objects).values(
-                k=k, ver=1, v=self._seal("objects", 1, (k,), ref.name, ref.size, ref.sha256, 1,
-                                         "staged" if staged else "stored")
-            ).on_conflict_do_nothing().returning(objects.c.k))
-            if res.first() is not None:
-                self._remember("objects", k, 1)
-                return
-            got = self._object(ref.name, lock=True)
-            if got is None:
-                raise _Conflict(f"metadata database {self.where}: an object row came and went "
-                                "meanwhile (the operation was rolled back)")
         self._replace(objects, k, *got[:3], got[3] + 1, got[4])
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
@@ -1431,7 +1579,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         return out
 
     def ledger_last(self) -> LedgerRow | None:
-        rows = self._ledger(select(ledger).order_by(ledger.c.seq.desc()).limit(1))
+        rows = self._ledger(_LEDGER_LAST)
         return rows[0] if rows else None
 
     def ledger_get(self, seq: int) -> LedgerRow | None:
@@ -1466,7 +1614,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def ledger_insert(self, rows: list[LedgerRow]) -> None:
         if rows:
-            self._x(insert(ledger), [
+            self._x(_INSERT_LEDGER, [
                 {"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
                                                _ad("ledger", 0, r[0].to_bytes(8, "big")))}
                 for r in rows])

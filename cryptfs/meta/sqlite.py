@@ -204,6 +204,12 @@ _SQL_LOOKUP_STAT = (
     + _SQL_ALLOCATED.format("i.ino") + ") ELSE 0 END "
     "FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = :parent AND d.name = :name"
 )
+_SQL_STAT_DIR = (
+    "SELECT d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, "
+    "i.ctime_ns, i.rdev, i.target, CASE WHEN i.mode & 61440 = 32768 THEN ("
+    + _SQL_ALLOCATED.format("i.ino") + ") ELSE 0 END "
+    "FROM dentries d JOIN inodes i ON i.ino = d.ino WHERE d.parent = :parent"
+)
 _SQL_ADD_DENTRY_IF_ABSENT = (
     "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 )
@@ -790,6 +796,13 @@ class MetaStore(Transactions, NamespaceOps):
         row = self.raw.execute(_SQL_LOOKUP_STAT, {"parent": parent, "name": name,
                                                   "cs": chunk_size, "unit": unit}).fetchone()
         return (Inode(*row[:11]), int(row[11])) if row else None
+
+    def stat_dir(self, parent: int, chunk_size: int,
+                 unit: int) -> list[tuple[bytes, Inode, int]]:
+        """One query; see :meth:`MetaEngine.stat_dir`."""
+        rows = self.raw.execute(_SQL_STAT_DIR, {"parent": parent, "cs": chunk_size,
+                                                "unit": unit}).fetchall()
+        return [(bytes(r[0]), Inode(*r[1:12]), int(r[12])) for r in rows]
 
     def add_dentry(self, parent: int, name: bytes, ino: int) -> None:
         self.raw.execute(
