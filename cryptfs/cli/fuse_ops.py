@@ -546,6 +546,7 @@ class CryptfsFUSE(mfusepy.FUSE):
             _keep_thread_state()
             rows = self._recorder.thread_rows()  # type: ignore[union-attr]
         t = perf_counter()
+        code = out = 0
         try:
             out = func(*args) or 0
         except OSError as e:
@@ -554,18 +555,6 @@ class CryptfsFUSE(mfusepy.FUSE):
             code = self._failed(func, e)
         except BaseException as e:
             return self._critical(func, e)
-        else:
-            d = perf_counter() - t
-            try:
-                row = rows[func]
-            except KeyError:
-                row = self._recorder.new_row(rows, func)  # type: ignore[union-attr]
-            row[0 if d < _B0 else 1 if d < _B1 else 2 if d < _B2
-                else bisect_left(FUSE_BUCKETS, d)] += 1
-            row[FUSE_SECONDS] += d
-            if out:  # bytes for read and write (what other callbacks return is not reported)
-                row[FUSE_BYTES] += out
-            return out  # type: ignore[no-any-return]
         d = perf_counter() - t
         try:
             row = rows[func]
@@ -574,6 +563,10 @@ class CryptfsFUSE(mfusepy.FUSE):
         row[0 if d < _B0 else 1 if d < _B1 else 2 if d < _B2
             else bisect_left(FUSE_BUCKETS, d)] += 1
         row[FUSE_SECONDS] += d
+        if not code:
+            if out:  # bytes for read and write (what other callbacks return is not reported)
+                row[FUSE_BYTES] += out
+            return out  # type: ignore[no-any-return]
         if code < FUSE_ERRNOS:
             row[FUSE_ERRORS + code] += 1
         else:

@@ -173,6 +173,16 @@ class _Op:
         return False
 
 
+def touched(node: Inode, now_ns: int, nlink: int, mtime: bool) -> Inode:
+    """``node`` (changed in place) as :meth:`NamespaceOps.touch_inode` leaves it: ``nlink``
+    more links, changed at ``now_ns`` (modified too with ``mtime``)."""
+    node.nlink += nlink
+    node.ctime_ns = now_ns
+    if mtime:
+        node.mtime_ns = now_ns
+    return node
+
+
 class NamespaceOps(_Rows):
     """POSIX namespace operations over the row-level primitives of
     :class:`~cryptfs.meta.engine.MetaEngine` (see the module docstring for the contract).
@@ -204,11 +214,7 @@ class NamespaceOps(_Rows):
                     mtime: bool = False) -> Inode | None:
         node = self.get_inode(ino)
         if node is not None:
-            node.nlink += nlink
-            node.ctime_ns = now_ns
-            if mtime:
-                node.mtime_ns = now_ns
-            self.update_inode(node)
+            self.update_inode(touched(node, now_ns, nlink, mtime))
         return node
 
     def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,

@@ -95,7 +95,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
-from cryptfs.meta.namespace import NamespaceOps
+from cryptfs.meta.namespace import NamespaceOps, touched
 from cryptfs.paths import machine_id
 
 log = logging.getLogger("cryptfs.meta.postgres")
@@ -978,11 +978,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         got = self._ivals.get(ino)
         if not self._retryable or got is None or got[0] != self._vers.get(("inodes", k)):
             return super().touch_inode(ino, now_ns, nlink, mtime)
-        node = dataclasses.replace(got[1])
-        node.nlink += nlink
-        node.ctime_ns = now_ns
-        if mtime:
-            node.mtime_ns = now_ns
+        node = touched(dataclasses.replace(got[1]), now_ns, nlink, mtime)
         self.update_inode(node)
         return node
 
