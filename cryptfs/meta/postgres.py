@@ -711,22 +711,12 @@ class PgMetaStore(Transactions, NamespaceOps):
             out.append(who[5] if len(who) > 5 and isinstance(who[5], str) else "mount")
         return out
 
-    def session_horizons(self) -> list[float]:
+    def session_horizons(self, own: bool = False) -> list[float]:
         """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
-        ``v``, written by :meth:`PgSession.beat`)."""
+        ``v``, written by :meth:`PgSession.beat`); with ``own`` this engine's session's too."""
         out = []
         for r in self._x(select(sessions.c.k, sessions.c.v).where(
-                sessions.c.k != self._session_k,
-                sessions.c.expires > func.clock_timestamp())).all():
-            who = self._open("sessions", 0, (bytes(r.k),), r.v)
-            out.append(who[4] / 1e9 if len(who) > 4 and isinstance(who[4], int) else 0.0)
-        return out
-
-    def _live_horizons(self) -> list[float]:
-        """The horizons of every live session, this engine's included (see
-        :meth:`session_horizons`)."""
-        out = []
-        for r in self._x(select(sessions.c.k, sessions.c.v).where(
+                sessions.c.k != (b"" if own else self._session_k),
                 sessions.c.expires > func.clock_timestamp())).all():
             who = self._open("sessions", 0, (bytes(r.k),), r.v)
             out.append(who[4] / 1e9 if len(who) > 4 and isinstance(who[4], int) else 0.0)
@@ -1411,7 +1401,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         store. Commits."""
 
         def run() -> int:
-            hs = self._live_horizons()
+            hs = self.session_horizons(own=True)
             limit = int((min(hs) - TOMBSTONE_MARGIN) * 1e9) if hs else None
             n = 0
             for v in [v for _k, v in self._all(objects) if v[4] == GONE]:
