@@ -1,16 +1,19 @@
 """The AES-256-GCM seal format: ``cryptography`` (what cryptfs uses) and pycryptodome (what the
 format was first written with, and what the independent reader in test_25 uses) agree byte for
-byte, in both directions; tampering with any part fails authentication."""
+byte, in both directions; tampering with any part fails authentication. Chunks are sealed
+convergently (a nonce derived from the name and padded length) and older ones still open."""
 
 from __future__ import annotations
 
 import os
+import struct
 
 import pytest
 from Crypto.Cipher import AES
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
+from cryptfs.format.codec import ChunkRef, Codec
 
 KEY = bytes(range(32))
 AAD = b"cryptfs-test-aad"
@@ -66,3 +69,54 @@ def test_wrong_key_aad_or_short_input_fail() -> None:
         crypto.open_sealed(KEY, blob, AAD + b"x")
     with pytest.raises(IntegrityError):
         crypto.open_sealed(KEY, blob[:20], AAD)
+
+
+# -- convergent chunk sealing (docs/FORMAT.md section 4) ---------------------------------------
+def _codec(chunk_size: int | None = 1 << 16) -> Codec:
+    return Codec(bytes(range(32)), b"vault-id-0000020", chunk_size)
+
+
+def test_a_chunk_sealed_twice_is_the_same_object() -> None:
+    """Two machines storing the same content store the same bytes (one SHA-256 for both
+    records); another chunk gets another nonce."""
+    codec = _codec()
+    plain = os.urandom(5000)
+    name = codec.chunk_name(plain)
+    a, b = codec.seal_chunk(name, plain), codec.seal_chunk(name, bytearray(plain))
+    assert a == b
+    assert _codec().seal_chunk(name, memoryview(plain)) == a  # another Codec of the vault
+    assert codec.open_chunk(ChunkRef(name, len(a), crypto.sha256(a)), a) == plain
+    other = os.urandom(5000)
+    assert codec.seal_chunk(codec.chunk_name(other), other)[1:13] != a[1:13]
+    # the nonce is the documented one: HMAC(nonce key, "chunk-nonce" || name || u32(T))[:12]
+    key = crypto.subkey(bytes(range(32)), b"vault-id-0000020", b"cryptfs chunk nonce v1")
+    t = len(a) - 1 - crypto.SEAL_OVERHEAD
+    want = crypto.mac(key, b"chunk-nonce" + name.encode() + struct.pack(">I", t))[:12]
+    assert a[1:13] == want
+
+
+def test_the_padded_length_is_in_the_nonce() -> None:
+    """A writer padding by another rule (here: no cap on the padding, as before the full-chunk
+    change) seals the same chunk under another nonce: a nonce never meets two messages."""
+    plain = os.urandom(1 << 16)  # a full chunk: capped at 65540 bytes, uncapped Padmé pads it
+    capped, uncapped = _codec(1 << 16), _codec(None)
+    name = capped.chunk_name(plain)
+    a, b = capped.seal_chunk(name, plain), uncapped.seal_chunk(name, plain)
+    assert len(a) != len(b) and a[1:13] != b[1:13]
+    assert capped.chunk_nonce(name, 65540) != capped.chunk_nonce(name, 69632)
+    assert capped.open_chunk_unchecked(name, b) == plain == uncapped.open_chunk_unchecked(name, a)
+
+
+def test_random_nonce_chunks_still_open() -> None:
+    """Objects written before convergent sealing (a random nonce) open as before: readers take
+    the nonce from the object."""
+    codec = _codec()
+    plain = b"written by an older cryptfs" * 8
+    name = codec.chunk_name(plain)
+    padded = struct.pack(">I", len(plain)) + plain
+    padded += bytes(256 - len(padded))
+    aad = b"cryptfs/chunk/v1\0" + b"vault-id-0000020" + name.encode()
+    key = crypto.subkey(bytes(range(32)), b"vault-id-0000020", crypto.PURPOSE_CHUNK)
+    old = b"\x01" + pycryptodome_seal(key, padded, aad, os.urandom(12))
+    assert old != codec.seal_chunk(name, plain) and len(old) == len(codec.seal_chunk(name, plain))
+    assert codec.open_chunk(ChunkRef(name, len(old), crypto.sha256(old)), old) == plain

@@ -203,3 +203,52 @@ def test_adopt_from_another_filesystem(tmp_path: Path) -> None:
         assert cache.bytes == 5000
     finally:
         staged.unlink(missing_ok=True)
+
+
+class GatedPuts(MemoryStore):
+    """A memory store whose puts wait for ``gate`` and are counted; the first put's object is
+    deleted right after it lands (as by another machine's collection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.puts = 0
+        self.gate = threading.Event()
+
+    def put(self, name: str, data: bytes) -> None:
+        assert self.gate.wait(10)
+        super().put(name, data)
+        self.puts += 1
+        if self.puts == 1:
+            self.delete(name)
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_chunk_stored_again_while_its_upload_is_in_flight_is_uploaded_again(
+    tmp_path: Path, spill: bool,
+) -> None:
+    """On a vault other machines write (``keep_dedup``) a fresh put keeps its chunk (in
+    memory, or spilled: a link to the staged file), and restore() of it while its upload is
+    in flight (that upload may land before another machine's collection deletes the object)
+    makes the upload put it once more: the object is in the store afterwards, the same bytes
+    (convergent sealing), and the staging accounting is back to zero."""
+    store = GatedPuts()
+    cs = ChunkStore(store, Codec(os.urandom(32), os.urandom(16)), remote=True,
+                    staging=tmp_path / "staging", cache=None, cache_bytes=0,
+                    lookup=lambda _n: None, on_stored=lambda _r: None, keep_dedup=True,
+                    keep_bytes=0 if spill else 1 << 20)
+    try:
+        data = os.urandom(5000)
+        ref = cs.put(data)
+        assert cs.kept(ref.name) and cs.kept_new(ref.name)
+        assert (tmp_path / "staging" / (ref.name.replace("/", "_") + ".kept")).exists() == spill
+        again = cs.restore(ref.name)  # (the commit found it collected)
+        assert again == ref
+        store.gate.set()
+        cs.wait_uploaded()
+        assert store.puts == 2 and store.exists(ref.name) and cs.pending() == (0, 0)
+        assert ref.matches(store.get(ref.name, 1 << 20))
+        cs.unpin([ref.name])
+        assert not cs.kept(ref.name) and not list((tmp_path / "staging").iterdir())
+    finally:
+        store.gate.set()
+        cs.close()

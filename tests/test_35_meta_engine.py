@@ -573,7 +573,8 @@ def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine
     """Collection: the store deletion of each object still unreferenced (in the order the
     engine picks), its row gone after; a referenced one, one whose deletion failed (recorded
     again, unreferenced) and an unknown one stay. ``claim_object``: a recorded object is live,
-    a collected or unknown one is not (a commit stores such a one again)."""
+    a collected or unknown one is not (a commit stores such a one again), unless the caller
+    stored it itself (``new``: an unknown one is fine)."""
     f = new_file(engine, ROOT_INO, b"f")
     used, free, fails = ref("cused"), ref("cfree"), ref("cfail")
     with engine.transaction():
@@ -598,6 +599,10 @@ def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine
         assert engine.claim_object(used.name) is True
         assert engine.claim_object(free.name) is False
         assert engine.claim_object("data/never") is False
+        # a chunk the caller stored itself needs no row; a collected one is lost all the same
+        assert engine.claim_object("data/never", new=True) is True
+        assert engine.claim_objects({used.name: True, "data/never": True,
+                                     free.name: False}) == {free.name}
         again = ChunkRef(fails.name, fails.size, b"\5" * 32)  # stored again (resealed)
         engine.set_block(f, 3, again, staged=False)
     assert engine.get_object(fails.name) in ((again, 1, "stored"), (fails, 1, "stored"))

@@ -46,7 +46,14 @@ from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta import ROOT_INO, Inode
-from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, PgWatcher, SessionExpired
+from cryptfs.meta.postgres import (
+    TOMBSTONE_MARGIN,
+    DbKeys,
+    PgMetaStore,
+    PgSession,
+    PgWatcher,
+    SessionExpired,
+)
 from cryptfs.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(90)
@@ -371,6 +378,123 @@ def test_a_write_deduplicated_against_an_object_another_machine_collects_is_stor
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_a_fresh_write_of_content_another_machine_stores_and_collects_is_stored_again(
+    pg_place: PgPlace, tmp_path: Path, spill: bool,
+) -> None:
+    """Machine b writes new content (stored, no record yet); a writes the same into a file
+    (its own objects: the same bytes, convergent sealing), commits, removes it, and a's
+    collection deletes them, before b's commit. The collected rows stay as tombstones (not
+    recorded objects), so b's commit stores the chunks again: they are in the store with the
+    recorded hashes, b's file reads whole from a new machine. Before: b's commit recorded
+    the deleted objects anew (EIO reading them)."""
+    store = MemoryStore()
+    a = FsMachine(pg_place.url, store, tmp_path / "a")
+    b = FsMachine(pg_place.url, store, tmp_path / "b")
+    try:
+        if spill:
+            b.chunks.keep_bytes = 0
+        data = os.urandom(3 * CHUNK + 100)
+        _node, fb = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        b.fs.write(fb, 0, data)  # full chunks sealed and stored by b: nothing recorded yet
+        by_b = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
+        assert len(by_b) == 3
+        _node, fa = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        a.fs.write(fa, 0, data)
+        a.fs.release(fa)
+        blobs = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
+        assert len(blobs) == 4 and by_b.items() <= blobs.items()  # a stored the same bytes
+        a.fs.unlink(ROOT_INO, b"x")
+        garbage = a.meta.unreferenced_objects()
+        assert {r.name for r in garbage} == set(blobs)
+        with a.fs.lock:
+            gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+        assert len(gone) == 4 and not list(store.list("data/"))
+        assert all(a.meta.get_object(n) is None for n in blobs)  # tombstones: no record
+        assert a.meta.all_objects() == [] and a.meta.stored_bytes() == 0
+        b.fs.release(fb)  # b's commit finds them collected: stores them again
+        assert {n: store.get(n, 1 << 20) for n, _z in store.list("data/")} == blobs
+        for ref, refcount, st in a.meta.all_objects():
+            assert (refcount, st) == (1, "stored") and ref.matches(blobs[ref.name])
+        c = FsMachine(pg_place.url, store, tmp_path / "c")
+        try:
+            assert c.read(b"y") == data
+        finally:
+            c.close()
+        assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_gc_deleting_an_unrecorded_object_another_machine_then_references(
+    machines: tuple[PgMetaStore, PgMetaStore],
+) -> None:
+    """``cryptfs gc`` on a records an object no row names (b stored it, its commit not
+    done) as deleted, committed, before deleting it. b's commit then finds the tombstone and
+    stores the object again; if b claimed it just before (no row: nothing to lock), its
+    reference finds the tombstone and the commit runs again, storing it. A tombstone is no
+    recorded object; gc finding the object recorded meanwhile leaves it alone."""
+    a, b = machines
+    r = ChunkRef("data/ab/" + "a" * 62, 4096, b"\4" * 32)
+    again = ChunkRef(r.name, r.size, b"\6" * 32)
+    claims: list[bool] = []
+
+    def commit() -> None:
+        claims.append(b.claim_object(r.name, new=True))
+        if len(claims) == 1:  # gc on a, between b's claim and b's reference
+            with a.transaction():
+                assert a.bury_object(r.name, r.size)
+        b.set_block(b.insert_inode(node(REG)), 0, r if claims[-1] else again, staged=False)
+
+    b.atomically(commit)
+    assert claims == [True, False]
+    assert a.get_object(r.name) == (again, 1, "stored")
+    with a.transaction():
+        assert not a.bury_object(r.name, r.size)  # recorded now: not garbage
+    assert a.get_object(r.name) == (again, 1, "stored")
+    # gc before b's claim
+    r2 = ChunkRef("data/ac/" + "c" * 62, 4096, b"\4" * 32)
+    with a.transaction():
+        assert a.bury_object(r2.name, r2.size)
+    assert a.get_object(r2.name) is None and r2.name not in a.object_states()
+    assert a.unreferenced_objects() == [] and a.objects_named("data/ac") == []
+    with b.transaction():
+        assert b.claim_object(r2.name, new=True) is False
+        assert b.claim_object(r2.name) is False
+        b.set_block(b.insert_inode(node(REG)), 0, r2, staged=False)
+    assert a.get_object(r2.name) == (r2, 1, "stored")
+
+
+def test_tombstones_stay_while_a_live_session_may_commit_what_it_stored_before(
+    machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
+) -> None:
+    """A tombstone goes only once every live session's deletion horizon is more than the
+    clock margin past it, or no session is live."""
+    a, _b = machines
+    r = ChunkRef("data/ad/" + "d" * 62, 4096, b"\4" * 32)
+    with a.transaction():
+        assert a.bury_object(r.name, r.size)
+    s = PgSession(pg_place.url, KEYS, 60.0)
+    s.start()
+    try:
+        assert s.beat(time.time() - 3600)  # a write begun an hour ago, not committed yet
+        assert a.drop_tombstones() == 0
+        assert s.beat(time.time() + TOMBSTONE_MARGIN - 10)  # within the margin
+        assert a.drop_tombstones() == 0
+        assert a.claim_object(r.name, new=True) is False
+        a.commit()
+        assert s.beat(time.time() + TOMBSTONE_MARGIN + 10)
+        assert a.drop_tombstones() == 1
+        assert pg_place.sql("SELECT count(*) FROM objects") == [(0,)]
+        with a.transaction():
+            assert a.bury_object(r.name, r.size)
+    finally:
+        s.end()
+    assert a.drop_tombstones() == 1  # no session live
+    assert pg_place.sql("SELECT count(*) FROM objects") == [(0,)]
 
 
 def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(

@@ -13,7 +13,10 @@ is invisible to this one until it is committed. On a vault other machines have m
 PostgreSQL one), also nothing written after the oldest *deletion horizon* their live sessions
 published (each mount's heartbeat publishes the start of its oldest write not committed yet,
 :meth:`cryptfs.chunks.chunkstore.ChunkStore.horizon`), less CLOCK_SKEW: their uploads in
-flight stay, however long a file stays open, whatever the grace period. Each deletion is a
+flight stay, however long a file stays open, whatever the grace period. There each object is
+first recorded as deleted (a tombstone row, committed; none if a row for it appeared meanwhile:
+then it stays), so a machine whose write stored that content before the deletion and commits
+after it stores it again (``PgMetaStore.bury_object``). Each deletion is a
 ``del`` ledger entry (size as listed, SHA-256 field all zero: the bytes were never recorded),
 anchored by a checkpoint when the vault is closed.
 """
@@ -98,7 +101,13 @@ def collect(vault: Any, rep: GcReport, progress: bool | None = None) -> None:
     show = sys.stderr.isatty() if progress is None else progress
     total = len(rep.eligible)
     done_bytes = 0
+    meta = vault.meta
     for i, c in enumerate(rep.eligible, 1):
+        if meta.shared:  # the tombstone first: a commit referencing it then stores it again
+            with vault.fs.lock:
+                if not meta.atomically(lambda c=c: meta.bury_object(c.name, c.size)):
+                    rep.too_new.append(c)  # recorded meanwhile: not garbage
+                    continue
         try:
             vault.store.delete(c.name)
         except StoreError as e:
@@ -113,6 +122,9 @@ def collect(vault: Any, rep: GcReport, progress: bool | None = None) -> None:
             sys.stderr.flush()
     if show and total:
         sys.stderr.write("\n")
+    if meta.shared:
+        with vault.fs.lock:
+            meta.drop_tombstones()
 
 
 def run_gc(

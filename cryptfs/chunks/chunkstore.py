@@ -11,11 +11,13 @@ Each name is guarded while it is written or deleted, and names handed out by ``p
 deletes an object that an uncommitted chunk map points to.
 
 Several machines (``keep_dedup``): another machine's collection can delete an object this one
-deduplicated a write against, before this one's commit references it. So a put that finds the
-object recorded by the metadata keeps the chunk (:meth:`kept`) until the name is unpinned: its
-plaintext in memory up to ``keep_bytes``, beyond that sealed in a file of the staging
-directory; the commit asks the metadata whether the object is still live
-(``MetaEngine.claim_object``) and if not stores it again (:meth:`restore`).
+deduplicated a write against, before this one's commit references it; or one this one stored
+itself, unrecorded, when another machine stored, committed, unreferenced and collected the
+same content meanwhile (or ``cryptfs gc`` deleted it). So every put keeps the chunk
+(:meth:`kept`) until the name is unpinned: its plaintext in memory up to ``keep_bytes``, beyond
+that sealed in a file of the staging directory; the commit asks the metadata whether the object
+is still live (``MetaEngine.claim_object``; :meth:`kept_new`: the put stored it, found no
+record) and if not stores it again (:meth:`restore`).
 
 Longer than ~400 lines: a chunk's whole life (seal, dedup, stage, upload, fetch, cache,
 delete) shares one set of locks and counters.
@@ -125,6 +127,8 @@ class ChunkStore:
         self._kept: dict[str, bytes] = {}
         self._kept_size = 0
         self._spilled: set[str] = set()
+        self._new: set[str] = set()  # kept names whose puts all stored them (no record found)
+        self._again: set[str] = set()  # uploading names staged again meanwhile: see _enqueue
         private_dir(staging)
 
     # -- naming guards ------------------------------------------------------------------------
@@ -159,6 +163,7 @@ class ChunkStore:
     def _unkeep(self, name: str) -> None:
         """Drop what :meth:`_keep` kept of ``name`` (caller holds _cv)."""
         plain = self._kept.pop(name, None)
+        self._new.discard(name)
         if plain is not None:
             self._kept_size -= len(plain)
         if name in self._spilled:
@@ -168,32 +173,54 @@ class ChunkStore:
     def _kept_path(self, name: str) -> Path:
         return self.staging / (name.replace("/", "_") + ".kept")
 
-    def _keep(self, name: str, plain: bytes | bytearray | memoryview) -> None:
-        """Keep a deduplicated chunk until its name is unpinned (caller holds the name's
-        guard): its plaintext in memory, or past keep_bytes sealed in a staging file (a stray
-        file after a crash, removed by :meth:`resume`)."""
+    def _keep(self, name: str, plain: bytes | bytearray | memoryview,
+              blob: bytes | None = None) -> None:
+        """Keep a chunk until its name is unpinned (caller holds the name's guard): its
+        plaintext in memory, or past keep_bytes sealed in a staging file (a stray file after a
+        crash, removed by :meth:`resume`). ``blob``: the put stored this sealed object itself
+        (no record found: :meth:`kept_new`); written as the staging file if it spills (the
+        same bytes: sealing is convergent)."""
         with self._cv:
             if name in self._kept or name in self._spilled:
+                if blob is None:  # deduplicated against a record once: no row means collected
+                    self._new.discard(name)
                 return
+            if blob is not None:
+                self._new.add(name)
             if self._kept_size + len(plain) <= self.keep_bytes:
                 self._kept[name] = bytes(plain)
                 self._kept_size += len(plain)
                 return
         path = self._kept_path(name)
         try:
-            path.write_bytes(self.codec.seal_chunk(name, plain))
+            linked = False
+            if blob is not None and self.remote:  # the staged file holds it: a second name
+                with contextlib.suppress(OSError):  # (unless uploaded and gone already)
+                    path.unlink(missing_ok=True)
+                    os.link(self.staged_path(name), path)
+                    linked = True
+            if not linked:
+                path.write_bytes(blob if blob is not None else self.codec.seal_chunk(name, plain))
         except OSError as e:
             path.unlink(missing_ok=True)
+            with self._cv:
+                self._new.discard(name)
             raise StoreError(f"cannot keep {name} in {self.staging}: {e.strerror}") from None
         with self._cv:
             self._spilled.add(name)
 
     def kept(self, name: str) -> bool:
-        """Whether ``name`` was handed out deduplicated against an object the metadata
-        records (on a vault other machines write): its commit must claim it
-        (``MetaEngine.claim_object``), or store it again with :meth:`restore`."""
+        """Whether ``name`` was handed out on a vault other machines write (``keep_dedup``):
+        its commit must claim it (``MetaEngine.claim_object``), or store it again with
+        :meth:`restore`."""
         with self._cv:
             return name in self._kept or name in self._spilled
+
+    def kept_new(self, name: str) -> bool:
+        """Whether every put of kept ``name`` stored the object itself, finding no record
+        (its commit claims it with ``new``: no row is no collection)."""
+        with self._cv:
+            return name in self._new
 
     def restore(self, name: str) -> ChunkRef:
         """Store a kept chunk again (another machine's collection may have deleted its
@@ -269,6 +296,8 @@ class ChunkStore:
                 else:
                     self.store.put(name, blob)
                     self.on_stored(ref)
+                if self.keep_dedup:
+                    self._keep(name, plain, blob)
             with self._cv:
                 self._pins[name] += 1
                 self._recent[name] = ref
@@ -327,8 +356,12 @@ class ChunkStore:
         self._enqueue(ref)
 
     def _enqueue(self, ref: ChunkRef) -> None:
+        """Queue the staged ``ref`` for upload. If it is uploading already, that upload puts
+        the staged file once more when done (:meth:`restore` staged it again: the upload
+        may have reached the store before another machine's collection deleted it)."""
         with self._cv:
             if ref.name in self._uploads:
+                self._again.add(ref.name)
                 return
             self._queued_at[ref.name] = time.monotonic()
             self._uploads[ref.name] = self._pool.submit(self._upload, ref)
@@ -337,12 +370,18 @@ class ChunkStore:
         path = self.staged_path(ref.name)
         delay = 0.2
         warned = False
+        again = 0
         try:
             while True:
                 try:
                     blob = path.read_bytes()
                     self.store.put(ref.name, blob)
-                    break
+                    with self._cv:
+                        if ref.name not in self._again:
+                            break
+                        self._again.discard(ref.name)
+                        again += 1
+                    continue
                 except StoreError as e:
                     if self._abort:
                         raise
@@ -367,7 +406,8 @@ class ChunkStore:
                 self._uploads.pop(ref.name, None)
                 self._queued_at.pop(ref.name, None)
                 self._forget(ref.name)
-                self._staged_bytes -= ref.size
+                self._staged_bytes -= ref.size * (1 + again + (ref.name in self._again))
+                self._again.discard(ref.name)
                 self._cv.notify_all()
 
     def resume(self, staged: list[ChunkRef]) -> tuple[int, int]:

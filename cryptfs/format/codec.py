@@ -4,10 +4,12 @@ Chunk objects (``data/<2 hex>/<64 hex>``): the name is the keyed BLAKE2b-256 of 
 under the naming sub-key, so identical chunks get one object without revealing a plain hash.
 The stored bytes are ``0x01 || AES-256-GCM(chunk key, pad(u32 length || plaintext))`` with
 associated data binding the format, vault id and object name, so an object moved to another
-name fails to open. Padding follows Padmé, so object sizes leak only a few bits of file sizes,
-capped at ``chunk_size + 4`` bytes: a full chunk is stored unpadded (every full chunk has the
-same size anyway), and a partial chunk Padmé would pad past that size gets that size too, so
-the sizes fall into exactly the classes uncapped Padmé makes (docs/FORMAT.md section 4).
+name fails to open; the nonce is derived from the name and padded length (convergent: the same
+chunk is sealed to the same bytes on every machine). Padding follows Padmé, so object sizes
+leak only a few bits of file sizes, capped at ``chunk_size + 4`` bytes: a full chunk is stored
+unpadded (every full chunk has the same size anyway), and a partial chunk Padmé would pad past
+that size gets that size too, so the sizes fall into exactly the classes uncapped Padmé makes
+(docs/FORMAT.md section 4).
 
 Reading a chunk checks its size and authenticates it, but does not hash it: chunk names are
 keyed hashes of the plaintext, so any authentic object under a name holds that name's plaintext
@@ -64,6 +66,7 @@ class Codec:
         self.vault_id = vault_id
         self._pad_cap = None if chunk_size is None else chunk_size + 4
         self._chunk_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK)
+        self._nonce_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK_NONCE)
         self._name_key = crypto.subkey(master, vault_id, crypto.PURPOSE_NAME)
         self._meta_key = crypto.subkey(master, vault_id, crypto.PURPOSE_META)
         self.ledger_key = crypto.subkey(master, vault_id, crypto.PURPOSE_LEDGER)
@@ -77,7 +80,19 @@ class Codec:
         h = crypto.keyed_hash(self._name_key, plain).hex()
         return f"{DATA_PREFIX}{h[:2]}/{h}"
 
+    def chunk_nonce(self, name: str, padded_len: int) -> bytes:
+        """The AES-GCM nonce of the chunk ``name`` padded to ``padded_len`` bytes:
+        HMAC-SHA256(nonce key, "chunk-nonce" || name || u32(T))[:12]. The name is the keyed
+        hash of the plaintext, and the padding rule gives one padded plaintext per (plaintext,
+        T), so a nonce is only ever used again for the same message and associated data."""
+        msg = b"chunk-nonce" + name.encode() + struct.pack(">I", padded_len)
+        return crypto.mac(self._nonce_key, msg)[: crypto.NONCE_SIZE]
+
     def seal_chunk(self, name: str, plain: bytes | bytearray | memoryview) -> bytes:
+        """The object for chunk ``name`` (= :meth:`chunk_name` of ``plain``). Convergent: the
+        same plaintext always gives the same bytes (nonce from :meth:`chunk_nonce`), so two
+        machines storing the same content store one object, whose SHA-256 matches either's
+        record. Readers take the nonce from the object (older random-nonce objects open)."""
         n = len(plain)
         size = padme(n + 4)
         if self._pad_cap is not None and n + 4 <= self._pad_cap < size:
@@ -86,7 +101,7 @@ class Codec:
         struct.pack_into(">I", padded, 0, n)
         padded[4 : 4 + n] = plain
         return bytes([OBJ_VERSION]) + crypto.seal(
-            self._chunk_key, padded, self._aad(b"chunk", name)
+            self._chunk_key, padded, self._aad(b"chunk", name), self.chunk_nonce(name, size)
         )
 
     def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:

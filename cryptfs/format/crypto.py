@@ -5,7 +5,8 @@
   slow guessing, and at most 1 GiB of memory per attempt, so a tampered config cannot make an
   unlock exhaust the machine.
 - HKDF-SHA256 derives one sub-key per purpose from the 32-byte master key (salt: vault id).
-- AES-256-GCM seals everything that is stored: 12-byte random nonce, 16-byte tag, associated
+- AES-256-GCM seals everything that is stored: 12-byte nonce (random; for chunks derived from
+  the object name and padded length, docs/FORMAT.md section 4), 16-byte tag, associated
   data that binds the format version, vault id and object name. Sealing and opening use the
   ``cryptography`` package (OpenSSL): 20 times faster than pycryptodome for a 4 KiB chunk and
   about 3 times for 1 MiB on this kind of machine; the bytes are the same (tests/test_20_crypto).
@@ -45,6 +46,7 @@ SCRYPT_MAX_TOTAL_WORK = 4 * SCRYPT_MAX_N * SCRYPT_R * SCRYPT_P
 
 # Sub-key purposes (HKDF info strings); see docs/FORMAT.md.
 PURPOSE_CHUNK = b"cryptfs chunk encryption v1"
+PURPOSE_CHUNK_NONCE = b"cryptfs chunk nonce v1"  # convergent sealing (docs/FORMAT.md section 4)
 PURPOSE_NAME = b"cryptfs chunk naming v1"
 PURPOSE_META = b"cryptfs metadata encryption v1"
 PURPOSE_LEDGER = b"cryptfs ledger mac v1"
@@ -102,9 +104,15 @@ def _aead(key: bytes) -> AESGCM:
     return AESGCM(key)
 
 
-def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-    """AES-256-GCM: nonce || ciphertext || tag."""
-    nonce = os.urandom(NONCE_SIZE)
+def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes,
+         nonce: bytes | None = None) -> bytes:
+    """AES-256-GCM: nonce || ciphertext || tag. ``nonce``: a random one if None; a caller
+    giving one must never give the same nonce with the same key for a different plaintext or
+    associated data (see :meth:`cryptfs.format.codec.Codec.seal_chunk`)."""
+    if nonce is None:
+        nonce = os.urandom(NONCE_SIZE)
+    elif len(nonce) != NONCE_SIZE:
+        raise ValueError("AES-256-GCM takes a 12-byte nonce here")
     return nonce + _aead(key).encrypt(nonce, plaintext, aad)
 
 

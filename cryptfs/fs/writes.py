@@ -168,25 +168,21 @@ class Writes(FileSystemBase):
         f.mtime_ns = None
 
     def _claim_kept(self, refs: dict[int, ChunkRef | None]) -> bool:
-        """In a commit's transaction on a vault other machines write: the chunks deduplicated
-        against objects the metadata records are claimed (their rows then stay until this
-        commit, which references them); one another machine collected meanwhile is stored
-        again, and its new ref replaces the old in ``refs``. Whether any was stored again
-        (its ledger entry is queued: this commit must write it, before any later history of
-        the object)."""
-        again: dict[str, ChunkRef] = {}
-        stored = False
+        """In a commit's transaction on a vault other machines write: the chunks written are
+        claimed (the rows of those deduplicated against a record then stay until this commit,
+        which references them; a chunk this machine stored itself, unrecorded, needs no row,
+        only none collected since); one another machine collected meanwhile (or ``cryptfs gc``
+        deleted) is stored again, and its new ref replaces the old in ``refs``. Whether any
+        was stored again (its ledger entry is queued: this commit must write it, before any
+        later history of the object)."""
+        kept = {ref.name: self.chunks.kept_new(ref.name) for ref in refs.values()
+                if ref is not None and self.chunks.kept(ref.name)}
+        lost = self.meta.claim_objects(kept)
+        again = {name: self.chunks.restore(name) for name in sorted(lost)}
         for idx, ref in refs.items():
-            if ref is None or not self.chunks.kept(ref.name):
-                continue
-            if ref.name not in again:
-                if self.meta.claim_object(ref.name):
-                    again[ref.name] = ref
-                else:
-                    again[ref.name] = self.chunks.restore(ref.name)
-                    stored = True
-            refs[idx] = again[ref.name]
-        return stored
+            if ref is not None and ref.name in again:
+                refs[idx] = again[ref.name]
+        return bool(again)
 
     def _discard(self, f: OpenFile) -> None:
         for s in f.pending.values():

@@ -277,12 +277,25 @@ class MetaEngine(Protocol):
     def objects_in_state(self, st: str) -> list[ChunkRef]: ...
     def unreferenced_objects(self) -> list[ChunkRef]: ...
     def drop_object_if_unreferenced(self, name: str) -> bool: ...
-    def claim_object(self, name: str) -> bool:
+    def claim_object(self, name: str, new: bool = False) -> bool:
         """In the open transaction, before a commit references an object it did not store
         itself (a deduplicated chunk): whether the object's row is live (recorded, not being
         collected). Then it stays until the commit (on a shared engine the row is locked until
         then: a collection waits and sees the reference). False: the object may be gone from
-        the store; the caller stores it again before referencing it."""
+        the store; the caller stores it again before referencing it. ``new``: the caller
+        stored the object itself (a write not deduplicated against a record): no row is
+        fine too, only a row collected since (a tombstone, or one being collected) is not."""
+    def claim_objects(self, names: Mapping[str, bool]) -> set[str]:
+        """:meth:`claim_object` of each name (the value: ``new``) at once; the names whose
+        objects are not live (the caller stores them again)."""
+    def bury_object(self, name: str, size: int) -> bool:
+        """In the open transaction, before ``cryptfs gc`` deletes an object the metadata does
+        not record: on a shared engine, record it as deleted (a tombstone, committed before
+        the deletion) so that another machine's commit referencing it stores it again.
+        False: a row for it exists meanwhile (recorded: not garbage); nothing written."""
+    def drop_tombstones(self) -> int:
+        """Forget the tombstones no live session can need any more (how many went); 0 on an
+        engine of one machine (it has none)."""
     def collect_objects(self, refs: list[ChunkRef],
                         delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
         """Collect the objects of ``refs`` that are still unreferenced: ``delete(ref)``

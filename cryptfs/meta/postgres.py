@@ -59,7 +59,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -215,6 +215,11 @@ RETRIES = 8
 # inode numbers taken from the sequence at a time (one statement per INO_BATCH creates; the
 # database sees the count allocated to INO_BATCH)
 INO_BATCH = 64
+# how far the machines' clocks may disagree: a tombstone ("gone" object row) stays while a live
+# session's deletion horizon is less than this after its deletion (cryptfs.admin.gc.CLOCK_SKEW)
+TOMBSTONE_MARGIN = 60.0
+# object rows not counted as stored: tombstones (see PgMetaStore.collect_objects)
+GONE = "gone"
 # inodes a change notice lists at most (more: the notice says "anything may have changed")
 NOTICE_INODES = 400
 # libpq connection options of every connection: a server that does not answer is an error
@@ -396,6 +401,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._on_expired: Callable[[str], None] | None = None
         self._locks: PgLocks | None = None  # the file locks, once attached to a session
         self._touched: set[int] = set()  # inodes the open transaction changed (notices)
+        # objects the open transaction claimed while they had no row (claim_object with new):
+        # nothing locked, so a reference finding one collected meanwhile re-runs the commit
+        self._claimed_absent: set[str] = set()
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
@@ -623,6 +631,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             self.conn.rollback()
         self._wrote = False
         self._touched.clear()
+        self._claimed_absent.clear()
         self._vers.clear()
         self._ivals.clear()
 
@@ -642,6 +651,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                 self.conn.commit()
             self._wrote = False
             self._touched.clear()
+            self._claimed_absent.clear()
         except DBAPIError as e:
             err = self._meta_error(e)
             self._rolled_back()
@@ -771,12 +781,12 @@ class PgMetaStore(Transactions, NamespaceOps):
             out.append(who[5] if len(who) > 5 and isinstance(who[5], str) else "mount")
         return out
 
-    def session_horizons(self) -> list[float]:
+    def session_horizons(self, own: bool = False) -> list[float]:
         """See :meth:`MetaEngine.session_horizons` (the 5th field of a session's sealed
-        ``v``, written by :meth:`PgSession.beat`)."""
+        ``v``, written by :meth:`PgSession.beat`); with ``own`` this engine's session's too."""
         out = []
         for r in self._x(select(sessions.c.k, sessions.c.v).where(
-                sessions.c.k != self._session_k,
+                sessions.c.k != (b"" if own else self._session_k),
                 sessions.c.expires > func.clock_timestamp())).all():
             who = self._open("sessions", 0, (bytes(r.k),), r.v)
             out.append(who[4] / 1e9 if len(who) > 4 and isinstance(who[4], int) else 0.0)
@@ -1325,7 +1335,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         return sorted({ino for ino, _i, o in self.all_blocks() if o == name})
 
     # -- objects and reference counts ------------------------------------------------------------
-    # an object row: (name, size, sha256, refcount, state)
+    # an object row: (name, size, sha256, refcount, state), and for a tombstone (state "gone")
+    # the wall-clock time of its deletion in ns: (name, size, sha256, 0, "gone", deleted_ns)
     def _object(self, name: str, lock: bool = False) -> tuple[Any, ...] | None:
         """An object's row; with ``lock`` locked until the commit (FOR UPDATE: waits for
         another machine's uncommitted change of it and reads the result), so that its
@@ -1346,10 +1357,13 @@ class PgMetaStore(Transactions, NamespaceOps):
     def reference(self, ref: ChunkRef, staged: bool) -> None:
         """Insert the object's row (reference count 1), or if it exists (recorded, or being
         inserted by another machine: the insert waits for its end) count one more reference
-        on it, locked. New content is the common case: one statement. A row being collected
-        (state "deleting", see :meth:`collect_objects`) is taken over: it becomes ``ref``'s, in
-        the state given, with one more reference (the caller stored the object again:
-        :meth:`claim_object`)."""
+        on it, locked. New content is the common case: one statement. A row being collected or
+        collected (state "deleting" or "gone", see :meth:`collect_objects`) is taken over: it
+        becomes ``ref``'s, in the state given, with one more reference (the caller stored the
+        object again: :meth:`claim_object`). Unless this transaction claimed the object while
+        it had no row (nothing was locked, and a collection or ``cryptfs gc`` came in between):
+        then the object may be gone and the caller did not store it again, and the transaction
+        is rolled back as a conflict (:meth:`atomically` runs it again: the claim now fails)."""
         k = self._h(b"o", ref.name)
         res = self._x(_INSERT_NEW["objects"], {
             "k": k, "ver": 1, "v": self._seal("objects", 1, (k,), ref.name, ref.size,
@@ -1361,28 +1375,37 @@ class PgMetaStore(Transactions, NamespaceOps):
         if got is None:
             raise _Conflict(f"metadata database {self.where}: an object row came and went "
                             "meanwhile (the operation was rolled back)")
-        if got[4] == "deleting":
+        if got[4] in ("deleting", GONE):
+            if ref.name in self._claimed_absent:
+                raise _Conflict(f"metadata database {self.where}: an object was collected "
+                                "while a commit referenced it (the commit was rolled back)")
             self._replace(objects, k, ref.name, ref.size, ref.sha256, max(got[3], 0) + 1,
                           "staged" if staged else "stored")
             return
         self._replace(objects, k, *got[:3], got[3] + 1, got[4])
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
+        """The object's record; None for a tombstone too (see :meth:`collect_objects`)."""
         got = self._object(name)
-        return None if got is None else (ChunkRef(got[0], got[1], got[2]), got[3], got[4])
+        if got is None or got[4] == GONE:
+            return None
+        return ChunkRef(got[0], got[1], got[2]), got[3], got[4]
 
     def mark_stored(self, name: str) -> None:
+        """A staged object reached the store; a row collected meanwhile (its object deleted
+        maybe after this upload) stays as it is: a commit stores it again."""
         got = self._object(name, lock=True)
-        if got is not None:
+        if got is not None and got[4] not in ("deleting", GONE):
             self._replace(objects, self._h(b"o", name), *got[:4], "stored")
 
     def set_refcount(self, name: str, refcount: int) -> None:
         got = self._object(name, lock=True)
-        if got is not None:
+        if got is not None and got[4] != GONE:
             self._replace(objects, self._h(b"o", name), *got[:3], refcount, got[4])
 
     def _objects(self) -> list[tuple[Any, ...]]:
-        return [v for _k, v in self._all(objects)]
+        """The rows of recorded objects (tombstones left out: they record no object)."""
+        return [v for _k, v in self._all(objects) if v[4] != GONE]
 
     def objects_named(self, prefix: str) -> list[ChunkRef]:
         """Recorded objects whose name starts with ``prefix`` (names are sealed: every row is
@@ -1417,16 +1440,35 @@ class PgMetaStore(Transactions, NamespaceOps):
         """Drop an unreferenced object's row (locked first: a commit referencing it meanwhile
         is waited for, and then the reference it made is seen and the row stays)."""
         got = self._object(name, lock=True)
-        if got is None or got[3] > 0:
+        if got is None or got[3] > 0 or got[4] == GONE:
             return False
         self._forget(name)
         return True
 
-    def claim_object(self, name: str) -> bool:
-        """See :meth:`MetaEngine.claim_object`: the row is locked until the commit; a row
-        being collected (state "deleting") is not live (its object may be gone already)."""
-        got = self._object(name, lock=True)
-        return got is not None and got[4] != "deleting"
+    def claim_object(self, name: str, new: bool = False) -> bool:
+        """See :meth:`MetaEngine.claim_object` (:meth:`claim_objects` of one)."""
+        return not self.claim_objects({name: new})
+
+    def claim_objects(self, names: Mapping[str, bool]) -> set[str]:
+        """See :meth:`MetaEngine.claim_objects`: the rows are locked until the commit (one
+        statement, in key order); a row being collected or collected (state "deleting" or
+        "gone") is not live (its object may be gone). A new object with no row cannot be
+        locked: :meth:`reference` checks it again (a row collected meanwhile rolls the
+        commit back as a conflict)."""
+        if not names:
+            return set()
+        by_k = {self._h(b"o", n): n for n in names}
+        q = select(*_cols(objects)).where(objects.c.k.in_(list(by_k))).order_by(
+            objects.c.k).with_for_update()
+        rows = {k: v for k, v in self._opened(objects, self._x(q))}
+        lost = set()
+        for k, name in by_k.items():
+            got = rows.get(k)
+            if got is None and names[name]:
+                self._claimed_absent.add(name)
+            elif got is None or got[4] in ("deleting", GONE):
+                lost.add(name)
+        return lost
 
     def collect_objects(self, refs: list[ChunkRef],
                         delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
@@ -1435,11 +1477,14 @@ class PgMetaStore(Transactions, NamespaceOps):
         after a store deletion below leaves marked rows, never a row that a commit would take
         for a stored object; a later collection finishes them); then, in a second
         transaction, each marked row still unreferenced and marked is locked, its object
-        deleted from the store (``delete``) *while the row is locked*, and the row dropped.
+        deleted from the store (``delete``) *while the row is locked*, and the row turned
+        into a tombstone (state "gone", with the time of the deletion; its copies' rows go).
         A commit referencing the object (:meth:`claim_object`, :meth:`reference`) locks the
         row too: before, its reference is seen and the row stays; during, it waits; after,
         it finds the row gone (or marked) and the object deleted for good, and stores the
-        object again itself. Rows are locked in name order."""
+        object again itself. That holds for a commit of a write that stored the object itself
+        before the deletion, without any record then (the tombstone tells it: see
+        :meth:`drop_tombstones` for how long one stays). Rows are locked in name order."""
         refs = sorted(refs, key=lambda r: r.name)
 
         def mark() -> list[ChunkRef]:
@@ -1460,12 +1505,58 @@ class PgMetaStore(Transactions, NamespaceOps):
                 if got is None or got[3] > 0 or got[4] != "deleting":
                     continue  # taken over by a commit meanwhile
                 if delete(ref):
-                    self._forget(ref.name)
+                    self._bury(got)
                     gone.append(ref)
             return gone
 
         marked = self.atomically(mark)
         return self.atomically(lambda: drop(marked)) if marked else []
+
+    def _bury(self, got: tuple[Any, ...]) -> None:
+        """Turn the (locked) row ``got`` into a tombstone deleted now; its copies go."""
+        self._replace(objects, self._h(b"o", got[0]), *got[:3], 0, GONE, time.time_ns())
+        self._x(delete(copies).where(copies.c.obj == self._h(b"C", got[0])))
+
+    def bury_object(self, name: str, size: int) -> bool:
+        """See :meth:`MetaEngine.bury_object`: a tombstone row is inserted (or a tombstone's
+        time renewed); False if a live row exists."""
+        k = self._h(b"o", name)
+        got = self._object(name, lock=True)
+        if got is None:
+            res = self._x(pg_insert(objects).values(
+                k=k, ver=1, v=self._seal("objects", 1, (k,), name, size, b"\0" * 32, 0, GONE,
+                                         time.time_ns())
+            ).on_conflict_do_nothing().returning(objects.c.k))
+            if res.first() is not None:
+                self._remember("objects", k, 1)
+                return True
+            got = self._object(name, lock=True)  # another machine's insert came first
+        if got is None or got[4] != GONE:
+            return False
+        self._bury(got)
+        return True
+
+    def drop_tombstones(self) -> int:
+        """See :meth:`MetaEngine.drop_tombstones`: a tombstone goes once it is older than the
+        oldest deletion horizon of the live sessions (this engine's included), less
+        TOMBSTONE_MARGIN; all go when no session is live. A live session's writes not committed
+        yet all started after its horizon, so after the deletion: their objects are in the
+        store. Commits."""
+
+        def run() -> int:
+            hs = self.session_horizons(own=True)
+            limit = int((min(hs) - TOMBSTONE_MARGIN) * 1e9) if hs else None
+            n = 0
+            for v in [v for _k, v in self._all(objects) if v[4] == GONE]:
+                if limit is not None and len(v) > 5 and v[5] >= limit:
+                    continue
+                got = self._object(v[0], lock=True)
+                if got is not None and got[4] == GONE:
+                    self._forget(v[0])
+                    n += 1
+            return n
+
+        return self.atomically(run)
 
     def forget_object(self, name: str) -> None:
         self._forget(name)

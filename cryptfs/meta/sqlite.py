@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -971,9 +971,21 @@ class MetaStore(Transactions, NamespaceOps):
         return self.raw.execute("DELETE FROM objects WHERE name = ? AND refcount <= 0",
                                 (name,)).rowcount > 0
 
-    def claim_object(self, name: str) -> bool:
-        """See :meth:`MetaEngine.claim_object` (one machine: a row is live while it exists)."""
-        return self.get_object(name) is not None
+    def claim_object(self, name: str, new: bool = False) -> bool:
+        """See :meth:`MetaEngine.claim_object` (one machine: a row is live while it exists,
+        and its own collection never deletes what it wrote and has not committed)."""
+        return new or self.get_object(name) is not None
+
+    def claim_objects(self, names: Mapping[str, bool]) -> set[str]:
+        """See :meth:`MetaEngine.claim_objects` (:meth:`claim_object` of each)."""
+        return {n for n, new in names.items() if not self.claim_object(n, new)}
+
+    def bury_object(self, name: str, size: int) -> bool:
+        """See :meth:`MetaEngine.bury_object` (one machine: no tombstones)."""
+        return self.get_object(name) is None
+
+    def drop_tombstones(self) -> int:
+        return 0
 
     def collect_objects(self, refs: list[ChunkRef],
                         delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:

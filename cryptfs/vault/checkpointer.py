@@ -531,7 +531,8 @@ class Checkpointer:
         (:meth:`PgMetaStore.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
         again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
-        happen under it). What this machine has pinned stays."""
+        happen under it). What this machine has pinned stays. Then the tombstones
+        (:meth:`PgMetaStore.drop_tombstones`) no machine needs any more are dropped."""
 
         def delete(ref: ChunkRef) -> bool:
             if not self.chunks.try_claim_for_delete(ref.name):
@@ -547,4 +548,6 @@ class Checkpointer:
         for i in range(0, len(garbage), COLLECT_BATCH):
             with self._own():
                 deleted += self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
+        with self._own():  # the tombstones of deletions no live session can need any more
+            self.meta.drop_tombstones()
         return deleted
