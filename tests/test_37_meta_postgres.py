@@ -29,7 +29,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore, _hash
+from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore, _ad, _hash
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -270,6 +270,28 @@ def test_another_vaults_database_or_version_is_refused(
     assert "\n" not in str(e.value)
     pg_place.sql("UPDATE cryptfs_schema SET version = 99")
     with pytest.raises(ConfigError, match="schema version 99"):
+        PgMetaStore(pg_place.url, KEYS)
+
+
+def test_a_version_1_database_is_stamped_version_2_and_its_marker_resealed(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """Schema version 2 (tombstones, the locks table): a version 1 database (its marker sealed
+    for version 1, as a cryptfs of version 1 wrote it) opens and is stamped 2, with a marker
+    that opens only as version 2, so that a cryptfs of version 1 (which reads a tombstone
+    as a stored object) refuses it; a version stamp edited back to 1 is a tampered marker."""
+    v1 = crypto.seal(KEYS.row, b"cryptfs postgresql metadata", _ad("cryptfs_schema", 1, b"1"))
+    engine.close()
+    pg_place.sql(f"UPDATE cryptfs_schema SET version = 1, v = '\\x{v1.hex()}'::bytea")
+    assert pg_place.sql("SELECT version FROM cryptfs_schema") == [(1,)]
+    PgMetaStore(pg_place.url, KEYS).close()
+    (version, marker), = pg_place.sql("SELECT version, v FROM cryptfs_schema")
+    assert version == 2
+    crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", 2, b"1"))
+    with pytest.raises(IntegrityError):
+        crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", 1, b"1"))
+    pg_place.sql("UPDATE cryptfs_schema SET version = 1")
+    with pytest.raises(ConfigError, match="tampered"):
         PgMetaStore(pg_place.url, KEYS)
 
 

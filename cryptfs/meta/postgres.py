@@ -100,9 +100,14 @@ from cryptfs.paths import machine_id
 
 log = logging.getLogger("cryptfs.meta.postgres")
 
-# The version of the tables and row encoding below, stored in cryptfs_schema and bound in every
-# row's associated data. A database of another version is refused (no migrations yet).
-SCHEMA_VERSION = 1
+# The version of the tables below, stored in cryptfs_schema (and bound in its marker's associated
+# data). Version 2: object rows may be "deleting" or "gone" (tombstones), and the locks table;
+# a version 1 database is stamped 2 when this cryptfs opens it (nothing else changes), so that a
+# cryptfs of version 1, which would read a tombstone as a stored object, refuses it. A newer
+# database is refused.
+SCHEMA_VERSION = 2
+# what every row's associated data binds as its format (unchanged since schema version 1)
+ROW_FORMAT = 1
 
 md = MetaData()
 schema = Table(
@@ -291,7 +296,7 @@ def _unpack(blob: bytes) -> tuple[Any, ...]:
 
 def _ad(table: str, ver: int, *keys: bytes) -> bytes:
     """The associated data of a row: schema version, table, key columns, row version."""
-    parts = [b"cryptfs-pg", SCHEMA_VERSION.to_bytes(2, "big"), table.encode(),
+    parts = [b"cryptfs-pg", ROW_FORMAT.to_bytes(2, "big"), table.encode(),
              ver.to_bytes(8, "big", signed=True)]
     for k in keys:
         parts.append(len(k).to_bytes(2, "big") + k)
@@ -429,30 +434,42 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     # -- schema ----------------------------------------------------------------------------------
     def _prepare_schema(self) -> None:
-        marker_ad = _ad("cryptfs_schema", SCHEMA_VERSION, b"1")
+        """Create the tables, or check the database's schema version and vault (its marker,
+        sealed with the version as associated data), stamping a version 1 database 2."""
+        def marker_ad(version: int) -> bytes:
+            return _ad("cryptfs_schema", version, b"1")
+
+        def marker(version: int) -> bytes:
+            return crypto.seal(self.keys.row, b"cryptfs postgresql metadata", marker_ad(version))
+
         with self.transaction():
             # one opener creates the schema; others wait here, then find it
             self._x(select(func.pg_advisory_xact_lock(0x637279707466)))
             exists = self._x(text("SELECT to_regclass('cryptfs_schema') IS NOT NULL")).scalar()
             if not exists:
                 md.create_all(self.conn)
-                self._x(insert(schema).values(
-                    id=1, version=SCHEMA_VERSION,
-                    v=crypto.seal(self.keys.row, b"cryptfs postgresql metadata", marker_ad)))
+                self._x(insert(schema).values(id=1, version=SCHEMA_VERSION,
+                                              v=marker(SCHEMA_VERSION)))
                 return
             row = self._x(select(schema.c.version, schema.c.v).where(schema.c.id == 1)).first()
             if row is None:
                 raise ConfigError(f"metadata database {self.where} has no schema version "
                                   "(not a cryptfs database, or corrupt)")
-            md.create_all(self.conn)  # (checks first) tables newer than the database: sessions
-            if row.version != SCHEMA_VERSION:
+            if not 1 <= row.version <= SCHEMA_VERSION:
                 raise ConfigError(f"metadata database {self.where} is schema version "
-                                  f"{row.version}; this cryptfs reads version {SCHEMA_VERSION}")
+                                  f"{row.version}; this cryptfs reads versions 1 to "
+                                  f"{SCHEMA_VERSION}")
             try:
-                crypto.open_sealed(self.keys.row, bytes(row.v), marker_ad)
+                crypto.open_sealed(self.keys.row, bytes(row.v), marker_ad(row.version))
             except IntegrityError:
                 raise ConfigError(f"metadata database {self.where} belongs to another vault "
                                   "(or its marker was tampered with)") from None
+            md.create_all(self.conn)  # (checks first) tables newer than the database: locks
+            if row.version < SCHEMA_VERSION:
+                self._x(update(schema).where(schema.c.id == 1).values(
+                    version=SCHEMA_VERSION, v=marker(SCHEMA_VERSION)))
+                log.info("metadata database %s: schema version %d stamped %d", self.where,
+                         row.version, SCHEMA_VERSION)
 
     # -- statements, sealing, errors -------------------------------------------------------------
     def _x(self, stmt: Any, params: Any = None, fenced: bool = True) -> Any:
