@@ -209,6 +209,17 @@ class ChunkStore:
         with self._cv:
             self._spilled.add(name)
 
+    def _store_sealed(self, name: str, blob: bytes) -> ChunkRef:
+        """Store chunk object ``blob`` under ``name``: staged for upload on a remote store, put
+        (and reported stored) on a local one."""
+        ref = ChunkRef(name, len(blob), crypto.sha256(blob))
+        if self.remote:
+            self._stage(ref, blob)
+        else:
+            self.store.put(name, blob)
+            self.on_stored(ref)
+        return ref
+
     def kept(self, name: str) -> bool:
         """Whether ``name`` was handed out on a vault other machines write (``keep_dedup``):
         its commit must claim it (``MetaEngine.claim_object``), or store it again with
@@ -235,12 +246,7 @@ class ChunkStore:
                 plain = self._kept.get(name)
             blob = self.codec.seal_chunk(name, plain) if plain is not None else \
                 self._kept_path(name).read_bytes()
-            ref = ChunkRef(name, len(blob), crypto.sha256(blob))
-            if self.remote:
-                self._stage(ref, blob)
-            else:
-                self.store.put(name, blob)
-                self.on_stored(ref)
+            ref = self._store_sealed(name, blob)
             with self._cv:
                 self._recent[name] = ref
             log.info("stored %s again: it was collected while a write here was "
@@ -290,12 +296,7 @@ class ChunkStore:
                 self._keep(name, plain)
             if ref is None:
                 blob = self.codec.seal_chunk(name, plain)
-                ref = ChunkRef(name, len(blob), crypto.sha256(blob))
-                if self.remote:
-                    self._stage(ref, blob)
-                else:
-                    self.store.put(name, blob)
-                    self.on_stored(ref)
+                ref = self._store_sealed(name, blob)
                 if self.keep_dedup:
                     self._keep(name, plain, blob)
             with self._cv:
