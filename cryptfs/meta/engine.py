@@ -25,6 +25,10 @@ filesystem lock); its background work (the SQLite WAL checkpointer) uses its own
 
 Names are bytes (any byte but ``/`` and NUL), inode numbers positive integers (``ROOT_INO`` is
 the root directory), object names the store names of :mod:`cryptfs.format.layout`.
+
+Longer than ~400 lines: it is the one interface every engine implements and the conformance
+suite (tests/test_35_meta_engine.py) runs against, each method with its contract; splitting it
+would scatter the contracts an engine author must read together.
 """
 
 from __future__ import annotations
@@ -156,10 +160,11 @@ class MetaEngine(Protocol):
     def live_sessions(self) -> int:
         """How many other machines' sessions are live (0 for an engine of one machine)."""
 
-    def session_horizons(self) -> list[float]:
+    def session_horizons(self, own: bool = False) -> list[float]:
         """The horizons other machines' live sessions published (wall-clock times before
         which every object they wrote is recorded: ``ChunkStore.horizon``; 0.0 for a
-        session that published none). Empty for an engine of one machine."""
+        session that published none), with ``own`` this machine's too. Empty for an engine
+        of one machine."""
 
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines'."""

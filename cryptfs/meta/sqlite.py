@@ -392,7 +392,7 @@ class MetaStore(Transactions, NamespaceOps):
     def live_sessions(self) -> int:
         return 0
 
-    def session_horizons(self) -> list[float]:
+    def session_horizons(self, own: bool = False) -> list[float]:
         return []
 
     def lock_ledger(self) -> None:
