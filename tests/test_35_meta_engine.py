@@ -777,6 +777,7 @@ def test_rollback_undoes_every_write_of_the_block(engine: MetaEngine) -> None:
         engine.set_block(f, 0, a, staged=False)
         engine.set_xattr(f, b"user.k", b"v")
     before = (engine.get_inode(f), engine.get_object(a.name), engine.list_dir(ROOT_INO))
+    count = engine.count_inodes()
     rollbacks = []
     engine.on_rollback = lambda: rollbacks.append(1)
 
@@ -794,10 +795,12 @@ def test_rollback_undoes_every_write_of_the_block(engine: MetaEngine) -> None:
         engine.remove_dentry(ROOT_INO, b"f")
         engine.record_copy(a.name, "s1", "ok")
         assert engine.lookup(ROOT_INO, b"g") == g  # visible inside the block
+        assert engine.count_inodes() == count + 1  # counted inside: not kept past the rollback
         raise Boom
     assert rollbacks == [1]
     assert (engine.get_inode(f), engine.get_object(a.name), engine.list_dir(ROOT_INO)) == before
     assert engine.get_inode(g) is None
+    assert engine.count_inodes() == count
     assert engine.get_object(ref("new0").name) is None
     assert engine.get_blocks(f, 0, 10) == {0: a}
     assert engine.get_xattr(f, b"user.k") == b"v"
