@@ -295,6 +295,22 @@ def test_a_commit_never_finds_a_collected_row_gone_before_its_object(
     assert a.collect_objects([r2], dies) == []  # referenced again: not collected
 
 
+def store_alone_holds(a: VaultEnv, want: dict[str, bytes], verify: bool = False) -> None:
+    """The database lost: a new machine opens the vault from the store alone (onto SQLite)
+    and reads every file of ``want`` whole (after a clean ``verify`` if asked)."""
+    lost = VaultEnv(a.root.parent / "c", a.store_url)
+    lost.init()
+    if verify:
+        res = lost.cli("verify", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    lost.mount(a.root.parent / "mc")
+    try:
+        for rel, data in want.items():
+            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
+    finally:
+        lost.umount(a.root.parent / "mc")
+
+
 class FsMachine:
     """One machine's filesystem in-process, composed as ``Vault._start`` composes it: its own
     engine (connection) and chunk store (``keep_dedup``, as for a shared database) over a
@@ -334,55 +350,67 @@ class FsMachine:
         self.chunks.close()
         self.meta.close()
 
+    @classmethod
+    def joining(cls, url: str, store: MemoryStore, staging: Path, name: bytes) -> bytes:
+        """What a machine that joins now reads of ``name``."""
+        c = cls(url, store, staging)
+        try:
+            return c.read(name)
+        finally:
+            c.close()
+
 
 CHUNK = 4096
 
 
-@pytest.mark.parametrize("spill", [False, True])
+@pytest.fixture(params=[False, True], ids=["kept", "spilled"])
+def fs_pair(pg_place: PgPlace, tmp_path: Path,
+            request: pytest.FixtureRequest) -> Iterator[tuple[MemoryStore, FsMachine, FsMachine]]:
+    """Machines a and b in-process over one memory store; b keeps the chunks it writes until
+    its commit in memory, or (the second parameter) spills them to its staging at once."""
+    store = MemoryStore()
+    a = FsMachine(pg_place.url, store, tmp_path / "a")
+    b = FsMachine(pg_place.url, store, tmp_path / "b")
+    if request.param:
+        b.chunks.keep_bytes = 0
+    try:
+        yield store, a, b
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_write_deduplicated_against_an_object_another_machine_collects_is_stored_again(
-    pg_place: PgPlace, tmp_path: Path, spill: bool,
+    fs_pair: tuple[MemoryStore, FsMachine, FsMachine], pg_place: PgPlace, tmp_path: Path,
 ) -> None:
     """Machine b writes what a file of a removed (the object unreferenced, still recorded):
     b's write deduplicates against it, and before b's commit a's collection deletes it.
     b's commit finds it collected and stores it again (from the plaintext it kept, or the
     sealed copy it spilled past its memory budget): b's file reads whole, from b and from a
     new machine (before, b's file referenced the deleted object: EIO)."""
-    store = MemoryStore()
-    a = FsMachine(pg_place.url, store, tmp_path / "a")
-    b = FsMachine(pg_place.url, store, tmp_path / "b")
-    try:
-        if spill:
-            b.chunks.keep_bytes = 0
-        data = os.urandom(3 * CHUNK + 100)
-        node, fh = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
-        a.fs.write(fh, 0, data)
-        a.fs.release(fh)
-        a.fs.unlink(ROOT_INO, b"x")
-        garbage = a.meta.unreferenced_objects()
-        assert len(garbage) == 4 and all(store.exists(r.name) for r in garbage)
-        node, fh = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
-        b.fs.write(fh, 0, data)  # sealed: deduplicated against a's objects
-        with a.fs.lock:
-            gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
-        assert {r.name for r in gone} == {r.name for r in garbage}
-        assert not any(store.exists(r.name) for r in gone)
-        b.fs.release(fh)  # b's commit
-        assert all(store.exists(r.name) for r in garbage)
-        assert b.read(b"y") == data
-        c = FsMachine(pg_place.url, store, tmp_path / "c")
-        try:
-            assert c.read(b"y") == data
-        finally:
-            c.close()
-        assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
-    finally:
-        a.close()
-        b.close()
+    store, a, b = fs_pair
+    data = os.urandom(3 * CHUNK + 100)
+    node, fh = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    a.fs.write(fh, 0, data)
+    a.fs.release(fh)
+    a.fs.unlink(ROOT_INO, b"x")
+    garbage = a.meta.unreferenced_objects()
+    assert len(garbage) == 4 and all(store.exists(r.name) for r in garbage)
+    node, fh = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    b.fs.write(fh, 0, data)  # sealed: deduplicated against a's objects
+    with a.fs.lock:
+        gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+    assert {r.name for r in gone} == {r.name for r in garbage}
+    assert not any(store.exists(r.name) for r in gone)
+    b.fs.release(fh)  # b's commit
+    assert all(store.exists(r.name) for r in garbage)
+    assert b.read(b"y") == data
+    assert FsMachine.joining(pg_place.url, store, tmp_path / "c", b"y") == data
+    assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
 
 
-@pytest.mark.parametrize("spill", [False, True])
 def test_a_fresh_write_of_content_another_machine_stores_and_collects_is_stored_again(
-    pg_place: PgPlace, tmp_path: Path, spill: bool,
+    fs_pair: tuple[MemoryStore, FsMachine, FsMachine], pg_place: PgPlace, tmp_path: Path,
 ) -> None:
     """Machine b writes new content (stored, no record yet); a writes the same into a file
     (its own objects: the same bytes, convergent sealing), commits, removes it, and a's
@@ -390,43 +418,31 @@ def test_a_fresh_write_of_content_another_machine_stores_and_collects_is_stored_
     recorded objects), so b's commit stores the chunks again: they are in the store with the
     recorded hashes, b's file reads whole from a new machine. Before: b's commit recorded
     the deleted objects anew (EIO reading them)."""
-    store = MemoryStore()
-    a = FsMachine(pg_place.url, store, tmp_path / "a")
-    b = FsMachine(pg_place.url, store, tmp_path / "b")
-    try:
-        if spill:
-            b.chunks.keep_bytes = 0
-        data = os.urandom(3 * CHUNK + 100)
-        _node, fb = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
-        b.fs.write(fb, 0, data)  # full chunks sealed and stored by b: nothing recorded yet
-        by_b = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
-        assert len(by_b) == 3
-        _node, fa = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
-        a.fs.write(fa, 0, data)
-        a.fs.release(fa)
-        blobs = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
-        assert len(blobs) == 4 and by_b.items() <= blobs.items()  # a stored the same bytes
-        a.fs.unlink(ROOT_INO, b"x")
-        garbage = a.meta.unreferenced_objects()
-        assert {r.name for r in garbage} == set(blobs)
-        with a.fs.lock:
-            gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
-        assert len(gone) == 4 and not list(store.list("data/"))
-        assert all(a.meta.get_object(n) is None for n in blobs)  # tombstones: no record
-        assert a.meta.all_objects() == [] and a.meta.stored_bytes() == 0
-        b.fs.release(fb)  # b's commit finds them collected: stores them again
-        assert {n: store.get(n, 1 << 20) for n, _z in store.list("data/")} == blobs
-        for ref, refcount, st in a.meta.all_objects():
-            assert (refcount, st) == (1, "stored") and ref.matches(blobs[ref.name])
-        c = FsMachine(pg_place.url, store, tmp_path / "c")
-        try:
-            assert c.read(b"y") == data
-        finally:
-            c.close()
-        assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
-    finally:
-        a.close()
-        b.close()
+    store, a, b = fs_pair
+    data = os.urandom(3 * CHUNK + 100)
+    _node, fb = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    b.fs.write(fb, 0, data)  # full chunks sealed and stored by b: nothing recorded yet
+    by_b = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
+    assert len(by_b) == 3
+    _node, fa = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+    a.fs.write(fa, 0, data)
+    a.fs.release(fa)
+    blobs = {n: store.get(n, 1 << 20) for n, _z in store.list("data/")}
+    assert len(blobs) == 4 and by_b.items() <= blobs.items()  # a stored the same bytes
+    a.fs.unlink(ROOT_INO, b"x")
+    garbage = a.meta.unreferenced_objects()
+    assert {r.name for r in garbage} == set(blobs)
+    with a.fs.lock:
+        gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+    assert len(gone) == 4 and not list(store.list("data/"))
+    assert all(a.meta.get_object(n) is None for n in blobs)  # tombstones: no record
+    assert a.meta.all_objects() == [] and a.meta.stored_bytes() == 0
+    b.fs.release(fb)  # b's commit finds them collected: stores them again
+    assert {n: store.get(n, 1 << 20) for n, _z in store.list("data/")} == blobs
+    for ref, refcount, st in a.meta.all_objects():
+        assert (refcount, st) == (1, "stored") and ref.matches(blobs[ref.name])
+    assert FsMachine.joining(pg_place.url, store, tmp_path / "c", b"y") == data
+    assert not list((tmp_path / "b").iterdir())  # nothing kept once committed
 
 
 def test_gc_deleting_an_unrecorded_object_another_machine_then_references(
@@ -727,14 +743,7 @@ def test_two_mounts_write_different_files_and_both_read_every_byte(
             ["dir-a", "dir-b"] + [r for r in want if "/" not in r])
     a.umount(ma)
     b.umount(mb)  # the last machine out writes the checkpoint (it holds the writer's lock)
-    lost = VaultEnv(a.root.parent / "c", a.store_url)  # the database lost: the store alone
-    lost.init()
-    lost.mount(a.root.parent / "mc")
-    try:
-        for rel, data in want.items():
-            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
-    finally:
-        lost.umount(a.root.parent / "mc")
+    store_alone_holds(a, want)
 
 
 def test_one_name_created_on_both_mounts_at_once_one_gets_eexist(
@@ -1153,16 +1162,7 @@ def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
     assert res.returncode == 0, res.stdout + res.stderr
     a.umount(ma)
     b.umount(mb)
-    lost = VaultEnv(a.root.parent / "c", a.store_url)
-    lost.init()
-    res = lost.cli("verify", check=False)
-    assert res.returncode == 0, res.stdout + res.stderr
-    lost.mount(a.root.parent / "mc")
-    try:
-        for rel, data in kept.items():
-            assert (a.root.parent / "mc" / rel).read_bytes() == data, rel
-    finally:
-        lost.umount(a.root.parent / "mc")
+    store_alone_holds(a, kept, verify=True)
 
 
 def test_fsck_checks_while_other_machines_write_and_repairs_only_alone(
