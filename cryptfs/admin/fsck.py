@@ -19,7 +19,6 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.meta import ROOT_INO
 from cryptfs.meta.namespace import HIDDEN
-from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.vault.core import Vault
 
 
@@ -56,9 +55,8 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
             rep.problems.append(msg + (f" (fsck --repair: {fix})" if fix else ""))
 
     # checking while other machines write (a shared database): the metadata as of one moment
-    pg = meta if isinstance(meta, PgMetaStore) and not repair else None
-    others = pg is not None and bool(pg.live_sessions())
-    with pg.snapshot() if pg is not None else meta.transaction():
+    others = meta.shared and not repair and bool(meta.live_sessions())
+    with meta.transaction() if repair else meta.snapshot():
         inodes = meta.inode_modes()
         if ROOT_INO not in inodes:
             rep.problems.append("the root directory is missing")

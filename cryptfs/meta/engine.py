@@ -99,10 +99,18 @@ class MetaEngine(Protocol):
     def sync(self) -> None:
         """Commit, then make every committed block durable against power loss."""
 
-    def image(self) -> bytes:
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
         """Commit; the committed database as one image, the metadata snapshot stored in the
         vault (opening an engine on it gives the same rows). Begins a shipment ending at
-        this image (see :meth:`shipped`)."""
+        this image (see :meth:`shipped`). With ``leave_out`` (a ``shared`` engine: other
+        machines' uploads may not have finished), each staged object it says so of is left
+        out with the chunk map entries naming it (holes in the image), and so are objects
+        being collected; an engine that is not shared stages only its own uploads, which
+        its caller waits for, and takes None only."""
+
+    def snapshot(self) -> AbstractContextManager[None]:
+        """Commit; a block of reads that all see one committed state, whatever other
+        machines commit meanwhile (a check while they are mounted); it writes nothing."""
 
     def changes(self) -> bytes | None:
         """Commit; what was committed since the last shipment, as one segment (applied to

@@ -899,11 +899,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         finally:
             self._rollback_db()
 
-    def image(self) -> bytes:
-        """See :meth:`image_leaving_out` (every staged object kept)."""
-        return self.image_leaving_out(None)
-
-    def image_leaving_out(self, leave_out: Callable[[ChunkRef], bool] | None) -> bytes:
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
         """The committed metadata as one SQLite image (what a checkpoint stores), built in an
         in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
         Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:

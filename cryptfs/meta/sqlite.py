@@ -619,10 +619,19 @@ class MetaStore(Transactions, NamespaceOps):
         finally:
             os.close(fd)
 
-    def image(self) -> bytes:
+    def snapshot(self) -> contextlib.AbstractContextManager[None]:
+        """A :meth:`transaction` block: one machine writes this database, through this
+        connection, and its writes wait for the caller's lock, so the block's reads see one
+        state."""
+        return self.transaction()
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
         """Commit; the committed database as one SQLite image (a full metadata snapshot), and
         begin a shipment ending at it (see :meth:`changes`). The WAL is checkpointed into the
-        database file and truncated first, so the next shipment starts at its first frame."""
+        database file and truncated first, so the next shipment starts at its first frame.
+        One machine: no upload of another to leave out (``leave_out`` must be None)."""
+        if leave_out is not None:
+            raise ValueError("an unshared engine's image leaves nothing out")
         self.commit()
         self._unpin()  # the shipments before are superseded by this image
         busy = self.raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]

@@ -49,9 +49,8 @@ from cryptfs.format.layout import (
     checkpoint_name,
     checkpoint_seq,
 )
+from cryptfs.meta.engine import MetaEngine
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
-from cryptfs.meta.postgres import PgMetaStore
-from cryptfs.meta.sqlite import MetaStore
 from cryptfs.paths import (
     VaultPaths,
     fsync_path,
@@ -109,7 +108,7 @@ class Checkpointer:
     def __init__(
         self,
         *,
-        meta: MetaStore | PgMetaStore,
+        meta: MetaEngine,
         ledger: Ledger,
         chunks: ChunkStore,
         store: ObjectStore,
@@ -297,9 +296,9 @@ class Checkpointer:
             snap_seq = led.head().seq if led.head() else 0
             garbage = meta.unreferenced_objects()
         self.chunks.wait_uploaded(staged, progress)
-        if isinstance(meta, PgMetaStore) and not self._in_store(staged):
+        if meta.shared and not self._in_store(staged):
             with self.lock:  # (rarely: an upload of another machine slow or dead)
-                data = meta.image_leaving_out(lambda r: not self.store.exists(r.name))
+                data = meta.image(leave_out=lambda r: not self.store.exists(r.name))
                 full = True
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
@@ -528,11 +527,11 @@ class Checkpointer:
 
     def _collect_shared(self, garbage: list[ChunkRef]) -> list[ChunkRef]:
         """Collect unreferenced chunks of a vault other machines write
-        (:meth:`PgMetaStore.collect_objects`: each object is deleted while its row is locked,
+        (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
         again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
         happen under it). What this machine has pinned stays. Then the tombstones
-        (:meth:`PgMetaStore.drop_tombstones`) no machine needs any more are dropped."""
+        (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are dropped."""
 
         def delete(ref: ChunkRef) -> bool:
             if not self.chunks.try_claim_for_delete(ref.name):
