@@ -1558,6 +1558,28 @@ def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -
     return f"{statistics.median(rs):.3f} ({min(rs):.2f}–{max(rs):.2f})"
 
 
+def metrics_share(res: Results) -> list[str]:
+    """What recording adds per callback (issue 18), for the two callbacks that reach the
+    daemon every time: the daemon CPU per call with metrics less without, run by run (the
+    runs interleaved), and that as a share of the round trip a program waits for without
+    metrics. The recording runs on the callback's path, so it delays the caller by at most
+    its CPU time."""
+    out = []
+    for key, what in (("statfs", "a statfs"), ("getxattr", "an ENODATA getxattr")):
+        on = res.values.get(("cryptfs-metrics", f"cpu_{key}"), [])
+        off = res.values.get(("cryptfs-local", f"cpu_{key}"), [])
+        rt = res.values.get(("cryptfs-local", f"rt_{key}"), [])
+        if not on or len(on) != len(off) or len(rt) != len(off):
+            continue
+        gaps = [a - b for a, b in zip(on, off, strict=True)]
+        shares = [g / r * 100 for g, r in zip(gaps, rt, strict=True)]
+        out.append(f"metrics add {statistics.median(gaps):.1f} µs of daemon CPU to {what} "
+                   f"(per run {', '.join(f'{g:.1f}' for g in gaps)}): "
+                   f"{statistics.median(shares):.1f} % of its round trip without metrics "
+                   f"(per run {', '.join(f'{x:.1f}' for x in shares)} %)")
+    return out
+
+
 def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, int, int]) -> str:
     fields = {
         "big": fmt_size(sz.big),
@@ -1814,7 +1836,7 @@ def main(argv: list[str] | None = None) -> int:
         desc += (" Paired ratio columns: the median of the per-run ratios, their range in "
                  "brackets.")
     notes = [f"- {t}: n/a: {r}" for t, r in res.failures.items()]
-    notes += [f"- {n}" for n in res.notes]
+    notes += [f"- {n}" for n in res.notes + metrics_share(res)]
     text = "\n\n".join(p for p in (title, desc, table, "\n".join(notes)) if p) + "\n"
     print()
     print(text)
