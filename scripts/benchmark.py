@@ -636,6 +636,16 @@ class CryptfsMetricsTarget(CryptfsTarget):
             except OSError:
                 pass  # between an unmount and the next mount
 
+    def callbacks(self) -> int | None:
+        """FUSE callbacks recorded so far (the sum of the operation counts), None if the
+        endpoint does not answer."""
+        try:
+            text = self._get()
+        except OSError:
+            return None
+        return sum(int(float(line.rpartition(" ")[2])) for line in text.splitlines()
+                   if line.startswith("cryptfs_fuse_operation_seconds_count{"))
+
     def _umount(self) -> None:
         try:  # check that the metrics were really recorded
             text = self._get()
@@ -1033,12 +1043,20 @@ def daemon_cpu(t: Target, res: Results, key: str, fn, per=None):
     hardly change the CPU time its own work takes), and what the daemon's work costs:
     metrics on against off (issue 18)."""
     pid = t.daemon_pid() if t.fuse else None
+    # with metrics: the callbacks the workload made, counted outside the CPU window (a scrape
+    # costs the daemon CPU too), for metrics_share
+    calls0 = t.callbacks() if isinstance(t, CryptfsMetricsTarget) else None
     cpu0 = cpu_seconds(pid) if pid else 0.0
     value = fn()
     if pid:
         with contextlib.suppress(OSError):
             cpu = cpu_seconds(pid) - cpu0
             res.add(t.name, f"cpu_{key}", cpu * 1e6 / per(value) if per else cpu * 1e3)
+    if calls0 is not None:
+        calls1 = t.callbacks()  # type: ignore[attr-defined]
+        if calls1 is not None:
+            res.add(t.name, f"calls_{key}", (calls1 - calls0) / per(value) if per
+                    else calls1 - calls0)
     return value
 
 
@@ -1563,8 +1581,12 @@ def metrics_share(res: Results) -> list[str]:
     daemon every time: the daemon CPU per call with metrics less without, run by run (the
     runs interleaved), and that as a share of the round trip a program waits for without
     metrics. The recording runs on the callback's path, so it delays the caller by at most
-    its CPU time."""
+    its CPU time. Then per workload: the callbacks it made (counted by the metrics) times
+    the larger of the two per-call figures, as a share of the daemon CPU the workload takes
+    without metrics: a bound on what recording costs it, far steadier than the difference
+    of two noisy CPU figures."""
     out = []
+    per_call = []
     for key, what in (("statfs", "a statfs"), ("getxattr", "an ENODATA getxattr")):
         on = res.values.get(("cryptfs-metrics", f"cpu_{key}"), [])
         off = res.values.get(("cryptfs-local", f"cpu_{key}"), [])
@@ -1572,11 +1594,26 @@ def metrics_share(res: Results) -> list[str]:
         if not on or len(on) != len(off) or len(rt) != len(off):
             continue
         gaps = [a - b for a, b in zip(on, off, strict=True)]
+        per_call.append(statistics.median(gaps))
         shares = [g / r * 100 for g, r in zip(gaps, rt, strict=True)]
         out.append(f"metrics add {statistics.median(gaps):.1f} µs of daemon CPU to {what} "
                    f"(per run {', '.join(f'{g:.1f}' for g in gaps)}): "
                    f"{statistics.median(shares):.1f} % of its round trip without metrics "
                    f"(per run {', '.join(f'{x:.1f}' for x in shares)} %)")
+    if not per_call:
+        return out
+    cost = max(max(per_call), 0.1)  # µs per callback
+    bounds = []
+    for key, label, unit, _higher, _ratio in WORKLOADS:
+        calls = res.median("cryptfs-metrics", f"calls_{key.removeprefix('cpu_')}")
+        cpu = res.median("cryptfs-local", key)
+        if not key.startswith("cpu_") or calls is None or not cpu:
+            continue
+        spent = cpu * (1e3 if unit == "ms" else 1.0)  # µs, in total or per operation
+        bounds.append(f"{label.removeprefix('daemon CPU').lstrip(': ')} "
+                      f"{calls * cost / spent * 100:.2f} % ({calls:,.0f} callbacks)")
+    out.append(f"recording at {cost:.1f} µs per callback, as a share of each workload's daemon "
+               f"CPU without metrics: " + "; ".join(bounds))
     return out
 
 
