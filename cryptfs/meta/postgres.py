@@ -101,12 +101,12 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Select
 
-from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull
+from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull, os_error
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
-from cryptfs.meta.namespace import NamespaceOps, touched
+from cryptfs.meta.namespace import NamespaceOps, check_name, touched
 from cryptfs.paths import machine_id
 
 log = logging.getLogger("cryptfs.meta.postgres")
@@ -228,6 +228,14 @@ _NODES_MAPS = union_all(
                "ikeys", type_=ARRAY(LargeBinary)))),
     select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
         blocks.c.ino == any_(bindparam("bkeys", type_=ARRAY(LargeBinary)))))
+# a create in one statement: the inode, its name (unless the name exists) and the parent's
+# update (conditional on the version this engine last saw); how many names and parents it wrote
+_CREATE = text(
+    "WITH i AS (INSERT INTO inodes (k, ver, v) VALUES (:ik, 1, :iv)), "
+    "u AS (UPDATE inodes SET ver = :pnew, v = :pv WHERE k = :pk AND ver = :pold RETURNING 1), "
+    "d AS (INSERT INTO dentries (parent, name, ino, ver, v) VALUES (:dp, :dn, :di, 1, :dv) "
+    "ON CONFLICT DO NOTHING RETURNING 1) "
+    "SELECT (SELECT count(*) FROM d) AS d, (SELECT count(*) FROM u) AS u")
 _SAVEPOINT = text("SAVEPOINT cryptfs_op")
 _ROLLBACK_TO = text("ROLLBACK TO SAVEPOINT cryptfs_op")
 _LIVE = (sessions.c.k == bindparam("sess"), sessions.c.expires > func.clock_timestamp())
@@ -261,7 +269,7 @@ def _raw(*stmts: Any) -> None:
 _raw(_GET, _LOOKUP, _INSERT, _INSERT_NEW, _INSERT_HOLD, _UPDATE, _GET_LOCKED, _GET_MANY, _VER,
      _CLAIM, _NEXT_INOS, _DELETE_HOLD, _DELETE_DENTRY, _HELD, _SAVEPOINT, _ROLLBACK_TO, _FENCE,
      _FENCE_NOTIFY, _NOTIFY, _INSERT_LEDGER, _LEDGER_LAST, _XACT_LOCK, _UNHOLD_GET, _DIR,
-     _NODES_MAPS)
+     _NODES_MAPS, _CREATE)
 
 
 # libpq's binary form of the result columns the hot statements return, by type oid
@@ -518,9 +526,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         self.keys = keys
         self._siv = AESSIV(keys.name)
         try:
+            # (psycopg prepares nothing itself: it deallocates every prepared statement of
+            # the connection at a rollback once it has any, this engine's too; see _libpq)
             self.engine = create_engine(url, pool_size=1, max_overflow=0,
                                         isolation_level="READ COMMITTED",
-                                        connect_args=CONNECT_ARGS)
+                                        connect_args={**CONNECT_ARGS,
+                                                      "prepare_threshold": None})
         except (SQLAlchemyError, ValueError, ImportError):  # (its text may hold a password)
             raise ConfigError("the metadata database URL is not usable (not a "
                               "postgresql+psycopg URL, or its driver is missing)") from None
@@ -540,7 +551,6 @@ class PgMetaStore(Transactions, NamespaceOps):
         # objects the open transaction claimed while they had no row (claim_object with new):
         # nothing locked, so a reference finding one collected meanwhile re-runs the commit
         self._claimed_absent: set[str] = set()
-        self._claim_reads = False  # claim_objects reads the rows even of new objects
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
@@ -650,10 +660,12 @@ class PgMetaStore(Transactions, NamespaceOps):
                 cur.executemany(sql, params)
                 return _Result([], cur.rowcount)
             return self._libpq(raw, sql, params or {})
-        except psycopg.Error:
+        except psycopg.Error as e:
             if raw.broken:
                 with contextlib.suppress(Exception):
                     self.conn.invalidate()
+            elif e.sqlstate == "26000":  # (deallocated by someone: prepared again next time)
+                self._prep_names = {}
             raise
 
     def _libpq(self, raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]
@@ -946,7 +958,6 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._touched.clear()
             self._claimed_absent.clear()
             self._fresh.clear()
-            self._claim_reads = False
         except (DBAPIError, psycopg.Error) as e:
             err = self._meta_error(e)
             self._rolled_back()
@@ -1317,9 +1328,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     def insert_inode(self, node: Inode) -> int:
         ino = node.ino
         if not ino:
-            if not self._inos:  # (numbers are never handed out twice, used or not)
-                self._inos = [int(n) for n in self._x(_NEXT_INOS, {"n": INO_BATCH}).scalars()]
-            ino = self._inos.pop(0)
+            ino = self._next_ino()
         else:  # numbers the sequence hands out later stay above it
             self._x(text("SELECT setval('cryptfs_ino_seq', greatest(:ino, last_value)) "
                          "FROM cryptfs_ino_seq"), {"ino": ino})
@@ -1329,6 +1338,75 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._keep(k, dataclasses.replace(node, ino=ino))
         self._fresh[ino] = {}
         self._touched.add(ino)
+        return ino
+
+    def _next_ino(self) -> int:
+        if not self._inos:  # (numbers are never handed out twice, used or not)
+            self._inos = [int(n) for n in self._x(_NEXT_INOS, {"n": INO_BATCH}).scalars()]
+        return self._inos.pop(0)
+
+    def mknod(self, parent: int, name: bytes, node: Inode,
+              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed:
+        """See :meth:`NamespaceOps.mknod`. In an operation :meth:`atomically` runs again on a
+        conflict, with the parent directory as this engine last read or wrote it at the
+        version the database still has (each create after the first in a directory), one
+        statement: the inode, the name (unless it exists: EEXIST, and the statement's writes
+        are rolled back with the operation) and the parent's update, conditional on that
+        version (another writer's change meanwhile is a conflict: the operation runs again,
+        reading the parent)."""
+        if xattrs:
+            return super().mknod(parent, name, node, xattrs, commit)
+        check_name(name)
+        isdir = stat.S_ISDIR(node.mode)
+
+        def run() -> Changed:
+            now = time.time_ns()
+            new = Inode(0, node.mode, node.uid, node.gid, node.size, 2 if isdir else 1, now,
+                        now, now, node.rdev, node.target)
+            pk = self._h(b"i", parent)
+            got = self._ivals.get(parent)
+            if not self._retryable or got is None or got[0] != self._vers.get(("inodes", pk)):
+                new.ino = self.insert_inode(new)
+                if not self.add_dentry_if_absent(parent, name, new.ino):
+                    raise os_error(errno_mod.EEXIST)
+                pnode = self._touch_dir(parent, now, nlink=1 if isdir else 0)
+            else:
+                pnode = touched(dataclasses.replace(got[1]), now, 1 if isdir else 0, True)
+                if not stat.S_ISDIR(pnode.mode):
+                    raise os_error(errno_mod.ENOTDIR)
+                if pnode.nlink - (1 if isdir else 0) <= 0:
+                    raise os_error(errno_mod.ENOENT)
+                new.ino = self._create(parent, name, new, pnode, got[0])
+            return Changed(ino=new.ino, inodes={new.ino: new, parent: pnode},
+                           entries={(parent, name): new.ino})
+
+        return self.atomically(run, commit)
+
+    def _create(self, parent: int, name: bytes, new: Inode, pnode: Inode, pver: int) -> int:
+        """The one statement of :meth:`mknod`; the new inode's number."""
+        ino = self._next_ino()
+        new.ino = ino
+        k, pk = self._h(b"i", ino), self._h(b"i", parent)
+        p_h, n_s, i_h = self._h(b"p", parent), self._name_siv(parent, name), self._h(b"d", ino)
+        self._touched.update((ino, parent))
+        r = self._x(_CREATE, {
+            "ik": k, "iv": self._seal("inodes", 1, (k,), *self._inode_vals(new)),
+            "pk": pk, "pold": pver, "pnew": pver + 1,
+            "pv": self._seal("inodes", pver + 1, (pk,), *self._inode_vals(pnode)),
+            "dp": p_h, "dn": n_s, "di": i_h,
+            "dv": self._seal("dentries", 1, (p_h, n_s, i_h), parent, ino)}).first()
+        if r.u != 1:
+            self._ivals.pop(parent, None)
+            self._vers.pop(("inodes", pk), None)
+            raise _Conflict(f"metadata database {self.where}: inode {parent} was changed by "
+                            "another writer meanwhile (the operation was rolled back)")
+        if r.d != 1:
+            raise os_error(errno_mod.EEXIST)
+        self._remember("inodes", k, 1)
+        self._keep(k, dataclasses.replace(new))
+        self._fresh[ino] = {}
+        self._remember("inodes", pk, pver + 1)
+        self._keep(pk, pnode)
         return ino
 
     def update_inode(self, node: Inode) -> None:
@@ -1735,7 +1813,6 @@ class PgMetaStore(Transactions, NamespaceOps):
                             "meanwhile (the operation was rolled back)")
         if got[4] in ("deleting", GONE):
             if ref.name in self._claimed_absent:
-                self._claim_reads = True  # (the commit run again reads what it claims)
                 raise _Conflict(f"metadata database {self.where}: an object was collected "
                                 "while a commit referenced it (the commit was rolled back)")
             self._replace(objects, k, ref.name, ref.size, ref.sha256, max(got[3], 0) + 1,
@@ -1813,14 +1890,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         statement, in key order); a row being collected or collected (state "deleting" or
         "gone") is not live (its object may be gone). A new object with no row cannot be
         locked: :meth:`reference` checks it again (a row collected meanwhile rolls the
-        commit back as a conflict). So when every object claimed is new (what this machine
-        stored itself, the common case), nothing is read: each is taken as having no row, and
-        one that :meth:`reference` then finds collected rolls the commit back as a conflict,
-        and the commit run again reads the rows."""
+        commit back as a conflict)."""
         if not names:
-            return set()
-        if all(names.values()) and not self._claim_reads:
-            self._claimed_absent.update(names)
             return set()
         by_k = {self._h(b"o", n): n for n in names}
         rows = {k: v for k, v in self._opened(objects, self._x(_CLAIM, {"keys": list(by_k)}))}
