@@ -57,7 +57,7 @@ MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
 EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics", "cryptfs-before",
-                 "cryptfs-s3-before", "cryptfs-pg")
+                 "cryptfs-s3-before", "cryptfs-pg", "cryptfs-pg-before")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -720,6 +720,29 @@ class CryptfsPgPeer(CryptfsTarget):
                 timeout=300)
 
 
+class CryptfsPgBeforeTarget(CryptfsPgTarget):
+    """cryptfs-pg run by the --before command (its peer too), on a database of its own."""
+
+    name = "cryptfs-pg-before"
+    command = CryptfsBeforeTarget.command
+
+    def init_store(self) -> None:
+        self.meta_url = self.bench.pg(self.name)
+        self.url = self.store_url()
+        run_cmd([self.cli, "init", self.url, "--name", "bench", "--meta", self.meta_url],
+                env=self.env, what="cryptfs init --meta", timeout=300)
+        self.peer = CryptfsPgBeforePeer(self.dir, self.bench)
+        self.peer.primary = self
+        self.peer.setup()
+
+
+class CryptfsPgBeforePeer(CryptfsPgPeer):
+    """The second machine of a :class:`CryptfsPgBeforeTarget`."""
+
+    name = "cryptfs-pg-before-peer"
+    command = CryptfsBeforeTarget.command
+
+
 class CryptfsS3x2Target(CryptfsTarget):
     """One vault over two buckets of the same server (issue 7: every chunk stored twice)."""
 
@@ -1372,6 +1395,7 @@ TARGET_CLASSES = {
     "cryptfs-before": CryptfsBeforeTarget,
     "cryptfs-s3-before": CryptfsS3BeforeTarget,
     "cryptfs-pg": CryptfsPgTarget,
+    "cryptfs-pg-before": CryptfsPgBeforeTarget,
 }
 
 
@@ -1563,7 +1587,8 @@ def ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
 # A/B pairs whose ratio column shows the spread over runs: the cost of metrics (issue 18), and
 # this checkout against another (--before)
 PAIRS = (("cryptfs-metrics", "cryptfs-local"), ("cryptfs-local", "cryptfs-before"),
-         ("cryptfs-s3", "cryptfs-s3-before"), ("cryptfs-pg", "cryptfs-local"))
+         ("cryptfs-s3", "cryptfs-s3-before"), ("cryptfs-pg", "cryptfs-local"),
+         ("cryptfs-pg-before", "cryptfs-local"), ("cryptfs-pg", "cryptfs-pg-before"))
 
 
 def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
@@ -1646,6 +1671,7 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "cryptfs-before": "before",
         "cryptfs-s3-before": "s3-before",
         "cryptfs-pg": "pg",
+        "cryptfs-pg-before": "pg-before",
     }
     head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
     rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]
