@@ -247,9 +247,11 @@ _CREATE = text(
 _SAVEPOINT = text("SAVEPOINT cryptfs_op")
 _ROLLBACK_TO = text("ROLLBACK TO SAVEPOINT cryptfs_op")
 _LIVE = (sessions.c.k == bindparam("sess"), sessions.c.expires > func.clock_timestamp())
-_FENCE = select(sessions.c.k).where(*_LIVE).with_for_update(key_share=True)
+# FOR KEY SHARE (SQLAlchemy's read=True with key_share=True; key_share alone is FOR NO KEY
+# UPDATE): a reaper's DELETE waits for the commit, the heartbeat's UPDATE of the expiry does not
+_FENCE = select(sessions.c.k).where(*_LIVE).with_for_update(read=True, key_share=True)
 _FENCE_NOTIFY = select(sessions.c.k, func.pg_notify(bindparam("channel"), bindparam("notice"))
-                       ).where(*_LIVE).with_for_update(key_share=True)
+                       ).where(*_LIVE).with_for_update(read=True, key_share=True)
 _NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
 _INSERT_LEDGER = insert(ledger)
 _LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
@@ -2356,7 +2358,7 @@ class PgLocks:
                 select(sessions.c.k, func.pg_advisory_xact_lock(
                     int.from_bytes(i_h[:8], "big", signed=True)))
                 .where(sessions.c.k == self.sess, sessions.c.expires > func.clock_timestamp())
-                .with_for_update(key_share=True, of=sessions)).first()
+                .with_for_update(read=True, key_share=True, of=sessions)).first()
             if live is None:
                 raise LocksUnavailable(f"metadata database {self.where}: this machine's "
                                        "session expired: no file lock is set")
