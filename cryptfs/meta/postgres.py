@@ -104,7 +104,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
-from sqlalchemy.engine import URL, Connection
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Select
@@ -381,6 +381,19 @@ NOTICE_INODES = 400
 CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
                 "keepalives_interval": 5, "keepalives_count": 3}
 T = TypeVar("T")
+
+
+def pg_engine(url: URL | str, **kw: Any) -> Engine:
+    """A SQLAlchemy engine for ``url`` with the connection settings of CONNECT_ARGS (and
+    ``kw``'s); ConfigError in one line (never the URL: it may hold a password) if the URL is
+    not a usable ``postgresql+psycopg`` one."""
+    try:
+        return create_engine(url, **{"connect_args": CONNECT_ARGS, **kw})
+    except (SQLAlchemyError, ValueError, ImportError):
+        raise ConfigError("the metadata database URL is not usable (not a "
+                          "postgresql+psycopg URL, or its driver is missing)") from None
+
+
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
 
@@ -535,16 +548,11 @@ class PgMetaStore(Transactions, NamespaceOps):
         filesystem's deferred writes: see :class:`cryptfs.fs.CommitHooks`)."""
         self.keys = keys
         self._siv = AESSIV(keys.name)
-        try:
-            # (psycopg prepares nothing itself: it deallocates every prepared statement of
-            # the connection at a rollback once it has any, this engine's too; see _libpq)
-            self.engine = create_engine(url, pool_size=1, max_overflow=0,
-                                        isolation_level="READ COMMITTED",
-                                        connect_args={**CONNECT_ARGS,
-                                                      "prepare_threshold": None})
-        except (SQLAlchemyError, ValueError, ImportError):  # (its text may hold a password)
-            raise ConfigError("the metadata database URL is not usable (not a "
-                              "postgresql+psycopg URL, or its driver is missing)") from None
+        # (psycopg prepares nothing itself: it deallocates every prepared statement of the
+        # connection at a rollback once it has any, this engine's too; see _libpq)
+        self.engine = pg_engine(url, pool_size=1, max_overflow=0,
+                                isolation_level="READ COMMITTED",
+                                connect_args={**CONNECT_ARGS, "prepare_threshold": None})
         self.where = self.engine.url.render_as_string(hide_password=True)
         self._depth = 0  # nesting of transaction() blocks
         self._wrote = False  # the open transaction holds a write (not only reads)
@@ -2172,11 +2180,7 @@ class PgSession:
         self.id = crypto.random_bytes(16)
         self.k = _hash(keys, b"S", self.id)
         self.elected = False
-        try:
-            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                                        connect_args=CONNECT_ARGS)
-        except (SQLAlchemyError, ValueError, ImportError):
-            raise ConfigError("the metadata database URL is not usable") from None
+        self.engine = pg_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         self.where = self.engine.url.render_as_string(hide_password=True)
         self.conn: Connection | None = None
         self._lock = threading.Lock()
@@ -2278,11 +2282,7 @@ class PgLocks:
         self.keys = keys
         self.session_id = session_id
         self.sess = _hash(keys, b"S", session_id)
-        try:
-            self.engine = create_engine(url, poolclass=NullPool, isolation_level="READ COMMITTED",
-                                        connect_args=CONNECT_ARGS)
-        except (SQLAlchemyError, ValueError, ImportError):
-            raise ConfigError("the metadata database URL is not usable") from None
+        self.engine = pg_engine(url, poolclass=NullPool, isolation_level="READ COMMITTED")
         self.where = self.engine.url.render_as_string(hide_password=True)
         self.conn: Connection | None = None
         self._mutex = threading.Lock()
@@ -2416,8 +2416,7 @@ class PgWatcher:
         self.sender = sender
         self.on_change = on_change
         self.on_unlock = on_unlock
-        self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
-                                    connect_args=CONNECT_ARGS)
+        self.engine = pg_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         self._stop = threading.Event()
         self.listening = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pg-watch", daemon=True)
