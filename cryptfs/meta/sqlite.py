@@ -1195,7 +1195,10 @@ class MetaStore(Transactions, NamespaceOps):
     def ledger_insert(self, rows: list[LedgerRow]) -> None:
         """Append rows (seq, time_ns, op, name, size, sha256, prev, hash) in the current
         transaction."""
-        self.raw.executemany(_SQL_LEDGER_INSERT, rows)
+        if len(rows) == 1:  # (each small file's put appends one)
+            self.raw.execute(_SQL_LEDGER_INSERT, rows[0])
+        else:
+            self.raw.executemany(_SQL_LEDGER_INSERT, rows)
 
     def ledger_truncate_after(self, seq: int) -> None:
         self.raw.execute("DELETE FROM ledger WHERE seq > ?", (seq,))
