@@ -312,7 +312,8 @@ class FileSystemBase:
                 target=self._commit_deferred_loop, name="commit", daemon=True
             )
             self._committer.start()
-        self._deferred_event.set()
+        if not self._deferred_event.is_set():  # (set: the committer's round is coming)
+            self._deferred_event.set()
 
     def _reapply_deferred(self) -> None:
         """A rollback undid the deferred writes too: write them again (still uncommitted)."""
