@@ -311,7 +311,7 @@ class FileSystemBase:
                 target=self._commit_deferred_loop, name="commit", daemon=True
             )
             self._committer.start()
-        if not self._deferred_event.is_set():  # (set: the committer's round is coming)
+        if not self._deferred_event.is_set():  # (else the committer's round comes anyway)
             self._deferred_event.set()
 
     def _reapply_deferred(self) -> None:
@@ -365,10 +365,8 @@ class FileSystemBase:
         """The inode as programs see it: with the size and mtime of uncommitted writes."""
         f = self.files.get(node.ino)
         if f is not None and (f.size != node.size or f.mtime_ns is not None):
-            # a copy by the constructor: dataclasses.replace inspects the fields on every call,
-            # and every stat of a file being written comes here (tar: about 17 per file)
-            mtime = node.mtime_ns if f.mtime_ns is None else f.mtime_ns
-            ctime = node.ctime_ns if f.mtime_ns is None else f.mtime_ns
+            m = f.mtime_ns
+            mtime, ctime = (node.mtime_ns, node.ctime_ns) if m is None else (m, m)
             return Inode(node.ino, node.mode, node.uid, node.gid, f.size, node.nlink,
                          node.atime_ns, mtime, ctime, node.rdev, node.target)
         return node
