@@ -207,13 +207,13 @@ class CryptfsOperations(mfusepy.Operations):
         uid, gid, _pid = mfusepy.fuse_get_context()
         return uid, gid
 
-    def _umask(self) -> int:
-        """The caller's umask when the kernel leaves it to us (see init_with_config), else 0
-        (the kernel applied it). mfusepy's fuse_get_context() drops the field: read it from
-        libfuse's struct fuse_context, which mfusepy declares with it."""
-        if not self._own_umask:
-            return 0
-        return int(mfusepy._libfuse.fuse_get_context().contents.umask)
+    def _caller(self) -> tuple[int, int, int]:
+        """The caller's uid, gid and umask: the umask when the kernel leaves it to us (see
+        init_with_config), else 0 (the kernel applied it). mfusepy's fuse_get_context() drops
+        the umask: all three are read from libfuse's struct fuse_context, which mfusepy
+        declares with it (one call for the three)."""
+        c = mfusepy._libfuse.fuse_get_context().contents
+        return c.uid, c.gid, int(c.umask) if self._own_umask else 0
 
     # -- lifecycle --------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
@@ -291,12 +291,14 @@ class CryptfsOperations(mfusepy.Operations):
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
         parent, name = self._parent(path)
-        self.fs.mknod(parent, name, mode, dev, *self._ctx(), umask=self._umask())
+        uid, gid, umask = self._caller()
+        self.fs.mknod(parent, name, mode, dev, uid, gid, umask=umask)
         return 0
 
     def mkdir(self, path: str, mode: int) -> int:
         parent, name = self._parent(path)
-        self.fs.mkdir(parent, name, mode, *self._ctx(), umask=self._umask())
+        uid, gid, umask = self._caller()
+        self.fs.mkdir(parent, name, mode, uid, gid, umask=umask)
         return 0
 
     def unlink(self, path: str) -> int:
@@ -338,8 +340,8 @@ class CryptfsOperations(mfusepy.Operations):
     # -- files ------------------------------------------------------------------------------
     def create(self, path: str, mode: int, flags: int) -> int:
         parent, name = self._parent(path)
-        uid, gid = self._ctx()
-        _node, fh = self.fs.create(parent, name, mode, flags, uid, gid, umask=self._umask())
+        uid, gid, umask = self._caller()
+        _node, fh = self.fs.create(parent, name, mode, flags, uid, gid, umask=umask)
         return fh
 
     def open(self, path: str, flags: int) -> int:

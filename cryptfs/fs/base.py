@@ -40,7 +40,6 @@ reverse. Store reads happen outside ``self.lock``.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import logging
 import os
@@ -312,7 +311,8 @@ class FileSystemBase:
                 target=self._commit_deferred_loop, name="commit", daemon=True
             )
             self._committer.start()
-        self._deferred_event.set()
+        if not self._deferred_event.is_set():  # (else the committer's round comes anyway)
+            self._deferred_event.set()
 
     def _reapply_deferred(self) -> None:
         """A rollback undid the deferred writes too: write them again (still uncommitted)."""
@@ -365,10 +365,10 @@ class FileSystemBase:
         """The inode as programs see it: with the size and mtime of uncommitted writes."""
         f = self.files.get(node.ino)
         if f is not None and (f.size != node.size or f.mtime_ns is not None):
-            if f.mtime_ns is None:
-                return dataclasses.replace(node, size=f.size)
-            return dataclasses.replace(node, size=f.size, mtime_ns=f.mtime_ns,
-                                       ctime_ns=f.mtime_ns)
+            m = f.mtime_ns
+            mtime, ctime = (node.mtime_ns, node.ctime_ns) if m is None else (m, m)
+            return Inode(node.ino, node.mode, node.uid, node.gid, f.size, node.nlink,
+                         node.atime_ns, mtime, ctime, node.rdev, node.target)
         return node
 
     # -- filesystem -----------------------------------------------------------------------

@@ -33,10 +33,10 @@ would scatter the contracts an engine author must read together.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Protocol, TypeVar
 
 from cryptfs.errors import MetaError
@@ -384,32 +384,12 @@ class Transactions:
         """The one-line MetaError for ``e`` if it is an error of the database, else None."""
         raise NotImplementedError
 
-    @contextlib.contextmanager
-    def transaction(self, commit: bool = True) -> Iterator[None]:
+    def transaction(self, commit: bool = True) -> _Transaction:
         """Commit on success, roll back on error (a database error is raised as a one-line
         MetaError). Nests: inner blocks join the outer one, and the outermost block commits
         when it ends, with whatever reads or writes began a transaction before it. With
         ``commit=False`` an outermost block leaves its writes for the next commit."""
-        if self._depth:
-            self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
-            return
-        self._depth = 1
-        try:
-            yield
-        except BaseException as e:
-            self._depth = 0
-            self._rolled_back()
-            err = self._db_error(e)
-            if err is not None:
-                raise err from e
-            raise
-        self._depth = 0
-        if commit:
-            self.commit()
+        return _Transaction(self, commit)
 
     def undo_on_rollback(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` if the writes made since the last commit are rolled back (to undo what
@@ -424,3 +404,37 @@ class Transactions:
             fn()
         if self.on_rollback is not None:
             self.on_rollback()
+
+
+class _Transaction:
+    """A :meth:`Transactions.transaction` block: a class, not a generator, since every write
+    to the metadata runs in a few (a small file's create and close: four)."""
+
+    __slots__ = ("_commit", "_eng", "_outer")
+
+    def __init__(self, eng: Transactions, commit: bool) -> None:
+        self._eng = eng
+        self._commit = commit
+        self._outer = False
+
+    def __enter__(self) -> None:
+        eng = self._eng
+        self._outer = not eng._depth
+        eng._depth += 1
+
+    def __exit__(self, typ: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        eng = self._eng
+        if not self._outer:
+            eng._depth -= 1
+            return False
+        eng._depth = 0
+        if e is not None:
+            eng._rolled_back()
+            err = eng._db_error(e)
+            if err is not None:
+                raise err from e
+            return False
+        if self._commit:
+            eng.commit()
+        return False

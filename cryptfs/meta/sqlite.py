@@ -186,11 +186,11 @@ _SQL_TOUCH_INODE_MTIME = (
     "UPDATE inodes SET nlink = nlink + ?, ctime_ns = ?, mtime_ns = ? WHERE ino = ? "
     f"RETURNING {_INODE_COLS}"
 )
-_SQL_SET_ATTRS = (
-    "UPDATE inodes SET mode = CASE WHEN :perms IS NULL THEN mode ELSE (mode & 61440) | :perms "
-    "END, uid = coalesce(:uid, uid), gid = coalesce(:gid, gid), "
-    "atime_ns = coalesce(:atime, atime_ns), mtime_ns = coalesce(:mtime, mtime_ns), "
-    f"ctime_ns = :now WHERE ino = :ino RETURNING {_INODE_COLS}"
+_SQL_SET_ATTRS = (  # ?1 perms, ?2 uid, ?3 gid, ?4 atime, ?5 mtime, ?6 now, ?7 ino
+    "UPDATE inodes SET mode = CASE WHEN ?1 IS NULL THEN mode ELSE (mode & 61440) | ?1 "
+    "END, uid = coalesce(?2, uid), gid = coalesce(?3, gid), "
+    "atime_ns = coalesce(?4, atime_ns), mtime_ns = coalesce(?5, mtime_ns), "
+    f"ctime_ns = ?6 WHERE ino = ?7 RETURNING {_INODE_COLS}"
 )
 # the bytes the chunks of inode X take (see MetaStore.allocated)
 _SQL_ALLOCATED = (
@@ -738,9 +738,8 @@ class MetaStore(Transactions, NamespaceOps):
                   uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
                   mtime_ns: int | None = None) -> Inode | None:
         """One statement (UPDATE ... RETURNING); see :meth:`MetaEngine.set_attrs`."""
-        row = self.raw.execute(_SQL_SET_ATTRS, {
-            "ino": ino, "now": now_ns, "perms": perms, "uid": uid, "gid": gid,
-            "atime": atime_ns, "mtime": mtime_ns}).fetchall()
+        row = self.raw.execute(_SQL_SET_ATTRS, (perms, uid, gid, atime_ns, mtime_ns, now_ns,
+                                                ino)).fetchall()
         return Inode(*row[0]) if row else None
 
     def insert_inode(self, node: Inode) -> int:
@@ -1213,7 +1212,10 @@ class MetaStore(Transactions, NamespaceOps):
     def ledger_insert(self, rows: list[LedgerRow]) -> None:
         """Append rows (seq, time_ns, op, name, size, sha256, prev, hash) in the current
         transaction."""
-        self.raw.executemany(_SQL_LEDGER_INSERT, rows)
+        if len(rows) == 1:  # (each small file's put appends one)
+            self.raw.execute(_SQL_LEDGER_INSERT, rows[0])
+        else:
+            self.raw.executemany(_SQL_LEDGER_INSERT, rows)
 
     def ledger_truncate_after(self, seq: int) -> None:
         self.raw.execute("DELETE FROM ledger WHERE seq > ?", (seq,))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -43,39 +44,44 @@ class LocalStore(PlainStore):
         if not self.root.is_dir():
             raise StoreError(f"store directory {self.root} does not exist",
                              hint="run 'cryptfs init' first or check the URL")
-        self._dirs_made: set[Path] = set()
+        self._root = str(self.root)
+        # paths as strings below: a put makes several, a Path costs more than its write
+        self._dirs_made: set[str] = set()
         self._lock = threading.Lock()
         # what sync must make durable: files put since the last sync, directories whose
         # entries changed (a new object, or a new subdirectory)
-        self._unsynced: set[Path] = set()
-        self._unsynced_dirs: set[Path] = set()
-        self._new_dirs: set[Path] = set()  # directories put may have created since
+        self._unsynced: set[str] = set()
+        self._unsynced_dirs: set[str] = set()
+        self._new_dirs: set[str] = set()  # directories put may have created since
         # an fsync of a file makes its name durable too: directories need none of their own,
         # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
         self._names_with_files = names_durable_with_files(self.root)
 
     def _path(self, name: str) -> Path:
-        if not name or name.startswith("/") or ".." in name.split("/"):
-            raise StoreError(f"invalid object name {name!r}")
+        _check_name(name)
         return self.root / name
 
     def put(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        parent = path.parent
-        new_dirs: list[Path] = []
+        _check_name(name)
+        path = f"{self._root}/{name}"
+        parent, _, base = path.rpartition("/")
+        new_dirs: list[str] = []
         if parent not in self._dirs_made:
-            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
             # it may have been created just now: its entry, and its parent's, up to the root
-            new_dirs = [d for d in (parent, *parent.parents) if d.is_relative_to(self.root)]
+            parts = name.split("/")[:-1]
+            new_dirs = [self._root] + ["/".join((self._root, *parts[:i]))
+                                       for i in range(1, len(parts) + 1)]
             with self._lock:
                 self._dirs_made.add(parent)
         if not (name.startswith(DATA_PREFIX) and self._put_new(path, name, data)):
-            tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
+            tmp = f"{parent}/.tmp.{base}.{os.getpid()}.{threading.get_ident()}"
             self._write(tmp, name, data, os.O_TRUNC)
             try:
                 os.rename(tmp, path)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
                 self._put_failed(name, e)
         with self._lock:
             self._unsynced.add(path)
@@ -83,7 +89,7 @@ class LocalStore(PlainStore):
             self._unsynced_dirs.update(new_dirs)
             self._new_dirs.update(new_dirs)
 
-    def _put_new(self, path: Path, name: str, data: bytes) -> bool:
+    def _put_new(self, path: str, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
         than temp file and rename, which is most of the cost of a small file); False if it
         exists (then the caller replaces it atomically). Safe for chunk objects only: they are
@@ -96,7 +102,7 @@ class LocalStore(PlainStore):
             return False
         return True
 
-    def _write(self, path: Path, name: str, data: bytes, flag: int) -> None:
+    def _write(self, path: str, name: str, data: bytes, flag: int) -> None:
         """Create ``path`` (``flag``: O_TRUNC or O_EXCL) holding ``data``; on a failure remove
         what was written and raise StoreError (O_EXCL on an existing file: FileExistsError)."""
         try:
@@ -114,7 +120,8 @@ class LocalStore(PlainStore):
             finally:
                 os.close(fd)
         except OSError as e:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             self._put_failed(name, e)
 
     def _put_failed(self, name: str, e: OSError) -> NoReturn:
@@ -216,8 +223,8 @@ class LocalStore(PlainStore):
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
                 if self._names_with_files:  # only the parents of new directories
-                    dirs = {d.parent for d in dirs if d in made and d != self.root}
-                _fsync_all(sorted(dirs, key=lambda d: len(d.parts), reverse=True),
+                    dirs = {os.path.dirname(d) for d in dirs if d in made and d != self._root}
+                _fsync_all(sorted(dirs, key=lambda d: d.count("/"), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             with self._lock:
@@ -239,7 +246,12 @@ class LocalStore(PlainStore):
         pass
 
 
-def _fsync_all(paths: list[Path], flags: int) -> None:
+def _check_name(name: str) -> None:
+    if not name or name.startswith("/") or ".." in name.split("/"):
+        raise StoreError(f"invalid object name {name!r}")
+
+
+def _fsync_all(paths: list[str], flags: int) -> None:
     """fsync each of ``paths`` (one deleted meanwhile, an object collected, needs nothing).
     One after the other: the first one's journal commit covers the others' names and new
     blocks as far as their writeback has begun; starting it for all first (sync_file_range)
