@@ -173,6 +173,15 @@ class _Op:
         return False
 
 
+def created(node: Inode) -> Inode:
+    """The inode :meth:`NamespaceOps.mknod` creates for ``node``: its type, mode, owner, size,
+    rdev and target, the link count of a new file or directory, its times now; number 0 (the
+    engine gives it one)."""
+    now = time.time_ns()
+    return Inode(0, node.mode, node.uid, node.gid, node.size,
+                 2 if stat.S_ISDIR(node.mode) else 1, now, now, now, node.rdev, node.target)
+
+
 def touched(node: Inode, now_ns: int, nlink: int, mtime: bool) -> Inode:
     """``node`` (changed in place) as :meth:`NamespaceOps.touch_inode` leaves it: ``nlink``
     more links, changed at ``now_ns`` (modified too with ``mtime``)."""
@@ -272,9 +281,8 @@ class NamespaceOps(_Rows):
         isdir = stat.S_ISDIR(node.mode)
 
         def run() -> Changed:
-            now = time.time_ns()
-            new = Inode(0, node.mode, node.uid, node.gid, node.size, 2 if isdir else 1, now,
-                        now, now, node.rdev, node.target)
+            new = created(node)
+            now = new.ctime_ns
             new.ino = self.insert_inode(new)
             if not self.add_dentry_if_absent(parent, name, new.ino):
                 raise os_error(errno.EEXIST)

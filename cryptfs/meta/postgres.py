@@ -114,7 +114,7 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
-from cryptfs.meta.namespace import NamespaceOps, check_name, touched
+from cryptfs.meta.namespace import NamespaceOps, check_name, created, touched
 from cryptfs.paths import machine_id
 
 log = logging.getLogger("cryptfs.meta.postgres")
@@ -1374,9 +1374,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         isdir = stat.S_ISDIR(node.mode)
 
         def run() -> Changed:
-            now = time.time_ns()
-            new = Inode(0, node.mode, node.uid, node.gid, node.size, 2 if isdir else 1, now,
-                        now, now, node.rdev, node.target)
+            new = created(node)
+            now = new.ctime_ns
             pk = self._h(b"i", parent)
             got = self._ivals.get(parent)
             if not self._retryable or got is None or got[0] != self._vers.get(("inodes", pk)):
