@@ -29,7 +29,7 @@ class LocalStore(PlainStore):
     which are verified against the metadata, are written in place: see :meth:`_put_new`);
     :meth:`sync` makes every object put so far survive power loss: it fsyncs exactly the files
     put since the last sync and the directories that got new entries (on ext4 and xfs only the
-    parents of new directories: there a file's fsync makes its name durable, see
+    parents of new directories, each once a mount: there a file's fsync makes its name durable, see
     :func:`cryptfs.paths.names_durable_with_files`; a syncfs of the store's filesystem instead
     when there are more than SYNCFS_ABOVE of them). Deletions are not made durable: an object
     that comes back after a power loss is unreferenced, and collected.
@@ -49,7 +49,9 @@ class LocalStore(PlainStore):
         # entries changed (a new object, or a new subdirectory)
         self._unsynced: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
-        self._new_dirs: set[Path] = set()  # directories put may have created since
+        # directories this process first put into since the last sync (it may have created
+        # them): their parents are synced once, not at every first put below them
+        self._new_dirs: set[Path] = set()
         # an fsync of a file makes its name durable too: directories need none of their own,
         # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
         self._names_with_files = names_durable_with_files(self.root)
@@ -62,13 +64,16 @@ class LocalStore(PlainStore):
     def put(self, name: str, data: bytes) -> None:
         path = self._path(name)
         parent = path.parent
-        new_dirs: list[Path] = []
         if parent not in self._dirs_made:
             parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # it may have been created just now: its entry, and its parent's, up to the root
-            new_dirs = [d for d in (parent, *parent.parents) if d.is_relative_to(self.root)]
+            # it and the directories above it may have been created just now (or by a process
+            # that crashed before syncing them): each one this process has not seen yet needs
+            # its entry made durable, once (seen ones: by the sync that follows their first put)
             with self._lock:
-                self._dirs_made.add(parent)
+                fresh = [d for d in (parent, *parent.parents)
+                         if d.is_relative_to(self.root) and d not in self._dirs_made]
+                self._dirs_made.update(fresh)
+                self._new_dirs.update(fresh)
         if not (name.startswith(DATA_PREFIX) and self._put_new(path, name, data)):
             tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
             self._write(tmp, name, data, os.O_TRUNC)
@@ -80,8 +85,6 @@ class LocalStore(PlainStore):
         with self._lock:
             self._unsynced.add(path)
             self._unsynced_dirs.add(parent)
-            self._unsynced_dirs.update(new_dirs)
-            self._new_dirs.update(new_dirs)
 
     def _put_new(self, path: Path, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
@@ -208,16 +211,19 @@ class LocalStore(PlainStore):
         with self._lock:
             files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs
             self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), set()
-        if not files and not dirs:
+        if not files and not dirs and not made:
             return
+        # the directories holding the entries of new directories; and (except on ext4, xfs)
+        # those that got objects; each once, the deepest first
+        todo = {d.parent for d in made if d != self.root}
+        if not self._names_with_files:
+            todo |= dirs
         try:
-            if len(files) + len(dirs) > SYNCFS_ABOVE:
+            if len(files) + len(todo) > SYNCFS_ABOVE:
                 self._syncfs()
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
-                if self._names_with_files:  # only the parents of new directories
-                    dirs = {d.parent for d in dirs if d in made and d != self.root}
-                _fsync_all(sorted(dirs, key=lambda d: len(d.parts), reverse=True),
+                _fsync_all(sorted(todo, key=lambda d: len(d.parts), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             with self._lock:
