@@ -119,6 +119,7 @@ def test_fsync_ships_segments_and_the_store_alone_restores(
         _size, db_pages, count = struct.unpack(">III", plain[23:35])
         assert 0 < count <= 16 and db_pages > 3 * count
     # nothing new: nothing stored, the same checkpoint stays the newest
+    vault.checkpointer.collect()  # (what the collector thread may delete, deleted first)
     before = store_files(home)
     vault.sync()
     assert store_files(home) == before and newest(vault).name == ck.name
@@ -179,6 +180,7 @@ def test_a_snapshot_replaces_the_segments_and_they_are_collected(
         vault.sync()
     ck = newest(vault)
     assert ck.meta != first.meta and ck.segments == []  # a new snapshot
+    vault.checkpointer.collect()  # (the collector thread's, after the fsync returned)
     kept = {n for n in store_files(home) if n.startswith(META_PREFIX)}
     assert kept == {r.name for r in checkpoint_objects(ck)}  # the old chain was collected
     out = home / "m.db"
@@ -237,7 +239,8 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
 
     try:
         write(v, b"f", b"0" * 1000)
-        v.sync()  # the first round of a mount collects
+        v.sync()  # the first round of a mount collects (in the collector thread, at once)
+        v.checkpointer.collect()  # (done when this returns)
         first = kinds()
         for i in range(1, 7):
             write(v, b"f", str(i).encode() * 1000)  # the chunk before is garbage now
