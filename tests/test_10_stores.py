@@ -116,7 +116,8 @@ def test_local_sync_fsyncs_exactly_what_was_written(
     each directory that got an entry, new directories' parents up to the root included;
     nothing else, nothing twice; past SYNCFS_ABOVE it is one syncfs instead. On a filesystem
     where a file's fsync makes its name durable (ext4, xfs) only new directories' parents, each
-    once (not the root again for every new directory below it)."""
+    once (not the root again for every new directory below it); the next mount syncs each
+    parent once, not once for each existing directory it first puts into."""
     from cryptfs.stores import local
 
     root = tmp_path / "s"
@@ -149,6 +150,18 @@ def test_local_sync_fsyncs_exactly_what_was_written(
     dirs = [root / "data"] if names_with_files else [root / "data/cd", root / "data/ab",
                                                      root / "data"]
     assert sorted(synced) == sorted([root / "data/cd/c3", root / "data/ab/c4", *dirs])
+    synced.clear()
+    again = LocalStore(root)  # the next mount: every directory exists, none is known durable
+    again.put("data/ab/c5", b"5")
+    again.sync()
+    dirs = [root / "data", root] if names_with_files else [root / "data/ab", root / "data",
+                                                           root]
+    assert sorted(synced) == sorted([root / "data/ab/c5", *dirs])
+    synced.clear()
+    again.put("data/cd/c6", b"6")  # in data/ when that sync listed it: nothing above it
+    again.sync()
+    dirs = [] if names_with_files else [root / "data/cd"]
+    assert sorted(synced) == sorted([root / "data/cd/c6", *dirs])
     synced.clear()
     calls: list[int] = []
     monkeypatch.setattr(local, "SYNCFS_ABOVE", 3)

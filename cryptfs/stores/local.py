@@ -50,8 +50,12 @@ class LocalStore(PlainStore):
         self._unsynced: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
         # directories this process first put into since the last sync (it may have created
-        # them): their parents are synced once, not at every first put below them
+        # them, or a process that crashed before syncing them): their parents are synced once,
+        # not at every first put below them
         self._new_dirs: set[Path] = set()
+        # per directory, the entries a sync of this process made durable (those it held when
+        # that sync listed it, before its fsync): a directory found there is not new
+        self._durable: dict[Path, set[str]] = {}
         # an fsync of a file makes its name durable too: directories need none of their own,
         # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
         self._names_with_files = names_durable_with_files(self.root)
@@ -68,12 +72,15 @@ class LocalStore(PlainStore):
             parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             # it and the directories above it may have been created just now (or by a process
             # that crashed before syncing them): each one this process has not seen yet needs
-            # its entry made durable, once (seen ones: by the sync that follows their first put)
+            # its entry made durable, once (seen ones: by the sync that follows their first put),
+            # unless a sync of this process already did (a mount of an existing vault syncs
+            # data/ once, not once for each of its 256 directories)
             with self._lock:
                 fresh = [d for d in (parent, *parent.parents)
                          if d.is_relative_to(self.root) and d not in self._dirs_made]
                 self._dirs_made.update(fresh)
-                self._new_dirs.update(fresh)
+                self._new_dirs.update(d for d in fresh
+                                      if d.name not in self._durable.get(d.parent, ()))
         if not (name.startswith(DATA_PREFIX) and self._put_new(path, name, data)):
             tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
             self._write(tmp, name, data, os.O_TRUNC)
@@ -215,16 +222,21 @@ class LocalStore(PlainStore):
             return
         # the directories holding the entries of new directories; and (except on ext4, xfs)
         # those that got objects; each once, the deepest first
-        todo = {d.parent for d in made if d != self.root}
-        if not self._names_with_files:
-            todo |= dirs
+        parents = {d.parent for d in made if d != self.root}
+        todo = parents | dirs if not self._names_with_files else parents
         try:
+            # what each parent holds now is durable once it is synced (listed first: an entry
+            # added meanwhile is not counted)
+            listed = {d: os.listdir(d) for d in parents}
             if len(files) + len(todo) > SYNCFS_ABOVE:
                 self._syncfs()
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
                 _fsync_all(sorted(todo, key=lambda d: len(d.parts), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
+            with self._lock:
+                for d, names in listed.items():
+                    self._durable.setdefault(d, set()).update(names)
         except OSError as e:
             with self._lock:
                 self._unsynced |= files
