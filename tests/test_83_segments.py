@@ -265,7 +265,7 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
 
 # -- kill -9 between the steps of a round ------------------------------------------------------
 CHILD = r"""
-import os, sys
+import os, sys, time
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
@@ -280,8 +280,11 @@ def write(name, data):
     v.fs.release(fh)
 
 write(b"a", b"A" * 5000)
+write(b"z", b"Z" * 5000)
 v.sync()
+v.checkpointer.collect()  # (the first round's collection done before any hook below)
 write(b"b", b"B" * 5000)
+v.fs.unlink(ROOT_INO, b"z")  # its chunk: garbage once the next round has shipped
 calls = {}
 
 def die_after(owner, attr, nth=1, when=lambda *a: True):
@@ -308,11 +311,17 @@ elif step == "head-staged":
     die_after(checkpointer, "fsync_path")
 elif step == "head-renamed":
     die_after(checkpointer, "replace_private")
+elif step == "collect-deleted":  # after the fsync returned: a delete not yet recorded
+    die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
+elif step == "collected":
+    die_after(v.checkpointer, "_collect")
 v.sync()
+if step.startswith("collect"):
+    time.sleep(20)  # the collector thread collects (and dies) once due, 1 s after the last
 os._exit(9 if step == "returned" else 0)
 """
 STEPS = ["store-synced", "log-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
-         "head-renamed", "returned"]
+         "head-renamed", "returned", "collect-deleted", "collected"]
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -323,7 +332,8 @@ def test_kill_between_the_steps_of_a_round(
     opens again on this machine (the anchors agree: the head file never names a checkpoint
     the store lacks) with everything committed before, and a new machine restores from the
     store alone what the last completed fsync made durable, and the round's file once the
-    fsync returned."""
+    fsync returned. Also while collection, after the fsync returned, deletes what the round
+    freed (a delete done, not yet recorded; all done): the newest checkpoint still restores."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -335,7 +345,7 @@ def test_kill_between_the_steps_of_a_round(
         out = home / "restored.db"
         materialize(ro.store, ro.codec, newest(ro), out)
         assert b"a" in names_in(out)
-        if step == "returned":
+        if step == "returned" or step.startswith("collect"):
             assert b"b" in names_in(out)
     finally:
         ro.close()
