@@ -49,10 +49,10 @@ class LocalStore(PlainStore):
         # entries changed (a new object, or a new subdirectory)
         self._unsynced: set[Path] = set()
         self._unsynced_dirs: set[Path] = set()
-        # directories this process first put into since the last sync (it may have created
-        # them, or a process that crashed before syncing them): their parents are synced once,
-        # not at every first put below them
-        self._new_dirs: set[Path] = set()
+        # directories this process first put into since the last sync, each with whether it
+        # created it (else a process that crashed before syncing it may have): their parents
+        # are synced once, not at every first put below them
+        self._new_dirs: dict[Path, bool] = {}
         # per directory, the entries a sync of this process made durable (those it held when
         # that sync listed it, before its fsync): a directory found there is not new
         self._durable: dict[Path, set[str]] = {}
@@ -69,7 +69,10 @@ class LocalStore(PlainStore):
         path = self._path(name)
         parent = path.parent
         if parent not in self._dirs_made:
-            parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                created = _make_dirs(parent)
+            except OSError as e:
+                self._put_failed(name, e)
             # it and the directories above it may have been created just now (or by a process
             # that crashed before syncing them): each one this process has not seen yet needs
             # its entry made durable, once (seen ones: by the sync that follows their first put),
@@ -79,8 +82,9 @@ class LocalStore(PlainStore):
                 fresh = [d for d in (parent, *parent.parents)
                          if d.is_relative_to(self.root) and d not in self._dirs_made]
                 self._dirs_made.update(fresh)
-                self._new_dirs.update(d for d in fresh
-                                      if d.name not in self._durable.get(d.parent, ()))
+                self._new_dirs.update((d, d in created) for d in fresh
+                                      if d in created or
+                                      d.name not in self._durable.get(d.parent, ()))
         if not (name.startswith(DATA_PREFIX) and self._put_new(path, name, data)):
             tmp = parent / f".tmp.{path.name}.{os.getpid()}.{threading.get_ident()}"
             self._write(tmp, name, data, os.O_TRUNC)
@@ -217,7 +221,7 @@ class LocalStore(PlainStore):
         failure what was not synced is kept for the next call, and StoreError is raised."""
         with self._lock:
             files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs
-            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), set()
+            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), {}
         if not files and not dirs and not made:
             return
         # the directories holding the entries of new directories; and (except on ext4, xfs)
@@ -225,9 +229,10 @@ class LocalStore(PlainStore):
         parents = {d.parent for d in made if d != self.root}
         todo = parents | dirs if not self._names_with_files else parents
         try:
-            # what each parent holds now is durable once it is synced (listed first: an entry
-            # added meanwhile is not counted)
-            listed = {d: os.listdir(d) for d in parents}
+            # what a parent of directories found (not created) holds now is durable once it is
+            # synced (listed first: an entry added meanwhile is not counted)
+            listed = {d.parent: os.listdir(d.parent) for d, mine in made.items()
+                      if not mine and d != self.root}
             if len(files) + len(todo) > SYNCFS_ABOVE:
                 self._syncfs()
             else:
@@ -241,7 +246,7 @@ class LocalStore(PlainStore):
             with self._lock:
                 self._unsynced |= files
                 self._unsynced_dirs |= dirs
-                self._new_dirs |= made
+                self._new_dirs.update(made)
             raise StoreError(f"cannot sync the store {self.root}: {e.strerror}") from None
 
     def _syncfs(self) -> None:
@@ -255,6 +260,22 @@ class LocalStore(PlainStore):
 
     def close(self) -> None:
         pass
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create directory ``path`` and the missing ones above it (0700); the ones created."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return []
+    except FileNotFoundError:
+        made = _make_dirs(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return made
+        return [*made, path]
+    return [path]
 
 
 def _fsync_all(paths: list[Path], flags: int) -> None:

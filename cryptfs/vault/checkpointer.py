@@ -291,15 +291,19 @@ class Checkpointer:
 
     def _planned(self, current: set[str], garbage: list[ChunkRef]) -> None:
         """Record what the round that just ended lets collection delete and wake the
-        collector (caller holds _ckpt_lock)."""
+        collector if it waits for no time of its own: collection is due, or it had nothing
+        to collect (caller holds _ckpt_lock). Not at every round: a thread woken in the
+        round's process takes the interpreter from the rounds that follow."""
         with self._collect_cv:
+            idle = self._plan is None
             self._plan = (current, garbage)
             self._uncollected += 1
             if self._collector is None and not self._closed:
                 self._collector = threading.Thread(target=self._collect_loop, name="collect",
                                                    daemon=True)
                 self._collector.start()
-            self._collect_cv.notify_all()
+            if idle or self._collect_due() <= 0:
+                self._collect_cv.notify_all()
 
     def _collect_loop(self) -> None:
         """The collector thread: collect once a round left a plan and collection is due,
