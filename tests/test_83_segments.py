@@ -314,7 +314,7 @@ elif step == "head-renamed":
 elif step == "collect-deleted":  # after the fsync returned: a delete not yet recorded
     die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
 elif step == "collected":
-    die_after(v.checkpointer, "_collect")
+    die_after(v.checkpointer, "_collect_delete")
 v.sync()
 if step.startswith("collect"):
     time.sleep(20)  # the collector thread collects (and dies) once due, 1 s after the last

@@ -30,13 +30,20 @@ journal (and on any filesystem, by POSIX) a rename is durable only with its dire
 
 Collection (deleting what the newest checkpoint no longer needs) is not part of a round: the
 round records what it may delete (the objects its checkpoint names, the chunks unreferenced in
-its metadata) and the fsync returns; the collector thread then collects, holding off rounds as
-a round does, with the newest round's record, once COLLECT_INTERVAL passed or COLLECT_ROUNDS
-rounds went by since it last did (a burst of fsyncs pays for no store deletes). That keeps what
-collection deletes exactly what it deleted at the end of the round: nothing the newest durable
-checkpoint names (it is durable before its round ends) and nothing a snapshot pin holds (no pin
-is put while it runs). The final round of a mount and a deleted snapshot collect at once, in the
-caller's thread (:meth:`finish`, :meth:`sync` with ``collect``).
+its metadata) and the fsync returns; the collector thread then collects with the newest round's
+record, once COLLECT_INTERVAL passed or COLLECT_ROUNDS rounds went by since it last did (a burst
+of fsyncs pays for no store deletes). It works out what to delete holding off rounds, as a
+round does: the checkpoints beyond the newest few and the metadata objects the newest
+checkpoint does not name (neither held by a snapshot pin), and the chunks unreferenced both in
+the newest checkpoint's metadata and now, whose rows it drops (claimed: a write of the same
+content meanwhile stores it again). That is exactly what collection at the end of the round
+deleted: nothing the newest durable checkpoint names (it is durable before its round ends),
+nothing a pin holds (no pin is put meanwhile). Then it deletes them while rounds go on: a later
+round names only the newest checkpoint's metadata objects or newer ones, a later pin only a
+checkpoint at least that new, so neither can name what was found, and a chunk it references
+again has a row again, stored anew. One collection at a time; each object is deleted before
+its ``del`` entry, as before. The final round of a mount and a deleted snapshot collect at once,
+in the caller's thread (:meth:`finish`, :meth:`sync` with ``collect``).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
@@ -178,6 +185,7 @@ class Checkpointer:
         # chunks unreferenced in its metadata (None: collected since, or no round yet)
         self._plan: tuple[set[str], list[ChunkRef]] | None = None
         self._collect_cv = threading.Condition()  # wakes the collector thread
+        self._collect_lock = threading.Lock()  # one collection at a time
         self._collector: threading.Thread | None = None
         self._closed = False
         self._head_renamed = False  # the head file was renamed, its directory not synced
@@ -262,18 +270,22 @@ class Checkpointer:
     def collect(self) -> None:
         """Collect now, due or not, what the newest round of this mount lets collection
         delete (nothing if it was collected since: when this returns, it is). Holds off
-        rounds meanwhile, as a round does."""
-        with self._ckpt_lock:
-            plan, self._plan = self._plan, None
-            if plan is None:
-                return
-            self._uncollected = 0
-            self._collected_at = time.monotonic()
-            self._collect(*plan)
+        rounds while it works out what to delete (see the module docstring), not while it
+        deletes; one collection at a time."""
+        with self._collect_lock:
+            with self._ckpt_lock:
+                plan, self._plan = self._plan, None
+                if plan is None:
+                    return
+                self._uncollected = 0
+                self._collected_at = time.monotonic()
+                work = self._collect_claim(*plan)
+            if work is not None:
+                self._collect_delete(*work)
             with self.lock:
                 last = self.ledger.head()
-            if last is not None:
-                self.last_seq = last.seq  # (its entries alone call for no periodic checkpoint)
+            if last is not None:  # (its entries alone call for no periodic checkpoint)
+                self.last_seq = max(self.last_seq, last.seq)
 
     def close(self) -> None:
         """Stop the collector thread (a collection under way ends first)."""
@@ -541,12 +553,15 @@ class Checkpointer:
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
         return json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
 
-    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
-        """Delete what the newest checkpoint no longer needs: snapshots and segments it does
+    def _collect_claim(self, current: set[str], garbage: list[ChunkRef]
+                       ) -> tuple[list[ChunkRef], list[ChunkRef]] | None:
+        """Work out what the newest checkpoint no longer needs: snapshots and segments it does
         not name (``current``), checkpoints beyond the newest few, and chunk objects that were
         unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
-        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
-        own (see _own)."""
+        and nothing at all (None) while that cannot be worked out. The chunks are claimed and
+        their rows dropped here (a shared vault's collected here whole). Returns the other
+        objects to delete and the claimed chunks, for :meth:`_collect_delete`. Caller holds
+        _ckpt_lock. Its writes are the checkpoint's own (see _own)."""
         meta = self.meta
         with self.lock:  # by the name index: not every object of a big vault
             cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
@@ -561,22 +576,9 @@ class Checkpointer:
         local = [] if meta.shared else garbage
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
-        # deletions first, then their records in one transaction (one commit for all: each
-        # commit writes its pages to the log, and the next segment ships them)
-        gone: list[ChunkRef] = []
-        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
-            try:
-                self.store.delete(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e.line())
-                continue
-            gone.append(ref)
         claimed: list[ChunkRef] = []
         try:
             with self._own(), meta.transaction():
-                for ref in gone:
-                    meta.forget_object(ref.name)
-                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
                 for ref in local:  # their rows go before the objects (committed first)
                     if not self.chunks.try_claim_for_delete(ref.name):
                         continue
@@ -587,6 +589,32 @@ class Checkpointer:
             for ref in claimed:
                 self.chunks.release_claim(ref.name)
             raise
+        if meta.shared:
+            deleted = self._collect_shared(garbage)
+            if deleted:
+                with self._own(), meta.transaction():
+                    for ref in deleted:
+                        self.ledger.append("del", ref.name, ref.size, ref.sha256)
+        return old, claimed
+
+    def _collect_delete(self, old: list[ChunkRef], claimed: list[ChunkRef]) -> None:
+        """Delete in the store what :meth:`_collect_claim` found, each object before its
+        record (the ledger's ``del`` entries, in one transaction per kind: each commit writes
+        its pages to the log, and the next segment ships them). Rounds may run meanwhile."""
+        meta = self.meta
+        gone: list[ChunkRef] = []
+        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
+            try:
+                self.store.delete(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e.line())
+                continue
+            gone.append(ref)
+        if gone:
+            with self._own(), meta.transaction():
+                for ref in gone:
+                    meta.forget_object(ref.name)
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
         deleted: list[ChunkRef] = []
         for ref in claimed:
             try:
@@ -597,8 +625,6 @@ class Checkpointer:
                     meta.unreference_object(ref)
                 continue
             deleted.append(ref)
-        if meta.shared:
-            deleted = self._collect_shared(garbage)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:
