@@ -119,7 +119,6 @@ def test_fsync_ships_segments_and_the_store_alone_restores(
         _size, db_pages, count = struct.unpack(">III", plain[23:35])
         assert 0 < count <= 16 and db_pages > 3 * count
     # nothing new: nothing stored, the same checkpoint stays the newest
-    vault.checkpointer.collect()  # (what the collector thread may delete, deleted first)
     before = store_files(home)
     vault.sync()
     assert store_files(home) == before and newest(vault).name == ck.name
@@ -180,7 +179,6 @@ def test_a_snapshot_replaces_the_segments_and_they_are_collected(
         vault.sync()
     ck = newest(vault)
     assert ck.meta != first.meta and ck.segments == []  # a new snapshot
-    vault.checkpointer.collect()  # (the collector thread's, after the fsync returned)
     kept = {n for n in store_files(home) if n.startswith(META_PREFIX)}
     assert kept == {r.name for r in checkpoint_objects(ck)}  # the old chain was collected
     out = home / "m.db"
@@ -239,8 +237,7 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
 
     try:
         write(v, b"f", b"0" * 1000)
-        v.sync()  # the first round of a mount collects (in the collector thread, at once)
-        v.checkpointer.collect()  # (done when this returns)
+        v.sync()  # the first round of a mount collects
         first = kinds()
         for i in range(1, 7):
             write(v, b"f", str(i).encode() * 1000)  # the chunk before is garbage now
@@ -265,7 +262,7 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
 
 # -- kill -9 between the steps of a round ------------------------------------------------------
 CHILD = r"""
-import os, sys, time
+import os, sys
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
@@ -282,7 +279,6 @@ def write(name, data):
 write(b"a", b"A" * 5000)
 write(b"z", b"Z" * 5000)
 v.sync()
-v.checkpointer.collect()  # (the first round's collection done before any hook below)
 write(b"b", b"B" * 5000)
 v.fs.unlink(ROOT_INO, b"z")  # its chunk: garbage once the next round has shipped
 calls = {}
@@ -311,17 +307,14 @@ elif step == "head-staged":
     die_after(checkpointer, "fsync_path")
 elif step == "head-renamed":
     die_after(checkpointer, "replace_private")
-elif step == "collect-deleted":  # after the fsync returned: a delete not yet recorded
+elif step == "collect-deleted":  # the round's collection: a delete not yet recorded
+    checkpointer.COLLECT_INTERVAL = 0.0
     die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
-elif step == "collected":
-    die_after(v.checkpointer, "_collect_delete")
 v.sync()
-if step.startswith("collect"):
-    time.sleep(20)  # the collector thread collects (and dies) once due, 1 s after the last
 os._exit(9 if step == "returned" else 0)
 """
 STEPS = ["store-synced", "log-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
-         "head-renamed", "returned", "collect-deleted", "collected"]
+         "head-renamed", "returned", "collect-deleted"]
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -332,8 +325,8 @@ def test_kill_between_the_steps_of_a_round(
     opens again on this machine (the anchors agree: the head file never names a checkpoint
     the store lacks) with everything committed before, and a new machine restores from the
     store alone what the last completed fsync made durable, and the round's file once the
-    fsync returned. Also while collection, after the fsync returned, deletes what the round
-    freed (a delete done, not yet recorded; all done): the newest checkpoint still restores."""
+    fsync returned, or while the round's collection deletes what it freed (after its
+    checkpoint is durable)."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -345,7 +338,7 @@ def test_kill_between_the_steps_of_a_round(
         out = home / "restored.db"
         materialize(ro.store, ro.codec, newest(ro), out)
         assert b"a" in names_in(out)
-        if step == "returned" or step.startswith("collect"):
+        if step in ("returned", "collect-deleted"):
             assert b"b" in names_in(out)
     finally:
         ro.close()

@@ -16,34 +16,21 @@ committed; first wait: the store synced (chunks and metadata durable), then the 
 database's log (so its ledger reaches the checkpoint's head), and the last round's head file
 rename; second wait: the checkpoint object and the temp file of the head file naming it
 synced together; the temp file renamed into place (made durable by the next round's first
-wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy. Those
-last entries are committed, so they survive a crash of the process; the next round's local sync
-and head file anchor them (the final round of a mount anchors them at once: :meth:`finish`).
-One fsync per file written and one of the head file's directory: on ext4 and xfs the store's
-directories need none for the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
+wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy;
+collection (not in every round: see COLLECT_INTERVAL). Those last entries are committed, so
+they survive a crash of the process; the next round's local sync and head file anchor them
+(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written
+and one of the head file's directory: on ext4 and xfs the store's directories need none for
+the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
 Disk waits of a round that stores one chunk, in that order: the chunk, the segment, the local
 log, the head file's directory (first wait); the checkpoint, the head file's temp file (second
 wait). Each is needed: a checkpoint durable before what it names could name objects a power
 loss took, or a ledger head the local log lost (the anchors would refuse the mount); the head
 file must never name a checkpoint the store may not have, nor be torn; on ext4 without a
 journal (and on any filesystem, by POSIX) a rename is durable only with its directory.
-
-Collection (deleting what the newest checkpoint no longer needs) is not part of a round: the
-round records what it may delete (the objects its checkpoint names, the chunks unreferenced in
-its metadata) and the fsync returns; the collector thread then collects with the newest round's
-record, once COLLECT_INTERVAL passed or COLLECT_ROUNDS rounds went by since it last did (a burst
-of fsyncs pays for no store deletes). It works out what to delete holding off rounds, as a
-round does: the checkpoints beyond the newest few and the metadata objects the newest
-checkpoint does not name (neither held by a snapshot pin), and the chunks unreferenced both in
-the newest checkpoint's metadata and now, whose rows it drops (claimed: a write of the same
-content meanwhile stores it again). That is exactly what collection at the end of the round
-deleted: nothing the newest durable checkpoint names (it is durable before its round ends),
-nothing a pin holds (no pin is put meanwhile). Then it deletes them while rounds go on: a later
-round names only the newest checkpoint's metadata objects or newer ones, a later pin only a
-checkpoint at least that new, so neither can name what was found, and a chunk it references
-again has a row again, stored anew. One collection at a time; each object is deleted before
-its ``del`` entry, as before. The final round of a mount and a deleted snapshot collect at once,
-in the caller's thread (:meth:`finish`, :meth:`sync` with ``collect``).
+Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
+in a thread of its own, it raced the background levelling of a replicated vault (a copy made
+again, or recorded missing, of an object it was deleting: tests/test_97).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
@@ -98,9 +85,9 @@ MAX_SEGMENTS = 128
 COMPACT_RATIO = 2
 COMPACT_FLOOR = 1 << 20
 CHECKPOINT_INTERVAL = 60.0
-# collection (deleting what the newest checkpoint no longer needs) runs, after the round's fsync
-# returned, once this many seconds passed or this many rounds went by since it last ran, and at
-# the end of a mount: a burst of fsyncs (a database committing) does not pay for store deletes
+# collection (deleting what the newest checkpoint no longer needs) runs in a round once this
+# many seconds passed or this many rounds went by since it last ran, and in the final round of a
+# mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
 # seconds a checkpoint of a shared vault waits for the uploads of other machines that its
@@ -181,13 +168,8 @@ class Checkpointer:
         self._own_writes = 0
         self._collected_at = float("-inf")  # the first round collects
         self._uncollected = 0  # rounds since collection last ran
-        # what the newest round lets collection delete: the names its checkpoint needs, the
-        # chunks unreferenced in its metadata (None: collected since, or no round yet)
-        self._plan: tuple[set[str], list[ChunkRef]] | None = None
-        self._collect_cv = threading.Condition()  # wakes the collector thread
-        self._collect_lock = threading.Lock()  # one collection at a time
-        self._collector: threading.Thread | None = None
-        self._closed = False
+        self._final = False  # the mount is ending: collect in the round, whatever the interval
+        self._force_collect = False  # the next round collects, whatever the interval
         self._head_renamed = False  # the head file was renamed, its directory not synced
 
     def run(self, stop: threading.Event) -> None:
@@ -205,7 +187,7 @@ class Checkpointer:
                 if not self.ledger.forked:
                     log.warning("periodic checkpoint: %s", e)
                 continue
-            if head is not None and head.seq > self.last_seq + 1:
+            if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
                 except CryptfsError as e:  # (a metadata database out of reach, too)
@@ -218,14 +200,11 @@ class Checkpointer:
              collect: bool = False) -> None:
         """Make everything committed so far durable in the store (group commit: concurrent
         callers share one checkpoint that started after they called). Nothing happens when
-        the store already holds everything committed. ``collect``: then collect at once, due
+        the store already holds everything committed. ``collect``: the round collects, due
         or not (deleting a snapshot frees what it alone held at once)."""
-        self._sync(progress)
-        if collect:
-            self.collect()
-
-    def _sync(self, progress: Callable[[int, int], None] | None) -> None:
         self.gate()
+        if collect:
+            self._force_collect = True
         if not self.elected():
             with self.lock:
                 self.flush_stored()
@@ -260,89 +239,24 @@ class Checkpointer:
             self._ckpt_done = target
 
     def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """The final checkpoint of a mount: :meth:`sync`, the collector stopped, collection
-        whatever the interval, then :meth:`anchor`."""
+        """The final checkpoint of a mount: :meth:`sync`, collecting whatever the interval
+        (a round runs for that alone if needed), then :meth:`anchor`."""
+        self._final = True
         self.sync(progress)
-        self.close()
-        self.collect()
         self.anchor()
 
-    def collect(self) -> None:
-        """Collect now, due or not, what the newest round of this mount lets collection
-        delete (nothing if it was collected since: when this returns, it is). Holds off
-        rounds while it works out what to delete (see the module docstring), not while it
-        deletes; one collection at a time."""
-        with self._collect_lock:
-            with self._ckpt_lock:
-                plan, self._plan = self._plan, None
-                if plan is None:
-                    return
-                self._uncollected = 0
-                self._collected_at = time.monotonic()
-                work = self._collect_claim(*plan)
-            if work is not None:
-                self._collect_delete(*work)
-            with self.lock:
-                last = self.ledger.head()
-            if last is not None:  # (its entries alone call for no periodic checkpoint)
-                self.last_seq = max(self.last_seq, last.seq)
-
-    def close(self) -> None:
-        """Stop the collector thread (a collection under way ends first)."""
-        with self._collect_cv:
-            self._closed = True
-            self._collect_cv.notify_all()
-        if self._collector is not None and self._collector is not threading.current_thread():
-            self._collector.join()
-
-    def _collect_due(self) -> float:
-        """Seconds until collection is due (0 or less: due)."""
-        if self._uncollected >= COLLECT_ROUNDS:
-            return 0.0
-        return self._collected_at + COLLECT_INTERVAL - time.monotonic()
-
-    def _planned(self, current: set[str], garbage: list[ChunkRef]) -> None:
-        """Record what the round that just ended lets collection delete and wake the
-        collector if it waits for no time of its own: collection is due, or it had nothing
-        to collect (caller holds _ckpt_lock). Not at every round: a thread woken in the
-        round's process takes the interpreter from the rounds that follow."""
-        with self._collect_cv:
-            idle = self._plan is None
-            self._plan = (current, garbage)
-            self._uncollected += 1
-            if self._collector is None and not self._closed:
-                self._collector = threading.Thread(target=self._collect_loop, name="collect",
-                                                   daemon=True)
-                self._collector.start()
-            if idle or self._collect_due() <= 0:
-                self._collect_cv.notify_all()
-
-    def _collect_loop(self) -> None:
-        """The collector thread: collect once a round left a plan and collection is due,
-        until :meth:`close`. A failure the vault reports (CryptfsError) is logged (the next
-        round plans again); anything else fences the mount and ends the thread."""
-        while True:
-            with self._collect_cv:
-                while True:
-                    if self._closed:
-                        return
-                    wait = self._collect_due() if self._plan is not None else None
-                    if wait is not None and wait <= 0:
-                        break
-                    self._collect_cv.wait(wait)
-            try:
-                self.collect()
-            except CryptfsError as e:
-                log.warning("collection failed: %s", e)
-            except BaseException as e:  # noqa: B036 - never die silently, never go on
-                self.fence(f"collection failed unexpectedly ({type(e).__name__}: {e})")
-                return
+    def _collect_due(self) -> bool:
+        return self._final or self._force_collect or self._uncollected >= COLLECT_ROUNDS or \
+            time.monotonic() - self._collected_at >= COLLECT_INTERVAL
 
     def _dirty(self) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
-        than that checkpoint's own bookkeeping (caller holds the filesystem lock)."""
+        than that checkpoint's own bookkeeping, or a collection that was put off is due
+        (caller holds the filesystem lock)."""
         if self._clean_at is None or self.queued() or self.meta.shared:
             return True  # (shared: other machines' commits are not counted here)
+        if self._uncollected and self._collect_due():
+            return True
         return self.meta.change_count() != self._clean_at + self._own_writes
 
     @contextlib.contextmanager
@@ -371,9 +285,8 @@ class Checkpointer:
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
         checkpoint naming the snapshot and its segments with the ledger head (see
-        docs/FORMAT.md 8), in the order the module docstring gives; then record what
-        collection may delete (:meth:`_planned`). Callers hold off other checkpoints
-        (:meth:`sync`)."""
+        docs/FORMAT.md 8), in the order the module docstring gives; then collect what it no
+        longer needs. Callers hold off other checkpoints (:meth:`sync`)."""
         meta, led = self.meta, self.ledger
         with self.lock:
             self.flush_stored()
@@ -459,7 +372,13 @@ class Checkpointer:
             meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        self._planned({r.name for r in chain}, garbage)  # worked out (by the collector)
+        if self._collect_due():  # worked out
+            self._force_collect = False
+            self._collect({r.name for r in chain}, garbage)
+            self._collected_at = time.monotonic()
+            self._uncollected = 0
+        else:
+            self._uncollected += 1
         with self._own():
             meta.commit()
             last = led.head()
@@ -553,15 +472,12 @@ class Checkpointer:
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
         return json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
 
-    def _collect_claim(self, current: set[str], garbage: list[ChunkRef]
-                       ) -> tuple[list[ChunkRef], list[ChunkRef]] | None:
-        """Work out what the newest checkpoint no longer needs: snapshots and segments it does
+    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
+        """Delete what the newest checkpoint no longer needs: snapshots and segments it does
         not name (``current``), checkpoints beyond the newest few, and chunk objects that were
         unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
-        and nothing at all (None) while that cannot be worked out. The chunks are claimed and
-        their rows dropped here (a shared vault's collected here whole). Returns the other
-        objects to delete and the claimed chunks, for :meth:`_collect_delete`. Caller holds
-        _ckpt_lock. Its writes are the checkpoint's own (see _own)."""
+        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
+        own (see _own)."""
         meta = self.meta
         with self.lock:  # by the name index: not every object of a big vault
             cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
@@ -576,9 +492,22 @@ class Checkpointer:
         local = [] if meta.shared else garbage
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
+        # deletions first, then their records in one transaction (one commit for all: each
+        # commit writes its pages to the log, and the next segment ships them)
+        gone: list[ChunkRef] = []
+        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
+            try:
+                self.store.delete(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e.line())
+                continue
+            gone.append(ref)
         claimed: list[ChunkRef] = []
         try:
             with self._own(), meta.transaction():
+                for ref in gone:
+                    meta.forget_object(ref.name)
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
                 for ref in local:  # their rows go before the objects (committed first)
                     if not self.chunks.try_claim_for_delete(ref.name):
                         continue
@@ -589,32 +518,6 @@ class Checkpointer:
             for ref in claimed:
                 self.chunks.release_claim(ref.name)
             raise
-        if meta.shared:
-            deleted = self._collect_shared(garbage)
-            if deleted:
-                with self._own(), meta.transaction():
-                    for ref in deleted:
-                        self.ledger.append("del", ref.name, ref.size, ref.sha256)
-        return old, claimed
-
-    def _collect_delete(self, old: list[ChunkRef], claimed: list[ChunkRef]) -> None:
-        """Delete in the store what :meth:`_collect_claim` found, each object before its
-        record (the ledger's ``del`` entries, in one transaction per kind: each commit writes
-        its pages to the log, and the next segment ships them). Rounds may run meanwhile."""
-        meta = self.meta
-        gone: list[ChunkRef] = []
-        for ref in old:  # cleanup: a failure is retried at the next checkpoint, never fatal
-            try:
-                self.store.delete(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e.line())
-                continue
-            gone.append(ref)
-        if gone:
-            with self._own(), meta.transaction():
-                for ref in gone:
-                    meta.forget_object(ref.name)
-                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
         deleted: list[ChunkRef] = []
         for ref in claimed:
             try:
@@ -625,6 +528,8 @@ class Checkpointer:
                     meta.unreference_object(ref)
                 continue
             deleted.append(ref)
+        if meta.shared:
+            deleted = self._collect_shared(garbage)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:

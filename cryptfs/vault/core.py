@@ -690,8 +690,6 @@ class Vault:
                 with contextlib.suppress(CryptfsError):
                     self.replicas.flush()
                     self.replicas.meta.commit()
-            if self.checkpointer is not None:
-                self.checkpointer.close()  # (no collection once the engine is closed)
             if self.meta is not None:
                 self.meta.close()
             if self.session is not None:
