@@ -115,7 +115,9 @@ def test_local_sync_fsyncs_exactly_what_was_written(
     """sync makes durable each object put since the last sync (data and a replaced one) and
     each directory that got an entry, new directories' parents up to the root included;
     nothing else, nothing twice; past SYNCFS_ABOVE it is one syncfs instead. On a filesystem
-    where a file's fsync makes its name durable (ext4, xfs) only new directories' parents."""
+    where a file's fsync makes its name durable (ext4, xfs) only new directories' parents, each
+    once (not the root again for every new directory below it); the next mount syncs each
+    parent once, not once for each existing directory it first puts into."""
     from cryptfs.stores import local
 
     root = tmp_path / "s"
@@ -142,6 +144,25 @@ def test_local_sync_fsyncs_exactly_what_was_written(
     synced.clear()
     store.sync()  # nothing put since
     assert synced == []
+    store.put("data/cd/c3", b"3")  # one more new directory: its parent, not the root again
+    store.put("data/ab/c4", b"4")  # a directory seen before: nothing above it
+    store.sync()
+    dirs = [root / "data"] if names_with_files else [root / "data/cd", root / "data/ab",
+                                                     root / "data"]
+    assert sorted(synced) == sorted([root / "data/cd/c3", root / "data/ab/c4", *dirs])
+    synced.clear()
+    again = LocalStore(root)  # the next mount: every directory exists, none is known durable
+    again.put("data/ab/c5", b"5")
+    again.sync()
+    dirs = [root / "data", root] if names_with_files else [root / "data/ab", root / "data",
+                                                           root]
+    assert sorted(synced) == sorted([root / "data/ab/c5", *dirs])
+    synced.clear()
+    again.put("data/cd/c6", b"6")  # in data/ when that sync listed it: nothing above it
+    again.sync()
+    dirs = [] if names_with_files else [root / "data/cd"]
+    assert sorted(synced) == sorted([root / "data/cd/c6", *dirs])
+    synced.clear()
     calls: list[int] = []
     monkeypatch.setattr(local, "SYNCFS_ABOVE", 3)
     monkeypatch.setattr(LocalStore, "_syncfs", lambda self: calls.append(1))

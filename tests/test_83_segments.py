@@ -277,8 +277,10 @@ def write(name, data):
     v.fs.release(fh)
 
 write(b"a", b"A" * 5000)
+write(b"z", b"Z" * 5000)
 v.sync()
 write(b"b", b"B" * 5000)
+v.fs.unlink(ROOT_INO, b"z")  # its chunk: garbage once the next round has shipped
 calls = {}
 
 def die_after(owner, attr, nth=1, when=lambda *a: True):
@@ -305,11 +307,14 @@ elif step == "head-staged":
     die_after(checkpointer, "fsync_path")
 elif step == "head-renamed":
     die_after(checkpointer, "replace_private")
+elif step == "collect-deleted":  # the round's collection: a delete not yet recorded
+    checkpointer.COLLECT_INTERVAL = 0.0
+    die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
 v.sync()
 os._exit(9 if step == "returned" else 0)
 """
 STEPS = ["store-synced", "log-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
-         "head-renamed", "returned"]
+         "head-renamed", "returned", "collect-deleted"]
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -320,7 +325,8 @@ def test_kill_between_the_steps_of_a_round(
     opens again on this machine (the anchors agree: the head file never names a checkpoint
     the store lacks) with everything committed before, and a new machine restores from the
     store alone what the last completed fsync made durable, and the round's file once the
-    fsync returned."""
+    fsync returned, or while the round's collection deletes what it freed (after its
+    checkpoint is durable)."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -332,7 +338,7 @@ def test_kill_between_the_steps_of_a_round(
         out = home / "restored.db"
         materialize(ro.store, ro.codec, newest(ro), out)
         assert b"a" in names_in(out)
-        if step == "returned":
+        if step in ("returned", "collect-deleted"):
             assert b"b" in names_in(out)
     finally:
         ro.close()

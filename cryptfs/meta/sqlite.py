@@ -539,14 +539,15 @@ class MetaStore(Transactions, NamespaceOps):
     def sync(self) -> None:
         """Commit, then make every committed transaction durable against power loss: in WAL
         mode the log holds every commit not yet checkpointed (a checkpoint syncs the database
-        file before the log may restart), so syncing the log suffices."""
+        file before the log may restart), so syncing the log suffices: its data, and its size
+        when it grew (fdatasync, as SQLite syncs it; not its times, one inode write less)."""
         self.commit()
         try:
             fd = os.open(self._wal_path, os.O_RDONLY)
         except FileNotFoundError:  # no log: every commit is in the database file
             return
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
 

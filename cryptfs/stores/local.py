@@ -30,7 +30,7 @@ class LocalStore(PlainStore):
     which are verified against the metadata, are written in place: see :meth:`_put_new`);
     :meth:`sync` makes every object put so far survive power loss: it fsyncs exactly the files
     put since the last sync and the directories that got new entries (on ext4 and xfs only the
-    parents of new directories: there a file's fsync makes its name durable, see
+    parents of new directories, each once a mount: there a file's fsync makes its name durable, see
     :func:`cryptfs.paths.names_durable_with_files`; a syncfs of the store's filesystem instead
     when there are more than SYNCFS_ABOVE of them). Deletions are not made durable: an object
     that comes back after a power loss is unreferenced, and collected.
@@ -45,14 +45,21 @@ class LocalStore(PlainStore):
             raise StoreError(f"store directory {self.root} does not exist",
                              hint="run 'cryptfs init' first or check the URL")
         self._root = str(self.root)
-        # paths as strings below: a put makes several, a Path costs more than its write
+        # a put's paths are strings (it makes several, and a Path costs more than its write);
+        # the directories put has seen, as strings
         self._dirs_made: set[str] = set()
         self._lock = threading.Lock()
-        # what sync must make durable: files put since the last sync, directories whose
-        # entries changed (a new object, or a new subdirectory)
+        # what sync must make durable: files put since the last sync (strings), directories
+        # whose entries changed (a new object: strings; a new subdirectory: see _new_dirs)
         self._unsynced: set[str] = set()
         self._unsynced_dirs: set[str] = set()
-        self._new_dirs: set[str] = set()  # directories put may have created since
+        # directories this process first put into since the last sync, each with whether it
+        # created it (else a process that crashed before syncing it may have): their parents
+        # are synced once, not at every first put below them
+        self._new_dirs: dict[Path, bool] = {}
+        # per directory, the entries a sync of this process made durable (those it held when
+        # that sync listed it, before its fsync): a directory found there is not new
+        self._durable: dict[Path, set[str]] = {}
         # an fsync of a file makes its name durable too: directories need none of their own,
         # only the parents of new ones (see cryptfs.paths.names_durable_with_files)
         self._names_with_files = names_durable_with_files(self.root)
@@ -65,15 +72,8 @@ class LocalStore(PlainStore):
         _check_name(name)
         path = f"{self._root}/{name}"
         parent, _, base = path.rpartition("/")
-        new_dirs: list[str] = []
         if parent not in self._dirs_made:
-            os.makedirs(parent, mode=0o700, exist_ok=True)
-            # it may have been created just now: its entry, and its parent's, up to the root
-            parts = name.split("/")[:-1]
-            new_dirs = [self._root] + ["/".join((self._root, *parts[:i]))
-                                       for i in range(1, len(parts) + 1)]
-            with self._lock:
-                self._dirs_made.add(parent)
+            self._first_put_into(Path(parent), name)
         if not (name.startswith(DATA_PREFIX) and self._put_new(path, name, data)):
             tmp = f"{parent}/.tmp.{base}.{os.getpid()}.{threading.get_ident()}"
             self._write(tmp, name, data, os.O_TRUNC)
@@ -86,8 +86,27 @@ class LocalStore(PlainStore):
         with self._lock:
             self._unsynced.add(path)
             self._unsynced_dirs.add(parent)
-            self._unsynced_dirs.update(new_dirs)
-            self._new_dirs.update(new_dirs)
+
+    def _first_put_into(self, parent: Path, name: str) -> None:
+        """The first put of this process into directory ``parent`` (for object ``name``):
+        create it and the missing ones above it, and remember which need their entries made
+        durable by the next sync."""
+        try:
+            created = _make_dirs(parent)
+        except OSError as e:
+            self._put_failed(name, e)
+        # it and the directories above it may have been created just now (or by a process
+        # that crashed before syncing them): each one this process has not seen yet needs
+        # its entry made durable, once (seen ones: by the sync that follows their first put),
+        # unless a sync of this process already did (a mount of an existing vault syncs
+        # data/ once, not once for each of its 256 directories)
+        with self._lock:
+            fresh = [d for d in (parent, *parent.parents)
+                     if d.is_relative_to(self.root) and str(d) not in self._dirs_made]
+            self._dirs_made.update(str(d) for d in fresh)
+            self._new_dirs.update((d, d in created) for d in fresh
+                                  if d in created or
+                                  d.name not in self._durable.get(d.parent, ()))
 
     def _put_new(self, path: str, name: str, data: bytes) -> bool:
         """Write a chunk object that does not exist yet in place (one file operation fewer
@@ -214,23 +233,32 @@ class LocalStore(PlainStore):
         failure what was not synced is kept for the next call, and StoreError is raised."""
         with self._lock:
             files, dirs, made = self._unsynced, self._unsynced_dirs, self._new_dirs
-            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), set()
-        if not files and not dirs:
+            self._unsynced, self._unsynced_dirs, self._new_dirs = set(), set(), {}
+        if not files and not dirs and not made:
             return
+        # the directories holding the entries of new directories; and (except on ext4, xfs)
+        # those that got objects; each once, the deepest first
+        parents = {d.parent for d in made if d != self.root}
+        todo = parents | {Path(d) for d in dirs} if not self._names_with_files else parents
         try:
-            if len(files) + len(dirs) > SYNCFS_ABOVE:
+            # what a parent of directories found (not created) holds now is durable once it is
+            # synced (listed first: an entry added meanwhile is not counted)
+            listed = {d.parent: os.listdir(d.parent) for d, mine in made.items()
+                      if not mine and d != self.root}
+            if len(files) + len(todo) > SYNCFS_ABOVE:
                 self._syncfs()
             else:
                 _fsync_all(sorted(files), os.O_RDONLY)
-                if self._names_with_files:  # only the parents of new directories
-                    dirs = {os.path.dirname(d) for d in dirs if d in made and d != self._root}
-                _fsync_all(sorted(dirs, key=lambda d: d.count("/"), reverse=True),
+                _fsync_all(sorted(todo, key=lambda d: len(d.parts), reverse=True),
                            os.O_RDONLY | os.O_DIRECTORY)
+            with self._lock:
+                for d, names in listed.items():
+                    self._durable.setdefault(d, set()).update(names)
         except OSError as e:
             with self._lock:
                 self._unsynced |= files
                 self._unsynced_dirs |= dirs
-                self._new_dirs |= made
+                self._new_dirs.update(made)
             raise StoreError(f"cannot sync the store {self.root}: {e.strerror}") from None
 
     def _syncfs(self) -> None:
@@ -251,7 +279,23 @@ def _check_name(name: str) -> None:
         raise StoreError(f"invalid object name {name!r}")
 
 
-def _fsync_all(paths: list[str], flags: int) -> None:
+def _make_dirs(path: Path) -> list[Path]:
+    """Create directory ``path`` and the missing ones above it (0700); the ones created."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return []
+    except FileNotFoundError:
+        made = _make_dirs(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return made
+        return [*made, path]
+    return [path]
+
+
+def _fsync_all(paths: list[str] | list[Path], flags: int) -> None:
     """fsync each of ``paths`` (one deleted meanwhile, an object collected, needs nothing).
     One after the other: the first one's journal commit covers the others' names and new
     blocks as far as their writeback has begun; starting it for all first (sync_file_range)

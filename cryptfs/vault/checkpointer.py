@@ -22,6 +22,15 @@ they survive a crash of the process; the next round's local sync and head file a
 (the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written
 and one of the head file's directory: on ext4 and xfs the store's directories need none for
 the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
+Disk waits of a round that stores one chunk, in that order: the chunk, the segment, the local
+log, the head file's directory (first wait); the checkpoint, the head file's temp file (second
+wait). Each is needed: a checkpoint durable before what it names could name objects a power
+loss took, or a ledger head the local log lost (the anchors would refuse the mount); the head
+file must never name a checkpoint the store may not have, nor be torn; on ext4 without a
+journal (and on any filesystem, by POSIX) a rename is durable only with its directory.
+Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
+in a thread of its own, it raced the background levelling of a replicated vault (a copy made
+again, or recorded missing, of an object it was deleting: tests/test_97).
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.

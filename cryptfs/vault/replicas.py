@@ -296,10 +296,15 @@ def survey(
 
 
 def mark_pending(r: Replicas, found: list[tuple[ChunkRef, str]]) -> None:
-    """Record copies a survey found missing or corrupt as pending (with a ``lost@`` entry)."""
-    for ref, sid in found:
-        r.copies.copied(ref.name, sid, False)
-    r.flush()
+    """Record copies a survey found missing or corrupt as pending (with a ``lost@`` entry),
+    of the objects the metadata still knows: one collected since the survey listed the stores
+    (its delete may have reached one store before the listing, the other after) needs no copy,
+    and a pending record would outlive its object's (they go together when it is dropped)."""
+    with r.lock:
+        for ref, sid in found:
+            if r.meta.get_object(ref.name) is not None:
+                r.copies.copied(ref.name, sid, False)
+        r.flush()
 
 
 def adopt(r: Replicas) -> int:
