@@ -696,9 +696,13 @@ class CryptfsPgTarget(CryptfsTarget):
         self.url = self.store_url()
         run_cmd([self.cli, "init", self.url, "--name", "bench", "--meta", self.meta_url],
                 env=self.env, what="cryptfs init --meta", timeout=300)
-        self.peer = CryptfsPgPeer(self.dir, self.bench)
+        self.peer = self.peer_type()(self.dir, self.bench)
         self.peer.primary = self
         self.peer.setup()
+
+    @staticmethod
+    def peer_type() -> type[CryptfsPgPeer]:
+        return CryptfsPgPeer
 
     def abort(self) -> None:
         self.peer.abort()
@@ -728,14 +732,9 @@ class CryptfsPgBeforeTarget(CryptfsPgTarget):
     name = "cryptfs-pg-before"
     command = CryptfsBeforeTarget.command
 
-    def init_store(self) -> None:
-        self.meta_url = self.bench.pg(self.name)
-        self.url = self.store_url()
-        run_cmd([self.cli, "init", self.url, "--name", "bench", "--meta", self.meta_url],
-                env=self.env, what="cryptfs init --meta", timeout=300)
-        self.peer = CryptfsPgBeforePeer(self.dir, self.bench)
-        self.peer.primary = self
-        self.peer.setup()
+    @staticmethod
+    def peer_type() -> type[CryptfsPgPeer]:
+        return CryptfsPgBeforePeer
 
 
 class CryptfsPgBeforePeer(CryptfsPgPeer):
