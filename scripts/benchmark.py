@@ -1604,15 +1604,17 @@ def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -
     return f"{statistics.median(rs):.3f} ({min(rs):.2f}–{max(rs):.2f})"
 
 
-def metrics_share(res: Results) -> list[str]:
+def metrics_share(res: Results, sz: Sizes) -> list[str]:
     """What recording adds per callback (issue 18), for the two callbacks that reach the
     daemon every time: the daemon CPU per call with metrics less without, run by run (the
     runs interleaved), and that as a share of the round trip a program waits for without
     metrics. The recording runs on the callback's path, so it delays the caller by at most
     its CPU time. Then per workload: the callbacks it made (counted by the metrics) times
-    the larger of the two per-call figures, as a share of the daemon CPU the workload takes
-    without metrics: a bound on what recording costs it, far steadier than the difference
-    of two noisy CPU figures."""
+    the larger of the two per-call figures, as a share of the workload's time without
+    metrics (how much slower recording can make it at most: the recording is on the
+    callbacks' path, and nothing else waits for it) and as a share of the daemon CPU the
+    workload takes without metrics (what it costs the machine). Both are bounds far steadier
+    than the difference of two noisy figures."""
     out = []
     per_call = []
     for key, what in (("statfs", "a statfs"), ("getxattr", "an ENODATA getxattr")):
@@ -1631,18 +1633,37 @@ def metrics_share(res: Results) -> list[str]:
     if not per_call:
         return out
     cost = max(max(per_call), 0.1)  # µs per callback
-    bounds = []
+    slower, cpu_share = [], []
     for key, label, unit, _higher, _ratio in WORKLOADS:
         calls = res.median("cryptfs-metrics", f"calls_{key.removeprefix('cpu_')}")
         cpu = res.median("cryptfs-local", key)
         if not key.startswith("cpu_") or calls is None or not cpu:
             continue
+        what = label.removeprefix("daemon CPU").lstrip(": ")
         spent = cpu * (1e3 if unit == "ms" else 1.0)  # µs, in total or per operation
-        bounds.append(f"{label.removeprefix('daemon CPU').lstrip(': ')} "
-                      f"{calls * cost / spent * 100:.2f} % ({calls:,.0f} callbacks)")
-    out.append(f"recording at {cost:.1f} µs per callback, as a share of each workload's daemon "
-               f"CPU without metrics: " + "; ".join(bounds))
+        cpu_share.append(f"{what} {calls * cost / spent * 100:.2f} %")
+        took = workload_us(res, key.removeprefix("cpu_"), sz)
+        if took:
+            slower.append(f"{what} {calls * cost / took * 100:.2f} % ({calls:,.0f} callbacks)")
+    out.append(f"recording at {cost:.1f} µs per callback makes each workload slower by at "
+               f"most (callbacks × cost / its time without metrics): " + "; ".join(slower))
+    out.append("and costs of its daemon CPU without metrics: " + "; ".join(cpu_share))
     return out
+
+
+def workload_us(res: Results, key: str, sz: Sizes) -> float | None:
+    """The time of workload ``key`` on cryptfs-local in µs, in total or per operation as its
+    daemon CPU row counts it (the median of its runs), from its throughput or duration row."""
+    v = res.median("cryptfs-local", key)
+    if not v:
+        return None
+    per_second = {"seq_write": sz.big / 1e6, "seq_read": sz.big / 1e6,
+                  "small_create": sz.small_files, "small_stat": sz.small_files,
+                  "rand_read": 1, "sqlite_txn": 1}  # units done per second of the figure
+    if key in per_second:
+        return per_second[key] / v * 1e6
+    unit = next(u for k, _label, u, _h, _r in WORKLOADS if k == key)
+    return v * {"s": 1e6, "ms": 1e3, "µs": 1.0}[unit]
 
 
 def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, int, int]) -> str:
@@ -1906,7 +1927,7 @@ def main(argv: list[str] | None = None) -> int:
         desc += (" Paired ratio columns: the median of the per-run ratios, their range in "
                  "brackets.")
     notes = [f"- {t}: n/a: {r}" for t, r in res.failures.items()]
-    notes += [f"- {n}" for n in res.notes + metrics_share(res)]
+    notes += [f"- {n}" for n in res.notes + metrics_share(res, sz)]
     text = "\n\n".join(p for p in (title, desc, table, "\n".join(notes)) if p) + "\n"
     print()
     print(text)
