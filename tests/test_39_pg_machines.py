@@ -1126,20 +1126,36 @@ def test_gc_on_another_machine_keeps_what_a_mounted_machine_is_writing(
     assert (mb / "being-written").read_bytes() == data
 
 
+def _data_objects(env: VaultEnv) -> dict[str, int]:
+    """The chunk objects in ``env``'s local store: name -> size."""
+    assert env.store_dir is not None
+    found: dict[str, int] = {}
+    for p in (env.store_dir / "data").glob("*/*"):
+        with contextlib.suppress(FileNotFoundError):  # (collected meanwhile)
+            if not p.name.startswith("."):
+                found[str(p.relative_to(env.store_dir))] = p.stat().st_size
+    return found
+
+
 def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
     two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
 ) -> None:
     """Through the mounts, in the order that lost data: a writes a file; b writes the same
     bytes into a file it keeps open (its chunks deduplicated against a's); a removes its
-    file (the chunks' last reference) and both fsync another file (the elected writer's
-    checkpoint collects them, whichever it is); then b closes its file. Each round, b's file
+    file (the chunks' last reference) and both fsync another file (asking the elected
+    writer, whichever it is, for a checkpoint, which collects them: the test waits until a's
+    last chunk, which b has not written yet, is gone from the store); then b closes its
+    file. Each round, b's file
     reads whole on both mounts, and after both unmount, from the store alone (the database
     lost), where verify is clean (the chunks b stored again have their ledger entries)."""
     a, ma, b, mb = two_mounts
     kept: dict[str, bytes] = {}
     for i in range(4):
         data = os.urandom(3 * (256 << 10) + 1000 + i)  # full chunks (256 KiB) sealed at write
+        before = _data_objects(a)
         (ma / f"a{i}").write_bytes(data)
+        added = {n: size for n, size in _data_objects(a).items() if n not in before}
+        tail = min(added, key=lambda n: added[n])  # a's last chunk (1000 bytes)
         appears(mb / f"a{i}")
         with open(mb / f"b{i}", "wb") as f:
             f.write(data)  # deduplicated against a's chunks, not committed yet
@@ -1147,7 +1163,11 @@ def test_a_mount_writing_what_the_other_removes_while_it_collects_loses_nothing(
             for mp in (ma, mb):
                 with open(mp / f"sync-{mp.name}", "wb") as g:
                     g.write(os.urandom(100 + i))
-                    os.fsync(g.fileno())  # the writer's checkpoint: collection
+                    os.fsync(g.fileno())  # asks the writer for a checkpoint: collection
+            deadline = time.monotonic() + 60
+            while (a.store_dir / tail).exists():  # type: ignore[operator]
+                assert time.monotonic() < deadline, "the writer's checkpoint collected nothing"
+                time.sleep(0.1)
         kept[f"b{i}"] = data
         for mp in (ma, mb):
             appears(mp / f"b{i}")
@@ -1251,6 +1271,80 @@ def test_a_checkpoint_leaves_out_chunks_another_machine_has_not_uploaded(
         for mp in (ma, mb, mc):
             if _mounted(str(mp)):
                 force_unmount(str(mp))
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def _newest_checkpoint(env: VaultEnv) -> int:
+    """The sequence of the newest checkpoint object in ``env``'s local store (0: none)."""
+    assert env.store_dir is not None
+    try:
+        names = os.listdir(env.store_dir / "checkpoints")
+    except FileNotFoundError:
+        return 0
+    return max((int(n) for n in names if n.isdigit()), default=0)
+
+
+def _kill_mount(env: VaultEnv, mp: Path) -> None:
+    """kill -9 the mount daemon of ``env`` (no final checkpoint), then drop its mount."""
+    os.kill(int((env.data_dir / "mount.lock").read_text()), signal.SIGKILL)
+    force_unmount(str(mp))
+
+
+@pytest.mark.timeout(180)
+def test_the_writers_fsync_stops_at_the_database_and_a_checkpoint_follows(
+    pg_place: PgPlace,
+) -> None:
+    """On a PostgreSQL vault the checkpoint writer's fsync (a single machine: the writer)
+    returns without storing a checkpoint (before, each one stored a full metadata image):
+    killed with SIGKILL right after it, no newer checkpoint is in the store, and a remount
+    reads the file whole (the database is the durability point). An fsync asks for a
+    checkpoint in the background: it comes (bounded), and with the mount killed again (no
+    unmount checkpoint) the store alone opens with the file."""
+    root = _tmp_root()
+    env = VaultEnv(root / "a", f"file://{root}/store",
+                   extra_env={"CRYPTFS_LEASE_SECONDS": SESSION_SECONDS})
+    mp = root / "m"
+
+    def fsynced(name: str, data: bytes) -> None:
+        with open(mp / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def checkpoint_after(seq: int) -> int:
+        """Wait (bounded) for a checkpoint newer than ``seq``, asking with an fsync of the
+        mount's root (nothing new to make durable) every half second."""
+        deadline = time.monotonic() + 60
+        while (newest := _newest_checkpoint(env)) <= seq:
+            assert time.monotonic() < deadline, "no checkpoint followed the fsync"
+            fd = os.open(mp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            time.sleep(0.5)
+        return newest
+
+    try:
+        env.init("--meta", pg_place.url)
+        env.mount(mp)
+        first, second = os.urandom(70_000), os.urandom(600_000)
+        fsynced("first", first)
+        ck = checkpoint_after(_newest_checkpoint(env))
+        # the next requested checkpoint waits at least a second after that one's round ended
+        # (REQUEST_SPACING): the kill right after the fsync lands in that window
+        fsynced("second", second)
+        _kill_mount(env, mp)
+        assert _newest_checkpoint(env) == ck  # the fsync stored no checkpoint
+        env.mount(mp)
+        assert (mp / "second").read_bytes() == second  # durable in the database
+        checkpoint_after(ck)  # (the mount before the kill never checkpointed "second")
+        _kill_mount(env, mp)
+        store_alone_holds(env, {"first": first, "second": second})
+    finally:
+        for m in (mp, root / "mc"):
+            if _mounted(str(m)):
+                force_unmount(str(m))
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 

@@ -45,7 +45,8 @@ def _snapshot_survives_change_and_gc(env: VaultEnv) -> None:
     os.unlink(live / "dir" / "gone.bin")
     (live / "kept.txt").write_bytes(b"after, longer\n")
     fd = os.open(live, os.O_RDONLY)
-    os.fsync(fd)  # a checkpoint: its collection runs with the snapshot present
+    os.fsync(fd)  # a checkpoint (PostgreSQL: asked for, at the latest the unmount's): its
+    # collection runs with the snapshot present
     os.close(fd)
     assert digest(live) != then
     env.umount(live)

@@ -21,7 +21,10 @@ Durability contract:
   them and commits the chunk map and every attribute change made before: the data survives a
   crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
-  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`).
+  snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`);
+  with the metadata in PostgreSQL, until it is committed there and every chunk is durable in
+  the store (the database is the metadata's durability point; a checkpoint follows in the
+  background).
 
 Several machines (a PostgreSQL vault, ``meta.shared``): close-to-open consistency — a file
 closed (flushed) on one machine reads whole on another that opens it afterwards (``open``
@@ -157,10 +160,10 @@ class CommitHooks:
 
 
 class FileSystemBase:
-    """The filesystem's state and helpers. ``on_sync`` makes everything durable in the store
-    (fsync); ``before_commit`` runs inside each transaction that commits file data (the vault
-    writes its queued ledger entries there); ``hooks`` are the commit hooks ``meta`` was built
-    with."""
+    """The filesystem's state and helpers. ``on_sync`` makes everything durable (fsync: see
+    the module docstring); ``before_commit`` runs inside each transaction that commits file
+    data (the vault writes its queued ledger entries there); ``hooks`` are the commit hooks
+    ``meta`` was built with."""
 
     def __init__(
         self,

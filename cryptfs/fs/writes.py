@@ -340,7 +340,7 @@ class Writes(FileSystemBase):
             self.commit_deferred()
 
     def fsync(self, fh: int | None) -> None:
-        """Flush, then make everything durable in the store."""
+        """Flush, then make everything durable (see the module docstring of :mod:`.base`)."""
         if fh is not None:
             self.flush(fh)
         self.on_sync()

@@ -32,6 +32,16 @@ Collection stays in the round (after its checkpoint is durable): run after the f
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
 again, or recorded missing, of an object it was deleting: tests/test_97).
 
+fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`).
+On a PostgreSQL vault the database is the metadata's durability point, on every machine: an
+fsync returns once the metadata is committed there and every chunk it names is durable in the
+store (:meth:`Checkpointer.persist`), and asks for a checkpoint in the background
+(:meth:`Checkpointer.request`: the elected writer's runs soon after, spaced so that background
+checkpoints take at most about 1/REQUEST_SPACING of the time; the others' metadata reaches the
+store with it). A checkpoint of such a vault is a full image of the database (about a second at
+a few thousand files, under the filesystem lock): paid per fsync, it made every fsync of the
+writer that slow.
+
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
 """
@@ -92,6 +102,11 @@ COLLECT_ROUNDS = 16
 # seconds a checkpoint of a shared vault waits for the uploads of other machines that its
 # metadata image names (then it leaves out those still missing)
 STAGED_WAIT = 10.0
+# a requested checkpoint (:meth:`Checkpointer.request`) starts no sooner after the last round
+# ended than REQUEST_SPACING times that round's duration (at least COLLECT_INTERVAL, so that a
+# requested round also collects): background checkpoints take a bounded share of the time (and
+# of the filesystem lock, which a full image of a PostgreSQL vault holds while it reads)
+REQUEST_SPACING = 10
 # unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
 # deletes run under the filesystem lock, which is let go between batches
 COLLECT_BATCH = 32
@@ -110,9 +125,8 @@ class Checkpointer:
     checkpoint is recorded, before collection (the snapshot policy); ``held(pins)`` returns
     what those snapshot pins hold, or None when that cannot be worked out now.
     ``elected()``: whether this mount writes checkpoints (several machines on one PostgreSQL
-    vault elect one writer; the others' :meth:`sync` waits for their own uploads only: their
-    metadata is durable in the database, the writer's next checkpoint takes it to the
-    store)."""
+    vault elect one writer; the others' :meth:`sync` is :meth:`persist`: their metadata is
+    durable in the database, the writer's next checkpoint takes it to the store)."""
 
     def __init__(
         self,
@@ -170,12 +184,28 @@ class Checkpointer:
         self._final = False  # the mount is ending: collect in the round, whatever the interval
         self._force_collect = False  # the next round collects, whatever the interval
         self._head_renamed = False  # the head file was renamed, its directory not synced
+        self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
+        self._spaced_until = 0.0  # (time.monotonic) no requested round before then
+
+    def request(self) -> None:
+        """Ask :meth:`run` for a checkpoint soon (spaced: see REQUEST_SPACING); also wakes it
+        to see that its ``stop`` was set. Returns at once."""
+        self._wake.set()
 
     def run(self, stop: threading.Event) -> None:
-        """Checkpoint every CHECKPOINT_INTERVAL while anything besides the last checkpoint's
-        own entries was written, until ``stop`` is set. A failure the vault reports
+        """Checkpoint every CHECKPOINT_INTERVAL, and after a :meth:`request` once the spacing
+        since the last round allows, while anything besides the last checkpoint's own entries
+        was written (the ledger moved: data stored or deleted, here or on another machine),
+        until ``stop`` is set (then :meth:`request` wakes it). A failure the vault reports
         (CryptfsError) is logged and retried; anything else fences the mount and ends it."""
-        while not stop.wait(CHECKPOINT_INTERVAL):
+        due = time.monotonic() + CHECKPOINT_INTERVAL
+        while True:
+            if self._wake.wait(max(0.0, due - time.monotonic())):
+                stop.wait(max(0.0, min(due, self._spaced_until) - time.monotonic()))
+            if stop.is_set():
+                return
+            self._wake.clear()
+            due = time.monotonic() + CHECKPOINT_INTERVAL
             if not self.elected() or self.ledger.forked:
                 continue
             try:
@@ -184,13 +214,13 @@ class Checkpointer:
                     head = self.ledger.head()
             except CryptfsError as e:  # (a fork found here: on_fork said it, nothing to do)
                 if not self.ledger.forked:
-                    log.warning("periodic checkpoint: %s", e)
+                    log.warning("background checkpoint: %s", e)
                 continue
             if head is not None and head.seq > self.last_seq + 1 or self._uncollected:
                 try:
                     self.sync()
                 except CryptfsError as e:  # (a metadata database out of reach, too)
-                    log.warning("periodic checkpoint failed: %s", e)
+                    log.warning("background checkpoint failed: %s", e)
                 except BaseException as e:  # noqa: B036 - never die silently, never go on
                     self.fence(f"a checkpoint failed unexpectedly ({type(e).__name__}: {e})")
                     return
@@ -205,10 +235,7 @@ class Checkpointer:
         if collect:
             self._force_collect = True
         if not self.elected():
-            with self.lock:
-                self.flush_stored()
-                self.meta.commit()
-            self.chunks.wait_uploaded(None, progress)
+            self.persist(progress)
             return
         with self.lock:
             if not self._dirty():
@@ -233,9 +260,35 @@ class Checkpointer:
                 if self.metrics is not None:
                     self.metrics.checkpoint_failures.inc()
                 raise
+            took = time.perf_counter() - started
             if self.metrics is not None:
-                self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+                self.metrics.checkpoint_seconds.observe(took)
+            self._spaced_until = time.monotonic() + max(COLLECT_INTERVAL, REQUEST_SPACING * took)
             self._ckpt_done = target
+
+    def fsync(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """What an fsync makes durable (the module docstring): one machine's vault, a
+        checkpoint (:meth:`sync`); a shared (PostgreSQL) vault, on every machine, what the
+        database and the store must hold (:meth:`persist`), and a checkpoint is requested in
+        the background (:meth:`request`). Nothing new: returns at once."""
+        if not self.meta.shared:
+            self.sync(progress)
+            return
+        self.gate()
+        self.persist(progress)
+        self.request()
+
+    def persist(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """A shared vault's durability point: everything committed so far (with the queued
+        ledger entries of stored chunks) is committed in the database, every chunk is in the
+        store (uploads finished) and durable there (the local store synced). A vault can then
+        be opened by any machine of the database; from the store alone only up to the last
+        checkpoint."""
+        with self.lock:
+            self.flush_stored()
+            self.meta.commit()
+        self.chunks.wait_uploaded(None, progress)
+        self.store.sync()
 
     def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
         """The final checkpoint of a mount: :meth:`sync`, collecting whatever the interval

@@ -23,7 +23,9 @@ since), ``checkpoints/<seq>`` (sealed, MAC'd ledger heads naming a snapshot and 
 
 Checkpoint contract: when :meth:`Vault.sync` returns, everything committed before the call is
 durable in the store, as :meth:`.checkpointer.Checkpointer.sync` states (which writes the
-checkpoints, in the order given there, and collects after each).
+checkpoints, in the order given there, and collects after each). An fsync (:meth:`Vault.fsync`)
+is that on a SQLite vault; on a PostgreSQL vault it stops at the database (the metadata's
+durability point) and the store's chunks, and asks for a checkpoint in the background.
 
 Longer than ~400 lines: besides the Vault (composition, the lease heartbeat and fencing, the
 ledger entries of stored chunks and copies), it holds :func:`create_vault` (about 120 lines:
@@ -357,7 +359,7 @@ class Vault:
             self.meta,
             self.chunks,
             self.cfg.chunk_size,
-            self.sync,
+            self.fsync,
             readonly=self.readonly,
             statfs_source=statfs,
             hooks=self.hooks,
@@ -618,6 +620,16 @@ class Vault:
         assert self.checkpointer is not None
         self.checkpointer.sync(progress, collect)
 
+    def fsync(self) -> None:
+        """What an fsync makes durable: :meth:`.checkpointer.Checkpointer.fsync` (one
+        machine's vault: a checkpoint, as :meth:`sync`; a PostgreSQL vault: committed in the
+        database with its chunks durable in the store, a checkpoint requested in the
+        background). Nothing to do on a read-only mount; LockedError as :meth:`sync`."""
+        if self.readonly:
+            return
+        assert self.checkpointer is not None
+        self.checkpointer.fsync()
+
     def checkpoints_held(self) -> contextlib.AbstractContextManager[str]:
         """See :meth:`.checkpointer.Checkpointer.checkpoints_held`."""
         assert self.checkpointer is not None
@@ -654,6 +666,8 @@ class Vault:
         If the final checkpoint fails, ``on_failure`` hears why before the vault is released
         (the local lock, which ``cryptfs umount`` waits for), then the error is raised."""
         self._stop.set()
+        if self.checkpointer is not None:
+            self.checkpointer.request()  # (its thread sees the stop)
         if self.lease is not None and self.lease.lost:
             checkpoint = False  # the vault belongs to another mount now
             log.error("not writing a final checkpoint: the lease was lost; data of this mount "
