@@ -19,8 +19,13 @@ from cryptfs.meta import Inode
 
 # the lookup that misses the caches for the second time in a directory reads the whole
 # directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
-# rsync stat every entry of a directory, one database query per name otherwise
+# rsync stat every entry of a directory, one database query per name otherwise. On a vault
+# other machines write (``meta.shared``) the first does: there a lookup is round trips to the
+# server (three for one name, three for a whole directory), and the caches it fills are bounded
+# like the others (a change notice, SHARED_CACHE_SECONDS), after which the next miss reads the
+# directory again, unless it had more than DIR_SCAN_MAX entries: then once per mount.
 DIR_SCAN_AFTER = 2
+DIR_SCAN_MAX = 1024
 
 
 class Namespace(FileSystemBase):
@@ -88,14 +93,18 @@ class Namespace(FileSystemBase):
             return self._view(node)
 
     def _scan(self, parent: int) -> bool:
-        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th of
-        the mount (once per directory: a shared vault's caches empty every second), read the
-        whole directory into them (caller holds self.lock). Whether it did (the directory is
-        complete in the caches then)."""
+        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th since
+        the caches were last emptied (the first on a shared vault), read the whole directory
+        into them, once per mount if it had more than DIR_SCAN_MAX entries (caller holds
+        self.lock). Whether it did (the directory is complete in the caches then)."""
         misses = self._misses[parent] = self._misses.get(parent, 0) + 1
-        if misses != DIR_SCAN_AFTER:
+        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER) or \
+                self._dir_sizes.get(parent, 0) > DIR_SCAN_MAX:
             return False
         rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
+        if len(self._dir_sizes) >= INODE_CACHE_MAX:
+            self._dir_sizes.clear()
+        self._dir_sizes[parent] = len(rows)
         if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:
             return False  # (it would empty the caches)
         for name, node, alloc in rows:
