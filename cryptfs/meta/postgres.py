@@ -107,7 +107,6 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql import Select
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull, os_error
 from cryptfs.format import crypto
@@ -654,7 +653,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         or the connection failing): sent with the next statement, in its transaction
         (libpq's pipeline mode: one round trip for both; see :meth:`_libpq`), its error
         raised there; returns None."""
-        if fenced and not isinstance(stmt, Select):
+        if fenced and not stmt.is_select:  # (a union of selects too: a stat's)
             self._wrote = True  # (text() counts: setval, SET TRANSACTION are writes enough)
         try:
             hot = _RAW.get(id(stmt))
@@ -710,12 +709,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         (libpq's pipeline mode)."""
         pgconn = raw.pgconn
         name, prep, vals, fmts = self._bind(pgconn, sql, params)
-        stmts = self._take_queued(raw)
-        if stmts:
-            stmts.append((name, vals, fmts))
-            res = self._pipeline(pgconn, stmts)
-        else:
-            res = self._check(pgconn, pgconn.exec_prepared(name, vals, fmts, 1))
+        res = self._round_trip(pgconn, [*self._take_queued(raw), (name, vals, fmts)])
         if res.status != ExecStatus.TUPLES_OK:
             return _Result([], res.command_tuples or 0)
         nf, nt = res.nfields, res.ntuples
@@ -749,11 +743,14 @@ class PgMetaStore(Transactions, NamespaceOps):
             fmts.append(f)
         return name, prep, vals, fmts
 
-    def _pipeline(self, pgconn: Any, stmts: list[tuple[bytes, Any, Any]]) -> Any:
+    def _round_trip(self, pgconn: Any, stmts: list[tuple[bytes, Any, Any]]) -> Any:
         """Send prepared statements ``(name, values, formats)`` (formats None: ``name`` is
-        a command, BEGIN or COMMIT) at once in libpq's pipeline mode and read their results:
-        the last one's, or the first error (the statements after it are skipped; the
-        transaction is aborted)."""
+        a command, BEGIN or COMMIT) at once, several in libpq's pipeline mode, and read their
+        results: the last one's, or the first error (the statements after it are skipped;
+        the transaction is aborted)."""
+        if len(stmts) == 1 and stmts[0][2] is not None:
+            name, vals, fmts = stmts[0]
+            return self._check(pgconn, pgconn.exec_prepared(name, vals, fmts, 1))
         pgconn.enter_pipeline_mode()
         try:
             for name, vals, fmts in stmts:
@@ -802,7 +799,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if self._queued:
             raw = self._driver()
             try:
-                self._pipeline(raw.pgconn, self._take_queued(raw))
+                self._round_trip(raw.pgconn, self._take_queued(raw))
             except psycopg.Error:
                 if raw.broken:
                     with contextlib.suppress(Exception):
@@ -1122,7 +1119,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             stmts = self._take_queued(raw)
             name, _prep, vals, fmts = self._bind(
                 raw.pgconn, _RAW[id(_FENCE_NOTIFY if self._touched else _FENCE)][1], params)
-            self._pipeline(raw.pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)])
+            self._round_trip(raw.pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)])
         except psycopg.Error as e:
             if raw.broken:
                 with contextlib.suppress(Exception):
