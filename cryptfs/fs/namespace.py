@@ -25,7 +25,7 @@ from cryptfs.meta import Inode
 # like the others (a change notice, SHARED_CACHE_SECONDS), after which the next miss reads the
 # directory again, unless it had more than DIR_SCAN_MAX entries: then once per mount.
 DIR_SCAN_AFTER = 2
-DIR_SCAN_MAX = 1024
+DIR_SCAN_MAX = 256
 
 
 class Namespace(FileSystemBase):

@@ -47,8 +47,12 @@ through libpq itself, prepared once per connection (:meth:`PgMetaStore._libpq`):
 SQLAlchemy's execute a statement cost ~4x the client CPU it costs there, through psycopg's
 cursor ~2x. A create is one statement once the directory is known at its version, a close one
 autocommitted statement, and a flush runs in the transaction of the file's deferred create,
-after a savepoint (:meth:`PgMetaStore.atomically`): a small file is one commit, ~15 round
-trips.
+after a savepoint (:meth:`PgMetaStore.atomically`). Statements whose result is not needed
+(BEGIN, the savepoint, a hold, a new file's chunk map page and object row, the ledger's lock
+and row) go with the next statement, and the COMMIT with the session's check, in libpq's
+pipeline mode (one round trip for the group; the server runs them one after another, each
+its own statement): a small file is one commit and eight round trips, with the chunk store's
+lookup of its content and its close's.
 
 Longer than ~400 lines on purpose: it is the one module that holds this engine's
 SQL (tests/test_05_layers.py), next to its schema and sealing.
@@ -71,6 +75,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from select import POLLIN, POLLOUT, poll
 from typing import Any, TypeVar
 
 import psycopg
@@ -332,6 +337,23 @@ def _param(v: Any) -> tuple[bytes | None, int]:
     if isinstance(v, list):  # a bytea[] (the only arrays bound here)
         return ("{" + ",".join(f'"\\\\x{bytes(b).hex()}"' for b in v) + "}").encode(), 0
     raise TypeError(f"no libpq form for {type(v).__name__}")
+
+
+def _next_result(pgconn: Any) -> Any:
+    """libpq's next result (PQgetResult) once it is there: its data sent, then waited for
+    in poll(), which lets other threads run (psycopg's get_result keeps Python's lock while
+    it waits: a thread waiting there for a row another thread of this process holds locked
+    would wait for ever)."""
+    waiting = poll()
+    waiting.register(pgconn.socket, POLLOUT)
+    while pgconn.flush():  # (a non-blocking connection: 1 while data is left to send)
+        waiting.poll()
+    waiting.modify(pgconn.socket, POLLIN)
+    pgconn.consume_input()
+    while pgconn.is_busy():
+        waiting.poll()
+        pgconn.consume_input()
+    return pgconn.get_result()
 
 
 class _Result:
@@ -761,21 +783,23 @@ class PgMetaStore(Transactions, NamespaceOps):
             pgconn.pipeline_sync()
             first_error = last = None
             for _ in stmts:
-                res = pgconn.get_result()
-                while pgconn.get_result() is not None:  # (each statement's results end so)
+                res = _next_result(pgconn)
+                while _next_result(pgconn) is not None:  # (each statement's results end so)
                     pass
                 if res is not None and res.status in (
                         ExecStatus.FATAL_ERROR, ExecStatus.NONFATAL_ERROR,
                         ExecStatus.BAD_RESPONSE) and first_error is None:
                     first_error = res
                 last = res
-            sync = pgconn.get_result()  # PIPELINE_SYNC
+            sync = _next_result(pgconn)  # PIPELINE_SYNC
             if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
                 raise psycopg.OperationalError("the metadata database's answer to a "
                                                "pipeline of statements ended early")
         finally:
-            with contextlib.suppress(psycopg.Error):
+            try:
                 pgconn.exit_pipeline_mode()
+            except psycopg.Error:  # (results left unread: the connection is not usable)
+                pgconn.finish()
         if first_error is not None:
             self._check(pgconn, first_error)
         return last
