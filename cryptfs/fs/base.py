@@ -192,9 +192,7 @@ class FileSystemBase:
         self.read_errors = 0
         self.before_commit = before_commit
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
-        # directory -> lookups the caches missed since they were last emptied (see _scan)
-        self._misses: dict[int, int] = {}
-        self._dir_sizes: dict[int, int] = {}  # directory -> its entries at its last scan
+        self._misses: dict[int, tuple[float, int, int]] = {}  # directory -> see _scan
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat
@@ -245,7 +243,6 @@ class FileSystemBase:
         self.complete.clear()
         self._alloc.clear()
         self._prefetched.clear()
-        self._misses.clear()
         self._cached_at = time.monotonic()
 
     def _fresh(self) -> None:

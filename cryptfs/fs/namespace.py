@@ -97,14 +97,16 @@ class Namespace(FileSystemBase):
         the caches were last emptied (the first on a shared vault), read the whole directory
         into them, once per mount if it had more than DIR_SCAN_MAX entries (caller holds
         self.lock). Whether it did (the directory is complete in the caches then)."""
-        misses = self._misses[parent] = self._misses.get(parent, 0) + 1
-        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER) or \
-                self._dir_sizes.get(parent, 0) > DIR_SCAN_MAX:
+        # (when the caches were emptied, lookups missed since, entries at the last scan)
+        emptied, misses, size = self._misses.get(parent, (self._cached_at, 0, 0))
+        misses = 1 if emptied != self._cached_at else misses + 1
+        self._misses[parent] = (self._cached_at, misses, size)
+        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER) or size > DIR_SCAN_MAX:
             return False
         rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
-        if len(self._dir_sizes) >= INODE_CACHE_MAX:
-            self._dir_sizes.clear()
-        self._dir_sizes[parent] = len(rows)
+        if len(self._misses) >= INODE_CACHE_MAX:
+            self._misses.clear()
+        self._misses[parent] = (self._cached_at, misses, len(rows))
         if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:
             return False  # (it would empty the caches)
         for name, node, alloc in rows:
