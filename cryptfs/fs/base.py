@@ -192,7 +192,7 @@ class FileSystemBase:
         self.read_errors = 0
         self.before_commit = before_commit
         self._prefetched: dict[int, bytes] = {}  # directory -> name that refills the window
-        self._misses: dict[int, tuple[float, int, int]] = {}  # directory -> see _scan
+        self._misses: dict[int, int] = {}  # directory -> lookups the caches missed (mount)
         # the kernel asks for security.capability on every write: answer from memory
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat

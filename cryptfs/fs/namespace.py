@@ -21,11 +21,11 @@ from cryptfs.meta import Inode
 # directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
 # rsync stat every entry of a directory, one database query per name otherwise. On a vault
 # other machines write (``meta.shared``) the first does: there a lookup is round trips to the
-# server (three for one name, three for a whole directory), and the caches it fills are bounded
-# like the others (a change notice, SHARED_CACHE_SECONDS), after which the next miss reads the
-# directory again, unless it had more than DIR_SCAN_MAX entries: then once per mount.
+# server, three for one name as for a whole directory. Once per directory and mount: read
+# again after the caches empty, it would bring in entries nobody asked for at a state the
+# bound allows but close-to-open does not (a file another machine committed empty before it
+# wrote and closed it, kept in the kernel's attributes after the close's notice).
 DIR_SCAN_AFTER = 2
-DIR_SCAN_MAX = 256
 
 
 class Namespace(FileSystemBase):
@@ -93,20 +93,14 @@ class Namespace(FileSystemBase):
             return self._view(node)
 
     def _scan(self, parent: int) -> bool:
-        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th since
-        the caches were last emptied (the first on a shared vault), read the whole directory
-        into them, once per mount if it had more than DIR_SCAN_MAX entries (caller holds
-        self.lock). Whether it did (the directory is complete in the caches then)."""
-        # (when the caches were emptied, lookups missed since, entries at the last scan)
-        emptied, misses, size = self._misses.get(parent, (self._cached_at, 0, 0))
-        misses = 1 if emptied != self._cached_at else misses + 1
-        self._misses[parent] = (self._cached_at, misses, size)
-        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER) or size > DIR_SCAN_MAX:
+        """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th of
+        the mount (the first on a shared vault; once per directory), read the whole directory
+        into them (caller holds self.lock). Whether it did (the directory is complete in the
+        caches then)."""
+        misses = self._misses[parent] = self._misses.get(parent, 0) + 1
+        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER):
             return False
         rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
-        if len(self._misses) >= INODE_CACHE_MAX:
-            self._misses.clear()
-        self._misses[parent] = (self._cached_at, misses, len(rows))
         if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:
             return False  # (it would empty the caches)
         for name, node, alloc in rows:
