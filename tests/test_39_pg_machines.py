@@ -832,6 +832,28 @@ def test_a_rename_on_one_mount_shows_on_the_other_within_the_bound(
     print(f"rename seen on the other mount after {took:.2f}s")
 
 
+def test_names_made_and_removed_in_a_directory_the_other_mount_read_whole_show_in_the_bound(
+    two_mounts: tuple[VaultEnv, Path, VaultEnv, Path],
+) -> None:
+    """On a shared vault a mount reads a directory whole at its first lookup there and
+    answers names missing from it without the database; a name another machine makes or
+    removes there still shows within the bound (its change notice drops the copy, and the
+    caches empty every second)."""
+    _a, ma, _b, mb = two_mounts
+    (ma / "dir").mkdir()
+    for i in range(5):
+        (ma / "dir" / f"f{i}").write_bytes(b"old")
+    appears(mb / "dir" / "f0")  # the directory read whole on B
+    assert not os.path.lexists(mb / "dir" / "new")  # missing there
+    (ma / "dir" / "new").write_bytes(b"made on A")
+    took = appears(mb / "dir" / "new")
+    assert (mb / "dir" / "new").read_bytes() == b"made on A"
+    os.unlink(ma / "dir" / "f1")
+    took = max(took, appears(mb / "dir" / "f1", want=False))
+    assert sorted(os.listdir(mb / "dir")) == ["f0", "f2", "f3", "f4", "new"]
+    print(f"seen on the other mount after {took:.2f}s at most")
+
+
 def test_a_killed_mount_expires_and_the_other_cleans_up_after_it(
     two_mounts: tuple[VaultEnv, Path, VaultEnv, Path], pg_place: PgPlace,
 ) -> None:

@@ -19,7 +19,12 @@ from cryptfs.meta import Inode
 
 # the lookup that misses the caches for the second time in a directory reads the whole
 # directory (names, inodes, allocation: MetaEngine.stat_dir) into them: ls -l, find, tar and
-# rsync stat every entry of a directory, one database query per name otherwise
+# rsync stat every entry of a directory, one database query per name otherwise. On a vault
+# other machines write (``meta.shared``) the first does: there a lookup is round trips to the
+# server, three for one name as for a whole directory. Once per directory and mount: read
+# again after the caches empty, it would bring in entries nobody asked for at a state the
+# bound allows but close-to-open does not (a file another machine committed empty before it
+# wrote and closed it, kept in the kernel's attributes after the close's notice).
 DIR_SCAN_AFTER = 2
 
 
@@ -89,11 +94,11 @@ class Namespace(FileSystemBase):
 
     def _scan(self, parent: int) -> bool:
         """Count a lookup that missed the caches in ``parent``; at the DIR_SCAN_AFTER-th of
-        the mount (once per directory: a shared vault's caches empty every second), read the
-        whole directory into them (caller holds self.lock). Whether it did (the directory is
-        complete in the caches then)."""
+        the mount (the first on a shared vault; once per directory), read the whole directory
+        into them (caller holds self.lock). Whether it did (the directory is complete in the
+        caches then)."""
         misses = self._misses[parent] = self._misses.get(parent, 0) + 1
-        if misses != DIR_SCAN_AFTER:
+        if misses != (1 if self.meta.shared else DIR_SCAN_AFTER):
             return False
         rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
         if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:

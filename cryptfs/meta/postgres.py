@@ -47,8 +47,12 @@ through libpq itself, prepared once per connection (:meth:`PgMetaStore._libpq`):
 SQLAlchemy's execute a statement cost ~4x the client CPU it costs there, through psycopg's
 cursor ~2x. A create is one statement once the directory is known at its version, a close one
 autocommitted statement, and a flush runs in the transaction of the file's deferred create,
-after a savepoint (:meth:`PgMetaStore.atomically`): a small file is one commit, ~15 round
-trips.
+after a savepoint (:meth:`PgMetaStore.atomically`). Statements whose result is not needed
+(BEGIN, the savepoint, a hold, a new file's chunk map page and object row, the ledger's lock
+and row) go with the next statement, and the COMMIT with the session's check, in libpq's
+pipeline mode (one round trip for the group; the server runs them one after another, each
+its own statement): a small file is one commit and eight round trips, with the chunk store's
+lookup of its content and its close's.
 
 Longer than ~400 lines on purpose: it is the one module that holds this engine's
 SQL (tests/test_05_layers.py), next to its schema and sealing.
@@ -71,6 +75,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from select import POLLIN, POLLOUT, poll
 from typing import Any, TypeVar
 
 import psycopg
@@ -107,7 +112,6 @@ from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
 from sqlalchemy.engine import URL, Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql import Select
 
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull, os_error
 from cryptfs.format import crypto
@@ -246,12 +250,16 @@ _CREATE = text(
     "SELECT (SELECT count(*) FROM d) AS d, (SELECT count(*) FROM u) AS u")
 _SAVEPOINT = text("SAVEPOINT cryptfs_op")
 _ROLLBACK_TO = text("ROLLBACK TO SAVEPOINT cryptfs_op")
-_LIVE = (sessions.c.k == bindparam("sess"), sessions.c.expires > func.clock_timestamp())
-# FOR KEY SHARE (SQLAlchemy's read=True with key_share=True; key_share alone is FOR NO KEY
-# UPDATE): a reaper's DELETE waits for the commit, the heartbeat's UPDATE of the expiry does not
-_FENCE = select(sessions.c.k).where(*_LIVE).with_for_update(read=True, key_share=True)
-_FENCE_NOTIFY = select(sessions.c.k, func.pg_notify(bindparam("channel"), bindparam("notice"))
-                       ).where(*_LIVE).with_for_update(read=True, key_share=True)
+# A commit's fence (PgMetaStore._commit_fenced): the session's row, if live by the database's
+# clock, locked FOR KEY SHARE (a reaper's DELETE waits for the commit, the heartbeat's UPDATE of
+# the expiry does not), with _FENCE_NOTIFY the change notice queued; no live row is an error
+# (1 / count(*) of none: division_by_zero, FENCE_FAILED), so that the COMMIT sent after it in
+# the same round trip is skipped and nothing is committed
+_FENCE_ROW = ("FROM sessions WHERE k = :sess AND expires > clock_timestamp() FOR KEY SHARE")
+_FENCE = text(f"SELECT 1 / count(*) AS live FROM (SELECT k {_FENCE_ROW}) AS s")
+_FENCE_NOTIFY = text("SELECT 1 / count(*) AS live FROM "
+                     f"(SELECT k, pg_notify(:channel, :notice) {_FENCE_ROW}) AS s")
+FENCE_FAILED = "22012"
 _NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
 _INSERT_LEDGER = insert(ledger)
 _LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
@@ -329,6 +337,23 @@ def _param(v: Any) -> tuple[bytes | None, int]:
     if isinstance(v, list):  # a bytea[] (the only arrays bound here)
         return ("{" + ",".join(f'"\\\\x{bytes(b).hex()}"' for b in v) + "}").encode(), 0
     raise TypeError(f"no libpq form for {type(v).__name__}")
+
+
+def _next_result(pgconn: Any) -> Any:
+    """libpq's next result (PQgetResult) once it is there: its data sent, then waited for
+    in poll(), which lets other threads run (psycopg's get_result keeps Python's lock while
+    it waits: a thread waiting there for a row another thread of this process holds locked
+    would wait for ever)."""
+    waiting = poll()
+    waiting.register(pgconn.socket, POLLOUT)
+    while pgconn.flush():  # (a non-blocking connection: 1 while data is left to send)
+        waiting.poll()
+    waiting.modify(pgconn.socket, POLLIN)
+    pgconn.consume_input()
+    while pgconn.is_busy():
+        waiting.poll()
+        pgconn.consume_input()
+    return pgconn.get_result()
 
 
 class _Result:
@@ -581,6 +606,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
         self._prep_conn: Any = None  # the libpq connection of _prep_names (see _libpq)
         self._prep_names: dict[str, bytes] = {}  # SQL -> its prepared statement's name
+        self._ledger_locked = False  # the open transaction holds the ledger's lock
+        # statements (SQL, parameters) sent with the next one (see _x's ``later``)
+        self._queued: list[tuple[str, Mapping[str, Any]]] = []
         # inodes the open transaction inserted (no other machine sees them before it
         # commits: what this one wrote of them is what they hold), with their chunk map pages
         self._fresh: dict[int, dict[int, dict[int, str]]] = {}
@@ -637,19 +665,28 @@ class PgMetaStore(Transactions, NamespaceOps):
                          row.version, SCHEMA_VERSION)
 
     # -- statements, sealing, errors -------------------------------------------------------------
-    def _x(self, stmt: Any, params: Any = None, fenced: bool = True) -> Any:
+    def _x(self, stmt: Any, params: Any = None, fenced: bool = True, later: bool = False
+           ) -> Any:
         """Execute one statement; a database error becomes a one-line MetaError (and, outside
         a block, rolls the open transaction back: inside one, the block does). A statement
         that writes makes the commit check the session (see :meth:`commit`) unless not
-        ``fenced`` (a machine letting go of its own hold needs no live session)."""
-        if fenced and not isinstance(stmt, Select):
+        ``fenced`` (a machine letting go of its own hold needs no live session). ``later``
+        (a hot statement whose result is not needed and that cannot fail but for the server
+        or the connection failing): sent with the next statement, in its transaction
+        (libpq's pipeline mode: one round trip for both; see :meth:`_libpq`), its error
+        raised there; returns None."""
+        if fenced and not stmt.is_select:  # (a union of selects too: a stat's)
             self._wrote = True  # (text() counts: setval, SET TRANSACTION are writes enough)
         try:
             hot = _RAW.get(id(stmt))
             if hot is not None:
                 if hot[2] and not isinstance(params, list):
                     params = {**hot[2], **(params or {})}
+                if later and not isinstance(params, list):
+                    self._queued.append((hot[1], params))
+                    return None
                 return self._run(hot[1], params)
+            self._send_queued()
             return self.conn.execute(stmt, params) if params is not None else \
                 self.conn.execute(stmt)
         except (DBAPIError, psycopg.Error) as e:
@@ -674,6 +711,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         raw = self._driver()
         try:
             if isinstance(params, list):
+                self._send_queued()
                 cur = raw.cursor(row_factory=namedtuple_row)
                 cur.executemany(sql, params)
                 return _Result([], cur.rowcount)
@@ -688,25 +726,12 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _libpq(self, raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]
                ) -> _Result:
+        """Run ``sql`` as a prepared statement; the statements :meth:`_x` queued (``later``),
+        and the BEGIN of a transaction this statement opens, go with it in one round trip
+        (libpq's pipeline mode)."""
         pgconn = raw.pgconn
-        if self._prep_conn is not pgconn:  # a new connection: nothing prepared on it
-            self._prep_conn, self._prep_names = pgconn, {}
-        prep = _PREPARED.get(sql)
-        if prep is None:
-            prep = _PREPARED[sql] = _Prepared(sql)
-        name = self._prep_names.get(sql)
-        if name is None:
-            name = f"cryptfs_{len(self._prep_names)}".encode()
-            self._check(pgconn, pgconn.prepare(name, prep.sql))
-            self._prep_names[sql] = name
-        if pgconn.transaction_status == TransactionStatus.IDLE and not raw.autocommit:
-            self._check(pgconn, pgconn.exec_(b"BEGIN"))
-        vals, fmts = [], []
-        for n in prep.names:
-            v, f = _param(params[n])
-            vals.append(v)
-            fmts.append(f)
-        res = self._check(pgconn, pgconn.exec_prepared(name, vals, fmts, 1))
+        name, prep, vals, fmts = self._bind(pgconn, sql, params)
+        res = self._round_trip(pgconn, [*self._take_queued(raw), (name, vals, fmts)])
         if res.status != ExecStatus.TUPLES_OK:
             return _Result([], res.command_tuples or 0)
         nf, nt = res.nfields, res.ntuples
@@ -719,6 +744,92 @@ class PgMetaStore(Transactions, NamespaceOps):
                       for i in range(nf)]) for t in range(nt)]
         return _Result(rows, nt)
 
+    def _bind(self, pgconn: Any, sql: str, params: Mapping[str, Any] | None
+              ) -> tuple[bytes, _Prepared, list[bytes | None], list[int]]:
+        """The name of ``sql``'s prepared statement on ``pgconn`` (prepared there the first
+        time), its :class:`_Prepared`, and ``params`` in libpq's form (values, formats)."""
+        if self._prep_conn is not pgconn:  # a new connection: nothing prepared on it
+            self._prep_conn, self._prep_names = pgconn, {}
+        prep = _PREPARED.get(sql)
+        if prep is None:
+            prep = _PREPARED[sql] = _Prepared(sql)
+        name = self._prep_names.get(sql)
+        if name is None:
+            name = f"cryptfs_{len(self._prep_names)}".encode()
+            self._check(pgconn, pgconn.prepare(name, prep.sql))
+            self._prep_names[sql] = name
+        vals, fmts = [], []
+        for n in prep.names:
+            v, f = _param((params or {})[n])
+            vals.append(v)
+            fmts.append(f)
+        return name, prep, vals, fmts
+
+    def _round_trip(self, pgconn: Any, stmts: list[tuple[bytes, Any, Any]]) -> Any:
+        """Send prepared statements ``(name, values, formats)`` (formats None: ``name`` is
+        a command, BEGIN or COMMIT) at once, several in libpq's pipeline mode, and read their
+        results: the last one's, or the first error (the statements after it are skipped;
+        the transaction is aborted)."""
+        if len(stmts) == 1 and stmts[0][2] is not None:
+            name, vals, fmts = stmts[0]
+            return self._check(pgconn, pgconn.exec_prepared(name, vals, fmts, 1))
+        pgconn.enter_pipeline_mode()
+        try:
+            for name, vals, fmts in stmts:
+                if fmts is None:  # a command: BEGIN, COMMIT
+                    pgconn.send_query_params(name, None)
+                else:
+                    pgconn.send_query_prepared(name, vals, fmts, 1)
+            pgconn.pipeline_sync()
+            first_error = last = None
+            for _ in stmts:
+                res = _next_result(pgconn)
+                while _next_result(pgconn) is not None:  # (each statement's results end so)
+                    pass
+                if res is not None and res.status in (
+                        ExecStatus.FATAL_ERROR, ExecStatus.NONFATAL_ERROR,
+                        ExecStatus.BAD_RESPONSE) and first_error is None:
+                    first_error = res
+                last = res
+            sync = _next_result(pgconn)  # PIPELINE_SYNC
+            if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
+                raise psycopg.OperationalError("the metadata database's answer to a "
+                                               "pipeline of statements ended early")
+        finally:
+            try:
+                pgconn.exit_pipeline_mode()
+            except psycopg.Error:  # (results left unread: the connection is not usable)
+                pgconn.finish()
+        if first_error is not None:
+            self._check(pgconn, first_error)
+        return last
+
+    def _take_queued(self, raw: psycopg.Connection[Any]) -> list[tuple[bytes, Any, Any]]:
+        """The statements :meth:`_x` queued, bound, preceded by a BEGIN if no transaction
+        is open (empties the queue)."""
+        pgconn = raw.pgconn
+        stmts = []
+        if pgconn.transaction_status == TransactionStatus.IDLE and not raw.autocommit:
+            stmts.append((b"BEGIN", None, None))
+        queued, self._queued = self._queued, []
+        for sql, params in queued:
+            name, _prep, vals, fmts = self._bind(pgconn, sql, params)
+            stmts.append((name, vals, fmts))
+        return stmts
+
+    def _send_queued(self) -> None:
+        """Send the statements :meth:`_x` queued (before a statement run another way, or
+        the commit)."""
+        if self._queued:
+            raw = self._driver()
+            try:
+                self._round_trip(raw.pgconn, self._take_queued(raw))
+            except psycopg.Error:
+                if raw.broken:
+                    with contextlib.suppress(Exception):
+                        self.conn.invalidate()
+                raise
+
     @staticmethod
     def _check(pgconn: Any, res: Any) -> Any:
         """``res``, or the psycopg error it is."""
@@ -730,7 +841,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _in_transaction(self) -> bool:
         """Whether a transaction is open (begun by SQLAlchemy's statements or the
         driver's)."""
-        return self.conn.in_transaction() or (
+        return bool(self._queued) or self.conn.in_transaction() or (
             self._driver().info.transaction_status != TransactionStatus.IDLE)
 
     def _meta_error(self, e: DBAPIError | psycopg.Error) -> MetaError:
@@ -897,7 +1008,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         raised (the writes before it stay). The rollback actions registered after it run
         when it is rolled back to."""
         for attempt in range(RETRIES):
-            self._x(_SAVEPOINT, fenced=False)
+            self._x(_SAVEPOINT, fenced=False, later=True)
             undo_mark = len(self._undo)
             self._depth = 1
             try:
@@ -927,6 +1038,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         except psycopg.Error:
             self._rolled_back()
             return False
+        self._ledger_locked = False  # (taken again by the operation run again)
         undo, self._undo = self._undo[undo_mark:], self._undo[:undo_mark]
         for fn in reversed(undo):
             fn()
@@ -938,6 +1050,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     # -- transactions and durability -------------------------------------------------------------
     def _end_reads(self) -> None:
         """Roll the open transaction back on both layers (SQLAlchemy's and the driver's)."""
+        self._queued.clear()
         with contextlib.suppress(SQLAlchemyError):
             self.conn.rollback()
         with contextlib.suppress(psycopg.Error, SQLAlchemyError):
@@ -947,7 +1060,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _rollback_db(self) -> None:
         self._end_reads()
-        self._wrote = False
+        self._wrote = self._ledger_locked = False
         self._touched.clear()
         self._claimed_absent.clear()
         self._fresh.clear()
@@ -964,15 +1077,16 @@ class PgMetaStore(Transactions, NamespaceOps):
         try:
             if self._in_transaction():
                 if self._wrote and self.session_id is not None:
-                    self._fence_check()  # (sends the change notice too)
+                    self._commit_fenced()  # (sends the change notice too)
                 elif self._touched:
                     self._send_notice()
+                self._send_queued()
                 if self.conn.in_transaction():
                     self.conn.commit()  # (the driver's transaction with it)
                 raw = self._driver()
                 if raw.info.transaction_status != TransactionStatus.IDLE:
                     raw.commit()
-            self._wrote = False
+            self._wrote = self._ledger_locked = False
             self._touched.clear()
             self._claimed_absent.clear()
             self._fresh.clear()
@@ -1013,26 +1127,39 @@ class PgMetaStore(Transactions, NamespaceOps):
                                    "are a mounted machine's)")
         return self._locks
 
-    def _fence_check(self) -> None:
-        """In the transaction about to commit: the session must be live by the database's
-        clock. Its row is key-share locked until the commit, so a live machine cleaning it up
-        (a DELETE) waits for this commit and then sees what it wrote. The same statement
-        queues the change notice (if this transaction changed inodes): one round trip; a
-        notice is sent only if the transaction commits."""
+    def _commit_fenced(self) -> None:
+        """Commit the open transaction if this machine's session is live by the database's
+        clock, in one round trip: the queued statements, the fence (_FENCE, with the change
+        notice if this transaction changed inodes: a notice is sent only if it commits) and
+        the COMMIT (skipped, with nothing committed, when the fence fails). The session's row
+        is key-share locked until the commit, so a live machine cleaning it up (a DELETE)
+        waits for this commit and then sees what it wrote. A session not live: rolled back,
+        SessionExpired (and ``on_expired`` told, once)."""
+        params = {"sess": self._session_k}
         if self._touched:
-            live = self._run(_RAW[id(_FENCE_NOTIFY)][1], {"sess": self._session_k,
-                                                          **self._notice()}).first()
+            params.update(self._notice())
+        raw = self._driver()
+        try:
+            stmts = self._take_queued(raw)
+            name, _prep, vals, fmts = self._bind(
+                raw.pgconn, _RAW[id(_FENCE_NOTIFY if self._touched else _FENCE)][1], params)
+            self._round_trip(raw.pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)])
+        except psycopg.Error as e:
+            if raw.broken:
+                with contextlib.suppress(Exception):
+                    self.conn.invalidate()
+            if e.sqlstate != FENCE_FAILED:
+                raise
         else:
-            live = self._run(_RAW[id(_FENCE)][1], {"sess": self._session_k}).first()
-        if live is None:
-            self._rolled_back()
-            err = SessionExpired(
-                f"metadata database {self.where}: this machine's session expired (it was "
-                "frozen or cut off longer than the session lifetime): nothing more is committed")
-            hook, self._on_expired = self._on_expired, None
-            if hook is not None:
-                hook(str(err))
-            raise err
+            return
+        self._rolled_back()
+        err = SessionExpired(
+            f"metadata database {self.where}: this machine's session expired (it was "
+            "frozen or cut off longer than the session lifetime): nothing more is committed")
+        hook, self._on_expired = self._on_expired, None
+        if hook is not None:
+            hook(str(err))
+        raise err
 
     def _notice(self) -> dict[str, str]:
         """The parameters of the change notice of the open transaction (the inodes it
@@ -1050,7 +1177,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if self.session_id is None:
             return
         k, i_h = self._h(b"h", self.session_id, ino), self._h(b"H", ino)
-        self._x(_INSERT_HOLD, {
+        self._x(_INSERT_HOLD, later=True, params={
             "k": k, "ino": i_h, "sess": self._session_k,
             "v": crypto.seal(self.keys.row, _pack(self.session_id, ino),
                              _ad("holds", 0, k, i_h, self._session_k))})
@@ -1172,7 +1299,10 @@ class PgMetaStore(Transactions, NamespaceOps):
     def lock_ledger(self) -> None:
         """In a transaction about to append to the ledger: wait for other machines' appends
         (the chain's one serialisation point), so the head read next is the newest."""
-        self._x(_XACT_LOCK, {"lock": checkpoint_lock(self.keys) ^ 1})
+        # (sent with the head's read: in one round trip, each its own statement, the read's
+        # snapshot taken once the lock is held; a deadlock is raised by the read)
+        self._x(_XACT_LOCK, {"lock": checkpoint_lock(self.keys) ^ 1}, later=True)
+        self._ledger_locked = True
 
     def sync(self) -> None:
         """Commit: a committed transaction is already durable on the server."""
@@ -1680,10 +1810,11 @@ class PgMetaStore(Transactions, NamespaceOps):
                 self._vers.pop(("blocks", k), None)
         elif existed:
             self._replace(blocks, k, ino, page, *flat, extra=(i_h,))
-        else:
+        else:  # (an inode this transaction inserted: no other writer knows its pages)
             self._x(_INSERT["blocks"], {
                 "k": k, "ino": i_h, "ver": 1,
-                "v": self._seal("blocks", 1, (k, i_h), ino, page, *flat)})
+                "v": self._seal("blocks", 1, (k, i_h), ino, page, *flat)},
+                later=fresh is not None)
             self._remember("blocks", k, 1)
 
     def _refs(self, names: Iterable[str]) -> dict[str, ChunkRef]:
@@ -1812,8 +1943,21 @@ class PgMetaStore(Transactions, NamespaceOps):
         object again: :meth:`claim_object`). Unless this transaction claimed the object while
         it had no row (nothing was locked, and a collection or ``cryptfs gc`` came in between):
         then the object may be gone and the caller did not store it again, and the transaction
-        is rolled back as a conflict (:meth:`atomically` runs it again: the claim now fails)."""
+        is rolled back as a conflict (:meth:`atomically` runs it again: the claim now fails).
+        Such an object's row is inserted with the next statement (no round trip of its own),
+        and any row found then, live or not, is that conflict."""
         k = self._h(b"o", ref.name)
+        if ref.name in self._claimed_absent:
+            # claimed with no row (nothing locked): inserted with the next statement; a row
+            # made meanwhile (another machine's, a collection's tombstone) is a unique
+            # violation, raised there: the operation runs again, and the claim sees the row
+            self._x(_INSERT["objects"], {
+                "k": k, "ver": 1, "v": self._seal("objects", 1, (k,), ref.name, ref.size,
+                                                  ref.sha256, 1, "staged" if staged else
+                                                  "stored")}, later=True)
+            self._claimed_absent.discard(ref.name)
+            self._remember("objects", k, 1)
+            return
         res = self._x(_INSERT_NEW["objects"], {
             "k": k, "ver": 1, "v": self._seal("objects", 1, (k,), ref.name, ref.size,
                                               ref.sha256, 1, "staged" if staged else "stored")})
@@ -2151,7 +2295,10 @@ class PgMetaStore(Transactions, NamespaceOps):
             params = [{"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
                                                      _ad("ledger", 0, r[0].to_bytes(8, "big")))}
                       for r in rows]
-            self._x(_INSERT_LEDGER, params if len(params) > 1 else params[0])
+            # (after lock_ledger and the head read in its transaction: no other writer's row
+            # can take its place, see Ledger.append)
+            self._x(_INSERT_LEDGER, params if len(params) > 1 else params[0],
+                    later=self._ledger_locked)
 
     def ledger_truncate_after(self, seq: int) -> None:
         self._x(delete(ledger).where(ledger.c.seq > seq))
