@@ -47,12 +47,14 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.postgres import (
+    _FENCE,
     TOMBSTONE_MARGIN,
     DbKeys,
     PgMetaStore,
     PgSession,
     PgWatcher,
     SessionExpired,
+    pg_engine,
 )
 from cryptfs.stores.memory import MemoryStore
 
@@ -552,29 +554,32 @@ def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
 def test_a_commit_keeps_its_session_from_the_reaper_but_not_from_the_heartbeat(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
 ) -> None:
-    """The fence of a commit key-share locks its session's row until the commit: the
-    heartbeat (an update of the expiry) goes through meanwhile, while a live machine reaping
-    the session (had it expired meanwhile) skips it and a delete of the row waits; once the
-    transaction ends (here refused: the session expired before it committed) the reaper
-    takes it."""
+    """A commit's fence (the statement sent before its COMMIT, in the same round trip)
+    key-share locks its session's row until the transaction ends: the heartbeat (an update
+    of the expiry) goes through meanwhile, while a live machine reaping the session (had it
+    expired meanwhile) skips it and a delete of the row waits; once the transaction ends the
+    reaper takes it. The fence is run here in a transaction left open, in place of the
+    engine's round trip, which leaves no moment to look in between."""
     a, b = machines
     sa = PgSession(pg_place.url, KEYS, 60.0)
     try:
         sa.start()
         a.attach(sa.id)
-        with pytest.raises(SessionExpired), a.transaction():
-            a.insert_inode(node(REG))
-            a._fence_check()  # what the commit runs first: the session row is locked now
+        other = pg_engine(pg_place.url)
+        with other.connect() as fenced:  # what a committing machine holds
+            assert fenced.execute(_FENCE, {"sess": a._session_k}).scalar() == 1
             beats: list[bool] = []
             beat = threading.Thread(target=lambda: beats.append(sa.beat()))
             beat.start()
-            beat.join(10)  # (blocked, it would end with this transaction)
+            beat.join(10)  # (blocked, it would end with the transaction)
             assert beats == [True]  # not blocked by the lock
             pg_place.sql("UPDATE sessions SET expires = clock_timestamp() - interval '1 s'")
             assert b.reap_sessions() == (0, set())  # locked: skipped, not waited for
             with pytest.raises(psycopg.errors.LockNotAvailable):
                 pg_place.sql("SET lock_timeout = '300ms'; DELETE FROM sessions")
             assert pg_place.sql("SELECT count(*) FROM sessions") == [(1,)]
+            fenced.rollback()
+        other.dispose()
         assert b.reap_sessions() == (1, set())
         assert pg_place.sql("SELECT count(*) FROM sessions") == [(0,)]
     finally:
