@@ -23,18 +23,16 @@ Durability contract:
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
   snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`);
   with the metadata in PostgreSQL, until it is committed there and every chunk is durable in
-  the store (the database is the metadata's durability point; a checkpoint follows in the
-  background).
+  the store (the database is the metadata's durability point; a checkpoint follows later).
 
 Several machines (a PostgreSQL vault, ``meta.shared``): close-to-open consistency — a file
 closed (flushed) on one machine reads whole on another that opens it afterwards (``open``
 re-reads the inode, and a new open file reads the chunk map from the database). Inode and
 entry caches are bounded in time (SHARED_CACHE_SECONDS) while other machines have the vault
-mounted, and dropped at once when their change notice arrives
-(:meth:`FileSystemBase.invalidate`); with the kernel's own
-attribute and entry timeout (1 s), a name made, renamed or removed on one machine shows on
-the others within about 1 s after the notice, 2 s without it. A file open on a machine keeps
-its inode when another machine removes its last name (``MetaEngine.hold``).
+mounted, and dropped at once when their change notice arrives (:meth:`FileSystemBase.invalidate`);
+with the kernel's own attribute and entry timeout (1 s), a name made, renamed or removed on one
+machine shows on the others within about 1 s after the notice, 2 s without it. A file open on
+a machine keeps its inode when another machine removes its last name (``MetaEngine.hold``).
 
 Locking: ``self.lock`` guards metadata, caches and the open-file table; each open file has its
 own lock for its buffers. A thread may take a file lock and then ``self.lock``, never the
@@ -160,10 +158,9 @@ class CommitHooks:
 
 
 class FileSystemBase:
-    """The filesystem's state and helpers. ``on_sync`` makes everything durable (fsync: see
-    the module docstring); ``before_commit`` runs inside each transaction that commits file
-    data (the vault writes its queued ledger entries there); ``hooks`` are the commit hooks
-    ``meta`` was built with."""
+    """The filesystem's state and helpers. ``on_sync`` is fsync (module docstring);
+    ``before_commit`` runs inside each transaction that commits file data (the vault writes
+    its queued ledger entries there); ``hooks``: the commit hooks ``meta`` was built with."""
 
     def __init__(
         self,

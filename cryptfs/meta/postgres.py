@@ -74,7 +74,6 @@ import threading
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from select import POLLIN, POLLOUT, poll
 from typing import Any, TypeVar
 
@@ -116,6 +115,7 @@ from sqlalchemy.pool import NullPool
 from cryptfs.errors import ConfigError, IntegrityError, MetaError, MetaFull, os_error
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
+from cryptfs.meta.dbkeys import DbKeys
 from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import F_WRLCK, FLOCK, POSIX, Held, apply, conflict
 from cryptfs.meta.namespace import NamespaceOps, check_name, created, touched
@@ -421,28 +421,6 @@ def pg_engine(url: URL | str, **kw: Any) -> Engine:
 
 CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
 # unique_violation (another writer inserted the same key first: a retry sees its row)
-
-
-@dataclass(frozen=True)
-class DbKeys:
-    """The engine's keys: ``row`` seals row contents (AES-256-GCM), ``name`` encrypts entry
-    names deterministically (AES-SIV, 64 bytes), ``index`` hashes row identities into key
-    columns (keyed BLAKE2b)."""
-
-    row: bytes = field(repr=False)
-    name: bytes = field(repr=False)
-    index: bytes = field(repr=False)
-
-    @classmethod
-    def derive(cls, master: bytes, vault_id: bytes) -> DbKeys:
-        """The keys of a vault's database, derived from its master key as the codec derives
-        its own (HKDF-SHA256, salt the vault id, one purpose string each)."""
-        return cls(
-            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_ROW),
-            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_NAME)
-            + crypto.subkey(master, vault_id, crypto.PURPOSE_DB_NAME + b" 2"),
-            crypto.subkey(master, vault_id, crypto.PURPOSE_DB_INDEX),
-        )
 
 
 # -- row encoding: a tuple of ints, bytes, str and None ------------------------------------------

@@ -58,8 +58,8 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
+from cryptfs.meta.dbkeys import DbKeys
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import DbKeys, PgMetaStore, PgSession, PgWatcher
 from cryptfs.meta.sqlite import (
     ROOT_INO,
     Inode,
@@ -82,6 +82,7 @@ from cryptfs.vault.snapshots import Pins, apply_policy, held_or_none
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
+    from cryptfs.meta.postgres import PgMetaStore, PgSession, PgWatcher
     from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.vault.core")
@@ -298,6 +299,8 @@ class Vault:
         SQLite file (restored from the store's newest checkpoint if it is missing)."""
         url = local_meta_url(self.paths)
         if url:
+            from cryptfs.meta.postgres import PgMetaStore  # (psycopg: only such vaults load it)
+
             self.meta = PgMetaStore(url, self._db_keys, on_commit=self.hooks.committed,
                                     on_rollback=self.hooks.rolled_back)
         else:
@@ -315,6 +318,8 @@ class Vault:
         mounts wait for it), while any other machine has it mounted. Both sessions are
         inserted before either looks for the other: of a repair and a mount starting at
         once, at least one sees the other and gives up."""
+        from cryptfs.meta.postgres import PgMetaStore, PgSession
+
         assert isinstance(self.meta, PgMetaStore)
         self.session = PgSession(url, self._db_keys, lease_seconds())
         self.session.start("repair" if alone else "mount")
@@ -378,6 +383,8 @@ class Vault:
         )
         url = local_meta_url(self.paths)
         if url:  # other machines' commits: their change notices drop what they changed
+            from cryptfs.meta.postgres import PgWatcher
+
             self.watcher = PgWatcher(url, self._db_keys, self.meta.sender,  # type: ignore[union-attr]
                                      self._changed, self.fs.locks_released)
             self.watcher.start()
@@ -472,7 +479,7 @@ class Vault:
         sessions. A session that expired fences the mount for good (its commits are refused
         by the database anyway: this only says so once and stops the writes early)."""
         s = self.session
-        assert s is not None and self.fs is not None and isinstance(self.meta, PgMetaStore)
+        assert s is not None and self.fs is not None and self.meta is not None and self.meta.shared
         wait = s.ttl / 3
         unreachable = False  # said once per outage (retried meanwhile)
         while not self._stop.wait(wait):
@@ -820,6 +827,8 @@ def _init_database(url: str, keys: DbKeys, uid: int, gid: int, new: bool) -> Non
     """A new vault's PostgreSQL database gets the root directory (it must hold no inode yet);
     an existing vault's must already hold its metadata (attaching one to an empty database,
     from a checkpoint, is not supported yet)."""
+    from cryptfs.meta.postgres import PgMetaStore
+
     meta = PgMetaStore(url, keys)
     try:
         have_root = meta.get_inode(ROOT_INO) is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.format import crypto
@@ -19,10 +20,12 @@ from cryptfs.format.layout import DATA_PREFIX, MAX_CHECKPOINT, META_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import FileSystem
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import PgMetaStore
 from cryptfs.meta.sqlite import MetaStore
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import checkpoint_objects, read_checkpoints
+
+if TYPE_CHECKING:
+    from cryptfs.meta.postgres import PgMetaStore
 
 log = logging.getLogger("cryptfs.vault.recovery")
 
