@@ -10,7 +10,9 @@ callbacks, store requests, cache hits) goes into plain per-thread rows without a
 (:class:`FuseRecorder`, :class:`_Rows`) and becomes metric families at scrape time
 (:class:`_HotCollector`); a FUSE callback is recorded inside the FUSE adapter's one wrapper,
 touching one thread-local, one dict and one list (in a daemon, where every callback runs with
-cold caches, what a record touches is what it costs). The rarer events (misses, errors,
+cold caches, what a record touches is what it costs), and its latency is measured for a sample
+of the callbacks (one in ``FUSE_SAMPLE`` of each kind and thread: the clock reads were half of
+a record's cost); counts, errors and bytes are exact. The rarer events (misses, errors,
 checkpoints) use the library's instruments. Without ``-o metrics`` nothing is created and
 nothing is recorded.
 
@@ -61,8 +63,10 @@ from cryptfs.errors import CryptfsError, MountError, ObjectNotFound, UsageError
 from cryptfs.fuse_row import (
     FUSE_BUCKETS,
     FUSE_BYTES,
+    FUSE_CALLS,
     FUSE_ERRORS,
     FUSE_NB,
+    FUSE_SAMPLE,
     FUSE_SECONDS,
     FUSE_WIDTH,
 )
@@ -156,8 +160,9 @@ def _histogram(family: HistogramMetricFamily, labels: list[str], bounds: list[st
 
 class _HotCollector(Collector):
     """What the hot paths record in rows (:class:`_Rows`), built at scrape time: FUSE
-    operations (``cryptfs_fuse_operation_seconds`` by ``op``, errors by ``op`` and ``errno``,
-    read and written bytes), store requests (``cryptfs_store_operation_seconds`` and
+    operations (``cryptfs_fuse_operations_total`` and the sampled latency
+    ``cryptfs_fuse_operation_seconds`` by ``op``, errors by ``op`` and ``errno``, read and
+    written bytes), store requests (``cryptfs_store_operation_seconds`` and
     ``cryptfs_store_bytes`` by ``store`` and ``op``) and cache hits by ``cache``."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -166,19 +171,24 @@ class _HotCollector(Collector):
         self.store_bounds = [floatToGoString(b) for b in STORE_BUCKETS] + ["+Inf"]
 
     def collect(self) -> Iterator[Any]:
+        calls = CounterMetricFamily(
+            "cryptfs_fuse_operations", "FUSE operations by kind", labels=["op"])
         h = HistogramMetricFamily(
             "cryptfs_fuse_operation_seconds",
-            "FUSE operations by kind: latency (the _count is the number of operations)",
-            labels=["op"])
+            f"FUSE operations by kind: latency of a sample (the first of its kind in each "
+            f"daemon thread and every {FUSE_SAMPLE}th after; _count is the sample's size, "
+            f"cryptfs_fuse_operations_total counts them all)", labels=["op"])
         errors = CounterMetricFamily(
             "cryptfs_fuse_errors", "FUSE operations that returned an error, by kind and errno",
             labels=["op", "errno"])
         nbytes = {}
         for op, (fig, failed) in self.m._fuse.totals().items():
             nbytes[op] = fig[_BYTES]
+            calls.add_metric([op], fig[FUSE_CALLS])
             _histogram(h, [op], self.fuse_bounds, fig, _NB)
             for code, n in sorted(failed.items()):  # (positive ints: CryptfsFUSE._wrapper)
                 errors.add_metric([op, errno.errorcode.get(code, str(code))], n)
+        yield calls
         yield h
         yield errors
         yield CounterMetricFamily("cryptfs_fuse_read_bytes", "Bytes read through the mount",
@@ -217,16 +227,19 @@ class FuseRecorder:
 
     Each thread has a dict ``local.rows``: callback (the callable libfuse's callback runs,
     named like mfusepy's method, ``getattr_fuse_3`` counting as ``getattr``) -> its row, a list
-    of ``FUSE_WIDTH`` numbers and a dict: a count per latency bucket of
-    :data:`FUSE_BUCKETS` (then +Inf), the seconds, the bytes the callback returned (reported
-    for ``read`` and ``write`` only), a count per errno below :data:`FUSE_ERRNOS` at
-    ``FUSE_ERRORS + errno``, and in the dict the counts of larger errnos. The wrapper adds
-    into the row itself: per callback that is a clock read before and after, one thread-local
-    and one dict lookup, and two or three additions to one list, with no call into this
-    module. What a record costs the daemon is what it touches in memory more than what it
-    executes: a callback runs after two context switches, with the caches cold, so every
-    object and cache line it touches counts (one list and a few ints and floats here, against
-    ten closure cells, two dicts and two thread-locals before).
+    of ``FUSE_WIDTH`` numbers and a dict (:mod:`cryptfs.fuse_row`): a count per latency
+    bucket of :data:`FUSE_BUCKETS` (then +Inf) and the seconds, over the timed callbacks (the
+    first of its kind in the thread and every ``FUSE_SAMPLE``-th after), then the bytes the
+    callback returned (reported for ``read`` and ``write`` only), the number of callbacks, a
+    count per errno below :data:`FUSE_ERRNOS` at ``FUSE_ERRORS + errno``, and in the dict the
+    counts of larger errnos. The wrapper adds into the row itself: per callback that is one
+    thread-local and one dict lookup, one to three additions to one list, and for a timed
+    callback a clock read before and after, with no call into this module. What a record
+    costs the daemon is what it touches in memory and the clock more than what it executes:
+    a callback runs after two context switches, with the caches cold, so every object and
+    cache line it touches counts (one list and a few ints and floats here, against ten
+    closure cells, two dicts and two thread-locals before), and the two clock reads were
+    half of the rest (BENCHMARKS.md).
 
     Like :class:`_Rows`: only its thread writes a row, a scrape copies the dicts and reads the
     rows (a figure at most one callback late), and the rows of a thread that ended are folded

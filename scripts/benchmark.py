@@ -646,7 +646,7 @@ class CryptfsMetricsTarget(CryptfsTarget):
         except OSError:
             return None
         return sum(int(float(line.rpartition(" ")[2])) for line in text.splitlines()
-                   if line.startswith("cryptfs_fuse_operation_seconds_count{"))
+                   if line.startswith("cryptfs_fuse_operations_total{"))
 
     def _umount(self) -> None:
         try:  # check that the metrics were really recorded
@@ -654,7 +654,7 @@ class CryptfsMetricsTarget(CryptfsTarget):
         except OSError as e:
             text = f"scrape failed: {e}"
         super()._umount()
-        if 'cryptfs_fuse_operation_seconds_count{op="getattr"}' not in text:
+        if 'cryptfs_fuse_operations_total{op="getattr"}' not in text:
             raise BenchError(f"cryptfs-metrics: no FUSE operation counts ({one_line(text)})")
 
     def teardown(self) -> None:

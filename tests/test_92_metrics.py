@@ -35,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cryptfs.cli.fuse_ops import CryptfsFUSE
 from cryptfs.errors import ObjectNotFound
+from cryptfs.fuse_row import FUSE_SAMPLE
 from cryptfs.metrics import Metrics, parse_address
 from cryptfs.stores.memory import MemoryStore
 
@@ -182,9 +183,12 @@ def test_traffic_on_s3_moves_the_right_counters(s3_url: str) -> None:
             return value(after, sample, **labels) - value(before, sample, **labels)
 
         assert delta("cryptfs_fuse_written_bytes_total") == 3 * MIB
-        assert delta("cryptfs_fuse_operation_seconds_count", op="fsync") == 1
-        assert delta("cryptfs_fuse_operation_seconds_count", op="create") == 1
-        assert delta("cryptfs_fuse_operation_seconds_count", op="write") >= 12
+        assert delta("cryptfs_fuse_operations_total", op="fsync") == 1
+        assert delta("cryptfs_fuse_operations_total", op="create") == 1
+        writes = delta("cryptfs_fuse_operations_total", op="write")
+        assert writes >= 12
+        # the latency of a sample: at least the first write of a daemon thread
+        assert 1 <= delta("cryptfs_fuse_operation_seconds_count", op="write") < writes
         assert delta("cryptfs_fuse_read_bytes_total") == 0
         # three chunk objects, a metadata snapshot and a checkpoint, at least
         assert delta("cryptfs_store_operation_seconds_count", store="main", op="put") >= 5
@@ -510,15 +514,19 @@ def unmounted_fuse(m: Metrics) -> CryptfsFUSE:
 
 
 def test_fuse_operation_records_become_a_histogram() -> None:
+    """Every callback is counted (with its bytes and errno); its latency goes to the histogram
+    for the first of its kind in the thread and every FUSE_SAMPLE-th after."""
     m = Metrics()
     r = m.registry
     fuse = unmounted_fuse(m)
+    timed = range(0, 2 * FUSE_SAMPLE + 1, FUSE_SAMPLE)  # 0, 8, 16: the timed ones
 
-    def read(size: int) -> int:  # mfusepy's read returns the bytes it copied
-        if size < 0:
+    def read(i: int) -> int:  # mfusepy's read returns the bytes it copied
+        if i == timed[1]:
             raise OSError(errno.EIO, "EIO")
-        time.sleep(0.002)
-        return size
+        if i in timed:
+            time.sleep(0.002)
+        return i
 
     def write(n: int) -> int:
         return n
@@ -526,8 +534,8 @@ def test_fuse_operation_records_become_a_histogram() -> None:
     def readdir_fuse_3(n: int) -> int:
         return 0
 
-    assert fuse._wrapper(read, 10) == 10 and fuse._wrapper(read, 7) == 7
-    assert fuse._wrapper(read, -1) == -errno.EIO
+    for i in range(timed[-1] + 1):
+        assert fuse._wrapper(read, i) == (-errno.EIO if i == timed[1] else i)
     assert fuse._wrapper(write, 4096) == 4096
     assert fuse._wrapper(readdir_fuse_3, 3) == 0
 
@@ -536,13 +544,15 @@ def test_fuse_operation_records_become_a_histogram() -> None:
         assert v is not None, (name, labels)
         return v
 
-    assert sample("cryptfs_fuse_operation_seconds_count", op="read") == 3
+    assert sample("cryptfs_fuse_operations_total", op="read") == timed[-1] + 1
+    assert sample("cryptfs_fuse_operation_seconds_count", op="read") == len(timed)
     assert sample("cryptfs_fuse_operation_seconds_bucket", op="read", le="0.001") == 1  # EIO
-    assert sample("cryptfs_fuse_operation_seconds_bucket", op="read", le="+Inf") == 3
-    assert sample("cryptfs_fuse_operation_seconds_sum", op="read") >= 0.004
-    assert sample("cryptfs_fuse_read_bytes_total") == 17
+    assert sample("cryptfs_fuse_operation_seconds_bucket", op="read", le="+Inf") == len(timed)
+    assert 0.004 <= sample("cryptfs_fuse_operation_seconds_sum", op="read") < 1
+    assert sample("cryptfs_fuse_read_bytes_total") == sum(range(timed[-1] + 1)) - timed[1]
     assert sample("cryptfs_fuse_written_bytes_total") == 4096
     assert sample("cryptfs_fuse_errors_total", op="read", errno="EIO") == 1
+    assert sample("cryptfs_fuse_operations_total", op="readdir") == 1
     assert sample("cryptfs_fuse_operation_seconds_count", op="readdir") == 1
 
 
@@ -577,8 +587,11 @@ def test_records_from_many_threads_add_up_and_outlive_their_threads() -> None:
         t.join()
     assert answers == [-errno.EIO] * 4
     for _ in range(2):  # the second scrape sums the rows the first one folded
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count",
+        assert r.get_sample_value("cryptfs_fuse_operations_total",
                                   {"op": "getattr"}) == 4 * 5001
+        # each thread timed its first getattr and every FUSE_SAMPLE-th after
+        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count",
+                                  {"op": "getattr"}) == 4 * -(-5001 // FUSE_SAMPLE)
         assert r.get_sample_value("cryptfs_fuse_errors_total",
                                   {"op": "getattr", "errno": "EIO"}) == 4
         assert r.get_sample_value("cryptfs_cache_hits_total", {"cache": "memory"}) == 4 * 5000
@@ -610,14 +623,14 @@ def test_fuse_wrapper_counts_errno_answers_and_bytes() -> None:
     assert fuse._wrapper(read, 7) == 7 and fuse._wrapper(read, 5) == 5
     assert fuse._wrapper(write, 4) == 3
     for _ in range(2):  # the same figures from a second scrape
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "getattr"}) == 4
+        assert r.get_sample_value("cryptfs_fuse_operations_total", {"op": "getattr"}) == 4
         for name, n in (("ENOENT", 2), ("ENODATA", 1), ("EINVAL", 1)):
             assert r.get_sample_value("cryptfs_fuse_errors_total",
                                       {"op": "getattr", "errno": name}) == n
         assert r.get_sample_value("cryptfs_fuse_read_bytes_total") == 12
         assert r.get_sample_value("cryptfs_fuse_written_bytes_total") == 3
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "read"}) == 2
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "write"}) == 1
+        assert r.get_sample_value("cryptfs_fuse_operations_total", {"op": "read"}) == 2
+        assert r.get_sample_value("cryptfs_fuse_operations_total", {"op": "write"}) == 1
 
 
 def test_each_store_of_a_replicated_vault_has_its_own_figures() -> None:
@@ -675,7 +688,7 @@ def test_fuse_rows_count_any_errno_and_only_read_write_bytes() -> None:
                                   {"op": "getxattr", "errno": "1000"}) == 1
         assert r.get_sample_value("cryptfs_fuse_errors_total",
                                   {"op": "getxattr", "errno": "ENODATA"}) == 1
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "getxattr"}) == 3
-        assert r.get_sample_value("cryptfs_fuse_operation_seconds_count", {"op": "lseek"}) == 1
+        assert r.get_sample_value("cryptfs_fuse_operations_total", {"op": "getxattr"}) == 3
+        assert r.get_sample_value("cryptfs_fuse_operations_total", {"op": "lseek"}) == 1
         assert r.get_sample_value("cryptfs_fuse_read_bytes_total") == 0
         assert r.get_sample_value("cryptfs_fuse_written_bytes_total") == 0

@@ -87,7 +87,7 @@ def row(prev: Sample, cur: Sample, dt: float) -> list[str]:
     hits = rate("cryptfs_cache_hits_total")
     misses = rate("cryptfs_cache_misses_total")
     return [
-        f"{rate('cryptfs_fuse_operation_seconds_count'):.0f}",
+        f"{rate('cryptfs_fuse_operations_total'):.0f}",
         f"{rate('cryptfs_fuse_read_bytes_total') / 1e6:.1f}",
         f"{rate('cryptfs_fuse_written_bytes_total') / 1e6:.1f}",
         f"{total(cur, 'cryptfs_uploads_pending_objects'):.0f}",

@@ -30,8 +30,10 @@ from cryptfs.fs import DIR_SIZE, FileSystem  # noqa: E402
 from cryptfs.fuse_row import (  # noqa: E402
     FUSE_BUCKETS,
     FUSE_BYTES,
+    FUSE_CALLS,
     FUSE_ERRNOS,
     FUSE_ERRORS,
+    FUSE_SAMPLE,
     FUSE_SECONDS,
 )
 from cryptfs.meta import ROOT_INO, Inode  # noqa: E402
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 # the three fastest latency buckets, chosen by comparisons (most callbacks fall in them)
 _B0, _B1, _B2 = FUSE_BUCKETS[:3]
+_UNTIMED = FUSE_SAMPLE - 1  # the callbacks not timed: n & _UNTIMED
 
 log = logging.getLogger("cryptfs.fuse")
 
@@ -500,8 +503,8 @@ class SharedLocksOperations(CryptfsOperations):
 class CryptfsFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with file handles passed to chmod/chown/utimens (for open files that
     were unlinked) and UTIME_NOW / UTIME_OMIT preserved, and its own :meth:`_wrapper` around
-    every callback. With ``metrics`` every callback is timed and counted by kind there (and
-    read/write bytes)."""
+    every callback. With ``metrics`` every callback is counted by kind there (with its errno,
+    and read/write bytes), and a sample of them timed."""
 
     def __init__(self, operations: CryptfsOperations, mountpoint: str,
                  metrics: Metrics | None = None, **kwargs: Any) -> None:
@@ -524,12 +527,14 @@ class CryptfsFUSE(mfusepy.FUSE):
         and the metrics are here, not in a wrapper per operation. The first callback in a
         worker thread keeps its thread state (:func:`_keep_thread_state`).
 
-        With metrics, the callback is timed and added to the calling thread's row of ``func``
-        (:class:`cryptfs.metrics.FuseRecorder`) right here, without a call: a latency bucket,
-        the seconds, the bytes it returned or its errno. A record costs a daemon what it
-        touches in memory (the caches are cold after the two context switches of a FUSE round
-        trip): one thread-local, one dict and one list, instead of ten closure cells, two
-        dicts, a second thread-local and a Python call."""
+        With metrics, the callback is counted, and added to the calling thread's row of
+        ``func`` (:class:`cryptfs.metrics.FuseRecorder`) right here, without a call: the bytes
+        it returned or its errno, and for one callback in ``FUSE_SAMPLE`` of its kind in this
+        thread (the first, then every ``FUSE_SAMPLE``-th) its latency bucket and seconds. A
+        record costs a daemon what it touches in memory (the caches are cold after the two
+        context switches of a FUSE round trip) and the clock: one thread-local, one dict and
+        one list, and two clock reads only when the callback is timed (they were half of a
+        record's cost)."""
         local = self._record  # the recorder's thread-local, or None without metrics
         if local is None:
             if not getattr(_thread_kept, "kept", False):
@@ -547,7 +552,13 @@ class CryptfsFUSE(mfusepy.FUSE):
         except AttributeError:  # the first callback in this thread
             _keep_thread_state()
             rows = self._recorder.thread_rows()  # type: ignore[union-attr]
-        t = perf_counter()
+        try:
+            row = rows[func]
+        except KeyError:
+            row = self._recorder.new_row(rows, func)  # type: ignore[union-attr]
+        n = row[FUSE_CALLS]
+        row[FUSE_CALLS] = n + 1
+        t = 0.0 if n & _UNTIMED else perf_counter()
         code = out = 0
         try:
             out = func(*args) or 0
@@ -557,14 +568,11 @@ class CryptfsFUSE(mfusepy.FUSE):
             code = self._failed(func, e)
         except BaseException as e:
             return self._critical(func, e)
-        d = perf_counter() - t
-        try:
-            row = rows[func]
-        except KeyError:
-            row = self._recorder.new_row(rows, func)  # type: ignore[union-attr]
-        row[0 if d < _B0 else 1 if d < _B1 else 2 if d < _B2
-            else bisect_left(FUSE_BUCKETS, d)] += 1
-        row[FUSE_SECONDS] += d
+        if t:
+            d = perf_counter() - t
+            row[0 if d < _B0 else 1 if d < _B1 else 2 if d < _B2
+                else bisect_left(FUSE_BUCKETS, d)] += 1
+            row[FUSE_SECONDS] += d
         if not code:
             if out:  # bytes for read and write (what other callbacks return is not reported)
                 row[FUSE_BYTES] += out
