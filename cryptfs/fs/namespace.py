@@ -160,8 +160,11 @@ class Namespace(FileSystemBase):
             defer = False  # a rollback re-applies deferred inodes, not their xattrs
         elif not stat.S_ISLNK(mode):
             mode &= ~(umask & 0o777)
+        # a vault of one machine: the cached parent is its row (every write is made and
+        # cached under self.lock), written touched instead of read back (MetaEngine.mknod)
         changed = self.meta.mknod(parent, name, Inode(0, mode, uid, gid, size, 0, 0, 0, 0, rdev,
-                                                      target), acls, commit=not defer)
+                                                      target), acls, commit=not defer,
+                                  known=None if self.meta.shared else self.inodes)
         node = changed.inodes[changed.ino]
         if acls:
             self.xattr_inos.add(node.ino)
