@@ -1302,20 +1302,52 @@ def test_mknod_in_a_known_directory(engine: MetaEngine, observer: MetaEngine) ->
     assert rows(engine) == before and engine.get_inode(d) == known[d]
 
 
-def test_mknod_takes_a_known_row_only_on_an_engine_of_one_machine(
+def test_link_and_unlink_in_a_known_directory(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    """``known`` as for mknod: the same links, times and errors, nothing written on an error
+    (a parent gone whose row is still known, no directory), the rows passed unchanged."""
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    gone = mk(engine, ROOT_INO, b"gone", DIR)
+    f = mk(engine, ROOT_INO, b"f")
+    known = {i: engine.get_inode(i) for i in (ROOT_INO, d, gone, f)}
+    engine.rmdir(ROOT_INO, b"gone")
+    kept = {i: replace(n) for i, n in known.items()}  # type: ignore[type-var]
+    ch = engine.link(f, d, b"g", known=known)
+    parent = observer.get_inode(d)
+    assert parent is not None and ch.inodes == {f: observer.get_inode(f), d: parent}
+    assert (parent.nlink, parent.mtime_ns) == (2, parent.ctime_ns) and nlinks(observer, f) == [2]
+    before = rows(engine)
+    fails(errno.ENOENT, engine.link, f, gone, b"x", known=known)
+    fails(errno.ENOTDIR, engine.link, f, f, b"x", known=known)
+    assert rows(engine) == before and known == kept
+    known[d] = parent
+    ch = engine.unlink(d, b"g", known=known)
+    after = observer.get_inode(d)
+    assert after is not None and ch.inodes == {f: observer.get_inode(f), d: after}
+    assert (after.nlink, after.mtime_ns) == (2, after.ctime_ns) and nlinks(observer, f) == [1]
+    assert after.ctime_ns >= parent.ctime_ns and known[d] == parent
+    fails(errno.ENOENT, engine.unlink, d, b"g", known=known)
+    fails(errno.EISDIR, engine.unlink, ROOT_INO, b"d", known=known)
+
+
+def test_a_known_row_is_taken_only_by_an_engine_of_one_machine(
     engine: MetaEngine, observer: MetaEngine
 ) -> None:
     """An engine that is not ``shared`` writes the known parent row touched, without reading
     it (the caller's row is the database's); a shared one reads the row other machines may
-    have changed. Shown with a known row that differs from the database's."""
+    have changed. Shown with a known row that differs from the database's, for each
+    operation that takes one (mknod, link, unlink)."""
     d = mk(engine, ROOT_INO, b"d", DIR)
-    row = engine.get_inode(d)
-    assert row is not None
-    stale = replace(row, uid=4321)
-    mk(engine, d, b"f", known={d: stale})
-    parent = observer.get_inode(d)
-    assert parent is not None and parent.nlink == 2 and parent.ctime_ns > row.ctime_ns
-    assert parent.uid == (row.uid if engine.shared else 4321)
+    for i, op in enumerate((lambda k: mk(engine, d, b"f", known=k),
+                            lambda k: engine.link(engine.lookup(d, b"f"), d, b"g", known=k),
+                            lambda k: engine.unlink(d, b"g", known=k))):
+        row = engine.get_inode(d)
+        assert row is not None
+        op({d: replace(row, uid=4321 + i)})
+        parent = observer.get_inode(d)
+        assert parent is not None and parent.nlink == 2 and parent.ctime_ns >= row.ctime_ns
+        assert parent.uid == (row.uid if engine.shared else 4321 + i)
 
 
 def test_mknod_commit_false_waits_for_the_next_commit(

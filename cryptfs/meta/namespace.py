@@ -306,9 +306,12 @@ class NamespaceOps(_Rows):
 
         return self.atomically(run, commit)
 
-    def link(self, ino: int, parent: int, name: bytes) -> Changed:
-        """Give ``ino`` (not a directory: EPERM) one more name. Changed.ino is ``ino``."""
+    def link(self, ino: int, parent: int, name: bytes,
+             known: Mapping[int, Inode] | None = None) -> Changed:
+        """Give ``ino`` (not a directory: EPERM) one more name. Changed.ino is ``ino``.
+        ``known``: as for :meth:`mknod` (the parent's row may be taken from it)."""
         check_name(name)
+        prow = None if known is None else known.get(parent)
 
         def run() -> Changed:
             now = time.time_ns()
@@ -319,16 +322,19 @@ class NamespaceOps(_Rows):
                 raise os_error(errno.EPERM)
             if not self.add_dentry_if_absent(parent, name, ino):
                 raise os_error(errno.EEXIST)
-            pnode = self._touch_dir(parent, now)
+            pnode = self._touch_dir(parent, now, known=prow)
             return Changed(ino=ino, inodes={ino: node, parent: pnode},
                            entries={(parent, name): ino})
 
         return self.atomically(run)
 
     # -- removing ---------------------------------------------------------------------------
-    def unlink(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed:
+    def unlink(self, parent: int, name: bytes, keep: Collection[int] = (),
+               known: Mapping[int, Inode] | None = None) -> Changed:
         """Remove a name of a non-directory (EISDIR). Its inode goes with its last link unless
-        it is in ``keep``. Removing a libfuse-hidden name takes no link off (it is none)."""
+        it is in ``keep``. Removing a libfuse-hidden name takes no link off (it is none).
+        ``known``: as for :meth:`mknod` (the parent's row may be taken from it)."""
+        prow = None if known is None else known.get(parent)
 
         def run() -> Changed:
             op = _Op(self)
@@ -345,7 +351,8 @@ class NamespaceOps(_Rows):
             if stat.S_ISDIR(node.mode):
                 raise os_error(errno.EISDIR)
             if not hidden:
-                op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True)
+                op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True,
+                                                        known=prow)
             if node.nlink <= 0 and ino not in keep and not self.held(ino):
                 op.delete(ino)  # (held: another machine has it open)
             else:
