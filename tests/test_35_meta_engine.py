@@ -226,6 +226,31 @@ def test_touch_inode_counts_links_and_sets_times_returning_the_row(
     assert engine.get_inode(a) == after  # rolled back with its block
 
 
+def test_touch_inode_of_a_known_row_leaves_it_as_reading_it_does(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    """``known``: the caller's row (what a filesystem on an engine of one machine caches)
+    gives the same row, written whole, as one read in the block; the caller's copy stays."""
+    with engine.transaction():
+        a = engine.insert_inode(inode(0, DIR, nlink=2))
+        b = engine.insert_inode(inode(0, DIR, nlink=2))
+    row = engine.get_inode(a)
+    assert row is not None
+    with engine.transaction():
+        got = engine.touch_inode(a, 500, nlink=1, mtime=True, known=row)
+        read = engine.touch_inode(b, 500, nlink=1, mtime=True)
+    assert row == inode(a, DIR, nlink=2)  # not changed in place
+    assert got == replace(read, ino=a) == observer.get_inode(a)  # type: ignore[type-var]
+    assert (got.nlink, got.mtime_ns, got.ctime_ns) == (3, 500, 500)  # type: ignore[union-attr]
+    with engine.transaction():  # a row that is gone: None, nothing written
+        assert engine.touch_inode(424242, 700, nlink=1, known=replace(row, ino=424242)) is None
+    assert engine.get_inode(424242) is None
+    with pytest.raises(ZeroDivisionError), engine.transaction():
+        engine.touch_inode(a, 800, nlink=5, known=got)
+        _ = 1 // 0
+    assert engine.get_inode(a) == got  # rolled back with its block
+
+
 def test_set_attrs_sets_what_is_given_returning_the_row(
     engine: MetaEngine, observer: MetaEngine
 ) -> None:
@@ -1244,6 +1269,85 @@ def test_mknod_makes_inode_and_entry_and_refuses_a_second_create(
                       (b"n" * 256, errno.ENAMETOOLONG)):
         fails(code, mk, engine, d, bad)
     assert rows(engine) == before
+
+
+def test_mknod_in_a_known_directory(engine: MetaEngine, observer: MetaEngine) -> None:
+    """``known`` (the rows a filesystem on an engine of one machine caches): the same
+    outcome as without, the rows passed left as they were, and every error still raised
+    with nothing written: a parent gone (its row still known), being removed, no directory."""
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    known = {i: engine.get_inode(i) for i in (ROOT_INO, d)}
+    kept = {i: replace(n) for i, n in known.items()}  # type: ignore[type-var]
+    ch = engine.mknod(d, b"sub", Inode(0, DIR, 7, 8, 0, 0, 0, 0, 0), known=known)
+    assert known == kept
+    sub, parent = observer.get_inode(ch.ino), observer.get_inode(d)
+    assert sub is not None and parent is not None and (sub.nlink, parent.nlink) == (2, 3)
+    assert parent.mtime_ns == parent.ctime_ns == sub.ctime_ns
+    assert ch.inodes == {ch.ino: sub, d: parent} and ch.entries == {(d, b"sub"): ch.ino}
+    known[d] = parent
+    f = mk(engine, d, b"f", known=known, commit=False)
+    assert nlinks(engine, d, f) == [3, 1] and observer.lookup(d, b"f") is None
+    engine.commit()
+    assert observer.lookup(d, b"f") == f
+    gone = engine.get_inode(sub.ino)
+    engine.rmdir(d, b"sub")
+    with engine.transaction():  # a directory being removed: no link left
+        e = engine.insert_inode(inode(0, DIR, nlink=0))
+    known.update((i, engine.get_inode(i)) for i in (d, f, e))
+    before = rows(engine)
+    fails(errno.EEXIST, mk, engine, d, b"f", known=known)
+    fails(errno.ENOTDIR, mk, engine, f, b"x", known=known)
+    fails(errno.ENOENT, mk, engine, sub.ino, b"x", known={sub.ino: gone})  # type: ignore
+    fails(errno.ENOENT, mk, engine, e, b"x", known=known)
+    assert rows(engine) == before and engine.get_inode(d) == known[d]
+
+
+def test_link_and_unlink_in_a_known_directory(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    """``known`` as for mknod: the same links, times and errors, nothing written on an error
+    (a parent gone whose row is still known, no directory), the rows passed unchanged."""
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    gone = mk(engine, ROOT_INO, b"gone", DIR)
+    f = mk(engine, ROOT_INO, b"f")
+    known = {i: engine.get_inode(i) for i in (ROOT_INO, d, gone, f)}
+    engine.rmdir(ROOT_INO, b"gone")
+    kept = {i: replace(n) for i, n in known.items()}  # type: ignore[type-var]
+    ch = engine.link(f, d, b"g", known=known)
+    parent = observer.get_inode(d)
+    assert parent is not None and ch.inodes == {f: observer.get_inode(f), d: parent}
+    assert (parent.nlink, parent.mtime_ns) == (2, parent.ctime_ns) and nlinks(observer, f) == [2]
+    before = rows(engine)
+    fails(errno.ENOENT, engine.link, f, gone, b"x", known=known)
+    fails(errno.ENOTDIR, engine.link, f, f, b"x", known=known)
+    assert rows(engine) == before and known == kept
+    known[d] = parent
+    ch = engine.unlink(d, b"g", known=known)
+    after = observer.get_inode(d)
+    assert after is not None and ch.inodes == {f: observer.get_inode(f), d: after}
+    assert (after.nlink, after.mtime_ns) == (2, after.ctime_ns) and nlinks(observer, f) == [1]
+    assert after.ctime_ns >= parent.ctime_ns and known[d] == parent
+    fails(errno.ENOENT, engine.unlink, d, b"g", known=known)
+    fails(errno.EISDIR, engine.unlink, ROOT_INO, b"d", known=known)
+
+
+def test_a_known_row_is_taken_only_by_an_engine_of_one_machine(
+    engine: MetaEngine, observer: MetaEngine
+) -> None:
+    """An engine that is not ``shared`` writes the known parent row touched, without reading
+    it (the caller's row is the database's); a shared one reads the row other machines may
+    have changed. Shown with a known row that differs from the database's, for each
+    operation that takes one (mknod, link, unlink)."""
+    d = mk(engine, ROOT_INO, b"d", DIR)
+    for i, op in enumerate((lambda k: mk(engine, d, b"f", known=k),
+                            lambda k: engine.link(engine.lookup(d, b"f"), d, b"g", known=k),
+                            lambda k: engine.unlink(d, b"g", known=k))):
+        row = engine.get_inode(d)
+        assert row is not None
+        op({d: replace(row, uid=4321 + i)})
+        parent = observer.get_inode(d)
+        assert parent is not None and parent.nlink == 2 and parent.ctime_ns >= row.ctime_ns
+        assert parent.uid == (row.uid if engine.shared else 4321 + i)
 
 
 def test_mknod_commit_false_waits_for_the_next_commit(

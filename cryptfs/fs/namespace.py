@@ -35,6 +35,13 @@ class Namespace(FileSystemBase):
     umask decisions, the read-only mount, open files (which keep an unlinked inode) and deferred
     creates, and updates its caches from what the engine says changed."""
 
+    def _known(self) -> dict[int, Inode] | None:
+        """The rows the engine may take instead of reading them (``known`` of its namespace
+        operations): on a vault of one machine the inode cache, since every write to the
+        engine is made and cached under self.lock (a rollback's deferred writes are written
+        again); None on a shared one (other machines change rows)."""
+        return None if self.meta.shared else self.inodes
+
     # -- lookups --------------------------------------------------------------------------
     def getattr(self, ino: int) -> Inode:
         with self.lock:
@@ -161,7 +168,8 @@ class Namespace(FileSystemBase):
         elif not stat.S_ISLNK(mode):
             mode &= ~(umask & 0o777)
         changed = self.meta.mknod(parent, name, Inode(0, mode, uid, gid, size, 0, 0, 0, 0, rdev,
-                                                      target), acls, commit=not defer)
+                                                      target), acls, commit=not defer,
+                                  known=self._known())
         node = changed.inodes[changed.ino]
         if acls:
             self.xattr_inos.add(node.ino)
@@ -218,7 +226,7 @@ class Namespace(FileSystemBase):
     def link(self, ino: int, parent: int, name: bytes) -> Inode:
         with self.lock:
             self._writable()
-            changed = self.meta.link(ino, parent, name)
+            changed = self.meta.link(ino, parent, name, known=self._known())
             self._apply(changed)
             return self._view(changed.inodes[ino])
 
@@ -226,7 +234,7 @@ class Namespace(FileSystemBase):
     def unlink(self, parent: int, name: bytes) -> None:
         with self.lock:
             self._writable()
-            self._apply(self.meta.unlink(parent, name, keep=self.files))
+            self._apply(self.meta.unlink(parent, name, keep=self.files, known=self._known()))
 
     def rmdir(self, parent: int, name: bytes) -> None:
         with self.lock:

@@ -136,9 +136,12 @@ class MetaEngine(Protocol):
         """Run ``fn`` in one transaction (an engine whose transactions conflict retries it)."""
 
     def mknod(self, parent: int, name: bytes, node: Inode,
-              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed: ...
-    def link(self, ino: int, parent: int, name: bytes) -> Changed: ...
-    def unlink(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed: ...
+              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True,
+              known: Mapping[int, Inode] | None = None) -> Changed: ...
+    def link(self, ino: int, parent: int, name: bytes,
+             known: Mapping[int, Inode] | None = None) -> Changed: ...
+    def unlink(self, parent: int, name: bytes, keep: Collection[int] = (),
+               known: Mapping[int, Inode] | None = None) -> Changed: ...
     def rmdir(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed: ...
     def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0,
                keep: Collection[int] = ()) -> Changed: ...
@@ -202,11 +205,15 @@ class MetaEngine(Protocol):
     # -- inodes --------------------------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode | None: ...
 
-    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
-                    mtime: bool = False) -> Inode | None:
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0, mtime: bool = False,
+                    known: Inode | None = None) -> Inode | None:
         """Add ``nlink`` to the link count of ``ino`` and set its ctime (with ``mtime`` its
         mtime too) to ``now_ns``; the inode as it is after (None: no such inode, nothing
-        written). NamespaceOps has it as a read and a write; an engine may do it in one."""
+        written). NamespaceOps has it as a read and a write; an engine may do it in one.
+        ``known``: the row as the caller knows it is in the database (an engine that is not
+        ``shared``: every write is the caller's); an engine that is not shared may write it
+        touched, whole, instead of reading the row (``known`` is left as it was); a shared
+        engine reads the row."""
 
     def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
                   uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,

@@ -3,14 +3,16 @@
 Each operation (:meth:`NamespaceOps.mknod`, ``link``, ``unlink``, ``rmdir``, ``rename``,
 ``setattr``, ``setxattr``, ``removexattr``, ``readdir``, ``drop_unlinked``, ``recover``) is one
 atomic unit run by :meth:`NamespaceOps.atomically`: it reads, inside the transaction, every row
-its POSIX checks need (never a cache of the layer above; the hot ones through compound row
-primitives such as :meth:`NamespaceOps.touch_inode`, which write a row and return it, and
-which an engine may do in one statement each), raises ``OSError(errno)`` (EEXIST,
-ENOENT, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EPERM, ENODATA, ENAMETOOLONG) with nothing written,
-keeps link counts and the parents' times, and returns a :class:`~cryptfs.meta.engine.Changed`
-that says what the layer above must update in its caches. Durability is the engine's: a call
-returns once its transaction committed (with ``commit=False``: written, committed with the next
-commit); a call that raises rolled back whole.
+its POSIX checks need (the hot ones through compound row primitives such as
+:meth:`NamespaceOps.touch_inode`, which write a row and return it, and which an engine may do
+in one statement each; a row the caller passes in ``known`` instead, where an operation takes
+that, and only on an engine that is not ``shared``: see :meth:`NamespaceOps.mknod`), raises
+``OSError(errno)`` (EEXIST, ENOENT, ENOTDIR, EISDIR, ENOTEMPTY, EINVAL, EPERM, ENODATA,
+ENAMETOOLONG) with nothing written, keeps link counts and the parents' times, and returns a
+:class:`~cryptfs.meta.engine.Changed` that says what the layer above must update in its caches.
+Durability is the engine's: a call returns once its transaction committed (with
+``commit=False``: written, committed with the next commit); a call that raises rolled back
+whole.
 
 An engine gets the operations by inheriting :class:`NamespaceOps` (the SQLite engine does); an
 engine whose transactions can fail for conflicts between clients (PostgreSQL's serialization
@@ -204,12 +206,14 @@ class NamespaceOps(_Rows):
         with self.transaction(commit=commit):
             return fn()
 
-    def _touch_dir(self, ino: int, now: int, nlink: int = 0, removing: bool = False) -> Inode:
+    def _touch_dir(self, ino: int, now: int, nlink: int = 0, removing: bool = False,
+                   known: Inode | None = None) -> Inode:
         """An entry in directory ``ino`` was added (or with ``removing``, removed): its times
         are ``now`` and ``nlink`` is added to its link count; the directory after. ENOENT if
         it is gone (or, when adding, being removed), ENOTDIR if it is no directory (nothing
-        is written then that the operation's rollback does not undo)."""
-        node = self.touch_inode(ino, now, nlink=nlink, mtime=True)
+        is written then that the operation's rollback does not undo). ``known``: its row
+        as the caller knows it (see :meth:`touch_inode`)."""
+        node = self.touch_inode(ino, now, nlink=nlink, mtime=True, known=known)
         if node is None:
             raise os_error(errno.ENOENT)
         if not stat.S_ISDIR(node.mode):
@@ -219,9 +223,9 @@ class NamespaceOps(_Rows):
         return node
 
     # -- compound row primitives: a read and a write here; an engine may do each in one --------
-    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
-                    mtime: bool = False) -> Inode | None:
-        node = self.get_inode(ino)
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0, mtime: bool = False,
+                    known: Inode | None = None) -> Inode | None:
+        node = self.get_inode(ino)  # (``known`` is only a hint: read, the row is certain)
         if node is not None:
             self.update_inode(touched(node, now_ns, nlink, mtime))
         return node
@@ -272,13 +276,21 @@ class NamespaceOps(_Rows):
 
     # -- creating ---------------------------------------------------------------------------
     def mknod(self, parent: int, name: bytes, node: Inode,
-              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed:
+              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True,
+              known: Mapping[int, Inode] | None = None) -> Changed:
         """Create an inode like ``node`` (its type, mode, owner, rdev, target, size; the
         engine sets the number, link count and times) named ``name`` in ``parent``, with
         ``xattrs``. Changed.ino is the new inode. EEXIST if the name exists; ENOENT if the
-        parent is gone (or being removed); ENOTDIR if it is no directory."""
+        parent is gone (or being removed); ENOTDIR if it is no directory.
+
+        ``known``: inodes as the caller knows their rows are in the database (a caller on an
+        engine that is not ``shared`` makes every write itself: its cache). The parent's row
+        found there may be touched and written whole instead of being read back
+        (:meth:`touch_inode`); the outcome is the same (ENOENT still if the row is gone).
+        An engine that is shared reads the row whatever ``known`` says."""
         check_name(name)
         isdir = stat.S_ISDIR(node.mode)
+        prow = None if known is None else known.get(parent)
 
         def run() -> Changed:
             new = created(node)
@@ -286,7 +298,7 @@ class NamespaceOps(_Rows):
             new.ino = self.insert_inode(new)
             if not self.add_dentry_if_absent(parent, name, new.ino):
                 raise os_error(errno.EEXIST)
-            pnode = self._touch_dir(parent, now, nlink=1 if isdir else 0)
+            pnode = self._touch_dir(parent, now, nlink=1 if isdir else 0, known=prow)
             for n, v in (xattrs or {}).items():
                 self.set_xattr(new.ino, n, v)
             return Changed(ino=new.ino, inodes={new.ino: new, parent: pnode},
@@ -294,9 +306,12 @@ class NamespaceOps(_Rows):
 
         return self.atomically(run, commit)
 
-    def link(self, ino: int, parent: int, name: bytes) -> Changed:
-        """Give ``ino`` (not a directory: EPERM) one more name. Changed.ino is ``ino``."""
+    def link(self, ino: int, parent: int, name: bytes,
+             known: Mapping[int, Inode] | None = None) -> Changed:
+        """Give ``ino`` (not a directory: EPERM) one more name. Changed.ino is ``ino``.
+        ``known``: as for :meth:`mknod` (the parent's row may be taken from it)."""
         check_name(name)
+        prow = None if known is None else known.get(parent)
 
         def run() -> Changed:
             now = time.time_ns()
@@ -307,16 +322,19 @@ class NamespaceOps(_Rows):
                 raise os_error(errno.EPERM)
             if not self.add_dentry_if_absent(parent, name, ino):
                 raise os_error(errno.EEXIST)
-            pnode = self._touch_dir(parent, now)
+            pnode = self._touch_dir(parent, now, known=prow)
             return Changed(ino=ino, inodes={ino: node, parent: pnode},
                            entries={(parent, name): ino})
 
         return self.atomically(run)
 
     # -- removing ---------------------------------------------------------------------------
-    def unlink(self, parent: int, name: bytes, keep: Collection[int] = ()) -> Changed:
+    def unlink(self, parent: int, name: bytes, keep: Collection[int] = (),
+               known: Mapping[int, Inode] | None = None) -> Changed:
         """Remove a name of a non-directory (EISDIR). Its inode goes with its last link unless
-        it is in ``keep``. Removing a libfuse-hidden name takes no link off (it is none)."""
+        it is in ``keep``. Removing a libfuse-hidden name takes no link off (it is none).
+        ``known``: as for :meth:`mknod` (the parent's row may be taken from it)."""
+        prow = None if known is None else known.get(parent)
 
         def run() -> Changed:
             op = _Op(self)
@@ -333,7 +351,8 @@ class NamespaceOps(_Rows):
             if stat.S_ISDIR(node.mode):
                 raise os_error(errno.EISDIR)
             if not hidden:
-                op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True)
+                op.out.inodes[parent] = self._touch_dir(parent, op.now, removing=True,
+                                                        known=prow)
             if node.nlink <= 0 and ino not in keep and not self.held(ino):
                 op.delete(ino)  # (held: another machine has it open)
             else:

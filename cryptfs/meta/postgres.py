@@ -1422,14 +1422,15 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._ivals[node.ino] = (ver, dataclasses.replace(node))
         return node
 
-    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0,
-                    mtime: bool = False) -> Inode | None:
-        """See :meth:`MetaEngine.touch_inode`. In an operation that :meth:`atomically` runs
-        again on a conflict, an inode read or written here before at the version the database
-        still has is not read again: the update is conditional on that version (checked by
-        row count), so a change by another writer meanwhile is a conflict and the operation
-        runs again on what the database holds — one statement instead of a locking read and
-        an update (each create touches its directory)."""
+    def touch_inode(self, ino: int, now_ns: int, nlink: int = 0, mtime: bool = False,
+                    known: Inode | None = None) -> Inode | None:
+        """See :meth:`MetaEngine.touch_inode` (``known`` is not taken: other machines write
+        the rows; this engine keeps its own record of them). In an operation that
+        :meth:`atomically` runs again on a conflict, an inode read or written here before at
+        the version the database still has is not read again: the update is conditional on
+        that version (checked by row count), so a change by another writer meanwhile is a
+        conflict and the operation runs again on what the database holds — one statement
+        instead of a locking read and an update (each create touches its directory)."""
         k = self._h(b"i", ino)
         got = self._ivals.get(ino)
         if not self._retryable or got is None or got[0] != self._vers.get(("inodes", k)):
@@ -1468,14 +1469,15 @@ class PgMetaStore(Transactions, NamespaceOps):
         return self._inos.pop(0)
 
     def mknod(self, parent: int, name: bytes, node: Inode,
-              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True) -> Changed:
-        """See :meth:`NamespaceOps.mknod`. In an operation :meth:`atomically` runs again on a
-        conflict, with the parent directory as this engine last read or wrote it at the
-        version the database still has (each create after the first in a directory), one
-        statement: the inode, the name (unless it exists: EEXIST, and the statement's writes
-        are rolled back with the operation) and the parent's update, conditional on that
-        version (another writer's change meanwhile is a conflict: the operation runs again,
-        reading the parent)."""
+              xattrs: Mapping[bytes, bytes] | None = None, commit: bool = True,
+              known: Mapping[int, Inode] | None = None) -> Changed:
+        """See :meth:`NamespaceOps.mknod` (``known`` is not taken: other machines write the
+        rows). In an operation :meth:`atomically` runs again on a conflict, with the parent
+        directory as this engine last read or wrote it at the version the database still has
+        (each create after the first in a directory), one statement: the inode, the name
+        (unless it exists: EEXIST, and the statement's writes are rolled back with the
+        operation) and the parent's update, conditional on that version (another writer's
+        change meanwhile is a conflict: the operation runs again, reading the parent)."""
         if xattrs:
             return super().mknod(parent, name, node, xattrs, commit)
         check_name(name)
