@@ -368,6 +368,32 @@ class _Shipment:
     pin: sqlite3.Connection
 
 
+@dataclass
+class _Taken:
+    """A :class:`cryptfs.meta.engine.Frozen` state of a SQLite engine, read whole when it was
+    fixed (:meth:`MetaStore.freeze`): one machine's database has no second writer whose
+    commits a later read could see, and its image is a copy of the file."""
+
+    data: bytes
+    ledger_seq: int
+    _staged: list[ChunkRef]
+    _unreferenced: list[ChunkRef]
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
+        if leave_out is not None:
+            raise ValueError("an unshared engine's image leaves nothing out")
+        return self.data
+
+    def staged(self) -> list[ChunkRef]:
+        return list(self._staged)
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        return list(self._unreferenced)
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
 class MetaStore(Transactions, NamespaceOps):
     """Typed access to the vault database. Not thread-safe: callers serialise. The namespace
     operations come from :class:`NamespaceOps`, transaction blocks from :class:`Transactions`.
@@ -649,6 +675,15 @@ class MetaStore(Transactions, NamespaceOps):
                 position = found.position
         self._begun = _Shipment(position, pin)
         return img
+
+    def freeze(self) -> _Taken:
+        """See :meth:`MetaEngine.freeze`: everything is read here, under the caller's lock
+        (the :meth:`image`, then the staged and unreferenced objects and the ledger head),
+        as a checkpoint read it before there was a Frozen state."""
+        data = self.image()
+        last = self.ledger_last()
+        return _Taken(data, last[0] if last else 0, self.objects_in_state("staged"),
+                      self.unreferenced_objects())
 
     def changes(self) -> bytes | None:
         """Commit; the pages committed since the last shipment as a segment (see
