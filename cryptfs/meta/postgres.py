@@ -2435,7 +2435,7 @@ class PgFrozen:
             return
         try:
             conn.rollback()
-        except DBAPIError:
+        except SQLAlchemyError:  # (a connection lost meanwhile: not kept)
             self._owner._give_back(conn, keep=False)
             return
         self._owner._give_back(conn, keep=True)
