@@ -569,6 +569,21 @@ def test_object_states_and_unreferenced(engine: MetaEngine) -> None:
     }
 
 
+def test_objects_named_by_one_or_several_prefixes(engine: MetaEngine) -> None:
+    """What a collection reads of checkpoints, metadata objects and pins (in one call)."""
+    ck, snap, pin = (ChunkRef(n, 9, b"\1" * 32) for n in (
+        "checkpoints/0000000000000007", "meta/ab", "snapshots/cd"))
+    f = new_file(engine, ROOT_INO, b"f")
+    with engine.transaction():
+        for r in (ck, snap, pin):
+            engine.reference(r, staged=False)
+        engine.set_block(f, 0, ref("da01"), staged=False)
+    assert engine.objects_named("meta/") == [snap]
+    assert sorted(engine.objects_named("checkpoints/", "meta/", "snapshots/"),
+                  key=lambda r: r.name) == [ck, snap, pin]
+    assert engine.objects_named("checkpoints/", "nothing/") == [ck]
+
+
 def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine) -> None:
     """Collection: the store deletion of each object still unreferenced (in the order the
     engine picks), its row gone after; a referenced one, one whose deletion failed (recorded

@@ -2022,10 +2022,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         """The rows of recorded objects (tombstones left out: they record no object)."""
         return [v for _k, v in self._all(objects) if v[4] != GONE]
 
-    def objects_named(self, prefix: str) -> list[ChunkRef]:
-        """Recorded objects whose name starts with ``prefix`` (names are sealed: every row is
-        read)."""
-        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefix)]
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """Recorded objects whose name starts with one of ``prefixes`` (names are sealed:
+        every row is read, once for all of them)."""
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefixes)]
 
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         return [(ChunkRef(v[0], v[1], v[2]), v[3], v[4]) for v in self._objects()]

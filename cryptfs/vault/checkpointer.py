@@ -550,11 +550,13 @@ class Checkpointer:
         and nothing at all while that cannot be worked out. Its writes are the checkpoint's
         own (see _own)."""
         meta = self.meta
-        with self.lock:  # by the name index: not every object of a big vault
-            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
-                         reverse=True)
-            metas = meta.objects_named(META_PREFIX)
-            pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
+        with self.lock:  # by the name index: not every object of a big vault (PostgreSQL
+            # reads and unseals every object row, once for the three)
+            named = meta.objects_named(CHECKPOINT_PREFIX, META_PREFIX, SNAPSHOT_PREFIX)
+        cks = sorted((r for r in named if r.name.startswith(CHECKPOINT_PREFIX)),
+                     key=lambda r: r.name, reverse=True)
+        metas = [r for r in named if r.name.startswith(META_PREFIX)]
+        pins = [r.name for r in named if r.name.startswith(SNAPSHOT_PREFIX)]
         held = self.held(pins)
         if held is None:
             return
