@@ -594,6 +594,21 @@ def test_object_states_and_unreferenced(engine: MetaEngine) -> None:
     }
 
 
+def test_objects_named_by_one_or_several_prefixes(engine: MetaEngine) -> None:
+    """What a collection reads of checkpoints, metadata objects and pins (in one call)."""
+    ck, snap, pin = (ChunkRef(n, 9, b"\1" * 32) for n in (
+        "checkpoints/0000000000000007", "meta/ab", "snapshots/cd"))
+    f = new_file(engine, ROOT_INO, b"f")
+    with engine.transaction():
+        for r in (ck, snap, pin):
+            engine.reference(r, staged=False)
+        engine.set_block(f, 0, ref("da01"), staged=False)
+    assert engine.objects_named("meta/") == [snap]
+    assert sorted(engine.objects_named("checkpoints/", "meta/", "snapshots/"),
+                  key=lambda r: r.name) == [ck, snap, pin]
+    assert engine.objects_named("checkpoints/", "nothing/") == [ck]
+
+
 def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine) -> None:
     """Collection: the store deletion of each object still unreferenced (in the order the
     engine picks), its row gone after; a referenced one, one whose deletion failed (recorded
@@ -1215,6 +1230,57 @@ def test_snapshot_image_restores_the_same_rows(
     finally:
         restored.close()
     assert refcount(engine, ref("snap0").name) == 1  # the source is independent of it
+
+
+def test_a_frozen_state_is_read_whole_while_the_engine_goes_on(
+    kind: EngineKind, engine: MetaEngine, tmp_path: Path
+) -> None:
+    """freeze() commits and fixes the committed state, as a full checkpoint reads it without
+    the filesystem lock: its image, staged and unreferenced objects and ledger head are of
+    that state, whatever the engine writes and commits meanwhile, read as often as asked."""
+    inos = [ROOT_INO, *_populate(engine).values()]
+    with engine.transaction():
+        engine.set_refcount("meta/old", 0)  # unreferenced: a collection may delete it
+    with engine.transaction(commit=False):
+        engine.add_dentry(ROOT_INO, b"uncommitted", ROOT_INO)  # freeze commits first
+    expected = _rows(engine, inos)
+    frozen = engine.freeze()
+    try:
+        later = new_file(engine, ROOT_INO, b"later")  # the engine goes on
+        with engine.transaction():
+            engine.set_block(inos[2], 0, None, staged=False)  # snap0 unreferenced now
+            engine.set_block(later, 0, ref("late"), staged=True)
+            engine.mark_stored(ref("snap9").name)
+        Ledger(engine, KEY).append("put", "meta/later", 1, b"\0" * 32)
+        old = ChunkRef("meta/old", 50, b"\5" * 32)
+        for _ in range(2):
+            assert frozen.ledger_seq == 1
+            assert frozen.staged() == [ref("snap9", 7)]
+            assert frozen.unreferenced_objects() == [old]
+            image = frozen.image()
+        if engine.shared:  # other machines' uploads not in the store: left out
+            (tmp_path / "left").mkdir()
+            left = kind.from_image(frozen.image(leave_out=lambda r: r.name.endswith("snap9")),
+                                   tmp_path / "left")
+            try:
+                assert left.get_blocks(inos[2], 0, 10) == {0: ref("snap0", 5)}
+                assert left.get_object(ref("snap9").name) is None
+            finally:
+                left.close()
+        else:
+            with pytest.raises(ValueError):
+                frozen.image(leave_out=lambda r: True)
+    finally:
+        frozen.close()
+    assert sorted(r.name for r in engine.unreferenced_objects()) == [ref("snap0").name,
+                                                                     old.name]
+    restored = kind.from_image(image, tmp_path)
+    try:
+        assert _rows(restored, inos) == expected
+        assert restored.lookup(ROOT_INO, b"later") is None
+        assert Ledger(restored, KEY).verify_chain() == (1, [])
+    finally:
+        restored.close()
 
 
 def test_a_garbage_image_is_refused_in_one_line(kind: EngineKind, tmp_path: Path) -> None:

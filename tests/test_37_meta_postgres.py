@@ -353,16 +353,28 @@ def test_a_restarted_server_fails_an_operation_with_eio_then_the_engine_resumes(
     engine: PgMetaStore, pg_place: PgPlace
 ) -> None:
     engine.set_state("before", "1")
+    engine.freeze().close()  # its reader connection is kept for the next checkpoint
     pg_place.server.halt()
     try:
         with pytest.raises(MetaError) as e:
             engine.get_state("before")
+        assert e.value.errno == errno.EIO and "\n" not in str(e.value)
+        with pytest.raises(MetaError) as e:
+            engine.freeze()
         assert e.value.errno == errno.EIO and "\n" not in str(e.value)
     finally:
         pg_place.server.start()
     assert engine.get_state("before") == "1"  # a new connection, the committed rows
     engine.set_state("after", "2")
     assert engine.get_state("after") == "2"
+    engine.freeze().close()
+    pg_place.server.halt()  # the kept reader connection is lost...
+    pg_place.server.start()
+    frozen = engine.freeze()  # ...and replaced
+    try:
+        assert frozen.image()[:16] == b"SQLite format 3\0"
+    finally:
+        frozen.close()
 
 
 def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPlace) -> None:

@@ -486,6 +486,163 @@ def test_gc_deleting_an_unrecorded_object_another_machine_then_references(
     assert a.get_object(r2.name) == (r2, 1, "stored")
 
 
+def test_a_checkpoint_reads_its_image_while_file_operations_go_on(
+    pg_place: PgPlace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The elected writer's checkpoint reads the database's rows without the filesystem lock:
+    held in the middle of its image's read (a hook on the statements run), a file created and
+    written and a stat on another thread complete (before, the image was read under the lock:
+    they waited, and the hook gave up). The checkpoint is of the state fixed before: restored
+    from the store alone, its metadata has the file written before and not the one created
+    meanwhile, and its ledger (the image's, then the checkpoint's tail) is one chain to the
+    checkpoint's head; the next checkpoint has the new file."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from cryptfs.meta.ledger import Ledger
+    from cryptfs.meta.sqlite import MetaStore
+    from cryptfs.paths import VaultPaths
+    from cryptfs.vault.checkpointer import Checkpointer
+    from cryptfs.vault.checkpoints import read_checkpoints
+    from cryptfs.vault.restore import restore_from_store
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    store = MemoryStore()
+    m = FsMachine(pg_place.url, store, tmp_path / "a")
+    codec = Codec(b"\3" * 32, b"vault-id-0000003")
+    paths = VaultPaths("writer")
+    paths.data_dir.mkdir(parents=True)
+    ledger = Ledger(m.meta, codec.ledger_key)
+    fenced: list[str] = []
+    ck = Checkpointer(meta=m.meta, ledger=ledger, chunks=m.chunks, store=store, codec=codec,
+                      paths=paths, lock=m.fs.lock, metrics=None, flush_stored=lambda: None,
+                      queued=lambda: False, gate=lambda: None, fence=fenced.append,
+                      on_checkpoint=lambda _n, _b: None, held=lambda _pins: set())
+    data = os.urandom(2 * CHUNK)
+    reading, done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    errors: list[BaseException] = []
+
+    def written(name: bytes, content: bytes) -> None:
+        _node, fh = m.fs.create(ROOT_INO, name, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        m.fs.write(fh, 0, content)
+        m.fs.release(fh)
+
+    def hook(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+        # the image's read of every directory entry, in the checkpoint's thread: held here
+        # until the other thread's file operations are done (or 20 s went by)
+        if threading.current_thread() is writer and "FROM dentries" in sql \
+                and "WHERE" not in sql and not reading.is_set():
+            reading.set()
+            waited.append(done.wait(20))
+
+    def checkpoint() -> None:
+        try:
+            ck.sync()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    def meanwhile() -> None:
+        try:
+            written(b"during", b"x" * 100)
+            assert m.fs.lookup(ROOT_INO, b"before").size == len(data)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+        finally:
+            done.set()
+
+    def restored(name: str) -> MetaStore:
+        other = VaultPaths(name)
+        other.data_dir.mkdir(parents=True)
+        restore_from_store(other, store, codec)
+        return MetaStore(other.db)
+
+    event.listen(Engine, "before_cursor_execute", hook)
+    try:
+        written(b"before", data)
+        writer = threading.Thread(target=checkpoint)
+        writer.start()
+        assert reading.wait(30)
+        other = threading.Thread(target=meanwhile)
+        other.start()
+        other.join(30)
+        writer.join(30)
+        assert not errors and not fenced
+        assert waited == [True]  # the file operations did not wait for the image's read
+        first = restored("r1")
+        try:
+            assert first.lookup(ROOT_INO, b"before") is not None
+            assert first.lookup(ROOT_INO, b"during") is None  # committed after the freeze
+            assert Ledger(first, codec.ledger_key).verify_chain()[1] == []
+            newest = read_checkpoints(store, codec)[0][0]
+            assert first.ledger_last()[0] == newest.seq  # type: ignore[index]
+        finally:
+            first.close()
+        ck.sync()
+        second = restored("r2")
+        try:
+            assert second.lookup(ROOT_INO, b"during") is not None
+            assert Ledger(second, codec.ledger_key).verify_chain()[1] == []
+        finally:
+            second.close()
+    finally:
+        event.remove(Engine, "before_cursor_execute", hook)
+        done.set()
+        m.close()
+
+
+def test_a_frozen_state_blocks_no_writer_heartbeat_or_reaper_and_leaves_no_connection(
+    machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace, tmp_path: Path,
+) -> None:
+    """A checkpoint's frozen state (a read-only snapshot on the engine's reader connection)
+    held open: the other machine and this one commit, this one's heartbeat goes through and
+    the other reaps its session once expired (the snapshot locks nothing they wait for); the
+    image read after is of the state before them. The reader connection is kept for the next
+    state and closed with the engine; a state still open then closes its own when it closes."""
+    from cryptfs.meta.sqlite import MetaStore
+
+    a, b = machines
+
+    def connections() -> int:
+        return int(pg_place.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND pid <> pg_backend_pid()")[0][0])
+
+    sa = PgSession(pg_place.url, KEYS, 60.0)
+    try:
+        sa.start()
+        a.attach(sa.id)
+        frozen = a.freeze()
+        try:
+            b.mknod(ROOT_INO, b"by-b", node(REG))
+            a.mknod(ROOT_INO, b"by-a", node(REG))  # (fenced by its live session)
+            assert sa.beat()
+            pg_place.sql("UPDATE sessions SET expires = clock_timestamp() - interval '1 s'")
+            assert b.reap_sessions() == (1, set())
+            (tmp_path / "image.db").write_bytes(frozen.image())
+        finally:
+            frozen.close()
+        image = MetaStore(tmp_path / "image.db")
+        try:
+            assert image.lookup(ROOT_INO, b"by-a") is None
+            assert image.lookup(ROOT_INO, b"by-b") is None
+        finally:
+            image.close()
+    finally:
+        sa.end()
+    before = connections()
+    c = PgMetaStore(pg_place.url, KEYS)
+    first = c.freeze()
+    first.close()
+    second = c.freeze()  # the kept connection
+    assert connections() == before + 2  # the engine's and its reader
+    second.close()
+    held = c.freeze()
+    c.close()
+    assert connections() == before + 1  # the state still open
+    held.close()
+    assert connections() == before
+
+
 def test_tombstones_stay_while_a_live_session_may_commit_what_it_stored_before(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
 ) -> None:

@@ -8,6 +8,6 @@ and ``tests/test_05_layers.py`` checks that no SQL or database driver is used ou
 engines.
 """
 
-from cryptfs.meta.engine import ROOT_INO, Changed, Inode, LedgerRow, MetaEngine
+from cryptfs.meta.engine import ROOT_INO, Changed, Frozen, Inode, LedgerRow, MetaEngine
 
-__all__ = ["ROOT_INO", "Changed", "Inode", "LedgerRow", "MetaEngine"]
+__all__ = ["ROOT_INO", "Changed", "Frozen", "Inode", "LedgerRow", "MetaEngine"]

@@ -21,7 +21,8 @@ block that raises is rolled back whole.
 Durability: a block is committed when it ends (or, with ``commit=False``, with the next commit);
 a committed block survives a crash of the process; :meth:`MetaEngine.sync` makes every committed
 block survive power loss. The engine is used by one thread at a time (the caller holds the
-filesystem lock); its background work (the SQLite WAL checkpointer) uses its own connection.
+filesystem lock); its background work (the SQLite WAL checkpointer) uses its own connection,
+and so does a :class:`Frozen` state that a checkpoint reads without the lock (PostgreSQL).
 
 Names are bytes (any byte but ``/`` and NUL), inode numbers positive integers (``ROOT_INO`` is
 the root directory), object names the store names of :mod:`cryptfs.format.layout`.
@@ -79,6 +80,29 @@ class Changed:
 T = TypeVar("T")
 
 
+class Frozen(Protocol):
+    """One committed state of a metadata database, fixed by :meth:`MetaEngine.freeze`: read
+    by one thread, without the filesystem lock, while the engine is used meanwhile, until
+    :meth:`close`. Each method gives what the engine's method of that name gave in that
+    state, however often it is called."""
+
+    ledger_seq: int
+    """The sequence number of the newest ledger entry in this state (0: none)."""
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
+        """This state as :meth:`MetaEngine.image` gives it (``leave_out`` likewise)."""
+
+    def staged(self) -> list[ChunkRef]:
+        """The objects in state ``staged`` (:meth:`MetaEngine.objects_in_state`)."""
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        """:meth:`MetaEngine.unreferenced_objects` in this state: what a collection after a
+        checkpoint of this image may delete (the image references none of it)."""
+
+    def close(self) -> None:
+        """Let the state go (nothing else may be called after)."""
+
+
 class MetaEngine(Protocol):
     """One vault's metadata: inodes, directory entries, chunk maps, objects with reference
     counts and their copies, xattrs, the ledger's rows and key/value state."""
@@ -107,6 +131,14 @@ class MetaEngine(Protocol):
         out with the chunk map entries naming it (holes in the image), and so are objects
         being collected; an engine that is not shared stages only its own uploads, which
         its caller waits for, and takes None only."""
+
+    def freeze(self) -> Frozen:
+        """Commit; fix the committed database as it is now, for a full checkpoint to read
+        while the engine goes on: the caller holds the filesystem lock for this call, not
+        for the :class:`Frozen` it returns (its image, and the values a checkpoint records
+        with it, are all of that one state, whatever is committed meanwhile). Begins a
+        shipment ending at that state, as :meth:`image` does. An engine that cannot read a
+        committed state apart from its own connection reads all of it in this call."""
 
     def snapshot(self) -> AbstractContextManager[None]:
         """Commit; a block of reads that all see one committed state, whatever other
@@ -324,8 +356,10 @@ class MetaEngine(Protocol):
         references, nor lets a commit find its row gone before the object is gone from the
         store (see :meth:`claim_object`)."""
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...
-    def objects_named(self, prefix: str) -> list[ChunkRef]:
-        """Recorded objects whose name starts with ``prefix``, without reading the others."""
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """Recorded objects whose name starts with one of ``prefixes`` (non-empty), without
+        reading the others where the engine can (several prefixes: one read of them all
+        where it cannot)."""
     def object_users(self, name: str) -> list[int]: ...
     def stored_bytes(self) -> int: ...
     def forget_object(self, name: str) -> None: ...

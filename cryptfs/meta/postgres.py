@@ -263,6 +263,7 @@ FENCE_FAILED = "22012"
 _NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
 _INSERT_LEDGER = insert(ledger)
 _LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
+_READ_ONLY = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 _XACT_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock")))
 _UNHOLD_GET = select(*_cols(inodes)).add_cte(
     delete(holds).where(holds.c.k == bindparam("hold")).cte("gone")
@@ -423,6 +424,12 @@ CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock
 # unique_violation (another writer inserted the same key first: a retry sees its row)
 
 
+def _collectable(obj: tuple[Any, ...]) -> bool:
+    """Whether an object row (see PgMetaStore._object) is unreferenced and collectable:
+    stored, or being collected (a collection that did not finish)."""
+    return bool(obj[3] <= 0 and obj[4] in ("stored", "deleting"))
+
+
 # -- row encoding: a tuple of ints, bytes, str and None ------------------------------------------
 def _pack(*vals: int | bytes | str | None) -> bytes:
     out = bytearray()
@@ -465,6 +472,26 @@ def _ad(table: str, ver: int, *keys: bytes) -> bytes:
     for k in keys:
         parts.append(len(k).to_bytes(2, "big") + k)
     return b"\0".join(parts)
+
+
+def _open_row(keys: DbKeys, where: str, table: str, ver: int, key: tuple[bytes, ...],
+              blob: bytes) -> tuple[Any, ...]:
+    """A row's content, opened (IntegrityError in one line if it fails authentication)."""
+    try:
+        return _unpack(crypto.open_sealed(keys.row, bytes(blob), _ad(table, ver, *key)))
+    except IntegrityError:
+        raise IntegrityError(f"metadata database {where}: a row of {table} failed "
+                             "authentication (tampered with or corrupt)") from None
+
+
+def _open_name(siv: AESSIV, where: str, parent: int, blob: bytes) -> bytes:
+    """A directory entry's name, opened (its AES-SIV with the parent as associated data)."""
+    try:
+        padded = siv.decrypt(bytes(blob), [b"dentry\0" + parent.to_bytes(8, "big")])
+    except (InvalidTag, ValueError):
+        raise IntegrityError(f"metadata database {where}: a directory entry's name failed "
+                             "authentication (tampered with or corrupt)") from None
+    return padded.rstrip(b"\0")[:-1]
 
 
 class _Conflict(MetaError):
@@ -557,6 +584,11 @@ class PgMetaStore(Transactions, NamespaceOps):
                                 isolation_level="READ COMMITTED",
                                 connect_args={**CONNECT_ARGS, "prepare_threshold": None})
         self.where = self.engine.url.render_as_string(hide_password=True)
+        # the connections of freeze()'s states: one kept between them (see _give_back)
+        self._reader = pg_engine(url, poolclass=NullPool)
+        self._reader_lock = threading.Lock()
+        self._spare: Connection | None = None
+        self._closed = False
         self._depth = 0  # nesting of transaction() blocks
         self._wrote = False  # the open transaction holds a write (not only reads)
         self._commits = 0  # see change_count
@@ -601,6 +633,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         except BaseException:
             self.conn.close()
             self.engine.dispose()
+            self._reader.dispose()
             raise
 
     # -- schema ----------------------------------------------------------------------------------
@@ -841,12 +874,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         return crypto.seal(self.keys.row, _pack(*vals), _ad(table, ver, *keys))
 
     def _open(self, table: str, ver: int, keys: tuple[bytes, ...], blob: bytes) -> tuple[Any, ...]:
-        try:
-            return _unpack(crypto.open_sealed(self.keys.row, bytes(blob), _ad(table, ver, *keys)))
-        except IntegrityError:
-            raise IntegrityError(
-                f"metadata database {self.where}: a row of {table} failed authentication "
-                "(tampered with or corrupt)") from None
+        return _open_row(self.keys, self.where, table, ver, keys, blob)
 
     def _name_siv(self, parent: int, name: bytes) -> bytes:
         got = self._names.get((parent, name))
@@ -863,13 +891,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         blob = bytes(blob)
         name = self._siv_names.get((parent, blob))
         if name is None:
-            try:
-                padded = self._siv.decrypt(blob, [b"dentry\0" + parent.to_bytes(8, "big")])
-            except (InvalidTag, ValueError):
-                raise IntegrityError(f"metadata database {self.where}: a directory entry's "
-                                     "name failed authentication (tampered with or corrupt)"
-                                     ) from None
-            name = padded.rstrip(b"\0")[:-1]
+            name = _open_name(self._siv, self.where, parent, blob)
             self._cache_name(parent, name, blob)
         return name
 
@@ -1291,6 +1313,9 @@ class PgMetaStore(Transactions, NamespaceOps):
         checkpointer has no counterpart here)."""
 
     def close(self) -> None:
+        """Commit and close every connection of the engine: its own, the file locks', the
+        reader kept for :meth:`freeze` (a :class:`PgFrozen` still open closes its own when
+        it closes)."""
         if self._locks is not None:
             self._locks.close()
         with contextlib.suppress(Exception):
@@ -1298,6 +1323,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         with contextlib.suppress(Exception):
             self.conn.close()
         self.engine.dispose()
+        with self._reader_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                spare.close()
+        self._reader.dispose()
 
     def changes(self) -> bytes | None:
         """Commit; None: this engine ships no segments, every checkpoint stores an
@@ -1327,54 +1359,66 @@ class PgMetaStore(Transactions, NamespaceOps):
         finally:
             self._rollback_db()
 
-    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
-        """The committed metadata as one SQLite image (what a checkpoint stores), built in an
-        in-memory SQLite engine: a vault can always be opened from the store onto SQLite.
-        Commits first, then reads every table in one REPEATABLE READ, READ ONLY transaction:
-        one snapshot, whatever other writers commit meanwhile. A row that fails to open fails
-        the image (IntegrityError).
-
-        Only objects that are in the store: rows being collected ("deleting") are left out,
-        and so is each staged object (an upload, maybe another machine's, not finished) for
-        which ``leave_out(ref)`` says so, with the chunk map entries naming it (in the image
-        those chunks are holes, until a later image names them)."""
-        from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
-
+    def freeze(self) -> PgFrozen:
+        """See :meth:`MetaEngine.freeze`. Commits, then begins a REPEATABLE READ, READ ONLY
+        transaction on a connection of its own (the engine's reader, kept from one
+        checkpoint to the next) and reads the ledger's head there: that first read fixes
+        the transaction's snapshot, which holds everything committed so far, this machine's
+        and the others'. The rest is read by the :class:`PgFrozen` without the filesystem
+        lock, from that snapshot, whatever is committed meanwhile. The reader takes no lock
+        a writer, the heartbeat or a session's reaper waits for (a read-only transaction's
+        table share locks conflict only with DDL). A kept connection that fails (the server
+        restarted since) is replaced once."""
         self.commit()
-        out = MetaStore(":memory:")
+        for attempt in range(2):
+            conn, fresh = self._take_reader()
+            try:
+                conn.execute(_READ_ONLY)
+                r = conn.execute(_LEDGER_LAST).first()
+                seq = 0 if r is None else int(self._open(
+                    "ledger", 0, (r.seq.to_bytes(8, "big"),), r.v)[0])
+            except DBAPIError as e:
+                self._give_back(conn, keep=False)
+                if fresh or attempt:
+                    raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}"
+                                    ) from None
+                continue
+            except BaseException:
+                self._give_back(conn, keep=False)
+                raise
+            return PgFrozen(self, conn, seq)
+        raise AssertionError("unreachable")
+
+    def _take_reader(self) -> tuple[Connection, bool]:
+        """The reader connection kept since the last :class:`PgFrozen` closed, or a new one
+        (True); a new one that cannot be made is a one-line MetaError."""
+        with self._reader_lock:
+            conn, self._spare = self._spare, None
+        if conn is not None:
+            return conn, False
         try:
-            self._x(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-            with out.transaction():
-                for _k, vals in self._all(inodes):
-                    out.insert_inode(Inode(*vals))
-                for parent, name, ino in self.all_dentries():
-                    out.add_dentry(parent, name, ino)
-                objs = [(r, rc, st) for r, rc, st in self.all_objects() if st != "deleting"
-                        and not (st == "staged" and leave_out is not None and leave_out(r))]
-                for r, _rc, st in objs:
-                    out.reference(r, staged=st == "staged")
-                by_name = {r.name: r for r, _rc, _st in objs}
-                for ino, idx, obj in self.all_blocks():
-                    if obj in by_name:  # (a chunk map naming no object: fsck's to repair)
-                        out.set_block(ino, idx, by_name[obj], staged=False)
-                for r, rc, _st in objs:
-                    out.set_refcount(r.name, rc)
-                for _k, (ino, xname, value) in self._all(xattrs):
-                    out.set_xattr(ino, xname, value)
-                for _k, (name, store, st) in self._all(copies):
-                    out.record_copy(name, store, st)
-                for _k, (key, value) in self._all(state):
-                    out.set_state(key, value)
-                after = 0
-                while page := self.ledger_page(after, 5000):
-                    out.ledger_insert(page)
-                    after = page[-1][0]
-            return out.image()
+            return self._reader.connect(), True
+        except DBAPIError as e:
+            raise MetaError(f"metadata database {self.where}: {_first_line(e.orig)}") from None
+
+    def _give_back(self, conn: Connection, keep: bool) -> None:
+        """A :class:`PgFrozen`'s connection, its transaction ended: kept for the next one if
+        ``keep`` (and the engine is open and keeps none yet), else closed. Any thread."""
+        with self._reader_lock:
+            if keep and not self._closed and self._spare is None:
+                self._spare, conn = conn, None  # type: ignore[assignment]
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
+        """Commit; the committed metadata as one SQLite image (:meth:`PgFrozen.image` of a
+        :meth:`freeze` of it)."""
+        frozen = self.freeze()
+        try:
+            return frozen.image(leave_out)
         finally:
-            self._end_reads()  # the read-only snapshot: nothing written in it
-            self._vers.clear()  # whole tables were read
-            self._ivals.clear()
-            out.close()
+            frozen.close()
 
     # -- key/value state -------------------------------------------------------------------------
     def get_state(self, key: str) -> str | None:
@@ -1980,10 +2024,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         """The rows of recorded objects (tombstones left out: they record no object)."""
         return [v for _k, v in self._all(objects) if v[4] != GONE]
 
-    def objects_named(self, prefix: str) -> list[ChunkRef]:
-        """Recorded objects whose name starts with ``prefix`` (names are sealed: every row is
-        read)."""
-        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefix)]
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """Recorded objects whose name starts with one of ``prefixes`` (names are sealed:
+        every row is read, once for all of them)."""
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefixes)]
 
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         return [(ChunkRef(v[0], v[1], v[2]), v[3], v[4]) for v in self._objects()]
@@ -1994,8 +2038,7 @@ class PgMetaStore(Transactions, NamespaceOps):
     def unreferenced_objects(self) -> list[ChunkRef]:
         """Objects no chunk map references, stored or being collected (a collection that
         did not finish: see :meth:`collect_objects`)."""
-        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects()
-                if v[3] <= 0 and v[4] in ("stored", "deleting")]
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if _collectable(v)]
 
     def object_states(self) -> dict[str, tuple[int, str, int]]:
         """``{name: (refcount, state, size)}`` of every recorded object."""
@@ -2287,6 +2330,117 @@ class PgMetaStore(Transactions, NamespaceOps):
 def _first_line(e: object) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
+
+
+class PgFrozen:
+    """A committed state of the metadata (:meth:`PgMetaStore.freeze`,
+    :class:`cryptfs.meta.engine.Frozen`): a REPEATABLE READ, READ ONLY transaction on a
+    connection of its own, read by one thread while the engine is used by others; the rows
+    are read and opened here (none of the engine's caches is touched). A database error is
+    a one-line MetaError (the connection is dropped), a row that fails to open an
+    IntegrityError."""
+
+    def __init__(self, owner: PgMetaStore, conn: Connection, ledger_seq: int) -> None:
+        self._owner = owner
+        self._conn: Connection | None = conn
+        self._keys = owner.keys
+        self._where = owner.where
+        self._siv = AESSIV(owner.keys.name)
+        self.ledger_seq = ledger_seq
+        self._objs: list[tuple[Any, ...]] | None = None  # the object rows, once read
+
+    def _read(self, q: Any) -> list[Any]:
+        if self._conn is None:
+            raise MetaError(f"metadata database {self._where}: the frozen state was let go")
+        try:
+            return self._conn.execute(q).all()
+        except DBAPIError as e:
+            conn, self._conn = self._conn, None
+            self._owner._give_back(conn, keep=False)
+            raise MetaError(f"metadata database {self._where}: {_first_line(e.orig)}"
+                            ) from None
+
+    def _rows(self, t: Table) -> Iterator[tuple[Any, ...]]:
+        """The opened content of every row of the single-key table ``t``."""
+        for r in self._read(select(*_cols(t))):
+            key = (bytes(r.k), *(bytes(x) for x in r[3:]))
+            yield _open_row(self._keys, self._where, t.name, r.ver, key, r.v)
+
+    def _objects(self) -> list[tuple[Any, ...]]:
+        """The rows of recorded objects (tombstones left out), read once."""
+        if self._objs is None:
+            self._objs = [v for v in self._rows(objects) if v[4] != GONE]
+        return self._objs
+
+    def staged(self) -> list[ChunkRef]:
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[4] == "staged"]
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if _collectable(v)]
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
+        """This state as one SQLite image (what a checkpoint stores), built in an in-memory
+        SQLite engine: a vault can always be opened from the store onto SQLite. A row that
+        fails to open fails the image (IntegrityError).
+
+        Only objects that are in the store: rows being collected ("deleting") are left out,
+        and so is each staged object (an upload, maybe another machine's, not finished) for
+        which ``leave_out(ref)`` says so, with the chunk map entries naming it (in the image
+        those chunks are holes, until a later image names them)."""
+        from cryptfs.meta.sqlite import MetaStore  # the image format is the SQLite engine's
+
+        out = MetaStore(":memory:")
+        try:
+            with out.transaction():
+                for vals in self._rows(inodes):
+                    out.insert_inode(Inode(*vals))
+                for r in self._read(select(dentries.c.parent, dentries.c.name, dentries.c.ino,
+                                           dentries.c.ver, dentries.c.v)):
+                    p_h, n_s, i_h = bytes(r.parent), bytes(r.name), bytes(r.ino)
+                    parent, ino = _open_row(self._keys, self._where, "dentries", r.ver,
+                                            (p_h, n_s, i_h), r.v)
+                    out.add_dentry(parent, _open_name(self._siv, self._where, parent, n_s), ino)
+                objs = [v for v in self._objects() if v[4] != "deleting" and not (
+                    v[4] == "staged" and leave_out is not None
+                    and leave_out(ChunkRef(v[0], v[1], v[2])))]
+                by_name = {}
+                for v in objs:
+                    by_name[v[0]] = ref = ChunkRef(v[0], v[1], v[2])
+                    out.reference(ref, staged=v[4] == "staged")
+                for ino, _page, *flat in self._rows(blocks):
+                    for idx, obj in zip(flat[0::2], flat[1::2], strict=True):
+                        if obj in by_name:  # (a chunk map naming no object: fsck's to repair)
+                            out.set_block(ino, idx, by_name[obj], staged=False)
+                for v in objs:
+                    out.set_refcount(v[0], v[3])
+                for ino, xname, value in self._rows(xattrs):
+                    out.set_xattr(ino, xname, value)
+                for name, store, st in self._rows(copies):
+                    out.record_copy(name, store, st)
+                for key, value in self._rows(state):
+                    out.set_state(key, value)
+                after = 0
+                while rows := self._read(select(ledger).where(ledger.c.seq > after)
+                                         .order_by(ledger.c.seq).limit(5000)):
+                    page = [_open_row(self._keys, self._where, "ledger", 0,
+                                      (seq.to_bytes(8, "big"),), v) for seq, v in rows]
+                    out.ledger_insert(page)  # type: ignore[arg-type]
+                    after = page[-1][0]
+            return out.image()
+        finally:
+            out.close()
+
+    def close(self) -> None:
+        """End the transaction; the connection is kept for the engine's next state."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        except SQLAlchemyError:  # (a connection lost meanwhile: not kept)
+            self._owner._give_back(conn, keep=False)
+            return
+        self._owner._give_back(conn, keep=True)
 
 
 class PgSession:

@@ -368,6 +368,32 @@ class _Shipment:
     pin: sqlite3.Connection
 
 
+@dataclass
+class _Taken:
+    """A :class:`cryptfs.meta.engine.Frozen` state of a SQLite engine, read whole when it was
+    fixed (:meth:`MetaStore.freeze`): one machine's database has no second writer whose
+    commits a later read could see, and its image is a copy of the file."""
+
+    data: bytes
+    ledger_seq: int
+    _staged: list[ChunkRef]
+    _unreferenced: list[ChunkRef]
+
+    def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
+        if leave_out is not None:
+            raise ValueError("an unshared engine's image leaves nothing out")
+        return self.data
+
+    def staged(self) -> list[ChunkRef]:
+        return list(self._staged)
+
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        return list(self._unreferenced)
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
 class MetaStore(Transactions, NamespaceOps):
     """Typed access to the vault database. Not thread-safe: callers serialise. The namespace
     operations come from :class:`NamespaceOps`, transaction blocks from :class:`Transactions`.
@@ -649,6 +675,15 @@ class MetaStore(Transactions, NamespaceOps):
                 position = found.position
         self._begun = _Shipment(position, pin)
         return img
+
+    def freeze(self) -> _Taken:
+        """See :meth:`MetaEngine.freeze`: everything is read here, under the caller's lock
+        (the :meth:`image`, then the staged and unreferenced objects and the ledger head),
+        as a checkpoint read it before there was a Frozen state."""
+        data = self.image()
+        last = self.ledger_last()
+        return _Taken(data, last[0] if last else 0, self.objects_in_state("staged"),
+                      self.unreferenced_objects())
 
     def changes(self) -> bytes | None:
         """Commit; the pages committed since the last shipment as a segment (see
@@ -1021,13 +1056,17 @@ class MetaStore(Transactions, NamespaceOps):
                     self.unreference_object(ref)
         return gone
 
-    def objects_named(self, prefix: str) -> list[ChunkRef]:
-        """The recorded objects whose name starts with ``prefix`` (non-empty), by the name
-        index: as cheap in a big vault as in a small one."""
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        rows = self.raw.execute(
-            "SELECT name, size, sha256 FROM objects WHERE name >= ? AND name < ?", (prefix, end))
-        return [ChunkRef(n, z, bytes(h)) for n, z, h in rows.fetchall()]
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """The recorded objects whose name starts with one of ``prefixes`` (non-empty), by
+        the name index, one range each: as cheap in a big vault as in a small one."""
+        out: dict[str, ChunkRef] = {}
+        for prefix in prefixes:
+            end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+            rows = self.raw.execute(
+                "SELECT name, size, sha256 FROM objects WHERE name >= ? AND name < ?",
+                (prefix, end))
+            out.update((n, ChunkRef(n, z, bytes(h))) for n, z, h in rows.fetchall())
+        return list(out.values())
 
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         q = select(objects)

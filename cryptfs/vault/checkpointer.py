@@ -39,8 +39,16 @@ store (:meth:`Checkpointer.persist`), and asks for a checkpoint in the backgroun
 (:meth:`Checkpointer.request`: the elected writer's runs soon after, spaced so that background
 checkpoints take at most about 1/REQUEST_SPACING of the time; the others' metadata reaches the
 store with it). A checkpoint of such a vault is a full image of the database (about a second at
-a few thousand files, under the filesystem lock): paid per fsync, it made every fsync of the
-writer that slow.
+a few thousand files): paid per fsync, it made every fsync of the writer that slow.
+
+A full image is read without the filesystem lock: under it the round only fixes the state the
+image will be of (:meth:`MetaEngine.freeze`: on PostgreSQL a snapshot on a connection of its
+own; SQLite reads it all there), and everything the round records with the image is of that
+same state: the ledger head its checkpoint's tail follows, the staged objects it waits for (and
+leaves out, if another machine's upload does not come), the unreferenced objects its collection
+may delete (the image names none of them; one referenced again meanwhile is kept by
+:meth:`MetaEngine.collect_objects`). File operations go on meanwhile; what they commit goes
+into the next checkpoint.
 
 Longer than ~400 lines: the order of a checkpoint's durability steps is its contract; the
 group commit, the round and the collection after it are kept in one reading order.
@@ -104,8 +112,7 @@ COLLECT_ROUNDS = 16
 STAGED_WAIT = 10.0
 # a requested checkpoint (:meth:`Checkpointer.request`) starts no sooner after the last round
 # ended than REQUEST_SPACING times that round's duration (at least COLLECT_INTERVAL, so that a
-# requested round also collects): background checkpoints take a bounded share of the time (and
-# of the filesystem lock, which a full image of a PostgreSQL vault holds while it reads)
+# requested round also collects): background checkpoints take a bounded share of the time
 REQUEST_SPACING = 10
 # unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
 # deletes run under the filesystem lock, which is let go between batches
@@ -322,17 +329,15 @@ class Checkpointer:
             finally:
                 self._own_writes += self.meta.change_count() - before
 
-    def _ship(self) -> tuple[bytes, bool]:
-        """The metadata to store (caller holds the filesystem lock): the changes since the
-        last checkpoint as a segment, or a full image (True) when this mount has shipped
-        nothing yet or the segments add up to a fraction of their snapshot."""
+    def _segment(self) -> bytes | None:
+        """The metadata changes since the last checkpoint as a segment (caller holds the
+        filesystem lock), or None when a full image is due: this mount has shipped nothing
+        yet, the segments add up to a fraction of their snapshot, or the engine ships none."""
         chain = self._chain
         if chain is not None and len(chain) <= MAX_SEGMENTS and \
                 sum(r.size for r in chain[1:]) * COMPACT_RATIO < max(chain[0].size, COMPACT_FLOOR):
-            seg = self.meta.changes()
-            if seg is not None:
-                return seg, False
-        return self.meta.image(), True
+            return self.meta.changes()
+        return None
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
@@ -351,17 +356,31 @@ class Checkpointer:
                 for ref in meta.objects_in_state("staged"):
                     if not self.chunks.upload_pending(ref.name):
                         meta.mark_stored(ref.name)
-            data, full = self._ship()
+            seg = self._segment()
+            # a full image: its state is fixed here and read below, without the lock (a
+            # PostgreSQL vault's takes about a second at a few thousand files, and every
+            # file operation waited for it); what is recorded with it is of that state
+            frozen = meta.freeze() if seg is None else None
             shipped_at = meta.change_count()
             self._own_writes = 0
-            staged = {r.name for r in meta.objects_in_state("staged")}
-            snap_seq = led.head().seq if led.head() else 0
-            garbage = meta.unreferenced_objects()
-        self.chunks.wait_uploaded(staged, progress)
-        if meta.shared and not self._in_store(staged):
-            with self.lock:  # (rarely: an upload of another machine slow or dead)
-                data = meta.image(leave_out=lambda r: not self.store.exists(r.name))
-                full = True
+            if seg is not None:
+                staged = {r.name for r in meta.objects_in_state("staged")}
+                snap_seq = led.head().seq if led.head() else 0
+                garbage = meta.unreferenced_objects()
+        if frozen is None:
+            assert seg is not None
+            data, full = seg, False
+            self.chunks.wait_uploaded(staged, progress)
+        else:
+            with contextlib.closing(frozen):
+                data, full = frozen.image(), True
+                staged = {r.name for r in frozen.staged()}
+                snap_seq = frozen.ledger_seq  # the image's newest entry: the tail follows it
+                garbage = frozen.unreferenced_objects()  # none of it in the image
+                self.chunks.wait_uploaded(staged, progress)
+                if meta.shared and not self._in_store(staged):  # (rarely: an upload of
+                    # another machine slow or dead)
+                    data = frozen.image(leave_out=lambda r: not self.store.exists(r.name))
         name = META_PREFIX + crypto.random_bytes(16).hex()
         blob = self.codec.seal_blob(b"meta", name, data, compress=True)
         self.store.put(name, blob)
@@ -531,11 +550,13 @@ class Checkpointer:
         and nothing at all while that cannot be worked out. Its writes are the checkpoint's
         own (see _own)."""
         meta = self.meta
-        with self.lock:  # by the name index: not every object of a big vault
-            cks = sorted(meta.objects_named(CHECKPOINT_PREFIX), key=lambda r: r.name,
-                         reverse=True)
-            metas = meta.objects_named(META_PREFIX)
-            pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
+        with self.lock:  # by the name index: not every object of a big vault (PostgreSQL
+            # reads and unseals every object row, once for the three)
+            named = meta.objects_named(CHECKPOINT_PREFIX, META_PREFIX, SNAPSHOT_PREFIX)
+        cks = sorted((r for r in named if r.name.startswith(CHECKPOINT_PREFIX)),
+                     key=lambda r: r.name, reverse=True)
+        metas = [r for r in named if r.name.startswith(META_PREFIX)]
+        pins = [r.name for r in named if r.name.startswith(SNAPSHOT_PREFIX)]
         held = self.held(pins)
         if held is None:
             return
