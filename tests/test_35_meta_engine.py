@@ -251,33 +251,6 @@ def test_touch_inode_of_a_known_row_leaves_it_as_reading_it_does(
     assert engine.get_inode(a) == got  # rolled back with its block
 
 
-def test_set_attrs_of_a_known_row_leaves_it_as_reading_it_does(
-    engine: MetaEngine, observer: MetaEngine
-) -> None:
-    """``known`` for set_attrs and setattr (chmod, chown, utimens of a filesystem on an
-    engine of one machine): the same row as one read in the block, the caller's copy
-    unchanged, a row that is gone None (ENOENT from setattr) with nothing written."""
-    with engine.transaction():
-        a = engine.insert_inode(inode(0, REG | 0o644, size=5))
-        b = engine.insert_inode(inode(0, REG | 0o644, size=5))
-    row = engine.get_inode(a)
-    assert row is not None
-    with engine.transaction():
-        got = engine.set_attrs(a, 500, perms=0o4711, gid=9, mtime_ns=77, known=row)
-        read = engine.set_attrs(b, 500, perms=0o4711, gid=9, mtime_ns=77)
-    assert row == inode(a, REG | 0o644, size=5)  # not changed in place
-    assert got == replace(read, ino=a) == observer.get_inode(a)  # type: ignore[type-var]
-    assert (got.mode, got.gid, got.mtime_ns, got.ctime_ns) == (  # type: ignore[union-attr]
-        stat.S_IFREG | 0o4711, 9, 77, 500)
-    with engine.transaction():
-        assert engine.set_attrs(424242, 700, uid=3, known=replace(row, ino=424242)) is None
-    assert engine.get_inode(424242) is None
-    ch = engine.setattr(a, uid=4, known={a: got})  # type: ignore[dict-item]
-    assert ch.inodes[a] == observer.get_inode(a) and ch.inodes[a].uid == 4
-    fails(errno.ENOENT, engine.setattr, 424242, uid=5,
-          known={424242: replace(row, ino=424242)})
-
-
 def test_set_attrs_sets_what_is_given_returning_the_row(
     engine: MetaEngine, observer: MetaEngine
 ) -> None:

@@ -197,7 +197,7 @@ class FileSystemBase:
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat
         self._alloc: dict[int, int] = {}
-        # changes written but not committed yet (see Attributes._setattr and create)
+        # changes written but not committed yet (see _save_later and create)
         self._deferred: dict[int, Inode] = {}
         self._deferred_new: list[tuple[int, bytes, Inode]] = []
         self._deferred_event = threading.Event()
@@ -293,13 +293,14 @@ class FileSystemBase:
             else:
                 self.dentries[key] = ino
 
-    def _known(self) -> dict[int, Inode] | None:
-        """The rows the engine may take instead of reading them (``known`` of its namespace
-        operations): on a vault of one machine the inode cache, since every write to the
-        engine is made and cached under self.lock (a rollback's deferred writes are written
-        again); None on a shared one (other machines change rows)."""
-        return None if self.meta.shared else self.inodes
-
+    def _save_later(self, node: Inode) -> None:
+        """Write an attribute change (chmod, chown, utimens) without committing it (caller
+        holds self.lock): the next commit takes it along (the file's flush at close, the next
+        create, an fsync), or the committer thread within COMMIT_DELAY. Programs that unpack
+        files set times, owner and mode on each before closing it: one commit instead of
+        four."""
+        self.meta.update_inode(node)
+        self._defer(node)
 
     def _defer(self, node: Inode) -> None:
         """Remember a written change of ``node`` until the next commit (caller holds

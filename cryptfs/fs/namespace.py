@@ -35,6 +35,13 @@ class Namespace(FileSystemBase):
     umask decisions, the read-only mount, open files (which keep an unlinked inode) and deferred
     creates, and updates its caches from what the engine says changed."""
 
+    def _known(self) -> dict[int, Inode] | None:
+        """The rows the engine may take instead of reading them (``known`` of its namespace
+        operations): on a vault of one machine the inode cache, since every write to the
+        engine is made and cached under self.lock (a rollback's deferred writes are written
+        again); None on a shared one (other machines change rows)."""
+        return None if self.meta.shared else self.inodes
+
     # -- lookups --------------------------------------------------------------------------
     def getattr(self, ino: int) -> Inode:
         with self.lock:

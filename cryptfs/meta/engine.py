@@ -180,7 +180,7 @@ class MetaEngine(Protocol):
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, xattrs: Mapping[bytes, bytes | None] | None = None,
-                commit: bool = True, known: Mapping[int, Inode] | None = None) -> Changed: ...
+                commit: bool = True) -> Changed: ...
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> Changed: ...
     def removexattr(self, ino: int, name: bytes) -> Changed: ...
     def readdir(self, ino: int) -> list[tuple[bytes, int, int]]: ...
@@ -249,11 +249,10 @@ class MetaEngine(Protocol):
 
     def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
                   uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
-                  mtime_ns: int | None = None, known: Inode | None = None) -> Inode | None:
+                  mtime_ns: int | None = None) -> Inode | None:
         """Set the attributes given (``perms``: the permission bits, the type stays) and the
         ctime to ``now_ns``; the inode as it is after (None: no such inode, nothing written).
-        NamespaceOps has it as a read and a write; an engine may do it in one. ``known``: as
-        for :meth:`touch_inode`."""
+        NamespaceOps has it as a read and a write; an engine may do it in one."""
 
     def insert_inode(self, node: Inode) -> int:
         """Add an inode (``node.ino`` 0: the engine picks the number); returns its number."""

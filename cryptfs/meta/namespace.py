@@ -194,20 +194,6 @@ def touched(node: Inode, now_ns: int, nlink: int, mtime: bool) -> Inode:
     return node
 
 
-def with_attrs(node: Inode, now_ns: int, perms: int | None, uid: int | None,
-               gid: int | None, atime_ns: int | None, mtime_ns: int | None) -> Inode:
-    """``node`` (changed in place) as :meth:`NamespaceOps.set_attrs` leaves it: the
-    attributes given (``perms``: the permission bits, the type stays), changed at ``now_ns``."""
-    if perms is not None:
-        node.mode = stat.S_IFMT(node.mode) | perms
-    node.uid = node.uid if uid is None else uid
-    node.gid = node.gid if gid is None else gid
-    node.atime_ns = node.atime_ns if atime_ns is None else atime_ns
-    node.mtime_ns = node.mtime_ns if mtime_ns is None else mtime_ns
-    node.ctime_ns = now_ns
-    return node
-
-
 class NamespaceOps(_Rows):
     """POSIX namespace operations over the row-level primitives of
     :class:`~cryptfs.meta.engine.MetaEngine` (see the module docstring for the contract).
@@ -246,10 +232,17 @@ class NamespaceOps(_Rows):
 
     def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
                   uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
-                  mtime_ns: int | None = None, known: Inode | None = None) -> Inode | None:
-        node = self.get_inode(ino)  # (``known`` is only a hint: read, the row is certain)
+                  mtime_ns: int | None = None) -> Inode | None:
+        node = self.get_inode(ino)
         if node is not None:
-            self.update_inode(with_attrs(node, now_ns, perms, uid, gid, atime_ns, mtime_ns))
+            if perms is not None:
+                node.mode = stat.S_IFMT(node.mode) | perms
+            node.uid = node.uid if uid is None else uid
+            node.gid = node.gid if gid is None else gid
+            node.atime_ns = node.atime_ns if atime_ns is None else atime_ns
+            node.mtime_ns = node.mtime_ns if mtime_ns is None else mtime_ns
+            node.ctime_ns = now_ns
+            self.update_inode(node)
         return node
 
     def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
@@ -475,17 +468,14 @@ class NamespaceOps(_Rows):
     def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, xattrs: Mapping[bytes, bytes | None] | None = None,
-                commit: bool = True, known: Mapping[int, Inode] | None = None) -> Changed:
+                commit: bool = True) -> Changed:
         """Set the given attributes (``mode``: the permission bits, the type stays) and ctime,
-        and the ``xattrs`` given (None removes one), together. ENOENT for a missing inode.
-        ``known``: as for :meth:`mknod` (the inode's row may be taken from it)."""
+        and the ``xattrs`` given (None removes one), together. ENOENT for a missing inode."""
 
         perms = None if mode is None else mode & 0o7777
-        row = None if known is None else known.get(ino)
 
         def run() -> Changed:
-            node = self.set_attrs(ino, time.time_ns(), perms, uid, gid, atime_ns, mtime_ns,
-                                  known=row)
+            node = self.set_attrs(ino, time.time_ns(), perms, uid, gid, atime_ns, mtime_ns)
             if node is None:
                 raise os_error(errno.ENOENT)
             for n, v in (xattrs or {}).items():

@@ -58,7 +58,7 @@ from cryptfs.errors import ConfigError, MetaError, MetaFull
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta.engine import ROOT_INO, Inode, LedgerRow, Transactions
 from cryptfs.meta.locks import Held
-from cryptfs.meta.namespace import NamespaceOps, touched, with_attrs
+from cryptfs.meta.namespace import NamespaceOps, touched
 from cryptfs.meta.wal import (
     FRAME_HEADER,
     WAL_HEADER,
@@ -767,7 +767,12 @@ class MetaStore(Transactions, NamespaceOps):
         UPDATE of that row touched, whole: no row returned, a third of the cost in SQLite
         (each create touches its directory); None still if no row was there."""
         if known is not None:
-            return self._write_known(touched(self._copy(ino, known), now_ns, nlink, mtime))
+            node = touched(Inode(ino, known.mode, known.uid, known.gid, known.size,
+                                 known.nlink, known.atime_ns, known.mtime_ns, known.ctime_ns,
+                                 known.rdev, known.target), now_ns, nlink, mtime)
+            if self.raw.execute(_SQL_UPDATE_INODE, self._inode_params(node)).rowcount != 1:
+                return None
+            return node
         if mtime:
             rows = self.raw.execute(_SQL_TOUCH_INODE_MTIME, (nlink, now_ns, now_ns, ino))
         else:
@@ -777,13 +782,8 @@ class MetaStore(Transactions, NamespaceOps):
 
     def set_attrs(self, ino: int, now_ns: int, perms: int | None = None,
                   uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
-                  mtime_ns: int | None = None, known: Inode | None = None) -> Inode | None:
-        """One statement (UPDATE ... RETURNING); see :meth:`MetaEngine.set_attrs`. With
-        ``known``, a plain UPDATE of that row changed, whole (as :meth:`touch_inode`: a tar
-        extract sets three attributes per file)."""
-        if known is not None:
-            return self._write_known(with_attrs(self._copy(ino, known), now_ns, perms, uid, gid,
-                                                atime_ns, mtime_ns))
+                  mtime_ns: int | None = None) -> Inode | None:
+        """One statement (UPDATE ... RETURNING); see :meth:`MetaEngine.set_attrs`."""
         row = self.raw.execute(_SQL_SET_ATTRS, (perms, uid, gid, atime_ns, mtime_ns, now_ns,
                                                 ino)).fetchall()
         return Inode(*row[0]) if row else None
@@ -810,18 +810,6 @@ class MetaStore(Transactions, NamespaceOps):
 
     def update_inode(self, node: Inode) -> None:
         self.raw.execute(_SQL_UPDATE_INODE, self._inode_params(node))
-
-    @staticmethod
-    def _copy(ino: int, known: Inode) -> Inode:
-        """A copy of the caller's row ``known`` of ``ino`` (theirs is left as it was)."""
-        return Inode(ino, known.mode, known.uid, known.gid, known.size, known.nlink,
-                     known.atime_ns, known.mtime_ns, known.ctime_ns, known.rdev, known.target)
-
-    def _write_known(self, node: Inode) -> Inode | None:
-        """``node`` written whole; None (nothing written) if its row is not there."""
-        if self.raw.execute(_SQL_UPDATE_INODE, self._inode_params(node)).rowcount != 1:
-            return None
-        return node
 
     @staticmethod
     def _inode_params(node: Inode) -> tuple[object, ...]:
