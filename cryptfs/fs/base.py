@@ -197,7 +197,7 @@ class FileSystemBase:
         self.xattr_inos: set[int] = meta.inodes_with_xattrs()
         # bytes a file's committed chunks take (see st_blocks), computed on its first stat
         self._alloc: dict[int, int] = {}
-        # changes written but not committed yet (see _save_later and create)
+        # changes written but not committed yet (see Attributes._setattr and create)
         self._deferred: dict[int, Inode] = {}
         self._deferred_new: list[tuple[int, bytes, Inode]] = []
         self._deferred_event = threading.Event()
@@ -292,15 +292,6 @@ class FileSystemBase:
                 self.dentries.pop(key, None)
             else:
                 self.dentries[key] = ino
-
-    def _save_later(self, node: Inode) -> None:
-        """Write an attribute change (chmod, chown, utimens) without committing it (caller
-        holds self.lock): the next commit takes it along (the file's flush at close, the next
-        create, an fsync), or the committer thread within COMMIT_DELAY. Programs that unpack
-        files set times, owner and mode on each before closing it: one commit instead of
-        four."""
-        self.meta.update_inode(node)
-        self._defer(node)
 
     def _defer(self, node: Inode) -> None:
         """Remember a written change of ``node`` until the next commit (caller holds
