@@ -41,7 +41,15 @@ def fsck(vault: Vault, repair: bool = False) -> FsckReport:
     """Check (and with ``repair`` repair) ``vault``. On a vault other machines share, a check
     reads the metadata as of one moment and does not report their uploads in flight (a
     staged object neither here nor in the store yet) nor an object collected since that
-    moment; a repair needs the vault alone (``Vault.open(alone=True)``)."""
+    moment; a repair needs the vault alone (``Vault.open(alone=True)``). Runs under the
+    filesystem lock, which guards the engine's connection (the change-notice thread of a
+    shared vault checks the ledger on it), as verify and gc do."""
+    assert vault.meta is not None and vault.ledger is not None and vault.fs is not None
+    with vault.fs.lock:
+        return _fsck(vault, repair)
+
+
+def _fsck(vault: Vault, repair: bool) -> FsckReport:
     assert vault.meta is not None and vault.ledger is not None
     meta = vault.meta
     rep = FsckReport()
