@@ -269,6 +269,8 @@ from cryptfs.vault import checkpointer
 from cryptfs.vault.core import Vault
 
 step = sys.argv[1]
+if step != "returned-head-lagging":  # every round writes the head file (its steps are hooked)
+    checkpointer.HEAD_INTERVAL = 0.0
 v = Vault.open(VaultPaths("unit"), b"pw")
 
 def write(name, data):
@@ -311,10 +313,10 @@ elif step == "collect-deleted":  # the round's collection: a delete not yet reco
     checkpointer.COLLECT_INTERVAL = 0.0
     die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
 v.sync()
-os._exit(9 if step == "returned" else 0)
+os._exit(9 if step.startswith("returned") else 0)
 """
 STEPS = ["store-synced", "log-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
-         "head-renamed", "returned", "collect-deleted"]
+         "head-renamed", "returned", "returned-head-lagging", "collect-deleted"]
 
 
 @pytest.mark.parametrize("step", STEPS)
@@ -326,7 +328,9 @@ def test_kill_between_the_steps_of_a_round(
     the store lacks) with everything committed before, and a new machine restores from the
     store alone what the last completed fsync made durable, and the round's file once the
     fsync returned, or while the round's collection deletes what it freed (after its
-    checkpoint is durable)."""
+    checkpoint is durable). Also after a round that left the head file naming the round
+    before's checkpoint (a burst of fsyncs writes it once per HEAD_INTERVAL): the local
+    ledger, which records every checkpoint, holds the bar meanwhile."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -335,10 +339,13 @@ def test_kill_between_the_steps_of_a_round(
     assert res.returncode == 9, res.stderr
     ro = Vault.open(paths, b"pw", readonly=True)  # the store alone, as it was left
     try:
+        if step == "returned-head-lagging":
+            lagging = read_head(paths)
+            assert lagging is not None and lagging.checkpoint < newest(ro).name
         out = home / "restored.db"
         materialize(ro.store, ro.codec, newest(ro), out)
         assert b"a" in names_in(out)
-        if step in ("returned", "collect-deleted"):
+        if step in ("returned", "returned-head-lagging", "collect-deleted"):
             assert b"b" in names_in(out)
     finally:
         ro.close()
@@ -351,3 +358,22 @@ def test_kill_between_the_steps_of_a_round(
     finally:
         v.close()
     assert read_on_new_machine(home, monkeypatch, b"b") == b"B" * 5000  # (after its close)
+
+
+def test_a_store_rolled_back_past_a_lagging_head_file_is_refused(home: Path) -> None:
+    """The head file lags behind the newest checkpoint in a burst of fsyncs (HEAD_INTERVAL);
+    the local ledger records every checkpoint, so a store rolled back to the checkpoint the
+    head file names (the newest one deleted) is still refused, as with a head file that
+    named it."""
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-c", CHILD, "returned-head-lagging"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 9, res.stderr
+    head = read_head(paths)
+    cks = sorted(n for n in store_files(home) if n.startswith(CHECKPOINT_PREFIX))
+    assert head is not None and head.checkpoint < cks[-1]
+    (home / "store" / cks[-1]).unlink()  # the store as it was when the head file was written
+    with pytest.raises(IntegrityError, match="rolled back"):
+        Vault.open(paths, b"pw")

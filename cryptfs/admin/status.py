@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptfs.errors import MountError
+from cryptfs.format.layout import checkpoint_seq
 from cryptfs.paths import VaultPaths, list_vaults, paths_for_mount
 
 log = logging.getLogger("cryptfs.admin.status")
@@ -121,10 +122,14 @@ class StatusPublisher:
             d["ledger_seq"] = head.seq if head else 0
             d["ledger_hash"] = head.hash.hex() if head else ""
         try:
-            h = json.loads(self.paths.head.read_text())
-            d["checkpoint"] = str(h.get("checkpoint", ""))
-            d["checkpoint_seq"] = int(h.get("seq", 0))
             ck = v.checkpointer  # (a read-only mount has none: the head file's age)
+            if ck is not None and ck.newest is not None:  # (the head file lags up to a second)
+                d["checkpoint"] = ck.newest
+                d["checkpoint_seq"] = checkpoint_seq(ck.newest) or 0
+            else:
+                h = json.loads(self.paths.head.read_text())
+                d["checkpoint"] = str(h.get("checkpoint", ""))
+                d["checkpoint_seq"] = int(h.get("seq", 0))
             d["checkpoint_ns"] = ck.last_ns if ck is not None else \
                 self.paths.head.stat().st_mtime_ns
         except (OSError, ValueError, TypeError, AttributeError):

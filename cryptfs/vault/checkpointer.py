@@ -107,6 +107,11 @@ CHECKPOINT_INTERVAL = 60.0
 # mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
+# the head file is rewritten by a round once this many seconds passed since it last was, and by
+# the final round of a mount (and :meth:`Checkpointer.anchor`): between, the local ledger
+# (synced in every round's first wait) records each checkpoint, which the anchors take as the
+# bar as they take the head file's; a burst of fsyncs does not pay its two disk waits each time
+HEAD_INTERVAL = 1.0
 # seconds a checkpoint of a shared vault waits for the uploads of other machines that its
 # metadata image names (then it leaves out those still missing)
 STAGED_WAIT = 10.0
@@ -191,6 +196,8 @@ class Checkpointer:
         self._final = False  # the mount is ending: collect in the round, whatever the interval
         self._force_collect = False  # the next round collects, whatever the interval
         self._head_renamed = False  # the head file was renamed, its directory not synced
+        self._head_at = float("-inf")  # (time.monotonic) when a round last wrote the head file
+        self.newest: str | None = None  # the newest checkpoint this mount wrote
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
 
@@ -419,24 +426,31 @@ class Checkpointer:
             raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
                              "since its snapshot)", hint="the next checkpoint retries")
-        # second wait: the checkpoint, with the temp file of the head file naming it, which is
-        # renamed into place once the checkpoint is durable;
+        # second wait: the checkpoint, with (when due: HEAD_INTERVAL) the temp file of the head
+        # file naming it, which is renamed into place once the checkpoint is durable;
         # the rename is made durable by the next round's first wait (or :meth:`anchor`). The
         # checkpoint's own ledger entry and the collections below are committed (they survive
         # a crash of this process) and anchored by the next round.
-        head_tmp = stage_private(self.paths.head, self._head(e, ck_name), durable=False)
+        head_due = self._final or time.monotonic() - self._head_at >= HEAD_INTERVAL
+        head_tmp = stage_private(self.paths.head, self._head(e, ck_name), durable=False) \
+            if head_due else None
         try:
             self.store.put(ck_name, ck_blob)
             self.store.sync()
-            fsync_path(head_tmp)
+            if head_tmp is not None:
+                fsync_path(head_tmp)
         except BaseException:
-            head_tmp.unlink(missing_ok=True)
+            if head_tmp is not None:
+                head_tmp.unlink(missing_ok=True)
             raise
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
-        replace_private(head_tmp, self.paths.head, durable=False)
-        self._head_renamed = True
+        self.newest = ck_name
+        if head_tmp is not None:
+            replace_private(head_tmp, self.paths.head, durable=False)
+            self._head_renamed = True
+            self._head_at = time.monotonic()
         self.last_ns = time.time_ns()
         with self._own():
             led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
@@ -498,12 +512,14 @@ class Checkpointer:
                 self._anchor_verified(force)
             else:
                 head = read_head(self.paths)
-                if head is not None and head.checkpoint:
+                ck = self._newest(head)
+                if ck:
                     with self.lock:
                         self.meta.sync()
                         last = self.ledger.head()
-                    if last is not None and last.seq > head.seq:
-                        self._write_head(last, head.checkpoint)
+                    if last is not None and (head is None or last.seq > head.seq or
+                                             ck != head.checkpoint):
+                        self._write_head(last, ck)
             self._settle_head()
         finally:
             self._ckpt_lock.release()
@@ -529,10 +545,18 @@ class Checkpointer:
         """Hold off checkpoints (and so collection) while the body runs; yields the name of the
         newest checkpoint, whose metadata image stays in the store meanwhile."""
         with self._ckpt_lock:
-            head = read_head(self.paths)
-            if head is None or not head.checkpoint:
+            ck = self._newest(read_head(self.paths))
+            if not ck:
                 raise IntegrityError("this vault has no checkpoint yet")
-            yield head.checkpoint
+            yield ck
+
+    def _newest(self, head: Head | None) -> str | None:
+        """The newest checkpoint this machine knows of: the last this mount wrote (the head
+        file names it only once HEAD_INTERVAL passed) or the head file's, whichever is newer."""
+        named = head.checkpoint if head is not None and head.checkpoint else None
+        if named is None or self.newest is None:
+            return self.newest or named
+        return max(named, self.newest, key=lambda n: checkpoint_seq(n) or 0)
 
     def _write_head(self, e: Entry, ck_name: str) -> None:
         """Record the ledger head this machine has seen (MAC'd) and the newest checkpoint."""
