@@ -23,6 +23,7 @@ import pytest
 from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX
 from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.meta.wal import MergedSegments, WalError, apply_segment, encode_segment
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
 from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
@@ -166,15 +167,111 @@ def test_a_damaged_segment_refuses_the_restore(vault: Vault, home: Path) -> None
     assert names_in(out) == {b"a", b"b", b"c"}
 
 
-def test_a_snapshot_replaces_the_segments_and_they_are_collected(
+def dump(db: Path) -> list[tuple[object, ...]]:
+    """Every row of the namespace, inode and chunk-map tables: two databases with equal dumps
+    hold the same files."""
+    con = sqlite3.connect(db)
+    try:
+        return [(t, *r) for t in ("dentries", "inodes", "blocks")
+                for r in con.execute(f"SELECT * FROM {t} ORDER BY 1, 2")]
+    finally:
+        con.close()
+
+
+def test_segments_past_the_limit_are_merged_and_the_snapshot_stays(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Once a chain has MAX_SEGMENTS segments the next round ships one segment of them all
+    merged, not a full snapshot: the snapshot stays, the chain stays short, what it replaced
+    is collected, and the store alone restores exactly the local database after every round
+    (files created, overwritten, renamed, truncated, unlinked)."""
+    assert vault.fs is not None
     monkeypatch.setattr(checkpointer, "MAX_SEGMENTS", 2)
+    monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
+    for i in range(200):  # a snapshot much bigger than what one fsync changes
+        vault.fs.mkdir(ROOT_INO, b"directory number %d" % i, 0o755, 0, 0)
+    write(vault, b"x", b"x" * 3000)
+    vault.sync()
+    first = newest(vault)
+    y = os.urandom(70_000)
+    steps = [
+        lambda: write(vault, b"y0", y),
+        lambda: write(vault, b"x", b"X" * 100),
+        lambda: vault.fs.rename(ROOT_INO, b"y0", ROOT_INO, b"y1", 0),  # type: ignore[union-attr]
+        lambda: write(vault, b"z", os.urandom(5000)),
+        lambda: vault.fs.unlink(ROOT_INO, b"x"),  # type: ignore[union-attr]
+        lambda: [vault.fs.rmdir(ROOT_INO, b"directory number %d" % i)  # type: ignore[union-attr]
+                 for i in range(150)],
+        lambda: write(vault, b"w", b"w" * 10),
+    ]
+    lengths = []
+    for i, step in enumerate(steps):
+        step()
+        vault.sync()
+        ck = newest(vault)
+        assert ck.meta == first.meta  # no new snapshot
+        lengths.append(len(ck.segments))
+        out = home / f"m{i}.db"
+        materialize(vault.store, vault.codec, ck, out)
+        assert dump(out) == dump(vault.paths.db)
+    assert max(lengths) == 2 and lengths.count(1) >= 2  # merged when a third was due
+    kept = {n for n in store_files(home) if n.startswith(META_PREFIX)}
+    assert kept == {r.name for r in checkpoint_objects(ck)}  # what a merge replaced is gone
+    assert read_on_new_machine(home, monkeypatch, b"y1") == y
+
+
+def test_merged_segments_leave_the_database_as_applying_them_in_order() -> None:
+    """wal.MergedSegments: folding segments (pages rewritten, the database cut short and grown
+    again) and applying the merge gives the same file, byte for byte, as applying each in
+    order; its size is the pages changed, not the segments'; a malformed one is refused."""
+    ps = 512
+    base = bytearray(os.urandom(ps * 6))
+    base[16:18] = ps.to_bytes(2, "big")  # the page size in the database header
+    page = {n: os.urandom(ps) for n in range(1, 12)}
+    segs = [
+        encode_segment(ps, 5, {2: page[1], 5: page[2]}),  # the base's page 6 is cut off
+        encode_segment(ps, 6, {5: page[10]}),  # its page 6 is zeros now
+        encode_segment(ps, 8, {5: page[3], 7: page[4], 8: page[5]}),
+        encode_segment(ps, 4, {3: page[6]}),  # cut short: pages 5 to 8 are gone
+        encode_segment(ps, 9, {9: page[7], 2: page[8]}),  # grown again: 5 to 8 are holes
+        encode_segment(ps, 9, {2: page[9]}),
+    ]
+    merged = MergedSegments.after(bytes(base))
+    for seg in segs:
+        merged.add(seg)
+    assert sorted(merged.pages) == [2, 3, 9] and merged.db_pages == 9
+    assert merged.nbytes == 3 * ps
+
+    def applied(segments: list[bytes]) -> bytes:
+        fd = os.memfd_create("db")
+        try:
+            os.write(fd, base)
+            for seg in segments:
+                apply_segment(fd, seg)
+            return os.pread(fd, 1 << 20, 0)
+        finally:
+            os.close(fd)
+
+    assert applied([merged.segment()]) == applied(segs)
+    assert merged.with_segment(segs[1]).db_pages == 6 and merged.db_pages == 9  # a copy
+    with pytest.raises(WalError):
+        merged.add(segs[0][:-1])
+    with pytest.raises(WalError):
+        merged.add(encode_segment(ps * 2, 9, {1: os.urandom(ps * 2)}))
+
+
+def test_a_snapshot_replaces_the_segments_once_they_add_up_to_a_share_of_it(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segments adding up to 1/COMPACT_RATIO of their snapshot (here: any), or merged pages
+    past MAX_MERGED, make the next round store a full snapshot; the old chain is collected."""
     monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
     write(vault, b"x", b"x")
     vault.sync()
     first = newest(vault)
-    for i in range(3):
+    monkeypatch.setattr(checkpointer, "COMPACT_FLOOR", 0)
+    monkeypatch.setattr(checkpointer, "COMPACT_RATIO", 1 << 20)
+    for i in range(2):
         write(vault, b"y%d" % i, b"y")
         vault.sync()
     ck = newest(vault)
@@ -183,7 +280,21 @@ def test_a_snapshot_replaces_the_segments_and_they_are_collected(
     assert kept == {r.name for r in checkpoint_objects(ck)}  # the old chain was collected
     out = home / "m.db"
     materialize(vault.store, vault.codec, ck, out)
-    assert names_in(out) == {b"x", b"y0", b"y1", b"y2"}
+    assert names_in(out) == {b"x", b"y0", b"y1"}
+    # merged pages past MAX_MERGED: a snapshot instead of the merge
+    monkeypatch.setattr(checkpointer, "COMPACT_RATIO", 2)
+    monkeypatch.setattr(checkpointer, "COMPACT_FLOOR", 1 << 20)
+    monkeypatch.setattr(checkpointer, "MAX_SEGMENTS", 1)
+    monkeypatch.setattr(checkpointer, "MAX_MERGED", 1)
+    write(vault, b"z0", b"z")
+    vault.sync()
+    assert newest(vault).meta == ck.meta and len(newest(vault).segments) == 1
+    write(vault, b"z1", b"z")
+    vault.sync()
+    last = newest(vault)
+    assert last.meta != ck.meta and last.segments == []
+    materialize(vault.store, vault.codec, last, out)
+    assert names_in(out) == {b"x", b"y0", b"y1", b"z0", b"z1"}
 
 
 def test_a_checkpoint_cut_short_keeps_the_previous_one(

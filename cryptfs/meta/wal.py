@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 WAL_HEADER = 32
 FRAME_HEADER = 24
@@ -221,23 +221,89 @@ def db_page_size(header: bytes) -> int:
     return 65536 if v == 1 else v
 
 
-def apply_segment(fd: int, segment: bytes) -> None:
-    """Write a segment's pages into the database file open at ``fd`` and cut the file to the
-    segment's database size. Raises WalError (one line) for a malformed segment or one whose
-    page size differs from the database's."""
+def decode_segment(segment: bytes) -> tuple[int, int, dict[int, bytes]]:
+    """A segment's page size, database size in pages and pages (page number: bytes). Raises
+    WalError (one line) for a malformed segment: bad magic, a length that does not match its
+    header, or a page numbered outside the database it describes."""
     head = len(SEGMENT_MAGIC) + _SEG_HEAD.size
     if len(segment) < head or not segment.startswith(SEGMENT_MAGIC):
         raise WalError("it is not a metadata segment")
     page_size, db_pages, count = _SEG_HEAD.unpack_from(segment, len(SEGMENT_MAGIC))
     if len(segment) != head + count * (4 + page_size) or not db_pages:
         raise WalError("its length does not match its header")
-    if page_size != db_page_size(os.pread(fd, 100, 0)):
-        raise WalError("its page size differs from the snapshot's")
+    pages: dict[int, bytes] = {}
+    view = memoryview(segment)
     at = head
     for _ in range(count):
-        pgno = int.from_bytes(segment[at:at + 4], "big")
+        pgno = int.from_bytes(view[at:at + 4], "big")
         if not 1 <= pgno <= db_pages:
             raise WalError(f"it names page {pgno} of a {db_pages}-page database")
-        os.pwrite(fd, segment[at + 4:at + 4 + page_size], (pgno - 1) * page_size)
+        pages[pgno] = bytes(view[at + 4:at + 4 + page_size])
         at += 4 + page_size
+    return page_size, db_pages, pages
+
+
+def apply_segment(fd: int, segment: bytes) -> None:
+    """Write a segment's pages into the database file open at ``fd`` and cut the file to the
+    segment's database size. Raises WalError (one line) for a malformed segment or one whose
+    page size differs from the database's."""
+    page_size, db_pages, pages = decode_segment(segment)
+    if page_size != db_page_size(os.pread(fd, 100, 0)):
+        raise WalError("its page size differs from the snapshot's")
+    for pgno, page in pages.items():
+        os.pwrite(fd, page, (pgno - 1) * page_size)
     os.ftruncate(fd, db_pages * page_size)
+
+
+@dataclass
+class MergedSegments:
+    """Segments folded into one: applied to a database, :meth:`segment` leaves it exactly as
+    applying the folded segments in order does (the newest image of each page; a page beyond
+    a later segment's database size is dropped, as that segment's truncation cut it off, and
+    one the database grew back over without writing it is zeros, as the truncation left it).
+    Its size is that of the pages changed, however many segments changed them."""
+
+    page_size: int = 0
+    db_pages: int = 0
+    pages: dict[int, bytes] = field(default_factory=dict)
+    cut: int | None = None  # the smallest database size a truncation left, if one did
+
+    @classmethod
+    def after(cls, image: bytes) -> MergedSegments:
+        """Nothing merged yet, on top of the database ``image`` (a truncation is measured
+        from its size)."""
+        if len(image) < 100:
+            raise WalError("the database image is too short")
+        page_size = db_page_size(image[:100])
+        return cls(page_size, len(image) // page_size)
+
+    def add(self, segment: bytes) -> None:
+        """Fold in the next segment (WalError: malformed, or another page size)."""
+        page_size, db_pages, pages = decode_segment(segment)
+        if self.page_size and page_size != self.page_size:
+            raise WalError("its page size differs from the segments before")
+        if db_pages < self.db_pages:
+            for pgno in [n for n in self.pages if n > db_pages]:
+                del self.pages[pgno]
+            self.cut = db_pages if self.cut is None else min(self.cut, db_pages)
+        self.page_size, self.db_pages = page_size, db_pages
+        self.pages.update(pages)
+
+    def with_segment(self, segment: bytes) -> MergedSegments:
+        """A copy with ``segment`` folded in (this one unchanged)."""
+        out = MergedSegments(self.page_size, self.db_pages, dict(self.pages), self.cut)
+        out.add(segment)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the pages held."""
+        return len(self.pages) * self.page_size
+
+    def segment(self) -> bytes:
+        """The merged segment."""
+        pages = self.pages
+        if self.cut is not None and self.cut < self.db_pages:  # grown back over a cut: zeros
+            zero = bytes(self.page_size)
+            pages = {**{n: zero for n in range(self.cut + 1, self.db_pages + 1)}, **pages}
+        return encode_segment(self.page_size, self.db_pages, pages)

@@ -78,6 +78,7 @@ from cryptfs.format.layout import (
 )
 from cryptfs.meta.engine import MetaEngine
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
+from cryptfs.meta.wal import MergedSegments, WalError
 from cryptfs.paths import (
     VaultPaths,
     fsync_path,
@@ -95,10 +96,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptfs.vault.checkpointer")
 
 KEEP_CHECKPOINTS = 3
-# a checkpoint stores a full snapshot instead of one more segment once the segments would be
-# more than MAX_SEGMENTS, or add up to more than 1/COMPACT_RATIO of their snapshot's size (of
-# COMPACT_FLOOR if the snapshot is smaller: small snapshots are no reason to compact often)
+# a checkpoint stores a full snapshot instead of one more segment once the segments would add
+# up to more than 1/COMPACT_RATIO of their snapshot's size (of COMPACT_FLOOR if the snapshot is
+# smaller: small snapshots are no reason to compact often), or their pages merged (below) to
+# more than MAX_MERGED bytes; and, once the segments would be more than MAX_SEGMENTS, one
+# segment of all of them merged (wal.MergedSegments: the pages they changed, each once)
+# replaces them. Both cost what changed since the snapshot, not the whole database: a round
+# pays for a full snapshot only once its segments grew to a share of it.
 MAX_SEGMENTS = 128
+MAX_MERGED = 64 << 20
 COMPACT_RATIO = 2
 COMPACT_FLOOR = 1 << 20
 CHECKPOINT_INTERVAL = 60.0
@@ -189,6 +195,8 @@ class Checkpointer:
         # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
         # and the change count it shipped (plus its own writes since: see _dirty)
         self._chain: list[ChunkRef] | None = None
+        # the pages the chain's segments changed, merged on its snapshot (None: not known)
+        self._merged: MergedSegments | None = None
         self._clean_at: int | None = None
         self._own_writes = 0
         self._collected_at = float("-inf")  # the first round collects
@@ -336,15 +344,28 @@ class Checkpointer:
             finally:
                 self._own_writes += self.meta.change_count() - before
 
-    def _segment(self) -> bytes | None:
+    def _segment(self) -> tuple[bytes, MergedSegments | None] | None:
         """The metadata changes since the last checkpoint as a segment (caller holds the
-        filesystem lock), or None when a full image is due: this mount has shipped nothing
-        yet, the segments add up to a fraction of their snapshot, or the engine ships none."""
+        filesystem lock), with None; or, when the chain has MAX_SEGMENTS segments, every
+        segment of the chain and this one merged, with the merge (the segment that replaces
+        them). None when a full image is due: this mount has shipped nothing yet, the segments
+        add up to a fraction of their snapshot, their merged pages would pass MAX_MERGED, or
+        the engine ships none."""
         chain = self._chain
-        if chain is not None and len(chain) <= MAX_SEGMENTS and \
-                sum(r.size for r in chain[1:]) * COMPACT_RATIO < max(chain[0].size, COMPACT_FLOOR):
-            return self.meta.changes()
-        return None
+        if chain is None or \
+                sum(r.size for r in chain[1:]) * COMPACT_RATIO >= max(chain[0].size, COMPACT_FLOOR):
+            return None
+        seg = self.meta.changes()
+        if seg is None or len(chain) <= MAX_SEGMENTS:
+            return None if seg is None else (seg, None)
+        if self._merged is None:
+            return None
+        try:
+            merged = self._merged.with_segment(seg)
+        except WalError as e:  # (never expected: the engine wrote them)
+            log.warning("cannot merge the metadata segments (%s); storing a snapshot", e)
+            return None
+        return None if merged.nbytes > MAX_MERGED else (merged.segment(), merged)
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
@@ -368,6 +389,7 @@ class Checkpointer:
             # PostgreSQL vault's takes about a second at a few thousand files, and every
             # file operation waited for it); what is recorded with it is of that state
             frozen = meta.freeze() if seg is None else None
+            merged = seg[1] if seg is not None else None
             shipped_at = meta.change_count()
             self._own_writes = 0
             if seg is not None:
@@ -376,7 +398,7 @@ class Checkpointer:
                 garbage = meta.unreferenced_objects()
         if frozen is None:
             assert seg is not None
-            data, full = seg, False
+            data, full = seg[0], False
             self.chunks.wait_uploaded(staged, progress)
         else:
             with contextlib.closing(frozen):
@@ -408,8 +430,11 @@ class Checkpointer:
         with self.lock:
             meta.sync()
         self._settle_head()
-        assert full or self._chain is not None
-        chain = [ref] if full else [*self._chain, ref]  # type: ignore[misc]
+        if full:
+            chain = [ref]
+        else:  # one more segment, or the merge of them all
+            assert self._chain is not None
+            chain = [self._chain[0], ref] if merged is not None else [*self._chain, ref]
         ck_name = checkpoint_name(e.seq)
         body = {
             "version": CHECKPOINT_VERSION,
@@ -446,6 +471,17 @@ class Checkpointer:
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
+        try:
+            if full:  # (an engine that ships no segments has no use for it)
+                self._merged = MergedSegments.after(data) if not meta.shared else None
+            elif merged is not None:
+                self._merged = merged
+            elif self._merged is not None:
+                self._merged.add(data)
+        except WalError as e:  # (never expected: the engine wrote them)
+            log.warning("cannot merge metadata segment %s (%s); storing a snapshot when the "
+                        "segments are too many", name, e)
+            self._merged = None
         self.newest = ck_name
         if head_tmp is not None:
             replace_private(head_tmp, self.paths.head, durable=False)
