@@ -195,6 +195,7 @@ class Checkpointer:
         # the metadata objects of the last checkpoint this mount wrote (snapshot, segments),
         # and the change count it shipped (plus its own writes since: see _dirty)
         self._chain: list[ChunkRef] | None = None
+        self._listed: list[str] = []  # its segments as the checkpoint lists them (JSON)
         # the pages the chain's segments changed, merged on its snapshot (None: not known)
         self._merged: MergedSegments | None = None
         self._clean_at: int | None = None
@@ -384,6 +385,7 @@ class Checkpointer:
                 for ref in meta.objects_in_state("staged"):
                     if not self.chunks.upload_pending(ref.name):
                         meta.mark_stored(ref.name)
+            collect = self._collect_due()  # (what it may delete is worked out only then)
             seg = self._segment()
             # a full image: its state is fixed here and read below, without the lock (a
             # PostgreSQL vault's takes about a second at a few thousand files, and every
@@ -394,8 +396,9 @@ class Checkpointer:
             self._own_writes = 0
             if seg is not None:
                 staged = {r.name for r in meta.objects_in_state("staged")}
-                snap_seq = led.head().seq if led.head() else 0
-                garbage = meta.unreferenced_objects()
+                last = led.head()
+                snap_seq = last.seq if last else 0
+                garbage = meta.unreferenced_objects() if collect else []
         if frozen is None:
             assert seg is not None
             data, full = seg[0], False
@@ -430,11 +433,13 @@ class Checkpointer:
         with self.lock:
             meta.sync()
         self._settle_head()
+        seg_json = json.dumps(ref_json(ref))
         if full:
-            chain = [ref]
+            chain, listed = [ref], []
         else:  # one more segment, or the merge of them all
             assert self._chain is not None
             chain = [self._chain[0], ref] if merged is not None else [*self._chain, ref]
+            listed = [seg_json] if merged is not None else [*self._listed, seg_json]
         ck_name = checkpoint_name(e.seq)
         body = {
             "version": CHECKPOINT_VERSION,
@@ -443,10 +448,12 @@ class Checkpointer:
             "mac": head_mac(self.codec.ledger_key, e.seq, e.hash).hex(),
             "time_ns": time.time_ns(),
             "meta": ref_json(chain[0]),
-            "segments": [ref_json(r) for r in chain[1:]],
             "tail": tail,
         }
-        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, json.dumps(body).encode())
+        # "segments": the chain's, each encoded once (a chain of a hundred cost more to encode
+        # every round than the rest of the body)
+        text = json.dumps(body)[:-1] + ', "segments": [' + ", ".join(listed) + "]}"
+        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, text.encode())
         if len(ck_blob) > MAX_CHECKPOINT:  # readers refuse it: fail; the next one is smaller
             raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
@@ -471,6 +478,7 @@ class Checkpointer:
         with self._own():  # one connection, one thread at a time
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
+            self._listed = listed
         try:
             if full:  # (an engine that ships no segments has no use for it)
                 self._merged = MergedSegments.after(data) if not meta.shared else None
@@ -488,12 +496,13 @@ class Checkpointer:
             self._head_renamed = True
             self._head_at = time.monotonic()
         self.last_ns = time.time_ns()
+        ck_ref = ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob))
         with self._own():
-            led.append("put", ck_name, len(ck_blob), crypto.sha256(ck_blob))
-            meta.reference(ChunkRef(ck_name, len(ck_blob), crypto.sha256(ck_blob)), staged=False)
+            led.append("put", ck_name, ck_ref.size, ck_ref.sha256)
+            meta.reference(ck_ref, staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        if self._collect_due():  # worked out
+        if collect:  # worked out
             self._force_collect = False
             self._collect({r.name for r in chain}, garbage)
             self._collected_at = time.monotonic()
