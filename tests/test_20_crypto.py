@@ -95,6 +95,26 @@ def test_a_chunk_sealed_twice_is_the_same_object() -> None:
     assert a[1:13] == want
 
 
+def test_chunk_names_by_the_vaults_name_hash() -> None:
+    """A codec names chunks with the keyed hash its vault's config says: BLAKE3 (version 3)
+    or BLAKE2b-256 (before), under the naming sub-key; both seal and open alike."""
+    import hashlib
+
+    import blake3
+
+    key = crypto.subkey(bytes(range(32)), b"vault-id-0000020", crypto.PURPOSE_NAME)
+    plain = os.urandom(70_000)
+    new = Codec(bytes(range(32)), b"vault-id-0000020", 1 << 16, "blake3")
+    h3 = blake3.blake3(plain, key=key).hexdigest()
+    h2 = hashlib.blake2b(plain, digest_size=32, key=key).hexdigest()
+    assert new.chunk_name(plain) == f"data/{h3[:2]}/{h3}"
+    assert _codec().chunk_name(plain) == f"data/{h2[:2]}/{h2}" != new.chunk_name(plain)
+    name = new.chunk_name(plain)
+    assert new.open_chunk_unchecked(name, new.seal_chunk(name, plain)) == plain
+    with pytest.raises(ValueError):
+        Codec(bytes(range(32)), b"vault-id-0000020", 1 << 16, "sha1")
+
+
 def test_the_padded_length_is_in_the_nonce() -> None:
     """A writer padding by another rule (here: no cap on the padding, as before the full-chunk
     change) seals the same chunk under another nonce: a nonce never meets two messages."""

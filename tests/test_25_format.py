@@ -3,7 +3,7 @@
 1. The ledger test vector printed in FORMAT.md is recomputed with :mod:`cryptfs.meta.ledger`
    (the hex literals are copied from the document, so a change of the encoding breaks this test).
 2. ``FormatReader`` below is an independent reader written from FORMAT.md only: it uses
-   hashlib/hmac/json/zlib/sqlite3 and pycryptodome, and imports nothing from ``cryptfs``. A
+   hashlib/hmac/json/zlib/sqlite3, pycryptodome and blake3, and imports nothing from ``cryptfs``. A
    vault is created, filled through a real FUSE mount with the ``cryptfs`` CLI, unmounted, and
    the reader must reproduce the tree exactly.
 """
@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import blake3
 import pytest
 from Crypto.Cipher import AES
 from Crypto.Hash import SHA256
@@ -149,16 +150,19 @@ class FormatReader:
     def __init__(self, store: Path, passphrase: bytes) -> None:
         self.store = store
         cfg = json.loads(self._get("config"))
-        if cfg.get("format") != "cryptfs" or cfg.get("version") not in (1, 2):
-            raise FormatError("not a version 1 or 2 cryptfs config")
+        if cfg.get("format") != "cryptfs" or cfg.get("version") not in (1, 2, 3):
+            raise FormatError("not a version 1, 2 or 3 cryptfs config")
         self.vault_id = bytes.fromhex(cfg["vault_id"])
         if len(self.vault_id) != 16:
             raise FormatError("bad vault id")
         self.chunk_size = int(cfg["chunk_size"])
         master = self._unwrap(cfg, passphrase)
         fields = ["chunk_size", "created", "format", "slots", "vault_id", "version"]
-        if cfg["version"] == 2:
+        if cfg["version"] >= 2:
             fields.append("generation")
+        if cfg["version"] >= 3:
+            fields.append("name_hash")
+        self.name_hash = cfg.get("name_hash", "blake2b")  # 3.1: only "blake3" in version 3
         signed = {k: cfg.get(k, "") for k in fields}
         canonical = json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         ckey = _hkdf(master, self.vault_id, b"cryptfs config mac v1")
@@ -321,7 +325,8 @@ class FormatReader:
         if n > len(padded) - 4:
             raise FormatError(f"{name}: length field")
         plain = padded[4 : 4 + n]
-        h = hashlib.blake2b(plain, digest_size=32, key=self.name_key).hexdigest()
+        h = (blake3.blake3(plain, key=self.name_key).hexdigest() if self.name_hash == "blake3"
+             else hashlib.blake2b(plain, digest_size=32, key=self.name_key).hexdigest())
         if name != f"data/{h[:2]}/{h}":
             raise FormatError(f"{name}: name does not match content")
         self.chunks_read += 1

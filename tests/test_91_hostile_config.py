@@ -204,6 +204,30 @@ def test_malformed_config_field(field: str, value: Any) -> None:
     assert field in refused(d)
 
 
+def test_chunk_name_hash_of_each_config_version() -> None:
+    """A new vault's config is version 3, naming chunks with BLAKE3 (its MAC covers the
+    choice); version 3 without it, with another, or a version 2 config with one, is refused;
+    a version 2 config still opens and names chunks with BLAKE2b."""
+    d = new_config()
+    assert d["version"] == 3 and d["name_hash"] == "blake3"
+    assert VaultConfig.from_dict(d, "the config").name_hash == "blake3"
+    for value in ("blake2b", "BLAKE3", None, 3):
+        assert "name_hash" in refused(dict(d, name_hash=value))
+    assert "name_hash" in refused({k: v for k, v in d.items() if k != "name_hash"})
+    cfg, master = VaultConfig.create(b"pw", 65536, scrypt_n=2**14, name_hash="blake2b")
+    old = cfg.to_dict()
+    assert old["version"] == 2 and "name_hash" not in old
+    back = VaultConfig.from_dict(old, "the config")
+    assert back.name_hash == "blake2b" and back.verify_mac(master)
+    assert "name_hash" in refused(dict(old, name_hash="blake3"))
+    # a version 3 config whose version is lowered (its name_hash dropped) fails its MAC
+    new, key = VaultConfig.create(b"pw", 65536, scrypt_n=2**14)
+    assert new.verify_mac(key)
+    low = VaultConfig.from_dict({k: v for k, v in dict(new.to_dict(), version=2).items()
+                                 if k != "name_hash"}, "the config")
+    assert low.name_hash == "blake2b" and not low.verify_mac(key)
+
+
 def test_slot_count_and_ids() -> None:
     VaultConfig.from_dict(new_config(MAX_SLOTS), "the config")  # 32 slots are allowed
     assert "33 key slots" in refused(new_config(MAX_SLOTS + 1))

@@ -1,7 +1,8 @@
 """How plaintext becomes stored objects and back: names, padding, sealing, verification.
 
-Chunk objects (``data/<2 hex>/<64 hex>``): the name is the keyed BLAKE2b-256 of the plaintext
-under the naming sub-key, so identical chunks get one object without revealing a plain hash.
+Chunk objects (``data/<2 hex>/<64 hex>``): the name is the keyed hash of the plaintext under the
+naming sub-key (BLAKE3 in vaults of config version 3, BLAKE2b-256 before), so identical chunks
+get one object without revealing a plain hash.
 The stored bytes are ``0x01 || AES-256-GCM(chunk key, pad(u32 length || plaintext))`` with
 associated data binding the format, vault id and object name, so an object moved to another
 name fails to open; the nonce is derived from the name and padded length (convergent: the same
@@ -31,6 +32,7 @@ from cryptfs.format import crypto
 from cryptfs.format.layout import DATA_PREFIX
 
 OBJ_VERSION = 1
+NAME_HASHES = ("blake2b", "blake3")  # how chunks are named (the config's ``name_hash``)
 
 
 def padme(length: int) -> int:
@@ -60,9 +62,14 @@ class ChunkRef:
 class Codec:
     """Seals and opens objects for one vault (one master key)."""
 
-    def __init__(self, master: bytes, vault_id: bytes, chunk_size: int | None = None) -> None:
+    def __init__(self, master: bytes, vault_id: bytes, chunk_size: int | None = None,
+                 name_hash: str = "blake2b") -> None:
         """``chunk_size``: the vault's; chunks are padded to at most ``chunk_size + 4`` bytes
-        (None: no cap, for a codec that only reads)."""
+        (None: no cap, for a codec that only reads). ``name_hash``: how the vault names chunks
+        (NAME_HASHES; a codec that only reads needs none)."""
+        if name_hash not in NAME_HASHES:
+            raise ValueError(f"unknown chunk name hash {name_hash!r}")
+        self._name_hash = crypto.keyed_hash3 if name_hash == "blake3" else crypto.keyed_hash
         self.vault_id = vault_id
         self._pad_cap = None if chunk_size is None else chunk_size + 4
         self._chunk_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK)
@@ -77,7 +84,7 @@ class Codec:
 
     # -- chunks -----------------------------------------------------------------------------
     def chunk_name(self, plain: bytes | bytearray | memoryview) -> str:
-        h = crypto.keyed_hash(self._name_key, plain).hex()
+        h = self._name_hash(self._name_key, plain).hex()
         return f"{DATA_PREFIX}{h[:2]}/{h}"
 
     def chunk_nonce(self, name: str, padded_len: int) -> bytes:

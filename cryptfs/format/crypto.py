@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import os
 
+import blake3
 from Crypto.Hash import SHA256
 from Crypto.Protocol.KDF import HKDF, scrypt
 from cryptography.exceptions import InvalidTag
@@ -132,6 +133,12 @@ def open_sealed(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
 def keyed_hash(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """Keyed BLAKE2b-256 (releases the GIL for large inputs)."""
     return hashlib.blake2b(data, digest_size=32, key=key).digest()
+
+
+def keyed_hash3(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """Keyed BLAKE3 (its keyed_hash mode, 32-byte key and output): the chunk names of vaults
+    from config version 3, at several times BLAKE2b's speed (SIMD, one thread here)."""
+    return blake3.blake3(data, key=key, max_threads=1).digest()
 
 
 def mac(key: bytes, data: bytes) -> bytes:

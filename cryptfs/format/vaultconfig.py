@@ -1,4 +1,4 @@
-"""The vault config: format version, vault id, chunk size and key slots.
+"""The vault config: format version, vault id, chunk size, chunk name hash and key slots.
 
 The config is stored in the store as the object ``config`` (so a vault can be opened from the
 store alone) and copied into the local config file (mode 0600). It is JSON; the master key
@@ -24,8 +24,11 @@ from cryptfs.errors import AuthError, ConfigError, IntegrityError, UsageError
 from cryptfs.format import crypto, layout
 
 FORMAT = "cryptfs"
-VERSION = 2  # 2 adds ``generation``; version 1 configs (no generation) still open
-VERSIONS = (1, 2)
+# 2 adds ``generation``, 3 ``name_hash`` (new vaults name chunks with BLAKE3); versions 1 and 2
+# (BLAKE2b names) still open and keep their version and names
+VERSION = 3
+VERSIONS = (1, 2, 3)
+NEW_NAME_HASH = "blake3"  # a new vault's
 CONFIG_OBJECT = layout.CONFIG
 PUBLIC_KEY_SLOT = "public-key"
 RSA_OAEP_ALG = "rsa-oaep-sha256"
@@ -129,7 +132,8 @@ def _check_slot(s: object, index: int) -> int:
 def validate_fields(d: dict[str, Any], where: str) -> None:
     """The config's own fields (docs/FORMAT.md 3.1): ``vault_id`` 32 lowercase hex digits,
     ``chunk_size`` an integer from 4096 to 64 MiB, ``created`` a short string without control
-    characters, ``mac`` 64 lowercase hex digits. ConfigError (one line) otherwise."""
+    characters, ``mac`` 64 lowercase hex digits, ``name_hash`` "blake3" in version 3 and
+    absent before. ConfigError (one line) otherwise."""
     problem = None
     if not isinstance(d.get("vault_id"), str) or not HEX32_RE.fullmatch(d["vault_id"]):
         problem = "vault_id is not 32 lowercase hex digits"
@@ -140,6 +144,10 @@ def validate_fields(d: dict[str, Any], where: str) -> None:
         problem = "created is not a short string"
     elif not isinstance(d.get("mac"), str) or not FINGERPRINT_RE.fullmatch(d["mac"]):
         problem = "mac is not 64 lowercase hex digits"
+    elif d.get("version") == 3 and d.get("name_hash") != "blake3":
+        problem = 'name_hash is not "blake3" (config version 3)'
+    elif d.get("version") != 3 and "name_hash" in d:
+        problem = "name_hash in a config before version 3"
     if problem:
         raise ConfigError(f"{where} is corrupt or was tampered with: {problem}",
                           hint="nothing was changed")
@@ -187,17 +195,21 @@ class VaultConfig:
     created: str = ""
     mac: str = ""
     generation: int = 0  # +1 at every signed change; 0: a version 1 config (none recorded)
+    name_hash: str = "blake2b"  # how chunks are named (codec.NAME_HASHES); version 3 records it
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
     def create(
-        cls, passphrase: bytes, chunk_size: int, scrypt_n: int | None = None, created: str = ""
+        cls, passphrase: bytes, chunk_size: int, scrypt_n: int | None = None, created: str = "",
+        name_hash: str = NEW_NAME_HASH,
     ) -> tuple[VaultConfig, bytes]:
-        """A new config with a random master key wrapped under ``passphrase``."""
+        """A new config with a random master key wrapped under ``passphrase`` (version 3, with
+        BLAKE3 chunk names; ``name_hash`` "blake2b" makes a version 2 config, as before)."""
         if not passphrase:
             raise AuthError("the passphrase must not be empty")
         master = crypto.random_bytes(crypto.KEY_SIZE)
-        cfg = cls(vault_id=crypto.random_bytes(16), chunk_size=chunk_size, created=created)
+        cfg = cls(vault_id=crypto.random_bytes(16), chunk_size=chunk_size, created=created,
+                  name_hash=name_hash)
         cfg.add_passphrase_slot(master, passphrase, scrypt_n)
         cfg.sign(master)
         return cfg, master
@@ -420,7 +432,7 @@ class VaultConfig:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION if self.generation else 1,
+            "version": self.version,
             "vault_id": self.vault_id.hex(),
             "chunk_size": self.chunk_size,
             "created": self.created,
@@ -429,7 +441,15 @@ class VaultConfig:
         }
         if self.generation:  # a version 1 config stays byte-identical (its MAC covers it)
             d["generation"] = self.generation
+        if self.name_hash != "blake2b":
+            d["name_hash"] = self.name_hash
         return d
+
+    @property
+    def version(self) -> int:
+        """3 for BLAKE3 chunk names; else 2, or 1 for a config never signed again since
+        version 1 (its bytes, and MAC, unchanged)."""
+        return 3 if self.name_hash != "blake2b" else 2 if self.generation else 1
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
@@ -444,11 +464,12 @@ class VaultConfig:
                 raise ConfigError(f"{where} has unsupported format version "
                                   f"{str(version)[:20]}", hint="a newer cryptfs wrote it")
             validate_fields(d, where)
-            generation = d.get("generation", 0) if version == 2 else 0
-            if version == 2 and (type(generation) is not int or not 1 <= generation < 2**53):
+            generation = d.get("generation", 0) if version >= 2 else 0
+            if version >= 2 and (type(generation) is not int or not 1 <= generation < 2**53):
                 raise ValueError
             if version == 1 and "generation" in d:
                 raise ValueError
+            name_hash = d["name_hash"] if version >= 3 else "blake2b"  # (checked above)
             cfg = cls(
                 vault_id=bytes.fromhex(d["vault_id"]),
                 chunk_size=int(d["chunk_size"]),
@@ -456,6 +477,7 @@ class VaultConfig:
                 created=str(d.get("created", "")),
                 mac=str(d["mac"]),
                 generation=generation,
+                name_hash=name_hash,
             )
             if len(cfg.vault_id) != 16 or not (4096 <= cfg.chunk_size <= 64 << 20):
                 raise ValueError

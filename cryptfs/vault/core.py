@@ -130,7 +130,7 @@ class Vault:
         self.hooks = CommitHooks()  # the metadata's commits, heard by the filesystem
         self.stores = stores or StoreList()
         self.cfg = cfg
-        self.codec = Codec(master, cfg.vault_id, cfg.chunk_size)
+        self.codec = Codec(master, cfg.vault_id, cfg.chunk_size, cfg.name_hash)
         self._db_keys = DbKeys.derive(master, cfg.vault_id)  # for a PostgreSQL database
         self.pins = Pins(store, self.codec, paths.data_dir / "pins")  # what snapshots hold
         self.readonly = readonly
