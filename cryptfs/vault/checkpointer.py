@@ -4,10 +4,12 @@ newest checkpoint no longer needs.
 Checkpoint contract: when :meth:`Checkpointer.sync` returns, every chunk committed before the
 call is in the store, metadata (a snapshot and the segments after it) that references exactly
 what the local metadata referenced at that moment is in the store, and a checkpoint naming it
-(with the authenticated ledger head) is in the store and recorded in the local head file. A
-vault can then be opened on a new machine from the store alone. A checkpoint stores only the
-metadata changed since the one before (a segment); the first of a mount, and one whenever the
-segments grow past a fraction of their snapshot, stores a full snapshot.
+(with the authenticated ledger head) is in the store and recorded in the local ledger (in the
+local head file too, at most a second later: HEAD_INTERVAL). A vault can then be opened on a
+new machine from the store alone. A checkpoint stores only the metadata changed since the one
+before (a segment; past MAX_SEGMENTS, one merged segment replaces them all); the first of a
+mount, and one whenever the segments grow past a fraction of their snapshot, stores a full
+snapshot.
 
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
 round's own thread, in two waits on the disk: the queued ledger entries of stored chunks; the
@@ -23,11 +25,13 @@ they survive a crash of the process; the next round's local sync and head file a
 and one of the head file's directory: on ext4 and xfs the store's directories need none for
 the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
 Disk waits of a round that stores one chunk, in that order: the chunk, the segment, the local
-log, the head file's directory (first wait); the checkpoint, the head file's temp file (second
-wait). Each is needed: a checkpoint durable before what it names could name objects a power
-loss took, or a ledger head the local log lost (the anchors would refuse the mount); the head
-file must never name a checkpoint the store may not have, nor be torn; on ext4 without a
-journal (and on any filesystem, by POSIX) a rename is durable only with its directory.
+log (first wait); the checkpoint (second wait); and in a round that writes the head file (once
+HEAD_INTERVAL passed since one did, and the final round) its temp file in the second wait and
+its directory in the next round's first. Each is needed: a checkpoint durable before what it
+names could name objects a power loss took, or a ledger head the local log lost (the anchors
+would refuse the mount); the head file must never name a checkpoint the store may not have,
+nor be torn; on ext4 without a journal (and on any filesystem, by POSIX) a rename is durable
+only with its directory.
 Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
 again, or recorded missing, of an object it was deleting: tests/test_97).
