@@ -148,7 +148,7 @@ _NB, _BYTES = FUSE_NB, FUSE_BYTES
 # a store request's row: the same with the store buckets
 _SNB = len(STORE_BUCKETS) + 1
 _SSECONDS, _SBYTES = _SNB, _SNB + 1
-_STORE_OPS = ("put", "put_if_absent", "get", "delete", "list", "exists", "sync")
+_STORE_OPS = ("put", "put_if_absent", "get", "get_range", "delete", "list", "exists", "sync")
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], bounds: list[str],
@@ -201,13 +201,14 @@ class _HotCollector(Collector):
             "Object store requests by store and kind (put, get, delete, list, ...): latency; "
             "the _count is the number of requests", labels=["store", "op"])
         sb = CounterMetricFamily(
-            "cryptfs_store_bytes", "Object bytes sent to (put) and received from (get) a store",
+            "cryptfs_store_bytes", "Object bytes sent to (put) and received from (get, get_range) "
+            "a store",
             labels=["store", "op"])
         for store_id, ops in list(self.m._stores.items()):
             for op, rows in ops.items():
                 fig, _ = rows.total()
                 _histogram(sh, [store_id, op], self.store_bounds, fig, _SNB)
-                if op in ("put", "get"):
+                if op in ("put", "get", "get_range"):
                     sb.add_metric([store_id, op], fig[_SBYTES])
         yield sh
         yield sb
@@ -458,6 +459,17 @@ class MeteredStore:
             raise
         self._rec_get(t, len(blob))
         return blob
+
+    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+        t = _clock()
+        try:
+            data: bytes = self.inner.get_range(name, offset, length, size)
+        except Exception as e:
+            self._rec["get_range"](t)
+            self._fail("get_range", e)
+            raise
+        self._rec["get_range"](t, len(data))
+        return data
 
     def delete(self, name: str) -> None:
         self._call("delete", self.inner.delete, name)

@@ -21,7 +21,7 @@ import pytest
 from faultproxy import FaultProxy
 from s3server import MotoServer, free_port
 
-from cryptfs.errors import ObjectNotFound, StoreError, UsageError
+from cryptfs.errors import IntegrityError, ObjectNotFound, StoreError, UsageError
 from cryptfs.stores import ObjectStore, open_store
 from cryptfs.stores.local import LocalStore
 from cryptfs.stores.memory import MemoryStore
@@ -94,6 +94,28 @@ def test_concurrent_puts_and_gets(store: ObjectStore) -> None:
         for future in [pool.submit(work, t) for t in range(8)]:
             future.result(timeout=60)
     assert len(list(store.list("data/"))) == 48
+
+
+def test_get_range_reads_exactly_and_checks_the_size(store: ObjectStore) -> None:
+    """A range read returns exactly the bytes asked; an object of another size than the one
+    recorded (truncated, grown) is IntegrityError before any byte is used, a missing one
+    ObjectNotFound, a range outside the recorded size a caller's error."""
+    data = os.urandom(50000)
+    store.put("data/rr/obj", data)
+    for off, n in ((0, 1), (0, 50000), (1, 16399), (16399, 2), (49999, 1), (12345, 4096)):
+        assert store.get_range("data/rr/obj", off, n, 50000) == data[off : off + n]
+    store.put("data/rr/obj", data[:-1])  # truncated: the recorded size is 50,000
+    for off, n in ((0, 10), (49990, 10)):
+        with pytest.raises(IntegrityError, match="data/rr/obj"):
+            store.get_range("data/rr/obj", off, n, 50000)
+    store.put("data/rr/obj", data + b"x")  # grown
+    with pytest.raises(IntegrityError, match="data/rr/obj"):
+        store.get_range("data/rr/obj", 0, 10, 50000)
+    with pytest.raises(ObjectNotFound):
+        store.get_range("data/rr/missing", 0, 10, 50000)
+    for off, n in ((-1, 10), (0, 0), (49999, 2)):
+        with pytest.raises(ValueError):
+            store.get_range("data/rr/obj", off, n, 50000)
 
 
 # -- local store -------------------------------------------------------------------------------

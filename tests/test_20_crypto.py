@@ -1,7 +1,8 @@
 """The AES-256-GCM seal format: ``cryptography`` (what cryptfs uses) and pycryptodome (what the
 format was first written with, and what the independent reader in test_25 uses) agree byte for
 byte, in both directions; tampering with any part fails authentication. Chunks are sealed
-convergently (a nonce derived from the name and padded length) and older ones still open."""
+convergently in segments (nonces derived from the name, padded length and segment index) and
+older (version 1) ones still open."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from cryptfs.format.codec import ChunkRef, Codec
 
 KEY = bytes(range(32))
 AAD = b"cryptfs-test-aad"
+# the segmented chunk of FORMAT.md 4 (see test_segmented_chunk_test_vector)
+VECTOR_NAME = "data/88/884f08b4d1d41b1fcd09d9e166c754a5150fd0b909d2da50caeda6b2ef5bd663"
+VECTOR_HEAD = "03935c4efe8db89e7e982f9cfd95ba0e"
+VECTOR_TAG0 = "7f220d5c6c1528fa53c6d5bc35d144c7"
+VECTOR_SHA256 = "e56a4e8a31bd6699abf41b3754a395b8db35db32e02925a0df7252e25f323cc4"
 
 
 def pycryptodome_seal(key: bytes, plain: bytes, aad: bytes, nonce: bytes) -> bytes:
@@ -78,7 +84,8 @@ def _codec(chunk_size: int | None = 1 << 16) -> Codec:
 
 def test_a_chunk_sealed_twice_is_the_same_object() -> None:
     """Two machines storing the same content store the same bytes (one SHA-256 for both
-    records); another chunk gets another nonce."""
+    records); another chunk gets other bytes. The object is version 2 (segments), and its first
+    segment opens with pycryptodome under the documented nonce and associated data."""
     codec = _codec()
     plain = os.urandom(5000)
     name = codec.chunk_name(plain)
@@ -88,11 +95,14 @@ def test_a_chunk_sealed_twice_is_the_same_object() -> None:
     assert codec.open_chunk(ChunkRef(name, len(a), crypto.sha256(a)), a) == plain
     other = os.urandom(5000)
     assert codec.seal_chunk(codec.chunk_name(other), other)[1:13] != a[1:13]
-    # the nonce is the documented one: HMAC(nonce key, "chunk-nonce" || name || u32(T))[:12]
+    # FORMAT.md 4: T = padme(5004) = 5120, one segment: 0x02 || ciphertext || tag
+    assert a[0] == 2 and len(a) == 1 + 5120 + 16
     key = crypto.subkey(bytes(range(32)), b"vault-id-0000020", b"cryptfs chunk nonce v1")
-    t = len(a) - 1 - crypto.SEAL_OVERHEAD
-    want = crypto.mac(key, b"chunk-nonce" + name.encode() + struct.pack(">I", t))[:12]
-    assert a[1:13] == want
+    nonce = crypto.mac(key, b"chunk-seg-nonce" + name.encode() + struct.pack(">II", 5120, 0))
+    aad = b"cryptfs/chunk/v1\0" + b"vault-id-0000020" + name.encode() + b"\0\0\0\0\x01"
+    ckey = crypto.subkey(bytes(range(32)), b"vault-id-0000020", crypto.PURPOSE_CHUNK)
+    padded = pycryptodome_open(ckey, nonce[:12] + a[1:], aad)
+    assert padded == plain + bytes(5120 - 5004) + struct.pack(">I", 5000)
 
 
 def test_chunk_names_by_the_vaults_name_hash() -> None:
@@ -117,19 +127,36 @@ def test_chunk_names_by_the_vaults_name_hash() -> None:
 
 def test_the_padded_length_is_in_the_nonce() -> None:
     """A writer padding by another rule (here: no cap on the padding, as before the full-chunk
-    change) seals the same chunk under another nonce: a nonce never meets two messages."""
+    change) seals the same chunk under other nonces: a nonce never meets two messages."""
     plain = os.urandom(1 << 16)  # a full chunk: capped at 65540 bytes, uncapped Padmé pads it
     capped, uncapped = _codec(1 << 16), _codec(None)
     name = capped.chunk_name(plain)
     a, b = capped.seal_chunk(name, plain), uncapped.seal_chunk(name, plain)
-    assert len(a) != len(b) and a[1:13] != b[1:13]
-    assert capped.chunk_nonce(name, 65540) != capped.chunk_nonce(name, 69632)
+    assert len(a) != len(b) and a[1:17] != b[1:17]
+    assert capped.segment_nonce(name, 65540, 0) != capped.segment_nonce(name, 69632, 0)
+    assert capped.segment_nonce(name, 65540, 0) != capped.segment_nonce(name, 65540, 1)
     assert capped.open_chunk_unchecked(name, b) == plain == uncapped.open_chunk_unchecked(name, a)
 
 
-def test_random_nonce_chunks_still_open() -> None:
-    """Objects written before convergent sealing (a random nonce) open as before: readers take
-    the nonce from the object."""
+def test_segmented_chunk_test_vector() -> None:
+    """FORMAT.md 4's worked example: a 20,000-byte chunk of the test vault (master key
+    00 01 .. 1f, vault id "vault-id-0000020", chunk size 64 KiB) is T = 20,480 bytes padded, two
+    segments (16,384 and 4,096 bytes), stored in 1 + 20,480 + 2 * 16 = 20,513 bytes."""
+    codec = _codec()
+    plain = bytes(i % 251 for i in range(20000))
+    name = codec.chunk_name(plain)
+    blob = codec.seal_chunk(name, plain)
+    assert name == VECTOR_NAME
+    assert len(blob) == 20513 and blob[0] == 2
+    assert blob[1:17].hex() == VECTOR_HEAD
+    assert blob[16385:16401].hex() == VECTOR_TAG0  # segment 0's tag
+    assert crypto.sha256(blob).hex() == VECTOR_SHA256
+
+
+def test_version_1_chunks_still_open() -> None:
+    """Version 1 objects (one seal over the padded chunk, nonce stored) open as before: written
+    with a random nonce before convergent sealing, or with the convergent v1 nonce
+    HMAC(nonce key, "chunk-nonce" || name || u32(T))[:12] by every writer before segments."""
     codec = _codec()
     plain = b"written by an older cryptfs" * 8
     name = codec.chunk_name(plain)
@@ -137,6 +164,11 @@ def test_random_nonce_chunks_still_open() -> None:
     padded += bytes(256 - len(padded))
     aad = b"cryptfs/chunk/v1\0" + b"vault-id-0000020" + name.encode()
     key = crypto.subkey(bytes(range(32)), b"vault-id-0000020", crypto.PURPOSE_CHUNK)
-    old = b"\x01" + pycryptodome_seal(key, padded, aad, os.urandom(12))
-    assert old != codec.seal_chunk(name, plain) and len(old) == len(codec.seal_chunk(name, plain))
-    assert codec.open_chunk(ChunkRef(name, len(old), crypto.sha256(old)), old) == plain
+    nkey = crypto.subkey(bytes(range(32)), b"vault-id-0000020", crypto.PURPOSE_CHUNK_NONCE)
+    for nonce in (os.urandom(12),
+                  crypto.mac(nkey, b"chunk-nonce" + name.encode() + struct.pack(">I", 256))[:12]):
+        old = b"\x01" + pycryptodome_seal(key, padded, aad, nonce)
+        assert old != codec.seal_chunk(name, plain) and len(old) == 256 + 29
+        assert codec.open_chunk(ChunkRef(name, len(old), crypto.sha256(old)), old) == plain
+        with pytest.raises(IntegrityError, match="authentication"):
+            codec.open_chunk_unchecked(name, old[:-1] + bytes([old[-1] ^ 1]))

@@ -100,6 +100,9 @@ class FormatError(Exception):
     """The store does not match the format, or fails a check."""
 
 
+SEGMENT = 16384  # FORMAT.md 4: plaintext bytes per segment of a version 2 chunk object
+
+
 def _padme(length: int) -> int:
     if length < 256:
         return 256
@@ -170,6 +173,7 @@ class FormatReader:
         if not hmac.compare_digest(tag.hex(), str(cfg["mac"])):
             raise FormatError("config MAC")
         self.chunk_key = _hkdf(master, self.vault_id, b"cryptfs chunk encryption v1")
+        self.nonce_key = _hkdf(master, self.vault_id, b"cryptfs chunk nonce v1")
         self.name_key = _hkdf(master, self.vault_id, b"cryptfs chunk naming v1")
         self.meta_key = _hkdf(master, self.vault_id, b"cryptfs metadata encryption v1")
         self.ledger_key = _hkdf(master, self.vault_id, b"cryptfs ledger mac v1")
@@ -318,13 +322,18 @@ class FormatReader:
             raise FormatError(f"{name}: size")
         if not hmac.compare_digest(hashlib.sha256(blob).digest(), sha):
             raise FormatError(f"{name}: does not match its recorded hash")
-        if blob[:1] != b"\x01":
+        if blob[:1] == b"\x01":
+            padded = _gcm_open(self.chunk_key, blob[1:], self._aad(b"chunk", name))
+        elif blob[:1] == b"\x02":
+            padded = self._segments(name, blob)
+        else:
             raise FormatError(f"{name}: object version")
-        padded = _gcm_open(self.chunk_key, blob[1:], self._aad(b"chunk", name))
-        (n,) = struct.unpack(">I", padded[:4])
+        # version 1: u32 length || P || zeros; version 2: P || zeros || u32 length
+        at = 0 if blob[:1] == b"\x01" else len(padded) - 4
+        (n,) = struct.unpack(">I", padded[at : at + 4])
         if n > len(padded) - 4:
             raise FormatError(f"{name}: length field")
-        plain = padded[4 : 4 + n]
+        plain = padded[4 : 4 + n] if at == 0 else padded[:n]
         h = (blake3.blake3(plain, key=self.name_key).hexdigest() if self.name_hash == "blake3"
              else hashlib.blake2b(plain, digest_size=32, key=self.name_key).hexdigest())
         if name != f"data/{h[:2]}/{h}":
@@ -332,6 +341,22 @@ class FormatReader:
         self.chunks_read += 1
         self.chunk_sizes[name] = (len(plain), len(blob))
         return plain
+
+    def _segments(self, name: str, blob: bytes) -> bytes:
+        """FORMAT.md 4, version 2: T and the segment count from the size, each segment opened
+        with its derived nonce and its index and last flag in the associated data."""
+        k = -(-(len(blob) - 1) // (SEGMENT + 16))
+        t = len(blob) - 1 - 16 * k
+        if not (k - 1) * SEGMENT < t <= k * SEGMENT:
+            raise FormatError(f"{name}: impossible size")
+        out = b""
+        for i in range(k):
+            seg = blob[1 + i * (SEGMENT + 16) : 1 + (i + 1) * (SEGMENT + 16)]
+            msg = b"chunk-seg-nonce" + name.encode() + struct.pack(">II", t, i)
+            nonce = hmac.new(self.nonce_key, msg, hashlib.sha256).digest()[:12]
+            aad = self._aad(b"chunk", name) + struct.pack(">IB", i, i == k - 1)
+            out += _gcm_open(self.chunk_key, nonce + seg, aad)
+        return out
 
     def file_bytes(self, db: sqlite3.Connection, ino: int, size: int) -> bytes:
         cs = self.chunk_size
@@ -537,9 +562,11 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     assert len(chunk_files) == 4 + 1 + 5
     # FORMAT.md 4: padded to min(padme(n + 4), chunk_size + 4); big.bin's 3 full chunks unpadded
     assert len(reader.chunk_sizes) == len(chunk_files)
+    # version 2: 1 + T + 16 per segment of 16 KiB
     for n, stored in reader.chunk_sizes.values():
-        assert stored == min(_padme(n + 4), CHUNK + 4) + 29, (n, stored)
-    assert sorted(reader.chunk_sizes.values())[-3:] == [(CHUNK, CHUNK + 33)] * 3
+        t = min(_padme(n + 4), CHUNK + 4)
+        assert stored == 1 + t + 16 * -(-t // SEGMENT), (n, stored)
+    assert sorted(reader.chunk_sizes.values())[-3:] == [(CHUNK, CHUNK + 5 + 5 * 16)] * 3
 
     # the reader rejects a changed chunk object by its recorded hash, before GCM
     victim = chunk_files[0]

@@ -165,6 +165,49 @@ def test_v1_vault_opens_reads_back_and_is_migrated(v1: VaultEnv) -> None:
     assert "migrated from schema version 1 to" in v1.log_text()
 
 
+def chunk_versions(env: VaultEnv) -> set[int]:
+    """The version bytes of the chunk objects in the vault's store."""
+    assert env.store_dir is not None
+    return {p.read_bytes()[0] for p in (env.store_dir / "data").rglob("*") if p.is_file()}
+
+
+def test_v1_chunks_read_at_random_next_to_v2_ones(v1: VaultEnv) -> None:
+    """The old vault's chunks are version 1 objects; random reads of them (which try the byte
+    range of a version 2 object first) return the right bytes, and a file written now is stored
+    as version 2, so the store holds both, and both read after a remount."""
+    assert chunk_versions(v1) == {1}
+    mnt = v1.root / "mnt"
+    v1.mount(mnt)
+    size = SIZES["dir/chunks.bin"]
+    offsets = [70000, 5, 65536 + 4097, 200000, 3 * 65536 + 100, 131072 - 2]
+    try:
+        fd = os.open(mnt / "dir" / "chunks.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            pieces = {off: os.pread(fd, 4096, off) for off in offsets}
+        finally:
+            os.close(fd)
+        whole = (mnt / "dir" / "chunks.bin").read_bytes()
+        assert hashlib.sha256(whole).hexdigest() == EXPECTED["dir/chunks.bin"][1]
+        for off, got in pieces.items():
+            assert got == whole[off : off + 4096], off
+        (mnt / "new.bin").write_bytes(whole[::-1])
+    finally:
+        v1.umount(mnt)
+    assert chunk_versions(v1) == {1, 2}
+    v1.mount(mnt)
+    try:
+        assert (mnt / "new.bin").read_bytes() == whole[::-1] and len(whole) == size
+        fd = os.open(mnt / "dir" / "chunks.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            assert os.pread(fd, 100, 150000) == whole[150000:150100]
+        finally:
+            os.close(fd)
+    finally:
+        v1.umount(mnt)
+
+
 @pytest.mark.parametrize("mounted_first", [False, True], ids=["v1-snapshot", "v2-snapshot"])
 def test_v1_vault_restored_from_the_store_alone(v1: VaultEnv, mounted_first: bool) -> None:
     """Without local metadata the vault comes back from its newest checkpoint: the v1 snapshot

@@ -38,10 +38,10 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptfs.chunks.diskcache import DiskCache, read_at_most
+from cryptfs.chunks.diskcache import DiskCache, read_at_most, read_range_of
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError, StoreFull
 from cryptfs.format import crypto
-from cryptfs.format.codec import ChunkRef, Codec
+from cryptfs.format.codec import ChunkRef, Codec, SegmentSpan
 from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptfs.chunks.chunkstore")
 
 FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
+RANGED_MEMORY = 4096  # chunks range-read once, remembered: the next random read fetches whole
 
 
 class ChunkStore:
@@ -107,6 +108,7 @@ class ChunkStore:
         self._mem_max = mem_bytes  # plaintext of recently read chunks, bounded in bytes
         self._mem_size = 0
         self._mem_lock = threading.Lock()
+        self._ranged: collections.OrderedDict[str, bool] = collections.OrderedDict()
         self._closing = False
         self._abort = False
         self.errors = 0
@@ -511,6 +513,75 @@ class ChunkStore:
                     self.metrics.memory_hit()
                 return plain
         return self._load(ref, keep)
+
+    def read_range(self, ref: ChunkRef, offset: int, length: int, keep: bool = True) -> bytes:
+        """Bytes ``[offset, offset + length)`` of a chunk's plaintext for a random read: from
+        the memory cache if the chunk is there, else only the segments covering them, fetched as
+        one byte range (of the staged or disk-cached object if there, else of the store's) and
+        authenticated, nothing cached (the chunk is not whole). A chunk read so once already
+        (among the last :data:`RANGED_MEMORY` so read) is read whole through :meth:`get`
+        instead, and so cached: random reads that come back to a chunk find it in memory, as
+        they did before range reads. Past the chunk's data the bytes are its padding (zeros: a
+        file reads zeros there) and the answer may be cut short past the padding. Raises
+        IntegrityError (a segment failing authentication, an object of another size or missing)
+        or StoreError naming the object.
+
+        A version 1 object (older vaults), or bytes that fail, are read again through
+        :meth:`get` (``keep`` as there): the whole object, opened as its version byte says, so a
+        segment that fails here fails there too, but a version 1 object opens (its chunk is
+        then in memory, for the next reads). A whole read that fails is followed by the range
+        read: a damaged segment fails only the reads that need it."""
+        with self._mem_lock:
+            plain = self._mem.get(ref.name)
+            if plain is not None:
+                self._mem.move_to_end(ref.name)
+            again = self._ranged.pop(ref.name, False) or ref.name in self._prefetching
+            if plain is None and not again:
+                self._ranged[ref.name] = True
+                if len(self._ranged) > RANGED_MEMORY:
+                    self._ranged.popitem(last=False)
+        if plain is not None:
+            if self.metrics is not None:
+                self.metrics.memory_hit()
+            return plain[offset : offset + length]
+        span = self.codec.chunk_span(ref.size, offset, length)
+        if again or span is None:
+            try:
+                return self.get(ref, keep)[offset : offset + length]
+            except IntegrityError:
+                if span is None:
+                    raise
+                # a damaged segment, maybe elsewhere in the chunk: read the ones wanted
+        if span.take == 0:
+            return b""
+        try:
+            return self.codec.open_span(ref.name, ref.size, span, self._fetch_span(ref, span))
+        except IntegrityError:
+            if again:
+                raise
+            return self.get(ref, keep)[offset : offset + length]
+
+    def _fetch_span(self, ref: ChunkRef, span: SegmentSpan) -> bytes:
+        """The object bytes of ``span``: from the staging area or disk cache (a copy whose
+        bytes fail is dropped from the cache by :meth:`get`), else a range read of the store."""
+        lo, n = span.lo, span.hi - span.lo
+        m = self.metrics
+        if self.remote:
+            with contextlib.suppress(OSError):
+                data = read_range_of(self.staged_path(ref.name), ref.size, lo, n)
+                if data is not None:
+                    return data
+            data = self.cache.read_range(ref, lo, n) if self.cache is not None else None
+            if data is not None:
+                if m is not None:
+                    m.disk_hit()
+                return data
+        if m is not None:
+            m.cache_misses.inc()
+        try:
+            return self.store.get_range(ref.name, lo, n, ref.size)
+        except ObjectNotFound:
+            raise IntegrityError(f"object {ref.name} is missing from the store") from None
 
     def _load(self, ref: ChunkRef, keep: bool) -> bytes:
         failed = self._failed.get(ref.name)

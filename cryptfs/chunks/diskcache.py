@@ -36,6 +36,16 @@ def read_at_most(path: Path, limit: int) -> bytes | None:
         data = f.read(limit + 1)
     return data if len(data) <= limit else None
 
+def read_range_of(path: Path, size: int, offset: int, length: int) -> bytes | None:
+    """Bytes ``[offset, offset + length)`` of a local file, or None unless it has exactly
+    ``size`` bytes (one pread after an fstat). OSError as from open."""
+    with open(path, "rb", buffering=0) as f:
+        if os.fstat(f.fileno()).st_size != size:
+            return None
+        data = os.pread(f.fileno(), length, offset)
+    return data if len(data) == length else None
+
+
 class DiskCache:
     """LRU cache of sealed objects in ``root``, at most ``max_bytes`` (0 disables it);
     ``metrics`` (optional) counts evictions."""
@@ -90,6 +100,27 @@ class DiskCache:
             if fname in self._lru:
                 self._lru.move_to_end(fname)
         return blob
+
+    def read_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset + length)`` of the cached object if the entry has the
+        recorded size (a wrong size deletes it); the caller authenticates them (and discards
+        the entry if they fail)."""
+        fname = self._file(ref.name)
+        with self._lock:
+            if fname in self._writing:
+                return None
+        try:
+            data = read_range_of(self.root / fname, ref.size, offset, length)
+        except OSError:
+            self._forget(fname)
+            return None
+        if data is None:
+            self._drop(fname)
+            return None
+        with self._lock:
+            if fname in self._lru:
+                self._lru.move_to_end(fname)
+        return data
 
     def write(self, name: str, blob: bytes) -> None:
         """Keep a copy of an object just fetched (best effort: a full disk only logs)."""

@@ -2,15 +2,20 @@
 
 Chunk objects (``data/<2 hex>/<64 hex>``): the name is the keyed hash of the plaintext under the
 naming sub-key (BLAKE3 in vaults of config version 3, BLAKE2b-256 before), so identical chunks
-get one object without revealing a plain hash.
-The stored bytes are ``0x01 || AES-256-GCM(chunk key, pad(u32 length || plaintext))`` with
-associated data binding the format, vault id and object name, so an object moved to another
-name fails to open; the nonce is derived from the name and padded length (convergent: the same
-chunk is sealed to the same bytes on every machine). Padding follows Padmé, so object sizes
-leak only a few bits of file sizes, capped at ``chunk_size + 4`` bytes: a full chunk is stored
-unpadded (every full chunk has the same size anyway), and a partial chunk Padmé would pad past
-that size gets that size too, so the sizes fall into exactly the classes uncapped Padmé makes
-(docs/FORMAT.md section 4).
+get one object without revealing a plain hash. The padded plaintext ``plaintext || zeros || u32
+length`` is stored as ``0x02`` and a sequence of independently sealed segments of
+:data:`SEGMENT_SIZE` bytes (AES-256-GCM, tag after each), whose associated data binds the
+format, vault id, object name, segment index and a last-segment flag, so an object moved to
+another name, a segment moved to another place and a dropped last segment all fail to open; a
+reader decrypts (and fetches) only the segments it needs (:meth:`Codec.chunk_span`). The nonces
+are derived from the name, padded length and segment index (convergent: the same chunk is sealed
+to the same bytes on every machine), so none is stored. Objects of version ``0x01`` (one seal
+over the whole padded chunk, every vault before segments, ``0x01 || AES-256-GCM(u32 length ||
+plaintext || zeros)``) open as before. Padding follows Padmé, so object sizes leak only a few
+bits of file sizes, capped at ``chunk_size + 4`` bytes: a full chunk is stored unpadded (every
+full chunk has the same size anyway), and a partial chunk Padmé would pad past that size gets
+that size too, so the sizes fall into exactly the classes uncapped Padmé makes (docs/FORMAT.md
+section 4).
 
 Reading a chunk checks its size and authenticates it, but does not hash it: chunk names are
 keyed hashes of the plaintext, so any authentic object under a name holds that name's plaintext
@@ -25,13 +30,17 @@ from __future__ import annotations
 import hmac
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
 from cryptfs.format.layout import DATA_PREFIX
 
-OBJ_VERSION = 1
+OBJ_VERSION = 1  # metadata snapshots and checkpoints; chunk objects written before segments
+CHUNK_VERSION = 2  # chunk objects made of segments (docs/FORMAT.md section 4)
+SEGMENT_SIZE = 16 << 10  # plaintext bytes per segment (the last one may be shorter)
+_SEG_STORED = SEGMENT_SIZE + crypto.TAG_SIZE
 NAME_HASHES = ("blake2b", "blake3")  # how chunks are named (the config's ``name_hash``)
 
 
@@ -43,6 +52,30 @@ def padme(length: int) -> int:
     s = e.bit_length()
     mask = (1 << (e - s)) - 1
     return (length + mask) & ~mask
+
+
+def segmented_layout(size: int) -> tuple[int, int] | None:
+    """``(T, segments)`` of a version 2 chunk object of ``size`` stored bytes
+    (``size = 1 + T + 16 * ceil(T / SEGMENT_SIZE)``), None if no padded length gives that size."""
+    k = -(-(size - 1) // _SEG_STORED)
+    t = size - 1 - k * crypto.TAG_SIZE
+    if k < 1 or t < 4 or not (k - 1) * SEGMENT_SIZE < t <= k * SEGMENT_SIZE:
+        return None
+    return t, k
+
+
+@dataclass(frozen=True)
+class SegmentSpan:
+    """Where some bytes of a chunk lie in its version 2 object: segments ``first`` to ``last``
+    occupy object bytes ``[lo, hi)``; once opened, the wanted bytes are ``take`` bytes from
+    ``skip`` bytes into the first segment's plaintext."""
+
+    first: int
+    last: int
+    lo: int
+    hi: int
+    skip: int
+    take: int
 
 
 @dataclass(frozen=True)
@@ -87,35 +120,60 @@ class Codec:
         h = self._name_hash(self._name_key, plain).hex()
         return f"{DATA_PREFIX}{h[:2]}/{h}"
 
-    def chunk_nonce(self, name: str, padded_len: int) -> bytes:
-        """The AES-GCM nonce of the chunk ``name`` padded to ``padded_len`` bytes:
-        HMAC-SHA256(nonce key, "chunk-nonce" || name || u32(T))[:12]. The name is the keyed
-        hash of the plaintext, and the padding rule gives one padded plaintext per (plaintext,
-        T), so a nonce is only ever used again for the same message and associated data."""
-        msg = b"chunk-nonce" + name.encode() + struct.pack(">I", padded_len)
-        return crypto.mac(self._nonce_key, msg)[: crypto.NONCE_SIZE]
+    def segment_nonce(self, name: str, padded_len: int, index: int) -> bytes:
+        """The AES-GCM nonce of segment ``index`` of chunk ``name`` padded to ``padded_len``
+        bytes: HMAC-SHA256(nonce key, "chunk-seg-nonce" || name || u32(T) || u32(i))[:12].
+        A function of the plaintext (the name is its keyed hash) and T, and so of the segment's
+        bytes: a nonce meets only one message and associated data."""
+        return self._segment_nonces(name, padded_len)(index)
+
+    def _segment_nonces(self, name: str, padded_len: int) -> Callable[[int], bytes]:
+        """:meth:`segment_nonce` of one object, by index (the HMAC state of the common prefix
+        is computed once: half the cost per segment)."""
+        msg = b"chunk-seg-nonce" + name.encode() + struct.pack(">I", padded_len)
+        prefix = crypto.mac_state(self._nonce_key, msg)
+
+        def nonce(index: int) -> bytes:
+            h = prefix.copy()
+            h.update(struct.pack(">I", index))
+            return h.digest()[: crypto.NONCE_SIZE]
+
+        return nonce
+
+    def _segment_aad(self, name: str, index: int, last: bool) -> bytes:
+        return self._aad(b"chunk", name) + struct.pack(">IB", index, last)
 
     def seal_chunk(self, name: str, plain: bytes | bytearray | memoryview) -> bytes:
-        """The object for chunk ``name`` (= :meth:`chunk_name` of ``plain``). Convergent: the
-        same plaintext always gives the same bytes (nonce from :meth:`chunk_nonce`), so two
+        """The version 2 object for chunk ``name`` (= :meth:`chunk_name` of ``plain``): the
+        padded plaintext ``plain || zeros || u32(len(plain))`` (the length last, so that chunk
+        offset ``p`` lies in segment ``p // SEGMENT_SIZE``: segments align with pages) in
+        segments of :data:`SEGMENT_SIZE` bytes, each sealed with its own tag. Convergent (nonces
+        from :meth:`segment_nonce`): the same plaintext always gives the same bytes, so two
         machines storing the same content store one object, whose SHA-256 matches either's
-        record. Readers take the nonce from the object (older random-nonce objects open)."""
+        record."""
         n = len(plain)
         size = padme(n + 4)
         if self._pad_cap is not None and n + 4 <= self._pad_cap < size:
             size = self._pad_cap  # a full chunk, or a tail in the same Padmé class: unpadded
         padded = bytearray(size)
-        struct.pack_into(">I", padded, 0, n)
-        padded[4 : 4 + n] = plain
-        return bytes([OBJ_VERSION]) + crypto.seal(
-            self._chunk_key, padded, self._aad(b"chunk", name), self.chunk_nonce(name, size)
-        )
+        padded[:n] = plain
+        struct.pack_into(">I", padded, size - 4, n)
+        view = memoryview(padded)
+        count = -(-size // SEGMENT_SIZE)
+        nonce = self._segment_nonces(name, size)
+        out = [bytes([CHUNK_VERSION])]
+        for i in range(count):
+            out.append(crypto.gcm_encrypt(
+                self._chunk_key, nonce(i),
+                view[i * SEGMENT_SIZE : (i + 1) * SEGMENT_SIZE],
+                self._segment_aad(name, i, i == count - 1)))
+        return b"".join(out)
 
     def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:
         """Check the stored size, then authenticate and decrypt. Raises IntegrityError naming
         the object on any mismatch.
 
-        No SHA-256 against ``ref``: the tag authenticates every byte, and the associated data
+        No SHA-256 against ``ref``: the tags authenticate every byte, and the associated data
         binds kind, vault and name, so only an object sealed under this name opens. Names are
         keyed hashes of the plaintext (only :meth:`chunk_name` names what :meth:`seal_chunk`
         seals), so every such object, including an older copy replayed in the store, holds
@@ -125,18 +183,76 @@ class Codec:
         return self.open_chunk_unchecked(ref.name, blob)
 
     def open_chunk_unchecked(self, name: str, blob: bytes) -> bytes:
-        if not blob or blob[0] != OBJ_VERSION:
+        """The plaintext of a chunk object of either version, every segment authenticated
+        (IntegrityError naming the object otherwise)."""
+        if blob and blob[0] == CHUNK_VERSION:
+            layout = segmented_layout(len(blob))
+            if layout is None:
+                raise IntegrityError(f"object {name} has an impossible size ({len(blob)} bytes)")
+            t, count = layout
+            span = SegmentSpan(0, count - 1, 1, len(blob), 0, t)
+            padded = self.open_span(name, len(blob), span, memoryview(blob)[1:])
+            (n,) = struct.unpack_from(">I", padded, t - 4)
+            start = 0
+        elif blob and blob[0] == OBJ_VERSION:
+            try:
+                padded = crypto.open_sealed(
+                    self._chunk_key, memoryview(blob)[1:], self._aad(b"chunk", name)
+                )
+            except IntegrityError:
+                raise IntegrityError(f"object {name} fails authentication") from None
+            (n,) = struct.unpack_from(">I", padded, 0)
+            start = 4
+        else:
             raise IntegrityError(f"object {name} has an unknown format version")
-        try:
-            padded = crypto.open_sealed(
-                self._chunk_key, memoryview(blob)[1:], self._aad(b"chunk", name)
-            )
-        except IntegrityError:
-            raise IntegrityError(f"object {name} fails authentication") from None
-        (n,) = struct.unpack_from(">I", padded, 0)
         if n > len(padded) - 4:
             raise IntegrityError(f"object {name} has a bad length field")
-        return padded[4 : 4 + n]
+        return padded[start : start + n]
+
+    def chunk_span(self, size: int, offset: int, length: int) -> SegmentSpan | None:
+        """The segments holding bytes ``[offset, offset + length)`` of the plaintext of a
+        version 2 chunk object of ``size`` stored bytes, cut at its padded length (``take`` 0:
+        the range lies past it, where a file reads zeros; the length field after the padding is
+        never part of a span). None if no version 2 object has that size (a version 1 object:
+        read it whole)."""
+        layout = segmented_layout(size)
+        if layout is None:
+            return None
+        t, _count = layout
+        start, end = min(offset, t - 4), min(offset + length, t - 4)
+        first = start // SEGMENT_SIZE
+        last = max(first, (end - 1) // SEGMENT_SIZE)
+        lo = 1 + first * _SEG_STORED
+        hi = min(size, 1 + (last + 1) * _SEG_STORED)
+        return SegmentSpan(first, last, lo, hi, start - first * SEGMENT_SIZE, end - start)
+
+    def open_span(self, name: str, size: int, span: SegmentSpan,
+                  data: bytes | memoryview) -> bytes:
+        """The wanted bytes of ``span`` (from :meth:`chunk_span` for an object of ``size``
+        bytes), given its object bytes ``data`` (``[lo, hi)``): each segment authenticated
+        with its index and last-segment flag, else IntegrityError naming the object. Bytes of
+        the padded plaintext past the chunk's length are its padding (zeros, authenticated)."""
+        layout = segmented_layout(size)
+        if layout is None or len(data) != span.hi - span.lo:
+            raise IntegrityError(f"object {name}: got {len(data)} bytes of segments, expected "
+                                 f"{span.hi - span.lo}")
+        t, count = layout
+        view = memoryview(data)
+        nonce = self._segment_nonces(name, t)
+        parts = []
+        for i in range(span.first, span.last + 1):
+            at = (i - span.first) * _SEG_STORED
+            try:
+                parts.append(crypto.gcm_decrypt(
+                    self._chunk_key, nonce(i), view[at : at + _SEG_STORED],
+                    self._segment_aad(name, i, i == count - 1)))
+            except IntegrityError:
+                raise IntegrityError(f"object {name} fails authentication in segment {i}") \
+                    from None
+        plain = parts[0] if len(parts) == 1 else b"".join(parts)
+        if span.skip == 0 and span.take == len(plain):
+            return plain
+        return plain[span.skip : span.skip + span.take]
 
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:

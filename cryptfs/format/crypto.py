@@ -130,6 +130,23 @@ def open_sealed(key: bytes, blob: bytes | memoryview, aad: bytes) -> bytes:
         raise IntegrityError("authentication failed") from None
 
 
+def gcm_encrypt(key: bytes, nonce: bytes, plaintext: bytes | bytearray | memoryview,
+                aad: bytes) -> bytes:
+    """AES-256-GCM without the nonce prefix: ciphertext || tag. For segmented chunk objects,
+    whose nonces are derived, not stored (same rule as :func:`seal` for a given nonce)."""
+    return _aead(key).encrypt(nonce, plaintext, aad)
+
+
+def gcm_decrypt(key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
+    """Inverse of :func:`gcm_encrypt`; raises IntegrityError if authentication fails."""
+    if len(sealed) < TAG_SIZE:
+        raise IntegrityError("sealed data is too short")
+    try:
+        return _aead(key).decrypt(nonce, sealed, aad)
+    except InvalidTag:
+        raise IntegrityError("authentication failed") from None
+
+
 def keyed_hash(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """Keyed BLAKE2b-256 (releases the GIL for large inputs)."""
     return hashlib.blake2b(data, digest_size=32, key=key).digest()
@@ -143,6 +160,11 @@ def keyed_hash3(key: bytes, data: bytes | bytearray | memoryview) -> bytes:
 
 def mac(key: bytes, data: bytes) -> bytes:
     return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def mac_state(key: bytes, prefix: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 state that has taken ``prefix``: ``copy()`` it, ``update`` the rest."""
+    return hmac.new(key, prefix, hashlib.sha256)
 
 
 def verify_mac(key: bytes, data: bytes, tag: bytes) -> bool:

@@ -113,12 +113,32 @@ class Reads(FileSystemBase):
         try:
             return self.chunks.get(ref, keep)
         except CryptfsError as e:
-            self.read_errors += 1
-            with self.lock:
-                paths = self.meta.paths_of(ino) or [f"<inode {ino}>"]
-            kind = "integrity" if isinstance(e, IntegrityError) else "store"
-            log.error("read of %s failed (%s error): %s", ", ".join(paths), kind, e)
-            raise _err(errno.EIO) from None
+            raise self._read_failed(ino, e) from None
+
+    def _chunk_part(self, ino: int, ref: ChunkRef, lo: int, hi: int, keep: bool,
+                    ranged: bool) -> bytes:
+        """Bytes ``[lo, hi)`` of a chunk (cut short past its data): with ``ranged`` (a random
+        read) only the segments holding them, else the whole chunk (cached, as sequential reads
+        want), and if it fails authentication, its segments holding them (a damaged segment
+        elsewhere in the chunk fails only the reads that touch it). EIO if they fail."""
+        try:
+            if not ranged:
+                try:
+                    return self.chunks.get(ref, keep)[lo:hi]
+                except IntegrityError:
+                    pass
+            return self.chunks.read_range(ref, lo, hi - lo, keep)
+        except CryptfsError as e:
+            raise self._read_failed(ino, e) from None
+
+    def _read_failed(self, ino: int, e: CryptfsError) -> OSError:
+        """Log a failed read of inode ``ino`` and count it; the error to raise (EIO)."""
+        self.read_errors += 1
+        with self.lock:
+            paths = self.meta.paths_of(ino) or [f"<inode {ino}>"]
+        kind = "integrity" if isinstance(e, IntegrityError) else "store"
+        log.error("read of %s failed (%s error): %s", ", ".join(paths), kind, e)
+        return _err(errno.EIO)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         f = self._file(fh)
@@ -141,6 +161,9 @@ class Reads(FileSystemBase):
             streaming = f.last_read_end >= 0 and abs(offset - f.last_read_end) <= window
             f.last_read_end = end
             keep = not streaming or f.size <= self.chunks.stream_cache_limit
+            # a random read (away from the last one, not at a chunk's start): read only the
+            # segments it needs of a chunk not in memory, rather than fetch the whole chunk
+            ranged = not streaming and offset % cs != 0
             ahead = []
             if sequential:
                 for idx in range(last + 1, last + 1 + self.chunks.readahead):
@@ -158,10 +181,10 @@ class Reads(FileSystemBase):
             pieces = []
             for k, p in enumerate(parts):
                 idx = first + k
-                plain = self._get_chunk(f.ino, p, keep) if isinstance(p, ChunkRef) else (p or b"")
                 lo = max(offset, idx * cs) - idx * cs
                 hi = min(end, (idx + 1) * cs) - idx * cs
-                pieces.append(plain[lo:hi])
+                pieces.append(self._chunk_part(f.ino, p, lo, hi, keep, ranged)
+                              if isinstance(p, ChunkRef) else (p or b"")[lo:hi])
                 if len(pieces[-1]) < hi - lo:  # past the chunk's data, within the file: zeros
                     pieces.append(bytes(hi - lo - len(pieces[-1])))
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)

@@ -93,6 +93,15 @@ class ObjectStore(Protocol):
         store reads another member's copy instead (and re-writes the bad one in the background),
         and raises IntegrityError only if every copy fails."""
 
+    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of the object, which must have exactly ``size``
+        bytes (its recorded size; ``0 <= offset``, ``0 < length``, ``offset + length <= size``):
+        checked before any byte is used (local: the file's size; S3: the total in
+        Content-Range), so a truncated or grown object is :class:`cryptfs.errors.IntegrityError`
+        naming it, as is a short answer; ObjectNotFound if absent. Reads at most ``length``
+        bytes (+1 to detect a longer answer). A store where a partial read is not worth it
+        (several copies) may read the whole object (:func:`range_of_whole`)."""
+
     def delete(self, name: str) -> None:
         """Remove the object. Deleting an absent object is not an error. A replicated store
         removes it from every member that answers; a member's copy it could not delete is
@@ -122,6 +131,26 @@ class ObjectStore(Protocol):
     def close(self) -> None:
         """Release connections and file handles (background copies not finished are
         abandoned: :meth:`drain` first to keep them)."""
+
+
+def check_range(name: str, offset: int, length: int, size: int) -> None:
+    """Refuse a range outside an object of ``size`` bytes (a caller's mistake: ValueError)."""
+    if offset < 0 or length <= 0 or offset + length > size:
+        raise ValueError(f"bad range {offset}+{length} of {name} ({size} bytes)")
+
+
+def wrong_size(name: str, got: int | None, size: int) -> IntegrityError:
+    """The error for an object whose stored size is not its recorded one."""
+    has = "another number of" if got is None else str(got)
+    return IntegrityError(f"object {name} has {has} bytes, expected {size}")
+
+
+def range_of_whole(store: ObjectStore, name: str, offset: int, length: int, size: int) -> bytes:
+    """:meth:`ObjectStore.get_range` by a whole :meth:`ObjectStore.get` (bounded by ``size``,
+    a copy of another size counting as bad), then a slice."""
+    check_range(name, offset, length, size)
+    blob = store.get(name, size, check=lambda b: len(b) == size)
+    return blob[offset : offset + length]
 
 
 class PlainStore:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge, StoreError
-from cryptfs.stores.base import ObjectStore
+from cryptfs.stores.base import ObjectStore, range_of_whole
 
 log = logging.getLogger("cryptfs.vault.replicas")
 T = TypeVar("T")
@@ -288,6 +288,22 @@ class ReplicatedStore:
                     pass
 
     # -- reading ------------------------------------------------------------------------------
+    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+        """The range from the fastest member; if its copy is missing, of another size or the
+        member fails, from a whole copy :meth:`get` finds (see
+        :func:`cryptfs.stores.base.range_of_whole`). A range whose bytes fail above (a bad
+        segment) is read again by the caller through :meth:`get`, which tries every copy."""
+        order = self.read_order()
+        if order:
+            m = order[0]
+            try:
+                data = m.call(lambda: m.store.get_range(name, offset, length, size))
+                assert isinstance(data, bytes)
+                return data
+            except (StoreError, IntegrityError):
+                pass
+        return range_of_whole(self, name, offset, length, size)
+
     def get(self, name: str, max_size: int,
             check: Callable[[bytes], bool] | None = None) -> bytes:
         """The object from the fastest member that has a good copy (``check`` accepts it); a

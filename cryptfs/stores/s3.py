@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -42,8 +43,8 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from cryptfs.errors import CryptfsError, ObjectNotFound, StoreError
-from cryptfs.stores.base import PlainStore, checked, too_large
+from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
+from cryptfs.stores.base import PlainStore, check_range, checked, too_large, wrong_size
 
 T = TypeVar("T")
 
@@ -60,6 +61,7 @@ _DENIED_CODES = frozenset({
     "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403",
 })
 _NOT_FOUND = frozenset({"NoSuchKey", "NotFound", "404"})
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 _HINT_CREDENTIALS = "check the AWS credentials and the bucket policy"
 
 
@@ -190,6 +192,47 @@ class S3Store(PlainStore):
             return data
 
         return checked(name, self._call(f"get {name}", attempt), check)
+
+    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+        """A Range GET; the answer's Content-Range must name exactly this range of an object of
+        ``size`` bytes before the body is read (with a limit). A server that ignores Range
+        (200, no Content-Range) is read whole, if its Content-Length is ``size``, and sliced."""
+        check_range(name, offset, length, size)
+        key = self._key(name)
+
+        def attempt() -> bytes:
+            try:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key,
+                                               Range=f"bytes={offset}-{offset + length - 1}")
+            except ClientError as e:
+                if _code(e) in _NOT_FOUND:
+                    raise ObjectNotFound(f"object {name} not found in {self.url}") from None
+                if _code(e) == "InvalidRange" or _status(e) == 416:
+                    raise wrong_size(name, None, size) from None
+                raise
+            body = resp["Body"]
+            try:
+                m = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange") or ""))
+                whole = m is None and resp.get("ContentLength") == size
+                if whole:
+                    want, skip = size, offset
+                elif m is None or int(m[3]) != size:
+                    raise wrong_size(name, None if m is None else int(m[3]), size)
+                elif (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+                    raise IntegrityError(f"object {name}: S3 answered bytes {m[1]}-{m[2]} for "
+                                         f"{offset}-{offset + length - 1}")
+                else:
+                    want, skip = length, 0
+                data = body.read(want + 1)
+            finally:
+                body.close()
+            if len(data) > want:
+                raise wrong_size(name, None, size)
+            if len(data) < want:
+                raise _ShortBody(f"got {len(data)} of {want} bytes")
+            return data[skip : skip + length] if whole else data
+
+        return self._call(f"get {name} (range)", attempt)
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist yet (an S3 conditional write,
