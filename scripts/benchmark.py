@@ -80,20 +80,24 @@ creation). Then a sequential write
 of one big file in 1 MiB writes followed by fsync and close; a
 sequential read of it with a cold cache (unmount, drop the page cache, delete cryptfs's local
 cache, remount); random 4 KiB reads in it for a fixed time, each dropped from the page cache
-right after (POSIX_FADV_DONTNEED) so that every read reaches the filesystem; creating many 4 KiB
+right after (POSIX_FADV_DONTNEED) so that every read reaches the filesystem; cold random 4 KiB
+reads after another cold mount, one in each MiB of the file in random order (never at a chunk's
+start), so that each reaches a chunk no read touched since the mount; creating many 4 KiB
 files in 20 directories followed by sync; `stat` of all of them, cold; extracting a tarball of
 the running Python's standard library (without `__pycache__`, `site-packages` and the
 `config-*` build directory) followed by sync; reading every file of it back, cold, and again
 after a remount that drops the page cache but keeps cryptfs's chunk cache. boto3 uploads
 and downloads the same total bytes in objects of the cryptfs chunk size with 8 threads; its
-figures stand in the sequential write and read rows. Figures are medians over the runs; the
-ratio columns divide cryptfs by a baseline so that a ratio above 1 means cryptfs is faster
-(for times the baseline's time is divided by cryptfs's). Peak RSS is the FUSE daemon's VmHWM
-after the big write. cryptfs-pg (when named) is cryptfs-local with its metadata in a
-PostgreSQL server started by the bench (a Unix socket, fsync on); on it alone, a second mount of
-the same vault (another machine: its own XDG homes) serves the two-mount workload: N 4 KiB files
-created in one directory by one mount (the other idle), then N by each mount in its own
-directory at the same time (files/s of both together), each followed by sync.
+figures stand in the sequential write and read rows; then one thread GETs random 4 KiB ranges
+of those objects for the random-read seconds (a bare range-GET loop), in the cold random row.
+Figures are medians over the runs; the ratio columns divide cryptfs by a baseline so that a
+ratio above 1 means cryptfs is faster (for times the baseline's time is divided by cryptfs's).
+Peak RSS is the FUSE daemon's VmHWM after the big write. cryptfs-pg (when named) is
+cryptfs-local with its metadata in a PostgreSQL server started by the bench (a Unix socket,
+fsync on); on it alone, a second mount of the same vault (another machine: its own XDG homes)
+serves the two-mount workload: N 4 KiB files created in one directory by one mount (the other
+idle), then N by each mount in its own directory at the same time (files/s of both together),
+each followed by sync.
 """
 
 
@@ -838,7 +842,8 @@ def unique_block(size: int, seed: int) -> bytearray:
     return bytearray(random.Random(seed).randbytes(size))
 
 
-def boto3_round(s3: MotoServer, total: int, obj_size: int, threads: int, run: int) -> dict:
+def boto3_round(s3: MotoServer, total: int, obj_size: int, threads: int, run: int,
+                seconds: float) -> dict:
     client = s3.client()
     bucket = "bench-boto3"
     with contextlib.suppress(Exception):
@@ -865,10 +870,22 @@ def boto3_round(s3: MotoServer, total: int, obj_size: int, threads: int, run: in
         t_down = time.perf_counter() - t0
     if got != n * obj_size:
         raise BenchError(f"boto3: downloaded {got} bytes, expected {n * obj_size}")
+    rng = random.Random(run)
+    blocks = obj_size // 4096
+    ops, t0 = 0, time.perf_counter()
+    while ops == 0 or time.perf_counter() - t0 < seconds:  # one thread, as the FS workload
+        off = rng.randrange(1, blocks) * 4096
+        resp = client.get_object(Bucket=bucket, Key=f"r{run}/{rng.randrange(n):08d}",
+                                 Range=f"bytes={off}-{off + 4095}")
+        if len(resp["Body"].read()) != 4096:
+            raise BenchError("boto3: short range GET")
+        ops += 1
+    range_rate = ops / (time.perf_counter() - t0)
     keys = [{"Key": f"r{run}/{i:08d}"} for i in range(n)]
     for i in range(0, len(keys), 1000):
         client.delete_objects(Bucket=bucket, Delete={"Objects": keys[i : i + 1000]})
-    return {"seq_write": n * obj_size / 1e6 / t_up, "seq_read": n * obj_size / 1e6 / t_down}
+    return {"seq_write": n * obj_size / 1e6 / t_up, "seq_read": n * obj_size / 1e6 / t_down,
+            "cold_rand_read": range_rate}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,6 +1002,31 @@ def random_reads(path: Path, size: int, seconds: float, seed: int) -> float:
     finally:
         os.close(fd)
     return ops / (now - t0)
+
+
+def cold_random_reads(path: Path, size: int, seconds: float, seed: int) -> float:
+    """Random 4 KiB reads that each reach a chunk no read touched since the cold mount: one in
+    every MiB of the file (in random order, never at a 256 KiB boundary, so at no chunk's start
+    for chunk sizes up to 1 MiB), until all are read or ``seconds`` have passed."""
+    rng = random.Random(seed)
+    offsets = [m * MIB + rng.choice([b for b in range(1, 256) if b % 64]) * 4096
+               for m in range(size // MIB)]
+    rng.shuffle(offsets)
+    ops = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        t0 = time.perf_counter()
+        for off in offsets:
+            if len(os.pread(fd, 4096, off)) != 4096:
+                raise BenchError("short random read")
+            ops += 1
+            if time.perf_counter() - t0 >= seconds:
+                break
+        dt_ = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return ops / dt_
 
 
 def small_paths(root: Path, n: int, ndirs: int) -> list[Path]:
@@ -1452,6 +1494,12 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
                                           run), lambda rate: rate * sz.random_s))
     yield
 
+    step("cold mount", t.cold_mount)
+    log(f"{name}: cold random 4 KiB reads, one per MiB, for up to {sz.random_s:g} s")
+    res.add(name, "cold_rand_read", step("cold random reads", cold_random_reads, big, sz.big,
+                                         sz.random_s, run))
+    yield
+
     small = root / "small"
     log(f"{name}: create {sz.small_files} small files + sync")
     res.add(
@@ -1525,6 +1573,8 @@ WORKLOADS = [
     ("seq_write", "sequential write {big} + fsync", "MB/s", True, True),
     ("seq_read", "sequential read {big}, cold", "MB/s", True, True),
     ("rand_read", "random 4 KiB reads for {rs:g} s, uncached", "ops/s", True, True),
+    ("cold_rand_read", "cold random 4 KiB reads, one per MiB, up to {rs:g} s (boto3: range "
+     "GETs)", "ops/s", True, True),
     ("small_create", "create {nf} × 4 KiB files in {nd} dirs + sync", "files/s", True, True),
     ("small_stat", "stat {nf} files, cold", "stat/s", True, True),
     ("pair_one", "one mount: create {np} × 4 KiB files in a dir + sync, a 2nd mount idle",
@@ -1710,7 +1760,8 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
             else:
                 row.append(fmt_value(v, unit))
         for c, b in ratio_cols:
-            if not show_ratio or (b == "boto3" and key not in ("seq_write", "seq_read")):
+            if not show_ratio or (b == "boto3" and key not in ("seq_write", "seq_read",
+                                                               "cold_rand_read")):
                 row.append("–")
             elif (c, b) in paired:
                 row.append(paired_ratio(res, c, b, key, higher))
@@ -1874,7 +1925,7 @@ def main(argv: list[str] | None = None) -> int:
             if "boto3" in targets and "boto3" not in res.failures:
                 try:
                     log(f"boto3: {fmt_size(sz.big)} in {fmt_size(chunk)} objects, 8 threads")
-                    figures = boto3_round(bench.s3(), sz.big, chunk, 8, run)
+                    figures = boto3_round(bench.s3(), sz.big, chunk, 8, run, sz.random_s)
                     for k, v in figures.items():
                         res.add("boto3", k, v)
                 except Exception as e:
