@@ -520,9 +520,10 @@ class ChunkStore:
         one byte range (of the staged or disk-cached object if there, else of the store's) and
         authenticated, nothing cached (the chunk is not whole). A chunk read so once already
         (among the last :data:`RANGED_MEMORY` so read) is read whole through :meth:`get`
-        instead, and so cached: random reads that come back to a chunk find it in memory, as
-        they did before range reads. Past the chunk's data the bytes are its padding (zeros: a
-        file reads zeros there) and the answer may be cut short past the padding. Raises
+        instead, and so cached, also after the memory cache dropped it: random reads that come
+        back to a chunk find it in memory, or fetch it whole, as they did before range reads.
+        Past the chunk's data the bytes are its padding (zeros: a file reads zeros there) and
+        the answer may be cut short past the padding. Raises
         IntegrityError (a segment failing authentication, an object of another size or missing)
         or StoreError naming the object.
 
@@ -535,8 +536,10 @@ class ChunkStore:
             plain = self._mem.get(ref.name)
             if plain is not None:
                 self._mem.move_to_end(ref.name)
-            again = self._ranged.pop(ref.name, False) or ref.name in self._prefetching
-            if plain is None and not again:
+            again = ref.name in self._ranged or ref.name in self._prefetching
+            if ref.name in self._ranged:  # kept: evicted from memory, it is read whole again
+                self._ranged.move_to_end(ref.name)
+            elif plain is None and not again:
                 self._ranged[ref.name] = True
                 if len(self._ranged) > RANGED_MEMORY:
                     self._ranged.popitem(last=False)
