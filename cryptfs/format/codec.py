@@ -155,18 +155,23 @@ class Codec:
         size = padme(n + 4)
         if self._pad_cap is not None and n + 4 <= self._pad_cap < size:
             size = self._pad_cap  # a full chunk, or a tail in the same Padmé class: unpadded
-        padded = bytearray(size)
-        padded[:n] = plain
-        struct.pack_into(">I", padded, size - 4, n)
-        view = memoryview(padded)
+        # the segments all of plaintext are sealed from ``plain`` itself; only the rest (the
+        # data after them, the zeros and the length) is copied, not the whole chunk
+        whole = n // SEGMENT_SIZE
+        at = whole * SEGMENT_SIZE
+        rest = bytearray(size - at)
+        rest[: n - at] = memoryview(plain)[at:]
+        struct.pack_into(">I", rest, len(rest) - 4, n)
+        src, rest_view = memoryview(plain), memoryview(rest)
         count = -(-size // SEGMENT_SIZE)
         nonce = self._segment_nonces(name, size)
         out = [bytes([CHUNK_VERSION])]
         for i in range(count):
-            out.append(crypto.gcm_encrypt(
-                self._chunk_key, nonce(i),
-                view[i * SEGMENT_SIZE : (i + 1) * SEGMENT_SIZE],
-                self._segment_aad(name, i, i == count - 1)))
+            j = i * SEGMENT_SIZE
+            piece = src[j : j + SEGMENT_SIZE] if i < whole else \
+                rest_view[j - at : j - at + SEGMENT_SIZE]
+            out.append(crypto.gcm_encrypt(self._chunk_key, nonce(i), piece,
+                                          self._segment_aad(name, i, i == count - 1)))
         return b"".join(out)
 
     def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:
