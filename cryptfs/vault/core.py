@@ -312,7 +312,7 @@ class Vault:
             self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
                                   on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key, on_fork=self._ledger_forked)
-        if not url and not self.readonly:  # (not a past's metadata, nor a read-only check)
+        if not url:
             self._catch_up()
 
     def _catch_up(self) -> None:
@@ -321,10 +321,7 @@ class Vault:
         durability point), so a power loss can take the local database's last commits while the
         checkpoint is durable. If the checkpoint's ledger holds the local database's newest
         entry, the database is rebuilt from the store (one warning); otherwise it stays, and
-        the anchors report the two histories. Read-write opens only: a read-only one
-        (``cryptfs verify``, a mount of the past, whose database is an older checkpoint's on
-        purpose) changes no local state; its anchors report a database behind the store until
-        the next mount catches it up."""
+        the anchors report the two histories."""
         assert self.meta is not None and self.ledger is not None
         cks, _bad = read_checkpoints(self.store, self.codec)
         local = self.ledger.head()
