@@ -11,7 +11,6 @@ the store's previous one good.
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import struct
 import subprocess
@@ -22,16 +21,14 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import IntegrityError, StoreError
-from cryptfs.format import crypto
 from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX
-from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.sqlite import ROOT_INO, MetaStore
+from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.meta.wal import MergedSegments, WalError, apply_segment, encode_segment
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
 from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
 from cryptfs.vault.core import Vault, create_vault
-from cryptfs.vault.localstate import load_local_config, read_head
+from cryptfs.vault.localstate import read_head
 from cryptfs.vault.restore import materialize
 
 pytestmark = pytest.mark.timeout(60)
@@ -413,6 +410,8 @@ def die_after(owner, attr, nth=1, when=lambda *a: True):
 
 if step == "store-synced":
     die_after(v.store, "sync")
+elif step == "log-synced":
+    die_after(v.meta, "sync")
 elif step == "checkpoint-put":
     die_after(v.store, "put", when=lambda name, blob: name.startswith("checkpoints/"))
 elif step == "checkpoint-synced":
@@ -427,7 +426,7 @@ elif step == "collect-deleted":  # the round's collection: a delete not yet reco
 v.sync()
 os._exit(9 if step.startswith("returned") else 0)
 """
-STEPS = ["store-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
+STEPS = ["store-synced", "log-synced", "checkpoint-put", "checkpoint-synced", "head-staged",
          "head-renamed", "returned", "returned-head-lagging", "collect-deleted"]
 
 
@@ -489,79 +488,3 @@ def test_a_store_rolled_back_past_a_lagging_head_file_is_refused(home: Path) -> 
     (home / "store" / cks[-1]).unlink()  # the store as it was when the head file was written
     with pytest.raises(IntegrityError, match="rolled back"):
         Vault.open(paths, b"pw")
-
-
-POWER_LOSS = r"""
-import os, shutil, sys
-from cryptfs.meta.sqlite import ROOT_INO
-from cryptfs.paths import VaultPaths
-from cryptfs.vault.core import Vault
-
-v = Vault.open(VaultPaths("unit"), b"pw")
-
-def write(name, data):
-    _node, fh = v.fs.create(ROOT_INO, name, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
-    v.fs.write(fh, 0, data)
-    v.fs.release(fh)
-
-write(b"a", b"A" * 5000)
-v.sync()
-db = str(v.paths.db)
-for suffix in ("", "-wal", "-shm"):  # what the disk holds of the local database now
-    if os.path.exists(db + suffix):
-        shutil.copyfile(db + suffix, sys.argv[1] + suffix)
-write(b"b", b"B" * 5000)
-v.sync()  # the fsync: durable in the store (the local log is not synced)
-os._exit(9)
-"""
-
-
-def test_a_power_loss_of_the_local_database_is_caught_up_from_the_store(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An fsync's round does not sync the local database's log: a power loss may take the
-    local database's newest commits while the checkpoint holding them is durable in the store.
-    The next open rebuilds the local database from that checkpoint (its ledger extends the
-    local one): everything the fsync made durable is there, the anchors agree. A local
-    database whose history the checkpoint does not extend stays, and the mount is refused."""
-    paths = VaultPaths("unit")
-    create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    old = home / "old.db"
-    res = subprocess.run([sys.executable, "-c", POWER_LOSS, str(old)], env=env,
-                         capture_output=True, text=True, timeout=60)
-    assert res.returncode == 9, res.stderr
-
-    def lose_the_last_commits() -> None:  # the local files as the disk had them
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(paths.db) + suffix).unlink(missing_ok=True)
-            if Path(str(old) + suffix).exists():
-                shutil.copyfile(str(old) + suffix, str(paths.db) + suffix)
-
-    lose_the_last_commits()
-    assert names_in(paths.db) == {b"a"}
-    v = Vault.open(paths, b"pw")
-    try:
-        assert v.fs is not None and not v.anchor_problems()
-        assert names_in(paths.db) == {b"a", b"b"}
-        node = v.fs.lookup(ROOT_INO, b"b")
-        fh = v.fs.open(node.ino, os.O_RDONLY)
-        try:
-            assert v.fs.read(fh, 0, node.size) == b"B" * 5000
-        finally:
-            v.fs.release(fh)
-    finally:
-        v.close()
-    # another history: the old local database with a commit of its own the store never saw
-    lose_the_last_commits()
-    _stores, cfg = load_local_config(paths)
-    key = crypto.subkey(cfg.unlock(b"pw"), cfg.vault_id, crypto.PURPOSE_LEDGER)
-    meta = MetaStore(paths.db)
-    try:
-        Ledger(meta, key).append("put", META_PREFIX + "0" * 32, 1, bytes(32))
-        meta.commit()
-    finally:
-        meta.close()
-    with pytest.raises(IntegrityError, match="refusing to mount read-write"):
-        Vault.open(paths, b"pw")
-    assert names_in(paths.db) == {b"a"}  # left as it was

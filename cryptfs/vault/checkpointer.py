@@ -14,24 +14,24 @@ snapshot.
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
 round's own thread, in two waits on the disk: the queued ledger entries of stored chunks; the
 uploads the metadata references; the metadata (segment or snapshot) put and its ledger entry
-committed; first wait: the store synced (chunks and metadata durable) and the last round's
-head file rename; second wait: the checkpoint object, with the temp file of the head file
-naming it when one is due (HEAD_INTERVAL); that file renamed into place (made durable by the
-next round's first wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the
-snapshot policy; collection (not in every round: see COLLECT_INTERVAL). The local database's
-log is not synced in a round: the store is the durability point, and a local database a power
-loss left behind the store's newest checkpoint is rebuilt from the store when the vault opens
-next (``Vault._catch_up``, if the checkpoint's ledger extends the local one). The entries after
-the checkpoint are committed, so they survive a crash of the process, and the final round of
-a mount syncs the local log and anchors them (:meth:`finish`). One fsync per file written and
-one of the head file's directory: on ext4 and xfs the store's directories need none for the
-names put in them (:func:`cryptfs.paths.names_durable_with_files`).
-Disk waits of a round that stores one chunk, in that order: the chunk, the segment (first
-wait); the checkpoint (second wait); and in a round that writes the head file its temp file in
-the second wait and its directory in the next round's first. Each is needed: a checkpoint
-durable before what it names could name objects a power loss took; the head file must never
-name a checkpoint the store may not have, nor be torn; on ext4 without a journal (and on any
-filesystem, by POSIX) a rename is durable only with its directory.
+committed; first wait: the store synced (chunks and metadata durable), then the local
+database's log (so its ledger reaches the checkpoint's head), and the last round's head file
+rename; second wait: the checkpoint object and the temp file of the head file naming it
+synced together; the temp file renamed into place (made durable by the next round's first
+wait, or by :meth:`anchor`); the checkpoint's own ledger entry; the snapshot policy;
+collection (not in every round: see COLLECT_INTERVAL). Those last entries are committed, so
+they survive a crash of the process; the next round's local sync and head file anchor them
+(the final round of a mount anchors them at once: :meth:`finish`). One fsync per file written
+and one of the head file's directory: on ext4 and xfs the store's directories need none for
+the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
+Disk waits of a round that stores one chunk, in that order: the chunk, the segment, the local
+log (first wait); the checkpoint (second wait); and in a round that writes the head file (once
+HEAD_INTERVAL passed since one did, and the final round) its temp file in the second wait and
+its directory in the next round's first. Each is needed: a checkpoint durable before what it
+names could name objects a power loss took, or a ledger head the local log lost (the anchors
+would refuse the mount); the head file must never name a checkpoint the store may not have,
+nor be torn; on ext4 without a journal (and on any filesystem, by POSIX) a rename is durable
+only with its directory.
 Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
 again, or recorded missing, of an object it was deleting: tests/test_97).
@@ -429,10 +429,13 @@ class Checkpointer:
             meta.commit()
             tail = [x.to_json() for x in led.entries(snap_seq)]
         # first wait on the disk: the chunks and the metadata durable before a checkpoint names
-        # them, and the rename of the last round's head file (not the local log: see the module
-        # docstring). All in this thread, one after the other: no hand-offs to a helper thread
-        # (each cost about as much as the fsyncs it overlapped, on a busy 2-core machine).
+        # them, with the local ledger up to the checkpoint's head (a local ledger behind the
+        # store's checkpoint is an anchor problem) and the rename of the last round's head file.
+        # All in this thread, one after the other: no hand-offs to a helper thread (each cost
+        # about as much as the fsyncs it overlapped, on a busy 2-core machine).
         self.store.sync()
+        with self.lock:
+            meta.sync()
         self._settle_head()
         seg_json = json.dumps(ref_json(ref))
         if full:

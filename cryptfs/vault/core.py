@@ -69,7 +69,6 @@ from cryptfs.paths import VaultPaths, private_dir
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpointer import Checkpointer
-from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.lease import Lease, lease_seconds
 from cryptfs.vault.localstate import (
     load_local_config,
@@ -297,9 +296,7 @@ class Vault:
 
     def _open_db(self) -> None:
         """Open the metadata: the PostgreSQL database the local config names, else the local
-        SQLite file (restored from the store's newest checkpoint if it is missing, or if it is
-        older than that checkpoint and the checkpoint's ledger extends its own: see
-        :meth:`_catch_up`)."""
+        SQLite file (restored from the store's newest checkpoint if it is missing)."""
         url = local_meta_url(self.paths)
         if url:
             from cryptfs.meta.postgres import PgMetaStore  # (psycopg: only such vaults load it)
@@ -311,33 +308,6 @@ class Vault:
                 self.warnings.extend(restore_from_store(self.paths, self.store, self.codec))
             self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
                                   on_rollback=self.hooks.rolled_back)
-        self.ledger = Ledger(self.meta, self.codec.ledger_key, on_fork=self._ledger_forked)
-        if not url:
-            self._catch_up()
-
-    def _catch_up(self) -> None:
-        """A local database older than the store's newest checkpoint lost commits that
-        checkpoint holds: an fsync's round does not sync the local log (the store is the
-        durability point), so a power loss can take the local database's last commits while the
-        checkpoint is durable. If the checkpoint's ledger holds the local database's newest
-        entry, the database is rebuilt from the store (one warning); otherwise it stays, and
-        the anchors report the two histories."""
-        assert self.meta is not None and self.ledger is not None
-        cks, _bad = read_checkpoints(self.store, self.codec)
-        local = self.ledger.head()
-        if not cks or local is None or local.seq >= cks[0].seq:
-            return
-        self.meta.close()
-        try:
-            self.warnings.extend(restore_from_store(self.paths, self.store, self.codec,
-                                                    behind=local))
-            log.warning("the local metadata ended at ledger sequence %d, before the store's "
-                        "checkpoint %s (a power loss?): rebuilt from the store", local.seq,
-                        cks[0].name)
-        except IntegrityError as e:
-            log.warning("the local metadata is behind the store's checkpoint: %s", e.line())
-        self.meta = MetaStore(self.paths.db, on_commit=self.hooks.committed,
-                              on_rollback=self.hooks.rolled_back)
         self.ledger = Ledger(self.meta, self.codec.ledger_key, on_fork=self._ledger_forked)
 
     def _start_session(self, url: str, alone: bool) -> None:

@@ -14,7 +14,7 @@ from cryptfs.errors import IntegrityError, ObjectNotFound, ObjectTooLarge
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX, MAX_CHECKPOINT, META_PREFIX
-from cryptfs.meta.ledger import Entry, Ledger
+from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_version
 from cryptfs.meta.wal import WalError, apply_segment
 from cryptfs.paths import VaultPaths, write_private
@@ -25,17 +25,11 @@ from cryptfs.vault.localstate import Head
 log = logging.getLogger("cryptfs.vault.restore")
 
 
-def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec,
-                       behind: Entry | None = None) -> list[str]:
+def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> list[str]:
     """Rebuild the local database from the newest authentic checkpoint in the store (a new
     machine, or local state moved away). Returns the problems with other checkpoints (one line
     each); IntegrityError or ConfigError (a newer schema) if nothing can be restored. Nothing is
-    left at the database path unless the restore is complete.
-
-    ``behind``: the newest ledger entry of a local database older than that checkpoint (it
-    lost commits the checkpoint holds: a power loss after an fsync, before the local log was
-    synced). It is replaced only if the checkpoint's ledger holds that very entry (the store's
-    history extends it); else IntegrityError, and it stays as it was."""
+    left at the database path unless the restore is complete."""
     cks, bad = read_checkpoints(store, codec)
     if not cks:
         raise IntegrityError(
@@ -44,15 +38,6 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec,
     ck = cks[0]
     tmp = paths.db.with_name("metadata.db.restore")
     meta = materialize_checkpoint(store, codec, ck, tmp)
-    if behind is not None:
-        have = Ledger(meta, codec.ledger_key).entry(behind.seq)
-        if have is None or have.hash != behind.hash:
-            meta.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(str(tmp) + suffix).unlink(missing_ok=True)
-            raise IntegrityError(
-                f"the local metadata ends at ledger sequence {behind.seq}, which the store's "
-                f"checkpoint {ck.name} does not hold: they have different histories")
     tail = [e for e in ck.tail if e.seq > ck.image_seq]
     authentic, _ = read_checkpoints(store, codec, newest_only=False)
     with meta.transaction():
@@ -88,8 +73,6 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec,
     meta.close()
     for suffix in ("-wal", "-shm"):
         Path(str(tmp) + suffix).unlink(missing_ok=True)
-        # (the replaced database's log and index: never to be applied to the new one)
-        Path(str(paths.db) + suffix).unlink(missing_ok=True)
     os.rename(tmp, paths.db)
     write_private(
         paths.head, json.dumps(Head(ck.seq, ck.hash, ck.mac, ck.name).to_json()).encode()
