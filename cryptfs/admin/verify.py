@@ -108,6 +108,16 @@ class Progress:
 def verify(
     vault: Vault, full: bool = False, workers: int = 16, progress: bool | None = None
 ) -> Report:
+    """Check ``vault`` against its store and ledger (see the module docstring). Runs under the
+    filesystem lock, which guards the engine's connection: the change-notice thread of a
+    shared vault checks the ledger on it meanwhile (without the lock, the two used one
+    PostgreSQL connection at once: a ``cryptfs verify`` hung in test_37)."""
+    assert vault.fs is not None
+    with vault.fs.lock:
+        return _verify(vault, full, workers, progress)
+
+
+def _verify(vault: Vault, full: bool, workers: int, progress: bool | None) -> Report:
     assert vault.meta is not None and vault.ledger is not None
     meta, led = vault.meta, vault.ledger
     rep = Report()
