@@ -41,7 +41,7 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -401,7 +401,6 @@ class MeteredStore:
         self._id = store_id
         self._errors = errors
         self._rec = {op: _store_recorder(rows) for op, rows in ops.items()}
-        self._rec_put, self._rec_get = self._rec["put"], self._rec["get"]
         self._put_bytes = ops["put"]  # put_if_absent's bytes count as put's
 
     @property
@@ -416,7 +415,10 @@ class MeteredStore:
                 else type(e).__name__ if isinstance(e, CryptfsError) else "other")
         self._errors.labels(self._id, op, kind).inc()
 
-    def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, op: str, fn: Callable[..., Any], *args: Any,
+              nbytes: Callable[[Any], int] | None = None) -> Any:
+        """``fn(*args)`` timed as a request of kind ``op``, failed ones counted by error;
+        ``nbytes(result)``: the bytes a successful one moved."""
         t = _clock()
         try:
             out = fn(*args)
@@ -424,18 +426,11 @@ class MeteredStore:
             self._rec[op](t)
             self._fail(op, e)
             raise
-        self._rec[op](t)
+        self._rec[op](t, nbytes(out) if nbytes is not None else 0)
         return out
 
     def put(self, name: str, data: bytes) -> None:
-        t = _clock()
-        try:
-            self.inner.put(name, data)
-        except Exception as e:
-            self._rec_put(t)
-            self._fail("put", e)
-            raise
-        self._rec_put(t, len(data))
+        self._call("put", self.inner.put, name, data, nbytes=lambda _: len(data))
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         done = bool(self._call("put_if_absent", self.inner.put_if_absent, name, data))
@@ -450,26 +445,11 @@ class MeteredStore:
 
     def get(self, name: str, max_size: int,
             check: Callable[[bytes], bool] | None = None) -> bytes:
-        t = _clock()
-        try:
-            blob: bytes = self.inner.get(name, max_size, check)
-        except Exception as e:
-            self._rec_get(t)
-            self._fail("get", e)
-            raise
-        self._rec_get(t, len(blob))
-        return blob
+        return cast(bytes, self._call("get", self.inner.get, name, max_size, check, nbytes=len))
 
     def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
-        t = _clock()
-        try:
-            data: bytes = self.inner.get_range(name, offset, length, size)
-        except Exception as e:
-            self._rec["get_range"](t)
-            self._fail("get_range", e)
-            raise
-        self._rec["get_range"](t, len(data))
-        return data
+        return cast(bytes, self._call("get_range", self.inner.get_range, name, offset, length,
+                                      size, nbytes=len))
 
     def delete(self, name: str) -> None:
         self._call("delete", self.inner.delete, name)

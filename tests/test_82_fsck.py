@@ -6,9 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from pathlib import Path
 
+import pytest
 from mount_fixtures import VaultEnv
+from test_45_fs_commits import vault  # noqa: F401 - a vault opened in this process
+
+from cryptfs.vault.core import Vault
 
 
 def test_fsck_finds_and_repairs(mounted: tuple[VaultEnv, Path]) -> None:
@@ -56,3 +61,24 @@ def test_fsck_finds_and_repairs(mounted: tuple[VaultEnv, Path]) -> None:
     assert os.stat(mnt / "f1").st_nlink == 1
     assert sorted(os.listdir(mnt)) == ["dir", *sorted(data)]
     assert os.stat(mnt / "f0").st_nlink == 2
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("check", ["fsck", "verify"])
+def test_checks_take_the_filesystem_lock(vault: Vault, check: str) -> None:  # noqa: F811
+    """fsck and verify use the engine's connection only under the filesystem lock, which
+    guards it (on a shared vault the change-notice thread checks the ledger on it under that
+    lock): while another thread holds the lock, the check waits, then finishes clean."""
+    from cryptfs.admin.fsck import fsck
+    from cryptfs.admin.verify import verify
+
+    assert vault.fs is not None
+    run = (lambda: fsck(vault)) if check == "fsck" else (lambda: verify(vault, progress=False))
+    out: list[bool] = []
+    t = threading.Thread(target=lambda: out.append(run().clean))
+    with vault.fs.lock:
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not out  # waiting for the lock this thread holds
+    t.join(50)
+    assert out == [True]

@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,7 @@ def read_at_most(path: Path, limit: int) -> bytes | None:
     with open(path, "rb", buffering=0) as f:
         data = f.read(limit + 1)
     return data if len(data) <= limit else None
+
 
 def read_range_of(path: Path, size: int, offset: int, length: int) -> bytes | None:
     """Bytes ``[offset, offset + length)`` of a local file, or None unless it has exactly
@@ -84,33 +86,27 @@ class DiskCache:
     def read(self, ref: ChunkRef) -> bytes | None:
         """The cached object if it has the recorded size (a wrong size deletes the entry); the
         caller authenticates it and discards it if it fails."""
-        fname = self._file(ref.name)
-        with self._lock:
-            if fname in self._writing:
-                return None
-        try:
-            blob = read_at_most(self.root / fname, ref.size)
-        except OSError:
-            self._forget(fname)
-            return None
-        if blob is None or len(blob) != ref.size:
-            self._drop(fname)
-            return None
-        with self._lock:
-            if fname in self._lru:
-                self._lru.move_to_end(fname)
-        return blob
+        def whole(path: Path) -> bytes | None:
+            blob = read_at_most(path, ref.size)
+            return blob if blob is not None and len(blob) == ref.size else None
+
+        return self._read(ref, whole)
 
     def read_range(self, ref: ChunkRef, offset: int, length: int) -> bytes | None:
         """Bytes ``[offset, offset + length)`` of the cached object if the entry has the
         recorded size (a wrong size deletes it); the caller authenticates them (and discards
         the entry if they fail)."""
+        return self._read(ref, lambda path: read_range_of(path, ref.size, offset, length))
+
+    def _read(self, ref: ChunkRef, read: Callable[[Path], bytes | None]) -> bytes | None:
+        """``read(path)`` of the entry of ``ref`` (None: not there, being written, or the wrong
+        size, which deletes it), the entry marked as used."""
         fname = self._file(ref.name)
         with self._lock:
             if fname in self._writing:
                 return None
         try:
-            data = read_range_of(self.root / fname, ref.size, offset, length)
+            data = read(self.root / fname)
         except OSError:
             self._forget(fname)
             return None

@@ -109,9 +109,9 @@ class Reads(FileSystemBase):
             return b""
         return self._get_chunk(f.ino, ref)
 
-    def _get_chunk(self, ino: int, ref: ChunkRef, keep: bool = True) -> bytes:
+    def _get_chunk(self, ino: int, ref: ChunkRef) -> bytes:
         try:
-            return self.chunks.get(ref, keep)
+            return self.chunks.get(ref)
         except CryptfsError as e:
             raise self._read_failed(ino, e) from None
 
