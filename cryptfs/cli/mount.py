@@ -483,9 +483,13 @@ def unmount(mountpoint: str, name: str | None, show_progress: bool) -> None:
 
 
 def wait_released(paths: VaultPaths, show_progress: bool) -> None:
-    if not paths.lock.exists():
+    """Wait until the daemon lets go of the vault's lock file. A lock file that is gone (a
+    mount of the past removes its whole directory as it ends, maybe between a check and the
+    open) is released."""
+    try:
+        fd = os.open(paths.lock, os.O_RDONLY)
+    except FileNotFoundError:
         return
-    fd = os.open(paths.lock, os.O_RDONLY)
     last = ""
     try:
         while True:
