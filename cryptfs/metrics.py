@@ -447,7 +447,7 @@ class MeteredStore:
             check: Callable[[bytes], bool] | None = None) -> bytes:
         return cast(bytes, self._call("get", self.inner.get, name, max_size, check, nbytes=len))
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         return cast(bytes, self._call("get_range", self.inner.get_range, name, offset, length,
                                       size, nbytes=len))
 

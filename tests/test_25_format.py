@@ -180,6 +180,7 @@ class FormatReader:
         self.chunks_read = 0
         self.chunk_sizes: dict[str, tuple[int, int]] = {}  # name: (plaintext, stored) bytes
         self.schema_version = 0  # of the last snapshot read
+        self.pack_members: set[str] = set()  # chunks read from packs
 
     # store access ----------------------------------------------------------------------------
     def _get(self, name: str) -> bytes:
@@ -285,8 +286,8 @@ class FormatReader:
         # the schema stamp: the header's user version (0 means version 1, unstamped)
         stamp = struct.unpack(">i", db[60:64])[0]
         self.schema_version = stamp or 1
-        if self.schema_version not in (1, 2, 3):
-            raise FormatError(f"snapshot schema version {stamp} is not 1, 2 or 3")
+        if self.schema_version not in (1, 2, 3, 4):
+            raise FormatError(f"snapshot schema version {stamp} is not 1, 2, 3 or 4")
         path = workdir / "snapshot.db"
         path.write_bytes(bytes(db))
         return sqlite3.connect(path)
@@ -316,8 +317,13 @@ class FormatReader:
         return len(entries)
 
     # content ---------------------------------------------------------------------------------
-    def _chunk(self, name: str, size: int, sha: bytes) -> bytes:
-        blob = self._get(name)
+    def _chunk(self, name: str, size: int, sha: bytes, pack: str | None = None,
+               off: int = 0) -> bytes:
+        """A chunk object, of its own or (FORMAT.md 4.3) bytes ``[off, off + size)`` of a
+        pack."""
+        blob = self._get(name) if pack is None else self._get(pack)[off : off + size]
+        if pack is not None:
+            self.pack_members.add(name)
         if len(blob) != size:
             raise FormatError(f"{name}: size")
         if not hmac.compare_digest(hashlib.sha256(blob).digest(), sha):
@@ -363,14 +369,17 @@ class FormatReader:
         out = bytearray()
         for idx in range((size + cs - 1) // cs):
             want = min(cs, size - idx * cs)
+            packs = self.schema_version >= 4  # (FORMAT.md 5.3: the columns of version 4)
             row = db.execute(
-                "SELECT o.name, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
-                "WHERE b.ino = ? AND b.idx = ?", (ino, idx)
+                "SELECT o.name, o.size, o.sha256" + (", o.pack, o.off" if packs else "")
+                + " FROM blocks b JOIN objects o ON o.name = b.obj WHERE b.ino = ? AND b.idx = ?",
+                (ino, idx)
             ).fetchone()
             if row is None:
                 out += bytes(want)
                 continue
-            piece = self._chunk(row[0], int(row[1]), bytes(row[2]))[:want]
+            pack, off = (row[3], row[4] or 0) if packs else (None, 0)
+            piece = self._chunk(row[0], int(row[1]), bytes(row[2]), pack, off)[:want]
             out += piece + bytes(want - len(piece))
         return bytes(out)
 
@@ -551,17 +560,19 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     work.mkdir()
     reader = FormatReader(store, PASSPHRASE.encode())
     got = reader.tree(work)
-    assert reader.schema_version == 3  # FORMAT.md 5.2: the snapshot carries the stamp
+    assert reader.schema_version == 4  # FORMAT.md 5.2: the snapshot carries the stamp
     assert reader.segments >= 1  # FORMAT.md 5.4: the metadata since the fsync is a segment
     assert sorted(got) == sorted(expected)
     for rel in expected:
         assert got[rel] == expected[rel], rel
     # big.bin 4, copy.bin 1 (+1 shared), hello/nested/unicode/sparse/grown 1 each; the hard
-    # link shares hello's chunk
+    # link shares hello's chunk. The short chunks (each file's last) lie in packs (FORMAT.md
+    # 4.3): big.bin's 3 full chunks are objects of their own.
     chunk_files = sorted(p for p in (store / "data").rglob("*") if p.is_file())
-    assert len(chunk_files) == 4 + 1 + 5
+    assert len(chunk_files) == 3
+    assert len(reader.pack_members) == 4 + 1 + 5 - 3
     # FORMAT.md 4: padded to min(padme(n + 4), chunk_size + 4); big.bin's 3 full chunks unpadded
-    assert len(reader.chunk_sizes) == len(chunk_files)
+    assert len(reader.chunk_sizes) == 4 + 1 + 5
     # version 2: 1 + T + 16 per segment of 16 KiB
     for n, stored in reader.chunk_sizes.values():
         t = min(_padme(n + 4), CHUNK + 4)

@@ -18,6 +18,7 @@ import pytest
 
 from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.chunks.diskcache import DiskCache
+from cryptfs.errors import IntegrityError
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.stores.memory import MemoryStore
 
@@ -252,3 +253,80 @@ def test_a_chunk_stored_again_while_its_upload_is_in_flight_is_uploaded_again(
     finally:
         store.gate.set()
         cs.close()
+
+
+# -- packs (docs/FORMAT.md 4.3) -----------------------------------------------------------------
+def make_packing(tmp_path: Path) -> tuple[ChunkStore, CountingStore]:
+    store = CountingStore()
+    refs: dict[str, ChunkRef] = {}
+    cs = ChunkStore(
+        store,
+        Codec(os.urandom(32), os.urandom(16), chunk_size=65536),
+        remote=True,
+        staging=tmp_path / "staging",
+        cache=tmp_path / "cache",
+        cache_bytes=1 << 24,
+        lookup=refs.get,
+        on_stored=lambda r: refs.__setitem__(r.name, r),
+        packing=True,
+    )
+    return cs, store
+
+
+def test_small_chunks_share_a_pack_read_back_by_one_fetch(tmp_path: Path) -> None:
+    cs, store = make_packing(tmp_path)
+    try:
+        datas = [os.urandom(100 + 500 * i) for i in range(20)] + [os.urandom(65536)]
+        refs = [cs.put(d, pack=True) for d in datas]
+        cs.unpin([r.name for r in refs])
+        cs.wait_uploaded()
+        packs = [n for n, _ in store.list("packs/")]
+        assert len(packs) == 1 and not any(cs.staging.iterdir())
+        (pack,) = packs
+        assert all(r.pack == pack for r in refs[:20]) and refs[20].pack is None  # (a full one)
+        assert [r.offset for r in refs[:20]] == sorted(r.offset for r in refs[:20])
+        blob = store.get(pack, BOUND)
+        index = cs.codec.pack_index(pack, blob)
+        assert [(m.name, m.offset, m.size, m.sha256) for m in index] == [
+            (r.name, r.offset, r.size, r.sha256) for r in refs[:20]]
+        with pytest.raises(IntegrityError):  # the index binds the pack's name
+            cs.codec.pack_index("packs/" + "0" * 32, blob)
+        assert cs.cache is not None
+        cs.cache.discard(pack)
+        cs._mem.clear()
+        store.gets.clear()
+        assert [cs.get(r) for r in refs[:20]] == datas[:20]
+        assert store.gets[pack] == 1  # one fetch of the pack served every member
+
+        cs._mem.clear()  # a damaged cached copy: dropped, the member read from the store
+        entry = cs.cache.path(pack)
+        cached = bytearray(entry.read_bytes())
+        cached[refs[3].offset + 40] ^= 1
+        entry.write_bytes(bytes(cached))
+        assert cs.get(refs[3]) == datas[3]
+        assert not entry.exists() or entry.read_bytes() == blob
+    finally:
+        cs.close()
+
+
+def test_a_pack_open_at_a_crash_is_closed_with_the_recorded_members(tmp_path: Path) -> None:
+    cs, store = make_packing(tmp_path)
+    datas = [os.urandom(3000 + i) for i in range(5)]
+    refs = [cs.put(d) for d in datas]
+    cs.close(drain=False)  # the process dies: the pack is still open, staged
+    (staged,) = list((tmp_path / "staging").iterdir())
+    assert staged.name.startswith("packs_") and not list(store.list("packs/"))
+    cs2, _ = make_packing(tmp_path)
+    cs2.store = store  # (the same bucket)
+    cs2.codec = cs.codec
+    try:
+        recorded = refs[:3]  # only three were committed before the crash
+        assert cs2.resume(recorded) == (3, 0)
+        cs2.wait_uploaded()
+        (pack,) = [n for n, _ in store.list("packs/")]
+        assert pack == refs[0].pack
+        index = cs2.codec.pack_index(pack, store.get(pack, BOUND))
+        assert [m.name for m in index] == [r.name for r in recorded]
+        assert [cs2.get(r) for r in recorded] == datas[:3]
+    finally:
+        cs2.close()

@@ -304,9 +304,11 @@ def test_verify_json_lists_the_problem(vault: VaultEnv) -> None:
     assert [(p["kind"], p["object"], p["paths"]) for p in doc["problems"]] == [
         ("missing", obj, [REPORT])
     ]
-    # 9 chunks, the metadata snapshot and the checkpoints: the recovery copy is checked too
+    # 9 chunks, the metadata snapshot and the checkpoints: the recovery copy is checked too,
+    # and the pack the files' last chunks lie in (docs/FORMAT.md 4.3)
     with contextlib.closing(vault.store()) as st:
-        recovery = [n for n, _ in st.list("") if n.startswith(("meta/", "checkpoints/"))]
+        recovery = [n for n, _ in st.list("")
+                    if n.startswith(("meta/", "checkpoints/", "packs/"))]
     assert doc["objects_checked"] == 9 + len(recovery) and doc["ledger_entries"] > 9
 
 
@@ -542,7 +544,8 @@ def test_9_clean_vault_verifies_clean(vault: VaultEnv) -> None:
     res = verify(vault, "--full")
     assert_clean(res)
     with contextlib.closing(vault.store()) as st:  # and the snapshot and checkpoints
-        n = 9 + sum(1 for x, _ in st.list("") if x.startswith(("meta/", "checkpoints/")))
+        n = 9 + sum(1 for x, _ in st.list("")
+                    if x.startswith(("meta/", "checkpoints/", "packs/")))
     assert re.search(rf"{n} objects checked, {n} downloaded and authenticated", res.stdout), \
         res.stdout
 

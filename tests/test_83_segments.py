@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cryptfs.errors import IntegrityError, StoreError
-from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX
+from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX, PACK_PREFIX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.meta.wal import MergedSegments, WalError, apply_segment, encode_segment
 from cryptfs.paths import VaultPaths
@@ -104,7 +104,7 @@ def test_fsync_ships_segments_and_the_store_alone_restores(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert vault.fs is not None
-    for i in range(500):  # a snapshot much bigger than what one fsync changes
+    for i in range(1500):  # a snapshot much bigger than what one fsync changes
         vault.fs.mkdir(ROOT_INO, b"directory number %d" % i, 0o755, 0, 0)
     write(vault, b"first", b"1" * 1000)
     vault.sync()
@@ -343,8 +343,8 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
 
     def kinds() -> tuple[int, int]:
         files = store_files(home)
-        return (sum(n.startswith(CHECKPOINT_PREFIX) for n in files),
-                sum(n.startswith(DATA_PREFIX) for n in files))
+        return (sum(n.startswith(CHECKPOINT_PREFIX) for n in files),  # (short chunks are
+                sum(n.startswith((DATA_PREFIX, PACK_PREFIX)) for n in files))  # packed)
 
     try:
         write(v, b"f", b"0" * 1000)
@@ -390,7 +390,8 @@ def write(name, data):
     v.fs.release(fh)
 
 write(b"a", b"A" * 5000)
-write(b"z", b"Z" * 5000)
+v.sync()
+write(b"z", b"Z" * 5000)  # (in a pack of its own: the collection deletes that)
 v.sync()
 write(b"b", b"B" * 5000)
 v.fs.unlink(ROOT_INO, b"z")  # its chunk: garbage once the next round has shipped
@@ -422,7 +423,7 @@ elif step == "head-renamed":
     die_after(checkpointer, "replace_private")
 elif step == "collect-deleted":  # the round's collection: a delete not yet recorded
     checkpointer.COLLECT_INTERVAL = 0.0
-    die_after(v.store, "delete", when=lambda name: name.startswith("data/"))
+    die_after(v.store, "delete", when=lambda name: name.startswith(("data/", "packs/")))
 v.sync()
 os._exit(9 if step.startswith("returned") else 0)
 """

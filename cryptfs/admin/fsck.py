@@ -17,6 +17,7 @@ from functools import partial
 
 from cryptfs.format import crypto
 from cryptfs.format.codec import DATA_PREFIX
+from cryptfs.format.layout import PACK_PREFIX
 from cryptfs.meta import ROOT_INO
 from cryptfs.meta.namespace import HIDDEN
 from cryptfs.vault.core import Vault
@@ -129,11 +130,24 @@ def _fsck(vault: Vault, repair: bool) -> FsckReport:
 
     # staged uploads and presence in the store
     store_sizes = dict(vault.store.list(DATA_PREFIX))
+    store_sizes.update(vault.store.list(PACK_PREFIX))
     staging = vault.paths.staging
     staged_files = {p.name for p in staging.iterdir()} if staging.is_dir() else set()
+    pack_of = {r.name: r.pack for r, _rc, _st in meta.all_objects() if r.pack is not None}
+    staged_packs = {pack_of[n] for n, (_rc, st, _z) in objects.items()
+                    if st == "staged" and n in pack_of}
     with meta.transaction():
         for name, (refcount, state, size) in objects.items():
             if not name.startswith(DATA_PREFIX):
+                continue
+            pack = pack_of.get(name)
+            if pack is not None:  # in a pack (docs/FORMAT.md 4.3): the pack must be there
+                if pack.replace("/", "_") in staged_files or pack in store_sizes:
+                    continue  # (staged: closed and uploaded at the next mount)
+                if state == "staged" or refcount > 0:
+                    users = [p for i in meta.object_users(name) for p in meta.paths_of(i)]
+                    rep.problems.append(f"object {name} is in pack {pack}, which is missing "
+                                        f"from the store (files: {', '.join(users) or '-'})")
                 continue
             fname = name.replace("/", "_")
             if state == "staged":
@@ -163,12 +177,17 @@ def _fsck(vault: Vault, repair: bool) -> FsckReport:
                                     f"{', '.join(users) or '-'})")
         for fname in sorted(staged_files):
             name = fname.replace("_", "/", 2)
-            if name not in objects or objects[name][1] != "staged":
-                if repair:
-                    (staging / fname).unlink(missing_ok=True)
-                    rep.repaired.append(f"stray staged file {fname}: removed")
-                else:
-                    rep.problems.append(f"stray staged file {fname} (fsck --repair: removed)")
+            if name.startswith(PACK_PREFIX):
+                name = fname.replace("_", "/", 1)
+                if name in staged_packs:
+                    continue
+            elif name in objects and objects[name][1] == "staged":
+                continue
+            if repair:
+                (staging / fname).unlink(missing_ok=True)
+                rep.repaired.append(f"stray staged file {fname}: removed")
+            else:
+                rep.problems.append(f"stray staged file {fname} (fsck --repair: removed)")
 
     _n, chain = vault.ledger.verify_chain()
     rep.problems.extend(chain)

@@ -19,6 +19,11 @@ then it stays), so a machine whose write stored that content before the deletion
 after it stores it again (``PgMetaStore.bury_object``). Each deletion is a
 ``del`` ledger entry (size as listed, SHA-256 field all zero: the bytes were never recorded),
 anchored by a checkpoint when the vault is closed.
+
+Packs (docs/FORMAT.md 4.3): a pack whose recorded members take less than REPACK_BELOW of it
+(the others' files deleted) is repacked: its members are copied into new packs, their rows
+point there, a checkpoint naming the new places is stored, then the old pack is deleted (not
+one a snapshot holds: that snapshot's metadata names the old places).
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs.errors import CryptfsError, IntegrityError, StoreError
-from cryptfs.format.layout import PER_STORE, SNAPSHOT_PREFIX
+from cryptfs.format.layout import PACK_PREFIX, PER_STORE, SNAPSHOT_PREFIX
 
 DEFAULT_GRACE = 3600.0
+REPACK_BELOW = 0.5
 # how far the clocks of the machines and of the store may disagree (see the horizon)
 CLOCK_SKEW = 60.0
 ZERO_HASH = b"\0" * 32
@@ -52,6 +58,7 @@ class GcReport:
     deleted: list[Candidate] = field(default_factory=list)
     failed: list[tuple[Candidate, str]] = field(default_factory=list)
     scanned: int = 0
+    repacked: int = 0
 
 
 def list_with_age(store: Any) -> Iterator[tuple[str, int, float | None]]:
@@ -73,6 +80,7 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
         # other machines' horizons first: what they wrote before is recorded by now
         horizon = min(vault.meta.session_horizons(), default=None)
         known = {ref.name for ref, _, _ in vault.meta.all_objects()}
+        known |= vault.meta.packs_in_use()  # (a pack's own row may be unwritten yet)
     if horizon is not None:
         horizon -= CLOCK_SKEW
     # everything a snapshot holds stays, whether or not the live metadata records it
@@ -142,6 +150,9 @@ def run_gc(
             f"deleted, {len(rep.too_new)} kept as too new, {rep.scanned} objects in the store")
         return rep
     collect(vault, rep)
+    rep.repacked, freed_packs = repack(vault)
+    if rep.repacked:
+        say(f"gc: repacked {rep.repacked} mostly deleted pack(s), {freed_packs} bytes freed")
     for c, why in rep.failed:
         say(f"could not delete {c.name}: {why}")
     freed = sum(c.size for c in rep.deleted)
@@ -150,6 +161,50 @@ def run_gc(
         "horizon, "
         f"{len(rep.failed)} failed, {rep.scanned} objects in the store")
     return rep
+
+
+def repack(vault: Any) -> tuple[int, int]:
+    """Repack the packs whose members take less than REPACK_BELOW of them (see the module
+    doc). Returns (packs repacked, bytes freed)."""
+    meta, chunks, fs = vault.meta, vault.chunks, vault.fs
+    if chunks is None or not chunks.packing:
+        return 0, 0
+    with fs.lock:
+        plan = []
+        for p in meta.objects_named(PACK_PREFIX):
+            members = meta.pack_members(p.name)
+            if sum(m.size for m in members) < p.size * REPACK_BELOW:
+                plan.append((p, members))
+        pins = [r.name for r in meta.objects_named(SNAPSHOT_PREFIX)]
+    if not plan:
+        return 0, 0
+    try:
+        held = vault.pins.held(pins)
+    except CryptfsError as e:
+        raise IntegrityError(f"not repacking: what the snapshots hold is unknown ({e})",
+                             hint="see 'cryptfs snapshot list'") from None
+    plan = [(p, ms) for p, ms in plan if p.name not in held]
+    for p, members in plan:
+        for m in members:
+            blob = vault.store.get_range(p.name, m.offset, m.size, None)
+            if not m.matches(blob):
+                raise IntegrityError(f"object {m.name} in pack {p.name} does not match its "
+                                     "recorded hash", hint="run 'cryptfs verify'")
+            ref = chunks.repack(m, blob)
+            with fs.lock, meta.transaction():
+                meta.move_to_pack(ref)
+    chunks.wait_uploaded()
+    vault.sync()  # a checkpoint naming the new places, before the old packs go
+    freed = 0
+    with fs.lock:
+        empty = meta.empty_packs([p.name for p, _ in plan])
+    for p in empty:
+        vault.store.delete(p.name)
+        with fs.lock, meta.transaction():
+            meta.forget_object(p.name)
+            vault.ledger.append("del", p.name, p.size, p.sha256)
+        freed += p.size
+    return len(empty), freed
 
 
 def _age(c: Candidate) -> str:

@@ -25,6 +25,7 @@ from cryptfs.format.layout import (
     DATA_PREFIX,
     LEASE,
     META_PREFIX,
+    PACK_PREFIX,
     PER_STORE,
     SNAPSHOT_PREFIX,
     STORE_ID,
@@ -153,18 +154,32 @@ def _verify(vault: Vault, full: bool, workers: int, progress: bool | None) -> Re
     rows = meta.all_objects()
     known = {ref.name for ref, _, _ in rows}
     referenced: list[ChunkRef] = []
+    named_packs = {ref.pack for ref, refcount, _st in rows if ref.pack and refcount > 0}
     for ref, refcount, state in rows:
-        if state == "staged" and _staged_file(vault, ref.name).exists():
+        if state == "staged" and _staged_file(vault, ref.pack or ref.name).exists():
             continue  # not uploaded yet: it is in the staging area
         if ref.name.startswith(DATA_PREFIX) and refcount <= 0:
             continue  # garbage the next checkpoint deletes
+        if ref.pack is not None:  # a pack member: its pack has its own row and ledger entry
+            rep.objects_checked += 1
+            referenced.append(ref)
+            size = in_store.get(ref.pack)
+            if size is None or size < ref.offset + ref.size:
+                why = "is missing from the store" if size is None else \
+                    f"has {size} bytes, too few for member {ref.name}"
+                rep.problems.append(Problem("missing" if size is None else "changed",
+                                            f"pack {ref.pack} {why}", ref.name,
+                                            paths_for(ref.name)))
+            continue
         # chunks, the metadata snapshot and every checkpoint the metadata still records: the
         # recovery copy must be as sound as the data
 
         rep.objects_checked += 1
         referenced.append(ref)
         size = in_store.get(ref.name)
-        if size is None:
+        if size is None and ref.name in named_packs:
+            pass  # reported above with the files of each member it held
+        elif size is None:
             rep.problems.append(
                 Problem(
                     "missing",
@@ -234,14 +249,16 @@ def _verify(vault: Vault, full: bool, workers: int, progress: bool | None) -> Re
         _check_copies(vault, rep, full, progress, paths_for)
     if full:
         # every copy's hash was checked by the survey; authenticate the recovery objects too
-        todo = [r for r in referenced if r.name in in_store
+        todo = [r for r in referenced if (r.pack or r.name) in in_store
                 and not (replicated and r.name.startswith(DATA_PREFIX))]
         bar = Progress("verify", len(todo), progress)
         lock = threading.Lock()
 
         def check(ref: ChunkRef) -> None:
             try:
-                _authenticate(vault, ref, vault.store.get(ref.name, ref.size))
+                blob = vault.store.get(ref.name, ref.size) if ref.pack is None else \
+                    vault.store.get_range(ref.pack, ref.offset, ref.size, None)
+                _authenticate(vault, ref, blob)
             except CryptfsError as e:
                 with lock:
                     rep.problems.append(Problem("corrupt", str(e), ref.name, []))
@@ -270,6 +287,8 @@ def _authenticate(vault: Vault, ref: ChunkRef, blob: bytes) -> None:
         vault.codec.open_blob(b"meta", ref.name, blob)
     elif ref.name.startswith(SNAPSHOT_PREFIX):
         open_snapshot(vault.codec, ref.name, blob)
+    elif ref.name.startswith(PACK_PREFIX):
+        vault.codec.pack_index(ref.name, blob)  # (its members are checked one by one)
     else:
         try:
             open_checkpoint(vault.codec, ref.name, blob)
@@ -369,8 +388,24 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
         rows = meta.all_objects()
     restored, lost = 0, []
     for ref, refcount, state in rows:
+        if ref.pack is not None:  # a pack member: the pack must hold it
+            if ref.pack in in_store and in_store[ref.pack] >= ref.offset + ref.size:
+                continue
+            if state != "stored" or refcount <= 0:
+                continue
+            blob = vault.chunks.member_copy(ref) if vault.chunks is not None else None
+            if blob is None:
+                lost.append(ref)
+                continue
+            moved = vault.chunks.repack(ref, blob)  # into a new pack
+            with fs.lock, meta.transaction():
+                meta.move_to_pack(moved)
+            restored += 1
+            continue
         if ref.name in in_store:
             continue
+        if ref.name.startswith(PACK_PREFIX):
+            continue  # its members are stored again above (or lost); it goes once empty
         if not ref.name.startswith(DATA_PREFIX):
             # a snapshot or checkpoint the store lost (the rollback took it): the new
             # checkpoint below supersedes it; forget it
@@ -404,9 +439,15 @@ def accept(vault: Vault, say: Callable[[str], None]) -> None:
     with fs.lock:
         led.append("accept", f"seq-{seq}", 0, b"\0" * 32)
     vault.sync()
+    with fs.lock, meta.transaction():  # packs the store lost whose members were stored again
+        for ref in meta.empty_packs([r.name for r, _rc, _st in rows
+                                     if r.name.startswith(PACK_PREFIX)
+                                     and r.name not in in_store]):
+            meta.forget_object(ref.name)
+            led.append("del", ref.name, ref.size, ref.sha256)
 
     with fs.lock:
-        known = {ref.name for ref, _, _ in meta.all_objects()}
+        known = {ref.name for ref, _, _ in meta.all_objects()} | meta.packs_in_use()
     stray = [
         (name, size)
         for name, size in vault.store.list("")

@@ -19,6 +19,17 @@ that sealed in a file of the staging directory; the commit asks the metadata whe
 is still live (``MetaEngine.claim_object``; :meth:`kept_new`: the put stored it, found no
 record) and if not stores it again (:meth:`restore`).
 
+Packs (``packing``: one machine's vault on one store; docs/FORMAT.md 4.3): the object of a
+partial chunk (a closed file's last: ``put(..., pack=True)``) of at most PACK_MEMBER_MAX bytes
+is appended to the open pack, a
+file of the staging directory, instead of being stored alone; its ref names the pack and its
+offset, so the metadata records where it lies before the pack is stored (staged until then, on
+a local store too). The pack is closed (its sealed index appended) and stored once it reaches
+PACK_TARGET bytes or PACK_MAX_MEMBERS members, PACK_LINGER seconds after it was opened, or when
+:meth:`wait_uploaded` waits for a member: a tree of small files costs a request (a file) per
+pack, not per file, to write and (:meth:`get` fetches a member's whole pack into the disk cache
+of a remote store) to read back.
+
 Longer than ~400 lines: a chunk's whole life (seal, dedup, stage, upload, fetch, cache,
 delete) shares one set of locks and counters.
 """
@@ -42,6 +53,14 @@ from cryptfs.chunks.diskcache import DiskCache, read_at_most, read_range_of
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError, StoreFull
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec, SegmentSpan
+from cryptfs.format.layout import (
+    MAX_PACK,
+    PACK_MAX_MEMBERS,
+    PACK_MEMBER_MAX,
+    PACK_PREFIX,
+    PACK_TARGET,
+    pack_name,
+)
 from cryptfs.paths import private_dir
 from cryptfs.stores import ObjectStore
 
@@ -52,6 +71,19 @@ log = logging.getLogger("cryptfs.chunks.chunkstore")
 
 FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
 RANGED_MEMORY = 4096  # chunks range-read once, remembered: the next random read fetches whole
+PACK_LINGER = 1.0  # seconds an open pack waits for more members before it is uploaded
+
+
+class _Pack:
+    """The open pack: a staging file members are appended to (see the module doc)."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name = name
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.size = 0
+        self.members: list[ChunkRef] = []
+        self.marker: Future[None] = Future()  # each member's entry in ChunkStore._uploads
 
 
 class ChunkStore:
@@ -79,6 +111,7 @@ class ChunkStore:
         metrics: Metrics | None = None,
         keep_dedup: bool = False,
         keep_bytes: int = 64 << 20,
+        packing: bool = False,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -131,6 +164,11 @@ class ChunkStore:
         self._spilled: set[str] = set()
         self._new: set[str] = set()  # kept names whose puts all stored them (no record found)
         self._again: set[str] = set()  # uploading names staged again meanwhile: see _enqueue
+        self.packing = packing
+        self._pack: _Pack | None = None
+        self._pack_lock = threading.Lock()  # the open pack; taken before _cv, never after
+        self._pack_fetches: dict[str, Future[None]] = {}  # packs being fetched whole
+        self._packs_storing = 0  # closed packs not stored (or failed) yet
         private_dir(staging)
 
     # -- naming guards ------------------------------------------------------------------------
@@ -211,9 +249,12 @@ class ChunkStore:
         with self._cv:
             self._spilled.add(name)
 
-    def _store_sealed(self, name: str, blob: bytes) -> ChunkRef:
+    def _store_sealed(self, name: str, blob: bytes, partial: bool = False) -> ChunkRef:
         """Store chunk object ``blob`` under ``name``: staged for upload on a remote store, put
-        (and reported stored) on a local one."""
+        (and reported stored) on a local one; a ``partial`` chunk's (shorter than the chunk
+        size: a file's last) in the open pack if packing and it is small enough."""
+        if partial and self.packing and len(blob) <= PACK_MEMBER_MAX:
+            return self._append_to_pack(name, blob)
         ref = ChunkRef(name, len(blob), crypto.sha256(blob))
         if self.remote:
             self._stage(ref, blob)
@@ -276,12 +317,16 @@ class ChunkStore:
         with self._cv:
             if name in self._busy or self._pins.get(name) or name in self._uploads:
                 return False
+            if name.startswith(PACK_PREFIX) and any(r.pack == name
+                                                    for r in self._recent.values()):
+                return False  # a member handed out, not yet committed (or still uploading)
             self._busy.add(name)
             return True
 
     # -- writing ------------------------------------------------------------------------------
-    def put(self, plain: bytes | bytearray | memoryview) -> ChunkRef:
-        """Seal and store one chunk (deduplicated); returns its pinned ref."""
+    def put(self, plain: bytes | bytearray | memoryview, pack: bool = False) -> ChunkRef:
+        """Seal and store one chunk (deduplicated); returns its pinned ref. ``pack``: a short
+        chunk may go into the open pack (a closed file's last: see the module doc)."""
         name = self.codec.chunk_name(plain)
         self._acquire(name)
         with self._cv:  # before the object is written: see horizon()
@@ -298,7 +343,9 @@ class ChunkStore:
                 self._keep(name, plain)
             if ref is None:
                 blob = self.codec.seal_chunk(name, plain)
-                ref = self._store_sealed(name, blob)
+                cs = self.codec.chunk_size
+                ref = self._store_sealed(name, blob,
+                                         pack and cs is not None and len(plain) < cs)
                 if self.keep_dedup:
                     self._keep(name, plain, blob)
             with self._cv:
@@ -311,23 +358,23 @@ class ChunkStore:
                     self._since.pop(name, None)
             self._release(name)
 
-    def put_async(self, plain: bytearray) -> Future[ChunkRef | None]:
+    def put_async(self, plain: bytearray, pack: bool = False) -> Future[ChunkRef | None]:
         """:meth:`put` on a sealing thread; an all-zero chunk becomes a hole (None). Blocks
         while too many chunks are being sealed (bounded memory)."""
         self._seal_slots.acquire()
         try:
-            fut = self._seal_pool.submit(self.put_or_hole, plain)
+            fut = self._seal_pool.submit(self.put_or_hole, plain, pack)
         except BaseException:
             self._seal_slots.release()
             raise
         fut.add_done_callback(lambda _f: self._seal_slots.release())
         return fut
 
-    def put_or_hole(self, plain: bytearray) -> ChunkRef | None:
+    def put_or_hole(self, plain: bytearray, pack: bool = False) -> ChunkRef | None:
         """:meth:`put`, or None (a hole) for an all-zero chunk."""
         if not plain or (plain[0] == 0 and plain[-1] == 0 and plain == bytes(len(plain))):
             return None
-        return self.put(plain)
+        return self.put(plain, pack)
 
     def staged_path(self, name: str) -> Path:
         return self.staging / name.replace("/", "_")
@@ -358,6 +405,181 @@ class ChunkStore:
                 f"cannot stage {ref.name} in {self.staging}: {e.strerror}") from None
         self._enqueue(ref)
 
+    # -- packs --------------------------------------------------------------------------------
+    def _append_to_pack(self, name: str, blob: bytes) -> ChunkRef:
+        """Append a small chunk object to the open pack (opening one if none is): when this
+        returns it survives a crash of this process, as a staged object does. Returns its ref
+        (pack and offset)."""
+        with self._cv:
+            while self._staged_bytes > self.staging_limit and not self._closing:
+                self._cv.wait(1.0)  # backpressure: wait for uploads to make room
+            self._staged_bytes += len(blob)
+        sha = crypto.sha256(blob)
+        try:
+            with self._pack_lock:
+                p = self._pack
+                if p is None:
+                    path = self.staged_path(pack_name(crypto.random_bytes(16).hex()))
+                    p = self._pack = _Pack(path.name.replace("_", "/", 1), path)
+                    timer = threading.Timer(PACK_LINGER, self._linger, (p,))
+                    timer.daemon = True
+                    timer.start()
+                ref = ChunkRef(name, len(blob), sha, p.name, p.size)
+                view = memoryview(blob)
+                while view:  # at the pack's end: a write cut short is overwritten by the next
+                    view = view[os.pwrite(p.fd, view, p.size + len(blob) - len(view)):]
+                p.size += len(blob)
+                p.members.append(ref)
+                with self._cv:
+                    self._uploads[name] = p.marker
+                    self._queued_at.setdefault(name, time.monotonic())
+                if p.size >= PACK_TARGET or len(p.members) >= PACK_MAX_MEMBERS:
+                    self._close_pack()
+        except OSError as e:
+            with self._cv:
+                self._staged_bytes -= len(blob)
+                self._cv.notify_all()
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (StoreFull if full else StoreError)(
+                f"cannot stage {name} in {self.staging}: {e.strerror}") from None
+        return ref
+
+    def repack(self, ref: ChunkRef, blob: bytes) -> ChunkRef:
+        """Copy pack member ``ref`` (``blob``: its bytes, checked) into the open pack; returns
+        its new ref, which the caller records (``MetaEngine.move_to_pack``)."""
+        return self._append_to_pack(ref.name, blob)
+
+    def _linger(self, p: _Pack) -> None:
+        with self._pack_lock:
+            if self._pack is p:
+                self._close_pack()
+
+    def _close_pack(self) -> None:
+        """Queue the open pack for upload (caller holds _pack_lock)."""
+        p, self._pack = self._pack, None
+        if p is None:
+            return
+        with self._cv:
+            self._packs_storing += 1
+        try:
+            self._pool.submit(self._upload_pack, p)
+        except RuntimeError:  # shutting down without draining: resumed at the next mount
+            os.close(p.fd)
+            self._pack_done(p)
+
+    def _pack_done(self, p: _Pack) -> None:
+        with self._cv:
+            self._packs_storing -= 1
+            for m in p.members:
+                if self._uploads.get(m.name) is p.marker:
+                    self._uploads.pop(m.name, None)
+                    self._queued_at.pop(m.name, None)
+                self._forget(m.name)
+            self._staged_bytes -= sum(m.size for m in p.members)
+            self._cv.notify_all()
+
+    def _upload_pack(self, p: _Pack) -> None:
+        """Append the index, upload, report the pack stored (``on_stored``: its members are
+        recorded stored then), keep the members in the disk cache, delete the staging file."""
+        try:
+            try:
+                tail = self.codec.pack_tail(p.name, p.members)
+                os.pwrite(p.fd, tail, p.size)
+                os.ftruncate(p.fd, p.size + len(tail))
+            finally:
+                os.close(p.fd)
+            blob = p.path.read_bytes()
+            self._put_retrying(p.name, blob)
+            self.on_stored(ChunkRef(p.name, len(blob), crypto.sha256(blob)))
+            if self.cache is not None:
+                self.cache.adopt(p.path, p.name)
+            else:
+                p.path.unlink(missing_ok=True)
+        except BaseException as e:  # noqa: B036 - nothing may end an upload unseen
+            self.errors += 1
+            if not self._abort:
+                log.error("upload of pack %s failed; it stays staged and is resumed at the "
+                          "next mount: %s: %s", p.name, type(e).__name__, e)
+            raise
+        finally:
+            self._pack_done(p)
+
+    def _resume_pack(self, name: str, path: Path, members: list[ChunkRef]) -> None:
+        """After a restart: close a staged pack with the members the metadata records (what
+        lies past the last of them, or between, is dropped or left unlisted) and upload it."""
+        p = _Pack.__new__(_Pack)
+        p.name, p.path, p.marker = name, path, Future()
+        p.fd = os.open(path, os.O_RDWR)
+        p.members = sorted(members, key=lambda m: m.offset)
+        p.size = max(m.offset + m.size for m in members)
+        with self._cv:
+            self._packs_storing += 1
+            self._staged_bytes += sum(m.size for m in members)
+            for m in members:
+                self._uploads[m.name] = p.marker
+                self._queued_at[m.name] = time.monotonic()
+        self._pool.submit(self._upload_pack, p)
+
+    def _put_retrying(self, name: str, blob: bytes) -> None:
+        """Put an object, retrying with backoff until the store takes it (or the chunk store
+        is abandoned)."""
+        delay = 0.2
+        warned = False
+        while True:
+            try:
+                self.store.put(name, blob)
+                return
+            except StoreError as e:
+                if self._abort:
+                    raise
+                if not warned:
+                    log.warning("upload of %s failed, retrying: %s", name, e)
+                    warned = True
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 15.0)
+
+    def _member_bytes(self, ref: ChunkRef, lo: int, n: int) -> bytes | None:
+        """Bytes ``[lo, lo + n)`` of pack member ``ref`` from its staged pack, if there."""
+        assert ref.pack is not None
+        try:
+            fd = os.open(self.staged_path(ref.pack), os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, n, ref.offset + lo)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return data if len(data) == n else None
+
+    def _fetch_pack(self, ref: ChunkRef) -> None:
+        """Fetch member ``ref``'s whole pack (one request) into the disk cache: the files
+        written together are read together. Concurrent callers for one pack wait for one
+        fetch. Errors are the caller's to see: it reads the member by range then."""
+        assert ref.pack is not None and self.cache is not None
+        with self._mem_lock:
+            fut = self._pack_fetches.get(ref.pack)
+            mine = fut is None
+            if mine:
+                fut = self._pack_fetches[ref.pack] = Future()
+        assert fut is not None
+        if not mine:
+            with contextlib.suppress(Exception):
+                fut.result()
+            return
+        try:
+            if self.metrics is not None:
+                self.metrics.cache_misses.inc()
+            self.cache.write(ref.pack, self.store.get(ref.pack, MAX_PACK))
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._mem_lock:
+                self._pack_fetches.pop(ref.pack, None)
+
     def _enqueue(self, ref: ChunkRef) -> None:
         """Queue the staged ``ref`` for upload. If it is uploading already, that upload puts
         the staged file once more when done (:meth:`restore` staged it again: the upload
@@ -371,28 +593,15 @@ class ChunkStore:
 
     def _upload(self, ref: ChunkRef) -> None:
         path = self.staged_path(ref.name)
-        delay = 0.2
-        warned = False
         again = 0
         try:
             while True:
-                try:
-                    blob = path.read_bytes()
-                    self.store.put(ref.name, blob)
-                    with self._cv:
-                        if ref.name not in self._again:
-                            break
-                        self._again.discard(ref.name)
-                        again += 1
-                    continue
-                except StoreError as e:
-                    if self._abort:
-                        raise
-                    if not warned:
-                        log.warning("upload of %s failed, retrying: %s", ref.name, e)
-                        warned = True
-                    time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 15.0)
+                self._put_retrying(ref.name, path.read_bytes())
+                with self._cv:
+                    if ref.name not in self._again:
+                        break
+                    self._again.discard(ref.name)
+                    again += 1
             self.on_stored(ref)
             if self.cache is not None:
                 self.cache.adopt(path, ref.name)
@@ -416,9 +625,18 @@ class ChunkStore:
     def resume(self, staged: list[ChunkRef]) -> tuple[int, int]:
         """After a restart: re-queue the staged objects the metadata knows; delete stray files
         (sealed but never committed, or already uploaded). Returns (re-queued, deleted)."""
-        known = {r.name.replace("/", "_"): r for r in staged}
+        known = {r.name.replace("/", "_"): r for r in staged if r.pack is None}
+        packs: dict[str, list[ChunkRef]] = {}
+        for r in staged:
+            if r.pack is not None:
+                packs.setdefault(r.pack, []).append(r)
         n = stray = 0
         for f in self.staging.iterdir():
+            members = packs.get(f.name.replace("_", "/", 1))
+            if members is not None:
+                self._resume_pack(f.name.replace("_", "/", 1), f, members)
+                n += len(members)
+                continue
             ref = known.get(f.name)
             if ref is None:
                 f.unlink()
@@ -450,6 +668,10 @@ class ChunkStore:
     ) -> None:
         """Block until the named (default: all) staged objects are in the store."""
         wanted = None if names is None else set(names)
+        with self._pack_lock:
+            p = self._pack
+            if p is not None and (wanted is None or any(m.name in wanted for m in p.members)):
+                self._close_pack()
         while True:
             with self._cv:
                 if not any(wanted is None or n in wanted for n in self._uploads):
@@ -458,16 +680,30 @@ class ChunkStore:
                     progress(len(self._uploads), self._staged_bytes)
                 self._cv.wait(timeout=0.5)
 
-    def upload_pending(self, name: str) -> bool:
-        """Whether a staged object still waits for (or is in) its upload."""
+    def store_packs(self) -> None:
+        """Close the open pack and wait until every closed pack is stored (or its upload
+        failed): a checkpoint does this before it fixes the metadata it ships, so that the
+        packs' records (``on_stored``) are in it, and the next fsync has nothing new to ship."""
+        with self._pack_lock:
+            self._close_pack()
         with self._cv:
-            if name in self._uploads:
+            while self._packs_storing > 0:
+                self._cv.wait(timeout=0.5)
+
+    def upload_pending(self, ref: ChunkRef) -> bool:
+        """Whether a staged object (or the pack of a member) still waits for (or is in) its
+        upload."""
+        with self._cv:
+            if ref.name in self._uploads:
                 return True
-        return self.staged_path(name).exists()
+        return self.staged_path(ref.pack or ref.name).exists()
 
     def local_copy(self, ref: ChunkRef) -> bytes | None:
         """The sealed object from the staging area or the chunk cache, if it has the recorded
-        size and hash (to re-upload what a store lost)."""
+        size and hash (to re-upload what a store lost); None for a pack member (it is no
+        object of its own)."""
+        if ref.pack is not None:
+            return None
         try:
             blob = read_at_most(self.staged_path(ref.name), ref.size)
             if blob is not None and ref.matches(blob):
@@ -477,8 +713,19 @@ class ChunkStore:
         blob = self.cache.read(ref) if self.cache is not None else None
         return blob if blob is not None and ref.matches(blob) else None
 
+    def member_copy(self, ref: ChunkRef) -> bytes | None:
+        """A pack member's bytes from the staged pack or the chunk cache, if they have the
+        recorded size and hash (to store again what a store lost: :meth:`repack`)."""
+        blob = self._local_blob(ref)
+        return blob if blob is not None and ref.matches(blob) else None
+
     def _local_blob(self, ref: ChunkRef) -> bytes | None:
         """The staged or cached object if it has the recorded size (not yet checked further)."""
+        if ref.pack is not None:
+            blob = self._member_bytes(ref, 0, ref.size)
+            if blob is not None:
+                return blob
+            return self.cache.read_member(ref) if self.cache is not None else None
         try:
             blob = read_at_most(self.staged_path(ref.name), ref.size)
             if blob is not None and len(blob) == ref.size:
@@ -569,12 +816,14 @@ class ChunkStore:
         bytes fail is dropped from the cache by :meth:`get`), else a range read of the store."""
         lo, n = span.lo, span.hi - span.lo
         m = self.metrics
-        if self.remote:
+        if self.remote or ref.pack is not None:
             with contextlib.suppress(OSError):
-                data = read_range_of(self.staged_path(ref.name), ref.size, lo, n)
+                data = self._member_bytes(ref, lo, n) if ref.pack is not None else \
+                    read_range_of(self.staged_path(ref.name), ref.size, lo, n)
                 if data is not None:
                     return data
-            data = self.cache.read_range(ref, lo, n) if self.cache is not None else None
+            data = None if self.cache is None else self.cache.read_member(ref, lo, n) \
+                if ref.pack is not None else self.cache.read_range(ref, lo, n)
             if data is not None:
                 if m is not None:
                     m.disk_hit()
@@ -582,9 +831,12 @@ class ChunkStore:
         if m is not None:
             m.cache_misses.inc()
         try:
+            if ref.pack is not None:
+                return self.store.get_range(ref.pack, ref.offset + lo, n, None)
             return self.store.get_range(ref.name, lo, n, ref.size)
         except ObjectNotFound:
-            raise IntegrityError(f"object {ref.name} is missing from the store") from None
+            raise IntegrityError(f"object {ref.pack or ref.name} is missing from the "
+                                 "store") from None
 
     def _load(self, ref: ChunkRef, keep: bool) -> bytes:
         failed = self._failed.get(ref.name)
@@ -640,18 +892,20 @@ class ChunkStore:
         Checked by size and AEAD only, not by the recorded SHA-256 (see
         :meth:`Codec.open_chunk`): an authentic object under this name holds this plaintext."""
         m = self.metrics
-        if self.remote:
+        if self.remote or ref.pack is not None:  # (a member's pack may still be staged)
             blob = self._local_blob(ref)
             if blob is not None:
                 try:
                     plain = self.codec.open_chunk(ref, blob)
                 except IntegrityError:  # a bad local copy: drop it, read the store's
                     if self.cache is not None:
-                        self.cache.discard(ref.name)
+                        self.cache.discard(ref.pack or ref.name)
                 else:
                     if m is not None:
                         m.disk_hit()
                     return plain
+        if ref.pack is not None:
+            return self._fetch_member(ref)
         if m is not None:
             m.cache_misses.inc()
         opened: list[bytes] = []
@@ -677,6 +931,35 @@ class ChunkStore:
         if keep and self.cache is not None:
             self.cache.write(ref.name, blob)
         return opened[-1]
+
+    def _fetch_member(self, ref: ChunkRef) -> bytes:
+        """A pack member not found locally: its whole pack into the disk cache (then the
+        member from there), else (no cache, or that failed) the member's own byte range."""
+        assert ref.pack is not None
+        if self.cache is not None:
+            try:
+                self._fetch_pack(ref)
+            except CryptfsError as e:
+                log.debug("whole fetch of pack %s failed (%s); reading member %s alone",
+                          ref.pack, e, ref.name)
+            blob = self.cache.read_member(ref)
+            if blob is not None:
+                try:
+                    return self.codec.open_chunk(ref, blob)
+                except IntegrityError:
+                    self.cache.discard(ref.pack)
+        try:
+            blob = self.store.get_range(ref.pack, ref.offset, ref.size, None)
+        except ObjectNotFound:
+            if self.metrics is not None:
+                self.metrics.integrity_errors.inc()
+            raise IntegrityError(f"object {ref.pack} is missing from the store") from None
+        try:
+            return self.codec.open_chunk(ref, blob)
+        except IntegrityError:
+            if self.metrics is not None:
+                self.metrics.integrity_errors.inc()
+            raise
 
     # -- deleting -----------------------------------------------------------------------------
     def delete_claimed(self, name: str) -> None:

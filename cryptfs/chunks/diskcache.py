@@ -98,10 +98,29 @@ class DiskCache:
         the entry if they fail)."""
         return self._read(ref, lambda path: read_range_of(path, ref.size, offset, length))
 
+    def read_member(self, ref: ChunkRef, lo: int = 0, n: int | None = None) -> bytes | None:
+        """Bytes ``[lo, lo + n)`` (default: all) of pack member ``ref`` from the cached copy of
+        its pack (docs/FORMAT.md 4.3), if that holds the member (a copy too short to is
+        deleted); the caller authenticates them (and discards the pack's entry if they fail)."""
+        assert ref.pack is not None
+        want = ref.size - lo if n is None else n
+        end = ref.offset + ref.size
+
+        def part(path: Path) -> bytes | None:
+            with open(path, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size < end:
+                    return None
+                data = os.pread(f.fileno(), want, ref.offset + lo)
+            return data if len(data) == want else None
+
+        return self._read_file(self._file(ref.pack), part)
+
     def _read(self, ref: ChunkRef, read: Callable[[Path], bytes | None]) -> bytes | None:
         """``read(path)`` of the entry of ``ref`` (None: not there, being written, or the wrong
         size, which deletes it), the entry marked as used."""
-        fname = self._file(ref.name)
+        return self._read_file(self._file(ref.name), read)
+
+    def _read_file(self, fname: str, read: Callable[[Path], bytes | None]) -> bytes | None:
         with self._lock:
             if fname in self._writing:
                 return None

@@ -263,7 +263,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     deleted = False
     try:
         rep = run_gc(vault, args.grace, args.dry_run, print)
-        deleted = bool(rep.deleted)
+        deleted = bool(rep.deleted) or rep.repacked > 0
     finally:
         vault.close(checkpoint=deleted)  # a checkpoint anchors the del entries in the store
     return 5 if rep.failed else 0

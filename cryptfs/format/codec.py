@@ -28,6 +28,7 @@ Metadata snapshots and checkpoints are sealed the same way under their own sub-k
 from __future__ import annotations
 
 import hmac
+import json
 import struct
 import zlib
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
-from cryptfs.format.layout import DATA_PREFIX
+from cryptfs.format.layout import DATA_PREFIX, MAX_PACK_INDEX, PACK_MAX_MEMBERS, PACK_MEMBER_MAX
 
 OBJ_VERSION = 1  # metadata snapshots and checkpoints; chunk objects written before segments
 CHUNK_VERSION = 2  # chunk objects made of segments (docs/FORMAT.md section 4)
@@ -80,11 +81,15 @@ class SegmentSpan:
 
 @dataclass(frozen=True)
 class ChunkRef:
-    """What the metadata records for a stored object: its name, stored size and SHA-256."""
+    """What the metadata records for a stored object: its name, stored size and SHA-256; for
+    a chunk object stored in a pack (docs/FORMAT.md 4.3), the pack's name and the object's
+    offset in it (its bytes are ``[offset, offset + size)`` of the pack)."""
 
     name: str
     size: int
     sha256: bytes
+    pack: str | None = None
+    offset: int = 0
 
     def matches(self, blob: bytes) -> bool:
         """Whether ``blob`` is the recorded object (size and SHA-256, compared in constant
@@ -104,6 +109,7 @@ class Codec:
             raise ValueError(f"unknown chunk name hash {name_hash!r}")
         self._name_hash = crypto.keyed_hash3 if name_hash == "blake3" else crypto.keyed_hash
         self.vault_id = vault_id
+        self.chunk_size = chunk_size
         self._pad_cap = None if chunk_size is None else chunk_size + 4
         self._chunk_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK)
         self._nonce_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK_NONCE)
@@ -258,6 +264,46 @@ class Codec:
         if span.skip == 0 and span.take == len(plain):
             return plain
         return plain[span.skip : span.skip + span.take]
+
+    # -- packs ------------------------------------------------------------------------------
+    def pack_tail(self, pack: str, members: list[ChunkRef]) -> bytes:
+        """What follows a pack's member objects (docs/FORMAT.md 4.3): its sealed index, then
+        the index's length as a big-endian u32."""
+        doc = {"version": 1,
+               "members": [[m.name, m.offset, m.size, m.sha256.hex()] for m in members]}
+        index = self.seal_blob(b"pack", pack, json.dumps(doc).encode(), compress=True)
+        return index + struct.pack(">I", len(index))
+
+    def pack_index(self, pack: str, blob: bytes | memoryview) -> list[ChunkRef]:
+        """The members a pack's index lists (each with ``pack`` and ``offset``), checked before
+        use: the index authentic for this pack name, every member a chunk object name of at most
+        PACK_MEMBER_MAX bytes lying before the index, no two overlapping. IntegrityError naming
+        the pack otherwise. The members' own bytes are authenticated when they are opened."""
+        view = memoryview(blob)
+        if len(view) < 4:
+            raise IntegrityError(f"pack {pack} is truncated")
+        (n,) = struct.unpack(">I", view[-4:])
+        if n > MAX_PACK_INDEX or n + 4 > len(view):
+            raise IntegrityError(f"pack {pack} has an index length out of bounds")
+        end = len(view) - 4 - n
+        doc = json.loads(self.open_blob(b"pack", pack, bytes(view[end:-4])))
+        refs: list[ChunkRef] = []
+        try:
+            if len(doc["members"]) > PACK_MAX_MEMBERS:
+                raise ValueError("members")
+            for name, off, size, sha in doc["members"]:
+                ok = (isinstance(name, str) and name.startswith(DATA_PREFIX)
+                      and isinstance(off, int) and isinstance(size, int)
+                      and 0 < size <= PACK_MEMBER_MAX and 0 <= off and off + size <= end)
+                if not ok:
+                    raise ValueError(name)
+                refs.append(ChunkRef(name, size, bytes.fromhex(sha), pack, off))
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError(f"pack {pack} has a malformed index") from None
+        refs.sort(key=lambda r: r.offset)
+        if any(a.offset + a.size > b.offset for a, b in zip(refs, refs[1:], strict=False)):
+            raise IntegrityError(f"pack {pack} has overlapping members")
+        return refs
 
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:

@@ -20,10 +20,11 @@ DATA_PREFIX = "data/"  # chunk objects: data/<2 hex>/<64 hex>
 META_PREFIX = "meta/"  # sealed metadata snapshots and segments: meta/<32 hex>
 CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
 SNAPSHOT_PREFIX = "snapshots/"  # sealed snapshot pins on a checkpoint: snapshots/<32 hex>
+PACK_PREFIX = "packs/"  # small chunk objects bundled for a remote store: packs/<32 hex>
 
 PER_STORE = (CONFIG, LEASE, STORE_ID)  # objects each store has its own of; not in the metadata
 # recorded in the metadata
-TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX, SNAPSHOT_PREFIX)
+TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX, SNAPSHOT_PREFIX, PACK_PREFIX)
 
 # Fixed bounds for objects whose size nothing records (bytes as stored).
 MAX_CONFIG = 256 << 10  # 32 key slots of RSA-4096 take about 40 KiB
@@ -31,6 +32,14 @@ MAX_LEASE = 4 << 10  # a sealed JSON document of about 250 bytes
 MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
 MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
 MAX_SNAPSHOT = 4 << 10  # a snapshot pin: a sealed JSON document of about 600 bytes
+# Packs (docs/FORMAT.md 4.3): chunk objects of at most PACK_MEMBER_MAX bytes written to a
+# remote store go into a pack, which is closed once it reaches PACK_TARGET bytes (or is waited
+# for); a pack has at most MAX_PACK bytes, its index at most MAX_PACK_INDEX.
+PACK_MEMBER_MAX = 128 << 10
+PACK_TARGET = 4 << 20
+MAX_PACK = PACK_TARGET + PACK_MEMBER_MAX + (1 << 20)
+MAX_PACK_INDEX = 1 << 20
+PACK_MAX_MEMBERS = 4096  # (their index entries compress to well under MAX_PACK_INDEX)
 
 
 def checkpoint_name(seq: int) -> str:
@@ -55,14 +64,21 @@ def snapshot_id(name: str) -> str | None:
     return tail if ok else None
 
 
+def pack_name(pack_id: str) -> str:
+    """The pack object with this id (32 hex digits)."""
+    return f"{PACK_PREFIX}{pack_id}"
+
+
 def kind(name: str) -> str:
     """What an object name is: ``chunk``, ``snapshot`` (a metadata image), ``checkpoint``,
-    ``pin`` (a user's snapshot), ``config``, ``lease``, ``store-id``, or ``unknown`` (nothing
-    cryptfs writes)."""
+    ``pin`` (a user's snapshot), ``pack``, ``config``, ``lease``, ``store-id``, or ``unknown``
+    (nothing cryptfs writes)."""
     if name.startswith(DATA_PREFIX):
         return "chunk"
     if name.startswith(META_PREFIX):
         return "snapshot"
+    if name.startswith(PACK_PREFIX):
+        return "pack"
     if checkpoint_seq(name) is not None:
         return "checkpoint"
     if snapshot_id(name) is not None:

@@ -66,9 +66,13 @@ class Writes(FileSystemBase):
                 self._seal(f, list(f.dirty))
         return len(data)
 
-    def _seal(self, f: OpenFile, idxs: list[int], inline: bool = False) -> None:
+    def _seal(self, f: OpenFile, idxs: list[int], inline: bool = False,
+              pack: bool = False) -> None:
         """Hand dirty chunks to the sealing threads (caller holds f.lock); small ones, and
-        with ``inline`` all, are sealed in this thread."""
+        with ``inline`` all, are sealed in this thread. ``pack``: the file is being closed, so
+        its short last chunk may go into a pack (:class:`ChunkStore`); a chunk sealed for an
+        fsync or while the file is written is not (a database rewrites its tail at every
+        fsync: packed, each version would leave garbage in a pack)."""
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
             if buf and buf[-1] == 0:  # trailing zeros read back as zeros: not stored
@@ -77,11 +81,11 @@ class Writes(FileSystemBase):
             if inline or len(buf) < INLINE_SEAL:  # a thread hand-off costs more than sealing
                 fut: Future[ChunkRef | None] = Future()
                 try:
-                    fut.set_result(self.chunks.put_or_hole(buf))
+                    fut.set_result(self.chunks.put_or_hole(buf, pack))
                 except CryptfsError as e:
                     fut.set_exception(e)
             else:
-                fut = self.chunks.put_async(buf)
+                fut = self.chunks.put_async(buf, pack)
             f.pending[idx] = Sealing(buf, fut)
             f.tail = (idx, buf)
             if old is not None:
@@ -94,16 +98,17 @@ class Writes(FileSystemBase):
 
         s.fut.add_done_callback(done)
 
-    def _commit(self, f: OpenFile) -> None:
+    def _commit(self, f: OpenFile, pack: bool = False) -> None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
         If a chunk cannot be stored, its data goes back to the dirty buffers and the error
         is raised (ENOSPC or EIO), so a later flush can retry. On a vault other machines
         write (``meta.shared``) the commit merges with theirs: the inode is read as committed
         and locked, the chunks written here replace theirs and the others stay, the size is
         the larger (this one's if it truncated since its last commit), and the open file then
-        reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``)."""
+        reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``).
+        ``pack``: the file is being closed (see :meth:`_seal`)."""
         if f.dirty:  # one chunk (a small write's): sealed here, the caller waits for it anyway
-            self._seal(f, list(f.dirty), inline=len(f.dirty) == 1)
+            self._seal(f, list(f.dirty), inline=len(f.dirty) == 1, pack=pack)
         if not f.pending and f.mtime_ns is None:
             return
         refs: dict[int, ChunkRef | None] = {}
@@ -132,7 +137,8 @@ class Writes(FileSystemBase):
                 self._claim_kept(refs)  # (their ledger entries: before_commit below)
             for idx, ref in refs.items():
                 if idx * self.cs < f.size:
-                    self.meta.set_block(f.ino, idx, ref, staged=self.chunks.remote)
+                    staged = self.chunks.remote or (ref is not None and ref.pack is not None)
+                    self.meta.set_block(f.ino, idx, ref, staged=staged)
             # the larger size: another machine may have written further (unless this one
             # truncated since its last commit: then its size is the file's)
             node.size = f.size if f.truncated or not shared else max(node.size, f.size)
@@ -329,20 +335,21 @@ class Writes(FileSystemBase):
                     hole = (h - 1) * cs + stored
             return min(max(offset, hole), size)
 
-    def flush(self, fh: int) -> None:
-        """Make the file's data survive a crash of this process (see module docstring)."""
+    def flush(self, fh: int, closing: bool = True) -> None:
+        """Make the file's data survive a crash of this process (see module docstring).
+        ``closing``: called for a close (FUSE flush), not for an fsync."""
         h = self.handles.get(fh)
         if h is None or h.file is None:
             return
         with h.file.lock:
-            self._commit(h.file)
+            self._commit(h.file, pack=closing)
         if self._deferred:  # attribute changes made before the close survive it too
             self.commit_deferred()
 
     def fsync(self, fh: int | None) -> None:
         """Flush, then make everything durable (see the module docstring of :mod:`.base`)."""
         if fh is not None:
-            self.flush(fh)
+            self.flush(fh, closing=False)
         self.on_sync()
 
     def release(self, fh: int) -> None:
@@ -353,7 +360,7 @@ class Writes(FileSystemBase):
         f = h.file
         with f.lock:
             try:
-                self._commit(f)
+                self._commit(f, pack=True)
             finally:
                 with self.lock:
                     self.handles.pop(fh, None)

@@ -356,6 +356,21 @@ class MetaEngine(Protocol):
         references, nor lets a commit find its row gone before the object is gone from the
         store (see :meth:`claim_object`)."""
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...
+
+    # -- packs (docs/FORMAT.md 4.3; an engine whose vaults write none returns none) -------------
+    def record_pack(self, ref: ChunkRef) -> None:
+        """Pack ``ref`` reached the store: its row (stored; kept while member rows name it,
+        see :meth:`empty_packs`) and its members' rows marked stored."""
+    def pack_members(self, pack: str) -> list[ChunkRef]:
+        """The object rows stored in ``pack`` (any state, any reference count)."""
+    def empty_packs(self, packs: Collection[str]) -> list[ChunkRef]:
+        """The recorded packs among ``packs`` that no object row names any more."""
+    def move_to_pack(self, ref: ChunkRef) -> None:
+        """Object ``ref.name`` now lies in ``ref.pack`` at ``ref.offset`` (repacked; staged
+        until that pack is recorded by :meth:`record_pack`)."""
+    def packs_in_use(self) -> set[str]:
+        """Every pack an object row names (recorded or not: a crash can leave the pack's own
+        row unwritten)."""
     def objects_named(self, *prefixes: str) -> list[ChunkRef]:
         """Recorded objects whose name starts with one of ``prefixes`` (non-empty), without
         reading the others where the engine can (several prefixes: one read of them all

@@ -73,7 +73,7 @@ import stat
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from select import POLLIN, POLLOUT, poll
 from typing import Any, TypeVar
 
@@ -2023,6 +2023,22 @@ class PgMetaStore(Transactions, NamespaceOps):
     def _objects(self) -> list[tuple[Any, ...]]:
         """The rows of recorded objects (tombstones left out: they record no object)."""
         return [v for _k, v in self._all(objects) if v[4] != GONE]
+
+    # -- packs: a shared vault writes none (docs/FORMAT.md 4.3) -------------------------------
+    def record_pack(self, ref: ChunkRef) -> None:
+        raise MetaError(f"pack {ref.name}: a vault on PostgreSQL stores no packs")
+
+    def pack_members(self, pack: str) -> list[ChunkRef]:
+        return []
+
+    def empty_packs(self, packs: Collection[str]) -> list[ChunkRef]:
+        return []
+
+    def move_to_pack(self, ref: ChunkRef) -> None:
+        self.record_pack(ref)
+
+    def packs_in_use(self) -> set[str]:
+        return set()
 
     def objects_named(self, *prefixes: str) -> list[ChunkRef]:
         """Recorded objects whose name starts with one of ``prefixes`` (names are sealed:

@@ -29,7 +29,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -75,9 +75,10 @@ from cryptfs.meta.wal import (
 # The version of the tables below, stamped in the database header (``PRAGMA user_version``) and
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0); version 3 added the
 # partial indexes of staged and unreferenced objects (a checkpoint finds them without reading
-# every object). A database of an older version is migrated on open by the steps in MIGRATIONS;
-# a newer one is refused.
-SCHEMA_VERSION = 3
+# every object); version 4 the pack and offset of chunk objects stored in a pack (docs/FORMAT.md
+# 3.4). A database of an older version is migrated on open by the steps in MIGRATIONS; a newer
+# one is refused.
+SCHEMA_VERSION = 4
 
 md = MetaData()
 inodes = Table(
@@ -121,6 +122,10 @@ objects = Table(
     Column("refcount", Integer, nullable=False),
     # 'staged': sealed on local disk, upload pending; 'stored': in the store.
     Column("state", Text, nullable=False),
+    # a chunk object stored in a pack: the pack's name and the object's offset in it (NULL
+    # for an object of its own)
+    Column("pack", Text),
+    Column("off", BigInteger),
 )
 # what a checkpoint looks for: the partial indexes hold just those rows (queries name the same
 # literal terms, so that SQLite can use them)
@@ -128,6 +133,8 @@ _INDEX_STAGED = "CREATE INDEX IF NOT EXISTS ix_objects_staged ON objects (name) 
     "WHERE state = 'staged'"
 _INDEX_UNREFERENCED = "CREATE INDEX IF NOT EXISTS ix_objects_unreferenced ON objects (name) " \
     "WHERE refcount <= 0"
+_INDEX_PACKS = "CREATE INDEX IF NOT EXISTS ix_objects_pack ON objects (pack) " \
+    "WHERE pack IS NOT NULL"
 xattrs = Table(
     "xattrs",
     md,
@@ -214,12 +221,13 @@ _SQL_ADD_DENTRY_IF_ABSENT = (
 )
 _SQL_POP_DENTRY = "DELETE FROM dentries WHERE parent = ? AND name = ? RETURNING ino"
 _SQL_GET_BLOCKS = (
-    "SELECT b.idx, b.obj, o.size, o.sha256 FROM blocks b JOIN objects o ON o.name = b.obj "
+    "SELECT b.idx, b.obj, o.size, o.sha256, o.pack, o.off FROM blocks b "
+    "JOIN objects o ON o.name = b.obj "
     "WHERE b.ino = ? AND b.idx >= ? AND b.idx < ?"
 )
 _SQL_PARENT = "SELECT parent FROM dentries WHERE ino = ? LIMIT 1"
 _SQL_NEXT_FIRST_CHUNKS = (
-    "SELECT d.name, b.obj, o.size, o.sha256 FROM dentries d "
+    "SELECT d.name, b.obj, o.size, o.sha256, o.pack, o.off FROM dentries d "
     "JOIN blocks b ON b.ino = d.ino AND b.idx = 0 JOIN objects o ON o.name = b.obj "
     "WHERE d.parent = ? AND d.name > ? ORDER BY d.name LIMIT ?"
 )
@@ -281,10 +289,18 @@ def _migrate_2_to_3(raw: sqlite3.Connection) -> None:
     raw.execute(_INDEX_UNREFERENCED)
 
 
+def _migrate_3_to_4(raw: sqlite3.Connection) -> None:
+    """Version 4 adds the pack and offset of chunk objects stored in packs."""
+    raw.execute("ALTER TABLE objects ADD COLUMN pack TEXT")
+    raw.execute("ALTER TABLE objects ADD COLUMN off BIGINT")
+    raw.execute(_INDEX_PACKS)
+
+
 # MIGRATIONS[n] turns a version n database into version n + 1 (a later version adds its step
 # here and bumps SCHEMA_VERSION); the steps run in order, all in one transaction with the stamp.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2,
-                                                               2: _migrate_2_to_3}
+                                                               2: _migrate_2_to_3,
+                                                               3: _migrate_3_to_4}
 
 
 def _create_schema(raw: sqlite3.Connection) -> None:
@@ -297,6 +313,7 @@ def _create_schema(raw: sqlite3.Connection) -> None:
     raw.execute(_TRIGGER_OBJECTS_COPIES)
     raw.execute(_INDEX_STAGED)
     raw.execute(_INDEX_UNREFERENCED)
+    raw.execute(_INDEX_PACKS)
 
 
 def image_schema_version(image: bytes) -> int:
@@ -913,7 +930,7 @@ class MetaStore(Transactions, NamespaceOps):
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
         rows = self.raw.execute(_SQL_GET_BLOCKS, (ino, lo, hi))
-        return {i: ChunkRef(o, z, bytes(h)) for i, o, z, h in rows}
+        return {i: ChunkRef(o, z, bytes(h), p, f or 0) for i, o, z, h, p, f in rows}
 
     def set_block(self, ino: int, idx: int, ref: ChunkRef | None, staged: bool) -> str | None:
         """Point chunk ``idx`` of ``ino`` at ``ref`` (None: a hole). Adjusts reference counts;
@@ -937,8 +954,10 @@ class MetaStore(Transactions, NamespaceOps):
     def reference(self, ref: ChunkRef, staged: bool) -> None:
         if self.raw.execute(_SQL_INCREF, (ref.name,)).rowcount == 0:
             self.raw.execute(
-                "INSERT INTO objects (name, size, sha256, refcount, state) VALUES (?, ?, ?, 1, ?)",
-                (ref.name, ref.size, ref.sha256, "staged" if staged else "stored"),
+                "INSERT INTO objects (name, size, sha256, refcount, state, pack, off) "
+                "VALUES (?, ?, ?, 1, ?, ?, ?)",
+                (ref.name, ref.size, ref.sha256, "staged" if staged else "stored", ref.pack,
+                 ref.offset if ref.pack else None),
             )
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
@@ -996,11 +1015,11 @@ class MetaStore(Transactions, NamespaceOps):
 
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         row = self.raw.execute(
-            "SELECT size, sha256, refcount, state FROM objects WHERE name = ?", (name,)
+            "SELECT size, sha256, refcount, state, pack, off FROM objects WHERE name = ?", (name,)
         ).fetchone()
         if not row:
             return None
-        return ChunkRef(name, row[0], bytes(row[1])), row[2], row[3]
+        return ChunkRef(name, row[0], bytes(row[1]), row[4], row[5] or 0), row[2], row[3]
 
     def mark_stored(self, name: str) -> None:
         self.raw.execute("UPDATE objects SET state = 'stored' WHERE name = ?", (name,))
@@ -1009,17 +1028,17 @@ class MetaStore(Transactions, NamespaceOps):
         """Objects in state ``st`` ('staged' by its partial index)."""
         if st == "staged":  # the literal term lets SQLite use ix_objects_staged
             rows = self.raw.execute(
-                "SELECT name, size, sha256 FROM objects WHERE state = 'staged'")
+                "SELECT name, size, sha256, pack, off FROM objects WHERE state = 'staged'")
         else:
             rows = self.raw.execute(
-                "SELECT name, size, sha256 FROM objects WHERE state = ?", (st,))
-        return [ChunkRef(n, s, bytes(h)) for n, s, h in rows.fetchall()]
+                "SELECT name, size, sha256, pack, off FROM objects WHERE state = ?", (st,))
+        return [ChunkRef(n, s, bytes(h), p, f or 0) for n, s, h, p, f in rows.fetchall()]
 
     def unreferenced_objects(self) -> list[ChunkRef]:
         """Stored objects no chunk map references (by ix_objects_unreferenced)."""
-        rows = self.raw.execute("SELECT name, size, sha256 FROM objects "
+        rows = self.raw.execute("SELECT name, size, sha256, pack, off FROM objects "
                                 "WHERE refcount <= 0 AND state = 'stored'")
-        return [ChunkRef(n, s, bytes(h)) for n, s, h in rows.fetchall()]
+        return [ChunkRef(n, s, bytes(h), p, f or 0) for n, s, h, p, f in rows.fetchall()]
 
     def drop_object_if_unreferenced(self, name: str) -> bool:
         return self.raw.execute("DELETE FROM objects WHERE name = ? AND refcount <= 0",
@@ -1056,6 +1075,42 @@ class MetaStore(Transactions, NamespaceOps):
                     self.unreference_object(ref)
         return gone
 
+    # -- packs --------------------------------------------------------------------------------
+    def record_pack(self, ref: ChunkRef) -> None:
+        """See :meth:`MetaEngine.record_pack`."""
+        self.raw.execute(
+            "INSERT OR IGNORE INTO objects (name, size, sha256, refcount, state) "
+            "VALUES (?, ?, ?, 1, 'stored')", (ref.name, ref.size, ref.sha256))
+        self.raw.execute("UPDATE objects SET state = 'stored' WHERE pack = ? "
+                         "AND state = 'staged'", (ref.name,))
+
+    def pack_members(self, pack: str) -> list[ChunkRef]:
+        """See :meth:`MetaEngine.pack_members`."""
+        rows = self.raw.execute("SELECT name, size, sha256, off FROM objects WHERE pack = ? "
+                                "ORDER BY off", (pack,))
+        return [ChunkRef(n, z, bytes(h), pack, f) for n, z, h, f in rows.fetchall()]
+
+    def empty_packs(self, packs: Collection[str]) -> list[ChunkRef]:
+        """See :meth:`MetaEngine.empty_packs`."""
+        out = []
+        for pack in sorted(set(packs)):
+            row = self.raw.execute(
+                "SELECT size, sha256 FROM objects p WHERE name = ? AND NOT EXISTS "
+                "(SELECT 1 FROM objects m WHERE m.pack = p.name)", (pack,)).fetchone()
+            if row is not None:
+                out.append(ChunkRef(pack, row[0], bytes(row[1])))
+        return out
+
+    def move_to_pack(self, ref: ChunkRef) -> None:
+        """See :meth:`MetaEngine.move_to_pack`."""
+        self.raw.execute("UPDATE objects SET pack = ?, off = ?, state = 'staged' WHERE name = ?",
+                         (ref.pack, ref.offset, ref.name))
+
+    def packs_in_use(self) -> set[str]:
+        """See :meth:`MetaEngine.packs_in_use`."""
+        return {p for (p,) in self.raw.execute(
+            "SELECT DISTINCT pack FROM objects WHERE pack IS NOT NULL")}
+
     def objects_named(self, *prefixes: str) -> list[ChunkRef]:
         """The recorded objects whose name starts with one of ``prefixes`` (non-empty), by
         the name index, one range each: as cheap in a big vault as in a small one."""
@@ -1071,7 +1126,7 @@ class MetaStore(Transactions, NamespaceOps):
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]:
         q = select(objects)
         return [
-            (ChunkRef(r.name, r.size, bytes(r.sha256)), r.refcount, r.state)
+            (ChunkRef(r.name, r.size, bytes(r.sha256), r.pack, r.off or 0), r.refcount, r.state)
             for r in self.conn.execute(q)
         ]
 
@@ -1176,7 +1231,7 @@ class MetaStore(Transactions, NamespaceOps):
         """``(name, first chunk)`` of the next ``count`` entries of ``parent`` after ``name``
         that have a stored first chunk, in name order (sibling prefetch)."""
         rows = self.raw.execute(_SQL_NEXT_FIRST_CHUNKS, (parent, name, count)).fetchall()
-        return [(bytes(n), ChunkRef(o, z, bytes(h))) for n, o, z, h in rows]
+        return [(bytes(n), ChunkRef(o, z, bytes(h), p, f or 0)) for n, o, z, h, p, f in rows]
 
     def forget_object(self, name: str) -> None:
         """Drop an object's record (it was deleted from the store, or is superseded)."""

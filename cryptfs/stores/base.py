@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 from cryptfs.errors import IntegrityError, ObjectTooLarge
+from cryptfs.format.layout import MAX_PACK
 
 T = TypeVar("T")
 
@@ -93,14 +94,18 @@ class ObjectStore(Protocol):
         store reads another member's copy instead (and re-writes the bad one in the background),
         and raises IntegrityError only if every copy fails."""
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         """Bytes ``[offset, offset + length)`` of the object, which must have exactly ``size``
         bytes (its recorded size; ``0 <= offset``, ``0 < length``, ``offset + length <= size``):
         checked before any byte is used (local: the file's size; S3: the total in
         Content-Range), so a truncated or grown object is :class:`cryptfs.errors.IntegrityError`
         naming it, as is a short answer; ObjectNotFound if absent. Reads at most ``length``
         bytes (+1 to detect a longer answer). A store where a partial read is not worth it
-        (several copies) may read the whole object (:func:`range_of_whole`)."""
+        (several copies) may read the whole object (:func:`range_of_whole`).
+
+        ``size`` None: a pack (docs/FORMAT.md 4.3), whose size nothing records and whose members
+        are each authenticated: the object must merely hold the range (at most MAX_PACK
+        bytes are read of it where a store reads whole)."""
 
     def delete(self, name: str) -> None:
         """Remove the object. Deleting an absent object is not an error. A replicated store
@@ -133,23 +138,34 @@ class ObjectStore(Protocol):
         abandoned: :meth:`drain` first to keep them)."""
 
 
-def check_range(name: str, offset: int, length: int, size: int) -> None:
+def check_range(name: str, offset: int, length: int, size: int | None) -> None:
     """Refuse a range outside an object of ``size`` bytes (a caller's mistake: ValueError)."""
-    if offset < 0 or length <= 0 or offset + length > size:
+    if offset < 0 or length <= 0 or (size is not None and offset + length > size):
         raise ValueError(f"bad range {offset}+{length} of {name} ({size} bytes)")
 
 
-def wrong_size(name: str, got: int | None, size: int) -> IntegrityError:
-    """The error for an object whose stored size is not its recorded one."""
+def wrong_size(name: str, got: int | None, size: int | None) -> IntegrityError:
+    """The error for an object whose stored size is not its recorded one (``size`` None: a
+    pack too short for the range read)."""
     has = "another number of" if got is None else str(got)
+    if size is None:
+        return IntegrityError(f"object {name} has {has} bytes, fewer than its members need")
     return IntegrityError(f"object {name} has {has} bytes, expected {size}")
 
 
-def range_of_whole(store: ObjectStore, name: str, offset: int, length: int, size: int) -> bytes:
+def size_fits(got: int, size: int | None, offset: int, length: int) -> bool:
+    """Whether an object of ``got`` bytes is the one a range read of ``[offset, offset +
+    length)`` expects: exactly ``size`` bytes, or (``size`` None, a pack) enough."""
+    return got == size if size is not None else got >= offset + length
+
+
+def range_of_whole(store: ObjectStore, name: str, offset: int, length: int,
+                   size: int | None) -> bytes:
     """:meth:`ObjectStore.get_range` by a whole :meth:`ObjectStore.get` (bounded by ``size``,
-    a copy of another size counting as bad), then a slice."""
+    or MAX_PACK for a pack; a copy of another size counting as bad), then a slice."""
     check_range(name, offset, length, size)
-    blob = store.get(name, size, check=lambda b: len(b) == size)
+    blob = store.get(name, MAX_PACK if size is None else size,
+                     check=lambda b: size_fits(len(b), size, offset, length))
     return blob[offset : offset + length]
 
 

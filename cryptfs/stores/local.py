@@ -14,7 +14,7 @@ from typing import NoReturn
 from cryptfs.errors import ObjectNotFound, StoreError, StoreFull
 from cryptfs.format.codec import DATA_PREFIX
 from cryptfs.paths import names_durable_with_files
-from cryptfs.stores.base import PlainStore, check_range, checked, too_large, wrong_size
+from cryptfs.stores.base import PlainStore, check_range, checked, size_fits, too_large, wrong_size
 
 _libc = ctypes.CDLL(None, use_errno=True)
 # more files and directories than this to make durable: one syncfs of the whole filesystem is
@@ -186,13 +186,13 @@ class LocalStore(PlainStore):
         except OSError as e:
             raise StoreError(f"cannot read object {name} from {self.root}: {e.strerror}") from None
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         """One pread, after an fstat that the file has ``size`` bytes."""
         check_range(name, offset, length, size)
         try:
             with open(self._path(name), "rb", buffering=0) as f:
                 got = os.fstat(f.fileno()).st_size
-                if got != size:
+                if not size_fits(got, size, offset, length):
                     raise wrong_size(name, got, size)
                 data = os.pread(f.fileno(), length, offset)
         except FileNotFoundError:

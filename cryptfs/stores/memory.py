@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from cryptfs.errors import ObjectNotFound
-from cryptfs.stores.base import PlainStore, check_range, checked, too_large, wrong_size
+from cryptfs.stores.base import PlainStore, check_range, checked, size_fits, too_large, wrong_size
 
 
 class MemoryStore(PlainStore):
@@ -40,14 +40,14 @@ class MemoryStore(PlainStore):
             raise too_large(name, len(data), max_size)
         return checked(name, data, check)
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         check_range(name, offset, length, size)
         with self._lock:
             try:
                 data = self.objects[name]
             except KeyError:
                 raise ObjectNotFound(f"object {name} not found in {self.url}") from None
-        if len(data) != size:
+        if not size_fits(len(data), size, offset, length):
             raise wrong_size(name, len(data), size)
         return data[offset : offset + length]
 

@@ -288,7 +288,7 @@ class ReplicatedStore:
                     pass
 
     # -- reading ------------------------------------------------------------------------------
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         """The range from the fastest member; if its copy is missing, of another size or the
         member fails, from a whole copy :meth:`get` finds (see
         :func:`cryptfs.stores.base.range_of_whole`). A range whose bytes fail above (a bad

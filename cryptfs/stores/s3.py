@@ -44,7 +44,7 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, StoreError
-from cryptfs.stores.base import PlainStore, check_range, checked, too_large, wrong_size
+from cryptfs.stores.base import PlainStore, check_range, checked, size_fits, too_large, wrong_size
 
 T = TypeVar("T")
 
@@ -193,7 +193,7 @@ class S3Store(PlainStore):
 
         return checked(name, self._call(f"get {name}", attempt), check)
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         """A Range GET; the answer's Content-Range must name exactly this range of an object of
         ``size`` bytes before the body is read (with a limit). A server that ignores Range
         (200, no Content-Range) is read whole, if its Content-Length is ``size``, and sliced."""
@@ -213,10 +213,11 @@ class S3Store(PlainStore):
             body = resp["Body"]
             try:
                 m = _CONTENT_RANGE.fullmatch(str(resp.get("ContentRange") or ""))
-                whole = m is None and resp.get("ContentLength") == size
+                whole = m is None and size is not None and resp.get("ContentLength") == size
                 if whole:
+                    assert size is not None
                     want, skip = size, offset
-                elif m is None or int(m[3]) != size:
+                elif m is None or not size_fits(int(m[3]), size, offset, length):
                     raise wrong_size(name, None if m is None else int(m[3]), size)
                 elif (int(m[1]), int(m[2])) != (offset, offset + length - 1):
                     raise IntegrityError(f"object {name}: S3 answered bytes {m[1]}-{m[2]} for "

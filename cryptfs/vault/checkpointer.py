@@ -12,7 +12,8 @@ mount, and one whenever the segments grow past a fraction of their snapshot, sto
 snapshot.
 
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
-round's own thread, in two waits on the disk: the queued ledger entries of stored chunks; the
+round's own thread, in two waits on the disk: the open pack closed and every pack stored, with
+its records (docs/FORMAT.md 4.3); the queued ledger entries of stored chunks; the
 uploads the metadata references; the metadata (segment or snapshot) put and its ledger entry
 committed; first wait: the store synced (chunks and metadata durable), then the local
 database's log (so its ledger reaches the checkpoint's head), and the last round's head file
@@ -32,6 +33,8 @@ names could name objects a power loss took, or a ledger head the local log lost 
 would refuse the mount); the head file must never name a checkpoint the store may not have,
 nor be torn; on ext4 without a journal (and on any filesystem, by POSIX) a rename is durable
 only with its directory.
+Collection of chunks in packs drops their rows; a pack is deleted once no row names it (and no
+snapshot holds it), which ``cryptfs gc`` also does for one a pinned member kept at that moment.
 Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
 again, or recorded missing, of an object it was deleting: tests/test_97).
@@ -378,6 +381,7 @@ class Checkpointer:
         docs/FORMAT.md 8), in the order the module docstring gives; then collect what it no
         longer needs. Callers hold off other checkpoints (:meth:`sync`)."""
         meta, led = self.meta, self.ledger
+        self.chunks.store_packs()  # (their records go into the metadata shipped below)
         with self.lock:
             self.flush_stored()
             # An upload can finish before the file's chunk map is committed: on_stored then
@@ -387,7 +391,7 @@ class Checkpointer:
             # machine cannot see: such rows wait until it is alone.
             if not meta.live_sessions():
                 for ref in meta.objects_in_state("staged"):
-                    if not self.chunks.upload_pending(ref.name):
+                    if not self.chunks.upload_pending(ref):
                         meta.mark_stored(ref.name)
             collect = self._collect_due()  # (what it may delete is worked out only then)
             seg = self._segment()
@@ -633,9 +637,13 @@ class Checkpointer:
         held = self.held(pins)
         if held is None:
             return
-        garbage = [r for r in garbage if r.name not in held]
+        # (a snapshot holds a chunk in a pack by its pack: the pack's members stay recorded)
+        garbage = [r for r in garbage if r.name not in held and r.pack not in held]
         # other machines commit meanwhile on a shared vault: see _collect_shared
         local = [] if meta.shared else garbage
+        # pack members: their rows go; a pack goes once no row names it (_collect_packs)
+        members = [r for r in local if r.pack is not None]
+        local = [r for r in local if r.pack is None]
         old: list[ChunkRef] = [r for r in cks if r.name not in held][KEEP_CHECKPOINTS:]
         old.extend(r for r in metas if r.name not in current and r.name not in held)
         # deletions first, then their records in one transaction (one commit for all: each
@@ -660,6 +668,10 @@ class Checkpointer:
                     claimed.append(ref)
                     if not meta.drop_object_if_unreferenced(ref.name):
                         self.chunks.release_claim(claimed.pop().name)
+                for ref in members:
+                    if self.chunks.try_claim_for_delete(ref.name):
+                        meta.drop_object_if_unreferenced(ref.name)
+                        self.chunks.release_claim(ref.name)
         except BaseException:
             for ref in claimed:
                 self.chunks.release_claim(ref.name)
@@ -676,10 +688,32 @@ class Checkpointer:
             deleted.append(ref)
         if meta.shared:
             deleted = self._collect_shared(garbage)
+        if members:
+            deleted += self._collect_packs({r.pack for r in members if r.pack}, held)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
+
+    def _collect_packs(self, packs: set[str], held: set[str]) -> list[ChunkRef]:
+        """Delete the packs among ``packs`` that no object row names any more (their rows go
+        once they are gone from the store); none a snapshot holds, nor one with a member this
+        machine has handed out and not committed."""
+        with self.lock:
+            empty = [r for r in self.meta.empty_packs(packs) if r.name not in held]
+        deleted: list[ChunkRef] = []
+        for ref in empty:
+            if not self.chunks.try_claim_for_delete(ref.name):
+                continue
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                continue
+            with self._own(), self.meta.transaction():
+                self.meta.forget_object(ref.name)
+            deleted.append(ref)
+        return deleted
 
     def _collect_shared(self, garbage: list[ChunkRef]) -> list[ChunkRef]:
         """Collect unreferenced chunks of a vault other machines write

@@ -55,7 +55,7 @@ from cryptfs.errors import (
     LockedError,
 )
 from cryptfs.format.codec import ChunkRef, Codec
-from cryptfs.format.layout import CHECKPOINT_PREFIX
+from cryptfs.format.layout import CHECKPOINT_PREFIX, PACK_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta.dbkeys import DbKeys
@@ -352,6 +352,9 @@ class Vault:
             on_stored=self._on_stored,
             metrics=self.metrics,
             keep_dedup=self.meta.shared,  # other machines' collections: see ChunkStore
+            # short chunks in packs: one machine's vault on one store (a shared vault's
+            # collections, and copies on several stores, are kept per object)
+            packing=not self.meta.shared and not self.stores.replicated,
         )
         statfs = None
         if not remote and not self.stores.replicated:
@@ -563,13 +566,17 @@ class Vault:
         written now; for the local store (on the write path) it is queued and written in the
         transaction that commits the chunk map referencing it, or before a checkpoint."""
         assert self.fs is not None and self.meta is not None and self.ledger is not None
-        if self.chunks is not None and not self.chunks.remote:
+        if self.chunks is not None and not self.chunks.remote and ref.pack is None \
+                and not ref.name.startswith(PACK_PREFIX):
             with self._stored_lock:
                 self._stored.append(ref)
             return
         with self.fs.lock, self.meta.transaction():
             self.ledger.append("put", ref.name, ref.size, ref.sha256)
-            self.meta.mark_stored(ref.name)
+            if ref.name.startswith(PACK_PREFIX):
+                self.meta.record_pack(ref)
+            else:
+                self.meta.mark_stored(ref.name)
             self._flush_copies()
 
     def _flush_stored(self) -> None:

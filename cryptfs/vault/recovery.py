@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef, Codec
-from cryptfs.format.layout import DATA_PREFIX, MAX_CHECKPOINT, META_PREFIX
+from cryptfs.format.layout import DATA_PREFIX, MAX_CHECKPOINT, META_PREFIX, PACK_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import FileSystem
 from cryptfs.meta.ledger import Ledger
@@ -67,8 +67,8 @@ def sweep_orphans(lock: threading.RLock, meta: MetaStore | PgMetaStore, ledger: 
     """After a crash: delete chunk objects and snapshots the metadata does not know (stored
     for data never committed: a file still open, a flush or checkpoint cut short) and adopt
     an authentic checkpoint that was written but not recorded. Returns how many it deleted."""
-    with lock:
-        known = {r.name for r, _, _ in meta.all_objects()}
+    with lock:  # (a pack whose own row a crash left unwritten is known by its members)
+        known = {r.name for r, _, _ in meta.all_objects()} | meta.packs_in_use()
     # a checkpoint written just before the crash but not recorded: adopt it if authentic
     cks, _forged = read_checkpoints(store, codec, newest_only=False)
     for ck in cks:
@@ -86,7 +86,7 @@ def sweep_orphans(lock: threading.RLock, meta: MetaStore | PgMetaStore, ledger: 
                     meta.reference(ref, staged=False)
                 known.add(ref.name)
     n = 0
-    for prefix in (DATA_PREFIX, META_PREFIX):
+    for prefix in (DATA_PREFIX, META_PREFIX, PACK_PREFIX):
         for name, size in list(store.list(prefix)):
             if name in known:
                 continue

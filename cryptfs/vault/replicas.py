@@ -237,8 +237,8 @@ def survey(
     out = Survey()
     if not store.members:
         return out
-    with r.lock:
-        rows = r.meta.all_objects()
+    with r.lock:  # (a pack member is no object of its own: its pack has the copies)
+        rows = [row for row in r.meta.all_objects() if row[0].pack is None]
         recorded = r.meta.all_copies()
     listings: dict[str, dict[str, int]] = {}
     for m in store.members:
@@ -314,7 +314,7 @@ def adopt(r: Replicas) -> int:
     if not store.members:
         return 0
     with r.lock:
-        rows = r.meta.all_objects()
+        rows = [row for row in r.meta.all_objects() if row[0].pack is None]
         recorded = r.meta.all_copies()
     bare = [ref for ref, _rc, state in rows if ref.name not in recorded and state == "stored"]
     if not bare:

@@ -154,14 +154,17 @@ def materialize_checkpoint(store: ObjectStore, codec: Codec, ck: Checkpoint,
 def objects_held(store: ObjectStore, codec: Codec, ck: Checkpoint,
                  workdir: Path) -> dict[str, int]:
     """Every object checkpoint ``ck`` needs to be read back, ``{name: size}``: itself, its
-    metadata snapshot and segments and every chunk its files reference. Materializes the
+    metadata snapshot and segments, every chunk object its files reference (for a chunk in a
+    pack, the pack: docs/FORMAT.md 4.3). Materializes the
     metadata in a scratch file in ``workdir`` (removed again); errors as
     :func:`materialize_checkpoint`."""
     tmp = workdir / f".objects.{os.getpid()}.{threading.get_ident()}.db"
     meta = materialize_checkpoint(store, codec, ck, tmp)
     try:
-        sizes = {ref.name: ref.size for ref, _rc, _st in meta.all_objects()}
-        used = {obj for _ino, _idx, obj in meta.all_blocks()}
+        rows = [ref for ref, _rc, _st in meta.all_objects()]
+        sizes = {ref.name: ref.size for ref in rows}
+        pack_of = {ref.name: ref.pack for ref in rows if ref.pack is not None}
+        used = {pack_of.get(obj, obj) for _ino, _idx, obj in meta.all_blocks()}
     finally:
         meta.close()
         for suffix in ("", "-wal", "-shm"):

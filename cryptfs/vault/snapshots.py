@@ -429,7 +429,7 @@ def usage(vault: Vault, keep_checkpoints: int) -> list[Usage]:
 
     cks = sorted((r.name for r, _, _ in rows if r.name.startswith(CHECKPOINT_PREFIX)),
                  reverse=True)
-    live = {r.name for r, rc, _ in rows if r.name.startswith(DATA_PREFIX) and rc > 0}
+    live = {r.pack or r.name for r, rc, _ in rows if r.name.startswith(DATA_PREFIX) and rc > 0}
     live.update(cks[:keep_checkpoints])
     if cks:
         live.add(open_checkpoint(vault.codec, cks[0],

@@ -198,7 +198,7 @@ class _LaterStore(PlainStore):
             check: Callable[[bytes], bool] | None = None) -> bytes:
         return self._s().get(name, max_size, check)
 
-    def get_range(self, name: str, offset: int, length: int, size: int) -> bytes:
+    def get_range(self, name: str, offset: int, length: int, size: int | None) -> bytes:
         return self._s().get_range(name, offset, length, size)
 
     def delete(self, name: str) -> None:
