@@ -66,6 +66,18 @@ def assert_tree(mnt: Path, files: dict[str, bytes]) -> None:
         assert got == data, f"{rel}: {len(got)} bytes read back, {len(data)} written"
 
 
+def assert_store_alone(env: VaultEnv, files: dict[str, bytes]) -> None:
+    """A new machine (its own XDG home) attached to the store alone reads ``files``."""
+    other = VaultEnv(env.root / "newmachine", env.store_url)
+    other.init()
+    mnt2 = env.root / "newmachine" / "mnt"
+    other.mount(mnt2, "ro")
+    try:
+        assert_tree(mnt2, files)
+    finally:
+        other.umount(mnt2)
+
+
 def test_small_files_share_packs_and_read_back_from_the_store_alone(
         vault_env: VaultEnv) -> None:
     env = vault_env
@@ -102,14 +114,7 @@ def test_small_files_share_packs_and_read_back_from_the_store_alone(
     finally:
         env.umount(mnt)
 
-    other = VaultEnv(env.root / "newmachine", env.store_url)  # the store alone
-    other.init()
-    mnt2 = env.root / "newmachine" / "mnt"
-    other.mount(mnt2, "ro")
-    try:
-        assert_tree(mnt2, files)
-    finally:
-        other.umount(mnt2)
+    assert_store_alone(env, files)
     res = env.cli("verify", "--name", env.name, "--full")
     assert "clean" in res.stdout, res.stdout
 
@@ -240,14 +245,7 @@ def test_an_open_pack_left_by_kill_9_is_closed_and_uploaded_at_the_next_mount(
         env.umount(mnt)
     assert len(listed(env, PACK_PREFIX)) == 1
     assert not list((env.data_dir / "staging").iterdir())
-    other = VaultEnv(env.root / "newmachine", env.store_url)
-    other.init()
-    mnt2 = env.root / "newmachine" / "mnt"
-    other.mount(mnt2, "ro")
-    try:
-        assert_tree(mnt2, files)
-    finally:
-        other.umount(mnt2)
+    assert_store_alone(env, files)
 
 
 def _daemon(mnt: Path) -> int:

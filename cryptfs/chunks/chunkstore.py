@@ -491,10 +491,7 @@ class ChunkStore:
             blob = p.path.read_bytes()
             self._put_retrying(p.name, blob)
             self.on_stored(ChunkRef(p.name, len(blob), crypto.sha256(blob)))
-            if self.cache is not None:
-                self.cache.adopt(p.path, p.name)
-            else:
-                p.path.unlink(missing_ok=True)
+            self._drop_staged(p.path, p.name)
         except BaseException as e:  # noqa: B036 - nothing may end an upload unseen
             self.errors += 1
             if not self._abort:
@@ -603,10 +600,7 @@ class ChunkStore:
                     self._again.discard(ref.name)
                     again += 1
             self.on_stored(ref)
-            if self.cache is not None:
-                self.cache.adopt(path, ref.name)
-            else:
-                path.unlink(missing_ok=True)
+            self._drop_staged(path, ref.name)
         except BaseException as e:  # noqa: B036 - nothing may end an upload unseen
             self.errors += 1
             if not self._abort:
@@ -621,6 +615,13 @@ class ChunkStore:
                 self._staged_bytes -= ref.size * (1 + again + (ref.name in self._again))
                 self._again.discard(ref.name)
                 self._cv.notify_all()
+
+    def _drop_staged(self, path: Path, name: str) -> None:
+        """A staging file whose object is stored: into the disk cache, or deleted."""
+        if self.cache is not None:
+            self.cache.adopt(path, name)
+        else:
+            path.unlink(missing_ok=True)
 
     def resume(self, staged: list[ChunkRef]) -> tuple[int, int]:
         """After a restart: re-queue the staged objects the metadata knows; delete stray files
