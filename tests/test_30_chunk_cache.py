@@ -312,7 +312,7 @@ def test_small_chunks_share_a_pack_read_back_by_one_fetch(tmp_path: Path) -> Non
 def test_a_pack_open_at_a_crash_is_closed_with_the_recorded_members(tmp_path: Path) -> None:
     cs, store = make_packing(tmp_path)
     datas = [os.urandom(3000 + i) for i in range(5)]
-    refs = [cs.put(d) for d in datas]
+    refs = [cs.put(d, pack=True) for d in datas]
     cs.close(drain=False)  # the process dies: the pack is still open, staged
     (staged,) = list((tmp_path / "staging").iterdir())
     assert staged.name.startswith("packs_") and not list(store.list("packs/"))
