@@ -286,9 +286,10 @@ class Codec:
         if n > MAX_PACK_INDEX or n + 4 > len(view):
             raise IntegrityError(f"pack {pack} has an index length out of bounds")
         end = len(view) - 4 - n
-        doc = json.loads(self.open_blob(b"pack", pack, bytes(view[end:-4])))
+        plain = self.open_blob(b"pack", pack, bytes(view[end:-4]))
         refs: list[ChunkRef] = []
         try:
+            doc = json.loads(plain)
             if len(doc["members"]) > PACK_MAX_MEMBERS:
                 raise ValueError("members")
             for name, off, size, sha in doc["members"]:

@@ -20,7 +20,7 @@ DATA_PREFIX = "data/"  # chunk objects: data/<2 hex>/<64 hex>
 META_PREFIX = "meta/"  # sealed metadata snapshots and segments: meta/<32 hex>
 CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
 SNAPSHOT_PREFIX = "snapshots/"  # sealed snapshot pins on a checkpoint: snapshots/<32 hex>
-PACK_PREFIX = "packs/"  # small chunk objects bundled for a remote store: packs/<32 hex>
+PACK_PREFIX = "packs/"  # short chunk objects of closed files, bundled: packs/<32 hex>
 
 PER_STORE = (CONFIG, LEASE, STORE_ID)  # objects each store has its own of; not in the metadata
 # recorded in the metadata
@@ -32,9 +32,10 @@ MAX_LEASE = 4 << 10  # a sealed JSON document of about 250 bytes
 MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
 MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
 MAX_SNAPSHOT = 4 << 10  # a snapshot pin: a sealed JSON document of about 600 bytes
-# Packs (docs/FORMAT.md 4.3): chunk objects of at most PACK_MEMBER_MAX bytes written to a
-# remote store go into a pack, which is closed once it reaches PACK_TARGET bytes (or is waited
-# for); a pack has at most MAX_PACK bytes, its index at most MAX_PACK_INDEX.
+# Packs (docs/FORMAT.md 4.3): a closed file's short last chunk, at most PACK_MEMBER_MAX bytes
+# sealed, goes into a pack, which is closed once it reaches PACK_TARGET bytes or
+# PACK_MAX_MEMBERS members (or is waited for); a pack has at most MAX_PACK bytes, its index at
+# most MAX_PACK_INDEX.
 PACK_MEMBER_MAX = 128 << 10
 PACK_TARGET = 4 << 20
 MAX_PACK = PACK_TARGET + PACK_MEMBER_MAX + (1 << 20)
