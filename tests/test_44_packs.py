@@ -177,6 +177,38 @@ def test_deleted_members_leave_the_others_readable_and_gc_repacks(vault_env: Vau
     assert "clean" in res.stdout, res.stdout
 
 
+def test_gc_keeps_a_pack_a_snapshot_holds(vault_env: VaultEnv) -> None:
+    """A pack mostly deleted in the live tree is not repacked away while a snapshot's
+    metadata still names it: the snapshot reads back every file."""
+    env = vault_env
+    mnt = env.root / "mnt"
+    files = small_files(20, 6)
+    env.mount(mnt)
+    try:
+        write_tree(mnt, files)
+    finally:
+        env.umount(mnt)
+    (pack,) = listed(env, PACK_PREFIX)
+    env.cli("snapshot", "create", "--name", "s1")
+    env.mount(mnt)
+    try:
+        for rel in sorted(files)[:15]:
+            (mnt / rel).unlink()
+    finally:
+        env.umount(mnt)
+    res = env.cli("gc", "--name", env.name, "--grace", "0")
+    assert "repacked" not in res.stdout, res.stdout
+    assert pack in listed(env, PACK_PREFIX)
+    shutil.rmtree(env.root / "cache", ignore_errors=True)
+    past = env.root / "past"
+    past.mkdir()
+    env.cli("mount", "--at", "s1", str(past))
+    try:
+        assert_tree(past, files)
+    finally:
+        env.umount(past)
+
+
 def listed_size_bound(files: dict[str, bytes]) -> int:
     """More than the live members and the index can take (padding, tags)."""
     return sum(len(d) for d in files.values()) * 2 + 64 * 1024

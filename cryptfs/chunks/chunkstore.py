@@ -75,14 +75,16 @@ PACK_LINGER = 1.0  # seconds an open pack waits for more members before it is up
 
 
 class _Pack:
-    """The open pack: a staging file members are appended to (see the module doc)."""
+    """A pack being written: a staging file members are appended to (see the module doc).
+    ``members``: those of a staged pack a crash left (it is closed with them), else a new one."""
 
-    def __init__(self, name: str, path: Path) -> None:
-        self.name = name
+    def __init__(self, path: Path, members: list[ChunkRef] | None = None) -> None:
+        self.name = path.name.replace("_", "/", 1)  # (the staging name of packs/<hex>)
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.size = 0
-        self.members: list[ChunkRef] = []
+        self.members = sorted(members or [], key=lambda m: m.offset)
+        self.size = max((m.offset + m.size for m in self.members), default=0)
+        self.fd = os.open(path, os.O_RDWR) if members else \
+            os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         self.marker: Future[None] = Future()  # each member's entry in ChunkStore._uploads
 
 
@@ -420,7 +422,7 @@ class ChunkStore:
                 p = self._pack
                 if p is None:
                     path = self.staged_path(pack_name(crypto.random_bytes(16).hex()))
-                    p = self._pack = _Pack(path.name.replace("_", "/", 1), path)
+                    p = self._pack = _Pack(path)
                     timer = threading.Timer(PACK_LINGER, self._linger, (p,))
                     timer.daemon = True
                     timer.start()
@@ -501,14 +503,10 @@ class ChunkStore:
         finally:
             self._pack_done(p)
 
-    def _resume_pack(self, name: str, path: Path, members: list[ChunkRef]) -> None:
+    def _resume_pack(self, path: Path, members: list[ChunkRef]) -> None:
         """After a restart: close a staged pack with the members the metadata records (what
         lies past the last of them, or between, is dropped or left unlisted) and upload it."""
-        p = _Pack.__new__(_Pack)
-        p.name, p.path, p.marker = name, path, Future()
-        p.fd = os.open(path, os.O_RDWR)
-        p.members = sorted(members, key=lambda m: m.offset)
-        p.size = max(m.offset + m.size for m in members)
+        p = _Pack(path, members)
         with self._cv:
             self._packs_storing += 1
             self._staged_bytes += sum(m.size for m in members)
@@ -635,7 +633,7 @@ class ChunkStore:
         for f in self.staging.iterdir():
             members = packs.get(f.name.replace("_", "/", 1))
             if members is not None:
-                self._resume_pack(f.name.replace("_", "/", 1), f, members)
+                self._resume_pack(f, members)
                 n += len(members)
                 continue
             ref = known.get(f.name)
