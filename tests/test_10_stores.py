@@ -249,6 +249,30 @@ def test_open_store_s3_prefix_and_endpoint(s3_server: MotoServer, s3_bucket: str
     store.close()
 
 
+def test_s3_upload_bodies_are_signed_and_not_checksummed_again(s3_url: str) -> None:
+    """An upload's body is covered by its SigV4 signature (the payload's SHA-256 in
+    x-amz-content-sha256, so S3 refuses a body damaged on the way); no CRC of S3's own is
+    computed as well (a second pass over every byte), nor a trailer sent."""
+    import hashlib
+
+    store = open_store(s3_url)
+    sent: list[Any] = []
+    store._client.meta.events.register(  # type: ignore[attr-defined]
+        "before-send.s3.PutObject", lambda request, **_kw: sent.append(request))
+    try:
+        body = os.urandom(300_000)
+        store.put("data/signed", body)
+        assert store.get("data/signed", BOUND) == body
+    finally:
+        store.close()
+    (req,) = sent
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    payload = headers["x-amz-content-sha256"]
+    payload = payload.decode() if isinstance(payload, bytes) else payload
+    assert payload == hashlib.sha256(body).hexdigest()
+    assert not [k for k in headers if k.startswith("x-amz-checksum") or k == "x-amz-trailer"]
+
+
 def test_s3_endpoint_parameter_overrides_env(s3_server: MotoServer, s3_bucket: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")

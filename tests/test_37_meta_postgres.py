@@ -29,7 +29,16 @@ from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
 from cryptfs.meta import ROOT_INO, Inode
 from cryptfs.meta.ledger import Ledger
-from cryptfs.meta.postgres import MAP_PAGE, DbKeys, PgMetaStore, _ad, _hash
+from cryptfs.meta.postgres import (
+    MAP_PAGE,
+    SCHEMA_VERSION,
+    SIZED,
+    DbKeys,
+    PgMetaStore,
+    _ad,
+    _hash,
+    _open_row,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -273,24 +282,27 @@ def test_another_vaults_database_or_version_is_refused(
         PgMetaStore(pg_place.url, KEYS)
 
 
-def test_a_version_1_database_is_stamped_version_2_and_its_marker_resealed(
-    engine: PgMetaStore, pg_place: PgPlace
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_database_is_stamped_the_current_version_and_its_marker_resealed(
+    engine: PgMetaStore, pg_place: PgPlace, old: int
 ) -> None:
-    """Schema version 2 (tombstones, the locks table): a version 1 database (its marker sealed
-    for version 1, as a cryptfs of version 1 wrote it) opens and is stamped 2, with a marker
-    that opens only as version 2, so that a cryptfs of version 1 (which reads a tombstone
-    as a stored object) refuses it; a version stamp edited back to 1 is a tampered marker."""
-    v1 = crypto.seal(KEYS.row, b"cryptfs postgresql metadata", _ad("cryptfs_schema", 1, b"1"))
+    """Schema version 2 (tombstones, the locks table) and 3 (chunk map pages with sizes): a
+    version 1 or 2 database (its marker sealed for that version, as such a cryptfs wrote it)
+    opens and is stamped 3, with a marker that opens only as version 3, so that an older
+    cryptfs (which reads a tombstone as a stored object, or a sized page wrongly) refuses it;
+    a version stamp edited back is a tampered marker."""
+    sealed = crypto.seal(KEYS.row, b"cryptfs postgresql metadata",
+                         _ad("cryptfs_schema", old, b"1"))
     engine.close()
-    pg_place.sql(f"UPDATE cryptfs_schema SET version = 1, v = '\\x{v1.hex()}'::bytea")
-    assert pg_place.sql("SELECT version FROM cryptfs_schema") == [(1,)]
+    pg_place.sql(f"UPDATE cryptfs_schema SET version = {old}, v = '\\x{sealed.hex()}'::bytea")
+    assert pg_place.sql("SELECT version FROM cryptfs_schema") == [(old,)]
     PgMetaStore(pg_place.url, KEYS).close()
     (version, marker), = pg_place.sql("SELECT version, v FROM cryptfs_schema")
-    assert version == 2
-    crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", 2, b"1"))
+    assert version == SCHEMA_VERSION == 3
+    crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", 3, b"1"))
     with pytest.raises(IntegrityError):
-        crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", 1, b"1"))
-    pg_place.sql("UPDATE cryptfs_schema SET version = 1")
+        crypto.open_sealed(KEYS.row, bytes(marker), _ad("cryptfs_schema", old, b"1"))
+    pg_place.sql(f"UPDATE cryptfs_schema SET version = {old}")
     with pytest.raises(ConfigError, match="tampered"):
         PgMetaStore(pg_place.url, KEYS)
 
@@ -384,7 +396,8 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
     sent with the BEGIN; the session check, the change notice and the COMMIT go together),
     its create, hold and first flush five in one transaction (the statements whose results
     are not needed go with the next one), its close one (no session check: only its own hold
-    goes, autocommitted), a directory's stat three for all its files. Another machine's
+    goes, in a transaction of its own whose commit waits for no WAL flush; the commits after
+    it wait again), a directory's stat three for all its files. Another machine's
     change of the directory in between is a conflict the create runs again after, on its
     result; a name that exists is EEXIST with nothing of the create left."""
     trips: list[list[str]] = []
@@ -392,11 +405,11 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
                  lambda _c, _cur, stmt, *_a: trips.append([stmt.split()[0].upper()]))
     round_trip = engine._round_trip  # (the hot statements go to libpq directly)
 
-    def counted(pgconn: Any, stmts: list[tuple[bytes, Any, Any]]) -> Any:
+    def counted(pgconn: Any, stmts: list[tuple[bytes, Any, Any]], want: int = -1) -> Any:
         sql = {name: q for q, name in engine._prep_names.items()}
         trips.append([(sql[n] if f is not None else n.decode()).split()[0].upper()
                       for n, _v, f in stmts])
-        return round_trip(pgconn, stmts)
+        return round_trip(pgconn, stmts, want)
 
     engine._round_trip = counted  # type: ignore[method-assign]
     sid = os.urandom(16)
@@ -423,8 +436,13 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
     assert engine.held(f)
     engine.commit()  # (ends the read's transaction: a close comes after its flush's commit)
     _, rts = round_trips(engine.drop_unlinked, f, True)
-    assert rts == [["WITH"]]  # autocommitted
+    assert rts == [["BEGIN", "SET", "WITH", "COMMIT"]]  # a transaction of its own
+    assert pg_place.sql("SELECT count(*) FROM holds") == [(0,)]  # committed: seen by all
     assert not engine.held(f) and engine.get_inode(f) is not None  # named still: kept
+    engine.commit()
+    show = engine._driver().execute("SHOW synchronous_commit").fetchone()
+    assert show == ("on",)  # (SET LOCAL: the next commits wait for the flush again)
+    engine._driver().rollback()
     listing, rts = round_trips(engine.stat_dir, d, 4096, 4096)
     assert len(rts) <= 3 and sorted(n for n, _i, _a in listing) == [b"f", b"first"]
 
@@ -493,6 +511,64 @@ def test_chunk_maps_are_stored_in_pages(engine: PgMetaStore, pg_place: PgPlace) 
         assert engine.set_block(f, 1, None, staged=False) == refs[1].name
     assert engine.all_blocks() == [(f, 0, refs[0].name), (f, 62, refs[62].name)]
     assert engine.get_object(refs[200].name)[1] == 1  # type: ignore[index]  # left to fsck
+
+
+def _page(place: PgPlace, ino: int, page: int) -> tuple[int, tuple[object, ...]]:
+    """The version and the opened values of a chunk map page's row."""
+    k = _hash(KEYS, b"b", ino, page)
+    (ver, v, g), = place.sql(f"SELECT ver, v, ino FROM blocks WHERE k = '\\x{k.hex()}'")
+    return ver, _open_row(KEYS, "test", "blocks", ver, (k, bytes(g)), bytes(v))
+
+
+def test_pages_hold_stored_sizes_and_pages_written_before_them_are_read(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """Schema version 3: a chunk map page holds each chunk's stored size, so that a stat
+    (st_blocks) reads no object row; a page written by schema version 2 (idx, object pairs)
+    is read as before (the sizes from the object rows) and written with sizes when it
+    changes, its old entries' sizes left unknown."""
+    d = engine.mknod(ROOT_INO, b"d", node(0, DIR)).ino
+    f = engine.mknod(d, b"f", node(0, REG, 3 * 4096)).ino
+    g = engine.mknod(d, b"g", node(0, REG, 4096)).ino
+    a, b, c = (ChunkRef(f"data/pg/{i:062d}", 5000 + i, bytes(32)) for i in range(3))
+    with engine.transaction():
+        engine.set_block(f, 0, a, staged=False)
+        engine.set_block(f, 2, b, staged=False)
+        engine.set_block(g, 0, c, staged=False)
+    assert _page(pg_place, f, 0)[1] == (f, 0, SIZED, 0, a.name, a.size, 2, b.name, b.size)
+    expect = {b"f": 2 * 8192, b"g": 8192}  # (5000-odd bytes in 4 KiB units)
+    # a version 2 page of g: its sizes come from its object row
+    k, i_h = _hash(KEYS, b"b", g, 0), _hash(KEYS, b"B", g)
+    ver, _vals = _page(pg_place, g, 0)
+    old = crypto.seal(KEYS.row, b"".join(
+        [b"i" + v.to_bytes(9, "big") for v in (g, 0, 0)]
+        + [b"s" + len(c.name).to_bytes(4, "big") + c.name.encode()]), _ad("blocks", ver, k, i_h))
+    pg_place.sql(f"UPDATE blocks SET v = '\\x{old.hex()}' WHERE k = '\\x{k.hex()}'")
+    assert _page(pg_place, g, 0)[1] == (g, 0, 0, c.name)
+
+    queries: list[str] = []
+    round_trip = engine._round_trip  # (how many statements a stat takes)
+
+    def counted(pgconn: Any, stmts: list[tuple[bytes, Any, Any]], want: int = -1) -> Any:
+        queries.extend(n.decode() for n, _v, f in stmts if f is not None)  # (not BEGIN)
+        return round_trip(pgconn, stmts, want)
+
+    engine._round_trip = counted  # type: ignore[method-assign]
+    engine.commit()
+    got = {n: alloc for n, _i, alloc in engine.stat_dir(d, 65536, 4096)}
+    assert got == expect and len(queries) == 3  # entries, inodes and pages, g's object
+    assert engine.allocated(g, 65536, 4096) == 8192 and engine.get_blocks(g, 0, 1) == {0: c}
+    queries.clear()
+    engine.commit()
+    assert engine.lookup_stat(d, b"f", 65536, 4096)[1] == expect[b"f"]  # type: ignore[index]
+    assert len(queries) == 2  # (no object row: the page has the sizes)
+    engine._round_trip = round_trip  # type: ignore[method-assign]
+    with engine.transaction():
+        engine.set_block(g, 1, a, staged=False)  # rewritten: sized, c's size still unknown
+    assert _page(pg_place, g, 0)[1] == (g, 0, SIZED, 0, c.name, None, 1, a.name, a.size)
+    assert engine.allocated(g, 65536, 4096) == 2 * 8192
+    assert engine.all_blocks() == sorted([(f, 0, a.name), (f, 2, b.name), (g, 0, c.name),
+                                          (g, 1, a.name)])
 
 
 def test_an_unreachable_database_or_a_bad_url_is_one_line_without_the_password() -> None:

@@ -126,9 +126,12 @@ log = logging.getLogger("cryptfs.meta.postgres")
 # The version of the tables below, stored in cryptfs_schema (and bound in its marker's associated
 # data). Version 2: object rows may be "deleting" or "gone" (tombstones), and the locks table;
 # a version 1 database is stamped 2 when this cryptfs opens it (nothing else changes), so that a
-# cryptfs of version 1, which would read a tombstone as a stored object, refuses it. A newer
+# cryptfs of version 1, which would read a tombstone as a stored object, refuses it. Version 3:
+# a chunk map page written by it holds each chunk's stored size (see _entries); pages written
+# before are read as they are and rewritten in the new form when next written. A database of
+# version 1 or 2 is stamped 3 when opened, so that an older cryptfs refuses it. A newer
 # database is refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # what every row's associated data binds as its format (unchanged since schema version 1)
 ROW_FORMAT = 1
 
@@ -381,6 +384,8 @@ class _Result:
 
 # chunk indexes per row of a chunk map (the database sees a file's size to MAP_PAGE chunks)
 MAP_PAGE = 64
+# the first value after ino and page of a chunk map page of schema version 3 (see _entries)
+SIZED = "s"
 # how many rows of the version cache (see _vers) and names of the SIV cache are kept before
 # they are emptied
 VERSION_CACHE_ROWS = 65536
@@ -428,6 +433,22 @@ def _collectable(obj: tuple[Any, ...]) -> bool:
     """Whether an object row (see PgMetaStore._object) is unreferenced and collectable:
     stored, or being collected (a collection that did not finish)."""
     return bool(obj[3] <= 0 and obj[4] in ("stored", "deleting"))
+
+
+def _entries(flat: list[Any]) -> dict[int, tuple[str, int | None]]:
+    """``{idx: (object, stored size)}`` from the values of a chunk map page after ino and
+    page: from schema version 3, SIZED then (idx, object, size) for each chunk; before, (idx,
+    object) pairs, their sizes unknown (None: the object rows have them)."""
+    if flat and flat[0] == SIZED:
+        return {i: (o, n) for i, o, n in zip(flat[1::3], flat[2::3], flat[3::3], strict=True)}
+    return {i: (o, None) for i, o in zip(flat[0::2], flat[1::2], strict=True)}
+
+
+def _allocated(entries: list[tuple[str, int | None]], sizes: dict[str, int], chunk_size: int,
+               unit: int) -> int:
+    """Bytes a file's chunk map ``entries`` take (see MetaEngine.allocated), by ``sizes``
+    (an object with no known size: nothing)."""
+    return sum(-(-min(sizes[o], chunk_size) // unit) * unit for o, _n in entries if o in sizes)
 
 
 # -- row encoding: a tuple of ints, bytes, str and None ------------------------------------------
@@ -742,7 +763,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         (libpq's pipeline mode)."""
         pgconn = raw.pgconn
         name, prep, vals, fmts = self._bind(pgconn, sql, params)
-        res = self._round_trip(pgconn, [*self._take_queued(raw), (name, vals, fmts)])
+        return self._rows(prep, self._round_trip(
+            pgconn, [*self._take_queued(raw), (name, vals, fmts)]))
+
+    @staticmethod
+    def _rows(prep: _Prepared, res: Any) -> _Result:
+        """The rows of ``res``, an answer to the prepared statement ``prep``."""
         if res.status != ExecStatus.TUPLES_OK:
             return _Result([], res.command_tuples or 0)
         nf, nt = res.nfields, res.ntuples
@@ -776,11 +802,12 @@ class PgMetaStore(Transactions, NamespaceOps):
             fmts.append(f)
         return name, prep, vals, fmts
 
-    def _round_trip(self, pgconn: Any, stmts: list[tuple[bytes, Any, Any]]) -> Any:
+    def _round_trip(self, pgconn: Any, stmts: list[tuple[bytes, Any, Any]],
+                    want: int = -1) -> Any:
         """Send prepared statements ``(name, values, formats)`` (formats None: ``name`` is
         a command, BEGIN or COMMIT) at once, several in libpq's pipeline mode, and read their
-        results: the last one's, or the first error (the statements after it are skipped;
-        the transaction is aborted)."""
+        results: the one of statement ``want`` (the last by default), or the first error
+        (the statements after it are skipped; the transaction is aborted)."""
         if len(stmts) == 1 and stmts[0][2] is not None:
             name, vals, fmts = stmts[0]
             return self._check(pgconn, pgconn.exec_prepared(name, vals, fmts, 1))
@@ -792,7 +819,8 @@ class PgMetaStore(Transactions, NamespaceOps):
                 else:
                     pgconn.send_query_prepared(name, vals, fmts, 1)
             pgconn.pipeline_sync()
-            first_error = last = None
+            first_error = None
+            results = []
             for _ in stmts:
                 res = _next_result(pgconn)
                 while _next_result(pgconn) is not None:  # (each statement's results end so)
@@ -801,7 +829,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                         ExecStatus.FATAL_ERROR, ExecStatus.NONFATAL_ERROR,
                         ExecStatus.BAD_RESPONSE) and first_error is None:
                     first_error = res
-                last = res
+                results.append(res)
             sync = _next_result(pgconn)  # PIPELINE_SYNC
             if sync is None or sync.status != ExecStatus.PIPELINE_SYNC:
                 raise psycopg.OperationalError("the metadata database's answer to a "
@@ -813,7 +841,30 @@ class PgMetaStore(Transactions, NamespaceOps):
                 pgconn.finish()
         if first_error is not None:
             self._check(pgconn, first_error)
-        return last
+        return results[want]
+
+    def _unflushed(self, stmt: Any, params: Mapping[str, Any]) -> _Result:
+        """Run the hot statement ``stmt`` (see :data:`_RAW`) outside any transaction, in a
+        transaction of its own whose commit does not wait for the server's WAL flush, in one
+        round trip (BEGIN, ``SET LOCAL synchronous_commit TO off``, the statement, COMMIT).
+        The change is visible to every machine once this returns, but a crash of the server
+        within a fraction of a second (wal_writer_delay) may undo it: only for a change whose
+        loss is harmless. Nothing is fenced; an error rolls back and is a MetaError."""
+        raw = self._driver()
+        _stmt, sql, lits = _RAW[id(stmt)]
+        try:
+            pgconn = raw.pgconn
+            name, prep, vals, fmts = self._bind(pgconn, sql, {**lits, **params})
+            return self._rows(prep, self._round_trip(pgconn, [
+                (b"BEGIN", None, None), (b"SET LOCAL synchronous_commit TO off", None, None),
+                (name, vals, fmts), (b"COMMIT", None, None)], want=2))
+        except psycopg.Error as e:
+            if raw.broken:
+                with contextlib.suppress(Exception):
+                    self.conn.invalidate()
+            err = self._meta_error(e)
+            self._rolled_back()
+            raise err from e
 
     def _take_queued(self, raw: psycopg.Connection[Any]) -> list[tuple[bytes, Any, Any]]:
         """The statements :meth:`_x` queued, bound, preceded by a BEGIN if no transaction
@@ -1190,22 +1241,17 @@ class PgMetaStore(Transactions, NamespaceOps):
     def drop_unlinked(self, ino: int, unhold: bool = False) -> Changed:
         """See :meth:`NamespaceOps.drop_unlinked`; with ``unhold``, this machine's hold goes
         in the statement that reads (and locks) the inode: outside a transaction that
-        statement is its own (autocommit: a file's close is one round trip), and only an
-        inode found without a name is then deleted in a transaction. The hold's removal is
-        not fenced (a machine whose session expired only lets go of what the session's
-        reaper would drop); the inode's deletion is."""
+        statement is a transaction of its own, committed without waiting for the server's
+        WAL flush (:meth:`_unflushed`: a file's close is one round trip, and no disk wait),
+        and only an inode found without a name is then deleted in a transaction. The hold's
+        removal is not fenced (a machine whose session expired only lets go of what the
+        session's reaper would drop); the inode's deletion is."""
         if not unhold or self.session_id is None:
             return super().drop_unlinked(ino, unhold)
         k, hk = self._h(b"i", ino), self._h(b"h", self.session_id, ino)
         if not self._depth and not self._in_transaction():
-            raw = self._driver()
-            raw.autocommit = True
-            try:
-                rows = list(self._opened(inodes, self._x(_UNHOLD_GET, {"hold": hk, "key": k},
-                                                         fenced=False)))
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    raw.autocommit = False
+            rows = list(self._opened(inodes, self._unflushed(_UNHOLD_GET,
+                                                             {"hold": hk, "key": k})))
             self._vers.pop(("inodes", k), None)  # (read outside a transaction: not kept)
             if not rows or Inode(*rows[0][1]).nlink > 0:
                 return Changed()
@@ -1662,11 +1708,13 @@ class PgMetaStore(Transactions, NamespaceOps):
             parent_, ino = self._open("dentries", r.ver, (p_h, n_s, i_h), r.v)
             yield parent_, self._name_open(parent_, n_s), ino
 
-    def _nodes_maps(self, inos: Iterable[int]) -> tuple[dict[int, Inode], dict[int, list[str]]]:
-        """The inodes ``inos`` and the objects their chunk maps name, in one statement."""
+    def _nodes_maps(self, inos: Iterable[int]
+                    ) -> tuple[dict[int, Inode], dict[int, list[tuple[str, int | None]]]]:
+        """The inodes ``inos`` and the objects their chunk maps name, with their stored sizes
+        where the pages have them, in one statement."""
         inos = set(inos)
         nodes: dict[int, Inode] = {}
-        maps: dict[int, list[str]] = {}
+        maps: dict[int, list[tuple[str, int | None]]] = {}
         if not inos:
             return nodes, maps
         for r in self._x(_NODES_MAPS, {"ikeys": [self._h(b"i", i) for i in inos],
@@ -1679,22 +1727,34 @@ class PgMetaStore(Transactions, NamespaceOps):
             else:
                 self._remember("blocks", k, r.ver)
                 ino, _page, *flat = self._open("blocks", r.ver, (k, bytes(r.g)), r.v)
-                maps.setdefault(ino, []).extend(flat[1::2])
+                maps.setdefault(ino, []).extend(_entries(flat).values())
         return nodes, maps
 
-    def _allocated(self, nodes: dict[int, Inode], maps: dict[int, list[str]],
+    def _allocated(self, nodes: dict[int, Inode], maps: dict[int, list[tuple[str, int | None]]],
                    chunk_size: int, unit: int) -> dict[int, int]:
-        """:meth:`allocated` of each inode of ``nodes`` (0 unless a regular file)."""
-        refs = self._refs(o for i, objs in maps.items()
-                          if i in nodes and stat.S_ISREG(nodes[i].mode) for o in objs)
-        return {i: sum(-(-min(refs[o].size, chunk_size) // unit) * unit
-                       for o in maps.get(i, ()) if o in refs) if stat.S_ISREG(n.mode) else 0
-                for i, n in nodes.items()}
+        """:meth:`allocated` of each inode of ``nodes`` (0 unless a regular file): the sizes
+        the chunk map pages hold, the object rows read only for those they do not (pages
+        written before schema version 3)."""
+        regular = [i for i, n in nodes.items() if stat.S_ISREG(n.mode)]
+        sizes = self._sizes(e for i in regular for e in maps.get(i, ()))
+        alloc = dict.fromkeys(nodes, 0)
+        for i in regular:
+            alloc[i] = _allocated(maps.get(i, []), sizes, chunk_size, unit)
+        return alloc
+
+    def _sizes(self, entries: Iterable[tuple[str, int | None]]) -> dict[str, int]:
+        """The stored sizes of the objects chunk map ``entries`` name: as the pages hold them,
+        else (pages written before schema version 3) from the object rows, in one query."""
+        entries = list(entries)
+        sizes = {o: n for o, n in entries if n is not None}
+        sizes.update((r.name, r.size)
+                     for r in self._refs(o for o, n in entries if n is None).values())
+        return sizes
 
     def lookup_stat(self, parent: int, name: bytes, chunk_size: int,
                     unit: int) -> tuple[Inode, int] | None:
-        """Three queries (the entry; its inode and chunk map; the objects it names), two
-        for an inode with no chunks; see :meth:`MetaEngine.lookup_stat`."""
+        """Two queries (the entry; its inode and chunk map), and the objects its chunk map
+        names if its pages do not hold their sizes; see :meth:`MetaEngine.lookup_stat`."""
         ino = self.lookup(parent, name)
         if ino is None:
             return None
@@ -1705,8 +1765,9 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def stat_dir(self, parent: int, chunk_size: int,
                  unit: int) -> list[tuple[bytes, Inode, int]]:
-        """Three queries for the whole directory (its entries; their inodes and chunk maps;
-        the objects they name); see :meth:`MetaEngine.stat_dir`."""
+        """Two queries for the whole directory (its entries; their inodes and chunk maps), and
+        the objects of chunk map pages that do not hold their sizes (written before schema
+        version 3); see :meth:`MetaEngine.stat_dir`."""
         names = [(n, i) for _p, n, i in self._dir_rows(parent)]
         nodes, maps = self._nodes_maps(i for _n, i in names)
         alloc = self._allocated(nodes, maps, chunk_size, unit)
@@ -1794,10 +1855,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         return list(self._dentry_rows())
 
     # -- chunk maps: pages of MAP_PAGE consecutive chunk indexes, one row each ------------------
-    # a blocks row: (ino, page, idx, object, idx, object, ...) for the stored chunks of the page
-    def _pages(self, ino: int, lo: int = 0, hi: int = -1) -> dict[int, dict[int, str]]:
-        """``{page: {idx: object}}``: the pages of ``ino`` that hold chunks of ``lo <= idx <
-        hi`` (a few pages by key; a wide window or ``hi`` < 0: all of them, by ``ino``)."""
+    # a blocks row: (ino, page, SIZED, idx, object, size, idx, object, size, ...) for the stored
+    # chunks of the page (see _entries)
+    def _pages(self, ino: int, lo: int = 0, hi: int = -1
+               ) -> dict[int, dict[int, tuple[str, int | None]]]:
+        """``{page: {idx: (object, stored size or None)}}``: the pages of ``ino`` that hold
+        chunks of ``lo <= idx < hi`` (a few pages by key; a wide window or ``hi`` < 0: all of
+        them, by ``ino``)."""
         first, last = lo // MAP_PAGE, (hi - 1) // MAP_PAGE
         if 0 <= hi <= lo:
             return {}
@@ -1809,16 +1873,14 @@ class PgMetaStore(Transactions, NamespaceOps):
                 "keys": [self._h(b"b", ino, p) for p in range(first, last + 1)]}))
         else:
             rows = self._all(blocks, blocks.c.ino == self._h(b"B", ino))
-        out = {}
-        for _k, (_ino, page, *flat) in rows:
-            out[page] = dict(zip(flat[0::2], flat[1::2], strict=True))
-        return out
+        return {page: _entries(flat) for _k, (_ino, page, *flat) in rows}
 
     def _map(self, ino: int) -> dict[int, str]:
         """``{idx: object}``: the whole chunk map of ``ino``."""
-        return {i: o for entries in self._pages(ino).values() for i, o in entries.items()}
+        return {i: e[0] for entries in self._pages(ino).values() for i, e in entries.items()}
 
-    def _write_page(self, ino: int, page: int, entries: dict[int, str], existed: bool) -> None:
+    def _write_page(self, ino: int, page: int, entries: dict[int, tuple[str, int | None]],
+                    existed: bool) -> None:
         k, i_h = self._h(b"b", ino, page), self._h(b"B", ino)
         self._touched.add(ino)
         fresh = self._fresh.get(ino)
@@ -1827,7 +1889,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                 fresh[page] = dict(entries)
             else:
                 fresh.pop(page, None)
-        flat = [x for i in sorted(entries) for x in (i, entries[i])]
+        flat = [SIZED, *(x for i in sorted(entries) for x in (i, *entries[i]))]
         if not entries:
             if existed:
                 self._x(delete(blocks).where(blocks.c.k == k))
@@ -1850,8 +1912,8 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def get_blocks(self, ino: int, lo: int, hi: int) -> dict[int, ChunkRef]:
         """Chunk refs of ``ino`` for indexes ``lo <= idx < hi`` (holes are absent)."""
-        window = {i: o for entries in self._pages(ino, lo, hi).values()
-                  for i, o in entries.items() if lo <= i < hi}
+        window = {i: e[0] for entries in self._pages(ino, lo, hi).values()
+                  for i, e in entries.items() if lo <= i < hi}
         refs = self._refs(window.values())
         return {i: refs[o] for i, o in sorted(window.items()) if o in refs}
 
@@ -1861,7 +1923,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         page = idx // MAP_PAGE
         pages = self._pages(ino, idx, idx + 1)
         entries = pages.get(page, {})
-        old = entries.get(idx)
+        old = entries[idx][0] if idx in entries else None
         if old is not None and ref is not None and old == ref.name:
             return None
         if old is None and ref is None:
@@ -1871,7 +1933,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             del entries[idx]
         if ref is not None:
             self.reference(ref, staged)
-            entries[idx] = ref.name
+            entries[idx] = (ref.name, ref.size)
         self._write_page(ino, page, entries, page in pages)
         return old
 
@@ -1883,7 +1945,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             if not here:
                 continue
             for i in here:
-                gone.append(entries.pop(i))
+                gone.append(entries.pop(i)[0])
                 if counts:
                     self._addref(gone[-1], -1)
             self._write_page(ino, page, entries, True)
@@ -1909,9 +1971,8 @@ class PgMetaStore(Transactions, NamespaceOps):
         return min((i for i in self._map(ino) if i >= idx), default=None)
 
     def allocated(self, ino: int, chunk_size: int, unit: int) -> int:
-        objs = list(self._map(ino).values())
-        refs = self._refs(objs)
-        return sum(-(-min(refs[o].size, chunk_size) // unit) * unit for o in objs if o in refs)
+        entries = [e for page in self._pages(ino).values() for e in page.values()]
+        return _allocated(entries, self._sizes(entries), chunk_size, unit)
 
     def first_chunks_after(self, parent: int, name: bytes,
                            count: int) -> list[tuple[bytes, ChunkRef]]:
@@ -1925,15 +1986,16 @@ class PgMetaStore(Transactions, NamespaceOps):
             first: dict[int, str] = {}
             for _k, (ino, _page, *flat) in self._opened(
                     blocks, self._x(_GET_MANY["blocks"], {"keys": list(keys)})):
-                if flat and flat[0] == 0:
-                    first[ino] = flat[1]
+                entry = _entries(flat).get(0)
+                if entry is not None:
+                    first[ino] = entry[0]
             refs = self._refs(first.values())
             out += [(n, refs[first[i]]) for n, i in batch if first.get(i) in refs]
         return out[:count]
 
     def all_blocks(self) -> list[tuple[int, int, str]]:
-        return [(ino, i, o) for _k, (ino, _page, *flat) in self._all(blocks)
-                for i, o in zip(flat[0::2], flat[1::2], strict=True)]
+        return [(ino, i, e[0]) for _k, (ino, _page, *flat) in self._all(blocks)
+                for i, e in _entries(flat).items()]
 
     def object_users(self, name: str) -> list[int]:
         return sorted({ino for ino, _i, o in self.all_blocks() if o == name})
@@ -2424,7 +2486,7 @@ class PgFrozen:
                     by_name[v[0]] = ref = ChunkRef(v[0], v[1], v[2])
                     out.reference(ref, staged=v[4] == "staged")
                 for ino, _page, *flat in self._rows(blocks):
-                    for idx, obj in zip(flat[0::2], flat[1::2], strict=True):
+                    for idx, (obj, _size) in _entries(flat).items():
                         if obj in by_name:  # (a chunk map naming no object: fsck's to repair)
                             out.set_block(ino, idx, by_name[obj], staged=False)
                 for v in objs:

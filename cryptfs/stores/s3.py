@@ -137,9 +137,11 @@ class S3Store(PlainStore):
             read_timeout=self._attempt_timeout,
             max_pool_connections=32,
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
-            # downloads are checked against their recorded SHA-256 by the chunk store, a
-            # stronger check than S3's CRC, which costs a pass over every byte; uploads keep
-            # theirs, so the store refuses a body damaged on the way
+            # no CRC of S3's own, which costs a pass over every byte each way: a download is
+            # authenticated by its AEAD tags (and checked against its recorded size), and an
+            # upload's body is signed (SigV4's payload SHA-256, which botocore sends whenever
+            # no checksum is, over HTTP and HTTPS), so the store refuses one damaged on the way
+            request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
         try:
