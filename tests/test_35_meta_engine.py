@@ -610,8 +610,8 @@ def test_objects_named_by_one_or_several_prefixes(engine: MetaEngine) -> None:
 
 
 def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine) -> None:
-    """Collection: the store deletion of each object still unreferenced (in the order the
-    engine picks), its row gone after; a referenced one, one whose deletion failed (recorded
+    """Collection: the store deletion of the objects still unreferenced (one call for all),
+    their rows gone after; a referenced one, one whose deletion failed (recorded
     again, unreferenced) and an unknown one stay. ``claim_object``: a recorded object is live,
     a collected or unknown one is not (a commit stores such a one again), unless the caller
     stored it itself (``new``: an unknown one is fine)."""
@@ -624,9 +624,9 @@ def test_collect_objects_deletes_only_what_nothing_references(engine: MetaEngine
         engine.remove_blocks_from(f, 1)
     asked: list[str] = []
 
-    def delete(r: ChunkRef) -> bool:
-        asked.append(r.name)
-        return r.name != fails.name
+    def delete(refs: list[ChunkRef]) -> set[str]:  # (all at once)
+        asked.extend(r.name for r in refs)
+        return {r.name for r in refs if r.name != fails.name}
 
     gone = engine.collect_objects([used, free, fails, ref("cnone")], delete)
     assert gone == [free] and sorted(asked) == sorted([free.name, fails.name])

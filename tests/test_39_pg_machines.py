@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from cryptfs.meta.postgres import (
     SessionExpired,
     pg_engine,
 )
+from cryptfs.stores import ObjectStore
 from cryptfs.stores.memory import MemoryStore
 
 pytestmark = pytest.mark.timeout(90)
@@ -251,11 +252,11 @@ def test_a_commit_never_finds_a_collected_row_gone_before_its_object(
     order: list[str] = []
     deleting, go = threading.Event(), threading.Event()
 
-    def delete(ref: ChunkRef) -> bool:
+    def delete(refs: list[ChunkRef]) -> set[str]:
         deleting.set()
         go.wait(20)
-        order.append(f"deleted {ref.name[:7]}")
-        return True
+        order.extend(f"deleted {ref.name[:7]}" for ref in refs)
+        return {ref.name for ref in refs}
 
     collector = threading.Thread(target=lambda: a.collect_objects([r], delete))
     collector.start()
@@ -282,7 +283,7 @@ def test_a_commit_never_finds_a_collected_row_gone_before_its_object(
     r2 = ChunkRef("data/ef/" + "f" * 62, 4096, b"\4" * 32)
     _unreferenced(a, r2)
 
-    def dies(_ref: ChunkRef) -> bool:
+    def dies(_refs: list[ChunkRef]) -> set[str]:
         raise KeyboardInterrupt
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -295,6 +296,11 @@ def test_a_commit_never_finds_a_collected_row_gone_before_its_object(
         b.set_block(b.insert_inode(node(REG)), 0, again2, staged=False)
     assert a.get_object(r2.name) == (again2, 1, "stored")
     assert a.collect_objects([r2], dies) == []  # referenced again: not collected
+
+
+def deleting(store: ObjectStore) -> Callable[[list[ChunkRef]], set[str]]:
+    """A collection's delete: each object from ``store``."""
+    return lambda refs: {r.name for r in refs if store.delete(r.name) is None}
 
 
 def store_alone_holds(a: VaultEnv, want: dict[str, bytes], verify: bool = False) -> None:
@@ -401,7 +407,7 @@ def test_a_write_deduplicated_against_an_object_another_machine_collects_is_stor
     node, fh = b.fs.create(ROOT_INO, b"y", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
     b.fs.write(fh, 0, data)  # sealed: deduplicated against a's objects
     with a.fs.lock:
-        gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+        gone = a.meta.collect_objects(garbage, deleting(store))
     assert {r.name for r in gone} == {r.name for r in garbage}
     assert not any(store.exists(r.name) for r in gone)
     b.fs.release(fh)  # b's commit
@@ -435,7 +441,7 @@ def test_a_fresh_write_of_content_another_machine_stores_and_collects_is_stored_
     garbage = a.meta.unreferenced_objects()
     assert {r.name for r in garbage} == set(blobs)
     with a.fs.lock:
-        gone = a.meta.collect_objects(garbage, lambda r: store.delete(r.name) is None)
+        gone = a.meta.collect_objects(garbage, deleting(store))
     assert len(gone) == 4 and not list(store.list("data/"))
     assert all(a.meta.get_object(n) is None for n in blobs)  # tombstones: no record
     assert a.meta.all_objects() == [] and a.meta.stored_bytes() == 0
@@ -588,6 +594,87 @@ def test_a_checkpoint_reads_its_image_while_file_operations_go_on(
     finally:
         event.remove(Engine, "before_cursor_execute", hook)
         done.set()
+        m.close()
+
+
+class _SlowDeletes(MemoryStore):
+    """A store whose chunk deletes take a while, recording how many run at once."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events, self.active, self.most = events, 0, 0
+        self._count = threading.Lock()
+
+    def delete(self, name: str) -> None:
+        if not name.startswith("data/"):
+            return super().delete(name)
+        with self._count:
+            self.active += 1
+            self.most = max(self.most, self.active)
+            self.events.append("delete")
+        time.sleep(0.02)
+        try:
+            super().delete(name)
+        finally:
+            with self._count:
+                self.active -= 1
+
+
+def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_between(
+    pg_place: PgPlace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shared vault's collection runs under the filesystem lock a batch at a time: a
+    batch's store deletes run at once (several in flight), and between two batches a file
+    operation waiting for the lock gets it. Every unreferenced chunk is deleted, the
+    referenced one stays."""
+    from cryptfs.meta.ledger import Ledger
+    from cryptfs.paths import VaultPaths
+    from cryptfs.vault import checkpointer
+    from cryptfs.vault.checkpointer import Checkpointer
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    events: list[str] = []
+    store = _SlowDeletes(events)
+    m = FsMachine(pg_place.url, store, tmp_path / "a")
+    codec = Codec(b"\3" * 32, b"vault-id-0000003")
+    paths = VaultPaths("collector")
+    paths.data_dir.mkdir(parents=True)
+    ck = Checkpointer(meta=m.meta, ledger=Ledger(m.meta, codec.ledger_key), chunks=m.chunks,
+                      store=store, codec=codec, paths=paths, lock=m.fs.lock, metrics=None,
+                      flush_stored=lambda: None, queued=lambda: False, gate=lambda: None,
+                      fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
+                      held=lambda _pins: set())
+    count = 3 * checkpointer.COLLECT_BATCH
+    try:
+        for i in range(count + 1):
+            _node, fh = m.fs.create(ROOT_INO, b"f%d" % i, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+            m.fs.write(fh, 0, os.urandom(100))
+            m.fs.release(fh)
+        m.chunks.wait_uploaded()
+        for i in range(count):
+            m.fs.unlink(ROOT_INO, b"f%d" % i)
+        stop = threading.Event()
+
+        def file_operations() -> None:
+            while not stop.is_set():
+                with m.fs.lock:
+                    if events and events[-1] != "operation":
+                        events.append("operation")
+                time.sleep(0.001)
+
+        other = threading.Thread(target=file_operations)
+        other.start()
+        try:
+            ck.sync(collect=True)
+        finally:
+            stop.set()
+            other.join(10)
+        deletes = [i for i, e in enumerate(events) if e == "delete"]
+        assert len(deletes) == count and store.most > 1  # all of them, several at a time
+        between = events[deletes[0]:deletes[-1]]
+        assert between.count("operation") >= 2  # in each gap between the three batches
+        assert len(list(store.list("data/"))) == 1 and m.read(b"f%d" % count)
+    finally:
         m.close()
 
 

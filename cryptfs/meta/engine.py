@@ -349,10 +349,11 @@ class MetaEngine(Protocol):
         """Forget the tombstones no live session can need any more (how many went); 0 on an
         engine of one machine (it has none)."""
     def collect_objects(self, refs: list[ChunkRef],
-                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
-        """Collect the objects of ``refs`` that are still unreferenced: ``delete(ref)``
-        deletes one from the store (False: it stays, recorded as unreferenced), and its row
-        goes. Returns the objects deleted; commits. Never deletes an object that a commit
+                        delete: Callable[[list[ChunkRef]], set[str]]) -> list[ChunkRef]:
+        """Collect the objects of ``refs`` that are still unreferenced: ``delete(some)``
+        deletes those from the store, all at once (concurrently, if it likes), and returns
+        the names it deleted (any other stays, recorded as unreferenced); their rows go.
+        Returns the objects deleted; commits. Never deletes an object that a commit
         references, nor lets a commit find its row gone before the object is gone from the
         store (see :meth:`claim_object`)."""
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...

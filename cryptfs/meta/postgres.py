@@ -2163,14 +2163,15 @@ class PgMetaStore(Transactions, NamespaceOps):
         return lost
 
     def collect_objects(self, refs: list[ChunkRef],
-                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+                        delete: Callable[[list[ChunkRef]], set[str]]) -> list[ChunkRef]:
         """See :meth:`MetaEngine.collect_objects`. Other machines commit meanwhile, so: first
         the rows still unreferenced are marked "deleting" (one committed transaction: a crash
         after a store deletion below leaves marked rows, never a row that a commit would take
         for a stored object; a later collection finishes them); then, in a second
-        transaction, each marked row still unreferenced and marked is locked, its object
-        deleted from the store (``delete``) *while the row is locked*, and the row turned
-        into a tombstone (state "gone", with the time of the deletion; its copies' rows go).
+        transaction, each marked row still unreferenced and marked is locked, their objects
+        deleted from the store (``delete``, all at once) *while the rows are locked*, and
+        each row whose object went turned into a tombstone (state "gone", with the time of
+        the deletion; its copies' rows go).
         A commit referencing the object (:meth:`claim_object`, :meth:`reference`) locks the
         row too: before, its reference is seen and the row stays; during, it waits; after,
         it finds the row gone (or marked) and the object deleted for good, and stores the
@@ -2191,12 +2192,16 @@ class PgMetaStore(Transactions, NamespaceOps):
             return marked
 
         def drop(marked: list[ChunkRef]) -> list[ChunkRef]:
-            gone = []
+            locked = []
             for ref in marked:
                 got = self._object(ref.name, lock=True)
                 if got is None or got[3] > 0 or got[4] != "deleting":
                     continue  # taken over by a commit meanwhile
-                if delete(ref):
+                locked.append((ref, got))
+            done = delete([ref for ref, _got in locked]) if locked else set()
+            gone = []
+            for ref, got in locked:
+                if ref.name in done:
                     self._bury(got)
                     gone.append(ref)
             return gone

@@ -1061,19 +1061,18 @@ class MetaStore(Transactions, NamespaceOps):
         return 0
 
     def collect_objects(self, refs: list[ChunkRef],
-                        delete: Callable[[ChunkRef], bool]) -> list[ChunkRef]:
+                        delete: Callable[[list[ChunkRef]], set[str]]) -> list[ChunkRef]:
         """See :meth:`MetaEngine.collect_objects` (one machine, one writer: the rows go in one
         transaction, then the objects; one that could not be deleted is recorded again)."""
         with self.transaction():
             dropped = [r for r in refs if self.drop_object_if_unreferenced(r.name)]
-        gone = []
-        for ref in dropped:
-            if delete(ref):
-                gone.append(ref)
-            else:
-                with self.transaction():
+        done = delete(dropped) if dropped else set()
+        kept = [r for r in dropped if r.name not in done]
+        if kept:
+            with self.transaction():
+                for ref in kept:
                     self.unreference_object(ref)
-        return gone
+        return [r for r in dropped if r.name in done]
 
     # -- packs --------------------------------------------------------------------------------
     def record_pack(self, ref: ChunkRef) -> None:

@@ -137,10 +137,8 @@ class S3Store(PlainStore):
             read_timeout=self._attempt_timeout,
             max_pool_connections=32,
             s3={"addressing_style": "path" if custom_endpoint else "auto"},
-            # no CRC of S3's own, which costs a pass over every byte each way: a download is
-            # authenticated by its AEAD tags (and checked against its recorded size), and an
-            # upload's body is signed (SigV4's payload SHA-256, which botocore sends whenever
-            # no checksum is, over HTTP and HTTPS), so the store refuses one damaged on the way
+            # no CRC pass over every byte: downloads are authenticated by their AEAD tags, and an
+            # upload's body is signed (SigV4's payload SHA-256): the store refuses it damaged
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )

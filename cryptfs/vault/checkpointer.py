@@ -69,6 +69,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
@@ -133,8 +134,11 @@ STAGED_WAIT = 10.0
 # requested round also collects): background checkpoints take a bounded share of the time
 REQUEST_SPACING = 10
 # unreferenced chunks collected per transaction on a shared (PostgreSQL) vault: their store
-# deletes run under the filesystem lock, which is let go between batches
-COLLECT_BATCH = 32
+# deletes run under the filesystem lock, which is let go between batches, DELETE_THREADS at a
+# time (a batch of S3 deletes costs about one request's time, not 16)
+COLLECT_BATCH = 16
+DELETE_THREADS = 8
+BATCH_PAUSE = 0.0  # seconds between two batches, the lock let go
 
 
 class Checkpointer:
@@ -720,21 +724,29 @@ class Checkpointer:
         (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
         again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
-        happen under it). What this machine has pinned stays. Then the tombstones
+        happen under it, a batch's at once). What this machine has pinned stays. Then the tombstones
         (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are dropped."""
 
-        def delete(ref: ChunkRef) -> bool:
-            if not self.chunks.try_claim_for_delete(ref.name):
-                return False
+        def delete_one(ref: ChunkRef) -> str | None:
             try:
                 self.chunks.delete_claimed(ref.name)
             except StoreError as e:
                 log.warning("could not delete %s: %s", ref.name, e)
-                return False
-            return True
+                return None
+            return ref.name
+
+        def delete(refs: list[ChunkRef]) -> set[str]:  # (the filesystem lock is held: at once)
+            claimed = [r for r in refs if self.chunks.try_claim_for_delete(r.name)]
+            if len(claimed) < 2:
+                return {n for n in map(delete_one, claimed) if n}
+            with ThreadPoolExecutor(min(DELETE_THREADS, len(claimed)),
+                                    thread_name_prefix="collect") as pool:
+                return {n for n in pool.map(delete_one, claimed) if n}
 
         deleted: list[ChunkRef] = []
         for i in range(0, len(garbage), COLLECT_BATCH):
+            if i:  # a lock let go and taken again at once is seldom won by a thread waiting
+                time.sleep(BATCH_PAUSE)  # for it: the file operations come first
             with self._own():
                 deleted += self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
         with self._own():  # the tombstones of deletions no live session can need any more
