@@ -1236,8 +1236,8 @@ def test_a_frozen_state_is_read_whole_while_the_engine_goes_on(
     kind: EngineKind, engine: MetaEngine, tmp_path: Path
 ) -> None:
     """freeze() commits and fixes the committed state, as a full checkpoint reads it without
-    the filesystem lock: its image, staged and unreferenced objects and ledger head are of
-    that state, whatever the engine writes and commits meanwhile, read as often as asked."""
+    the filesystem lock: its image, staged, unreferenced and named objects and ledger head are
+    of that state, whatever the engine writes and commits meanwhile, read as often as asked."""
     inos = [ROOT_INO, *_populate(engine).values()]
     with engine.transaction():
         engine.set_refcount("meta/old", 0)  # unreferenced: a collection may delete it
@@ -1251,12 +1251,16 @@ def test_a_frozen_state_is_read_whole_while_the_engine_goes_on(
             engine.set_block(inos[2], 0, None, staged=False)  # snap0 unreferenced now
             engine.set_block(later, 0, ref("late"), staged=True)
             engine.mark_stored(ref("snap9").name)
+            engine.reference(ChunkRef("meta/later", 1, b"\0" * 32), staged=False)
         Ledger(engine, KEY).append("put", "meta/later", 1, b"\0" * 32)
         old = ChunkRef("meta/old", 50, b"\5" * 32)
+        assert sorted(r.name for r in engine.objects_named("meta/")) == ["meta/later",
+                                                                          "meta/old"]
         for _ in range(2):
             assert frozen.ledger_seq == 1
             assert frozen.staged() == [ref("snap9", 7)]
             assert frozen.unreferenced_objects() == [old]
+            assert frozen.objects_named("meta/", "nothing/") == [old]
             image = frozen.image()
         if engine.shared:  # other machines' uploads not in the store: left out
             (tmp_path / "left").mkdir()

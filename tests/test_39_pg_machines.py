@@ -50,6 +50,7 @@ from cryptfs.meta.postgres import (
     _FENCE,
     TOMBSTONE_MARGIN,
     DbKeys,
+    PgFrozen,
     PgMetaStore,
     PgSession,
     PgWatcher,
@@ -625,8 +626,9 @@ def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_betwee
 ) -> None:
     """A shared vault's collection runs under the filesystem lock a batch at a time: a
     batch's store deletes run at once (several in flight), and between two batches a file
-    operation waiting for the lock gets it. Every unreferenced chunk is deleted, the
-    referenced one stays."""
+    operation waiting for the lock gets it. The checkpoints, segments and pins it looks for
+    (every object row read) are read without the lock. Every unreferenced chunk is deleted,
+    the referenced one stays."""
     from cryptfs.meta.ledger import Ledger
     from cryptfs.paths import VaultPaths
     from cryptfs.vault import checkpointer
@@ -645,6 +647,22 @@ def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_betwee
                       fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
                       held=lambda _pins: set())
     count = 3 * checkpointer.COLLECT_BATCH
+    free: list[bool] = []
+    named = PgFrozen.objects_named
+
+    def take_lock() -> None:
+        got = m.fs.lock.acquire(timeout=5)
+        if got:
+            m.fs.lock.release()
+        free.append(got)
+
+    def objects_named(frozen: PgFrozen, *prefixes: str) -> list[ChunkRef]:
+        taker = threading.Thread(target=take_lock)
+        taker.start()
+        taker.join(10)
+        return named(frozen, *prefixes)
+
+    monkeypatch.setattr(PgFrozen, "objects_named", objects_named)
     try:
         for i in range(count + 1):
             _node, fh = m.fs.create(ROOT_INO, b"f%d" % i, 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
@@ -673,6 +691,7 @@ def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_betwee
         assert len(deletes) == count and store.most > 1  # all of them, several at a time
         between = events[deletes[0]:deletes[-1]]
         assert between.count("operation") >= 2  # in each gap between the three batches
+        assert free == [True]  # another thread took the lock while the objects were read
         assert len(list(store.list("data/"))) == 1 and m.read(b"f%d" % count)
     finally:
         m.close()

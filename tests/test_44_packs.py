@@ -1,7 +1,8 @@
 """Packs (docs/FORMAT.md 4.3), through real mounts on the moto S3 server: small files' chunk
 objects share pack objects, read back whole and from the store alone; a pack with deleted
 members keeps the others readable and ``cryptfs gc`` repacks it; a damaged member is EIO for its
-file and for nothing else; a pack a crash left open is closed and uploaded at the next mount."""
+file and for nothing else; a pack a crash left open is closed and uploaded at the next mount, and
+the row of a pack a crash left deleted goes."""
 
 from __future__ import annotations
 
@@ -278,6 +279,58 @@ def test_an_open_pack_left_by_kill_9_is_closed_and_uploaded_at_the_next_mount(
     assert len(listed(env, PACK_PREFIX)) == 1
     assert not list((env.data_dir / "staging").iterdir())
     assert_store_alone(env, files)
+
+
+def test_a_pack_row_a_crash_left_after_the_pack_was_deleted_goes_at_the_next_mount(
+        vault_env: VaultEnv) -> None:
+    """A collection deletes an emptied pack from the store, then its row: a crash in between
+    leaves a row naming a pack the store no longer has, with no member (verify: missing).
+    The next mount's crash recovery drops that row (a ledger "del" entry) and verify is clean.
+    The crash is reproduced by putting back, after a clean collection, the pack rows it
+    dropped, and the unclean mark a crash leaves."""
+    env = vault_env
+    mnt = env.root / "mnt"
+    files = small_files(12, 9)
+    env.mount(mnt)
+    write_tree(mnt, files)
+    env.umount(mnt)
+    packs = [r for r in _rows_of(env, "objects") if r[0].startswith(PACK_PREFIX)]
+    assert packs and set(listed(env, PACK_PREFIX)) == {r[0] for r in packs}
+    env.mount(mnt)
+    for rel in files:
+        (mnt / rel).unlink()
+    env.umount(mnt)  # its collection deletes the members' rows, the packs, their rows
+    assert not listed(env, PACK_PREFIX)
+    assert not [r for r in _rows_of(env, "objects") if r[0].startswith(PACK_PREFIX)]
+    con = sqlite3.connect(env.db)
+    try:
+        with con:
+            con.executemany(f"INSERT INTO objects VALUES ({', '.join('?' * len(packs[0]))})",
+                            packs)
+            con.execute("UPDATE state SET value = '0' WHERE key = 'clean'")
+    finally:
+        con.close()
+    res = env.cli("verify", check=False)
+    assert res.returncode != 0 and "missing" in res.stdout and packs[0][0] in res.stdout
+    env.mount(mnt)  # crash recovery
+    env.umount(mnt)
+    assert not [r for r in _rows_of(env, "objects") if r[0].startswith(PACK_PREFIX)]
+    res = env.cli("verify", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    con = sqlite3.connect(env.db)
+    try:
+        ops = {n: op for op, n in con.execute("SELECT op, name FROM ledger ORDER BY seq")}
+    finally:
+        con.close()
+    assert all(ops[r[0]] == "del" for r in packs)
+
+
+def _rows_of(env: VaultEnv, table: str) -> list[tuple[object, ...]]:
+    con = sqlite3.connect(env.db)
+    try:
+        return list(con.execute(f"SELECT * FROM {table}"))
+    finally:
+        con.close()
 
 
 def _daemon(mnt: Path) -> int:

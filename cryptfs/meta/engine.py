@@ -99,6 +99,10 @@ class Frozen(Protocol):
         """:meth:`MetaEngine.unreferenced_objects` in this state: what a collection after a
         checkpoint of this image may delete (the image references none of it)."""
 
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """:meth:`MetaEngine.objects_named` in this state (an engine that reads every object
+        row for it reads them here, without the filesystem lock)."""
+
     def close(self) -> None:
         """Let the state go (nothing else may be called after)."""
 

@@ -2461,6 +2461,9 @@ class PgFrozen:
     def unreferenced_objects(self) -> list[ChunkRef]:
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if _collectable(v)]
 
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[0].startswith(prefixes)]
+
     def image(self, leave_out: Callable[[ChunkRef], bool] | None = None) -> bytes:
         """This state as one SQLite image (what a checkpoint stores), built in an in-memory
         SQLite engine: a vault can always be opened from the store onto SQLite. A row that

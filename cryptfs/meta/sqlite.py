@@ -407,6 +407,20 @@ class _Taken:
     def unreferenced_objects(self) -> list[ChunkRef]:
         return list(self._unreferenced)
 
+    def objects_named(self, *prefixes: str) -> list[ChunkRef]:
+        """Read from the image, opened in memory (its header says WAL mode, which a database
+        in memory cannot be in: its two version bytes say a rollback journal instead)."""
+        data = bytearray(self.data)
+        data[18:20] = b"\1\1"
+        db = sqlite3.connect(":memory:")
+        try:
+            db.deserialize(bytes(data))
+            rows = db.execute("SELECT name, size, sha256, pack, off FROM objects").fetchall()
+        finally:
+            db.close()
+        return [ChunkRef(n, z, bytes(h), p, f or 0) for n, z, h, p, f in rows
+                if n.startswith(prefixes)]
+
     def close(self) -> None:
         """Nothing held."""
 
