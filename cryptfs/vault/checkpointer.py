@@ -730,8 +730,9 @@ class Checkpointer:
         (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
         again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
-        happen under it, a batch's at once). What this machine has pinned stays. Then the tombstones
-        (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are dropped."""
+        happen under it, a batch's at once). What this machine has pinned stays. Then the
+        tombstones (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are
+        dropped."""
 
         def delete_one(ref: ChunkRef) -> str | None:
             try:
