@@ -285,9 +285,9 @@ def test_a_pack_row_a_crash_left_after_the_pack_was_deleted_goes_at_the_next_mou
         vault_env: VaultEnv) -> None:
     """A collection deletes an emptied pack from the store, then its row: a crash in between
     leaves a row naming a pack the store no longer has, with no member (verify: missing).
-    The next mount's crash recovery drops that row (a ledger "del" entry) and verify is clean.
-    The crash is reproduced by putting back, after a clean collection, the pack rows it
-    dropped, and the unclean mark a crash leaves."""
+    The next mount's first collection looks at every pack and drops that row (a ledger "del"
+    entry): verify is clean. The crash is reproduced by putting back, after a clean
+    collection, the pack rows it dropped, and the unclean mark a crash leaves."""
     env = vault_env
     mnt = env.root / "mnt"
     files = small_files(12, 9)
@@ -312,7 +312,7 @@ def test_a_pack_row_a_crash_left_after_the_pack_was_deleted_goes_at_the_next_mou
         con.close()
     res = env.cli("verify", check=False)
     assert res.returncode != 0 and "missing" in res.stdout and packs[0][0] in res.stdout
-    env.mount(mnt)  # crash recovery
+    env.mount(mnt)  # crash recovery, then (at the latest when unmounting) a collection
     env.umount(mnt)
     assert not [r for r in _rows_of(env, "objects") if r[0].startswith(PACK_PREFIX)]
     res = env.cli("verify", check=False)

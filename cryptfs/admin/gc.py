@@ -194,17 +194,18 @@ def repack(vault: Any) -> tuple[int, int]:
             with fs.lock, meta.transaction():
                 meta.move_to_pack(ref)
     chunks.wait_uploaded()
-    vault.sync()  # a checkpoint naming the new places, before the old packs go
-    freed = 0
-    with fs.lock:
+    vault.sync()  # a checkpoint naming the new places, before the old packs go (its collection
+    with fs.lock:  # may delete them already)
         empty = meta.empty_packs([p.name for p, _ in plan])
     for p in empty:
         vault.store.delete(p.name)
         with fs.lock, meta.transaction():
             meta.forget_object(p.name)
             vault.ledger.append("del", p.name, p.size, p.sha256)
-        freed += p.size
-    return len(empty), freed
+    with fs.lock:
+        left = {r.name for r in meta.objects_named(PACK_PREFIX)}
+    gone = [p for p, _ in plan if p.name not in left]
+    return len(gone), sum(p.size for p in gone)
 
 
 def _age(c: Candidate) -> str:

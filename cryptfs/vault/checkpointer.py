@@ -80,6 +80,7 @@ from cryptfs.format.layout import (
     CHECKPOINT_PREFIX,
     MAX_CHECKPOINT,
     META_PREFIX,
+    PACK_PREFIX,
     SNAPSHOT_PREFIX,
     checkpoint_name,
     checkpoint_seq,
@@ -215,6 +216,7 @@ class Checkpointer:
         self._uncollected = 0  # rounds since collection last ran
         self._final = False  # the mount is ending: collect in the round, whatever the interval
         self._force_collect = False  # the next round collects, whatever the interval
+        self._packs_swept = False  # a collection of this mount looked at every pack
         self._head_renamed = False  # the head file was renamed, its directory not synced
         self._head_at = float("-inf")  # (time.monotonic) when a round last wrote the head file
         self.newest: str | None = None  # the newest checkpoint this mount wrote
@@ -698,8 +700,16 @@ class Checkpointer:
             deleted.append(ref)
         if meta.shared:
             deleted = self._collect_shared(garbage)
-        if members:
-            deleted += self._collect_packs({r.pack for r in members if r.pack}, held)
+        packs = {r.pack for r in members if r.pack}
+        if not self._packs_swept and not meta.shared:
+            # once a mount, every pack no row names, not only those this round emptied: a
+            # crash between the deletion of a pack and of its row, or of its last members'
+            # rows and of the pack, or a member pinned when the others went, left it
+            with self.lock:
+                packs.update(r.name for r in meta.objects_named(PACK_PREFIX))
+        self._packs_swept = True
+        if packs:
+            deleted += self._collect_packs(packs, held)
         if deleted:
             with self._own(), meta.transaction():
                 for ref in deleted:
