@@ -487,6 +487,31 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
         other.close()
 
 
+def test_statements_deallocated_by_someone_are_prepared_again(
+    engine: PgMetaStore, pg_place: PgPlace
+) -> None:
+    """The hot statements are prepared once per connection; if something deallocates them (a
+    DEALLOCATE ALL, as a connection pooler's reset does), the call that finds one gone fails
+    with a one-line MetaError and the next prepares it again: a lookup, and a close's unhold
+    (its own unflushed transaction)."""
+    sid = os.urandom(16)
+    pg_place.sql("INSERT INTO sessions (k, expires, v) VALUES "
+                 f"('\\x{_hash(KEYS, b'S', sid).hex()}', now() + interval '1 hour', '\\x00')")
+    engine.attach(sid)
+    f = engine.mknod(ROOT_INO, b"f", node(0, REG)).ino
+    for call in (lambda: engine.lookup(ROOT_INO, b"f"), lambda: engine.drop_unlinked(f, True)):
+        engine.hold(f)
+        engine.commit()
+        call()  # prepared
+        engine._driver().execute("DEALLOCATE ALL")
+        engine._driver().commit()
+        with pytest.raises(MetaError) as e:
+            call()
+        assert "\n" not in str(e.value)
+        call()  # prepared again
+    assert engine.lookup(ROOT_INO, b"f") == f and not engine.held(f)
+
+
 def test_chunk_maps_are_stored_in_pages(engine: PgMetaStore, pg_place: PgPlace) -> None:
     """One row per MAP_PAGE chunk indexes (the database sees a file's size to that many
     chunks); windows, holes and removals that cross page boundaries."""

@@ -749,12 +749,18 @@ class PgMetaStore(Transactions, NamespaceOps):
                 return _Result([], cur.rowcount)
             return self._libpq(raw, sql, params or {})
         except psycopg.Error as e:
-            if raw.broken:
-                with contextlib.suppress(Exception):
-                    self.conn.invalidate()
-            elif e.sqlstate == "26000":  # (deallocated by someone: prepared again next time)
-                self._prep_names = {}
+            self._driver_failed(raw, e)
             raise
+
+    def _driver_failed(self, raw: psycopg.Connection[Any], e: psycopg.Error) -> None:
+        """After error ``e`` of a statement run on the driver's connection ``raw``: a
+        connection the error broke is invalidated (SQLAlchemy makes a new one after the
+        rollback); prepared statements deallocated by someone are prepared again next time."""
+        if raw.broken:
+            with contextlib.suppress(Exception):
+                self.conn.invalidate()
+        elif e.sqlstate == "26000":
+            self._prep_names = {}
 
     def _libpq(self, raw: psycopg.Connection[Any], sql: str, params: Mapping[str, Any]
                ) -> _Result:
@@ -859,9 +865,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                 (b"BEGIN", None, None), (b"SET LOCAL synchronous_commit TO off", None, None),
                 (name, vals, fmts), (b"COMMIT", None, None)], want=2))
         except psycopg.Error as e:
-            if raw.broken:
-                with contextlib.suppress(Exception):
-                    self.conn.invalidate()
+            self._driver_failed(raw, e)
             err = self._meta_error(e)
             self._rolled_back()
             raise err from e
@@ -886,10 +890,8 @@ class PgMetaStore(Transactions, NamespaceOps):
             raw = self._driver()
             try:
                 self._round_trip(raw.pgconn, self._take_queued(raw))
-            except psycopg.Error:
-                if raw.broken:
-                    with contextlib.suppress(Exception):
-                        self.conn.invalidate()
+            except psycopg.Error as e:
+                self._driver_failed(raw, e)
                 raise
 
     @staticmethod
@@ -1196,9 +1198,7 @@ class PgMetaStore(Transactions, NamespaceOps):
                 raw.pgconn, _RAW[id(_FENCE_NOTIFY if self._touched else _FENCE)][1], params)
             self._round_trip(raw.pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)])
         except psycopg.Error as e:
-            if raw.broken:
-                with contextlib.suppress(Exception):
-                    self.conn.invalidate()
+            self._driver_failed(raw, e)
             if e.sqlstate != FENCE_FAILED:
                 raise
         else:
