@@ -904,11 +904,12 @@ def test_tampered_sessions_and_holds_rows_are_detected_or_harmless(
                 a.hold(ino)
         # sessions' payloads edited and swapped: a still commits
         pg_place.sql("UPDATE sessions s SET v = o.v FROM sessions o WHERE s.k <> o.k")
-        pg_place.sql("UPDATE sessions SET v = overlay(v placing '\\x00'::bytea from 20)")
+        pg_place.sql("UPDATE sessions SET v = set_byte(v, 19, get_byte(v, 19) # 255)")
         a.mknod(ROOT_INO, b"still-commits", node(REG))
         # holds: f's payload edited, g's deleted, h's untouched; b unlinks all three
         fh, gh = (a._h(b"h", sa.id, i).hex() for i in (f, g))
-        pg_place.sql("UPDATE holds SET v = overlay(v placing '\\xff'::bytea from length(v)) "
+        pg_place.sql("UPDATE holds SET v = "
+                     "set_byte(v, length(v) - 1, get_byte(v, length(v) - 1) # 255) "
                      f"WHERE k = '\\x{fh}'")
         pg_place.sql(f"DELETE FROM holds WHERE k = '\\x{gh}'")
         for n in (b"f", b"g", b"h"):
