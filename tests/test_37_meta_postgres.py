@@ -27,7 +27,7 @@ from sqlalchemy import event
 from cryptfs.errors import ConfigError, IntegrityError, MetaError
 from cryptfs.format import crypto
 from cryptfs.format.codec import ChunkRef
-from cryptfs.meta import ROOT_INO, Inode
+from cryptfs.meta import ROOT_INO, Inode, postgres
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.postgres import (
     MAP_PAGE,
@@ -452,9 +452,11 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
     ref = ChunkRef("ab" * 32, 4200, bytes(32))
     d2 = engine.mknod(d, b"d2", node(0, DIR)).ino
 
-    def small_file() -> int:
-        new = engine.mknod(d2, b"small", node(0, REG), commit=False).ino
+    def small_file(name: bytes = b"small", lookup: bool = False) -> int:
+        new = engine.mknod(d2, name, node(0, REG), commit=False).ino
         engine.hold(new)
+        if lookup:  # (the chunk store's, before it stores a chunk: none recorded)
+            assert engine.get_object(ref.name) is None
 
         def flush() -> None:
             assert not engine.claim_objects({ref.name: True})
@@ -473,17 +475,81 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
         return new
 
     small, rts = round_trips(small_file)
-    assert rts == [["BEGIN", "WITH"], ["INSERT", "SAVEPOINT", "SELECT"],
-                   ["INSERT", "INSERT", "UPDATE"], ["SELECT", "SELECT"],
+    assert rts == [["BEGIN", "WITH"], ["INSERT", "SAVEPOINT", "SELECT"],  # hold; claim
+                   ["INSERT", "INSERT", "UPDATE", "SELECT", "SELECT"],  # ledger: lock, head
                    ["INSERT", "SELECT", "COMMIT"]]
     assert engine.held(small) and engine.get_inode(small).size == 4096  # type: ignore[union-attr]
     assert engine.get_blocks(small, 0, 1) == {0: ref} and engine.ledger_last()[3] == ref.name
+    # the next one as a mount makes it: its chunk looked up (not found: stored), its flush
+    # one round trip (the claim is that lookup's answer, the append after the head this
+    # engine wrote: both checked by the statements that depend on them)
+    ref = ChunkRef("cd" * 32, 4200, bytes(32))
+    engine.commit()
+    small, rts = round_trips(small_file, b"small2", True)
+    assert rts == [["BEGIN", "WITH"], ["INSERT", "SELECT"],
+                   ["SAVEPOINT", "INSERT", "INSERT", "UPDATE", "SELECT", "WITH", "SELECT",
+                    "COMMIT"]]
+    assert engine.get_blocks(small, 0, 1) == {0: ref} and engine.ledger_last()[3] == ref.name
+    assert [r[0] for r in engine.ledger_page(0, 10)] == [1, 2]
     other = PgMetaStore(pg_place.url, KEYS)
     try:
         other.setattr(d, 0o700)
         made = engine.mknod(d, b"g", node(0, REG))
         assert made.inodes[d].mode & 0o777 == 0o700  # run again on the other's change
         assert sorted(n for n, _i, _m in other.list_dir(d)) == [b"d2", b"f", b"first", b"g"]
+    finally:
+        other.close()
+
+
+def test_an_append_after_a_head_that_moved_runs_again(
+    engine: PgMetaStore, pg_place: PgPlace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operation's append after the ledger head this engine last read or wrote (not read
+    again) is checked by the database: another machine's append in between, or that head
+    edited, is a conflict, and the operation runs again after reading the head; the chain has
+    no gap nor fork, and a small file's create before its flush stays. An edited head then
+    fails to open: nothing is appended after it."""
+    monkeypatch.setattr(postgres, "HEAD_TRUST_PAUSE", 0.0)
+    retries: list[int] = []
+    monkeypatch.setattr(postgres, "_backoff", retries.append)
+    other = PgMetaStore(pg_place.url, KEYS)
+    mine, theirs = Ledger(engine, LEDGER_KEY), Ledger(other, LEDGER_KEY)
+
+    def append(led: Ledger, name: str) -> None:
+        led.meta.atomically(lambda: led.append("put", name, 1, bytes(32)))
+
+    try:
+        append(mine, "data/a1")
+        append(mine, "data/a2")  # (after the head it wrote)
+        append(theirs, "data/b3")
+        assert retries == []
+        append(mine, "data/a4")  # after a2: b3 is in its place; run again after b3
+        assert retries == [0]
+        d = engine.mknod(ROOT_INO, b"d", node(0, DIR)).ino
+        append(theirs, "data/b5")  # (the same for the other after b3)
+        assert retries == [0, 0]
+        f = engine.mknod(d, b"f", node(0, REG), commit=False).ino  # a create, then its flush
+
+        def flush() -> None:
+            engine.set_block(f, 0, ChunkRef("ef" * 32, 9, bytes(32)), staged=False)
+            mine.append("put", "data/a6", 1, bytes(32))
+
+        engine.atomically(flush)  # after a4: b5 is in its place; again from the savepoint
+        entries = list(mine.entries())
+        assert [e.name for e in entries] == [f"data/{x}" for x in
+                                             ("a1", "a2", "b3", "a4", "b5", "a6")]
+        assert [e.seq for e in entries] == [1, 2, 3, 4, 5, 6]
+        assert all(e.prev == p.hash for p, e in zip(entries, entries[1:], strict=False))
+        assert engine.get_blocks(f, 0, 1)[0].name == "ef" * 32  # the create stayed
+        assert [n for n, _i, _m in other.list_dir(d)] == [b"f"]
+        assert retries == [0, 0, 0]  # a4, b5 and a6: each ran again once
+        # its head edited (a byte of the sealed row flipped): the append conflicts, the head
+        # read again fails authentication
+        pg_place.sql("UPDATE ledger SET v = set_byte(v, 0, get_byte(v, 0) # 1) WHERE seq = 6")
+        with pytest.raises(IntegrityError):
+            append(mine, "data/a7")
+        assert retries == [0, 0, 0, 0]
+        assert pg_place.sql("SELECT max(seq) FROM ledger") == [(6,)]
     finally:
         other.close()
 

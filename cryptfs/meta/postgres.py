@@ -265,6 +265,16 @@ _FENCE_NOTIFY = text("SELECT 1 / count(*) AS live FROM "
 FENCE_FAILED = "22012"
 _NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("notice")))
 _INSERT_LEDGER = insert(ledger)
+# An append after the head this engine last read or wrote (PgMetaStore.ledger_last), without
+# reading it again: the row goes in only if that head is still there as it was, and a newer
+# row already at its place is a unique violation; a head gone or changed makes the cast fail
+# (numeric_value_out_of_range, LEDGER_MOVED): either way nothing after it in the round trip
+# runs (the COMMIT with it), and the operation runs again after reading the head
+_INSERT_LEDGER_AFTER = text(
+    "WITH i AS (INSERT INTO ledger (seq, v) SELECT :seq, :v WHERE EXISTS "
+    "(SELECT 1 FROM ledger WHERE seq = :prev AND v = :prev_v) RETURNING 1) "
+    "SELECT (2147483648 - count(*))::int4 AS appended FROM i")
+LEDGER_MOVED = "22003"
 _LEDGER_LAST = select(ledger).order_by(ledger.c.seq.desc()).limit(1)
 _READ_ONLY = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 _XACT_LOCK = select(func.pg_advisory_xact_lock(bindparam("lock")))
@@ -290,8 +300,8 @@ def _raw(*stmts: Any) -> None:
 
 _raw(_GET, _LOOKUP, _INSERT, _INSERT_NEW, _INSERT_HOLD, _UPDATE, _GET_LOCKED, _GET_MANY, _VER,
      _CLAIM, _NEXT_INOS, _DELETE_HOLD, _DELETE_DENTRY, _HELD, _SAVEPOINT, _ROLLBACK_TO, _FENCE,
-     _FENCE_NOTIFY, _NOTIFY, _INSERT_LEDGER, _LEDGER_LAST, _XACT_LOCK, _UNHOLD_GET, _DIR,
-     _NODES_MAPS, _CREATE)
+     _FENCE_NOTIFY, _NOTIFY, _INSERT_LEDGER, _INSERT_LEDGER_AFTER, _LEDGER_LAST, _XACT_LOCK,
+     _UNHOLD_GET, _DIR, _NODES_MAPS, _CREATE)
 
 
 # libpq's binary form of the result columns the hot statements return, by type oid
@@ -425,8 +435,12 @@ def pg_engine(url: URL | str, **kw: Any) -> Engine:
                           "postgresql+psycopg URL, or its driver is missing)") from None
 
 
-CONFLICT_STATES = {"40001", "40P01", "23505"}  # serialization_failure, deadlock_detected,
-# unique_violation (another writer inserted the same key first: a retry sees its row)
+CONFLICT_STATES = {"40001", "40P01", "23505", "22003"}  # serialization_failure,
+# deadlock_detected, unique_violation (another writer inserted the same key first: a retry sees
+# its row), LEDGER_MOVED
+# after a conflict, appends read the ledger's head for this long (another machine is writing:
+# an append after the head known here would mostly conflict)
+HEAD_TRUST_PAUSE = 1.0
 
 
 def _collectable(obj: tuple[Any, ...]) -> bool:
@@ -625,6 +639,11 @@ class PgMetaStore(Transactions, NamespaceOps):
         # objects the open transaction claimed while they had no row (claim_object with new):
         # nothing locked, so a reference finding one collected meanwhile re-runs the commit
         self._claimed_absent: set[str] = set()
+        # objects get_object found without a row (a chunk about to be stored): a claim of one
+        # of them as new takes it as claimed absent without asking again (what the query would
+        # find: a row made since is a unique violation at its reference, and the operation
+        # run again asks); each used once, bounded
+        self._seen_absent: set[str] = set()
         self._locking = False  # inside a namespace operation that writes: lock inodes read
         self._reads_only = False  # inside readdir: reads only, nothing locked
         self._vers: dict[tuple[str, bytes], int] = {}  # row versions seen (for updates)
@@ -632,6 +651,10 @@ class PgMetaStore(Transactions, NamespaceOps):
         # one recorded with it (see touch_inode)
         self._ivals: dict[int, tuple[int, Inode]] = {}
         self._retryable = False  # inside an operation atomically() re-runs on a conflict
+        self._commits_retried = False  # ... whose commit it also runs again on a conflict
+        # the newest ledger row this engine read or wrote, sealed as stored (see ledger_last)
+        self._tail: tuple[LedgerRow, bytes] | None = None
+        self._trust_tail_at = 0.0  # (monotonic) not before: see HEAD_TRUST_PAUSE
         self._inos: list[int] = []  # inode numbers taken from the sequence, not used yet
         self._names: dict[tuple[int, bytes], bytes] = {}  # (parent, name) -> SIV
         self._siv_names: dict[tuple[int, bytes], bytes] = {}  # (parent, SIV) -> name
@@ -915,8 +938,11 @@ class PgMetaStore(Transactions, NamespaceOps):
         if code == "53100":  # disk_full
             cls = MetaFull
         elif code in CONFLICT_STATES:
+            self._tail = None  # (another machine may be appending: read the head a while)
+            self._trust_tail_at = time.monotonic() + HEAD_TRUST_PAUSE
+            why = "the ledger's head moved" if code == LEDGER_MOVED else _first_line(orig)
             return _Conflict(f"metadata database {self.where}: the transaction conflicted with "
-                             f"another writer ({_first_line(orig)}) and was rolled back")
+                             f"another writer ({why}) and was rolled back")
         return cls(f"metadata database {self.where}: {_first_line(orig)}")
 
     def _h(self, domain: bytes, *parts: int | bytes | str) -> bytes:
@@ -967,10 +993,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._x(_INSERT[t.name], {"k": k, "ver": 1, "v": self._seal(t.name, 1, (k,), *vals)})
         self._remember(t.name, k, 1)
 
-    def _replace(self, t: Table, k: bytes, *vals: Any, extra: tuple[bytes, ...] = ()) -> bool:
+    def _replace(self, t: Table, k: bytes, *vals: Any, extra: tuple[bytes, ...] = (),
+                 mine: bool = False) -> bool:
         """Re-seal an existing single-key row at its next version; False if there is none.
         The update is conditional on the version last seen (an optimistic check: another
-        writer's update in between makes this a conflict, not a lost update)."""
+        writer's update in between makes this a conflict, not a lost update). ``mine``: a row
+        this transaction inserted, which no other writer can see: the update cannot miss, and
+        goes with the next statement (no round trip of its own)."""
         ver = self._vers.get((t.name, k))
         if ver is None:
             ver = self._x(_VER[t.name], {"key": k}).scalar()
@@ -978,8 +1007,9 @@ class PgMetaStore(Transactions, NamespaceOps):
                 return False
         keys = (k, *extra)
         res = self._x(_UPDATE[t.name], {"key": k, "old": ver, "new": ver + 1,
-                                        "val": self._seal(t.name, ver + 1, keys, *vals)})
-        if res.rowcount != 1:
+                                        "val": self._seal(t.name, ver + 1, keys, *vals)},
+                      later=mine)
+        if res is not None and res.rowcount != 1:
             self._vers.pop((t.name, k), None)
             if self._x(_VER[t.name], {"key": k}).scalar() is None:
                 return False
@@ -1040,20 +1070,23 @@ class PgMetaStore(Transactions, NamespaceOps):
         for attempt in range(RETRIES):
             try:
                 with self.transaction(commit=commit):
-                    return self._op(fn, retryable=True)
+                    return self._op(fn, retryable=True, commits=commit)
             except _Conflict:
                 if attempt == RETRIES - 1:
                     raise
                 _backoff(attempt)
         raise AssertionError("unreachable")
 
-    def _op(self, fn: Callable[[], T], retryable: bool) -> T:
+    def _op(self, fn: Callable[[], T], retryable: bool, commits: bool = False) -> T:
+        """``fn`` as an operation: ``retryable``, run again on a conflict; ``commits``, and
+        so is the commit that follows it (a conflict raised there runs it again too)."""
         self._locking = not self._reads_only
         self._retryable = retryable
+        self._commits_retried = retryable and commits
         try:
             return fn()
         finally:
-            self._locking = self._retryable = False
+            self._locking = self._retryable = self._commits_retried = False
 
     def _after_savepoint(self, fn: Callable[[], T], commit: bool) -> T:
         """:meth:`atomically` in a transaction holding writes: ``fn`` after a savepoint, run
@@ -1065,7 +1098,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             undo_mark = len(self._undo)
             self._depth = 1
             try:
-                out = self._op(fn, retryable=True)
+                out = self._op(fn, retryable=True, commits=commit)
             except BaseException as e:
                 self._depth = 0
                 if not self._to_savepoint(undo_mark):
@@ -1079,7 +1112,16 @@ class PgMetaStore(Transactions, NamespaceOps):
                 raise
             self._depth = 0
             if commit:
-                self.commit()
+                try:
+                    self._commit(savepoint=True)
+                except _Conflict:  # (raised by a statement sent with it: still open)
+                    if self._in_transaction() and attempt < RETRIES - 1 and \
+                            self._to_savepoint(undo_mark):
+                        _backoff(attempt)
+                        continue
+                    if self._in_transaction():
+                        self._rolled_back()
+                    raise
             return out
         raise AssertionError("unreachable")
 
@@ -1092,6 +1134,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._rolled_back()
             return False
         self._ledger_locked = False  # (taken again by the operation run again)
+        self._tail = None
         undo, self._undo = self._undo[undo_mark:], self._undo[:undo_mark]
         for fn in reversed(undo):
             fn()
@@ -1113,6 +1156,7 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def _rollback_db(self) -> None:
         self._end_reads()
+        self._tail = None
         self._wrote = self._ledger_locked = False
         self._touched.clear()
         self._claimed_absent.clear()
@@ -1127,6 +1171,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         """Commit the open transaction; once this returns it is durable on the server (its
         WAL flushed, as PostgreSQL's ``synchronous_commit`` promises). A refused commit rolls
         back whole and raises MetaError."""
+        self._commit()
+
+    def _commit(self, savepoint: bool = False) -> None:
+        """:meth:`commit`; with ``savepoint`` (:meth:`_after_savepoint`'s), a conflict raised
+        by a statement sent with the commit (the COMMIT then skipped) leaves the transaction
+        open for a rollback to its savepoint."""
         try:
             if self._in_transaction():
                 if self._wrote and self.session_id is not None:
@@ -1145,7 +1195,9 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._fresh.clear()
         except (DBAPIError, psycopg.Error) as e:
             err = self._meta_error(e)
-            self._rolled_back()
+            if not (savepoint and isinstance(err, _Conflict) and
+                    self._driver().info.transaction_status == TransactionStatus.INERROR):
+                self._rolled_back()
             raise err from e
         self._undo.clear()
         self._commits += 1
@@ -1628,7 +1680,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         while this one creates in it: the retried operation then finds it gone)."""
         self._touched.add(node.ino)
         k = self._h(b"i", node.ino)
-        if not self._replace(inodes, k, *self._inode_vals(node)):
+        if not self._replace(inodes, k, *self._inode_vals(node), mine=node.ino in self._fresh):
             self._ivals.pop(node.ino, None)
             raise _Conflict(f"metadata database {self.where}: inode {node.ino} was removed by "
                             "another writer meanwhile (the operation was rolled back)")
@@ -2066,6 +2118,10 @@ class PgMetaStore(Transactions, NamespaceOps):
     def get_object(self, name: str) -> tuple[ChunkRef, int, str] | None:
         """The object's record; None for a tombstone too (see :meth:`collect_objects`)."""
         got = self._object(name)
+        if got is None:
+            if len(self._seen_absent) >= VERSION_CACHE_ROWS:
+                self._seen_absent.clear()
+            self._seen_absent.add(name)
         if got is None or got[4] == GONE:
             return None
         return ChunkRef(got[0], got[1], got[2]), got[3], got[4]
@@ -2151,7 +2207,12 @@ class PgMetaStore(Transactions, NamespaceOps):
         commit back as a conflict)."""
         if not names:
             return set()
-        by_k = {self._h(b"o", n): n for n in names}
+        seen = {n for n, new in names.items() if new and n in self._seen_absent}
+        self._seen_absent -= seen
+        self._claimed_absent |= seen
+        by_k = {self._h(b"o", n): n for n in names if n not in seen}
+        if not by_k:
+            return set()
         rows = {k: v for k, v in self._opened(objects, self._x(_CLAIM, {"keys": list(by_k)}))}
         lost = set()
         for k, name in by_k.items():
@@ -2363,8 +2424,20 @@ class PgMetaStore(Transactions, NamespaceOps):
         return out
 
     def ledger_last(self) -> LedgerRow | None:
-        rows = self._ledger(_LEDGER_LAST)
-        return rows[0] if rows else None
+        """The newest row. In an operation whose commit :meth:`atomically` runs again on a
+        conflict, the row this engine last read or wrote here, without a query: the append
+        after it (:meth:`ledger_insert`) checks in the database that it is still the newest
+        (see _INSERT_LEDGER_AFTER: one round trip fewer per append)."""
+        tail = self._tail
+        if tail is not None and self._commits_retried and \
+                time.monotonic() >= self._trust_tail_at:
+            return tail[0]
+        self._tail = None
+        for seq, v in self._x(_LEDGER_LAST).all():
+            row: LedgerRow = self._open("ledger", 0, (seq.to_bytes(8, "big"),), v)  # type: ignore[assignment]
+            self._tail = (row, bytes(v))
+            return row
+        return None
 
     def ledger_get(self, seq: int) -> LedgerRow | None:
         rows = self._ledger(select(ledger).where(ledger.c.seq == seq))
@@ -2397,16 +2470,27 @@ class PgMetaStore(Transactions, NamespaceOps):
         return int(self._x(select(func.count()).select_from(ledger)).scalar() or 0)
 
     def ledger_insert(self, rows: list[LedgerRow]) -> None:
-        if rows:
-            params = [{"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
-                                                     _ad("ledger", 0, r[0].to_bytes(8, "big")))}
-                      for r in rows]
-            # (after lock_ledger and the head read in its transaction: no other writer's row
-            # can take its place, see Ledger.append)
-            self._x(_INSERT_LEDGER, params if len(params) > 1 else params[0],
-                    later=self._ledger_locked)
+        if not rows:
+            return
+        params = [{"seq": r[0], "v": crypto.seal(self.keys.row, _pack(*r),
+                                                 _ad("ledger", 0, r[0].to_bytes(8, "big")))}
+                  for r in rows]
+        tail, self._tail = self._tail, None
+        if len(rows) > 1:
+            self._x(_INSERT_LEDGER, params)
+            return
+        if tail is not None and self._commits_retried and rows[0][0] == tail[0][0] + 1:
+            # after the head ledger_last gave without a query: checked there (a conflict if
+            # it moved), sent with the next statement
+            self._x(_INSERT_LEDGER_AFTER, {**params[0], "prev": tail[0][0],
+                                           "prev_v": tail[1]}, later=True)
+        else:  # (after lock_ledger and the head read in its transaction: no other writer's
+            # row can take its place, see Ledger.append)
+            self._x(_INSERT_LEDGER, params[0], later=self._ledger_locked)
+        self._tail = (rows[0], params[0]["v"])
 
     def ledger_truncate_after(self, seq: int) -> None:
+        self._tail = None
         self._x(delete(ledger).where(ledger.c.seq > seq))
 
 
