@@ -872,10 +872,17 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._check(pgconn, first_error)
         return results[want]
 
+    def _reads_open(self) -> bool:
+        """Whether the open transaction is the driver's, of reads alone (the hot statements'
+        that read: nothing written, queued, or begun through SQLAlchemy)."""
+        return not self._wrote and not self._queued and not self.conn.in_transaction() and \
+            self._driver().info.transaction_status != TransactionStatus.IDLE
+
     def _unflushed(self, stmt: Any, params: Mapping[str, Any]) -> _Result:
-        """Run the hot statement ``stmt`` (see :data:`_RAW`) outside any transaction, in a
-        transaction of its own whose commit does not wait for the server's WAL flush, in one
-        round trip (BEGIN, ``SET LOCAL synchronous_commit TO off``, the statement, COMMIT).
+        """Run the hot statement ``stmt`` (see :data:`_RAW`) outside any transaction (one
+        of reads alone is ended first: :meth:`_reads_open`), in a transaction of its own
+        whose commit does not wait for the server's WAL flush, in one round trip (ROLLBACK,
+        BEGIN, ``SET LOCAL synchronous_commit TO off``, the statement, COMMIT).
         The change is visible to every machine once this returns, but a crash of the server
         within a fraction of a second (wal_writer_delay) may undo it: only for a change whose
         loss is harmless. Nothing is fenced; an error rolls back and is a MetaError."""
@@ -883,10 +890,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         _stmt, sql, lits = _RAW[id(stmt)]
         try:
             pgconn = raw.pgconn
+            end = [(b"ROLLBACK", None, None)] if \
+                pgconn.transaction_status != TransactionStatus.IDLE else []
             name, prep, vals, fmts = self._bind(pgconn, sql, {**lits, **params})
             return self._rows(prep, self._round_trip(pgconn, [
-                (b"BEGIN", None, None), (b"SET LOCAL synchronous_commit TO off", None, None),
-                (name, vals, fmts), (b"COMMIT", None, None)], want=2))
+                *end, (b"BEGIN", None, None),
+                (b"SET LOCAL synchronous_commit TO off", None, None),
+                (name, vals, fmts), (b"COMMIT", None, None)], want=len(end) + 2))
         except psycopg.Error as e:
             self._driver_failed(raw, e)
             err = self._meta_error(e)
@@ -1301,7 +1311,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         if not unhold or self.session_id is None:
             return super().drop_unlinked(ino, unhold)
         k, hk = self._h(b"i", ino), self._h(b"h", self.session_id, ino)
-        if not self._depth and not self._in_transaction():
+        if not self._depth and (not self._in_transaction() or self._reads_open()):
             rows = list(self._opened(inodes, self._unflushed(_UNHOLD_GET,
                                                              {"hold": hk, "key": k})))
             self._vers.pop(("inodes", k), None)  # (read outside a transaction: not kept)
