@@ -467,6 +467,14 @@ def test_first_chunks_after(engine: MetaEngine) -> None:
     assert engine.first_chunks_after(ROOT_INO, b"", 10) == [(b"a-elsewhere", ref("else"))]
 
 
+def test_open_inode(engine: MetaEngine) -> None:
+    """A first open: the inode as committed (held where machines share the vault); None for
+    one that is not there."""
+    f = new_file(engine, ROOT_INO, b"f")
+    assert engine.open_inode(f) == engine.get_inode(f)
+    assert engine.open_inode(424242) is None
+
+
 # -- chunk maps and reference counts -------------------------------------------------------------
 def test_set_block_replaces_and_counts_references(engine: MetaEngine) -> None:
     f = new_file(engine, ROOT_INO, b"f")

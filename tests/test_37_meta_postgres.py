@@ -440,8 +440,12 @@ def test_hot_operations_take_few_round_trips(engine: PgMetaStore, pg_place: PgPl
     assert rts == [["BEGIN", "SET", "WITH", "COMMIT"]]  # a transaction of its own
     assert pg_place.sql("SELECT count(*) FROM holds") == [(0,)]  # committed: seen by all
     assert not engine.held(f) and engine.get_inode(f) is not None  # named still: kept
-    # a reader's close: the transaction its reads left open ends in the same round trip
-    engine.hold(f)
+    # a reader's open: the hold, the inode as committed, the fence and the commit at once;
+    # its close: the transaction its reads left open ends in the same round trip
+    engine.commit()
+    opened, rts = round_trips(engine.open_inode, f)
+    assert rts == [["BEGIN", "INSERT", "SELECT", "SELECT", "COMMIT"]]
+    assert opened == engine.get_inode(f) and engine.held(f)
     engine.commit()
     assert engine.get_blocks(f, 0, 8) == {}  # (reads: a transaction left open)
     _, rts = round_trips(engine.drop_unlinked, f, True)

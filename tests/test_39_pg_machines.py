@@ -814,6 +814,43 @@ def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
     assert pg_place.sql("SELECT count(*) FROM sessions") == [(0,)]
 
 
+def test_an_open_holds_the_file_for_every_machine_when_it_returns(
+    machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
+) -> None:
+    """open_inode (a mount's first open of a file): the inode as committed, with another
+    machine's change made before it, and the hold committed: the other machine's unlink
+    then keeps the file; an inode gone is None with no hold left behind."""
+    a, b = machines
+    sa, sb = PgSession(pg_place.url, KEYS, 60.0), PgSession(pg_place.url, KEYS, 60.0)
+    try:
+        sa.start()
+        sb.start()
+        a.attach(sa.id)
+        b.attach(sb.id)
+        f = a.mknod(ROOT_INO, b"f", node(REG)).ino
+        g = a.mknod(ROOT_INO, b"g", node(REG)).ino
+        assert a.get_inode(f).size == 0  # type: ignore[union-attr]
+        got = b.get_inode(f)
+        assert got is not None
+        got.size = 77
+        b.update_inode(got)
+        b.commit()
+        opened = a.open_inode(f)
+        assert opened is not None and opened.size == 77  # as committed, not as cached
+        assert b.held(f)
+        b.unlink(ROOT_INO, b"f")
+        assert b.get_inode(f) is not None  # held by a: kept
+        b.unlink(ROOT_INO, b"g")
+        assert a.open_inode(g) is None
+        assert pg_place.sql("SELECT count(*) FROM holds") == [(1,)]  # f's alone
+        a.drop_unlinked(f, True)  # a closes it: gone
+        assert b.get_inode(f) is None
+        assert pg_place.sql("SELECT count(*) FROM holds") == [(0,)]
+    finally:
+        sa.end()
+        sb.end()
+
+
 def test_a_commit_keeps_its_session_from_the_reaper_but_not_from_the_heartbeat(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
 ) -> None:

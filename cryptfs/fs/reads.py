@@ -31,26 +31,42 @@ class Reads(FileSystemBase):
         self.handles[fh] = h
         return fh
 
-    def _open_locked(self, node: Inode, flags: int) -> int:
-        if stat.S_ISDIR(node.mode):
-            raise _err(errno.EISDIR)
-        if self.readonly and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            raise _err(errno.EROFS)
+    def _open_locked(self, node: Inode, flags: int, held: bool = False) -> int:
+        """A handle on ``node``; the first one holds the file (other machines: see
+        MetaEngine.hold) unless ``held`` (MetaEngine.open_inode did)."""
+        if stat.S_ISDIR(node.mode) or self.readonly and \
+                flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            if held:
+                self.meta.unhold(node.ino)
+                self.meta.commit()
+            raise _err(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EROFS)
         f = self.files.get(node.ino)
         if f is None:
             f = self.files[node.ino] = OpenFile(node.ino, node.size)
-            self.meta.hold(node.ino)  # (other machines: see MetaEngine.hold)
+            if not held:
+                self.meta.hold(node.ino)
         f.handles += 1
         return self._add_handle(Handle(f, flags))
 
     def open(self, ino: int, flags: int) -> int:
-        """Open a file; O_TRUNC truncates it (libfuse 3 passes it through: atomic_o_trunc)."""
+        """Open a file; O_TRUNC truncates it (libfuse 3 passes it through: atomic_o_trunc).
+        On a vault other machines write, the first open reads the inode as committed
+        (close-to-open) and holds it, the hold committed before this returns (another
+        machine's unlink then keeps the file), in one round trip (MetaEngine.open_inode)."""
         with self.lock:
             if self.meta.shared and ino not in self.files:
+                self._fresh()
+                node = self.meta.open_inode(ino)
+                if node is None:
+                    self.inodes.pop(ino, None)
+                    raise _err(errno.ENOENT)
                 self.inodes.pop(ino, None)  # close-to-open: the attributes as committed
-            fh = self._open_locked(self._node(ino), flags)
-            if self.meta.shared:
-                self.meta.commit()  # the hold, before another machine unlinks the file
+                node = self._cache(node)
+                fh = self._open_locked(node, flags, held=True)
+            else:
+                fh = self._open_locked(self._node(ino), flags)
+                if self.meta.shared:
+                    self.meta.commit()  # (what the open transaction wrote, as above)
         if flags & os.O_TRUNC:
             try:
                 self.truncate(ino, 0, fh)

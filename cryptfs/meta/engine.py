@@ -198,6 +198,12 @@ class MetaEngine(Protocol):
     def hold(self, ino: int) -> None:
         """This machine has ``ino`` open (written, committed with the next commit)."""
 
+    def open_inode(self, ino: int) -> Inode | None:
+        """An open of ``ino`` by this machine on a vault other machines write: the inode as
+        committed, held (:meth:`hold`), the hold committed with what the open transaction
+        wrote (other machines see it once this returns); None, with nothing held, if there
+        is no such inode. One round trip where the engine can."""
+
     def unhold(self, ino: int) -> None:
         """This machine closed ``ino`` (written, committed with the next commit)."""
 

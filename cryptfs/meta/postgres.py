@@ -243,6 +243,13 @@ _NODES_MAPS = union_all(
                "ikeys", type_=ARRAY(LargeBinary)))),
     select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
         blocks.c.ino == any_(bindparam("bkeys", type_=ARRAY(LargeBinary)))))
+# inodes and the first pages of their chunk maps (sibling prefetch), in one statement
+_NODES_FIRST_PAGES = union_all(
+    select(literal_column("0").label("t"), inodes.c.k, inodes.c.ver, inodes.c.v,
+           inodes.c.k.label("g")).where(inodes.c.k == any_(bindparam(
+               "ikeys", type_=ARRAY(LargeBinary)))),
+    select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
+        blocks.c.k == any_(bindparam("pkeys", type_=ARRAY(LargeBinary)))))
 # a create in one statement: the inode, its name (unless the name exists) and the parent's
 # update (conditional on the version this engine last saw); how many names and parents it wrote
 _CREATE = text(
@@ -301,7 +308,7 @@ def _raw(*stmts: Any) -> None:
 _raw(_GET, _LOOKUP, _INSERT, _INSERT_NEW, _INSERT_HOLD, _UPDATE, _GET_LOCKED, _GET_MANY, _VER,
      _CLAIM, _NEXT_INOS, _DELETE_HOLD, _DELETE_DENTRY, _HELD, _SAVEPOINT, _ROLLBACK_TO, _FENCE,
      _FENCE_NOTIFY, _NOTIFY, _INSERT_LEDGER, _INSERT_LEDGER_AFTER, _LEDGER_LAST, _XACT_LOCK,
-     _UNHOLD_GET, _DIR, _NODES_MAPS, _CREATE)
+     _UNHOLD_GET, _DIR, _NODES_MAPS, _NODES_FIRST_PAGES, _CREATE)
 
 
 # libpq's binary form of the result columns the hot statements return, by type oid
@@ -1183,14 +1190,18 @@ class PgMetaStore(Transactions, NamespaceOps):
         back whole and raises MetaError."""
         self._commit()
 
-    def _commit(self, savepoint: bool = False) -> None:
+    def _commit(self, savepoint: bool = False, read: tuple[Any, Mapping[str, Any]] | None = None
+                ) -> _Result | None:
         """:meth:`commit`; with ``savepoint`` (:meth:`_after_savepoint`'s), a conflict raised
         by a statement sent with the commit (the COMMIT then skipped) leaves the transaction
-        open for a rollback to its savepoint."""
+        open for a rollback to its savepoint; with ``read`` (a hot statement, in a
+        transaction that wrote, on an attached engine) that statement runs just before the
+        commit, in its round trip, and its result is returned."""
+        out = None
         try:
             if self._in_transaction():
                 if self._wrote and self.session_id is not None:
-                    self._commit_fenced()  # (sends the change notice too)
+                    out = self._commit_fenced(read)  # (sends the change notice too)
                 elif self._touched:
                     self._send_notice()
                 self._send_queued()
@@ -1213,6 +1224,7 @@ class PgMetaStore(Transactions, NamespaceOps):
         self._commits += 1
         if self.on_commit is not None:
             self.on_commit()
+        return out
 
     # -- sessions, holds and change notices (several machines) ------------------------------
     def attach(self, session_id: bytes,
@@ -1242,9 +1254,11 @@ class PgMetaStore(Transactions, NamespaceOps):
                                    "are a mounted machine's)")
         return self._locks
 
-    def _commit_fenced(self) -> None:
+    def _commit_fenced(self, read: tuple[Any, Mapping[str, Any]] | None = None
+                       ) -> _Result | None:
         """Commit the open transaction if this machine's session is live by the database's
-        clock, in one round trip: the queued statements, the fence (_FENCE, with the change
+        clock, in one round trip: the queued statements, the hot statement ``read`` (its
+        result is returned), the fence (_FENCE, with the change
         notice if this transaction changed inodes: a notice is sent only if it commits) and
         the COMMIT (skipped, with nothing committed, when the fence fails). The session's row
         is key-share locked until the commit, so a live machine cleaning it up (a DELETE)
@@ -1256,15 +1270,22 @@ class PgMetaStore(Transactions, NamespaceOps):
         raw = self._driver()
         try:
             stmts = self._take_queued(raw)
+            pgconn = raw.pgconn
+            prep = None
+            if read is not None:
+                _stmt, sql, lits = _RAW[id(read[0])]
+                rname, prep, rvals, rfmts = self._bind(pgconn, sql, {**lits, **read[1]})
+                stmts.append((rname, rvals, rfmts))
             name, _prep, vals, fmts = self._bind(
-                raw.pgconn, _RAW[id(_FENCE_NOTIFY if self._touched else _FENCE)][1], params)
-            self._round_trip(raw.pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)])
+                pgconn, _RAW[id(_FENCE_NOTIFY if self._touched else _FENCE)][1], params)
+            res = self._round_trip(pgconn, [*stmts, (name, vals, fmts), (b"COMMIT", None, None)],
+                                   want=len(stmts) - 1)
         except psycopg.Error as e:
             self._driver_failed(raw, e)
             if e.sqlstate != FENCE_FAILED:
                 raise
         else:
-            return
+            return self._rows(prep, res) if prep is not None else None
         self._rolled_back()
         err = SessionExpired(
             f"metadata database {self.where}: this machine's session expired (it was "
@@ -1294,6 +1315,23 @@ class PgMetaStore(Transactions, NamespaceOps):
             "k": k, "ino": i_h, "sess": self._session_k,
             "v": crypto.seal(self.keys.row, _pack(self.session_id, ino),
                              _ad("holds", 0, k, i_h, self._session_k))})
+
+    def open_inode(self, ino: int) -> Inode | None:
+        """See :meth:`MetaEngine.open_inode`: the hold, the inode's read and the commit
+        (fenced, with whatever the open transaction wrote) in one round trip. An inode not
+        found: its hold is let go at once."""
+        if self.session_id is None:
+            return self.get_inode(ino)
+        k = self._h(b"i", ino)
+        self.hold(ino)
+        res = self._commit(read=(_GET["inodes"], {"key": k}))
+        if res is None:  # (not expected: a hold writes)
+            return self.get_inode(ino)
+        for _k, vals in self._opened(inodes, res):
+            return self._keep(k, Inode(*vals))
+        self.unhold(ino)
+        self.commit()
+        return None
 
     def unhold(self, ino: int) -> None:
         """This machine closed ``ino`` (written, committed with the next commit)."""
@@ -2038,20 +2076,37 @@ class PgMetaStore(Transactions, NamespaceOps):
 
     def first_chunks_after(self, parent: int, name: bytes,
                            count: int) -> list[tuple[bytes, ChunkRef]]:
-        """The directory's listing, then the first chunk map page and the objects of the
-        next regular files, 2 * ``count`` files a round (a few queries, not two per file)."""
-        files = [(n, i) for n, i, m in self.list_dir(parent, after=name) if stat.S_ISREG(m)]
+        """The directory's entries, then the inodes and first chunk map pages of the next
+        2 * ``count`` after ``name`` and the objects of the regular files' first chunks, a
+        round at a time (three queries, whatever the directory's size: the entries before
+        ``name`` and past the window are not opened, only their names, whose opening is
+        cached)."""
+        p_h = self._h(b"p", parent)
+        rows = [(n, r) for r in self._x(_DIR, {"parent": p_h}).all()
+                if (n := self._name_open(parent, r.name)) > name]
+        rows.sort(key=lambda x: x[0])
         out: list[tuple[bytes, ChunkRef]] = []
-        while files and len(out) < count:
-            batch, files = files[:2 * count], files[2 * count:]
-            keys = {self._h(b"b", i, 0): i for _n, i in batch}
+        while rows and len(out) < count:
+            window, rows = rows[:2 * count], rows[2 * count:]
+            batch = [(n, self._open("dentries", r.ver, (p_h, bytes(r.name), bytes(r.ino)),
+                                    r.v)[1]) for n, r in window]
+            inos = {i for _n, i in batch}
+            regular: set[int] = set()
             first: dict[int, str] = {}
-            for _k, (ino, _page, *flat) in self._opened(
-                    blocks, self._x(_GET_MANY["blocks"], {"keys": list(keys)})):
+            for r in self._x(_NODES_FIRST_PAGES, {
+                    "ikeys": [self._h(b"i", i) for i in inos],
+                    "pkeys": [self._h(b"b", i, 0) for i in inos]}).all():
+                k = bytes(r.k)
+                if r.t == 0:
+                    node = Inode(*self._open("inodes", r.ver, (k,), r.v))
+                    if stat.S_ISREG(node.mode):
+                        regular.add(node.ino)
+                    continue
+                ino, _page, *flat = self._open("blocks", r.ver, (k, bytes(r.g)), r.v)
                 entry = _entries(flat).get(0)
                 if entry is not None:
                     first[ino] = entry[0]
-            refs = self._refs(first.values())
+            refs = self._refs(o for i, o in first.items() if i in regular)
             out += [(n, refs[first[i]]) for n, i in batch if first.get(i) in refs]
         return out[:count]
 
