@@ -778,6 +778,23 @@ def test_tombstones_stay_while_a_live_session_may_commit_what_it_stored_before(
     assert pg_place.sql("SELECT count(*) FROM objects") == [(0,)]
 
 
+@contextlib.contextmanager
+def sessions(machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace, life_a: float = 60.0,
+             life_b: float = 60.0) -> Iterator[tuple[PgSession, PgSession]]:
+    """Each machine attached to a session of its own (lifetimes in seconds), ended after."""
+    a, b = machines
+    sa, sb = PgSession(pg_place.url, KEYS, life_a), PgSession(pg_place.url, KEYS, life_b)
+    try:
+        sa.start()
+        sb.start()
+        a.attach(sa.id)
+        b.attach(sb.id)
+        yield sa, sb
+    finally:
+        sa.end()
+        sb.end()
+
+
 def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace,
 ) -> None:
@@ -785,12 +802,7 @@ def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
     or cut-off machine) nothing it writes commits (EROFS, nothing written); another machine
     reaps the session and deletes the file only it held open with no name left."""
     a, b = machines
-    sa, sb = PgSession(pg_place.url, KEYS, 2.0), PgSession(pg_place.url, KEYS, 60.0)
-    try:
-        sa.start()
-        sb.start()
-        a.attach(sa.id)
-        b.attach(sb.id)
+    with sessions(machines, pg_place, 2.0, 60.0) as (sa, sb):
         f = a.mknod(ROOT_INO, b"open-on-a", node(REG)).ino
         with a.transaction():
             a.hold(f)
@@ -808,9 +820,6 @@ def test_a_machine_whose_session_expired_cannot_commit_and_is_cleaned_up(
         assert b.get_inode(f) is None and pg_place.sql("SELECT count(*) FROM holds") == [(0,)]
         assert_a_tree(b)
         assert sb.elect() and not sa.elect()  # one checkpoint writer
-    finally:
-        sa.end()
-        sb.end()
     assert pg_place.sql("SELECT count(*) FROM sessions") == [(0,)]
 
 
@@ -821,12 +830,7 @@ def test_an_open_holds_the_file_for_every_machine_when_it_returns(
     machine's change made before it, and the hold committed: the other machine's unlink
     then keeps the file; an inode gone is None with no hold left behind."""
     a, b = machines
-    sa, sb = PgSession(pg_place.url, KEYS, 60.0), PgSession(pg_place.url, KEYS, 60.0)
-    try:
-        sa.start()
-        sb.start()
-        a.attach(sa.id)
-        b.attach(sb.id)
+    with sessions(machines, pg_place) as (sa, sb):
         f = a.mknod(ROOT_INO, b"f", node(REG)).ino
         g = a.mknod(ROOT_INO, b"g", node(REG)).ino
         assert a.get_inode(f).size == 0  # type: ignore[union-attr]
@@ -846,9 +850,6 @@ def test_an_open_holds_the_file_for_every_machine_when_it_returns(
         a.drop_unlinked(f, True)  # a closes it: gone
         assert b.get_inode(f) is None
         assert pg_place.sql("SELECT count(*) FROM holds") == [(0,)]
-    finally:
-        sa.end()
-        sb.end()
 
 
 def test_a_commit_keeps_its_session_from_the_reaper_but_not_from_the_heartbeat(
@@ -929,12 +930,7 @@ def test_tampered_sessions_and_holds_rows_are_detected_or_harmless(
       deleting the file's own rows would (the operator can always destroy data); what is read
       is authentic or absent, never other data."""
     a, b = machines
-    sa, sb = PgSession(pg_place.url, KEYS, 60.0), PgSession(pg_place.url, KEYS, 60.0)
-    try:
-        sa.start()
-        sb.start()
-        a.attach(sa.id)
-        b.attach(sb.id)
+    with sessions(machines, pg_place) as (sa, sb):
         f, g, h = (a.mknod(ROOT_INO, n, node(REG)).ino for n in (b"f", b"g", b"h"))
         with a.transaction():
             for ino in (f, g, h):
@@ -970,9 +966,6 @@ def test_tampered_sessions_and_holds_rows_are_detected_or_harmless(
         with pytest.raises(SessionExpired):
             b.mknod(ROOT_INO, b"fenced-too", node(REG))
         assert b.lookup(ROOT_INO, b"fenced") is None and b.lookup(ROOT_INO, b"fenced-too") is None
-    finally:
-        sa.end()
-        sb.end()
 
 
 # -- through real mounts ---------------------------------------------------------------------

@@ -236,20 +236,21 @@ _DELETE_DENTRY = delete(dentries).where(dentries.c.parent == bindparam("parent")
 _HELD = select(holds.c.k).where(holds.c.ino == bindparam("ino")).limit(1)
 _DIR = select(dentries.c.parent, dentries.c.name, dentries.c.ino, dentries.c.ver,
               dentries.c.v).where(dentries.c.parent == bindparam("parent"))
-# inodes and the pages of their chunk maps, in one statement (t: 0 an inode, 1 a page)
-_NODES_MAPS = union_all(
-    select(literal_column("0").label("t"), inodes.c.k, inodes.c.ver, inodes.c.v,
-           inodes.c.k.label("g")).where(inodes.c.k == any_(bindparam(
-               "ikeys", type_=ARRAY(LargeBinary)))),
-    select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
-        blocks.c.ino == any_(bindparam("bkeys", type_=ARRAY(LargeBinary)))))
-# inodes and the first pages of their chunk maps (sibling prefetch), in one statement
-_NODES_FIRST_PAGES = union_all(
-    select(literal_column("0").label("t"), inodes.c.k, inodes.c.ver, inodes.c.v,
-           inodes.c.k.label("g")).where(inodes.c.k == any_(bindparam(
-               "ikeys", type_=ARRAY(LargeBinary)))),
-    select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
-        blocks.c.k == any_(bindparam("pkeys", type_=ARRAY(LargeBinary)))))
+def _nodes_and(pages: Any) -> Any:
+    """Inodes by key (``ikeys``) and the chunk map pages matching ``pages``, in one statement
+    (t: 0 an inode, 1 a page; g: a page's inode column)."""
+    return union_all(
+        select(literal_column("0").label("t"), inodes.c.k, inodes.c.ver, inodes.c.v,
+               inodes.c.k.label("g")).where(inodes.c.k == any_(bindparam(
+                   "ikeys", type_=ARRAY(LargeBinary)))),
+        select(literal_column("1"), blocks.c.k, blocks.c.ver, blocks.c.v, blocks.c.ino).where(
+            pages))
+
+
+# inodes and all pages of their chunk maps (stat); inodes and their first pages (prefetch)
+_NODES_MAPS = _nodes_and(blocks.c.ino == any_(bindparam("bkeys", type_=ARRAY(LargeBinary))))
+_NODES_FIRST_PAGES = _nodes_and(blocks.c.k == any_(bindparam("pkeys",
+                                                             type_=ARRAY(LargeBinary))))
 # a create in one statement: the inode, its name (unless the name exists) and the parent's
 # update (conditional on the version this engine last saw); how many names and parents it wrote
 _CREATE = text(
