@@ -697,6 +697,88 @@ def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_betwee
         m.close()
 
 
+class _DeleteHook(MemoryStore):
+    """A memory store that calls ``hook`` before its first deletion."""
+
+    def __init__(self, hook: Callable[[], None]) -> None:
+        super().__init__()
+        self.hook: Callable[[], None] | None = hook
+
+    def delete(self, name: str) -> None:
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        super().delete(name)
+
+
+def test_a_collections_del_entries_come_before_another_machine_stores_the_objects_again(
+    pg_place: PgPlace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """a's collection deletes objects (a's file removed) that b's write was deduplicated
+    against; b's commit waits for their rows, finds them collected and stores them again as
+    soon as a's deleting transaction ends, before a's collection is over. The ledger has a's
+    ``del`` of each object before b's ``put``: a writes them in the transaction that buries the
+    rows. (Written at the end of the collection, they came after b's puts: the ledger called
+    stored objects deleted, and verify failed.)"""
+    from cryptfs.meta.ledger import Ledger
+    from cryptfs.paths import VaultPaths
+    from cryptfs.vault.checkpointer import Checkpointer
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    codec = Codec(b"\3" * 32, b"vault-id-0000003")
+    b_meta = PgMetaStore(pg_place.url, KEYS)
+    b_ledger = Ledger(b_meta, codec.ledger_key)
+    blobs: dict[str, bytes] = {}
+    garbage: list[ChunkRef] = []
+
+    def b_commit() -> None:  # b's commit of a file deduplicated against a's objects
+        with b_meta.transaction():
+            ino = b_meta.insert_inode(node(REG))
+            for i, r in enumerate(garbage):
+                if not b_meta.claim_object(r.name):  # collected: stored again (same bytes)
+                    store.put(r.name, blobs[r.name])
+                    b_ledger.append("put", r.name, r.size, r.sha256)
+                b_meta.set_block(ino, i, r, staged=False)
+
+    committer = threading.Thread(target=b_commit)
+    store = _DeleteHook(committer.start)  # (b then waits for the rows a deletes)
+    a = FsMachine(pg_place.url, store, tmp_path / "a")
+    paths = VaultPaths("collector")
+    paths.data_dir.mkdir(parents=True)
+    ck = Checkpointer(meta=a.meta, ledger=Ledger(a.meta, codec.ledger_key), chunks=a.chunks,
+                      store=store, codec=codec, paths=paths, lock=a.fs.lock, metrics=None,
+                      flush_stored=lambda: None, queued=lambda: False, gate=lambda: None,
+                      fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
+                      held=lambda _pins: set())
+    drop_tombstones = a.meta.drop_tombstones
+
+    def after_b() -> int:  # a's collection goes on once b committed
+        committer.join(20)
+        return drop_tombstones()
+
+    monkeypatch.setattr(a.meta, "drop_tombstones", after_b)
+    try:
+        _node, fh = a.fs.create(ROOT_INO, b"x", 0o644, os.O_WRONLY | os.O_CREAT, 0, 0)
+        a.fs.write(fh, 0, os.urandom(3 * CHUNK + 100))
+        a.fs.release(fh)
+        a.fs.unlink(ROOT_INO, b"x")
+        garbage += a.meta.unreferenced_objects()
+        blobs.update((r.name, store.get(r.name, 1 << 20)) for r in garbage)
+        assert len(garbage) == 4
+        ck.sync(collect=True)
+        assert not committer.is_alive()
+        ops: dict[str, list[str]] = {}
+        for e in Ledger(b_meta, codec.ledger_key).entries():
+            ops.setdefault(e.name, []).append(e.op)
+        # (the harness's machine a writes no put of its own objects: its on_stored is none)
+        assert all(ops[r.name] == ["del", "put"] for r in garbage), ops
+        assert all(store.get(r.name, 1 << 20) == blobs[r.name] for r in garbage)
+        assert all(b_meta.get_object(r.name)[1:] == (1, "stored") for r in garbage)  # type: ignore[index]
+    finally:
+        a.close()
+        b_meta.close()
+
+
 def test_a_frozen_state_blocks_no_writer_heartbeat_or_reaper_and_leaves_no_connection(
     machines: tuple[PgMetaStore, PgMetaStore], pg_place: PgPlace, tmp_path: Path,
 ) -> None:

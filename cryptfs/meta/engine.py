@@ -365,7 +365,10 @@ class MetaEngine(Protocol):
         the names it deleted (any other stays, recorded as unreferenced); their rows go.
         Returns the objects deleted; commits. Never deletes an object that a commit
         references, nor lets a commit find its row gone before the object is gone from the
-        store (see :meth:`claim_object`)."""
+        store (see :meth:`claim_object`). On an engine other machines write (``shared``),
+        ``delete`` runs in the transaction that removes the rows, with them locked: what it
+        writes to the engine commits with their removal, before any commit that stores one
+        of those objects again."""
     def all_objects(self) -> list[tuple[ChunkRef, int, str]]: ...
 
     # -- packs (docs/FORMAT.md 4.3; an engine whose vaults write none returns none) -------------

@@ -698,8 +698,8 @@ class Checkpointer:
                     meta.unreference_object(ref)
                 continue
             deleted.append(ref)
-        if meta.shared:
-            deleted = self._collect_shared(garbage)
+        if meta.shared:  # (their ledger entries: written with the rows' removal)
+            self._collect_shared(garbage)
         packs = {r.pack for r in members if r.pack}
         if not self._packs_swept and not meta.shared:
             # once a mount, every pack no row names, not only those this round emptied: a
@@ -740,8 +740,11 @@ class Checkpointer:
         (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
         again), COLLECT_BATCH at a time, the filesystem lock let go in between (store deletes
-        happen under it, a batch's at once). What this machine has pinned stays. Then the
-        tombstones (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are
+        happen under it, a batch's at once). Each deletion's ``del`` ledger entry is written in
+        the transaction that buries the row: a machine storing the object again waits for the
+        row, so its ``put`` comes after (written later, the ``del`` would follow that ``put``:
+        the ledger would call a stored object deleted). What this machine has pinned stays.
+        Then the tombstones (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are
         dropped."""
 
         def delete_one(ref: ChunkRef) -> str | None:
@@ -755,10 +758,15 @@ class Checkpointer:
         def delete(refs: list[ChunkRef]) -> set[str]:  # (the filesystem lock is held: at once)
             claimed = [r for r in refs if self.chunks.try_claim_for_delete(r.name)]
             if len(claimed) < 2:
-                return {n for n in map(delete_one, claimed) if n}
-            with ThreadPoolExecutor(min(DELETE_THREADS, len(claimed)),
-                                    thread_name_prefix="collect") as pool:
-                return {n for n in pool.map(delete_one, claimed) if n}
+                done = {n for n in map(delete_one, claimed) if n}
+            else:
+                with ThreadPoolExecutor(min(DELETE_THREADS, len(claimed)),
+                                        thread_name_prefix="collect") as pool:
+                    done = {n for n in pool.map(delete_one, claimed) if n}
+            for ref in refs:  # (in the rows' transaction, see above)
+                if ref.name in done:
+                    self.ledger.append("del", ref.name, ref.size, ref.sha256)
+            return done
 
         deleted: list[ChunkRef] = []
         for i in range(0, len(garbage), COLLECT_BATCH):
