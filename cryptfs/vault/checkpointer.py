@@ -735,7 +735,7 @@ class Checkpointer:
             deleted.append(ref)
         return deleted
 
-    def _collect_shared(self, garbage: list[ChunkRef]) -> list[ChunkRef]:
+    def _collect_shared(self, garbage: list[ChunkRef]) -> None:
         """Collect unreferenced chunks of a vault other machines write
         (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
         so a commit of another machine deduplicating against it either keeps it or stores it
@@ -768,12 +768,10 @@ class Checkpointer:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
             return done
 
-        deleted: list[ChunkRef] = []
         for i in range(0, len(garbage), COLLECT_BATCH):
             if i:  # a lock let go and taken again at once is seldom won by a thread waiting
                 time.sleep(BATCH_PAUSE)  # for it: the file operations come first
             with self._own():
-                deleted += self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
+                self.meta.collect_objects(garbage[i:i + COLLECT_BATCH], delete)
         with self._own():  # the tombstones of deletions no live session can need any more
             self.meta.drop_tombstones()
-        return deleted
