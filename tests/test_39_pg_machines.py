@@ -46,6 +46,7 @@ from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.fs import CommitHooks, FileSystem
 from cryptfs.meta import ROOT_INO, Inode
+from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.postgres import (
     _FENCE,
     TOMBSTONE_MARGIN,
@@ -57,8 +58,10 @@ from cryptfs.meta.postgres import (
     SessionExpired,
     pg_engine,
 )
+from cryptfs.paths import VaultPaths
 from cryptfs.stores import ObjectStore
 from cryptfs.stores.memory import MemoryStore
+from cryptfs.vault.checkpointer import Checkpointer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -506,10 +509,7 @@ def test_a_checkpoint_reads_its_image_while_file_operations_go_on(
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    from cryptfs.meta.ledger import Ledger
     from cryptfs.meta.sqlite import MetaStore
-    from cryptfs.paths import VaultPaths
-    from cryptfs.vault.checkpointer import Checkpointer
     from cryptfs.vault.checkpoints import read_checkpoints
     from cryptfs.vault.restore import restore_from_store
 
@@ -621,6 +621,18 @@ class _SlowDeletes(MemoryStore):
                 self.active -= 1
 
 
+def collector(m: FsMachine, store: MemoryStore, codec: Codec) -> Checkpointer:
+    """A checkpointer of machine ``m`` (elected, holding nothing) that collects (the caller
+    points XDG_DATA_HOME at a temporary directory)."""
+    paths = VaultPaths("collector")
+    paths.data_dir.mkdir(parents=True)
+    return Checkpointer(meta=m.meta, ledger=Ledger(m.meta, codec.ledger_key), chunks=m.chunks,
+                        store=store, codec=codec, paths=paths, lock=m.fs.lock, metrics=None,
+                        flush_stored=lambda: None, queued=lambda: False, gate=lambda: None,
+                        fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
+                        held=lambda _pins: set())
+
+
 def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_between(
     pg_place: PgPlace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -629,23 +641,14 @@ def test_a_collection_deletes_a_batch_at_once_and_lets_file_operations_in_betwee
     operation waiting for the lock gets it. The checkpoints, segments and pins it looks for
     (every object row read) are read without the lock. Every unreferenced chunk is deleted,
     the referenced one stays."""
-    from cryptfs.meta.ledger import Ledger
-    from cryptfs.paths import VaultPaths
     from cryptfs.vault import checkpointer
-    from cryptfs.vault.checkpointer import Checkpointer
 
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     events: list[str] = []
     store = _SlowDeletes(events)
     m = FsMachine(pg_place.url, store, tmp_path / "a")
     codec = Codec(b"\3" * 32, b"vault-id-0000003")
-    paths = VaultPaths("collector")
-    paths.data_dir.mkdir(parents=True)
-    ck = Checkpointer(meta=m.meta, ledger=Ledger(m.meta, codec.ledger_key), chunks=m.chunks,
-                      store=store, codec=codec, paths=paths, lock=m.fs.lock, metrics=None,
-                      flush_stored=lambda: None, queued=lambda: False, gate=lambda: None,
-                      fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
-                      held=lambda _pins: set())
+    ck = collector(m, store, codec)
     count = 3 * checkpointer.COLLECT_BATCH
     free: list[bool] = []
     named = PgFrozen.objects_named
@@ -720,10 +723,6 @@ def test_a_collections_del_entries_come_before_another_machine_stores_the_object
     ``del`` of each object before b's ``put``: a writes them in the transaction that buries the
     rows. (Written at the end of the collection, they came after b's puts: the ledger called
     stored objects deleted, and verify failed.)"""
-    from cryptfs.meta.ledger import Ledger
-    from cryptfs.paths import VaultPaths
-    from cryptfs.vault.checkpointer import Checkpointer
-
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     codec = Codec(b"\3" * 32, b"vault-id-0000003")
     b_meta = PgMetaStore(pg_place.url, KEYS)
@@ -743,13 +742,7 @@ def test_a_collections_del_entries_come_before_another_machine_stores_the_object
     committer = threading.Thread(target=b_commit)
     store = _DeleteHook(committer.start)  # (b then waits for the rows a deletes)
     a = FsMachine(pg_place.url, store, tmp_path / "a")
-    paths = VaultPaths("collector")
-    paths.data_dir.mkdir(parents=True)
-    ck = Checkpointer(meta=a.meta, ledger=Ledger(a.meta, codec.ledger_key), chunks=a.chunks,
-                      store=store, codec=codec, paths=paths, lock=a.fs.lock, metrics=None,
-                      flush_stored=lambda: None, queued=lambda: False, gate=lambda: None,
-                      fence=lambda _why: None, on_checkpoint=lambda _n, _b: None,
-                      held=lambda _pins: set())
+    ck = collector(a, store, codec)
     drop_tombstones = a.meta.drop_tombstones
 
     def after_b() -> int:  # a's collection goes on once b committed
