@@ -880,6 +880,11 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._check(pgconn, first_error)
         return results[want]
 
+    def _in_error(self) -> bool:
+        """Whether the driver's transaction is open and failed (a statement's error: only a
+        rollback, to a savepoint or whole, goes on from there)."""
+        return self._driver().info.transaction_status == TransactionStatus.INERROR
+
     def _reads_open(self) -> bool:
         """Whether the open transaction is the driver's, of reads alone (the hot statements'
         that read: nothing written, queued, or begun through SQLAlchemy)."""
@@ -1132,12 +1137,13 @@ class PgMetaStore(Transactions, NamespaceOps):
             if commit:
                 try:
                     self._commit(savepoint=True)
-                except _Conflict:  # (raised by a statement sent with it: still open)
-                    if self._in_transaction() and attempt < RETRIES - 1 and \
+                except _Conflict:  # raised by a statement sent with it: still open (in
+                    # error), else it rolled back whole (and what was deferred is written again)
+                    if self._in_error() and attempt < RETRIES - 1 and \
                             self._to_savepoint(undo_mark):
                         _backoff(attempt)
                         continue
-                    if self._in_transaction():
+                    if self._in_error():
                         self._rolled_back()
                     raise
             return out
@@ -1217,8 +1223,7 @@ class PgMetaStore(Transactions, NamespaceOps):
             self._fresh.clear()
         except (DBAPIError, psycopg.Error) as e:
             err = self._meta_error(e)
-            if not (savepoint and isinstance(err, _Conflict) and
-                    self._driver().info.transaction_status == TransactionStatus.INERROR):
+            if not (savepoint and isinstance(err, _Conflict) and self._in_error()):
                 self._rolled_back()
             raise err from e
         self._undo.clear()
