@@ -63,10 +63,8 @@ class Reads(FileSystemBase):
                 self.inodes.pop(ino, None)  # close-to-open: the attributes as committed
                 node = self._cache(node)
                 fh = self._open_locked(node, flags, held=True)
-            else:
+            else:  # (open here already: held, and as fresh as its other handles)
                 fh = self._open_locked(self._node(ino), flags)
-                if self.meta.shared:
-                    self.meta.commit()  # (what the open transaction wrote, as above)
         if flags & os.O_TRUNC:
             try:
                 self.truncate(ino, 0, fh)

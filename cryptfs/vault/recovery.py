@@ -65,23 +65,10 @@ def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunk
 def sweep_orphans(lock: threading.RLock, meta: MetaStore | PgMetaStore, ledger: Ledger,
                   store: ObjectStore, codec: Codec) -> int:
     """After a crash: delete chunk objects and snapshots the metadata does not know (stored
-    for data never committed: a file still open, a flush or checkpoint cut short), adopt
-    an authentic checkpoint that was written but not recorded, and drop the rows of packs
-    that are gone from the store with no member left (a collection deletes a pack, then its
-    row: a crash in between). Returns how many it deleted."""
+    for data never committed: a file still open, a flush or checkpoint cut short) and adopt
+    an authentic checkpoint that was written but not recorded. Returns how many it deleted."""
     with lock:  # (a pack whose own row a crash left unwritten is known by its members)
-        rows = meta.all_objects()
-        known = {r.name for r, _, _ in rows} | meta.packs_in_use()
-    in_store = {prefix: dict(store.list(prefix))
-                for prefix in (DATA_PREFIX, META_PREFIX, PACK_PREFIX)}
-    gone = [r.name for r, _, _ in rows
-            if r.name.startswith(PACK_PREFIX) and r.name not in in_store[PACK_PREFIX]]
-    if gone:
-        with lock, meta.transaction():
-            for ref in meta.empty_packs(gone):
-                meta.forget_object(ref.name)
-                ledger.append("del", ref.name, ref.size, ref.sha256)
-                known.discard(ref.name)
+        known = {r.name for r, _, _ in meta.all_objects()} | meta.packs_in_use()
     # a checkpoint written just before the crash but not recorded: adopt it if authentic
     cks, _forged = read_checkpoints(store, codec, newest_only=False)
     for ck in cks:
@@ -99,8 +86,8 @@ def sweep_orphans(lock: threading.RLock, meta: MetaStore | PgMetaStore, ledger: 
                     meta.reference(ref, staged=False)
                 known.add(ref.name)
     n = 0
-    for listed in in_store.values():
-        for name, size in listed.items():
+    for prefix in (DATA_PREFIX, META_PREFIX, PACK_PREFIX):
+        for name, size in list(store.list(prefix)):
             if name in known:
                 continue
             store.delete(name)
