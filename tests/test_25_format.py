@@ -180,6 +180,9 @@ class FormatReader:
         self.chunks_read = 0
         self.chunk_sizes: dict[str, tuple[int, int]] = {}  # name: (plaintext, stored) bytes
         self.schema_version = 0  # of the last snapshot read
+        self.segments = 0  # segments applied to it (stored ones and the delta)
+        self.deltas = 0  # checkpoints read with a delta (FORMAT.md 6.1, version 3)
+        self.journal_rows = 0  # journal rows applied (FORMAT.md 5.3, schema version 5)
         self.pack_members: set[str] = set()  # chunks read from packs
 
     # store access ----------------------------------------------------------------------------
@@ -255,7 +258,7 @@ class FormatReader:
         return self._open_blob(b"meta", m["name"], blob)
 
     def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
-        if ck.get("version", 1) not in (1, 2):
+        if ck.get("version", 1) not in (1, 2, 3):
             raise FormatError("checkpoint version")
         image = self._meta_object(ck["meta"], "snapshot")
         if not image.startswith(b"SQLite format 3\0"):
@@ -264,8 +267,11 @@ class FormatReader:
         page_size = 65536 if page_size == 1 else page_size
         db = bytearray(image)
         self.segments = 0
-        for m in ck.get("segments", []):  # FORMAT.md 5.4, applied in order
-            seg = self._meta_object(m, "segment")
+        segments = [self._meta_object(m, "segment") for m in ck.get("segments", [])]
+        if ck.get("delta") is not None:  # FORMAT.md 6.1: version 3, applied last
+            segments.append(base64.b64decode(ck["delta"], validate=True))
+            self.deltas += 1
+        for seg in segments:  # FORMAT.md 5.4, applied in order
             magic = b"cryptfs-wal-segment-v1\n"
             if not seg.startswith(magic):
                 raise FormatError("not a segment")
@@ -286,8 +292,8 @@ class FormatReader:
         # the schema stamp: the header's user version (0 means version 1, unstamped)
         stamp = struct.unpack(">i", db[60:64])[0]
         self.schema_version = stamp or 1
-        if self.schema_version not in (1, 2, 3, 4):
-            raise FormatError(f"snapshot schema version {stamp} is not 1, 2, 3 or 4")
+        if self.schema_version not in (1, 2, 3, 4, 5):
+            raise FormatError(f"snapshot schema version {stamp} is not 1 to 5")
         path = workdir / "snapshot.db"
         path.write_bytes(bytes(db))
         return sqlite3.connect(path)
@@ -375,11 +381,23 @@ class FormatReader:
                 + " FROM blocks b JOIN objects o ON o.name = b.obj WHERE b.ino = ? AND b.idx = ?",
                 (ino, idx)
             ).fetchone()
-            if row is None:
-                out += bytes(want)
-                continue
-            pack, off = (row[3], row[4] or 0) if packs else (None, 0)
-            piece = self._chunk(row[0], int(row[1]), bytes(row[2]), pack, off)[:want]
+            plain = b""  # a hole
+            if row is not None:
+                pack, off = (row[3], row[4] or 0) if packs else (None, 0)
+                plain = self._chunk(row[0], int(row[1]), bytes(row[2]), pack, off)
+            if self.schema_version >= 5:  # FORMAT.md 5.3: the journal's rows, in seq order
+                buf = bytearray(plain)
+                for seq, at, sealed in db.execute(
+                    "SELECT seq, off, data FROM journal WHERE ino = ? AND idx = ? ORDER BY seq",
+                    (ino, idx)
+                ).fetchall():
+                    name = f"journal/{ino}/{idx}/{seq}/{at}"
+                    data = self._open_blob(b"journal", name, bytes(sealed))
+                    buf.extend(bytes(max(0, at - len(buf))))
+                    buf[at:at + len(data)] = data
+                    self.journal_rows += 1
+                plain = bytes(buf)
+            piece = plain[:want]
             out += piece + bytes(want - len(piece))
         return bytes(out)
 
@@ -560,7 +578,7 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
     work.mkdir()
     reader = FormatReader(store, PASSPHRASE.encode())
     got = reader.tree(work)
-    assert reader.schema_version == 4  # FORMAT.md 5.2: the snapshot carries the stamp
+    assert reader.schema_version == 5  # FORMAT.md 5.2: the snapshot carries the stamp
     assert reader.segments >= 1  # FORMAT.md 5.4: the metadata since the fsync is a segment
     assert sorted(got) == sorted(expected)
     for rel in expected:
@@ -590,6 +608,37 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
         FormatReader(store, PASSPHRASE.encode()).tree(work2)
     with pytest.raises(FormatError, match="wrong passphrase"):
         FormatReader(store, b"not the passphrase")
+
+
+def test_independent_reader_applies_the_journal(vault_dir: Path) -> None:
+    """A file changed a little and fsync'd, still open: the store's newest checkpoint carries
+    its metadata changes inline (FORMAT.md 6.1, the delta) with the changed bytes in journal
+    rows (5.3), not in chunks; the reader, applying them, reads what the mount reads."""
+    root = vault_dir
+    rng = random.Random(84)
+    content = bytearray(rng.randbytes(2 * CHUNK + 3000))
+
+    def fill(mnt: Path) -> tuple[bytes, dict[str, tuple], int, int]:
+        (mnt / "db").write_bytes(content)
+        fd = os.open(mnt / "db", os.O_RDWR)
+        try:
+            os.fsync(fd)  # the first checkpoint of a mount stores a snapshot; the next a delta
+            for off, data in ((100, b"a" * 50), (CHUNK + 7, b"b" * 2000),
+                              (2 * CHUNK + 5000, b"c" * 10)):
+                os.pwrite(fd, data, off)
+            os.fsync(fd)
+            shown = (mnt / "db").read_bytes()
+            work = root / "reader"
+            work.mkdir()
+            reader = FormatReader(root / "store", PASSPHRASE.encode())
+            got = reader.tree(work)
+            return shown, got, reader.journal_rows, reader.deltas
+        finally:
+            os.close(fd)
+
+    shown, got, rows, deltas = _with_mount(root, fill)
+    assert got["db"][:2] == ("file", shown)
+    assert rows == 3 and deltas == 1
 
 
 def test_equal_chunks_in_one_write(vault_dir: Path) -> None:

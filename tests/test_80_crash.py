@@ -543,6 +543,65 @@ def test_kill_after_close(crash_env: tuple[VaultEnv, list[int]]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the journal (docs/FORMAT.md 5.3): fsync'd bytes not sealed into a chunk when the mount died
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_kill_after_a_journaled_fsync(crash_env: tuple[VaultEnv, list[int]]) -> None:
+    """A closed file changed a little (a few bytes of a full chunk, an append to the last) and
+    fsync'd: the fsync journals the bytes instead of sealing the chunks again. Then changed
+    again without an fsync, and kill -9. The remount seals the journaled bytes into chunks
+    (the local database keeps no journal row), the file holds exactly what was fsync'd, the
+    vault verifies clean, and a machine with the store alone reads the same."""
+    import sqlite3
+
+    env, pids = crash_env
+    mnt = env.root / "mnt"
+    content = bytearray(random.Random(3).randbytes(2 * CHUNK + 100))
+    mount(env, mnt, pids)
+    try:
+        (mnt / "db").write_bytes(content)
+        fd = os.open(mnt / "db", os.O_RDWR)
+        try:
+            os.pwrite(fd, b"J" * 300, CHUNK + 10)
+            os.pwrite(fd, b"T" * 500, 2 * CHUNK + 100)
+            os.fsync(fd)
+            content[CHUNK + 10:CHUNK + 310] = b"J" * 300
+            content += b"T" * 500
+            con = sqlite3.connect(env.db)
+            try:
+                rows = con.execute("SELECT idx, seq, off FROM journal ORDER BY idx").fetchall()
+            finally:
+                con.close()
+            assert rows == [(1, 0, 10), (2, 0, 100)], f"the fsync journaled {rows}"
+            os.pwrite(fd, b"L" * 300, CHUNK + 10)  # not fsync'd: lost with the daemon
+            kill_daemon(env, mnt)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    finally:
+        if _mounted(str(mnt)):
+            force_unmount(str(mnt))
+
+    mount(env, mnt, pids)
+    try:
+        got = (mnt / "db").read_bytes()
+        con = sqlite3.connect(env.db)
+        try:
+            left = con.execute("SELECT count(*) FROM journal").fetchone()[0]
+        finally:
+            con.close()
+    finally:
+        env.umount(mnt)
+    assert got == bytes(content), "the remount does not read what was fsync'd"
+    assert left == 0, "journal rows left after the remount sealed them"
+    assert "sealed from the journal" in env.log_text()
+    assert_verifies(env)
+    assert _store_only_view(env, env.root)["db"] == bytes(content)
+
+
+# --------------------------------------------------------------------------------------------
 # staged data left by a crash is uploaded at the next mount
 # --------------------------------------------------------------------------------------------
 

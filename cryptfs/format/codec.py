@@ -97,6 +97,11 @@ class ChunkRef:
         return len(blob) == self.size and hmac.compare_digest(crypto.sha256(blob), self.sha256)
 
 
+def journal_name(ino: int, idx: int, seq: int, off: int) -> str:
+    """The name a journal row's bytes are sealed under (docs/FORMAT.md 5.3)."""
+    return f"journal/{ino}/{idx}/{seq}/{off}"
+
+
 class Codec:
     """Seals and opens objects for one vault (one master key)."""
 
@@ -305,6 +310,16 @@ class Codec:
         if any(a.offset + a.size > b.offset for a, b in zip(refs, refs[1:], strict=False)):
             raise IntegrityError(f"pack {pack} has overlapping members")
         return refs
+
+    # -- the journal's bytes (docs/FORMAT.md 5.3) --------------------------------------------
+    def seal_journal(self, ino: int, idx: int, seq: int, off: int, plain: bytes) -> bytes:
+        """A journal row's ``data``: sealed like a metadata object (kind ``journal``), its
+        name binding the file, chunk, row and offset the bytes belong at."""
+        return self.seal_blob(b"journal", journal_name(ino, idx, seq, off), plain)
+
+    def open_journal(self, ino: int, idx: int, seq: int, off: int, sealed: bytes) -> bytes:
+        """The bytes of a journal row (IntegrityError if not authentic for that place)."""
+        return self.open_blob(b"journal", journal_name(ino, idx, seq, off), sealed)
 
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from cryptfs.fs.attrs import Attributes
 from cryptfs.fs.base import DIR_SIZE, HIDDEN, NAME_MAX, CommitHooks, FileSystemBase
+from cryptfs.fs.journal import Journal
 from cryptfs.fs.locks import Locks
 from cryptfs.fs.namespace import Namespace
 from cryptfs.fs.reads import Reads
@@ -16,6 +17,6 @@ from cryptfs.fs.writes import Writes
 __all__ = ["DIR_SIZE", "HIDDEN", "NAME_MAX", "CommitHooks", "FileSystem"]
 
 
-class FileSystem(Namespace, Attributes, Reads, Writes, Locks, FileSystemBase):
+class FileSystem(Namespace, Attributes, Reads, Writes, Journal, Locks, FileSystemBase):
     """The filesystem: every operation group over the shared state of
     :class:`~cryptfs.fs.base.FileSystemBase`."""

@@ -1,4 +1,4 @@
-"""Attributes, extended attributes (and POSIX ACLs) and directory listings."""
+"""Attributes, extended attributes (and POSIX ACLs), directory listings and statfs."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 
 from cryptfs.fs import acl
 from cryptfs.fs.base import (
+    NAME_MAX,
     XATTR_CREATE,
     XATTR_REPLACE,
     XATTR_SIZE_MAX,
@@ -187,3 +188,31 @@ class Attributes(FileSystemBase):
     def releasedir(self, fh: int) -> None:
         with self.lock:
             self.handles.pop(fh, None)
+
+    # -- filesystem -----------------------------------------------------------------------
+    def statfs(self) -> dict[str, int]:
+        """A local store: the figures of the filesystem it lives on. A remote store has no
+        fixed size: 2**40 blocks free, and the vault's stored chunk bytes used."""
+        st = self.statfs_source() if self.statfs_source else None
+        bsize = 4096
+        if st is not None:
+            blocks = st.f_blocks * st.f_frsize // bsize
+            bfree = st.f_bfree * st.f_frsize // bsize
+            bavail = st.f_bavail * st.f_frsize // bsize
+        else:
+            bfree = bavail = 1 << 40
+            with self.lock:
+                blocks = bfree + -(-self.meta.stored_bytes() // bsize)
+        with self.lock:
+            used = self.meta.count_inodes()
+        return {
+            "f_bsize": bsize,
+            "f_frsize": bsize,
+            "f_blocks": blocks,
+            "f_bfree": bfree,
+            "f_bavail": bavail,
+            "f_files": used + (1 << 32),
+            "f_ffree": 1 << 32,
+            "f_favail": 1 << 32,
+            "f_namemax": NAME_MAX,
+        }

@@ -22,6 +22,10 @@ Durability contract:
   crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
   snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`);
+  a chunk that changed little since it was last sealed is not sealed again for an fsync: the
+  bytes it changed go into the metadata, sealed (the journal, ``JOURNAL_MAX``), and the chunk
+  is sealed later (full, at close, or at an fsync past the limit; after a crash, when the
+  vault is opened again: :meth:`Writes.replay_journal`);
   with the metadata in PostgreSQL, until it is committed there and every chunk is durable in
   the store (the database is the metadata's durability point; a checkpoint follows later).
 
@@ -71,6 +75,10 @@ DIRTY_LIMIT = 64 << 20  # per open file, before its dirty chunks are sealed earl
 INODE_CACHE_MAX = 200_000
 REF_WINDOW = 256
 INLINE_SEAL = 128 << 10
+# an fsync journals a dirty chunk (docs/FORMAT.md 5.3: the bytes it changed go into the metadata,
+# sealed, instead of the whole chunk sealed again as a new object) when it changed at most this
+# many bytes of it since it was last sealed; more, and the chunk is sealed
+JOURNAL_MAX = 32 << 10
 ALLOC_UNIT = 4096  # a stored chunk counts as allocated in units of this, like ext4's blocks
 DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -123,9 +131,33 @@ class OpenFile:
     # truncated since the last commit: that commit sets the size (else, on a vault other
     # machines write, the larger of theirs and this one's, see Writes._commit)
     truncated: bool = False
+    # per dirty buffer, the bytes [lo, hi) it changed of the chunk it was made from (every
+    # byte if not known: then it is sealed, not journaled), those changed since its last
+    # journal row (what the next one holds), and its journal rows so far (Writes._commit)
+    span: dict[int, tuple[int, int]] = field(default_factory=dict)
+    fresh: dict[int, tuple[int, int]] = field(default_factory=dict)
+    rows: dict[int, int] = field(default_factory=dict)
 
     def dirty_bytes(self) -> int:
         return sum(len(b) for b in self.dirty.values())
+
+    def changed(self, idx: int, cs: int) -> int:
+        """How many bytes the dirty buffer ``idx`` changed, first to last (see ``span``)."""
+        lo, hi = self.span.get(idx, (0, cs))
+        return hi - lo
+
+    def touch(self, idx: int, lo: int, hi: int, new: bool, cs: int) -> None:
+        """Bytes [lo, hi) of dirty buffer ``idx`` changed (``new``: the buffer was just made
+        from the chunk map's chunk)."""
+        for spans in (self.span, self.fresh):
+            a, b = (cs, 0) if new else spans.get(idx, (0, cs))
+            spans[idx] = (min(a, lo), max(b, hi))
+
+    def forget(self, idx: int) -> None:
+        """Dirty buffer ``idx`` is gone (sealed, or cut off)."""
+        self.span.pop(idx, None)
+        self.fresh.pop(idx, None)
+        self.rows.pop(idx, None)
 
 
 @dataclass
@@ -207,6 +239,10 @@ class FileSystemBase:
         # by any change notice of theirs): only then are the caches bounded in time
         self.peers = meta.shared
         hooks.listen(self._committed, self._reapply_deferred)
+        # journal rows read in place, where nothing is written (cryptfs.fs.journal)
+        self.journal_rows: dict[tuple[int, int], list[tuple[int, int, bytes]] | bytes] = {}
+        for i, x, q, o, d in meta.journaled() if readonly else []:
+            self.journal_rows.setdefault((i, x), []).append((q, o, d))  # type: ignore[union-attr]
 
     # -- helpers --------------------------------------------------------------------------
     def invalidate(self, inos: set[int] | None) -> None:
@@ -361,31 +397,3 @@ class FileSystemBase:
             return Inode(node.ino, node.mode, node.uid, node.gid, f.size, node.nlink,
                          node.atime_ns, mtime, ctime, node.rdev, node.target)
         return node
-
-    # -- filesystem -----------------------------------------------------------------------
-    def statfs(self) -> dict[str, int]:
-        """A local store: the figures of the filesystem it lives on. A remote store has no
-        fixed size: 2**40 blocks free, and the vault's stored chunk bytes used."""
-        st = self.statfs_source() if self.statfs_source else None
-        bsize = 4096
-        if st is not None:
-            blocks = st.f_blocks * st.f_frsize // bsize
-            bfree = st.f_bfree * st.f_frsize // bsize
-            bavail = st.f_bavail * st.f_frsize // bsize
-        else:
-            bfree = bavail = 1 << 40
-            with self.lock:
-                blocks = bfree + -(-self.meta.stored_bytes() // bsize)
-        with self.lock:
-            used = self.meta.count_inodes()
-        return {
-            "f_bsize": bsize,
-            "f_frsize": bsize,
-            "f_blocks": blocks,
-            "f_bfree": bfree,
-            "f_bavail": bavail,
-            "f_files": used + (1 << 32),
-            "f_ffree": 1 << 32,
-            "f_favail": 1 << 32,
-            "f_namemax": NAME_MAX,
-        }

@@ -1,5 +1,5 @@
 """Open files and the read path: chunk lookup, read-ahead, the disk-cache admission rule
-(scan resistance) and sibling prefetch."""
+(scan resistance), sibling prefetch, and seeking over holes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from cryptfs.errors import CryptfsError, IntegrityError
 from cryptfs.format.codec import ChunkRef
 from cryptfs.fs.base import (
     REF_WINDOW,
+    SEEK_DATA,
+    SEEK_HOLE,
     FileSystemBase,
     Handle,
     OpenFile,
@@ -114,10 +116,14 @@ class Reads(FileSystemBase):
             log.error("cannot store data: %s", e)
             raise _err(e.errno) from None
 
-    def _plain(self, f: OpenFile, idx: int) -> bytes:
+    def _plain(self, f: OpenFile, idx: int, journal: bool = True) -> bytes:
         s = f.pending.get(idx)
         if s is not None and s.buf is not None:
             return bytes(s.buf)  # still sealing (or failed): the plaintext is here
+        if journal and self.journal_rows:
+            got = self._journaled(f, idx)
+            if got is not None:
+                return got
         ref = self._ref(f, idx)
         if ref is None:
             return b""
@@ -167,6 +173,8 @@ class Reads(FileSystemBase):
                 buf = f.dirty.get(idx)
                 if buf is None and idx in f.pending:
                     buf = f.pending[idx].buf
+                if buf is None and self.journal_rows:
+                    buf = self._journaled(f, idx)
                 parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
             sequential = offset == f.last_read_end
             # part of a stream, also when the kernel's parallel read-ahead requests arrive out
@@ -204,3 +212,39 @@ class Reads(FileSystemBase):
             return pieces[0] if len(pieces) == 1 else b"".join(pieces)
         finally:
             self.chunks.unpin(r.name for r in refs)
+
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE. A hole is a chunk with nothing stored, or the rest of a
+        chunk past its stored bytes (found by reading the chunk before a hole); the end of
+        the file is a hole. Uncommitted writes are committed first, as a flush would."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise _err(errno.EINVAL)
+        f = self._file(fh)
+        cs = self.cs
+        with f.lock:
+            self._commit(f)
+            size = f.size
+            if offset < 0:
+                raise _err(errno.EINVAL)
+            if offset >= size:
+                raise _err(errno.ENXIO)
+            idx = offset // cs
+            if whence == SEEK_DATA:
+                while True:
+                    with self.lock:
+                        d = self.meta.next_block(f.ino, idx)
+                    if d is None or d * cs >= size:
+                        raise _err(errno.ENXIO)
+                    if d * cs > offset:  # a stored chunk holds at least one byte
+                        return d * cs
+                    if offset < d * cs + len(self._plain(f, d)):
+                        return offset
+                    idx = d + 1
+            with self.lock:
+                h = self.meta.next_hole(f.ino, idx)
+            hole = h * cs
+            if h > idx:  # the chunk before the hole may end short
+                stored = len(self._plain(f, h - 1))
+                if stored < cs:
+                    hole = (h - 1) * cs + stored
+            return min(max(offset, hole), size)

@@ -1,5 +1,6 @@
-"""The write path: buffering, sealing, committing chunk maps, truncate, fallocate, seek
-over holes, flush, fsync and release (the durability contract in :mod:`cryptfs.fs.base`)."""
+"""The write path: buffering, sealing, committing chunk maps (and journaling for an fsync),
+truncate, fallocate, flush, fsync and release (the durability contract in
+:mod:`cryptfs.fs.base`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ from cryptfs.fs.base import (
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
     INLINE_SEAL,
-    SEEK_DATA,
-    SEEK_HOLE,
     FileSystemBase,
     OpenFile,
     Sealing,
@@ -51,6 +50,10 @@ class Writes(FileSystemBase):
                         if (idx + 1) * cs > f.size:  # data past EOF is not file content
                             del buf[max(0, f.size - idx * cs) :]
                     f.dirty[idx] = buf
+                    new = True
+                else:
+                    new = False
+                f.touch(idx, min(within, len(buf)), within + n, new, cs)
                 if len(buf) < within:
                     buf.extend(bytes(within - len(buf)))
                 buf[within : within + n] = view[:n]
@@ -58,8 +61,10 @@ class Writes(FileSystemBase):
                 view = view[n:]
             f.size = max(f.size, pos)
             f.mtime_ns = time.time_ns()
-            # seal complete chunks behind the write position; everything if over the limit
-            full = [i for i, b in f.dirty.items() if len(b) == cs and i != idx]
+            # seal complete chunks behind the write position (but not one only a little of
+            # which changed: an fsync journals that); everything if over the limit
+            full = [i for i, b in f.dirty.items()
+                    if len(b) == cs and i != idx and not self._journals(f, i)]
             if full:
                 self._seal(f, full)
             if f.dirty_bytes() > DIRTY_LIMIT:
@@ -75,6 +80,7 @@ class Writes(FileSystemBase):
         fsync: packed, each version would leave garbage in a pack)."""
         for idx in sorted(idxs):
             buf = f.dirty.pop(idx)
+            f.forget(idx)
             if buf and buf[-1] == 0:  # trailing zeros read back as zeros: not stored
                 del buf[len(buf.rstrip(b"\0")):]
             old = f.pending.get(idx)
@@ -98,8 +104,11 @@ class Writes(FileSystemBase):
 
         s.fut.add_done_callback(done)
 
-    def _commit(self, f: OpenFile, pack: bool = False) -> None:
+    def _commit(self, f: OpenFile, pack: bool = False, journal: bool = False) -> None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
+        ``journal`` (an fsync on a vault one machine writes): a dirty chunk whose changes
+        since it was made from the chunk map's span at most JOURNAL_MAX bytes stays dirty,
+        those bytes journaled in the same transaction (docs/FORMAT.md 5.3).
         If a chunk cannot be stored, its data goes back to the dirty buffers and the error
         is raised (ENOSPC or EIO), so a later flush can retry. On a vault other machines
         write (``meta.shared``) the commit merges with theirs: the inode is read as committed
@@ -107,10 +116,12 @@ class Writes(FileSystemBase):
         the larger (this one's if it truncated since its last commit), and the open file then
         reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``).
         ``pack``: the file is being closed (see :meth:`_seal`)."""
-        if f.dirty:  # one chunk (a small write's): sealed here, the caller waits for it anyway
-            self._seal(f, list(f.dirty), inline=len(f.dirty) == 1, pack=pack)
-        if not f.pending and f.mtime_ns is None:
-            return
+        if not f.pending and f.mtime_ns is None and (journal or not f.dirty):
+            return  # (nothing written since the last commit, which journaled any dirty)
+        kept, journaled = self._journal_rows(f) if journal else (set(), {})
+        seal = [idx for idx in f.dirty if idx not in kept]
+        if seal:  # one chunk (a small write's): sealed here, the caller waits for it anyway
+            self._seal(f, seal, inline=len(seal) == 1, pack=pack)
         refs: dict[int, ChunkRef | None] = {}
         failed: CryptfsError | None = None
         for idx, s in list(f.pending.items()):
@@ -139,6 +150,8 @@ class Writes(FileSystemBase):
                 if idx * self.cs < f.size:
                     staged = self.chunks.remote or (ref is not None and ref.pack is not None)
                     self.meta.set_block(f.ino, idx, ref, staged=staged)
+            for idx, (seq, off, data) in journaled.items():  # (after: set_block drops rows)
+                self.meta.journal_chunk(f.ino, idx, seq, off, data)
             # the larger size: another machine may have written further (unless this one
             # truncated since its last commit: then its size is the file's)
             node.size = f.size if f.truncated or not shared else max(node.size, f.size)
@@ -164,6 +177,9 @@ class Writes(FileSystemBase):
                 else:
                     f.refs[idx] = ref
             f.truncated = False
+            for idx, (seq, _off, _data) in journaled.items():  # (the next row holds the
+                f.rows[idx] = seq + 1  # changes from here on)
+                f.fresh[idx] = (self.cs, 0)
             self.inodes[f.ino] = node
             self._alloc.pop(f.ino, None)
         tail, f.tail = f.tail, None
@@ -195,6 +211,9 @@ class Writes(FileSystemBase):
             self._unpin_later(s)
         f.pending.clear()
         f.dirty.clear()
+        f.span.clear()
+        f.fresh.clear()
+        f.rows.clear()
         f.tail = None
 
     def truncate(self, ino: int, size: int, fh: int | None = None) -> Inode:
@@ -217,6 +236,7 @@ class Writes(FileSystemBase):
                     keep = (size + cs - 1) // cs  # chunks 0..keep-1 hold data
                     for idx in [i for i in f.dirty if i >= keep]:
                         del f.dirty[idx]
+                        f.forget(idx)
                     for idx in [i for i in f.pending if i >= keep]:
                         self._unpin_later(f.pending.pop(idx))
                     with self.lock, self.meta.transaction():
@@ -279,6 +299,7 @@ class Writes(FileSystemBase):
         if full_lo < full_hi:
             for idx in [i for i in f.dirty if full_lo <= i < full_hi]:
                 del f.dirty[idx]
+                f.forget(idx)
             for idx in [i for i in f.pending if full_lo <= i < full_hi]:
                 self._unpin_later(f.pending.pop(idx))
             with self.lock, self.meta.transaction():
@@ -290,6 +311,7 @@ class Writes(FileSystemBase):
             if full_lo <= idx < full_hi:
                 continue
             buf = f.dirty.get(idx)
+            new = buf is None
             if buf is None:
                 buf = bytearray(self._plain(f, idx))
                 del buf[max(0, f.size - idx * cs):]  # data past EOF is not file content
@@ -298,51 +320,17 @@ class Writes(FileSystemBase):
             if a < len(buf):
                 buf[a:b] = bytes(min(b, len(buf)) - a)
                 f.dirty[idx] = buf
-
-    def lseek(self, fh: int, offset: int, whence: int) -> int:
-        """SEEK_DATA / SEEK_HOLE. A hole is a chunk with nothing stored, or the rest of a
-        chunk past its stored bytes (found by reading the chunk before a hole); the end of
-        the file is a hole. Uncommitted writes are committed first, as a flush would."""
-        if whence not in (SEEK_DATA, SEEK_HOLE):
-            raise _err(errno.EINVAL)
-        f = self._file(fh)
-        cs = self.cs
-        with f.lock:
-            self._commit(f)
-            size = f.size
-            if offset < 0:
-                raise _err(errno.EINVAL)
-            if offset >= size:
-                raise _err(errno.ENXIO)
-            idx = offset // cs
-            if whence == SEEK_DATA:
-                while True:
-                    with self.lock:
-                        d = self.meta.next_block(f.ino, idx)
-                    if d is None or d * cs >= size:
-                        raise _err(errno.ENXIO)
-                    if d * cs > offset:  # a stored chunk holds at least one byte
-                        return d * cs
-                    if offset < d * cs + len(self._plain(f, d)):
-                        return offset
-                    idx = d + 1
-            with self.lock:
-                h = self.meta.next_hole(f.ino, idx)
-            hole = h * cs
-            if h > idx:  # the chunk before the hole may end short
-                stored = len(self._plain(f, h - 1))
-                if stored < cs:
-                    hole = (h - 1) * cs + stored
-            return min(max(offset, hole), size)
+                f.touch(idx, a, min(b, len(buf)), new, cs)
 
     def flush(self, fh: int, closing: bool = True) -> None:
         """Make the file's data survive a crash of this process (see module docstring).
-        ``closing``: called for a close (FUSE flush), not for an fsync."""
+        ``closing``: called for a close (FUSE flush), not for an fsync (which journals what
+        it can, on a vault one machine writes)."""
         h = self.handles.get(fh)
         if h is None or h.file is None:
             return
         with h.file.lock:
-            self._commit(h.file, pack=closing)
+            self._commit(h.file, pack=closing, journal=not closing and not self.meta.shared)
         if self._deferred:  # attribute changes made before the close survive it too
             self.commit_deferred()
 

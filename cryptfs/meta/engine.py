@@ -326,6 +326,18 @@ class MetaEngine(Protocol):
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]: ...
     def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]: ...
+
+    def journal_chunk(self, ino: int, idx: int, seq: int, off: int, sealed: bytes) -> None:
+        """Record journal row ``seq`` of chunk ``idx`` of ``ino``: its bytes from ``off`` on
+        are those sealed in ``sealed``, as many as it holds (the journal, docs/FORMAT.md 5.3:
+        an fsync's bytes not yet sealed into a chunk), applied after the rows of lower
+        ``seq`` on the chunk its map entry names. The rows go with the next change of that
+        chunk's map entry (:meth:`set_block`, :meth:`remove_blocks_from`,
+        :meth:`remove_blocks_range`) or the file's removal. Durable with the transaction.
+        An engine whose fsyncs store whole chunks raises MetaError."""
+
+    def journaled(self) -> list[tuple[int, int, int, int, bytes]]:
+        """Every journal row as (ino, idx, seq, off, sealed), by inode, chunk and seq."""
     def next_hole(self, ino: int, idx: int) -> int: ...
     def next_block(self, ino: int, idx: int) -> int | None: ...
     def allocated(self, ino: int, chunk_size: int, unit: int) -> int: ...

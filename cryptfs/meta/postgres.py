@@ -2214,6 +2214,13 @@ class PgMetaStore(Transactions, NamespaceOps):
         return [v for _k, v in self._all(objects) if v[4] != GONE]
 
     # -- packs: a shared vault writes none (docs/FORMAT.md 4.3) -------------------------------
+    def journal_chunk(self, ino: int, idx: int, seq: int, off: int, sealed: bytes) -> None:
+        raise MetaError(f"inode {ino}: a vault on PostgreSQL keeps no journal (its fsync "
+                        "commits whole chunks)")
+
+    def journaled(self) -> list[tuple[int, int, int, int, bytes]]:
+        return []
+
     def record_pack(self, ref: ChunkRef) -> None:
         raise MetaError(f"pack {ref.name}: a vault on PostgreSQL stores no packs")
 

@@ -76,9 +76,9 @@ from cryptfs.meta.wal import (
 # so in every metadata snapshot. Version 1 had no stamp (user_version 0); version 3 added the
 # partial indexes of staged and unreferenced objects (a checkpoint finds them without reading
 # every object); version 4 the pack and offset of chunk objects stored in a pack (docs/FORMAT.md
-# 3.4). A database of an older version is migrated on open by the steps in MIGRATIONS; a newer
-# one is refused.
-SCHEMA_VERSION = 4
+# 4.3); version 5 the journal of fsync'd bytes not yet in a chunk (5.3). A database of an older
+# version is migrated on open by the steps in MIGRATIONS; a newer one is refused.
+SCHEMA_VERSION = 5
 
 md = MetaData()
 inodes = Table(
@@ -170,6 +170,19 @@ state = Table(
     md,
     Column("key", Text, primary_key=True),
     Column("value", Text, nullable=False),
+)
+# the journal (docs/FORMAT.md 5.3): the bytes of chunk ``idx`` of file ``ino`` from byte ``off``
+# on are the sealed bytes ``data`` (an fsync's, not yet sealed into a chunk), the rows of a chunk
+# applied in ``seq`` order; they go when the chunk map of that chunk changes, or the file does
+journal = Table(
+    "journal",
+    md,
+    Column("ino", Integer, nullable=False),
+    Column("idx", BigInteger, nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("off", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("ino", "idx", "seq"),
 )
 
 
@@ -296,11 +309,17 @@ def _migrate_3_to_4(raw: sqlite3.Connection) -> None:
     raw.execute(_INDEX_PACKS)
 
 
+def _migrate_4_to_5(raw: sqlite3.Connection) -> None:
+    """Version 5 adds the journal of fsync'd bytes not yet in a chunk."""
+    raw.execute(str(CreateTable(journal).compile(dialect=sqlite_dialect.dialect())))
+
+
 # MIGRATIONS[n] turns a version n database into version n + 1 (a later version adds its step
 # here and bumps SCHEMA_VERSION); the steps run in order, all in one transaction with the stamp.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2,
                                                                2: _migrate_2_to_3,
-                                                               3: _migrate_3_to_4}
+                                                               3: _migrate_3_to_4,
+                                                               4: _migrate_4_to_5}
 
 
 def _create_schema(raw: sqlite3.Connection) -> None:
@@ -522,6 +541,8 @@ class MetaStore(Transactions, NamespaceOps):
         self._spare: sqlite3.Connection | None = None  # a pin's connection, for the next pin
         # count_inodes's answer and the connection's total_changes it was counted at
         self._inode_count: tuple[int, int] | None = None
+        # the journal may hold rows: chunk map changes drop the rows of their chunks
+        self._journal = self.raw.execute("SELECT 1 FROM journal LIMIT 1").fetchone() is not None
 
     def start_checkpointer(self) -> None:
         """Checkpoint the WAL into the database file from a thread with its own connection,
@@ -957,6 +978,8 @@ class MetaStore(Transactions, NamespaceOps):
             "SELECT obj FROM blocks WHERE ino = ? AND idx = ?", (ino, idx)
         ).fetchone()
         old = row[0] if row else None
+        if self._journal:
+            self.raw.execute("DELETE FROM journal WHERE ino = ? AND idx = ?", (ino, idx))
         if old is not None and ref is not None and old == ref.name:
             return None
         if old is not None:
@@ -980,6 +1003,8 @@ class MetaStore(Transactions, NamespaceOps):
 
     def remove_blocks_from(self, ino: int, first_idx: int) -> list[str]:
         """Drop chunks ``first_idx..`` of ``ino``; return the object names released."""
+        if self._journal:
+            self.raw.execute("DELETE FROM journal WHERE ino = ? AND idx >= ?", (ino, first_idx))
         names = [n for (n,) in self.raw.execute(
             "SELECT obj FROM blocks WHERE ino = ? AND idx >= ?", (ino, first_idx))]
         for n in names:
@@ -991,6 +1016,9 @@ class MetaStore(Transactions, NamespaceOps):
     def remove_blocks_range(self, ino: int, lo: int, hi: int) -> list[str]:
         """Drop chunks ``lo <= idx < hi`` of ``ino`` (they become holes); return the object
         names released."""
+        if self._journal:
+            self.raw.execute("DELETE FROM journal WHERE ino = ? AND idx >= ? AND idx < ?",
+                             (ino, lo, hi))
         rows = self.raw.execute(
             "SELECT obj FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?", (ino, lo, hi)
         ).fetchall()
@@ -1001,6 +1029,15 @@ class MetaStore(Transactions, NamespaceOps):
                 "DELETE FROM blocks WHERE ino = ? AND idx >= ? AND idx < ?", (ino, lo, hi)
             )
         return [n for (n,) in rows]
+
+    def journal_chunk(self, ino: int, idx: int, seq: int, off: int, sealed: bytes) -> None:
+        self._journal = True
+        self.raw.execute("INSERT OR REPLACE INTO journal (ino, idx, seq, off, data) "
+                         "VALUES (?, ?, ?, ?, ?)", (ino, idx, seq, off, sealed))
+
+    def journaled(self) -> list[tuple[int, int, int, int, bytes]]:
+        return [(i, x, q, o, bytes(d)) for i, x, q, o, d in self.raw.execute(
+            "SELECT ino, idx, seq, off, data FROM journal ORDER BY ino, idx, seq")]
 
     def next_hole(self, ino: int, idx: int) -> int:
         """The first chunk index ``>= idx`` of ``ino`` that is a hole (no chunk stored)."""
@@ -1294,10 +1331,11 @@ class MetaStore(Transactions, NamespaceOps):
     def drop_block(self, ino: int, idx: int) -> None:
         """Remove one chunk map entry without touching reference counts (fsck repairs them)."""
         self.raw.execute("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx))
+        self.raw.execute("DELETE FROM journal WHERE ino = ? AND idx = ?", (ino, idx))
 
     def drop_inode_rows(self, ino: int) -> None:
         """Remove an inode with its chunk map and xattrs, leaving reference counts to fsck."""
-        for table in ("inodes", "blocks", "xattrs"):
+        for table in ("inodes", "blocks", "xattrs", "journal"):
             self.raw.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
 
     # -- the ledger's rows (the hash chain itself is cryptfs.meta.ledger's) ---------------------

@@ -63,6 +63,7 @@ group commit, the round and the collection after it are kept in one reading orde
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -113,6 +114,10 @@ KEEP_CHECKPOINTS = 3
 # replaces them. Both cost what changed since the snapshot, not the whole database: a round
 # pays for a full snapshot only once its segments grew to a share of it.
 MAX_SEGMENTS = 128
+# the pages changed since the end of the chain (snapshot and segments) go inline in the
+# checkpoint (its delta, no object of their own: one object and one disk wait fewer per round)
+# until they add up to more than this; that round stores them as one more segment
+DELTA_MAX = 64 << 10
 MAX_MERGED = 64 << 20
 COMPACT_RATIO = 2
 COMPACT_FLOOR = 1 << 20
@@ -210,6 +215,8 @@ class Checkpointer:
         self._listed: list[str] = []  # its segments as the checkpoint lists them (JSON)
         # the pages the chain's segments changed, merged on its snapshot (None: not known)
         self._merged: MergedSegments | None = None
+        # the pages changed since the chain's end that the last checkpoint carried inline
+        self._delta: MergedSegments | None = None
         self._clean_at: int | None = None
         self._own_writes = 0
         self._collected_at = float("-inf")  # the first round collects
@@ -358,20 +365,37 @@ class Checkpointer:
             finally:
                 self._own_writes += self.meta.change_count() - before
 
-    def _segment(self) -> tuple[bytes, MergedSegments | None] | None:
-        """The metadata changes since the last checkpoint as a segment (caller holds the
-        filesystem lock), with None; or, when the chain has MAX_SEGMENTS segments, every
-        segment of the chain and this one merged, with the merge (the segment that replaces
-        them). None when a full image is due: this mount has shipped nothing yet, the segments
-        add up to a fraction of their snapshot, their merged pages would pass MAX_MERGED, or
-        the engine ships none."""
+    def _segment(self) -> tuple[bytes, MergedSegments | None, MergedSegments | None] | None:
+        """The metadata changes since the end of the last checkpoint's chain (caller holds the
+        filesystem lock): the pages changed since the last checkpoint, with those its delta
+        carried folded in, as a segment; then None, or (the chain has MAX_SEGMENTS segments)
+        every segment of the chain and this one merged, the merge (the segment that replaces
+        them); then those pages merged (to go inline, as the delta: None when not known).
+        None when a full image is due: this mount has shipped nothing yet, the segments add
+        up to a fraction of their snapshot, their merged pages would pass MAX_MERGED, or the
+        engine ships none."""
         chain = self._chain
         if chain is None or \
                 sum(r.size for r in chain[1:]) * COMPACT_RATIO >= max(chain[0].size, COMPACT_FLOOR):
             return None
         seg = self.meta.changes()
-        if seg is None or len(chain) <= MAX_SEGMENTS:
-            return None if seg is None else (seg, None)
+        if seg is None:
+            return None
+        delta = None
+        if self._merged is None:
+            if self._delta is not None:  # (never expected) what it carried goes in an image
+                return None
+        else:  # (its database size: where the chain ends)
+            try:
+                delta = (self._delta or MergedSegments(
+                    self._merged.page_size, self._merged.db_pages)).with_segment(seg)
+            except WalError as e:  # (never expected: the engine wrote them)
+                log.warning("cannot merge the metadata segments (%s); storing a snapshot", e)
+                return None
+            if self._delta is not None:
+                seg = delta.segment()
+        if len(chain) <= MAX_SEGMENTS:
+            return seg, None, delta
         if self._merged is None:
             return None
         try:
@@ -379,7 +403,7 @@ class Checkpointer:
         except WalError as e:  # (never expected: the engine wrote them)
             log.warning("cannot merge the metadata segments (%s); storing a snapshot", e)
             return None
-        return None if merged.nbytes > MAX_MERGED else (merged.segment(), merged)
+        return None if merged.nbytes > MAX_MERGED else (merged.segment(), merged, None)
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
@@ -408,6 +432,7 @@ class Checkpointer:
             merged = seg[1] if seg is not None else None
             shipped_at = meta.change_count()
             self._own_writes = 0
+            last = None
             if seg is not None:
                 staged = {r.name for r in meta.objects_in_state("staged")}
                 last = led.head()
@@ -427,17 +452,27 @@ class Checkpointer:
                 if meta.shared and not self._in_store(staged):  # (rarely: an upload of
                     # another machine slow or dead)
                     data = frozen.image(leave_out=lambda r: not self.store.exists(r.name))
-        name = META_PREFIX + crypto.random_bytes(16).hex()
-        blob = self.codec.seal_blob(b"meta", name, data, compress=True)
-        self.store.put(name, blob)
-        ref = ChunkRef(name, len(blob), crypto.sha256(blob))
-        if self.metrics is not None:
-            self.metrics.checkpoint_bytes.set(len(blob))
-        with self._own():
-            e = led.append("put", name, len(blob), ref.sha256)
-            meta.reference(ref, staged=False)
-            meta.commit()
-            tail = [x.to_json() for x in led.entries(snap_seq)]
+        # the changes since the chain's end, if few, go inline (the checkpoint's delta: no
+        # object of their own), the ledger head then the newest entry they hold
+        delta = seg[2] if seg is not None and seg[1] is None else None
+        inline = delta is not None and delta.nbytes <= DELTA_MAX and last is not None
+        if inline:
+            assert last is not None
+            e, tail, ref = last, [], None
+            if self.metrics is not None:
+                self.metrics.checkpoint_bytes.set(len(data))
+        else:
+            name = META_PREFIX + crypto.random_bytes(16).hex()
+            blob = self.codec.seal_blob(b"meta", name, data, compress=True)
+            self.store.put(name, blob)
+            ref = ChunkRef(name, len(blob), crypto.sha256(blob))
+            if self.metrics is not None:
+                self.metrics.checkpoint_bytes.set(len(blob))
+            with self._own():
+                e = led.append("put", name, len(blob), ref.sha256)
+                meta.reference(ref, staged=False)
+                meta.commit()
+                tail = [x.to_json() for x in led.entries(snap_seq)]
         # first wait on the disk: the chunks and the metadata durable before a checkpoint names
         # them, with the local ledger up to the checkpoint's head (a local ledger behind the
         # store's checkpoint is an anchor problem) and the rename of the last round's head file.
@@ -447,11 +482,14 @@ class Checkpointer:
         with self.lock:
             meta.sync()
         self._settle_head()
-        seg_json = json.dumps(ref_json(ref))
-        if full:
+        if ref is None:  # (inline)
+            assert self._chain is not None
+            chain, listed = self._chain, self._listed
+        elif full:
             chain, listed = [ref], []
         else:  # one more segment, or the merge of them all
             assert self._chain is not None
+            seg_json = json.dumps(ref_json(ref))
             chain = [self._chain[0], ref] if merged is not None else [*self._chain, ref]
             listed = [seg_json] if merged is not None else [*self._listed, seg_json]
         ck_name = checkpoint_name(e.seq)
@@ -466,8 +504,12 @@ class Checkpointer:
         }
         # "segments": the chain's, each encoded once (a chain of a hundred cost more to encode
         # every round than the rest of the body)
-        text = json.dumps(body)[:-1] + ', "segments": [' + ", ".join(listed) + "]}"
-        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, text.encode())
+        # and "delta": base64 needs no JSON escapes, and the encoder's scan of a long string
+        # cost as much as sealing it
+        text = (json.dumps(body)[:-1] + ', "segments": [' + ", ".join(listed) + "]").encode()
+        if inline:
+            text += b', "delta": "' + base64.b64encode(data) + b'"'
+        ck_blob = self.codec.seal_blob(b"checkpoint", ck_name, text + b"}")
         if len(ck_blob) > MAX_CHECKPOINT:  # readers refuse it: fail; the next one is smaller
             raise StoreError(f"checkpoint {ck_name} would have {len(ck_blob)} bytes, more than "
                              f"the {MAX_CHECKPOINT} readers accept ({len(tail)} ledger entries "
@@ -493,8 +535,11 @@ class Checkpointer:
             meta.shipped()  # the next segment starts where this one ends...
             self._chain = chain  # ...and is added to this list
             self._listed = listed
+        self._delta = delta if inline else None  # (stored: the chain holds it now)
         try:
-            if full:  # (an engine that ships no segments has no use for it)
+            if inline:
+                pass
+            elif full:  # (an engine that ships no segments has no use for it)
                 self._merged = MergedSegments.after(data) if not meta.shared else None
             elif merged is not None:
                 self._merged = merged

@@ -1,9 +1,12 @@
 """Checkpoints in the store: sealed, MAC'd ledger heads naming their metadata (a snapshot and, from
-checkpoint version 2, the segments to apply to it in order) with the ledger entries written
-since; reading them authenticates them. See docs/FORMAT.md 6.1."""
+checkpoint version 2, the segments to apply to it in order; from version 3, the changes since
+the last of them inline, a delta) with the ledger entries written since; reading them
+authenticates them. See docs/FORMAT.md 6.1."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +32,11 @@ class Checkpoint:
     version: int = 1
     size: int = 0  # bytes of the checkpoint object as stored
     image_seq: int = 0  # the last ledger entry its metadata image holds (set by materializing)
+    delta: bytes | None = None  # a segment applied after ``segments`` (version 3)
 
 
-CHECKPOINT_VERSION = 2  # version 2 added ``segments``; a version 1 checkpoint has none
+# version 2 added ``segments`` (a version 1 checkpoint has none), version 3 ``delta``
+CHECKPOINT_VERSION = 3
 
 
 def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:
@@ -92,7 +97,9 @@ def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
             version,
             len(blob),
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if version >= 3 and body.get("delta") is not None:
+            ck.delta = base64.b64decode(body["delta"].encode("ascii"), validate=True)
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
         raise IntegrityError("it is malformed") from None
     if version > CHECKPOINT_VERSION or version < 1:
         raise IntegrityError(f"it is version {version}; this cryptfs reads versions 1 to "

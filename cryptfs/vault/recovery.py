@@ -33,10 +33,11 @@ log = logging.getLogger("cryptfs.vault.recovery")
 def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunks: ChunkStore,
             store: ObjectStore, codec: Codec, cfg: VaultConfig) -> list[str]:
     """Repair what a crash left, in this order: entries hidden or inodes left nameless
-    (files unlinked while open), staged uploads (resumed; stray staged files removed), and
-    if the last mount did not close cleanly, objects stored but never committed
-    (:func:`sweep_orphans`). Then record the config generation in the ledger (once per
-    generation) and mark the metadata unclean. Returns one line per kind of repair made."""
+    (files unlinked while open), staged uploads (resumed; stray staged files removed), if
+    the last mount did not close cleanly, objects stored but never committed
+    (:func:`sweep_orphans`), and chunks journaled but not sealed (``fs.replay_journal``).
+    Then record the config generation in the ledger (once per generation) and mark the
+    metadata unclean. Returns one line per kind of repair made."""
     done: list[str] = []
     dropped = fs.recover()  # files unlinked while open, then a crash
     if dropped:
@@ -56,6 +57,12 @@ def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunk
         swept = sweep_orphans(fs.lock, meta, ledger, store, codec)
         if swept:
             done.append(f"{swept} objects stored before a crash but never committed: deleted")
+    sealed = fs.replay_journal()
+    if sealed:
+        done.append(f"{sealed} chunks fsync'd but not yet sealed before a crash: sealed from "
+                    "the journal")
+    for line in done:
+        log.info("crash recovery: %s", line)
     record_config(fs.lock, meta, ledger, cfg)
     with fs.lock:
         meta.set_state("clean", "0")  # until close() finishes its checkpoint

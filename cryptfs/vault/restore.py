@@ -1,5 +1,5 @@
-"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot and
-segments, each checked against the checkpoint, with the ledger entries written since them
+"""Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot,
+segments and delta, each checked against the checkpoint, with the ledger entries written since them
 (docs/FORMAT.md 8). :func:`materialize` writes any authentic checkpoint's database to a file."""
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
 def materialize(store: ObjectStore, codec: Codec, ck: Checkpoint, path: Path) -> None:
     """Write the metadata database an authentic checkpoint names to ``path`` (mode 0600,
     replacing a file there, its ``-wal`` and ``-shm`` removed): its snapshot with its segments
-    applied in order. Each object is read bounded by the size the checkpoint records and
-    checked against its hash before use. Raises IntegrityError (one line naming the object)
-    if one is missing, differs or is malformed, ConfigError for a newer schema; on failure
-    nothing is left at ``path``."""
+    applied in order, then its delta. Each object is read bounded by the size the checkpoint
+    records and checked against its hash before use. Raises IntegrityError (one line naming
+    the object) if one is missing, differs or is malformed, ConfigError for a newer schema; on
+    failure nothing is left at ``path``."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
     objs = checkpoint_objects(ck)
@@ -115,6 +115,11 @@ def materialize(store: ObjectStore, codec: Codec, ck: Checkpoint, path: Path) ->
                 apply_segment(fd, plain)
             except WalError as e:
                 raise IntegrityError(f"{what} {ref.name} (from {ck.name}): {e}") from None
+        if ck.delta is not None:  # authenticated with the checkpoint itself
+            try:
+                apply_segment(fd, ck.delta)
+            except WalError as e:
+                raise IntegrityError(f"the metadata delta of {ck.name}: {e}") from None
         check_schema_version(image_schema_version(os.pread(fd, 100, 0)),
                              f"the metadata of {ck.name}")
         os.fsync(fd)

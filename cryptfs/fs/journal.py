@@ -1,0 +1,107 @@
+"""The journal (docs/FORMAT.md 5.3). An fsync on a vault one machine writes leaves a chunk that
+changed little dirty and journals the bytes it changed in the metadata, in the commit's
+transaction (:meth:`Journal._journal_rows`, called by :meth:`cryptfs.fs.writes.Writes._commit`);
+the chunk is sealed later, normally while the file is still open. What a mount left journaled
+when it ended without that (a crash, a power loss) is sealed into chunks when the vault is
+next opened read-write (:meth:`Journal.replay_journal`), and read in place where nothing may
+be written (a read-only mount of that metadata: a snapshot, a restore from the store:
+:meth:`Journal._journaled`)."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from cryptfs.errors import CryptfsError
+from cryptfs.fs.base import JOURNAL_MAX, FileSystemBase, OpenFile, log
+
+
+class Journal(FileSystemBase):
+    """Journal rows written for an fsync; sealed into chunks after a crash, or read in place
+    when read-only."""
+
+    def _journals(self, f: OpenFile, idx: int) -> bool:
+        """Whether an fsync journals dirty chunk ``idx`` of ``f`` (rather than seal it): on
+        a vault one machine writes, one not written whole whose changes span at most
+        JOURNAL_MAX bytes."""
+        changed = f.changed(idx, self.cs)
+        return changed < self.cs and changed <= JOURNAL_MAX and not self.meta.shared
+
+    def _journal_rows(self, f: OpenFile) -> tuple[set[int], dict[int, tuple[int, int, bytes]]]:
+        """For an fsync of ``f`` (caller holds f.lock): the dirty chunks it journals (they
+        stay dirty), and for those changed since their last row, the new row ``(seq, off,
+        sealed bytes)`` its commit writes."""
+        kept: set[int] = set()
+        rows: dict[int, tuple[int, int, bytes]] = {}
+        for idx, buf in f.dirty.items():
+            if self._journals(f, idx) and idx * self.cs < f.size:
+                kept.add(idx)
+                lo, hi = f.fresh.get(idx, (0, self.cs))
+                hi = min(hi, len(buf))
+                if lo < hi:  # (else nothing changed since its last row)
+                    seq = f.rows.get(idx, 0)
+                    rows[idx] = (seq, lo, self.chunks.codec.seal_journal(
+                        f.ino, idx, seq, lo, bytes(buf[lo:hi])))
+        return kept, rows
+
+    def _journal_bytes(self, ino: int, idx: int, base: bytes,
+                       rows: list[tuple[int, int, bytes]], size: int) -> bytearray:
+        """Chunk ``idx`` of file ``ino`` as its journal rows ``(seq, off, sealed)`` make it:
+        the chunk the map holds (``base``), then each row in ``seq`` order: zeros up to its
+        ``off`` where the chunk is shorter, its bytes from there on; cut at the file's
+        ``size``. IntegrityError if a row is not authentic for its place."""
+        buf = bytearray(base)
+        for seq, off, sealed in sorted(rows):
+            data = self.chunks.codec.open_journal(ino, idx, seq, off, sealed)
+            buf.extend(bytes(max(0, off - len(buf))))
+            buf[off:off + len(data)] = data
+        del buf[max(0, size - idx * self.cs):]
+        return buf
+
+    def replay_journal(self) -> int:
+        """After a crash (a read-write open, before the filesystem is served): each chunk with
+        journal rows is sealed with their bytes and committed, which drops them. Rows past
+        their file's end, or of a file gone (never expected: those changes drop them), are
+        dropped. Returns the chunks sealed. A row that fails authentication, or a chunk that
+        cannot be read, raises (one line); the rows not replayed stay."""
+        with self.lock:
+            chunks: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
+            for ino, idx, seq, off, sealed in self.meta.journaled():
+                chunks.setdefault((ino, idx), []).append((seq, off, sealed))
+        done = 0
+        for (ino, idx), rows in chunks.items():
+            with self.lock:
+                node = self.meta.get_inode(ino)
+                if node is None or not stat.S_ISREG(node.mode) or idx * self.cs >= node.size:
+                    log.warning("journal rows of inode %d, chunk %d: no such chunk; dropped",
+                                ino, idx)
+                    with self.meta.transaction():
+                        self.meta.remove_blocks_range(ino, idx, idx + 1)
+                    continue
+                fh = self._open_locked(node, os.O_RDWR)
+                f = self.files[ino]
+            try:
+                with f.lock:
+                    plain = self._plain(f, idx, journal=False)
+                    f.dirty[idx] = self._journal_bytes(ino, idx, plain, rows, f.size)
+                    self._commit(f)
+            finally:
+                self.release(fh)
+            done += 1
+        return done
+
+    def _journaled(self, f: OpenFile, idx: int) -> bytes | None:
+        """On a read-only mount: chunk ``idx`` of the open file as its journal rows make it,
+        or None if it has none. Raises EIO (logged) if a row or the chunk is unreadable."""
+        rows = self.journal_rows.get((f.ino, idx))
+        if rows is None:
+            return None
+        if isinstance(rows, bytes):
+            return rows
+        base = self._plain(f, idx, journal=False)
+        try:
+            plain = bytes(self._journal_bytes(f.ino, idx, base, rows, f.size))
+        except CryptfsError as e:
+            raise self._read_failed(f.ino, e) from None
+        self.journal_rows[(f.ino, idx)] = plain
+        return plain

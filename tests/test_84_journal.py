@@ -1,0 +1,217 @@
+"""The journal (docs/FORMAT.md 5.3), in-process on real vaults (local store, real SQLite files).
+
+An fsync that changed few bytes of a chunk stores no chunk: those bytes go into the metadata,
+sealed, and the checkpoint carries the metadata changes inline (its delta, 6.1); the chunk is
+sealed later (at close). The store alone then holds the fsync'd state: a machine attaching
+the vault from it reads exactly the bytes fsync'd, journal rows applied in place (read-only;
+a read-write open seals them into chunks: tests/test_80_crash.py). Changes too big for the
+journal are sealed as before; truncation and hole punching after a journal round drop or
+drop its rows; a random sequence of writes, truncations, punches and fsyncs reads back
+from the store alone, after each fsync, as a model of the file says.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cryptfs.fs.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, JOURNAL_MAX
+from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.paths import VaultPaths
+from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.core import Vault, create_vault
+
+pytestmark = pytest.mark.timeout(120)
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    return tmp_path
+
+
+@pytest.fixture
+def vault(home: Path) -> Iterator[Vault]:
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def data_objects(home: Path) -> set[str]:
+    root = home / "store"
+    return {str(p.relative_to(root)) for d in ("data", "packs") if (root / d).is_dir()
+            for p in (root / d).rglob("*") if p.is_file()}
+
+
+def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int,
+                names: list[bytes]) -> dict[bytes, bytes]:
+    """Attach the vault from the store alone (fresh local state, XDG homes ``m<n>``) and read
+    ``names`` on a read-only open."""
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / f"m{n}" / k.lower()))
+    paths = VaultPaths("unit")
+    _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, 0, 0)
+    assert not created
+    v = Vault.open(paths, b"pw", readonly=True)
+    try:
+        assert v.fs is not None
+        got = {}
+        for name in names:
+            node = v.fs.lookup(ROOT_INO, name)
+            fh = v.fs.open(node.ino, os.O_RDONLY)
+            try:
+                got[name] = v.fs.read(fh, 0, node.size + 1)
+            finally:
+                v.fs.release(fh)
+        return got
+    finally:
+        v.close()
+        for k in ("CONFIG", "DATA", "CACHE"):
+            monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m1" / k.lower()))
+
+
+def test_fsync_journals_small_changes_and_the_store_alone_reads_them(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = vault.fs
+    assert fs is not None
+    rng = random.Random(84)
+    model = bytearray(rng.randbytes(2 * CHUNK + 5000))
+    _node, fh = fs.create(ROOT_INO, b"db", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, bytes(model))
+    fs.flush(fh)  # as a close does: all three chunks sealed (the last one packed)
+    fs.fsync(fh)
+    assert vault.meta.journaled() == []
+    stored = data_objects(home)
+    # a few bytes in the middle of chunk 1; an append to chunk 2 past a gap (zeros between)
+    for off, data in ((CHUNK + 1000, b"m" * 100), (2 * CHUNK + 9000, b"a" * 3000)):
+        fs.write(fh, off, data)
+        model.extend(bytes(max(0, off - len(model))))
+        model[off:off + len(data)] = data
+    fs.fsync(fh)
+    rows = {(idx, seq, off) for _ino, idx, seq, off, _data in vault.meta.journaled()}
+    assert rows == {(1, 0, 1000), (2, 0, 5000)}  # each from its first changed byte
+    assert data_objects(home) == stored  # the fsync stored no chunk
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    assert ck.version == 3 and ck.delta is not None  # the metadata changes inline
+    raw = sqlite3.connect(vault.paths.db)
+    try:  # the bytes are sealed in the local database too
+        blobs = [bytes(r[0]) for r in raw.execute("SELECT data FROM journal")]
+    finally:
+        raw.close()
+    assert blobs and not any(b"m" * 50 in b or b"a" * 50 in b for b in blobs)
+    assert new_machine(home, monkeypatch, 2, [b"db"]) == {b"db": bytes(model)}
+    # the close seals the chunks: the rows go
+    fs.release(fh)
+    assert vault.meta.journaled() == []
+    vault.sync()
+    assert new_machine(home, monkeypatch, 4, [b"db"]) == {b"db": bytes(model)}
+
+
+def test_a_change_bigger_than_the_journal_takes_is_sealed(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = vault.fs
+    assert fs is not None
+    _node, fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, bytes(CHUNK))
+    fs.fsync(fh)
+    stored = data_objects(home)
+    # two changes JOURNAL_MAX apart: what lies between counts too
+    fs.write(fh, 10, b"x")
+    fs.write(fh, 10 + JOURNAL_MAX, b"y")
+    fs.fsync(fh)
+    assert vault.meta.journaled() == []
+    assert data_objects(home) - stored  # a new chunk
+    want = bytearray(CHUNK)
+    want[10:11] = b"x"
+    want[10 + JOURNAL_MAX:11 + JOURNAL_MAX] = b"y"
+    fs.release(fh)
+    assert new_machine(home, monkeypatch, 2, [b"f"]) == {b"f": bytes(want)}
+
+
+def test_truncation_and_punched_holes_after_a_journal_round(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs = vault.fs
+    assert fs is not None
+    model = bytearray(random.Random(5).randbytes(3 * CHUNK))
+    _node, fh = fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, bytes(model))
+    fs.fsync(fh)
+    for off in (100, CHUNK + 100, 2 * CHUNK + 100):
+        fs.write(fh, off, b"j" * 200)
+        model[off:off + 200] = b"j" * 200
+    fs.fsync(fh)
+    node = fs.lookup(ROOT_INO, b"t")
+    assert {idx for ino, idx, _q, _o, _d in vault.meta.journaled() if ino == node.ino} == {0, 1, 2}
+    fs.truncate(node.ino, CHUNK + 50, fh)  # chunk 2 goes; a truncation seals the others
+    del model[CHUNK + 50:]
+    assert vault.meta.journaled() == []
+    fs.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 50, 100)
+    model[50:150] = bytes(100)
+    fs.write(fh, 2 * CHUNK, b"e" * 10)  # grown again past a hole
+    model.extend(bytes(2 * CHUNK - len(model)))
+    model.extend(b"e" * 10)
+    fs.fsync(fh)
+    assert [(idx, seq, off) for _i, idx, seq, off, _d in vault.meta.journaled()] == [(2, 0, 0)]
+    assert new_machine(home, monkeypatch, 2, [b"t"]) == {b"t": bytes(model)}
+    fs.release(fh)
+
+
+@pytest.mark.timeout(300)
+def test_random_writes_read_back_from_the_store_after_each_fsync(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model of one file against the store alone: 6 rounds of random overwrites, appends
+    past gaps, truncations and punched holes, each ended by an fsync; after each, a new
+    machine reads the file from the store (read-only: journal rows applied in place)."""
+    fs = vault.fs
+    assert fs is not None
+    rng = random.Random(1984)
+    model = bytearray()
+    _node, fh = fs.create(ROOT_INO, b"r", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    ino = fs.lookup(ROOT_INO, b"r").ino
+    journaled = 0
+    for rnd in range(6):
+        for _ in range(rng.randint(3, 8)):
+            op = rng.random()
+            if op < 0.6:  # a small write somewhere, or past the end
+                off = rng.randint(0, len(model) + 2000)
+                data = rng.randbytes(rng.randint(1, 3000))
+                fs.write(fh, off, data)
+                model.extend(bytes(max(0, off - len(model))))
+                model[off:off + len(data)] = data
+            elif op < 0.75:  # a big write
+                off = rng.randint(0, len(model))
+                data = rng.randbytes(rng.randint(CHUNK // 2, 2 * CHUNK))
+                fs.write(fh, off, data)
+                model[off:off + len(data)] = data
+            elif op < 0.9 and model:  # a hole punched
+                off = rng.randint(0, len(model) - 1)
+                n = rng.randint(1, min(len(model) - off, CHUNK))
+                fs.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n)
+                model[off:off + n] = bytes(n)
+            else:  # truncated, shorter or longer
+                size = rng.randint(0, len(model) + CHUNK)
+                fs.truncate(ino, size, fh)
+                del model[size:]
+                model.extend(bytes(size - len(model)))
+        fs.fsync(fh)
+        journaled += len(vault.meta.journaled())
+        got = new_machine(home, monkeypatch, 10 + rnd, [b"r"])[b"r"]
+        assert got == bytes(model), f"round {rnd}: the store alone reads other bytes"
+    assert journaled  # the journal was used
+    fs.release(fh)
