@@ -239,7 +239,12 @@ def create_snapshot(vault: Vault, name: str | None = None) -> Snapshot:
         raise UsageError(f"a snapshot named '{name}' exists already")
     vault.sync()
     with vault.checkpoints_held() as ck_name:  # no collection can drop its image meanwhile
-        return _pin(vault, ck_name, vault.store.get(ck_name, MAX_CHECKPOINT), name, now)
+        snap = _pin(vault, ck_name, vault.store.get(ck_name, MAX_CHECKPOINT), name, now)
+    try:  # what it holds (its metadata read back: O(files)), worked out here, not by the
+        vault.pins.held_by(snap.object)  # collection of some file's fsync after it
+    except CryptfsError:
+        pass  # (the collection tries again, and deletes nothing while it cannot tell)
+    return snap
 
 
 def _pin(vault: Vault, ck_name: str, blob: bytes, name: str, now: int) -> Snapshot:
