@@ -38,8 +38,10 @@ from typing import Any
 CHUNK = 65536
 SEED = 20240611
 CREATE_COMMIT_SLACK_NS = 1_000_000_000  # fs.COMMIT_DELAY (0.1 s) plus scheduling slack
-# writer kinds: how a file is written, whether it is fsynced
-KINDS = ["whole-fsync", "whole", "append", "rename-fsync"]
+# writer kinds: how a file is written, whether it is fsynced ("edit-fsync": one file edited in
+# place, a small overwrite or append at a time, each fsync'd, as a database does: its fsyncs
+# journal the bytes, docs/FORMAT.md 5.3)
+KINDS = ["whole-fsync", "whole", "append", "rename-fsync", "edit-fsync"]
 WRITER_MAX_SECONDS = 30.0
 WRITER_MAX_BYTES = 24 << 20
 
@@ -69,6 +71,49 @@ def pieces(content: bytes, rng: random.Random) -> list[bytes]:
     return [content[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def edit_of(seed: int, writer: int, k: int, length: int) -> tuple[int, bytes]:
+    """Edit ``k`` (k >= 1) of an "edit-fsync" file of ``length`` bytes: (offset, bytes)."""
+    rng = random.Random(f"{seed}/{writer}/edit/{k}")
+    data = rng.randbytes(rng.randint(1, 3000))
+    return (rng.randrange(length) if rng.random() < 0.7 else length), data
+
+
+def edit_states(seed: int, writer: int, upto: int) -> Iterator[bytes]:
+    """The contents of an "edit-fsync" file after its edits 0 (its first content) to ``upto``."""
+    state = bytearray(random.Random(f"{seed}/{writer}/edit/0").randbytes(2 * CHUNK + 500))
+    yield bytes(state)
+    for k in range(1, upto + 1):
+        off, data = edit_of(seed, writer, k, len(state))
+        state[off:off + len(data)] = data
+        yield bytes(state)
+
+
+def _edit_writer(mnt: str, idx: int, seed: int, log: Any, write_all: Any) -> None:
+    """An "edit-fsync" writer: ``w<idx>/db`` written, then edited in place; each state
+    fsync'd, its number logged."""
+    name = f"w{idx}/db"
+    fd = os.open(os.path.join(mnt, name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    log("created", name)
+    try:
+        first = next(edit_states(seed, idx, 0))
+        write_all(fd, first)
+        length = len(first)
+        deadline = time.monotonic() + WRITER_MAX_SECONDS
+        k = 0
+        while True:
+            log("fsync-start", name, k)
+            os.fsync(fd)
+            log("fsynced", name, k)
+            k += 1
+            if time.monotonic() > deadline:
+                break
+            off, data = edit_of(seed, idx, k, length)
+            os.pwrite(fd, data, off)
+            length = max(length, off + len(data))
+    finally:
+        os.close(fd)
+
+
 def writer_main(argv: list[str]) -> int:
     """``test_80_crash.py --writer MNT LOG INDEX KIND SEED``: write files until the mount dies
     (or a time/byte limit), logging "<event> <name> <k> <monotonic ns>" after each step."""
@@ -87,6 +132,13 @@ def writer_main(argv: list[str]) -> int:
                 view = view[os.write(fd, view):]
 
     log("ready")
+    if kind == "edit-fsync":
+        try:
+            _edit_writer(mnt, idx, seed, log, write_all)
+        except OSError as e:  # the mount died under us
+            log("error", errno.errorcode.get(e.errno or 0, str(e.errno)))
+        log("done", "-", 0)
+        return 0
     deadline = time.monotonic() + WRITER_MAX_SECONDS
     written = 0
     j = 0
@@ -259,6 +311,23 @@ def check_tree(tree: dict[str, bytes], logs: list[WriterLog], seed: int,
         return None
 
     for wl in logs:
+        if wl.kind == "edit-fsync":  # one file: one of its states from the last fsync'd on
+            name = f"w{wl.index}/db"
+            seen.add(name)
+            got = tree.get(name)
+            done = max((e.k for e in wl.logged("fsynced", name, before)), default=-1)
+            started = max((e.k for e in wl.events if e.what == "fsync-start"), default=-1)
+            if got is None:
+                if wl.logged("created", name, created_before):
+                    problems.append(f"{name} ({wl.kind}): its create returned before the "
+                                    "crash, but it is gone")
+                continue
+            if not (done < 0 and got == b"") and not any(
+                    k >= done and state == got
+                    for k, state in enumerate(edit_states(seed, wl.index, max(started, 0)))):
+                problems.append(f"{name} ({wl.kind}): {describe(got)} is none of its states "
+                                f"from {done} (the last fsync'd) to {started}")
+            continue
         top = max((e.k for e in wl.events if e.what == "done"), default=None)
         names = [e.name for e in wl.events if e.what in ("created", "renamed")]
         last = max((int(n.split("/")[1][1:]) for n in names), default=-1)

@@ -7,9 +7,11 @@ what the local metadata referenced at that moment is in the store, and a checkpo
 (with the authenticated ledger head) is in the store and recorded in the local ledger (in the
 local head file too, at most a second later: HEAD_INTERVAL). A vault can then be opened on a
 new machine from the store alone. A checkpoint stores only the metadata changed since the one
-before (a segment; past MAX_SEGMENTS, one merged segment replaces them all); the first of a
-mount, and one whenever the segments grow past a fraction of their snapshot, stores a full
-snapshot.
+before (a segment; past MAX_SEGMENTS, one merged segment replaces them all); while the pages
+changed since the last stored segment are few (DELTA_MAX) it stores none: the checkpoint
+carries them itself (its delta, docs/FORMAT.md 6.1), its ledger head the newest entry they
+hold. The first of a mount, and one whenever the segments grow past a fraction of their
+snapshot, stores a full snapshot.
 
 Order of the durability steps of one checkpoint (:meth:`Checkpointer._checkpoint`), in the
 round's own thread, in two waits on the disk: the open pack closed and every pack stored, with
@@ -26,7 +28,9 @@ they survive a crash of the process; the next round's local sync and head file a
 and one of the head file's directory: on ext4 and xfs the store's directories need none for
 the names put in them (:func:`cryptfs.paths.names_durable_with_files`).
 Disk waits of a round that stores one chunk, in that order: the chunk, the segment, the local
-log (first wait); the checkpoint (second wait); and in a round that writes the head file (once
+log (first wait); the checkpoint (second wait) — a round of an fsync that journaled its bytes
+(cryptfs.fs.journal) with its changes inline stores neither chunk nor segment: the local log,
+then the checkpoint; and in a round that writes the head file (once
 HEAD_INTERVAL passed since one did, and the final round) its temp file in the second wait and
 its directory in the next round's first. Each is needed: a checkpoint durable before what it
 names could name objects a power loss took, or a ledger head the local log lost (the anchors
@@ -217,6 +221,7 @@ class Checkpointer:
         self._merged: MergedSegments | None = None
         # the pages changed since the chain's end that the last checkpoint carried inline
         self._delta: MergedSegments | None = None
+        self._put_seq = 0  # the head of the last checkpoint this mount put (or tried to)
         self._clean_at: int | None = None
         self._own_writes = 0
         self._collected_at = float("-inf")  # the first round collects
@@ -453,9 +458,12 @@ class Checkpointer:
                     # another machine slow or dead)
                     data = frozen.image(leave_out=lambda r: not self.store.exists(r.name))
         # the changes since the chain's end, if few, go inline (the checkpoint's delta: no
-        # object of their own), the ledger head then the newest entry they hold
+        # object of their own), the ledger head then the newest entry they hold (a round
+        # that failed after putting its checkpoint left no entry of its own: not that head
+        # again, its name is taken)
         delta = seg[2] if seg is not None and seg[1] is None else None
-        inline = delta is not None and delta.nbytes <= DELTA_MAX and last is not None
+        inline = delta is not None and delta.nbytes <= DELTA_MAX and last is not None \
+            and last.seq > self._put_seq
         if inline:
             assert last is not None
             e, tail, ref = last, [], None
@@ -523,6 +531,7 @@ class Checkpointer:
         head_tmp = stage_private(self.paths.head, self._head(e, ck_name), durable=False) \
             if head_due else None
         try:
+            self._put_seq = e.seq
             self.store.put(ck_name, ck_blob)
             self.store.sync()
             if head_tmp is not None:
