@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.fs import FileSystem
 from cryptfs.fs.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, JOURNAL_MAX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
@@ -47,6 +48,14 @@ def vault(home: Path) -> Iterator[Vault]:
         yield v
     finally:
         v.close()
+
+
+def new_file(vault: Vault, name: bytes) -> tuple[FileSystem, int]:
+    """The vault's filesystem and a handle on a new file ``name`` in its root."""
+    fs = vault.fs
+    assert fs is not None
+    _node, fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    return fs, fh
 
 
 def data_objects(home: Path) -> set[str]:
@@ -85,11 +94,9 @@ def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int,
 def test_fsync_journals_small_changes_and_the_store_alone_reads_them(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = vault.fs
-    assert fs is not None
     rng = random.Random(84)
     model = bytearray(rng.randbytes(2 * CHUNK + 5000))
-    _node, fh = fs.create(ROOT_INO, b"db", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs, fh = new_file(vault, b"db")
     fs.write(fh, 0, bytes(model))
     fs.flush(fh)  # as a close does: all three chunks sealed (the last one packed)
     fs.fsync(fh)
@@ -123,9 +130,7 @@ def test_fsync_journals_small_changes_and_the_store_alone_reads_them(
 def test_a_change_bigger_than_the_journal_takes_is_sealed(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = vault.fs
-    assert fs is not None
-    _node, fh = fs.create(ROOT_INO, b"f", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs, fh = new_file(vault, b"f")
     fs.write(fh, 0, bytes(CHUNK))
     fs.fsync(fh)
     stored = data_objects(home)
@@ -145,10 +150,8 @@ def test_a_change_bigger_than_the_journal_takes_is_sealed(
 def test_truncation_and_punched_holes_after_a_journal_round(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fs = vault.fs
-    assert fs is not None
     model = bytearray(random.Random(5).randbytes(3 * CHUNK))
-    _node, fh = fs.create(ROOT_INO, b"t", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs, fh = new_file(vault, b"t")
     fs.write(fh, 0, bytes(model))
     fs.fsync(fh)
     for off in (100, CHUNK + 100, 2 * CHUNK + 100):
@@ -178,11 +181,9 @@ def test_random_writes_read_back_from_the_store_after_each_fsync(
     """A model of one file against the store alone: 6 rounds of random overwrites, appends
     past gaps, truncations and punched holes, each ended by an fsync; after each, a new
     machine reads the file from the store (read-only: journal rows applied in place)."""
-    fs = vault.fs
-    assert fs is not None
     rng = random.Random(1984)
     model = bytearray()
-    _node, fh = fs.create(ROOT_INO, b"r", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs, fh = new_file(vault, b"r")
     ino = fs.lookup(ROOT_INO, b"r").ino
     journaled = 0
     for rnd in range(6):

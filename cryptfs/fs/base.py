@@ -25,7 +25,7 @@ Durability contract:
   a chunk that changed little since it was last sealed is not sealed again for an fsync: the
   bytes it changed go into the metadata, sealed (the journal, ``JOURNAL_MAX``), and the chunk
   is sealed later (full, at close, or at an fsync past the limit; after a crash, when the
-  vault is opened again: :meth:`Writes.replay_journal`);
+  vault is opened again: :mod:`cryptfs.fs.journal`);
   with the metadata in PostgreSQL, until it is committed there and every chunk is durable in
   the store (the database is the metadata's durability point; a checkpoint follows later).
 
