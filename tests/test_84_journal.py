@@ -3,8 +3,9 @@
 An fsync that changed few bytes of a chunk stores no chunk: those bytes go into the metadata,
 sealed, and the checkpoint carries the metadata changes inline (its delta, 6.1); the chunk is
 sealed later (at close). The store alone then holds the fsync'd state: a machine attaching
-the vault from it reads exactly the bytes fsync'd, journal rows applied in place (read-only;
-a read-write open seals them into chunks: tests/test_80_crash.py). Changes too big for the
+the vault from it reads exactly the bytes fsync'd, journal rows applied in place (read-only).
+A read-write open seals the rows a crash left into chunks (also tests/test_80_crash.py); a
+damaged row refuses it with one line. Changes too big for the
 journal are sealed as before; truncation and hole punching after a journal round drop or
 drop its rows; a random sequence of writes, truncations, punches and fsyncs reads back
 from the store alone, after each fsync, as a model of the file says.
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from cryptfs.errors import IntegrityError
 from cryptfs.fs import FileSystem
 from cryptfs.fs.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, JOURNAL_MAX
 from cryptfs.meta.sqlite import ROOT_INO
@@ -216,3 +218,56 @@ def test_random_writes_read_back_from_the_store_after_each_fsync(
         assert got == bytes(model), f"round {rnd}: the store alone reads other bytes"
     assert journaled  # the journal was used
     fs.release(fh)
+
+
+def test_a_read_write_open_seals_what_a_crash_left_journaled(home: Path) -> None:
+    """The rows a crash leaves in the local database (written here as an fsync writes them)
+    are sealed into chunks by the next read-write open, in seq order over the chunk the map
+    names and cut at the file's size; a row that fails authentication (the local database
+    damaged) refuses the open with one line saying what to do."""
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
+    content = bytearray(random.Random(7).randbytes(2 * CHUNK + 100))
+    v = Vault.open(paths, b"pw")
+    try:
+        fs, fh = new_file(v, b"c")
+        fs.write(fh, 0, bytes(content))
+        fs.release(fh)
+        ino = fs.lookup(ROOT_INO, b"c").ino
+        codec = v.codec
+    finally:
+        v.close()
+    rows = [(1, 0, 10, b"X" * 50), (1, 1, 30, b"Y" * 10), (2, 0, 100, b"Z" * 30)]
+    for idx, _seq, off, data in rows:
+        at = idx * CHUNK + off
+        content.extend(bytes(max(0, at - len(content))))
+        content[at:at + len(data)] = data
+    del content[2 * CHUNK + 120:]  # the size the fsync committed with its rows
+
+    def crashed(rows: list[tuple[int, int, int, bytes]]) -> None:
+        con = sqlite3.connect(paths.db)
+        try:
+            con.executemany("INSERT INTO journal (ino, idx, seq, off, data) VALUES (?, ?, ?, ?, ?)",
+                            [(ino, i, q, o, d) for i, q, o, d in rows])
+            con.execute("UPDATE inodes SET size = ? WHERE ino = ?", (2 * CHUNK + 120, ino))
+            con.commit()
+        finally:
+            con.close()
+
+    crashed([(i, q, o, codec.seal_journal(ino, i, q, o, d)) for i, q, o, d in rows])
+    v = Vault.open(paths, b"pw")
+    try:
+        assert v.fs is not None
+        assert any("sealed from the journal" in line for line in v.recovered)
+        assert v.meta.journaled() == []
+        fh = v.fs.open(ino, os.O_RDONLY)
+        got = v.fs.read(fh, 0, len(content) + 10)
+        v.fs.release(fh)
+    finally:
+        v.close()
+    assert got == bytes(content)
+    # a row sealed for another place (seq 1 sealed as seq 0) fails authentication
+    crashed([(0, 0, 5, codec.seal_journal(ino, 0, 1, 5, b"moved"))])
+    with pytest.raises(IntegrityError, match="metadata journal of inode") as e:
+        Vault.open(paths, b"pw")
+    assert e.value.hint is not None and "rebuild it from the store" in e.value.hint

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from cryptfs.errors import CryptfsError
+from cryptfs.errors import CryptfsError, IntegrityError
 from cryptfs.fs.base import JOURNAL_MAX, FileSystemBase, OpenFile, log
 
 
@@ -62,8 +62,10 @@ class Journal(FileSystemBase):
         """After a crash (a read-write open, before the filesystem is served): each chunk with
         journal rows is sealed with their bytes and committed, which drops them. Rows past
         their file's end, or of a file gone (never expected: those changes drop them), are
-        dropped. Returns the chunks sealed. A row that fails authentication, or a chunk that
-        cannot be read, raises (one line); the rows not replayed stay."""
+        dropped. Returns the chunks sealed. A chunk under rows that cannot be read keeps its
+        rows (logged; its reads fail as they would anyway). A row that fails authentication
+        (the local database damaged) raises IntegrityError (one line); the rows not replayed
+        stay."""
         with self.lock:
             chunks: dict[tuple[int, int], list[tuple[int, int, bytes]]] = {}
             for ino, idx, seq, off, sealed in self.meta.journaled():
@@ -82,8 +84,19 @@ class Journal(FileSystemBase):
                 f = self.files[ino]
             try:
                 with f.lock:
-                    plain = self._plain(f, idx, journal=False)
-                    f.dirty[idx] = self._journal_bytes(ino, idx, plain, rows, f.size)
+                    try:
+                        plain = self._plain(f, idx, journal=False)
+                    except OSError:  # (logged: EIO for its reads, as for any lost chunk)
+                        log.error("journal rows of inode %d, chunk %d: the chunk under them "
+                                  "cannot be read; kept", ino, idx)
+                        continue
+                    try:
+                        f.dirty[idx] = self._journal_bytes(ino, idx, plain, rows, f.size)
+                    except IntegrityError as e:
+                        raise IntegrityError(
+                            f"the metadata journal of inode {ino}, chunk {idx}: {e}",
+                            hint="the local metadata database is damaged: move it away to "
+                            "rebuild it from the store") from None
                     self._commit(f)
             finally:
                 self.release(fh)
