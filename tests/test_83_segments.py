@@ -381,6 +381,7 @@ from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
 from cryptfs.vault.core import Vault
+from crashpoints import die_after
 
 step = sys.argv[1]
 if step != "returned-head-lagging":  # every round writes the head file (its steps are hooked)
@@ -398,19 +399,6 @@ write(b"z", b"Z" * 5000)  # (in a pack of its own: the collection deletes that)
 v.sync()
 write(b"b", b"B" * 5000)
 v.fs.unlink(ROOT_INO, b"z")  # its chunk: garbage once the next round has shipped
-calls = {}
-
-def die_after(owner, attr, nth=1, when=lambda *a: True):
-    real = getattr(owner, attr)
-
-    def hooked(*a, **k):
-        out = real(*a, **k)
-        if when(*a):
-            calls[attr] = calls.get(attr, 0) + 1
-            if calls[attr] == nth:
-                os._exit(9)
-        return out
-    setattr(owner, attr, hooked)
 
 if step == "store-synced":
     die_after(v.store, "sync")
@@ -448,7 +436,7 @@ def test_kill_between_the_steps_of_a_round(
     ledger, which records every checkpoint, holds the bar meanwhile."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}:{Path(__file__).parent}"}
     res = subprocess.run([sys.executable, "-c", CHILD, step], env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 9, res.stderr
@@ -482,7 +470,7 @@ def test_a_store_rolled_back_past_a_lagging_head_file_is_refused(home: Path) -> 
     named it."""
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}:{Path(__file__).parent}"}
     res = subprocess.run([sys.executable, "-c", CHILD, "returned-head-lagging"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 9, res.stderr

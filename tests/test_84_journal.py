@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +273,74 @@ def test_a_read_write_open_seals_what_a_crash_left_journaled(home: Path) -> None
     with pytest.raises(IntegrityError, match="metadata journal of inode") as e:
         Vault.open(paths, b"pw")
     assert e.value.hint is not None and "rebuild it from the store" in e.value.hint
+
+
+# -- kill -9 between the steps of a journaled fsync's round ---------------------------------------
+CHILD = r"""
+import os, sys
+from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.paths import VaultPaths
+from cryptfs.vault import checkpointer
+from cryptfs.vault.core import Vault
+from crashpoints import die_after
+
+step = sys.argv[1]
+checkpointer.HEAD_INTERVAL = 0.0  # every round writes the head file
+v = Vault.open(VaultPaths("unit"), b"pw")
+fs = v.fs
+_node, fh = fs.create(ROOT_INO, b"j", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+fs.write(fh, 0, b"o" * 150000)
+fs.flush(fh)  # sealed, as a close seals
+fs.fsync(fh)
+fs.write(fh, 70000, b"n" * 3000)  # a few bytes of a full chunk, and past the end
+fs.write(fh, 150000, b"e" * 500)
+
+if step == "journaled":  # the rows committed, the round not begun
+    die_after(v.chunks, "store_packs")
+elif step == "log-synced":
+    die_after(v.meta, "sync")
+elif step == "checkpoint-put":
+    die_after(v.store, "put", when=lambda name, blob: name.startswith("checkpoints/"))
+elif step == "checkpoint-synced":
+    die_after(v.store, "sync", nth=2)
+fs.fsync(fh)
+os._exit(9)
+"""
+JOURNAL_STEPS = ["journaled", "log-synced", "checkpoint-put", "checkpoint-synced", "returned"]
+
+
+@pytest.mark.parametrize("step", JOURNAL_STEPS)
+def test_kill_between_the_steps_of_a_journaled_round(
+    home: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The daemon dies (kill -9) after each step of an fsync that journals (its rows
+    committed; the local log synced; the checkpoint put; synced; the fsync returned): the
+    store alone holds the state before the fsync or, once its checkpoint is there, after it
+    (after it, once the fsync returned); this machine opens the vault again with the fsync's
+    bytes, sealed from the journal, and a new machine then reads them from the store."""
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}:{Path(__file__).parent}"}
+    res = subprocess.run([sys.executable, "-c", CHILD, step], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 9, res.stderr
+    old = b"o" * 150000
+    new = bytearray(old)
+    new[70000:73000] = b"n" * 3000
+    new += b"e" * 500
+    stored = new_machine(home, monkeypatch, 2, [b"j"])[b"j"]
+    assert stored in (old, bytes(new)), "the store alone holds neither state"
+    if step == "returned":
+        assert stored == bytes(new)
+    v = Vault.open(paths, b"pw")
+    try:
+        assert v.fs is not None
+        assert any("sealed from the journal" in line for line in v.recovered)
+        assert v.meta.journaled() == []
+        fh = v.fs.open(v.fs.lookup(ROOT_INO, b"j").ino, os.O_RDONLY)
+        got = v.fs.read(fh, 0, len(new) + 10)
+        v.fs.release(fh)
+    finally:
+        v.close()
+    assert got == bytes(new)
+    assert new_machine(home, monkeypatch, 3, [b"j"])[b"j"] == bytes(new)
