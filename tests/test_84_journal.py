@@ -23,13 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from cryptfs.errors import IntegrityError
+from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.fs import FileSystem
 from cryptfs.fs.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, JOURNAL_MAX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
+from cryptfs.vault import checkpointer
 from cryptfs.vault.checkpoints import read_checkpoints
 from cryptfs.vault.core import Vault, create_vault
+from cryptfs.vault.restore import materialize
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -344,3 +346,82 @@ def test_kill_between_the_steps_of_a_journaled_round(
         v.close()
     assert got == bytes(new)
     assert new_machine(home, monkeypatch, 3, [b"j"])[b"j"] == bytes(new)
+
+
+def links(db: Path) -> set[bytes]:
+    con = sqlite3.connect(db)
+    try:
+        return {bytes(r[0]) for r in con.execute("SELECT target FROM inodes WHERE target "
+                                                 "IS NOT NULL")}
+    finally:
+        con.close()
+
+
+def root_names(db: Path) -> set[bytes]:
+    con = sqlite3.connect(db)
+    try:
+        return {bytes(r[0]) for r in con.execute("SELECT name FROM dentries WHERE parent = 1")}
+    finally:
+        con.close()
+
+
+def test_the_delta_grows_into_a_segment_and_the_store_alone_restores_each(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints carry the pages changed since the chain's last segment inline until they
+    pass DELTA_MAX; that round stores them all, merged, as one segment (those the delta before
+    carried too). After every round the newest checkpoint restores the local metadata."""
+    monkeypatch.setattr(checkpointer, "DELTA_MAX", 40 << 10)
+    fs = vault.fs
+    assert fs is not None
+    vault.sync()  # the chain: a snapshot
+    kinds = []
+    for i in range(24):  # (a target of 3,000 bytes: each round's inode on pages of its own,
+        # which later rounds do not change: a segment that left out what the delta before it
+        # carried would lose them)
+        fs.symlink(ROOT_INO, b"link %d" % i, b"%d/" % i + b"t" * 3000, 0, 0)
+        vault.sync()
+        ck = read_checkpoints(vault.store, vault.codec)[0][0]
+        kinds.append((ck.delta is not None, len(ck.segments)))
+        out = home / f"m{i}.db"
+        materialize(vault.store, vault.codec, ck, out)
+        assert links(out) == links(vault.paths.db), f"round {i}"
+    folded = [b for a, b in zip(kinds, kinds[1:], strict=False)
+              if a[0] and not b[0] and b[1] == a[1] + 1]
+    assert folded, f"no delta went into a segment: {kinds}"
+    assert sum(1 for d, _n in kinds if d) > len(folded)  # and most rounds stored none
+
+
+def test_a_round_that_failed_after_its_put_never_reuses_its_checkpoint_name(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round whose checkpoint reached the store but that failed after (no ledger entry of
+    its own) leaves the ledger head where it was: the next round must not write a checkpoint
+    of that name again (it stores a segment, whose entry moves the head)."""
+    fs = vault.fs
+    assert fs is not None
+    fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0)
+    vault.sync()
+    real_put = vault.store.put
+    failed: list[str] = []
+
+    def put_then_fail(name: str, blob: bytes) -> None:
+        real_put(name, blob)
+        if name.startswith("checkpoints/"):
+            failed.append(name)
+            raise StoreError("the store went away after the put")
+
+    fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0)
+    monkeypatch.setattr(vault.store, "put", put_then_fail)
+    with pytest.raises(StoreError):
+        vault.sync()
+    monkeypatch.setattr(vault.store, "put", real_put)
+    was = (home / "store" / failed[0]).read_bytes()
+    fs.mkdir(ROOT_INO, b"c", 0o755, 0, 0)
+    vault.sync()
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    assert ck.name > failed[0]
+    assert (home / "store" / failed[0]).read_bytes() == was
+    out = home / "m.db"
+    materialize(vault.store, vault.codec, ck, out)
+    assert root_names(out) == {b"a", b"b", b"c"}

@@ -545,14 +545,12 @@ class Checkpointer:
             self._chain = chain  # ...and is added to this list
             self._listed = listed
         self._delta = delta if inline else None  # (stored: the chain holds it now)
-        try:
-            if inline:
-                pass
-            elif full:  # (an engine that ships no segments has no use for it)
+        try:  # (an inline round's pages are not in the chain: its merge stays as it was)
+            if full:  # (an engine that ships no segments has no use for it)
                 self._merged = MergedSegments.after(data) if not meta.shared else None
             elif merged is not None:
                 self._merged = merged
-            elif self._merged is not None:
+            elif self._merged is not None and not inline:
                 self._merged.add(data)
         except WalError as e:  # (never expected: the engine wrote them)
             log.warning("cannot merge metadata segment %s (%s); storing a snapshot when the "
