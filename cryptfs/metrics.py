@@ -432,6 +432,9 @@ class MeteredStore:
     def put(self, name: str, data: bytes) -> None:
         self._call("put", self.inner.put, name, data, nbytes=lambda _: len(data))
 
+    def append(self, name: str, data: bytes) -> None:  # (counted as a put)
+        self._call("put", self.inner.append, name, data, nbytes=lambda _: len(data))
+
     def put_if_absent(self, name: str, data: bytes) -> bool:
         done = bool(self._call("put_if_absent", self.inner.put_if_absent, name, data))
         if done:  # the bytes sent count under put (the kind operators watch)

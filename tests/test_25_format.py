@@ -183,6 +183,7 @@ class FormatReader:
         self.segments = 0  # segments applied to it (stored ones and the delta)
         self.deltas = 0  # checkpoints read with a delta (FORMAT.md 6.1, version 3)
         self.journal_rows = 0  # journal rows applied (FORMAT.md 5.3, schema version 5)
+        self.log_records = 0  # fsync log records applied (FORMAT.md 6.7, checkpoint version 4)
         self.pack_members: set[str] = set()  # chunks read from packs
 
     # store access ----------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class FormatReader:
         return self._open_blob(b"meta", m["name"], blob)
 
     def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
-        if ck.get("version", 1) not in (1, 2, 3):
+        if ck.get("version", 1) not in (1, 2, 3, 4):
             raise FormatError("checkpoint version")
         image = self._meta_object(ck["meta"], "snapshot")
         if not image.startswith(b"SQLite format 3\0"):
@@ -401,12 +402,41 @@ class FormatReader:
             out += piece + bytes(want - len(piece))
         return bytes(out)
 
+    def apply_log(self, db: sqlite3.Connection, ck: dict) -> None:
+        """FORMAT.md 6.7: the records of the checkpoint's fsync log, in order, each sealed
+        for its place; a last record cut short is left out."""
+        name = f"logs/{int(ck['seq']):016d}"
+        if ck.get("version", 1) < 4 or not (self.store / name).exists():
+            return
+        blob, at, n = self._get(name), 0, 0
+        while at + 4 <= len(blob):
+            length = struct.unpack(">I", blob[at:at + 4])[0]
+            if at + 4 + length > len(blob):
+                break
+            plain = self._open_blob(b"log", f"{name}/{n}", blob[at + 4:at + 4 + length])
+            ino, size, mtime, ctime, rows = struct.unpack(">QQqqI", plain[:36])
+            p = 36
+            for _ in range(rows):
+                idx, seq, off, ln = struct.unpack(">QQII", plain[p:p + 24])
+                db.execute("INSERT OR REPLACE INTO journal (ino, idx, seq, off, data) "
+                           "VALUES (?, ?, ?, ?, ?)",
+                           (ino, idx, seq, off, plain[p + 24:p + 24 + ln]))
+                p += 24 + ln
+            if p != len(plain):
+                raise FormatError(f"{name} record {n} length")
+            db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                       (size, mtime, ctime, ino))
+            at, n = at + 4 + length, n + 1
+        self.log_records += n
+
     def tree(self, workdir: Path) -> dict[str, tuple]:
-        """``{path: (kind, payload, permission bits, xattrs)}`` of the newest checkpoint."""
+        """``{path: (kind, payload, permission bits, xattrs)}`` of the newest checkpoint and
+        its fsync log."""
         ck = self.newest_checkpoint()
         db = self.snapshot(ck, workdir)
         try:
             self.check_ledger(db, ck)
+            self.apply_log(db, ck)
             out: dict[str, tuple] = {}
 
             def walk(dir_ino: int, prefix: str) -> None:
@@ -611,14 +641,22 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
 
 
 def test_independent_reader_applies_the_journal(vault_dir: Path) -> None:
-    """A file changed a little and fsync'd, still open: the store's newest checkpoint carries
-    its metadata changes inline (FORMAT.md 6.1, the delta) with the changed bytes in journal
-    rows (5.3), not in chunks; the reader, applying them, reads what the mount reads."""
+    """A file changed a little and fsync'd, still open: its changed bytes are journal rows
+    (5.3), not chunks, and the fsync is a record of the fsync log (6.7; the store appends);
+    the reader, applying them, reads what was written. After a chmod and another fsync, the
+    new checkpoint carries the metadata changes inline (6.1, the delta), the rows with them,
+    and the reader reads the same again, as the mount does."""
     root = vault_dir
     rng = random.Random(84)
     content = bytearray(rng.randbytes(2 * CHUNK + 3000))
 
-    def fill(mnt: Path) -> tuple[bytes, dict[str, tuple], int, int]:
+    def read(n: int) -> tuple[dict[str, tuple], FormatReader]:
+        work = root / f"reader{n}"
+        work.mkdir()
+        reader = FormatReader(root / "store", PASSPHRASE.encode())
+        return reader.tree(work), reader
+
+    def fill(mnt: Path) -> tuple[bytes, list[tuple[dict[str, tuple], FormatReader]]]:
         (mnt / "db").write_bytes(content)
         fd = os.open(mnt / "db", os.O_RDWR)
         try:
@@ -626,19 +664,22 @@ def test_independent_reader_applies_the_journal(vault_dir: Path) -> None:
             for off, data in ((100, b"a" * 50), (CHUNK + 7, b"b" * 2000),
                               (2 * CHUNK + 5000, b"c" * 10)):
                 os.pwrite(fd, data, off)
+                content.extend(bytes(max(0, off - len(content))))
+                content[off:off + len(data)] = data
             os.fsync(fd)
-            shown = (mnt / "db").read_bytes()
-            work = root / "reader"
-            work.mkdir()
-            reader = FormatReader(root / "store", PASSPHRASE.encode())
-            got = reader.tree(work)
-            return shown, got, reader.journal_rows, reader.deltas
+            logged = read(1)
+            os.chmod(mnt / "db", 0o600)  # (an attribute change: not in the log)
+            os.fsync(fd)
+            return (mnt / "db").read_bytes(), [logged, read(2)]
         finally:
             os.close(fd)
 
-    shown, got, rows, deltas = _with_mount(root, fill)
-    assert got["db"][:2] == ("file", shown)
-    assert rows == 3 and deltas == 1
+    shown, [(got1, r1), (got2, r2)] = _with_mount(root, fill)
+    assert shown == bytes(content)
+    assert got1["db"][:2] == ("file", shown)
+    assert (r1.journal_rows, r1.log_records, r1.deltas) == (3, 1, 0)
+    assert got2["db"][:3] == ("file", shown, 0o600)
+    assert (r2.journal_rows, r2.log_records, r2.deltas) == (3, 0, 1)
 
 
 def test_equal_chunks_in_one_write(vault_dir: Path) -> None:

@@ -26,7 +26,12 @@ from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.meta.wal import MergedSegments, WalError, apply_segment, encode_segment
 from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
-from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
+from cryptfs.vault.checkpoints import (
+    CHECKPOINT_VERSION,
+    Checkpoint,
+    checkpoint_objects,
+    read_checkpoints,
+)
 from cryptfs.vault.core import Vault, create_vault
 from cryptfs.vault.localstate import read_head
 from cryptfs.vault.restore import materialize
@@ -112,7 +117,8 @@ def test_fsync_ships_segments_and_the_store_alone_restores(
     write(vault, b"first", b"1" * 1000)
     vault.sync()
     base = newest(vault)
-    assert base.version == 3 and base.segments == []  # the first of a mount: a snapshot
+    # the first of a mount: a snapshot
+    assert base.version == CHECKPOINT_VERSION and base.segments == []
     for i in range(3):
         write(vault, b"f%d" % i, os.urandom(3000))
         vault.sync()

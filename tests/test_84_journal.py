@@ -9,6 +9,10 @@ damaged row refuses it with one line. Changes too big for the
 journal are sealed as before; truncation and hole punching after a journal round drop or
 drop its rows; a random sequence of writes, truncations, punches and fsyncs reads back
 from the store alone, after each fsync, as a model of the file says.
+
+The store here does not append (as S3 does not): every fsync is a checkpoint round. Where the
+store appends, an fsync that only journaled is a record of the fsync log instead
+(tests/test_86_fsync_log.py).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from cryptfs.fs import FileSystem
 from cryptfs.fs.base import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, JOURNAL_MAX
 from cryptfs.meta.sqlite import ROOT_INO
 from cryptfs.paths import VaultPaths
+from cryptfs.stores.local import LocalStore
 from cryptfs.vault import checkpointer
-from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, read_checkpoints
 from cryptfs.vault.core import Vault, create_vault
 from cryptfs.vault.restore import materialize
 
@@ -40,6 +45,7 @@ CHUNK = 64 << 10
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(LocalStore, "appendable", False)  # (rounds only: see above)
     for k in ("CONFIG", "DATA", "CACHE"):
         monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
     return tmp_path
@@ -118,7 +124,7 @@ def test_fsync_journals_small_changes_and_the_store_alone_reads_them(
     assert rows == {(1, 0, 1000), (2, 0, 5000)}  # each from its first changed byte
     assert data_objects(home) == stored  # the fsync stored no chunk
     ck = read_checkpoints(vault.store, vault.codec)[0][0]
-    assert ck.version == 3 and ck.delta is not None  # the metadata changes inline
+    assert ck.version == CHECKPOINT_VERSION and ck.delta is not None  # the metadata changes inline
     raw = sqlite3.connect(vault.paths.db)
     try:  # the bytes are sealed in the local database too
         blobs = [bytes(r[0]) for r in raw.execute("SELECT data FROM journal")]
@@ -285,7 +291,9 @@ from cryptfs.paths import VaultPaths
 from cryptfs.vault import checkpointer
 from cryptfs.vault.core import Vault
 from crashpoints import die_after
+from cryptfs.stores.local import LocalStore
 
+LocalStore.appendable = False  # (rounds only)
 step = sys.argv[1]
 checkpointer.HEAD_INTERVAL = 0.0  # every round writes the head file
 v = Vault.open(VaultPaths("unit"), b"pw")

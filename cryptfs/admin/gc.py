@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptfs.errors import CryptfsError, IntegrityError, StoreError
-from cryptfs.format.layout import PACK_PREFIX, PER_STORE, SNAPSHOT_PREFIX
+from cryptfs.format.layout import PACK_PREFIX, PER_STORE, SNAPSHOT_PREFIX, log_seq
 
 DEFAULT_GRACE = 3600.0
 REPACK_BELOW = 0.5
@@ -92,8 +92,8 @@ def find_garbage(vault: Any, grace: float) -> GcReport:
     rep = GcReport()
     for name, size, age in list_with_age(vault.store):
         rep.scanned += 1
-        if name in known or name in PER_STORE:
-            continue
+        if name in known or name in PER_STORE or log_seq(name) is not None:
+            continue  # (an fsync log goes once a newer checkpoint holds what it carried)
         c = Candidate(name, size, age)
         after = horizon is not None and (age is None or time.time() - age >= horizon)
         if not after and (grace <= 0 or (age is not None and age >= grace)):

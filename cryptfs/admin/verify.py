@@ -30,9 +30,11 @@ from cryptfs.format.layout import (
     SNAPSHOT_PREFIX,
     STORE_ID,
     TRACKED_PREFIXES,
+    log_seq,
 )
 from cryptfs.vault.checkpoints import open_checkpoint
 from cryptfs.vault.core import Vault
+from cryptfs.vault.fsynclog import read_log
 from cryptfs.vault.lease import check_lease
 from cryptfs.vault.snapshots import open_snapshot
 from cryptfs.vault.storelist import read_store_id
@@ -241,6 +243,11 @@ def _verify(vault: Vault, full: bool, workers: int, progress: bool | None) -> Re
                     "unreferenced", f"object {name} is in the store but nothing references it", name
                 )
             )
+        elif log_seq(name) is not None:  # an fsync log: each record authenticated
+            try:
+                read_log(vault.store, vault.codec, log_seq(name) or 0)
+            except CryptfsError as e:
+                rep.problems.append(Problem("corrupt", f"fsync log {name}: {e}", name))
         else:
             rep.problems.append(Problem("unknown", f"object {name} is not a cryptfs object", name))
 

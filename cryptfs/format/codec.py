@@ -102,6 +102,12 @@ def journal_name(ino: int, idx: int, seq: int, off: int) -> str:
     return f"journal/{ino}/{idx}/{seq}/{off}"
 
 
+def log_record_name(seq: int, n: int) -> str:
+    """The name record ``n`` of the fsync log of checkpoint ``seq`` is sealed under
+    (docs/FORMAT.md 6.7)."""
+    return f"logs/{seq:016d}/{n}"
+
+
 class Codec:
     """Seals and opens objects for one vault (one master key)."""
 
@@ -320,6 +326,15 @@ class Codec:
     def open_journal(self, ino: int, idx: int, seq: int, off: int, sealed: bytes) -> bytes:
         """The bytes of a journal row (IntegrityError if not authentic for that place)."""
         return self.open_blob(b"journal", journal_name(ino, idx, seq, off), sealed)
+
+    def seal_log_record(self, seq: int, n: int, plain: bytes) -> bytes:
+        """Record ``n`` of the fsync log of checkpoint ``seq``: sealed like a metadata object
+        (kind ``log``), its name binding the log and the record's place in it."""
+        return self.seal_blob(b"log", log_record_name(seq, n), plain)
+
+    def open_log_record(self, seq: int, n: int, sealed: bytes) -> bytes:
+        """A log record's plaintext (IntegrityError if not authentic for that place)."""
+        return self.open_blob(b"log", log_record_name(seq, n), sealed)
 
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:

@@ -21,9 +21,11 @@ META_PREFIX = "meta/"  # sealed metadata snapshots and segments: meta/<32 hex>
 CHECKPOINT_PREFIX = "checkpoints/"  # sealed ledger checkpoints: checkpoints/<16 digits>
 SNAPSHOT_PREFIX = "snapshots/"  # sealed snapshot pins on a checkpoint: snapshots/<32 hex>
 PACK_PREFIX = "packs/"  # short chunk objects of closed files, bundled: packs/<32 hex>
+LOG_PREFIX = "logs/"  # fsync logs, appended to, one per checkpoint: logs/<16 digits>
 
 PER_STORE = (CONFIG, LEASE, STORE_ID)  # objects each store has its own of; not in the metadata
-# recorded in the metadata
+# recorded in the metadata (an fsync log is not: its records are authenticated one by one,
+# and it is deleted once a newer checkpoint holds what it carried)
 TRACKED_PREFIXES = (DATA_PREFIX, META_PREFIX, CHECKPOINT_PREFIX, SNAPSHOT_PREFIX, PACK_PREFIX)
 
 # Fixed bounds for objects whose size nothing records (bytes as stored).
@@ -32,6 +34,11 @@ MAX_LEASE = 4 << 10  # a sealed JSON document of about 250 bytes
 MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
 MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
 MAX_SNAPSHOT = 4 << 10  # a snapshot pin: a sealed JSON document of about 600 bytes
+# An fsync log (docs/FORMAT.md 6.7) takes records while it has at most LOG_TARGET bytes, each
+# at most LOG_RECORD_MAX sealed (with its length prefix); readers accept MAX_LOG.
+LOG_TARGET = 4 << 20
+LOG_RECORD_MAX = 512 << 10
+MAX_LOG = LOG_TARGET + LOG_RECORD_MAX
 # Packs (docs/FORMAT.md 4.3): a closed file's short last chunk, at most PACK_MEMBER_MAX bytes
 # sealed, goes into a pack, which is closed once it reaches PACK_TARGET bytes or
 # PACK_MAX_MEMBERS members (or is waited for); a pack has at most MAX_PACK bytes, its index at
@@ -50,6 +57,17 @@ def checkpoint_name(seq: int) -> str:
 def checkpoint_seq(name: str) -> int | None:
     """The sequence number a checkpoint object's name carries, or None if it is not one."""
     tail = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(tail) if len(tail) == 16 and tail.isdigit() else None
+
+
+def log_name(seq: int) -> str:
+    """The fsync log of the checkpoint with this sequence number."""
+    return f"{LOG_PREFIX}{seq:016d}"
+
+
+def log_seq(name: str) -> int | None:
+    """The checkpoint sequence number an fsync log's name carries, or None if it is not one."""
+    tail = name[len(LOG_PREFIX):] if name.startswith(LOG_PREFIX) else ""
     return int(tail) if len(tail) == 16 and tail.isdigit() else None
 
 
@@ -72,8 +90,8 @@ def pack_name(pack_id: str) -> str:
 
 def kind(name: str) -> str:
     """What an object name is: ``chunk``, ``snapshot`` (a metadata image), ``checkpoint``,
-    ``pin`` (a user's snapshot), ``pack``, ``config``, ``lease``, ``store-id``, or ``unknown``
-    (nothing cryptfs writes)."""
+    ``pin`` (a user's snapshot), ``pack``, ``log`` (an fsync log), ``config``, ``lease``,
+    ``store-id``, or ``unknown`` (nothing cryptfs writes)."""
     if name.startswith(DATA_PREFIX):
         return "chunk"
     if name.startswith(META_PREFIX):
@@ -84,4 +102,6 @@ def kind(name: str) -> str:
         return "checkpoint"
     if snapshot_id(name) is not None:
         return "pin"
+    if log_seq(name) is not None:
+        return "log"
     return {CONFIG: "config", LEASE: "lease", STORE_ID: "store-id"}.get(name, "unknown")

@@ -7,7 +7,8 @@ in :mod:`cryptfs.fs.base`.
 from __future__ import annotations
 
 from cryptfs.fs.attrs import Attributes
-from cryptfs.fs.base import DIR_SIZE, HIDDEN, NAME_MAX, CommitHooks, FileSystemBase
+from cryptfs.fs.base import DIR_SIZE, HIDDEN, NAME_MAX, FileSystemBase
+from cryptfs.fs.hooks import CommitHooks
 from cryptfs.fs.journal import Journal
 from cryptfs.fs.locks import Locks
 from cryptfs.fs.namespace import Namespace

@@ -25,7 +25,9 @@ Durability contract:
   a chunk that changed little since it was last sealed is not sealed again for an fsync: the
   bytes it changed go into the metadata, sealed (the journal, ``JOURNAL_MAX``), and the chunk
   is sealed later (full, at close, or at an fsync past the limit; after a crash, when the
-  vault is opened again: :mod:`cryptfs.fs.journal`);
+  vault is opened again: :mod:`cryptfs.fs.journal`); where the store appends, an fsync whose
+  commit journaled only that is a record appended to the store's fsync log instead of a
+  checkpoint (:class:`~cryptfs.fs.journal.Logged`, :mod:`cryptfs.vault.fsynclog`);
   with the metadata in PostgreSQL, until it is committed there and every chunk is durable in
   the store (the database is the metadata's durability point; a checkpoint follows later).
 
@@ -54,10 +56,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cryptfs.chunks.chunkstore import ChunkStore
 from cryptfs.errors import os_error as _err
 from cryptfs.format.codec import ChunkRef
+from cryptfs.fs.hooks import CommitHooks
 from cryptfs.meta import Changed, Inode, MetaEngine
 from cryptfs.meta.namespace import (  # noqa: F401 - the names of fs operations' flags
     HIDDEN,
@@ -67,6 +71,9 @@ from cryptfs.meta.namespace import (  # noqa: F401 - the names of fs operations'
     XATTR_CREATE,
     XATTR_REPLACE,
 )
+
+if TYPE_CHECKING:
+    from cryptfs.fs.journal import Logged
 
 log = logging.getLogger("cryptfs.fs")
 
@@ -167,49 +174,31 @@ class Handle:
     listing: list[tuple[bytes, int, int]] | None = None
 
 
-class CommitHooks:
-    """What runs after each commit and each rollback of the metadata engine. It exists before
-    both: the engine is built with :meth:`committed` and :meth:`rolled_back` as its callbacks,
-    and the filesystem, built later on that engine, listens from its constructor (its deferred
-    writes: forgotten once committed, written again after a rollback). Listeners run on the
-    thread that commits, under the filesystem lock."""
-
-    def __init__(self) -> None:
-        self._listeners: list[tuple[Callable[[], None], Callable[[], None]]] = []
-
-    def listen(self, on_commit: Callable[[], None], on_rollback: Callable[[], None]) -> None:
-        self._listeners.append((on_commit, on_rollback))
-
-    def committed(self) -> None:
-        for on_commit, _ in self._listeners:
-            on_commit()
-
-    def rolled_back(self) -> None:
-        for _, on_rollback in self._listeners:
-            on_rollback()
-
-
 class FileSystemBase:
-    """The filesystem's state and helpers. ``on_sync`` is fsync (module docstring);
-    ``before_commit`` runs inside each transaction that commits file data (the vault writes
-    its queued ledger entries there); ``hooks``: the commit hooks ``meta`` was built with."""
+    """The filesystem's state and helpers. ``on_sync(logged)`` is fsync (module docstring;
+    ``logged``: see :class:`Logged`); ``before_commit`` runs inside each transaction that
+    commits file data (the vault writes its queued ledger entries there); ``hooks``: the
+    commit hooks ``meta`` was built with; ``log_slot()``: the place in an fsync log a commit
+    that only journals takes (or None: see :class:`Logged`)."""
 
     def __init__(
         self,
         meta: MetaEngine,
         chunks: ChunkStore,
         chunk_size: int,
-        on_sync: Callable[[], None],
+        on_sync: Callable[[Logged | None], None],
         readonly: bool = False,
         statfs_source: Callable[[], os.statvfs_result | None] | None = None,
         *,
         hooks: CommitHooks,
         before_commit: Callable[[], None] | None = None,
+        log_slot: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self.meta = meta
         self.chunks = chunks
         self.cs = chunk_size
         self.on_sync = on_sync
+        self.log_slot = log_slot
         self.readonly = readonly
         self.statfs_source = statfs_source
         self.lock = threading.RLock()

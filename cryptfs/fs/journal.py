@@ -11,9 +11,32 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 
 from cryptfs.errors import CryptfsError, IntegrityError
+from cryptfs.format.codec import ChunkRef
 from cryptfs.fs.base import JOURNAL_MAX, FileSystemBase, OpenFile, log
+
+# the metadata's state key that a commit with a place in an fsync log marks with it
+# ("<checkpoint sequence> <record number>": which records the local metadata holds)
+LOG_MARK = "fsync-log"
+
+
+@dataclass
+class Logged:
+    """An fsync's commit that wrote nothing but journal rows of one file, its size and times,
+    and the mark of its place in an fsync log (cryptfs.vault.fsynclog): ``slot`` (checkpoint
+    sequence, record number) that ``log_slot()`` gave it, ``rows`` ``(idx, seq, off,
+    sealed)``, ``changes`` the engine's change count before and after the commit (what the
+    log's owner checks nothing else was written since the record before)."""
+
+    slot: tuple[int, int]
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    rows: list[tuple[int, int, int, bytes]]
+    changes: tuple[int, int]
 
 
 class Journal(FileSystemBase):
@@ -43,6 +66,21 @@ class Journal(FileSystemBase):
                     rows[idx] = (seq, lo, self.chunks.codec.seal_journal(
                         f.ino, idx, seq, lo, bytes(buf[lo:hi])))
         return kept, rows
+
+    def _log_mark(self, refs: dict[int, ChunkRef | None],
+                  rows: dict[int, tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
+        """In an fsync's commit transaction (caller holds the filesystem lock), after its
+        journal rows and inode: if it stores no chunk and journals something, its place in
+        the fsync log (``log_slot()``), marked in the metadata, and the engine's change count
+        after the mark (the commit is logged only if nothing is written after it); else
+        None."""
+        if refs or not rows:
+            return None
+        slot = self.log_slot()
+        if slot is None:
+            return None
+        self.meta.set_state(LOG_MARK, f"{slot[0]} {slot[1]}")
+        return (*slot, self.meta.change_count())
 
     def _journal_bytes(self, ino: int, idx: int, base: bytes,
                        rows: list[tuple[int, int, bytes]], size: int) -> bytearray:

@@ -24,6 +24,7 @@ from cryptfs.fs.base import (
     _err,
     log,
 )
+from cryptfs.fs.journal import Logged
 from cryptfs.meta import Inode
 
 
@@ -104,7 +105,7 @@ class Writes(FileSystemBase):
 
         s.fut.add_done_callback(done)
 
-    def _commit(self, f: OpenFile, pack: bool = False, journal: bool = False) -> None:
+    def _commit(self, f: OpenFile, pack: bool = False, journal: bool = False) -> Logged | None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
         ``journal`` (an fsync on a vault one machine writes): a dirty chunk whose changes
         since it was made from the chunk map's span at most JOURNAL_MAX bytes stays dirty,
@@ -115,9 +116,10 @@ class Writes(FileSystemBase):
         and locked, the chunks written here replace theirs and the others stay, the size is
         the larger (this one's if it truncated since its last commit), and the open file then
         reads the merged chunk map; a conflict re-runs the commit (``meta.atomically``).
-        ``pack``: the file is being closed (see :meth:`_seal`)."""
+        ``pack``: the file is being closed (see :meth:`_seal`). Returns the commit as a
+        :class:`Logged` if it journaled and nothing more and the fsync log gave it a place."""
         if not f.pending and f.mtime_ns is None and (journal or not f.dirty):
-            return  # (nothing written since the last commit, which journaled any dirty)
+            return None  # (nothing written since the last commit, which journaled any dirty)
         kept, journaled = self._journal_rows(f) if journal else (set(), {})
         seal = [idx for idx in f.dirty if idx not in kept]
         if seal:  # one chunk (a small write's): sealed here, the caller waits for it anyway
@@ -136,8 +138,10 @@ class Writes(FileSystemBase):
             log.error("cannot store data of inode %d: %s", f.ino, failed)
             raise _err(failed.errno)
         shared = self.meta.shared
+        slot: tuple[int, int, int] | None = None
 
         def run() -> Inode | None:
+            nonlocal slot
             # shared: the inode as committed now, locked until this commit (another
             # machine's commit of this file in between is merged, never overwritten)
             node = self.meta.get_inode(f.ino) if shared else (
@@ -158,15 +162,19 @@ class Writes(FileSystemBase):
             if f.mtime_ns is not None:
                 node.mtime_ns = node.ctime_ns = f.mtime_ns
             self._save(node)
+            if journal:
+                slot = self._log_mark(refs, journaled)
             if self.before_commit is not None:  # last: other machines wait for the
                 self.before_commit()  # ledger's lock from here to the commit
             return node
 
         with self.lock:
+            before = self.meta.change_count()
             node = self.meta.atomically(run)
+            changes = (before, self.meta.change_count())
             if node is None:
                 self._discard(f)
-                return
+                return None
             if shared:  # chunks other machines committed are read from the map again
                 f.refs.clear()
                 f.loaded.clear()
@@ -188,6 +196,10 @@ class Writes(FileSystemBase):
         self.chunks.unpin(r.name for r in refs.values() if r is not None)
         f.pending.clear()
         f.mtime_ns = None
+        if slot is None or slot[2] != changes[1]:  # (none, or the commit wrote more)
+            return None
+        return Logged(slot[:2], f.ino, node.size, node.mtime_ns, node.ctime_ns,
+                      [(i, *row) for i, row in journaled.items()], changes)
 
     def _claim_kept(self, refs: dict[int, ChunkRef | None]) -> bool:
         """In a commit's transaction on a vault other machines write: the chunks written are
@@ -322,23 +334,23 @@ class Writes(FileSystemBase):
                 f.dirty[idx] = buf
                 f.touch(idx, a, min(b, len(buf)), new, cs)
 
-    def flush(self, fh: int, closing: bool = True) -> None:
+    def flush(self, fh: int, closing: bool = True) -> Logged | None:
         """Make the file's data survive a crash of this process (see module docstring).
         ``closing``: called for a close (FUSE flush), not for an fsync (which journals what
-        it can, on a vault one machine writes)."""
+        it can, on a vault one machine writes: see :meth:`_commit` for what it returns)."""
         h = self.handles.get(fh)
         if h is None or h.file is None:
-            return
+            return None
         with h.file.lock:
-            self._commit(h.file, pack=closing, journal=not closing and not self.meta.shared)
+            logged = self._commit(h.file, pack=closing,
+                                  journal=not closing and not self.meta.shared)
         if self._deferred:  # attribute changes made before the close survive it too
             self.commit_deferred()
+        return logged
 
     def fsync(self, fh: int | None) -> None:
         """Flush, then make everything durable (see the module docstring of :mod:`.base`)."""
-        if fh is not None:
-            self.flush(fh, closing=False)
-        self.on_sync()
+        self.on_sync(self.flush(fh, closing=False) if fh is not None else None)
 
     def release(self, fh: int) -> None:
         with self.lock:

@@ -46,7 +46,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    insert,
     select,
 )
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -807,9 +806,9 @@ class MetaStore(Transactions, NamespaceOps):
         return None if row is None else row[0]
 
     def set_state(self, key: str, value: str) -> None:
-        with self.transaction():
-            self.conn.execute(delete(state).where(state.c.key == key))
-            self.conn.execute(insert(state).values(key=key, value=value))
+        with self.transaction():  # (one statement: an fsync's commit marks its log place)
+            self.raw.execute('INSERT OR REPLACE INTO state ("key", value) VALUES (?, ?)',
+                             (key, value))
 
     # -- inodes -------------------------------------------------------------------------------
     def get_inode(self, ino: int) -> Inode | None:

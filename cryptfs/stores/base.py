@@ -67,6 +67,10 @@ class ObjectStore(Protocol):
     id, URL and health: for status, verify, repair and the copy survey. Empty for a plain store,
     which keeps one copy and has nothing to level."""
 
+    appendable: bool
+    """Whether :meth:`append` works (a local directory); objects of other stores are only
+    ever put whole."""
+
     def put(self, name: str, data: bytes) -> None:
         """Store ``data`` under ``name``, atomically: readers see all of it or nothing. When
         this returns the object survives a crash of this process; after :meth:`sync` it is
@@ -76,6 +80,12 @@ class ObjectStore(Protocol):
     def sync(self) -> None:
         """Make every object put so far durable (local: fsync of the files and directories
         written, or syncfs; S3: nothing to do)."""
+
+    def append(self, name: str, data: bytes) -> None:
+        """Add ``data`` at the end of existing object ``name`` (an fsync log), durably: when
+        this returns the object has it after a power loss. On a failure the object is as it
+        was (what was written of ``data`` is cut off again) and StoreError is raised. Only
+        where :attr:`appendable`; elsewhere NotImplementedError."""
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist (a conditional write where the store
@@ -175,6 +185,10 @@ class PlainStore:
     :func:`checked`."""
 
     members: Sequence[Member] = ()
+    appendable = False
+
+    def append(self, name: str, data: bytes) -> None:
+        raise NotImplementedError(f"{type(self).__name__} objects are put whole")
 
     def targets(self, name: str) -> list[Member]:
         return []

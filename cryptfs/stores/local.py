@@ -87,6 +87,32 @@ class LocalStore(PlainStore):
             self._unsynced.add(path)
             self._unsynced_dirs.add(parent)
 
+    appendable = True
+
+    def append(self, name: str, data: bytes) -> None:
+        """Append and fdatasync (the object's name is durable since the sync after its put).
+        On a failure the file is cut back to its size before, so a later append never
+        follows a torn one."""
+        path = self._path(name)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            self._put_failed(name, e)
+        try:
+            end = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fdatasync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                    os.fdatasync(fd)
+                self._put_failed(name, e)
+        finally:
+            os.close(fd)
+
     def _first_put_into(self, parent: Path, name: str) -> None:
         """The first put of this process into directory ``parent`` (for object ``name``):
         create it and the missing ones above it, and remember which need their entries made

@@ -113,6 +113,8 @@ def default_quorum(copies: int) -> int:
 class ReplicatedStore:
     """An :class:`ObjectStore` over several members (see the module docstring)."""
 
+    appendable = False  # (a copy appended on some members only could not be levelled)
+
     def __init__(
         self,
         members: list[Member],
@@ -182,6 +184,9 @@ class ReplicatedStore:
         return sorted(self.members, key=lambda m: (m.down(), m.latency))
 
     # -- writing ------------------------------------------------------------------------------
+    def append(self, name: str, data: bytes) -> None:
+        raise NotImplementedError("objects of several stores are put whole")
+
     def put(self, name: str, data: bytes) -> None:
         """Store ``name`` on the quorum of its targets (the rest complete in the background)."""
         targets = self.targets(name)

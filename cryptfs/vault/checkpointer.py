@@ -102,9 +102,11 @@ from cryptfs.paths import (
 )
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import CHECKPOINT_VERSION, ref_json
+from cryptfs.vault.fsynclog import FsyncLog
 from cryptfs.vault.localstate import Head, read_head
 
 if TYPE_CHECKING:
+    from cryptfs.fs.journal import Logged
     from cryptfs.metrics import Metrics
 
 log = logging.getLogger("cryptfs.vault.checkpointer")
@@ -232,6 +234,8 @@ class Checkpointer:
         self._head_renamed = False  # the head file was renamed, its directory not synced
         self._head_at = float("-inf")  # (time.monotonic) when a round last wrote the head file
         self.newest: str | None = None  # the newest checkpoint this mount wrote
+        self.fsync_log = FsyncLog(store, codec, lock)  # (an fsync's record, not a round)
+        self._logged = 0  # the changes the fsync log holds since the last checkpoint
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
 
@@ -274,11 +278,12 @@ class Checkpointer:
                     return
 
     def sync(self, progress: Callable[[int, int], None] | None = None,
-             collect: bool = False) -> None:
+             collect: bool = False, logged: bool = False) -> None:
         """Make everything committed so far durable in the store (group commit: concurrent
-        callers share one checkpoint that started after they called). Nothing happens when
-        the store already holds everything committed. ``collect``: the round collects, due
-        or not (deleting a snapshot frees what it alone held at once)."""
+        callers share one checkpoint that started after they called), in a checkpoint.
+        Nothing happens when the newest checkpoint holds everything committed, or, with
+        ``logged`` (an fsync), when it and its fsync log do. ``collect``: the round collects,
+        due or not (deleting a snapshot frees what it alone held at once)."""
         self.gate()
         if collect:
             self._force_collect = True
@@ -286,7 +291,7 @@ class Checkpointer:
             self.persist(progress)
             return
         with self.lock:
-            if not self._dirty():
+            if not self._dirty(logged):
                 return  # the store holds everything committed so far
         with self._ticket_lock:
             self._ckpt_requested += 1
@@ -297,7 +302,8 @@ class Checkpointer:
             with self._ticket_lock:
                 target = self._ckpt_requested
             with self.lock:
-                dirty = self._dirty()  # a checkpoint that ended meanwhile may have shipped it
+                dirty = self._dirty(logged)  # a checkpoint that ended meanwhile may have
+                # shipped it
             if not dirty:
                 self._ckpt_done = target
                 return
@@ -314,13 +320,18 @@ class Checkpointer:
             self._spaced_until = time.monotonic() + max(COLLECT_INTERVAL, REQUEST_SPACING * took)
             self._ckpt_done = target
 
-    def fsync(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def fsync(self, logged: Logged | None = None,
+              progress: Callable[[int, int], None] | None = None) -> None:
         """What an fsync makes durable (the module docstring): one machine's vault, a
-        checkpoint (:meth:`sync`); a shared (PostgreSQL) vault, on every machine, what the
-        database and the store must hold (:meth:`persist`), and a checkpoint is requested in
-        the background (:meth:`request`). Nothing new: returns at once."""
+        checkpoint (:meth:`sync`), or for a commit that only journaled (``logged``) and has
+        the next place in the fsync log, that record (:mod:`cryptfs.vault.fsynclog`); a
+        shared (PostgreSQL) vault, on every machine, what the database and the store must
+        hold (:meth:`persist`), and a checkpoint is requested in the background
+        (:meth:`request`). Nothing new: returns at once."""
         if not self.meta.shared:
-            self.sync(progress)
+            if logged is not None and self._log_record(logged):
+                return
+            self.sync(progress, logged=True)
             return
         self.gate()
         self.persist(progress)
@@ -338,6 +349,26 @@ class Checkpointer:
         self.chunks.wait_uploaded(None, progress)
         self.store.sync()
 
+    def _log_record(self, logged: Logged) -> bool:
+        """Append the record of ``logged`` to the fsync log if it is the next one and every
+        commit since the last checkpoint is in the log before it (the change count: nothing
+        else written; and no ledger entry queued, no collection due); True once it is
+        durable. Its writes then call for no round at an fsync (they do for :meth:`sync`)."""
+        self.gate()
+        with self._ckpt_lock:
+            before, after = logged.changes
+            with self.lock:
+                if not self.fsync_log.fits(logged) or self._clean_at is None or \
+                        self.queued() or \
+                        before != self._clean_at + self._own_writes + self._logged or \
+                        (self._uncollected and self._collect_due()):
+                    return False
+            if not self.fsync_log.append(logged):
+                return False
+            with self.lock:
+                self._logged += after - before
+            return True
+
     def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
         """The final checkpoint of a mount: :meth:`sync`, collecting whatever the interval
         (a round runs for that alone if needed), then :meth:`anchor`."""
@@ -349,15 +380,16 @@ class Checkpointer:
         return self._final or self._force_collect or self._uncollected >= COLLECT_ROUNDS or \
             time.monotonic() - self._collected_at >= COLLECT_INTERVAL
 
-    def _dirty(self) -> bool:
+    def _dirty(self, logged: bool = False) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
-        than that checkpoint's own bookkeeping, or a collection that was put off is due
-        (caller holds the filesystem lock)."""
+        than that checkpoint's own bookkeeping (and, with ``logged``, the commits its fsync
+        log holds), or a collection that was put off is due (caller holds the filesystem
+        lock)."""
         if self._clean_at is None or self.queued() or self.meta.shared:
             return True  # (shared: other machines' commits are not counted here)
-        if self._uncollected and self._collect_due():
+        if self._uncollected and self._collect_due() or self._logged and not logged:
             return True
-        return self.meta.change_count() != self._clean_at + self._own_writes
+        return self.meta.change_count() != self._clean_at + self._own_writes + self._logged
 
     @contextlib.contextmanager
     def _own(self) -> Iterator[None]:
@@ -436,7 +468,7 @@ class Checkpointer:
             frozen = meta.freeze() if seg is None else None
             merged = seg[1] if seg is not None else None
             shipped_at = meta.change_count()
-            self._own_writes = 0
+            self._own_writes = self._logged = 0
             last = None
             if seg is not None:
                 staged = {r.name for r in meta.objects_in_state("staged")}
@@ -581,6 +613,7 @@ class Checkpointer:
             self._clean_at = shipped_at
         assert last is not None
         self.last_seq = last.seq
+        self.fsync_log.restart(None if meta.shared else e.seq)
 
     def _in_store(self, names: set[str]) -> bool:
         """Whether the objects ``names`` (the image's staged ones) are all in the store by

@@ -1,7 +1,7 @@
 """Checkpoints in the store: sealed, MAC'd ledger heads naming their metadata (a snapshot and, from
 checkpoint version 2, the segments to apply to it in order; from version 3, the changes since
-the last of them inline, a delta) with the ledger entries written since; reading them
-authenticates them. See docs/FORMAT.md 6.1."""
+the last of them inline, a delta; from version 4, an fsync log may follow it: 6.7) with the
+ledger entries written since; reading them authenticates them. See docs/FORMAT.md 6.1."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ class Checkpoint:
     delta: bytes | None = None  # a segment applied after ``segments`` (version 3)
 
 
-# version 2 added ``segments`` (a version 1 checkpoint has none), version 3 ``delta``
-CHECKPOINT_VERSION = 3
+# version 2 added ``segments`` (a version 1 checkpoint has none), version 3 ``delta``, version 4
+# the fsync log ``logs/<seq>`` (cryptfs.vault.fsynclog) whose records apply after it
+CHECKPOINT_VERSION = 4
+LOG_VERSION = 4  # the first version an fsync log may follow
 
 
 def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:

@@ -82,6 +82,7 @@ from cryptfs.vault.snapshots import Pins, apply_policy, held_or_none
 from cryptfs.vault.storelist import StoreList
 
 if TYPE_CHECKING:
+    from cryptfs.fs.journal import Logged
     from cryptfs.meta.postgres import PgMetaStore, PgSession, PgWatcher
     from cryptfs.metrics import Metrics
 
@@ -372,6 +373,7 @@ class Vault:
             statfs_source=statfs,
             hooks=self.hooks,
             before_commit=self._flush_stored,
+            log_slot=self._log_slot,
         )
         self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
                                  self.copy_log, self.chunks.local_copy)
@@ -634,7 +636,7 @@ class Vault:
         assert self.checkpointer is not None
         self.checkpointer.sync(progress, collect)
 
-    def fsync(self) -> None:
+    def fsync(self, logged: Logged | None = None) -> None:
         """What an fsync makes durable: :meth:`.checkpointer.Checkpointer.fsync` (one
         machine's vault: a checkpoint, as :meth:`sync`; a PostgreSQL vault: committed in the
         database with its chunks durable in the store, a checkpoint requested in the
@@ -642,7 +644,12 @@ class Vault:
         if self.readonly:
             return
         assert self.checkpointer is not None
-        self.checkpointer.fsync()
+        self.checkpointer.fsync(logged)
+
+    def _log_slot(self) -> tuple[int, int] | None:
+        """The filesystem's ``log_slot``: the next place in the fsync log (caller holds the
+        filesystem lock; none before the checkpointer exists)."""
+        return self.checkpointer.fsync_log.slot() if self.checkpointer is not None else None
 
     def checkpoints_held(self) -> contextlib.AbstractContextManager[str]:
         """See :meth:`.checkpointer.Checkpointer.checkpoints_held`."""

@@ -1,6 +1,7 @@
 """Restoring the metadata from the store alone: the newest authentic checkpoint's snapshot,
-segments and delta, each checked against the checkpoint, with the ledger entries written since them
-(docs/FORMAT.md 8). :func:`materialize` writes any authentic checkpoint's database to a file."""
+segments and delta, each checked against the checkpoint, with the ledger entries written since
+them and the records of its fsync log (docs/FORMAT.md 8). :func:`materialize` writes any
+authentic checkpoint's database to a file."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ from cryptfs.meta.sqlite import MetaStore, check_schema_version, image_schema_ve
 from cryptfs.meta.wal import WalError, apply_segment
 from cryptfs.paths import VaultPaths, write_private
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import Checkpoint, checkpoint_objects, read_checkpoints
+from cryptfs.vault.checkpoints import (
+    LOG_VERSION,
+    Checkpoint,
+    checkpoint_objects,
+    read_checkpoints,
+)
+from cryptfs.vault.fsynclog import apply_records, read_log
 from cryptfs.vault.localstate import Head
 
 log = logging.getLogger("cryptfs.vault.restore")
@@ -69,6 +76,9 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
             if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
                     and ref.name not in needed and ref.name not in listed:
                 meta.forget_object(ref.name)
+        # the fsyncs after the checkpoint that its fsync log holds (docs/FORMAT.md 6.7)
+        if ck.version >= LOG_VERSION:
+            apply_records(meta, read_log(store, codec, ck.seq))
     meta.sync()
     meta.close()
     for suffix in ("-wal", "-shm"):

@@ -1,0 +1,214 @@
+"""The fsync log (docs/FORMAT.md 6.7): on a store that appends (a local directory), an fsync whose
+commit journaled bytes of one file and wrote nothing else (:class:`cryptfs.fs.journal.Logged`)
+is made durable in the store by one record appended to the log of the newest checkpoint,
+``logs/<its sequence>``, and one wait on the disk, instead of a checkpoint (a new object, and
+the local database's log synced before it).
+
+Contract: when :meth:`FsyncLog.append` returns True the record is durable in the store; the
+vault opened from the store alone (:func:`apply_records` after the checkpoint is materialized)
+or after a power loss that took the local database's last commits (:func:`replay_log`) holds
+the fsync'd bytes. The commit the record repeats was made first (unsynced): the local database
+is never ahead of the log without holding the mark of its place (the metadata's ``fsync-log``
+state: ``<checkpoint sequence> <record number>``), so replay applies exactly the records after
+that mark. A record has its place only when every commit since the checkpoint was
+a logged one (the engine's change count tells): applied on that checkpoint's metadata and the
+records before it, it gives exactly the metadata its commit left.
+
+The log of a checkpoint takes records while it has at most LOG_TARGET bytes; then (and on any
+other change, any store failure) an fsync makes a checkpoint, whose log starts empty, and the
+old log is deleted once that checkpoint is durable. A store can withhold the log's last records
+(as it can withhold the newest checkpoint): a vault restored from it alone then lacks them; a
+machine whose local database holds them keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+
+from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, ObjectTooLarge
+from cryptfs.format.codec import Codec
+from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LOG, log_name, log_seq
+from cryptfs.fs.journal import LOG_MARK, Logged
+from cryptfs.meta.engine import MetaEngine
+from cryptfs.stores import ObjectStore
+
+log = logging.getLogger("cryptfs.vault.fsynclog")
+
+_LEN = struct.Struct(">I")
+_RECORD = struct.Struct(">QQqqI")  # ino, size, mtime_ns, ctime_ns, rows
+_ROW = struct.Struct(">QQII")  # idx, seq, off, length of the sealed bytes that follow
+
+
+def encode(logged: Logged) -> bytes:
+    """A record's plaintext (docs/FORMAT.md 6.7)."""
+    parts = [_RECORD.pack(logged.ino, logged.size, logged.mtime_ns, logged.ctime_ns,
+                          len(logged.rows))]
+    for idx, seq, off, sealed in logged.rows:
+        parts += [_ROW.pack(idx, seq, off, len(sealed)), sealed]
+    return b"".join(parts)
+
+
+def decode(slot: tuple[int, int], plain: bytes) -> Logged:
+    """A record's plaintext read back; IntegrityError if malformed (it was authentic: never
+    expected)."""
+    try:
+        ino, size, mtime, ctime, count = _RECORD.unpack_from(plain)
+        at, rows = _RECORD.size, []
+        for _ in range(count):
+            idx, seq, off, n = _ROW.unpack_from(plain, at)
+            at += _ROW.size
+            if at + n > len(plain):
+                raise struct.error("a row past the record's end")
+            rows.append((idx, seq, off, plain[at:at + n]))
+            at += n
+    except struct.error as e:
+        raise IntegrityError(f"record {slot[1]} of {log_name(slot[0])} is malformed "
+                             f"({e})") from None
+    if at != len(plain):
+        raise IntegrityError(f"record {slot[1]} of {log_name(slot[0])} is malformed "
+                             "(bytes after its last row)")
+    return Logged(slot, ino, size, mtime, ctime, rows, (0, 0))
+
+
+def read_log(store: ObjectStore, codec: Codec, seq: int) -> list[Logged]:
+    """The records of the log of checkpoint ``seq`` in order (none if it has no log). The
+    object is read bounded (MAX_LOG), each record authenticated for its place before use; a
+    last record cut short (its append was not acknowledged: a power loss) is left out.
+    IntegrityError (one line) for a record that fails, or a log larger than readers accept."""
+    name = log_name(seq)
+    try:
+        blob = store.get(name, MAX_LOG)
+    except ObjectNotFound:
+        return []
+    except ObjectTooLarge as e:
+        raise IntegrityError(f"the fsync log: {e}") from None
+    out: list[Logged] = []
+    at = 0
+    while at < len(blob):
+        if at + _LEN.size > len(blob):
+            break  # (a torn length)
+        (n,) = _LEN.unpack_from(blob, at)
+        if n > LOG_RECORD_MAX:
+            raise IntegrityError(f"record {len(out)} of {name} claims {n} bytes, more than "
+                                 f"a record may have ({LOG_RECORD_MAX})")
+        if at + _LEN.size + n > len(blob):
+            log.info("%s: its last record was cut short (not acknowledged): left out", name)
+            break
+        slot = (seq, len(out))
+        plain = codec.open_log_record(seq, len(out), blob[at + _LEN.size:at + _LEN.size + n])
+        out.append(decode(slot, plain))
+        at += _LEN.size + n
+    return out
+
+
+def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
+    """Apply records, in order, to metadata holding their checkpoint and the records before
+    them (caller holds the engine and commits): each file's size and times, its journal rows,
+    and the mark. Returns the inodes changed. IntegrityError if a record names a file that
+    is not there (never expected of an authentic log over its checkpoint)."""
+    changed: set[int] = set()
+    for r in records:
+        node = meta.get_inode(r.ino)
+        if node is None:
+            raise IntegrityError(f"record {r.slot[1]} of {log_name(r.slot[0])} names inode "
+                                 f"{r.ino}, which its checkpoint does not hold")
+        node.size, node.mtime_ns, node.ctime_ns = r.size, r.mtime_ns, r.ctime_ns
+        meta.update_inode(node)
+        for idx, seq, off, sealed in r.rows:
+            meta.journal_chunk(r.ino, idx, seq, off, sealed)
+        meta.set_state(LOG_MARK, f"{r.slot[0]} {r.slot[1]}")
+        changed.add(r.ino)
+    return changed
+
+
+def replay_log(lock: threading.RLock, meta: MetaEngine, store: ObjectStore, codec: Codec,
+               newest: int | None) -> set[int]:
+    """After a crash (a read-write open): the records of the log of the newest checkpoint
+    (sequence ``newest``) after the local metadata's mark, applied and committed. Returns the
+    inodes changed."""
+    if newest is None:
+        return set()
+    with lock:
+        mark = (meta.get_state(LOG_MARK) or "").split()
+    first = int(mark[1]) + 1 if len(mark) == 2 and mark[0] == str(newest) and \
+        mark[1].isdigit() else 0
+    records = read_log(store, codec, newest)[first:]
+    if not records:
+        return set()
+    with lock, meta.transaction():
+        changed = apply_records(meta, records)
+    log.info("crash recovery: %d fsyncs the local metadata lost applied from %s",
+             len(records), log_name(newest))
+    return changed
+
+
+class FsyncLog:
+    """The log this mount appends to: that of the last checkpoint it wrote, from when that
+    checkpoint is durable (:meth:`restart`) until the next. ``lock`` is the filesystem lock;
+    callers of :meth:`append` and :meth:`restart` hold off checkpoints."""
+
+    def __init__(self, store: ObjectStore, codec: Codec, lock: threading.RLock) -> None:
+        self.store = store
+        self.codec = codec
+        self.lock = lock
+        self.seq: int | None = None  # the checkpoint whose log takes records (None: none)
+        self._given = 0  # places handed out (slot), under the filesystem lock
+        self._next = 0  # the next record to append
+        self._bytes = 0
+        self._swept = False  # the logs of earlier mounts were deleted
+
+    def slot(self) -> tuple[int, int] | None:
+        """The next place in the log, for a commit being made (caller holds the lock)."""
+        if self.seq is None or self._bytes >= LOG_TARGET:
+            return None
+        self._given += 1
+        return self.seq, self._given - 1
+
+    def fits(self, logged: Logged) -> bool:
+        """Whether ``logged`` is the next record (caller holds the lock)."""
+        return self.seq is not None and logged.slot == (self.seq, self._next)
+
+    def append(self, logged: Logged) -> bool:
+        """Append the record of ``logged`` (which :meth:`fits`), durably; False if it is too
+        big or the store failed (the log then takes no more records: a checkpoint follows)."""
+        seq, n = logged.slot
+        sealed = self.codec.seal_log_record(seq, n, encode(logged))
+        frame = _LEN.pack(len(sealed)) + sealed
+        if len(frame) > LOG_RECORD_MAX:  # (so the log stays within MAX_LOG)
+            return False
+        try:
+            if n == 0:
+                self.store.put(log_name(seq), frame)
+                self.store.sync()
+            else:
+                self.store.append(log_name(seq), frame)
+        except CryptfsError as e:
+            log.warning("fsync log %s: %s; a checkpoint instead", log_name(seq), e)
+            self.seq = None
+            return False
+        self._next += 1
+        self._bytes += len(frame)
+        return True
+
+    def restart(self, seq: int | None) -> None:
+        """Checkpoint ``seq`` is durable (None: a checkpoint of a vault whose store does not
+        append): its log takes the next records; the older logs are deleted."""
+        with self.lock:
+            old, used = self.seq, self._next > 0
+            self.seq = seq if self.store.appendable else None
+            self._given = self._next = self._bytes = 0
+        if not self.store.appendable:
+            return
+        if not self._swept:  # (those earlier mounts left; and the restored one)
+            stale = [name for name, _ in self.store.list(LOG_PREFIX)
+                     if (log_seq(name) or 0) < (seq or 0)]
+            self._swept = True
+        else:
+            stale = [log_name(old)] if used and old is not None else []
+        for name in stale:
+            try:
+                self.store.delete(name)
+            except CryptfsError as e:
+                log.warning("cannot delete the old fsync log %s: %s", name, e)

@@ -1,0 +1,309 @@
+"""The fsync log (docs/FORMAT.md 6.7), in-process on real vaults (local store, real SQLite files)
+and in child processes killed at chosen steps.
+
+On a store that appends, an fsync whose commit only journaled (tests/test_84_journal.py) is one
+record appended to the log of the newest checkpoint: no checkpoint, no chunk. The store alone
+then holds the fsync'd state (a new machine reads it, the records applied over the
+checkpoint); a power loss that takes the local database's last commits is repaired from the
+log on the next read-write open; a record that fails authentication refuses both with one
+line; a record cut short (an append never acknowledged) is left out; a full log, or any other
+change, makes a checkpoint again, and the old log goes once that checkpoint is durable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cryptfs.errors import IntegrityError
+from cryptfs.fs import FileSystem
+from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.paths import VaultPaths
+from cryptfs.vault import fsynclog
+from cryptfs.vault.checkpoints import read_checkpoints
+from cryptfs.vault.core import Vault, create_vault
+from cryptfs.vault.fsynclog import read_log
+
+pytestmark = pytest.mark.timeout(120)
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    return tmp_path
+
+
+@pytest.fixture
+def vault(home: Path) -> Iterator[Vault]:
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+    try:
+        yield v
+    finally:
+        v.close()
+
+
+def listing(home: Path, prefix: str) -> list[str]:
+    d = home / "store" / prefix
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".tmp.")) \
+        if d.is_dir() else []
+
+
+def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int, name: bytes) -> bytes:
+    """Attach the vault from the store alone (fresh local state, XDG homes ``m<n>``) and read
+    file ``name`` on a read-only open."""
+    for k in ("CONFIG", "DATA", "CACHE"):
+        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / f"m{n}" / k.lower()))
+    try:
+        paths = VaultPaths("unit")
+        _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, 0, 0)
+        assert not created
+        v = Vault.open(paths, b"pw", readonly=True)
+        try:
+            assert v.fs is not None
+            node = v.fs.lookup(ROOT_INO, name)
+            fh = v.fs.open(node.ino, os.O_RDONLY)
+            try:
+                return v.fs.read(fh, 0, node.size + 1)
+            finally:
+                v.fs.release(fh)
+        finally:
+            v.close()
+    finally:
+        for k in ("CONFIG", "DATA", "CACHE"):
+            monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m1" / k.lower()))
+
+
+def sealed_file(vault: Vault, name: bytes, data: bytes) -> tuple[FileSystem, int]:
+    """A new file holding ``data``, sealed and checkpointed (as after a close and an fsync),
+    still open for writing."""
+    fs = vault.fs
+    assert fs is not None
+    _node, fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, data)
+    fs.flush(fh)
+    fs.fsync(fh)
+    return fs, fh
+
+
+def write(model: bytearray, off: int, data: bytes) -> None:
+    model.extend(bytes(max(0, off - len(model))))
+    model[off:off + len(data)] = data
+
+
+def test_fsyncs_that_only_journal_are_log_records_the_store_alone_reads(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(86)
+    model = bytearray(rng.randbytes(CHUNK + 1000))
+    fs, fh = sealed_file(vault, b"db", bytes(model))
+    cks, data = listing(home, "checkpoints"), listing(home, "data")
+    seq = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    for i in range(6):  # page-sized writes about the end of chunk 0, some past the file's
+        off = rng.randrange(CHUNK - 8000, CHUNK + 12000)  # (within what the journal takes)
+        chunk = rng.randbytes(rng.randrange(1, 4000))
+        fs.write(fh, off, chunk)
+        write(model, off, chunk)
+        fs.fsync(fh)
+        assert listing(home, "checkpoints") == cks and listing(home, "data") == data
+        records = read_log(vault.store, vault.codec, seq)
+        assert [r.slot for r in records] == [(seq, n) for n in range(i + 1)]
+        assert new_machine(home, monkeypatch, 2 + i, b"db") == bytes(model)
+    # a change of another kind: the next fsync is a checkpoint, and the log goes
+    _node, other = fs.create(ROOT_INO, b"other", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.release(other)
+    fs.fsync(fh)
+    assert listing(home, "checkpoints") != cks and listing(home, "logs") == []
+    new = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    fs.write(fh, CHUNK - 100, b"after")
+    write(model, CHUNK - 100, b"after")
+    fs.fsync(fh)
+    assert listing(home, "logs") == [f"{new:016d}"]
+    assert new_machine(home, monkeypatch, 20, b"db") == bytes(model)
+    fs.release(fh)
+
+
+def test_a_checkpoint_asked_for_holds_what_the_log_held(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync with nothing new after a logged one writes nothing; a checkpoint asked for
+    (as a snapshot, an unmount, ``verify --accept`` ask) is written although the log holds
+    every commit, and holds them itself: the log goes, the store alone reads the data."""
+    fs, fh = sealed_file(vault, b"f", b"x" * 5000)
+    cks = listing(home, "checkpoints")
+    fs.write(fh, 100, b"logged")
+    fs.fsync(fh)
+    fs.fsync(fh)
+    assert listing(home, "checkpoints") == cks and len(listing(home, "logs")) == 1
+    vault.sync()
+    assert listing(home, "checkpoints") != cks and listing(home, "logs") == []
+    assert new_machine(home, monkeypatch, 2, b"f") == b"x" * 100 + b"logged" + b"x" * 4894
+    fs.release(fh)
+
+
+def test_a_full_log_makes_a_checkpoint(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = bytearray(b"x" * 5000)
+    fs, fh = sealed_file(vault, b"f", bytes(model))
+    first = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    for i in range(5):
+        fs.write(fh, 100 * i, b"%d" % i * 80)
+        write(model, 100 * i, b"%d" % i * 80)
+        fs.fsync(fh)
+        if i == 0:  # the log is full after its third record (they are all the same size)
+            size = (home / "store" / "logs" / f"{first:016d}").stat().st_size
+            monkeypatch.setattr(fsynclog, "LOG_TARGET", 3 * size)
+    newest = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    assert newest > first  # (the fourth fsync found the log full)
+    assert listing(home, "logs") == [f"{newest:016d}"]
+    assert len(read_log(vault.store, vault.codec, newest)) == 1
+    assert new_machine(home, monkeypatch, 2, b"f") == bytes(model)
+    fs.release(fh)
+
+
+# -- a power loss, tampering, a torn append: child processes killed after their fsyncs ------------
+CHILD = r"""
+import os, sqlite3, sys
+from cryptfs.meta.sqlite import ROOT_INO
+from cryptfs.paths import VaultPaths
+from cryptfs.vault.core import Vault
+from crashpoints import die_after
+
+step = sys.argv[1]
+paths = VaultPaths("unit")
+v = Vault.open(paths, b"pw")
+fs = v.fs
+_node, fh = fs.create(ROOT_INO, b"j", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+fs.write(fh, 0, b"o" * 150000)
+fs.flush(fh)  # sealed, as a close seals
+fs.fsync(fh)  # a checkpoint: the local database is durable up to here
+with v.fs.lock:
+    v.meta.commit()
+    src = sqlite3.connect(paths.db)
+    src.backup(sqlite3.connect(str(paths.db) + ".durable"))  # what a power loss leaves
+    src.close()
+fs.write(fh, 70000, b"n" * 3000)  # a few bytes of a full chunk...
+fs.fsync(fh)  # ... the log's first record
+fs.write(fh, 150000, b"e" * 500)  # and past the end
+if step == "committed":  # the commit made, its record not appended
+    die_after(fs, "flush")
+elif step == "appended":
+    die_after(v.store, "append")
+fs.fsync(fh)  # the second record
+os._exit(9)
+"""
+OLD = b"o" * 150000
+MID = OLD[:70000] + b"n" * 3000 + OLD[73000:]
+NEW = MID + b"e" * 500
+
+
+def crashed_child(home: Path, step: str) -> VaultPaths:
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
+    env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}:{Path(__file__).parent}"}
+    res = subprocess.run([sys.executable, "-c", CHILD, step], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 9, res.stderr
+    return paths
+
+
+def power_loss(paths: VaultPaths) -> None:
+    """The local database as the disk held it at the last checkpoint (its later commits were
+    never synced: a power loss takes them)."""
+    for suffix in ("-wal", "-shm"):
+        Path(str(paths.db) + suffix).unlink(missing_ok=True)
+    os.replace(str(paths.db) + ".durable", paths.db)
+
+
+def read_j(paths: VaultPaths) -> tuple[bytes, list[str]]:
+    v = Vault.open(paths, b"pw")
+    try:
+        assert v.fs is not None
+        fh = v.fs.open(v.fs.lookup(ROOT_INO, b"j").ino, os.O_RDONLY)
+        try:
+            return v.fs.read(fh, 0, len(NEW) + 10), list(v.recovered)
+        finally:
+            v.fs.release(fh)
+    finally:
+        v.close()
+
+
+@pytest.mark.parametrize("step", ["committed", "appended", "returned"])
+def test_kill_between_the_steps_of_a_logged_fsync(
+    home: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The daemon dies (kill -9) after the commit of a logged fsync, after its record's append,
+    after the fsync returned: the store alone holds the state of the fsync before or (once the
+    record is appended) of this one; this machine, its local database intact, reads this one."""
+    paths = crashed_child(home, step)
+    stored = new_machine(home, monkeypatch, 2, b"j")
+    assert stored == (MID if step == "committed" else NEW)
+    got, _ = read_j(paths)
+    assert got == NEW
+    assert new_machine(home, monkeypatch, 3, b"j") == NEW
+
+
+def test_a_power_loss_is_repaired_from_the_log(home: Path) -> None:
+    """The local database lost the commits of both logged fsyncs: the next read-write open
+    applies them from the store's log (one line says so) and seals the chunks; an open after
+    that has nothing to apply."""
+    paths = crashed_child(home, "returned")
+    power_loss(paths)
+    got, recovered = read_j(paths)
+    assert got == NEW
+    assert any("fsync log" in line for line in recovered), recovered
+    assert any("sealed from the journal" in line for line in recovered), recovered
+    got, recovered = read_j(paths)
+    assert got == NEW and recovered == []
+
+
+def test_a_tampered_record_is_refused_and_a_torn_one_left_out(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = crashed_child(home, "returned")
+    (name,) = listing(home, "logs")
+    log = home / "store" / "logs" / name
+    blob = log.read_bytes()
+    first = 4 + int.from_bytes(blob[:4], "big")  # the second record starts here
+    # torn: the second record cut short, as by a power loss during its append
+    log.write_bytes(blob[:-7])
+    assert new_machine(home, monkeypatch, 2, b"j") == MID
+    # tampered: a byte of the second record changed
+    log.write_bytes(blob[:first + 40] + bytes([blob[first + 40] ^ 1]) + blob[first + 41:])
+    with pytest.raises(IntegrityError) as e:
+        new_machine(home, monkeypatch, 3, b"j")
+    assert "\n" not in str(e.value)
+    power_loss(paths)  # (this machine needs the record too)
+    with pytest.raises(IntegrityError) as e:
+        read_j(paths)
+    assert "\n" not in str(e.value)
+    log.write_bytes(blob)  # the store mended: the record is applied
+    assert read_j(paths)[0] == NEW
+
+
+def test_record_order_and_place_are_bound() -> None:
+    """A record sealed for one place opens at no other (another number, another log), and
+    a record's plaintext round-trips."""
+    from cryptfs.format.codec import Codec
+    from cryptfs.fs.journal import Logged
+
+    codec = Codec(os.urandom(32), os.urandom(16))
+    rec = Logged((7, 2), 9, 70000, 5, 6, [(1, 0, 4464, b"sealed row"), (2, 3, 0, b"")], (0, 0))
+    sealed = codec.seal_log_record(7, 2, fsynclog.encode(rec))
+    assert fsynclog.decode((7, 2), codec.open_log_record(7, 2, sealed)) == rec
+    for seq, n in ((7, 1), (7, 3), (8, 2)):
+        with pytest.raises(IntegrityError):
+            codec.open_log_record(seq, n, sealed)
+    with pytest.raises(IntegrityError, match="malformed"):
+        fsynclog.decode((7, 2), fsynclog.encode(rec) + b"x")
