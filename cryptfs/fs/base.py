@@ -84,8 +84,12 @@ REF_WINDOW = 256
 INLINE_SEAL = 128 << 10
 # an fsync journals a dirty chunk (docs/FORMAT.md 5.3: the bytes it changed go into the metadata,
 # sealed, instead of the whole chunk sealed again as a new object) when it changed at most this
-# many bytes of it since it was last sealed; more, and the chunk is sealed
+# many bytes of it since it was last sealed; more, and the chunk is sealed. Where such an fsync
+# is a record of the fsync log (cryptfs.vault.fsynclog), which carries only the bytes changed
+# since the last record, up to all but 1/LOGGED_JOURNAL_SHARE of the chunk: sealing it (a new
+# object, a checkpoint) costs as much as ten records
 JOURNAL_MAX = 32 << 10
+LOGGED_JOURNAL_SHARE = 8
 ALLOC_UNIT = 4096  # a stored chunk counts as allocated in units of this, like ext4's blocks
 DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -179,7 +183,8 @@ class FileSystemBase:
     ``logged``: see :class:`Logged`); ``before_commit`` runs inside each transaction that
     commits file data (the vault writes its queued ledger entries there); ``hooks``: the
     commit hooks ``meta`` was built with; ``log_slot()``: the place in an fsync log a commit
-    that only journals takes (or None: see :class:`Logged`)."""
+    that only journals takes (or None: see :class:`Logged`); ``journal_max``: the most bytes
+    of a chunk an fsync journals (JOURNAL_MAX)."""
 
     def __init__(
         self,
@@ -193,12 +198,14 @@ class FileSystemBase:
         hooks: CommitHooks,
         before_commit: Callable[[], None] | None = None,
         log_slot: Callable[[], tuple[int, int] | None] = lambda: None,
+        journal_max: int = JOURNAL_MAX,
     ) -> None:
         self.meta = meta
         self.chunks = chunks
         self.cs = chunk_size
         self.on_sync = on_sync
         self.log_slot = log_slot
+        self.journal_max = journal_max
         self.readonly = readonly
         self.statfs_source = statfs_source
         self.lock = threading.RLock()

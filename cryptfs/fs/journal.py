@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cryptfs.errors import CryptfsError, IntegrityError
 from cryptfs.format.codec import ChunkRef
-from cryptfs.fs.base import JOURNAL_MAX, FileSystemBase, OpenFile, log
+from cryptfs.fs.base import FileSystemBase, OpenFile, log
 
 # the metadata's state key that a commit with a place in an fsync log marks with it
 # ("<checkpoint sequence> <record number>": which records the local metadata holds)
@@ -46,9 +46,9 @@ class Journal(FileSystemBase):
     def _journals(self, f: OpenFile, idx: int) -> bool:
         """Whether an fsync journals dirty chunk ``idx`` of ``f`` (rather than seal it): on
         a vault one machine writes, one not written whole whose changes span at most
-        JOURNAL_MAX bytes."""
+        ``journal_max`` bytes."""
         changed = f.changed(idx, self.cs)
-        return changed < self.cs and changed <= JOURNAL_MAX and not self.meta.shared
+        return changed < self.cs and changed <= self.journal_max and not self.meta.shared
 
     def _journal_rows(self, f: OpenFile) -> tuple[set[int], dict[int, tuple[int, int, bytes]]]:
         """For an fsync of ``f`` (caller holds f.lock): the dirty chunks it journals (they

@@ -63,12 +63,14 @@ class Writes(FileSystemBase):
             f.size = max(f.size, pos)
             f.mtime_ns = time.time_ns()
             # seal complete chunks behind the write position (but not one only a little of
-            # which changed: an fsync journals that); everything if over the limit
-            full = [i for i, b in f.dirty.items()
-                    if len(b) == cs and i != idx and not self._journals(f, i)]
-            if full:
-                self._seal(f, full)
-            if f.dirty_bytes() > DIRTY_LIMIT:
+            # which changed: an fsync journals that); everything if over the limit (each
+            # scan only where it can find something: a write's cost stays flat)
+            if len(f.dirty) > 1:
+                full = [i for i, b in f.dirty.items()
+                        if len(b) == cs and i != idx and not self._journals(f, i)]
+                if full:
+                    self._seal(f, full)
+            if len(f.dirty) * cs > DIRTY_LIMIT and f.dirty_bytes() > DIRTY_LIMIT:
                 self._seal(f, list(f.dirty))
         return len(data)
 
@@ -108,7 +110,7 @@ class Writes(FileSystemBase):
     def _commit(self, f: OpenFile, pack: bool = False, journal: bool = False) -> Logged | None:
         """Seal all dirty chunks and commit the chunk map and size (caller holds f.lock).
         ``journal`` (an fsync on a vault one machine writes): a dirty chunk whose changes
-        since it was made from the chunk map's span at most JOURNAL_MAX bytes stays dirty,
+        since it was made from the chunk map's span at most ``journal_max`` bytes stays dirty,
         those bytes journaled in the same transaction (docs/FORMAT.md 5.3).
         If a chunk cannot be stored, its data goes back to the dirty buffers and the error
         is raised (ENOSPC or EIO), so a later flush can retry. On a vault other machines

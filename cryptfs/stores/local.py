@@ -93,9 +93,9 @@ class LocalStore(PlainStore):
         """Append and fdatasync (the object's name is durable since the sync after its put).
         On a failure the file is cut back to its size before, so a later append never
         follows a torn one."""
-        path = self._path(name)
+        _check_name(name)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(f"{self._root}/{name}", os.O_WRONLY | os.O_APPEND)
         except OSError as e:
             self._put_failed(name, e)
         try:

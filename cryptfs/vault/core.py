@@ -58,6 +58,7 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX, PACK_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
+from cryptfs.fs.base import JOURNAL_MAX, LOGGED_JOURNAL_SHARE
 from cryptfs.meta.dbkeys import DbKeys
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import (
@@ -364,6 +365,7 @@ class Vault:
             def statfs() -> os.statvfs_result | None:
                 return os.statvfs(root)
 
+        logs = self.store.appendable and not self.meta.shared  # (an fsync log: 6.7)
         self.fs = FileSystem(
             self.meta,
             self.chunks,
@@ -374,6 +376,9 @@ class Vault:
             hooks=self.hooks,
             before_commit=self._flush_stored,
             log_slot=self._log_slot,
+            # (an fsync log: sealing a chunk costs ten of its records)
+            journal_max=max(JOURNAL_MAX, self.cfg.chunk_size - self.cfg.chunk_size //
+                            LOGGED_JOURNAL_SHARE) if logs else JOURNAL_MAX,
         )
         self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
                                  self.copy_log, self.chunks.local_copy)
