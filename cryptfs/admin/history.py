@@ -48,7 +48,7 @@ from cryptfs.paths import VaultPaths, private_dir
 from cryptfs.vault.checkpoints import Checkpoint, read_checkpoints
 from cryptfs.vault.core import Vault
 from cryptfs.vault.localstate import load_local_config
-from cryptfs.vault.restore import materialize_checkpoint
+from cryptfs.vault.restore import materialize_checkpoint, materialize_newest
 from cryptfs.vault.snapshots import Pins, Snapshot, open_past
 
 PROOF_PURPOSE = b"cryptfs proof signing v1"
@@ -145,7 +145,7 @@ def history(paths: VaultPaths, master: bytes, path: str) -> list[Version]:
             if not cks:
                 break
             try:
-                meta = materialize_checkpoint(store, codec, cks[0], scratch / "v.db")
+                meta = materialize_newest(store, codec, cks[0], scratch / "v.db")
             except IntegrityError:
                 continue
             try:
@@ -398,7 +398,7 @@ def verify_proof(paths: VaultPaths | None, master: bytes | None, doc: dict[str, 
                 if not cks:
                     raise IntegrityError("the store has no valid checkpoint")
                 try:
-                    meta = materialize_checkpoint(store, codec, cks[0], scratch / "now.db")
+                    meta = materialize_newest(store, codec, cks[0], scratch / "now.db")
                     break
                 except (IntegrityError, ObjectNotFound):
                     if _attempt == 2:

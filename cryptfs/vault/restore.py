@@ -44,7 +44,7 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
         )
     ck = cks[0]
     tmp = paths.db.with_name("metadata.db.restore")
-    meta = materialize_checkpoint(store, codec, ck, tmp)
+    meta = materialize_newest(store, codec, ck, tmp)
     tail = [e for e in ck.tail if e.seq > ck.image_seq]
     authentic, _ = read_checkpoints(store, codec, newest_only=False)
     with meta.transaction():
@@ -76,9 +76,6 @@ def restore_from_store(paths: VaultPaths, store: ObjectStore, codec: Codec) -> l
             if ref.name.startswith((META_PREFIX, CHECKPOINT_PREFIX)) \
                     and ref.name not in needed and ref.name not in listed:
                 meta.forget_object(ref.name)
-        # the fsyncs after the checkpoint that its fsync log holds (docs/FORMAT.md 6.7)
-        if ck.version >= LOG_VERSION:
-            apply_records(meta, read_log(store, codec, ck.seq))
     meta.sync()
     meta.close()
     for suffix in ("-wal", "-shm"):
@@ -163,6 +160,25 @@ def materialize_checkpoint(store: ObjectStore, codec: Codec, ck: Checkpoint,
         raise IntegrityError(
             f"the ledger in the metadata of {ck.name} does not lead to that checkpoint"
         )
+    return meta
+
+
+def materialize_newest(store: ObjectStore, codec: Codec, ck: Checkpoint,
+                       dest: Path) -> MetaStore:
+    """:func:`materialize_checkpoint` of the newest checkpoint, with the records of its fsync
+    log applied (docs/FORMAT.md 6.7): the vault as its last fsync left it (a snapshot pins a
+    checkpoint without the records that came after it). IntegrityError also for a record that
+    fails authentication (``dest`` is then removed)."""
+    meta = materialize_checkpoint(store, codec, ck, dest)
+    try:
+        if ck.version >= LOG_VERSION:
+            with meta.transaction():
+                apply_records(meta, read_log(store, codec, ck.seq))
+    except BaseException:
+        meta.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(dest) + suffix).unlink(missing_ok=True)
+        raise
     return meta
 
 
