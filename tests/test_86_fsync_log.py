@@ -292,6 +292,25 @@ def test_a_tampered_record_is_refused_and_a_torn_one_left_out(
     assert read_j(paths)[0] == NEW
 
 
+def test_verify_authenticates_every_record(vault: Vault, home: Path) -> None:
+    from cryptfs.admin.verify import verify
+
+    fs, fh = sealed_file(vault, b"f", b"x" * 5000)
+    for i in range(2):
+        fs.write(fh, 100 * i, b"logged")
+        fs.fsync(fh)
+    assert verify(vault).problems == []
+    (name,) = listing(home, "logs")
+    log = home / "store" / "logs" / name
+    blob = log.read_bytes()
+    log.write_bytes(blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:])
+    problems = verify(vault).problems
+    assert [(p.kind, p.object) for p in problems] == [("corrupt", f"logs/{name}")]
+    assert "record 1" in problems[0].message
+    log.write_bytes(blob)
+    fs.release(fh)
+
+
 def test_record_order_and_place_are_bound() -> None:
     """A record sealed for one place opens at no other (another number, another log), and
     a record's plaintext round-trips."""
