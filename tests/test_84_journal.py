@@ -159,6 +159,28 @@ def test_a_change_bigger_than_the_journal_takes_is_sealed(
     assert new_machine(home, monkeypatch, 2, [b"f"]) == {b"f": bytes(want)}
 
 
+def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same 4 KiB rewritten and fsync'd again and again (a database's header page): the
+    span never grows, but the chunk's rows hold at most JOURNAL_MAX bytes in all; past that
+    the chunk is sealed and its rows go. The store alone reads the last version."""
+    fs, fh = new_file(vault, b"hot")
+    fs.write(fh, 0, b"h" * 20000)
+    fs.flush(fh)
+    most = 0
+    for i in range(3 * JOURNAL_MAX // 4096):
+        fs.write(fh, 8192, b"%04d" % i * 1024)
+        fs.fsync(fh)
+        rows = vault.meta.journaled()
+        assert sum(len(r[4]) for r in rows) <= JOURNAL_MAX
+        most = max(most, len(rows))
+    assert most >= JOURNAL_MAX // 4096 - 1  # (journaled until the bound, then sealed)
+    want = b"h" * 8192 + b"%04d" % i * 1024 + b"h" * (20000 - 12288)
+    assert new_machine(home, monkeypatch, 2, [b"hot"]) == {b"hot": want}
+    fs.release(fh)
+
+
 def test_truncation_and_punched_holes_after_a_journal_round(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -133,6 +133,26 @@ def test_fsyncs_that_only_journal_are_log_records_the_store_alone_reads(
     fs.release(fh)
 
 
+def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the log, a chunk is journaled until its rows would hold a whole chunk's bytes;
+    then it is sealed (a checkpoint) and journaled again: the metadata stays bounded, most
+    fsyncs are records."""
+    fs, fh = sealed_file(vault, b"hot", b"h" * 20000)
+    cks = set(listing(home, "checkpoints"))
+    rounds = 40
+    for i in range(rounds):
+        fs.write(fh, 8192, b"%04d" % i * 1024)
+        fs.fsync(fh)
+        assert sum(len(r[4]) for r in vault.meta.journaled()) <= CHUNK
+    made = len(set(listing(home, "checkpoints")) - cks)
+    assert 1 <= made <= rounds // (CHUNK // 4200)  # (then collected: a lower bound)
+    want = b"h" * 8192 + b"%04d" % i * 1024 + b"h" * (20000 - 12288)
+    assert new_machine(home, monkeypatch, 2, b"hot") == want
+    fs.release(fh)
+
+
 def test_a_checkpoint_asked_for_holds_what_the_log_held(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,12 +84,12 @@ REF_WINDOW = 256
 INLINE_SEAL = 128 << 10
 # an fsync journals a dirty chunk (docs/FORMAT.md 5.3: the bytes it changed go into the metadata,
 # sealed, instead of the whole chunk sealed again as a new object) when it changed at most this
-# many bytes of it since it was last sealed; more, and the chunk is sealed. Where such an fsync
-# is a record of the fsync log (cryptfs.vault.fsynclog), which carries only the bytes changed
-# since the last record, up to all but 1/LOGGED_JOURNAL_SHARE of the chunk: sealing it (a new
-# object, a checkpoint) costs as much as ten records
+# many bytes of it since it was last sealed, and its rows hold at most that many in all (a page
+# rewritten at every fsync is sealed now and then: the metadata stays bounded); more, and the
+# chunk is sealed. Where such an fsync is a record of the fsync log (cryptfs.vault.fsynclog),
+# which carries only the bytes changed since the last record, anything short of the whole
+# chunk: sealing it (a new object, a checkpoint) costs as much as ten records
 JOURNAL_MAX = 32 << 10
-LOGGED_JOURNAL_SHARE = 8
 ALLOC_UNIT = 4096  # a stored chunk counts as allocated in units of this, like ext4's blocks
 DIR_SIZE = 4096  # the size a directory reports (ext4's for a small one)
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -144,10 +144,12 @@ class OpenFile:
     truncated: bool = False
     # per dirty buffer, the bytes [lo, hi) it changed of the chunk it was made from (every
     # byte if not known: then it is sealed, not journaled), those changed since its last
-    # journal row (what the next one holds), and its journal rows so far (Writes._commit)
+    # journal row (what the next one holds), its journal rows so far (Writes._commit) and the
+    # bytes they hold
     span: dict[int, tuple[int, int]] = field(default_factory=dict)
     fresh: dict[int, tuple[int, int]] = field(default_factory=dict)
     rows: dict[int, int] = field(default_factory=dict)
+    row_bytes: dict[int, int] = field(default_factory=dict)
 
     def dirty_bytes(self) -> int:
         return sum(len(b) for b in self.dirty.values())
@@ -169,6 +171,7 @@ class OpenFile:
         self.span.pop(idx, None)
         self.fresh.pop(idx, None)
         self.rows.pop(idx, None)
+        self.row_bytes.pop(idx, None)
 
 
 @dataclass

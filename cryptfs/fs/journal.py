@@ -46,9 +46,12 @@ class Journal(FileSystemBase):
     def _journals(self, f: OpenFile, idx: int) -> bool:
         """Whether an fsync journals dirty chunk ``idx`` of ``f`` (rather than seal it): on
         a vault one machine writes, one not written whole whose changes span at most
-        ``journal_max`` bytes."""
+        ``journal_max`` bytes, and whose rows, with the next, hold at most that many."""
         changed = f.changed(idx, self.cs)
-        return changed < self.cs and changed <= self.journal_max and not self.meta.shared
+        lo, hi = f.fresh.get(idx, (0, self.cs))
+        rows = f.row_bytes.get(idx, 0) + hi - lo
+        return changed < self.cs and max(changed, rows) <= self.journal_max and \
+            not self.meta.shared
 
     def _journal_rows(self, f: OpenFile) -> tuple[set[int], dict[int, tuple[int, int, bytes]]]:
         """For an fsync of ``f`` (caller holds f.lock): the dirty chunks it journals (they

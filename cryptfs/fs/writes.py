@@ -187,8 +187,9 @@ class Writes(FileSystemBase):
                 else:
                     f.refs[idx] = ref
             f.truncated = False
-            for idx, (seq, _off, _data) in journaled.items():  # (the next row holds the
+            for idx, (seq, _off, data) in journaled.items():  # (the next row holds the
                 f.rows[idx] = seq + 1  # changes from here on)
+                f.row_bytes[idx] = f.row_bytes.get(idx, 0) + len(data)
                 f.fresh[idx] = (self.cs, 0)
             self.inodes[f.ino] = node
             self._alloc.pop(f.ino, None)

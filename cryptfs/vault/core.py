@@ -58,7 +58,7 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import CHECKPOINT_PREFIX, PACK_PREFIX
 from cryptfs.format.vaultconfig import CONFIG_OBJECT, VaultConfig
 from cryptfs.fs import CommitHooks, FileSystem
-from cryptfs.fs.base import JOURNAL_MAX, LOGGED_JOURNAL_SHARE
+from cryptfs.fs.base import JOURNAL_MAX
 from cryptfs.meta.dbkeys import DbKeys
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import (
@@ -377,8 +377,7 @@ class Vault:
             before_commit=self._flush_stored,
             log_slot=self._log_slot,
             # (an fsync log: sealing a chunk costs ten of its records)
-            journal_max=max(JOURNAL_MAX, self.cfg.chunk_size - self.cfg.chunk_size //
-                            LOGGED_JOURNAL_SHARE) if logs else JOURNAL_MAX,
+            journal_max=self.cfg.chunk_size if logs else JOURNAL_MAX,
         )
         self.replicas = Replicas(self.store, self.meta, self.ledger, self.fs.lock,
                                  self.copy_log, self.chunks.local_copy)
