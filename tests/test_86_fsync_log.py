@@ -326,7 +326,7 @@ def test_verify_authenticates_every_record(vault: Vault, home: Path) -> None:
     log.write_bytes(blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:])
     problems = verify(vault).problems
     assert [(p.kind, p.object) for p in problems] == [("corrupt", f"logs/{name}")]
-    assert "record 1" in problems[0].message
+    assert f"logs/{name}/1 fails authentication" in problems[0].message
     log.write_bytes(blob)
     fs.release(fh)
 
