@@ -275,17 +275,25 @@ def test_kill_between_the_steps_of_a_logged_fsync(
 
 
 def test_a_power_loss_is_repaired_from_the_log(home: Path) -> None:
-    """The local database lost the commits of both logged fsyncs: the next read-write open
-    applies them from the store's log (one line says so) and seals the chunks; an open after
-    that has nothing to apply."""
+    """The local database lost the commits of both logged fsyncs: a read-only open says so;
+    the next read-write open applies them from the store's log (one line says so) and seals
+    the chunks; an open after that has nothing to apply."""
     paths = crashed_child(home, "returned")
     power_loss(paths)
+    ro = Vault.open(paths, b"pw", readonly=True)  # shows what it has, and says what it lacks
+    try:
+        assert [w for w in ro.warnings if "fsync log holds 2 fsyncs" in w], ro.warnings
+    finally:
+        ro.close()
     got, recovered = read_j(paths)
     assert got == NEW
     assert any("fsync log" in line for line in recovered), recovered
     assert any("sealed from the journal" in line for line in recovered), recovered
     got, recovered = read_j(paths)
     assert got == NEW and recovered == []
+    ro = Vault.open(paths, b"pw", readonly=True)
+    assert ro.warnings == []
+    ro.close()
 
 
 def test_a_tampered_record_is_refused_and_a_torn_one_left_out(

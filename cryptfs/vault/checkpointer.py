@@ -43,7 +43,11 @@ Collection stays in the round (after its checkpoint is durable): run after the f
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
 again, or recorded missing, of an object it was deleting: tests/test_97).
 
-fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`).
+fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`),
+or, where the store appends and the fsync's commit only journaled, a record of the newest
+checkpoint's fsync log (:mod:`cryptfs.vault.fsynclog`: one wait on the disk, no round) while
+every commit since that checkpoint is in the log; :meth:`sync` itself always writes a
+checkpoint holding what the log held (a snapshot, an unmount).
 On a PostgreSQL vault the database is the metadata's durability point, on every machine: an
 fsync returns once the metadata is committed there and every chunk it names is durable in the
 store (:meth:`Checkpointer.persist`), and asks for a checkpoint in the background

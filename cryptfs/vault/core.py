@@ -70,6 +70,7 @@ from cryptfs.paths import VaultPaths, private_dir
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.anchors import anchor_problems, config_problems
 from cryptfs.vault.checkpointer import Checkpointer
+from cryptfs.vault.fsynclog import unapplied
 from cryptfs.vault.lease import Lease, lease_seconds
 from cryptfs.vault.localstate import (
     load_local_config,
@@ -208,6 +209,14 @@ class Vault:
                 if not problems and url:  # the chain is verified: from now on it must extend
                     v._trust_ledger()
             v._start()
+            if readonly and check:  # (a read-only open writes nothing: they stay in the log)
+                assert v.fs is not None and v.meta is not None
+                _newest, lost = unapplied(v.fs.lock, v.meta, v.store, v.codec)
+                if lost:
+                    v.warnings.append(
+                        f"the store's fsync log holds {len(lost)} fsyncs this machine's "
+                        "metadata lost (a power loss); a read-write mount applies them, this "
+                        "one shows the files without them")
             assert v._lock_fd is not None
             os.ftruncate(v._lock_fd, 0)  # the holder's pid, for messages and `cryptfs umount`
             os.pwrite(v._lock_fd, str(os.getpid()).encode(), 0)

@@ -33,6 +33,7 @@ from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LO
 from cryptfs.fs.journal import LOG_MARK, Logged
 from cryptfs.meta.engine import MetaEngine
 from cryptfs.stores import ObjectStore
+from cryptfs.vault.checkpoints import LOG_VERSION, read_checkpoints
 
 log = logging.getLogger("cryptfs.vault.fsynclog")
 
@@ -123,18 +124,26 @@ def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
     return changed
 
 
-def replay_log(lock: threading.RLock, meta: MetaEngine, store: ObjectStore, codec: Codec,
-               newest: int | None) -> set[int]:
-    """After a crash (a read-write open): the records of the log of the newest checkpoint
-    (sequence ``newest``) after the local metadata's mark, applied and committed. Returns the
-    inodes changed."""
-    if newest is None:
-        return set()
+def unapplied(lock: threading.RLock, meta: MetaEngine, store: ObjectStore,
+              codec: Codec) -> tuple[int, list[Logged]]:
+    """The newest checkpoint's sequence and the records of its log after the local metadata's
+    mark (none for a checkpoint before version 4, or a store that does not append)."""
+    cks, _ = read_checkpoints(store, codec) if store.appendable else ([], [])
+    if not cks or cks[0].version < LOG_VERSION:
+        return 0, []
+    newest = cks[0].seq
     with lock:
         mark = (meta.get_state(LOG_MARK) or "").split()
     first = int(mark[1]) + 1 if len(mark) == 2 and mark[0] == str(newest) and \
         mark[1].isdigit() else 0
-    records = read_log(store, codec, newest)[first:]
+    return newest, read_log(store, codec, newest)[first:]
+
+
+def replay_log(lock: threading.RLock, meta: MetaEngine, store: ObjectStore,
+               codec: Codec) -> set[int]:
+    """After a crash (a read-write open): the :func:`unapplied` records, applied and
+    committed. Returns the inodes changed."""
+    newest, records = unapplied(lock, meta, store, codec)
     if not records:
         return set()
     with lock, meta.transaction():

@@ -22,7 +22,7 @@ from cryptfs.fs import FileSystem
 from cryptfs.meta.ledger import Ledger
 from cryptfs.meta.sqlite import MetaStore
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import LOG_VERSION, checkpoint_objects, read_checkpoints
+from cryptfs.vault.checkpoints import checkpoint_objects, read_checkpoints
 from cryptfs.vault.fsynclog import replay_log
 
 if TYPE_CHECKING:
@@ -41,13 +41,10 @@ def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunk
     Then record the config generation in the ledger (once per generation) and mark the
     metadata unclean. Returns one line per kind of repair made."""
     done: list[str] = []
-    if store.appendable:  # (only such a store has fsync logs: docs/FORMAT.md 6.7)
-        cks, _ = read_checkpoints(store, codec)
-        newest = cks[0].seq if cks and cks[0].version >= LOG_VERSION else None
-        logged = replay_log(fs.lock, meta, store, codec, newest)
-        if logged:
-            done.append(f"fsyncs of {len(logged)} files the local metadata lost: applied "
-                        "from the store's fsync log")
+    logged = replay_log(fs.lock, meta, store, codec)  # (docs/FORMAT.md 6.7)
+    if logged:
+        done.append(f"fsyncs of {len(logged)} files the local metadata lost: applied from "
+                    "the store's fsync log")
     dropped = fs.recover()  # files unlinked while open, then a crash
     if dropped:
         done.append(f"{dropped} hidden entries or nameless inodes left by a crash: removed")
