@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_alone import read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX, PACK_PREFIX
@@ -41,8 +42,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    use_machine(tmp_path, monkeypatch, 1)
     return tmp_path
 
 
@@ -90,22 +90,7 @@ def names_in(db: Path) -> set[bytes]:
 
 def read_on_new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, name: bytes) -> bytes:
     """Attach the vault from the store alone (fresh local state) and read one file."""
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m2" / k.lower()))
-    paths = VaultPaths("unit")
-    _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, 0, 0)
-    assert not created
-    v = Vault.open(paths, b"pw", readonly=True)
-    try:
-        assert v.fs is not None
-        node = v.fs.lookup(ROOT_INO, name)
-        fh = v.fs.open(node.ino, os.O_RDONLY)
-        try:
-            return v.fs.read(fh, 0, node.size)
-        finally:
-            v.fs.release(fh)
-    finally:
-        v.close()
+    return read_from_store_alone(home, monkeypatch, 2, [name], 64 << 10)[name]
 
 
 def test_fsync_ships_segments_and_the_store_alone_restores(

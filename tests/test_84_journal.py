@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_alone import read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.fs import FileSystem
@@ -46,8 +47,7 @@ CHUNK = 64 << 10
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(LocalStore, "appendable", False)  # (rounds only: see above)
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    use_machine(tmp_path, monkeypatch, 1)
     return tmp_path
 
 
@@ -78,29 +78,7 @@ def data_objects(home: Path) -> set[str]:
 
 def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int,
                 names: list[bytes]) -> dict[bytes, bytes]:
-    """Attach the vault from the store alone (fresh local state, XDG homes ``m<n>``) and read
-    ``names`` on a read-only open."""
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / f"m{n}" / k.lower()))
-    paths = VaultPaths("unit")
-    _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, 0, 0)
-    assert not created
-    v = Vault.open(paths, b"pw", readonly=True)
-    try:
-        assert v.fs is not None
-        got = {}
-        for name in names:
-            node = v.fs.lookup(ROOT_INO, name)
-            fh = v.fs.open(node.ino, os.O_RDONLY)
-            try:
-                got[name] = v.fs.read(fh, 0, node.size + 1)
-            finally:
-                v.fs.release(fh)
-        return got
-    finally:
-        v.close()
-        for k in ("CONFIG", "DATA", "CACHE"):
-            monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m1" / k.lower()))
+    return read_from_store_alone(home, monkeypatch, n, names, CHUNK)
 
 
 def test_fsync_journals_small_changes_and_the_store_alone_reads_them(

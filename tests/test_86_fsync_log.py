@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from store_alone import read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError
 from cryptfs.fs import FileSystem
@@ -37,8 +38,7 @@ CHUNK = 64 << 10
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(tmp_path / "m1" / k.lower()))
+    use_machine(tmp_path, monkeypatch, 1)
     return tmp_path
 
 
@@ -60,28 +60,7 @@ def listing(home: Path, prefix: str) -> list[str]:
 
 
 def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int, name: bytes) -> bytes:
-    """Attach the vault from the store alone (fresh local state, XDG homes ``m<n>``) and read
-    file ``name`` on a read-only open."""
-    for k in ("CONFIG", "DATA", "CACHE"):
-        monkeypatch.setenv(f"XDG_{k}_HOME", str(home / f"m{n}" / k.lower()))
-    try:
-        paths = VaultPaths("unit")
-        _cfg, created = create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, 0, 0)
-        assert not created
-        v = Vault.open(paths, b"pw", readonly=True)
-        try:
-            assert v.fs is not None
-            node = v.fs.lookup(ROOT_INO, name)
-            fh = v.fs.open(node.ino, os.O_RDONLY)
-            try:
-                return v.fs.read(fh, 0, node.size + 1)
-            finally:
-                v.fs.release(fh)
-        finally:
-            v.close()
-    finally:
-        for k in ("CONFIG", "DATA", "CACHE"):
-            monkeypatch.setenv(f"XDG_{k}_HOME", str(home / "m1" / k.lower()))
+    return read_from_store_alone(home, monkeypatch, n, [name], CHUNK)[name]
 
 
 def sealed_file(vault: Vault, name: bytes, data: bytes) -> tuple[FileSystem, int]:
