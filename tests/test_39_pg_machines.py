@@ -784,9 +784,18 @@ def test_a_frozen_state_blocks_no_writer_heartbeat_or_reaper_and_leaves_no_conne
 
     a, b = machines
 
-    def connections() -> int:
+    def count() -> int:
         return int(pg_place.sql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
                                 "current_database() AND pid <> pg_backend_pid()")[0][0])
+
+    def connections(want: int | None = None) -> int:
+        """The server's connections to the database; with ``want``, once they are that many
+        or 5 s passed (a server process leaves pg_stat_activity a moment after its client
+        closed the connection)."""
+        deadline = time.monotonic() + 5
+        while (n := count()) != want and want is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return n
 
     sa = PgSession(pg_place.url, KEYS, 60.0)
     try:
@@ -810,18 +819,20 @@ def test_a_frozen_state_blocks_no_writer_heartbeat_or_reaper_and_leaves_no_conne
             image.close()
     finally:
         sa.end()
-    before = connections()
+    before, deadline = -1, time.monotonic() + 5  # (the session's connection may be leaving)
+    while before != (before := count()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     c = PgMetaStore(pg_place.url, KEYS)
     first = c.freeze()
     first.close()
     second = c.freeze()  # the kept connection
-    assert connections() == before + 2  # the engine's and its reader
+    assert connections(before + 2) == before + 2  # the engine's and its reader
     second.close()
     held = c.freeze()
     c.close()
-    assert connections() == before + 1  # the state still open
+    assert connections(before + 1) == before + 1  # the state still open
     held.close()
-    assert connections() == before
+    assert connections(before) == before
 
 
 def test_tombstones_stay_while_a_live_session_may_commit_what_it_stored_before(

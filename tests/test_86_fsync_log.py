@@ -150,6 +150,64 @@ def test_a_checkpoint_asked_for_holds_what_the_log_held(
     fs.release(fh)
 
 
+def test_a_failed_append_is_cut_off_and_the_fsync_makes_a_checkpoint(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fails while a record is appended (its bytes written, the sync refused): the
+    log is cut back to what it held, and the fsync is a checkpoint instead, which succeeds."""
+    import errno
+
+    from cryptfs.stores import local
+
+    fs, fh = sealed_file(vault, b"f", b"x" * 5000)
+    fs.write(fh, 0, b"first")
+    fs.fsync(fh)  # the log's first record (a put)
+    (name,) = listing(home, "logs")
+    size = (home / "store" / "logs" / name).stat().st_size
+    cks = listing(home, "checkpoints")
+    real = os.fdatasync
+    failed = []
+
+    def full(fd: int) -> None:
+        if not failed:
+            failed.append(os.fstat(fd).st_size)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(local.os, "fdatasync", full)
+    fs.write(fh, 10, b"second")
+    fs.fsync(fh)
+    monkeypatch.setattr(local.os, "fdatasync", real)
+    assert failed and failed[0] > size  # (the record's bytes were written before the sync)
+    assert listing(home, "checkpoints") != cks  # a checkpoint instead
+    assert listing(home, "logs") == []  # (and the cut-back log went with the old checkpoint)
+    assert new_machine(home, monkeypatch, 2, b"f") == b"first" + b"x" * 5 + b"second" + \
+        b"x" * 4984
+    fs.release(fh)
+
+
+def test_an_append_that_fails_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from cryptfs.errors import StoreFull
+    from cryptfs.stores import local
+
+    store = local.LocalStore(tmp_path / "s", create=True)
+    store.put("logs/0000000000000001", b"first record")
+    real = os.fdatasync
+
+    def full(fd: int) -> None:
+        monkeypatch.setattr(local.os, "fdatasync", real)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local.os, "fdatasync", full)
+    with pytest.raises(StoreFull):
+        store.append("logs/0000000000000001", b" and a second")
+    assert store.get("logs/0000000000000001", 100) == b"first record"
+    store.append("logs/0000000000000001", b" and a third")
+    assert store.get("logs/0000000000000001", 100) == b"first record and a third"
+
+
 def test_a_full_log_makes_a_checkpoint(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

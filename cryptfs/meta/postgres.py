@@ -365,7 +365,10 @@ def _next_result(pgconn: Any) -> Any:
     """libpq's next result (PQgetResult) once it is there: its data sent, then waited for
     in poll(), which lets other threads run (psycopg's get_result keeps Python's lock while
     it waits: a thread waiting there for a row another thread of this process holds locked
-    would wait for ever)."""
+    would wait for ever). A result already read (the answers to a pipeline mostly come in one
+    read) is taken at once: no system call, no hand-off of Python's lock."""
+    if not pgconn.is_busy():
+        return pgconn.get_result()
     waiting = poll()
     waiting.register(pgconn.socket, POLLOUT)
     while pgconn.flush():  # (a non-blocking connection: 1 while data is left to send)

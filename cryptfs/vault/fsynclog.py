@@ -127,8 +127,9 @@ def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
 def unapplied(lock: threading.RLock, meta: MetaEngine, store: ObjectStore,
               codec: Codec) -> tuple[int, list[Logged]]:
     """The newest checkpoint's sequence and the records of its log after the local metadata's
-    mark (none for a checkpoint before version 4, or a store that does not append)."""
-    cks, _ = read_checkpoints(store, codec) if store.appendable else ([], [])
+    mark (none for a checkpoint before version 4, a store that does not append, or metadata
+    in a shared database: its fsyncs are never logged)."""
+    cks, _ = read_checkpoints(store, codec) if store.appendable and not meta.shared else ([], [])
     if not cks or cks[0].version < LOG_VERSION:
         return 0, []
     newest = cks[0].seq
@@ -166,18 +167,19 @@ class FsyncLog:
         self._given = 0  # places handed out (slot), under the filesystem lock
         self._next = 0  # the next record to append
         self._bytes = 0
+        self._failed = False  # an append failed: no more records until the next checkpoint
         self._swept = False  # the logs of earlier mounts were deleted
 
     def slot(self) -> tuple[int, int] | None:
         """The next place in the log, for a commit being made (caller holds the lock)."""
-        if self.seq is None or self._bytes >= LOG_TARGET:
+        if self.seq is None or self._failed or self._bytes >= LOG_TARGET:
             return None
         self._given += 1
         return self.seq, self._given - 1
 
     def fits(self, logged: Logged) -> bool:
         """Whether ``logged`` is the next record (caller holds the lock)."""
-        return self.seq is not None and logged.slot == (self.seq, self._next)
+        return not self._failed and logged.slot == (self.seq, self._next)
 
     def append(self, logged: Logged) -> bool:
         """Append the record of ``logged`` (which :meth:`fits`), durably; False if it is too
@@ -195,7 +197,7 @@ class FsyncLog:
                 self.store.append(log_name(seq), frame)
         except CryptfsError as e:
             log.warning("fsync log %s: %s; a checkpoint instead", log_name(seq), e)
-            self.seq = None
+            self._failed = True
             return False
         self._next += 1
         self._bytes += len(frame)
@@ -205,9 +207,10 @@ class FsyncLog:
         """Checkpoint ``seq`` is durable (None: a checkpoint of a vault whose store does not
         append): its log takes the next records; the older logs are deleted."""
         with self.lock:
-            old, used = self.seq, self._next > 0
+            old, used = self.seq, self._next > 0 or self._failed
             self.seq = seq if self.store.appendable else None
             self._given = self._next = self._bytes = 0
+            self._failed = False
         if not self.store.appendable:
             return
         if not self._swept:  # (those earlier mounts left; and the restored one)
