@@ -90,7 +90,8 @@ class Version:
     size: int = 0
     mtime_ns: int = 0
     mode: int = 0
-    version: str = ""  # 12 hex digits naming the content (equal content, equal version)
+    version: str = ""  # 12 hex digits naming the content (equal content stored alike (chunk
+    # names, journal rows): equal version; different content: different version)
 
 
 def _lookup(meta: MetaStore, parts: list[bytes]) -> Inode | None:
@@ -104,7 +105,7 @@ def _lookup(meta: MetaStore, parts: list[bytes]) -> Inode | None:
 
 
 def _version_of(label: str, time_ns: int, ck: Checkpoint, meta: MetaStore,
-                parts: list[bytes], chunk_size: int) -> Version:
+                parts: list[bytes], chunk_size: int, codec: Codec) -> Version:
     node = _lookup(meta, parts)
     if node is None:
         return Version(label, time_ns, ck.seq, "absent")
@@ -115,6 +116,10 @@ def _version_of(label: str, time_ns: int, ck: Checkpoint, meta: MetaStore,
         blocks = meta.get_blocks(node.ino, 0, -(-node.size // chunk_size))
         for idx in sorted(blocks):
             h.update(f"{idx}:{blocks[idx].name}\0".encode())
+        for ino, idx, seq, off, sealed in sorted(meta.journaled()):  # (bytes not sealed
+            if ino == node.ino:  # into a chunk yet: docs/FORMAT.md 5.3)
+                plain = codec.open_journal(ino, idx, seq, off, sealed)
+                h.update(f"j{idx}:{seq}:{off}:{crypto.sha256(plain).hex()}\0".encode())
     elif kind == "symlink":
         h.update(node.target or b"")
     return Version(label, time_ns, ck.seq, kind, node.size, node.mtime_ns,
@@ -137,7 +142,7 @@ def history(paths: VaultPaths, master: bytes, path: str) -> list[Version]:
             meta = materialize_checkpoint(store, codec, ck, scratch / "v.db")
             try:
                 out.append(_version_of(snap.name, snap.time_ns, ck, meta, parts,
-                                       cfg.chunk_size))
+                                       cfg.chunk_size, codec))
             finally:
                 meta.close()
         for _attempt in range(3):  # a running mount may replace the newest one meanwhile
@@ -150,7 +155,7 @@ def history(paths: VaultPaths, master: bytes, path: str) -> list[Version]:
                 continue
             try:
                 out.append(_version_of("now", cks[0].time_ns, cks[0], meta, parts,
-                                       cfg.chunk_size))
+                                       cfg.chunk_size, codec))
             finally:
                 meta.close()
             break
