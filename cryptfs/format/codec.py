@@ -36,7 +36,13 @@ from dataclasses import dataclass
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
-from cryptfs.format.layout import DATA_PREFIX, MAX_PACK_INDEX, PACK_MAX_MEMBERS, PACK_MEMBER_MAX
+from cryptfs.format.layout import (
+    DATA_PREFIX,
+    MAX_PACK_INDEX,
+    PACK_MAX_MEMBERS,
+    PACK_MEMBER_MAX,
+    log_name,
+)
 
 OBJ_VERSION = 1  # metadata snapshots and checkpoints; chunk objects written before segments
 CHUNK_VERSION = 2  # chunk objects made of segments (docs/FORMAT.md section 4)
@@ -105,7 +111,7 @@ def journal_name(ino: int, idx: int, seq: int, off: int) -> str:
 def log_record_name(seq: int, n: int) -> str:
     """The name record ``n`` of the fsync log of checkpoint ``seq`` is sealed under
     (docs/FORMAT.md 6.7)."""
-    return f"logs/{seq:016d}/{n}"
+    return f"{log_name(seq)}/{n}"
 
 
 class Codec:
