@@ -413,7 +413,8 @@ class FormatReader:
             length = struct.unpack(">I", blob[at:at + 4])[0]
             if at + 4 + length > len(blob):
                 break
-            plain = self._open_blob(b"log", f"{name}/{n}", blob[at + 4:at + 4 + length])
+            plain = self._open_blob(b"log", f"{name}/{ck['hash']}/{n}",
+                                    blob[at + 4:at + 4 + length])
             ino, size, mtime, ctime, rows = struct.unpack(">QQqqI", plain[:36])
             p = 36
             for _ in range(rows):

@@ -87,7 +87,8 @@ def test_fsyncs_that_only_journal_are_log_records_the_store_alone_reads(
     model = bytearray(rng.randbytes(CHUNK + 1000))
     fs, fh = sealed_file(vault, b"db", bytes(model))
     cks, data = listing(home, "checkpoints"), listing(home, "data")
-    seq = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    seq = ck.seq
     for i in range(6):  # page-sized writes about the end of chunk 0, some past the file's
         off = rng.randrange(CHUNK - 8000, CHUNK + 12000)  # (within what the journal takes)
         chunk = rng.randbytes(rng.randrange(1, 4000))
@@ -95,7 +96,7 @@ def test_fsyncs_that_only_journal_are_log_records_the_store_alone_reads(
         write(model, off, chunk)
         fs.fsync(fh)
         assert listing(home, "checkpoints") == cks and listing(home, "data") == data
-        records = read_log(vault.store, vault.codec, seq)
+        records = read_log(vault.store, vault.codec, ck)
         assert [r.slot for r in records] == [(seq, n) for n in range(i + 1)]
         assert new_machine(home, monkeypatch, 2 + i, b"db") == bytes(model)
     # a change of another kind: the next fsync is a checkpoint, and the log goes
@@ -221,10 +222,11 @@ def test_a_full_log_makes_a_checkpoint(
         if i == 0:  # the log is full after its third record (they are all the same size)
             size = (home / "store" / "logs" / f"{first:016d}").stat().st_size
             monkeypatch.setattr(fsynclog, "LOG_TARGET", 3 * size)
-    newest = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    newest = ck.seq
     assert newest > first  # (the fourth fsync found the log full)
     assert listing(home, "logs") == [f"{newest:016d}"]
-    assert len(read_log(vault.store, vault.codec, newest)) == 1
+    assert len(read_log(vault.store, vault.codec, ck)) == 1
     assert new_machine(home, monkeypatch, 2, b"f") == bytes(model)
     fs.release(fh)
 
@@ -371,23 +373,47 @@ def test_verify_authenticates_every_record(vault: Vault, home: Path) -> None:
     log.write_bytes(blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:])
     problems = verify(vault).problems
     assert [(p.kind, p.object) for p in problems] == [("corrupt", f"logs/{name}")]
-    assert f"logs/{name}/1 fails authentication" in problems[0].message
+    assert f"logs/{name}/" in problems[0].message
+    assert problems[0].message.endswith("/1 fails authentication")
     log.write_bytes(blob)
     fs.release(fh)
 
 
+def test_a_log_left_under_a_checkpoints_number_is_never_read_over_it(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback (``verify --accept`` deleting newer checkpoints) can give a later checkpoint
+    the number of one that had a log: a checkpoint deletes any log of its number before it is
+    put (and records are bound to their checkpoint's ledger head besides: unit test below)."""
+    fs, fh = sealed_file(vault, b"f", b"x" * 5000)
+    fs.write(fh, 0, b"logged")
+    fs.fsync(fh)
+    (name,) = listing(home, "logs")
+    stale = (home / "store" / "logs" / name).read_bytes()
+    first = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    for seq in range(first + 1, first + 40):  # (the numbers the next checkpoints may take)
+        (home / "store" / "logs" / f"{seq:016d}").write_bytes(stale)
+    vault.sync()
+    newest = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    assert newest > first and f"{newest:016d}" not in listing(home, "logs")
+    assert new_machine(home, monkeypatch, 2, b"f") == b"logged" + b"x" * 4994
+    fs.release(fh)
+
+
 def test_record_order_and_place_are_bound() -> None:
-    """A record sealed for one place opens at no other (another number, another log), and
-    a record's plaintext round-trips."""
+    """A record sealed for one place opens at no other (another number, another log, the log
+    of another checkpoint of the same number: a rollback's), and a record's plaintext
+    round-trips."""
     from cryptfs.format.codec import Codec
     from cryptfs.fs.journal import Logged
 
     codec = Codec(os.urandom(32), os.urandom(16))
     rec = Logged((7, 2), 9, 70000, 5, 6, [(1, 0, 4464, b"sealed row"), (2, 3, 0, b"")], (0, 0))
-    sealed = codec.seal_log_record(7, 2, fsynclog.encode(rec))
-    assert fsynclog.decode((7, 2), codec.open_log_record(7, 2, sealed)) == rec
-    for seq, n in ((7, 1), (7, 3), (8, 2)):
+    head = os.urandom(32)
+    sealed = codec.seal_log_record(7, head, 2, fsynclog.encode(rec))
+    assert fsynclog.decode((7, 2), codec.open_log_record(7, head, 2, sealed)) == rec
+    for seq, h, n in ((7, head, 1), (7, head, 3), (8, head, 2), (7, os.urandom(32), 2)):
         with pytest.raises(IntegrityError):
-            codec.open_log_record(seq, n, sealed)
+            codec.open_log_record(seq, h, n, sealed)
     with pytest.raises(IntegrityError, match="malformed"):
         fsynclog.decode((7, 2), fsynclog.encode(rec) + b"x")

@@ -108,10 +108,10 @@ def journal_name(ino: int, idx: int, seq: int, off: int) -> str:
     return f"journal/{ino}/{idx}/{seq}/{off}"
 
 
-def log_record_name(seq: int, n: int) -> str:
-    """The name record ``n`` of the fsync log of checkpoint ``seq`` is sealed under
-    (docs/FORMAT.md 6.7)."""
-    return f"{log_name(seq)}/{n}"
+def log_record_name(seq: int, head: bytes, n: int) -> str:
+    """The name record ``n`` of the fsync log of checkpoint ``seq``, whose ledger head hash is
+    ``head``, is sealed under (docs/FORMAT.md 6.7)."""
+    return f"{log_name(seq)}/{head.hex()}/{n}"
 
 
 class Codec:
@@ -333,14 +333,16 @@ class Codec:
         """The bytes of a journal row (IntegrityError if not authentic for that place)."""
         return self.open_blob(b"journal", journal_name(ino, idx, seq, off), sealed)
 
-    def seal_log_record(self, seq: int, n: int, plain: bytes) -> bytes:
-        """Record ``n`` of the fsync log of checkpoint ``seq``: sealed like a metadata object
-        (kind ``log``), its name binding the log and the record's place in it."""
-        return self.seal_blob(b"log", log_record_name(seq, n), plain)
+    def seal_log_record(self, seq: int, head: bytes, n: int, plain: bytes) -> bytes:
+        """Record ``n`` of the fsync log of checkpoint ``seq`` (ledger head hash ``head``):
+        sealed like a metadata object (kind ``log``), its name binding the checkpoint (not only
+        its number: a rollback may give a later checkpoint the same one) and the record's
+        place in its log."""
+        return self.seal_blob(b"log", log_record_name(seq, head, n), plain)
 
-    def open_log_record(self, seq: int, n: int, sealed: bytes) -> bytes:
+    def open_log_record(self, seq: int, head: bytes, n: int, sealed: bytes) -> bytes:
         """A log record's plaintext (IntegrityError if not authentic for that place)."""
-        return self.open_blob(b"log", log_record_name(seq, n), sealed)
+        return self.open_blob(b"log", log_record_name(seq, head, n), sealed)
 
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:

@@ -93,6 +93,7 @@ from cryptfs.format.layout import (
     SNAPSHOT_PREFIX,
     checkpoint_name,
     checkpoint_seq,
+    log_name,
 )
 from cryptfs.meta.engine import MetaEngine
 from cryptfs.meta.ledger import Entry, Ledger, head_mac
@@ -568,6 +569,8 @@ class Checkpointer:
             if head_due else None
         try:
             self._put_seq = e.seq
+            if self.store.appendable and not meta.shared:  # (a log of a checkpoint of this
+                self.store.delete(log_name(e.seq))  # number a rollback left: not this one's)
             self.store.put(ck_name, ck_blob)
             self.store.sync()
             if head_tmp is not None:
@@ -617,7 +620,7 @@ class Checkpointer:
             self._clean_at = shipped_at
         assert last is not None
         self.last_seq = last.seq
-        self.fsync_log.restart(None if meta.shared else e.seq)
+        self.fsync_log.restart(None if meta.shared else e.seq, e.hash)
 
     def _in_store(self, names: set[str]) -> bool:
         """Whether the objects ``names`` (the image's staged ones) are all in the store by

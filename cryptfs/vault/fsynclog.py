@@ -33,7 +33,7 @@ from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LO
 from cryptfs.fs.journal import LOG_MARK, Logged
 from cryptfs.meta.engine import MetaEngine
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import LOG_VERSION, read_checkpoints
+from cryptfs.vault.checkpoints import LOG_VERSION, Checkpoint, read_checkpoints
 
 log = logging.getLogger("cryptfs.vault.fsynclog")
 
@@ -73,11 +73,13 @@ def decode(slot: tuple[int, int], plain: bytes) -> Logged:
     return Logged(slot, ino, size, mtime, ctime, rows, (0, 0))
 
 
-def read_log(store: ObjectStore, codec: Codec, seq: int) -> list[Logged]:
-    """The records of the log of checkpoint ``seq`` in order (none if it has no log). The
-    object is read bounded (MAX_LOG), each record authenticated for its place before use; a
-    last record cut short (its append was not acknowledged: a power loss) is left out.
-    IntegrityError (one line) for a record that fails, or a log larger than readers accept."""
+def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
+    """The records of the log of checkpoint ``ck`` in order (none if it has no log). The
+    object is read bounded (MAX_LOG), each record authenticated for its place (the
+    checkpoint's number and ledger head, its number in the log) before use; a last record cut
+    short (its append was not acknowledged: a power loss) is left out. IntegrityError (one
+    line) for a record that fails, or a log larger than readers accept."""
+    seq = ck.seq
     name = log_name(seq)
     try:
         blob = store.get(name, MAX_LOG)
@@ -98,7 +100,8 @@ def read_log(store: ObjectStore, codec: Codec, seq: int) -> list[Logged]:
             log.info("%s: its last record was cut short (not acknowledged): left out", name)
             break
         slot = (seq, len(out))
-        plain = codec.open_log_record(seq, len(out), blob[at + _LEN.size:at + _LEN.size + n])
+        plain = codec.open_log_record(seq, ck.hash, len(out),
+                                      blob[at + _LEN.size:at + _LEN.size + n])
         out.append(decode(slot, plain))
         at += _LEN.size + n
     return out
@@ -137,7 +140,7 @@ def unapplied(lock: threading.RLock, meta: MetaEngine, store: ObjectStore,
         mark = (meta.get_state(LOG_MARK) or "").split()
     first = int(mark[1]) + 1 if len(mark) == 2 and mark[0] == str(newest) and \
         mark[1].isdigit() else 0
-    return newest, read_log(store, codec, newest)[first:]
+    return newest, read_log(store, codec, cks[0])[first:]
 
 
 def replay_log(lock: threading.RLock, meta: MetaEngine, store: ObjectStore,
@@ -164,6 +167,7 @@ class FsyncLog:
         self.codec = codec
         self.lock = lock
         self.seq: int | None = None  # the checkpoint whose log takes records (None: none)
+        self.head = b""  # its ledger head hash
         self._given = 0  # places handed out (slot), under the filesystem lock
         self._next = 0  # the next record to append
         self._bytes = 0
@@ -185,7 +189,7 @@ class FsyncLog:
         """Append the record of ``logged`` (which :meth:`fits`), durably; False if it is too
         big or the store failed (the log then takes no more records: a checkpoint follows)."""
         seq, n = logged.slot
-        sealed = self.codec.seal_log_record(seq, n, encode(logged))
+        sealed = self.codec.seal_log_record(seq, self.head, n, encode(logged))
         frame = _LEN.pack(len(sealed)) + sealed
         if len(frame) > LOG_RECORD_MAX:  # (so the log stays within MAX_LOG)
             return False
@@ -203,12 +207,14 @@ class FsyncLog:
         self._bytes += len(frame)
         return True
 
-    def restart(self, seq: int | None) -> None:
-        """Checkpoint ``seq`` is durable (None: a checkpoint of a vault whose store does not
-        append): its log takes the next records; the older logs are deleted."""
+    def restart(self, seq: int | None, head: bytes = b"") -> None:
+        """Checkpoint ``seq`` (ledger head hash ``head``) is durable (None: a checkpoint of a
+        vault whose store does not append): its log takes the next records; the older logs
+        are deleted."""
         with self.lock:
             old, used = self.seq, self._next > 0 or self._failed
             self.seq = seq if self.store.appendable else None
+            self.head = head
             self._given = self._next = self._bytes = 0
             self._failed = False
         if not self.store.appendable:

@@ -173,7 +173,7 @@ def materialize_newest(store: ObjectStore, codec: Codec, ck: Checkpoint,
     try:
         if ck.version >= LOG_VERSION:
             with meta.transaction():
-                apply_records(meta, read_log(store, codec, ck.seq))
+                apply_records(meta, read_log(store, codec, ck))
     except BaseException:
         meta.close()
         for suffix in ("", "-wal", "-shm"):
