@@ -1,10 +1,12 @@
 """Helpers of the in-process vault tests (test_83, test_84, test_86): which machine's local state
-(XDG homes ``<home>/m<n>``) the process uses, and reading files of the vault in ``<home>/store``
-from the store alone, as a new machine attaching it does."""
+(XDG homes ``<home>/m<n>``) the process uses, a new vault in ``<home>/store`` opened
+read-write, and reading its files from the store alone, as a new machine attaching it does."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,19 @@ def use_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     """From now on the process is machine ``n`` (its XDG homes ``home/m<n>``)."""
     for k in ("CONFIG", "DATA", "CACHE"):
         monkeypatch.setenv(f"XDG_{k}_HOME", str(home / f"m{n}" / k.lower()))
+
+
+@contextlib.contextmanager
+def new_vault(home: Path, chunk_size: int) -> Iterator[Vault]:
+    """A vault created in ``home/store`` by the current machine, open read-write (closed, with
+    its final checkpoint, when the block ends)."""
+    paths = VaultPaths("unit")
+    create_vault(paths, [f"file://{home}/store"], b"pw", chunk_size, os.getuid(), os.getgid())
+    v = Vault.open(paths, b"pw")
+    try:
+        yield v
+    finally:
+        v.close()
 
 
 def read_from_store_alone(home: Path, monkeypatch: pytest.MonkeyPatch, n: int,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_alone import read_from_store_alone, use_machine
+from store_alone import new_vault, read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.format.layout import CHECKPOINT_PREFIX, DATA_PREFIX, META_PREFIX, PACK_PREFIX
@@ -51,13 +51,8 @@ def vault(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Vault]:
     """A vault whose checkpoints store every change as a segment (no delta: these tests are
     about segments; the delta's are at the end)."""
     monkeypatch.setattr(checkpointer, "DELTA_MAX", -1)
-    paths = VaultPaths("unit")
-    create_vault(paths, [f"file://{home}/store"], b"pw", 64 << 10, os.getuid(), os.getgid())
-    v = Vault.open(paths, b"pw")
-    try:
+    with new_vault(home, 64 << 10) as v:
         yield v
-    finally:
-        v.close()
 
 
 def write(v: Vault, name: bytes, data: bytes) -> None:

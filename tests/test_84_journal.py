@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_alone import read_from_store_alone, use_machine
+from store_alone import new_vault, read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError, StoreError
 from cryptfs.fs import FileSystem
@@ -53,13 +53,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def vault(home: Path) -> Iterator[Vault]:
-    paths = VaultPaths("unit")
-    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
-    v = Vault.open(paths, b"pw")
-    try:
+    with new_vault(home, CHUNK) as v:
         yield v
-    finally:
-        v.close()
 
 
 def new_file(vault: Vault, name: bytes) -> tuple[FileSystem, int]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from store_alone import read_from_store_alone, use_machine
+from store_alone import new_vault, read_from_store_alone, use_machine
 
 from cryptfs.errors import IntegrityError
 from cryptfs.fs import FileSystem
@@ -44,13 +44,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def vault(home: Path) -> Iterator[Vault]:
-    paths = VaultPaths("unit")
-    create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
-    v = Vault.open(paths, b"pw")
-    try:
+    with new_vault(home, CHUNK) as v:
         yield v
-    finally:
-        v.close()
 
 
 def listing(home: Path, prefix: str) -> list[str]:
@@ -131,6 +126,75 @@ def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
     want = b"h" * 8192 + b"%04d" % i * 1024 + b"h" * (20000 - 12288)
     assert new_machine(home, monkeypatch, 2, b"hot") == want
     fs.release(fh)
+
+
+def test_an_fsync_after_another_commit_makes_a_checkpoint(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync makes everything committed so far durable in the store: after another file
+    was closed (committed, not in the log), a small change's fsync is a checkpoint,
+    and the store alone reads both files."""
+    fs, fh = sealed_file(vault, b"a", b"x" * 5000)
+    fs.write(fh, 0, b"logged")
+    fs.fsync(fh)  # a record
+    cks = listing(home, "checkpoints")
+    _node, other = fs.create(ROOT_INO, b"b", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(other, 0, b"closed, not fsync'd")
+    fs.release(other)
+    fs.write(fh, 10, b"again")
+    fs.fsync(fh)
+    assert listing(home, "checkpoints") != cks
+    got = read_from_store_alone(home, monkeypatch, 2, [b"a", b"b"], CHUNK)
+    assert got == {b"a": b"logged" + b"xxxx" + b"again" + b"x" * 4985,
+                   b"b": b"closed, not fsync'd"}
+    fs.release(fh)
+
+
+def test_concurrent_fsyncs_read_back_from_the_store_alone(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads write and fsync two files at once: records and checkpoints interleave (a
+    record is appended only in its turn, else the fsync is a checkpoint); afterwards the store
+    alone reads each file as its last fsync left it."""
+    import threading
+
+    appended = []
+    real = fsynclog.FsyncLog.append
+
+    def counted(self: fsynclog.FsyncLog, logged: object) -> bool:
+        ok = real(self, logged)  # type: ignore[arg-type]
+        appended.append(ok)
+        return ok
+
+    monkeypatch.setattr(fsynclog.FsyncLog, "append", counted)
+    handles = {name: sealed_file(vault, name, b"0" * 20000)[1] for name in (b"a", b"b")}
+    models = {name: bytearray(b"0" * 20000) for name in handles}
+    fs = vault.fs
+    assert fs is not None
+    failed: list[BaseException] = []
+
+    def work(name: bytes) -> None:
+        rng = random.Random(name)
+        try:
+            for _ in range(30):
+                off, data = rng.randrange(0, 16000), rng.randbytes(rng.randrange(1, 3000))
+                fs.write(handles[name], off, data)
+                write(models[name], off, data)
+                fs.fsync(handles[name])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in handles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failed and not any(t.is_alive() for t in threads)
+    assert any(appended)  # (records, and checkpoints between them)
+    got = read_from_store_alone(home, monkeypatch, 2, list(handles), CHUNK)
+    assert got == {name: bytes(m) for name, m in models.items()}
+    for fh in handles.values():
+        fs.release(fh)
 
 
 def test_a_checkpoint_asked_for_holds_what_the_log_held(
