@@ -150,6 +150,51 @@ def test_an_fsync_after_another_commit_makes_a_checkpoint(
     fs.release(fh)
 
 
+def test_a_commit_that_wrote_ledger_entries_after_its_mark_is_no_record(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk of another file sealed in the background (a whole chunk written, not yet
+    committed) queues its ledger entry; the next commit writes it, after the fsync's mark. That
+    fsync's record would not hold the entry, so the fsync is a checkpoint: the store alone
+    then has the entry (the local database committed it)."""
+    import time
+
+    fs, fh = sealed_file(vault, b"a", b"x" * 5000)
+    _node, other = fs.create(ROOT_INO, b"b", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, b"logged")
+    fs.fsync(fh)  # (a checkpoint: b's creation)
+    fs.write(fh, 3, b"more")
+    fs.fsync(fh)  # (a record)
+    cks = listing(home, "checkpoints")
+    assert len(read_log(vault.store, vault.codec,
+                        read_checkpoints(vault.store, vault.codec)[0][0])) == 1
+    fs.write(other, 0, os.urandom(CHUNK) + b"tail")  # (a whole chunk: sealed at once)
+    deadline = time.monotonic() + 10
+    while not vault._stored and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queued = [ref.name for ref in vault._stored]
+    assert queued
+    fs.write(fh, 10, b"again")
+    fs.fsync(fh)
+    assert listing(home, "checkpoints") != cks
+    use_machine(home, monkeypatch, 2)
+    try:
+        _cfg, created = create_vault(VaultPaths("unit"), [f"file://{home}/store"], b"pw",
+                                     CHUNK, 0, 0)
+        assert not created
+        alone = Vault.open(VaultPaths("unit"), b"pw", readonly=True)
+        try:
+            assert alone.ledger is not None
+            put = {e.name for e in alone.ledger.entries() if e.op == "put"}
+        finally:
+            alone.close()
+    finally:
+        use_machine(home, monkeypatch, 1)
+    assert set(queued) <= put
+    fs.release(other)
+    fs.release(fh)
+
+
 def test_concurrent_fsyncs_read_back_from_the_store_alone(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
