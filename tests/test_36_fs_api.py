@@ -909,6 +909,59 @@ def test_acl_errors(fs: FileSystem) -> None:
 
 
 # -- directories --------------------------------------------------------------------------------
+def test_a_listing_with_whole_stats(rig: Rig, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """readdir_stat (FUSE's readdirplus): each entry with what getattr and st_blocks give it,
+    an open file's uncommitted size too; none for . and .., for an entry gone since the
+    listing began, or for a directory too big to read whole that is not in the caches."""
+    from cryptfs.fs import namespace
+
+    fs = rig.fs
+    d = fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID).ino
+    for i in range(8):
+        make(fs, b"f%d" % i, pattern(i * 1500, seed=i), parent=d)
+    fs.mkdir(d, b"sub", 0o700, UID, GID)
+    fs.symlink(d, b"l", b"f1", UID, GID)
+
+    def check(fs: FileSystem, offset: int = 0, fh: int | None = None) -> list[bytes]:
+        """The names listed with stats, each stat checked against getattr's."""
+        fh = fs.opendir(d) if fh is None else fh
+        with_stats = []
+        for name, ino, mode, _nxt, full in fs.readdir_stat(d, fh, offset):
+            if full is not None:
+                node = fs.getattr(ino)
+                assert full == (node, fs.st_blocks(node)) and full[0].mode == mode
+                with_stats.append(name)
+        return with_stats
+
+    _node, open_fh = fs.create(d, b"open", 0o600, RW | os.O_CREAT, UID, GID)
+    fs.write(open_fh, 0, pattern(2 * CS + 1))  # (not committed: its size is the open file's)
+    everything = sorted([b"f%d" % i for i in range(8)] + [b"sub", b"l", b"open"])
+    assert sorted(check(fs)) == everything
+    assert fs.getattr(fs.lookup(d, b"open").ino).size == 2 * CS + 1
+    fh = fs.opendir(d)
+    check(fs, 0, fh)
+    fs.unlink(d, b"f5")  # (after the listing began: the rest of the stream still names it)
+    assert b"f5" not in check(fs, 5, fh) and b"f6" in check(fs, 5, fh)
+    fs.release(open_fh)
+    store = rig.store
+    rig.close()
+    cold = Rig(tmp_path, remote=rig.remote, store=store)  # empty caches: read whole
+    try:
+        assert sorted(check(cold.fs)) == sorted(set(everything) - {b"f5"})
+    finally:
+        cold.close()
+    monkeypatch.setattr(namespace, "PLUS_SCAN_MAX", 4)
+    cold = Rig(tmp_path, remote=rig.remote, store=store)
+    try:
+        assert check(cold.fs) == []  # too big to read for a listing
+        cold.fs.lookup(d, b"f1")
+        cold.fs.lookup(d, b"f2")  # (the second lookup that misses reads the directory)
+        assert sorted(check(cold.fs)) == sorted(set(everything) - {b"f5"})
+    finally:
+        cold.close()
+
+
 def test_readdir_with_offsets(fs: FileSystem) -> None:
     d = fs.mkdir(ROOT_INO, b"d", 0o755, UID, GID).ino
     files = [f"f{i:02d}".encode() for i in range(10)]

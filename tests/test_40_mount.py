@@ -526,3 +526,44 @@ def test_foreground_daemon_environment(vault_env: VaultEnv) -> None:
         assert (mnt / "f").read_text() == "foreground"
     finally:
         env.umount(mnt)
+
+
+def test_a_listing_hands_the_kernel_whole_stats(local_env: VaultEnv) -> None:
+    """The kernel's first listing of a directory is a readdirplus: every entry comes with its
+    whole stat, so stat calls after ``ls`` (``ls -l``, ``find``, a tree read back) reach the
+    daemon no more, and see exactly what a lookup gives (getattr, counted by the mount's
+    metrics: one per entry without it)."""
+    from test_92_metrics import metrics_addr, scrape, value
+
+    env = local_env
+    mnt = env.root / "mnt"
+    env.mount(mnt)
+    d = mnt / "d"
+    (d / "sub").mkdir(parents=True)
+    rnd = random.Random(40)
+    for i in range(40):
+        (d / f"f{i:02d}").write_bytes(rnd.randbytes(i * 997))
+    os.link(d / "f07", d / "hard")
+    os.symlink("f01", d / "sym")
+    os.chmod(d / "f03", 0o640)
+    os.utime(d / "f05", ns=(1_500_000_000_123_456_789, 1_600_000_000_987_654_321))
+    env.umount(mnt)
+    env.mount(mnt)
+
+    names = sorted([f"f{i:02d}" for i in range(40)] + ["hard", "sym", "sub"])
+
+    def stats() -> dict[str, tuple[int, ...]]:
+        return {n: (s.st_ino, s.st_mode, s.st_nlink, s.st_uid, s.st_size, s.st_blocks,
+                    s.st_mtime_ns, s.st_ctime_ns) for n in names for s in [os.lstat(d / n)]}
+
+    want = stats()  # (each one looked up: the directory is not listed)
+    env.umount(mnt)
+    env.mount(mnt, "metrics=127.0.0.1:0")
+    addr = metrics_addr(env, mnt)
+    before = value(scrape(addr), "cryptfs_fuse_operations_total", op="getattr")
+    assert sorted(os.listdir(d)) == names
+    got = stats()
+    looked_up = value(scrape(addr), "cryptfs_fuse_operations_total", op="getattr") - before
+    assert got == want
+    assert looked_up <= 2, f"{looked_up} getattr calls after a listing of {len(want)} entries"
+    env.umount(mnt)

@@ -48,6 +48,10 @@ _UNTIMED = FUSE_SAMPLE - 1  # the callbacks not timed: n & _UNTIMED
 
 log = logging.getLogger("cryptfs.fuse")
 
+_STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
+FUSE_READDIR_PLUS = 1  # libfuse 3: enum fuse_readdir_flags, enum fuse_fill_dir_flags
+FUSE_FILL_DIR_PLUS = 2
+
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
@@ -113,6 +117,22 @@ def _errno(e: OSError) -> int:
         return code
     log.error("an operation raised an OSError without an errno (%s): answering EINVAL", e)
     return errno.EINVAL
+
+
+def fill_stat(st: Any, node: Inode, blocks: int) -> None:
+    """What :func:`stat_dict` says, written into libfuse's ``struct stat`` ``st`` (zeroed)."""
+    st.st_ino = node.ino
+    st.st_mode = node.mode
+    st.st_nlink = node.nlink
+    st.st_uid = node.uid
+    st.st_gid = node.gid
+    st.st_size = DIR_SIZE if stat.S_ISDIR(node.mode) else node.size
+    st.st_rdev = node.rdev
+    st.st_blksize = 4096
+    st.st_blocks = blocks
+    st.st_atimespec.tv_sec, st.st_atimespec.tv_nsec = divmod(node.atime_ns, 1_000_000_000)
+    st.st_mtimespec.tv_sec, st.st_mtimespec.tv_nsec = divmod(node.mtime_ns, 1_000_000_000)
+    st.st_ctimespec.tv_sec, st.st_ctimespec.tv_nsec = divmod(node.ctime_ns, 1_000_000_000)
 
 
 def stat_dict(node: Inode, blocks: int) -> dict[str, int]:
@@ -250,8 +270,12 @@ class CryptfsOperations(mfusepy.Operations):
 
     # -- attributes -------------------------------------------------------------------------
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        return stat_dict(*self.stat(path, fh))
+
+    def stat(self, path: str | None, fh: int | None = None) -> tuple[Inode, int]:
+        """The node of ``path`` (or of open file ``fh``) and its 512-byte blocks."""
         node = self.fs.getattr(self._ino(path, fh))
-        return stat_dict(node, self.fs.st_blocks(node))
+        return node, self.fs.st_blocks(node)
 
     def access(self, path: str, amode: int) -> int:
         self._ino(path)
@@ -407,6 +431,14 @@ class CryptfsOperations(mfusepy.Operations):
              {"st_ino": child, "st_mode": stat.S_IFMT(mode)}, nxt)
             for name, child, mode, nxt in entries
         )
+
+    def readdir_plus(self, path: str | None, offset: int, fh: int
+                     ) -> list[tuple[bytes, int, int, int, tuple[Inode, int] | None]]:
+        """:meth:`readdir_with_offset`'s entries as ``(name, ino, mode, next offset, full)``,
+        ``full`` each one's node and blocks where the filesystem has them at hand (see
+        :meth:`FileSystem.readdir_stat`)."""
+        ino = self.dir_inos.get(fh)
+        return self.fs.readdir_stat(self._ino(path) if ino is None else ino, fh, offset)
 
     def releasedir(self, path: str | None, fh: int) -> int:
         self.fs.releasedir(fh)
@@ -605,6 +637,34 @@ class CryptfsFUSE(mfusepy.FUSE):
     @staticmethod
     def _fh(fip: Any) -> int | None:
         return fip.contents.fh if fip else None
+
+    def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        """mfusepy's getattr without its dict: the node straight into the struct (the
+        callback of every lookup and stat)."""
+        node, blocks = self.operations.stat(self._path(path), self._fh(fip))
+        ctypes.memset(buf, 0, _STAT_SIZE)
+        fill_stat(buf.contents, node, blocks)
+        return 0
+
+    def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int,
+                       fip: Any, flags: int) -> int:
+        """With FUSE_READDIR_PLUS (the kernel's first listing of a directory, or one whose
+        entries it looked up since), every entry's whole stat: the kernel then looks none of
+        them up while its entry timeout runs (``ls -l``, ``find``, a tree read back); without,
+        mfusepy's (the mode and inode number)."""
+        if not flags & FUSE_READDIR_PLUS:
+            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        st = mfusepy.c_stat()
+        for name, ino, mode, nxt, full in self.operations.readdir_plus(
+                self._path(path), offset, fip.contents.fh):
+            ctypes.memset(ctypes.byref(st), 0, _STAT_SIZE)
+            if full is None:
+                st.st_ino, st.st_mode = ino, stat.S_IFMT(mode)
+            else:
+                fill_stat(st, *full)
+            if filler(buf, name, st, nxt, 0 if full is None else FUSE_FILL_DIR_PLUS) != 0:
+                break
+        return 0
 
     def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
         return self.operations.chmod(self._path(path), mode, self._fh(fip))

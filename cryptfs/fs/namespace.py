@@ -26,6 +26,9 @@ from cryptfs.meta import Inode
 # bound allows but close-to-open does not (a file another machine committed empty before it
 # wrote and closed it, kept in the kernel's attributes after the close's notice).
 DIR_SCAN_AFTER = 2
+# a listing with whole stats (readdir_stat) reads a directory not in the caches only up to this
+# many entries
+PLUS_SCAN_MAX = 10_000
 
 
 class Namespace(FileSystemBase):
@@ -107,6 +110,12 @@ class Namespace(FileSystemBase):
         misses = self._misses[parent] = self._misses.get(parent, 0) + 1
         if misses != (1 if self.meta.shared else DIR_SCAN_AFTER):
             return False
+        return self._read_dir(parent)
+
+    def _read_dir(self, parent: int) -> bool:
+        """Read directory ``parent`` whole into the caches: its entries, their inodes and
+        allocations, in one engine call (caller holds self.lock); False, with nothing cached,
+        if they would not fit in the inode cache."""
         rows = self.meta.stat_dir(parent, self.cs, ALLOC_UNIT)
         if len(self.inodes) + len(rows) >= INODE_CACHE_MAX:
             return False  # (it would empty the caches)
@@ -116,6 +125,36 @@ class Namespace(FileSystemBase):
             self._alloc.setdefault(node.ino, alloc)
         self.complete.add(parent)
         return True
+
+    def readdir_stat(self, ino: int, fh: int, offset: int
+                     ) -> list[tuple[bytes, int, int, int, tuple[Inode, int] | None]]:
+        """:meth:`readdir`'s entries, each with its node and 512-byte blocks as
+        :meth:`getattr` and :meth:`st_blocks` give them (a listing that hands the kernel whole
+        stats: FUSE's readdirplus), read with the whole directory in one engine call unless
+        the caches hold it. None for ``.`` and ``..``, an entry changed since the listing,
+        and every entry of a directory not in the caches that has more than PLUS_SCAN_MAX
+        entries (reading all its inodes could cost more than the lookups it saves a listing
+        of names) or belongs to a vault other machines write (a listing never reads a
+        directory there: see DIR_SCAN_AFTER)."""
+        entries = self.readdir(ino, fh, offset)
+        with self.lock:
+            self._fresh()
+            h = self.handles.get(fh)
+            total = len(h.listing) if h is not None and h.listing is not None else len(entries)
+            if ino not in self.complete and (self.meta.shared or total > PLUS_SCAN_MAX or
+                                             not self._read_dir(ino)):
+                return [(*e, None) for e in entries]
+            out: list[tuple[bytes, int, int, int, tuple[Inode, int] | None]] = []
+            for name, child, mode, nxt in entries:
+                full = None
+                if name not in (b".", b"..") and self.dentries.get((ino, name)) == child:
+                    try:
+                        node = self._view(self._node(child))
+                        full = (node, self.st_blocks(node))
+                    except OSError:  # (gone meanwhile)
+                        pass
+                out.append((name, child, mode, nxt, full))
+            return out
 
     def nlink(self, ino: int) -> int:
         with self.lock:
