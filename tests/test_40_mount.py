@@ -567,3 +567,28 @@ def test_a_listing_hands_the_kernel_whole_stats(local_env: VaultEnv) -> None:
     assert got == want
     assert looked_up <= 2, f"{looked_up} getattr calls after a listing of {len(want)} entries"
     env.umount(mnt)
+
+
+def test_a_read_only_close_sends_no_flush(local_env: VaultEnv) -> None:
+    """Closing a file opened read-only costs no flush round trip (FOPEN_NOFLUSH: it would
+    commit nothing); a close after writing still flushes (tests/test_80_crash.py: what it
+    closed survives a kill -9)."""
+    from test_92_metrics import metrics_addr, scrape, value
+
+    env = local_env
+    mnt = env.root / "mnt"
+    env.mount(mnt, "metrics=127.0.0.1:0")
+    addr = metrics_addr(env, mnt)
+
+    def flushes() -> float:
+        return value(scrape(addr), "cryptfs_fuse_operations_total", op="flush")
+
+    data = {f"f{i}": random.Random(i).randbytes(1000 + i * 3000) for i in range(10)}
+    before = flushes()
+    for name, content in data.items():
+        (mnt / name).write_bytes(content)
+    assert flushes() - before == len(data)
+    before = flushes()
+    assert {n: (mnt / n).read_bytes() for n in data} == data
+    assert flushes() - before == 0
+    env.umount(mnt)

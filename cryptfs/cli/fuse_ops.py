@@ -161,6 +161,10 @@ class CryptfsOperations(mfusepy.Operations):
     use_ns = True
     flag_nopath = True
     flag_nullpath_ok = True
+    # a close of a file opened read-only commits nothing of its own (a file's data is
+    # committed by its writers' closes, attribute changes within COMMIT_DELAY), and the kernel
+    # keeps this machine's locks: the kernel is told to send no flush for it (FOPEN_NOFLUSH)
+    flush_read_only = False
 
     def __init__(
         self,
@@ -479,6 +483,8 @@ class SharedLocksOperations(CryptfsOperations):
     one machine mounts :class:`CryptfsOperations`, which has no lock operations: the kernel
     keeps its locks, at no cost."""
 
+    flush_read_only = True  # (libfuse lets go of a read-only file's fcntl locks at its flush)
+
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:
             want = FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS
@@ -675,6 +681,13 @@ class CryptfsFUSE(mfusepy.FUSE):
         if ctypes.c_uint32(gid + 1).value == 0:
             gid = -1
         return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(self._path(path), fi.flags)
+        if not fi.flags & (os.O_WRONLY | os.O_RDWR) and not self.operations.flush_read_only:
+            fi.noflush = 1
+        return 0
 
     def create(self, path: bytes, mode: int, fip: Any) -> int:  # without inspect per call
         fip.contents.fh = self.operations.create(self._path(path), mode, fip.contents.flags)
