@@ -161,8 +161,8 @@ class CryptfsOperations(mfusepy.Operations):
     use_ns = True
     flag_nopath = True
     flag_nullpath_ok = True
-    # a close of a file opened read-only commits nothing of its own (a file's data is
-    # committed by its writers' closes, attribute changes within COMMIT_DELAY), and the kernel
+    # a close of a file opened read-only while no attribute change or creation awaits a
+    # commit has nothing to commit (a file's data is its writers' to commit), and the kernel
     # keeps this machine's locks: the kernel is told to send no flush for it (FOPEN_NOFLUSH)
     flush_read_only = False
 
@@ -685,7 +685,8 @@ class CryptfsFUSE(mfusepy.FUSE):
     def open(self, path: bytes, fip: Any) -> int:
         fi = fip.contents
         fi.fh = self.operations.open(self._path(path), fi.flags)
-        if not fi.flags & (os.O_WRONLY | os.O_RDWR) and not self.operations.flush_read_only:
+        if not fi.flags & (os.O_WRONLY | os.O_RDWR) and not self.operations.flush_read_only \
+                and not self.operations.fs.awaiting_commit():
             fi.noflush = 1
         return 0
 

@@ -17,10 +17,10 @@ Durability contract:
   are written at once and committed with the next commit: the file's flush at close, any
   namespace operation, an fsync, or at the latest ``COMMIT_DELAY`` later (a crash of the
   process in between may lose them; a file closed is never lost);
-- ``write`` buffers in memory; ``flush`` (every close; the FUSE adapter has the kernel send
-  none for a file opened read-only on a vault of one machine) seals the file's dirty chunks,
-  stages them and commits the chunk map and every attribute change made before: the data
-  survives a crash of the process and will reach the store;
+- ``write`` buffers in memory; ``flush`` (every close; on a vault of one machine none for a
+  file opened read-only while nothing awaited a commit) seals the file's dirty chunks, stages
+  them and commits the chunk map and every attribute change made before: the data survives a
+  crash of the process and will reach the store;
 - ``fsync``/``fsyncdir`` additionally wait until everything is in the store and a metadata
   snapshot and ledger checkpoint are written there (see :mod:`cryptfs.vault.checkpointer`);
   a chunk that changed little since it was last sealed is not sealed again for an fsync: the

@@ -75,6 +75,13 @@ class Reads(FileSystemBase):
                 raise
         return fh
 
+    def awaiting_commit(self) -> bool:
+        """Whether attribute changes or creations wait for a commit (the next flush commits
+        them: see :mod:`.base`). A read-only open made while none does needs no flush at its
+        close: the FUSE adapter then has the kernel send none."""
+        with self.lock:
+            return bool(self._deferred or self._deferred_new)
+
     def prefetch_siblings(self, parent: int, name: bytes, count: int = 32) -> None:
         """Programs that read a tree (tar, cp -r, rsync) open a directory's files in order:
         start fetching (and opening) the first chunks of the next ``count`` files, to overlap a
