@@ -218,8 +218,8 @@ class Codec:
             if layout is None:
                 raise IntegrityError(f"object {name} has an impossible size ({len(blob)} bytes)")
             t, count = layout
-            span = SegmentSpan(0, count - 1, 1, len(blob), 0, t)
-            padded = self.open_span(name, len(blob), span, memoryview(blob)[1:])
+            whole = SegmentSpan(0, count - 1, 1, len(blob), 0, t)
+            padded = self._open_segments(name, len(blob), whole, memoryview(blob)[1:])
             (n,) = struct.unpack_from(">I", padded, t - 4)
             start = 0
         elif blob and blob[0] == OBJ_VERSION:
@@ -235,7 +235,7 @@ class Codec:
             raise IntegrityError(f"object {name} has an unknown format version")
         if n > len(padded) - 4:
             raise IntegrityError(f"object {name} has a bad length field")
-        return padded[start : start + n]
+        return bytes(padded[start : start + n])
 
     def chunk_span(self, size: int, offset: int, length: int) -> SegmentSpan | None:
         """The segments holding bytes ``[offset, offset + length)`` of the plaintext of a
@@ -260,6 +260,13 @@ class Codec:
         bytes), given its object bytes ``data`` (``[lo, hi)``): each segment authenticated
         with its index and last-segment flag, else IntegrityError naming the object. Bytes of
         the padded plaintext past the chunk's length are its padding (zeros, authenticated)."""
+        return bytes(self._open_segments(name, size, span, data)[span.skip:
+                                                                 span.skip + span.take])
+
+    def _open_segments(self, name: str, size: int, span: SegmentSpan,
+                       data: bytes | memoryview) -> memoryview:
+        """The plaintext of the segments of ``span`` (see :meth:`open_span`), each decrypted
+        into its place in one buffer."""
         layout = segmented_layout(size)
         if layout is None or len(data) != span.hi - span.lo:
             raise IntegrityError(f"object {name}: got {len(data)} bytes of segments, expected "
@@ -267,20 +274,21 @@ class Codec:
         t, count = layout
         view = memoryview(data)
         nonce = self._segment_nonces(name, t)
-        parts = []
+        plain = memoryview(bytearray(len(view) - (span.last - span.first + 1) * crypto.TAG_SIZE))
+        at = pos = 0
         for i in range(span.first, span.last + 1):
-            at = (i - span.first) * _SEG_STORED
+            sealed = view[at : at + _SEG_STORED]
+            n = len(sealed) - crypto.TAG_SIZE
             try:
-                parts.append(crypto.gcm_decrypt(
-                    self._chunk_key, nonce(i), view[at : at + _SEG_STORED],
-                    self._segment_aad(name, i, i == count - 1)))
+                crypto.gcm_decrypt_into(self._chunk_key, nonce(i), sealed,
+                                        self._segment_aad(name, i, i == count - 1),
+                                        plain[pos : pos + n])
             except IntegrityError:
                 raise IntegrityError(f"object {name} fails authentication in segment {i}") \
                     from None
-        plain = parts[0] if len(parts) == 1 else b"".join(parts)
-        if span.skip == 0 and span.take == len(plain):
-            return plain
-        return plain[span.skip : span.skip + span.take]
+            at += _SEG_STORED
+            pos += n
+        return plain
 
     # -- packs ------------------------------------------------------------------------------
     def pack_tail(self, pack: str, members: list[ChunkRef]) -> bytes:

@@ -137,12 +137,15 @@ def gcm_encrypt(key: bytes, nonce: bytes, plaintext: bytes | bytearray | memoryv
     return _aead(key).encrypt(nonce, plaintext, aad)
 
 
-def gcm_decrypt(key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
-    """Inverse of :func:`gcm_encrypt`; raises IntegrityError if authentication fails."""
-    if len(sealed) < TAG_SIZE:
+def gcm_decrypt_into(key: bytes, nonce: bytes, sealed: bytes | memoryview, aad: bytes,
+                     out: memoryview) -> None:
+    """Inverse of :func:`gcm_encrypt`, the plaintext written into ``out`` (as long as it is:
+    no copy of its own); raises IntegrityError if authentication fails (``out`` then holds
+    nothing to use)."""
+    if len(sealed) < TAG_SIZE or len(out) != len(sealed) - TAG_SIZE:
         raise IntegrityError("sealed data is too short")
     try:
-        return _aead(key).decrypt(nonce, sealed, aad)
+        _aead(key).decrypt_into(nonce, sealed, aad, out)
     except InvalidTag:
         raise IntegrityError("authentication failed") from None
 
