@@ -26,7 +26,6 @@ import hashlib
 import os
 import random
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -610,33 +609,6 @@ def test_kill_after_close(crash_env: tuple[VaultEnv, list[int]]) -> None:
     assert got == closed, "the closed file lost data"
     assert got_open is not None and got_open == unclosed[: len(got_open)], "garbage in 'open'"
     assert_verifies(env)
-
-
-def test_a_close_commits_what_awaited_a_commit(crash_env: tuple[VaultEnv, list[int]]) -> None:
-    """Attribute changes and a creation await a commit (at most COMMIT_DELAY); a close commits
-    them, also that of a file only read (an open made while nothing awaited a commit sends no
-    flush at its close): after a kill -9 right after it, a remount has them."""
-    env, pids = crash_env
-    mnt = env.root / "mnt"
-    mount(env, mnt, pids)
-    try:
-        (mnt / "f").write_bytes(b"data")
-        os.chmod(mnt / "f", 0o600)
-        os.utime(mnt / "f", ns=(1_500_000_000_000_000_000, 1_600_000_000_000_000_000))
-        os.mknod(mnt / "node", 0o640 | stat.S_IFREG)
-        assert (mnt / "f").read_bytes() == b"data"  # (opened read-only, closed)
-        kill_daemon(env, mnt)
-    finally:
-        if _mounted(str(mnt)):
-            force_unmount(str(mnt))
-    mount(env, mnt, pids)
-    try:
-        st = os.stat(mnt / "f")
-        node = (mnt / "node").exists()
-    finally:
-        env.umount(mnt)
-    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns, node) == \
-        (0o600, 1_600_000_000_000_000_000, True)
 
 
 # --------------------------------------------------------------------------------------------

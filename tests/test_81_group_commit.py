@@ -84,7 +84,9 @@ def test_attributes_set_before_close_survive_kill(
 ) -> None:
     """Like tar: write, futimens, fchown, fchmod on the open file, close, kill -9 at once.
     After a remount the file has its data, times, owner and mode; a chmod by path without a
-    close after it is committed within the commit delay."""
+    close after it is committed within the commit delay; a chmod and a mknod followed by the
+    close of a file only read (whose open sends no flush when nothing awaits a commit) are
+    committed by that close."""
     env, pids = crash_env
     mnt = env.root / "mnt"
     data = random.Random(3).randbytes(CHUNK + 99)
@@ -92,6 +94,7 @@ def test_attributes_set_before_close_survive_kill(
     mount(env, mnt, pids)
     try:
         (mnt / "later").write_bytes(b"x")
+        (mnt / "read").write_bytes(b"r")
         os.chmod(mnt / "later", 0o640)  # no close after it: the commit delay covers it
         time.sleep(1.0)
         fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -102,6 +105,9 @@ def test_attributes_set_before_close_survive_kill(
             os.fchmod(fd, 0o751)
         finally:
             os.close(fd)
+        os.chmod(mnt / "read", 0o604)
+        os.mknod(mnt / "node", 0o640 | stat.S_IFREG)
+        assert (mnt / "read").read_bytes() == b"r"  # (opened read-only, closed)
         kill_daemon(env, mnt)
     finally:
         if _mounted(str(mnt)):
@@ -112,6 +118,8 @@ def test_attributes_set_before_close_survive_kill(
         st = os.stat(mnt / "f")
         got = (mnt / "f").read_bytes()
         later = os.stat(mnt / "later")
+        read = os.stat(mnt / "read")
+        node = (mnt / "node").exists()
     finally:
         env.umount(mnt)
     assert got == data
@@ -119,6 +127,7 @@ def test_attributes_set_before_close_survive_kill(
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == mtime_ns
     assert stat.S_IMODE(later.st_mode) == 0o640
+    assert (stat.S_IMODE(read.st_mode), node) == (0o604, True)
     assert_verifies(env)
 
 
