@@ -201,7 +201,7 @@ def test_locks_answer_enolck_while_the_server_is_down_and_work_once_it_is_back(
 #   lk|lkw R|W|U START LEN   F_SETLK / F_SETLKW          -> ok | <errno name>
 #   get R|W START LEN        F_GETLK                     -> U | <type> <start> <len> <pid>
 #   flock SH|EX|UN [NB]                                  -> ok | <errno name>
-#   close / open             the descriptor
+#   close / open / openro    the descriptor (openro: read-only)
 # SIGUSR1 during a blocking call ends it: "EINTR" (the handler raises, fcntl does not retry).
 SHELL = r"""
 import errno, fcntl, os, signal, struct, sys
@@ -232,8 +232,8 @@ for line in sys.stdin:
         elif w[0] == "close":
             os.close(fd)
             out = "ok"
-        elif w[0] == "open":
-            fd = os.open(path, os.O_RDWR)
+        elif w[0] in ("open", "openro"):
+            fd = os.open(path, os.O_RDWR if w[0] == "open" else os.O_RDONLY)
             out = "ok"
         else:
             out = "bad command"
@@ -346,6 +346,14 @@ def test_fcntl_and_flock_locks_hold_across_two_machines(
         assert lb.do("close") == "ok"
         assert la.do("lk W 0 1000") == "ok"
         assert la.do("flock SH NB") == "EAGAIN"  # lb2's flock is still held
+        # a read lock taken through a descriptor opened read-only goes at its close too (its
+        # close is a flush: libfuse lets go of the engine's locks there)
+        assert la.do("lk U 0 1000") == "ok"
+        assert lb.do("openro") == "ok"
+        assert lb.do("lk R 0 10") == "ok"
+        assert la.do("lk W 0 10") == "EAGAIN"
+        assert lb.do("close") == "ok"
+        assert la.do("lk W 0 10") == "ok"
 
 
 def test_a_killed_machines_locks_go_when_its_session_is_cleaned(

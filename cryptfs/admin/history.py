@@ -116,7 +116,7 @@ def _version_of(label: str, time_ns: int, ck: Checkpoint, meta: MetaStore,
         blocks = meta.get_blocks(node.ino, 0, -(-node.size // chunk_size))
         for idx in sorted(blocks):
             h.update(f"{idx}:{blocks[idx].name}\0".encode())
-        for ino, idx, seq, off, sealed in sorted(meta.journaled()):  # (bytes not sealed
+        for ino, idx, seq, off, sealed in meta.journaled():  # (bytes not sealed
             if ino == node.ino:  # into a chunk yet: docs/FORMAT.md 5.3)
                 plain = codec.open_journal(ino, idx, seq, off, sealed)
                 h.update(f"j{idx}:{seq}:{off}:{crypto.sha256(plain).hex()}\0".encode())
