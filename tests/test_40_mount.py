@@ -592,3 +592,27 @@ def test_a_read_only_close_sends_no_flush(local_env: VaultEnv) -> None:
     assert {n: (mnt / n).read_bytes() for n in data} == data
     assert flushes() - before == 0
     env.umount(mnt)
+
+
+def test_a_sequential_read_comes_in_whole_mebibytes(local_env: VaultEnv) -> None:
+    """The mount reads ahead 1 MiB (``widen_readahead``): a file read from start to end
+    reaches the daemon in requests of 1 MiB, not the kernel's default 128 KiB (eight times
+    the callbacks), and returns every byte (counted by the mount's metrics). The mount point
+    has a space: the mount table escapes it."""
+    from test_92_metrics import metrics_addr, scrape, value
+
+    env = local_env
+    mnt = env.root / "the mount"
+    env.mount(mnt)
+    data = random.Random(41).randbytes(8 << 20)
+    (mnt / "big").write_bytes(data)
+    env.umount(mnt)
+    env.mount(mnt, "metrics=127.0.0.1:0")  # (a new mount: nothing of the file in the cache)
+    addr = metrics_addr(env, mnt)
+    before = value(scrape(addr), "cryptfs_fuse_operations_total", op="read")
+    with open(mnt / "big", "rb", buffering=0) as f:
+        got = b"".join(iter(lambda: f.read(1 << 20), b""))
+    reads = value(scrape(addr), "cryptfs_fuse_operations_total", op="read") - before
+    assert got == data
+    assert reads <= 12, f"{reads} read calls for 8 MiB read in order"
+    env.umount(mnt)

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -55,6 +56,40 @@ FUSE_FILL_DIR_PLUS = 2
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
+
+# the kernel's read-ahead window asked for each mount (KiB): a sequential read then reaches
+# the daemon in requests of 1 MiB, the most one carries (libfuse asks for max_pages 256)
+READAHEAD_KIB = 1024
+
+
+def widen_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
+    """Let the kernel read ahead ``kib`` KiB on the FUSE mount at ``mountpoint`` (an absolute
+    path without symbolic links, as /proc/self/mountinfo shows it; the topmost mount there),
+    unless it already reads ahead more: the ``read_ahead_kb`` of the mount's device in sysfs.
+    A FUSE mount's window starts at 128 KiB, which caps the ``max_readahead`` the filesystem
+    asks at init, and the kernel sends a sequential read in requests no larger than the
+    window: 128 KiB each, eight callbacks for what one could carry. Reads the mount table
+    only, never the mount (called while the kernel waits for the init's answer). Needs root
+    (sysfs); failing, the window stays as it was (a debug line)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            devs = [fields[2] for fields in map(str.split, f)
+                    if len(fields) > 4 and _unescape(fields[4]) == mountpoint]
+        if not devs:
+            return
+        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "r+") as f:
+            if int(f.read()) < kib:
+                f.seek(0)
+                f.write(str(kib))
+    except (OSError, ValueError) as e:
+        log.debug("the read-ahead window of %s stays as it was: %s", mountpoint, e)
+
+
+def _unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it, with its octal escapes (space, tab,
+    newline, backslash) undone."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
 
 # libfuse 3 capability bits of fuse_conn_info.want (fuse_common.h); mfusepy exposes the
 # want/capable fields but not these names

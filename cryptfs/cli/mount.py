@@ -249,7 +249,12 @@ def serve(
     paths: VaultPaths, master: bytes, mountpoint: str, opts: MountOptions, ready_fd: int | None
 ) -> int:
     """Open the vault and serve FUSE until unmounted (runs in the daemon or with -f)."""
-    from cryptfs.cli.fuse_ops import CryptfsFUSE, CryptfsOperations, SharedLocksOperations
+    from cryptfs.cli.fuse_ops import (
+        CryptfsFUSE,
+        CryptfsOperations,
+        SharedLocksOperations,
+        widen_readahead,
+    )
     from cryptfs.fs.locks import LOCK_THREADS
     from cryptfs.vault.core import Vault
 
@@ -313,7 +318,13 @@ def serve(
         endpoint.start(metrics.registry, publisher.snapshot)
     # several machines: fcntl/flock locks in the database; one machine: the kernel's
     kind = SharedLocksOperations if vault.fs.meta.shared else CryptfsOperations
-    ops = kind(vault.fs, on_init=lambda: report("OK"))
+    where = os.path.realpath(mountpoint)  # (before the mount: not a FUSE call in its init)
+
+    def ready() -> None:
+        widen_readahead(where)
+        report("OK")
+
+    ops = kind(vault.fs, on_init=ready)
     kwargs: dict[str, object] = {
         "foreground": True,
         "fsname": f"cryptfs:{vault.paths.mount_name}",
