@@ -185,9 +185,11 @@ class Reads(FileSystemBase):
                 parts.append(bytes(buf) if buf is not None else self._ref(f, idx))
             sequential = offset == f.last_read_end
             # part of a stream, also when the kernel's parallel read-ahead requests arrive out
-            # of order: a big file read that way does not enter the disk cache
+            # of order, or larger than a chunk (the kernel's read-ahead of a stream's start: up
+            # to 1 MiB on a mount): a big file read that way does not enter the disk cache
             window = self.chunks.readahead * cs
-            streaming = f.last_read_end >= 0 and abs(offset - f.last_read_end) <= window
+            streaming = f.last_read_end >= 0 and abs(offset - f.last_read_end) <= window or \
+                end - offset > cs
             f.last_read_end = end
             keep = not streaming or f.size <= self.chunks.stream_cache_limit
             # a random read (away from the last one, not at a chunk's start): read only the
