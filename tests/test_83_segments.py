@@ -360,6 +360,56 @@ def test_collection_waits_for_its_interval_and_the_end_of_the_mount(
     assert read_on_new_machine(home, monkeypatch, b"f") == b"6" * 1000
 
 
+def test_an_fsync_leaves_a_deleted_files_chunks_to_the_background_rounds(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync after a big file was deleted does not wait for the deletion of its chunks
+    (on S3 a request each): its round deletes nothing in the store; the checkpointer's own
+    rounds collect them soon after, at most COLLECT_MAX a round, and the store alone then
+    reads what the fsync made durable."""
+    import threading
+    import time
+
+    monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
+    monkeypatch.setattr(checkpointer, "COLLECT_MAX", 10)
+    assert vault.fs is not None
+    write(vault, b"big", os.urandom(40 * (64 << 10)))  # 40 chunks, each an object
+    vault.sync()
+    chunks = {n for n in store_files(home) if n.startswith(DATA_PREFIX)}
+    assert len(chunks) >= 40
+    vault.fs.unlink(ROOT_INO, b"big")
+    deleted: list[tuple[str, str]] = []  # (name, thread)
+    real_delete = vault.store.delete
+
+    def delete(name: str) -> None:
+        real_delete(name)
+        deleted.append((name, threading.current_thread().name))
+
+    monkeypatch.setattr(vault.store, "delete", delete)
+    rounds: list[int] = []  # chunks deleted per round
+    real_collect = vault.checkpointer._collect  # type: ignore[union-attr]
+
+    def collect(current: set[str], garbage: list) -> None:  # type: ignore[type-arg]
+        before = len(deleted)
+        real_collect(current, garbage)
+        rounds.append(sum(n in chunks for n, _t in deleted[before:]))
+
+    monkeypatch.setattr(vault.checkpointer, "_collect", collect)
+    fs = vault.fs
+    _node, fh = fs.create(ROOT_INO, b"small", 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
+    fs.write(fh, 0, b"fsync'd")
+    fs.fsync(fh)
+    me = threading.current_thread().name
+    assert not [n for n, t in deleted if t == me and n in chunks]  # (its round collected none)
+    deadline = time.monotonic() + 30
+    while chunks & store_files(home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not chunks & store_files(home)  # all collected, by the background rounds
+    assert max(rounds) <= 10 and sum(rounds) >= 40 and len(rounds) >= 4
+    fs.release(fh)
+    assert read_on_new_machine(home, monkeypatch, b"small") == b"fsync'd"
+
+
 # -- kill -9 between the steps of a round ------------------------------------------------------
 CHILD = r"""
 import os, sys

@@ -41,7 +41,13 @@ Collection of chunks in packs drops their rows; a pack is deleted once no row na
 snapshot holds it), which ``cryptfs gc`` also does for one a pinned member kept at that moment.
 Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
-again, or recorded missing, of an object it was deleting: tests/test_97).
+again, or recorded missing, of an object it was deleting: tests/test_97). It does not run in
+the round of an fsync, though: an fsync after a big file was deleted would wait for the deletion
+of its chunks (on S3 a request each). A round of an fsync that finds collection due asks the
+checkpointer's own thread (:meth:`Checkpointer.run`) for a round; a round collects at most
+COLLECT_MAX chunks, several at once (DELETE_THREADS), and asks for the next if more are left
+(unless asked to collect everything: a snapshot deleted, the final round of a mount), so that
+an fsync coming meanwhile waits at most for such a batch.
 
 fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`),
 or, where the store appends and the fsync's commit only journaled, a record of the newest
@@ -138,6 +144,9 @@ CHECKPOINT_INTERVAL = 60.0
 # mount: a burst of fsyncs (a database committing) does not pay for store deletes each time
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
+# chunks a round collects at most, unless asked to collect everything (the rest: in the next
+# round, requested at once)
+COLLECT_MAX = 1024
 # the head file is rewritten by a round once this many seconds passed since it last was, and by
 # the final round of a mount (and :meth:`Checkpointer.anchor`): between, the local ledger
 # (synced in every round's first wait) records each checkpoint, which the anchors take as the
@@ -243,6 +252,7 @@ class Checkpointer:
         self._logged = 0  # the changes the fsync log holds since the last checkpoint
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
+        self._collect_next = False  # the last round left a collection for run()'s next
 
     def request(self) -> None:
         """Ask :meth:`run` for a checkpoint soon (spaced: see REQUEST_SPACING); also wakes it
@@ -287,8 +297,10 @@ class Checkpointer:
         """Make everything committed so far durable in the store (group commit: concurrent
         callers share one checkpoint that started after they called), in a checkpoint.
         Nothing happens when the newest checkpoint holds everything committed, or, with
-        ``logged`` (an fsync), when it and its fsync log do. ``collect``: the round collects,
-        due or not (deleting a snapshot frees what it alone held at once)."""
+        ``logged`` (an fsync), when it and its fsync log do. ``collect``: the round collects
+        everything, due or not (deleting a snapshot frees what it alone held at once);
+        otherwise a round collects at most COLLECT_MAX chunks when due, and an fsync's round
+        none (the module docstring)."""
         self.gate()
         if collect:
             self._force_collect = True
@@ -314,7 +326,7 @@ class Checkpointer:
                 return
             started = time.perf_counter()
             try:
-                self._checkpoint(progress)
+                self._checkpoint(progress, logged)
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.checkpoint_failures.inc()
@@ -324,6 +336,8 @@ class Checkpointer:
                 self.metrics.checkpoint_seconds.observe(took)
             self._spaced_until = time.monotonic() + max(COLLECT_INTERVAL, REQUEST_SPACING * took)
             self._ckpt_done = target
+            if self._collect_next:  # (once the spacing is known: run() waits for it)
+                self.request()
 
     def fsync(self, logged: Logged | None = None,
               progress: Callable[[int, int], None] | None = None) -> None:
@@ -357,16 +371,15 @@ class Checkpointer:
     def _log_record(self, logged: Logged) -> bool:
         """Append the record of ``logged`` to the fsync log if it is the next one and every
         commit since the last checkpoint is in the log before it (the change count: nothing
-        else written; and no ledger entry queued, no collection due); True once it is
-        durable. Its writes then call for no round at an fsync (they do for :meth:`sync`)."""
+        else written; and no ledger entry queued); True once it is durable. Its writes then
+        call for no round at an fsync (they do for :meth:`sync`)."""
         self.gate()
         with self._ckpt_lock:
             before, after = logged.changes
             with self.lock:
                 if not self.fsync_log.fits(logged) or self._clean_at is None or \
                         self.queued() or \
-                        before != self._clean_at + self._own_writes + self._logged or \
-                        (self._uncollected and self._collect_due()):
+                        before != self._clean_at + self._own_writes + self._logged:
                     return False
             if not self.fsync_log.append(logged):
                 return False
@@ -385,14 +398,19 @@ class Checkpointer:
         return self._final or self._force_collect or self._uncollected >= COLLECT_ROUNDS or \
             time.monotonic() - self._collected_at >= COLLECT_INTERVAL
 
+    def _collects(self, logged: bool) -> bool:
+        """Whether a round collects: asked to (``collect``, the mount's final round), or due
+        and not the round of an fsync (``logged``)."""
+        return self._final or self._force_collect or not logged and self._collect_due()
+
     def _dirty(self, logged: bool = False) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
         than that checkpoint's own bookkeeping (and, with ``logged``, the commits its fsync
-        log holds), or a collection that was put off is due (caller holds the filesystem
-        lock)."""
+        log holds), or a collection that was put off is due and this round would run it
+        (caller holds the filesystem lock)."""
         if self._clean_at is None or self.queued() or self.meta.shared:
             return True  # (shared: other machines' commits are not counted here)
-        if self._uncollected and self._collect_due() or self._logged and not logged:
+        if self._uncollected and self._collects(logged) or self._logged and not logged:
             return True
         return self.meta.change_count() != self._clean_at + self._own_writes + self._logged
 
@@ -447,11 +465,13 @@ class Checkpointer:
             return None
         return None if merged.nbytes > MAX_MERGED else (merged.segment(), merged, None)
 
-    def _checkpoint(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def _checkpoint(self, progress: Callable[[int, int], None] | None = None,
+                    logged: bool = False) -> None:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
         checkpoint naming the snapshot and its segments with the ledger head (see
         docs/FORMAT.md 8), in the order the module docstring gives; then collect what it no
-        longer needs. Callers hold off other checkpoints (:meth:`sync`)."""
+        longer needs, if this round collects (:meth:`_collects`; ``logged``: the round of an
+        fsync). Callers hold off other checkpoints (:meth:`sync`)."""
         meta, led = self.meta, self.ledger
         self.chunks.store_packs()  # (their records go into the metadata shipped below)
         with self.lock:
@@ -465,7 +485,7 @@ class Checkpointer:
                 for ref in meta.objects_in_state("staged"):
                     if not self.chunks.upload_pending(ref):
                         meta.mark_stored(ref.name)
-            collect = self._collect_due()  # (what it may delete is worked out only then)
+            collect = self._collects(logged)  # (what it may delete is worked out only then)
             seg = self._segment()
             # a full image: its state is fixed here and read below, without the lock (a
             # PostgreSQL vault's takes about a second at a few thousand files, and every
@@ -608,12 +628,17 @@ class Checkpointer:
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
         if collect:  # worked out
+            left = not (self._final or self._force_collect) and len(garbage) > COLLECT_MAX
             self._force_collect = False
-            self._collect({r.name for r in chain}, garbage)
+            self._collect({r.name for r in chain}, garbage[:COLLECT_MAX] if left else garbage)
             self._collected_at = time.monotonic()
-            self._uncollected = 0
+            self._uncollected = 1 if left else 0
+            if left:  # the rest in the next round of run(), as soon as it may run
+                self._collected_at = float("-inf")
+            self._collect_next = left
         else:
             self._uncollected += 1
+            self._collect_next = self._collect_due()  # (run()'s round collects)
         with self._own():
             meta.commit()
             last = led.head()
@@ -780,16 +805,12 @@ class Checkpointer:
             for ref in claimed:
                 self.chunks.release_claim(ref.name)
             raise
-        deleted: list[ChunkRef] = []
+        done = self._delete_claimed(claimed)
+        deleted = [ref for ref in claimed if ref.name in done]
         for ref in claimed:
-            try:
-                self.chunks.delete_claimed(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e)
+            if ref.name not in done:
                 with self._own(), meta.transaction():
                     meta.unreference_object(ref)
-                continue
-            deleted.append(ref)
         if meta.shared:  # (their ledger entries: written with the rows' removal)
             self._collect_shared(garbage)
         packs = {r.pack for r in members if r.pack}
@@ -827,6 +848,25 @@ class Checkpointer:
             deleted.append(ref)
         return deleted
 
+    def _delete_claimed(self, claimed: list[ChunkRef]) -> set[str]:
+        """Delete the objects ``claimed`` (:meth:`ChunkStore.try_claim_for_delete`) from the
+        store, DELETE_THREADS at a time, releasing each claim; the names deleted (one that
+        could not be is logged)."""
+
+        def delete_one(ref: ChunkRef) -> str | None:
+            try:
+                self.chunks.delete_claimed(ref.name)
+            except StoreError as e:
+                log.warning("could not delete %s: %s", ref.name, e)
+                return None
+            return ref.name
+
+        if len(claimed) < 2:
+            return {n for n in map(delete_one, claimed) if n}
+        with ThreadPoolExecutor(min(DELETE_THREADS, len(claimed)),
+                                thread_name_prefix="collect") as pool:
+            return {n for n in pool.map(delete_one, claimed) if n}
+
     def _collect_shared(self, garbage: list[ChunkRef]) -> None:
         """Collect unreferenced chunks of a vault other machines write
         (:meth:`MetaEngine.collect_objects`: each object is deleted while its row is locked,
@@ -839,22 +879,9 @@ class Checkpointer:
         Then the tombstones (:meth:`MetaEngine.drop_tombstones`) no machine needs any more are
         dropped."""
 
-        def delete_one(ref: ChunkRef) -> str | None:
-            try:
-                self.chunks.delete_claimed(ref.name)
-            except StoreError as e:
-                log.warning("could not delete %s: %s", ref.name, e)
-                return None
-            return ref.name
-
         def delete(refs: list[ChunkRef]) -> set[str]:  # (the filesystem lock is held: at once)
-            claimed = [r for r in refs if self.chunks.try_claim_for_delete(r.name)]
-            if len(claimed) < 2:
-                done = {n for n in map(delete_one, claimed) if n}
-            else:
-                with ThreadPoolExecutor(min(DELETE_THREADS, len(claimed)),
-                                        thread_name_prefix="collect") as pool:
-                    done = {n for n in pool.map(delete_one, claimed) if n}
+            done = self._delete_claimed([r for r in refs
+                                         if self.chunks.try_claim_for_delete(r.name)])
             for ref in refs:  # (in the rows' transaction, see above)
                 if ref.name in done:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
