@@ -364,14 +364,15 @@ def test_an_fsync_leaves_a_deleted_files_chunks_to_the_background_rounds(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An fsync after a big file was deleted does not wait for the deletion of its chunks
-    (on S3 a request each): its round deletes nothing in the store; the checkpointer's own
-    rounds collect them soon after, at most COLLECT_MAX a round, and the store alone then
-    reads what the fsync made durable."""
+    (on S3 a request each): finding more than COLLECT_FSYNC to collect, its round deletes
+    none of them; the checkpointer's own rounds collect them soon after, at most COLLECT_MAX
+    a round, and the store alone then reads what the fsync made durable."""
     import threading
     import time
 
     monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
     monkeypatch.setattr(checkpointer, "COLLECT_MAX", 10)
+    monkeypatch.setattr(checkpointer, "COLLECT_FSYNC", 8)
     assert vault.fs is not None
     write(vault, b"big", os.urandom(40 * (64 << 10)))  # 40 chunks, each an object
     vault.sync()

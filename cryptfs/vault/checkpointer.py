@@ -41,13 +41,14 @@ Collection of chunks in packs drops their rows; a pack is deleted once no row na
 snapshot holds it), which ``cryptfs gc`` also does for one a pinned member kept at that moment.
 Collection stays in the round (after its checkpoint is durable): run after the fsync returned,
 in a thread of its own, it raced the background levelling of a replicated vault (a copy made
-again, or recorded missing, of an object it was deleting: tests/test_97). It does not run in
-the round of an fsync, though: an fsync after a big file was deleted would wait for the deletion
-of its chunks (on S3 a request each). A round of an fsync that finds collection due asks the
-checkpointer's own thread (:meth:`Checkpointer.run`) for a round; a round collects at most
-COLLECT_MAX chunks, several at once (DELETE_THREADS), and asks for the next if more are left
-(unless asked to collect everything: a snapshot deleted, the final round of a mount), so that
-an fsync coming meanwhile waits at most for such a batch.
+again, or recorded missing, of an object it was deleting: tests/test_97). But the round of an
+fsync collects only a little (at most COLLECT_FSYNC chunks: a database's replaced chunks and the
+old checkpoints): an fsync after a big file was deleted would wait for the deletion of its
+chunks (on S3 a request each). Finding more, it leaves all of it to the checkpointer's own thread
+(:meth:`Checkpointer.run`), asking it for a round, and the fsyncs after it leave it too; a
+round collects at most COLLECT_MAX chunks, several at once (DELETE_THREADS), and asks for the
+next if more are left (unless asked to collect everything: a snapshot deleted, the final round
+of a mount), so that an fsync coming meanwhile waits at most for such a batch.
 
 fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`),
 or, where the store appends and the fsync's commit only journaled, a record of the newest
@@ -145,8 +146,9 @@ CHECKPOINT_INTERVAL = 60.0
 COLLECT_INTERVAL = 1.0
 COLLECT_ROUNDS = 16
 # chunks a round collects at most, unless asked to collect everything (the rest: in the next
-# round, requested at once)
+# round, requested at once), and the round of an fsync at all (more: none, see the module doc)
 COLLECT_MAX = 1024
+COLLECT_FSYNC = 64
 # the head file is rewritten by a round once this many seconds passed since it last was, and by
 # the final round of a mount (and :meth:`Checkpointer.anchor`): between, the local ledger
 # (synced in every round's first wait) records each checkpoint, which the anchors take as the
@@ -253,6 +255,7 @@ class Checkpointer:
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
         self._collect_next = False  # the last round left a collection for run()'s next
+        self._deferred = False  # more to collect than an fsync's round takes: run()'s rounds
 
     def request(self) -> None:
         """Ask :meth:`run` for a checkpoint soon (spaced: see REQUEST_SPACING); also wakes it
@@ -300,7 +303,7 @@ class Checkpointer:
         ``logged`` (an fsync), when it and its fsync log do. ``collect``: the round collects
         everything, due or not (deleting a snapshot frees what it alone held at once);
         otherwise a round collects at most COLLECT_MAX chunks when due, and an fsync's round
-        none (the module docstring)."""
+        at most COLLECT_FSYNC, or none (the module docstring)."""
         self.gate()
         if collect:
             self._force_collect = True
@@ -371,15 +374,17 @@ class Checkpointer:
     def _log_record(self, logged: Logged) -> bool:
         """Append the record of ``logged`` to the fsync log if it is the next one and every
         commit since the last checkpoint is in the log before it (the change count: nothing
-        else written; and no ledger entry queued); True once it is durable. Its writes then
-        call for no round at an fsync (they do for :meth:`sync`)."""
+        else written; and no ledger entry queued, no collection due that an fsync's round
+        would run); True once it is durable. Its writes then call for no round at an fsync
+        (they do for :meth:`sync`)."""
         self.gate()
         with self._ckpt_lock:
             before, after = logged.changes
             with self.lock:
                 if not self.fsync_log.fits(logged) or self._clean_at is None or \
                         self.queued() or \
-                        before != self._clean_at + self._own_writes + self._logged:
+                        before != self._clean_at + self._own_writes + self._logged or \
+                        (self._uncollected and self._collects(True)):
                     return False
             if not self.fsync_log.append(logged):
                 return False
@@ -399,9 +404,11 @@ class Checkpointer:
             time.monotonic() - self._collected_at >= COLLECT_INTERVAL
 
     def _collects(self, logged: bool) -> bool:
-        """Whether a round collects: asked to (``collect``, the mount's final round), or due
-        and not the round of an fsync (``logged``)."""
-        return self._final or self._force_collect or not logged and self._collect_due()
+        """Whether a round collects (works out what it may delete): asked to (``collect``,
+        the mount's final round), or due, unless it is the round of an fsync (``logged``)
+        while more is left than such a round takes (:attr:`_deferred`)."""
+        return self._final or self._force_collect or \
+            self._collect_due() and not (logged and self._deferred)
 
     def _dirty(self, logged: bool = False) -> bool:
         """Whether anything was written since the last checkpoint shipped the metadata, other
@@ -627,18 +634,22 @@ class Checkpointer:
             meta.reference(ck_ref, staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
+        everything = self._final or self._force_collect
+        if collect and logged and not everything and len(garbage) > COLLECT_FSYNC:
+            collect = False  # too much for a round a caller waits for: run()'s rounds
+            self._deferred = True
         if collect:  # worked out
-            left = not (self._final or self._force_collect) and len(garbage) > COLLECT_MAX
+            left = not everything and len(garbage) > COLLECT_MAX
             self._force_collect = False
             self._collect({r.name for r in chain}, garbage[:COLLECT_MAX] if left else garbage)
             self._collected_at = time.monotonic()
             self._uncollected = 1 if left else 0
             if left:  # the rest in the next round of run(), as soon as it may run
                 self._collected_at = float("-inf")
-            self._collect_next = left
+            self._deferred = self._collect_next = left
         else:
             self._uncollected += 1
-            self._collect_next = self._collect_due()  # (run()'s round collects)
+            self._collect_next = self._deferred  # (run()'s round collects)
         with self._own():
             meta.commit()
             last = led.head()
