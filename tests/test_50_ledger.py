@@ -358,7 +358,7 @@ def test_4b_a_chunk_written_again_is_the_same_object_so_putting_the_first_back_c
         f.write_bytes(b"x")
         fd = os.open(f, os.O_RDONLY)
         try:
-            os.fsync(fd)  # a checkpoint: the old chunks are collected soon after
+            os.fsync(fd)  # a checkpoint: the old chunks are collected (by it or soon after)
         finally:
             os.close(fd)
         with contextlib.closing(vault.store()) as st:

@@ -392,10 +392,10 @@ def test_fsync_waits_through_slowdown(rig: Rig, s3_client: Any) -> None:
 @pytest.mark.timeout(60)
 def test_fsync_succeeds_when_old_snapshots_cannot_be_deleted(rig: Rig, s3_client: Any) -> None:
     """The store refuses every DELETE (403, e.g. a bucket policy without s3:DeleteObject): the
-    data and the new checkpoint still reach the store, so fsync succeeds, also while the
-    collection after it (the background rounds: an fsync's own deletes nothing) is refused;
-    deleting what the checkpoints made obsolete is garbage collection, retried later, and once
-    deletes work again the vault verifies clean."""
+    data and the new checkpoint still reach the store, so fsync succeeds, whether its own round
+    or a later one (the background's) meets the refusal; deleting what the checkpoints made
+    obsolete is garbage collection, retried later, and once deletes work again the vault
+    verifies clean."""
     env, proxy, mnt = rig.env, rig.proxy, rig.mnt
     env.mount(mnt)
     data = content("kept", 2 * CHUNK + 5)

@@ -60,15 +60,13 @@ def new_machine(home: Path, monkeypatch: pytest.MonkeyPatch, n: int, name: bytes
 
 def sealed_file(vault: Vault, name: bytes, data: bytes) -> tuple[FileSystem, int]:
     """A new file holding ``data``, sealed and checkpointed (as after a close and an fsync),
-    still open for writing; the collection the fsync's round left due done too (a sync: no
-    background round comes later)."""
+    still open for writing."""
     fs = vault.fs
     assert fs is not None
     _node, fh = fs.create(ROOT_INO, name, 0o644, os.O_RDWR | os.O_CREAT, 0, 0)
     fs.write(fh, 0, data)
     fs.flush(fh)
     fs.fsync(fh)
-    vault.sync()
     return fs, fh
 
 
