@@ -48,7 +48,9 @@ chunks (on S3 a request each). Finding more, it leaves all of it to the checkpoi
 (:meth:`Checkpointer.run`), asking it for a round, and the fsyncs after it leave it too; a
 round collects at most COLLECT_MAX chunks, several at once (DELETE_THREADS), and asks for the
 next if more are left (unless asked to collect everything: a snapshot deleted, the final round
-of a mount), so that an fsync coming meanwhile waits at most for such a batch.
+of a mount), so that an fsync coming meanwhile waits at most for such a batch (and reads no
+more of the metadata's unreferenced objects than the batch: a million of them are not listed
+at every round).
 
 fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`),
 or, where the store appends and the fsync's commit only journaled, a record of the newest
@@ -493,6 +495,7 @@ class Checkpointer:
                     if not self.chunks.upload_pending(ref):
                         meta.mark_stored(ref.name)
             collect = self._collects(logged)  # (what it may delete is worked out only then)
+            everything = self._final or self._force_collect  # (or a batch: COLLECT_MAX)
             seg = self._segment()
             # a full image: its state is fixed here and read below, without the lock (a
             # PostgreSQL vault's takes about a second at a few thousand files, and every
@@ -506,7 +509,8 @@ class Checkpointer:
                 staged = {r.name for r in meta.objects_in_state("staged")}
                 last = led.head()
                 snap_seq = last.seq if last else 0
-                garbage = meta.unreferenced_objects() if collect else []
+                garbage = meta.unreferenced_objects(
+                    None if everything else COLLECT_MAX + 1) if collect else []
         if frozen is None:
             assert seg is not None
             data, full = seg[0], False
@@ -634,7 +638,6 @@ class Checkpointer:
             meta.reference(ck_ref, staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        everything = self._final or self._force_collect
         if collect and logged and not everything and len(garbage) > COLLECT_FSYNC:
             collect = False  # too much for a round a caller waits for: run()'s rounds
             self._deferred = True
