@@ -390,10 +390,11 @@ def test_an_fsync_leaves_a_deleted_files_chunks_to_the_background_rounds(
     rounds: list[int] = []  # chunks deleted per round
     real_collect = vault.checkpointer._collect  # type: ignore[union-attr]
 
-    def collect(current: set[str], garbage: list) -> None:  # type: ignore[type-arg]
+    def collect(*args: object, **kwargs: object) -> bool:
         before = len(deleted)
-        real_collect(current, garbage)
+        left = real_collect(*args, **kwargs)  # type: ignore[arg-type]
         rounds.append(sum(n in chunks for n, _t in deleted[before:]))
+        return left
 
     monkeypatch.setattr(vault.checkpointer, "_collect", collect)
     fs = vault.fs
@@ -409,6 +410,42 @@ def test_an_fsync_leaves_a_deleted_files_chunks_to_the_background_rounds(
     assert max(rounds) <= 10 and sum(rounds) >= 40 and len(rounds) >= 4
     fs.release(fh)
     assert read_on_new_machine(home, monkeypatch, b"small") == b"fsync'd"
+
+
+def test_chunks_a_snapshot_holds_do_not_stall_the_batched_collection(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks no file references but a snapshot holds stay recorded (and unreferenced); more
+    of them than a round's batch must not keep the rounds from the chunks that may go: those
+    are collected, and the rounds stop asking for more once only held ones are left."""
+    import time
+
+    from cryptfs.vault.snapshots import create_snapshot
+
+    monkeypatch.setattr(checkpointer, "COLLECT_INTERVAL", 0.0)
+    monkeypatch.setattr(checkpointer, "COLLECT_MAX", 10)
+    monkeypatch.setattr(checkpointer, "COLLECT_FSYNC", 8)
+    assert vault.fs is not None
+    write(vault, b"kept", os.urandom(30 * (64 << 10)))  # 30 chunks the snapshot holds
+    vault.sync()
+    held = {n for n in store_files(home) if n.startswith(DATA_PREFIX)}
+    create_snapshot(vault, "before")
+    vault.fs.unlink(ROOT_INO, b"kept")
+    vault.sync()
+    write(vault, b"gone", os.urandom(20 * (64 << 10)))  # 20 chunks that may go
+    vault.sync()
+    freed = {n for n in store_files(home) if n.startswith(DATA_PREFIX)} - held
+    assert len(freed) >= 20
+    vault.fs.unlink(ROOT_INO, b"gone")
+    vault.sync()
+    deadline = time.monotonic() + 30
+    while freed & store_files(home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not freed & store_files(home)  # collected, past the held ones
+    assert held <= store_files(home)  # the snapshot's stay
+    before = newest(vault).name
+    time.sleep(2.5)  # no round asks for another while only held chunks are left
+    assert newest(vault).name == before
 
 
 # -- kill -9 between the steps of a round ------------------------------------------------------

@@ -2250,11 +2250,10 @@ class PgMetaStore(Transactions, NamespaceOps):
     def objects_in_state(self, st: str) -> list[ChunkRef]:
         return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if v[4] == st]
 
-    def unreferenced_objects(self, limit: int | None = None) -> list[ChunkRef]:
+    def unreferenced_objects(self) -> list[ChunkRef]:
         """Objects no chunk map references, stored or being collected (a collection that
-        did not finish: see :meth:`collect_objects`), at most ``limit`` (every row is read:
-        they are sealed)."""
-        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if _collectable(v)][:limit]
+        did not finish: see :meth:`collect_objects`)."""
+        return [ChunkRef(v[0], v[1], v[2]) for v in self._objects() if _collectable(v)]
 
     def object_states(self) -> dict[str, tuple[int, str, int]]:
         """``{name: (refcount, state, size)}`` of every recorded object."""

@@ -1088,12 +1088,10 @@ class MetaStore(Transactions, NamespaceOps):
                 "SELECT name, size, sha256, pack, off FROM objects WHERE state = ?", (st,))
         return [ChunkRef(n, s, bytes(h), p, f or 0) for n, s, h, p, f in rows.fetchall()]
 
-    def unreferenced_objects(self, limit: int | None = None) -> list[ChunkRef]:
-        """Stored objects no chunk map references (by ix_objects_unreferenced), at most
-        ``limit``."""
+    def unreferenced_objects(self) -> list[ChunkRef]:
+        """Stored objects no chunk map references (by ix_objects_unreferenced)."""
         rows = self.raw.execute("SELECT name, size, sha256, pack, off FROM objects "
-                                "WHERE refcount <= 0 AND state = 'stored' LIMIT ?",
-                                (-1 if limit is None else limit,))
+                                "WHERE refcount <= 0 AND state = 'stored'")
         return [ChunkRef(n, s, bytes(h), p, f or 0) for n, s, h, p, f in rows.fetchall()]
 
     def drop_object_if_unreferenced(self, name: str) -> bool:

@@ -48,9 +48,9 @@ chunks (on S3 a request each). Finding more, it leaves all of it to the checkpoi
 (:meth:`Checkpointer.run`), asking it for a round, and the fsyncs after it leave it too; a
 round collects at most COLLECT_MAX chunks, several at once (DELETE_THREADS), and asks for the
 next if more are left (unless asked to collect everything: a snapshot deleted, the final round
-of a mount), so that an fsync coming meanwhile waits at most for such a batch (and reads no
-more of the metadata's unreferenced objects than the batch: a million of them are not listed
-at every round).
+of a mount), so that an fsync coming meanwhile waits at most for such a batch. Both counts are
+of the chunks that may go: those a snapshot holds stay recorded and unreferenced, never
+deleted, and are not counted.
 
 fsync (:meth:`Checkpointer.fsync`): on one machine's vault (SQLite) a checkpoint (:meth:`sync`),
 or, where the store appends and the fsync's commit only journaled, a record of the newest
@@ -256,7 +256,6 @@ class Checkpointer:
         self._logged = 0  # the changes the fsync log holds since the last checkpoint
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
-        self._collect_next = False  # the last round left a collection for run()'s next
         self._deferred = False  # more to collect than an fsync's round takes: run()'s rounds
 
     def request(self) -> None:
@@ -331,7 +330,7 @@ class Checkpointer:
                 return
             started = time.perf_counter()
             try:
-                self._checkpoint(progress, logged)
+                collect_next = self._checkpoint(progress, logged)
             except BaseException:
                 if self.metrics is not None:
                     self.metrics.checkpoint_failures.inc()
@@ -341,7 +340,7 @@ class Checkpointer:
                 self.metrics.checkpoint_seconds.observe(took)
             self._spaced_until = time.monotonic() + max(COLLECT_INTERVAL, REQUEST_SPACING * took)
             self._ckpt_done = target
-            if self._collect_next:  # (once the spacing is known: run() waits for it)
+            if collect_next:  # (once the spacing is known: run() waits for it)
                 self.request()
 
     def fsync(self, logged: Logged | None = None,
@@ -475,12 +474,13 @@ class Checkpointer:
         return None if merged.nbytes > MAX_MERGED else (merged.segment(), merged, None)
 
     def _checkpoint(self, progress: Callable[[int, int], None] | None = None,
-                    logged: bool = False) -> None:
+                    logged: bool = False) -> bool:
         """Store the metadata changes (a segment, now and then a full snapshot), then a
         checkpoint naming the snapshot and its segments with the ledger head (see
         docs/FORMAT.md 8), in the order the module docstring gives; then collect what it no
         longer needs, if this round collects (:meth:`_collects`; ``logged``: the round of an
-        fsync). Callers hold off other checkpoints (:meth:`sync`)."""
+        fsync). Whether it left chunks to collect for a round of :meth:`run`. Callers hold
+        off other checkpoints (:meth:`sync`)."""
         meta, led = self.meta, self.ledger
         self.chunks.store_packs()  # (their records go into the metadata shipped below)
         with self.lock:
@@ -495,7 +495,6 @@ class Checkpointer:
                     if not self.chunks.upload_pending(ref):
                         meta.mark_stored(ref.name)
             collect = self._collects(logged)  # (what it may delete is worked out only then)
-            everything = self._final or self._force_collect  # (or a batch: COLLECT_MAX)
             seg = self._segment()
             # a full image: its state is fixed here and read below, without the lock (a
             # PostgreSQL vault's takes about a second at a few thousand files, and every
@@ -509,8 +508,7 @@ class Checkpointer:
                 staged = {r.name for r in meta.objects_in_state("staged")}
                 last = led.head()
                 snap_seq = last.seq if last else 0
-                garbage = meta.unreferenced_objects(
-                    None if everything else COLLECT_MAX + 1) if collect else []
+                garbage = meta.unreferenced_objects() if collect else []
         if frozen is None:
             assert seg is not None
             data, full = seg[0], False
@@ -638,21 +636,22 @@ class Checkpointer:
             meta.reference(ck_ref, staged=False)
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
-        if collect and logged and not everything and len(garbage) > COLLECT_FSYNC:
-            collect = False  # too much for a round a caller waits for: run()'s rounds
-            self._deferred = True
         if collect:  # worked out
-            left = not everything and len(garbage) > COLLECT_MAX
+            current = {r.name for r in chain}
+            if self._final or self._force_collect:
+                left = self._collect(current, garbage)
+            elif logged:  # a round a caller waits for: a little, or none of the chunks
+                left = self._collect(current, garbage, COLLECT_FSYNC, partial=False)
+            else:
+                left = self._collect(current, garbage, COLLECT_MAX)
             self._force_collect = False
-            self._collect({r.name for r in chain}, garbage[:COLLECT_MAX] if left else garbage)
-            self._collected_at = time.monotonic()
+            # what is left goes in the next round of run(), as soon as it may run
+            self._collected_at = float("-inf") if left else time.monotonic()
             self._uncollected = 1 if left else 0
-            if left:  # the rest in the next round of run(), as soon as it may run
-                self._collected_at = float("-inf")
-            self._deferred = self._collect_next = left
+            self._deferred = left
         else:
             self._uncollected += 1
-            self._collect_next = self._deferred  # (run()'s round collects)
+            left = self._deferred
         with self._own():
             meta.commit()
             last = led.head()
@@ -660,6 +659,7 @@ class Checkpointer:
         assert last is not None
         self.last_seq = last.seq
         self.fsync_log.restart(None if meta.shared else e.seq, e.hash)
+        return left
 
     def _in_store(self, names: set[str]) -> bool:
         """Whether the objects ``names`` (the image's staged ones) are all in the store by
@@ -757,12 +757,14 @@ class Checkpointer:
         mac = head_mac(self.codec.ledger_key, e.seq, e.hash)
         return json.dumps(Head(e.seq, e.hash, mac, ck_name).to_json()).encode()
 
-    def _collect(self, current: set[str], garbage: list[ChunkRef]) -> None:
+    def _collect(self, current: set[str], garbage: list[ChunkRef], most: int | None = None,
+                 partial: bool = True) -> bool:
         """Delete what the newest checkpoint no longer needs: snapshots and segments it does
         not name (``current``), checkpoints beyond the newest few, and chunk objects that were
         unreferenced at snapshot time; never anything a snapshot pin holds (:mod:`.snapshots`),
-        and nothing at all while that cannot be worked out. Its writes are the checkpoint's
-        own (see _own)."""
+        and nothing at all while that cannot be worked out. Of the chunks that may go, at most
+        ``most`` (without ``partial``: none if there are more); whether some were left. Its
+        writes are the checkpoint's own (see _own)."""
         meta = self.meta
         prefixes = (CHECKPOINT_PREFIX, META_PREFIX, SNAPSHOT_PREFIX)
         if meta.shared:  # PostgreSQL reads and unseals every object row for it (0.07 to
@@ -779,9 +781,12 @@ class Checkpointer:
         pins = [r.name for r in named if r.name.startswith(SNAPSHOT_PREFIX)]
         held = self.held(pins)
         if held is None:
-            return
+            return False
         # (a snapshot holds a chunk in a pack by its pack: the pack's members stay recorded)
         garbage = [r for r in garbage if r.name not in held and r.pack not in held]
+        left = most is not None and len(garbage) > most  # (counted past the held ones)
+        if left:
+            garbage = garbage[:most] if partial else []
         # other machines commit meanwhile on a shared vault: see _collect_shared
         local = [] if meta.shared else garbage
         # pack members: their rows go; a pack goes once no row names it (_collect_packs)
@@ -841,6 +846,7 @@ class Checkpointer:
             with self._own(), meta.transaction():
                 for ref in deleted:
                     self.ledger.append("del", ref.name, ref.size, ref.sha256)
+        return left
 
     def _collect_packs(self, packs: set[str], held: set[str]) -> list[ChunkRef]:
         """Delete the packs among ``packs`` that no object row names any more (their rows go
