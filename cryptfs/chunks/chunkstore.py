@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptfs.chunks.chunkstore")
 
 FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
-RANGED_MEMORY = 4096  # chunks range-read once, remembered: the next random read fetches whole
+RANGED_MEMORY = 4096  # remote chunks range-read once, remembered: read whole the next time
 PACK_LINGER = 1.0  # seconds an open pack waits for more members before it is uploaded
 
 
@@ -764,14 +764,17 @@ class ChunkStore:
         """Bytes ``[offset, offset + length)`` of a chunk's plaintext for a random read: from
         the memory cache if the chunk is there, else only the segments covering them, fetched as
         one byte range (of the staged or disk-cached object if there, else of the store's) and
-        authenticated, nothing cached (the chunk is not whole). A chunk read so once already
-        (among the last :data:`RANGED_MEMORY` so read) is read whole through :meth:`get`
-        instead, and so cached, also after the memory cache dropped it: random reads that come
-        back to a chunk find it in memory, or fetch it whole, as they did before range reads.
-        Past the chunk's data the bytes are its padding (zeros: a file reads zeros there) and
-        the answer may be cut short past the padding. Raises
-        IntegrityError (a segment failing authentication, an object of another size or missing)
-        or StoreError naming the object.
+        authenticated, nothing cached (the chunk is not whole). On a remote store a chunk read
+        so once already (among the last :data:`RANGED_MEMORY` so read) is read whole through
+        :meth:`get` instead, and so cached, also after the memory cache dropped it: random reads
+        that come back to a chunk find it in memory or the disk cache rather than paying a
+        request each. On the local store every random read stays a range read: one there costs
+        a 16 KiB pread and its decryption, a whole chunk sixteen times that, and a working set
+        larger than the memory cache would pay the whole chunk at nearly every read. Past the
+        chunk's data the bytes are its padding (zeros: a file reads zeros there) and the answer
+        may be cut short past the padding. Raises IntegrityError (a segment failing
+        authentication, an object of another size or missing) or StoreError naming the
+        object.
 
         A version 1 object (older vaults), or bytes that fail, are read again through
         :meth:`get` (``keep`` as there): the whole object, opened as its version byte says, so a
@@ -782,7 +785,7 @@ class ChunkStore:
             plain = self._mem.get(ref.name)
             if plain is not None:
                 self._mem.move_to_end(ref.name)
-            again = ref.name in self._ranged or ref.name in self._prefetching
+            again = self.remote and ref.name in self._ranged or ref.name in self._prefetching
             if ref.name in self._ranged:  # kept: evicted from memory, it is read whole again
                 self._ranged.move_to_end(ref.name)
             elif plain is None and not again:

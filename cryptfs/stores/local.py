@@ -68,6 +68,12 @@ class LocalStore(PlainStore):
         _check_name(name)
         return self.root / name
 
+    def _open(self, name: str) -> int:
+        """A read-only descriptor of object ``name`` (the hot path of every read: no Path, no
+        file object, half the cost of ``open``)."""
+        _check_name(name)
+        return os.open(f"{self._root}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+
     def put(self, name: str, data: bytes) -> None:
         _check_name(name)
         path = f"{self._root}/{name}"
@@ -199,14 +205,17 @@ class LocalStore(PlainStore):
     def get(self, name: str, max_size: int,
             check: Callable[[bytes], bool] | None = None) -> bytes:
         try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
+            fd = self._open(name)
+            try:
+                size = os.fstat(fd).st_size
                 if size > max_size:
                     raise too_large(name, size, max_size)
-                data = f.read(max_size + 1)  # the file may have grown since the fstat
-                if len(data) > max_size:
-                    raise too_large(name, None, max_size)
-                return checked(name, data, check)
+                data = os.pread(fd, max_size + 1, 0)  # the file may have grown since the fstat
+            finally:
+                os.close(fd)
+            if len(data) > max_size:
+                raise too_large(name, None, max_size)
+            return checked(name, data, check)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {name} not found in {self.url}") from None
         except OSError as e:
@@ -216,11 +225,14 @@ class LocalStore(PlainStore):
         """One pread, after an fstat that the file has ``size`` bytes."""
         check_range(name, offset, length, size)
         try:
-            with open(self._path(name), "rb", buffering=0) as f:
-                got = os.fstat(f.fileno()).st_size
+            fd = self._open(name)
+            try:
+                got = os.fstat(fd).st_size
                 if not size_fits(got, size, offset, length):
                     raise wrong_size(name, got, size)
-                data = os.pread(f.fileno(), length, offset)
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise ObjectNotFound(f"object {name} not found in {self.url}") from None
         except OSError as e:
