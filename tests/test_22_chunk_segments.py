@@ -176,11 +176,12 @@ class Counted:
         return self.inner.get_range(name, offset, length, size)
 
 
-def chunk_store(store: Any, tmp_path: Path, remote: bool) -> ChunkStore:
+def chunk_store(store: Any, tmp_path: Path, remote: bool, mem_bytes: int = 64 << 20) -> ChunkStore:
     refs: dict[str, ChunkRef] = {}
     return ChunkStore(store, codec(), remote=remote, staging=tmp_path / "staging",
                       cache=tmp_path / "cache" if remote else None, cache_bytes=8 << 20,
-                      lookup=refs.get, on_stored=lambda r: refs.__setitem__(r.name, r))
+                      mem_bytes=mem_bytes, lookup=refs.get,
+                      on_stored=lambda r: refs.__setitem__(r.name, r))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -220,20 +221,45 @@ def test_random_reads_fetch_only_their_segments(
             assert lo == 1 + first * (S + TAG)
             assert length == min(ref.size - lo, (last - first + 1) * (S + TAG))
         assert counted.gets == 0 and cs.memory_bytes() == 0  # nothing cached as if whole
-        # a random read that comes back to a chunk range-read before: on a remote store it reads
-        # the chunk whole, cached for the next; on the local store it stays a range read
+        # a random read that comes back to a chunk range-read before reads it whole: cached
         assert cs.read_range(ref, 3 * S, 10) == plain[3 * S : 3 * S + 10]
+        assert counted.gets == 1 and cs.memory_bytes() == len(plain)
         assert cs.read_range(ref, 2 * S, 10) == plain[2 * S : 2 * S + 10]
-        if remote:
-            assert counted.gets == 1 and cs.memory_bytes() == len(plain)
-            assert len(counted.ranges) == 5
-        else:
-            assert counted.gets == 0 and cs.memory_bytes() == 0
-            assert counted.ranges[5:] == [(1 + 3 * (S + TAG), S + TAG),
-                                          (1 + 2 * (S + TAG), S + TAG)]
+        assert counted.gets == 1 and len(counted.ranges) == 5
     finally:
         cs.close()
         store.close()
+
+
+def test_on_the_local_store_only_chunks_that_come_back_soon_are_read_whole(
+        tmp_path: Path) -> None:
+    """Random reads over more chunks than the memory cache holds stay range reads when they
+    come back to a chunk (it would be evicted again before its next read); a chunk that comes
+    back while the cache could still hold it is read whole. On a remote store (a local one
+    standing for it) a chunk is read whole when it comes back among the last RANGED_MEMORY (a
+    range read there is a request)."""
+    for remote in (False, True):
+        counted = Counted(LocalStore(tmp_path / f"store{remote}", create=True))
+        cs = chunk_store(counted, tmp_path / str(remote), remote, mem_bytes=3 * (CS + 100))
+        try:
+            chunks = [chunk(CS, seed=k)[1] for k in range(5)]
+            stored = [put_cold(cs, p) for p in chunks]
+            for ref, plain in zip(stored, chunks, strict=True):  # each once: range reads
+                assert cs.read_range(ref, S + 7, 100) == plain[S + 7 : S + 107]
+            assert counted.gets == 0 and len(counted.ranges) == 5
+            # the first comes back after four others, more than the cache holds: on the local
+            # store a range read again; on a remote one read whole
+            assert cs.read_range(stored[0], 2 * S, 10) == chunks[0][2 * S : 2 * S + 10]
+            assert (counted.gets, len(counted.ranges)) == ((1, 5) if remote else (0, 6))
+            # the last comes back at once: read whole (and cached) on both
+            gets = counted.gets
+            assert cs.read_range(stored[4], 2 * S, 10) == chunks[4][2 * S : 2 * S + 10]
+            assert counted.gets == gets + 1 and cs.memory_bytes() >= CS
+            assert cs.read_range(stored[4], 3 * S, 10) == chunks[4][3 * S : 3 * S + 10]
+            assert counted.gets == gets + 1
+        finally:
+            cs.close()
+            counted.close()
 
 
 def test_a_damaged_segment_in_the_store_fails_only_reads_touching_it(

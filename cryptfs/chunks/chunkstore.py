@@ -70,7 +70,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cryptfs.chunks.chunkstore")
 
 FAILED_FETCH_MEMORY = 1.0  # seconds a failed fetch is remembered (the kernel retries at once)
-RANGED_MEMORY = 4096  # remote chunks range-read once, remembered: read whole the next time
+RANGED_MEMORY = 4096  # chunks range-read once, remembered: read whole the next time (read_range)
 PACK_LINGER = 1.0  # seconds an open pack waits for more members before it is uploaded
 
 
@@ -143,7 +143,9 @@ class ChunkStore:
         self._mem_max = mem_bytes  # plaintext of recently read chunks, bounded in bytes
         self._mem_size = 0
         self._mem_lock = threading.Lock()
-        self._ranged: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        # chunks range-read once, newest last, with their sizes: see read_range
+        self._ranged: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._ranged_bytes = 0
         self._closing = False
         self._abort = False
         self.errors = 0
@@ -764,13 +766,18 @@ class ChunkStore:
         """Bytes ``[offset, offset + length)`` of a chunk's plaintext for a random read: from
         the memory cache if the chunk is there, else only the segments covering them, fetched as
         one byte range (of the staged or disk-cached object if there, else of the store's) and
-        authenticated, nothing cached (the chunk is not whole). On a remote store a chunk read
-        so once already (among the last :data:`RANGED_MEMORY` so read) is read whole through
-        :meth:`get` instead, and so cached, also after the memory cache dropped it: random reads
-        that come back to a chunk find it in memory or the disk cache rather than paying a
-        request each. On the local store every random read stays a range read: one there costs
-        a 16 KiB pread and its decryption, a whole chunk sixteen times that, and a working set
-        larger than the memory cache would pay the whole chunk at nearly every read. Past the
+        authenticated, nothing cached (the chunk is not whole). A chunk read so once already,
+        recently, is read whole through :meth:`get` instead, and so cached, also after the
+        memory cache dropped it: random reads that come back to a chunk then find it in memory
+        (or a remote store's disk cache) rather than paying a range read each. Recently: among
+        the last :data:`RANGED_MEMORY` chunks so read on a remote store, where each range read
+        is a request; on the local store, among the last that the memory cache could hold
+        together (their sizes summed). A range read there is one pread of 16 KiB, the whole
+        chunk sixteen times that: one that comes back only after more chunks than the memory
+        cache holds would be evicted again before its next read, so a working set larger than
+        the cache (random reads over a big file) would pay a whole chunk at nearly every read,
+        while a chunk read often (the same database pages, a chunk many files share) comes
+        back within it and is cached. Past the
         chunk's data the bytes are its padding (zeros: a file reads zeros there) and the answer
         may be cut short past the padding. Raises IntegrityError (a segment failing
         authentication, an object of another size or missing) or StoreError naming the
@@ -785,13 +792,15 @@ class ChunkStore:
             plain = self._mem.get(ref.name)
             if plain is not None:
                 self._mem.move_to_end(ref.name)
-            again = self.remote and ref.name in self._ranged or ref.name in self._prefetching
+            again = ref.name in self._ranged or ref.name in self._prefetching
             if ref.name in self._ranged:  # kept: evicted from memory, it is read whole again
                 self._ranged.move_to_end(ref.name)
             elif plain is None and not again:
-                self._ranged[ref.name] = True
-                if len(self._ranged) > RANGED_MEMORY:
-                    self._ranged.popitem(last=False)
+                self._ranged[ref.name] = ref.size
+                self._ranged_bytes += ref.size
+                while len(self._ranged) > RANGED_MEMORY or \
+                        not self.remote and self._ranged_bytes > self._mem_max:
+                    self._ranged_bytes -= self._ranged.popitem(last=False)[1]
         if plain is not None:
             if self.metrics is not None:
                 self.metrics.memory_hit()
