@@ -777,11 +777,10 @@ class ChunkStore:
         cache holds would be evicted again before its next read, so a working set larger than
         the cache (random reads over a big file) would pay a whole chunk at nearly every read,
         while a chunk read often (the same database pages, a chunk many files share) comes
-        back within it and is cached. Past the
-        chunk's data the bytes are its padding (zeros: a file reads zeros there) and the answer
-        may be cut short past the padding. Raises IntegrityError (a segment failing
-        authentication, an object of another size or missing) or StoreError naming the
-        object.
+        back within it and is cached. Past the chunk's data the bytes are its padding (zeros:
+        a file reads zeros there) and the answer may be cut short past the padding. Raises
+        IntegrityError (a segment failing authentication, an object of another size or
+        missing) or StoreError naming the object.
 
         A version 1 object (older vaults), or bytes that fail, are read again through
         :meth:`get` (``keep`` as there): the whole object, opened as its version byte says, so a
