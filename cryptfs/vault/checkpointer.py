@@ -637,13 +637,10 @@ class Checkpointer:
             meta.commit()
         self.on_checkpoint(ck_name, ck_blob)  # automatic snapshots, before what they hold is
         if collect:  # worked out
-            current = {r.name for r in chain}
-            if self._final or self._force_collect:
-                left = self._collect(current, garbage)
-            elif logged:  # a round a caller waits for: a little, or none of the chunks
-                left = self._collect(current, garbage, COLLECT_FSYNC, partial=False)
-            else:
-                left = self._collect(current, garbage, COLLECT_MAX)
+            # everything if asked to; an fsync's round (a caller waits): a little, or none
+            most = None if self._final or self._force_collect else \
+                COLLECT_FSYNC if logged else COLLECT_MAX
+            left = self._collect({r.name for r in chain}, garbage, most, partial=not logged)
             self._force_collect = False
             # what is left goes in the next round of run(), as soon as it may run
             self._collected_at = float("-inf") if left else time.monotonic()
