@@ -53,6 +53,13 @@ _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
 FUSE_READDIR_PLUS = 1  # libfuse 3: enum fuse_readdir_flags, enum fuse_fill_dir_flags
 FUSE_FILL_DIR_PLUS = 2
 
+# a read-only memoryview of memory this process does not own (a write request's data, in
+# libfuse's buffer): no copy, no ctypes array type per size
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int]
+_memory_view.restype = ctypes.py_object
+_PYBUF_READ = 0x100
+
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
@@ -419,6 +426,9 @@ class CryptfsOperations(mfusepy.Operations):
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return self.fs.read(fh, offset, size)
 
+    def read_parts(self, path: str | None, size: int, offset: int, fh: int) -> list[bytes]:
+        return self.fs.read_parts(fh, offset, size)
+
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         return self.fs.write(fh, offset, data)
 
@@ -678,6 +688,27 @@ class CryptfsFUSE(mfusepy.FUSE):
     @staticmethod
     def _fh(fip: Any) -> int | None:
         return fip.contents.fh if fip else None
+
+    def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        """mfusepy's read without joining the pieces (a chunk each) into one bytes object:
+        each is copied straight into the request's buffer."""
+        at = ctypes.cast(buf, ctypes.c_void_p).value
+        n = 0
+        for piece in self.operations.read_parts(self._path(path), size, offset,
+                                                fip.contents.fh):
+            ctypes.memmove(at + n, piece, len(piece))
+            n += len(piece)
+        return n
+
+    def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+        """mfusepy's write without copying the data into a bytes object first: the operation
+        reads it in place, in libfuse's buffer, valid only during this call
+        (:meth:`cryptfs.fs.FileSystem.write` copies what it keeps before it returns)."""
+        data = _memory_view(ctypes.cast(buf, ctypes.c_void_p).value, size, _PYBUF_READ)
+        try:
+            return self.operations.write(self._path(path), data, offset, fip.contents.fh)
+        finally:
+            data.release()
 
     def getattr_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
         """mfusepy's getattr without its dict: the node straight into the struct (the

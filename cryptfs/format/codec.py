@@ -33,6 +33,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptfs.errors import IntegrityError
 from cryptfs.format import crypto
@@ -48,6 +49,7 @@ OBJ_VERSION = 1  # metadata snapshots and checkpoints; chunk objects written bef
 CHUNK_VERSION = 2  # chunk objects made of segments (docs/FORMAT.md section 4)
 SEGMENT_SIZE = 16 << 10  # plaintext bytes per segment (the last one may be shorter)
 _SEG_STORED = SEGMENT_SIZE + crypto.TAG_SIZE
+_SEG_INDEX = struct.Struct(">IB")  # a segment's index and last-segment flag, in its AAD
 NAME_HASHES = ("blake2b", "blake3")  # how chunks are named (the config's ``name_hash``)
 
 
@@ -71,11 +73,11 @@ def segmented_layout(size: int) -> tuple[int, int] | None:
     return t, k
 
 
-@dataclass(frozen=True)
-class SegmentSpan:
+class SegmentSpan(NamedTuple):
     """Where some bytes of a chunk lie in its version 2 object: segments ``first`` to ``last``
     occupy object bytes ``[lo, hi)``; once opened, the wanted bytes are ``take`` bytes from
-    ``skip`` bytes into the first segment's plaintext."""
+    ``skip`` bytes into the first segment's plaintext. (A tuple: made at every random read,
+    where a frozen dataclass's construction cost more than what it describes.)"""
 
     first: int
     last: int
@@ -130,6 +132,9 @@ class Codec:
         self._pad_cap = None if chunk_size is None else chunk_size + 4
         self._chunk_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK)
         self._nonce_key = crypto.subkey(master, vault_id, crypto.PURPOSE_CHUNK_NONCE)
+        # (the keyed HMAC state after the label every segment nonce starts with: copied per
+        # object, not keyed again)
+        self._nonce_state = crypto.mac_state(self._nonce_key, b"chunk-seg-nonce")
         self._name_key = crypto.subkey(master, vault_id, crypto.PURPOSE_NAME)
         self._meta_key = crypto.subkey(master, vault_id, crypto.PURPOSE_META)
         self.ledger_key = crypto.subkey(master, vault_id, crypto.PURPOSE_LEDGER)
@@ -153,8 +158,8 @@ class Codec:
     def _segment_nonces(self, name: str, padded_len: int) -> Callable[[int], bytes]:
         """:meth:`segment_nonce` of one object, by index (the HMAC state of the common prefix
         is computed once: half the cost per segment)."""
-        msg = b"chunk-seg-nonce" + name.encode() + struct.pack(">I", padded_len)
-        prefix = crypto.mac_state(self._nonce_key, msg)
+        prefix = self._nonce_state.copy()
+        prefix.update(name.encode() + struct.pack(">I", padded_len))
 
         def nonce(index: int) -> bytes:
             h = prefix.copy()
@@ -162,9 +167,6 @@ class Codec:
             return h.digest()[: crypto.NONCE_SIZE]
 
         return nonce
-
-    def _segment_aad(self, name: str, index: int, last: bool) -> bytes:
-        return self._aad(b"chunk", name) + struct.pack(">IB", index, last)
 
     def seal_chunk(self, name: str, plain: bytes | bytearray | memoryview) -> bytes:
         """The version 2 object for chunk ``name`` (= :meth:`chunk_name` of ``plain``): the
@@ -188,13 +190,14 @@ class Codec:
         src, rest_view = memoryview(plain), memoryview(rest)
         count = -(-size // SEGMENT_SIZE)
         nonce = self._segment_nonces(name, size)
+        aad = self._aad(b"chunk", name)
         out = [bytes([CHUNK_VERSION])]
         for i in range(count):
             j = i * SEGMENT_SIZE
             piece = src[j : j + SEGMENT_SIZE] if i < whole else \
                 rest_view[j - at : j - at + SEGMENT_SIZE]
             out.append(crypto.gcm_encrypt(self._chunk_key, nonce(i), piece,
-                                          self._segment_aad(name, i, i == count - 1)))
+                                          aad + _SEG_INDEX.pack(i, i == count - 1)))
         return b"".join(out)
 
     def open_chunk(self, ref: ChunkRef, blob: bytes) -> bytes:
@@ -274,6 +277,7 @@ class Codec:
         t, count = layout
         view = memoryview(data)
         nonce = self._segment_nonces(name, t)
+        aad = self._aad(b"chunk", name)
         plain = memoryview(bytearray(len(view) - (span.last - span.first + 1) * crypto.TAG_SIZE))
         at = pos = 0
         for i in range(span.first, span.last + 1):
@@ -281,7 +285,7 @@ class Codec:
             n = len(sealed) - crypto.TAG_SIZE
             try:
                 crypto.gcm_decrypt_into(self._chunk_key, nonce(i), sealed,
-                                        self._segment_aad(name, i, i == count - 1),
+                                        aad + _SEG_INDEX.pack(i, i == count - 1),
                                         plain[pos : pos + n])
             except IntegrityError:
                 raise IntegrityError(f"object {name} fails authentication in segment {i}") \

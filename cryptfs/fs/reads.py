@@ -168,13 +168,19 @@ class Reads(FileSystemBase):
         return _err(errno.EIO)
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
+        parts = self.read_parts(fh, offset, size)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_parts(self, fh: int, offset: int, size: int) -> list[bytes]:
+        """:meth:`read` in pieces, in order (one per chunk it spans, and zeros): what the FUSE
+        adapter copies into the request's buffer one by one, not joined into one object."""
         f = self._file(fh)
         cs = self.cs
         parts: list[bytes | ChunkRef | None] = []
         with f.lock:
             end = min(offset + size, f.size)
             if offset >= end:
-                return b""
+                return []
             first, last = offset // cs, (end - 1) // cs
             for idx in range(first, last + 1):
                 buf = f.dirty.get(idx)
@@ -218,7 +224,7 @@ class Reads(FileSystemBase):
                               if isinstance(p, ChunkRef) else (p or b"")[lo:hi])
                 if len(pieces[-1]) < hi - lo:  # past the chunk's data, within the file: zeros
                     pieces.append(bytes(hi - lo - len(pieces[-1])))
-            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            return pieces
         finally:
             self.chunks.unpin(r.name for r in refs)
 
