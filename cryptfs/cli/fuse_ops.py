@@ -696,6 +696,8 @@ class CryptfsFUSE(mfusepy.FUSE):
         n = 0
         for piece in self.operations.read_parts(self._path(path), size, offset,
                                                 fip.contents.fh):
+            if type(piece) is not bytes:  # (ctypes takes the address of bytes only)
+                piece = bytes(piece)
             ctypes.memmove(at + n, piece, len(piece))
             n += len(piece)
         return n
