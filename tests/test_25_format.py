@@ -184,6 +184,9 @@ class FormatReader:
         self.deltas = 0  # checkpoints read with a delta (FORMAT.md 6.1, version 3)
         self.journal_rows = 0  # journal rows applied (FORMAT.md 5.3, schema version 5)
         self.log_records = 0  # fsync log records applied (FORMAT.md 6.7, checkpoint version 4)
+        self.log_entries = 0  # ledger entries and chunk map entries in them (version 5)
+        self.log_blocks = 0
+        self.ledger_hashes: dict[int, bytes] = {}
         self.pack_members: set[str] = set()  # chunks read from packs
 
     # store access ----------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class FormatReader:
         return self._open_blob(b"meta", m["name"], blob)
 
     def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
-        if ck.get("version", 1) not in (1, 2, 3, 4):
+        if ck.get("version", 1) not in (1, 2, 3, 4, 5):
             raise FormatError("checkpoint version")
         image = self._meta_object(ck["meta"], "snapshot")
         if not image.startswith(b"SQLite format 3\0"):
@@ -321,6 +324,7 @@ class FormatReader:
             prev, expect = h, seq + 1
         if not entries or entries[-1][0] != int(ck["seq"]) or prev.hex() != ck["hash"]:
             raise FormatError("ledger does not lead to the checkpoint head")
+        self.ledger_hashes = {e[0]: e[7] for e in entries}  # (a log's records continue it)
         return len(entries)
 
     # content ---------------------------------------------------------------------------------
@@ -409,6 +413,7 @@ class FormatReader:
         if ck.get("version", 1) < 4 or not (self.store / name).exists():
             return
         blob, at, n = self._get(name), 0, 0
+        head, prev = int(ck["seq"]), bytes.fromhex(ck["hash"])
         while at + 4 <= len(blob):
             length = struct.unpack(">I", blob[at:at + 4])[0]
             if at + 4 + length > len(blob):
@@ -417,14 +422,40 @@ class FormatReader:
                                     blob[at + 4:at + 4 + length])
             ino, size, mtime, ctime, rows = struct.unpack(">QQqqI", plain[:36])
             p = 36
+            parsed = []
             for _ in range(rows):
                 idx, seq, off, ln = struct.unpack(">QQII", plain[p:p + 24])
-                db.execute("INSERT OR REPLACE INTO journal (ino, idx, seq, off, data) "
-                           "VALUES (?, ?, ?, ?, ?)",
-                           (ino, idx, seq, off, plain[p + 24:p + 24 + ln]))
+                parsed.append((ino, idx, seq, off, plain[p + 24:p + 24 + ln]))
                 p += 24 + ln
-            if p != len(plain):
+            if ck.get("version", 1) >= 5:  # the seal: entries, then chunk map entries
+                seal = json.loads(plain[p:])
+                for e in seal["entries"]:
+                    fields = (int(e["seq"]), int(e["time_ns"]), e["op"], e["name"],
+                              int(e["size"]), bytes.fromhex(e["sha256"]), prev)
+                    if fields[0] <= head:  # held already: must be that entry
+                        if self.ledger_hashes.get(fields[0]) != bytes.fromhex(e["hash"]):
+                            raise FormatError(f"{name} record {n}: entry {fields[0]} differs")
+                        continue
+                    if fields[0] != head + 1 or bytes.fromhex(e["prev"]) != prev or \
+                            hashlib.sha256(_encode_entry(*fields)).hexdigest() != e["hash"]:
+                        raise FormatError(f"{name} record {n}: entry {fields[0]} breaks the ledger")
+                    head, prev = fields[0], bytes.fromhex(e["hash"])
+                    self.ledger_hashes[head] = prev
+                    self.log_entries += 1
+                for idx, ref in seal["blocks"]:
+                    db.execute("DELETE FROM journal WHERE ino = ? AND idx = ?", (ino, idx))
+                    db.execute("DELETE FROM blocks WHERE ino = ? AND idx = ?", (ino, idx))
+                    if ref is not None:
+                        db.execute("INSERT OR IGNORE INTO objects (name, size, sha256, refcount, "
+                                   "state) VALUES (?, ?, ?, 1, 'stored')",
+                                   (ref["name"], int(ref["size"]), bytes.fromhex(ref["sha256"])))
+                        db.execute("INSERT INTO blocks (ino, idx, obj) VALUES (?, ?, ?)",
+                                   (ino, idx, ref["name"]))
+                    self.log_blocks += 1
+            elif p != len(plain):
                 raise FormatError(f"{name} record {n} length")
+            db.executemany("INSERT OR REPLACE INTO journal (ino, idx, seq, off, data) "
+                           "VALUES (?, ?, ?, ?, ?)", parsed)
             db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
                        (size, mtime, ctime, ino))
             at, n = at + 4 + length, n + 1
@@ -644,7 +675,9 @@ def test_independent_reader_reproduces_the_tree(vault_dir: Path) -> None:
 def test_independent_reader_applies_the_journal(vault_dir: Path) -> None:
     """A file changed a little and fsync'd, still open: its changed bytes are journal rows
     (5.3), not chunks, and the fsync is a record of the fsync log (6.7; the store appends);
-    the reader, applying them, reads what was written. After a chmod and another fsync, the
+    the reader, applying them, reads what was written. A chunk then written whole is sealed
+    by the next fsync, whose record carries its chunk map entry and the ledger entries since
+    the checkpoint (version 5): the reader reads that too. After a chmod and another fsync, the
     new checkpoint carries the metadata changes inline (6.1, the delta), the rows with them,
     and the reader reads the same again, as the mount does."""
     root = vault_dir
@@ -669,16 +702,24 @@ def test_independent_reader_applies_the_journal(vault_dir: Path) -> None:
                 content[off:off + len(data)] = data
             os.fsync(fd)
             logged = read(1)
+            whole = rng.randbytes(CHUNK)  # chunk 1 written whole: the next fsync seals it, and
+            os.pwrite(fd, whole, CHUNK)  # its record carries the chunk and its ledger entry
+            os.pwrite(fd, b"d" * 20, 30)
+            content[CHUNK:2 * CHUNK] = whole
+            content[30:50] = b"d" * 20
+            os.fsync(fd)
+            sealed = read(3)
             os.chmod(mnt / "db", 0o600)  # (an attribute change: not in the log)
             os.fsync(fd)
-            return (mnt / "db").read_bytes(), [logged, read(2)]
+            return (mnt / "db").read_bytes(), [logged, sealed, read(2)]
         finally:
             os.close(fd)
 
-    shown, [(got1, r1), (got2, r2)] = _with_mount(root, fill)
+    shown, [(got1, r1), (got3, r3), (got2, r2)] = _with_mount(root, fill)
     assert shown == bytes(content)
-    assert got1["db"][:2] == ("file", shown)
     assert (r1.journal_rows, r1.log_records, r1.deltas) == (3, 1, 0)
+    assert got3["db"][:2] == ("file", shown)
+    assert (r3.journal_rows, r3.log_records, r3.log_blocks) == (3, 2, 1) and r3.log_entries >= 1
     assert got2["db"][:3] == ("file", shown, 0o600)
     assert (r2.journal_rows, r2.log_records, r2.deltas) == (3, 0, 1)
 

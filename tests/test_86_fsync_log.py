@@ -112,8 +112,9 @@ def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the log, a chunk is journaled until its rows would hold a whole chunk's bytes;
-    then it is sealed (a checkpoint) and journaled again: the metadata stays bounded, most
-    fsyncs are records."""
+    then it is sealed and journaled again: the metadata stays bounded, and every fsync is a
+    record, also those that sealed the chunk (its chunk map entry and the ledger entry of its
+    object in the record: no checkpoint)."""
     fs, fh = sealed_file(vault, b"hot", b"h" * 20000)
     cks = set(listing(home, "checkpoints"))
     rounds = 40
@@ -121,8 +122,13 @@ def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
         fs.write(fh, 8192, b"%04d" % i * 1024)
         fs.fsync(fh)
         assert sum(len(r[4]) for r in vault.meta.journaled()) <= CHUNK
-    made = len(set(listing(home, "checkpoints")) - cks)
-    assert 1 <= made <= rounds // (CHUNK // 4200)  # (then collected: a lower bound)
+    assert set(listing(home, "checkpoints")) == cks
+    records = read_log(vault.store, vault.codec, read_checkpoints(vault.store, vault.codec)[0][0])
+    assert len(records) == rounds
+    sealed = [r for r in records if r.blocks]
+    assert len(sealed) >= rounds // (CHUNK // 4200) - 1
+    assert all(r.entries and r.blocks[0][1] is not None and
+               r.blocks[0][1].name in {e.name for e in r.entries} for r in sealed)
     want = b"h" * 8192 + b"%04d" % i * 1024 + b"h" * (20000 - 12288)
     assert new_machine(home, monkeypatch, 2, b"hot") == want
     fs.release(fh)
@@ -150,13 +156,13 @@ def test_an_fsync_after_another_commit_makes_a_checkpoint(
     fs.release(fh)
 
 
-def test_a_commit_that_wrote_ledger_entries_after_its_mark_is_no_record(
+def test_ledger_entries_a_commit_writes_for_another_file_are_in_its_record(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A chunk of another file sealed in the background (a whole chunk written, not yet
-    committed) queues its ledger entry; the next commit writes it, after the fsync's mark. That
-    fsync's record would not hold the entry, so the fsync is a checkpoint: the store alone
-    then has the entry (the local database committed it)."""
+    committed) queues its ledger entry; the next commit writes it, before the fsync's mark, and
+    that fsync's record holds it (with the entries written since the checkpoint: its own):
+    no checkpoint, and the store alone has the entry."""
     import time
 
     fs, fh = sealed_file(vault, b"a", b"x" * 5000)
@@ -176,7 +182,12 @@ def test_a_commit_that_wrote_ledger_entries_after_its_mark_is_no_record(
     assert queued
     fs.write(fh, 10, b"again")
     fs.fsync(fh)
-    assert listing(home, "checkpoints") != cks
+    assert listing(home, "checkpoints") == cks
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    first, second = read_log(vault.store, vault.codec, ck)
+    assert [e.seq for e in first.entries + second.entries] == \
+        list(range(ck.seq + 1, ck.seq + 1 + len(first.entries + second.entries)))
+    assert set(queued) <= {e.name for e in second.entries} and second.blocks == []
     use_machine(home, monkeypatch, 2)
     try:
         _cfg, created = create_vault(VaultPaths("unit"), [f"file://{home}/store"], b"pw",
@@ -324,13 +335,16 @@ def test_a_full_log_makes_a_checkpoint(
     model = bytearray(b"x" * 5000)
     fs, fh = sealed_file(vault, b"f", bytes(model))
     first = read_checkpoints(vault.store, vault.codec)[0][0].seq
+    sizes = []
     for i in range(5):
         fs.write(fh, 100 * i, b"%d" % i * 80)
         write(model, 100 * i, b"%d" % i * 80)
         fs.fsync(fh)
-        if i == 0:  # the log is full after its third record (they are all the same size)
-            size = (home / "store" / "logs" / f"{first:016d}").stat().st_size
-            monkeypatch.setattr(fsynclog, "LOG_TARGET", 3 * size)
+        if i < 2:
+            sizes.append((home / "store" / "logs" / f"{first:016d}").stat().st_size)
+        if i == 1:  # the log is full after its third record (the size of the second: the
+            # first carries the ledger entries the checkpoint wrote after its head)
+            monkeypatch.setattr(fsynclog, "LOG_TARGET", 2 * sizes[1] - sizes[0])
     ck = read_checkpoints(vault.store, vault.codec)[0][0]
     newest = ck.seq
     assert newest > first  # (the fourth fsync found the log full)
@@ -348,7 +362,7 @@ from cryptfs.paths import VaultPaths
 from cryptfs.vault.core import Vault
 from crashpoints import die_after
 
-step = sys.argv[1]
+step, kind = sys.argv[1], sys.argv[2]
 paths = VaultPaths("unit")
 v = Vault.open(paths, b"pw")
 fs = v.fs
@@ -364,6 +378,8 @@ with v.fs.lock:
 fs.write(fh, 70000, b"n" * 3000)  # a few bytes of a full chunk...
 fs.fsync(fh)  # ... the log's first record
 fs.write(fh, 150000, b"e" * 500)  # and past the end
+if kind == "seal":  # chunk 1 written whole: sealed, its record carries the chunk
+    fs.write(fh, 65536, b"s" * 65536)
 if step == "committed":  # the commit made, its record not appended
     die_after(fs, "flush")
 elif step == "appended":
@@ -374,14 +390,15 @@ os._exit(9)
 OLD = b"o" * 150000
 MID = OLD[:70000] + b"n" * 3000 + OLD[73000:]
 NEW = MID + b"e" * 500
+SEALED = MID[:65536] + b"s" * 65536 + NEW[131072:]  # (the "seal" child's last fsync)
 
 
-def crashed_child(home: Path, step: str) -> VaultPaths:
+def crashed_child(home: Path, step: str, kind: str = "journal") -> VaultPaths:
     paths = VaultPaths("unit")
     create_vault(paths, [f"file://{home}/store"], b"pw", CHUNK, os.getuid(), os.getgid())
     env = {**os.environ, "PYTHONPATH": f"{Path(__file__).parents[1]}:{Path(__file__).parent}"}
-    res = subprocess.run([sys.executable, "-c", CHILD, step], env=env, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run([sys.executable, "-c", CHILD, step, kind], env=env,
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 9, res.stderr
     return paths
 
@@ -394,15 +411,22 @@ def power_loss(paths: VaultPaths) -> None:
     os.replace(str(paths.db) + ".durable", paths.db)
 
 
-def read_j(paths: VaultPaths) -> tuple[bytes, list[str]]:
+def read_j(paths: VaultPaths, check: bool = False) -> tuple[bytes, list[str]]:
+    """What this machine reads of ``j`` (and with ``check``, ``cryptfs verify`` finds no
+    problem in the vault: ledger, objects and the log's records)."""
+    from cryptfs.admin.verify import verify
+
     v = Vault.open(paths, b"pw")
     try:
         assert v.fs is not None
         fh = v.fs.open(v.fs.lookup(ROOT_INO, b"j").ino, os.O_RDONLY)
         try:
-            return v.fs.read(fh, 0, len(NEW) + 10), list(v.recovered)
+            got = v.fs.read(fh, 0, len(NEW) + 10), list(v.recovered)
         finally:
             v.fs.release(fh)
+        if check:
+            assert verify(v).problems == []
+        return got
     finally:
         v.close()
 
@@ -420,6 +444,45 @@ def test_kill_between_the_steps_of_a_logged_fsync(
     got, _ = read_j(paths)
     assert got == NEW
     assert new_machine(home, monkeypatch, 3, b"j") == NEW
+
+
+@pytest.mark.parametrize("step", ["committed", "appended", "returned"])
+def test_kill_between_the_steps_of_an_fsync_that_seals_a_chunk(
+    home: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The same, where the last fsync also seals a chunk written whole (its record carries the
+    chunk map entry and the ledger entries since the checkpoint, the object synced before the
+    append): the store alone holds the state before or after it, this machine the one after,
+    and the vault verifies clean."""
+    paths = crashed_child(home, step, "seal")
+    ro = Vault.open(paths, b"pw", readonly=True)
+    try:
+        records = read_log(ro.store, ro.codec, read_checkpoints(ro.store, ro.codec)[0][0])
+    finally:
+        ro.close()
+    assert [bool(r.blocks) for r in records] == ([False] if step == "committed" else
+                                                 [False, True])
+    assert all(r.entries for r in records[1:])  # (the sealed chunk's, after the round's own)
+    stored = new_machine(home, monkeypatch, 2, b"j")
+    assert stored == (MID if step == "committed" else SEALED)
+    got, _ = read_j(paths, check=True)
+    assert got == SEALED
+    assert new_machine(home, monkeypatch, 3, b"j") == SEALED
+
+
+def test_a_power_loss_after_an_fsync_that_sealed_a_chunk_is_repaired_from_the_log(
+    home: Path,
+) -> None:
+    """The local database lost both fsyncs' commits, the second of which sealed a chunk: the
+    next read-write open applies both records (ledger entries, chunk map entry, journal rows)
+    and reads what the fsyncs left; the ledger and every object then verify clean."""
+    paths = crashed_child(home, "returned", "seal")
+    power_loss(paths)
+    got, recovered = read_j(paths, check=True)
+    assert got == SEALED
+    assert any("fsync log" in line for line in recovered), recovered
+    got, recovered = read_j(paths, check=True)
+    assert got == SEALED and recovered == []
 
 
 def test_a_power_loss_is_repaired_from_the_log(home: Path) -> None:
@@ -526,3 +589,30 @@ def test_record_order_and_place_are_bound() -> None:
             codec.open_log_record(seq, h, n, sealed)
     with pytest.raises(IntegrityError, match="malformed"):
         fsynclog.decode((7, 2), fsynclog.encode(rec) + b"x")
+
+
+def test_a_record_that_seals_chunks_round_trips_and_one_of_version_4_still_reads() -> None:
+    """A record with chunk map entries (a chunk, a hole) and ledger entries decodes to itself
+    from the log of a version 5 checkpoint; a version 4 record (rows only: what a cryptfs
+    before sealing records wrote) decodes from the log of a version 4 checkpoint, and each is
+    malformed under the other version."""
+    import struct
+
+    from cryptfs.format.codec import ChunkRef
+    from cryptfs.fs.journal import Logged
+    from cryptfs.meta.ledger import GENESIS, Entry, entry_hash
+
+    ref = ChunkRef("data/ab/" + "ab" * 32, 65616, os.urandom(32))
+    h = entry_hash(1, 5, "put", ref.name, ref.size, ref.sha256, GENESIS)
+    entry = Entry(1, 5, "put", ref.name, ref.size, ref.sha256, GENESIS, h)
+    rec = Logged((7, 0), 9, 70000, 5, 6, [(1, 0, 4464, b"sealed row")], (0, 0),
+                 [(0, ref), (2, None)], [entry])
+    plain = fsynclog.encode(rec)
+    assert fsynclog.decode((7, 0), plain, 5) == rec
+    old = struct.pack(">QQqqI", 9, 70000, 5, 6, 1) + struct.pack(">QQII", 1, 0, 4464, 10) + \
+        b"sealed row"
+    assert fsynclog.decode((7, 0), old, 4) == Logged((7, 0), 9, 70000, 5, 6,
+                                                     [(1, 0, 4464, b"sealed row")], (0, 0))
+    for text, version in ((plain, 4), (old, 5)):
+        with pytest.raises(IntegrityError, match="malformed"):
+            fsynclog.decode((7, 0), text, version)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptfs.errors import CryptfsError, IntegrityError
 from cryptfs.format.codec import ChunkRef
 from cryptfs.fs.base import FileSystemBase, OpenFile, log
+from cryptfs.meta.ledger import Entry
 
 # the metadata's state key that a commit with a place in an fsync log marks with it
 # ("<checkpoint sequence> <record number>": which records the local metadata holds)
@@ -24,11 +25,16 @@ LOG_MARK = "fsync-log"
 
 @dataclass
 class Logged:
-    """An fsync's commit that wrote nothing but journal rows of one file, its size and times,
-    and the mark of its place in an fsync log (cryptfs.vault.fsynclog): ``slot`` (checkpoint
-    sequence, record number) that ``log_slot()`` gave it, ``rows`` ``(idx, seq, off,
-    sealed)``, ``changes`` the engine's change count before and after the commit (what the
-    log's owner checks nothing else was written since the record before)."""
+    """An fsync's commit that wrote nothing but one file's journal rows and chunk map entries
+    (chunks it sealed, each a chunk object of its own), its size and times, ledger entries
+    (of the objects stored since the last commit), and the mark of its place in an fsync log
+    (cryptfs.vault.fsynclog): ``slot`` (checkpoint sequence, record number) that
+    ``log_slot()`` gave it, ``rows`` ``(idx, seq, off, sealed)``, ``changes`` the engine's
+    change count before and after the commit (what the log's owner checks nothing else was
+    written since the record before), ``blocks`` ``(idx, ref or None: a hole)`` in the order
+    set; ``entries``: every ledger entry since the checkpoint's head or the record before, in
+    order (the log's owner fills them in; the objects they name are durable in the store
+    before the record is)."""
 
     slot: tuple[int, int]
     ino: int
@@ -37,6 +43,8 @@ class Logged:
     ctime_ns: int
     rows: list[tuple[int, int, int, bytes]]
     changes: tuple[int, int]
+    blocks: list[tuple[int, ChunkRef | None]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
 
 
 class Journal(FileSystemBase):
@@ -73,11 +81,12 @@ class Journal(FileSystemBase):
     def _log_mark(self, refs: dict[int, ChunkRef | None],
                   rows: dict[int, tuple[int, int, bytes]]) -> tuple[int, int, int] | None:
         """In an fsync's commit transaction (caller holds the filesystem lock), after its
-        journal rows and inode: if it stores no chunk and journals something, its place in
-        the fsync log (``log_slot()``), marked in the metadata, and the engine's change count
-        after the mark (the commit is logged only if nothing is written after it); else
-        None."""
-        if refs or not rows:
+        chunk map entries, journal rows, inode and ledger entries: if it journals or seals
+        something (no chunk in a pack: a pack is stored later), its place in the fsync log
+        (``log_slot()``), marked in the metadata, and the engine's change count after the
+        mark (the commit is logged only if nothing is written after it); else None."""
+        if not refs and not rows or \
+                any(r is not None and r.pack is not None for r in refs.values()):
             return None
         slot = self.log_slot()
         if slot is None:

@@ -164,10 +164,10 @@ class Writes(FileSystemBase):
             if f.mtime_ns is not None:
                 node.mtime_ns = node.ctime_ns = f.mtime_ns
             self._save(node)
-            if journal:
+            if self.before_commit is not None:  # last but the mark: other machines wait for
+                self.before_commit()  # the ledger's lock from here to the commit
+            if journal:  # (one machine's vault: after the ledger entries, in the log's record)
                 slot = self._log_mark(refs, journaled)
-            if self.before_commit is not None:  # last: other machines wait for the
-                self.before_commit()  # ledger's lock from here to the commit
             return node
 
         with self.lock:
@@ -202,7 +202,8 @@ class Writes(FileSystemBase):
         if slot is None or slot[2] != changes[1]:  # (none, or the commit wrote more)
             return None
         return Logged(slot[:2], f.ino, node.size, node.mtime_ns, node.ctime_ns,
-                      [(i, *row) for i, row in journaled.items()], changes)
+                      [(i, *row) for i, row in journaled.items()], changes,
+                      [(i, r) for i, r in refs.items() if i * self.cs < f.size])  # (as set)
 
     def _claim_kept(self, refs: dict[int, ChunkRef | None]) -> bool:
         """In a commit's transaction on a vault other machines write: the chunks written are

@@ -254,6 +254,7 @@ class Checkpointer:
         self.newest: str | None = None  # the newest checkpoint this mount wrote
         self.fsync_log = FsyncLog(store, codec, lock)  # (an fsync's record, not a round)
         self._logged = 0  # the changes the fsync log holds since the last checkpoint
+        self._log_seq = 0  # the last ledger entry the checkpoint or the log's records hold
         self._wake = threading.Event()  # a checkpoint was requested (or the mount ends)
         self._spaced_until = 0.0  # (time.monotonic) no requested round before then
         self._deferred = False  # more to collect than an fsync's round takes: run()'s rounds
@@ -376,8 +377,10 @@ class Checkpointer:
         """Append the record of ``logged`` to the fsync log if it is the next one and every
         commit since the last checkpoint is in the log before it (the change count: nothing
         else written; and no ledger entry queued, no collection due that an fsync's round
-        would run); True once it is durable. Its writes then call for no round at an fsync
-        (they do for :meth:`sync`)."""
+        would run); True once it is durable. The record carries the ledger entries since the
+        checkpoint's head or the record before (the round's own, and those its commit wrote:
+        the objects of its sealed chunks, made durable in the store first). Its writes then
+        call for no round at an fsync (they do for :meth:`sync`)."""
         self.gate()
         with self._ckpt_lock:
             before, after = logged.changes
@@ -387,10 +390,18 @@ class Checkpointer:
                         before != self._clean_at + self._own_writes + self._logged or \
                         (self._uncollected and self._collects(True)):
                     return False
+                # (nothing committed since its commit: the ledger ends with its entries)
+                head = self.ledger.head()
+                if head is not None and head.seq > self._log_seq:
+                    logged.entries = list(self.ledger.entries(self._log_seq))
+            if logged.blocks or logged.entries:  # (the objects they name first)
+                self.store.sync()
             if not self.fsync_log.append(logged):
                 return False
             with self.lock:
                 self._logged += after - before
+                if logged.entries:
+                    self._log_seq = logged.entries[-1].seq
             return True
 
     def finish(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -656,6 +667,7 @@ class Checkpointer:
         assert last is not None
         self.last_seq = last.seq
         self.fsync_log.restart(None if meta.shared else e.seq, e.hash)
+        self._log_seq = e.seq  # (its log's first record carries the entries after its head)
         return left
 
     def _in_store(self, names: set[str]) -> bool:

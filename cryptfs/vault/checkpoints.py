@@ -36,9 +36,11 @@ class Checkpoint:
 
 
 # version 2 added ``segments`` (a version 1 checkpoint has none), version 3 ``delta``, version 4
-# the fsync log ``logs/<seq>`` (cryptfs.vault.fsynclog) whose records apply after it
-CHECKPOINT_VERSION = 4
+# the fsync log ``logs/<seq>`` (cryptfs.vault.fsynclog) whose records apply after it, version 5
+# records that also seal chunks (their chunk map entries and ledger entries)
+CHECKPOINT_VERSION = 5
 LOG_VERSION = 4  # the first version an fsync log may follow
+SEAL_VERSION = 5  # the first whose log's records may seal chunks (blocks, ledger entries)
 
 
 def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:

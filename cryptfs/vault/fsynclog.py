@@ -23,17 +23,19 @@ machine whose local database holds them keeps them.
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 import threading
 
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, ObjectTooLarge
-from cryptfs.format.codec import Codec
+from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LOG, log_name, log_seq
 from cryptfs.fs.journal import LOG_MARK, Logged
 from cryptfs.meta.engine import MetaEngine
+from cryptfs.meta.ledger import GENESIS, Entry, entry_hash
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import LOG_VERSION, Checkpoint, read_checkpoints
+from cryptfs.vault.checkpoints import LOG_VERSION, SEAL_VERSION, Checkpoint, read_checkpoints
 
 log = logging.getLogger("cryptfs.vault.fsynclog")
 
@@ -43,17 +45,28 @@ _ROW = struct.Struct(">QQII")  # idx, seq, off, length of the sealed bytes that 
 
 
 def encode(logged: Logged) -> bytes:
-    """A record's plaintext (docs/FORMAT.md 6.7)."""
+    """A record's plaintext (docs/FORMAT.md 6.7; of a version 5 checkpoint's log: the rows,
+    then the chunks it sealed and the ledger entries its commit wrote, as JSON)."""
     parts = [_RECORD.pack(logged.ino, logged.size, logged.mtime_ns, logged.ctime_ns,
                           len(logged.rows))]
     for idx, seq, off, sealed in logged.rows:
         parts += [_ROW.pack(idx, seq, off, len(sealed)), sealed]
+    sealing = {
+        "blocks": [[idx, None if ref is None else
+                    {"name": ref.name, "size": ref.size, "sha256": ref.sha256.hex()}]
+                   for idx, ref in logged.blocks],
+        "entries": [e.to_json() for e in logged.entries],
+    }
+    parts.append(json.dumps(sealing, separators=(",", ":")).encode())
     return b"".join(parts)
 
 
-def decode(slot: tuple[int, int], plain: bytes) -> Logged:
-    """A record's plaintext read back; IntegrityError if malformed (it was authentic: never
-    expected)."""
+def decode(slot: tuple[int, int], plain: bytes, version: int = SEAL_VERSION) -> Logged:
+    """A record's plaintext read back (from the log of a checkpoint of ``version``: before
+    version 5 the record ends after its rows, from it a JSON document of the chunks it
+    sealed and its ledger entries follows); IntegrityError if malformed (it was authentic:
+    never expected)."""
+    where = f"record {slot[1]} of {log_name(slot[0])}"
     try:
         ino, size, mtime, ctime, count = _RECORD.unpack_from(plain)
         at, rows = _RECORD.size, []
@@ -65,12 +78,21 @@ def decode(slot: tuple[int, int], plain: bytes) -> Logged:
             rows.append((idx, seq, off, plain[at:at + n]))
             at += n
     except struct.error as e:
-        raise IntegrityError(f"record {slot[1]} of {log_name(slot[0])} is malformed "
-                             f"({e})") from None
-    if at != len(plain):
-        raise IntegrityError(f"record {slot[1]} of {log_name(slot[0])} is malformed "
-                             "(bytes after its last row)")
-    return Logged(slot, ino, size, mtime, ctime, rows, (0, 0))
+        raise IntegrityError(f"{where} is malformed ({e})") from None
+    blocks: list[tuple[int, ChunkRef | None]] = []
+    entries: list[Entry] = []
+    if version >= SEAL_VERSION:
+        try:
+            doc = json.loads(plain[at:])
+            for idx, ref in doc["blocks"]:
+                blocks.append((int(idx), None if ref is None else ChunkRef(
+                    str(ref["name"]), int(ref["size"]), bytes.fromhex(ref["sha256"]))))
+            entries = [Entry.from_json(e) for e in doc["entries"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"{where} is malformed (its sealed chunks: {e})") from None
+    elif at != len(plain):
+        raise IntegrityError(f"{where} is malformed (bytes after its last row)")
+    return Logged(slot, ino, size, mtime, ctime, rows, (0, 0), blocks, entries)
 
 
 def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
@@ -102,22 +124,46 @@ def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
         slot = (seq, len(out))
         plain = codec.open_log_record(seq, ck.hash, len(out),
                                       blob[at + _LEN.size:at + _LEN.size + n])
-        out.append(decode(slot, plain))
+        out.append(decode(slot, plain, ck.version))
         at += _LEN.size + n
     return out
 
 
 def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
     """Apply records, in order, to metadata holding their checkpoint and the records before
-    them (caller holds the engine and commits): each file's size and times, its journal rows,
-    and the mark. Returns the inodes changed. IntegrityError if a record names a file that
-    is not there (never expected of an authentic log over its checkpoint)."""
+    them (caller holds the engine and commits, and drops any ledger head it cached): its
+    ledger entries (continuing the chain), the chunks it sealed (chunk map entries, with
+    their reference counts and objects), each file's size and times, its journal rows, and
+    the mark. Returns the inodes changed. IntegrityError if a record names a file that is
+    not there, or its entries do not continue the ledger (never expected of an authentic log
+    over its checkpoint)."""
     changed: set[int] = set()
     for r in records:
+        where = f"record {r.slot[1]} of {log_name(r.slot[0])}"
         node = meta.get_inode(r.ino)
         if node is None:
-            raise IntegrityError(f"record {r.slot[1]} of {log_name(r.slot[0])} names inode "
-                                 f"{r.ino}, which its checkpoint does not hold")
+            raise IntegrityError(f"{where} names inode {r.ino}, which its checkpoint does "
+                                 "not hold")
+        if r.entries:
+            newest = meta.ledger_newest(1)
+            seq, prev = (newest[0][0], bytes(newest[0][7])) if newest else (0, GENESIS)
+            new = []
+            for e in r.entries:
+                if e.seq <= seq:  # held already (a local database that kept the commit)
+                    held = meta.ledger_get(e.seq)
+                    if held is None or bytes(held[7]) != e.hash:
+                        raise IntegrityError(f"{where}: its ledger entry {e.seq} is not the "
+                                             "one the ledger holds")
+                    continue
+                if (e.seq, e.prev) != (seq + 1, prev) or e.hash != entry_hash(
+                        e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev):
+                    raise IntegrityError(f"{where}: its ledger entry {e.seq} does not "
+                                         "continue the ledger")
+                seq, prev = e.seq, e.hash
+                new.append(e.row())
+            meta.ledger_insert(new)
+        for idx, ref in r.blocks:
+            meta.set_block(r.ino, idx, ref, staged=False)
         node.size, node.mtime_ns, node.ctime_ns = r.size, r.mtime_ns, r.ctime_ns
         meta.update_inode(node)
         for idx, seq, off, sealed in r.rows:

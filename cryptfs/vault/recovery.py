@@ -42,6 +42,7 @@ def recover(fs: FileSystem, meta: MetaStore | PgMetaStore, ledger: Ledger, chunk
     metadata unclean. Returns one line per kind of repair made."""
     done: list[str] = []
     logged = replay_log(fs.lock, meta, store, codec)  # (docs/FORMAT.md 6.7)
+    ledger.invalidate()  # (records append ledger entries)
     if logged:
         done.append(f"fsyncs of {len(logged)} files the local metadata lost: applied from "
                     "the store's fsync log")
