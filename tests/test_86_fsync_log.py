@@ -616,3 +616,38 @@ def test_a_record_that_seals_chunks_round_trips_and_one_of_version_4_still_reads
     for text, version in ((plain, 4), (old, 5)):
         with pytest.raises(IntegrityError, match="malformed"):
             fsynclog.decode((7, 0), text, version)
+
+
+def test_a_log_written_before_sealing_records_still_reads(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A vault as a cryptfs before sealing records left it: a version 4 checkpoint followed by
+    a log of rows-only records (written here by that writer's rules: the checkpoint version
+    and the record encoding of then, with small writes: nothing sealed). A new machine reads
+    the fsync'd bytes from the store alone with today's cryptfs."""
+    import struct
+
+    from cryptfs.fs.journal import Logged
+    from cryptfs.vault import checkpointer
+
+    def encode_v4(logged: Logged) -> bytes:  # (FORMAT.md 6.7, version 4)
+        parts = [struct.pack(">QQqqI", logged.ino, logged.size, logged.mtime_ns,
+                             logged.ctime_ns, len(logged.rows))]
+        for idx, seq, off, sealed in logged.rows:
+            parts += [struct.pack(">QQII", idx, seq, off, len(sealed)), sealed]
+        return b"".join(parts)
+
+    monkeypatch.setattr(checkpointer, "CHECKPOINT_VERSION", 4)
+    monkeypatch.setattr(fsynclog, "encode", encode_v4)
+    model = bytearray(b"v" * 9000)
+    fs, fh = sealed_file(vault, b"old", bytes(model))  # (a version 4 checkpoint)
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    assert ck.version == 4
+    for i in range(3):
+        fs.write(fh, 1000 * i, b"%d" % i * 300)
+        write(model, 1000 * i, b"%d" % i * 300)
+        fs.fsync(fh)
+    records = read_log(vault.store, vault.codec, ck)
+    assert len(records) == 3 and all(r.rows and not r.blocks for r in records)
+    assert new_machine(home, monkeypatch, 2, b"old") == bytes(model)
+    fs.release(fh)

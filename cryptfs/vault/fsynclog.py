@@ -42,6 +42,7 @@ log = logging.getLogger("cryptfs.vault.fsynclog")
 _LEN = struct.Struct(">I")
 _RECORD = struct.Struct(">QQqqI")  # ino, size, mtime_ns, ctime_ns, rows
 _ROW = struct.Struct(">QQII")  # idx, seq, off, length of the sealed bytes that follow
+_NOTHING_SEALED = b'{"blocks":[],"entries":[]}'
 
 
 def encode(logged: Logged) -> bytes:
@@ -51,6 +52,9 @@ def encode(logged: Logged) -> bytes:
                           len(logged.rows))]
     for idx, seq, off, sealed in logged.rows:
         parts += [_ROW.pack(idx, seq, off, len(sealed)), sealed]
+    if not logged.blocks and not logged.entries:  # (most records: no JSON encoder)
+        parts.append(_NOTHING_SEALED)
+        return b"".join(parts)
     sealing = {
         "blocks": [[idx, None if ref is None else
                     {"name": ref.name, "size": ref.size, "sha256": ref.sha256.hex()}]
