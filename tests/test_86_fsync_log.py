@@ -16,7 +16,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -650,4 +650,41 @@ def test_a_log_written_before_sealing_records_still_reads(
     records = read_log(vault.store, vault.codec, ck)
     assert len(records) == 3 and all(r.rows and not r.blocks for r in records)
     assert new_machine(home, monkeypatch, 2, b"old") == bytes(model)
+    fs.release(fh)
+
+
+def test_the_object_of_a_sealed_chunk_is_on_the_disk_before_its_record(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fsync that seals a chunk is a record naming a new object: the object's file is
+    synced before the record is appended and synced (else a power loss after the fsync could
+    keep the record and lose the object it names)."""
+    fs, fh = sealed_file(vault, b"s", b"x" * 5000)
+    fs.write(fh, 10, b"first")
+    fs.fsync(fh)  # (the log's first record: the seal's is appended to it)
+    cks = listing(home, "checkpoints")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+    def spy(kind: str, real: Callable[[int], None]) -> Callable[[int], None]:
+        def call(fd: int) -> None:
+            events.append((kind, os.readlink(f"/proc/self/fd/{fd}")))
+            real(fd)
+        return call
+
+    monkeypatch.setattr(os, "fsync", spy("fsync", real_fsync))
+    monkeypatch.setattr(os, "fdatasync", spy("fdatasync", real_fdatasync))
+    fs.write(fh, 0, random.Random(7).randbytes(CHUNK))  # chunk 0 written whole: sealed
+    fs.fsync(fh)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fdatasync", real_fdatasync)
+    assert listing(home, "checkpoints") == cks  # a record, not a checkpoint
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    record = read_log(vault.store, vault.codec, ck)[-1]
+    ((idx, ref),) = record.blocks
+    assert idx == 0 and ref is not None
+    obj = str(home / "store" / ref.name)
+    log = str(home / "store" / "logs" / f"{ck.seq:016d}")
+    assert ("fdatasync", log) in events  # (appended, then synced)
+    assert ("fsync", obj) in events[:events.index(("fdatasync", log))]
     fs.release(fh)

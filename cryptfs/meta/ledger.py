@@ -59,6 +59,12 @@ class Entry:
         return (self.seq, self.time_ns, self.op, self.name, self.size, self.sha256, self.prev,
                 self.hash)
 
+    def follows(self, seq: int, prev: bytes) -> bool:
+        """Whether this entry continues a chain whose last entry has sequence ``seq`` (0: none)
+        and hash ``prev``, and its own hash is that of its fields."""
+        return self.seq == seq + 1 and self.prev == prev and self.hash == entry_hash(
+            self.seq, self.time_ns, self.op, self.name, self.size, self.sha256, self.prev)
+
     def to_json(self) -> dict[str, object]:
         return {
             "seq": self.seq,
@@ -210,8 +216,7 @@ class Ledger:
             raise self._fork(f"has an entry after sequence {start} that fails "
                              "authentication") from None
         for e in [*walked, head]:
-            if e.seq != (last.seq if last else 0) + 1 or e.prev != prev or \
-                    entry_hash(e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev) != e.hash:
+            if not e.follows(last.seq if last else 0, prev):
                 raise self._fork(f"is broken at sequence {e.seq}, after the sequence "
                                  f"{last.seq if last else 0} this machine verified")
             if e.op == "put" and e.name.startswith(CHECKPOINT_PREFIX):

@@ -33,7 +33,7 @@ from cryptfs.format.codec import ChunkRef, Codec
 from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LOG, log_name, log_seq
 from cryptfs.fs.journal import LOG_MARK, Logged
 from cryptfs.meta.engine import MetaEngine
-from cryptfs.meta.ledger import GENESIS, Entry, entry_hash
+from cryptfs.meta.ledger import GENESIS, Entry
 from cryptfs.stores import ObjectStore
 from cryptfs.vault.checkpoints import LOG_VERSION, SEAL_VERSION, Checkpoint, read_checkpoints
 
@@ -159,8 +159,7 @@ def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
                         raise IntegrityError(f"{where}: its ledger entry {e.seq} is not the "
                                              "one the ledger holds")
                     continue
-                if (e.seq, e.prev) != (seq + 1, prev) or e.hash != entry_hash(
-                        e.seq, e.time_ns, e.op, e.name, e.size, e.sha256, e.prev):
+                if not e.follows(seq, prev):
                     raise IntegrityError(f"{where}: its ledger entry {e.seq} does not "
                                          "continue the ledger")
                 seq, prev = e.seq, e.hash
