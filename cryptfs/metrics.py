@@ -432,8 +432,8 @@ class MeteredStore:
     def put(self, name: str, data: bytes) -> None:
         self._call("put", self.inner.put, name, data, nbytes=lambda _: len(data))
 
-    def append(self, name: str, data: bytes) -> None:  # (counted as a put)
-        self._call("put", self.inner.append, name, data, nbytes=lambda _: len(data))
+    def append(self, name: str, at: int, data: bytes) -> None:  # (counted as a put)
+        self._call("put", self.inner.append, name, at, data, nbytes=lambda _: len(data))
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         done = bool(self._call("put_if_absent", self.inner.put_if_absent, name, data))

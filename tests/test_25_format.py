@@ -262,7 +262,7 @@ class FormatReader:
         return self._open_blob(b"meta", m["name"], blob)
 
     def snapshot(self, ck: dict, workdir: Path) -> sqlite3.Connection:
-        if ck.get("version", 1) not in (1, 2, 3, 4, 5):
+        if ck.get("version", 1) not in (1, 2, 3, 4, 5, 6):
             raise FormatError("checkpoint version")
         image = self._meta_object(ck["meta"], "snapshot")
         if not image.startswith(b"SQLite format 3\0"):
@@ -408,18 +408,28 @@ class FormatReader:
 
     def apply_log(self, db: sqlite3.Connection, ck: dict) -> None:
         """FORMAT.md 6.7: the records of the checkpoint's fsync log, in order, each sealed
-        for its place; a last record cut short is left out."""
+        for its place; a last record cut short (or, from version 6, torn) is left out; from
+        version 6 frames are 4-byte aligned and a zero length ends the log."""
         name = f"logs/{int(ck['seq']):016d}"
         if ck.get("version", 1) < 4 or not (self.store / name).exists():
             return
         blob, at, n = self._get(name), 0, 0
         head, prev = int(ck["seq"]), bytes.fromhex(ck["hash"])
+        ahead = ck.get("version", 1) >= 6
         while at + 4 <= len(blob):
             length = struct.unpack(">I", blob[at:at + 4])[0]
-            if at + 4 + length > len(blob):
+            end = at + 4 + length
+            if end > len(blob) or (ahead and length == 0):
                 break
-            plain = self._open_blob(b"log", f"{name}/{ck['hash']}/{n}",
-                                    blob[at + 4:at + 4 + length])
+            try:
+                plain = self._open_blob(b"log", f"{name}/{ck['hash']}/{n}", blob[at + 4:end])
+            except FormatError:
+                torn = ahead and not blob[end:].strip(b"\0") and any(
+                    not blob[max(at, s):min(end, s + 512)].strip(b"\0")
+                    for s in range(at - at % 512, end, 512))
+                if torn:
+                    break
+                raise
             ino, size, mtime, ctime, rows = struct.unpack(">QQqqI", plain[:36])
             p = 36
             parsed = []
@@ -458,7 +468,7 @@ class FormatReader:
                            "VALUES (?, ?, ?, ?, ?)", parsed)
             db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
                        (size, mtime, ctime, ino))
-            at, n = at + 4 + length, n + 1
+            at, n = end + (-end % 4 if ahead else 0), n + 1
         self.log_records += n
 
     def tree(self, workdir: Path) -> dict[str, tuple]:

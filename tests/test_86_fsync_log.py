@@ -70,6 +70,14 @@ def sealed_file(vault: Vault, name: bytes, data: bytes) -> tuple[FileSystem, int
     return fs, fh
 
 
+def records_end(log: Path) -> int:
+    """Where the records of a log file end (6.7: 4-byte aligned frames, then zeros)."""
+    blob, at = log.read_bytes(), 0
+    while at + 4 <= len(blob) and (n := int.from_bytes(blob[at:at + 4], "big")):
+        at += 4 + n + (-(4 + n) % 4)
+    return at
+
+
 def write(model: bytearray, off: int, data: bytes) -> None:
     model.extend(bytes(max(0, off - len(model))))
     model[off:off + len(data)] = data
@@ -284,14 +292,14 @@ def test_a_failed_append_is_cut_off_and_the_fsync_makes_a_checkpoint(
     fs.write(fh, 0, b"first")
     fs.fsync(fh)  # the log's first record (a put)
     (name,) = listing(home, "logs")
-    size = (home / "store" / "logs" / name).stat().st_size
+    size = records_end(home / "store" / "logs" / name)
     cks = listing(home, "checkpoints")
     real = os.fdatasync
     failed = []
 
     def full(fd: int) -> None:
         if not failed:
-            failed.append(os.fstat(fd).st_size)
+            failed.append(records_end(home / "store" / "logs" / name))
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd)
 
@@ -308,13 +316,17 @@ def test_a_failed_append_is_cut_off_and_the_fsync_makes_a_checkpoint(
 
 
 def test_an_append_that_fails_is_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An append overwrites what the object holds from its offset (zeros written ahead) and
+    grows it past its end; one that fails cuts the object off at its offset."""
     import errno
 
     from cryptfs.errors import StoreFull
     from cryptfs.stores import local
 
     store = local.LocalStore(tmp_path / "s", create=True)
-    store.put("logs/0000000000000001", b"first record")
+    store.put("logs/0000000000000001", b"first record" + bytes(8))
+    store.append("logs/0000000000000001", 12, b" and")
+    assert store.get("logs/0000000000000001", 100) == b"first record and" + bytes(4)
     real = os.fdatasync
 
     def full(fd: int) -> None:
@@ -323,10 +335,10 @@ def test_an_append_that_fails_is_cut_off(tmp_path: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(local.os, "fdatasync", full)
     with pytest.raises(StoreFull):
-        store.append("logs/0000000000000001", b" and a second")
-    assert store.get("logs/0000000000000001", 100) == b"first record"
-    store.append("logs/0000000000000001", b" and a third")
-    assert store.get("logs/0000000000000001", 100) == b"first record and a third"
+        store.append("logs/0000000000000001", 16, b" a second")
+    assert store.get("logs/0000000000000001", 100) == b"first record and"
+    store.append("logs/0000000000000001", 16, b" a third, past the end")
+    assert store.get("logs/0000000000000001", 100) == b"first record and a third, past the end"
 
 
 def test_a_full_log_makes_a_checkpoint(
@@ -341,7 +353,7 @@ def test_a_full_log_makes_a_checkpoint(
         write(model, 100 * i, b"%d" % i * 80)
         fs.fsync(fh)
         if i < 2:
-            sizes.append((home / "store" / "logs" / f"{first:016d}").stat().st_size)
+            sizes.append(records_end(home / "store" / "logs" / f"{first:016d}"))
         if i == 1:  # the log is full after its third record (the size of the second: the
             # first carries the ledger entries the checkpoint wrote after its head)
             monkeypatch.setattr(fsynclog, "LOG_TARGET", 2 * sizes[1] - sizes[0])
@@ -514,15 +526,23 @@ def test_a_tampered_record_is_refused_and_a_torn_one_left_out(
     (name,) = listing(home, "logs")
     log = home / "store" / "logs" / name
     blob = log.read_bytes()
-    first = 4 + int.from_bytes(blob[:4], "big")  # the second record starts here
-    # torn: the second record cut short, as by a power loss during its append
-    log.write_bytes(blob[:-7])
+    first = 4 + int.from_bytes(blob[:4], "big")
+    first += -first % 4  # the second record starts here
+    end = records_end(log)
+    assert end < len(blob) and blob.count(0, end) == len(blob) - end  # (zeros written ahead)
+    # torn by a power loss while the second record was written: its first bytes on the
+    # disk, the rest still the zeros written ahead
+    log.write_bytes(blob[:first + 100] + bytes(len(blob) - first - 100))
     assert new_machine(home, monkeypatch, 2, b"j") == MID
-    # tampered: a byte of the second record changed
-    log.write_bytes(blob[:first + 40] + bytes([blob[first + 40] ^ 1]) + blob[first + 41:])
-    with pytest.raises(IntegrityError) as e:
-        new_machine(home, monkeypatch, 3, b"j")
-    assert "\n" not in str(e.value)
+    # cut short (the file ends inside it)
+    log.write_bytes(blob[:end - 7])
+    assert new_machine(home, monkeypatch, 3, b"j") == MID
+    # tampered: a byte of the second record changed; a byte of the first, another after it
+    for n, at in ((4, first + 40), (5, 40)):
+        log.write_bytes(blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:])
+        with pytest.raises(IntegrityError) as e:
+            new_machine(home, monkeypatch, n, b"j")
+        assert "\n" not in str(e.value)
     power_loss(paths)  # (this machine needs the record too)
     with pytest.raises(IntegrityError) as e:
         read_j(paths)
@@ -541,8 +561,8 @@ def test_verify_authenticates_every_record(vault: Vault, home: Path) -> None:
     assert verify(vault).problems == []
     (name,) = listing(home, "logs")
     log = home / "store" / "logs" / name
-    blob = log.read_bytes()
-    log.write_bytes(blob[:-20] + bytes([blob[-20] ^ 1]) + blob[-19:])
+    blob, at = log.read_bytes(), records_end(log) - 20
+    log.write_bytes(blob[:at] + bytes([blob[at] ^ 1]) + blob[at + 1:])
     problems = verify(vault).problems
     assert [(p.kind, p.object) for p in problems] == [("corrupt", f"logs/{name}")]
     assert f"logs/{name}/" in problems[0].message
@@ -618,13 +638,15 @@ def test_a_record_that_seals_chunks_round_trips_and_one_of_version_4_still_reads
             fsynclog.decode((7, 0), text, version)
 
 
-def test_a_log_written_before_sealing_records_still_reads(
-    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_log_written_by_a_writer_of_before_still_reads(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch, version: int
 ) -> None:
-    """A vault as a cryptfs before sealing records left it: a version 4 checkpoint followed by
-    a log of rows-only records (written here by that writer's rules: the checkpoint version
-    and the record encoding of then, with small writes: nothing sealed). A new machine reads
-    the fsync'd bytes from the store alone with today's cryptfs."""
+    """A vault as a cryptfs before sealing records (version 4) or before zeros written ahead
+    (version 5) left it: a checkpoint of that version followed by a log written by that
+    writer's rules (its checkpoint version, records of version 4 holding rows only, frames
+    end to end and appended, nothing after them; small writes: nothing sealed). A new machine
+    reads the fsync'd bytes from the store alone with today's cryptfs."""
     import struct
 
     from cryptfs.fs.journal import Logged
@@ -637,16 +659,34 @@ def test_a_log_written_before_sealing_records_still_reads(
             parts += [struct.pack(">QQII", idx, seq, off, len(sealed)), sealed]
         return b"".join(parts)
 
-    monkeypatch.setattr(checkpointer, "CHECKPOINT_VERSION", 4)
-    monkeypatch.setattr(fsynclog, "encode", encode_v4)
+    def append_before(self: fsynclog.FsyncLog, logged: Logged) -> bool:
+        seq, n = logged.slot
+        plain = encode_v4(logged) if version == 4 else fsynclog.encode(logged)
+        sealed = self.codec.seal_log_record(seq, self.head, n, plain)
+        frame = struct.pack(">I", len(sealed)) + sealed
+        if n == 0:
+            self.store.put(fsynclog.log_name(seq), frame)
+            self.store.sync()
+        else:
+            self.store.append(fsynclog.log_name(seq), self._bytes, frame)
+        self._next += 1
+        self._bytes += len(frame)
+        return True
+
+    monkeypatch.setattr(checkpointer, "CHECKPOINT_VERSION", version)
+    monkeypatch.setattr(fsynclog.FsyncLog, "append", append_before)
     model = bytearray(b"v" * 9000)
-    fs, fh = sealed_file(vault, b"old", bytes(model))  # (a version 4 checkpoint)
+    fs, fh = sealed_file(vault, b"old", bytes(model))  # (a checkpoint of that version)
     ck = read_checkpoints(vault.store, vault.codec)[0][0]
-    assert ck.version == 4
+    assert ck.version == version
     for i in range(3):
-        fs.write(fh, 1000 * i, b"%d" % i * 300)
-        write(model, 1000 * i, b"%d" % i * 300)
+        fs.write(fh, 1000 * i, b"%d" % i * 301)
+        write(model, 1000 * i, b"%d" % i * 301)
         fs.fsync(fh)
+    blob, at = (home / "store" / "logs" / f"{ck.seq:016d}").read_bytes(), 0
+    while at < len(blob):
+        at += 4 + int.from_bytes(blob[at:at + 4], "big")
+    assert at == len(blob)  # (frames end to end, nothing after them)
     records = read_log(vault.store, vault.codec, ck)
     assert len(records) == 3 and all(r.rows and not r.blocks for r in records)
     assert new_machine(home, monkeypatch, 2, b"old") == bytes(model)

@@ -35,10 +35,12 @@ MAX_STORE_ID = 4 << 10  # a sealed JSON document of about 80 bytes
 MAX_CHECKPOINT = 64 << 20  # the head plus the ledger entries since its snapshot (~250 B each)
 MAX_SNAPSHOT = 4 << 10  # a snapshot pin: a sealed JSON document of about 600 bytes
 # An fsync log (docs/FORMAT.md 6.7) takes records while it has at most LOG_TARGET bytes, each
-# at most LOG_RECORD_MAX sealed (with its length prefix); readers accept MAX_LOG.
+# at most LOG_RECORD_MAX sealed (with its length prefix and its padding); readers accept
+# MAX_LOG. Its writer writes zeros LOG_AHEAD bytes ahead of its records (at most to MAX_LOG).
 LOG_TARGET = 4 << 20
 LOG_RECORD_MAX = 512 << 10
 MAX_LOG = LOG_TARGET + LOG_RECORD_MAX
+LOG_AHEAD = 1 << 20
 # Packs (docs/FORMAT.md 4.3): a closed file's short last chunk, at most PACK_MEMBER_MAX bytes
 # sealed, goes into a pack, which is closed once it reaches PACK_TARGET bytes or
 # PACK_MAX_MEMBERS members (or is waited for); a pack has at most MAX_PACK bytes, its index at

@@ -81,11 +81,15 @@ class ObjectStore(Protocol):
         """Make every object put so far durable (local: fsync of the files and directories
         written, or syncfs; S3: nothing to do)."""
 
-    def append(self, name: str, data: bytes) -> None:
-        """Add ``data`` at the end of existing object ``name`` (an fsync log), durably: when
-        this returns the object has it after a power loss. On a failure the object is as it
-        was (what was written of ``data`` is cut off again) and StoreError is raised. Only
-        where :attr:`appendable`; elsewhere NotImplementedError."""
+    def append(self, name: str, at: int, data: bytes) -> None:
+        """Write ``data`` into existing object ``name`` at offset ``at``, the end of what was
+        put and appended before (an fsync log), durably: when this returns the object has it
+        after a power loss. What the object holds from ``at`` on (zeros its writer put there
+        ahead: overwriting blocks the disk holds already costs it one write, growing the file
+        a journal commit too) is overwritten; the object grows where ``data`` goes past its
+        end. On a failure the object is cut off at ``at`` (what was written of ``data`` is
+        gone again) and StoreError is raised. Only where :attr:`appendable`; elsewhere
+        NotImplementedError."""
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Create ``name`` only if it does not exist (a conditional write where the store
@@ -187,7 +191,7 @@ class PlainStore:
     members: Sequence[Member] = ()
     appendable = False
 
-    def append(self, name: str, data: bytes) -> None:
+    def append(self, name: str, at: int, data: bytes) -> None:
         raise NotImplementedError(f"{type(self).__name__} objects are put whole")
 
     def targets(self, name: str) -> list[Member]:

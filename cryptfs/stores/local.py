@@ -95,25 +95,27 @@ class LocalStore(PlainStore):
 
     appendable = True
 
-    def append(self, name: str, data: bytes) -> None:
-        """Append and fdatasync (the object's name is durable since the sync after its put).
-        On a failure the file is cut back to its size before, so a later append never
-        follows a torn one."""
+    def append(self, name: str, at: int, data: bytes) -> None:
+        """Written in place from ``at`` and synced with ``fdatasync`` (the object's name is
+        durable since the sync after its put). Over zeros written ahead that syncs the data
+        alone (~140 us here, against ~205 for an append that grows the file). Nothing here
+        stats the file: after a stat, the next write updates its times at once and the
+        ``fdatasync`` commits the filesystem's journal as an append does (measured)."""
         _check_name(name)
         try:
-            fd = os.open(f"{self._root}/{name}", os.O_WRONLY | os.O_APPEND)
+            fd = os.open(f"{self._root}/{name}", os.O_WRONLY)
         except OSError as e:
             self._put_failed(name, e)
         try:
-            end = os.fstat(fd).st_size
             try:
-                view = memoryview(data)
+                view, end = memoryview(data), at
                 while view:
-                    view = view[os.write(fd, view):]
+                    n = os.pwrite(fd, view, end)
+                    view, end = view[n:], end + n
                 os.fdatasync(fd)
             except OSError as e:
                 with contextlib.suppress(OSError):
-                    os.ftruncate(fd, end)
+                    os.ftruncate(fd, at)
                     os.fdatasync(fd)
                 self._put_failed(name, e)
         finally:

@@ -184,7 +184,7 @@ class ReplicatedStore:
         return sorted(self.members, key=lambda m: (m.down(), m.latency))
 
     # -- writing ------------------------------------------------------------------------------
-    def append(self, name: str, data: bytes) -> None:
+    def append(self, name: str, at: int, data: bytes) -> None:
         raise NotImplementedError("objects of several stores are put whole")
 
     def put(self, name: str, data: bytes) -> None:

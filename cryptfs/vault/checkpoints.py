@@ -37,10 +37,12 @@ class Checkpoint:
 
 # version 2 added ``segments`` (a version 1 checkpoint has none), version 3 ``delta``, version 4
 # the fsync log ``logs/<seq>`` (cryptfs.vault.fsynclog) whose records apply after it, version 5
-# records that also seal chunks (their chunk map entries and ledger entries)
-CHECKPOINT_VERSION = 5
+# records that also seal chunks (their chunk map entries and ledger entries), version 6 a log
+# whose records are 4-byte aligned and may be followed by zeros written ahead of them
+CHECKPOINT_VERSION = 6
 LOG_VERSION = 4  # the first version an fsync log may follow
 SEAL_VERSION = 5  # the first whose log's records may seal chunks (blocks, ledger entries)
+AHEAD_VERSION = 6  # the first whose log may hold zeros after its records
 
 
 def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:

@@ -30,12 +30,26 @@ import threading
 
 from cryptfs.errors import CryptfsError, IntegrityError, ObjectNotFound, ObjectTooLarge
 from cryptfs.format.codec import ChunkRef, Codec
-from cryptfs.format.layout import LOG_PREFIX, LOG_RECORD_MAX, LOG_TARGET, MAX_LOG, log_name, log_seq
+from cryptfs.format.layout import (
+    LOG_AHEAD,
+    LOG_PREFIX,
+    LOG_RECORD_MAX,
+    LOG_TARGET,
+    MAX_LOG,
+    log_name,
+    log_seq,
+)
 from cryptfs.fs.journal import LOG_MARK, Logged
 from cryptfs.meta.engine import MetaEngine
 from cryptfs.meta.ledger import GENESIS, Entry
 from cryptfs.stores import ObjectStore
-from cryptfs.vault.checkpoints import LOG_VERSION, SEAL_VERSION, Checkpoint, read_checkpoints
+from cryptfs.vault.checkpoints import (
+    AHEAD_VERSION,
+    LOG_VERSION,
+    SEAL_VERSION,
+    Checkpoint,
+    read_checkpoints,
+)
 
 log = logging.getLogger("cryptfs.vault.fsynclog")
 
@@ -103,8 +117,9 @@ def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
     """The records of the log of checkpoint ``ck`` in order (none if it has no log). The
     object is read bounded (MAX_LOG), each record authenticated for its place (the
     checkpoint's number and ledger head, its number in the log) before use; a last record cut
-    short (its append was not acknowledged: a power loss) is left out. IntegrityError (one
-    line) for a record that fails, or a log larger than readers accept."""
+    short or, in a log written ahead with zeros (version 6), torn (:func:`_torn`) is left
+    out: its append was not acknowledged (a power loss). IntegrityError (one line) for a
+    record that fails, or a log larger than readers accept."""
     seq = ck.seq
     name = log_name(seq)
     try:
@@ -115,10 +130,13 @@ def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
         raise IntegrityError(f"the fsync log: {e}") from None
     out: list[Logged] = []
     at = 0
+    ahead = ck.version >= AHEAD_VERSION
     while at < len(blob):
         if at + _LEN.size > len(blob):
             break  # (a torn length)
         (n,) = _LEN.unpack_from(blob, at)
+        if n == 0 and ahead:
+            break  # (the zeros written ahead)
         if n > LOG_RECORD_MAX:
             raise IntegrityError(f"record {len(out)} of {name} claims {n} bytes, more than "
                                  f"a record may have ({LOG_RECORD_MAX})")
@@ -126,11 +144,31 @@ def read_log(store: ObjectStore, codec: Codec, ck: Checkpoint) -> list[Logged]:
             log.info("%s: its last record was cut short (not acknowledged): left out", name)
             break
         slot = (seq, len(out))
-        plain = codec.open_log_record(seq, ck.hash, len(out),
-                                      blob[at + _LEN.size:at + _LEN.size + n])
+        end = at + _LEN.size + n
+        try:
+            plain = codec.open_log_record(seq, ck.hash, len(out), blob[at + _LEN.size:end])
+        except IntegrityError:
+            if not ahead or not _torn(blob, at, end):
+                raise
+            log.info("%s: its last record was torn (not acknowledged): left out", name)
+            break
         out.append(decode(slot, plain, ck.version))
-        at += _LEN.size + n
+        at = end + (-end % 4 if ahead else 0)
     return out
+
+
+def _torn(blob: bytes, at: int, end: int) -> bool:
+    """Whether the frame ``blob[at:end]``, which fails authentication, is an append a power
+    loss tore (6.7): nothing but zeros after it (the zeros written ahead), and a 512-byte
+    sector of the file where its write did not land (the frame's part of it still zeros).
+    A record changed otherwise, or followed by another, is not."""
+    if blob.count(0, end) != len(blob) - end:
+        return False
+    for sector in range(at - at % 512, end, 512):
+        lo, hi = max(at, sector), min(end, sector + 512)
+        if blob.count(0, lo, hi) == hi - lo:
+            return True
+    return False
 
 
 def apply_records(meta: MetaEngine, records: list[Logged]) -> set[int]:
@@ -219,7 +257,8 @@ class FsyncLog:
         self.head = b""  # its ledger head hash
         self._given = 0  # places handed out (slot), under the filesystem lock
         self._next = 0  # the next record to append
-        self._bytes = 0
+        self._bytes = 0  # where it goes
+        self._room = 0  # the object's size (its records and the zeros written ahead)
         self._failed = False  # an append failed: no more records until the next checkpoint
         self._swept = False  # the logs of earlier mounts were deleted
 
@@ -236,24 +275,32 @@ class FsyncLog:
 
     def append(self, logged: Logged) -> bool:
         """Append the record of ``logged`` (which :meth:`fits`), durably; False if it is too
-        big or the store failed (the log then takes no more records: a checkpoint follows)."""
+        big or the store failed (the log then takes no more records: a checkpoint follows).
+        Zeros go LOG_AHEAD bytes ahead of the records, written with the record that passes
+        the last of them: an append then overwrites them (the disk syncs one write, not a
+        file that grew)."""
         seq, n = logged.slot
         sealed = self.codec.seal_log_record(seq, self.head, n, encode(logged))
         frame = _LEN.pack(len(sealed)) + sealed
+        frame += bytes(-len(frame) % 4)
         if len(frame) > LOG_RECORD_MAX:  # (so the log stays within MAX_LOG)
             return False
+        end = self._bytes + len(frame)
+        if end > self._room:
+            frame += bytes(min(MAX_LOG, end + LOG_AHEAD) - end)
         try:
             if n == 0:
                 self.store.put(log_name(seq), frame)
                 self.store.sync()
             else:
-                self.store.append(log_name(seq), frame)
+                self.store.append(log_name(seq), self._bytes, frame)
         except CryptfsError as e:
             log.warning("fsync log %s: %s; a checkpoint instead", log_name(seq), e)
             self._failed = True
             return False
         self._next += 1
-        self._bytes += len(frame)
+        self._room = max(self._room, self._bytes + len(frame))
+        self._bytes = end
         return True
 
     def restart(self, seq: int | None, head: bytes = b"") -> None:
@@ -264,7 +311,7 @@ class FsyncLog:
             old, used = self.seq, self._next > 0 or self._failed
             self.seq = seq if self.store.appendable else None
             self.head = head
-            self._given = self._next = self._bytes = 0
+            self._given = self._next = self._bytes = self._room = 0
             self._failed = False
         if not self.store.appendable:
             return
