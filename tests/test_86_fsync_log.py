@@ -142,6 +142,36 @@ def test_a_page_rewritten_at_every_fsync_keeps_the_journal_bounded(
     fs.release(fh)
 
 
+def test_a_truncate_to_the_files_size_changes_its_times_and_its_fsync_is_a_record(
+    vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite truncates its database to its size after each WAL checkpoint, then fsyncs it:
+    the truncate changes the times alone (pending, as a write's), so the fsync that follows
+    is a record, not a checkpoint; a truncate that changes the size is committed at once."""
+    import time
+
+    fs, fh = sealed_file(vault, b"db", b"p" * 9000)
+    ino = fs.lookup(ROOT_INO, b"db").ino
+    fs.write(fh, 4096, b"page" * 1024)
+    cks = listing(home, "checkpoints")
+    before = fs.getattr(ino).mtime_ns
+    time.sleep(0.01)
+    node = fs.truncate(ino, 9000, fh)
+    assert node.size == 9000 and node.mtime_ns > before and node.ctime_ns == node.mtime_ns
+    assert fs.getattr(ino).mtime_ns == node.mtime_ns
+    fs.fsync(fh)
+    assert listing(home, "checkpoints") == cks  # (a record: the truncate committed nothing)
+    ck = read_checkpoints(vault.store, vault.codec)[0][0]
+    (rec,) = read_log(vault.store, vault.codec, ck)
+    assert rec.mtime_ns == node.mtime_ns and rec.size == 9000
+    assert new_machine(home, monkeypatch, 2, b"db") == b"p" * 4096 + b"page" * 1024 + \
+        b"p" * (9000 - 8192)
+    assert fs.truncate(ino, 5000, fh).size == 5000
+    with vault.fs.lock:
+        assert vault.meta.get_inode(ino).size == 5000  # (committed at once)
+    fs.release(fh)
+
+
 def test_an_fsync_after_another_commit_makes_a_checkpoint(
     vault: Vault, home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -266,10 +266,11 @@ class Writes(FileSystemBase):
                             buf = bytearray(self._plain(f, idx))
                         del buf[size % cs :]
                         f.dirty[idx] = buf
-                f.size = size
-                f.truncated = True
                 f.mtime_ns = time.time_ns()
-                self._commit(f)
+                if size != f.size or self.meta.shared:  # (else, as SQLite's after each WAL
+                    # checkpoint, the times alone: pending as a write's until the next commit)
+                    f.size, f.truncated = size, True
+                    self._commit(f)
         finally:
             if fh_t is not None:
                 self.release(fh_t)
