@@ -377,18 +377,21 @@ def test_a_full_log_makes_a_checkpoint(
     model = bytearray(b"x" * 5000)
     fs, fh = sealed_file(vault, b"f", bytes(model))
     first = read_checkpoints(vault.store, vault.codec)[0][0].seq
-    sizes = []
+    sizes, files = [], []
     for i in range(5):
         fs.write(fh, 100 * i, b"%d" % i * 80)
         write(model, 100 * i, b"%d" % i * 80)
         fs.fsync(fh)
         if i < 2:
             sizes.append(records_end(home / "store" / "logs" / f"{first:016d}"))
+            files.append((home / "store" / "logs" / f"{first:016d}").stat().st_size)
         if i == 1:  # the log is full after its third record (the size of the second: the
             # first carries the ledger entries the checkpoint wrote after its head)
             monkeypatch.setattr(fsynclog, "LOG_TARGET", 2 * sizes[1] - sizes[0])
     ck = read_checkpoints(vault.store, vault.codec)[0][0]
     newest = ck.seq
+    # the second record overwrote zeros the first wrote ahead: the file did not grow
+    assert sizes[1] > sizes[0] and files[0] == files[1] > sizes[1]
     assert newest > first  # (the fourth fsync found the log full)
     assert listing(home, "logs") == [f"{newest:016d}"]
     assert len(read_log(vault.store, vault.codec, ck)) == 1

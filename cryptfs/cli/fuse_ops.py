@@ -424,6 +424,8 @@ class CryptfsOperations(mfusepy.Operations):
         return fh
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        """(Defining it registers libfuse's read callback; the mounted filesystem's reads go
+        through :meth:`CryptfsFUSE.read` and :meth:`read_parts`.)"""
         return self.fs.read(fh, offset, size)
 
     def read_parts(self, path: str | None, size: int, offset: int, fh: int) -> list[bytes]:

@@ -51,20 +51,24 @@ SEGMENT_SIZE = 16 << 10  # plaintext bytes per segment (the last one may be shor
 _SEG_STORED = SEGMENT_SIZE + crypto.TAG_SIZE
 _SEG_INDEX = struct.Struct(">IB")  # a segment's index and last-segment flag, in its AAD
 NAME_HASHES = ("blake2b", "blake3")  # how chunks are named (the config's ``name_hash``)
-COMPRESS_AT = 0.7  # metadata is compressed if a sample of it shrinks to this (_compresses)
+COMPRESS_AT = 0.7  # metadata is compressed if a sample of it shrinks to this (_compressed)
 
 
-def _compresses(plain: bytes) -> bool:
-    """Whether zlib (level 1) pays for ``plain``: a sample of it (16 pieces of 4 KiB spread
-    over it; all of it if smaller) compresses to at most COMPRESS_AT of its size. Metadata
-    holding mostly sealed bytes (a database's journal rows, 5.3) compresses to ~0.8 here, at
-    ~50 MB/s, where metadata of files and names compresses to ~0.45 at ~100 MB/s."""
-    if len(plain) <= 16 * 4096:
-        sample = plain
-    else:
+def _compressed(plain: bytes) -> bytes | None:
+    """``plain`` compressed with zlib (level 1), or None where that does not pay: where it
+    keeps more than COMPRESS_AT of its size, judged by a sample (16 pieces of 4 KiB spread
+    over it) before the whole is compressed, or for a plaintext no larger than the sample by
+    the result itself. Metadata holding mostly sealed bytes (a database's journal rows, 5.3)
+    compresses to ~0.8 here, at ~50 MB/s, where metadata of files and names compresses to
+    ~0.45 at ~100 MB/s."""
+    if len(plain) > 16 * 4096:
         step = len(plain) // 16
         sample = b"".join(plain[i * step:i * step + 4096] for i in range(16))
-    return len(zlib.compress(sample, 1)) <= COMPRESS_AT * len(sample)
+        if len(zlib.compress(sample, 1)) > COMPRESS_AT * len(sample):
+            return None
+        return zlib.compress(plain, 1)
+    body = zlib.compress(plain, 1)
+    return body if len(body) <= COMPRESS_AT * len(plain) else None
 
 
 def padme(length: int) -> int:
@@ -373,10 +377,9 @@ class Codec:
     # -- metadata snapshots and checkpoints ---------------------------------------------------
     def seal_blob(self, kind: bytes, name: str, plain: bytes, compress: bool = False) -> bytes:
         """``plain`` sealed as 5.1 says; with ``compress``, zlib-compressed (flag 0x01) if that
-        pays (:func:`_compresses`), else as it is (flag 0x00)."""
-        compress = compress and _compresses(plain)
-        body = zlib.compress(plain, 1) if compress else plain
-        flag = b"\x01" if compress else b"\x00"
+        pays (:func:`_compressed`), else as it is (flag 0x00)."""
+        packed = _compressed(plain) if compress else None
+        flag, body = (b"\x00", plain) if packed is None else (b"\x01", packed)
         return bytes([OBJ_VERSION]) + crypto.seal(
             self._meta_key, flag + body, self._aad(kind, name)
         )

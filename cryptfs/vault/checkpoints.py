@@ -51,7 +51,7 @@ def checkpoint_objects(ck: Checkpoint) -> list[ChunkRef]:
     return [ck.meta, *ck.segments]
 
 
-def _ref(d: Any) -> ChunkRef:  # noqa: ANN401 - parsed JSON, checked by the caller
+def ref_of_json(d: Any) -> ChunkRef:  # noqa: ANN401 - parsed JSON, checked by the caller
     return ChunkRef(str(d["name"]), int(d["size"]), bytes.fromhex(d["sha256"]))
 
 
@@ -97,9 +97,9 @@ def open_checkpoint(codec: Codec, name: str, blob: bytes) -> Checkpoint:
             bytes.fromhex(body["hash"]),
             bytes.fromhex(body["mac"]),
             int(body["time_ns"]),
-            _ref(body["meta"]),
+            ref_of_json(body["meta"]),
             [Entry.from_json(e) for e in body["tail"]],
-            [_ref(x) for x in body.get("segments", [])] if version >= 2 else [],
+            [ref_of_json(x) for x in body.get("segments", [])] if version >= 2 else [],
             version,
             len(blob),
         )

@@ -49,6 +49,8 @@ from cryptfs.vault.checkpoints import (
     SEAL_VERSION,
     Checkpoint,
     read_checkpoints,
+    ref_json,
+    ref_of_json,
 )
 
 log = logging.getLogger("cryptfs.vault.fsynclog")
@@ -60,7 +62,7 @@ _NOTHING_SEALED = b'{"blocks":[],"entries":[]}'
 
 
 def encode(logged: Logged) -> bytes:
-    """A record's plaintext (docs/FORMAT.md 6.7; of a version 5 checkpoint's log: the rows,
+    """A record's plaintext (docs/FORMAT.md 6.7; from checkpoint version 5 on: the rows,
     then the chunks it sealed and the ledger entries its commit wrote, as JSON)."""
     parts = [_RECORD.pack(logged.ino, logged.size, logged.mtime_ns, logged.ctime_ns,
                           len(logged.rows))]
@@ -70,9 +72,7 @@ def encode(logged: Logged) -> bytes:
         parts.append(_NOTHING_SEALED)
         return b"".join(parts)
     sealing = {
-        "blocks": [[idx, None if ref is None else
-                    {"name": ref.name, "size": ref.size, "sha256": ref.sha256.hex()}]
-                   for idx, ref in logged.blocks],
+        "blocks": [[idx, None if ref is None else ref_json(ref)] for idx, ref in logged.blocks],
         "entries": [e.to_json() for e in logged.entries],
     }
     parts.append(json.dumps(sealing, separators=(",", ":")).encode())
@@ -102,9 +102,8 @@ def decode(slot: tuple[int, int], plain: bytes, version: int = SEAL_VERSION) -> 
     if version >= SEAL_VERSION:
         try:
             doc = json.loads(plain[at:])
-            for idx, ref in doc["blocks"]:
-                blocks.append((int(idx), None if ref is None else ChunkRef(
-                    str(ref["name"]), int(ref["size"]), bytes.fromhex(ref["sha256"]))))
+            blocks = [(int(idx), None if ref is None else ref_of_json(ref))
+                      for idx, ref in doc["blocks"]]
             entries = [Entry.from_json(e) for e in doc["entries"]]
         except (ValueError, KeyError, TypeError) as e:
             raise IntegrityError(f"{where} is malformed (its sealed chunks: {e})") from None
