@@ -157,6 +157,7 @@ class Vault:
         self._stored_lock = threading.Lock()
         self.replicator: threading.Thread | None = None
         self.readonly_reason: str | None = None  # why a read-write mount stopped writing
+        self._fence_lock = threading.Lock()  # (the heartbeat and a refused commit both fence)
         self._checked_at = float("-inf")  # when a change notice last had the ledger checked
 
     # -- opening ----------------------------------------------------------------------------
@@ -446,13 +447,14 @@ class Vault:
         committed locally; they reach the store once writing resumes or at the next mount."""
         if self.fs is None:
             return
-        if why is not None and self.readonly_reason is None:
-            log.error("the mount is read-only now: %s", why)
-        elif why is None and self.readonly_reason is not None:
-            log.warning("the mount is writable again: %s no longer holds",
-                        self.readonly_reason)
-        self.readonly_reason = why
-        self.fs.readonly = self.readonly or why is not None
+        with self._fence_lock:  # one line per change, whichever thread finds it first
+            if why is not None and self.readonly_reason is None:
+                log.error("the mount is read-only now: %s", why)
+            elif why is None and self.readonly_reason is not None:
+                log.warning("the mount is writable again: %s no longer holds",
+                            self.readonly_reason)
+            self.readonly_reason = why
+            self.fs.readonly = self.readonly or why is not None
 
     def _heartbeat(self) -> None:
         """Renew the lease every third of its lifetime (every 2 s while renewals fail). A
@@ -483,8 +485,10 @@ class Vault:
     def _session_expired(self, why: str) -> None:
         """The database refused a commit: this machine's session expired. Read-only at once
         (one log line), without waiting for the heartbeat to find out."""
-        self.session_lost = True
-        self.fence(why)
+        with self._fence_lock:
+            first, self.session_lost = not self.session_lost, True
+        if first:  # (the heartbeat's finding and a refused commit's may come together)
+            self.fence(why)
 
     def _elected(self) -> bool:
         """Whether this mount writes the vault's checkpoints: always with one machine; with
