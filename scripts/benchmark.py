@@ -12,7 +12,11 @@ cryptfs command of another checkout given with --before; columns local/before, s
 and cryptfs-pg (issue 14: cryptfs-local with its metadata in PostgreSQL, on a server the bench
 starts like the tests do, tests/pg_fixtures.py, but with fsync on; with cryptfs-local in the
 run the table gets a pg/local column; it also runs the two-mount workload: a second machine,
-its own XDG homes, on the same vault).
+its own XDG homes, on the same vault), aes-passthrough and s3-passthrough (the floors of
+`scripts/yardsticks.py`: the passthrough plus AES-GCM of 16 KiB segments on every read and
+write, and a FUSE filesystem storing what it is given in S3 objects of 1 MiB through boto3;
+they run the sequential write, and aes-passthrough the cold read, nothing else; with
+cryptfs-local or cryptfs-s3 in the run the table gets a local/aes-pt or s3/s3-pt column).
 
 Every target gets a fresh temporary directory. The same workloads run on each (see HEADER below),
 interleaved: workload k runs on every target in turn before workload k+1 (the FUSE round trips
@@ -54,11 +58,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 PASSTHROUGH = REPO / "scripts" / "passthrough.py"
+YARDSTICKS = REPO / "scripts" / "yardsticks.py"
 MIB = 1024 * 1024
 PASSPHRASE = "benchmark passphrase, not a secret"
 ALL_TARGETS = ("raw", "passthrough", "gocryptfs", "cryptfs-local", "cryptfs-s3", "boto3")
 EXTRA_TARGETS = ("passthrough-fusepy", "cryptfs-s3x2", "cryptfs-metrics", "cryptfs-before",
-                 "cryptfs-s3-before", "cryptfs-pg", "cryptfs-pg-before")
+                 "cryptfs-s3-before", "cryptfs-pg", "cryptfs-pg-before", "aes-passthrough",
+                 "s3-passthrough")
 FS_BASELINES = ("passthrough", "gocryptfs")
 CRYPTFS_TARGETS = ("cryptfs-local", "cryptfs-s3")
 
@@ -339,6 +345,8 @@ class Target:
 
     name = "?"
     fuse = True
+    # a yardstick runs only the sequential write ("write") or it and the cold read ("read")
+    sequential_only: str | None = None
 
     def __init__(self, base: Path, bench: Bench) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=base))
@@ -505,6 +513,46 @@ class FusepyPassthroughTarget(PassthroughTarget):
     name = "passthrough-fusepy"
     python = "/tmp/fusepy-venv/bin/python"
     binding = "fusepy"
+
+
+class AesYardstickTarget(PassthroughTarget):
+    """The passthrough that encrypts: `scripts/yardsticks.py aes`."""
+
+    name = "aes-passthrough"
+    sequential_only = "read"
+
+    def command(self) -> list[str]:
+        return [self.python, str(YARDSTICKS), "aes", str(self.src), str(self.mnt)]
+
+    def mount(self) -> None:
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=logf, start_new_session=True)
+        self._wait_mounted(self.proc)
+
+
+class S3YardstickTarget(AesYardstickTarget):
+    """A FUSE filesystem writing to S3 through boto3 and nothing else: `scripts/yardsticks.py
+    s3`, on the bench's moto server."""
+
+    name = "s3-passthrough"
+    sequential_only = "write"
+
+    def setup(self) -> None:
+        super().setup()
+        s3 = self.bench.s3()
+        s3.client().create_bucket(Bucket="bench-s3-passthrough")
+
+    def command(self) -> list[str]:
+        return [self.python, str(YARDSTICKS), "s3", str(self.mnt), self.bench.s3().endpoint,
+                "bench-s3-passthrough"]
+
+    def mount(self) -> None:
+        env = {**os.environ, **self.bench.s3().env()}
+        with open(self.logfile, "ab") as logf:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
+                                         stderr=logf, start_new_session=True, env=env)
+        self._wait_mounted(self.proc)
 
 
 class GocryptfsTarget(Target):
@@ -1446,6 +1494,8 @@ TARGET_CLASSES = {
     "cryptfs-s3-before": CryptfsS3BeforeTarget,
     "cryptfs-pg": CryptfsPgTarget,
     "cryptfs-pg-before": CryptfsPgBeforeTarget,
+    "aes-passthrough": AesYardstickTarget,
+    "s3-passthrough": S3YardstickTarget,
 }
 
 
@@ -1464,7 +1514,7 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
         return daemon_cpu(t, res, key, lambda: step(what, fn, *a))
 
     step("mount", t.mount)
-    if not sz.no_fsync:
+    if not sz.no_fsync and t.sequential_only is None:
         run_fsync_workloads(t, sz, run, res, step)
         try:
             run_snapshot_workloads(t, sz, run, res, step)
@@ -1487,11 +1537,16 @@ def run_suite(t: Target, sz: Sizes, run: int, tar: tuple[Path, int, int],
     if t.fuse:
         res.add(name, "umount", time.perf_counter() - t0)
     yield
+    if t.sequential_only == "write":
+        return
 
     step("cold mount", t.cold_mount)
     log(f"{name}: sequential read, cold")
     res.add(name, "seq_read", timed("seq_read", "sequential read", read_big, big, sz.big))
     yield
+    if t.sequential_only == "read":
+        step("unmount", t.umount)
+        return
 
     step("cold mount", t.cold_mount)
     log(f"{name}: random 4 KiB reads for {sz.random_s:g} s, uncached")
@@ -1650,6 +1705,11 @@ PAIRS = (("cryptfs-metrics", "cryptfs-local"), ("cryptfs-local", "cryptfs-before
          ("cryptfs-pg-before", "cryptfs-local"), ("cryptfs-pg", "cryptfs-pg-before"))
 
 
+# the floors of scripts/yardsticks.py, each against the cryptfs target it bounds
+YARDSTICK_PAIRS = (("cryptfs-local", "aes-passthrough"), ("cryptfs-s3", "s3-passthrough"))
+YARDSTICK_TARGETS = tuple(b for _c, b in YARDSTICK_PAIRS)
+
+
 def paired_ratio(res: Results, target: str, base: str, key: str, higher: bool) -> str:
     """The median of the per-run ratios (the two targets' run i ran interleaved, so each
     ratio compares figures taken minutes apart), with their range in brackets."""
@@ -1741,6 +1801,7 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
     ]
     paired = [p for p in PAIRS if p[0] in targets and p[1] in targets]
     ratio_cols += paired
+    ratio_cols += [p for p in YARDSTICK_PAIRS if p[0] in targets and p[1] in targets]
     short = {
         "passthrough": "pt",
         "gocryptfs": "gocfs",
@@ -1752,6 +1813,8 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
         "cryptfs-s3-before": "s3-before",
         "cryptfs-pg": "pg",
         "cryptfs-pg-before": "pg-before",
+        "aes-passthrough": "aes-pt",
+        "s3-passthrough": "s3-pt",
     }
     head = ["workload", "unit", *targets, *(f"{short[c]}/{short[b]}" for c, b in ratio_cols)]
     rows = [head, ["---"] * 2 + ["---:"] * (len(head) - 2)]
@@ -1761,13 +1824,16 @@ def render_table(res: Results, targets: list[str], sz: Sizes, tar: tuple[Path, i
             continue
         row = [label.format(**fields), unit]
         for t, v in zip(targets, vals, strict=True):
-            if v is None and (t == "boto3" or (t == "raw" and key in ("rss", "umount"))):
+            if v is None and (t == "boto3" or (t == "raw" and key in ("rss", "umount"))
+                              or t in YARDSTICK_TARGETS):
                 row.append("–")
             else:
                 row.append(fmt_value(v, unit))
         for c, b in ratio_cols:
             if not show_ratio or (b == "boto3" and key not in ("seq_write", "seq_read",
-                                                               "cold_rand_read")):
+                                                               "cold_rand_read")) \
+                    or (b in YARDSTICK_TARGETS and None in (res.median(c, key),
+                                                            res.median(b, key))):
                 row.append("–")
             elif (c, b) in paired:
                 row.append(paired_ratio(res, c, b, key, higher))
