@@ -475,15 +475,19 @@ class PassthroughTarget(Target):
         if not Path(self.python).exists():
             raise BenchError(f"{self.name}: {self.python} not found")
 
+    def daemon_command(self) -> list[str]:
+        return [self.python, str(PASSTHROUGH), "--binding", self.binding, str(self.src),
+                str(self.mnt)]
+
+    def process_env(self) -> dict | None:
+        """The daemon's environment (None: the bench's)."""
+        return None
+
     def mount(self) -> None:
         with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(
-                [self.python, str(PASSTHROUGH), "--binding", self.binding, self.src, self.mnt],
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-            )
+            self.proc = subprocess.Popen(self.daemon_command(), stdin=subprocess.DEVNULL,
+                                         stdout=logf, stderr=logf, start_new_session=True,
+                                         env=self.process_env())
         self._wait_mounted(self.proc)
 
     def daemon_pid(self) -> int | None:
@@ -521,17 +525,11 @@ class AesYardstickTarget(PassthroughTarget):
     name = "aes-passthrough"
     sequential_only = "read"
 
-    def command(self) -> list[str]:
+    def daemon_command(self) -> list[str]:
         return [self.python, str(YARDSTICKS), "aes", str(self.src), str(self.mnt)]
 
-    def mount(self) -> None:
-        with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=logf, start_new_session=True)
-        self._wait_mounted(self.proc)
 
-
-class S3YardstickTarget(AesYardstickTarget):
+class S3YardstickTarget(PassthroughTarget):
     """A FUSE filesystem writing to S3 through boto3 and nothing else: `scripts/yardsticks.py
     s3`, on the bench's moto server."""
 
@@ -543,16 +541,12 @@ class S3YardstickTarget(AesYardstickTarget):
         s3 = self.bench.s3()
         s3.client().create_bucket(Bucket="bench-s3-passthrough")
 
-    def command(self) -> list[str]:
+    def daemon_command(self) -> list[str]:
         return [self.python, str(YARDSTICKS), "s3", str(self.mnt), self.bench.s3().endpoint,
                 "bench-s3-passthrough"]
 
-    def mount(self) -> None:
-        env = {**os.environ, **self.bench.s3().env()}
-        with open(self.logfile, "ab") as logf:
-            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf,
-                                         stderr=logf, start_new_session=True, env=env)
-        self._wait_mounted(self.proc)
+    def process_env(self) -> dict | None:
+        return {**os.environ, **self.bench.s3().env()}
 
 
 class GocryptfsTarget(Target):
