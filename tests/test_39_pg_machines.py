@@ -1303,6 +1303,37 @@ def test_a_frozen_mount_whose_session_expired_turns_read_only(
     assert (ma / "a-writes").read_text() == "the live machine"
 
 
+def test_an_expiry_found_by_several_threads_at_once_fences_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat and refused commits may find the expired session together: the mount
+    turns read-only with one log line (the lines are slowed here so that, unlocked, the
+    threads would all pass the check before any set the reason)."""
+    from types import SimpleNamespace
+
+    from cryptfs.vault import core
+
+    lines: list[str] = []
+
+    def slow_error(msg: str, *args: object) -> None:
+        lines.append(msg % args)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(core.log, "error", slow_error)
+    v: Any = SimpleNamespace(fs=SimpleNamespace(readonly=False), readonly=False,
+                             readonly_reason=None, session_lost=False,
+                             _fence_lock=threading.Lock())
+    v.fence = lambda why: core.Vault.fence(v, why)
+    threads = [threading.Thread(target=core.Vault._session_expired, args=(v, f"expired {i}"))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(lines) == 1, lines
+    assert v.session_lost and v.fs.readonly and v.readonly_reason in lines[0]
+
+
 MARKERS = (b"secret-dir-MARKER1", b"secret-name-MARKER2", b"PLAINTEXT-MARKER3",
            b"MARKER4-symlink-target", b"link-MARKER5", b"MARKER6", b"MARKER7-value",
            b"after-the-dump-MARKER8", b"MARKER")
