@@ -140,7 +140,7 @@ def s3_operations(binding, endpoint: str, bucket: str):
 
         def __init__(self) -> None:
             self.files: dict[str, File] = {}
-            self.dirs = {"/"}
+            self.dirs = {"/": 1}  # path: inode number
             self.lock = threading.Lock()
             self.next_ino = 1
 
@@ -151,7 +151,7 @@ def s3_operations(binding, endpoint: str, bucket: str):
 
         def getattr(self, path, fh=None):
             if path in self.dirs:
-                return self._attrs(stat.S_IFDIR | 0o755, 0, 1 + hash(path) % 1000)
+                return self._attrs(stat.S_IFDIR | 0o755, 0, self.dirs[path])
             f = self.files.get(path)
             if f is None:
                 raise OSError(errno.ENOENT, "no such file")
@@ -161,14 +161,17 @@ def s3_operations(binding, endpoint: str, bucket: str):
             inside = [p for p in (*self.dirs, *self.files) if os.path.dirname(p) == path]
             return [".", "..", *(os.path.basename(p) for p in inside if p != "/")]
 
+        def _ino(self) -> int:
+            with self.lock:
+                self.next_ino += 1
+                return self.next_ino
+
         def mkdir(self, path, mode):
-            self.dirs.add(path)
+            self.dirs[path] = self._ino()
             return 0
 
         def create(self, path, mode, fi=None):
-            with self.lock:
-                self.next_ino += 1
-                self.files[path] = File(1000 + self.next_ino)
+            self.files[path] = File(self._ino())
             return 0
 
         def open(self, path, flags):

@@ -267,8 +267,8 @@ class Writes(FileSystemBase):
                         del buf[size % cs :]
                         f.dirty[idx] = buf
                 f.mtime_ns = time.time_ns()
-                if size != f.size or self.meta.shared:  # (else, as SQLite's after each WAL
-                    # checkpoint, the times alone: pending as a write's until the next commit)
+                # to its own size (SQLite's after a WAL checkpoint): the times, pending as a write's
+                if size != f.size or self.meta.shared:
                     f.size, f.truncated = size, True
                     self._commit(f)
         finally:
